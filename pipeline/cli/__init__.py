@@ -1,0 +1,51 @@
+"""The ``convpipe`` command line.
+
+Each command group lives in its own module and exposes ``register(subparsers)``, which adds
+its parsers and sets ``func`` (called with the parsed namespace, returns an exit code).
+Only this package knows about terminals, progress bars and exit codes: user errors
+(:class:`pipeline.errors.ConvpipeError`) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from pipeline import __version__
+from pipeline.errors import ConvpipeError
+
+#: command modules, in the order ``--help`` lists them
+COMMAND_MODULES = ("pipeline.cli.data", "pipeline.cli.train", "pipeline.cli.jobs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convpipe",
+        description="Train CS231n convolutional networks data-parallel on a Dask cluster.",
+    )
+    parser.add_argument("--version", action="version", version=f"convpipe {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConvpipeError as exc:
+        print(f"convpipe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

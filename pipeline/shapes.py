@@ -1,0 +1,94 @@
+"""Parameter checks and output shapes shared by the naive and the fast layers.
+
+Every check raises ``ValueError`` naming the parameter and the values it got, so a bad call
+fails at the layer's door and never deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def require_ndim(name: str, a: np.ndarray, ndim: int, layout: str) -> None:
+    """Raise unless ``a`` has ``ndim`` dimensions (``layout`` names them, e.g. "(N, C, H, W)")."""
+    if np.ndim(a) != ndim:
+        raise ValueError(
+            f"{name} must be a {ndim}-D array {layout}, got shape {np.shape(a)}"
+        )
+
+
+def require_positive_int(name: str, value) -> int:
+    """Return ``value`` as an int, raising unless it is an integer >= 1."""
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def conv_output_shape(x_shape, w_shape, conv_param) -> tuple[int, int, int, int]:
+    """Check a convolution's arguments and return its output shape (N, F, H_out, W_out).
+
+    x_shape is (N, C, H, W), w_shape (F, C, HH, WW); conv_param holds 'stride' and 'pad'.
+    """
+    if len(x_shape) != 4:
+        raise ValueError(f"x must be a 4-D array (N, C, H, W), got shape {tuple(x_shape)}")
+    if len(w_shape) != 4:
+        raise ValueError(f"w must be a 4-D array (F, C, HH, WW), got shape {tuple(w_shape)}")
+    N, C, H, W = x_shape
+    F, Cw, HH, WW = w_shape
+    if C != Cw:
+        raise ValueError(
+            f"channel mismatch: x has C={C} channels but w expects C={Cw} (w shape {tuple(w_shape)})"
+        )
+    stride = require_positive_int("conv_param['stride']", conv_param.get("stride", 1))
+    pad = conv_param.get("pad", 0)
+    if isinstance(pad, bool) or int(pad) != pad or pad < 0:
+        raise ValueError(f"conv_param['pad'] must be an integer >= 0, got {pad!r}")
+    pad = int(pad)
+    H_out, W_out = [
+        _window_count(f"conv output {axis}", size + 2 * pad, k, stride, f"pad={pad}")
+        for axis, size, k in (("height", H, HH), ("width", W, WW))
+    ]
+    return N, F, H_out, W_out
+
+
+def pool_output_shape(x_shape, pool_param) -> tuple[int, int, int, int]:
+    """Check a max-pool's arguments and return its output shape (N, C, H_out, W_out).
+
+    pool_param holds 'pool_height', 'pool_width' and 'stride'.
+    """
+    if len(x_shape) != 4:
+        raise ValueError(f"x must be a 4-D array (N, C, H, W), got shape {tuple(x_shape)}")
+    N, C, H, W = x_shape
+    ph = require_positive_int("pool_param['pool_height']", pool_param.get("pool_height", 2))
+    pw = require_positive_int("pool_param['pool_width']", pool_param.get("pool_width", 2))
+    stride = require_positive_int("pool_param['stride']", pool_param.get("stride", 2))
+    H_out = _window_count("pool output height", H, ph, stride, "")
+    W_out = _window_count("pool output width", W, pw, stride, "")
+    return N, C, H_out, W_out
+
+
+def _window_count(what: str, size: int, k: int, stride: int, extra: str) -> int:
+    span = size - k
+    if span < 0:
+        raise ValueError(f"{what}: window {k} is larger than the input {size}" + (f" ({extra})" if extra else ""))
+    if span % stride:
+        raise ValueError(
+            f"{what} is not an integer: (input {size} - window {k}) / stride {stride} + 1 "
+            f"= {span / stride + 1:g}" + (f" ({extra})" if extra else "")
+        )
+    return span // stride + 1
+
+
+def check_groups(C: int, G) -> int:
+    """Return G as an int, raising unless it is a positive divisor of the channel count C."""
+    G = require_positive_int("G", G)
+    if C % G:
+        raise ValueError(f"G={G} groups must divide the channel count C={C}")
+    return G
+
+
+def check_bn_mode(mode) -> str:
+    """Return the batch-norm mode, raising unless it is 'train' or 'test'."""
+    if mode not in ("train", "test"):
+        raise ValueError(f"bn_param['mode'] must be 'train' or 'test', got {mode!r}")
+    return mode
