@@ -1,0 +1,82 @@
+"""Connecting to a Dask cluster: the embedded LocalCluster by default, or one by address.
+
+Shared by data preparation and training; knows nothing of either. The embedded cluster
+listens on 127.0.0.1 only (a Dask scheduler runs whatever a connected client sends it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from pipeline.errors import ConvpipeError
+
+
+class ClusterError(ConvpipeError):
+    """The scheduler cannot be reached or the cluster cannot be started."""
+
+
+def default_workers() -> int:
+    """Worker processes for the embedded cluster: one per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def connect(
+    scheduler: str | None = None,
+    *,
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+    processes: bool = True,
+    security=None,
+    timeout: float = 10.0,
+    dashboard_address: str | None = "127.0.0.1:0",
+    memory_limit: str | int | None = "auto",
+) -> Iterator["distributed.Client"]:  # noqa: F821
+    """Yield a ``distributed.Client``: to ``scheduler`` if given, else to a new LocalCluster.
+
+    The LocalCluster has ``workers`` processes (default: one per core) of
+    ``threads_per_worker`` threads, bound to 127.0.0.1, and is closed on exit.
+    An unreachable scheduler raises :class:`ClusterError` naming the address.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout=timeout, security=security)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {_reason(exc)}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+
+    n = workers if workers is not None else default_workers()
+    if n < 1:
+        raise ClusterError(f"workers must be >= 1, got {n}")
+    cluster = LocalCluster(
+        n_workers=n,
+        threads_per_worker=threads_per_worker,
+        processes=processes,
+        # worker processes talk TCP on loopback only; in-process clusters use inproc://
+        **({"host": "127.0.0.1"} if processes else {}),
+        dashboard_address=dashboard_address,
+        memory_limit=memory_limit,
+        security=security,
+        silence_logs=40,
+    )
+    try:
+        with Client(cluster, security=security) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
