@@ -1,0 +1,134 @@
+"""First-order update rules (cs231n API).
+
+Each rule has the signature ``rule(w, dw, config) -> (next_w, config)``: ``w`` and ``dw`` are
+arrays of one shape, ``config`` a dict of hyperparameters and the rule's state (moments,
+caches, step count), created on the first call when absent.
+
+``adam`` runs as one fused Numba pass over the arrays (an unfused NumPy Adam touches every
+element eight times, which at 4.1M parameters costs as much as a whole training step). It
+gives bit-for-bit the results of the NumPy formula in the caller's dtype: scalars are cast to
+the array dtype exactly as NumPy does, and no fast-math contraction is allowed. Its moment
+arrays ``config['m']``/``config['v']`` are the rule's state and are updated in place;
+:func:`adam_inplace` also updates ``w`` in place (for callers that own ``w``, as the Solver and
+the distributed coordinator do).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+def sgd(w, dw, config=None):
+    """Vanilla stochastic gradient descent.
+
+    config: learning_rate (default 1e-2). Updates ``w`` in place, as cs231n's sgd does.
+    """
+    if config is None:
+        config = {}
+    config.setdefault("learning_rate", 1e-2)
+    w -= config["learning_rate"] * dw
+    return w, config
+
+
+def sgd_momentum(w, dw, config=None):
+    """Stochastic gradient descent with momentum.
+
+    config: learning_rate (1e-2), momentum (0.9), velocity (same shape as w, zeros).
+    """
+    if config is None:
+        config = {}
+    config.setdefault("learning_rate", 1e-2)
+    config.setdefault("momentum", 0.9)
+    v = config.get("velocity", np.zeros_like(w))
+    v = config["momentum"] * v - config["learning_rate"] * dw
+    next_w = w + v
+    config["velocity"] = v
+    return next_w, config
+
+
+def rmsprop(w, dw, config=None):
+    """RMSProp: a per-parameter learning rate from a moving average of squared gradients.
+
+    config: learning_rate (1e-2), decay_rate (0.99), epsilon (1e-8), cache (zeros like w).
+    """
+    if config is None:
+        config = {}
+    config.setdefault("learning_rate", 1e-2)
+    config.setdefault("decay_rate", 0.99)
+    config.setdefault("epsilon", 1e-8)
+    config.setdefault("cache", np.zeros_like(w))
+    dr = config["decay_rate"]
+    config["cache"] = dr * config["cache"] + (1 - dr) * dw**2
+    next_w = w - config["learning_rate"] * dw / (np.sqrt(config["cache"]) + config["epsilon"])
+    return next_w, config
+
+
+def adam(w, dw, config=None):
+    """Adam with bias correction; ``t`` is incremented before the update.
+
+    config: learning_rate (1e-3), beta1 (0.9), beta2 (0.999), epsilon (1e-8),
+    m and v (zeros like w), t (0). Returns a new ``next_w``; ``w`` is left unchanged.
+    """
+    next_w = np.array(w, copy=True)
+    return adam_inplace(next_w, dw, config)
+
+
+def adam_inplace(w, dw, config=None):
+    """:func:`adam`, writing ``next_w`` into ``w`` itself (returned as ``next_w``)."""
+    if config is None:
+        config = {}
+    config.setdefault("learning_rate", 1e-3)
+    config.setdefault("beta1", 0.9)
+    config.setdefault("beta2", 0.999)
+    config.setdefault("epsilon", 1e-8)
+    config.setdefault("t", 0)
+    w_arr = np.asarray(w)
+    if "m" not in config:
+        config["m"] = np.zeros_like(w_arr)
+    if "v" not in config:
+        config["v"] = np.zeros_like(w_arr)
+    m, v = config["m"], config["v"]
+    if not (w_arr.shape == np.shape(dw) == m.shape == v.shape):
+        raise ValueError(
+            f"adam: shapes differ: w {w_arr.shape}, dw {np.shape(dw)}, m {m.shape}, v {v.shape}"
+        )
+    config["t"] += 1
+    t = config["t"]
+    b1, b2 = config["beta1"], config["beta2"]
+    f = _adam_scalar_type(w_arr, dw, m, v)
+    if f is None:  # mixed dtypes or non-contiguous arrays: the plain NumPy formula
+        config["m"] = m = b1 * m + (1 - b1) * dw
+        config["v"] = v = b2 * v + (1 - b2) * (dw**2)
+        mt = m / (1 - b1**t)
+        vt = v / (1 - b2**t)
+        w_arr[...] = w_arr - config["learning_rate"] * mt / (np.sqrt(vt) + config["epsilon"])
+        return w_arr, config
+    # NumPy casts Python scalars to the array dtype after evaluating them in float64: do the same.
+    _adam_kernel(
+        w_arr.reshape(-1), np.asarray(dw).reshape(-1), m.reshape(-1), v.reshape(-1),
+        f(b1), f(1 - b1), f(b2), f(1 - b2), f(1 - b1**t), f(1 - b2**t),
+        f(config["learning_rate"]), f(config["epsilon"]),
+    )
+    return w_arr, config
+
+
+def _adam_scalar_type(*arrays):
+    dtype = arrays[0].dtype
+    if dtype not in (np.float32, np.float64):
+        return None
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or not a.flags.c_contiguous:
+            return None
+    return dtype.type
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def _adam_kernel(w, dw, m, v, b1, one_minus_b1, b2, one_minus_b2, bc1, bc2, lr, eps):
+    for i in numba.prange(w.shape[0]):
+        g = dw[i]
+        mi = b1 * m[i] + one_minus_b1 * g
+        vi = b2 * v[i] + one_minus_b2 * (g * g)
+        m[i] = mi
+        v[i] = vi
+        w[i] = w[i] - lr * (mi / bc1) / (np.sqrt(vi / bc2) + eps)
