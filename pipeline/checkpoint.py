@@ -1,0 +1,86 @@
+"""Atomic, pickle-free checkpoints: named arrays plus JSON metadata in one ``.npz`` file.
+
+Loading never runs code: arrays are read with ``allow_pickle=False`` and the metadata is JSON.
+Writing goes to a temporary file in the same directory, is fsync'ed, then renamed over the
+final name, so a reader sees either the old checkpoint or the new one, never a torn file.
+A damaged file (truncated, bad CRC, missing metadata) raises :class:`CheckpointError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ConvpipeError
+
+META_KEY = "__meta__"
+FORMAT = "convpipe-checkpoint/1"
+
+
+class CheckpointError(ConvpipeError):
+    """A checkpoint file is missing, torn or not a convpipe checkpoint."""
+
+
+def save_checkpoint(path, arrays: dict[str, np.ndarray], meta: dict | None = None) -> Path:
+    """Write ``arrays`` and JSON-serialisable ``meta`` to ``path`` atomically; return the path.
+
+    Array names may contain '/' to group them (e.g. ``"adam/W1/m"``).
+    """
+    path = Path(path)
+    if META_KEY in arrays:
+        raise ValueError(f"array name {META_KEY!r} is reserved for the checkpoint's metadata")
+    meta = {"format": FORMAT, **(meta or {})}
+    blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{META_KEY: blob}, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`: ``(arrays, meta)``.
+
+    Every array is read eagerly, so a damaged member is found here, not later.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} is damaged or torn ({type(exc).__name__}: {exc})") from None
+    blob = arrays.pop(META_KEY, None)
+    try:
+        meta = json.loads(bytes(blob).decode()) if blob is not None else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has no convpipe metadata (not a {FORMAT} file)")
+    return arrays, meta
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
