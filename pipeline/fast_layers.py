@@ -1,0 +1,435 @@
+"""Fast layers with the cs231n API: convolution, max pooling, spatial batch norm, group norm.
+
+Numba kernels (``cache=True``: compiled once, then loaded from the on-disk cache by every new
+process; no compiler toolchain needed) do the data movement, and NumPy's BLAS does the
+convolution's matrix products:
+
+- convolution: im2col into a (C*HH*WW, N*H'*W') matrix, one GEMM with the (F, C*HH*WW)
+  filters, bias added while moving the result to NCHW. Backward: dout to the same layout
+  (with db in the same pass), ``dw = dout2 @ cols.T``; ``dx`` (GEMM + col2im) only when
+  ``compute_dx=True``.
+- max pooling: one pass that records each window's argmax; backward scatters to it.
+- spatial batch norm / group norm: per channel / per group reductions in float64.
+
+Every function keeps the caller's dtype like ``pipeline.layers`` (out and dx in x's dtype,
+float32 in -> float32 out; dw, db, dgamma, dbeta in their parameter's dtype), never modifies
+its inputs, accepts non-contiguous arrays, and raises ``ValueError`` naming the parameter for
+bad arguments. Caches are opaque tuples to be passed back to the matching backward function.
+
+Threads: the kernels use Numba's thread pool (``numba.set_num_threads`` /
+``NUMBA_NUM_THREADS``); the GEMMs use NumPy's BLAS, whose thread count follows its own
+settings (``OPENBLAS_NUM_THREADS``, which Dask's nanny sets to 1 in its workers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import _kernels_conv as kc
+from pipeline import _kernels_norm as kn
+from pipeline import _kernels_pool as kp
+from pipeline.shapes import (
+    check_bn_mode,
+    check_groups,
+    conv_output_shape,
+    pool_output_shape,
+    require_ndim,
+)
+
+__all__ = [
+    "conv_forward_fast",
+    "conv_backward_fast",
+    "conv_forward_im2col",
+    "conv_backward_im2col",
+    "max_pool_forward_fast",
+    "max_pool_backward_fast",
+    "spatial_batchnorm_forward_fast",
+    "spatial_batchnorm_backward_fast",
+    "spatial_groupnorm_forward_fast",
+    "spatial_groupnorm_backward_fast",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _float_dtype(a) -> np.dtype:
+    dt = np.asarray(a).dtype
+    return dt if dt in (np.float32, np.float64) else np.dtype(np.float64)
+
+
+def _as(a, dtype) -> np.ndarray:
+    """C-contiguous array of dtype, copied only when needed (never written to)."""
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _check_dout(dout, shape, layer: str) -> np.ndarray:
+    dout = np.asarray(dout)
+    if dout.shape != tuple(shape):
+        raise ValueError(
+            f"dout for {layer} must have the forward output's shape {tuple(shape)}, got {dout.shape}"
+        )
+    return dout
+
+
+def _check_shape(name: str, a, shape) -> None:
+    if np.shape(a) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {np.shape(a)}")
+
+
+def _check_per_channel(name: str, a, C: int) -> None:
+    if np.size(a) != C or max(np.shape(a) or (1,)) != C:
+        raise ValueError(f"{name} must hold one value per channel (C={C}), got shape {np.shape(a)}")
+
+
+def _check_eps(name: str, eps) -> float:
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name}['eps'] must be a finite number >= 0, got {eps!r}")
+    return float(eps)
+
+
+# --------------------------------------------------------------------------------------------
+# convolution
+
+
+def _conv_core_forward(x, w, conv_param):
+    """Check arguments, im2col and the GEMM: returns (out2 (F, N*P) without bias, state)."""
+    x = np.asarray(x)
+    w = np.asarray(w)
+    require_ndim("x", x, 4, "(N, C, H, W)")
+    require_ndim("w", w, 4, "(F, C, HH, WW)")
+    N, F, H_out, W_out = conv_output_shape(x.shape, w.shape, conv_param)
+    stride, pad = int(conv_param.get("stride", 1)), int(conv_param.get("pad", 0))
+    _, C, H, W = x.shape
+    _, _, HH, WW = w.shape
+    dtype = _float_dtype(x)
+    K, P = C * HH * WW, H_out * W_out
+    xc = _as(x, dtype)
+    w2 = _as(w, dtype).reshape(F, K)
+    cols = np.empty((K, N * P), dtype=dtype)
+    kc.im2col(xc, HH, WW, stride, pad, H_out, W_out, cols)
+    out2 = w2 @ cols
+    geom = (N, C, H, W, F, HH, WW, stride, pad, H_out, W_out)
+    return out2, (cols, w2, geom, _float_dtype(w))
+
+
+def _conv_core_backward(dout2, core, compute_dx):
+    """From dout in (F, N*P) layout: (dx or None, dw in w's dtype)."""
+    cols, w2, geom, w_dtype = core
+    N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = geom
+    dw = (dout2 @ cols.T).reshape(F, C, HH, WW).astype(w_dtype, copy=False)
+    dx = None
+    if compute_dx:
+        dcols = w2.T @ dout2
+        dx = np.empty((N, C, H, W), dtype=cols.dtype)
+        kc.col2im(dcols, N, C, H, W, HH, WW, stride, pad, H_out, W_out, dx)
+    return dx, dw
+
+
+def _check_bias(b, F):
+    b = np.asarray(b)
+    _check_shape("b", b, (F,))
+    return b
+
+
+def conv_forward_fast(x, w, b, conv_param):
+    """Fast convolution forward pass (im2col + one BLAS GEMM); same contract as conv_forward_naive.
+
+    Inputs:
+    - x: input data, shape (N, C, H, W)
+    - w: filter weights, shape (F, C, HH, WW)
+    - b: biases, shape (F,)
+    - conv_param: dict with 'stride' (>= 1) and 'pad' (>= 0)
+
+    Returns a tuple of:
+    - out: output data, shape (N, F, H', W'), dtype of x
+    - cache: for conv_backward_fast
+    """
+    return _conv_forward(x, w, b, conv_param, relu=False)
+
+
+def _conv_forward(x, w, b, conv_param, relu):
+    w_shape = np.shape(w)
+    out2, core = _conv_core_forward(x, w, conv_param)
+    N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
+    b = _check_bias(b, F)
+    dtype = out2.dtype
+    out = np.empty((N, F, H_out, W_out), dtype=dtype)
+    kc.bias_to_nchw(out2, _as(b, dtype), relu, out.reshape(N, F, H_out * W_out))
+    return out, (core, _float_dtype(b), out if relu else None)
+
+
+def conv_backward_fast(dout, cache, compute_dx=True):
+    """Fast convolution backward pass.
+
+    Inputs:
+    - dout: upstream derivatives, shape (N, F, H', W')
+    - cache: from conv_forward_fast
+    - compute_dx: if False, dx is not computed (returned as None)
+
+    Returns a tuple of:
+    - dx: gradient w.r.t. x, shape (N, C, H, W), dtype of x; None when compute_dx=False
+    - dw: gradient w.r.t. w, shape (F, C, HH, WW), dtype of w
+    - db: gradient w.r.t. b, shape (F,), dtype of b
+    """
+    return _conv_backward(dout, cache, compute_dx)
+
+
+def _conv_backward(dout, cache, compute_dx):
+    core, b_dtype, relu_out = cache
+    N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
+    dtype = core[0].dtype
+    dout = _check_dout(dout, (N, F, H_out, W_out), "conv")
+    P = H_out * W_out
+    dout2 = np.empty((F, N * P), dtype=dtype)
+    db = np.empty(F, dtype=np.float64)
+    d3 = _as(dout, dtype).reshape(N, F, P)
+    mask = relu_out.reshape(N, F, P) if relu_out is not None else d3
+    kc.dout_to_2d(d3, mask, relu_out is not None, dout2, db)
+    dx, dw = _conv_core_backward(dout2, core, compute_dx)
+    return dx, dw, db.astype(b_dtype)
+
+
+# cs231n's names for the same functions
+conv_forward_im2col = conv_forward_fast
+conv_backward_im2col = conv_backward_fast
+
+
+# --------------------------------------------------------------------------------------------
+# max pooling
+
+
+def _pool_params(pool_param):
+    return (
+        int(pool_param.get("pool_height", 2)),
+        int(pool_param.get("pool_width", 2)),
+        int(pool_param.get("stride", 2)),
+    )
+
+
+def _pool_forward(src, layout, N, C, H, W, pool_param, bias, relu, dtype):
+    """Run the pool kernel on planes of src (see _kernels_pool); returns (out (N,C,H',W'), idx)."""
+    _, _, H_out, W_out = pool_output_shape((N, C, H, W), pool_param)
+    ph, pw, stride = _pool_params(pool_param)
+    out = np.empty((N, C, H_out, W_out), dtype=dtype)
+    idx = np.empty((N, C, H_out, W_out), dtype=np.int32)
+    has_bias = bias is not None
+    bias = bias if has_bias else np.zeros(1, dtype=dtype)
+    o2, i2 = out.reshape(N * C, -1), idx.reshape(N * C, -1)
+    if ph == 2 and pw == 2 and stride == 2:
+        kp.pool_forward_2x2(src, layout, N, C, H, W, bias, has_bias, relu, o2, i2)
+    else:
+        kp.pool_forward(src, layout, N, C, H, W, ph, pw, stride, bias, has_bias, relu, o2, i2)
+    return out, idx
+
+
+def _pool_backward(dout, idx, out, relu, layout, N, C, H, W, dst):
+    """Scatter dout into dst (planes as in _kernels_pool); returns per-plane gradient sums."""
+    sums = np.empty(N * C, dtype=np.float64)
+    d2 = _as(dout, dst.dtype).reshape(N * C, -1)
+    o2 = out.reshape(N * C, -1) if relu else d2
+    kp.pool_backward(d2, idx.reshape(N * C, -1), o2, relu, layout, N, C, H, W, dst, sums)
+    return sums
+
+
+def max_pool_forward_fast(x, pool_param):
+    """Fast max-pooling forward pass; same contract as max_pool_forward_naive.
+
+    Inputs:
+    - x: input data, shape (N, C, H, W)
+    - pool_param: dict with 'pool_height', 'pool_width', 'stride' (each >= 1)
+
+    Returns a tuple of:
+    - out: output data, shape (N, C, H', W'), dtype of x
+    - cache: for max_pool_backward_fast
+    """
+    return _max_pool_forward(x, pool_param, relu=False)
+
+
+def _max_pool_forward(x, pool_param, relu):
+    x = np.asarray(x)
+    require_ndim("x", x, 4, "(N, C, H, W)")
+    pool_output_shape(x.shape, pool_param)
+    N, C, H, W = x.shape
+    dtype = _float_dtype(x)
+    xc = _as(x, dtype)
+    out, idx = _pool_forward(xc.reshape(N * C, H * W), 0, N, C, H, W, pool_param, None, relu, dtype)
+    return out, (x.shape, dtype, idx, out if relu else None)
+
+
+def max_pool_backward_fast(dout, cache):
+    """Fast max-pooling backward pass.
+
+    Inputs:
+    - dout: upstream derivatives, shape (N, C, H', W')
+    - cache: from max_pool_forward_fast
+
+    Returns:
+    - dx: gradient w.r.t. x, shape (N, C, H, W), dtype of x
+    """
+    x_shape, dtype, idx, relu_out = cache
+    N, C, H, W = x_shape
+    dout = _check_dout(dout, idx.shape, "max pool")
+    dx = np.empty(x_shape, dtype=dtype)
+    relu = relu_out is not None
+    _pool_backward(dout, idx, relu_out, relu, 0, N, C, H, W, dx.reshape(N * C, H * W))
+    return dx
+
+
+# --------------------------------------------------------------------------------------------
+# spatial batch norm
+
+
+def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
+    """Fast spatial batch normalization forward pass; same contract as spatial_batchnorm_forward.
+
+    Inputs:
+    - x: input data, shape (N, C, H, W)
+    - gamma, beta: scale and shift, shape (C,)
+    - bn_param: dict with 'mode' ('train' or 'test', required), 'eps' (default 1e-5),
+      'momentum' (default 0.9), 'running_mean' and 'running_var' (C,) (default zeros).
+      In train mode running_mean / running_var are replaced by the updated averages.
+
+    Returns a tuple of:
+    - out: output data, shape (N, C, H, W), dtype of x
+    - cache: for spatial_batchnorm_backward_fast (None in test mode)
+    """
+    x = np.asarray(x)
+    require_ndim("x", x, 4, "(N, C, H, W)")
+    N, C, H, W = x.shape
+    _check_shape("gamma", gamma, (C,))
+    _check_shape("beta", beta, (C,))
+    mode = check_bn_mode(bn_param.get("mode"))
+    eps = _check_eps("bn_param", bn_param.get("eps", 1e-5))
+    momentum = bn_param.get("momentum", 0.9)
+    dtype = _float_dtype(x)
+    running_mean = np.asarray(bn_param.get("running_mean", np.zeros(C, dtype=dtype))).astype(dtype, copy=False)
+    running_var = np.asarray(bn_param.get("running_var", np.zeros(C, dtype=dtype))).astype(dtype, copy=False)
+    _check_shape("bn_param['running_mean']", running_mean, (C,))
+    _check_shape("bn_param['running_var']", running_var, (C,))
+    xc = _as(x, dtype).reshape(N, C, H * W)
+    g, bt = _as(gamma, dtype), _as(beta, dtype)
+    out = np.empty((N, C, H, W), dtype=dtype)
+    if mode == "train":
+        if N * H * W < 1:
+            raise ValueError(f"batch norm in train mode needs at least one value per channel, got x of shape {x.shape}")
+        mean64 = np.empty(C)
+        var64 = np.empty(C)
+        kn.bn_stats(xc, mean64, var64)
+        mean = mean64.astype(dtype)
+        var = var64.astype(dtype)
+        std = np.sqrt(var + dtype.type(eps)).astype(dtype)
+        kn.bn_apply(xc, mean, std, g, bt, out.reshape(N, C, H * W))
+        bn_param["running_mean"] = (momentum * running_mean + (1 - momentum) * mean).astype(dtype, copy=False)
+        bn_param["running_var"] = (momentum * running_var + (1 - momentum) * var).astype(dtype, copy=False)
+        cache = (xc, mean, std, g, _float_dtype(gamma), _float_dtype(beta), np.shape(gamma), np.shape(beta))
+    else:
+        std = np.sqrt(running_var + dtype.type(eps)).astype(dtype)
+        kn.bn_apply(xc, _as(running_mean, dtype), std, g, bt, out.reshape(N, C, H * W))
+        bn_param["running_mean"] = running_mean
+        bn_param["running_var"] = running_var
+        cache = None
+    return out, cache
+
+
+def spatial_batchnorm_backward_fast(dout, cache):
+    """Fast spatial batch normalization backward pass.
+
+    Inputs:
+    - dout: upstream derivatives, shape (N, C, H, W)
+    - cache: from spatial_batchnorm_forward_fast in train mode
+
+    Returns a tuple of:
+    - dx: gradient w.r.t. x, shape (N, C, H, W), dtype of x
+    - dgamma, dbeta: shape (C,), dtypes of gamma and beta
+    """
+    if cache is None:
+        raise ValueError(
+            "spatial_batchnorm_backward_fast needs the cache of a forward pass in bn_param['mode']='train'"
+        )
+    xc, mean, std, g, g_dtype, b_dtype, g_shape, b_shape = cache
+    N, C, M = xc.shape
+    dtype = xc.dtype
+    dout = _check_dout(dout, (N, C) + _hw(M, dout), "spatial batchnorm")
+    d3 = _as(dout, dtype).reshape(N, C, M)
+    dx = np.empty(dout.shape, dtype=dtype)
+    dgamma = np.empty(C)
+    dbeta = np.empty(C)
+    scratch = np.empty((C, 2), dtype=dtype)
+    kn.bn_backward(d3, xc, mean, std, g, np.array([N * M], dtype=dtype), dx.reshape(N, C, M),
+                   dgamma, dbeta, scratch)
+    return dx, dgamma.astype(g_dtype).reshape(g_shape), dbeta.astype(b_dtype).reshape(b_shape)
+
+
+def _hw(M, dout):
+    """The (H, W) of dout if it multiplies to M, else something that fails the shape check."""
+    shape = np.shape(dout)
+    if len(shape) == 4 and shape[2] * shape[3] == M:
+        return tuple(shape[2:])
+    return (M,)
+
+
+# --------------------------------------------------------------------------------------------
+# spatial group norm
+
+
+def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
+    """Fast spatial group normalization forward pass; same contract as spatial_groupnorm_forward.
+
+    Inputs:
+    - x: input data, shape (N, C, H, W)
+    - gamma, beta: scale and shift, one value per channel, e.g. shape (1, C, 1, 1) or (C,)
+    - G: number of groups, a positive divisor of C (groups of C // G consecutive channels)
+    - gn_param: dict with 'eps' (default 1e-5)
+
+    Returns a tuple of:
+    - out: output data, shape (N, C, H, W), dtype of x
+    - cache: for spatial_groupnorm_backward_fast
+    """
+    x = np.asarray(x)
+    require_ndim("x", x, 4, "(N, C, H, W)")
+    N, C, H, W = x.shape
+    G = check_groups(C, G)
+    _check_per_channel("gamma", gamma, C)
+    _check_per_channel("beta", beta, C)
+    eps = _check_eps("gn_param", gn_param.get("eps", 1e-5))
+    dtype = _float_dtype(x)
+    xg = _as(x, dtype).reshape(N, G, C // G, H * W)
+    g = _as(gamma, dtype).reshape(C)
+    bt = _as(beta, dtype).reshape(C)
+    out = np.empty((N, C, H, W), dtype=dtype)
+    mean = np.empty((N, G), dtype=dtype)
+    std = np.empty((N, G), dtype=dtype)
+    kn.gn_forward(xg, g, bt, eps, out.reshape(xg.shape), mean, std)
+    cache = (xg, mean, std, g, (H, W), _float_dtype(gamma), _float_dtype(beta),
+             np.shape(gamma), np.shape(beta))
+    return out, cache
+
+
+def spatial_groupnorm_backward_fast(dout, cache):
+    """Fast spatial group normalization backward pass.
+
+    Inputs:
+    - dout: upstream derivatives, shape (N, C, H, W)
+    - cache: from spatial_groupnorm_forward_fast
+
+    Returns a tuple of:
+    - dx: gradient w.r.t. x, shape (N, C, H, W), dtype of x
+    - dgamma, dbeta: shapes and dtypes of gamma and beta
+    """
+    xg, mean, std, g, (H, W), g_dtype, b_dtype, g_shape, b_shape = cache
+    N, G, Cg, M = xg.shape
+    C = G * Cg
+    dtype = xg.dtype
+    dout = _check_dout(dout, (N, C, H, W), "spatial groupnorm")
+    d4 = _as(dout, dtype).reshape(xg.shape)
+    dx = np.empty((N, C, H, W), dtype=dtype)
+    dg = np.empty((N, C))
+    dbt = np.empty((N, C))
+    scratch = np.empty((N * G, 2), dtype=dtype)
+    kn.gn_backward(d4, xg, mean, std, g, np.array([Cg * M], dtype=dtype), dx.reshape(xg.shape),
+                   dg, dbt, scratch)
+    dgamma = dg.sum(axis=0).astype(g_dtype).reshape(g_shape)
+    dbeta = dbt.sum(axis=0).astype(b_dtype).reshape(b_shape)
+    return dx, dgamma, dbeta

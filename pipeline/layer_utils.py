@@ -1,0 +1,238 @@
+"""Sandwich layers: common sequences of layers as one forward/backward pair (cs231n API).
+
+They use the fast layers inside and fuse where it saves a pass over the data:
+- conv_relu: the ReLU runs in the pass that adds the bias and moves the GEMM output to NCHW;
+  its backward masks dout and computes db in the pass that moves dout back.
+- conv_relu_pool: bias, ReLU and max pooling are one pass over the GEMM output (the conv's
+  own NCHW output is never written); backward scatters straight into the GEMM layout.
+- conv_bn_relu_pool / conv_gn_relu_pool: ReLU and pooling are one pass.
+The results equal those of the unfused composition of the layers (tests check that).
+
+Every backward function takes the keyword ``compute_dx`` (default True); with
+``compute_dx=False`` it returns None for dx and skips that work (a network's first layer does
+not need the gradient of its input images). dtypes follow ``pipeline.layers``: out and dx in
+x's dtype, each parameter's gradient in that parameter's dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline import fast_layers as fl
+from pipeline.layers import affine_forward, relu_forward
+
+__all__ = [
+    "affine_relu_forward",
+    "affine_relu_backward",
+    "conv_relu_forward",
+    "conv_relu_backward",
+    "conv_relu_pool_forward",
+    "conv_relu_pool_backward",
+    "conv_bn_relu_pool_forward",
+    "conv_bn_relu_pool_backward",
+    "conv_gn_relu_pool_forward",
+    "conv_gn_relu_pool_backward",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# affine - relu
+
+
+def affine_relu_forward(x, w, b):
+    """Affine transform followed by a ReLU.
+
+    Inputs:
+    - x: input, shape (N, d_1, ..., d_k)
+    - w: weights, shape (D, M) with D = d_1 * ... * d_k
+    - b: biases, shape (M,)
+
+    Returns a tuple of:
+    - out: relu(x.reshape(N, D) @ w + b), shape (N, M), dtype of x
+    - cache: for affine_relu_backward
+    """
+    a, fc_cache = affine_forward(x, w, b)
+    out, relu_cache = relu_forward(a)
+    return out, (fc_cache, out)
+
+
+def affine_relu_backward(dout, cache, compute_dx=True):
+    """Backward pass of affine_relu_forward.
+
+    Inputs:
+    - dout: upstream derivatives, shape (N, M)
+    - cache: from affine_relu_forward
+    - compute_dx: if False, dx is None and not computed
+
+    Returns a tuple of:
+    - dx: shape of x, dtype of x (or None)
+    - dw: shape (D, M), dtype of w
+    - db: shape (M,), dtype of b
+    """
+    (x, w, b), out = cache
+    dout = fl._check_dout(dout, out.shape, "affine_relu")
+    da = np.where(out > 0, dout, 0).astype(out.dtype, copy=False)
+    N = x.shape[0]
+    dx = None
+    if compute_dx:
+        dx = (da @ np.asarray(w).T).reshape(x.shape).astype(fl._float_dtype(x), copy=False)
+    dw = (np.asarray(x).reshape(N, -1).T @ da).astype(fl._float_dtype(w), copy=False)
+    db = da.sum(axis=0).astype(fl._float_dtype(b), copy=False)
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# conv - relu
+
+
+def conv_relu_forward(x, w, b, conv_param):
+    """Convolution followed by a ReLU (bias and ReLU fused into the conv's output pass).
+
+    Inputs:
+    - x: input, shape (N, C, H, W)
+    - w: filters, shape (F, C, HH, WW)
+    - b: biases, shape (F,)
+    - conv_param: dict with 'stride' and 'pad'
+
+    Returns a tuple of:
+    - out: relu(conv(x, w) + b), shape (N, F, H', W'), dtype of x
+    - cache: for conv_relu_backward
+    """
+    return fl._conv_forward(x, w, b, conv_param, relu=True)
+
+
+def conv_relu_backward(dout, cache, compute_dx=True):
+    """Backward pass of conv_relu_forward.
+
+    Returns a tuple of:
+    - dx: shape (N, C, H, W), dtype of x (None when compute_dx=False)
+    - dw: shape (F, C, HH, WW), dtype of w
+    - db: shape (F,), dtype of b
+    """
+    return fl._conv_backward(dout, cache, compute_dx)
+
+
+# --------------------------------------------------------------------------------------------
+# conv - relu - pool
+
+
+def conv_relu_pool_forward(x, w, b, conv_param, pool_param):
+    """Convolution, ReLU and max pooling; bias, ReLU and pooling in one pass.
+
+    Inputs:
+    - x: input, shape (N, C, H, W)
+    - w: filters, shape (F, C, HH, WW)
+    - b: biases, shape (F,)
+    - conv_param: dict with 'stride' and 'pad'
+    - pool_param: dict with 'pool_height', 'pool_width' and 'stride'
+
+    Returns a tuple of:
+    - out: max_pool(relu(conv(x, w) + b)), shape (N, F, H'', W''), dtype of x
+    - cache: for conv_relu_pool_backward
+    """
+    w_shape = np.shape(w)
+    out2, core = fl._conv_core_forward(x, w, conv_param)
+    N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
+    b = fl._check_bias(b, F)
+    dtype = out2.dtype
+    out, idx = fl._pool_forward(out2, 1, N, F, H_out, W_out, pool_param,
+                                fl._as(b, dtype), True, dtype)
+    return out, (core, fl._float_dtype(b), idx, out)
+
+
+def conv_relu_pool_backward(dout, cache, compute_dx=True):
+    """Backward pass of conv_relu_pool_forward.
+
+    Returns a tuple of:
+    - dx: shape (N, C, H, W), dtype of x (None when compute_dx=False)
+    - dw: shape (F, C, HH, WW), dtype of w
+    - db: shape (F,), dtype of b
+    """
+    core, b_dtype, idx, out = cache
+    N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
+    dout = fl._check_dout(dout, out.shape, "conv_relu_pool")
+    dout2 = np.empty((F, N * H_out * W_out), dtype=out.dtype)
+    sums = fl._pool_backward(dout, idx, out, True, 1, N, F, H_out, W_out, dout2)
+    db = sums.reshape(N, F).sum(axis=0).astype(b_dtype)
+    dx, dw = fl._conv_core_backward(dout2, core, compute_dx)
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------
+# conv - norm - relu - pool
+
+
+def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_param):
+    """Convolution, spatial batch norm, ReLU and max pooling (ReLU and pooling in one pass).
+
+    Inputs:
+    - x: input, shape (N, C, H, W)
+    - w, b: filters (F, C, HH, WW) and biases (F,)
+    - gamma, beta: batch-norm scale and shift, shape (F,)
+    - conv_param: dict with 'stride' and 'pad'
+    - bn_param: dict as for spatial_batchnorm_forward ('mode' required; its running_mean /
+      running_var are updated in train mode)
+    - pool_param: dict with 'pool_height', 'pool_width' and 'stride'
+
+    Returns a tuple of:
+    - out: shape (N, F, H'', W''), dtype of x
+    - cache: for conv_bn_relu_pool_backward (only usable after a train-mode forward pass)
+    """
+    a, conv_cache = fl.conv_forward_fast(x, w, b, conv_param)
+    an, bn_cache = fl.spatial_batchnorm_forward_fast(a, gamma, beta, bn_param)
+    out, pool_cache = fl._max_pool_forward(an, pool_param, relu=True)
+    return out, (conv_cache, bn_cache, pool_cache)
+
+
+def conv_bn_relu_pool_backward(dout, cache, compute_dx=True):
+    """Backward pass of conv_bn_relu_pool_forward.
+
+    Returns a tuple of:
+    - dx: shape (N, C, H, W), dtype of x (None when compute_dx=False)
+    - dw: shape (F, C, HH, WW), dtype of w
+    - db: shape (F,), dtype of b
+    - dgamma, dbeta: shape (F,), dtypes of gamma and beta
+    """
+    conv_cache, bn_cache, pool_cache = cache
+    dan = fl.max_pool_backward_fast(dout, pool_cache)
+    da, dgamma, dbeta = fl.spatial_batchnorm_backward_fast(dan, bn_cache)
+    dx, dw, db = fl.conv_backward_fast(da, conv_cache, compute_dx=compute_dx)
+    return dx, dw, db, dgamma, dbeta
+
+
+def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, pool_param):
+    """Convolution, spatial group norm, ReLU and max pooling (ReLU and pooling in one pass).
+
+    Inputs:
+    - x: input, shape (N, C, H, W)
+    - w, b: filters (F, C, HH, WW) and biases (F,)
+    - gamma, beta: group-norm scale and shift, one value per filter, e.g. (1, F, 1, 1) or (F,)
+    - conv_param: dict with 'stride' and 'pad'
+    - G: number of groups, a positive divisor of F
+    - gn_param: dict with 'eps' (default 1e-5)
+    - pool_param: dict with 'pool_height', 'pool_width' and 'stride'
+
+    Returns a tuple of:
+    - out: shape (N, F, H'', W''), dtype of x
+    - cache: for conv_gn_relu_pool_backward
+    """
+    a, conv_cache = fl.conv_forward_fast(x, w, b, conv_param)
+    an, gn_cache = fl.spatial_groupnorm_forward_fast(a, gamma, beta, G, gn_param)
+    out, pool_cache = fl._max_pool_forward(an, pool_param, relu=True)
+    return out, (conv_cache, gn_cache, pool_cache)
+
+
+def conv_gn_relu_pool_backward(dout, cache, compute_dx=True):
+    """Backward pass of conv_gn_relu_pool_forward.
+
+    Returns a tuple of:
+    - dx: shape (N, C, H, W), dtype of x (None when compute_dx=False)
+    - dw: shape (F, C, HH, WW), dtype of w
+    - db: shape (F,), dtype of b
+    - dgamma, dbeta: shapes and dtypes of gamma and beta
+    """
+    conv_cache, gn_cache, pool_cache = cache
+    dan = fl.max_pool_backward_fast(dout, pool_cache)
+    da, dgamma, dbeta = fl.spatial_groupnorm_backward_fast(dan, gn_cache)
+    dx, dw, db = fl.conv_backward_fast(da, conv_cache, compute_dx=compute_dx)
+    return dx, dw, db, dgamma, dbeta

@@ -1,0 +1,347 @@
+"""Fast layers against the naive reference layers on many random shapes and parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import fast_layers as fl
+from pipeline import layers as L
+from pipeline.gradient_check import rel_error
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _close(fast, ref, dtype, what=""):
+    """float64: ~1e-9 relative to the reference's scale; float32: ~1e-4."""
+    fast = np.asarray(fast)
+    ref = np.asarray(ref)
+    assert fast.shape == ref.shape, what
+    tol = 1e-9 if dtype == np.float64 else 1e-4
+    scale = max(float(np.max(np.abs(ref))), 1e-30) if ref.size else 1.0
+    np.testing.assert_allclose(fast, ref, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+# --------------------------------------------------------------------------------------------
+# convolution
+
+
+def _conv_cases(count, seed):
+    rng = _rng(seed)
+    cases = []
+    while len(cases) < count:
+        stride = int(rng.integers(1, 4))
+        pad = int(rng.integers(0, 4))
+        HH, WW = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+        Ho, Wo = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        H = (Ho - 1) * stride + HH - 2 * pad
+        W = (Wo - 1) * stride + WW - 2 * pad
+        if H < 1 or W < 1:
+            continue
+        N, C, F = int(rng.choice([1, 2, 3])), int(rng.integers(1, 5)), int(rng.integers(1, 6))
+        cases.append((N, C, H, W, F, HH, WW, stride, pad))
+    # always include 1x1 filters, N=1 and non-square ones
+    cases += [(1, 3, 5, 7, 4, 1, 1, 1, 0), (2, 2, 7, 5, 3, 1, 1, 2, 1), (1, 1, 7, 4, 2, 3, 2, 1, 2),
+              (2, 3, 9, 5, 2, 5, 1, 2, 3), (3, 4, 4, 4, 5, 4, 4, 1, 3)]
+    return cases
+
+
+CONV_CASES = _conv_cases(40, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "N{}C{}H{}W{}F{}k{}x{}s{}p{}".format(*c))
+def test_conv_matches_naive(case, dtype):
+    N, C, H, W, F, HH, WW, stride, pad = case
+    rng = _rng(hash(case) % 2**32)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, HH, WW)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    cp = {"stride": stride, "pad": pad}
+    out, cache = fl.conv_forward_fast(x, w, b, cp)
+    out_n, cache_n = L.conv_forward_naive(x, w, b, cp)
+    assert out.dtype == dtype
+    _close(out, out_n, dtype, "out")
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    grads = fl.conv_backward_fast(dout, cache)
+    grads_n = L.conv_backward_naive(dout, cache_n)
+    for name, g, gn in zip(("dx", "dw", "db"), grads, grads_n):
+        assert g.dtype == dtype, name
+        _close(g, gn, dtype, name)
+
+
+def test_conv_notebook_shapes_float64():
+    """The notebook's check: fast vs naive relative errors ~1e-9 or better."""
+    rng = _rng(1)
+    x = rng.standard_normal((100, 3, 31, 31))
+    w = rng.standard_normal((25, 3, 3, 3))
+    b = rng.standard_normal(25)
+    cp = {"stride": 2, "pad": 1}
+    out_n, cache_n = L.conv_forward_naive(x, w, b, cp)
+    out_f, cache_f = fl.conv_forward_fast(x, w, b, cp)
+    assert rel_error(out_n, out_f) < 1e-9
+    dout = rng.standard_normal(out_n.shape)
+    for g_n, g_f in zip(L.conv_backward_naive(dout, cache_n), fl.conv_backward_fast(dout, cache_f)):
+        assert rel_error(g_n, g_f) < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv_compute_dx_false_skips_dx_and_keeps_dw_db(dtype):
+    rng = _rng(2)
+    x = rng.standard_normal((3, 3, 8, 8)).astype(dtype)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
+    b = rng.standard_normal(4).astype(dtype)
+    out, cache = fl.conv_forward_fast(x, w, b, {"stride": 1, "pad": 1})
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx, dw, db = fl.conv_backward_fast(dout, cache)
+    dx0, dw0, db0 = fl.conv_backward_fast(dout, cache, compute_dx=False)
+    assert dx is not None and dx0 is None
+    np.testing.assert_array_equal(dw, dw0)
+    np.testing.assert_array_equal(db, db0)
+
+
+def test_conv_keeps_parameter_dtypes_and_does_not_modify_inputs():
+    rng = _rng(3)
+    x = rng.standard_normal((2, 3, 6, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 2))  # float64 weights with float32 data
+    b = rng.standard_normal(4).astype(np.float32)
+    copies = [a.copy() for a in (x, w, b)]
+    out, cache = fl.conv_forward_fast(x, w, b, {"stride": 1, "pad": 1})
+    assert out.dtype == np.float32
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    dout_copy = dout.copy()
+    dx, dw, db = fl.conv_backward_fast(dout, cache)
+    assert (dx.dtype, dw.dtype, db.dtype) == (np.float32, np.float64, np.float32)
+    for a, c in zip((x, w, b, dout), copies + [dout_copy]):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_conv_non_contiguous_inputs():
+    rng = _rng(4)
+    xb = rng.standard_normal((5, 9, 3, 2))
+    x = xb.transpose(3, 2, 0, 1)[:, :, ::-1, ::2]  # (2, 3, 5, 5), no unit strides
+    w = rng.standard_normal((3, 3, 2, 8)).transpose(3, 0, 2, 1)[::2]  # (4, 3, 2, 3)
+    b = rng.standard_normal(8)[::2]
+    assert not x.flags.c_contiguous and not w.flags.c_contiguous and not b.flags.c_contiguous
+    cp = {"stride": 1, "pad": 1}
+    out, cache = fl.conv_forward_fast(x, w, b, cp)
+    out_c, cache_c = fl.conv_forward_fast(*(np.ascontiguousarray(a) for a in (x, w, b)), cp)
+    np.testing.assert_array_equal(out, out_c)
+    dout = rng.standard_normal(out.shape[::-1]).T  # non-contiguous dout
+    for g, gc in zip(fl.conv_backward_fast(dout, cache), fl.conv_backward_fast(np.ascontiguousarray(dout), cache_c)):
+        np.testing.assert_array_equal(g, gc)
+    out_n, _ = L.conv_forward_naive(x, w, b, cp)
+    _close(out, out_n, np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# max pooling
+
+
+def _pool_cases(count, seed):
+    rng = _rng(seed)
+    cases = []
+    for _ in range(count):
+        ph, pw, stride = int(rng.integers(1, 4)), int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        Ho, Wo = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+        H, W = (Ho - 1) * stride + ph, (Wo - 1) * stride + pw
+        cases.append((int(rng.choice([1, 2, 4])), int(rng.integers(1, 4)), H, W, ph, pw, stride))
+    cases += [(2, 3, 8, 8, 2, 2, 2), (1, 2, 7, 7, 3, 3, 2), (2, 2, 5, 6, 2, 2, 1), (3, 2, 5, 9, 2, 3, 3),
+              (1, 1, 4, 4, 4, 4, 1), (2, 3, 9, 7, 1, 1, 2)]
+    return cases
+
+
+POOL_CASES = _pool_cases(30, 5)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", POOL_CASES, ids=lambda c: "N{}C{}H{}W{}p{}x{}s{}".format(*c))
+def test_max_pool_matches_naive_exactly(case, dtype):
+    N, C, H, W, ph, pw, stride = case
+    rng = _rng(hash(case) % 2**32)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    pp = {"pool_height": ph, "pool_width": pw, "stride": stride}
+    out, cache = fl.max_pool_forward_fast(x, pp)
+    out_n, cache_n = L.max_pool_forward_naive(x, pp)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, out_n)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx = fl.max_pool_backward_fast(dout, cache)
+    assert dx.dtype == dtype
+    np.testing.assert_array_equal(dx, L.max_pool_backward_naive(dout, cache_n))
+
+
+def test_max_pool_notebook_shapes_and_ties():
+    rng = _rng(6)
+    x = rng.standard_normal((100, 3, 32, 32))
+    pp = {"pool_height": 2, "pool_width": 2, "stride": 2}
+    out_n, cache_n = L.max_pool_forward_naive(x, pp)
+    out_f, cache_f = fl.max_pool_forward_fast(x, pp)
+    assert rel_error(out_n, out_f) == 0.0
+    dout = rng.standard_normal(out_n.shape)
+    assert rel_error(L.max_pool_backward_naive(dout, cache_n), fl.max_pool_backward_fast(dout, cache_f)) == 0.0
+    # ties go to the first maximum in row-major order, as in the naive layer
+    xt = np.round(rng.standard_normal((2, 2, 6, 6)))
+    for pp in ({"pool_height": 2, "pool_width": 2, "stride": 2}, {"pool_height": 3, "pool_width": 2, "stride": 1}):
+        out_n, cache_n = L.max_pool_forward_naive(xt, pp)
+        out_f, cache_f = fl.max_pool_forward_fast(xt, pp)
+        dout = rng.standard_normal(out_n.shape)
+        np.testing.assert_array_equal(fl.max_pool_backward_fast(dout, cache_f),
+                                      L.max_pool_backward_naive(dout, cache_n))
+
+
+def test_max_pool_non_contiguous_and_unmodified():
+    rng = _rng(7)
+    x = rng.standard_normal((6, 6, 3, 2)).astype(np.float32).transpose(3, 2, 0, 1)
+    x_copy = x.copy()
+    pp = {"pool_height": 3, "pool_width": 3, "stride": 3}
+    out, cache = fl.max_pool_forward_fast(x, pp)
+    out_n, cache_n = L.max_pool_forward_naive(x, pp)
+    np.testing.assert_array_equal(out, out_n)
+    dout = rng.standard_normal(out.shape[::-1]).astype(np.float32).T
+    np.testing.assert_array_equal(fl.max_pool_backward_fast(dout, cache), L.max_pool_backward_naive(dout, cache_n))
+    np.testing.assert_array_equal(x, x_copy)
+
+
+# --------------------------------------------------------------------------------------------
+# spatial batch norm, group norm
+
+
+NORM_SHAPES = [(2, 3, 4, 5), (1, 4, 3, 3), (5, 6, 2, 7), (3, 8, 1, 1), (4, 2, 6, 4)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", NORM_SHAPES)
+def test_spatial_batchnorm_matches_naive(shape, dtype):
+    N, C, H, W = shape
+    rng = _rng(sum(shape))
+    x = (rng.standard_normal(shape) * 3 + 1.5).astype(dtype)
+    gamma = rng.standard_normal(C).astype(dtype)
+    beta = rng.standard_normal(C).astype(dtype)
+    rm, rv = rng.standard_normal(C).astype(dtype), rng.random(C).astype(dtype)
+    p_f = {"mode": "train", "momentum": 0.8, "running_mean": rm.copy(), "running_var": rv.copy()}
+    p_n = {"mode": "train", "momentum": 0.8, "running_mean": rm.copy(), "running_var": rv.copy()}
+    out, cache = fl.spatial_batchnorm_forward_fast(x, gamma, beta, p_f)
+    out_n, cache_n = L.spatial_batchnorm_forward(x, gamma, beta, p_n)
+    assert out.dtype == dtype
+    _close(out, out_n, dtype, "out")
+    for k in ("running_mean", "running_var"):
+        assert p_f[k].dtype == dtype
+        _close(p_f[k], p_n[k], dtype, k)
+    dout = rng.standard_normal(shape).astype(dtype)
+    for name, g, gn in zip(("dx", "dgamma", "dbeta"), fl.spatial_batchnorm_backward_fast(dout, cache),
+                           L.spatial_batchnorm_backward(dout, cache_n)):
+        assert g.dtype == dtype and g.shape == gn.shape, name
+        _close(g, gn, dtype, name)
+    # test mode uses the running averages
+    p_f["mode"] = p_n["mode"] = "test"
+    out, cache = fl.spatial_batchnorm_forward_fast(x, gamma, beta, p_f)
+    out_n, _ = L.spatial_batchnorm_forward(x, gamma, beta, p_n)
+    assert cache is None
+    _close(out, out_n, dtype, "test-mode out")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape,G", [((2, 6, 4, 5), 3), ((1, 4, 3, 3), 1), ((3, 8, 2, 2), 8),
+                                     ((2, 6, 5, 1), 2), ((4, 4, 3, 2), 4)])
+def test_spatial_groupnorm_matches_naive(shape, G, dtype):
+    N, C, H, W = shape
+    rng = _rng(sum(shape) + G)
+    x = (rng.standard_normal(shape) * 2 - 1).astype(dtype)
+    gamma = rng.standard_normal((1, C, 1, 1)).astype(dtype)
+    beta = rng.standard_normal((1, C, 1, 1)).astype(dtype)
+    out, cache = fl.spatial_groupnorm_forward_fast(x, gamma, beta, G, {"eps": 1e-5})
+    out_n, cache_n = L.spatial_groupnorm_forward(x, gamma, beta, G, {"eps": 1e-5})
+    assert out.dtype == dtype
+    _close(out, out_n, dtype, "out")
+    dout = rng.standard_normal(shape).astype(dtype)
+    for name, g, gn in zip(("dx", "dgamma", "dbeta"), fl.spatial_groupnorm_backward_fast(dout, cache),
+                           L.spatial_groupnorm_backward(dout, cache_n)):
+        assert g.dtype == dtype and g.shape == gn.shape, name
+        _close(g, gn, dtype, name)
+
+
+def test_norms_non_contiguous_and_unmodified():
+    rng = _rng(8)
+    x = rng.standard_normal((5, 4, 3, 2)).transpose(3, 2, 1, 0)  # (2, 3, 4, 5)
+    g, bt = rng.standard_normal(6)[::2], rng.standard_normal(3)
+    x_copy, g_copy = x.copy(), g.copy()
+    out, cache = fl.spatial_batchnorm_forward_fast(x, g, bt, {"mode": "train"})
+    out_n, cache_n = L.spatial_batchnorm_forward(x, g, bt, {"mode": "train"})
+    _close(out, out_n, np.float64)
+    dout = rng.standard_normal((5, 4, 3, 2)).transpose(3, 2, 1, 0)
+    for a, b_ in zip(fl.spatial_batchnorm_backward_fast(dout, cache), L.spatial_batchnorm_backward(dout, cache_n)):
+        _close(a, b_, np.float64)
+    out, cache = fl.spatial_groupnorm_forward_fast(x, g, bt, 3, {})
+    out_n, cache_n = L.spatial_groupnorm_forward(x, g, bt, 3, {})
+    _close(out, out_n, np.float64)
+    for a, b_ in zip(fl.spatial_groupnorm_backward_fast(dout, cache), L.spatial_groupnorm_backward(dout, cache_n)):
+        _close(a, b_, np.float64)
+    np.testing.assert_array_equal(x, x_copy)
+    np.testing.assert_array_equal(g, g_copy)
+
+
+# --------------------------------------------------------------------------------------------
+# bad parameters
+
+
+def _conv_args(**kw):
+    a = {"x": np.zeros((2, 3, 8, 8)), "w": np.zeros((4, 3, 3, 3)), "b": np.zeros(4),
+         "conv_param": {"stride": 1, "pad": 1}}
+    a.update(kw)
+    return a
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"conv_param": {"stride": 2, "pad": 0}}, r"conv output height is not an integer"),
+    ({"conv_param": {"stride": 0, "pad": 1}}, r"conv_param\['stride'\]"),
+    ({"conv_param": {"stride": 1, "pad": -1}}, r"conv_param\['pad'\]"),
+    ({"w": np.zeros((4, 2, 3, 3))}, r"channel mismatch.*C=3.*C=2"),
+    ({"x": np.zeros((3, 8, 8))}, r"x must be a 4-D array"),
+    ({"w": np.zeros((4, 3, 3))}, r"w must be a 4-D array"),
+    ({"b": np.zeros(5)}, r"b must have shape \(4,\)"),
+    ({"w": np.zeros((4, 3, 11, 3))}, r"window 11 is larger than the input 10"),
+])
+def test_conv_bad_parameters_raise_value_error(kw, match):
+    with pytest.raises(ValueError, match=match):
+        fl.conv_forward_fast(**_conv_args(**kw))
+
+
+def test_backward_bad_dout_shape():
+    out, cache = fl.conv_forward_fast(**_conv_args())
+    with pytest.raises(ValueError, match=r"dout for conv must have the forward output's shape"):
+        fl.conv_backward_fast(np.zeros((2, 4, 8, 7)), cache)
+    out, cache = fl.max_pool_forward_fast(np.zeros((2, 3, 8, 8)), {"pool_height": 2, "pool_width": 2, "stride": 2})
+    with pytest.raises(ValueError, match=r"dout for max pool"):
+        fl.max_pool_backward_fast(np.zeros((2, 3, 4, 5)), cache)
+
+
+@pytest.mark.parametrize("x_shape,pp,match", [
+    ((2, 3, 7, 8), {"pool_height": 2, "pool_width": 2, "stride": 2}, r"pool output height is not an integer"),
+    ((2, 3, 8, 8), {"pool_height": 2, "pool_width": 2, "stride": 0}, r"pool_param\['stride'\]"),
+    ((2, 3, 8, 8), {"pool_height": 0, "pool_width": 2, "stride": 2}, r"pool_param\['pool_height'\]"),
+    ((2, 3, 8, 8), {"pool_height": 2, "pool_width": 9, "stride": 1}, r"window 9 is larger than the input 8"),
+    ((3, 8, 8), {"pool_height": 2, "pool_width": 2, "stride": 2}, r"x must be a 4-D array"),
+])
+def test_pool_bad_parameters_raise_value_error(x_shape, pp, match):
+    with pytest.raises(ValueError, match=match):
+        fl.max_pool_forward_fast(np.zeros(x_shape), pp)
+
+
+def test_norm_bad_parameters_raise_value_error():
+    x = np.zeros((2, 6, 3, 3))
+    g, b = np.ones(6), np.zeros(6)
+    with pytest.raises(ValueError, match=r"bn_param\['mode'\] must be 'train' or 'test', got 'eval'"):
+        fl.spatial_batchnorm_forward_fast(x, g, b, {"mode": "eval"})
+    with pytest.raises(ValueError, match=r"gamma must have shape \(6,\)"):
+        fl.spatial_batchnorm_forward_fast(x, np.ones(5), b, {"mode": "train"})
+    with pytest.raises(ValueError, match=r"x must be a 4-D array"):
+        fl.spatial_batchnorm_forward_fast(np.zeros((2, 6)), g, b, {"mode": "train"})
+    with pytest.raises(ValueError, match=r"spatial_batchnorm_backward_fast needs the cache of a forward pass"):
+        fl.spatial_batchnorm_backward_fast(x, None)
+    with pytest.raises(ValueError, match=r"G=4 groups must divide the channel count C=6"):
+        fl.spatial_groupnorm_forward_fast(x, g, b, 4, {})
+    with pytest.raises(ValueError, match=r"gn_param\['eps'\]"):
+        fl.spatial_groupnorm_forward_fast(x, g, b, 3, {"eps": -1.0})
