@@ -1,5 +1,142 @@
-"""`convpipe` commands of this group (filled in by its issue)."""
+"""`convpipe train` and `convpipe evaluate`: data-parallel training and evaluation on Dask.
+
+Options are generated from :class:`pipeline.dist.TrainConfig`'s fields (same names, dashes
+for underscores), so the command, job specs and ``config.json`` cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from pipeline.dist.config import TrainConfig, parse_value
+
+_SHORT_HELP = "train ThreeLayerConvNet data-parallel on a Dask cluster"
 
 
 def register(subparsers) -> None:
-    """Add this group's commands to the top-level parser (none yet)."""
+    p = subparsers.add_parser(
+        "train", help=_SHORT_HELP, description=_SHORT_HELP + " (the embedded local cluster by default)",
+        argument_default=argparse.SUPPRESS,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default
+        extra = f" (default: {default})" if default is not None else ""
+        meta = f.metadata
+        p.add_argument(
+            "--" + f.name.replace("_", "-"), dest=f.name, metavar=meta.get("metavar") or "|".join(meta.get("choices", ())),
+            type=_parser_for(f.name), help=meta.get("help", "") + extra,
+        )
+    p.set_defaults(func=_train)
+
+    e = subparsers.add_parser(
+        "evaluate", help="accuracy of a trained run on a split, as a Dask job",
+        description="Accuracy of RUN_DIR's final parameters (params.npz) on a split of a store.",
+    )
+    e.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `convpipe train`")
+    e.add_argument("--data", metavar="STORE", help="Zarr store (default: the one the run was trained on)")
+    e.add_argument("--split", default="test", metavar="test|val|train", help="split to score (default: test)")
+    e.add_argument("--workers", type=int, metavar="N", help="worker processes of the embedded cluster")
+    e.add_argument("--scheduler", metavar="ADDR", help="address of a running Dask scheduler")
+    e.set_defaults(func=_evaluate)
+
+
+def _parser_for(name: str):
+    def parse(text: str):
+        from pipeline.errors import TrainingError
+
+        try:
+            return parse_value(name, text)
+        except TrainingError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = name  # argparse names the option's type in its message
+    return parse
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's settings: defaults or, with --resume, the run's saved ones; then the options given."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    if given.get("resume"):
+        from pipeline.dist import resume_config
+
+        return resume_config(given.pop("resume"), **given)
+    return TrainConfig(**given).validate()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.dist import train
+
+    config = config_from_args(args)
+    bar = _Progress()
+    try:
+        summary = train(config, progress=bar)
+    finally:
+        bar.close()
+    acc = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    rate = summary["images_per_s"]
+    print(f"train acc {acc(summary['train_acc'])}, val acc {acc(summary['val_acc'])}; "
+          f"{summary['steps_this_session']} steps, {summary['seconds']:.1f} s, "
+          f"{'n/a' if rate is None else f'{rate:,.0f}'} images/s on {summary['workers']} workers")
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.dist import evaluate
+
+    def progress(event):
+        if event["event"] == "start":
+            print(f"scoring {event['n']} {args.split} images on {event['workers']} workers"
+                  + (f"; dashboard {event['dashboard']}" if event.get("dashboard") else ""), file=sys.stderr)
+
+    r = evaluate(args.run_dir, data=args.data, split=args.split, scheduler=args.scheduler,
+                 workers=args.workers, progress=progress)
+    print(f"{r['split']} accuracy {r['accuracy']:.4f} ({r['correct']}/{r['n']}) in {r['seconds']:.1f} s")
+    return 0
+
+
+class _Progress:
+    """tqdm bar fed by the coordinator's events: step, epoch, loss, images/s, ETA."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, event: dict) -> None:
+        from tqdm import tqdm
+
+        kind = event["event"]
+        if kind == "start":
+            where = f"dashboard {event['dashboard']}" if event.get("dashboard") else "no dashboard"
+            print(f"training on {event['workers']} workers ({event['transport']} transport), {where}",
+                  file=sys.stderr)
+            print(f"run directory {event['run_dir']}", file=sys.stderr)
+            self.bar = tqdm(total=event["total_steps"], initial=event["start_step"], unit="step",
+                            dynamic_ncols=True, file=sys.stderr)
+        elif kind == "step" and self.bar is not None:
+            self.bar.set_postfix_str(f"epoch {event['epoch']}, loss {event['loss']:.4f}, "
+                                     f"{event['images_per_s']:,.0f} img/s", refresh=False)
+            self.bar.update(1)
+        elif kind == "epoch":
+            self._write(f"epoch {event['epoch']} (step {event['step']}): train acc {event['train_acc']:.4f}, "
+                        f"val acc {'n/a' if event['val_acc'] is None else format(event['val_acc'], '.4f')}")
+        elif kind == "resumed":
+            self._write(f"resuming at step {event['step']}"
+                        + (f" from {event['checkpoint']}" if event["checkpoint"] else " (no checkpoint yet)"))
+        elif kind == "warning":
+            self._write(f"warning: {event['message']}")
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,202 @@
+"""Every setting of a training run, typed and validated in one place.
+
+``convpipe train`` builds its options from these fields, job specs (TOML) and
+``--set key=value`` are checked against them, and a run directory records them in
+``config.json`` so that ``--resume`` continues with exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import TrainingError
+
+NORMS = ("none", "spatial_batchnorm", "groupnorm")
+DTYPES = ("float32", "float64")
+TRANSPORTS = ("auto", "shm", "tcp")
+
+#: settings that do not change the numbers a run produces: they may differ on ``--resume``
+RUNTIME_FIELDS = ("workers", "scheduler", "out", "resume", "transport", "threads_per_worker", "data")
+
+
+def _opt(default, help: str, metavar: str | None = None, choices: tuple | None = None):
+    meta = {"help": help}
+    if metavar:
+        meta["metavar"] = metavar
+    if choices:
+        meta["choices"] = choices
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of ``convpipe train`` (one field per command-line option, same names)."""
+
+    # data and cluster
+    data: str = _opt("data/cifar10.zarr", "Zarr store made by `convpipe data prepare`", "STORE")
+    workers: int | None = _opt(None, "worker processes of the embedded cluster (default: one per core)", "N")
+    scheduler: str | None = _opt(None, "address of a running Dask scheduler instead of the embedded cluster", "ADDR")
+    threads_per_worker: int = _opt(1, "threads per worker of the embedded cluster (Numba and BLAS)", "T")
+    transport: str = _opt(
+        "auto", "parameter/gradient exchange: shared memory when all workers share this host (auto), or tcp",
+        choices=TRANSPORTS,
+    )
+    # schedule
+    epochs: int = _opt(1, "passes over the training split", "E")
+    steps: int | None = _opt(None, "stop after this many steps in total (overrides --epochs)", "S")
+    batch_size: int = _opt(256, "global batch: images per step, over all workers", "B")
+    shard_size: int = _opt(128, "images per shard task; must divide the batch size", "S")
+    train_limit: int | None = _opt(None, "train on the first N images of the train split only", "N")
+    seed: int = _opt(0, "seed of the initial weights and of every epoch's data order", "SEED")
+    # optimizer
+    lr: float = _opt(1e-3, "Adam learning rate", "LR")
+    reg: float = _opt(1e-3, "L2 regularization strength (0.5 * reg * sum W**2, added once per step)", "REG")
+    # model
+    norm: str = _opt("none", "normalization after the conv layer", choices=NORMS)
+    num_groups: int = _opt(4, "groups of group normalization", "G")
+    num_filters: int = _opt(32, "conv filters", "F")
+    filter_size: int = _opt(7, "conv filter size (odd)", "K")
+    hidden_dim: int = _opt(500, "hidden units of the affine layer", "H")
+    weight_scale: float = _opt(1e-3, "standard deviation of the initial weights", "STD")
+    dtype: str = _opt("float32", "dtype of parameters and activations", choices=DTYPES)
+    # outputs
+    out: str | None = _opt(None, "run directory (default: runs/<date>-<time>)", "RUN_DIR")
+    checkpoint_every: int = _opt(100, "write a checkpoint every K steps (and after each epoch)", "K")
+    resume: str | None = _opt(None, "continue the run in RUN_DIR from its last good checkpoint", "RUN_DIR")
+    train_acc_samples: int = _opt(1000, "training images scored for train accuracy after each epoch", "N")
+
+    # ---- validation -------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Check types and ranges; raise :class:`TrainingError` naming the setting. Returns self."""
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
+        for name in ("epochs", "batch_size", "shard_size", "num_groups", "num_filters", "filter_size",
+                     "hidden_dim", "checkpoint_every", "threads_per_worker", "train_acc_samples"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "workers", "train_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainingError(f"{name} must be >= 1, got {value}")
+        if self.batch_size % self.shard_size:
+            raise TrainingError(
+                f"shard_size {self.shard_size} does not divide batch_size {self.batch_size}"
+                f" (the global batch is cut into equal shards)"
+            )
+        for name, allowed in (("norm", NORMS), ("dtype", DTYPES), ("transport", TRANSPORTS)):
+            if getattr(self, name) not in allowed:
+                raise TrainingError(f"unknown {name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        if self.norm == "groupnorm" and self.num_filters % self.num_groups:
+            raise TrainingError(f"num_groups {self.num_groups} does not divide num_filters {self.num_filters}")
+        if self.filter_size % 2 == 0:
+            raise TrainingError(f"filter_size must be odd (the conv keeps the image size), got {self.filter_size}")
+        if not self.lr > 0 or self.lr != self.lr:
+            raise TrainingError(f"lr must be > 0, got {self.lr}")
+        if not self.reg >= 0:
+            raise TrainingError(f"reg must be >= 0, got {self.reg}")
+        if not self.weight_scale > 0:
+            raise TrainingError(f"weight_scale must be > 0, got {self.weight_scale}")
+        if self.workers is not None and self.scheduler:
+            raise TrainingError("workers and scheduler exclude each other: the scheduler's cluster has its own workers")
+        return self
+
+    # ---- conversions --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, mapping: dict) -> "TrainConfig":
+        """Build and validate from a mapping (job spec, ``config.json``); unknown keys are errors."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - names)
+        if unknown:
+            raise TrainingError(f"unknown training setting {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        values = {k: _coerce_number(k, v) for k, v in mapping.items()}
+        return cls(**values).validate()
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A validated copy with ``changes`` applied (unknown names are errors)."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        try:
+            mapping = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise TrainingError(f"{path}: no such file (not a convpipe run directory?)") from None
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"{path}: unreadable run settings: {exc}") from None
+        if not isinstance(mapping, dict):
+            raise TrainingError(f"{path}: run settings must be a JSON object")
+        return cls.from_dict(mapping)
+
+    def result_settings(self) -> dict:
+        """The settings that determine the trained numbers (everything but where and how it runs)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def parse_value(name: str, text: str):
+    """Parse ``text`` (from ``--set name=text``) into the type of field ``name``."""
+    types_ = _field_types()
+    if name not in types_:
+        raise TrainingError(f"unknown training setting {name!r} (known: {', '.join(sorted(types_))})")
+    kinds, optional = _kinds(types_[name])
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    for kind in kinds:
+        try:
+            if kind is int:
+                return int(text)
+            if kind is float:
+                return float(text)
+            if kind is str:
+                return text
+        except ValueError:
+            continue
+    raise TrainingError(f"setting {name}: expected {_type_name(types_[name])}, got {text!r}")
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _field_types() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _kinds(tp) -> tuple[tuple[type, ...], bool]:
+    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+    optional = type(None) in args
+    return tuple(a for a in args if a is not type(None)), optional
+
+
+def _type_name(tp) -> str:
+    kinds, optional = _kinds(tp)
+    name = " or ".join(k.__name__ for k in kinds)
+    return f"{name} or none" if optional else name
+
+
+def _check_type(name: str, value, tp) -> None:
+    kinds, optional = _kinds(tp)
+    if value is None and optional:
+        return
+    ok = any(
+        isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
+        for k in kinds
+    )
+    if not ok:
+        raise TrainingError(f"setting {name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _coerce_number(name: str, value):
+    """Accept an int where a float is expected (``lr = 1`` in TOML); nothing else is converted."""
+    kinds, _ = _kinds(_field_types()[name])
+    if float in kinds and int not in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -1,0 +1,79 @@
+"""``convpipe evaluate``: the accuracy of a finished run on a split, as a Dask job.
+
+The run's final parameters (``params.npz``, BN running statistics included) are scattered
+to every worker once; each shard of the split is a task that reads its own images from the
+store and counts correct test-mode predictions.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from pipeline.dist.config import TrainConfig
+from pipeline.dist.exchange import worker_cluster, worker_count
+from pipeline.dist.rundir import RunDir
+from pipeline.dist.shards import cut
+from pipeline.dist.transport import Layout
+from pipeline.dist.worker import ModelSpec, TaskSpec, shard_predictions
+from pipeline.errors import DataError, TrainingError
+
+EVAL_SHARD = 500
+
+
+def evaluate(run_dir: str, data: str | None = None, split: str = "test", client=None, *,
+             scheduler: str | None = None, workers: int | None = None, shard_size: int = EVAL_SHARD,
+             progress=None) -> dict:
+    """Accuracy of the run in ``run_dir`` on ``split`` of ``data`` (default: the run's store).
+
+    Returns ``{"split", "accuracy", "correct", "n", "seconds", "workers", "run_dir", "data"}``.
+    """
+    from pipeline.data import open_store
+
+    emit = progress or (lambda event: None)
+    run = RunDir(run_dir).require_existing()
+    config = TrainConfig.load(run.config_path)
+    params, bn = run.read_params()
+    store = open_store(data or config.data)
+    if split not in store.splits:
+        raise DataError(f"{store.path}: no split {split!r} (it has {', '.join(store.splits)})")
+    size = store.splits[split]
+    if size < 1:
+        raise DataError(f"{store.path}: split {split!r} is empty")
+
+    mspec = ModelSpec(config.num_filters, config.filter_size, config.hidden_dim, len(store.class_names),
+                      config.norm, config.num_groups, config.dtype)
+    expected = Layout.of(mspec.build(weight_scale=config.weight_scale, seed=0).params)
+    if set(params) != set(expected.names):
+        raise TrainingError(f"{run.params_path}: parameters {sorted(params)} do not match the run's model "
+                            f"({sorted(expected.names)})")
+    for name, shape in zip(expected.names, expected.shapes):
+        if params[name].shape != shape:
+            raise TrainingError(f"{run.params_path}: {name} has shape {params[name].shape}, the model needs {shape}")
+    flat = expected.flatten(params)
+    bn_state = {"running_mean": bn["bn_running_mean"], "running_var": bn["bn_running_var"]} if bn else None
+    if config.norm == "spatial_batchnorm" and bn_state is None:
+        raise TrainingError(f"{run.params_path}: no BN running statistics for a spatial-batchnorm model")
+    spec = TaskSpec(mspec, store.path, expected, 1)
+
+    t0 = time.perf_counter()
+    with worker_cluster(client, scheduler, workers) as client:
+        emit({"event": "start", "split": split, "n": size, "workers": worker_count(client),
+              "dashboard": getattr(client, "dashboard_link", None)})
+        params_future = client.scatter(flat, broadcast=True, hash=False)
+        shards = cut(np.arange(size, dtype=np.int64), shard_size)
+        futures = [client.submit(shard_predictions, spec, params_future, bn_state, split, idx, pure=False)
+                   for idx in shards]
+        correct = n = 0
+        from distributed import as_completed
+
+        for fut in as_completed(futures):
+            r = fut.result()
+            correct += r["correct"]
+            n += r["n"]
+            emit({"event": "shard", "n": r["n"], "done": n, "total": size})
+        nworkers = worker_count(client)
+    return {"split": split, "accuracy": correct / n, "correct": correct, "n": n,
+            "seconds": time.perf_counter() - t0, "workers": nworkers, "run_dir": str(run.path),
+            "data": store.path}

@@ -1,0 +1,139 @@
+"""The coordinator's side of a step's communication: publish parameters, run shard tasks,
+bring back the shard gradient sums, and the cluster the tasks run on.
+
+``SharedMemoryExchange`` and ``TcpExchange`` (see :mod:`pipeline.dist.transport`) have one
+interface:
+
+    exchange.params                  the flat parameter vector the coordinator updates in place
+    exchange.publish(step)           make ``params`` the workers' parameters of ``step``
+    exchange.compute(step, shards)   run the shard tasks; -> (per-shard stats, gradient slots (k, P))
+    exchange.params_ref()            what evaluation tasks take as their parameters
+    exchange.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+
+from pipeline.dist.reduce import pairwise
+from pipeline.dist.transport import Layout, SharedBuffers, can_attach
+from pipeline.dist.worker import TaskSpec, add_results, shard_gradient, strip_gradient
+from pipeline.errors import TrainingError
+
+THREAD_ENV = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def worker_cluster(client=None, scheduler: str | None = None, workers: int | None = None,
+                   threads_per_worker: int = 1) -> Iterator:
+    """``client`` if given; else a client of the scheduler at ``scheduler``; else an embedded
+    LocalCluster of ``workers`` processes whose Numba and BLAS use ``threads_per_worker`` threads."""
+    if client is not None:
+        yield client
+        return
+    import dask
+
+    from pipeline.cluster import connect
+
+    env = {f"distributed.nanny.pre-spawn-environ.{k}": str(threads_per_worker) for k in THREAD_ENV}
+    with dask.config.set(env):
+        with connect(scheduler, workers=workers, threads_per_worker=threads_per_worker) as c:
+            yield c
+
+
+def worker_count(client) -> int:
+    return len(client.scheduler_info(n_workers=-1).get("workers", {}))
+
+
+class SharedMemoryExchange:
+    kind = "shm"
+
+    def __init__(self, client, spec: TaskSpec, layout: Layout, slots: int):
+        self.client, self.spec = client, spec
+        self.buffers = SharedBuffers(layout, slots)
+        self.params = self.buffers.params
+        self.ref = self.buffers.ref
+
+    def usable(self) -> bool:
+        """Whether every worker now connected can map the shared files (same host)."""
+        try:
+            seen = self.client.run(can_attach, self.ref)
+        except Exception:  # noqa: BLE001 - a worker that cannot even run the probe
+            return False
+        return bool(seen) and all(seen.values())
+
+    def publish(self, step: int) -> None:
+        self.buffers.publish(step)
+
+    def compute(self, step: int, shards: list[np.ndarray]) -> tuple[list[dict], np.ndarray]:
+        futures = [
+            self.client.submit(shard_gradient, self.spec, self.ref, step, i, idx,
+                               key=f"shard-{step}-{i}-{self.ref.token[:8]}", pure=False)
+            for i, idx in enumerate(shards)
+        ]
+        results = self.client.gather(futures)
+        return sorted(results, key=lambda r: r["slot"]), self.buffers.grads[:len(shards)]
+
+    def params_ref(self):
+        return self.ref
+
+    def close(self) -> None:
+        self.buffers.close()
+
+
+class TcpExchange:
+    kind = "tcp"
+
+    def __init__(self, client, spec: TaskSpec, layout: Layout):
+        self.client, self.spec = client, spec
+        self.params = np.zeros(layout.size, dtype=layout.dtype)
+        self._future = None
+        self._step = None
+
+    def publish(self, step: int) -> None:
+        # once per step to every worker; a copy, so that the in-place Adam of the next step
+        # cannot reach data an in-process worker still holds
+        self._future = self.client.scatter(self.params.copy(), broadcast=True, hash=False)
+        self._step = step
+
+    def compute(self, step: int, shards: list[np.ndarray]) -> tuple[list[dict], np.ndarray]:
+        if self._step != step:
+            raise TrainingError(f"parameters of step {step} were not published")
+        client = self.client
+        leaves = [
+            client.submit(shard_gradient, self.spec, self._future, step, i, idx,
+                          key=f"shard-{step}-{i}-{self._future.key}", pure=False)
+            for i, idx in enumerate(shards)
+        ]
+        counter = iter(range(len(leaves)))
+        root = pairwise(leaves, lambda a, b: client.submit(
+            add_results, a, b, key=f"sum-{step}-{next(counter)}-{self._future.key}", pure=False))
+        stats, grad = client.gather([client.submit(strip_gradient, root, pure=False),
+                                     client.submit(_gradient_of, root, pure=False)])
+        return sorted(stats, key=lambda r: r["slot"]), grad[None, :]
+
+    def params_ref(self):
+        return self._future
+
+    def close(self) -> None:
+        self._future = None
+
+
+def _gradient_of(result: dict) -> np.ndarray:
+    return result["grad"]
+
+
+def open_exchange(client, transport: str, spec: TaskSpec, layout: Layout, slots: int):
+    """The transport asked for; ``auto``: shared memory when every worker shares this host."""
+    if transport in ("auto", "shm"):
+        shm = SharedMemoryExchange(client, spec, layout, slots)
+        if shm.usable():
+            return shm
+        shm.close()
+        if transport == "shm":
+            raise TrainingError("transport shm: some workers cannot map this host's shared memory "
+                                "(they run on another host); use --transport tcp or auto")
+    return TcpExchange(client, spec, layout)

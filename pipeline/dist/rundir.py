@@ -1,0 +1,227 @@
+"""A run directory: the settings, metrics, checkpoints and results of one training run.
+
+    RUN_DIR/config.json          every setting (TrainConfig), read back by --resume
+    RUN_DIR/metrics.jsonl        one JSON line per step ({"kind": "step", ...}) and per epoch
+    RUN_DIR/checkpoints/*.npz    atomic checkpoints (pipeline.checkpoint), the last two kept
+    RUN_DIR/params.npz           final parameters + BN statistics (np.load(allow_pickle=False))
+    RUN_DIR/summary.json         accuracies, steps, seconds, images/s, workers, every setting
+    RUN_DIR/curves.png           loss and accuracy curves
+    RUN_DIR/filters.png          the first-layer filters
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import TrainingError
+
+CHECKPOINTS_KEPT = 2
+BN_KEYS = ("bn_running_mean", "bn_running_var")
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # ---- layout -------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def params_path(self) -> Path:
+        return self.path / "params.npz"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoint_dir / f"step-{step:08d}.npz"
+
+    @staticmethod
+    def default_path(root: str | Path = "runs") -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(root) / stamp
+        i = 1
+        while path.exists():
+            i += 1
+            path = Path(root) / f"{stamp}-{i}"
+        return path
+
+    # ---- creation -----------------------------------------------------------------------------
+    def create(self) -> "RunDir":
+        """Make a fresh run directory; refuse one that already holds a run (nothing is overwritten)."""
+        if self.config_path.exists() or self.metrics_path.exists():
+            raise TrainingError(
+                f"{self.path} already holds a run: continue it with --resume {self.path} or choose another --out"
+            )
+        try:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrainingError(f"cannot create run directory {self.path}: {exc.strerror or exc}") from None
+        return self
+
+    def require_existing(self) -> "RunDir":
+        if not self.config_path.exists():
+            raise TrainingError(f"{self.path} is not a convpipe run directory (no config.json)")
+        return self
+
+    # ---- metrics --------------------------------------------------------------------------------
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        out = []
+        for line in self.metrics_path.read_text().splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:  # a torn last line of a killed run
+                    break
+        return out
+
+    def truncate_metrics(self, n_lines: int) -> None:
+        """Keep the first ``n_lines`` records (those written before the checkpoint resumed from)."""
+        records = self.read_metrics()[:n_lines]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint files, newest first."""
+        if not self.checkpoint_dir.exists():
+            return []
+        return sorted(self.checkpoint_dir.glob("step-*.npz"), reverse=True)
+
+    def prune_checkpoints(self, keep: int = CHECKPOINTS_KEPT) -> None:
+        for old in self.checkpoints()[keep:]:
+            try:
+                old.unlink()
+            except FileNotFoundError:
+                pass
+
+    # ---- results --------------------------------------------------------------------------------
+    def write_params(self, params: dict[str, np.ndarray], bn: dict[str, np.ndarray] | None) -> None:
+        arrays = {k: np.ascontiguousarray(v) for k, v in params.items()}
+        if bn:
+            arrays.update({k: np.ascontiguousarray(v) for k, v in bn.items()})
+        atomic_savez(self.params_path, arrays)
+
+    def read_params(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+        if not self.params_path.exists():
+            raise TrainingError(f"{self.params_path}: no such file (has the run finished?)")
+        try:
+            with np.load(self.params_path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"{self.params_path}: unreadable parameters: {exc}") from None
+        bn = {k: arrays.pop(k) for k in BN_KEYS if k in arrays} or None
+        return arrays, bn
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_text(self.summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+# ---- atomic writes -------------------------------------------------------------------------------
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda f: f.write(text.encode()))
+
+
+def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    _atomic(path, lambda f: np.savez(f, **arrays))
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+
+def write_plots(run: RunDir, metrics: list[dict], W1: np.ndarray) -> list[Path]:
+    """curves.png (loss per step, train/val accuracy per epoch) and filters.png (first layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    steps = [m for m in metrics if m.get("kind") == "step"]
+    epochs = [m for m in metrics if m.get("kind") == "epoch"]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7))
+    ax1.plot([m["step"] for m in steps], [m["loss"] for m in steps], ".", ms=2)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("training loss")
+    ax1.set_title("Training loss")
+    ax2.plot([m["epoch"] + 1 for m in epochs], [m["train_acc"] for m in epochs], "-o", label="train")
+    ax2.plot([m["epoch"] + 1 for m in epochs], [m["val_acc"] for m in epochs], "-o", label="val")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy")
+    ax2.set_title("Classification accuracy")
+    ax2.legend(loc="lower right")
+    fig.tight_layout()
+    curves = run.path / "curves.png"
+    fig.savefig(curves, dpi=100)
+    plt.close(fig)
+
+    grid = _filter_grid(W1)
+    fig = plt.figure(figsize=(5, 5))
+    plt.imshow(grid.astype("uint8"))
+    plt.axis("off")
+    filters = run.path / "filters.png"
+    fig.savefig(filters, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return [curves, filters]
+
+
+def _filter_grid(W1: np.ndarray) -> np.ndarray:
+    """The seed's "Visualize Filters": W1 (F, C, HH, WW) as one image grid (H, W, C)."""
+    Xs = np.asarray(W1, dtype=np.float64).transpose(0, 2, 3, 1)
+    try:
+        from pipeline.vis_utils import visualize_grid
+    except ImportError:  # pragma: no cover - until the layer library ships it
+        visualize_grid = _visualize_grid
+    return visualize_grid(Xs)
+
+
+def _visualize_grid(Xs: np.ndarray, ubound: float = 255.0, padding: int = 1) -> np.ndarray:
+    (N, H, W, C) = Xs.shape
+    grid_size = int(np.ceil(np.sqrt(N)))
+    grid = np.zeros((grid_size * (H + padding) - padding, grid_size * (W + padding) - padding, C))
+    for idx in range(N):
+        y, x = divmod(idx, grid_size)
+        img = Xs[idx]
+        lo, hi = img.min(), img.max()
+        grid[y * (H + padding):y * (H + padding) + H, x * (W + padding):x * (W + padding) + W] = (
+            ubound * (img - lo) / (hi - lo) if hi > lo else 0
+        )
+    return grid

@@ -1,0 +1,192 @@
+"""The tasks a Dask worker runs: one shard's gradient, one shard's predictions.
+
+A shard task reads its own images from the Zarr store (the coordinator never touches pixel
+data), runs the model forward and backward with the current parameters and returns the
+shard's *sums*: gradient sum (mean-loss gradient x n), loss sum and count, plus the batch
+mean/variance of spatial BN. Sums add up across shards to the global batch's sums in any
+grouping, which is what lets the batch be cut into shards independent of the worker count.
+
+The task is a pure function of (parameters, shard indices): Dask may rerun it after a worker
+dies and gets the same bits, so a lost shard is recomputed, never dropped or counted twice.
+Per process, the model object and the store's decompressed chunks are cached across tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.dist.transport import Layout, ShmRef, attach
+from pipeline.errors import TrainingError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker needs to build the network (the weights come separately)."""
+
+    num_filters: int
+    filter_size: int
+    hidden_dim: int
+    num_classes: int
+    norm: str
+    num_groups: int
+    dtype: str
+    input_dim: tuple[int, int, int] = (3, 32, 32)
+
+    @property
+    def normalization(self) -> str | None:
+        return None if self.norm == "none" else self.norm
+
+    def build(self, weight_scale: float = 1e-3, reg: float = 0.0, seed: int | None = 0):
+        """The network with weights drawn cs231n's way from ``np.random`` seeded with ``seed``
+        (the global random state is restored afterwards)."""
+        from pipeline.cnn import ThreeLayerConvNet
+
+        saved = np.random.get_state()
+        try:
+            np.random.seed(seed)
+            return ThreeLayerConvNet(
+                input_dim=self.input_dim, num_filters=self.num_filters, filter_size=self.filter_size,
+                hidden_dim=self.hidden_dim, num_classes=self.num_classes, weight_scale=weight_scale,
+                reg=reg, dtype=np.dtype(self.dtype), normalization=self.normalization,
+                num_groups=self.num_groups,
+            )
+        finally:
+            np.random.set_state(saved)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Per-run constants of every task (small; pickled with each task)."""
+
+    model: ModelSpec
+    store: str
+    layout: Layout
+    threads: int = 1
+
+
+# ---- per-process state -----------------------------------------------------------------------------
+
+_MODELS: dict = {}
+
+
+def _model(spec: ModelSpec):
+    """This process's network for ``spec``, built once; reg is 0 (the coordinator adds L2)."""
+    model = _MODELS.get(spec)
+    if model is None:
+        _MODELS.clear()
+        model = _MODELS[spec] = spec.build(reg=0.0, seed=0)
+    model.reg = 0.0
+    return model
+
+
+def _threads(n: int) -> None:
+    import numba
+
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _params(spec: TaskSpec, params, version: int | None):
+    """The parameter views for this task: from shared memory (checking the version) or an array."""
+    if isinstance(params, ShmRef):
+        shm = attach(params)
+        if version is not None and int(shm.version[0]) != version:
+            raise TrainingError(
+                f"shared parameters are at step {int(shm.version[0])}, task expected step {version}"
+            )
+        return shm, shm.param_views
+    return None, spec.layout.views(params)
+
+
+# ---- tasks ------------------------------------------------------------------------------------------
+
+def shard_gradient(spec: TaskSpec, params, version: int, slot: int, indices: np.ndarray) -> dict:
+    """Gradient sums of one shard of a step.
+
+    ``params`` is a :class:`ShmRef` (the gradient sum is written into shared slot ``slot``
+    and the result carries only statistics) or the flat parameter vector (the result carries
+    the flat gradient sum under ``"grad"``).
+    """
+    t0 = time.perf_counter()
+    _threads(spec.threads)
+    from pipeline.data import open_store
+
+    X, y = open_store(spec.store).read("train", indices, dtype=spec.model.dtype, cache=True)
+    t1 = time.perf_counter()
+
+    shm, views = _params(spec, params, version)
+    model = _model(spec.model)
+    model.params = dict(views)
+    if model.bn_param:
+        model.bn_param["mode"] = "train"
+    loss, grads = model.loss(X, y)
+    t2 = time.perf_counter()
+
+    n = len(y)
+    dt = np.dtype(spec.model.dtype).type
+    out = shm.grads[slot] if shm is not None else np.empty(spec.layout.size, dtype=spec.model.dtype)
+    for name, view in spec.layout.views(out).items():
+        np.multiply(grads[name], dt(n), out=view)
+    t3 = time.perf_counter()
+
+    stats = model.last_batch_stats if spec.model.norm == "spatial_batchnorm" else None
+    result = {
+        "slot": slot,
+        "n": n,
+        "loss_sum": float(loss) * n,
+        "bn_mean": None if stats is None else np.asarray(stats["mean"]),
+        "bn_var": None if stats is None else np.asarray(stats["var"]),
+        "read_s": t1 - t0,
+        "compute_s": t2 - t1,
+        "write_s": t3 - t2,
+        "worker": _worker_name(),
+    }
+    if shm is None:
+        result["grad"] = out
+    return result
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"pid-{os.getpid()}"
+
+
+def add_results(a: dict, b: dict) -> dict:
+    """One node of the fixed gradient tree over TCP: adds the flat gradient sums, keeps the stats."""
+    merged = {"grad": np.add(a["grad"], b["grad"])}
+    merged["stats"] = _stats(a) + _stats(b)
+    return merged
+
+
+def strip_gradient(result: dict) -> list[dict]:
+    """The statistics of a (tree of) shard results, without the gradient (runs on the worker)."""
+    return _stats(result)
+
+
+def _stats(r: dict) -> list[dict]:
+    if "stats" in r:
+        return list(r["stats"])
+    return [{k: v for k, v in r.items() if k != "grad"}]
+
+
+def shard_predictions(spec: TaskSpec, params, bn: dict | None, split: str, indices: np.ndarray) -> dict:
+    """Test-mode accuracy counts of one shard of ``split`` (BN uses the running statistics ``bn``)."""
+    _threads(spec.threads)
+    from pipeline.data import open_store
+
+    X, y = open_store(spec.store).read(split, indices, dtype=spec.model.dtype, cache=True)
+    _, views = _params(spec, params, None)
+    model = _model(spec.model)
+    model.params = dict(views)
+    if model.bn_param:
+        model.set_state({"running_mean": bn["running_mean"], "running_var": bn["running_var"]})
+    scores = model.loss(X)
+    pred = np.argmax(scores, axis=1)
+    return {"correct": int((pred == y).sum()), "n": int(len(y))}
