@@ -1,0 +1,502 @@
+"""`prepare`: convert a CIFAR-10 source or an image folder into a store, as a Dask job.
+
+The coordinator (this process) finds or downloads the source, reads an archive once
+(staging its batches, or an image tar's files, beside the store), and plans the output:
+for each split, chunk-aligned row ranges. Each range is a task on the cluster (the
+embedded LocalCluster by default, or the scheduler at an address): the worker reads the
+source rows it needs, checks them, and writes its chunks of ``images`` and ``labels``
+itself; no two tasks write one chunk. Tasks of the train split return the pixel sums from
+which the coordinator computes the mean image.
+
+Everything is written to ``STORE.partial-<pid>-<id>`` and renamed to ``STORE`` only once
+complete (attributes with ``complete: true`` last), so an interrupted conversion never
+leaves a store that looks complete. A complete store is left alone unless ``force``; with
+``force`` the old store is removed only after the new one is complete.
+
+With a remote scheduler, the workers must see the store's folder (and the source, for a
+folder source) at the same paths as this process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as _dt
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data import sources as S
+from pipeline.data.download import download, is_url, url_basename
+from pipeline.data.store import (FORMAT, FORMAT_VERSION, IMAGE_SHAPE, create_layout,
+                                 finalize_store, labels_dtype, store_state, write_block)
+from pipeline.errors import DataError
+
+__all__ = ["prepare", "PrepareResult", "DEFAULT_STORE", "DEFAULT_VAL", "DEFAULT_CHUNK"]
+
+DEFAULT_STORE = os.path.join("data", "cifar10.zarr")
+DEFAULT_VAL = 1000
+DEFAULT_CHUNK = 1000          # images per chunk: 3 MB of uint8 pixels
+TASK_ROWS = {"cifar": 10000, "image": 2500}  # rows per task (rounded to whole chunks)
+IMAGE_TRAIN_SEED = 0
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class PrepareResult:
+    path: Path
+    skipped: bool                   # True: a complete store was already there
+    splits: dict[str, int]
+    class_names: list[str]
+    source: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    nbytes: int = 0                 # size of the store on disk
+
+
+def dir_size(path: str | os.PathLike) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+# ------------------------------------------------------------------------------ worker tasks
+
+def _warm_up(worker: str) -> str:
+    import PIL.Image  # noqa: F401
+    import zarr  # noqa: F401
+    import zarr.codecs  # noqa: F401
+
+    return worker
+
+def _guarded(fn):
+    """Run a worker task so that a user error comes back as a value, not as a failed task
+    (which Dask would log with a traceback on the worker); skip it once the job is aborted."""
+
+    def task(abort_flag: str, *args):
+        if os.path.exists(abort_flag):
+            return ("aborted", None)
+        try:
+            return ("ok", fn(*args))
+        except DataError as exc:
+            return ("error", exc)
+
+    task.__name__ = task.__qualname__ = fn.__name__
+    task.__module__ = fn.__module__
+    return task
+
+
+def _scan_batch(path: str, name: str, n_classes: int) -> int:
+    """Check one batch (safe unpickling, shapes, label range); return its number of images."""
+    X, _ = S.read_batch(Path(path), name, n_classes)
+    return len(X)
+
+
+_scan_batch = _guarded(_scan_batch)
+
+
+def _write_cifar(store: str, split: str, start: int, segments: list, n_classes: int,
+                 want_sum: bool) -> tuple[int, np.ndarray | None]:
+    """Rows ``start:start+n`` of ``split`` from ``segments`` [(path, name, lo, hi)]."""
+    xs, ys = [], []
+    for path, name, lo, hi in segments:
+        X, y = S.read_batch(Path(path), name, n_classes)
+        xs.append(X[lo:hi])
+        ys.append(y[lo:hi])
+    X = xs[0] if len(xs) == 1 else np.concatenate(xs)
+    y = ys[0] if len(ys) == 1 else np.concatenate(ys)
+    write_block(store, split, start, X, y)
+    return len(X), (X.reshape(len(X), -1).sum(axis=0, dtype=np.int64) if want_sum else None)
+
+
+_write_cifar = _guarded(_write_cifar)
+
+
+def _write_images(store: str, split: str, start: int, names: list, labels: list,
+                  pack: str | None, offsets: list | None, paths: list | None,
+                  label: str, want_sum: bool) -> tuple[int, np.ndarray | None, list | None]:
+    """Decode images (from a pack file of concatenated bytes, or from files) and write them."""
+    n = len(names)
+    X = np.empty((n, *IMAGE_SHAPE), np.uint8)
+    md5s = None
+    if pack is not None:
+        with open(pack, "rb") as f:
+            blob = f.read()
+        for i, name in enumerate(names):
+            X[i] = S.decode_image(blob[offsets[i]:offsets[i + 1]], f"{label}:{name}")
+    else:
+        md5s = []
+        for i, path in enumerate(paths):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as exc:
+                raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+            md5s.append(hashlib.md5(data).hexdigest())
+            X[i] = S.decode_image(data, path)
+    write_block(store, split, start, X, np.asarray(labels, dtype=np.int64))
+    return n, (X.reshape(n, -1).sum(axis=0, dtype=np.int64) if want_sum else None), md5s
+
+
+_write_images = _guarded(_write_images)
+
+
+# ------------------------------------------------------------------------------ planning
+
+def _ranges(n: int, chunk: int, task_rows: int) -> list[tuple[int, int]]:
+    c = max(1, min(chunk, n))
+    step = c * max(1, task_rows // c)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _segments(offsets: list[int], files: list[tuple[str, str]], lo: int, hi: int) -> list:
+    """Source pieces [(path, name, row_lo, row_hi)] covering global rows lo:hi."""
+    out = []
+    for i, (path, name) in enumerate(files):
+        a, b = offsets[i], offsets[i + 1]
+        s, e = max(lo, a), min(hi, b)
+        if s < e:
+            out.append((path, name, s - a, e - a))
+    return out
+
+
+# ------------------------------------------------------------------------------ sources
+
+def _resolve(source, data_root: Path, verify: bool, progress: Progress | None) -> S.Source:
+    if source is None:
+        found = S.find_cifar10(data_root)
+        if found is not None:
+            return S.classify(found)
+        dest = data_root / S.ARCHIVE_NAME
+        download(S.OFFICIAL_URL, dest, md5=S.OFFICIAL_MD5 if verify else None, progress=progress)
+        return S.classify(dest)
+    text = os.fspath(source)
+    if is_url(text):
+        dest = data_root / url_basename(text)
+
+        def check(tmp: Path, md5: str) -> None:
+            src = S.classify(tmp)
+            if src.kind == "cifar-archive" and verify and md5 != S.OFFICIAL_MD5:
+                raise DataError(f"{text}: md5 {md5} is not the official CIFAR-10 archive's "
+                                f"{S.OFFICIAL_MD5}; nothing was saved (--no-verify accepts it)")
+
+        download(text, dest, check=check, progress=progress)
+        return S.classify(dest)
+    return S.classify(Path(text).expanduser())
+
+
+def _source_attrs(src: S.Source, md5: str, md5_of: str, official: bool, verified: bool, **extra) -> dict:
+    return {"kind": src.kind, "path": str(src.path.resolve()), "md5": md5, "md5_of": md5_of,
+            "official": official, "verified": verified, **extra}
+
+
+def _plan_cifar(src: S.Source, staging: Path, verify: bool, progress: Progress | None):
+    """Coordinator side of a CIFAR source: stage/verify files; return (files, source attrs)."""
+    if src.kind == "cifar-archive":
+        md5, staged = S.extract_cifar_archive(src.path, staging, progress)
+        if verify and md5 != S.OFFICIAL_MD5:
+            raise DataError(f"{src.path}: md5 {md5} is not the official CIFAR-10 archive's "
+                            f"{S.OFFICIAL_MD5} (--no-verify accepts a non-official copy)")
+        files = S.batch_files(staging, staged, label=str(src.path))
+        attrs = _source_attrs(src, md5, "archive file", md5 == S.OFFICIAL_MD5, verify)
+        names = {n: f"{src.path}:{S.BATCHES_DIR}/{n}" for n in files}
+    else:
+        files = S.batch_files(src.path)
+        md5s = {n: S.file_md5(p) for n, p in files.items()}
+        official = all(md5s[n] == S.BATCH_MD5[n] for n in S.BATCH_MD5)
+        if verify and not official:
+            bad = next(n for n in S.BATCH_MD5 if md5s[n] != S.BATCH_MD5[n])
+            raise DataError(f"{files[bad]}: md5 {md5s[bad]} is not the official {S.BATCH_MD5[bad]} "
+                            "(--no-verify accepts a non-official copy)")
+        listing = "".join(f"{md5s[n]}  {n}\n" for n in sorted(md5s))
+        attrs = _source_attrs(src, hashlib.md5(listing.encode()).hexdigest(),
+                              "md5sum listing of the batch files", official, verify, files=md5s)
+        names = {n: str(p) for n, p in files.items()}
+    return files, names, attrs
+
+
+# ------------------------------------------------------------------------------ the job
+
+def prepare(source: str | os.PathLike | None = None, out: str | os.PathLike = DEFAULT_STORE, *,
+            val: int = DEFAULT_VAL, chunk: int | None = None, force: bool = False,
+            verify: bool = True, scheduler: str | None = None, workers: int | None = None,
+            processes: bool = True, client=None, data_root: str | os.PathLike = "data",
+            progress: Progress | None = None) -> PrepareResult:
+    """Convert ``source`` (path or URL; None: find or download CIFAR-10) into the store ``out``.
+
+    ``val``: images taken from the end of the training images for the val split.
+    ``chunk``: images per chunk (default 1000). ``verify=False`` accepts a non-official
+    CIFAR-10 copy (its md5 is recorded either way). The job runs on ``client`` if given,
+    else on the cluster at ``scheduler``, else on a new LocalCluster of ``workers``
+    processes (``processes=False``: threads in this process).
+    ``progress(stage, done, total)`` is called with stages "download" and "read" (bytes)
+    and "convert" (images). Returns a :class:`PrepareResult`; raises :class:`DataError`.
+    """
+    t0 = time.perf_counter()
+    out = Path(out).expanduser()
+    data_root = Path(data_root).expanduser()
+    if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0:
+        raise DataError(f"val must be an integer >= 0, got {val!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+        raise DataError(f"chunk must be an integer >= 1, got {chunk!r}")
+
+    state = store_state(out)
+    if state == "foreign":
+        raise DataError(f"{out}: exists and is not a convpipe store; remove it or choose another --out")
+    if state == "complete" and not force:
+        from pipeline.data.store import open_store
+
+        s = open_store(out)
+        have_val = s.splits.get("val")
+        if have_val != val or (chunk is not None and s.attrs.get("chunk") != chunk):
+            raise DataError(f"{out}: a complete store with val={have_val}, chunk={s.attrs.get('chunk')} "
+                            f"is already there; --force rebuilds it with val={val}"
+                            + (f", chunk={chunk}" if chunk is not None else ""))
+        return PrepareResult(out, True, dict(s.splits), list(s.class_names), dict(s.attrs.get("source", {})),
+                             time.perf_counter() - t0, dir_size(out))
+    chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
+    val = int(val)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial = out.parent / f"{out.name}.partial-{tag}"
+    staging = out.parent / f"{out.name}.staging-{tag}"
+    try:
+        src = _resolve(source, data_root, verify, progress)
+        result = _run(src, out, partial, staging, val=val, chunk=chunk, verify=verify,
+                      scheduler=scheduler, workers=workers, processes=processes, client=client,
+                      progress=progress)
+        _install(partial, out)
+    except OSError as exc:
+        raise DataError(f"{out}: writing the store failed ({exc.strerror or exc})") from None
+    finally:
+        for p in (staging, partial):
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True)
+    result.seconds = time.perf_counter() - t0
+    result.nbytes = dir_size(out)
+    return result
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove partial/staging folders of conversions whose process is gone (same host)."""
+    for p in out.parent.glob(f"{out.name}.*-*-*"):
+        kind, _, rest = p.name[len(out.name) + 1:].partition("-")
+        if kind not in ("partial", "staging"):
+            continue
+        try:
+            pid = int(rest.split("-")[0])
+            os.kill(pid, 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _install(partial: Path, out: Path) -> None:
+    """Move the complete store into place; an old one is removed only afterwards."""
+    if out.exists():
+        old = out.parent / f"{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        try:
+            os.rename(partial, out)
+        except OSError:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(partial, out)
+
+
+def _connect(client, scheduler, workers, processes):
+    import contextlib
+
+    if client is not None:
+        return contextlib.nullcontext(client)
+    from pipeline.cluster import connect
+
+    return connect(scheduler, workers=workers, processes=processes)
+
+
+def _run(src: S.Source, out: Path, partial: Path, staging: Path, *, val, chunk, verify,
+         scheduler, workers, processes, client, progress) -> PrepareResult:
+    staging.mkdir(parents=True)
+    # read the source (one pass over an archive) while the cluster starts
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        if src.kind == "image-folder":
+            planned = pool.submit(S.list_image_folder, src, progress)
+        else:
+            planned = pool.submit(_plan_cifar, src, staging, verify, progress)
+        with _connect(client, scheduler, workers, processes) as cl:
+            # workers import zarr and Pillow while the source is read
+            warm = [cl.submit(_warm_up, w, workers=[w], pure=False)
+                    for w in cl.scheduler_info().get("workers", {})]
+            plan = planned.result()
+            del warm
+            if src.kind == "image-folder":
+                return _run_images(cl, src, plan, out, partial, staging, val, chunk, progress)
+            return _run_cifar(cl, src, plan, out, partial, staging, val, chunk, progress)
+
+
+def _collect(futures, abort_flag: Path, on_done=None) -> list:
+    """Results of guarded tasks in submission order, calling ``on_done(result)`` as each
+    finishes. On the first error the job is aborted (queued tasks return at once) and, once
+    no task is still running, that error is raised: nothing writes to the store after this."""
+    from distributed import as_completed, wait
+
+    error: BaseException | None = None
+    try:
+        for fut in as_completed(futures):
+            try:
+                status, value = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a bug or an OSError inside a task
+                status, value = "error", exc
+            if status == "error" and error is None:
+                error = value
+                abort_flag.touch()
+            elif status == "ok" and error is None and on_done is not None:
+                on_done(value)
+    except BaseException:
+        abort_flag.touch()
+        wait(futures, timeout=60)
+        raise
+    if error is not None:
+        raise error
+    return [fut.result()[1] for fut in futures]
+
+
+def _base_attrs(out: Path, class_names, sizes, chunk, source_attrs, order) -> dict:
+    from pipeline import __version__
+
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "class_names": list(class_names),
+        "splits": dict(sizes), "chunk": chunk, "image_shape": list(IMAGE_SHAPE), "layout": "NCHW",
+        "labels_dtype": str(labels_dtype(len(class_names))), "source": source_attrs, "order": order,
+        "store_id": uuid.uuid4().hex, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "convpipe_version": __version__,
+    }
+
+
+def _split_sizes(n_train_all: int, n_test: int, val: int, label: str) -> dict[str, int]:
+    if val >= n_train_all:
+        raise DataError(f"{label}: val={val} leaves no training images ({n_train_all} in all)")
+    return {"train": n_train_all - val, "val": val, "test": n_test}
+
+
+def _run_cifar(client, src, plan, out, partial, staging, val, chunk, progress) -> PrepareResult:
+    files, names, source_attrs = plan
+    class_names = S.read_meta(files[S.META], names[S.META])
+    n_classes = len(class_names)
+    order = [*S.TRAIN_BATCHES, S.TEST_BATCH]
+    abort = staging / "ABORT"
+    scans = [client.submit(_scan_batch, str(abort), str(files[b]), names[b], n_classes, pure=False)
+             for b in order]
+    counts = dict(zip(order, _collect(scans, abort)))
+    train_files = [(str(files[b]), names[b]) for b in S.TRAIN_BATCHES]
+    offsets = np.concatenate([[0], np.cumsum([counts[b] for b in S.TRAIN_BATCHES])]).tolist()
+    sizes = _split_sizes(offsets[-1], counts[S.TEST_BATCH], val, str(src.path))
+    create_layout(partial, sizes, chunk, n_classes)
+
+    tasks = []
+    for split, base in (("train", 0), ("val", sizes["train"])):
+        for a, b in _ranges(sizes[split], chunk, TASK_ROWS["cifar"]):
+            tasks.append((split, a, _segments(offsets, train_files, base + a, base + b)))
+    for a, b in _ranges(sizes["test"], chunk, TASK_ROWS["cifar"]):
+        tasks.append(("test", a, [(str(files[S.TEST_BATCH]), names[S.TEST_BATCH], a, b)]))
+    futures = [client.submit(_write_cifar, str(abort), str(partial), split, a, segs, n_classes,
+                             split == "train", pure=False) for split, a, segs in tasks]
+    total = sum(sizes.values())
+    state = {"done": 0, "sum": np.zeros(int(np.prod(IMAGE_SHAPE)), np.int64)}
+    if progress:
+        progress("convert", 0, total)
+
+    def on_done(res):
+        n, s = res
+        state["done"] += n
+        if s is not None:
+            state["sum"] += s
+        if progress:
+            progress("convert", state["done"], total)
+
+    _collect(futures, abort, on_done)
+    mean = (state["sum"] / sizes["train"]).reshape(IMAGE_SHAPE)
+    order_attrs = {"train_val": "source order: data_batch_1..5; val is the last images of data_batch_5",
+                   "test": "source order: test_batch"}
+    finalize_store(partial, _base_attrs(out, class_names, sizes, chunk, source_attrs, order_attrs), mean)
+    return PrepareResult(out, False, sizes, class_names, source_attrs)
+
+
+def _run_images(client, src, listing: S.ImageListing, out, partial, staging, val, chunk, progress) -> PrepareResult:
+    label = str(src.path)
+    train = listing.items["train"]
+    perm = np.random.default_rng(IMAGE_TRAIN_SEED).permutation(len(train))
+    train = [train[i] for i in perm]
+    sizes = _split_sizes(len(train), len(listing.items["test"]), val, label)
+    create_layout(partial, sizes, chunk, len(listing.classes))
+    rows = {"train": train[:sizes["train"]], "val": train[sizes["train"]:], "test": listing.items["test"]}
+
+    abort = staging / "ABORT"
+    futures = []
+    for split, items in rows.items():
+        for a, b in _ranges(len(items), chunk, TASK_ROWS["image"]):
+            part = items[a:b]
+            names = [r for r, _ in part]
+            labels = [c for _, c in part]
+            if src.container == "tar":
+                pack = staging / f"pack-{split}-{a}.bin"
+                offsets = [0]
+                with open(pack, "wb") as f:
+                    for r in names:
+                        data = listing.blobs[r]
+                        f.write(data)
+                        offsets.append(offsets[-1] + len(data))
+                args = (str(pack), offsets, None)
+            else:
+                args = (None, None, [str((src.path / r).resolve()) for r in names])
+            futures.append(client.submit(_write_images, str(abort), str(partial), split, a, names,
+                                         labels, *args, label, split == "train", pure=False))
+    listing.blobs.clear()
+    total = sum(sizes.values())
+    state = {"done": 0, "sum": np.zeros(int(np.prod(IMAGE_SHAPE)), np.int64)}
+    if progress:
+        progress("convert", 0, total)
+
+    def on_done(res):
+        n, s, _md5s = res
+        state["done"] += n
+        if s is not None:
+            state["sum"] += s
+        if progress:
+            progress("convert", state["done"], total)
+
+    results = _collect(futures, abort, on_done)
+    if src.container == "tar":
+        md5, md5_of = listing.md5, "archive file"
+    else:
+        # each task's md5 list follows its names; futures are in submission order
+        all_names = [r for split in rows for r, _ in rows[split]]
+        all_md5s = [m for res in results for m in res[2]]
+        text = "".join(f"{m}  {n}\n" for n, m in sorted(zip(all_names, all_md5s)))
+        md5, md5_of = hashlib.md5(text.encode()).hexdigest(), "md5sum listing of the image files"
+    source_attrs = _source_attrs(src, md5, md5_of, False, False)
+    mean = (state["sum"] / sizes["train"]).reshape(IMAGE_SHAPE)
+    order_attrs = {"train_val": f"image files sorted by (class, name), then shuffled with "
+                                f"numpy.random.default_rng({IMAGE_TRAIN_SEED}).permutation; "
+                                "val is the last images",
+                   "test": "image files sorted by (class, name)"}
+    finalize_store(partial, _base_attrs(out, listing.classes, sizes, chunk, source_attrs, order_attrs), mean)
+    return PrepareResult(out, False, sizes, listing.classes, source_attrs)
