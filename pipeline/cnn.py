@@ -1,0 +1,189 @@
+"""The three-layer convolutional network of cs231n assignment 2, on the fast layers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.layers import affine_backward, affine_forward, softmax_loss
+from pipeline.layer_utils import (
+    affine_relu_backward,
+    affine_relu_forward,
+    conv_bn_relu_pool_backward,
+    conv_bn_relu_pool_forward,
+    conv_gn_relu_pool_backward,
+    conv_gn_relu_pool_forward,
+    conv_relu_pool_backward,
+    conv_relu_pool_forward,
+)
+
+NORMALIZATIONS = (None, "spatial_batchnorm", "groupnorm")
+
+
+class ThreeLayerConvNet:
+    """conv - [spatial batchnorm | groupnorm] - relu - 2x2 max pool - affine - relu - affine - softmax
+
+    Operates on minibatches of N images of shape (C, H, W). The convolution keeps the spatial
+    size (stride 1, pad (filter_size - 1) // 2), so the pool halves H and W.
+
+    Attributes:
+    - params: W1 (F, C, HH, WW), b1 (F,), [gamma1, beta1 (F,)], W2 (F*H/2*W/2, hidden_dim),
+      b2 (hidden_dim,), W3 (hidden_dim, num_classes), b3 (num_classes,), all in ``dtype``.
+    - bn_param: with spatial batchnorm, ``{'mode', 'running_mean' (F,), 'running_var' (F,),
+      'momentum', 'eps'}``; read and set whole with :meth:`get_state` / :meth:`set_state`.
+    - last_batch_stats: after a training-mode :meth:`loss` with spatial batchnorm, the batch's
+      per-channel ``{'mean': (F,), 'var': (F,)}`` (what a data-parallel coordinator combines).
+    """
+
+    def __init__(
+        self,
+        input_dim=(3, 32, 32),
+        num_filters=32,
+        filter_size=7,
+        hidden_dim=100,
+        num_classes=10,
+        weight_scale=1e-3,
+        reg=0.0,
+        dtype=np.float32,
+        normalization=None,
+        num_groups=4,
+        bn_momentum=0.9,
+        norm_eps=1e-5,
+        seed=None,
+    ):
+        """
+        Inputs:
+        - input_dim: (C, H, W) of one image; H and W must be even (2x2 pooling).
+        - num_filters, filter_size: F and the odd side HH = WW of the convolution's filters.
+        - hidden_dim, num_classes: sizes of the hidden affine layer and of the scores.
+        - weight_scale: standard deviation of the Gaussian that initialises W1, W2, W3
+          (biases start at zero, gamma1 at one, beta1 at zero).
+        - reg: L2 regularisation strength (loss adds 0.5 * reg * sum(W**2) for W1, W2, W3).
+        - dtype: numpy float type of parameters and computation (float64 for gradient checks).
+        - normalization: None, "spatial_batchnorm" or "groupnorm" after the convolution.
+        - num_groups: groups G of group normalisation (must divide num_filters).
+        - seed: seed of the initialisation; None draws from ``np.random`` as cs231n does.
+        """
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        if len(input_dim) != 3:
+            raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
+        C, H, W = input_dim
+        if H % 2 or W % 2:
+            raise ValueError(f"input_dim H and W must be even for the 2x2 pool, got {input_dim!r}")
+        if filter_size % 2 == 0 or filter_size < 1:
+            raise ValueError(f"filter_size must be a positive odd integer, got {filter_size!r}")
+        if normalization == "groupnorm" and num_filters % num_groups:
+            raise ValueError(f"num_groups={num_groups} must divide num_filters={num_filters}")
+        self.reg = reg
+        self.dtype = np.dtype(dtype)
+        self.normalization = normalization
+        self.num_groups = num_groups
+        self.conv_param = {"stride": 1, "pad": (filter_size - 1) // 2}
+        self.pool_param = {"pool_height": 2, "pool_width": 2, "stride": 2}
+
+        if seed is None:
+            randn = np.random.randn
+        else:
+            rng = np.random.default_rng(seed)
+            randn = lambda *shape: rng.standard_normal(shape)  # noqa: E731
+        F, pooled = num_filters, num_filters * (H // 2) * (W // 2)
+        shapes = {"W1": (F, C, filter_size, filter_size), "W2": (pooled, hidden_dim), "W3": (hidden_dim, num_classes)}
+        self.params = {}
+        for i, name in enumerate(("W1", "W2", "W3"), start=1):
+            self.params[name] = (weight_scale * randn(*shapes[name])).astype(self.dtype)
+            self.params[f"b{i}"] = np.zeros(shapes[name][-1] if i > 1 else F, dtype=self.dtype)
+        if normalization is not None:
+            self.params["gamma1"] = np.ones(F, dtype=self.dtype)
+            self.params["beta1"] = np.zeros(F, dtype=self.dtype)
+        self.bn_param = {}
+        if normalization == "spatial_batchnorm":
+            self.bn_param = {
+                "mode": "train",
+                "momentum": bn_momentum,
+                "eps": norm_eps,
+                "running_mean": np.zeros(F, dtype=self.dtype),
+                "running_var": np.zeros(F, dtype=self.dtype),
+            }
+        self.gn_param = {"eps": norm_eps}
+        self.last_batch_stats = None
+
+    # -- BN running statistics: model state a caller can read and set ------------------------
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The model's non-parameter state: BN running statistics (empty without BN)."""
+        if self.normalization != "spatial_batchnorm":
+            return {}
+        return {"running_mean": self.bn_param["running_mean"].copy(), "running_var": self.bn_param["running_var"].copy()}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Set BN running statistics from :meth:`get_state`'s dict."""
+        if self.normalization != "spatial_batchnorm":
+            return
+        for key in ("running_mean", "running_var"):
+            value = np.asarray(state[key], dtype=self.dtype)
+            if value.shape != self.bn_param[key].shape:
+                raise ValueError(f"{key} must have shape {self.bn_param[key].shape}, got {value.shape}")
+            self.bn_param[key] = value.copy()
+
+    def update_running_stats(self, mean: np.ndarray, var: np.ndarray) -> None:
+        """Fold one step's batch statistics into the running ones (cs231n's momentum rule)."""
+        m = self.bn_param["momentum"]
+        self.bn_param["running_mean"] = (m * self.bn_param["running_mean"] + (1 - m) * mean).astype(self.dtype)
+        self.bn_param["running_var"] = (m * self.bn_param["running_var"] + (1 - m) * var).astype(self.dtype)
+
+    # -- forward and backward ------------------------------------------------------------------
+    def loss(self, X, y=None):
+        """Scores for X (N, C, H, W) when y is None; else (loss, grads) for labels y (N,).
+
+        grads[k] is the gradient of the loss with respect to params[k].
+        """
+        X = np.asarray(X, dtype=self.dtype)
+        p = self.params
+        train = y is not None
+
+        out1, cache1 = self._conv_block_forward(X, train)
+        out2, cache2 = affine_relu_forward(out1, p["W2"], p["b2"])
+        scores, cache3 = affine_forward(out2, p["W3"], p["b3"])
+        if not train:
+            return scores
+
+        data_loss, dscores = softmax_loss(scores, y)
+        weights = [p["W1"], p["W2"], p["W3"]]
+        reg_loss = 0.5 * self.reg * sum(float(np.vdot(W, W)) for W in weights)
+
+        grads = {}
+        dout2, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
+        dout1, grads["W2"], grads["b2"] = affine_relu_backward(dout2, cache2)
+        grads.update(self._conv_block_backward(dout1, cache1))
+        if self.reg:
+            for name in ("W1", "W2", "W3"):
+                grads[name] += self.reg * p[name]
+        return data_loss + reg_loss, grads
+
+    def _conv_block_forward(self, X, train):
+        p, conv, pool = self.params, self.conv_param, self.pool_param
+        if self.normalization is None:
+            return conv_relu_pool_forward(X, p["W1"], p["b1"], conv, pool)
+        if self.normalization == "groupnorm":
+            return conv_gn_relu_pool_forward(
+                X, p["W1"], p["b1"], p["gamma1"], p["beta1"], conv, self.num_groups, self.gn_param, pool
+            )
+        if not train:
+            bn_param = {**self.bn_param, "mode": "test"}
+            return conv_bn_relu_pool_forward(X, p["W1"], p["b1"], p["gamma1"], p["beta1"], conv, bn_param, pool)
+        # momentum 0 makes the layer report this batch's exact mean and variance as its
+        # "running" statistics; the model folds them into its own with its momentum.
+        F = p["W1"].shape[0]
+        batch = {"mode": "train", "momentum": 0.0, "eps": self.bn_param["eps"],
+                 "running_mean": np.zeros(F, self.dtype), "running_var": np.zeros(F, self.dtype)}
+        out = conv_bn_relu_pool_forward(X, p["W1"], p["b1"], p["gamma1"], p["beta1"], conv, batch, pool)
+        self.last_batch_stats = {"mean": batch["running_mean"], "var": batch["running_var"]}
+        self.update_running_stats(batch["running_mean"], batch["running_var"])
+        return out
+
+    def _conv_block_backward(self, dout, cache):
+        if self.normalization is None:
+            _, dW1, db1 = conv_relu_pool_backward(dout, cache, compute_dx=False)
+            return {"W1": dW1, "b1": db1}
+        backward = conv_bn_relu_pool_backward if self.normalization == "spatial_batchnorm" else conv_gn_relu_pool_backward
+        _, dW1, db1, dgamma, dbeta = backward(dout, cache, compute_dx=False)
+        return {"W1": dW1, "b1": db1, "gamma1": dgamma, "beta1": dbeta}

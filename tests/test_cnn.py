@@ -1,0 +1,102 @@
+"""ThreeLayerConvNet: the seed notebook's checks, dtypes, BN state, errors."""
+
+import numpy as np
+import pytest
+
+from pipeline.cnn import ThreeLayerConvNet
+from pipeline.gradient_check import eval_numerical_gradient
+from pipeline.layers import conv_forward_naive
+from pipeline.solver import Solver
+from tests.cifar_sample import cifar_sample
+
+
+def rel_error(x, y):
+    return np.max(np.abs(x - y) / np.maximum(1e-8, np.abs(x) + np.abs(y)))
+
+
+def test_initial_loss_is_about_ln10_and_grows_with_reg():
+    np.random.seed(231)
+    N = 50
+    X = np.random.randn(N, 3, 32, 32)
+    y = np.random.randint(10, size=N)
+    model = ThreeLayerConvNet()
+    loss, grads = model.loss(X, y)
+    assert abs(loss - np.log(10)) < 0.01, loss
+    assert set(grads) == set(model.params)
+    model.reg = 0.5
+    loss_reg, _ = model.loss(X, y)
+    assert loss_reg > loss + 0.01, (loss, loss_reg)
+
+
+@pytest.mark.parametrize("normalization", [None, "spatial_batchnorm", "groupnorm"])
+@pytest.mark.parametrize("reg", [0.0, 0.3])
+def test_gradient_check_float64(normalization, reg):
+    rng = np.random.default_rng(231)
+    num_inputs, input_dim = 2, (3, 16, 16)
+    X = rng.standard_normal((num_inputs, *input_dim))
+    y = rng.integers(10, size=num_inputs)
+    model = ThreeLayerConvNet(num_filters=4, filter_size=3, input_dim=input_dim, hidden_dim=7,
+                              dtype=np.float64, reg=reg, normalization=normalization, num_groups=2, seed=1)
+    if normalization:
+        model.params["gamma1"] += rng.uniform(0, 1, 4)
+        model.params["beta1"] += rng.uniform(-1, 1, 4)
+    loss, grads = model.loss(X, y)
+    for name in sorted(model.params):
+        f = lambda _: model.loss(X, y)[0]
+        num = eval_numerical_gradient(f, model.params[name], verbose=False, h=1e-6)
+        assert rel_error(num, grads[name]) < 1e-2, name  # the notebook: "up to ~1e-2"
+        assert grads[name].shape == model.params[name].shape
+
+
+@pytest.mark.parametrize("normalization", [None, "spatial_batchnorm", "groupnorm"])
+def test_float32_in_float32_out(normalization):
+    model = ThreeLayerConvNet(num_filters=8, hidden_dim=20, normalization=normalization, seed=0)
+    X = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    X_before = X.copy()
+    scores = model.loss(X)
+    assert scores.dtype == np.float32 and scores.shape == (5, 10)
+    loss, grads = model.loss(X, np.arange(5))
+    assert all(g.dtype == np.float32 for g in grads.values())
+    assert all(p.dtype == np.float32 for p in model.params.values())
+    np.testing.assert_array_equal(X, X_before)
+
+
+def test_batchnorm_stats_are_the_conv_outputs_batch_statistics_and_state_round_trips():
+    model = ThreeLayerConvNet(num_filters=6, filter_size=5, hidden_dim=10, dtype=np.float64,
+                              normalization="spatial_batchnorm", seed=3, weight_scale=0.1)
+    X = np.random.default_rng(4).standard_normal((4, 3, 32, 32))
+    model.loss(X, np.arange(4))
+    conv, _ = conv_forward_naive(X, model.params["W1"], model.params["b1"], model.conv_param)
+    np.testing.assert_allclose(model.last_batch_stats["mean"], conv.mean(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(model.last_batch_stats["var"], conv.var(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+    # one step of momentum 0.9 from zeros
+    np.testing.assert_allclose(model.get_state()["running_mean"], 0.1 * conv.mean(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+
+    # test mode uses the running statistics that a caller sets
+    other = ThreeLayerConvNet(num_filters=6, filter_size=5, hidden_dim=10, dtype=np.float64,
+                              normalization="spatial_batchnorm", seed=3, weight_scale=0.1)
+    assert not np.allclose(other.loss(X), model.loss(X))
+    other.set_state(model.get_state())
+    np.testing.assert_array_equal(other.loss(X), model.loss(X))
+
+
+def test_bad_settings_name_the_parameter():
+    with pytest.raises(ValueError, match="normalization"):
+        ThreeLayerConvNet(normalization="layernorm")
+    with pytest.raises(ValueError, match="num_groups=5 must divide num_filters=32"):
+        ThreeLayerConvNet(normalization="groupnorm", num_groups=5)
+    with pytest.raises(ValueError, match="filter_size"):
+        ThreeLayerConvNet(filter_size=4)
+
+
+def test_overfit_small_data():
+    """The notebook's sanity check: 100 CIFAR-10 training images, Adam 1e-3, batch 50,
+    15 epochs, weight_scale 1e-2 -> training accuracy near 1."""
+    np.random.seed(231)
+    data = cifar_sample(100, 100)
+    model = ThreeLayerConvNet(weight_scale=1e-2)
+    solver = Solver(model, data, num_epochs=15, batch_size=50, update_rule="adam",
+                    optim_config={"learning_rate": 1e-3}, verbose=False)
+    solver.train()
+    assert solver.train_acc_history[-1] >= 0.9, solver.train_acc_history
+    assert solver.loss_history[-1] < 0.5 * solver.loss_history[0]
