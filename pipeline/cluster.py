@@ -42,10 +42,18 @@ def connect(
     The LocalCluster has ``workers`` processes (default: one per core) of
     ``threads_per_worker`` threads, bound to 127.0.0.1, and is closed on exit.
     An unreachable scheduler raises :class:`ClusterError` naming the address.
+
+    A ``tls://`` scheduler address with ``security=None`` takes its client certificate from
+    the environment or a config file (:func:`pipeline.jobs.security.security_for`); a
+    ``tcp://`` one connects without TLS, as before.
     """
     from distributed import Client, LocalCluster
 
     if scheduler:
+        if security is None:
+            from pipeline.jobs.security import security_for
+
+            security = security_for(scheduler)
         try:
             client = Client(scheduler, timeout=timeout, security=security)
         except (OSError, TimeoutError) as exc:

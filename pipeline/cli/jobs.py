@@ -1,5 +1,379 @@
-"""`convpipe` commands of this group (filled in by its issue)."""
+"""`convpipe submit / status / logs / cancel / resume / certs`: jobs on a Dask cluster.
+
+    convpipe submit jobs/train-three-layer.toml --scheduler tcp://127.0.0.1:8786 --set epochs=2
+    convpipe status [JOB]          convpipe logs JOB [--follow]
+    convpipe cancel JOB            convpipe resume JOB
+
+The scheduler is ``--scheduler``, else the spec's ``scheduler`` (submit), else
+``$CONVPIPE_SCHEDULER``, else ``scheduler`` in convpipe's config file. Without one, ``submit``
+runs the job on an embedded local cluster and follows it to the end (the cluster lives as long
+as the command), and ``status``/``logs`` read the job files under ``--root`` (default ``data``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from pipeline.cluster import ClusterError, connect
+from pipeline.errors import ConvpipeError
+
+SCHEDULER_ENV = "CONVPIPE_SCHEDULER"
+POLL_S = 1.0
 
 
 def register(subparsers) -> None:
-    """Add this group's commands to the top-level parser (none yet)."""
+    p = subparsers.add_parser(
+        "submit", help="submit a job spec (TOML) to a Dask cluster and print its id",
+        description="Validate a job spec, then run its coordinator on the cluster itself: the job goes on "
+                    "after this command exits. Prints the job id. Without a scheduler, runs the job on an "
+                    "embedded local cluster and follows it to the end.")
+    p.add_argument("spec", metavar="SPEC", help="job spec, e.g. jobs/train-three-layer.toml")
+    _scheduler_arg(p)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the spec (repeatable), e.g. --set epochs=2 --set norm=groupnorm")
+    p.add_argument("--follow", "-f", action="store_true", help="print the job's log until it ends")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="seconds to wait for the scheduler, a worker and the spec's checks (default 120)")
+    p.set_defaults(func=cmd_submit)
+
+    p = subparsers.add_parser("status", help="state of one job or of every job",
+                              description="State of JOB (or of every job the scheduler knows), with the reason "
+                                          "of a failure and the command that resumes it.")
+    p.add_argument("job", metavar="JOB", nargs="?", help="job id (default: list every job)")
+    _scheduler_arg(p)
+    _root_arg(p)
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=cmd_status)
+
+    p = subparsers.add_parser("logs", help="a job's log", description="Print a job's log; --follow until it ends.")
+    p.add_argument("job", metavar="JOB")
+    _scheduler_arg(p)
+    _root_arg(p)
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the job ends")
+    p.set_defaults(func=cmd_logs)
+
+    p = subparsers.add_parser("cancel", help="stop a queued or running job",
+                              description="Ask a job to stop: it stops between two steps and keeps its checkpoints.")
+    p.add_argument("job", metavar="JOB")
+    _scheduler_arg(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = subparsers.add_parser("resume", help="continue a failed or cancelled job from its last checkpoint",
+                              description="Queue the next attempt of a failed or cancelled job; a training job "
+                                          "continues its run directory from the last checkpoint.")
+    p.add_argument("job", metavar="JOB")
+    _scheduler_arg(p)
+    _root_arg(p)
+    p.add_argument("--follow", "-f", action="store_true", help="print the job's log until it ends")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for the cluster")
+    p.set_defaults(func=cmd_resume)
+
+    p = subparsers.add_parser("certs", help="make a CA and TLS certificates for a private cluster",
+                              description="Write ca.pem, ca-key.pem and scheduler/worker/client certificates and "
+                                          "keys to DIR (needs the 'cryptography' package).")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="a host name or IP the certificates are for (repeatable; default localhost, 127.0.0.1, "
+                        "scheduler)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    p.set_defaults(func=cmd_certs)
+
+
+def _scheduler_arg(p) -> None:
+    p.add_argument("--scheduler", metavar="ADDR",
+                   help=f"Dask scheduler, e.g. tcp://127.0.0.1:8786 or tls://host:8786 (default: ${SCHEDULER_ENV})")
+    if p.prog.split()[-1] not in ("submit", "resume"):
+        p.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                       help="seconds to wait for the scheduler (default 10)")
+
+
+def _root_arg(p) -> None:
+    p.add_argument("--root", metavar="DIR", default=None,
+                   help="read the job files under DIR/jobs directly, without a scheduler (default: data)")
+
+
+def scheduler_address(explicit: str | None, spec_value: str | None = None) -> str | None:
+    if explicit:
+        return explicit
+    if spec_value:
+        return spec_value
+    if os.environ.get(SCHEDULER_ENV):
+        return os.environ[SCHEDULER_ENV]
+    from pipeline.jobs.security import read_config
+
+    value = read_config().get("scheduler")
+    return value if isinstance(value, str) and value else None
+
+
+# ================================================================ submit
+
+def cmd_submit(args) -> int:
+    from pipeline.jobs import submit as jobs
+    from pipeline.jobs.security import security_for
+    from pipeline.jobs.spec import load_spec
+
+    spec = load_spec(args.spec, args.sets)
+    address = scheduler_address(args.scheduler, spec.scheduler)
+    if address is None:
+        return _submit_embedded(spec, args)
+    security = security_for(address, spec.tls)
+    with connect(address, security=security, timeout=min(args.timeout, 30.0)) as client:
+        with _lost_scheduler(address):
+            record = jobs.submit(client, spec, timeout=args.timeout)
+        print(record["job"], flush=True)
+        if not args.follow:
+            print(f"convpipe: {spec.kind} job queued on {address}; follow it with: convpipe logs {record['job']} "
+                  f"--follow --scheduler {address}", file=sys.stderr)
+            return 0
+        return _follow(client, address, record["job"], record)
+
+
+def _submit_embedded(spec, args) -> int:
+    from pipeline.jobs import submit as jobs
+
+    workers = spec.options.get("workers")
+    threads = spec.options.get("threads_per_worker") or 1
+    spec.options["workers"] = None
+    with connect(None, workers=workers, threads_per_worker=threads) as client:
+        print(f"convpipe: no scheduler given: running on an embedded local cluster ({client.dashboard_link})",
+              file=sys.stderr)
+        record = jobs.submit(client, spec, timeout=args.timeout)
+        print(record["job"], flush=True)
+        try:
+            return _follow(client, "the embedded cluster", record["job"], record)
+        except KeyboardInterrupt:
+            jobs.cancel(client, record["job"])
+            raise
+
+
+def _follow(client, address: str, job_id: str, record: dict | None = None) -> int:
+    """Print the job's new log lines until it ends; exit code 0 if it is done, else 1."""
+    from pipeline.jobs import submit as jobs
+
+    seen: set[str] = set()
+    job_dir = (record or {}).get("job_dir") or f"ROOT/jobs/{job_id}"
+    while True:
+        with _lost_scheduler(address, job_id, job_dir):
+            events = jobs.job_events(client, job_id)
+            status = jobs.job_status(client, job_id, events)
+        job_dir = status.get("job_dir", job_dir)
+        for m in events:
+            if m.get("type") == "log" and m.get("id") not in seen:
+                seen.add(m.get("id"))
+                print(m["line"], flush=True)
+        if status["state"] in ("done", "failed", "cancelled"):
+            return _final(status)
+        time.sleep(POLL_S)
+
+
+def _final(status: dict) -> int:
+    if status["state"] == "done":
+        return 0
+    print(f"convpipe: job {status['job']} {status['state']}: {status.get('reason') or ''}".rstrip(": "),
+          file=sys.stderr)
+    if status.get("resumable") and status.get("kind") == "train":
+        print(f"convpipe: continue it from its last checkpoint with: convpipe resume {status['job']}", file=sys.stderr)
+    return 1
+
+
+class _lost_scheduler:
+    """Turn a lost connection to the scheduler into one line that says what is kept where."""
+
+    def __init__(self, address: str, job_id: str | None = None, job_dir: str | None = None):
+        self.address, self.job_id, self.job_dir = address, job_id, job_dir
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, tp, exc, tb):
+        if exc is None or isinstance(exc, (ConvpipeError, KeyboardInterrupt)):
+            return False
+        if _is_connection_error(exc):
+            msg = f"lost the Dask scheduler at {self.address} ({type(exc).__name__})"
+            if self.job_id:
+                msg += (f"; job {self.job_id}'s status, log and checkpoints stay in {self.job_dir} on the data root:"
+                        f" convpipe status {self.job_id} --root ROOT")
+            raise ClusterError(msg) from None
+        return False
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import asyncio
+
+    from distributed.comm.core import CommClosedError
+
+    if isinstance(exc, (OSError, TimeoutError, CommClosedError, asyncio.CancelledError, asyncio.TimeoutError)):
+        return True
+    text = str(exc)
+    return "not running" in text or "closed" in text.lower() and "client" in text.lower()
+
+
+# ================================================================ status / logs / cancel / resume
+
+def _client_or_root(args):
+    address = scheduler_address(args.scheduler)
+    root = getattr(args, "root", None)
+    if root is not None or address is None:
+        return None, address, root or "data"
+    return address, address, None
+
+
+def cmd_status(args) -> int:
+    from pipeline.jobs import submit as jobs
+
+    address, shown, root = _client_or_root(args)
+    if address is None:
+        statuses = [jobs.status_from_files(root, args.job)] if args.job else jobs.list_from_files(root)
+        where = f"{os.path.abspath(root)}/jobs"
+    else:
+        with connect(address, timeout=args.timeout) as client, _lost_scheduler(address):
+            statuses = [jobs.job_status(client, args.job)] if args.job else jobs.list_jobs(client)
+        where = address
+    if args.json:
+        print(json.dumps(statuses[0] if args.job else statuses, indent=2, sort_keys=True, default=str))
+        return 0
+    if args.job:
+        _print_status(statuses[0])
+        return 0
+    if not statuses:
+        print(f"no jobs on {where}")
+        return 0
+    rows = [("JOB", "KIND", "NAME", "STATE", "DETAIL")]
+    for s in statuses:
+        rows.append((s.get("job", "?"), s.get("kind", "?"), s.get("name", ""), s.get("state", "?"), _detail(s)))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
+
+
+def _detail(s: dict) -> str:
+    if s.get("state") == "failed":
+        return s.get("reason") or ""
+    if s.get("state") == "done":
+        res = s.get("result") or {}
+        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()
+                         if k != "run_dir") or (s.get("run_dir") or "")
+    if s.get("state") == "running":
+        line = s.get("last_line", "")
+        return line.split(" ", 1)[1] if " " in line else line
+    if s.get("cancel_requested"):
+        return "cancel requested"
+    return s.get("task_state", "")
+
+
+def _print_status(s: dict) -> None:
+    fields = [("job", s.get("job")), ("kind", s.get("kind")), ("name", s.get("name")),
+              ("state", s.get("state") + (" (cancel requested)" if s.get("cancel_requested")
+                                          and s.get("state") not in ("done", "failed", "cancelled") else "")),
+              ("attempt", s.get("attempt")), ("reason", s.get("reason")), ("worker", s.get("worker")),
+              ("submitted", f"{s.get('submitted')} by {s.get('by')}"), ("started", s.get("started")),
+              ("finished", s.get("finished")), ("run dir", s.get("run_dir")), ("job dir", s.get("job_dir")),
+              ("last line", s.get("last_line"))]
+    if s.get("result"):
+        fields.append(("result", ", ".join(f"{k} {v}" for k, v in s["result"].items())))
+    for name, value in fields:
+        if value not in (None, "", "None by None"):
+            print(f"{name + ':':11}{value}")
+    if s.get("state") in ("failed", "cancelled") and s.get("resumable") and s.get("kind") == "train":
+        print(f"{'resume:':11}convpipe resume {s.get('job')}")
+
+
+def cmd_logs(args) -> int:
+    from pipeline.jobs import submit as jobs
+
+    address, _, root = _client_or_root(args)
+    if address is None:
+        return _logs_from_files(root, args.job, args.follow)
+    with connect(address, timeout=args.timeout) as client:
+        if args.follow:
+            return _follow(client, address, args.job)
+        with _lost_scheduler(address):
+            events = jobs.job_events(client, args.job)
+            status = jobs.job_status(client, args.job, events)
+        lines = [m for m in events if m.get("type") == "log"]
+        if lines and _dropped(events):
+            print(f"(older lines dropped from the scheduler's memory; the whole log is "
+                  f"{status.get('job_dir')}/job.log on the data root)")
+        for m in lines:
+            print(m["line"])
+    return 0
+
+
+def _dropped(events: list[dict]) -> bool:
+    """The scheduler keeps a bounded number of events per topic: is the first one gone?"""
+    first = events[0] if events else None
+    return first is None or first.get("type") != "state" or first.get("state") != "queued"
+
+
+def _logs_from_files(root: str, job_id: str, follow: bool) -> int:
+    from pipeline.jobs import submit as jobs
+    from pipeline.jobs.records import JobFiles
+
+    files = JobFiles.of(root, job_id)
+    status = jobs.status_from_files(root, job_id)  # JobError if unknown
+    offset = 0
+    while True:
+        text, offset = files.read_log(offset)
+        if text:
+            print(text, end="", flush=True)
+        if not follow or status["state"] in ("done", "failed", "cancelled"):
+            return _final(status) if follow else 0
+        time.sleep(POLL_S)
+        status = jobs.status_from_files(root, job_id)
+
+
+def cmd_cancel(args) -> int:
+    from pipeline.jobs import submit as jobs
+
+    address = scheduler_address(args.scheduler)
+    if address is None:
+        raise ClusterError(f"cancel needs the job's scheduler: --scheduler ADDR or ${SCHEDULER_ENV}")
+    with connect(address, timeout=args.timeout) as client, _lost_scheduler(address):
+        status = jobs.cancel(client, args.job)
+    print(f"cancel requested for job {args.job} ({status['state']}); it stops before its next step")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    from pipeline.jobs import submit as jobs
+    from pipeline.jobs.records import JobFiles
+
+    address = scheduler_address(args.scheduler)
+    if address is None:
+        raise ClusterError(f"resume needs a scheduler to run the job on: --scheduler ADDR or ${SCHEDULER_ENV}")
+    record = None
+    if args.root is not None:
+        status = jobs.status_from_files(args.root, args.job)
+        if status["state"] not in ("failed", "cancelled"):
+            raise jobs.JobError(f"job {args.job} is {status['state']} according to {status.get('job_dir')}: only a "
+                                f"failed or cancelled job can be resumed")
+        record = JobFiles.of(args.root, args.job).read_record()
+        if record is None:
+            raise jobs.JobError(f"job {args.job} has no spec.json under {args.root}/jobs")
+        record["attempt"] = max(int(record["attempt"]), int(status.get("attempt", 1)))
+    with connect(address, timeout=args.timeout) as client:
+        with _lost_scheduler(address):
+            new = jobs.resume(client, args.job, record, timeout=args.timeout)
+        print(new["job"], flush=True)
+        print(f"convpipe: job {new['job']} queued again (attempt {new['attempt']}), continuing {new['run_dir']}",
+              file=sys.stderr)
+        if args.follow:
+            return _follow(client, address, new["job"], new)
+    return 0
+
+
+def cmd_certs(args) -> int:
+    from pipeline.jobs.security import make_certificates
+
+    hosts = tuple(args.host) or ("localhost", "127.0.0.1", "scheduler")
+    paths = make_certificates(args.dir, hosts=hosts, days=args.days)
+    for name, path in paths.items():
+        print(f"{name:14} {path}")
+    print(f"clients use ca.pem, client.pem and client-key.pem: export CONVPIPE_TLS_CA_FILE={paths['ca']} "
+          f"CONVPIPE_TLS_CERT={paths['client']} CONVPIPE_TLS_KEY={paths['client-key']}")
+    return 0
+

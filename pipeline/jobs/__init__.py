@@ -1,0 +1,1 @@
+"""Job specs, submission to a Dask cluster, job state and logs, TLS."""

@@ -1,0 +1,259 @@
+"""What each kind of job runs: its options, its checks, and the call it makes on the cluster.
+
+A kind has four parts:
+
+- ``options()``: {name: Option}, mirroring its command's options;
+- ``validate(spec)``: settings that do not fit, checked where the spec is read;
+- ``preflight(options, root, job_id)``: runs on a worker before the job is queued, so that paths
+  mean what they mean on the cluster: makes them absolute, checks that the store (or run
+  directory) is there, chooses the run directory; returns the options the job will run with;
+- ``run(options, client, report)``: runs on a worker as the job's coordinator, with a client of
+  the cluster it runs on; ``report(text, **progress)`` writes a line to the job's log. Returns a
+  small JSON-able dict, the job's result.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.errors import ConvpipeError
+
+
+def _spec_error(spec, exc: Exception) -> ConvpipeError:
+    from pipeline.jobs.spec import SpecError
+
+    return SpecError(f"{spec.source}: {exc}")
+
+
+def _abs(path: str | None) -> str | None:
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
+def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
+    """Refuse a run directory that a queued or running job on this data root already uses."""
+    from pipeline.jobs.records import JobFiles, active_states
+
+    jobs = Path(root) / "jobs"
+    if not jobs.is_dir():
+        return
+    for d in jobs.iterdir():
+        if d.name == job_id:
+            continue
+        status = JobFiles(d).read_status()
+        if status and status.get("state") in active_states() and status.get("run_dir") == run_dir:
+            from pipeline.jobs.spec import SpecError
+
+            raise SpecError(f"run directory {run_dir} is in use by job {d.name} ({status['state']}); "
+                            f"choose another out")
+
+
+class Train:
+    """``convpipe train`` as a job: the coordinator of :func:`pipeline.dist.coordinator.train`."""
+
+    name = "train"
+
+    @staticmethod
+    def options():
+        from pipeline.dist.config import TrainConfig
+        from pipeline.jobs.spec import options_from_dataclass
+
+        # the scheduler is the job's own key; the job runs on the cluster it is submitted to
+        return options_from_dataclass(TrainConfig, exclude=("scheduler",))
+
+    @staticmethod
+    def config(options: dict):
+        from pipeline.dist.config import TrainConfig
+
+        return TrainConfig.from_dict({**options, "scheduler": None})
+
+    @classmethod
+    def validate(cls, spec) -> None:
+        try:
+            cls.config(spec.options)
+        except ConvpipeError as exc:
+            raise _spec_error(spec, exc) from None
+
+    @classmethod
+    def preflight(cls, options: dict, root: str, job_id: str) -> dict:
+        from pipeline.data import open_store
+        from pipeline.dist.rundir import RunDir
+
+        o = dict(options)
+        o["data"] = _abs(o["data"])
+        o["workers"] = None  # the job runs on the cluster's workers
+        if o.get("resume"):
+            o["resume"] = _abs(o["resume"])
+            RunDir(o["resume"]).require_existing()
+            o["out"] = o["resume"]
+        else:
+            o["out"] = _abs(o.get("out") or os.path.join(root, "runs", job_id))
+            if (Path(o["out"]) / "config.json").exists():
+                from pipeline.jobs.spec import SpecError
+
+                raise SpecError(f"run directory {o['out']} already holds a run: resume that job, or choose another out")
+        open_store(o["data"])  # DataError naming the path if it is missing or not a store
+        check_run_dir_free(o["out"], root, job_id)
+        cls.config(o)
+        return o
+
+    @classmethod
+    def run(cls, options: dict, client, report) -> dict:
+        from pipeline.dist.coordinator import train
+
+        config = cls.config(options)
+        summary = train(config, client=client, progress=report.progress)
+        keep = ("train_acc", "val_acc", "steps", "seconds", "images_per_s", "workers", "run_dir")
+        result = {k: summary[k] for k in keep if k in summary}
+        result.setdefault("run_dir", options["out"])
+        return result
+
+    @staticmethod
+    def run_dir(options: dict) -> str | None:
+        return options.get("out")
+
+    @staticmethod
+    def resume_options(options: dict) -> dict:
+        """The next attempt continues the same run directory from its last checkpoint."""
+        return {**options, "resume": options["out"]}
+
+
+class Prepare:
+    """``convpipe data prepare`` as a job: :func:`pipeline.data.prepare` on the cluster."""
+
+    name = "prepare"
+
+    @staticmethod
+    def options():
+        from pipeline.data.convert import DEFAULT_STORE, DEFAULT_VAL
+        from pipeline.jobs.spec import Option
+
+        return {
+            "source": Option("source", (str, type(None)), None,
+                             "CIFAR-10 archive, its batches folder, an image folder (or .tar.gz), or a URL "
+                             "(default: found under the data root, else downloaded)"),
+            "out": Option("out", (str,), DEFAULT_STORE, "the Zarr store to write"),
+            "val": Option("val", (int,), DEFAULT_VAL, "training images held out as the val split"),
+            "chunk": Option("chunk", (int, type(None)), None, "images per chunk (default 1000)"),
+            "force": Option("force", (bool,), False, "rebuild a complete store"),
+            "no_verify": Option("no_verify", (bool,), False, "accept a non-official CIFAR-10 copy"),
+        }
+
+    @staticmethod
+    def validate(spec) -> None:
+        from pipeline.jobs.spec import SpecError
+
+        o = spec.options
+        if o["val"] < 0:
+            raise SpecError(f"{spec.source}: val must be >= 0, got {o['val']}")
+        if o["chunk"] is not None and o["chunk"] < 1:
+            raise SpecError(f"{spec.source}: chunk must be >= 1, got {o['chunk']}")
+
+    @staticmethod
+    def preflight(options: dict, root: str, job_id: str) -> dict:
+        from pipeline.data.download import is_url
+        from pipeline.data.store import store_state
+
+        o = dict(options)
+        o["out"] = _abs(o["out"])
+        if o["source"] and not is_url(o["source"]):
+            o["source"] = _abs(o["source"])
+            if not os.path.exists(o["source"]):
+                from pipeline.errors import DataError
+
+                raise DataError(f"source {o['source']} does not exist (paths are read on the cluster's workers)")
+        if store_state(o["out"]) == "foreign":
+            from pipeline.errors import DataError
+
+            raise DataError(f"{o['out']}: exists and is not a convpipe store; remove it or choose another out")
+        o["data_root"] = root
+        check_run_dir_free(o["out"], root, job_id)
+        return o
+
+    @staticmethod
+    def run(options: dict, client, report) -> dict:
+        from pipeline.data import prepare
+
+        def progress(stage, done, total):
+            report.progress({"event": stage, "done": done, "total": total})
+
+        result = prepare(options["source"], options["out"], val=options["val"], chunk=options["chunk"],
+                         force=options["force"], verify=not options["no_verify"], client=client,
+                         data_root=options["data_root"], progress=progress)
+        return {"store": str(result.path), "skipped": result.skipped, "splits": dict(result.splits),
+                "seconds": round(result.seconds, 2), "bytes": result.nbytes}
+
+    @staticmethod
+    def run_dir(options: dict) -> str | None:
+        return options.get("out")
+
+
+class Evaluate:
+    """``convpipe evaluate RUN_DIR`` as a job: :func:`pipeline.dist.evaluate.evaluate`."""
+
+    name = "evaluate"
+    SPLITS = ("test", "val", "train")
+
+    @staticmethod
+    def options():
+        from pipeline.jobs.spec import Option
+
+        return {
+            "run": Option("run", (str, type(None)), None, "the run directory to evaluate (required)"),
+            "data": Option("data", (str, type(None)), None, "Zarr store (default: the run's own)"),
+            "split": Option("split", (str,), "test", "test, val or train"),
+        }
+
+    @classmethod
+    def validate(cls, spec) -> None:
+        from pipeline.jobs.spec import SpecError
+
+        if not spec.options["run"]:
+            raise SpecError(f"{spec.source}: an evaluate job needs run = \"RUN_DIR\" (the run to evaluate)")
+        if spec.options["split"] not in cls.SPLITS:
+            raise SpecError(f"{spec.source}: unknown split {spec.options['split']!r} (expected one of "
+                            f"{', '.join(cls.SPLITS)})")
+
+    @staticmethod
+    def preflight(options: dict, root: str, job_id: str) -> dict:
+        from pipeline.data import open_store
+        from pipeline.dist.config import TrainConfig
+        from pipeline.dist.rundir import RunDir
+
+        o = dict(options)
+        run_dir = o["run"]
+        if not os.path.isabs(os.path.expanduser(run_dir)) and not os.path.exists(run_dir):
+            # a bare job id or a path relative to the data root's runs/
+            for candidate in (os.path.join(root, "runs", run_dir), os.path.join(root, run_dir)):
+                if os.path.isdir(candidate):
+                    run_dir = candidate
+                    break
+        o["run"] = _abs(run_dir)
+        run = RunDir(o["run"]).require_existing()
+        if not run.params_path.exists():
+            from pipeline.errors import TrainingError
+
+            raise TrainingError(f"{run.path} has no params.npz: the run has not finished (resume it first)")
+        o["data"] = _abs(o["data"]) if o["data"] else TrainConfig.load(run.config_path).data
+        open_store(o["data"])
+        return o
+
+    @staticmethod
+    def run(options: dict, client, report) -> dict:
+        from pipeline.dist.evaluate import evaluate
+
+        result = evaluate(options["run"], options["data"], options["split"], client=client, progress=report.progress)
+        keep = ("split", "accuracy", "correct", "n", "seconds", "run_dir")
+        return {k: result[k] for k in keep if k in result}
+
+    @staticmethod
+    def run_dir(options: dict) -> str | None:
+        return options.get("run")
+
+
+KINDS: dict[str, type] = {"prepare": Prepare, "train": Train, "evaluate": Evaluate}
+
+
+def register(kind) -> None:
+    """Add a kind of job (used by the tests for jobs whose work is trivial)."""
+    KINDS[kind.name] = kind

@@ -1,0 +1,249 @@
+"""Job specs: a TOML file plus ``--set key=value`` overrides, validated before anything runs.
+
+A spec is flat: ``job`` names what it runs (``prepare``, ``train`` or ``evaluate``) and every
+other key is an option of that command, spelt as on its command line (``batch-size`` for
+``--batch-size``; ``batch_size`` is accepted too). Four keys belong to the job itself::
+
+    job = "train"                     # prepare | train | evaluate
+    name = "three-layer"              # a label for `convpipe status` (default: the file's name)
+    scheduler = "tcp://127.0.0.1:8786" # where to submit (--scheduler and $CONVPIPE_SCHEDULER win)
+    root = "data"                     # the shared data root: jobs/<id>/ and runs/<id>/ go there
+
+    [tls]                             # optional client certificate for a tls:// scheduler
+    ca-file = "certs/ca.pem"
+    cert = "certs/client.pem"
+    key = "certs/client-key.pem"
+
+Unknown keys, values of the wrong type and settings that do not fit together are one-line
+:class:`SpecError`s naming the file and the key. Paths in a spec are paths on the cluster's
+workers (relative ones from a worker's working directory); whether a store exists is checked
+there, by :mod:`pipeline.jobs.kinds`, before the job is queued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ConvpipeError
+from pipeline.jobs.security import TLSFiles, tls_from_table
+
+#: keys of the job itself (not options of its command)
+JOB_KEYS = ("job", "name", "scheduler", "root", "tls")
+DEFAULT_ROOT = "data"
+
+
+class SpecError(ConvpipeError):
+    """A job spec or an override is malformed, unknown or does not fit."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a job kind: its accepted types (``None`` for optional), default and help."""
+
+    name: str
+    types: tuple
+    default: object
+    help: str = ""
+
+    @property
+    def optional(self) -> bool:
+        return type(None) in self.types
+
+    def type_name(self) -> str:
+        names = [t.__name__ for t in self.types if t is not type(None)]
+        return " or ".join(names) + (" or none" if self.optional else "")
+
+    def check(self, value, where: str):
+        """Return ``value`` as this option's type (int accepted for float); else SpecError."""
+        if value is None and self.optional:
+            return None
+        for t in self.types:
+            if t is type(None):
+                continue
+            if t is float and isinstance(value, int) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)):
+                return value
+        raise SpecError(f"{where}: {self.name} must be {self.type_name()}, got {value!r}")
+
+    def parse(self, text: str, where: str):
+        """Parse the text of ``--set name=text`` into this option's type."""
+        if self.optional and text.strip().lower() in ("none", "null", ""):
+            return None
+        if str in self.types and not {int, float, bool} & set(self.types):
+            return text
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        if isinstance(value, str) and bool in self.types and text.lower() in ("true", "false", "yes", "no"):
+            value = text.lower() in ("true", "yes")
+        return self.check(value, where)
+
+
+def options_from_dataclass(cls, exclude: tuple[str, ...] = ()) -> dict[str, Option]:
+    """Options mirroring a settings dataclass (``TrainConfig``): names, types, defaults, help."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        tp = hints[f.name]
+        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+            kinds = typing.get_args(tp)
+        else:
+            kinds = (tp,)
+        default = f.default if f.default is not dataclasses.MISSING else None
+        out[f.name] = Option(f.name, tuple(kinds), default, f.metadata.get("help", ""))
+    return out
+
+
+@dataclass
+class JobSpec:
+    """A validated job: its kind, label, options (canonical ``snake_case`` names) and target."""
+
+    kind: str
+    name: str
+    options: dict
+    scheduler: str | None = None
+    root: str = DEFAULT_ROOT
+    tls: TLSFiles | None = field(default=None, compare=False)
+    source: str = "<spec>"
+
+    def to_dict(self) -> dict:
+        """What travels to the cluster and into the job's record (no local TLS paths)."""
+        return {"kind": self.kind, "name": self.name, "options": dict(self.options),
+                "scheduler": self.scheduler, "root": self.root, "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobSpec":
+        return cls(kind=d["kind"], name=d["name"], options=dict(d["options"]),
+                   scheduler=d.get("scheduler"), root=d.get("root", DEFAULT_ROOT),
+                   source=d.get("source", "<record>"))
+
+    def to_toml(self) -> str:
+        """The spec as a TOML document (what was submitted, overrides applied)."""
+        lines = [f"job = {_toml(self.kind)}", f"name = {_toml(self.name)}", f"root = {_toml(self.root)}"]
+        if self.scheduler:
+            lines.append(f"scheduler = {_toml(self.scheduler)}")
+        for k, v in self.options.items():
+            if v is not None:
+                lines.append(f"{k.replace('_', '-')} = {_toml(v)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{s}"'
+
+
+def canonical(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read the TOML spec at ``path``, apply ``key=value`` overrides, validate; return it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"job spec {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"job spec {path}: cannot read it ({exc})") from None
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"job spec {path}: not valid TOML ({exc})") from None
+    return spec_from_table(table, where=str(path), overrides=overrides, default_name=path.stem,
+                           base=path.parent)
+
+
+def spec_from_table(table: dict, *, where: str = "<spec>", overrides=(), default_name: str = "job",
+                    base: Path | None = None) -> JobSpec:
+    """Validate a parsed spec (a dict as TOML gives) with ``key=value`` overrides applied."""
+    from pipeline.jobs.kinds import KINDS
+
+    table = dict(table)
+    # ---- normalise keys; a key given twice (batch-size and batch_size) is an error
+    flat: dict[str, object] = {}
+    for key, value in table.items():
+        if key == "tls":
+            flat["tls"] = value
+            continue
+        c = canonical(key)
+        if c in flat:
+            raise SpecError(f"{where}: {key!r} is given twice (as {c.replace('_', '-')} and {c})")
+        if isinstance(value, dict):
+            raise SpecError(f"{where}: unexpected table [{key}] (options are flat keys; the only table is [tls])")
+        flat[c] = value
+
+    kind = flat.get("job")
+    # an override may set the kind itself
+    sets = [_split_override(o) for o in overrides]
+    for key, text in sets:
+        if key == "job":
+            kind = text
+    if kind is None:
+        raise SpecError(f"{where}: missing key 'job' (one of {', '.join(KINDS)})")
+    if kind not in KINDS:
+        raise SpecError(f"{where}: unknown job {kind!r} (expected one of {', '.join(KINDS)})")
+    schema = KINDS[kind].options()
+    top = {
+        "name": Option("name", (str,), default_name),
+        "scheduler": Option("scheduler", (str, type(None)), None),
+        "root": Option("root", (str,), DEFAULT_ROOT),
+        "job": Option("job", (str,), kind),
+    }
+
+    tls_table = dict(flat.pop("tls", None) or {})
+    values: dict[str, object] = {}
+    for key, value in flat.items():
+        opt = top.get(key) or schema.get(key)
+        if opt is None:
+            raise SpecError(f"{where}: unknown key {key.replace('_', '-')!r} for a {kind} job{_known(schema)}")
+        values[key] = opt.check(value, where)
+    for key, text in sets:
+        if key.startswith("tls."):
+            tls_table[key[4:].replace("_", "-")] = text
+            continue
+        opt = top.get(key) or schema.get(key)
+        if opt is None:
+            raise SpecError(f"--set {key.replace('_', '-')}: unknown key for a {kind} job{_known(schema)}")
+        values[key] = opt.parse(text, f"--set {key.replace('_', '-')}")
+
+    options = {k: values.get(k, o.default) for k, o in schema.items()}
+    spec = JobSpec(
+        kind=kind,
+        name=values.get("name") or default_name,
+        options=options,
+        scheduler=values.get("scheduler"),
+        root=values.get("root") or DEFAULT_ROOT,
+        tls=tls_from_table(tls_table, where, base=base) if tls_table else None,
+        source=where,
+    )
+    KINDS[kind].validate(spec)
+    return spec
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise SpecError(f"--set {text!r}: expected key=value")
+    key, _, value = text.partition("=")
+    key = canonical(key)
+    if not key:
+        raise SpecError(f"--set {text!r}: expected key=value")
+    return key, value.strip()
+
+
+def _known(schema: dict) -> str:
+    names = sorted(k.replace("_", "-") for k in schema)
+    return f" (known: {', '.join(['name', 'scheduler', 'root', '[tls]'] + names)})"

@@ -1,0 +1,121 @@
+"""Job specs: the shipped specs load, and every kind of bad spec is one clear error before anything runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.dist.config import TrainConfig
+from pipeline.jobs.spec import SpecError, load_spec
+from pipeline.jobs.security import TLSConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = ["prepare-cifar10", "train-three-layer", "train-spatial-bn", "train-groupnorm", "evaluate"]
+
+
+def write(tmp_path, text: str, name: str = "job.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_specs_load(name):
+    spec = load_spec(REPO / "jobs" / f"{name}.toml")
+    assert spec.kind == name.split("-")[0]
+    assert spec.root == "data"
+    if spec.kind == "train":
+        config = TrainConfig.from_dict({**spec.options, "scheduler": None})
+        assert config.norm == {"train-three-layer": "none", "train-spatial-bn": "spatial_batchnorm",
+                               "train-groupnorm": "groupnorm"}[name]
+        assert config.data == "data/cifar10.zarr"
+
+
+def test_train_specs_set_every_cli_option_or_comment_it():
+    """'complete': each TrainConfig field appears in the train specs, set or commented out."""
+    names = {f.replace("_", "-") for f in TrainConfig.__dataclass_fields__} - {"scheduler"}
+    for name in ("train-three-layer", "train-spatial-bn", "train-groupnorm"):
+        text = (REPO / "jobs" / f"{name}.toml").read_text()
+        missing = [n for n in sorted(names) if f"{n} =" not in text]
+        assert not missing, f"{name}.toml does not mention {missing}"
+
+
+def test_dashes_and_underscores_are_the_same_key(tmp_path):
+    a = load_spec(write(tmp_path, 'job = "train"\nbatch-size = 64\nshard_size = 32\n'))
+    assert a.options["batch_size"] == 64 and a.options["shard_size"] == 32
+    with pytest.raises(SpecError, match="given twice"):
+        load_spec(write(tmp_path, 'job = "train"\nbatch-size = 64\nbatch_size = 32\n'))
+
+
+@pytest.mark.parametrize("text, match", [
+    ('job = "train"\nbatch-sise = 64\n', r"job.toml: unknown key 'batch-sise' for a train job"),
+    ('job = "train"\nepochs = "two"\n', r"job.toml: epochs must be int, got 'two'"),
+    ('job = "train"\nlr = true\n', r"lr must be float, got True"),
+    ('job = "train"\nbatch-size = 100\nshard-size = 64\n', r"shard_size 64 does not divide batch_size 100"),
+    ('job = "train"\nnorm = "layernorm"\n', r"unknown norm 'layernorm'"),
+    ('batch-size = 64\n', r"missing key 'job'"),
+    ('job = "fly"\n', r"unknown job 'fly'"),
+    ('job = "train"\n[model]\nnorm = "none"\n', r"unexpected table \[model\]"),
+    ('job = "train"\nepochs = \n', r"not valid TOML"),
+    ('job = "prepare"\nval = -1\n', r"val must be >= 0"),
+    ('job = "evaluate"\n', r"needs run ="),
+    ('job = "evaluate"\nrun = "x"\nsplit = "dev"\n', r"unknown split 'dev'"),
+    ('job = "train"\n[tls]\nca-file = "ca.pem"\n', r"\[tls\] needs ca-file, cert, key; missing cert, key"),
+    ('job = "train"\n[tls]\nca = "ca.pem"\n', r"unknown \[tls\] key 'ca'"),
+])
+def test_bad_specs_are_one_line_errors(tmp_path, text, match):
+    path = write(tmp_path, text)
+    with pytest.raises((SpecError, TLSConfigError), match=match) as info:
+        load_spec(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.toml")
+
+
+def test_set_overrides_are_typed(tmp_path):
+    path = write(tmp_path, 'job = "train"\n')
+    spec = load_spec(path, ["epochs=3", "lr=0.01", "norm=groupnorm", "steps=none", "out=runs/x", "name=quick",
+                            "root=/srv/data", "scheduler=tcp://10.0.0.1:8786", "batch-size=64", "shard_size=32"])
+    o = spec.options
+    assert (o["epochs"], o["lr"], o["norm"], o["steps"], o["out"]) == (3, 0.01, "groupnorm", None, "runs/x")
+    assert (o["batch_size"], o["shard_size"]) == (64, 32)
+    assert (spec.name, spec.root, spec.scheduler) == ("quick", "/srv/data", "tcp://10.0.0.1:8786")
+    assert isinstance(o["lr"], float) and isinstance(o["epochs"], int)
+    p = load_spec(write(tmp_path, 'job = "prepare"\n', "p.toml"), ["no-verify=true", "force=yes", "chunk=500"])
+    assert (p.options["no_verify"], p.options["force"], p.options["chunk"]) == (True, True, 500)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("epochs=2.5", r"--set epochs: epochs must be int, got 2.5"),
+    ("epoch=2", r"--set epoch: unknown key for a train job"),
+    ("epochs", r"expected key=value"),
+    ("shard-size=100", r"shard_size 100 does not divide batch_size 256"),
+    ("job=fly", r"unknown job 'fly'"),
+])
+def test_bad_overrides(tmp_path, override, match):
+    with pytest.raises(SpecError, match=match):
+        load_spec(write(tmp_path, 'job = "train"\n'), [override])
+
+
+def test_tls_paths_are_relative_to_the_spec(tmp_path):
+    spec = load_spec(write(tmp_path, 'job = "train"\n[tls]\nca-file = "c/ca.pem"\ncert = "c/me.pem"\nkey = "/k.pem"\n'))
+    assert spec.tls.ca_file == str(tmp_path / "c" / "ca.pem")
+    assert spec.tls.key == "/k.pem"
+
+
+def test_spec_round_trips_through_its_record(tmp_path):
+    spec = load_spec(write(tmp_path, 'job = "train"\nname = "x"\nepochs = 2\nlr = 0.5\n'), ["out=o"])
+    again = load_spec(write(tmp_path, spec.to_toml(), "again.toml"))
+    assert again.options == spec.options and again.name == "x"
+
+
+def test_cli_submit_rejects_a_bad_spec_in_one_line_before_connecting(tmp_path, capsys):
+    path = write(tmp_path, 'job = "train"\nepochs = "two"\nscheduler = "tcp://127.0.0.1:9"\n')
+    assert main(["submit", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "epochs must be int" in err and str(path) in err

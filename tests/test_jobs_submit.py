@@ -1,0 +1,254 @@
+"""The job machinery on an in-process cluster: submit, status, logs, cancel, resume, failures.
+
+The jobs here are of the trivial kind ``count`` (tests/jobs_helpers.py), which submits tasks
+to the cluster from its coordinator like training does; training jobs themselves run in
+tests/test_compose_topology.py against real scheduler and worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+from pipeline.cli import main
+from pipeline.jobs import kinds
+from pipeline.jobs import submit as jobs
+from pipeline.jobs.records import REGISTRY_TOPIC, JobFiles, job_topic, log_line, now_iso
+from pipeline.jobs.spec import spec_from_table
+from tests.jobs_helpers import Count
+
+kinds.register(Count)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0",
+                      silence_logs=40) as c:
+        yield c
+
+
+@pytest.fixture
+def client(cluster):
+    with Client(cluster) as c:
+        yield c
+
+
+def count_spec(root: Path, **options):
+    return spec_from_table({"job": "count", "root": str(root), **options}, default_name="count")
+
+
+def wait_for(client, job_id: str, states=("done", "failed", "cancelled"), timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = jobs.job_status(client, job_id)
+        if status["state"] in states:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {status['state']} after {timeout} s")
+
+
+def log_lines(client, job_id: str) -> list[str]:
+    return [m["line"] for m in jobs.job_events(client, job_id) if m.get("type") == "log"]
+
+
+def test_a_job_runs_on_the_cluster_and_leaves_its_record(client, tmp_path):
+    rec = jobs.submit(client, count_spec(tmp_path, steps=4, label="a"))
+    status = wait_for(client, rec["job"])
+    assert status["state"] == "done", status
+    assert status["result"] == {"steps": 4, "run_dir": rec["run_dir"]}
+    assert Path(rec["run_dir"]) == tmp_path / "runs" / rec["job"]
+    assert (Path(rec["run_dir"]) / "counts.txt").read_text().splitlines() == [f"a {i} {i * i}" for i in range(1, 5)]
+    # the same record on the data root as on the scheduler
+    files = JobFiles.of(tmp_path, rec["job"])
+    on_disk = files.read_status()
+    assert on_disk["state"] == "done" and on_disk["result"] == status["result"]
+    assert on_disk["worker"] == status["worker"] and on_disk["worker"] in client.scheduler_info()["workers"]
+    assert json.loads((files.dir / "result.json").read_text()) == status["result"]
+    assert 'job = "count"' in files.spec_path.read_text()
+    file_lines = files.read_log()[0].splitlines()
+    events = log_lines(client, rec["job"])
+    assert [l.split(" ", 1)[1] for l in file_lines[1:]] == [l.split(" ", 1)[1] for l in events[1:]]
+    assert "running on worker" in events[1] and events[-1].split(" ", 1)[1].startswith("done: steps 4")
+    # the registry lists it
+    assert rec["job"] in [s["job"] for s in jobs.list_jobs(client)]
+
+
+def test_the_coordinator_secedes_so_a_one_thread_worker_runs_its_tasks(tmp_path):
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0",
+                      silence_logs=40) as c, Client(c) as client:
+        rec = jobs.submit(client, count_spec(tmp_path, steps=3))
+        assert wait_for(client, rec["job"], timeout=20)["state"] == "done"
+
+
+def test_two_jobs_at_once_do_not_mix_outputs_or_logs(client, tmp_path):
+    a = jobs.submit(client, count_spec(tmp_path, steps=6, step_s=0.05, label="alpha"))
+    b = jobs.submit(client, count_spec(tmp_path, steps=4, step_s=0.08, label="beta"))
+    assert a["job"] != b["job"] and a["run_dir"] != b["run_dir"] and a["job_dir"] != b["job_dir"]
+    sa, sb = wait_for(client, a["job"]), wait_for(client, b["job"])
+    assert sa["state"] == sb["state"] == "done"
+    # both ran at the same time
+    assert sa["started"] <= sb["finished"] and sb["started"] <= sa["finished"]
+    ca = (Path(a["run_dir"]) / "counts.txt").read_text().splitlines()
+    cb = (Path(b["run_dir"]) / "counts.txt").read_text().splitlines()
+    assert ca == [f"alpha {i} {i * i}" for i in range(1, 7)]
+    assert cb == [f"beta {i} {i * i}" for i in range(1, 5)]
+    for rec, other in ((a, b), (b, a)):
+        text = Path(rec["job_dir"], "job.log").read_text()
+        assert other["job"] not in text and other["run_dir"] not in text
+        assert all(other["job"] not in line for line in log_lines(client, rec["job"]))
+    assert {s["job"] for s in jobs.list_jobs(client)} >= {a["job"], b["job"]}
+
+
+def test_cancel_a_running_job_then_resume_it(client, tmp_path):
+    rec = jobs.submit(client, count_spec(tmp_path, steps=40, step_s=0.05))
+    wait_for(client, rec["job"], states=("running",))
+    counts = Path(rec["run_dir"]) / "counts.txt"
+    while not counts.exists():
+        time.sleep(0.02)
+    jobs.cancel(client, rec["job"])
+    status = wait_for(client, rec["job"])
+    assert status["state"] == "cancelled" and status["resumable"]
+    assert "cancelled by" in status["reason"]
+    done_before = len(counts.read_text().splitlines())
+    assert 1 <= done_before < 40
+    with pytest.raises(jobs.JobError, match="already cancelled"):
+        jobs.cancel(client, rec["job"])
+
+    again = jobs.resume(client, rec["job"])
+    assert again["job"] == rec["job"] and again["attempt"] == 2 and again["run_dir"] == rec["run_dir"]
+    status = wait_for(client, rec["job"])
+    assert status["state"] == "done" and status["attempt"] == 2, status.get("reason")
+    lines = counts.read_text().splitlines()
+    assert lines == [f"x {i} {i * i}" for i in range(1, 41)]  # continued, nothing counted twice
+    on_disk = JobFiles.of(tmp_path, rec["job"]).read_status()
+    assert on_disk["state"] == "done" and on_disk["history"][-1]["state"] == "cancelled"
+    assert any("resumed by" in line for line in log_lines(client, rec["job"]))
+
+
+def test_a_cancelled_queued_job_never_runs(tmp_path):
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0",
+                      silence_logs=40) as c, Client(c) as client:
+        # the only thread is busy; the preflight (top priority) runs next, then `later`, then the job
+        first = client.submit(time.sleep, 0.5, pure=False)
+        later = client.submit(time.sleep, 2.0, pure=False, priority=10)
+        rec = jobs.submit(client, count_spec(tmp_path, steps=2))
+        assert jobs.job_status(client, rec["job"])["state"] == "queued"
+        jobs.cancel(client, rec["job"])
+        assert jobs.job_status(client, rec["job"])["cancel_requested"]
+        status = wait_for(client, rec["job"])
+        first.result(), later.result()
+        assert status["state"] == "cancelled"
+        assert not (Path(rec["run_dir"]) / "counts.txt").exists()
+
+
+def test_a_failing_job_is_failed_with_its_reason(client, tmp_path):
+    rec = jobs.submit(client, count_spec(tmp_path, steps=5, fail_at=3))
+    status = wait_for(client, rec["job"])
+    assert status["state"] == "failed"
+    assert status["reason"] == "loss is NaN at step 3"
+    assert JobFiles.of(tmp_path, rec["job"]).read_status()["reason"] == "loss is NaN at step 3"
+    assert len((Path(rec["run_dir"]) / "counts.txt").read_text().splitlines()) == 2
+
+
+def test_a_job_whose_worker_left_is_reported_failed(client, tmp_path):
+    """The scheduler has the job as running on a worker that is no longer in the cluster."""
+    job_id = "count-19990101-000000-dead"
+    gone = "tcp://127.0.0.1:1"
+    client.log_event(REGISTRY_TOPIC, {"type": "submitted", "job": job_id, "kind": "count", "name": "c",
+                                      "attempt": 1, "key": f"convpipe-job-{job_id}-1", "options": {},
+                                      "root": str(tmp_path), "job_dir": "d", "run_dir": "r", "by": "me"})
+    client.log_event(job_topic(job_id), {"id": "1", "type": "state", "job": job_id, "attempt": 1, "state": "running",
+                                         "worker": gone, "pid": 4242, "host": "h", "updated": now_iso()})
+    status = jobs.job_status(client, job_id)
+    assert status["state"] == "failed" and status["resumable"]
+    assert status["reason"] == f"the worker running its coordinator ({gone}, pid 4242 on h) died or left the cluster"
+
+
+def test_dask_rerunning_a_dead_coordinator_records_failure_instead_of_starting_over(client, tmp_path):
+    """What the next worker does when the scheduler reruns the task of a coordinator that died."""
+    rec = jobs.submit(client, count_spec(tmp_path, steps=2))
+    wait_for(client, rec["job"])
+    files = JobFiles(rec["job_dir"])
+    # as if attempt 1 were still running on a worker that then died
+    files.write_status({**files.read_status(), "state": "running", "worker": "tcp://10.9.9.9:1", "pid": 1})
+    status = client.submit(jobs.run_job, rec, pure=False).result()
+    assert status["state"] == "failed"
+    assert "tcp://10.9.9.9:1" in status["reason"] and "died" in status["reason"]
+    assert f"convpipe resume {rec['job']}" in files.read_log()[0]
+    assert len((Path(rec["run_dir"]) / "counts.txt").read_text().splitlines()) == 2  # not run again
+
+
+def test_preflight_errors_stop_the_job_before_it_is_queued(client, tmp_path):
+    spec = spec_from_table({"job": "train", "root": str(tmp_path), "data": str(tmp_path / "missing.zarr")})
+    with pytest.raises(Exception, match="missing.zarr") as info:
+        jobs.submit(client, spec)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
+    assert not [m for m in jobs.submissions(client) if m.get("root") == str(tmp_path)]
+
+
+def test_unknown_job(client):
+    with pytest.raises(jobs.JobError, match="no job nope on the scheduler"):
+        jobs.job_status(client, "nope")
+
+
+# ---------------------------------------------------------------- the commands
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_submit_status_logs_cancel(cluster, tmp_path, capsys, monkeypatch):
+    addr = cluster.scheduler_address
+    spec = tmp_path / "count.toml"
+    spec.write_text(f'job = "count"\nname = "counter"\nroot = "{tmp_path}"\nsteps = 3\n')
+    code, out, err = run_cli(capsys, "submit", str(spec), "--scheduler", addr, "--set", "label=cli", "--follow")
+    assert code == 0, err
+    job_id = out.splitlines()[0]
+    assert job_id.startswith("count-") and "done: steps 3" in out and "running on worker" in out
+    assert (tmp_path / "runs" / job_id / "counts.txt").read_text().startswith("cli 1 1")
+
+    monkeypatch.setenv("CONVPIPE_SCHEDULER", addr)
+    code, out, _ = run_cli(capsys, "status", job_id)
+    assert code == 0 and "state:     done" in out and f"job:       {job_id}" in out
+    code, out, _ = run_cli(capsys, "status")
+    assert code == 0 and job_id in out and "counter" in out
+    code, out, _ = run_cli(capsys, "logs", job_id)
+    assert code == 0 and "submitted by" in out and "done: steps 3" in out
+    code, out, _ = run_cli(capsys, "status", job_id, "--json")
+    assert json.loads(out)["state"] == "done"
+    # the files alone tell the same, without a scheduler
+    code, out, _ = run_cli(capsys, "status", job_id, "--root", str(tmp_path))
+    assert code == 0 and "state:     done" in out
+    code, out, _ = run_cli(capsys, "logs", job_id, "--root", str(tmp_path))
+    assert "done: steps 3" in out
+    code, _, err = run_cli(capsys, "cancel", job_id)
+    assert code == 2 and err.strip() == f"convpipe: error: job {job_id} is already done"
+
+
+def test_cli_failed_job_says_why_and_how_to_resume(cluster, tmp_path, capsys):
+    addr = cluster.scheduler_address
+    spec = tmp_path / "count.toml"
+    spec.write_text(f'job = "count"\nroot = "{tmp_path}"\nsteps = 4\nfail-at = 2\n')
+    code, out, err = run_cli(capsys, "submit", str(spec), "--scheduler", addr, "--follow")
+    assert code == 1
+    assert "failed: loss is NaN at step 2" in out
+    assert err.strip().splitlines()[0].endswith("failed: loss is NaN at step 2")
+    job_id = out.splitlines()[0]
+    code, out, _ = run_cli(capsys, "status", job_id, "--scheduler", addr)
+    assert "reason:    loss is NaN at step 2" in out
+
+
+def test_cli_lost_scheduler_is_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "status", "--scheduler", "tcp://127.0.0.1:9", "--timeout", "1")
+    assert code == 2 and err.count("\n") == 1 and "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err
+
+
+def test_log_line_format():
+    assert log_line("x", 0.0) == "1970-01-01T00:00:00Z x"
