@@ -8,6 +8,7 @@ Public API::
 """
 
 from pipeline.dist.config import TrainConfig
+from pipeline.dist.evaluate import evaluate  # the function; eager, so the submodule cannot shadow it
 
 __all__ = ["TrainConfig", "train", "evaluate", "resume_config"]
 
@@ -17,8 +18,4 @@ def __getattr__(name):  # lazy: importing the settings must not start Numba or D
         from pipeline.dist import coordinator
 
         return getattr(coordinator, name)
-    if name == "evaluate":
-        from pipeline.dist.evaluate import evaluate
-
-        return evaluate
     raise AttributeError(f"module 'pipeline.dist' has no attribute {name!r}")

@@ -12,7 +12,6 @@ import time
 import numpy as np
 
 from pipeline.dist.config import TrainConfig
-from pipeline.dist.exchange import worker_cluster, worker_count
 from pipeline.dist.rundir import RunDir
 from pipeline.dist.shards import cut
 from pipeline.dist.transport import Layout
@@ -30,6 +29,7 @@ def evaluate(run_dir: str, data: str | None = None, split: str = "test", client=
     Returns ``{"split", "accuracy", "correct", "n", "seconds", "workers", "run_dir", "data"}``.
     """
     from pipeline.data import open_store
+    from pipeline.dist.exchange import worker_cluster, worker_count
 
     emit = progress or (lambda event: None)
     run = RunDir(run_dir).require_existing()

@@ -14,6 +14,7 @@ Per process, the model object and the store's decompressed chunks are cached acr
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -70,15 +71,18 @@ class TaskSpec:
 
 # ---- per-process state -----------------------------------------------------------------------------
 
-_MODELS: dict = {}
+_LOCAL = threading.local()  # one network per worker thread: a model object holds per-call state
 
 
 def _model(spec: ModelSpec):
-    """This process's network for ``spec``, built once; reg is 0 (the coordinator adds L2)."""
-    model = _MODELS.get(spec)
+    """This thread's network for ``spec``, built once; reg is 0 (the coordinator adds L2)."""
+    models = getattr(_LOCAL, "models", None)
+    if models is None:
+        models = _LOCAL.models = {}
+    model = models.get(spec)
     if model is None:
-        _MODELS.clear()
-        model = _MODELS[spec] = spec.build(reg=0.0, seed=0)
+        models.clear()
+        model = models[spec] = spec.build(reg=0.0, seed=0)
     model.reg = 0.0
     return model
 

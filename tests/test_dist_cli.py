@@ -1,0 +1,68 @@
+"""`convpipe train` / `convpipe evaluate` input errors: one line, exit code 2, no traceback,
+nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.cli.train import config_from_args
+from pipeline.cli import build_parser
+from tests.dist_fixtures import make_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=64, n_val=16, n_test=16)
+
+
+def _error(capsys, argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--shard-size", 100], "shard_size 100 does not divide batch_size 256"),
+    (["--norm", "layernorm"], "unknown norm 'layernorm': expected one of none, spatial_batchnorm, groupnorm"),
+    (["--workers", 2, "--scheduler", "tcp://127.0.0.1:8786"], "workers and scheduler exclude each other"),
+    (["--train-limit", 1000], "train_limit 1000 exceeds the 64 training images"),
+])
+def test_settings_that_do_not_fit_are_one_line_errors(store, tmp_path, capsys, extra, words):
+    code, err = _error(capsys, ["train", "--data", store, "--out", tmp_path / "run", *extra])
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("convpipe: error: ") and words in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_missing_and_incompatible_stores(tmp_path, capsys):
+    code, err = _error(capsys, ["train", "--data", tmp_path / "absent.zarr", "--out", tmp_path / "run"])
+    assert code == 2 and err.count("\n") == 1 and "absent.zarr" in err and "no data store" in err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "zarr.json").write_text('{"node_type": "group", "attributes": {"format": "x"}}')
+    code, err = _error(capsys, ["train", "--data", tmp_path / "other"])
+    assert code == 2 and err.count("\n") == 1 and "not a convpipe CIFAR store" in err
+
+
+def test_unreachable_scheduler_is_one_line(store, tmp_path, capsys):
+    code, err = _error(capsys, ["train", "--data", store, "--scheduler", "tcp://127.0.0.1:9",
+                                "--out", tmp_path / "run"])
+    assert code == 2 and err.count("\n") == 1
+    assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_and_evaluate_need_a_run_directory(tmp_path, capsys):
+    code, err = _error(capsys, ["train", "--resume", tmp_path])
+    assert code == 2 and err.count("\n") == 1 and "not a convpipe run directory" in err
+    code, err = _error(capsys, ["evaluate", tmp_path])
+    assert code == 2 and err.count("\n") == 1 and "not a convpipe run directory" in err
+
+
+def test_options_map_onto_train_config(tmp_path):
+    args = build_parser().parse_args(["train", "--data", "s.zarr", "--batch-size", "64", "--shard-size", "32",
+                                      "--norm", "spatial_batchnorm", "--lr", "3e-4", "--steps", "5"])
+    c = config_from_args(args)
+    assert (c.data, c.batch_size, c.shard_size, c.norm, c.lr, c.steps, c.epochs) == \
+        ("s.zarr", 64, 32, "spatial_batchnorm", 3e-4, 5, 1)
+    assert c.hidden_dim == 500 and c.workers is None            # untouched options keep their defaults

@@ -1,0 +1,93 @@
+"""Faults with real processes: a worker process killed mid-epoch, the coordinator process
+killed and resumed from the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from pipeline.dist import train
+from pipeline.dist.exchange import worker_cluster
+from tests.dist_fixtures import assert_same_params, final_params, make_store, tiny_config
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=512, n_val=32, n_test=32)
+
+
+def test_a_worker_process_killed_mid_epoch_loses_no_shard(store, tmp_path):
+    # a process-based LocalCluster (worker processes under nannies), one worker SIGKILLed
+    # while the step's shard tasks run: the scheduler reruns its shards elsewhere, and the
+    # run ends with the same bits as an undisturbed one on the same cluster
+    settings = dict(steps=14, batch_size=128, shard_size=32, num_filters=8, hidden_dim=32)
+    with worker_cluster(workers=2) as client:
+        train(tiny_config(store, tmp_path / "calm", **settings), client=client)
+        before = client.run(os.getpid)
+        victim = sorted(before.values())[0]
+        killed = threading.Event()
+
+        def progress(event):
+            if event["event"] == "step" and event["step"] == 4:
+                def kill():
+                    os.kill(victim, signal.SIGKILL)
+                    killed.set()
+                threading.Timer(0.01, kill).start()   # lands inside step 5's shard tasks
+
+        summary = train(tiny_config(store, tmp_path / "killed", **settings), client=client, progress=progress)
+        assert killed.wait(5)
+        deadline = time.time() + 60
+        while victim in client.run(os.getpid).values() and time.time() < deadline:
+            time.sleep(0.2)
+        assert victim not in client.run(os.getpid).values()   # it really died (and was replaced)
+    assert summary["steps"] == 14 and summary["images"] == 14 * 128  # every shard counted once
+    steps = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["n"] for m in steps if m["kind"] == "step"] == [128] * 14
+    assert_same_params(final_params(tmp_path / "calm"), final_params(tmp_path / "killed"))
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+
+
+TINY = ("--batch-size", 64, "--shard-size", 16, "--num-filters", 4, "--filter-size", 3, "--hidden-dim", 16,
+        "--weight-scale", 0.01, "--lr", 0.01, "--workers", 1, "--train-acc-samples", 64)
+
+
+def test_the_coordinator_killed_resumes_from_its_checkpoint_bit_identically(store, tmp_path):
+    common = _cli("train", "--data", store, *TINY, "--steps", 80, "--checkpoint-every", 4)
+    done = subprocess.run([*common, "--out", tmp_path / "full"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+    run = tmp_path / "cut"
+    proc = subprocess.Popen([*common, "--out", run], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not list((run / "checkpoints").glob("step-*.npz")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)     # the coordinator and its local cluster, mid-run
+    assert proc.wait(30) == -signal.SIGKILL
+    assert not (run / "params.npz").exists()
+    steps_before = sum(1 for x in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in x)
+    assert steps_before < 80
+
+    resumed = subprocess.run(_cli("train", "--resume", run), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming at step" in resumed.stderr
+    assert_same_params(final_params(tmp_path / "full"), final_params(run))
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if m["kind"] == "step"] == list(range(1, 81))
+
+    evaluated = subprocess.run(_cli("evaluate", run, "--split", "val", "--workers", 1),
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert evaluated.stdout.startswith("val accuracy ")
+    assert float(evaluated.stdout.split()[2]) == pytest.approx(summary["val_acc"], abs=1e-4)

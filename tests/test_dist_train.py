@@ -1,0 +1,250 @@
+"""Distributed training on in-process Dask clusters: determinism, equivalence with one
+process, BN synchronization, the run directory, resume, divergence and evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.data import open_store
+from pipeline.dist import evaluate, resume_config, train
+from pipeline.dist.shards import Schedule
+from pipeline.dist.worker import ModelSpec
+from pipeline.errors import DataError, TrainingError
+from pipeline.optim import adam
+from tests.dist_fixtures import assert_same_params, final_params, make_store, tiny_config
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=200, n_val=48, n_test=40)
+
+
+def _client(n):
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=False, dashboard_address=None)
+    return cluster, Client(cluster)
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster, c = _client(2)
+    yield c
+    c.close()
+    cluster.close()
+
+
+class Crash(Exception):
+    """Stands for the coordinator dying after a step."""
+
+
+def crash_after(step):
+    def progress(event):
+        if event["event"] == "step" and event["step"] == step:
+            raise Crash(step)
+    return progress
+
+
+# ---- determinism -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", ["none", "spatial_batchnorm"])
+def test_same_bits_with_1_2_and_4_workers(store, tmp_path, norm):
+    results = {}
+    for n in (1, 2, 4):
+        cluster, c = _client(n)
+        try:
+            s = train(tiny_config(store, tmp_path / f"w{n}", norm=norm, steps=5), client=c)
+        finally:
+            c.close()
+            cluster.close()
+        assert s["workers"] == n
+        results[n] = final_params(tmp_path / f"w{n}")
+    assert_same_params(results[1], results[2])
+    assert_same_params(results[1], results[4])
+    if norm == "spatial_batchnorm":
+        assert {"gamma1", "beta1", "bn_running_mean", "bn_running_var"} <= results[1].keys()
+        assert results[1]["bn_running_var"].any()
+
+
+def test_shared_memory_and_tcp_transports_give_the_same_bits(store, tmp_path, client):
+    a = train(tiny_config(store, tmp_path / "shm", norm="groupnorm", steps=4, transport="shm"), client=client)
+    b = train(tiny_config(store, tmp_path / "tcp", norm="groupnorm", steps=4, transport="tcp"), client=client)
+    assert (a["transport"], b["transport"]) == ("shm", "tcp")
+    assert_same_params(final_params(tmp_path / "shm"), final_params(tmp_path / "tcp"))
+
+
+# ---- equivalence with a single process ---------------------------------------------------------------
+
+def _single_process(store, config, steps):
+    """The same training in one process: the whole global batch through model.loss, cs231n Adam."""
+    st = open_store(store)
+    spec = ModelSpec(config.num_filters, config.filter_size, config.hidden_dim, len(st.class_names),
+                     config.norm, config.num_groups, config.dtype)
+    model = spec.build(weight_scale=config.weight_scale, reg=config.reg, seed=config.seed)
+    sched = Schedule(st.splits["train"], config.batch_size, config.shard_size, config.seed, config.epochs, steps)
+    configs = {k: {"learning_rate": config.lr} for k in model.params}
+    for step in range(steps):
+        X, y = st.read("train", sched.batch(step), dtype=config.dtype)
+        _, grads = model.loss(X, y)
+        for k in model.params:
+            model.params[k], configs[k] = adam(model.params[k], grads[k], configs[k])
+    return model
+
+
+def test_step_gradient_equals_the_single_process_gradient_float64(store, tmp_path, client):
+    config = tiny_config(store, tmp_path / "run", dtype="float64", steps=4, reg=1e-2)
+    train(config, client=client)
+    got = final_params(tmp_path / "run")
+    model = _single_process(store, config, 4)
+    for k, v in model.params.items():
+        assert got[k].dtype == np.float64
+        np.testing.assert_allclose(got[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+def test_bn_statistics_are_synchronized_like_one_process(store, tmp_path, client):
+    # one shard per step: the workers normalize over the whole batch, as one process does,
+    # so the coordinator's combined moments and momentum update must match the model's own
+    config = tiny_config(store, tmp_path / "run", dtype="float64", steps=3, norm="spatial_batchnorm",
+                         batch_size=32, shard_size=32)
+    train(config, client=client)
+    got = final_params(tmp_path / "run")
+    model = _single_process(store, config, 3)
+    np.testing.assert_allclose(got["bn_running_mean"], model.bn_param["running_mean"], rtol=1e-10)
+    np.testing.assert_allclose(got["bn_running_var"], model.bn_param["running_var"], rtol=1e-10)
+    np.testing.assert_allclose(got["gamma1"], model.params["gamma1"], rtol=1e-9)
+
+
+def test_bn_moments_of_several_shards_combine_to_the_batch_moments(store, tmp_path, client):
+    # four shards per step: the running statistics after one step must be the batch's exact
+    # mean/variance (of the conv outputs at the initial weights) folded in with momentum 0.9
+    config = tiny_config(store, tmp_path / "run", dtype="float64", steps=1, norm="spatial_batchnorm")
+    train(config, client=client)
+    got = final_params(tmp_path / "run")
+    st = open_store(store)
+    spec = ModelSpec(4, 3, 16, len(st.class_names), "spatial_batchnorm", 4, "float64")
+    model = spec.build(weight_scale=config.weight_scale, seed=config.seed)
+    X, y = st.read("train", Schedule(200, 64, 16, 0, 1).batch(0), dtype="float64")
+    model.loss(X, y)  # one whole-batch step: running = 0.9 * init + 0.1 * batch moments
+    np.testing.assert_allclose(got["bn_running_mean"], model.bn_param["running_mean"], rtol=1e-10)
+    np.testing.assert_allclose(got["bn_running_var"], model.bn_param["running_var"], rtol=1e-10)
+
+
+# ---- the run directory --------------------------------------------------------------------------------
+
+def test_run_directory_holds_metrics_params_summary_and_plots(store, tmp_path, client):
+    s = train(tiny_config(store, tmp_path / "run", epochs=2, norm="spatial_batchnorm"), client=client)
+    run = tmp_path / "run"
+    lines = [__import__("json").loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if m["kind"] == "step"]
+    epochs = [m for m in lines if m["kind"] == "epoch"]
+    assert [m["step"] for m in steps] == list(range(1, 9))          # 200 images / 64 -> 4 steps per epoch
+    assert [m["n"] for m in steps] == [64, 64, 64, 8] * 2
+    assert [m["epoch"] for m in epochs] == [1, 2]
+    assert all(math.isfinite(m["loss"]) and m["images_per_s"] > 0 for m in steps)
+    assert {"compute_s", "transfer_s", "reduce_s", "adam_s", "bn_sync_s"} <= steps[0].keys()
+    for key in ("train_acc", "val_acc", "steps", "seconds", "images_per_s", "workers", "settings"):
+        assert s[key] is not None, key
+    assert s["steps"] == 8 and s["images"] == 400 and s["settings"]["norm"] == "spatial_batchnorm"
+    assert s["val_acc"] == epochs[-1]["val_acc"] and s["val_acc"] > 0.5   # 4 learnable classes
+    with np.load(run / "params.npz", allow_pickle=False) as f:
+        assert set(f.files) == {"W1", "b1", "gamma1", "beta1", "W2", "b2", "W3", "b3",
+                                "bn_running_mean", "bn_running_var"}
+        assert f["W1"].dtype == np.float32 and f["W1"].shape == (4, 3, 3, 3)
+    summary = __import__("json").loads((run / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["settings"]["out"] == str(run)
+    for png in ("curves.png", "filters.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    assert len(list((run / "checkpoints").glob("step-*.npz"))) == 2  # the last two kept
+
+
+# ---- coordinator death, resume, torn checkpoints ----------------------------------------------------
+
+def test_resume_after_the_coordinator_dies_is_bit_identical(store, tmp_path, client):
+    full = train(tiny_config(store, tmp_path / "full", epochs=2, norm="spatial_batchnorm"), client=client)
+    config = tiny_config(store, tmp_path / "cut", epochs=2, norm="spatial_batchnorm")
+    with pytest.raises(Crash):
+        train(config, client=client, progress=crash_after(7))     # last checkpoint: step 6
+    events = []
+    resumed = train(resume_config(tmp_path / "cut"), client=client, progress=events.append)
+    assert [e["step"] for e in events if e["event"] == "resumed"] == [6]
+    assert [e["step"] for e in events if e["event"] == "step"] == [7, 8]
+    assert_same_params(final_params(tmp_path / "full"), final_params(tmp_path / "cut"))
+    # metrics read as if never interrupted: each step once, in order
+    cut = [__import__("json").loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    whole = [__import__("json").loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["kind"], m["step"], m["loss"]) for m in cut] == [(m["kind"], m["step"], m["loss"]) for m in whole]
+    assert resumed["val_acc"] == full["val_acc"]
+
+
+def test_a_torn_checkpoint_is_never_loaded(store, tmp_path, client):
+    train(tiny_config(store, tmp_path / "full", steps=7), client=client)
+    with pytest.raises(Crash):
+        train(tiny_config(store, tmp_path / "cut", steps=7), client=client, progress=crash_after(7))
+    ckpts = sorted((tmp_path / "cut" / "checkpoints").glob("step-*.npz"))
+    assert [p.name for p in ckpts] == ["step-00000004.npz", "step-00000006.npz"]
+    data = ckpts[-1].read_bytes()
+    ckpts[-1].write_bytes(data[: len(data) // 2])                   # torn: half written
+    events = []
+    train(resume_config(tmp_path / "cut"), client=client, progress=events.append)
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert len(warnings) == 1 and "step-00000006.npz" in warnings[0]
+    assert [e["step"] for e in events if e["event"] == "resumed"] == [4]
+    assert_same_params(final_params(tmp_path / "full"), final_params(tmp_path / "cut"))
+
+
+def test_resume_refuses_settings_that_change_the_result(store, tmp_path, client):
+    with pytest.raises(Crash):
+        train(tiny_config(store, tmp_path / "run", steps=4), client=client, progress=crash_after(3))
+    with pytest.raises(TrainingError, match="lr is 0.5 but the run was trained with 0.01"):
+        train(resume_config(tmp_path / "run", lr=0.5), client=client)
+    with pytest.raises(TrainingError, match="not a convpipe run directory"):
+        resume_config(tmp_path / "nothing")
+
+
+# ---- divergence and bad input -------------------------------------------------------------------------
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(store, tmp_path, client):
+    config = tiny_config(store, tmp_path / "run", lr=1e30, steps=6, checkpoint_every=1)
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step (\d+)") as e:
+        train(config, client=client)
+    bad_step = int(__import__("re").search(r"at step (\d+)", str(e.value)).group(1))
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*.npz"))
+    assert ckpts and ckpts[-1].name == f"step-{bad_step - 1:08d}.npz" and str(ckpts[-1]) in str(e.value)
+    arrays, meta = load_checkpoint(ckpts[-1])                      # intact and loadable
+    assert meta["step"] == bad_step - 1 and np.isfinite(arrays["params/W1"]).all()
+
+
+def test_missing_store_and_too_large_train_limit(store, tmp_path, client):
+    with pytest.raises(DataError, match="no-such.zarr"):
+        train(tiny_config(tmp_path / "no-such.zarr", tmp_path / "a"), client=client)
+    with pytest.raises(TrainingError, match="train_limit 500 exceeds the 200 training images"):
+        train(tiny_config(store, tmp_path / "b", train_limit=500), client=client)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_train_limit_uses_only_the_first_images(store, tmp_path, client):
+    s = train(tiny_config(store, tmp_path / "run", train_limit=64, epochs=2), client=client)
+    assert s["steps"] == 2 and s["images"] == 128
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", ["none", "spatial_batchnorm"])
+def test_evaluate_scores_the_final_parameters(store, tmp_path, client, norm):
+    train(tiny_config(store, tmp_path / "run", epochs=2, norm=norm), client=client)
+    got = evaluate(str(tmp_path / "run"), split="test", client=client, shard_size=16)
+    params = final_params(tmp_path / "run")
+    st = open_store(store)
+    model = ModelSpec(4, 3, 16, 4, norm, 4, "float32").build()
+    model.params = {k: params[k] for k in model.params}
+    if norm != "none":
+        model.set_state({"running_mean": params["bn_running_mean"], "running_var": params["bn_running_var"]})
+    X, y = st.read("test", None)
+    correct = int((model.loss(X).argmax(1) == y).sum())
+    assert (got["correct"], got["n"], got["split"]) == (correct, 40, "test")
+    assert got["accuracy"] == correct / 40
+    with pytest.raises(DataError, match="no split 'holdout'"):
+        evaluate(str(tmp_path / "run"), split="holdout", client=client)
