@@ -5,18 +5,23 @@ K = C*HH*WW filter taps and P = H_out*W_out output pixels per image; column n*P 
 receptive field of output pixel p of image n. Then
 
     out2 = w2 @ cols            (F, N*P)    forward, one GEMM
-    dw2  = dout2 @ cols.T       (F, K)      backward
+    dw2  = (cols @ dout2.T).T   (F, K)      backward
     dcols = w2.T @ dout2        (K, N*P)    backward, only when dx is wanted
 
 where ``w2 = w.reshape(F, K)`` and ``dout2`` is dout in the same (F, N*P) layout. The kernels
 here move data between that layout and NCHW, fusing the bias, the ReLU and the bias gradient
 into those passes. All are ``parallel=True`` (``prange``) and ``cache=True``.
+
+Inner loops index 1-D rows with ``np.uint64`` indices: Numba then emits no negative-index
+wraparound check, and LLVM vectorizes the copies (2-3x faster than signed indexing).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+u64 = np.uint64
 
 
 @njit(parallel=True, cache=True)
@@ -34,25 +39,29 @@ def im2col(x, HH, WW, stride, pad, H_out, W_out, cols):
         kh = r // WW
         kw = r - kh * WW
         # output columns whose input column wo*stride + kw - pad lies inside [0, W)
-        w_lo = max(0, (pad - kw + stride - 1) // stride)
-        w_hi = min(W_out, (W - 1 + pad - kw) // stride + 1)
-        if w_hi < w_lo:
-            w_hi = w_lo
+        w_lo = min(W_out, max(0, (pad - kw + stride - 1) // stride))
+        w_hi = max(w_lo, min(W_out, (W - 1 + pad - kw) // stride + 1))
+        off = kw - pad
+        dst = cols[k]
         base = n * P
         for ho in range(H_out):
             h = ho * stride + kh - pad
             row = base + ho * W_out
             if h < 0 or h >= H:
                 for wo in range(W_out):
-                    cols[k, row + wo] = 0
+                    dst[u64(row + wo)] = 0
             else:
+                src = x[n, c, h]
                 for wo in range(w_lo):
-                    cols[k, row + wo] = 0
-                off = kw - pad
-                for wo in range(w_lo, w_hi):
-                    cols[k, row + wo] = x[n, c, h, wo * stride + off]
+                    dst[u64(row + wo)] = 0
+                if stride == 1:  # contiguous copy, vectorized
+                    for wo in range(w_lo, w_hi):
+                        dst[u64(row + wo)] = src[u64(wo + off)]
+                else:
+                    for wo in range(w_lo, w_hi):
+                        dst[u64(row + wo)] = src[u64(wo * stride + off)]
                 for wo in range(w_hi, W_out):
-                    cols[k, row + wo] = 0
+                    dst[u64(row + wo)] = 0
 
 
 @njit(parallel=True, cache=True)
@@ -64,23 +73,29 @@ def col2im(dcols, N, C, H, W, HH, WW, stride, pad, H_out, W_out, dx):
         n = t // C
         c = t - n * C
         for h in range(H):
+            d = dx[n, c, h]
             for w_ in range(W):
-                dx[n, c, h, w_] = 0
+                d[u64(w_)] = 0
         base = n * P
         for r in range(KK):
             kh = r // WW
             kw = r - kh * WW
-            k = c * KK + r
-            w_lo = max(0, (pad - kw + stride - 1) // stride)
-            w_hi = min(W_out, (W - 1 + pad - kw) // stride + 1)
+            src = dcols[c * KK + r]
+            w_lo = min(W_out, max(0, (pad - kw + stride - 1) // stride))
+            w_hi = max(w_lo, min(W_out, (W - 1 + pad - kw) // stride + 1))
             off = kw - pad
             for ho in range(H_out):
                 h = ho * stride + kh - pad
                 if h < 0 or h >= H:
                     continue
+                d = dx[n, c, h]
                 row = base + ho * W_out
-                for wo in range(w_lo, w_hi):
-                    dx[n, c, h, wo * stride + off] += dcols[k, row + wo]
+                if stride == 1:
+                    for wo in range(w_lo, w_hi):
+                        d[u64(wo + off)] += src[u64(row + wo)]
+                else:
+                    for wo in range(w_lo, w_hi):
+                        d[u64(wo * stride + off)] += src[u64(row + wo)]
 
 
 @njit(parallel=True, cache=True)
@@ -91,43 +106,37 @@ def bias_to_nchw(out2, b, relu, out):
         n = t // F
         f = t - n * F
         bf = b[f]
-        src = n * P
+        src = out2[f]
+        dst = out[n, f]
+        s0 = n * P
         if relu:
             for p in range(P):
-                v = out2[f, src + p] + bf
-                out[n, f, p] = v if v > 0 else 0
+                v = src[u64(s0 + p)] + bf
+                dst[u64(p)] = v if v > 0 else 0
         else:
             for p in range(P):
-                out[n, f, p] = out2[f, src + p] + bf
+                dst[u64(p)] = src[u64(s0 + p)] + bf
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
 def dout_to_2d(dout, relu_out, use_relu, dout2, db):
     """dout2 (F, N*P) = dout (N, F, P), masked by relu_out > 0 when use_relu; db[f] = sum (float64)."""
     N, F, P = dout.shape
     for f in prange(F):
         s = 0.0
+        dst = dout2[f]
         for n in range(N):
-            dst = n * P
+            src = dout[n, f]
+            d0 = n * P
             if use_relu:
+                m = relu_out[n, f]
                 for p in range(P):
-                    v = dout[n, f, p] if relu_out[n, f, p] > 0 else 0
-                    dout2[f, dst + p] = v
+                    v = src[u64(p)] if m[u64(p)] > 0 else 0
+                    dst[u64(d0 + p)] = v
                     s += v
             else:
                 for p in range(P):
-                    v = dout[n, f, p]
-                    dout2[f, dst + p] = v
+                    v = src[u64(p)]
+                    dst[u64(d0 + p)] = v
                     s += v
         db[f] = s
-
-
-@njit(parallel=True, cache=True)
-def row_sums(a, out):
-    """out[f] = sum of row f of a (float64 accumulator)."""
-    F, M = a.shape
-    for f in prange(F):
-        s = 0.0
-        for j in range(M):
-            s += a[f, j]
-        out[f] = s

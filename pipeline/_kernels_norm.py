@@ -12,11 +12,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+u64 = np.uint64  # unsigned indices: no wraparound checks, vectorized loops (see _kernels_conv)
+# let LLVM reorder the float64 sums (vectorized reductions); no other fast-math assumption
+REASSOC = {"reassoc"}
+
 
 # ---------------------------------------------------------------- spatial batch norm: x (N, C, HW)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=REASSOC)
 def bn_stats(x, mean, var):
     """Per-channel mean and biased variance of x (N, C, HW), two passes, float64."""
     N, C, M = x.shape
@@ -24,13 +28,15 @@ def bn_stats(x, mean, var):
     for c in prange(C):
         s = 0.0
         for n in range(N):
+            r = x[n, c]
             for p in range(M):
-                s += x[n, c, p]
+                s += r[u64(p)]
         mu = s * inv
         s2 = 0.0
         for n in range(N):
+            r = x[n, c]
             for p in range(M):
-                d = x[n, c, p] - mu
+                d = r[u64(p)] - mu
                 s2 += d * d
         mean[c] = mu
         var[c] = s2 * inv
@@ -47,11 +53,13 @@ def bn_apply(x, mean, std, gamma, beta, out):
         sd = std[c]
         g = gamma[c]
         b = beta[c]
+        r = x[n, c]
+        o = out[n, c]
         for p in range(M):
-            out[n, c, p] = g * ((x[n, c, p] - mu) / sd) + b
+            o[u64(p)] = g * ((r[u64(p)] - mu) / sd) + b
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=REASSOC)
 def bn_backward(dout, x, mean, std, gamma, count, dx, dgamma, dbeta, scratch):
     """Spatial batch-norm gradients; dgamma, dbeta float64 (C,).
 
@@ -64,10 +72,12 @@ def bn_backward(dout, x, mean, std, gamma, count, dx, dgamma, dbeta, scratch):
         s1 = 0.0
         s2 = 0.0
         for n in range(N):
+            r = x[n, c]
+            dr = dout[n, c]
             for p in range(M):
-                d = dout[n, c, p]
+                d = dr[u64(p)]
                 s1 += d
-                s2 += d * ((x[n, c, p] - mu) / sd)
+                s2 += d * ((r[u64(p)] - mu) / sd)
         dgamma[c] = s2
         dbeta[c] = s1
         scratch[c, 0] = s1
@@ -77,15 +87,18 @@ def bn_backward(dout, x, mean, std, gamma, count, dx, dgamma, dbeta, scratch):
         NM = count[0]
         k = gamma[c] / (NM * sd)
         for n in range(N):
+            r = x[n, c]
+            dr = dout[n, c]
+            o = dx[n, c]
             for p in range(M):
-                xh = (x[n, c, p] - mu) / sd
-                dx[n, c, p] = k * (NM * dout[n, c, p] - sd1 - xh * sd2)
+                xh = (r[u64(p)] - mu) / sd
+                o[u64(p)] = k * (NM * dr[u64(p)] - sd1 - xh * sd2)
 
 
 # ---------------------------------------------------------------- group norm: x (N, G, Cg, HW)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=REASSOC)
 def gn_forward(x, gamma, beta, eps, out, mean, std):
     """Group norm forward; mean/std (N, G) in x's dtype."""
     N, G, Cg, M = x.shape
@@ -95,13 +108,15 @@ def gn_forward(x, gamma, beta, eps, out, mean, std):
         g = t - n * G
         s = 0.0
         for cc in range(Cg):
+            r = x[n, g, cc]
             for p in range(M):
-                s += x[n, g, cc, p]
+                s += r[u64(p)]
         mu64 = s * inv
         s2 = 0.0
         for cc in range(Cg):
+            r = x[n, g, cc]
             for p in range(M):
-                d = x[n, g, cc, p] - mu64
+                d = r[u64(p)] - mu64
                 s2 += d * d
         mean[n, g] = mu64
         std[n, g] = np.sqrt(s2 * inv + eps)
@@ -111,11 +126,13 @@ def gn_forward(x, gamma, beta, eps, out, mean, std):
             c = g * Cg + cc
             gm = gamma[c]
             bt = beta[c]
+            r = x[n, g, cc]
+            o = out[n, g, cc]
             for p in range(M):
-                out[n, g, cc, p] = gm * ((x[n, g, cc, p] - mu) / sd) + bt
+                o[u64(p)] = gm * ((r[u64(p)] - mu) / sd) + bt
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=REASSOC)
 def gn_backward(dout, x, mean, std, gamma, count, dx, dgamma_part, dbeta_part, scratch):
     """Group norm backward; per-(n, c) partial parameter gradients (float64) to sum over n.
 
@@ -134,9 +151,11 @@ def gn_backward(dout, x, mean, std, gamma, count, dx, dgamma_part, dbeta_part, s
             gm = gamma[c]
             pg = 0.0
             pb = 0.0
+            r = x[n, g, cc]
+            dr = dout[n, g, cc]
             for p in range(M):
-                d = dout[n, g, cc, p]
-                xh = (x[n, g, cc, p] - mu) / sd
+                d = dr[u64(p)]
+                xh = (r[u64(p)] - mu) / sd
                 pg += d * xh
                 pb += d
             dgamma_part[n, c] = pg
@@ -151,6 +170,9 @@ def gn_backward(dout, x, mean, std, gamma, count, dx, dgamma_part, dbeta_part, s
         den = GM * sd
         for cc in range(Cg):
             gm = gamma[g * Cg + cc]
+            r = x[n, g, cc]
+            dr = dout[n, g, cc]
+            o = dx[n, g, cc]
             for p in range(M):
-                xh = (x[n, g, cc, p] - mu) / sd
-                dx[n, g, cc, p] = (GM * (dout[n, g, cc, p] * gm) - s1t - xh * s2t) / den
+                xh = (r[u64(p)] - mu) / sd
+                o[u64(p)] = (GM * (dr[u64(p)] * gm) - s1t - xh * s2t) / den

@@ -8,12 +8,15 @@ The forward pass records, for every output, the flat position (h*W + w) of its w
 maximum in row-major order, which the backward pass scatters the gradient to. With ``relu``
 the output is max(max(window), 0) = max over the window of relu(x), and the gradient passes
 only where that output is > 0, exactly as relu followed by max pooling.
+Inner loops index 1-D rows with ``np.uint64`` (no wraparound checks, see _kernels_conv).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+u64 = np.uint64
 
 
 @njit(parallel=True, cache=True)
@@ -25,39 +28,39 @@ def pool_forward(src, layout, N, C, H, W, ph, pw, stride, bias, has_bias, relu, 
     for tt in prange(N * C):
         t = np.int64(tt)
         n = t // C
+        c = t - n * C
         if layout == 0:
-            row = t
+            s = src[t]
             off = 0
         else:
-            row = t - n * C
+            s = src[c]
             off = n * HW
-        c = t - n * C
-        bc = bias[c] if has_bias else src[row, off] - src[row, off]
+        o_t = out[t]
+        i_t = idx[t]
+        bc = bias[c] if has_bias else bias[0] - bias[0]
         for i in range(H_out):
             hs = i * stride
             for j in range(W_out):
                 ws = j * stride
                 pos = hs * W + ws
+                best = s[u64(off + pos)]
                 if has_bias:
-                    best = src[row, off + pos] + bc
-                else:
-                    best = src[row, off + pos]
+                    best += bc
                 bi = pos
                 for a in range(ph):
                     base = (hs + a) * W + ws
                     for b_ in range(pw):
+                        v = s[u64(off + base + b_)]
                         if has_bias:
-                            v = src[row, off + base + b_] + bc
-                        else:
-                            v = src[row, off + base + b_]
+                            v += bc
                         if v > best:
                             best = v
                             bi = base + b_
                 if relu and not best > 0:
                     best = best - best  # +0.0, as np.maximum(x, 0)
                 o = i * W_out + j
-                out[t, o] = best
-                idx[t, o] = bi
+                o_t[u64(o)] = best
+                i_t[u64(o)] = bi
 
 
 @njit(parallel=True, cache=True)
@@ -69,44 +72,46 @@ def pool_forward_2x2(src, layout, N, C, H, W, bias, has_bias, relu, out, idx):
     for tt in prange(N * C):
         t = np.int64(tt)
         n = t // C
+        c = t - n * C
         if layout == 0:
-            row = t
+            s = src[t]
             off = 0
         else:
-            row = t - n * C
+            s = src[c]
             off = n * HW
-        c = t - n * C
-        bc = bias[c] if has_bias else src[row, off] - src[row, off]
+        o_t = out[t]
+        i_t = idx[t]
+        bc = bias[c] if has_bias else bias[0] - bias[0]
         for i in range(H_out):
-            r0 = off + 2 * i * W
+            r0 = 2 * i * W
             r1 = r0 + W
             for j in range(W_out):
                 p = 2 * j
-                v0 = src[row, r0 + p]
-                v1 = src[row, r0 + p + 1]
-                v2 = src[row, r1 + p]
-                v3 = src[row, r1 + p + 1]
+                v0 = s[u64(off + r0 + p)]
+                v1 = s[u64(off + r0 + p + 1)]
+                v2 = s[u64(off + r1 + p)]
+                v3 = s[u64(off + r1 + p + 1)]
                 if has_bias:
                     v0 += bc
                     v1 += bc
                     v2 += bc
                     v3 += bc
                 best = v0
-                bi = 2 * i * W + p
+                bi = r0 + p
                 if v1 > best:
                     best = v1
-                    bi = 2 * i * W + p + 1
+                    bi = r0 + p + 1
                 if v2 > best:
                     best = v2
-                    bi = (2 * i + 1) * W + p
+                    bi = r1 + p
                 if v3 > best:
                     best = v3
-                    bi = (2 * i + 1) * W + p + 1
+                    bi = r1 + p + 1
                 if relu and not best > 0:
                     best = best - best  # +0.0, as np.maximum(x, 0)
                 o = i * W_out + j
-                out[t, o] = best
-                idx[t, o] = bi
+                o_t[u64(o)] = best
+                i_t[u64(o)] = bi
 
 
 @njit(parallel=True, cache=True)
@@ -120,19 +125,23 @@ def pool_backward(dout, idx, out, relu, layout, N, C, H, W, dst, plane_sums):
     for tt in prange(N * C):
         t = np.int64(tt)
         n = t // C
+        c = t - n * C
         if layout == 0:
-            row = t
+            d = dst[t]
             off = 0
         else:
-            row = t - n * C
+            d = dst[c]
             off = n * HW
         for q in range(HW):
-            dst[row, off + q] = 0
+            d[u64(off + q)] = 0
+        g_t = dout[t]
+        i_t = idx[t]
+        o_t = out[t]
         s = 0.0
         for o in range(P_out):
-            if relu and not out[t, o] > 0:
+            if relu and not o_t[u64(o)] > 0:
                 continue
-            g = dout[t, o]
-            dst[row, off + idx[t, o]] += g
+            g = g_t[u64(o)]
+            d[u64(off + i_t[u64(o)])] += g
             s += g
         plane_sums[t] = s

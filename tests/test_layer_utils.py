@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -68,6 +69,16 @@ def naive_conv_norm_relu_pool(norm, x, w, b, gamma, beta, conv_param, norm_args,
 # the notebook's numeric gradient checks (float64)
 
 
+@pytest.fixture
+def one_thread():
+    """Thousands of tiny forward passes: one Numba thread avoids waking the pool for each."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+
+
+
 def _conv_setup(seed=231, shape=(2, 3, 16, 16)):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape)
@@ -76,7 +87,7 @@ def _conv_setup(seed=231, shape=(2, 3, 16, 16)):
     return rng, x, w, b
 
 
-def test_conv_relu_numeric_gradients():
+def test_conv_relu_numeric_gradients(one_thread):
     rng, x, w, b = _conv_setup()
     out, cache = lu.conv_relu_forward(x, w, b, CONV)
     dout = rng.standard_normal(out.shape)
@@ -89,7 +100,7 @@ def test_conv_relu_numeric_gradients():
     _numeric_ok(db_num, db)
 
 
-def test_conv_relu_pool_numeric_gradients():
+def test_conv_relu_pool_numeric_gradients(one_thread):
     rng, x, w, b = _conv_setup()
     out, cache = lu.conv_relu_pool_forward(x, w, b, CONV, POOL)
     assert out.shape == (2, 3, 8, 8)
@@ -104,7 +115,7 @@ def test_conv_relu_pool_numeric_gradients():
     _numeric_ok(db_num, db)
 
 
-def test_conv_bn_relu_pool_numeric_gradients():
+def test_conv_bn_relu_pool_numeric_gradients(one_thread):
     rng, x, w, b = _conv_setup(7, (4, 3, 8, 8))
     gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
 
@@ -129,7 +140,7 @@ def test_conv_bn_relu_pool_numeric_gradients():
             _numeric_ok(n, g, name)
 
 
-def test_conv_gn_relu_pool_numeric_gradients():
+def test_conv_gn_relu_pool_numeric_gradients(one_thread):
     rng, x, w, b = _conv_setup(11, (2, 3, 8, 8))
     w = rng.standard_normal((4, 3, 3, 3))
     b = rng.standard_normal(4)

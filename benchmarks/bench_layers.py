@@ -1,0 +1,262 @@
+"""Fast layers vs PyTorch CPU and vs the naive layers, measured side by side in one run.
+
+    python benchmarks/bench_layers.py [--threads 2] [--repeat 15] [--no-torch]
+
+float32 at the model's shapes (N=50, 32 filters of 7x7 on 3x32x32 images, 2x2 max pool,
+norms on 50x32x32x32); both libraries at the same thread count (Numba's pool, NumPy's BLAS
+and torch.set_num_threads). Each case is timed in interleaved rounds (ours, torch, ours,
+torch, ...) so both see the same machine load; the table gives the median and minimum per
+call and the ratio of medians (ours / torch: below 1.0 means faster than PyTorch).
+PyTorch is only used here, and the comparison is skipped with a message if it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def _parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2, help="threads for Numba, BLAS and torch (default 2)")
+    p.add_argument("--repeat", type=int, default=15, help="timed rounds per case (default 15)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    return p.parse_args()
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None:
+    # BLAS reads its thread count when NumPy loads: set it before the import
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(ARGS.threads))
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(ARGS.threads))
+
+import numpy as np  # noqa: E402
+
+FRESH_PROCESS = r"""
+import time
+t0 = time.perf_counter()
+import numpy as np
+import pipeline.fast_layers as fl
+import pipeline.layer_utils as lu
+t1 = time.perf_counter()
+x = np.random.randn(4, 3, 32, 32).astype(np.float32)
+w = np.random.randn(32, 3, 7, 7).astype(np.float32)
+b = np.zeros(32, np.float32)
+out, cache = lu.conv_relu_pool_forward(x, w, b, {'stride': 1, 'pad': 3},
+                                       {'pool_height': 2, 'pool_width': 2, 'stride': 2})
+lu.conv_relu_pool_backward(np.ones_like(out), cache, compute_dx=False)
+t2 = time.perf_counter()
+from pipeline import _kernels_conv, _kernels_pool, _kernels_norm
+hits = misses = 0
+for mod in (_kernels_conv, _kernels_pool, _kernels_norm):
+    for f in vars(mod).values():
+        st = getattr(f, 'stats', None)
+        if st is not None and hasattr(st, 'cache_hits'):
+            hits += sum(st.cache_hits.values())
+            misses += sum(st.cache_misses.values())
+print(f'{t1 - t0:.3f} {t2 - t1:.3f} {hits} {misses}')
+"""
+
+
+def fresh_process_report():
+    """Import + first call in a new process; run twice so the second sees a warm on-disk cache."""
+    lines = []
+    for attempt in ("first run (may compile)", "fresh process, warm cache"):
+        r = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True,
+                           env=os.environ.copy())
+        if r.returncode:
+            raise SystemExit(r.stderr)
+        imp, call, hits, misses = r.stdout.split()
+        lines.append(f"  {attempt:28s} import {float(imp):6.2f} s   first conv_relu_pool fwd+bwd "
+                     f"{float(call):6.2f} s   numba cache hits {hits}, compilations {misses}")
+    return lines
+
+
+def timeit(fn, repeat):
+    fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
+def side_by_side(fns, repeat):
+    """Interleaved rounds: returns per-function lists of times."""
+    for f in fns:
+        f()
+        f()
+    times = [[] for _ in fns]
+    for _ in range(repeat):
+        for f, ts in zip(fns, times):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    return times
+
+
+def ms(ts):
+    return f"{np.median(ts) * 1e3:8.2f} {np.min(ts) * 1e3:8.2f}"
+
+
+def main():
+    import numba
+
+    numba.set_num_threads(ARGS.threads)
+    from pipeline import fast_layers as fl
+    from pipeline import layer_utils as lu
+    from pipeline import layers as L
+
+    print(f"numpy {np.__version__}, numba {numba.__version__}, threads {ARGS.threads} "
+          f"(numba {numba.get_num_threads()}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')})")
+    print("\nStart-up (subprocess):")
+    for line in fresh_process_report():
+        print(line)
+
+    rng = np.random.default_rng(0)
+    R = ARGS.repeat
+
+    # ---------------------------------------------------------------- fast vs naive (notebook)
+    print("\nFast vs naive at the notebook's shapes (float64, ms: median min):")
+    x = rng.standard_normal((100, 3, 31, 31))
+    w = rng.standard_normal((25, 3, 3, 3))
+    b = rng.standard_normal(25)
+    cp = {"stride": 2, "pad": 1}
+    out, cn = L.conv_forward_naive(x, w, b, cp)
+    _, cf = fl.conv_forward_fast(x, w, b, cp)
+    dout = rng.standard_normal(out.shape)
+    rows = [
+        ("conv forward", lambda: L.conv_forward_naive(x, w, b, cp), lambda: fl.conv_forward_fast(x, w, b, cp)),
+        ("conv backward", lambda: L.conv_backward_naive(dout, cn), lambda: fl.conv_backward_fast(dout, cf)),
+    ]
+    xp = rng.standard_normal((100, 3, 32, 32))
+    pp = {"pool_height": 2, "pool_width": 2, "stride": 2}
+    pout, pn = L.max_pool_forward_naive(xp, pp)
+    _, pf = fl.max_pool_forward_fast(xp, pp)
+    pdout = rng.standard_normal(pout.shape)
+    rows += [
+        ("max pool forward", lambda: L.max_pool_forward_naive(xp, pp), lambda: fl.max_pool_forward_fast(xp, pp)),
+        ("max pool backward", lambda: L.max_pool_backward_naive(pdout, pn), lambda: fl.max_pool_backward_fast(pdout, pf)),
+    ]
+    print(f"  {'':22s} {'naive':>17s} {'fast':>17s} {'speedup':>9s}")
+    for name, naive, fast in rows:
+        tn, tf = timeit(naive, 3), timeit(fast, R)
+        print(f"  {name:22s} {ms(tn)} {ms(tf)} {np.median(tn) / np.median(tf):8.0f}x")
+
+    # ---------------------------------------------------------------- vs torch
+    try:
+        if ARGS.no_torch:
+            raise ImportError("--no-torch")
+        import torch
+    except ImportError as e:
+        print(f"\nPyTorch comparison skipped: {e}")
+        return
+    torch.set_num_threads(ARGS.threads)
+    F_ = torch.nn.functional
+    print(f"\nvs PyTorch {torch.__version__} CPU (float32, {torch.get_num_threads()} threads; ms: median min; "
+          "ratio = ours / torch, medians):")
+    print(f"  {'':44s} {'ours':>17s} {'torch':>17s} {'ratio':>6s}")
+
+    f32 = np.float32
+    x = rng.standard_normal((50, 3, 32, 32)).astype(f32)
+    w = (rng.standard_normal((32, 3, 7, 7)) * 0.1).astype(f32)
+    b = rng.standard_normal(32).astype(f32)
+    cp = {"stride": 1, "pad": 3}
+    pp = {"pool_height": 2, "pool_width": 2, "stride": 2}
+    dout = rng.standard_normal((50, 32, 32, 32)).astype(f32)
+    pdout = rng.standard_normal((50, 32, 16, 16)).astype(f32)
+    tx = torch.from_numpy(x)
+    tw = torch.from_numpy(w).requires_grad_(True)
+    tb = torch.from_numpy(b).requires_grad_(True)
+    tdout, tpdout = torch.from_numpy(dout), torch.from_numpy(pdout)
+
+    def ours_conv(dx):
+        def f():
+            o, c = fl.conv_forward_fast(x, w, b, cp)
+            fl.conv_backward_fast(dout, c, compute_dx=dx)
+        return f
+
+    def torch_conv(dx):
+        xin = tx.clone().requires_grad_(dx)
+
+        def f():
+            tw.grad = tb.grad = xin.grad = None
+            F_.conv2d(xin, tw, tb, stride=1, padding=3).backward(tdout)
+        return f
+
+    def ours_conv_fwd():
+        fl.conv_forward_fast(x, w, b, cp)
+
+    def torch_conv_fwd():
+        with torch.no_grad():
+            F_.conv2d(tx, tw, tb, stride=1, padding=3)
+
+    xpool = rng.standard_normal((50, 32, 32, 32)).astype(f32)
+    txpool = torch.from_numpy(xpool).requires_grad_(True)
+
+    def ours_pool():
+        o, c = fl.max_pool_forward_fast(xpool, pp)
+        fl.max_pool_backward_fast(pdout, c)
+
+    def torch_pool():
+        txpool.grad = None
+        F_.max_pool2d(txpool, 2, 2).backward(tpdout)
+
+    def ours_crp(dx):
+        def f():
+            o, c = lu.conv_relu_pool_forward(x, w, b, cp, pp)
+            lu.conv_relu_pool_backward(pdout, c, compute_dx=dx)
+        return f
+
+    def torch_crp(dx):
+        xin = tx.clone().requires_grad_(dx)
+
+        def f():
+            tw.grad = tb.grad = xin.grad = None
+            F_.max_pool2d(F_.relu(F_.conv2d(xin, tw, tb, stride=1, padding=3)), 2, 2).backward(tpdout)
+        return f
+
+    gamma = (1 + 0.1 * rng.standard_normal(32)).astype(f32)
+    beta = (0.1 * rng.standard_normal(32)).astype(f32)
+    tg = torch.from_numpy(gamma).requires_grad_(True)
+    tbt = torch.from_numpy(beta).requires_grad_(True)
+    G = 4
+
+    def ours_bn():
+        o, c = fl.spatial_batchnorm_forward_fast(xpool, gamma, beta, {"mode": "train"})
+        fl.spatial_batchnorm_backward_fast(dout, c)
+
+    def torch_bn():
+        txpool.grad = tg.grad = tbt.grad = None
+        F_.batch_norm(txpool, None, None, tg, tbt, training=True).backward(tdout)
+
+    def ours_gn():
+        o, c = fl.spatial_groupnorm_forward_fast(xpool, gamma, beta, G, {})
+        fl.spatial_groupnorm_backward_fast(dout, c)
+
+    def torch_gn():
+        txpool.grad = tg.grad = tbt.grad = None
+        F_.group_norm(txpool, G, tg, tbt).backward(tdout)
+
+    cases = [
+        ("conv forward only (50x3x32x32, 32x3x7x7)", ours_conv_fwd, torch_conv_fwd),
+        ("conv fwd+bwd, no dx", ours_conv(False), torch_conv(False)),
+        ("conv fwd+bwd, with dx", ours_conv(True), torch_conv(True)),
+        ("max pool 2x2 fwd+bwd (50x32x32x32)", ours_pool, torch_pool),
+        ("conv_relu_pool fwd+bwd, no dx", ours_crp(False), torch_crp(False)),
+        ("conv_relu_pool fwd+bwd, with dx", ours_crp(True), torch_crp(True)),
+        ("spatial batch norm fwd+bwd (50x32x32x32)", ours_bn, torch_bn),
+        (f"group norm G={G} fwd+bwd (50x32x32x32)", ours_gn, torch_gn),
+    ]
+    for name, ours, theirs in cases:
+        to, tt = side_by_side([ours, theirs], R)
+        print(f"  {name:44s} {ms(to)} {ms(tt)} {np.median(to) / np.median(tt):6.2f}")
+
+
+if __name__ == "__main__":
+    main()
