@@ -125,7 +125,7 @@ def test_decode_image_errors(tmp_path):
         S.decode_image(buf.getvalue(), "x.png")
     buf = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buf, "BMP")
-    with pytest.raises(DataError, match="BMP image"):
+    with pytest.raises(DataError, match="y.png: not a JPEG or PNG image"):
         S.decode_image(buf.getvalue(), "y.png")
     with pytest.raises(DataError, match="cannot decode"):
         S.decode_image(b"garbage", "z.jpg")
