@@ -1,0 +1,119 @@
+"""One training epoch in one process: convpipe's Solver vs the same network in PyTorch.
+
+ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500, reg=1e-3), Adam 1e-3, float32, on the
+train split of a store (49,000 CIFAR-10 images by default), 2 threads for both. Prints epoch
+time, images/s, training and validation accuracy, and the ratio convpipe / PyTorch measured
+in this same run (PyTorch only when installed; it is never a convpipe dependency).
+
+    python benchmarks/bench_epoch.py [--store data/cifar10.zarr] [--batch-size 50] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--store", default="data/cifar10.zarr")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import numpy as np
+
+    from pipeline.data_utils import get_CIFAR10_data
+
+    data = get_CIFAR10_data(store=args.store, num_test=0)
+    if args.train_limit:
+        data["X_train"], data["y_train"] = data["X_train"][: args.train_limit], data["y_train"][: args.train_limit]
+    n = data["X_train"].shape[0]
+    print(f"{n} training images, batch {args.batch_size}, {args.threads} threads, float32")
+
+    ours = run_convpipe(data, args.batch_size)
+    report("convpipe (Numba)", n, ours)
+    if args.no_torch:
+        return
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("PyTorch not installed: no comparison (pip install torch==2.13.0)")
+        return
+    theirs = run_torch(data, args.batch_size, args.threads)
+    report(f"PyTorch {torch.__version__}", n, theirs)
+    print(f"ratio convpipe / PyTorch epoch time: {ours['seconds'] / theirs['seconds']:.2f}x")
+
+
+def report(name, n, r):
+    print(f"{name:>22}: epoch {r['seconds']:6.1f} s  {n / r['seconds']:7.0f} images/s  "
+          f"train acc {r['train_acc']:.3f}  val acc {r['val_acc']:.3f}")
+
+
+def run_convpipe(data, batch_size):
+    import numpy as np
+
+    from pipeline.cnn import ThreeLayerConvNet
+    from pipeline.solver import Solver
+
+    np.random.seed(0)
+    model = ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500, reg=1e-3, dtype=np.float32)
+    solver = Solver(model, data, num_epochs=1, batch_size=batch_size, update_rule="adam",
+                    optim_config={"learning_rate": 1e-3}, verbose=False)
+    model.loss(data["X_train"][:2], data["y_train"][:2])  # JIT / cache load outside the timing
+    start = time.perf_counter()
+    solver.train()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "train_acc": solver.train_acc_history[-1], "val_acc": solver.val_acc_history[-1]}
+
+
+def run_torch(data, batch_size, threads):
+    import numpy as np
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 7, padding=3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(32 * 16 * 16, 500), nn.ReLU(), nn.Linear(500, 10),
+    )
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.normal_(0, 1e-3)
+                m.bias.zero_()
+    weights = [m.weight for m in net if isinstance(m, (nn.Conv2d, nn.Linear))]
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    X, y = torch.from_numpy(data["X_train"]), torch.from_numpy(data["y_train"])
+    rng = np.random.default_rng(0)
+    iterations = max(X.shape[0] // batch_size, 1)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        idx = torch.from_numpy(rng.choice(X.shape[0], batch_size))
+        loss = nn.functional.cross_entropy(net(X[idx]), y[idx])
+        loss = loss + 0.5 * 1e-3 * sum((w * w).sum() for w in weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def accuracy(Xa, ya, limit=1000):
+        with torch.no_grad():
+            Xa, ya = torch.from_numpy(Xa[:limit]), torch.from_numpy(ya[:limit])
+            return float((net(Xa).argmax(1) == ya).float().mean())
+
+    train_acc = accuracy(data["X_train"], data["y_train"])
+    val_acc = accuracy(data["X_val"], data["y_val"])
+    return {"seconds": time.perf_counter() - start, "train_acc": train_acc, "val_acc": val_acc}
+
+
+if __name__ == "__main__":
+    main()
