@@ -1,0 +1,38 @@
+# convpipe's image: the package with Dask and Zarr, and Numba's kernels compiled into its cache,
+# so that every scheduler, worker and job container starts without compiling anything.
+#
+#   docker build -t convpipe .          (docker-compose.yml builds it for you)
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    # Numba's on-disk cache, filled below, in a place every user of the image can read
+    NUMBA_CACHE_DIR=/opt/numba-cache \
+    # one thread per worker process: Dask runs one process per container, one task at a time
+    NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+WORKDIR /srv/convpipe
+
+# dependencies first (a layer that survives code changes), then the package itself
+COPY pyproject.toml README.md ./
+COPY pipeline ./pipeline
+RUN pip install . \
+ && python -c "import pipeline, distributed, zarr, numba; print('convpipe', pipeline.__version__)"
+
+# compile every kernel once (cache=True); a host with another CPU recompiles into the same
+# cache, so it stays writable
+RUN python -m pipeline.warmup \
+ && chmod -R a+rwX "$NUMBA_CACHE_DIR"
+
+COPY jobs ./jobs
+
+# an unprivileged user; the data root (a shared volume in docker-compose.yml) belongs to it
+RUN useradd --uid 1000 --user-group --create-home convpipe \
+ && mkdir -p data \
+ && chown convpipe:convpipe data
+USER convpipe
+
+# the compose services choose their command: dask scheduler, dask worker, convpipe ...
+CMD ["convpipe", "--help"]

@@ -1,0 +1,177 @@
+"""TLS with client certificates: a scheduler started with TLS refuses a client without the
+cluster's certificate, and a client holding it trains (directly and as a submitted job)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.cluster import ClusterError, connect
+from pipeline.jobs import security as sec
+from pipeline.jobs.security import TLSConfigError, TLSFiles, security_for
+from tests.jobs_helpers import TINY_SETS, TINY_TRAIN, ProcessCluster, convpipe, wait_status
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_certs(directory: Path) -> dict[str, str]:
+    """A throwaway CA with scheduler/worker/client certificates: ``cryptography`` if installed
+    (what ``convpipe certs`` uses), else the openssl command."""
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        return _openssl_certs(directory)
+    return {k: str(v) for k, v in sec.make_certificates(directory).items()}
+
+
+def _openssl_certs(d: Path) -> dict[str, str]:
+    if not shutil.which("openssl"):
+        pytest.skip("neither the cryptography package nor the openssl command is available")
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+        "ca-key.pem", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test CA")
+    paths = {"ca": str(d / "ca.pem"), "ca-key": str(d / "ca-key.pem")}
+    (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for role in ("scheduler", "worker", "client"):
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
+            f"{role}-key.pem", "-out", f"{role}.csr", "-subj", f"/CN={role}")
+        run("x509", "-req", "-in", f"{role}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+            "-out", f"{role}.pem", "-days", "2", "-extfile", "ext.cnf")
+        paths[role], paths[f"{role}-key"] = str(d / f"{role}.pem"), str(d / f"{role}-key.pem")
+    return paths
+
+
+def tls_env(certs: dict) -> dict:
+    return {"CONVPIPE_TLS_CA_FILE": certs["ca"], "CONVPIPE_TLS_CERT": certs["client"],
+            "CONVPIPE_TLS_KEY": certs["client-key"]}
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory):
+    from tests.dist_fixtures import make_store
+
+    work = tmp_path_factory.mktemp("tls")
+    certs = make_certs(work / "certs")
+    make_store(work / "data" / "cifar10.zarr")
+    with ProcessCluster(work, n_workers=2, tls=certs, env={"CONVPIPE_TLS_CA_FILE": "", "CONVPIPE_TLS_CERT": "",
+                                                             "CONVPIPE_TLS_KEY": ""}) as pc:
+        yield pc, certs, work
+
+
+# ---------------------------------------------------------------- refused
+
+def test_a_client_without_a_certificate_is_refused(tls_cluster, monkeypatch):
+    pc, certs, work = tls_cluster
+    for var in sec.ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CONVPIPE_CONFIG", str(work / "no-config.toml"))
+    (work / "no-config.toml").write_text("")
+    env = {**{v: "" for v in sec.ENV.values()}, "CONVPIPE_CONFIG": str(work / "no-config.toml")}
+
+    # no certificate at all: convpipe says so before connecting
+    r = convpipe("status", "--scheduler", pc.address, cwd=work, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "uses TLS but no client certificate is configured" in r.stderr
+
+    # plain TCP to the TLS port: the scheduler drops the connection
+    plain = pc.address.replace("tls://", "tcp://")
+    r = convpipe("status", "--scheduler", plain, "--timeout", "3", cwd=work, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"cannot reach the Dask scheduler at {plain}" in r.stderr
+
+    # a certificate from another CA: the scheduler refuses the handshake
+    other = make_certs(work / "other-certs")
+    r = convpipe("status", "--scheduler", pc.address, "--timeout", "3", cwd=work, env=tls_env(other))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert f"cannot reach the Dask scheduler at {pc.address}" in r.stderr
+    assert "TLS handshake failed" in pc.log("scheduler")
+
+    # and from Python: the same refusal, nothing submitted
+    with pytest.raises(ClusterError, match="cannot reach the Dask scheduler"):
+        with connect(pc.address, security=TLSFiles(other["ca"], other["client"], other["client-key"], "t").security(),
+                     timeout=3):
+            pass
+
+
+# ---------------------------------------------------------------- accepted
+
+def test_a_client_with_the_certificate_trains_and_submits(tls_cluster):
+    pc, certs, work = tls_cluster
+    env = tls_env(certs)
+    r = convpipe("train", "--scheduler", pc.address, "--out", "data/runs/tls-direct", "--steps", "3", *TINY_TRAIN,
+                 cwd=work, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((work / "data" / "runs" / "tls-direct" / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["workers"] == 2
+
+    sets = [a for s in TINY_SETS for a in ("--set", s)]
+    r = convpipe("submit", REPO / "jobs" / "train-three-layer.toml", "--scheduler", pc.address, "--set", "steps=3",
+                 *sets, cwd=work, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    job = r.stdout.split()[0]
+    status = wait_status(job, pc.address, work, env=env)
+    assert status["state"] == "done", status
+    assert status["worker"].startswith("tls://")
+    assert (Path(status["run_dir"]) / "params.npz").exists()
+
+
+# ---------------------------------------------------------------- where the certificate comes from
+
+def test_tls_files_come_from_spec_then_env_then_config_file(tmp_path, monkeypatch):
+    for var in sec.ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("CONVPIPE_CONFIG", str(tmp_path / "config.toml"))
+    for name in ("ca.pem", "c.pem", "k.pem"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "config.toml").write_text("")
+    assert sec.find_tls() is None or sec.find_tls().origin.startswith("Dask")
+    (tmp_path / "config.toml").write_text('scheduler = "tls://h:8786"\n[tls]\nca-file = "ca.pem"\ncert = "c.pem"\n'
+                                          'key = "k.pem"\n')
+    found = sec.find_tls()
+    assert found.origin.startswith("config file") and found.ca_file == str(tmp_path / "ca.pem")
+    monkeypatch.setenv("CONVPIPE_TLS_CA_FILE", "/e/ca.pem")
+    with pytest.raises(TLSConfigError, match="missing CONVPIPE_TLS_CERT, CONVPIPE_TLS_KEY"):
+        sec.find_tls()
+    monkeypatch.setenv("CONVPIPE_TLS_CERT", "/e/c.pem")
+    monkeypatch.setenv("CONVPIPE_TLS_KEY", "/e/k.pem")
+    assert sec.find_tls().origin == "the environment"
+    explicit = TLSFiles("a", "b", "c", "job spec")
+    assert sec.find_tls(explicit) is explicit
+    with pytest.raises(TLSConfigError, match="does not exist"):
+        security_for("tls://h:1", explicit)
+    with pytest.raises(TLSConfigError, match="not a tls:// address"):
+        security_for("tcp://h:1", explicit)
+    assert security_for("tcp://h:1") is None
+
+
+def test_a_malformed_config_file_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CONVPIPE_CONFIG", str(tmp_path / "config.toml"))
+    (tmp_path / "config.toml").write_text("[tls\n")
+    with pytest.raises(TLSConfigError, match="config.toml"):
+        sec.read_config()
+    monkeypatch.setenv("CONVPIPE_CONFIG", str(tmp_path / "absent.toml"))
+    with pytest.raises(TLSConfigError, match="does not exist"):
+        sec.read_config()
+
+
+def test_convpipe_certs_writes_a_working_set(tmp_path):
+    pytest.importorskip("cryptography")
+    r = convpipe("certs", tmp_path / "certs", "--host", "scheduler", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in (tmp_path / "certs").iterdir())
+    assert files == ["ca-key.pem", "ca.pem", "client-key.pem", "client.pem", "scheduler-key.pem", "scheduler.pem",
+                     "worker-key.pem", "worker.pem"]
+    assert oct((tmp_path / "certs" / "client-key.pem").stat().st_mode & 0o777) == "0o600"
+    from cryptography import x509
+
+    ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.pem").read_bytes())
+    client = x509.load_pem_x509_certificate((tmp_path / "certs" / "client.pem").read_bytes())
+    client.verify_directly_issued_by(ca)
