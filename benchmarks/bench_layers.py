@@ -24,6 +24,7 @@ def _parse():
     p.add_argument("--threads", type=int, default=2, help="threads for Numba, BLAS and torch (default 2)")
     p.add_argument("--repeat", type=int, default=15, help="timed rounds per case (default 15)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--no-naive", action="store_true", help="skip the comparison with the naive layers")
     return p.parse_args()
 
 
@@ -113,7 +114,8 @@ def main():
     from pipeline import layers as L
 
     print(f"numpy {np.__version__}, numba {numba.__version__}, threads {ARGS.threads} "
-          f"(numba {numba.get_num_threads()}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')})")
+          f"(numba {numba.get_num_threads()}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}), "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other processes share the machine)")
     print("\nStart-up (subprocess):")
     for line in fresh_process_report():
         print(line)
@@ -122,6 +124,13 @@ def main():
     R = ARGS.repeat
 
     # ---------------------------------------------------------------- fast vs naive (notebook)
+    if not ARGS.no_naive:
+        naive_report(fl, L, rng, R)
+    torch_report(fl, lu, rng, R)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+
+
+def naive_report(fl, L, rng, R):
     print("\nFast vs naive at the notebook's shapes (float64, ms: median min):")
     x = rng.standard_normal((100, 3, 31, 31))
     w = rng.standard_normal((25, 3, 3, 3))
@@ -146,9 +155,11 @@ def main():
     print(f"  {'':22s} {'naive':>17s} {'fast':>17s} {'speedup':>9s}")
     for name, naive, fast in rows:
         tn, tf = timeit(naive, 3), timeit(fast, R)
-        print(f"  {name:22s} {ms(tn)} {ms(tf)} {np.median(tn) / np.median(tf):8.0f}x")
+        print(f"  {name:22s} {ms(tn)} {ms(tf)} {np.median(tn) / np.median(tf):8.1f}x")
 
-    # ---------------------------------------------------------------- vs torch
+
+
+def torch_report(fl, lu, rng, R):
     try:
         if ARGS.no_torch:
             raise ImportError("--no-torch")

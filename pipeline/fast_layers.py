@@ -148,8 +148,10 @@ def _conv_core_backward(dout2, core, compute_dx):
 
 
 def _check_bias(b, F):
+    """b as an array, raising unless its shape is (F,) (F None: w is not 4-D, checked later)."""
     b = np.asarray(b)
-    _check_shape("b", b, (F,))
+    if F is not None:
+        _check_shape("b", b, (F,))
     return b
 
 
@@ -170,10 +172,9 @@ def conv_forward_fast(x, w, b, conv_param):
 
 
 def _conv_forward(x, w, b, conv_param, relu):
-    w_shape = np.shape(w)
+    b = _check_bias(b, np.shape(w)[0] if np.ndim(w) == 4 else None)
     out2, core = _conv_core_forward(x, w, conv_param)
     N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
-    b = _check_bias(b, F)
     dtype = out2.dtype
     out = np.empty((N, F, H_out, W_out), dtype=dtype)
     _launch(kc.bias_to_nchw, out.size, out2, _as(b, dtype), relu, out.reshape(N, F, H_out * W_out))

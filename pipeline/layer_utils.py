@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline import fast_layers as fl
 from pipeline.layers import affine_forward, relu_forward
+from pipeline.shapes import check_bn_mode, check_groups, conv_output_shape, pool_output_shape, require_ndim
 
 __all__ = [
     "affine_relu_forward",
@@ -33,6 +34,13 @@ __all__ = [
     "conv_gn_relu_pool_forward",
     "conv_gn_relu_pool_backward",
 ]
+
+
+def _check_conv_pool(x, w, conv_param, pool_param) -> None:
+    """Check every shape before any work: conv arguments, then the pool on the conv's output."""
+    require_ndim("x", x, 4, "(N, C, H, W)")
+    require_ndim("w", w, 4, "(F, C, HH, WW)")
+    pool_output_shape(conv_output_shape(np.shape(x), np.shape(w), conv_param), pool_param)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,10 +138,10 @@ def conv_relu_pool_forward(x, w, b, conv_param, pool_param):
     - out: max_pool(relu(conv(x, w) + b)), shape (N, F, H'', W''), dtype of x
     - cache: for conv_relu_pool_backward
     """
-    w_shape = np.shape(w)
+    _check_conv_pool(x, w, conv_param, pool_param)
+    b = fl._check_bias(b, np.shape(w)[0])
     out2, core = fl._conv_core_forward(x, w, conv_param)
     N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
-    b = fl._check_bias(b, F)
     dtype = out2.dtype
     out, idx = fl._pool_forward(out2, 1, N, F, H_out, W_out, pool_param,
                                 fl._as(b, dtype), True, dtype)
@@ -178,6 +186,8 @@ def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_p
     - out: shape (N, F, H'', W''), dtype of x
     - cache: for conv_bn_relu_pool_backward (only usable after a train-mode forward pass)
     """
+    _check_conv_pool(x, w, conv_param, pool_param)
+    check_bn_mode(bn_param.get("mode"))
     a, conv_cache = fl.conv_forward_fast(x, w, b, conv_param)
     an, bn_cache = fl.spatial_batchnorm_forward_fast(a, gamma, beta, bn_param)
     out, pool_cache = fl._max_pool_forward(an, pool_param, relu=True)
@@ -216,6 +226,8 @@ def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, poo
     - out: shape (N, F, H'', W''), dtype of x
     - cache: for conv_gn_relu_pool_backward
     """
+    _check_conv_pool(x, w, conv_param, pool_param)
+    check_groups(np.shape(w)[0], G)
     a, conv_cache = fl.conv_forward_fast(x, w, b, conv_param)
     an, gn_cache = fl.spatial_groupnorm_forward_fast(a, gamma, beta, G, gn_param)
     out, pool_cache = fl._max_pool_forward(an, pool_param, relu=True)
