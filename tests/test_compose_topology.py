@@ -1,0 +1,162 @@
+"""The docker-compose topology from real processes: ``dask scheduler`` and two ``dask worker``
+processes on 127.0.0.1, started with the compose services' own commands; then ``convpipe data
+prepare --scheduler``, ``convpipe train --scheduler`` and ``convpipe submit`` against them, run
+as a user runs them. The tests run in order on one cluster; the last one kills its scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.checkpoint import load_checkpoint
+from tests.jobs_helpers import TINY_SETS, TINY_TRAIN, ProcessCluster, convpipe, convpipe_exe, wait_status
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 16
+SETTINGS = [*TINY_TRAIN, "--steps", str(STEPS), "--checkpoint-every", "2"]
+SETS = [a for s in [*TINY_SETS, f"steps={STEPS}", "checkpoint-every=2"] for a in ("--set", s)]
+RUN_FILES = {"config.json", "metrics.jsonl", "params.npz", "summary.json", "curves.png", "filters.png", "checkpoints"}
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def topo(tmp_path_factory):
+    from tests.data_fixtures import write_cifar_archive
+
+    work = tmp_path_factory.mktemp("compose")
+    (work / "data").mkdir()
+    archive, _ = write_cifar_archive(work / "src", per_batch=40, n_test=40)
+    with ProcessCluster(work, n_workers=2) as pc:
+        r = convpipe("data", "prepare", "--source", archive, "--out", "data/cifar10.zarr", "--val", "20",
+                     "--chunk", "40", "--no-verify", "--scheduler", pc.address, "--quiet", cwd=work)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (work / "data" / "cifar10.zarr" / "zarr.json").exists()
+        yield pc, work
+
+
+def params(run_dir: Path) -> dict:
+    with np.load(run_dir / "params.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def same_params(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def submit(pc, work, *extra) -> str:
+    r = convpipe("submit", REPO / "jobs" / "train-three-layer.toml", "--scheduler", pc.address, *SETS, *extra,
+                 cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.split()[0]
+
+
+def test_train_then_submit_give_the_same_run(topo):
+    pc, work = topo
+    r = convpipe("train", "--scheduler", pc.address, "--data", "data/cifar10.zarr", "--out", "data/runs/direct",
+                 *SETTINGS, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    direct = work / "data" / "runs" / "direct"
+    assert RUN_FILES <= {p.name for p in direct.iterdir()}
+
+    job = submit(pc, work)  # the submitting command has exited: the job runs on the cluster
+    status = wait_status(job, pc.address, work)
+    assert status["state"] == "done", status
+    run = Path(status["run_dir"])
+    assert run == work / "data" / "runs" / job
+    assert RUN_FILES <= {p.name for p in run.iterdir()}
+    assert same_params(params(run), params(direct))
+    assert json.loads((run / "summary.json").read_text())["steps"] == STEPS
+    r = convpipe("logs", job, "--scheduler", pc.address, cwd=work)
+    assert f"start: step 0/{STEPS}" in r.stdout and "done: train_acc" in r.stdout
+
+
+def test_two_jobs_at_once_keep_to_themselves(topo):
+    pc, work = topo
+    a = submit(pc, work, "--set", "name=job-a")
+    b = submit(pc, work, "--set", "name=job-b", "--set", "seed=7", "--set", "norm=groupnorm")
+    sa, sb = wait_status(a, pc.address, work), wait_status(b, pc.address, work)
+    assert sa["state"] == sb["state"] == "done", (sa, sb)
+    assert sa["started"] <= sb["finished"] and sb["started"] <= sa["finished"]  # they overlapped
+    ra, rb = Path(sa["run_dir"]), Path(sb["run_dir"])
+    assert ra != rb
+    # a's parameters are exactly those of the same settings trained alone
+    assert same_params(params(ra), params(work / "data" / "runs" / "direct"))
+    assert json.loads((rb / "config.json").read_text())["norm"] == "groupnorm"
+    assert "gamma1" in params(rb) and "gamma1" not in params(ra)
+    log_a = (work / "data" / "jobs" / a / "job.log").read_text()
+    log_b = (work / "data" / "jobs" / b / "job.log").read_text()
+    assert str(rb) not in log_a and str(ra) not in log_b
+    r = convpipe("status", "--scheduler", pc.address, cwd=work)
+    assert a in r.stdout and b in r.stdout
+
+
+def test_a_killed_coordinator_is_reported_and_resumed_with_one_command(topo):
+    pc, work = topo
+    job = submit(pc, work, "--set", "name=victim")
+    job_dir = work / "data" / "jobs" / job
+    ckpts = work / "data" / "runs" / job / "checkpoints"
+    deadline = time.monotonic() + 60
+    while not (ckpts.is_dir() and any(ckpts.glob("step-*.npz"))):
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.02)
+    status = json.loads((job_dir / "status.json").read_text())
+    assert status["state"] == "running"
+    os.kill(status["pid"], signal.SIGKILL)  # the worker process running the coordinator
+
+    failed = wait_status(job, pc.address, work, states=("failed",), timeout=60)
+    assert "died" in failed["reason"] and status["worker"] in failed["reason"]
+    r = convpipe("status", job, "--scheduler", pc.address, cwd=work)
+    assert "state:     failed" in r.stdout and f"convpipe resume {job}" in r.stdout
+
+    pc.wait_for_workers(2)  # the nanny has restarted the killed worker
+    r = convpipe("resume", job, "--scheduler", pc.address, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = wait_status(job, pc.address, work)
+    assert done["state"] == "done" and done["attempt"] == 2, done
+    assert same_params(params(work / "data" / "runs" / job), params(work / "data" / "runs" / "direct"))
+    log = (job_dir / "job.log").read_text()
+    assert "resumed at step" in log and "failed: the worker running the coordinator" in log
+
+
+def test_scheduler_gone_mid_job_is_one_line_and_keeps_everything(topo):
+    pc, work = topo
+    job = submit(pc, work, "--set", "steps=100000", "--set", "name=orphan")
+    follow = subprocess.Popen([*convpipe_exe(), "logs", job, "--follow", "--scheduler", pc.address], cwd=work,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = follow.stdout.readline()  # the follower is connected and reading the job's log
+    assert job in first or "submitted by" in first, first
+    ckpts = work / "data" / "runs" / job / "checkpoints"
+    deadline = time.monotonic() + 60
+    while not (ckpts.is_dir() and len(list(ckpts.glob("step-*.npz"))) >= 2):
+        assert time.monotonic() < deadline, "no checkpoints"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    pc.kill_scheduler()
+    try:
+        out, err = follow.communicate(timeout=60)
+    finally:
+        follow.kill()
+    assert follow.returncode == 2, (out[-2000:], err[-2000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"convpipe: error: lost the Dask scheduler at {pc.address}")
+    assert str(work / "data" / "jobs" / job) in lines[0]
+    # what was written is still there and readable
+    time.sleep(1.0)
+    kept = sorted(ckpts.glob("step-*.npz"))
+    assert kept
+    arrays, meta = load_checkpoint(kept[-1])
+    assert meta["step"] >= 2 and "params/W1" in arrays
+    assert (work / "data" / "jobs" / job / "job.log").read_text().count("\n") >= 3
+    status = json.loads((work / "data" / "jobs" / job / "status.json").read_text())
+    assert status["job"] == job and status["state"] in ("running", "failed")
+    r = convpipe("status", job, "--root", "data", cwd=work)
+    assert r.returncode == 0 and job in r.stdout
