@@ -186,3 +186,20 @@ def test_download_http(http_server, tmp_path):
     with pytest.raises(DataError, match="expected c58f30108f718f92721af3b95e74349a; nothing was saved"):
         download(f"{base}/cifar-10-python.tar.gz", bad, md5=S.OFFICIAL_MD5)
     assert list(bad.parent.iterdir()) == []
+
+
+def test_image_tar_truncated_and_layout(tmp_path):
+    root = tmp_path / "img"
+    make_image_folder(root, per_class_train=20, per_class_test=2, fmt="PNG")
+    t = tar_dir(root, tmp_path / "img.tar.gz")
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(t.read_bytes()[: t.stat().st_size // 2])
+    with pytest.raises(DataError, match="cut.tar.gz: truncated or corrupt archive"):
+        S.list_image_folder(S.classify(cut))
+    listing = S.list_image_folder(S.classify(t))
+    assert listing.md5 == hashlib.md5(t.read_bytes()).hexdigest()
+    assert len(listing.blobs) == 66 and listing.items["test"][0] == ("test/bird/0000.png", 0)
+    (root / "train" / "stray.png").write_bytes(b"x")
+    t2 = tar_dir(root, tmp_path / "img2.tar")
+    with pytest.raises(DataError, match="train/stray.png is not in a class folder"):
+        S.list_image_folder(S.classify(t2))

@@ -111,3 +111,19 @@ def test_reopen_after_replacement(tmp_path):
     assert s.splits["train"] == 30
     np.testing.assert_array_equal(s.read("train", [0, 1])[1], t2["train"][1][:2])
     assert a.shape == (2,)
+
+
+def test_concurrent_reads_fill_cache_once(tmp_path):
+    """Worker threads reading at once from a cold cache all get exact batches."""
+    from concurrent.futures import ThreadPoolExecutor
+    p = tmp_path / "s.zarr"
+    truth = make_store(p, {"train": 400, "val": 10, "test": 10}, chunk=32, seed=3)
+    clear_cache()
+    s = open_store(p)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 400, 50) for _ in range(16)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda idx: s.read("train", idx), batches))
+    for idx, (X, y) in zip(batches, results):
+        np.testing.assert_array_equal(y, truth["train"][1][idx])
+        np.testing.assert_array_equal(X, truth["train"][0][idx].astype(np.float32) - truth["mean"])

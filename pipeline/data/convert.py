@@ -1,17 +1,21 @@
 """`prepare`: convert a CIFAR-10 source or an image folder into a store, as a Dask job.
 
-The coordinator (this process) finds or downloads the source, reads an archive once
-(staging its batches, or an image tar's files, beside the store), and plans the output:
-for each split, chunk-aligned row ranges. Each range is a task on the cluster (the
-embedded LocalCluster by default, or the scheduler at an address): the worker reads the
-source rows it needs, checks them, and writes its chunks of ``images`` and ``labels``
-itself; no two tasks write one chunk. Tasks of the train split return the pixel sums from
-which the coordinator computes the mean image.
+CIFAR-10: the coordinator (this process) finds or downloads the source and reads the archive
+once, in a thread, while the cluster starts (the embedded LocalCluster by default, or the
+scheduler at an address). Each batch is handed to a worker as soon as it is out of the
+archive: the worker unpickles it with the restricted unpickler, checks it, and keeps its
+pixels as a raw .npy beside the store. Then, for each split, chunk-aligned row ranges are
+tasks: the worker slices the rows it needs and writes its chunks of ``images`` and
+``labels`` itself; no two tasks write one chunk. Image folders: the coordinator lists the
+folder (or reads the tar once, in memory) and each task decodes and writes a range of
+images. Tasks of the train split return pixel sums, from which the coordinator computes
+the mean image.
 
-Everything is written to ``STORE.partial-<pid>-<id>`` and renamed to ``STORE`` only once
-complete (attributes with ``complete: true`` last), so an interrupted conversion never
-leaves a store that looks complete. A complete store is left alone unless ``force``; with
-``force`` the old store is removed only after the new one is complete.
+Everything is written to ``STORE.partial-<pid>-<id>`` (and ``STORE.staging-<pid>-<id>``)
+and renamed to ``STORE`` only once complete (attributes with ``complete: true`` last), so
+an interrupted conversion never leaves a store that looks complete. A complete store is
+left alone unless ``force``; with ``force`` the old store is removed only after the new one
+is complete.
 
 With a remote scheduler, the workers must see the store's folder (and the source, for a
 folder source) at the same paths as this process.
@@ -23,6 +27,7 @@ import concurrent.futures
 import datetime as _dt
 import hashlib
 import os
+import queue
 import shutil
 import time
 import uuid
@@ -97,30 +102,29 @@ def _guarded(fn):
     return task
 
 
-def _scan_batch(path: str, name: str, n_classes: int) -> int:
-    """Check one batch (safe unpickling, shapes, label range); return its number of images."""
-    X, _ = S.read_batch(Path(path), name, n_classes)
-    return len(X)
+def _stage_batch(path: str, name: str, dest: str, remove_source: bool) -> tuple[int, np.ndarray]:
+    """Unpickle one batch safely and check it; save its pixels as a raw (n, 3072) uint8 .npy
+    at ``dest`` (read back by slices, no unpickling); return (n, labels int64)."""
+    X, y = S.read_batch(Path(path), name, None)
+    np.save(dest, X.reshape(len(X), -1), allow_pickle=False)
+    if remove_source:
+        os.unlink(path)
+    return len(X), y
 
 
-_scan_batch = _guarded(_scan_batch)
+_stage_batch = _guarded(_stage_batch)
 
 
-def _write_cifar(store: str, split: str, start: int, segments: list, n_classes: int,
-                 want_sum: bool) -> tuple[int, np.ndarray | None]:
-    """Rows ``start:start+n`` of ``split`` from ``segments`` [(path, name, lo, hi)]."""
-    xs, ys = [], []
-    for path, name, lo, hi in segments:
-        X, y = S.read_batch(Path(path), name, n_classes)
-        xs.append(X[lo:hi])
-        ys.append(y[lo:hi])
-    X = xs[0] if len(xs) == 1 else np.concatenate(xs)
-    y = ys[0] if len(ys) == 1 else np.concatenate(ys)
-    write_block(store, split, start, X, y)
+def _write_rows(store: str, split: str, start: int, segments: list, labels: np.ndarray,
+                want_sum: bool) -> tuple[int, np.ndarray | None]:
+    """Rows ``start:start+n`` of ``split``: pixels from ``segments`` [(npy path, lo, hi)]."""
+    parts = [np.load(p, mmap_mode="r", allow_pickle=False)[lo:hi] for p, lo, hi in segments]
+    X = np.concatenate(parts).reshape(-1, *IMAGE_SHAPE)
+    write_block(store, split, start, X, labels)
     return len(X), (X.reshape(len(X), -1).sum(axis=0, dtype=np.int64) if want_sum else None)
 
 
-_write_cifar = _guarded(_write_cifar)
+_write_rows = _guarded(_write_rows)
 
 
 def _write_images(store: str, split: str, start: int, names: list, labels: list,
@@ -208,10 +212,11 @@ def _verify_archive(path: Path) -> None:
                         f"{S.OFFICIAL_MD5} (--no-verify accepts a non-official copy)")
 
 
-def _plan_cifar(src: S.Source, staging: Path, verify: bool, progress: Progress | None):
-    """Coordinator side of a CIFAR source: stage/verify files; return (files, source attrs)."""
+def _plan_cifar(src: S.Source, staging: Path, verify: bool, progress: Progress | None, on_file=None):
+    """Coordinator side of a CIFAR source: stage/verify files; return (files, display names,
+    source attrs). ``on_file(name, path)`` is called as each file of an archive is staged."""
     if src.kind == "cifar-archive":
-        md5, staged = S.extract_cifar_archive(src.path, staging, progress)
+        md5, staged = S.extract_cifar_archive(src.path, staging, progress, on_file)
         if verify and md5 != S.OFFICIAL_MD5:
             raise DataError(f"{src.path}: md5 {md5} is not the official CIFAR-10 archive's "
                             f"{S.OFFICIAL_MD5} (--no-verify accepts a non-official copy)")
@@ -301,10 +306,12 @@ def prepare(source: str | os.PathLike | None = None, out: str | os.PathLike = DE
 
 
 def _remove_stale(out: Path) -> None:
-    """Remove partial/staging folders of conversions whose process is gone (same host)."""
+    """Remove partial/staging folders of conversions whose process is gone (same host), and
+    old stores left by a replacement that was cut short once the store is there again."""
+    kinds = ("partial", "staging", "old") if store_state(out) == "complete" else ("partial", "staging")
     for p in out.parent.glob(f"{out.name}.*-*-*"):
         kind, _, rest = p.name[len(out.name) + 1:].partition("-")
-        if kind not in ("partial", "staging"):
+        if kind not in kinds:
             continue
         try:
             pid = int(rest.split("-")[0])
@@ -347,21 +354,50 @@ def _run(src: S.Source, out: Path, partial: Path, staging: Path, *, val, chunk, 
     staging.mkdir(parents=True)
     if src.kind == "cifar-archive" and verify:
         _verify_archive(src.path)  # before starting a cluster: hashing is quicker than reading
-    # read the source (one pass over an archive) while the cluster starts
+    # read the source (one pass over an archive) while the cluster starts; each CIFAR batch
+    # is handed to the workers as soon as it is out of the archive
+    staged: queue.Queue = queue.Queue()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         if src.kind == "image-folder":
             planned = pool.submit(S.list_image_folder, src, progress)
         else:
-            planned = pool.submit(_plan_cifar, src, staging, verify, progress)
+            planned = pool.submit(_plan_cifar, src, staging, verify, progress,
+                                  lambda name, path: staged.put((name, path)))
         with _connect(client, scheduler, workers, processes) as cl:
+            abort = staging / "ABORT"
             # workers import zarr and Pillow while the source is read
             warm = [cl.submit(_warm_up, w, workers=[w], pure=False)
                     for w in cl.scheduler_info().get("workers", {})]
-            plan = planned.result()
-            del warm
             if src.kind == "image-folder":
+                plan = planned.result()
+                del warm
                 return _run_images(cl, src, plan, out, partial, staging, val, chunk, progress)
-            return _run_cifar(cl, src, plan, out, partial, staging, val, chunk, progress)
+            stage_futures: dict = {}
+
+            def submit_stage(name, path, display, remove):
+                if name in (*S.TRAIN_BATCHES, S.TEST_BATCH) and name not in stage_futures:
+                    stage_futures[name] = cl.submit(_stage_batch, str(abort), str(path), display,
+                                                    str(staging / f"{name}.npy"), remove, pure=False)
+
+            while not (planned.done() and staged.empty()):
+                try:
+                    name, path = staged.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                submit_stage(name, path, f"{src.path}:{S.BATCHES_DIR}/{name}", True)
+            try:
+                plan = planned.result()
+            except BaseException:
+                abort.touch()
+                from distributed import wait
+
+                wait(list(stage_futures.values()), timeout=60)  # no task writes after we return
+                raise
+            files, names, _ = plan
+            for name in (*S.TRAIN_BATCHES, S.TEST_BATCH):  # a folder source: nothing staged yet
+                submit_stage(name, files[name], names[name], False)
+            del warm
+            return _run_cifar(cl, src, plan, stage_futures, out, partial, staging, val, chunk, progress)
 
 
 def _collect(futures, abort_flag: Path, on_done=None) -> list:
@@ -409,28 +445,32 @@ def _split_sizes(n_train_all: int, n_test: int, val: int, label: str) -> dict[st
     return {"train": n_train_all - val, "val": val, "test": n_test}
 
 
-def _run_cifar(client, src, plan, out, partial, staging, val, chunk, progress) -> PrepareResult:
+def _run_cifar(client, src, plan, stage_futures, out, partial, staging, val, chunk, progress) -> PrepareResult:
     files, names, source_attrs = plan
+    abort = staging / "ABORT"
+    order = [*S.TRAIN_BATCHES, S.TEST_BATCH]
+    staged = dict(zip(order, _collect([stage_futures[b] for b in order], abort)))
     class_names = S.read_meta(files[S.META], names[S.META])
     n_classes = len(class_names)
-    order = [*S.TRAIN_BATCHES, S.TEST_BATCH]
-    abort = staging / "ABORT"
-    scans = [client.submit(_scan_batch, str(abort), str(files[b]), names[b], n_classes, pure=False)
-             for b in order]
-    counts = dict(zip(order, _collect(scans, abort)))
-    train_files = [(str(files[b]), names[b]) for b in S.TRAIN_BATCHES]
+    for b in order:
+        S.check_labels(staged[b][1], names[b], n_classes)
+    counts = {b: staged[b][0] for b in order}
+    npy = {b: str(staging / f"{b}.npy") for b in order}
     offsets = np.concatenate([[0], np.cumsum([counts[b] for b in S.TRAIN_BATCHES])]).tolist()
+    train_labels = np.concatenate([staged[b][1] for b in S.TRAIN_BATCHES])
     sizes = _split_sizes(offsets[-1], counts[S.TEST_BATCH], val, str(src.path))
     create_layout(partial, sizes, chunk, n_classes)
 
     tasks = []
+    train_npy = [(npy[b], b) for b in S.TRAIN_BATCHES]
     for split, base in (("train", 0), ("val", sizes["train"])):
         for a, b in _ranges(sizes[split], chunk, TASK_ROWS["cifar"]):
-            tasks.append((split, a, _segments(offsets, train_files, base + a, base + b)))
+            segs = [(p, lo, hi) for p, _, lo, hi in _segments(offsets, train_npy, base + a, base + b)]
+            tasks.append((split, a, segs, train_labels[base + a:base + b]))
     for a, b in _ranges(sizes["test"], chunk, TASK_ROWS["cifar"]):
-        tasks.append(("test", a, [(str(files[S.TEST_BATCH]), names[S.TEST_BATCH], a, b)]))
-    futures = [client.submit(_write_cifar, str(abort), str(partial), split, a, segs, n_classes,
-                             split == "train", pure=False) for split, a, segs in tasks]
+        tasks.append(("test", a, [(npy[S.TEST_BATCH], a, b)], staged[S.TEST_BATCH][1][a:b]))
+    futures = [client.submit(_write_rows, str(abort), str(partial), split, a, segs, labels,
+                             split == "train", pure=False) for split, a, segs, labels in tasks]
     total = sum(sizes.values())
     state = {"done": 0, "sum": np.zeros(int(np.prod(IMAGE_SHAPE)), np.int64)}
     if progress:

@@ -184,9 +184,11 @@ class _HashingReader(io.RawIOBase):
         return self.md5.hexdigest()
 
 
-def extract_cifar_archive(path: Path, staging: Path, progress: Progress | None = None) -> tuple[str, dict[str, Path]]:
+def extract_cifar_archive(path: Path, staging: Path, progress: Progress | None = None,
+                          on_file: Callable[[str, Path], None] | None = None) -> tuple[str, dict[str, Path]]:
     """Read the archive once, writing its batches into ``staging``; return (md5 of the
-    archive file, {batch name: staged path}). Missing batches are reported by the caller."""
+    archive file, {batch name: staged path}). ``on_file(name, path)`` is called as each file
+    is staged. Missing batches are reported by the caller."""
     staging.mkdir(parents=True, exist_ok=True)
     wanted = set(TRAIN_BATCHES) | {TEST_BATCH, META}
     staged: dict[str, Path] = {}
@@ -209,6 +211,8 @@ def extract_cifar_archive(path: Path, staging: Path, progress: Progress | None =
                     if dest.stat().st_size != m.size:
                         raise DataError(f"{path}: truncated or corrupt archive ({m.name} is short)")
                     staged[parts[1]] = dest
+                    if on_file is not None:
+                        on_file(parts[1], dest)
             md5 = reader.drain()
         except DataError:
             raise
@@ -252,7 +256,9 @@ def read_batch(path: Path, name: str, n_classes: int) -> tuple[np.ndarray, np.nd
     return check_batch(d, name, n_classes)
 
 
-def check_batch(d, name: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def check_batch(d, name: str, n_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(X uint8 (n, 3, 32, 32), y int64) of an unpickled batch ``d``, checked (labels range
+    too unless ``n_classes`` is None); DataError naming ``name``."""
     if not isinstance(d, dict):
         raise DataError(f"{name}: expected a dict with 'data' and 'labels', got {type(d).__name__}")
     d = str_keys(d)
@@ -274,12 +280,17 @@ def check_batch(d, name: str, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{name}: 'labels' is not a list of integers")
     if len(y) != len(data):
         raise DataError(f"{name}: {len(y)} labels for {len(data)} images")
+    if n_classes is not None:
+        check_labels(y, name, n_classes)
+    return data.reshape(len(data), 3, 32, 32), y.astype(np.int64)
+
+
+def check_labels(y: np.ndarray, name: str, n_classes: int) -> None:
     if y.size:
         bad = np.flatnonzero((y < 0) | (y >= n_classes))
         if bad.size:
             raise DataError(f"{name}: label {int(y[bad[0]])} of image {int(bad[0])} out of range "
                             f"0..{n_classes - 1}")
-    return data.reshape(len(data), 3, 32, 32), y.astype(np.int64)
 
 
 # ------------------------------------------------------------------------------ image folders
