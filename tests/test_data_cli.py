@@ -101,3 +101,34 @@ def test_url_source(tmp_path, client, http_server):  # noqa: F811
     assert not (root / "cifar-10-python.tar.gz").exists()
     r = prepare(url, tmp_path / "s.zarr", val=2, data_root=root, verify=False, client=client)
     assert r.source["path"] == str((root / "cifar-10-python.tar.gz").resolve())
+
+
+def test_killed_conversion_leaves_no_complete_store(tmp_path, client):
+    """SIGKILL in the middle of a conversion: no store under the final name, the partial one
+    is never taken for complete, and the next run rebuilds and removes it."""
+    import signal
+    import time
+
+    from pipeline.data.store import store_state
+    arc, truth = write_cifar_archive(tmp_path, per_batch=2000, n_test=1000)
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "data", "prepare", "--source", str(arc),
+                             "--no-verify", "--out", "s.zarr", "--chunk", "100"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    partial = []
+    while time.time() < deadline and proc.poll() is None:
+        partial = [p for p in tmp_path.glob("s.zarr.partial-*") if (p / "train").is_dir()]
+        if partial:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if not partial:
+        pytest.skip("the conversion finished before it could be interrupted")
+    assert not (tmp_path / "s.zarr").exists()
+    assert store_state(partial[0]) == "incomplete"
+    r = prepare(arc, tmp_path / "s.zarr", val=1000, verify=False, client=client)
+    assert not r.skipped and r.splits == {"train": 9000, "val": 1000, "test": 1000}
+    assert not any(tmp_path.glob("s.zarr.*"))
+    np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").read_uint8("test")[0], truth["test_X"])
