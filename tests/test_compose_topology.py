@@ -157,6 +157,7 @@ def test_scheduler_gone_mid_job_is_one_line_and_keeps_everything(topo):
     assert meta["step"] >= 2 and "params/W1" in arrays
     assert (work / "data" / "jobs" / job / "job.log").read_text().count("\n") >= 3
     status = json.loads((work / "data" / "jobs" / job / "status.json").read_text())
-    assert status["job"] == job and status["state"] in ("running", "failed")
+    assert status["job"] == job and status["state"] == "failed", status
+    assert status["reason"].startswith("lost the connection to the Dask scheduler")
     r = convpipe("status", job, "--root", "data", cwd=work)
     assert r.returncode == 0 and job in r.stdout

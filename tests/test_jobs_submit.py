@@ -182,6 +182,18 @@ def test_dask_rerunning_a_dead_coordinator_records_failure_instead_of_starting_o
     assert len((Path(rec["run_dir"]) / "counts.txt").read_text().splitlines()) == 2  # not run again
 
 
+def test_a_stale_attempt_never_runs_beside_a_newer_one(client, tmp_path):
+    """A task of attempt 1 that Dask kept waiting (its only worker died) must not train when a
+    worker comes back after attempt 2 was queued."""
+    rec = jobs.submit(client, count_spec(tmp_path, steps=2))
+    wait_for(client, rec["job"])
+    files = JobFiles(rec["job_dir"])
+    files.write_status({**files.read_status(), "state": "queued", "attempt": 2})
+    status = client.submit(jobs.run_job, rec, pure=False).result()
+    assert status["attempt"] == 2 and status["state"] == "queued"
+    assert len((Path(rec["run_dir"]) / "counts.txt").read_text().splitlines()) == 2
+
+
 def test_preflight_errors_stop_the_job_before_it_is_queued(client, tmp_path):
     spec = spec_from_table({"job": "train", "root": str(tmp_path), "data": str(tmp_path / "missing.zarr")})
     with pytest.raises(Exception, match="missing.zarr") as info:
@@ -252,3 +264,24 @@ def test_cli_lost_scheduler_is_one_line(tmp_path, capsys):
 
 def test_log_line_format():
     assert log_line("x", 0.0) == "1970-01-01T00:00:00Z x"
+
+
+def test_cli_submit_without_a_scheduler_runs_on_the_embedded_cluster(tmp_path, monkeypatch):
+    """No scheduler anywhere: the job runs on an embedded local cluster of worker processes,
+    followed to its end, and its record stays on the data root for `status` to read."""
+    from tests.dist_fixtures import make_store
+    from tests.jobs_helpers import TINY_SETS, convpipe
+
+    make_store(tmp_path / "data" / "cifar10.zarr")
+    env = {"CONVPIPE_SCHEDULER": "", "CONVPIPE_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "none.toml").write_text("")
+    sets = [a for s in [*TINY_SETS, "steps=2", "workers=1"] for a in ("--set", s)]
+    r = convpipe("submit", Path(__file__).parents[1] / "jobs" / "train-three-layer.toml", *sets, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = r.stdout.splitlines()[0]
+    assert "embedded local cluster" in r.stderr and "done: train_acc" in r.stdout
+    assert (tmp_path / "data" / "runs" / job / "params.npz").exists()
+    r = convpipe("status", job, cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "state:     done" in r.stdout, r.stderr
+    r = convpipe("status", cwd=tmp_path, env=env)
+    assert job in r.stdout and "done" in r.stdout

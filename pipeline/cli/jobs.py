@@ -163,7 +163,9 @@ def _submit_embedded(spec, args) -> int:
     workers = spec.options.get("workers")
     threads = spec.options.get("threads_per_worker") or 1
     spec.options["workers"] = None
-    with connect(None, workers=workers, threads_per_worker=threads) as client:
+    from pipeline.dist.exchange import worker_cluster  # the embedded cluster `convpipe train` starts
+
+    with worker_cluster(None, None, workers, threads) as client:
         print(f"convpipe: no scheduler given: running on an embedded local cluster ({client.dashboard_link})",
               file=sys.stderr)
         record = jobs.submit(client, spec, timeout=args.timeout)
@@ -262,7 +264,7 @@ def cmd_status(args) -> int:
         print(json.dumps(statuses[0] if args.job else statuses, indent=2, sort_keys=True, default=str))
         return 0
     if args.job:
-        _print_status(statuses[0])
+        _print_status(statuses[0], "" if address else f" --root {root} --scheduler ADDR")
         return 0
     if not statuses:
         print(f"no jobs on {where}")
@@ -291,7 +293,7 @@ def _detail(s: dict) -> str:
     return s.get("task_state", "")
 
 
-def _print_status(s: dict) -> None:
+def _print_status(s: dict, resume_args: str = "") -> None:
     fields = [("job", s.get("job")), ("kind", s.get("kind")), ("name", s.get("name")),
               ("state", s.get("state") + (" (cancel requested)" if s.get("cancel_requested")
                                           and s.get("state") not in ("done", "failed", "cancelled") else "")),
@@ -305,7 +307,7 @@ def _print_status(s: dict) -> None:
         if value not in (None, "", "None by None"):
             print(f"{name + ':':11}{value}")
     if s.get("state") in ("failed", "cancelled") and s.get("resumable") and s.get("kind") == "train":
-        print(f"{'resume:':11}convpipe resume {s.get('job')}")
+        print(f"{'resume:':11}convpipe resume {s.get('job')}{resume_args}")
 
 
 def cmd_logs(args) -> int:

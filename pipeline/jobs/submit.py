@@ -250,8 +250,10 @@ def run_job(record: dict) -> dict:
             reason=f"the worker running its coordinator ({prev}) died or left the cluster",
             resumable=True,
         )
-    if current.get("attempt") == record["attempt"] and current.get("state") in TERMINAL:
-        return current  # this attempt already ended (a duplicate run)
+    if current.get("attempt") != record["attempt"] or current.get("state") != "queued":
+        # this attempt already ended, or a later attempt superseded it (a task Dask kept
+        # around for a worker that never came back): nothing to run
+        return current
 
     with worker_client() as client:
         report.client = client
@@ -280,7 +282,7 @@ def _failure_reason(exc: BaseException) -> str:
 
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
-    if isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError)):
+    if isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError)) or "scheduler-connection-lost" in first:
         return f"lost the connection to the Dask scheduler ({type(exc).__name__}: {first})"
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
