@@ -60,7 +60,7 @@ def affine_relu_forward(x, w, b):
     - cache: for affine_relu_backward
     """
     a, fc_cache = affine_forward(x, w, b)
-    out, relu_cache = relu_forward(a)
+    out, _ = relu_forward(a)
     return out, (fc_cache, out)
 
 
