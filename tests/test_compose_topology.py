@@ -79,6 +79,30 @@ def test_train_then_submit_give_the_same_run(topo):
     assert f"start: step 0/{STEPS}" in r.stdout and "done: train_acc" in r.stdout
 
 
+def test_prepare_and_evaluate_jobs(topo):
+    """The compose one-shot service's first job, and an evaluation, submitted and followed."""
+    pc, work = topo
+    archive = next((work / "src").glob("*.tar.gz"))
+    r = convpipe("submit", REPO / "jobs" / "prepare-cifar10.toml", "--scheduler", pc.address, "--follow",
+                 "--set", f"source={archive}", "--set", "out=data/again.zarr", "--set", "val=20", "--set", "chunk=40",
+                 "--set", "no-verify=true", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "done: store" in r.stdout
+    from pipeline.data import open_store
+
+    again, first = open_store(work / "data" / "again.zarr"), open_store(work / "data" / "cifar10.zarr")
+    assert again.splits == first.splits
+    assert np.array_equal(again.read_uint8("test")[0], first.read_uint8("test")[0])
+
+    r = convpipe("submit", REPO / "jobs" / "evaluate.toml", "--scheduler", pc.address, "--follow",
+                 "--set", "run=direct", "--set", "split=val", cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    job = r.stdout.splitlines()[0]
+    result = json.loads((work / "data" / "jobs" / job / "result.json").read_text())
+    assert result["split"] == "val" and result["n"] == 20 and 0 <= result["accuracy"] <= 1
+    assert result["run_dir"] == str(work / "data" / "runs" / "direct")
+
+
 def test_two_jobs_at_once_keep_to_themselves(topo):
     pc, work = topo
     a = submit(pc, work, "--set", "name=job-a")
