@@ -13,18 +13,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     # one thread per worker process: Dask runs one process per container, one task at a time
     NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-WORKDIR /srv/convpipe
-
-# dependencies first (a layer that survives code changes), then the package itself
-COPY pyproject.toml README.md ./
-COPY pipeline ./pipeline
-RUN pip install . \
+# install from a copy of the sources that is removed afterwards: every process (the CLI, dask
+# scheduler and worker, the warm-up below) then imports the one installed package, whose files
+# are the ones Numba's cache is keyed on
+COPY pyproject.toml README.md /tmp/src/
+COPY pipeline /tmp/src/pipeline
+RUN pip install /tmp/src \
+ && rm -rf /tmp/src \
  && python -c "import pipeline, distributed, zarr, numba; print('convpipe', pipeline.__version__)"
 
 # compile every kernel once (cache=True); a host with another CPU recompiles into the same
 # cache, so it stays writable
-RUN python -m pipeline.warmup \
+RUN cd / && python -m pipeline.warmup \
  && chmod -R a+rwX "$NUMBA_CACHE_DIR"
+
+WORKDIR /srv/convpipe
 
 COPY jobs ./jobs
 
