@@ -69,9 +69,11 @@ def test_same_bits_with_1_2_and_4_workers(store, tmp_path, norm):
         assert results[1]["bn_running_var"].any()
 
 
-def test_shared_memory_and_tcp_transports_give_the_same_bits(store, tmp_path, client):
-    a = train(tiny_config(store, tmp_path / "shm", norm="groupnorm", steps=4, transport="shm"), client=client)
-    b = train(tiny_config(store, tmp_path / "tcp", norm="groupnorm", steps=4, transport="tcp"), client=client)
+@pytest.mark.parametrize("shard_size", [16, 32])   # 4 shards a step: separate tree and Adam; 2: fused
+def test_shared_memory_and_tcp_transports_give_the_same_bits(store, tmp_path, client, shard_size):
+    settings = dict(norm="groupnorm", steps=4, shard_size=shard_size)
+    a = train(tiny_config(store, tmp_path / "shm", transport="shm", **settings), client=client)
+    b = train(tiny_config(store, tmp_path / "tcp", transport="tcp", **settings), client=client)
     assert (a["transport"], b["transport"]) == ("shm", "tcp")
     assert_same_params(final_params(tmp_path / "shm"), final_params(tmp_path / "tcp"))
 
@@ -206,6 +208,7 @@ def test_resume_refuses_settings_that_change_the_result(store, tmp_path, client)
 
 # ---- divergence and bad input -------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning", "ignore:overflow encountered:RuntimeWarning")
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(store, tmp_path, client):
     config = tiny_config(store, tmp_path / "run", lr=1e30, steps=6, checkpoint_every=1)
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step (\d+)") as e:

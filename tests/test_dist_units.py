@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.dist.config import TrainConfig, parse_value
-from pipeline.dist.reduce import add_arrays, combine_moments, finish_gradient, pairwise, update_running
+from pipeline.dist.reduce import (add_arrays, adam_scalars, combine_moments, finish_and_adam, finish_gradient,
+                                  pairwise, update_running)
+from pipeline.optim import adam_inplace
 from pipeline.dist.rundir import RunDir, write_plots
 from pipeline.dist.shards import Schedule, epoch_permutation, subset
 from pipeline.dist.transport import Layout, SharedBuffers, attach, remove_stale, shm_root
@@ -111,6 +113,28 @@ def test_shared_memory_tree_equals_the_array_tree_bit_for_bit(k, dtype):
     ref = pairwise(list(slots), add_arrays) / dtype(96) + dtype(1e-3) * w
     assert out.dtype == dtype and np.array_equal(out, ref)
     assert sumsq == pytest.approx(float(np.sum(w.astype(np.float64) ** 2)), rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("t", [0, 1, 57])
+def test_fused_reduce_and_adam_is_bit_for_bit_pipeline_optim_adam(k, dtype, t):
+    rng = np.random.default_rng(10 * k + t)
+    n = 30011
+    w0 = rng.standard_normal(n).astype(dtype)
+    slots = (rng.standard_normal((k, n)) * 50).astype(dtype)
+    m0 = (0.1 * rng.standard_normal(n)).astype(dtype)
+    v0 = (0.01 * np.abs(rng.standard_normal(n))).astype(dtype)
+    ref = {"learning_rate": 3e-3, "m": m0.copy(), "v": v0.copy(), "t": t}
+    w_ref, g = w0.copy(), np.empty_like(w0)
+    finish_gradient(slots, w_ref, g, 200, 1e-3)
+    adam_inplace(w_ref, g, ref)
+    fused = {"learning_rate": 3e-3, "t": t}
+    w, m, v = w0.copy(), m0.copy(), v0.copy()
+    finish_and_adam(slots, w, m, v, 200, 1e-3, adam_scalars(fused, dtype))
+    assert fused["t"] == ref["t"] == t + 1
+    for a, b in ((w, w_ref), (m, ref["m"]), (v, ref["v"])):
+        assert a.dtype == dtype and np.array_equal(a, b)
 
 
 def test_tree_order_is_fixed_not_left_to_right():

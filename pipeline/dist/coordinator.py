@@ -27,8 +27,9 @@ import numpy as np
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.dist.config import TrainConfig
-from pipeline.dist.exchange import open_exchange, worker_cluster, worker_count
-from pipeline.dist.reduce import combine_moments, finish_gradient
+from pipeline.dist.exchange import open_exchange, warm_up_workers, worker_cluster, worker_count
+from pipeline.dist.reduce import adam_scalars, combine_moments, finish_and_adam, finish_gradient
+from pipeline.dist.reduce import sumsq as sum_of_squares
 from pipeline.dist.rundir import BN_KEYS, RunDir, write_plots
 from pipeline.dist.shards import Schedule, cut, subset
 from pipeline.dist.transport import Layout
@@ -100,6 +101,7 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
           "batch_size": config.batch_size, "transport": exchange.kind,
           "dashboard": getattr(client, "dashboard_link", None)})
     exchange.publish(state.step)
+    warmup = warm_up_workers(client, exchange, schedule.n_train)
     t_begin = time.perf_counter()
 
     for step in range(state.step, schedule.total_steps):
@@ -114,11 +116,7 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
             raise TrainingError(f"step {step + 1}: shard results cover {n} images in slots "
                                 f"{[s['slot'] for s in stats]}, expected {sum(len(s) for s in shards)}")
         # reduce: fixed-order tree over the shards, / n, + reg * W (the only place L2 is added)
-        sumsq = 0.0
-        for name, sl in slices.items():
-            reg = config.reg if name in REGULARIZED else 0.0
-            s2 = finish_gradient(slots[:, sl], params[sl], grad[sl], n, reg)
-            sumsq += s2 if name in REGULARIZED else 0.0
+        sumsq = math.fsum(sum_of_squares(params[slices[name]]) for name in REGULARIZED)
         loss = math.fsum(s["loss_sum"] for s in stats) / n + 0.5 * config.reg * sumsq
         if not math.isfinite(loss):
             last = run.checkpoints()
@@ -127,9 +125,19 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
                 + (f"last good checkpoint {last[0]}" if last else "no checkpoint was written yet")
                 + " (try a smaller --lr)"
             )
-        t2 = time.perf_counter()
-        # update: Adam on the flat vector, in place (exactly pipeline.optim.adam's update)
-        adam_inplace(params, grad, adam)
+        # update: Adam on the flat vector, in place (exactly pipeline.optim.adam's update);
+        # with at most two shards the tree, L2 and Adam run fused in one pass over memory
+        if len(shards) <= 2:
+            t2 = time.perf_counter()
+            scalars = adam_scalars(adam, params.dtype)
+            for name, sl in slices.items():
+                finish_and_adam(slots[:, sl], params[sl], adam["m"][sl], adam["v"][sl], n,
+                                config.reg if name in REGULARIZED else 0.0, scalars)
+        else:
+            for name, sl in slices.items():
+                finish_gradient(slots[:, sl], params[sl], grad[sl], n, config.reg if name in REGULARIZED else 0.0)
+            t2 = time.perf_counter()
+            adam_inplace(params, grad, adam)
         t3 = time.perf_counter()
         # sync: BN running statistics from every shard's moments, then parameters to the workers
         if bn:
@@ -202,6 +210,7 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
         "train_seconds": step_seconds,
         "images_per_s": images / step_seconds if step_seconds else None,
         "step_breakdown_s": {k: v / steps_run for k, v in totals.items()} if steps_run else {},
+        "warmup_s": warmup,
         "workers": workers,
         "transport": exchange.kind,
         "final_loss": next((m["loss"] for m in reversed(metrics) if m.get("kind") == "step"), None),

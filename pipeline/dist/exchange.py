@@ -14,13 +14,14 @@ interface:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import numpy as np
 
 from pipeline.dist.reduce import pairwise
 from pipeline.dist.transport import Layout, SharedBuffers, can_attach
-from pipeline.dist.worker import TaskSpec, add_results, shard_gradient, strip_gradient
+from pipeline.dist.worker import TaskSpec, add_results, shard_gradient, strip_gradient, warm_up
 from pipeline.errors import TrainingError
 
 THREAD_ENV = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -35,6 +36,7 @@ def worker_cluster(client=None, scheduler: str | None = None, workers: int | Non
         yield client
         return
     import dask
+    import distributed  # noqa: F401 - loads distributed's config defaults before we set one key in them
 
     from pipeline.cluster import connect
 
@@ -124,6 +126,17 @@ class TcpExchange:
 
 def _gradient_of(result: dict) -> np.ndarray:
     return result["grad"]
+
+
+def warm_up_workers(client, exchange, n_train: int) -> float:
+    """Run :func:`pipeline.dist.worker.warm_up` once on every worker (in its task thread)."""
+    t0 = time.perf_counter()
+    addrs = list(client.scheduler_info(n_workers=-1)["workers"])
+    futures = [client.submit(warm_up, exchange.spec, exchange.params_ref(), n_train, workers=[a],
+                             allow_other_workers=False, pure=False, key=f"warm-up-{i}-{time.time_ns()}")
+               for i, a in enumerate(addrs)]
+    client.gather(futures)
+    return time.perf_counter() - t0
 
 
 def open_exchange(client, transport: str, spec: TaskSpec, layout: Layout, slots: int):

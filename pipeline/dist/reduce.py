@@ -104,6 +104,55 @@ def finish_gradient(slots: np.ndarray, w: np.ndarray, out: np.ndarray, batch: in
     return float(_sumsq(w))
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _finish_adam2(slots, k, w, m, v, batch, reg, b1, omb1, b2, omb2, bc1, bc2, lr, eps):  # pragma: no cover
+    # k <= 2 shards: the tree is slots[0] (+ slots[1]); then exactly optim._adam_kernel's arithmetic
+    n = w.shape[0]
+    for i in numba.prange(n):
+        if k == 1:
+            s = slots[0, i]
+        else:
+            s = slots[0, i] + slots[1, i]
+        g = s / batch + reg * w[i]
+        mi = b1 * m[i] + omb1 * g
+        vi = b2 * v[i] + omb2 * (g * g)
+        m[i] = mi
+        v[i] = vi
+        w[i] = w[i] - lr * (mi / bc1) / (np.sqrt(vi / bc2) + eps)
+
+
+def adam_scalars(config: dict, dtype) -> tuple:
+    """Advance Adam's step count and return its scalars cast as ``pipeline.optim.adam`` casts them."""
+    config.setdefault("learning_rate", 1e-3)
+    config.setdefault("beta1", 0.9)
+    config.setdefault("beta2", 0.999)
+    config.setdefault("epsilon", 1e-8)
+    config.setdefault("t", 0)
+    config["t"] += 1
+    t, b1, b2 = config["t"], config["beta1"], config["beta2"]
+    f = np.dtype(dtype).type
+    return (f(b1), f(1 - b1), f(b2), f(1 - b2), f(1 - b1**t), f(1 - b2**t),
+            f(config["learning_rate"]), f(config["epsilon"]))
+
+
+def finish_and_adam(slots: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray, batch: int, reg: float,
+                    scalars: tuple) -> None:
+    """:func:`finish_gradient` followed by Adam, fused in one pass over memory, for k <= 2 slots.
+
+    Bit for bit ``finish_gradient(slots, w, g, batch, reg)`` then ``adam_inplace(w, g, config)``
+    (a test holds it to that); ``scalars`` from :func:`adam_scalars`, once per step.
+    """
+    if slots.shape[0] > 2:
+        raise ValueError("finish_and_adam: at most two gradient slots")
+    dt = w.dtype.type
+    _finish_adam2(slots, slots.shape[0], w, m, v, dt(batch), dt(reg), *scalars)
+
+
+def sumsq(w: np.ndarray) -> float:
+    """``sum(w**2)`` for the loss's L2 term (fixed chunks: the same bits for any thread count)."""
+    return float(_sumsq(w))
+
+
 def combine_moments(means: Sequence[np.ndarray], variances: Sequence[np.ndarray],
                     counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and (biased) variance of the union of shards, from their own moments.

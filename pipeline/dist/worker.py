@@ -162,6 +162,26 @@ def _worker_name() -> str:
         return f"pid-{os.getpid()}"
 
 
+def warm_up(spec: TaskSpec, params, n_train: int) -> float:
+    """Prepare a worker before the timed steps: decompress the training images it will read
+    into the store's cache, build the network and run it once (loads Numba's compiled kernels)."""
+    t0 = time.perf_counter()
+    _threads(spec.threads)
+    from pipeline.data import open_store
+
+    store = open_store(spec.store)
+    chunk = store.chunks["train"]
+    store.read_uint8("train", np.unique(np.r_[np.arange(0, n_train, chunk), n_train - 1]), cache=True)
+    X, y = store.read("train", np.arange(min(2, n_train)), dtype=spec.model.dtype)
+    _, views = _params(spec, params, None)
+    model = _model(spec.model)
+    model.params = dict(views)
+    if model.bn_param:
+        model.bn_param["mode"] = "train"
+    model.loss(X, y)
+    return time.perf_counter() - t0
+
+
 def add_results(a: dict, b: dict) -> dict:
     """One node of the fixed gradient tree over TCP: adds the flat gradient sums, keeps the stats."""
     merged = {"grad": np.add(a["grad"], b["grad"])}
