@@ -285,3 +285,29 @@ def test_cli_submit_without_a_scheduler_runs_on_the_embedded_cluster(tmp_path, m
     assert r.returncode == 0 and "state:     done" in r.stdout, r.stderr
     r = convpipe("status", cwd=tmp_path, env=env)
     assert job in r.stdout and "done" in r.stdout
+
+
+def test_cli_resume_from_the_files_when_the_scheduler_forgot_the_job(tmp_path, capsys):
+    """After a scheduler restart only the data root knows the job: resume reads it there."""
+    spec = tmp_path / "count.toml"
+    spec.write_text(f'job = "count"\nroot = "{tmp_path}"\nsteps = 3\nfail-at = 2\n')
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0",
+                      silence_logs=40) as old:
+        code, out, _ = run_cli(capsys, "submit", str(spec), "--scheduler", old.scheduler_address, "--follow")
+        assert code == 1
+    job_id = out.splitlines()[0]
+    code, out, _ = run_cli(capsys, "status", job_id, "--root", str(tmp_path))
+    assert "state:     failed" in out and f"convpipe resume {job_id} --root {tmp_path} --scheduler ADDR" in out
+    # the failing step is fixed by hand (fail-at is part of the recorded options); then resume
+    files = JobFiles.of(tmp_path, job_id)
+    record = files.read_record()
+    record["options"]["fail_at"] = None
+    files.write_record(record, files.spec_path.read_text())
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0",
+                      silence_logs=40) as new:
+        code, out, err = run_cli(capsys, "resume", job_id, "--root", str(tmp_path), "--scheduler",
+                                 new.scheduler_address, "--follow")
+        assert code == 0, err
+    assert out.splitlines()[0] == job_id and "done: steps 3" in out
+    assert files.read_status()["attempt"] == 2
+    assert (tmp_path / "runs" / job_id / "counts.txt").read_text().splitlines() == ["x 1 1", "x 2 4", "x 3 9"]

@@ -197,12 +197,19 @@ def _follow(client, address: str, job_id: str, record: dict | None = None) -> in
         time.sleep(POLL_S)
 
 
+def _resumable(status: dict) -> bool:
+    """A failed or cancelled job whose kind continues where it stopped (training)."""
+    from pipeline.jobs.kinds import KINDS
+
+    return bool(status.get("resumable")) and hasattr(KINDS.get(status.get("kind")), "resume_options")
+
+
 def _final(status: dict) -> int:
     if status["state"] == "done":
         return 0
     print(f"convpipe: job {status['job']} {status['state']}: {status.get('reason') or ''}".rstrip(": "),
           file=sys.stderr)
-    if status.get("resumable") and status.get("kind") == "train":
+    if _resumable(status):
         print(f"convpipe: continue it from its last checkpoint with: convpipe resume {status['job']}", file=sys.stderr)
     return 1
 
@@ -306,7 +313,7 @@ def _print_status(s: dict, resume_args: str = "") -> None:
     for name, value in fields:
         if value not in (None, "", "None by None"):
             print(f"{name + ':':11}{value}")
-    if s.get("state") in ("failed", "cancelled") and s.get("resumable") and s.get("kind") == "train":
+    if s.get("state") in ("failed", "cancelled") and _resumable(s):
         print(f"{'resume:':11}convpipe resume {s.get('job')}{resume_args}")
 
 
