@@ -75,11 +75,14 @@ def _report(workers, norm, s, wall):
     steps = s["steps_this_session"]
     step_ms = 1e3 * s["train_seconds"] / steps
     print(f"  norm={norm} transport={s['transport']}: {s['images']} images in {steps} steps; "
-          f"training loop {s['train_seconds']:.1f} s = {s['images_per_s']:,.0f} images/s; "
-          f"wall {wall:.1f} s (warm-up {s.get('warmup_s', 0):.1f} s, evaluation and checkpoints included)")
+          f"training {s['train_seconds']:.1f} s (checkpoints included, accuracy evaluation not) = "
+          f"{s['images_per_s']:,.0f} images/s; wall {wall:.1f} s (everything: run directory, worker warm-up "
+          f"{s.get('warmup_s', 0):.1f} s, evaluation, plots)")
     print(f"    per step {step_ms:.1f} ms: read {1e3 * b['read']:.1f}, compute {1e3 * b['compute']:.1f} "
           f"(busiest worker, incl. writing its gradient sum), transfer+scheduling {1e3 * b['transfer']:.1f}, "
-          f"reduce {1e3 * b['reduce']:.1f}, Adam {1e3 * b['adam']:.1f}, BN sync {1e3 * b['bn_sync']:.2f}; "
+          + (f"L2 sum of squares + loss check {1e3 * b['reduce']:.1f}, reduce+L2+Adam fused {1e3 * b['adam']:.1f}, "
+             if s.get("fused_update") else f"reduce {1e3 * b['reduce']:.1f}, Adam {1e3 * b['adam']:.1f}, ")
+          + f"BN sync {1e3 * b['bn_sync']:.2f}; "
           f"checkpoints {1e3 * b['checkpoint']:.1f}, evaluation {1e3 * b['eval']:.1f} (per step)")
     print(f"    train acc {_pct(s['train_acc'])}, val acc {_pct(s['val_acc'])}, final loss {s['final_loss']:.3f}")
 

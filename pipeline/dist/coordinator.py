@@ -81,7 +81,7 @@ def train(config: TrainConfig, client=None, progress=None) -> dict:
         try:
             return _train_loop(config, run, schedule, model, layout, state, exchange, client, store, emit)
         finally:
-            exchange.close()
+            exchange.close()                      # tasks still waiting for parameters give up
 
 
 def _train_loop(config, run, schedule, model, layout, state, exchange, client, store, emit) -> dict:
@@ -93,7 +93,7 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
     bn = dict(state.bn)
     metrics_lines = state.metrics_lines
     totals = dict.fromkeys(("read", "compute", "transfer", "reduce", "adam", "bn_sync", "checkpoint", "eval"), 0.0)
-    images, step_seconds, steps_run = 0, 0.0, 0
+    images, steps_run = 0, 0
     train_acc = val_acc = None
     workers = worker_count(client)
     emit({"event": "start", "run_dir": str(run.path), "start_step": state.step, "total_steps": schedule.total_steps,
@@ -103,14 +103,24 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
     exchange.publish(state.step)
     warmup = warm_up_workers(client, exchange, schedule.n_train)
     t_begin = time.perf_counter()
+    pending = None                                # shard tasks of the next step, already submitted
 
     for step in range(state.step, schedule.total_steps):
         t0 = time.perf_counter()
         # shard: this step's global batch, cut into fixed virtual shards
         shards = schedule.shards(step)
         # compute: one task per shard, on the workers, returning gradient sums
-        stats, slots = exchange.compute(step, shards)
+        early = pending is not None
+        if not early:
+            pending = exchange.submit(step, shards)
+        stats, slots = exchange.collect(pending)
         t1 = time.perf_counter()
+        pending = None
+        if exchange.early and step + 1 < schedule.total_steps:
+            # the next step's tasks start now: they read their images while we update, then
+            # wait on the workers for the parameters of step + 1
+            pending = exchange.submit(step + 1, schedule.shards(step + 1))
+        t1b = time.perf_counter()
         n = sum(s["n"] for s in stats)
         if n != sum(len(s) for s in shards) or [s["slot"] for s in stats] != list(range(len(shards))):
             raise TrainingError(f"step {step + 1}: shard results cover {n} images in slots "
@@ -150,15 +160,18 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
         exchange.publish(step + 1)
         t5 = time.perf_counter()
 
+        # time of the step: compute = busiest worker's forward/backward + writing its sums;
+        # transfer = the rest of the wait for the shard results (scheduling, messages, reading
+        # images unless that overlapped the previous update) + publishing the parameters
         busiest = _busiest(stats)
+        critical = busiest["compute_s"] + (0.0 if early else busiest["read_s"])
         timing = {"read": busiest["read_s"], "compute": busiest["compute_s"],
-                  "transfer": (t1 - t0) - busiest["read_s"] - busiest["compute_s"] + (t5 - t4),
-                  "reduce": t2 - t1, "adam": t3 - t2, "bn_sync": t4 - t3}
+                  "transfer": max(0.0, (t1 - t0) - critical) + (t1b - t1) + (t5 - t4),
+                  "reduce": t2 - t1b, "adam": t3 - t2, "bn_sync": t4 - t3}
         for k, v in timing.items():
             totals[k] += v
         images += n
         steps_run += 1
-        step_seconds += t5 - t0
         record = {"kind": "step", "step": step + 1, "epoch": schedule.epoch_of(step) + 1, "loss": loss, "n": n,
                   "seconds": t5 - t0, "images_per_s": n / (t5 - t0), **{f"{k}_s": v for k, v in timing.items()}}
         run.append_metrics(record)
@@ -207,10 +220,12 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
         "epochs": schedule.num_epochs,
         "images": state.images + images,
         "seconds": state.seconds + seconds,
-        "train_seconds": step_seconds,
-        "images_per_s": images / step_seconds if step_seconds else None,
+        # training time of this session: the loop, checkpoints included, accuracy evaluation not
+        "train_seconds": seconds - totals["eval"],
+        "images_per_s": images / (seconds - totals["eval"]) if steps_run else None,
         "step_breakdown_s": {k: v / steps_run for k, v in totals.items()} if steps_run else {},
         "warmup_s": warmup,
+        "fused_update": config.batch_size // config.shard_size <= 2,   # reduce and Adam in one pass
         "workers": workers,
         "transport": exchange.kind,
         "final_loss": next((m["loss"] for m in reversed(metrics) if m.get("kind") == "step"), None),

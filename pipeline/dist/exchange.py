@@ -6,8 +6,12 @@ interface:
 
     exchange.params                  the flat parameter vector the coordinator updates in place
     exchange.publish(step)           make ``params`` the workers' parameters of ``step``
-    exchange.compute(step, shards)   run the shard tasks; -> (per-shard stats, gradient slots (k, P))
+    exchange.submit(step, shards)    start the shard tasks of ``step``; -> pending
+    exchange.collect(pending)        wait for them; -> (per-shard stats, gradient slots (k, P))
+    exchange.early                   whether ``submit(step + 1)`` may come before ``publish(step + 1)``
+                                     (the tasks then wait on the workers for the parameters)
     exchange.params_ref()            what evaluation tasks take as their parameters
+    exchange.cancel(pending)
     exchange.close()
 """
 
@@ -24,14 +28,17 @@ from pipeline.dist.transport import Layout, SharedBuffers, can_attach
 from pipeline.dist.worker import TaskSpec, add_results, shard_gradient, strip_gradient, warm_up
 from pipeline.errors import TrainingError
 
-THREAD_ENV = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# BLAS/OpenMP threads of the worker processes. Not NUMBA_NUM_THREADS: the nanny also sets
+# these in the coordinator's own environment, and Numba refuses a changed NUMBA_NUM_THREADS
+# once its pool runs; every task calls numba.set_num_threads(threads_per_worker) instead.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @contextlib.contextmanager
 def worker_cluster(client=None, scheduler: str | None = None, workers: int | None = None,
                    threads_per_worker: int = 1) -> Iterator:
     """``client`` if given; else a client of the scheduler at ``scheduler``; else an embedded
-    LocalCluster of ``workers`` processes whose Numba and BLAS use ``threads_per_worker`` threads."""
+    LocalCluster of ``workers`` processes whose BLAS uses ``threads_per_worker`` threads."""
     if client is not None:
         yield client
         return
@@ -52,6 +59,7 @@ def worker_count(client) -> int:
 
 class SharedMemoryExchange:
     kind = "shm"
+    early = True  # a task waits for its step's version in shared memory (reading its images meanwhile)
 
     def __init__(self, client, spec: TaskSpec, layout: Layout, slots: int):
         self.client, self.spec = client, spec
@@ -70,14 +78,20 @@ class SharedMemoryExchange:
     def publish(self, step: int) -> None:
         self.buffers.publish(step)
 
-    def compute(self, step: int, shards: list[np.ndarray]) -> tuple[list[dict], np.ndarray]:
-        futures = [
+    def submit(self, step: int, shards: list[np.ndarray]) -> list:
+        return [
             self.client.submit(shard_gradient, self.spec, self.ref, step, i, idx,
                                key=f"shard-{step}-{i}-{self.ref.token[:8]}", pure=False)
             for i, idx in enumerate(shards)
         ]
-        results = self.client.gather(futures)
-        return sorted(results, key=lambda r: r["slot"]), self.buffers.grads[:len(shards)]
+
+    def collect(self, pending: list) -> tuple[list[dict], np.ndarray]:
+        results = self.client.gather(pending)
+        return sorted(results, key=lambda r: r["slot"]), self.buffers.grads[:len(pending)]
+
+    def cancel(self, pending) -> None:
+        if pending:
+            self.client.cancel(pending)
 
     def params_ref(self):
         return self.ref
@@ -88,6 +102,7 @@ class SharedMemoryExchange:
 
 class TcpExchange:
     kind = "tcp"
+    early = False  # the parameters travel with the tasks: submit after publish
 
     def __init__(self, client, spec: TaskSpec, layout: Layout):
         self.client, self.spec = client, spec
@@ -101,7 +116,7 @@ class TcpExchange:
         self._future = self.client.scatter(self.params.copy(), broadcast=True, hash=False)
         self._step = step
 
-    def compute(self, step: int, shards: list[np.ndarray]) -> tuple[list[dict], np.ndarray]:
+    def submit(self, step: int, shards: list[np.ndarray]) -> list:
         if self._step != step:
             raise TrainingError(f"parameters of step {step} were not published")
         client = self.client
@@ -113,9 +128,15 @@ class TcpExchange:
         counter = iter(range(len(leaves)))
         root = pairwise(leaves, lambda a, b: client.submit(
             add_results, a, b, key=f"sum-{step}-{next(counter)}-{self._future.key}", pure=False))
-        stats, grad = client.gather([client.submit(strip_gradient, root, pure=False),
-                                     client.submit(_gradient_of, root, pure=False)])
+        return [client.submit(strip_gradient, root, pure=False), client.submit(_gradient_of, root, pure=False)]
+
+    def collect(self, pending: list) -> tuple[list[dict], np.ndarray]:
+        stats, grad = self.client.gather(pending)
         return sorted(stats, key=lambda r: r["slot"]), grad[None, :]
+
+    def cancel(self, pending) -> None:
+        if pending:
+            self.client.cancel(pending)
 
     def params_ref(self):
         return self._future

@@ -20,6 +20,7 @@ import mmap
 import os
 import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import numpy as np
 from pipeline.errors import TrainingError
 
 HEADER = 64  # bytes before the parameter vector: magic token (32) + version (int64)
+ABORTED = -1  # the version a coordinator publishes when it stops: waiting tasks give up
 _PREFIX = "convpipe-"
 
 
@@ -88,6 +90,7 @@ class ShmRef:
     token: str
     layout: Layout
     slots: int
+    owner_pid: int = 0
 
 
 def shm_root() -> Path:
@@ -105,7 +108,7 @@ class SharedBuffers:
         base = root / f"{_PREFIX}{os.getpid()}-{self.token[:12]}"
         self.layout = layout
         itemsize = np.dtype(layout.dtype).itemsize
-        self.ref = ShmRef(f"{base}-params", f"{base}-grads", self.token, layout, slots)
+        self.ref = ShmRef(f"{base}-params", f"{base}-grads", self.token, layout, slots, os.getpid())
         self._maps = []
         try:
             pmap = _create(self.ref.params_path, HEADER + layout.size * itemsize)
@@ -124,6 +127,8 @@ class SharedBuffers:
         self.version[0] = version
 
     def close(self) -> None:
+        if self.version is not None:
+            self.version[0] = ABORTED
         self.params = self.grads = self.version = None
         self._maps = []  # the maps close when the last view is gone
         for p in (self.ref.params_path, self.ref.grads_path):
@@ -177,6 +182,38 @@ class Attached:
             ref.slots, ref.layout.size
         )
         self.param_views = ref.layout.views(self.params)
+        self.owner_pid = ref.owner_pid
+
+    def wait_for(self, version: int, timeout: float = 600.0) -> None:
+        """Wait until the coordinator has published ``version`` (tasks of the next step are
+        submitted while it still updates the parameters). Raises if it stopped or died."""
+        deadline = None
+        polls = 0
+        while True:
+            seen = int(self.version[0])
+            if seen == version:
+                return
+            if seen == ABORTED or seen > version:
+                raise TrainingError(f"shared parameters are at {'no step (run stopped)' if seen == ABORTED else f'step {seen}'}, "
+                                    f"task expected step {version}")
+            polls += 1
+            time.sleep(0.0002 if polls < 5000 else 0.005)
+            if polls % 500 == 0:
+                deadline = deadline or time.monotonic() + timeout
+                if time.monotonic() > deadline or not _alive(self.owner_pid):
+                    raise TrainingError(f"the coordinator did not publish step {version}: it has stopped")
+
+
+def _alive(pid: int) -> bool:
+    if not pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 _ATTACHED: dict[str, Attached] = {}

@@ -97,10 +97,8 @@ def _params(spec: TaskSpec, params, version: int | None):
     """The parameter views for this task: from shared memory (checking the version) or an array."""
     if isinstance(params, ShmRef):
         shm = attach(params)
-        if version is not None and int(shm.version[0]) != version:
-            raise TrainingError(
-                f"shared parameters are at step {int(shm.version[0])}, task expected step {version}"
-            )
+        if version is not None:
+            shm.wait_for(version)
         return shm, shm.param_views
     return None, spec.layout.views(params)
 
@@ -114,14 +112,14 @@ def shard_gradient(spec: TaskSpec, params, version: int, slot: int, indices: np.
     and the result carries only statistics) or the flat parameter vector (the result carries
     the flat gradient sum under ``"grad"``).
     """
-    t0 = time.perf_counter()
     _threads(spec.threads)
     from pipeline.data import open_store
 
+    t0 = time.perf_counter()
     X, y = open_store(spec.store).read("train", indices, dtype=spec.model.dtype, cache=True)
+    tw = time.perf_counter()
+    shm, views = _params(spec, params, version)     # may wait for the coordinator's update
     t1 = time.perf_counter()
-
-    shm, views = _params(spec, params, version)
     model = _model(spec.model)
     model.params = dict(views)
     if model.bn_param:
@@ -143,7 +141,8 @@ def shard_gradient(spec: TaskSpec, params, version: int, slot: int, indices: np.
         "loss_sum": float(loss) * n,
         "bn_mean": None if stats is None else np.asarray(stats["mean"]),
         "bn_var": None if stats is None else np.asarray(stats["var"]),
-        "read_s": t1 - t0,
+        "read_s": tw - t0,
+        "wait_s": t1 - tw,
         "compute_s": t2 - t1,
         "write_s": t3 - t2,
         "worker": _worker_name(),
