@@ -198,13 +198,18 @@ def test_workers_see_parameters_read_only_and_write_their_slot():
 
 
 def test_stale_shared_files_of_dead_coordinators_are_removed(tmp_path):
-    dead = shm_root() / "convpipe-999999999-deadbeef0000-params"
+    from pipeline.dist.transport import _pid_namespace
+
+    dead = shm_root() / f"convpipe-999999999-{_pid_namespace()}-deadbeef0000-params"
+    elsewhere = shm_root() / "convpipe-999999999-1-deadbeef0000-params"   # another container's
     dead.write_bytes(b"x")
+    elsewhere.write_bytes(b"x")
     try:
         remove_stale()
-        assert not dead.exists()
+        assert not dead.exists() and elsewhere.exists()
     finally:
         dead.unlink(missing_ok=True)
+        elsewhere.unlink(missing_ok=True)
 
 
 # ---- run directory --------------------------------------------------------------------------------

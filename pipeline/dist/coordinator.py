@@ -15,6 +15,11 @@ Each step: shard, compute, reduce, update, sync, checkpoint.
 
 Nothing here depends on which worker ran what, so the same settings give the same bits on
 1, 2 or 4 workers, after a worker dies, and after ``--resume``.
+
+With the shared-memory transport the next step's tasks are submitted as soon as this step's
+results are in: they read their images while the coordinator updates, then wait on their
+worker until the parameters of their step are published (Dask's dispatch latency hides
+behind the update).
 """
 
 from __future__ import annotations

@@ -153,6 +153,7 @@ def _atomic(path: Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; results are ordinary files
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -164,6 +165,12 @@ def _atomic(path: Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ---- plots ---------------------------------------------------------------------------------------

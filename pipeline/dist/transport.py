@@ -105,7 +105,7 @@ class SharedBuffers:
         remove_stale()
         self.token = secrets.token_hex(16)
         root = shm_root()
-        base = root / f"{_PREFIX}{os.getpid()}-{self.token[:12]}"
+        base = root / f"{_PREFIX}{os.getpid()}-{_pid_namespace()}-{self.token[:12]}"
         self.layout = layout
         itemsize = np.dtype(layout.dtype).itemsize
         self.ref = ShmRef(f"{base}-params", f"{base}-grads", self.token, layout, slots, os.getpid())
@@ -147,15 +147,23 @@ def _create(path: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+def _pid_namespace() -> int:
+    """This process's pid namespace (containers sharing /dev/shm can have equal pids)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def remove_stale() -> None:
-    """Remove shared files left by coordinators that were killed (their pid is gone)."""
-    for p in shm_root().glob(f"{_PREFIX}*-*"):
-        try:
-            pid = int(p.name[len(_PREFIX):].split("-")[0])
-        except ValueError:
+    """Remove shared files left by killed coordinators of this pid namespace (pid gone)."""
+    ns = str(_pid_namespace())
+    for p in shm_root().glob(f"{_PREFIX}*-*-*"):
+        fields = p.name[len(_PREFIX):].split("-")
+        if len(fields) < 3 or fields[1] != ns or not fields[0].isdigit():
             continue
         try:
-            os.kill(pid, 0)
+            os.kill(int(fields[0]), 0)
         except ProcessLookupError:
             try:
                 p.unlink()
