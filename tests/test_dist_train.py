@@ -106,6 +106,42 @@ def test_step_gradient_equals_the_single_process_gradient_float64(store, tmp_pat
         np.testing.assert_allclose(got[k], v, rtol=1e-9, atol=1e-12, err_msg=k)
 
 
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_reduced_gradient_is_the_whole_batch_gradient_float64(store, client, transport):
+    # Adam hides a constant factor in the gradient, so check the reduced gradient itself:
+    # shard sums over 5 shards (the last one short), tree-reduced, / n, + reg * W
+    from pipeline.dist.exchange import open_exchange
+    from pipeline.dist.reduce import finish_gradient
+    from pipeline.dist.transport import Layout
+    from pipeline.dist.worker import TaskSpec
+
+    st = open_store(store)
+    spec = ModelSpec(4, 3, 16, len(st.class_names), "none", 4, "float64")
+    model = spec.build(weight_scale=5e-2, reg=0.3, seed=7)
+    layout = Layout.of(model.params)
+    exchange = open_exchange(client, transport, TaskSpec(spec, st.path, layout), layout, slots=5)
+    try:
+        assert exchange.kind == transport
+        exchange.params[:] = layout.flatten(model.params)
+        exchange.publish(0)
+        idx = np.random.default_rng(0).permutation(200)[:72]
+        shards = [idx[i:i + 16] for i in range(0, 72, 16)]
+        stats, slots = exchange.collect(exchange.submit(0, shards))
+        grad = np.empty_like(exchange.params)
+        for name, sl in layout.slices().items():
+            finish_gradient(slots[:, sl], exchange.params[sl], grad[sl], 72, 0.3 if name[0] == "W" else 0.0)
+    finally:
+        exchange.close()
+    X, y = st.read("train", idx, dtype="float64")
+    loss, grads = model.loss(X, y)
+    for name, view in layout.views(grad).items():
+        np.testing.assert_allclose(view, grads[name], rtol=1e-10, atol=1e-14, err_msg=name)
+    assert sum(s["n"] for s in stats) == 72 and [s["n"] for s in stats] == [16, 16, 16, 16, 8]
+    data_loss = sum(s["loss_sum"] for s in stats) / 72
+    reg_loss = 0.15 * sum(float(np.sum(model.params[w] ** 2)) for w in ("W1", "W2", "W3"))
+    assert data_loss + reg_loss == pytest.approx(loss, rel=1e-12)
+
+
 def test_bn_statistics_are_synchronized_like_one_process(store, tmp_path, client):
     # one shard per step: the workers normalize over the whole batch, as one process does,
     # so the coordinator's combined moments and momentum update must match the model's own
