@@ -29,6 +29,8 @@ Failures:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -267,7 +269,7 @@ def run_job(record: dict) -> dict:
         except ConvpipeError as exc:
             return report.state("failed", f"failed: {exc}", reason=str(exc), resumable=True)
         except BaseException as exc:  # noqa: BLE001 - anything the job raised, with its reason
-            reason = _failure_reason(exc)
+            reason = _failure_reason(exc, client)
             for line in traceback.format_exc().rstrip().splitlines():
                 report.files.append_log(log_line("  " + line))
             return report.state("failed", f"failed: {reason}", reason=reason, resumable=True)
@@ -277,14 +279,27 @@ def run_job(record: dict) -> dict:
         return report.state("done", f"done: {_result_text(result)}", result=result, reason=None)
 
 
-def _failure_reason(exc: BaseException) -> str:
+def _failure_reason(exc: BaseException, client=None) -> str:
     from distributed.comm.core import CommClosedError
 
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
-    if isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError)) or "scheduler-connection-lost" in first:
+    lost = isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError)) or "scheduler-connection-lost" in first
+    # when the scheduler goes away, the client cancels every future it waits on: a
+    # cancellation is the scheduler's loss if the scheduler no longer answers
+    if not lost and isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)) and client is not None:
+        lost = not _scheduler_answers(client)
+    if lost:
         return f"lost the connection to the Dask scheduler ({type(exc).__name__}: {first})"
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _scheduler_answers(client, timeout: float = 5.0) -> bool:
+    try:
+        client.sync(lambda: asyncio.wait_for(client.scheduler.identity(), timeout))
+    except Exception:  # noqa: BLE001 - any failure to get an answer means it is gone
+        return False
+    return True
 
 
 def _result_text(result: dict | None) -> str:
