@@ -8,6 +8,9 @@ convolution's matrix products:
   filters, bias added while moving the result to NCHW. Backward: dout to the same layout
   (with db in the same pass), ``dw = dout2 @ cols.T``; ``dx`` (GEMM + col2im) only when
   ``compute_dx=True``.
+  7-wide filters at stride 1 (the model's 7x7 conv) skip im2col: direct Numba kernels on a
+  zero-padded copy of x compute the forward pass and dw (``kc.conv7_forward`` /
+  ``kc.conv7_dw``), ~1.5x faster for forward + backward and without the column matrix.
 - max pooling: one pass that records each window's argmax; backward scatters to it.
 - spatial batch norm / group norm: per channel / per group reductions in float64.
 
@@ -112,8 +115,17 @@ def _check_eps(name: str, eps) -> float:
 # convolution
 
 
+# Filters this wide at stride 1 use the direct kernels (kc.conv7_forward / conv7_dw) instead of
+# im2col + GEMM: no column matrix, ~2x faster forward at the model's 7x7 conv.
+_DIRECT_WW = 7
+
+
+def _direct(WW, stride) -> bool:
+    return WW == _DIRECT_WW and stride == 1
+
+
 def _conv_core_forward(x, w, conv_param):
-    """Check arguments, im2col and the GEMM: returns (out2 (F, N*P) without bias, state)."""
+    """Check arguments, then im2col + GEMM or the direct kernels: (out2 (F, N*P) without bias, state)."""
     x = np.asarray(x)
     w = np.asarray(w)
     require_ndim("x", x, 4, "(N, C, H, W)")
@@ -125,11 +137,19 @@ def _conv_core_forward(x, w, conv_param):
     dtype = _float_dtype(x)
     K, P = C * HH * WW, H_out * W_out
     xc = _as(x, dtype)
-    w2 = _as(w, dtype).reshape(F, K)
+    wc = _as(w, dtype)
+    w2 = wc.reshape(F, K)
+    geom = (N, C, H, W, F, HH, WW, stride, pad, H_out, W_out)
+    if _direct(WW, stride):
+        Wp = W + 2 * pad
+        xp = np.empty((N, C, (H + 2 * pad) * Wp + _DIRECT_WW), dtype=dtype)  # 7 zeros after
+        _launch(kc.pad_input, xp.size, xc, pad, Wp, xp)
+        out2 = np.empty((F, N * P), dtype=dtype)
+        _launch(kc.conv7_forward, out2.size * K, xp, Wp, wc, H_out, W_out, out2)
+        return out2, (xp, w2, geom, _float_dtype(w))
     cols = np.empty((K, N * P), dtype=dtype)
     _launch(kc.im2col, cols.size, xc, HH, WW, stride, pad, H_out, W_out, cols)
     out2 = w2 @ cols
-    geom = (N, C, H, W, F, HH, WW, stride, pad, H_out, W_out)
     return out2, (cols, w2, geom, _float_dtype(w))
 
 
@@ -137,8 +157,13 @@ def _conv_core_backward(dout2, core, compute_dx):
     """From dout in (F, N*P) layout: (dx or None, dw in w's dtype)."""
     cols, w2, geom, w_dtype = core
     N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = geom
-    # (K, N*P) @ (N*P, F) then transposed: much faster in OpenBLAS than dout2 @ cols.T
-    dw = (cols @ dout2.T).T.reshape(F, C, HH, WW).astype(w_dtype)
+    if _direct(WW, stride):  # cols is the padded input xp of the direct kernels
+        dw = np.empty((F, C, HH, WW), dtype=cols.dtype)
+        _launch(kc.conv7_dw, dout2.size * C * HH * WW, cols, W + 2 * pad, dout2, H_out, W_out, dw)
+        dw = dw.astype(w_dtype)
+    else:
+        # (K, N*P) @ (N*P, F) then transposed: much faster in OpenBLAS than dout2 @ cols.T
+        dw = (cols @ dout2.T).T.reshape(F, C, HH, WW).astype(w_dtype)
     dx = None
     if compute_dx:
         dcols = w2.T @ dout2

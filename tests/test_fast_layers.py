@@ -72,6 +72,55 @@ def test_conv_matches_naive(case, dtype):
         _close(g, gn, dtype, name)
 
 
+# 7-wide filters at stride 1 take the direct kernels (fl._direct): odd and even F, N=1,
+# 1- and 7-high filters, non-square images, no padding and padding beyond the filter's reach
+DIRECT_CASES = [(1, 1, 7, 7, 1, 7, 7, 1, 0), (2, 3, 12, 12, 8, 7, 7, 1, 3), (3, 2, 5, 9, 5, 3, 7, 1, 2),
+                (1, 4, 1, 10, 3, 1, 7, 1, 0), (2, 3, 6, 4, 2, 7, 7, 1, 4), (3, 1, 9, 7, 7, 5, 7, 1, 1)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "N{}C{}H{}W{}F{}k{}x{}s{}p{}".format(*c))
+def test_conv_direct_path_matches_naive(case, dtype):
+    N, C, H, W, F, HH, WW, stride, pad = case
+    assert fl._direct(WW, stride)
+    test_conv_matches_naive(case, dtype)
+    rng = _rng(hash(case) % 2**32 + 1)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, HH, WW)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    out, cache = fl.conv_forward_fast(x, w, b, {"stride": stride, "pad": pad})
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx, dw, db = fl.conv_backward_fast(dout, cache)
+    dx0, dw0, db0 = fl.conv_backward_fast(dout, cache, compute_dx=False)
+    assert dx0 is None
+    np.testing.assert_array_equal(dw, dw0)
+    np.testing.assert_array_equal(db, db0)
+
+
+def test_conv_direct_path_bit_identical_across_calls_and_threads():
+    """The distributed trainer relies on bit-identical results for the same inputs."""
+    import numba
+
+    rng = _rng(7)
+    x = rng.standard_normal((5, 3, 32, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 3, 7, 7)).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    cp = {"stride": 1, "pad": 3}
+    threads = numba.get_num_threads()
+    results = []
+    try:
+        for t in sorted({1, threads}) * 2:
+            numba.set_num_threads(t)
+            out, cache = fl.conv_forward_fast(x, w, b, cp)
+            dout = np.sin(out)
+            results.append((out,) + fl.conv_backward_fast(dout, cache))
+    finally:
+        numba.set_num_threads(threads)
+    for r in results[1:]:
+        for a, ref in zip(r, results[0]):
+            np.testing.assert_array_equal(a, ref)
+
+
 def test_conv_notebook_shapes_float64():
     """The notebook's check: fast vs naive relative errors ~1e-9 or better."""
     rng = _rng(1)

@@ -190,6 +190,7 @@ CRP_CASES = [
     ((2, 1, 11, 11), (2, 1, 5, 5), {"stride": 2, "pad": 3}, {"pool_height": 3, "pool_width": 1, "stride": 2}),
     ((2, 4, 5, 6), (3, 4, 1, 1), {"stride": 1, "pad": 0}, {"pool_height": 2, "pool_width": 3, "stride": 3}),
     ((4, 3, 12, 12), (8, 3, 7, 7), {"stride": 1, "pad": 3}, POOL),
+    ((1, 2, 10, 12), (5, 2, 3, 7), {"stride": 1, "pad": 2}, POOL),  # direct kernels: odd F, N=1
 ]
 
 
