@@ -38,7 +38,8 @@ def main() -> int:
     from pipeline.dist.exchange import worker_cluster
 
     print(f"convpipe bench_train: {os.cpu_count()} CPUs, data {args.data}, global batch {args.batch_size}, "
-          f"shard {args.shard_size}, {'%d steps' % args.steps if args.steps else '%d epoch(s)' % args.epochs}")
+          f"shard {args.shard_size}, {'%d steps' % args.steps if args.steps else '%d epoch(s)' % args.epochs}; "
+          f"load average {_load()}")
     rows = []
     for workers in [int(w) for w in args.workers.split(",")]:
         t0 = time.perf_counter()
@@ -62,8 +63,13 @@ def main() -> int:
     for workers, norm, s, wall in rows:
         print(f"{workers:>7} {norm:>18} {s['transport']:>9} {s['images_per_s']:>9,.0f} {wall:>7.1f} "
               f"{_pct(s['train_acc']):>9} {_pct(s['val_acc']):>8}")
+    print(f"load average at the end {_load()} (other processes on the machine slow every figure)")
     print("reference (issue, PyTorch on this machine): DDP gloo 2x1 2,029 images/s; 1 process x 2 threads 2,421")
     return 0
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _pct(v):

@@ -125,13 +125,15 @@ def test_fused_reduce_and_adam_is_bit_for_bit_pipeline_optim_adam(k, dtype, t):
     slots = (rng.standard_normal((k, n)) * 50).astype(dtype)
     m0 = (0.1 * rng.standard_normal(n)).astype(dtype)
     v0 = (0.01 * np.abs(rng.standard_normal(n))).astype(dtype)
-    ref = {"learning_rate": 3e-3, "m": m0.copy(), "v": v0.copy(), "t": t}
-    w_ref, g = w0.copy(), np.empty_like(w0)
-    finish_gradient(slots, w_ref, g, 200, 1e-3)
-    adam_inplace(w_ref, g, ref)
     fused = {"learning_rate": 3e-3, "t": t}
     w, m, v = w0.copy(), m0.copy(), v0.copy()
-    finish_and_adam(slots, w, m, v, 200, 1e-3, adam_scalars(fused, dtype))
+    cut = n // 3     # two parameters: the first with L2, the second (a bias) without
+    w_ref, g = w0.copy(), np.empty_like(w0)
+    finish_gradient(slots[:, :cut], w_ref[:cut], g[:cut], 200, 1e-3)
+    finish_gradient(slots[:, cut:], w_ref[cut:], g[cut:], 200, 0.0)
+    ref = {"learning_rate": 3e-3, "m": m0.copy(), "v": v0.copy(), "t": t}
+    adam_inplace(w_ref, g, ref)
+    finish_and_adam(slots, w, m, v, 200, [(0, cut, 1e-3), (cut, n, 0.0)], adam_scalars(fused, dtype))
     assert fused["t"] == ref["t"] == t + 1
     for a, b in ((w, w_ref), (m, ref["m"]), (v, ref["v"])):
         assert a.dtype == dtype and np.array_equal(a, b)

@@ -24,6 +24,7 @@ behind the update).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -78,7 +79,8 @@ def train(config: TrainConfig, client=None, progress=None) -> dict:
     model = mspec.build(weight_scale=config.weight_scale, reg=config.reg, seed=config.seed)
     layout = Layout.of(model.params)
 
-    with worker_cluster(client, config.scheduler, config.workers, config.threads_per_worker) as client:
+    with worker_cluster(client, config.scheduler, config.workers, config.threads_per_worker) as client, \
+            _numba_threads(1):
         run, config = _open_run(config)
         state = _resume(run, layout, config, model, emit) if config.resume else _fresh(model, layout)
         spec = TaskSpec(mspec, store.path, layout, config.threads_per_worker)
@@ -144,10 +146,8 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
         # with at most two shards the tree, L2 and Adam run fused in one pass over memory
         if len(shards) <= 2:
             t2 = time.perf_counter()
-            scalars = adam_scalars(adam, params.dtype)
-            for name, sl in slices.items():
-                finish_and_adam(slots[:, sl], params[sl], adam["m"][sl], adam["v"][sl], n,
-                                config.reg if name in REGULARIZED else 0.0, scalars)
+            segments = [(sl.start, sl.stop, config.reg if name in REGULARIZED else 0.0) for name, sl in slices.items()]
+            finish_and_adam(slots, params, adam["m"], adam["v"], n, segments, adam_scalars(adam, params.dtype))
         else:
             for name, sl in slices.items():
                 finish_gradient(slots[:, sl], params[sl], grad[sl], n, config.reg if name in REGULARIZED else 0.0)
@@ -243,6 +243,20 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
 
 
 # ---- pieces of the loop ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _numba_threads(n: int):
+    """The coordinator's kernels (sum of squares, fused reduce+Adam) on ``n`` threads: they are
+    memory-bound, and a parallel region on a busy machine waits for its slowest thread."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
 
 def _busiest(stats: list[dict]) -> dict:
     """Read and compute seconds of the worker that was busiest this step (the critical path)."""

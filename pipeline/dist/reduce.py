@@ -105,14 +105,11 @@ def finish_gradient(slots: np.ndarray, w: np.ndarray, out: np.ndarray, batch: in
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _finish_adam2(slots, k, w, m, v, batch, reg, b1, omb1, b2, omb2, bc1, bc2, lr, eps):  # pragma: no cover
-    # k <= 2 shards: the tree is slots[0] (+ slots[1]); then exactly optim._adam_kernel's arithmetic
-    n = w.shape[0]
-    for i in numba.prange(n):
-        if k == 1:
-            s = slots[0, i]
-        else:
-            s = slots[0, i] + slots[1, i]
+def _finish_adam2(s0, s1, k, w, m, v, batch, reg, b1, omb1, b2, omb2, bc1, bc2, lr, eps):  # pragma: no cover
+    # k <= 2 shards: the tree is s0 (+ s1); then exactly optim._adam_kernel's arithmetic.
+    # 1-D contiguous arrays in a prange loop, even on one thread: the form LLVM vectorizes.
+    for i in numba.prange(w.shape[0]):
+        s = s0[i] + s1[i] if k == 2 else s0[i]
         g = s / batch + reg * w[i]
         mi = b1 * m[i] + omb1 * g
         vi = b2 * v[i] + omb2 * (g * g)
@@ -135,17 +132,23 @@ def adam_scalars(config: dict, dtype) -> tuple:
             f(config["learning_rate"]), f(config["epsilon"]))
 
 
-def finish_and_adam(slots: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray, batch: int, reg: float,
-                    scalars: tuple) -> None:
+def finish_and_adam(slots: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray, batch: int,
+                    segments: list[tuple[int, int, float]], scalars: tuple) -> None:
     """:func:`finish_gradient` followed by Adam, fused in one pass over memory, for k <= 2 slots.
 
-    Bit for bit ``finish_gradient(slots, w, g, batch, reg)`` then ``adam_inplace(w, g, config)``
-    (a test holds it to that); ``scalars`` from :func:`adam_scalars`, once per step.
+    ``segments``: (start, stop, reg) of each parameter in the flat vectors. Bit for bit
+    ``finish_gradient(slots[:, a:b], w[a:b], g[a:b], batch, reg)`` for each, then
+    ``adam_inplace(w, g, config)`` (a test holds it to that); ``scalars`` from
+    :func:`adam_scalars`, once per step.
     """
     if slots.shape[0] > 2:
         raise ValueError("finish_and_adam: at most two gradient slots")
     dt = w.dtype.type
-    _finish_adam2(slots, slots.shape[0], w, m, v, dt(batch), dt(reg), *scalars)
+    k = slots.shape[0]
+    for a, b, reg in segments:
+        s0 = np.ascontiguousarray(slots[0, a:b])
+        s1 = np.ascontiguousarray(slots[k - 1, a:b])
+        _finish_adam2(s0, s1, k, w[a:b], m[a:b], v[a:b], dt(batch), dt(reg), *scalars)
 
 
 def sumsq(w: np.ndarray) -> float:

@@ -195,21 +195,21 @@ class Attached:
     def wait_for(self, version: int, timeout: float = 600.0) -> None:
         """Wait until the coordinator has published ``version`` (tasks of the next step are
         submitted while it still updates the parameters). Raises if it stopped or died."""
-        deadline = None
-        polls = 0
+        deadline = time.monotonic() + timeout
+        pause = 5e-5
         while True:
             seen = int(self.version[0])
             if seen == version:
                 return
             if seen == ABORTED or seen > version:
-                raise TrainingError(f"shared parameters are at {'no step (run stopped)' if seen == ABORTED else f'step {seen}'}, "
-                                    f"task expected step {version}")
-            polls += 1
-            time.sleep(0.0002 if polls < 5000 else 0.005)
-            if polls % 500 == 0:
-                deadline = deadline or time.monotonic() + timeout
-                if time.monotonic() > deadline or not _alive(self.owner_pid):
-                    raise TrainingError(f"the coordinator did not publish step {version}: it has stopped")
+                state = "no step (the run stopped)" if seen == ABORTED else f"step {seen}"
+                raise TrainingError(f"shared parameters are at {state}, task expected step {version}")
+            # short pauses first (an update takes milliseconds), then at most 1 ms apart:
+            # a waiting task must not take CPU from the coordinator's update
+            time.sleep(pause)
+            pause = min(pause * 1.5, 1e-3)
+            if pause == 1e-3 and (time.monotonic() > deadline or not _alive(self.owner_pid)):
+                raise TrainingError(f"the coordinator did not publish step {version}: it has stopped")
 
 
 def _alive(pid: int) -> bool:
