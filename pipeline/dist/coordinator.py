@@ -17,15 +17,17 @@ Nothing here depends on which worker ran what, so the same settings give the sam
 1, 2 or 4 workers, after a worker dies, and after ``--resume``.
 
 With the shared-memory transport the next step's tasks are submitted as soon as this step's
-results are in: they read their images while the coordinator updates, then wait on their
-worker until the parameters of their step are published (Dask's dispatch latency hides
-behind the update).
+shards are done: on their workers they read their images, then wait until the parameters of
+their step are published; a finished shard marks its status record in shared memory. Dask still
+places, runs and (after a worker dies) reruns every task, but its message latency is off
+the critical path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -44,6 +46,10 @@ from pipeline.errors import DataError, TrainingError
 from pipeline.optim import adam_inplace
 
 EVAL_SHARD = 500            # images per accuracy task
+# steps whose shard tasks are submitted before their parameters exist. One: when step k + 1's
+# tasks are submitted, all of step k's have finished, so a task waiting for its parameters
+# never holds a worker thread an earlier step's task needs (two could deadlock 1-thread workers)
+AHEAD = 1
 REGULARIZED = ("W1", "W2", "W3")
 CHECKPOINT_FORMAT = "convpipe-train/1"
 
@@ -108,25 +114,27 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
           "batch_size": config.batch_size, "transport": exchange.kind,
           "dashboard": getattr(client, "dashboard_link", None)})
     exchange.publish(state.step)
-    warmup = warm_up_workers(client, exchange, schedule.n_train)
+    t_warm = time.perf_counter()
+    _warm_up_kernels(params.dtype)
+    warmup = warm_up_workers(client, exchange, schedule.n_train) + (time.perf_counter() - t_warm)
     t_begin = time.perf_counter()
-    pending = None                                # shard tasks of the next step, already submitted
+    ahead = {}                                    # step -> its shard tasks, submitted in advance
+    last_published = time.time()
 
     for step in range(state.step, schedule.total_steps):
         t0 = time.perf_counter()
         # shard: this step's global batch, cut into fixed virtual shards
         shards = schedule.shards(step)
         # compute: one task per shard, on the workers, returning gradient sums
-        early = pending is not None
-        if not early:
-            pending = exchange.submit(step, shards)
-        stats, slots = exchange.collect(pending)
-        t1 = time.perf_counter()
-        pending = None
-        if exchange.early and step + 1 < schedule.total_steps:
-            # the next step's tasks start now: they read their images while we update, then
-            # wait on the workers for the parameters of step + 1
-            pending = exchange.submit(step + 1, schedule.shards(step + 1))
+        early = step in ahead
+        stats, slots = exchange.collect(ahead.pop(step) if early else exchange.submit(step, shards))
+        t1, collected = time.perf_counter(), time.time()
+        if exchange.early:
+            # keep the next steps' tasks in flight: on their workers they read their images,
+            # then wait for the parameters of their step (Dask's dispatch hides behind compute)
+            for nxt in range(step + 1, min(step + 1 + AHEAD, schedule.total_steps)):
+                if nxt not in ahead:
+                    ahead[nxt] = exchange.submit(nxt, schedule.shards(nxt))
         t1b = time.perf_counter()
         n = sum(s["n"] for s in stats)
         if n != sum(len(s) for s in shards) or [s["slot"] for s in stats] != list(range(len(shards))):
@@ -164,6 +172,7 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
         t4 = time.perf_counter()
         exchange.publish(step + 1)
         t5 = time.perf_counter()
+        published = time.time()
 
         # time of the step: compute = busiest worker's forward/backward + writing its sums;
         # transfer = the rest of the wait for the shard results (scheduling, messages, reading
@@ -178,7 +187,13 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
         images += n
         steps_run += 1
         record = {"kind": "step", "step": step + 1, "epoch": schedule.epoch_of(step) + 1, "loss": loss, "n": n,
-                  "seconds": t5 - t0, "images_per_s": n / (t5 - t0), **{f"{k}_s": v for k, v in timing.items()}}
+                  "seconds": t5 - t0, "images_per_s": n / (t5 - t0), **{f"{k}_s": v for k, v in timing.items()},
+                  # of the transfer: shard tasks starting after the parameters were published,
+                  # and their results reaching the coordinator after the last one finished
+                  "start_latency_s": max(s["begin"] for s in stats) - last_published if early else None,
+                  "return_latency_s": collected - max(s["end"] for s in stats),
+                  "arrival_after_publish_s": max(s["arrived"] for s in stats) - last_published if early else None}
+        last_published = published
         run.append_metrics(record)
         metrics_lines += 1
         emit({"event": "step", **record, "total_steps": schedule.total_steps})
@@ -244,18 +259,33 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
 
 # ---- pieces of the loop ----------------------------------------------------------------------------
 
+def _warm_up_kernels(dtype) -> None:
+    """Load the coordinator's compiled kernels (Numba's cache) before the timed steps."""
+    x = np.zeros((2, 8), dtype=dtype)
+    w, m, v, g = (np.zeros(8, dtype=dtype) for _ in range(4))
+    sum_of_squares(w)
+    finish_and_adam(x, w, m, v, 1, [(0, 8, 0.0)], adam_scalars({}, dtype))
+    finish_and_adam(x[:1], w, m, v, 1, [(0, 8, 0.0)], adam_scalars({}, dtype))
+    finish_gradient(np.zeros((3, 8), dtype=dtype), w, g, 1, 0.0)
+    adam_inplace(w, g, {})
+
+
 @contextlib.contextmanager
 def _numba_threads(n: int):
     """The coordinator's kernels (sum of squares, fused reduce+Adam) on ``n`` threads: they are
     memory-bound, and a parallel region on a busy machine waits for its slowest thread."""
     import numba
 
-    before = numba.get_num_threads()
+    before, interval = numba.get_num_threads(), sys.getswitchinterval()
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    # the scheduler's event loop shares this process: hand the GIL back and forth quickly,
+    # so that the update does not wait 5 ms for it after each kernel
+    sys.setswitchinterval(min(interval, 2e-4))
     try:
         yield
     finally:
         numba.set_num_threads(before)
+        sys.setswitchinterval(interval)
 
 
 def _busiest(stats: list[dict]) -> dict:

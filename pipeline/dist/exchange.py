@@ -11,7 +11,6 @@ interface:
     exchange.early                   whether ``submit(step + 1)`` may come before ``publish(step + 1)``
                                      (the tasks then wait on the workers for the parameters)
     exchange.params_ref()            what evaluation tasks take as their parameters
-    exchange.cancel(pending)
     exchange.close()
 """
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from pipeline.dist.reduce import pairwise
 from pipeline.dist.transport import Layout, SharedBuffers, can_attach
-from pipeline.dist.worker import TaskSpec, add_results, shard_gradient, strip_gradient, warm_up
+from pipeline.dist.worker import TaskSpec, add_results, read_status, shard_gradient, strip_gradient, warm_up
 from pipeline.errors import TrainingError
 
 # BLAS/OpenMP threads of the worker processes. Not NUMBA_NUM_THREADS: the nanny also sets
@@ -78,20 +77,30 @@ class SharedMemoryExchange:
     def publish(self, step: int) -> None:
         self.buffers.publish(step)
 
-    def submit(self, step: int, shards: list[np.ndarray]) -> list:
-        return [
+    def submit(self, step: int, shards: list[np.ndarray]) -> tuple[int, list]:
+        return step, [
             self.client.submit(shard_gradient, self.spec, self.ref, step, i, idx,
                                key=f"shard-{step}-{i}-{self.ref.token[:8]}", pure=False)
             for i, idx in enumerate(shards)
         ]
 
-    def collect(self, pending: list) -> tuple[list[dict], np.ndarray]:
-        results = self.client.gather(pending)
-        return sorted(results, key=lambda r: r["slot"]), self.buffers.grads[:len(pending)]
+    def collect(self, pending: tuple[int, list]) -> tuple[list[dict], np.ndarray]:
+        """Wait until every shard of the step has marked its status record done (shared
+        memory: no round trip through the scheduler). Dask still runs, places and, after a
+        worker dies, reruns the tasks; a task that fails raises here."""
+        step, futures = pending
+        done = self.buffers.status[:len(futures), 0]
+        pause = 2e-5
+        while not (done == step).all():
+            bad = [f for f in futures if f.status in ("error", "cancelled", "lost")]
+            if bad:
+                self.client.gather(bad)            # raises the task's exception
+                raise TrainingError(f"shard task {bad[0].key} of step {step + 1} was {bad[0].status}")
+            time.sleep(pause)
+            pause = min(pause * 1.5, 1e-3)
+        stats = [read_status(self.buffers.status[i], i, self.params.dtype) for i in range(len(futures))]
+        return stats, self.buffers.grads[:len(futures)]
 
-    def cancel(self, pending) -> None:
-        if pending:
-            self.client.cancel(pending)
 
     def params_ref(self):
         return self.ref
@@ -134,9 +143,6 @@ class TcpExchange:
         stats, grad = self.client.gather(pending)
         return sorted(stats, key=lambda r: r["slot"]), grad[None, :]
 
-    def cancel(self, pending) -> None:
-        if pending:
-            self.client.cancel(pending)
 
     def params_ref(self):
         return self._future

@@ -91,6 +91,27 @@ class ShmRef:
     layout: Layout
     slots: int
     owner_pid: int = 0
+    status_len: int = 0     # float64 fields per slot of the status table (after the gradients)
+
+    @property
+    def grads_bytes(self) -> int:
+        return -(-self.slots * self.layout.size * np.dtype(self.layout.dtype).itemsize // 8) * 8
+
+    @property
+    def file_bytes(self) -> int:
+        return max(1, self.grads_bytes + self.slots * self.status_len * 8)
+
+
+# A slot's status record (float64): written by the worker after its gradient sum, ``done``
+# last, so the coordinator learns of a finished shard from shared memory, not via Dask.
+STATUS = ("done", "n", "loss_sum", "read_s", "wait_s", "compute_s", "write_s", "begin", "end",
+          "arrived", "worker", "has_bn")
+STATUS_FIELDS = 16   # then bn_mean (C), bn_var (C)
+
+
+def status_len(layout: Layout) -> int:
+    channels = layout.shapes[0][0] if layout.shapes else 0
+    return STATUS_FIELDS + 2 * channels
 
 
 def shm_root() -> Path:
@@ -108,11 +129,12 @@ class SharedBuffers:
         base = root / f"{_PREFIX}{os.getpid()}-{_pid_namespace()}-{self.token[:12]}"
         self.layout = layout
         itemsize = np.dtype(layout.dtype).itemsize
-        self.ref = ShmRef(f"{base}-params", f"{base}-grads", self.token, layout, slots, os.getpid())
+        self.ref = ShmRef(f"{base}-params", f"{base}-grads", self.token, layout, slots, os.getpid(),
+                          status_len(layout))
         self._maps = []
         try:
             pmap = _create(self.ref.params_path, HEADER + layout.size * itemsize)
-            gmap = _create(self.ref.grads_path, max(1, slots * layout.size * itemsize))
+            gmap = _create(self.ref.grads_path, self.ref.file_bytes)
         except OSError as exc:
             self.close()
             raise TrainingError(f"cannot create shared memory in {root}: {exc.strerror or exc}") from None
@@ -121,6 +143,8 @@ class SharedBuffers:
         self.version = np.frombuffer(pmap, dtype=np.int64, count=1, offset=32)
         self.params = np.frombuffer(pmap, dtype=layout.dtype, count=layout.size, offset=HEADER)
         self.grads = np.frombuffer(gmap, dtype=layout.dtype, count=slots * layout.size).reshape(slots, layout.size)
+        self.status = _status_view(gmap, self.ref)
+        self.status[:, 0] = -1
 
     def publish(self, version: int) -> None:
         """Mark the parameters in place as those of ``version`` (a step number)."""
@@ -129,13 +153,18 @@ class SharedBuffers:
     def close(self) -> None:
         if self.version is not None:
             self.version[0] = ABORTED
-        self.params = self.grads = self.version = None
+        self.params = self.grads = self.version = self.status = None
         self._maps = []  # the maps close when the last view is gone
         for p in (self.ref.params_path, self.ref.grads_path):
             try:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+
+
+def _status_view(gmap, ref: ShmRef) -> np.ndarray:
+    return np.frombuffer(gmap, dtype=np.float64, count=ref.slots * ref.status_len,
+                         offset=ref.grads_bytes).reshape(ref.slots, ref.status_len)
 
 
 def _create(path: str, size: int) -> mmap.mmap:
@@ -183,12 +212,13 @@ class Attached:
         if pmap[:32] != ref.token.encode():
             raise TrainingError(f"shared parameters {ref.params_path} belong to another run")
         with open(ref.grads_path, "r+b") as f:
-            gmap = mmap.mmap(f.fileno(), max(1, ref.slots * ref.layout.size * itemsize))
+            gmap = mmap.mmap(f.fileno(), ref.file_bytes)
         self.version = np.frombuffer(pmap, dtype=np.int64, count=1, offset=32)
         self.params = np.frombuffer(pmap, dtype=ref.layout.dtype, count=ref.layout.size, offset=HEADER)
         self.grads = np.frombuffer(gmap, dtype=ref.layout.dtype, count=ref.slots * ref.layout.size).reshape(
             ref.slots, ref.layout.size
         )
+        self.status = _status_view(gmap, ref)
         self.param_views = ref.layout.views(self.params)
         self.owner_pid = ref.owner_pid
 

@@ -14,13 +14,15 @@ Per process, the model object and the store's decompressed chunks are cached acr
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.dist.transport import Layout, ShmRef, attach
+from pipeline.dist.transport import STATUS, STATUS_FIELDS, Layout, ShmRef, attach
 from pipeline.errors import TrainingError
 
 
@@ -91,6 +93,10 @@ def _threads(n: int) -> None:
     import numba
 
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    # the worker's event loop shares the GIL with this task thread: hand it over quickly so
+    # a task waiting for parameters, or a finished task's result, is not held up for 5 ms
+    if sys.getswitchinterval() > 5e-4:
+        sys.setswitchinterval(5e-4)
 
 
 def _params(spec: TaskSpec, params, version: int | None):
@@ -115,7 +121,7 @@ def shard_gradient(spec: TaskSpec, params, version: int, slot: int, indices: np.
     _threads(spec.threads)
     from pipeline.data import open_store
 
-    t0 = time.perf_counter()
+    t0, arrived = time.perf_counter(), time.time()
     X, y = open_store(spec.store).read("train", indices, dtype=spec.model.dtype, cache=True)
     tw = time.perf_counter()
     shm, views = _params(spec, params, version)     # may wait for the coordinator's update
@@ -129,6 +135,10 @@ def shard_gradient(spec: TaskSpec, params, version: int, slot: int, indices: np.
 
     n = len(y)
     dt = np.dtype(spec.model.dtype).type
+    if shm is not None and int(shm.version[0]) != version:
+        # a duplicate run of a task whose step is over (the coordinator has moved on): the
+        # slot belongs to a newer step now, so write nothing
+        raise TrainingError(f"shard {slot} of step {version} finished after its step was reduced")
     out = shm.grads[slot] if shm is not None else np.empty(spec.layout.size, dtype=spec.model.dtype)
     for name, view in spec.layout.views(out).items():
         np.multiply(grads[name], dt(n), out=view)
@@ -145,11 +155,45 @@ def shard_gradient(spec: TaskSpec, params, version: int, slot: int, indices: np.
         "wait_s": t1 - tw,
         "compute_s": t2 - t1,
         "write_s": t3 - t2,
+        "begin": time.time() - (t3 - t1),   # wall clock (same host: comparable with the coordinator's)
+        "end": time.time(),
+        "arrived": arrived,
         "worker": _worker_name(),
     }
     if shm is None:
         result["grad"] = out
+    else:
+        _write_status(shm.status[slot], result, version)
     return result
+
+
+def _write_status(record: np.ndarray, result: dict, version: int) -> None:
+    """The shard's statistics into its shared status record, ``done = version`` last."""
+    for i, name in enumerate(STATUS[1:], start=1):
+        if name == "worker":
+            record[i] = zlib.crc32(result["worker"].encode())
+        elif name == "has_bn":
+            record[i] = result["bn_mean"] is not None
+        else:
+            record[i] = result[name]
+    if result["bn_mean"] is not None:
+        c = len(result["bn_mean"])
+        record[STATUS_FIELDS:STATUS_FIELDS + c] = result["bn_mean"]
+        record[STATUS_FIELDS + c:STATUS_FIELDS + 2 * c] = result["bn_var"]
+    record[0] = version
+
+
+def read_status(record: np.ndarray, slot: int, dtype) -> dict:
+    """The coordinator's side of :func:`_write_status`."""
+    r = {name: float(record[i]) for i, name in enumerate(STATUS)}
+    r["n"], r["slot"], r["worker"] = int(r["n"]), slot, int(r["worker"])
+    if r.pop("has_bn"):
+        c = (len(record) - STATUS_FIELDS) // 2
+        r["bn_mean"] = record[STATUS_FIELDS:STATUS_FIELDS + c].astype(dtype)
+        r["bn_var"] = record[STATUS_FIELDS + c:STATUS_FIELDS + 2 * c].astype(dtype)
+    else:
+        r["bn_mean"] = r["bn_var"] = None
+    return r
 
 
 def _worker_name() -> str:
