@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--torch-steps", type=int, default=40,
+                    help="steps of the same network in PyTorch, one process x 2 threads, side by side (0: skip)")
     args = ap.parse_args()
 
     from pipeline.dist import TrainConfig, train
@@ -40,6 +42,7 @@ def main() -> int:
     print(f"convpipe bench_train: {os.cpu_count()} CPUs, data {args.data}, global batch {args.batch_size}, "
           f"shard {args.shard_size}, {'%d steps' % args.steps if args.steps else '%d epoch(s)' % args.epochs}; "
           f"load average {_load()}")
+    torch_rate = _torch_reference(args.data, args.batch_size, args.torch_steps) if args.torch_steps else None
     rows = []
     for workers in [int(w) for w in args.workers.split(",")]:
         t0 = time.perf_counter()
@@ -63,9 +66,48 @@ def main() -> int:
     for workers, norm, s, wall in rows:
         print(f"{workers:>7} {norm:>18} {s['transport']:>9} {s['images_per_s']:>9,.0f} {wall:>7.1f} "
               f"{_pct(s['train_acc']):>9} {_pct(s['val_acc']):>8}")
+    if torch_rate:
+        print(f"PyTorch side by side (same net, Adam, batch {args.batch_size}, 1 process x 2 threads, "
+              f"{args.torch_steps} steps, data in memory): {torch_rate:,.0f} images/s; ratios: "
+              + ", ".join(f"{w}w {n}: {s['images_per_s'] / torch_rate:.2f}x" for w, n, s, _ in rows))
     print(f"load average at the end {_load()} (other processes on the machine slow every figure)")
     print("reference (issue, PyTorch on this machine): DDP gloo 2x1 2,029 images/s; 1 process x 2 threads 2,421")
     return 0
+
+
+def _torch_reference(data: str, batch: int, steps: int) -> float | None:
+    """images/s of the same training step in PyTorch (2 threads), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    import numpy as np
+
+    from pipeline.data import open_store
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    store = open_store(data)
+    X, y = store.read("train", np.arange(min(store.splits["train"], batch * 8)))
+    X, y = torch.from_numpy(X), torch.from_numpy(y)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 7, padding=3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+        torch.nn.Linear(32 * 16 * 16, 500), torch.nn.ReLU(), torch.nn.Linear(500, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def step(i):
+        lo = (i * batch) % (len(y) - batch + 1)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(X[lo:lo + batch]), y[lo:lo + batch])
+        loss.backward()
+        opt.step()
+
+    for i in range(3):
+        step(i)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    return steps * batch / (time.perf_counter() - t)
 
 
 def _load() -> str:
