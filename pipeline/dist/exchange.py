@@ -17,6 +17,7 @@ interface:
 from __future__ import annotations
 
 import contextlib
+import platform
 import time
 from collections.abc import Iterator
 
@@ -167,7 +168,13 @@ def warm_up_workers(client, exchange, n_train: int) -> float:
 
 
 def open_exchange(client, transport: str, spec: TaskSpec, layout: Layout, slots: int):
-    """The transport asked for; ``auto``: shared memory when every worker shares this host."""
+    """The transport asked for; ``auto``: shared memory when every worker shares this host.
+
+    The shared-memory protocol (write the data, then the version or done flag) relies on
+    x86's store order; ``auto`` picks tcp on other processors.
+    """
+    if transport == "auto" and platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        transport = "tcp"
     if transport in ("auto", "shm"):
         shm = SharedMemoryExchange(client, spec, layout, slots)
         if shm.usable():
