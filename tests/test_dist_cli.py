@@ -66,3 +66,35 @@ def test_options_map_onto_train_config(tmp_path):
     assert (c.data, c.batch_size, c.shard_size, c.norm, c.lr, c.steps, c.epochs) == \
         ("s.zarr", 64, 32, "spatial_batchnorm", 3e-4, 5, 1)
     assert c.hidden_dim == 500 and c.workers is None            # untouched options keep their defaults
+
+
+def _fresh_machine(tmp_path, monkeypatch):
+    """A working directory whose data/ holds only a CIFAR-10 archive, as a user's would."""
+    from tests.data_fixtures import md5, write_cifar_archive
+
+    monkeypatch.chdir(tmp_path)
+    archive, _ = write_cifar_archive(tmp_path / "data", per_batch=220, n_test=20)
+    return archive, md5(archive)
+
+
+def test_train_prepares_the_default_store_on_first_run(tmp_path, monkeypatch, capsys):
+    import pipeline.data.sources as sources
+    from pipeline.data import open_store
+
+    archive, digest = _fresh_machine(tmp_path, monkeypatch)
+    monkeypatch.setattr(sources, "OFFICIAL_MD5", digest)  # stands in for the official archive
+    code = main(["train", "--steps", "1", "--batch-size", "16", "--shard-size", "16", "--workers", "1",
+                 "--num-filters", "2", "--hidden-dim", "8", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "preparing it first" in err
+    assert open_store(tmp_path / "data" / "cifar10.zarr").splits == {"train": 100, "val": 1000, "test": 20}
+    assert (tmp_path / "run" / "params.npz").is_file()
+
+
+def test_train_first_run_with_an_unofficial_archive_stops_before_training(tmp_path, monkeypatch, capsys):
+    archive, digest = _fresh_machine(tmp_path, monkeypatch)
+    code = main(["train", "--steps", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("convpipe: error: ") and digest in err[-1] and "--no-verify" in err[-1]
+    assert not (tmp_path / "run").exists()

@@ -72,6 +72,8 @@ def _train(args: argparse.Namespace) -> int:
     from pipeline.dist import train
 
     config = config_from_args(args)
+    if "data" not in vars(args) and not config.resume and not config.scheduler:
+        _prepare_default_store(config.data)
     bar = _Progress()
     try:
         summary = train(config, progress=bar)
@@ -84,6 +86,20 @@ def _train(args: argparse.Namespace) -> int:
           f"{'n/a' if rate is None else f'{rate:,.0f}'} images/s on {summary['workers']} workers")
     print(f"run directory: {summary['run_dir']}")
     return 0
+
+
+def _prepare_default_store(store: str) -> None:
+    """First run on a fresh machine: make the default store as `convpipe data prepare` would
+    (CIFAR-10 found in data/ or downloaded), so `convpipe train` alone gets going."""
+    from pipeline.cli import build_parser
+    from pipeline.data.store import store_state
+
+    if store_state(store) == "complete":
+        return
+    print(f"no complete data store at {store}: preparing it first (convpipe data prepare --out {store})",
+          file=sys.stderr)
+    prepare = build_parser().parse_args(["data", "prepare", "--out", store])
+    prepare.func(prepare)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
