@@ -40,6 +40,7 @@ def save_checkpoint(path, arrays: dict[str, np.ndarray], meta: dict | None = Non
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the checkpoint from other users
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{META_KEY: blob}, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
             f.flush()

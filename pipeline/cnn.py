@@ -149,7 +149,7 @@ class ThreeLayerConvNet:
 
         data_loss, dscores = softmax_loss(scores, y)
         weights = [p["W1"], p["W2"], p["W3"]]
-        reg_loss = 0.5 * self.reg * sum(float(np.vdot(W, W)) for W in weights)
+        reg_loss = 0.5 * self.reg * sum(float(np.vdot(W, W)) for W in weights) if self.reg else 0.0
 
         grads = {}
         dout2, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
