@@ -1,22 +1,20 @@
 """Atomic, pickle-free checkpoints: named arrays plus JSON metadata in one ``.npz`` file.
 
 Loading never runs code: arrays are read with ``allow_pickle=False`` and the metadata is JSON.
-Writing goes to a temporary file in the same directory, is fsync'ed, then renamed over the
-final name, so a reader sees either the old checkpoint or the new one, never a torn file.
+Writing is atomic (:mod:`pipeline.atomic`): a reader sees either the old checkpoint or the new
+one, never a torn file.
 A damaged file (truncated, bad CRC, missing metadata) raises :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_write
 from pipeline.errors import ConvpipeError
 
 META_KEY = "__meta__"
@@ -37,21 +35,8 @@ def save_checkpoint(path, arrays: dict[str, np.ndarray], meta: dict | None = Non
         raise ValueError(f"array name {META_KEY!r} is reserved for the checkpoint's metadata")
     meta = {"format": FORMAT, **(meta or {})}
     blob = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the checkpoint from other users
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{META_KEY: blob}, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    arrays = {META_KEY: blob, **{k: np.ascontiguousarray(v) for k, v in arrays.items()}}
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
@@ -75,13 +60,4 @@ def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has no convpipe metadata (not a {FORMAT} file)")
     return arrays, meta
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 

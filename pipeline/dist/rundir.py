@@ -12,13 +12,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.errors import TrainingError
 
 CHECKPOINTS_KEPT = 2
@@ -141,92 +140,5 @@ class RunDir:
 
 # ---- atomic writes -------------------------------------------------------------------------------
 
-def atomic_write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda f: f.write(text.encode()))
-
-
 def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    _atomic(path, lambda f: np.savez(f, **arrays))
-
-
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())      # mkstemp makes 0600; results are ordinary files
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# ---- plots ---------------------------------------------------------------------------------------
-
-def write_plots(run: RunDir, metrics: list[dict], W1: np.ndarray) -> list[Path]:
-    """curves.png (loss per step, train/val accuracy per epoch) and filters.png (first layer)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.image import imsave
-
-    steps = [m for m in metrics if m.get("kind") == "step"]
-    epochs = [m for m in metrics if m.get("kind") == "epoch"]
-    fig = Figure(figsize=(8, 7))
-    fig.subplots_adjust(hspace=0.45, left=0.1, right=0.97, top=0.95, bottom=0.08)
-    FigureCanvasAgg(fig)
-    ax1, ax2 = fig.subplots(2, 1)
-    ax1.plot([m["step"] for m in steps], [m["loss"] for m in steps], ".", ms=2)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss")
-    ax1.set_title("Training loss")
-    ax2.plot([m["epoch"] for m in epochs], [m["train_acc"] for m in epochs], "-o", label="train")
-    ax2.plot([m["epoch"] for m in epochs], [m["val_acc"] for m in epochs], "-o", label="val")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy")
-    ax2.set_title("Classification accuracy")
-    ax2.legend(loc="lower right")
-    curves = run.path / "curves.png"
-    fig.savefig(curves, dpi=100)
-
-    # the seed's "Visualize Filters": the grid itself, each filter scaled to 0..255, upsampled
-    grid = _filter_grid(W1).astype(np.uint8)
-    scale = max(1, 256 // max(grid.shape[:2]))
-    filters = run.path / "filters.png"
-    imsave(filters, np.kron(grid, np.ones((scale, scale, 1), np.uint8)) if grid.shape[2] == 3 else grid[..., 0])
-    return [curves, filters]
-
-
-def _filter_grid(W1: np.ndarray) -> np.ndarray:
-    """The seed's "Visualize Filters": W1 (F, C, HH, WW) as one image grid (H, W, C)."""
-    Xs = np.asarray(W1, dtype=np.float64).transpose(0, 2, 3, 1)
-    try:
-        from pipeline.vis_utils import visualize_grid
-    except ImportError:  # pragma: no cover - until the layer library ships it
-        visualize_grid = _visualize_grid
-    return visualize_grid(Xs)
-
-
-def _visualize_grid(Xs: np.ndarray, ubound: float = 255.0, padding: int = 1) -> np.ndarray:
-    (N, H, W, C) = Xs.shape
-    grid_size = int(np.ceil(np.sqrt(N)))
-    grid = np.zeros((grid_size * (H + padding) - padding, grid_size * (W + padding) - padding, C))
-    for idx in range(N):
-        y, x = divmod(idx, grid_size)
-        img = Xs[idx]
-        lo, hi = img.min(), img.max()
-        grid[y * (H + padding):y * (H + padding) + H, x * (W + padding):x * (W + padding) + W] = (
-            ubound * (img - lo) / (hi - lo) if hi > lo else 0
-        )
-    return grid
+    atomic_write(path, lambda f: np.savez(f, **arrays))

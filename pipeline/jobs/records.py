@@ -17,13 +17,13 @@ them when it restarts; the files stay, and ``--root DIR`` reads them directly.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
+
+from pipeline.atomic import atomic_write_text
 
 REGISTRY_TOPIC = "convpipe-jobs"
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -62,21 +62,6 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class JobFiles:

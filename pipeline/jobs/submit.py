@@ -39,12 +39,12 @@ import time
 import traceback
 import uuid
 
+from pipeline.atomic import atomic_write_text
 from pipeline.errors import ConvpipeError
 from pipeline.jobs.records import (
     REGISTRY_TOPIC,
     TERMINAL,
     JobFiles,
-    atomic_write_text,
     host_name,
     job_topic,
     log_line,
