@@ -34,7 +34,11 @@ from pipeline import _kernels_norm as kn
 from pipeline import _kernels_pool as kp
 from pipeline.shapes import (
     check_bn_mode,
+    check_dout,
+    check_eps,
     check_groups,
+    check_param_shape,
+    check_per_channel,
     conv_output_shape,
     pool_output_shape,
     require_ndim,
@@ -86,29 +90,12 @@ def _as(a, dtype) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def _check_dout(dout, shape, layer: str) -> np.ndarray:
-    dout = np.asarray(dout)
-    if dout.shape != tuple(shape):
-        raise ValueError(
-            f"dout for {layer} must have the forward output's shape {tuple(shape)}, got {dout.shape}"
-        )
-    return dout
 
 
-def _check_shape(name: str, a, shape) -> None:
-    if np.shape(a) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {np.shape(a)}")
 
 
-def _check_per_channel(name: str, a, C: int) -> None:
-    if np.size(a) != C or max(np.shape(a) or (1,)) != C:
-        raise ValueError(f"{name} must hold one value per channel (C={C}), got shape {np.shape(a)}")
 
 
-def _check_eps(name: str, eps) -> float:
-    if not np.isfinite(eps) or eps < 0:
-        raise ValueError(f"{name}['eps'] must be a finite number >= 0, got {eps!r}")
-    return float(eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +163,7 @@ def _check_bias(b, F):
     """b as an array, raising unless its shape is (F,) (F None: w is not 4-D, checked later)."""
     b = np.asarray(b)
     if F is not None:
-        _check_shape("b", b, (F,))
+        check_param_shape("b", b, (F,))
     return b
 
 
@@ -226,7 +213,7 @@ def _conv_backward(dout, cache, compute_dx):
     core, b_dtype, relu_out = cache
     N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
     dtype = core[0].dtype
-    dout = _check_dout(dout, (N, F, H_out, W_out), "conv")
+    dout = check_dout(dout, (N, F, H_out, W_out), "conv")
     P = H_out * W_out
     dout2 = np.empty((F, N * P), dtype=dtype)
     db = np.empty(F, dtype=np.float64)
@@ -316,7 +303,7 @@ def max_pool_backward_fast(dout, cache):
     """
     x_shape, dtype, idx, relu_out = cache
     N, C, H, W = x_shape
-    dout = _check_dout(dout, idx.shape, "max pool")
+    dout = check_dout(dout, idx.shape, "max pool")
     dx = np.empty(x_shape, dtype=dtype)
     relu = relu_out is not None
     _pool_backward(dout, idx, relu_out, relu, 0, N, C, H, W, dx.reshape(N * C, H * W))
@@ -344,16 +331,16 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     x = np.asarray(x)
     require_ndim("x", x, 4, "(N, C, H, W)")
     N, C, H, W = x.shape
-    _check_shape("gamma", gamma, (C,))
-    _check_shape("beta", beta, (C,))
+    check_param_shape("gamma", gamma, (C,))
+    check_param_shape("beta", beta, (C,))
     mode = check_bn_mode(bn_param.get("mode"))
-    eps = _check_eps("bn_param", bn_param.get("eps", 1e-5))
+    eps = check_eps("bn_param", bn_param.get("eps", 1e-5))
     momentum = bn_param.get("momentum", 0.9)
     dtype = _float_dtype(x)
     running_mean = np.asarray(bn_param.get("running_mean", np.zeros(C, dtype=dtype))).astype(dtype, copy=False)
     running_var = np.asarray(bn_param.get("running_var", np.zeros(C, dtype=dtype))).astype(dtype, copy=False)
-    _check_shape("bn_param['running_mean']", running_mean, (C,))
-    _check_shape("bn_param['running_var']", running_var, (C,))
+    check_param_shape("bn_param['running_mean']", running_mean, (C,))
+    check_param_shape("bn_param['running_var']", running_var, (C,))
     xc = _as(x, dtype).reshape(N, C, H * W)
     g, bt = _as(gamma, dtype), _as(beta, dtype)
     out = np.empty((N, C, H, W), dtype=dtype)
@@ -397,7 +384,7 @@ def spatial_batchnorm_backward_fast(dout, cache):
     xc, mean, std, g, g_dtype, b_dtype, g_shape, b_shape = cache
     N, C, M = xc.shape
     dtype = xc.dtype
-    dout = _check_dout(dout, (N, C) + _hw(M, dout), "spatial batchnorm")
+    dout = check_dout(dout, (N, C) + _hw(M, dout), "spatial batchnorm")
     d3 = _as(dout, dtype).reshape(N, C, M)
     dx = np.empty(dout.shape, dtype=dtype)
     dgamma = np.empty(C)
@@ -437,9 +424,9 @@ def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
     require_ndim("x", x, 4, "(N, C, H, W)")
     N, C, H, W = x.shape
     G = check_groups(C, G)
-    _check_per_channel("gamma", gamma, C)
-    _check_per_channel("beta", beta, C)
-    eps = _check_eps("gn_param", gn_param.get("eps", 1e-5))
+    check_per_channel("gamma", gamma, C)
+    check_per_channel("beta", beta, C)
+    eps = check_eps("gn_param", gn_param.get("eps", 1e-5))
     dtype = _float_dtype(x)
     xg = _as(x, dtype).reshape(N, G, C // G, H * W)
     g = _as(gamma, dtype).reshape(C)
@@ -468,7 +455,7 @@ def spatial_groupnorm_backward_fast(dout, cache):
     N, G, Cg, M = xg.shape
     C = G * Cg
     dtype = xg.dtype
-    dout = _check_dout(dout, (N, C, H, W), "spatial groupnorm")
+    dout = check_dout(dout, (N, C, H, W), "spatial groupnorm")
     d4 = _as(dout, dtype).reshape(xg.shape)
     dx = np.empty((N, C, H, W), dtype=dtype)
     dg = np.empty((N, C))

@@ -20,7 +20,14 @@ import numpy as np
 
 from pipeline import fast_layers as fl
 from pipeline.layers import affine_forward, relu_forward
-from pipeline.shapes import check_bn_mode, check_groups, conv_output_shape, pool_output_shape, require_ndim
+from pipeline.shapes import (
+    check_bn_mode,
+    check_dout,
+    check_groups,
+    conv_output_shape,
+    pool_output_shape,
+    require_ndim,
+)
 
 __all__ = [
     "affine_relu_forward",
@@ -78,7 +85,7 @@ def affine_relu_backward(dout, cache, compute_dx=True):
     - db: shape (M,), dtype of b
     """
     (x, w, b), out = cache
-    dout = fl._check_dout(dout, out.shape, "affine_relu")
+    dout = check_dout(dout, out.shape, "affine_relu")
     da = np.where(out > 0, dout, 0).astype(out.dtype, copy=False)
     N = x.shape[0]
     dx = None
@@ -158,7 +165,7 @@ def conv_relu_pool_backward(dout, cache, compute_dx=True):
     """
     core, b_dtype, idx, out = cache
     N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
-    dout = fl._check_dout(dout, out.shape, "conv_relu_pool")
+    dout = check_dout(dout, out.shape, "conv_relu_pool")
     dout2 = np.empty((F, N * H_out * W_out), dtype=out.dtype)
     sums = fl._pool_backward(dout, idx, out, True, 1, N, F, H_out, W_out, dout2)
     db = sums.reshape(N, F).sum(axis=0).astype(b_dtype)

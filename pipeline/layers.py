@@ -22,7 +22,11 @@ import numpy as np
 
 from pipeline.shapes import (
     check_bn_mode,
+    check_dout,
+    check_eps,
     check_groups,
+    check_param_shape,
+    check_per_channel,
     conv_output_shape,
     pool_output_shape,
     require_ndim,
@@ -69,31 +73,12 @@ def _as_float(a, dtype=None) -> np.ndarray:
     return a.astype(dtype if dtype is not None else _float_dtype(a), copy=False)
 
 
-def _check_dout(dout, expected_shape, layer: str) -> np.ndarray:
-    dout = np.asarray(dout)
-    if dout.shape != tuple(expected_shape):
-        raise ValueError(
-            f"dout for {layer} must have the forward output's shape {tuple(expected_shape)}, "
-            f"got {dout.shape}"
-        )
-    return dout
 
 
-def _check_param_shape(name: str, a, shape) -> None:
-    if np.shape(a) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {np.shape(a)}")
 
 
-def _check_norm_param(name: str, a, C: int) -> None:
-    """gamma/beta of a per-channel norm: C values, in shape (C,) or (1, C, 1, 1) etc."""
-    if np.size(a) != C or max(np.shape(a) or (1,)) != C:
-        raise ValueError(f"{name} must hold one value per channel (C={C}), got shape {np.shape(a)}")
 
 
-def _check_eps(name: str, eps) -> float:
-    if not np.isfinite(eps) or eps < 0:
-        raise ValueError(f"{name}['eps'] must be a finite number >= 0, got {eps!r}")
-    return float(eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +111,7 @@ def affine_forward(x, w, b):
             f"dimension mismatch: x of shape {x.shape} flattens to D={D} per example "
             f"but w has shape {w.shape} (expects D={w.shape[0]})"
         )
-    _check_param_shape("b", b, (w.shape[1],))
+    check_param_shape("b", b, (w.shape[1],))
     dtype = _float_dtype(x)
     out = (x.reshape(N, D) @ w + b).astype(dtype, copy=False)
     return out, (x, w, b)
@@ -146,7 +131,7 @@ def affine_backward(dout, cache):
     """
     x, w, b = cache
     N = x.shape[0]
-    dout = _check_dout(dout, (N, w.shape[1]), "affine")
+    dout = check_dout(dout, (N, w.shape[1]), "affine")
     x2 = x.reshape(N, -1)
     dx = (dout @ w.T).reshape(x.shape).astype(_float_dtype(x), copy=False)
     dw = (x2.T @ dout).astype(_float_dtype(w), copy=False)
@@ -180,7 +165,7 @@ def relu_backward(dout, cache):
     - dx: gradient w.r.t. x, same shape and dtype as x
     """
     x = cache
-    dout = _check_dout(dout, x.shape, "relu")
+    dout = check_dout(dout, x.shape, "relu")
     return np.where(x > 0, dout, 0).astype(_float_dtype(x), copy=False)
 
 
@@ -282,17 +267,17 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     x = np.asarray(x)
     require_ndim("x", x, 2, "(N, D)")
     N, D = x.shape
-    _check_param_shape("gamma", gamma, (D,))
-    _check_param_shape("beta", beta, (D,))
+    check_param_shape("gamma", gamma, (D,))
+    check_param_shape("beta", beta, (D,))
     mode = check_bn_mode(bn_param.get("mode"))
-    eps = _check_eps("bn_param", bn_param.get("eps", 1e-5))
+    eps = check_eps("bn_param", bn_param.get("eps", 1e-5))
     momentum = bn_param.get("momentum", 0.9)
     dtype = _float_dtype(x)
     x = _as_float(x, dtype)
     running_mean = _as_float(bn_param.get("running_mean", np.zeros(D, dtype=dtype)), dtype)
     running_var = _as_float(bn_param.get("running_var", np.zeros(D, dtype=dtype)), dtype)
-    _check_param_shape("bn_param['running_mean']", running_mean, (D,))
-    _check_param_shape("bn_param['running_var']", running_var, (D,))
+    check_param_shape("bn_param['running_mean']", running_mean, (D,))
+    check_param_shape("bn_param['running_var']", running_var, (D,))
     g = _as_float(gamma, dtype)
     bt = _as_float(beta, dtype)
 
@@ -337,7 +322,7 @@ def batchnorm_backward(dout, cache):
     if cache is None:
         raise ValueError("batchnorm_backward needs the cache of a forward pass in bn_param['mode']='train'")
     xhat, xc, std, gamma, beta = cache
-    dout = _check_dout(dout, xhat.shape, "batchnorm")
+    dout = check_dout(dout, xhat.shape, "batchnorm")
     dtype = xhat.dtype
     N = xhat.shape[0]
     dgamma, dbeta = _bn_param_grads(dout, xhat, gamma, beta, 0)
@@ -365,7 +350,7 @@ def batchnorm_backward_alt(dout, cache):
     if cache is None:
         raise ValueError("batchnorm_backward_alt needs the cache of a forward pass in bn_param['mode']='train'")
     xhat, xc, std, gamma, beta = cache
-    dout = _check_dout(dout, xhat.shape, "batchnorm")
+    dout = check_dout(dout, xhat.shape, "batchnorm")
     dtype = xhat.dtype
     N = xhat.shape[0]
     dgamma = (dout * xhat).sum(axis=0)
@@ -394,11 +379,11 @@ def layernorm_forward(x, gamma, beta, ln_param):
     x = np.asarray(x)
     require_ndim("x", x, 2, "(N, D)")
     N, D = x.shape
-    _check_param_shape("gamma", gamma, (D,))
-    _check_param_shape("beta", beta, (D,))
+    check_param_shape("gamma", gamma, (D,))
+    check_param_shape("beta", beta, (D,))
     if D < 1:
         raise ValueError(f"layer norm needs D >= 1 features, got x of shape {x.shape}")
-    eps = _check_eps("ln_param", ln_param.get("eps", 1e-5))
+    eps = check_eps("ln_param", ln_param.get("eps", 1e-5))
     dtype = _float_dtype(x)
     x = _as_float(x, dtype)
     mu = x.mean(axis=1, keepdims=True)
@@ -422,7 +407,7 @@ def layernorm_backward(dout, cache):
     - dbeta: gradient w.r.t. beta, shape (D,)
     """
     xhat, std, gamma, beta = cache
-    dout = _check_dout(dout, xhat.shape, "layernorm")
+    dout = check_dout(dout, xhat.shape, "layernorm")
     D = xhat.shape[1]
     dgamma, dbeta = _bn_param_grads(dout, xhat, gamma, beta, 0)
     dxhat = dout * gamma
@@ -483,7 +468,7 @@ def dropout_backward(dout, cache):
     """
     dropout_param, mask = cache
     if dropout_param["mode"] == "train":
-        dout = _check_dout(dout, mask.shape, "dropout")
+        dout = check_dout(dout, mask.shape, "dropout")
         return (dout * mask).astype(mask.dtype, copy=False)
     return np.array(dout, copy=True)
 
@@ -521,7 +506,7 @@ def conv_forward_naive(x, w, b, conv_param):
     require_ndim("x", x, 4, "(N, C, H, W)")
     require_ndim("w", w, 4, "(F, C, HH, WW)")
     N, F, H_out, W_out = conv_output_shape(x.shape, w.shape, conv_param)
-    _check_param_shape("b", b, (F,))
+    check_param_shape("b", b, (F,))
     stride, pad = int(conv_param.get("stride", 1)), int(conv_param.get("pad", 0))
     _, _, HH, WW = w.shape
     dtype = _float_dtype(x)
@@ -551,7 +536,7 @@ def conv_backward_naive(dout, cache):
     """
     x, w, b, conv_param = cache
     N, F, H_out, W_out = conv_output_shape(x.shape, w.shape, conv_param)
-    dout = _check_dout(dout, (N, F, H_out, W_out), "conv")
+    dout = check_dout(dout, (N, F, H_out, W_out), "conv")
     stride, pad = int(conv_param.get("stride", 1)), int(conv_param.get("pad", 0))
     _, C, H, W = x.shape
     _, _, HH, WW = w.shape
@@ -625,7 +610,7 @@ def max_pool_backward_naive(dout, cache):
     """
     x, pool_param = cache
     N, C, H_out, W_out = pool_output_shape(x.shape, pool_param)
-    dout = _check_dout(dout, (N, C, H_out, W_out), "max pool")
+    dout = check_dout(dout, (N, C, H_out, W_out), "max pool")
     ph = int(pool_param.get("pool_height", 2))
     pw = int(pool_param.get("pool_width", 2))
     stride = int(pool_param.get("stride", 2))
@@ -713,9 +698,9 @@ def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
     require_ndim("x", x, 4, "(N, C, H, W)")
     N, C, H, W = x.shape
     G = check_groups(C, G)
-    _check_norm_param("gamma", gamma, C)
-    _check_norm_param("beta", beta, C)
-    eps = _check_eps("gn_param", gn_param.get("eps", 1e-5))
+    check_per_channel("gamma", gamma, C)
+    check_per_channel("beta", beta, C)
+    eps = check_eps("gn_param", gn_param.get("eps", 1e-5))
     dtype = _float_dtype(x)
     xg = _as_float(x, dtype).reshape(N, G, -1)
     mu = xg.mean(axis=2, keepdims=True)
@@ -741,7 +726,7 @@ def spatial_groupnorm_backward(dout, cache):
     - dbeta: gradient w.r.t. beta, shape of beta (1, C, 1, 1)
     """
     xhat, std, G, gamma, beta = cache
-    dout = _check_dout(dout, xhat.shape, "group norm")
+    dout = check_dout(dout, xhat.shape, "group norm")
     N, C, H, W = xhat.shape
     dgamma, dbeta = _bn_param_grads(dout, xhat, gamma, beta, (0, 2, 3))
     dgamma = dgamma.reshape(gamma.shape)

@@ -92,3 +92,33 @@ def check_bn_mode(mode) -> str:
     if mode not in ("train", "test"):
         raise ValueError(f"bn_param['mode'] must be 'train' or 'test', got {mode!r}")
     return mode
+
+
+def check_dout(dout, expected_shape, layer: str) -> np.ndarray:
+    """``dout`` as an array, raising unless it has the forward output's shape."""
+    dout = np.asarray(dout)
+    if dout.shape != tuple(expected_shape):
+        raise ValueError(
+            f"dout for {layer} must have the forward output's shape {tuple(expected_shape)}, "
+            f"got {dout.shape}"
+        )
+    return dout
+
+
+def check_param_shape(name: str, a, shape) -> None:
+    """Raise unless parameter ``name`` has exactly ``shape``."""
+    if np.shape(a) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {np.shape(a)}")
+
+
+def check_per_channel(name: str, a, C: int) -> None:
+    """gamma/beta of a per-channel norm: C values, in shape (C,) or (1, C, 1, 1) etc."""
+    if np.size(a) != C or max(np.shape(a) or (1,)) != C:
+        raise ValueError(f"{name} must hold one value per channel (C={C}), got shape {np.shape(a)}")
+
+
+def check_eps(name: str, eps) -> float:
+    """A norm's epsilon as a float, raising unless finite and >= 0."""
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"{name}['eps'] must be a finite number >= 0, got {eps!r}")
+    return float(eps)
