@@ -142,3 +142,45 @@ class RunDir:
 
 def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+# ---- plots ---------------------------------------------------------------------------------------
+
+def write_plots(run: RunDir, metrics: list[dict], W1: np.ndarray) -> list[Path]:
+    """curves.png (loss per step, train/val accuracy per epoch) and filters.png (first layer)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.image import imsave
+
+    steps = [m for m in metrics if m.get("kind") == "step"]
+    epochs = [m for m in metrics if m.get("kind") == "epoch"]
+    fig = Figure(figsize=(8, 7))
+    fig.subplots_adjust(hspace=0.45, left=0.1, right=0.97, top=0.95, bottom=0.08)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(2, 1)
+    ax1.plot([m["step"] for m in steps], [m["loss"] for m in steps], ".", ms=2)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("training loss")
+    ax1.set_title("Training loss")
+    ax2.plot([m["epoch"] for m in epochs], [m["train_acc"] for m in epochs], "-o", label="train")
+    ax2.plot([m["epoch"] for m in epochs], [m["val_acc"] for m in epochs], "-o", label="val")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy")
+    ax2.set_title("Classification accuracy")
+    ax2.legend(loc="lower right")
+    curves = run.path / "curves.png"
+    fig.savefig(curves, dpi=100)
+
+    # the seed's "Visualize Filters": the grid itself, each filter scaled to 0..255, upsampled
+    grid = _filter_grid(W1).astype(np.uint8)
+    scale = max(1, 256 // max(grid.shape[:2]))
+    filters = run.path / "filters.png"
+    imsave(filters, np.kron(grid, np.ones((scale, scale, 1), np.uint8)) if grid.shape[2] == 3 else grid[..., 0])
+    return [curves, filters]
+
+
+def _filter_grid(W1: np.ndarray) -> np.ndarray:
+    """The seed's "Visualize Filters": W1 (F, C, HH, WW) as one image grid (H, W, C)."""
+    from pipeline.vis_utils import visualize_grid
+
+    return visualize_grid(np.asarray(W1, dtype=np.float64).transpose(0, 2, 3, 1))
