@@ -5,4 +5,12 @@ is pure array code; data code lives in ``pipeline.data``, distributed training i
 ``pipeline.dist`` and the command line in ``pipeline.cli``.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# Numba's parallel kernels (OpenMP threading layer) alternate with NumPy's OpenBLAS GEMMs on the
+# same cores. OpenMP threads spin after each kernel by default, starving the BLAS threads that
+# run next: a training step at batch 50 on 2 cores took 93 ms spinning and 54 ms passive.
+# Read by the OpenMP runtime when the first parallel kernel starts; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
