@@ -3,7 +3,9 @@
 ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500, reg=1e-3), Adam 1e-3, float32, on the
 train split of a store (49,000 CIFAR-10 images by default), 2 threads for both. Prints epoch
 time, images/s, training and validation accuracy, and the ratio convpipe / PyTorch measured
-in this same run (PyTorch only when installed; it is never a convpipe dependency).
+in this same run (PyTorch only when installed; it is never a convpipe dependency). Each side
+runs in a fresh process of its own: they share the OpenMP runtime when in one process, and
+convpipe sets OMP_WAIT_POLICY=PASSIVE while PyTorch is fastest with the runtime's default.
 
     python benchmarks/bench_epoch.py [--store data/cifar10.zarr] [--batch-size 50] [--threads 2]
 """
@@ -22,35 +24,61 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--part", choices=("convpipe", "torch"), help=argparse.SUPPRESS)
     return p.parse_args()
 
 
 def main():
     args = parse_args()
+    if args.part:
+        return run_part(args)
+
+    ours = run_in_subprocess(args, "convpipe")
+    n = ours["n"]
+    print(f"{n} training images, batch {args.batch_size}, {args.threads} threads, float32")
+    report("convpipe (Numba)", n, ours)
+    if args.no_torch:
+        return
+    theirs = run_in_subprocess(args, "torch")
+    if theirs is None:
+        print("PyTorch not installed: no comparison (pip install torch==2.13.0)")
+        return
+    report(f"PyTorch {theirs['version']}", n, theirs)
+    print(f"ratio convpipe / PyTorch epoch time: {ours['seconds'] / theirs['seconds']:.2f}x")
+
+
+def run_in_subprocess(args, part):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--part", part, "--store", args.store, "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads)] + (["--train-limit", str(args.train_limit)] if args.train_limit else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+    return json.loads(out[-1]) if out and out[-1] != "null" else None
+
+
+def run_part(args):
+    import json
+
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    import numpy as np
-
+    if args.part == "torch":
+        try:
+            import torch
+        except ImportError:
+            print("null")
+            return
     from pipeline.data_utils import get_CIFAR10_data
 
     data = get_CIFAR10_data(store=args.store, num_test=0)
     if args.train_limit:
         data["X_train"], data["y_train"] = data["X_train"][: args.train_limit], data["y_train"][: args.train_limit]
-    n = data["X_train"].shape[0]
-    print(f"{n} training images, batch {args.batch_size}, {args.threads} threads, float32")
-
-    ours = run_convpipe(data, args.batch_size)
-    report("convpipe (Numba)", n, ours)
-    if args.no_torch:
-        return
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        print("PyTorch not installed: no comparison (pip install torch==2.13.0)")
-        return
-    theirs = run_torch(data, args.batch_size, args.threads)
-    report(f"PyTorch {torch.__version__}", n, theirs)
-    print(f"ratio convpipe / PyTorch epoch time: {ours['seconds'] / theirs['seconds']:.2f}x")
+    if args.part == "torch":
+        result = {**run_torch(data, args.batch_size, args.threads), "version": torch.__version__}
+    else:
+        result = run_convpipe(data, args.batch_size)
+    print(json.dumps({**result, "n": int(data["X_train"].shape[0])}))
 
 
 def report(name, n, r):

@@ -38,6 +38,13 @@ if ARGS is not None:
 
 import numpy as np  # noqa: E402
 
+# PyTorch's OpenMP runtime reads OMP_WAIT_POLICY when torch loads: load it before importing
+# pipeline (which sets PASSIVE for its own kernels), so torch runs with its default policy.
+try:  # noqa: SIM105
+    import torch  # noqa: E402, F401
+except ImportError:
+    pass
+
 FRESH_PROCESS = r"""
 import time
 t0 = time.perf_counter()
