@@ -108,18 +108,10 @@ def run_torch(data, batch_size, threads):
     import torch
     from torch import nn
 
+    from torch_reference import three_layer_net
+
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 32, 7, padding=3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(32 * 16 * 16, 500), nn.ReLU(), nn.Linear(500, 10),
-    )
-    with torch.no_grad():
-        for m in net:
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.normal_(0, 1e-3)
-                m.bias.zero_()
-    weights = [m.weight for m in net if isinstance(m, (nn.Conv2d, nn.Linear))]
+    net, weights = three_layer_net(torch)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     X, y = torch.from_numpy(data["X_train"]), torch.from_numpy(data["y_train"])
     rng = np.random.default_rng(0)

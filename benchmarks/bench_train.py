@@ -19,6 +19,13 @@ import sys
 import tempfile
 import time
 
+# PyTorch's OpenMP runtime reads OMP_WAIT_POLICY when torch loads: load it before pipeline
+# (which sets PASSIVE for its own kernels), so the reference runs with torch's default policy.
+try:  # noqa: SIM105
+    import torch  # noqa: F401
+except ImportError:
+    pass
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,14 +92,13 @@ def _torch_reference(data: str, batch: int, steps: int) -> float | None:
 
     from pipeline.data import open_store
 
+    from torch_reference import three_layer_net
+
     torch.set_num_threads(2)
-    torch.manual_seed(0)
     store = open_store(data)
     X, y = store.read("train", np.arange(min(store.splits["train"], batch * 8)))
     X, y = torch.from_numpy(X), torch.from_numpy(y)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 7, padding=3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
-        torch.nn.Linear(32 * 16 * 16, 500), torch.nn.ReLU(), torch.nn.Linear(500, 10))
+    net, _ = three_layer_net(torch)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
 
     def step(i):
