@@ -1,6 +1,8 @@
-"""Numba kernels for the convolution: im2col / col2im and the layout changes around the GEMMs.
+"""Numba kernels for the convolution: the direct SIMD kernels for 7-wide filters at stride 1
+(second half of this file), and for every other shape im2col / col2im and the layout changes
+around the GEMMs.
 
-Layout: the columns of a convolution are one matrix ``cols`` of shape (K, N*P) with
+GEMM layout: the columns of a convolution are one matrix ``cols`` of shape (K, N*P) with
 K = C*HH*WW filter taps and P = H_out*W_out output pixels per image; column n*P + p holds the
 receptive field of output pixel p of image n. Then
 
@@ -10,7 +12,7 @@ receptive field of output pixel p of image n. Then
 
 where ``w2 = w.reshape(F, K)`` and ``dout2`` is dout in the same (F, N*P) layout. The kernels
 here move data between that layout and NCHW, fusing the bias, the ReLU and the bias gradient
-into those passes. All are ``parallel=True`` (``prange``) and ``cache=True``.
+into those passes. All kernels are ``parallel=True`` (``prange``) and ``cache=True``.
 
 Inner loops index 1-D rows with ``np.uint64`` indices: Numba then emits no negative-index
 wraparound check, and LLVM vectorizes the copies (2-3x faster than signed indexing).
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from pipeline._simd import VECTOR_BYTES, lanes, vadd, vfma, vload, vsplat, vstore, vsum, vzero
 
 u64 = np.uint64
 
@@ -145,19 +149,23 @@ def dout_to_2d(dout, relu_out, use_relu, dout2, db):
 # --------------------------------------------------------------------------------------------
 # direct convolution for 7-wide filters at stride 1 (the model's 7x7 conv)
 #
-# The input is zero-padded once into xp (N, C, Hp*Wp + 7), Hp = H + 2*pad, Wp = W + 2*pad.
-# Output pixel (ho, wo) then sits at q = ho*Wp + wo of a "wide" plane of H_out rows of Wp
-# (the last Wp - W_out columns of each row are junk), and tap (c, kh, kw) reads
-# xp[n, c, kh*Wp + kw + q]: one long contiguous loop over q per (c, kh) with the 7 taps kw
-# unrolled, which LLVM vectorizes along q. No im2col matrix is built: the forward pass is
-# ~2x faster than im2col + GEMM at the model's shapes and the input stays ~1 MB instead of a
-# 30 MB column matrix. Each output element / weight gradient is computed by one task in a
-# fixed order, so the results do not depend on the thread count.
+# Each plane of the input is zero-padded once into a "wide" row layout xp (N, C, L): rows of
+# Wp = max(W + pw, W_out) values, each row [pw zeros][W values][zeros], ph zero rows above and
+# zeros after. Output pixel (ho, wo) then sits at q = ho*Wp + wo of a wide output plane whose
+# last Wp - W_out columns per row are junk, and filter tap (c, kh, kw) reads
+# xp[n, c, kh*Wp + kw + q]: a contiguous run of q per tap. A row's right padding is the next
+# row's left padding, so the junk is only Wp - W_out = 3 columns in 35 at the model's shapes.
+#
+# The kernels hold their sums in SIMD registers (pipeline._simd), 12 accumulators fed by 4
+# vector loads and 3 broadcasts per 12 FMAs: the forward pass keeps 3 filters x 4 vectors of q
+# over all C*HH*7 taps; dw keeps 3 taps x 4 vectors of filters over q. No column matrix is
+# built. Every output element / weight gradient is summed in a fixed order that depends only
+# on the shapes: results do not depend on the thread count.
 
 
 @njit(parallel=True, cache=True)
-def pad_input(x, pad, Wp, xp):
-    """xp (N, C, L): x (N, C, H, W) zero-padded by pad on each side, rows of Wp, zeros after."""
+def pad_planes(x, ph, pw, Wp, xp):
+    """xp (N, C, L) = x (N, C, H, W) in the wide layout."""
     N, C, H, W = x.shape
     L = xp.shape[2]
     for t in prange(N * C):
@@ -168,109 +176,209 @@ def pad_input(x, pad, Wp, xp):
             d[u64(i)] = 0
         for h in range(H):
             src = x[n, c, h]
-            o = (h + pad) * Wp + pad
+            o = (h + ph) * Wp + pw
             for j in range(W):
                 d[u64(o + j)] = src[u64(j)]
 
 
-@njit(parallel=True, cache=True, fastmath={"contract"})
-def conv7_forward(xp, Wp, w, H_out, W_out, out2):
-    """out2 (F, N*H_out*W_out) = conv of the padded input xp with w (F, C, HH, 7), stride 1.
+def direct_geometry(H_out, W_out, HH, W, pw, itemsize):
+    """(Wp, L): the wide row length and the padded plane length the direct kernels need.
 
-    One task per (image, pair of filters), the pair sharing the input loads; per (c, kh) two
-    passes over q, taps kw 0-3 then 4-6, so the 2 x 4 (2 x 3) weights stay in registers.
+    L covers the ph + H + ph rows (at most H_out + HH - 1) and every read: (HH - 1) rows and
+    6 taps past the output plane of Q = H_out * Wp positions, which conv7_forward computes in
+    whole blocks of 4 vectors.
+    """
+    B = 4 * (VECTOR_BYTES // itemsize)
+    Wp = max(W + pw, W_out)
+    Q = H_out * Wp
+    L = max((H_out + HH - 1) * Wp + pw + 1, (HH - 1) * Wp + (Q + B - 1) // B * B + 7)
+    return Wp, L
+
+
+@njit(parallel=True, cache=True)
+def conv7_forward(xp, Wp, w, b, relu, out):
+    """out (N, F, H_out, W_out) = conv(xp, w) + b[f] (then max(., 0) when relu); w (F, C, HH, 7).
+
+    One task per (image, 3 filters); per block of 4 vectors of q, 12 sums in registers over all
+    taps, stored to a wide scratch plane, then copied to out without the junk columns.
     """
     N, C, L = xp.shape
     F, _, HH, _ = w.shape
-    P = H_out * W_out
-    Q = H_out * Wp
-    nfb = (F + 1) // 2
+    _, _, H_out, W_out = out.shape
+    V = lanes(xp)
+    B = 4 * V
+    nqb = (H_out * Wp + B - 1) // B
+    nfb = (F + 2) // 3
+    K = C * HH * 7
+    xf = xp.reshape(-1)
+    wf = w.reshape(-1)
     for t in prange(N * nfb):
         n = t // nfb
-        f0 = (t - n * nfb) * 2
-        f1 = min(f0 + 1, F - 1)  # odd F: the last "pair" computes f0 twice
-        o0 = np.zeros(Q, dtype=xp.dtype)
-        o1 = np.zeros(Q, dtype=xp.dtype)
-        for c in range(C):
-            xr = xp[n, c]
-            for kh in range(HH):
-                a0 = w[f0, c, kh, 0]; a1 = w[f0, c, kh, 1]; a2 = w[f0, c, kh, 2]; a3 = w[f0, c, kh, 3]
-                b0 = w[f1, c, kh, 0]; b1 = w[f1, c, kh, 1]; b2 = w[f1, c, kh, 2]; b3 = w[f1, c, kh, 3]
-                s = kh * Wp
-                for q in range(Q):
-                    i = u64(s + q)
-                    x0 = xr[i]; x1 = xr[i + u64(1)]; x2 = xr[i + u64(2)]; x3 = xr[i + u64(3)]
-                    o0[u64(q)] += a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3
-                    o1[u64(q)] += b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3
-                a4 = w[f0, c, kh, 4]; a5 = w[f0, c, kh, 5]; a6 = w[f0, c, kh, 6]
-                b4 = w[f1, c, kh, 4]; b5 = w[f1, c, kh, 5]; b6 = w[f1, c, kh, 6]
-                s = kh * Wp + 4
-                for q in range(Q):
-                    i = u64(s + q)
-                    x4 = xr[i]; x5 = xr[i + u64(1)]; x6 = xr[i + u64(2)]
-                    o0[u64(q)] += a4 * x4 + a5 * x5 + a6 * x6
-                    o1[u64(q)] += b4 * x4 + b5 * x5 + b6 * x6
-        d0 = out2[f0]
-        d1 = out2[f1]
+        fb = (t - n * nfb) * 3
+        f0 = fb * K
+        f1 = min(fb + 1, F - 1) * K  # F not a multiple of 3: the last block repeats filter F-1
+        f2 = min(fb + 2, F - 1) * K
+        tmp = np.empty((3, nqb * B), dtype=xp.dtype)
+        t0 = tmp[0]
+        t1 = tmp[1]
+        t2 = tmp[2]
+        for qb in range(nqb):
+            q = qb * B
+            a0 = vzero(xp); a1 = vzero(xp); a2 = vzero(xp); a3 = vzero(xp)
+            b0 = vzero(xp); b1 = vzero(xp); b2 = vzero(xp); b3 = vzero(xp)
+            c0 = vzero(xp); c1 = vzero(xp); c2 = vzero(xp); c3 = vzero(xp)
+            for c in range(C):
+                for kh in range(HH):
+                    i0 = (n * C + c) * L + kh * Wp + q
+                    k0 = (c * HH + kh) * 7
+                    for kw in range(7):
+                        i = i0 + kw
+                        k = k0 + kw
+                        u = vsplat(wf, f0 + k)
+                        v = vsplat(wf, f1 + k)
+                        s = vsplat(wf, f2 + k)
+                        x = vload(xf, i)
+                        a0 = vfma(u, x, a0); b0 = vfma(v, x, b0); c0 = vfma(s, x, c0)
+                        x = vload(xf, i + V)
+                        a1 = vfma(u, x, a1); b1 = vfma(v, x, b1); c1 = vfma(s, x, c1)
+                        x = vload(xf, i + 2 * V)
+                        a2 = vfma(u, x, a2); b2 = vfma(v, x, b2); c2 = vfma(s, x, c2)
+                        x = vload(xf, i + 3 * V)
+                        a3 = vfma(u, x, a3); b3 = vfma(v, x, b3); c3 = vfma(s, x, c3)
+            vstore(t0, q, a0); vstore(t0, q + V, a1); vstore(t0, q + 2 * V, a2); vstore(t0, q + 3 * V, a3)
+            vstore(t1, q, b0); vstore(t1, q + V, b1); vstore(t1, q + 2 * V, b2); vstore(t1, q + 3 * V, b3)
+            vstore(t2, q, c0); vstore(t2, q + V, c1); vstore(t2, q + 2 * V, c2); vstore(t2, q + 3 * V, c3)
+        for j in range(min(3, F - fb)):
+            f = fb + j
+            src = tmp[j]
+            bf = b[f]
+            for ho in range(H_out):
+                d = out[n, f, ho]
+                s0 = ho * Wp
+                if relu:
+                    for wo in range(W_out):
+                        val = src[u64(s0 + wo)] + bf
+                        d[u64(wo)] = val if val > 0 else 0
+                else:
+                    for wo in range(W_out):
+                        d[u64(wo)] = src[u64(s0 + wo)] + bf
+
+
+@njit(cache=True)
+def _dout_transposed(dout, n, Wp, Fp, eT):
+    """eT[q * Fp + f] = dout[n, f] at wide position q.
+
+    Eight filters at a time, so each wide position gets one contiguous 8-value store (filters
+    past F repeat filter F-1 into eT's padding columns, which nobody reads). Junk positions
+    are never written: eT must start zeroed.
+    """
+    _, F, H_out, W_out = dout.shape
+    for fb in range(0, F, 8):
+        f0 = fb; f1 = min(fb + 1, F - 1); f2 = min(fb + 2, F - 1); f3 = min(fb + 3, F - 1)
+        f4 = min(fb + 4, F - 1); f5 = min(fb + 5, F - 1); f6 = min(fb + 6, F - 1); f7 = min(fb + 7, F - 1)
         for ho in range(H_out):
-            r = n * P + ho * W_out
-            sq = ho * Wp
+            r0 = dout[n, f0, ho]; r1 = dout[n, f1, ho]; r2 = dout[n, f2, ho]; r3 = dout[n, f3, ho]
+            r4 = dout[n, f4, ho]; r5 = dout[n, f5, ho]; r6 = dout[n, f6, ho]; r7 = dout[n, f7, ho]
+            o = ho * Wp * Fp + fb
             for wo in range(W_out):
-                d0[u64(r + wo)] = o0[u64(sq + wo)]
-                d1[u64(r + wo)] = o1[u64(sq + wo)]
+                s = u64(o + wo * Fp)
+                w = u64(wo)
+                eT[s] = r0[w]; eT[s + u64(1)] = r1[w]; eT[s + u64(2)] = r2[w]; eT[s + u64(3)] = r3[w]
+                eT[s + u64(4)] = r4[w]; eT[s + u64(5)] = r5[w]; eT[s + u64(6)] = r6[w]; eT[s + u64(7)] = r7[w]
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
-def conv7_dw(xp, Wp, dout2, H_out, W_out, dw):
-    """dw (F, C, HH, 7) = gradient of conv7_forward's weights for dout2 (F, N*H_out*W_out).
+@njit(parallel=True, cache=True)
+def relu_masked(dout, relu_out, out):
+    """out = dout where relu_out > 0, else 0 (all (M, P): rows of planes)."""
+    for t in prange(dout.shape[0]):
+        d = dout[t]
+        m = relu_out[t]
+        o = out[t]
+        for p in range(d.shape[0]):
+            o[u64(p)] = d[u64(p)] if m[u64(p)] > 0 else 0
 
-    One task per pair of filters; image by image (its dout rows and padded planes stay in
-    L1/L2), per (c, kh) two passes over q, taps kw 0-3 then 4-6, each with 8 sums
-    (2 filters x 4 taps) held in registers, added to the task's accumulators in image order.
-    The second pass reads one value past the 7th tap (hence xp's 7 trailing zeros); its 4th
-    sum is dropped.
+
+@njit(parallel=True, cache=True)
+def conv7_dw(xp, Wp, dout, dw, db):
+    """dw (F, C, HH, 7) and db (F,) (float64) of conv7_forward for dout (N, F, H_out, W_out).
+
+    SIMD lanes run over filters:
+    each image's dout is transposed to eT (Q, Fp) in the wide layout (Fp = F rounded up to 4
+    vectors, zeros at junk positions), and tap k = (c, kh, kw) of 4 filter vectors is
+    sum_q eT[q] * xp[n, c, kh*Wp + kw + q]. Per block of 3 taps x 4 filter vectors, 12 sums in
+    registers over the plane: 4 vector loads and 3 broadcasts per 12 FMAs. Images are split
+    into a fixed number of chunks (by N only), summed in chunk order at the end.
     """
     N, C, L = xp.shape
     F, _, HH, _ = dw.shape
-    P = H_out * W_out
+    _, _, H_out, W_out = dout.shape
+    V = lanes(xp)
+    G = 4 * V
+    Fp = (F + G - 1) // G * G
     Q = H_out * Wp
-    nfb = (F + 1) // 2
-    for t in prange(nfb):
-        f0 = 2 * t
-        f1 = min(f0 + 1, F - 1)  # odd F: the last "pair" computes f0 twice
-        e0 = np.zeros(Q, dtype=xp.dtype)  # dout of f0, f1 for one image in the wide layout
-        e1 = np.zeros(Q, dtype=xp.dtype)  # (junk columns stay 0)
-        acc = np.zeros((2, C, HH, 8), dtype=xp.dtype)
-        z = np.zeros(1, dtype=xp.dtype)[0]
-        a0 = dout2[f0]
-        a1 = dout2[f1]
-        for n in range(N):
-            for ho in range(H_out):
-                r = n * P + ho * W_out
-                sq = ho * Wp
-                for wo in range(W_out):
-                    e0[u64(sq + wo)] = a0[u64(r + wo)]
-                    e1[u64(sq + wo)] = a1[u64(r + wo)]
-            for c in range(C):
-                xr = xp[n, c]
-                for kh in range(HH):
-                    for k0 in range(0, 8, 4):
-                        s0 = z; s1 = z; s2 = z; s3 = z
-                        r0 = z; r1 = z; r2 = z; r3 = z
-                        s = kh * Wp + k0
-                        for q in range(Q):
-                            dv = e0[u64(q)]
-                            ev = e1[u64(q)]
-                            i = u64(s + q)
-                            x0 = xr[i]; x1 = xr[i + u64(1)]; x2 = xr[i + u64(2)]; x3 = xr[i + u64(3)]
-                            s0 += dv * x0; s1 += dv * x1; s2 += dv * x2; s3 += dv * x3
-                            r0 += ev * x0; r1 += ev * x1; r2 += ev * x2; r3 += ev * x3
-                        g = acc[0, c, kh]
-                        h = acc[1, c, kh]
-                        g[k0] += s0; g[k0 + 1] += s1; g[k0 + 2] += s2; g[k0 + 3] += s3
-                        h[k0] += r0; h[k0 + 1] += r1; h[k0 + 2] += r2; h[k0 + 3] += r3
-        for c in range(C):
-            for kh in range(HH):
-                for k in range(7):
-                    dw[f0, c, kh, k] = acc[0, c, kh, k]
-                    dw[f1, c, kh, k] = acc[1, c, kh, k]
+    T = HH * 7
+    K = C * T
+    K3 = (K + 2) // 3 * 3  # K not a multiple of 3: the last block repeats tap K-1 (discarded)
+    nch = min(N, 16)
+    xf = xp.reshape(-1)
+    part = np.zeros((nch, K3, Fp), dtype=xp.dtype)
+    part_db = np.zeros((nch, Fp))
+    for ch in prange(nch):
+        eT = np.zeros(Q * Fp, dtype=xp.dtype)
+        acc = part[ch].reshape(-1)
+        sums = np.empty(G, dtype=xp.dtype)
+        for n in range(ch * N // nch, (ch + 1) * N // nch):
+            _dout_transposed(dout, n, Wp, Fp, eT)
+            for fg in range(0, Fp, G):
+                s0 = vzero(xp); s1 = vzero(xp); s2 = vzero(xp); s3 = vzero(xp)
+                for q in range(Q):
+                    o = q * Fp + fg
+                    s0 = vadd(s0, vload(eT, o)); s1 = vadd(s1, vload(eT, o + V))
+                    s2 = vadd(s2, vload(eT, o + 2 * V)); s3 = vadd(s3, vload(eT, o + 3 * V))
+                vstore(sums, 0, s0); vstore(sums, V, s1); vstore(sums, 2 * V, s2); vstore(sums, 3 * V, s3)
+                for j in range(G):
+                    part_db[ch, fg + j] += sums[j]
+                for k in range(0, K3, 3):
+                    ka = k
+                    kb = min(k + 1, K - 1)
+                    kc = min(k + 2, K - 1)
+                    ca = ka // T; ha = (ka - ca * T) // 7
+                    cb = kb // T; hb = (kb - cb * T) // 7
+                    cc = kc // T; hc = (kc - cc * T) // 7
+                    xa = (n * C + ca) * L + ha * Wp + (ka - ca * T - ha * 7)
+                    xb = (n * C + cb) * L + hb * Wp + (kb - cb * T - hb * 7)
+                    xc = (n * C + cc) * L + hc * Wp + (kc - cc * T - hc * 7)
+                    ga = k * Fp + fg
+                    gb = ga + Fp
+                    gc = gb + Fp
+                    a0 = vload(acc, ga); a1 = vload(acc, ga + V); a2 = vload(acc, ga + 2 * V); a3 = vload(acc, ga + 3 * V)
+                    b0 = vload(acc, gb); b1 = vload(acc, gb + V); b2 = vload(acc, gb + 2 * V); b3 = vload(acc, gb + 3 * V)
+                    c0 = vload(acc, gc); c1 = vload(acc, gc + V); c2 = vload(acc, gc + 2 * V); c3 = vload(acc, gc + 3 * V)
+                    for q in range(Q):
+                        o = q * Fp + fg
+                        u = vsplat(xf, xa + q)
+                        v = vsplat(xf, xb + q)
+                        s = vsplat(xf, xc + q)
+                        e = vload(eT, o)
+                        a0 = vfma(e, u, a0); b0 = vfma(e, v, b0); c0 = vfma(e, s, c0)
+                        e = vload(eT, o + V)
+                        a1 = vfma(e, u, a1); b1 = vfma(e, v, b1); c1 = vfma(e, s, c1)
+                        e = vload(eT, o + 2 * V)
+                        a2 = vfma(e, u, a2); b2 = vfma(e, v, b2); c2 = vfma(e, s, c2)
+                        e = vload(eT, o + 3 * V)
+                        a3 = vfma(e, u, a3); b3 = vfma(e, v, b3); c3 = vfma(e, s, c3)
+                    vstore(acc, ga, a0); vstore(acc, ga + V, a1); vstore(acc, ga + 2 * V, a2); vstore(acc, ga + 3 * V, a3)
+                    vstore(acc, gb, b0); vstore(acc, gb + V, b1); vstore(acc, gb + 2 * V, b2); vstore(acc, gb + 3 * V, b3)
+                    vstore(acc, gc, c0); vstore(acc, gc + V, c1); vstore(acc, gc + 2 * V, c2); vstore(acc, gc + 3 * V, c3)
+    for f in range(F):
+        s = 0.0
+        for ch in range(nch):
+            s += part_db[ch, f]
+        db[f] = s
+        for k in range(K):
+            c = k // T
+            kh = (k - c * T) // 7
+            a = part[0, k, f]
+            for ch in range(1, nch):
+                a += part[ch, k, f]
+            dw[f, c, kh, k - c * T - kh * 7] = a

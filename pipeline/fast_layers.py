@@ -1,16 +1,17 @@
 """Fast layers with the cs231n API: convolution, max pooling, spatial batch norm, group norm.
 
 Numba kernels (``cache=True``: compiled once, then loaded from the on-disk cache by every new
-process; no compiler toolchain needed) do the data movement, and NumPy's BLAS does the
-convolution's matrix products:
+process; no compiler toolchain needed) do the work, with NumPy's BLAS for the matrix products
+of the general convolution:
 
-- convolution: im2col into a (C*HH*WW, N*H'*W') matrix, one GEMM with the (F, C*HH*WW)
-  filters, bias added while moving the result to NCHW. Backward: dout to the same layout
-  (with db in the same pass), ``dw = dout2 @ cols.T``; ``dx`` (GEMM + col2im) only when
-  ``compute_dx=True``.
-  7-wide filters at stride 1 (the model's 7x7 conv) skip im2col: direct Numba kernels on a
-  zero-padded copy of x compute the forward pass and dw (``kc.conv7_forward`` /
-  ``kc.conv7_dw``), ~1.5x faster for forward + backward and without the column matrix.
+- convolution, 7-wide filters at stride 1 (the model's 7x7 conv): direct kernels that keep
+  their sums in SIMD registers (``pipeline._simd``) over a zero-padded copy of x
+  (``kc.conv7_forward``, ``kc.conv7_dw``); dx is the same forward kernel applied to the
+  padded dout with the filters flipped. No column matrix.
+- convolution, any other shape: im2col into a (C*HH*WW, N*H'*W') matrix, one GEMM with the
+  (F, C*HH*WW) filters, bias added while moving the result to NCHW. Backward: dout to the same
+  layout (with db in the same pass), ``dw = dout2 @ cols.T``; ``dx`` (GEMM + col2im) only
+  when ``compute_dx=True``.
 - max pooling: one pass that records each window's argmax; backward scatters to it.
 - spatial batch norm / group norm: per channel / per group reductions in float64.
 
@@ -100,10 +101,16 @@ def _as(a, dtype) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # convolution
+#
+# Two ways to compute it, chosen by shape (_direct):
+# - direct kernels (kc.conv7_forward / kc.conv7_dw) for 7-wide filters at stride 1, the model's
+#   conv: SIMD sums over a zero-padded copy of x, no column matrix. dx is the same forward
+#   kernel run on the padded dout with the filters flipped and transposed (a "full"
+#   convolution), when the padding allows it (pad <= 6 and pad < HH).
+# - im2col + BLAS GEMMs for every other shape; dx by GEMM + col2im.
+# Both keep the output in NCHW with the bias (and a fused ReLU) applied, and return db in
+# float64 from the backward kernels.
 
-
-# Filters this wide at stride 1 use the direct kernels (kc.conv7_forward / conv7_dw) instead of
-# im2col + GEMM: no column matrix, ~2x faster forward at the model's 7x7 conv.
 _DIRECT_WW = 7
 
 
@@ -111,64 +118,104 @@ def _direct(WW, stride) -> bool:
     return WW == _DIRECT_WW and stride == 1
 
 
-def _conv_core_forward(x, w, conv_param):
-    """Check arguments, then im2col + GEMM or the direct kernels: (out2 (F, N*P) without bias, state)."""
+def _pad_direct(a, ph, pw, H_out, W_out, HH):
+    """a (N, C, H, W) zero-padded into the direct kernels' wide layout: (ap (N, C, L), Wp)."""
+    N, C, H, W = a.shape
+    Wp, L = kc.direct_geometry(H_out, W_out, HH, W, pw, a.dtype.itemsize)
+    ap = np.empty((N, C, L), dtype=a.dtype)
+    _launch(kc.pad_planes, ap.size, a, ph, pw, Wp, ap)
+    return ap, Wp
+
+
+def _conv_core_forward(x, w, b, conv_param, relu):
+    """Check arguments, then out (N, F, H', W') = conv(x, w) + b (then ReLU), and the state
+    _conv_core_backward needs."""
     x = np.asarray(x)
     w = np.asarray(w)
     require_ndim("x", x, 4, "(N, C, H, W)")
     require_ndim("w", w, 4, "(F, C, HH, WW)")
     N, F, H_out, W_out = conv_output_shape(x.shape, w.shape, conv_param)
+    b = _check_bias(b, F)
     stride, pad = int(conv_param.get("stride", 1)), int(conv_param.get("pad", 0))
     _, C, H, W = x.shape
     _, _, HH, WW = w.shape
     dtype = _float_dtype(x)
-    K, P = C * HH * WW, H_out * W_out
     xc = _as(x, dtype)
     wc = _as(w, dtype)
-    w2 = wc.reshape(F, K)
+    bc = _as(b, dtype)
     geom = (N, C, H, W, F, HH, WW, stride, pad, H_out, W_out)
+    out = np.empty((N, F, H_out, W_out), dtype=dtype)
     if _direct(WW, stride):
-        Wp = W + 2 * pad
-        xp = np.empty((N, C, (H + 2 * pad) * Wp + _DIRECT_WW), dtype=dtype)  # 7 zeros after
-        _launch(kc.pad_input, xp.size, xc, pad, Wp, xp)
-        out2 = np.empty((F, N * P), dtype=dtype)
-        _launch(kc.conv7_forward, out2.size * K, xp, Wp, wc, H_out, W_out, out2)
-        return out2, (xp, w2, geom, _float_dtype(w))
-    cols = np.empty((K, N * P), dtype=dtype)
-    _launch(kc.im2col, cols.size, xc, HH, WW, stride, pad, H_out, W_out, cols)
-    out2 = w2 @ cols
-    return out2, (cols, w2, geom, _float_dtype(w))
-
-
-def _conv_core_backward(dout2, core, compute_dx):
-    """From dout in (F, N*P) layout: (dx or None, dw in w's dtype)."""
-    cols, w2, geom, w_dtype = core
-    N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = geom
-    if _direct(WW, stride):  # cols is the padded input xp of the direct kernels
-        dw = np.empty((F, C, HH, WW), dtype=cols.dtype)
-        _launch(kc.conv7_dw, dout2.size * C * HH * WW, cols, W + 2 * pad, dout2, H_out, W_out, dw)
-        dw = dw.astype(w_dtype)
+        xp, Wp = _pad_direct(xc, pad, pad, H_out, W_out, HH)
+        _launch(kc.conv7_forward, out.size * C * HH * WW, xp, Wp, wc, bc, relu, out)
+        src = (xp, Wp)
     else:
-        # (K, N*P) @ (N*P, F) then transposed: much faster in OpenBLAS than dout2 @ cols.T
-        dw = (cols @ dout2.T).T.reshape(F, C, HH, WW).astype(w_dtype)
+        K, P = C * HH * WW, H_out * W_out
+        cols = np.empty((K, N * P), dtype=dtype)
+        _launch(kc.im2col, cols.size, xc, HH, WW, stride, pad, H_out, W_out, cols)
+        out2 = wc.reshape(F, K) @ cols
+        _launch(kc.bias_to_nchw, out.size, out2, bc, relu, out.reshape(N, F, P))
+        src = cols
+    core = (src, wc, geom, _float_dtype(w), _float_dtype(b))
+    return out, core
+
+
+def _conv_core_backward(dout, core, compute_dx, mask=None):
+    """dout (N, F, H', W') already checked, masked by mask > 0 when given (a ReLU's output):
+    (dx or None, dw, db) in the dtypes of x, w and b."""
+    src, wc, geom, w_dtype, b_dtype = core
+    N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = geom
+    dtype = wc.dtype
+    d = _as(dout, dtype)
+    use_mask = mask is not None
+    db = np.empty(F, dtype=np.float64)
     dx = None
-    if compute_dx:
-        dcols = w2.T @ dout2
-        dx = np.empty((N, C, H, W), dtype=cols.dtype)
+    if _direct(WW, stride):
+        xp, Wp = src
+        if use_mask:  # the direct kernels take dout already masked
+            dm = np.empty_like(d)
+            _launch(kc.relu_masked, d.size, d.reshape(N * F, -1), _as(mask, dtype).reshape(N * F, -1),
+                    dm.reshape(N * F, -1))
+            d, mask, use_mask = dm, None, False
+        dw = np.empty((F, C, HH, WW), dtype=dtype)
+        _launch(kc.conv7_dw, d.size * C * HH * WW, xp, Wp, d, dw, db)
+        if compute_dx and pad <= WW - 1 and pad <= HH - 1:
+            # dx = dout convolved with the flipped filters, transposed to (C, F, HH, 7)
+            wt = np.ascontiguousarray(wc[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            dp, Wq = _pad_direct(d, HH - 1 - pad, WW - 1 - pad, H, W, HH)
+            dx = np.empty((N, C, H, W), dtype=dtype)
+            _launch(kc.conv7_forward, dx.size * F * HH * WW, dp, Wq, wt, np.zeros(C, dtype), False, dx)
+            compute_dx = False
+        dout2 = None
+    else:
+        P = H_out * W_out
+        dout2 = np.empty((F, N * P), dtype=dtype)
+        d3 = d.reshape(N, F, P)
+        _launch(kc.dout_to_2d, dout2.size, d3, mask.reshape(N, F, P) if use_mask else d3, use_mask, dout2, db)
+        # (K, N*P) @ (N*P, F) then transposed: much faster in OpenBLAS than dout2 @ cols.T
+        dw = (src @ dout2.T).T.reshape(F, C, HH, WW)
+    if compute_dx:  # GEMM + col2im
+        if dout2 is None:
+            P = H_out * W_out
+            dout2 = np.empty((F, N * P), dtype=dtype)
+            d3 = d.reshape(N, F, P)
+            _launch(kc.dout_to_2d, dout2.size, d3, mask.reshape(N, F, P) if use_mask else d3, use_mask,
+                    dout2, np.empty(F, dtype=np.float64))
+        dcols = wc.reshape(F, -1).T @ dout2
+        dx = np.empty((N, C, H, W), dtype=dtype)
         _launch(kc.col2im, dcols.size, dcols, N, C, H, W, HH, WW, stride, pad, H_out, W_out, dx)
-    return dx, dw
+    return dx, dw.astype(w_dtype), db.astype(b_dtype)
 
 
 def _check_bias(b, F):
-    """b as an array, raising unless its shape is (F,) (F None: w is not 4-D, checked later)."""
+    """b as an array, raising unless its shape is (F,)."""
     b = np.asarray(b)
-    if F is not None:
-        check_param_shape("b", b, (F,))
+    check_param_shape("b", b, (F,))
     return b
 
 
 def conv_forward_fast(x, w, b, conv_param):
-    """Fast convolution forward pass (im2col + one BLAS GEMM); same contract as conv_forward_naive.
+    """Fast convolution forward pass; same contract as conv_forward_naive.
 
     Inputs:
     - x: input data, shape (N, C, H, W)
@@ -184,13 +231,8 @@ def conv_forward_fast(x, w, b, conv_param):
 
 
 def _conv_forward(x, w, b, conv_param, relu):
-    b = _check_bias(b, np.shape(w)[0] if np.ndim(w) == 4 else None)
-    out2, core = _conv_core_forward(x, w, conv_param)
-    N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
-    dtype = out2.dtype
-    out = np.empty((N, F, H_out, W_out), dtype=dtype)
-    _launch(kc.bias_to_nchw, out.size, out2, _as(b, dtype), relu, out.reshape(N, F, H_out * W_out))
-    return out, (core, _float_dtype(b), out if relu else None)
+    out, core = _conv_core_forward(x, w, b, conv_param, relu)
+    return out, (core, out if relu else None)
 
 
 def conv_backward_fast(dout, cache, compute_dx=True):
@@ -210,18 +252,10 @@ def conv_backward_fast(dout, cache, compute_dx=True):
 
 
 def _conv_backward(dout, cache, compute_dx):
-    core, b_dtype, relu_out = cache
+    core, relu_out = cache
     N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
-    dtype = core[0].dtype
     dout = check_dout(dout, (N, F, H_out, W_out), "conv")
-    P = H_out * W_out
-    dout2 = np.empty((F, N * P), dtype=dtype)
-    db = np.empty(F, dtype=np.float64)
-    d3 = _as(dout, dtype).reshape(N, F, P)
-    mask = relu_out.reshape(N, F, P) if relu_out is not None else d3
-    _launch(kc.dout_to_2d, dout2.size, d3, mask, relu_out is not None, dout2, db)
-    dx, dw = _conv_core_backward(dout2, core, compute_dx)
-    return dx, dw, db.astype(b_dtype)
+    return _conv_core_backward(dout, core, compute_dx, relu_out)
 
 
 # cs231n's names for the same functions
@@ -241,31 +275,6 @@ def _pool_params(pool_param):
     )
 
 
-def _pool_forward(src, layout, N, C, H, W, pool_param, bias, relu, dtype):
-    """Run the pool kernel on planes of src (see _kernels_pool); returns (out (N,C,H',W'), idx)."""
-    _, _, H_out, W_out = pool_output_shape((N, C, H, W), pool_param)
-    ph, pw, stride = _pool_params(pool_param)
-    out = np.empty((N, C, H_out, W_out), dtype=dtype)
-    idx = np.empty((N, C, H_out, W_out), dtype=np.int32)
-    has_bias = bias is not None
-    bias = bias if has_bias else np.zeros(1, dtype=dtype)
-    o2, i2 = out.reshape(N * C, -1), idx.reshape(N * C, -1)
-    if ph == 2 and pw == 2 and stride == 2:
-        _launch(kp.pool_forward_2x2, src.size, src, layout, N, C, H, W, bias, has_bias, relu, o2, i2)
-    else:
-        _launch(kp.pool_forward, src.size, src, layout, N, C, H, W, ph, pw, stride, bias, has_bias, relu, o2, i2)
-    return out, idx
-
-
-def _pool_backward(dout, idx, out, relu, layout, N, C, H, W, dst):
-    """Scatter dout into dst (planes as in _kernels_pool); returns per-plane gradient sums."""
-    sums = np.empty(N * C, dtype=np.float64)
-    d2 = _as(dout, dst.dtype).reshape(N * C, -1)
-    o2 = out.reshape(N * C, -1) if relu else d2
-    _launch(kp.pool_backward, dst.size, d2, idx.reshape(N * C, -1), o2, relu, layout, N, C, H, W, dst, sums)
-    return sums
-
-
 def max_pool_forward_fast(x, pool_param):
     """Fast max-pooling forward pass; same contract as max_pool_forward_naive.
 
@@ -281,13 +290,21 @@ def max_pool_forward_fast(x, pool_param):
 
 
 def _max_pool_forward(x, pool_param, relu):
+    """max_pool_forward_fast, of relu(x) when relu (the backward pass then masks by out > 0)."""
     x = np.asarray(x)
     require_ndim("x", x, 4, "(N, C, H, W)")
-    pool_output_shape(x.shape, pool_param)
+    _, _, H_out, W_out = pool_output_shape(x.shape, pool_param)
+    ph, pw, stride = _pool_params(pool_param)
     N, C, H, W = x.shape
     dtype = _float_dtype(x)
-    xc = _as(x, dtype)
-    out, idx = _pool_forward(xc.reshape(N * C, H * W), 0, N, C, H, W, pool_param, None, relu, dtype)
+    src = _as(x, dtype).reshape(N * C, H * W)
+    out = np.empty((N, C, H_out, W_out), dtype=dtype)
+    idx = np.empty((N, C, H_out, W_out), dtype=np.int32)
+    o2, i2 = out.reshape(N * C, -1), idx.reshape(N * C, -1)
+    if ph == 2 and pw == 2 and stride == 2:
+        _launch(kp.pool_forward_2x2, src.size, src, H, W, relu, o2, i2)
+    else:
+        _launch(kp.pool_forward, src.size, src, H, W, ph, pw, stride, relu, o2, i2)
     return out, (x.shape, dtype, idx, out if relu else None)
 
 
@@ -306,7 +323,9 @@ def max_pool_backward_fast(dout, cache):
     dout = check_dout(dout, idx.shape, "max pool")
     dx = np.empty(x_shape, dtype=dtype)
     relu = relu_out is not None
-    _pool_backward(dout, idx, relu_out, relu, 0, N, C, H, W, dx.reshape(N * C, H * W))
+    d2 = _as(dout, dtype).reshape(N * C, -1)
+    o2 = relu_out.reshape(N * C, -1) if relu else d2
+    _launch(kp.pool_backward, dx.size, d2, idx.reshape(N * C, -1), o2, relu, dx.reshape(N * C, H * W))
     return dx
 
 

@@ -1,11 +1,10 @@
 """Sandwich layers: common sequences of layers as one forward/backward pair (cs231n API).
 
 They use the fast layers inside and fuse where it saves a pass over the data:
-- conv_relu: the ReLU runs in the pass that adds the bias and moves the GEMM output to NCHW;
-  its backward masks dout and computes db in the pass that moves dout back.
-- conv_relu_pool: bias, ReLU and max pooling are one pass over the GEMM output (the conv's
-  own NCHW output is never written); backward scatters straight into the GEMM layout.
-- conv_bn_relu_pool / conv_gn_relu_pool: ReLU and pooling are one pass.
+- conv_relu: the ReLU runs in the pass that writes the conv's output (with the bias); its
+  backward masks dout inside the convolution's backward kernels.
+- conv_relu_pool, conv_bn_relu_pool, conv_gn_relu_pool: ReLU and pooling are one pass
+  (max of the window, then max(., 0)); the pool's backward masks the gradient by its output.
 The results equal those of the unfused composition of the layers (tests check that).
 
 Every backward function takes the keyword ``compute_dx`` (default True); with
@@ -132,7 +131,7 @@ def conv_relu_backward(dout, cache, compute_dx=True):
 
 
 def conv_relu_pool_forward(x, w, b, conv_param, pool_param):
-    """Convolution, ReLU and max pooling; bias, ReLU and pooling in one pass.
+    """Convolution, ReLU and max pooling (ReLU and pooling in one pass).
 
     Inputs:
     - x: input, shape (N, C, H, W)
@@ -146,13 +145,9 @@ def conv_relu_pool_forward(x, w, b, conv_param, pool_param):
     - cache: for conv_relu_pool_backward
     """
     _check_conv_pool(x, w, conv_param, pool_param)
-    b = fl._check_bias(b, np.shape(w)[0])
-    out2, core = fl._conv_core_forward(x, w, conv_param)
-    N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
-    dtype = out2.dtype
-    out, idx = fl._pool_forward(out2, 1, N, F, H_out, W_out, pool_param,
-                                fl._as(b, dtype), True, dtype)
-    return out, (core, fl._float_dtype(b), idx, out)
+    a, conv_cache = fl.conv_forward_fast(x, w, b, conv_param)
+    out, pool_cache = fl._max_pool_forward(a, pool_param, relu=True)
+    return out, (conv_cache, pool_cache)
 
 
 def conv_relu_pool_backward(dout, cache, compute_dx=True):
@@ -163,14 +158,10 @@ def conv_relu_pool_backward(dout, cache, compute_dx=True):
     - dw: shape (F, C, HH, WW), dtype of w
     - db: shape (F,), dtype of b
     """
-    core, b_dtype, idx, out = cache
-    N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
-    dout = check_dout(dout, out.shape, "conv_relu_pool")
-    dout2 = np.empty((F, N * H_out * W_out), dtype=out.dtype)
-    sums = fl._pool_backward(dout, idx, out, True, 1, N, F, H_out, W_out, dout2)
-    db = sums.reshape(N, F).sum(axis=0).astype(b_dtype)
-    dx, dw = fl._conv_core_backward(dout2, core, compute_dx)
-    return dx, dw, db
+    conv_cache, pool_cache = cache
+    dout = check_dout(dout, pool_cache[2].shape, "conv_relu_pool")
+    da = fl.max_pool_backward_fast(dout, pool_cache)
+    return fl.conv_backward_fast(da, conv_cache, compute_dx=compute_dx)
 
 
 # --------------------------------------------------------------------------------------------

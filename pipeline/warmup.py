@@ -15,6 +15,7 @@ import numpy as np
 def warm() -> None:
     from pipeline import fast_layers as fl
     from pipeline.cnn import ThreeLayerConvNet
+    from pipeline.layer_utils import conv_relu_backward, conv_relu_forward
     from pipeline.optim import adam, adam_inplace
 
     rng = np.random.default_rng(0)
@@ -25,6 +26,9 @@ def warm() -> None:
         out, cache = fl.conv_forward_fast(x, w, b, {"stride": 1, "pad": 1})
         fl.conv_backward_fast(out, cache)
         fl.conv_backward_fast(out, cache, compute_dx=False)
+        w7 = rng.standard_normal((4, 3, 7, 7)).astype(dtype)  # the direct 7-wide kernels
+        out, cache = conv_relu_forward(x, w7, b, {"stride": 1, "pad": 3})
+        conv_relu_backward(out, cache)
         for pool in ({"pool_height": 2, "pool_width": 2, "stride": 2}, {"pool_height": 3, "pool_width": 3, "stride": 1}):
             p, pcache = fl.max_pool_forward_fast(x, pool)
             fl.max_pool_backward_fast(p, pcache)

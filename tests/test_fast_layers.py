@@ -72,10 +72,14 @@ def test_conv_matches_naive(case, dtype):
         _close(g, gn, dtype, name)
 
 
-# 7-wide filters at stride 1 take the direct kernels (fl._direct): odd and even F, N=1,
-# 1- and 7-high filters, non-square images, no padding and padding beyond the filter's reach
+# 7-wide filters at stride 1 take the direct kernels (fl._direct): F and C*HH multiples of 3
+# or not (the kernels work on 3 filters / 3 rows at a time), N=1, 1- to 7-high filters,
+# non-square images, planes of one to several SIMD blocks, no padding, pad 6 (the largest
+# for which dx is a direct "full" convolution) and pads beyond it or beyond HH - 1 (dx by GEMM)
 DIRECT_CASES = [(1, 1, 7, 7, 1, 7, 7, 1, 0), (2, 3, 12, 12, 8, 7, 7, 1, 3), (3, 2, 5, 9, 5, 3, 7, 1, 2),
-                (1, 4, 1, 10, 3, 1, 7, 1, 0), (2, 3, 6, 4, 2, 7, 7, 1, 4), (3, 1, 9, 7, 7, 5, 7, 1, 1)]
+                (1, 4, 1, 10, 3, 1, 7, 1, 0), (2, 3, 6, 4, 2, 7, 7, 1, 4), (3, 1, 9, 7, 7, 5, 7, 1, 1),
+                (2, 1, 3, 9, 2, 1, 7, 1, 3), (1, 2, 20, 40, 4, 7, 7, 1, 6), (2, 2, 8, 8, 3, 3, 7, 1, 3),
+                (1, 3, 4, 3, 5, 2, 7, 1, 8)]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

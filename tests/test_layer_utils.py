@@ -191,6 +191,7 @@ CRP_CASES = [
     ((2, 4, 5, 6), (3, 4, 1, 1), {"stride": 1, "pad": 0}, {"pool_height": 2, "pool_width": 3, "stride": 3}),
     ((4, 3, 12, 12), (8, 3, 7, 7), {"stride": 1, "pad": 3}, POOL),
     ((1, 2, 10, 12), (5, 2, 3, 7), {"stride": 1, "pad": 2}, POOL),  # direct kernels: odd F, N=1
+    ((2, 2, 9, 10), (3, 2, 2, 7), {"stride": 1, "pad": 3}, POOL),  # direct, but dx by GEMM (pad > HH-1)
 ]
 
 
@@ -216,7 +217,7 @@ def test_conv_relu_pool_equals_naive_composition(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("case", [0, 1, 2, 5])
+@pytest.mark.parametrize("case", [0, 1, 2, 5, 6, 7])
 def test_conv_relu_equals_naive_composition(case, dtype):
     xs, ws, cp, _ = CRP_CASES[case]
     rng = np.random.default_rng(100 + case)
