@@ -195,6 +195,45 @@ def direct_geometry(H_out, W_out, HH, W, pw, itemsize):
     return Wp, L
 
 
+@njit(cache=True, inline="always")
+def _zeros_3x4(like):
+    z = vzero(like)
+    return (z, z, z, z, z, z, z, z, z, z, z, z)
+
+
+@njit(cache=True, inline="always")
+def _load_3x4(a, o0, o1, o2, V):
+    """12 vectors: a[o_r + j*V : ... + V] for rows r = 0..2, j = 0..3."""
+    return (vload(a, o0), vload(a, o0 + V), vload(a, o0 + 2 * V), vload(a, o0 + 3 * V),
+            vload(a, o1), vload(a, o1 + V), vload(a, o1 + 2 * V), vload(a, o1 + 3 * V),
+            vload(a, o2), vload(a, o2 + V), vload(a, o2 + 2 * V), vload(a, o2 + 3 * V))
+
+
+@njit(cache=True, inline="always")
+def _store_3x4(a, o0, o1, o2, V, acc):
+    """The inverse of _load_3x4."""
+    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = acc
+    vstore(a, o0, a0); vstore(a, o0 + V, a1); vstore(a, o0 + 2 * V, a2); vstore(a, o0 + 3 * V, a3)
+    vstore(a, o1, b0); vstore(a, o1 + V, b1); vstore(a, o1 + 2 * V, b2); vstore(a, o1 + 3 * V, b3)
+    vstore(a, o2, c0); vstore(a, o2 + V, c1); vstore(a, o2 + 2 * V, c2); vstore(a, o2 + 3 * V, c3)
+
+
+@njit(cache=True, inline="always")
+def _fma_3x4(u, v, s, a, o, V, acc):
+    """The micro-kernel of both direct kernels: acc[r][j] += (u, v, s)[r] * a[o + j*V : ... + V]
+    for r = 0..2, j = 0..3: 12 FMAs fed by 4 vector loads (u, v, s are 3 broadcasts)."""
+    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = acc
+    x = vload(a, o)
+    a0 = vfma(u, x, a0); b0 = vfma(v, x, b0); c0 = vfma(s, x, c0)
+    x = vload(a, o + V)
+    a1 = vfma(u, x, a1); b1 = vfma(v, x, b1); c1 = vfma(s, x, c1)
+    x = vload(a, o + 2 * V)
+    a2 = vfma(u, x, a2); b2 = vfma(v, x, b2); c2 = vfma(s, x, c2)
+    x = vload(a, o + 3 * V)
+    a3 = vfma(u, x, a3); b3 = vfma(v, x, b3); c3 = vfma(s, x, c3)
+    return (a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3)
+
+
 @njit(parallel=True, cache=True)
 def conv7_forward(xp, Wp, w, b, relu, out):
     """out (N, F, H_out, W_out) = conv(xp, w) + b[f] (then max(., 0) when relu); w (F, C, HH, 7).
@@ -219,35 +258,17 @@ def conv7_forward(xp, Wp, w, b, relu, out):
         f1 = min(fb + 1, F - 1) * K  # F not a multiple of 3: the last block repeats filter F-1
         f2 = min(fb + 2, F - 1) * K
         tmp = np.empty((3, nqb * B), dtype=xp.dtype)
-        t0 = tmp[0]
-        t1 = tmp[1]
-        t2 = tmp[2]
         for qb in range(nqb):
             q = qb * B
-            a0 = vzero(xp); a1 = vzero(xp); a2 = vzero(xp); a3 = vzero(xp)
-            b0 = vzero(xp); b1 = vzero(xp); b2 = vzero(xp); b3 = vzero(xp)
-            c0 = vzero(xp); c1 = vzero(xp); c2 = vzero(xp); c3 = vzero(xp)
+            acc = _zeros_3x4(xp)
             for c in range(C):
                 for kh in range(HH):
                     i0 = (n * C + c) * L + kh * Wp + q
                     k0 = (c * HH + kh) * 7
                     for kw in range(7):
-                        i = i0 + kw
                         k = k0 + kw
-                        u = vsplat(wf, f0 + k)
-                        v = vsplat(wf, f1 + k)
-                        s = vsplat(wf, f2 + k)
-                        x = vload(xf, i)
-                        a0 = vfma(u, x, a0); b0 = vfma(v, x, b0); c0 = vfma(s, x, c0)
-                        x = vload(xf, i + V)
-                        a1 = vfma(u, x, a1); b1 = vfma(v, x, b1); c1 = vfma(s, x, c1)
-                        x = vload(xf, i + 2 * V)
-                        a2 = vfma(u, x, a2); b2 = vfma(v, x, b2); c2 = vfma(s, x, c2)
-                        x = vload(xf, i + 3 * V)
-                        a3 = vfma(u, x, a3); b3 = vfma(v, x, b3); c3 = vfma(s, x, c3)
-            vstore(t0, q, a0); vstore(t0, q + V, a1); vstore(t0, q + 2 * V, a2); vstore(t0, q + 3 * V, a3)
-            vstore(t1, q, b0); vstore(t1, q + V, b1); vstore(t1, q + 2 * V, b2); vstore(t1, q + 3 * V, b3)
-            vstore(t2, q, c0); vstore(t2, q + V, c1); vstore(t2, q + 2 * V, c2); vstore(t2, q + 3 * V, c3)
+                        acc = _fma_3x4(vsplat(wf, f0 + k), vsplat(wf, f1 + k), vsplat(wf, f2 + k), xf, i0 + kw, V, acc)
+            _store_3x4(tmp.reshape(-1), q, tmp.shape[1] + q, 2 * tmp.shape[1] + q, V, acc)
         for j in range(min(3, F - fb)):
             f = fb + j
             src = tmp[j]
@@ -325,7 +346,7 @@ def conv7_dw(xp, Wp, dout, dw, db):
     part_db = np.zeros((nch, Fp))
     for ch in prange(nch):
         eT = np.zeros(Q * Fp, dtype=xp.dtype)
-        acc = part[ch].reshape(-1)
+        part_ch = part[ch].reshape(-1)
         sums = np.empty(G, dtype=xp.dtype)
         for n in range(ch * N // nch, (ch + 1) * N // nch):
             _dout_transposed(dout, n, Wp, Fp, eT)
@@ -349,27 +370,10 @@ def conv7_dw(xp, Wp, dout, dw, db):
                     xb = (n * C + cb) * L + hb * Wp + (kb - cb * T - hb * 7)
                     xc = (n * C + cc) * L + hc * Wp + (kc - cc * T - hc * 7)
                     ga = k * Fp + fg
-                    gb = ga + Fp
-                    gc = gb + Fp
-                    a0 = vload(acc, ga); a1 = vload(acc, ga + V); a2 = vload(acc, ga + 2 * V); a3 = vload(acc, ga + 3 * V)
-                    b0 = vload(acc, gb); b1 = vload(acc, gb + V); b2 = vload(acc, gb + 2 * V); b3 = vload(acc, gb + 3 * V)
-                    c0 = vload(acc, gc); c1 = vload(acc, gc + V); c2 = vload(acc, gc + 2 * V); c3 = vload(acc, gc + 3 * V)
+                    acc = _load_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, V)
                     for q in range(Q):
-                        o = q * Fp + fg
-                        u = vsplat(xf, xa + q)
-                        v = vsplat(xf, xb + q)
-                        s = vsplat(xf, xc + q)
-                        e = vload(eT, o)
-                        a0 = vfma(e, u, a0); b0 = vfma(e, v, b0); c0 = vfma(e, s, c0)
-                        e = vload(eT, o + V)
-                        a1 = vfma(e, u, a1); b1 = vfma(e, v, b1); c1 = vfma(e, s, c1)
-                        e = vload(eT, o + 2 * V)
-                        a2 = vfma(e, u, a2); b2 = vfma(e, v, b2); c2 = vfma(e, s, c2)
-                        e = vload(eT, o + 3 * V)
-                        a3 = vfma(e, u, a3); b3 = vfma(e, v, b3); c3 = vfma(e, s, c3)
-                    vstore(acc, ga, a0); vstore(acc, ga + V, a1); vstore(acc, ga + 2 * V, a2); vstore(acc, ga + 3 * V, a3)
-                    vstore(acc, gb, b0); vstore(acc, gb + V, b1); vstore(acc, gb + 2 * V, b2); vstore(acc, gb + 3 * V, b3)
-                    vstore(acc, gc, c0); vstore(acc, gc + V, c1); vstore(acc, gc + 2 * V, c2); vstore(acc, gc + 3 * V, c3)
+                        acc = _fma_3x4(vsplat(xf, xa + q), vsplat(xf, xb + q), vsplat(xf, xc + q), eT, q * Fp + fg, V, acc)
+                    _store_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, V, acc)
     for f in range(F):
         s = 0.0
         for ch in range(nch):
