@@ -15,8 +15,8 @@ fuses it on other targets), kept in a register like any scalar local.
     v = vadd(a, b)               # a + b
     x = vsum(v)                  # lanes summed in lane order (deterministic)
 
-``vload`` / ``vstore`` / ``vsplat`` do no bounds checks: the caller sizes its arrays for every
-index it uses. Kernels using them compile with ``cache=True`` like any other.
+``vload`` / ``vstore`` / ``vsplat`` take C-contiguous arrays only (others do not compile) and do
+no bounds checks: the caller sizes its arrays for every index it uses. Kernels using them compile with ``cache=True`` like any other.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ class _VecModel(models.PrimitiveModel):
 
 
 def _vec_for(arr):
-    """The Vec type for a float array type, or None (no typing: Numba reports the mismatch)."""
-    if isinstance(arr, types.Array) and arr.dtype in (types.float32, types.float64):
+    """The Vec type for a C-contiguous float array type, or None (no typing: Numba reports the
+    mismatch at compile time, so a strided view can never be read as if it were contiguous)."""
+    if isinstance(arr, types.Array) and arr.layout == "C" and arr.dtype in (types.float32, types.float64):
         return Vec(arr.dtype, VECTOR_BYTES // (arr.dtype.bitwidth // 8))
     return None
 

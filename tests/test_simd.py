@@ -39,3 +39,17 @@ def test_vector_ops_match_numpy(dtype, V):
     for k in range(1, V):  # lane order
         expect = dtype(expect + a[k])
     assert total == expect
+
+
+def test_strided_arrays_do_not_compile():
+    """A strided view read as contiguous lanes would be silently wrong: typing refuses it."""
+    from numba.core.errors import TypingError
+
+    @njit(cache=False)
+    def load_first(a):
+        return vsum(vload(a, 0))
+
+    a = np.arange(32, dtype=np.float32)
+    assert load_first(a) == sum(range(8))
+    with pytest.raises(TypingError):
+        load_first(a[::2])
