@@ -259,10 +259,12 @@ def test_svm_loss_exact_value():
 def test_dropout_forward_preserves_mean():
     rng = np.random.default_rng(231)
     x = rng.standard_normal((500, 500)) + 10
-    for p in [0.25, 0.4, 0.7]:
-        out, _ = L.dropout_forward(x, {"mode": "train", "p": p})
+    for i, p in enumerate([0.25, 0.4, 0.7]):
+        out, _ = L.dropout_forward(x, {"mode": "train", "p": p, "seed": i})
         out_test, _ = L.dropout_forward(x, {"mode": "test", "p": p})
-        assert abs(out.mean() - x.mean()) < 0.05
+        # kept values are x / p with probability p: the mean's standard deviation is about
+        # mean(x) * sqrt((1 - p) / p / size); allow 5 of them (0.05 flat failed 1 run in ~6)
+        assert abs(out.mean() - x.mean()) < 5 * x.mean() * np.sqrt((1 - p) / p / x.size)
         assert abs((out == 0).mean() - (1 - p)) < 0.01
         assert np.array_equal(out_test, x)
 
