@@ -35,6 +35,9 @@ if ARGS is not None:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(ARGS.threads))
     os.environ.setdefault("NUMBA_NUM_THREADS", str(ARGS.threads))
+    # pipeline's default (see pipeline/__init__.py), which needs setting before NumPy loads
+    # OpenBLAS; PyTorch uses MKL and is not affected
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
 
