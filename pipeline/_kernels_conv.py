@@ -185,13 +185,12 @@ def direct_geometry(H_out, W_out, HH, W, pw, itemsize):
     """(Wp, L): the wide row length and the padded plane length the direct kernels need.
 
     L covers the ph + H + ph rows (at most H_out + HH - 1) and every read: (HH - 1) rows and
-    6 taps past the output plane of Q = H_out * Wp positions, which conv7_forward computes in
-    whole blocks of 4 vectors.
+    6 taps past the output plane of H_out rows of Wp positions, whose last row conv7_forward
+    reads as whole vectors (a vector can be longer than a row).
     """
-    B = 4 * (VECTOR_BYTES // itemsize)
+    V = VECTOR_BYTES // itemsize
     Wp = max(W + pw, W_out)
-    Q = H_out * Wp
-    L = max((H_out + HH - 1) * Wp + pw + 1, (HH - 1) * Wp + (Q + B - 1) // B * B + 7)
+    L = max((H_out + HH - 1) * Wp + pw + 1, (H_out + HH - 2) * Wp + max(W_out, V) + 7)
     return Wp, L
 
 
@@ -202,51 +201,63 @@ def _zeros_3x4(like):
 
 
 @njit(cache=True, inline="always")
-def _load_3x4(a, o0, o1, o2, V):
-    """12 vectors: a[o_r + j*V : ... + V] for rows r = 0..2, j = 0..3."""
-    return (vload(a, o0), vload(a, o0 + V), vload(a, o0 + 2 * V), vload(a, o0 + 3 * V),
-            vload(a, o1), vload(a, o1 + V), vload(a, o1 + 2 * V), vload(a, o1 + 3 * V),
-            vload(a, o2), vload(a, o2 + V), vload(a, o2 + 2 * V), vload(a, o2 + 3 * V))
+def _load_3x4(a, r0, r1, r2, t0, t1, t2, t3):
+    """12 vectors: a[r + t : r + t + lanes] for rows r = r0, r1, r2 and columns t = t0..t3."""
+    return (vload(a, r0 + t0), vload(a, r0 + t1), vload(a, r0 + t2), vload(a, r0 + t3),
+            vload(a, r1 + t0), vload(a, r1 + t1), vload(a, r1 + t2), vload(a, r1 + t3),
+            vload(a, r2 + t0), vload(a, r2 + t1), vload(a, r2 + t2), vload(a, r2 + t3))
 
 
 @njit(cache=True, inline="always")
-def _store_3x4(a, o0, o1, o2, V, acc):
+def _store_3x4(a, r0, r1, r2, t0, t1, t2, t3, acc):
     """The inverse of _load_3x4."""
     a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = acc
-    vstore(a, o0, a0); vstore(a, o0 + V, a1); vstore(a, o0 + 2 * V, a2); vstore(a, o0 + 3 * V, a3)
-    vstore(a, o1, b0); vstore(a, o1 + V, b1); vstore(a, o1 + 2 * V, b2); vstore(a, o1 + 3 * V, b3)
-    vstore(a, o2, c0); vstore(a, o2 + V, c1); vstore(a, o2 + 2 * V, c2); vstore(a, o2 + 3 * V, c3)
+    vstore(a, r0 + t0, a0); vstore(a, r0 + t1, a1); vstore(a, r0 + t2, a2); vstore(a, r0 + t3, a3)
+    vstore(a, r1 + t0, b0); vstore(a, r1 + t1, b1); vstore(a, r1 + t2, b2); vstore(a, r1 + t3, b3)
+    vstore(a, r2 + t0, c0); vstore(a, r2 + t1, c1); vstore(a, r2 + t2, c2); vstore(a, r2 + t3, c3)
 
 
 @njit(cache=True, inline="always")
-def _fma_3x4(u, v, s, a, o, V, acc):
-    """The micro-kernel of both direct kernels: acc[r][j] += (u, v, s)[r] * a[o + j*V : ... + V]
+def _fma_3x4(u, v, s, a, t0, t1, t2, t3, acc):
+    """The micro-kernel of both direct kernels: acc[r][j] += (u, v, s)[r] * a[t_j : t_j + lanes]
     for r = 0..2, j = 0..3: 12 FMAs fed by 4 vector loads (u, v, s are 3 broadcasts)."""
     a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = acc
-    x = vload(a, o)
+    x = vload(a, t0)
     a0 = vfma(u, x, a0); b0 = vfma(v, x, b0); c0 = vfma(s, x, c0)
-    x = vload(a, o + V)
+    x = vload(a, t1)
     a1 = vfma(u, x, a1); b1 = vfma(v, x, b1); c1 = vfma(s, x, c1)
-    x = vload(a, o + 2 * V)
+    x = vload(a, t2)
     a2 = vfma(u, x, a2); b2 = vfma(v, x, b2); c2 = vfma(s, x, c2)
-    x = vload(a, o + 3 * V)
+    x = vload(a, t3)
     a3 = vfma(u, x, a3); b3 = vfma(v, x, b3); c3 = vfma(s, x, c3)
     return (a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3)
+
+
+@njit(cache=True, inline="always")
+def _vector_start(i, nv, V, Wp, W_out, RW):
+    """Vector i of an output plane cut into nv vectors per row: (its start in the wide layout,
+    its start in a scratch plane of rows of RW). The last vector of a row ends at the row's end
+    (overlapping the one before it), or starts at 0 when the row is shorter than a vector."""
+    ho = i // nv
+    col = max(min((i - ho * nv) * V, W_out - V), 0)
+    return ho * Wp + col, ho * RW + col
 
 
 @njit(parallel=True, cache=True)
 def conv7_forward(xp, Wp, w, b, relu, out):
     """out (N, F, H_out, W_out) = conv(xp, w) + b[f] (then max(., 0) when relu); w (F, C, HH, 7).
 
-    One task per (image, 3 filters); per block of 4 vectors of q, 12 sums in registers over all
-    taps, stored to a wide scratch plane, then copied to out without the junk columns.
+    One task per (image, 3 filters). Each output row is cut into vectors (no junk columns);
+    per block of 4 vectors, 12 sums in registers over all taps, stored to a scratch plane,
+    then copied to out with the bias (and ReLU).
     """
     N, C, L = xp.shape
     F, _, HH, _ = w.shape
     _, _, H_out, W_out = out.shape
     V = lanes(xp)
-    B = 4 * V
-    nqb = (H_out * Wp + B - 1) // B
+    nv = (W_out + V - 1) // V  # vectors per output row
+    RW = nv * V
+    NV = H_out * nv
     nfb = (F + 2) // 3
     K = C * HH * 7
     xf = xp.reshape(-1)
@@ -257,55 +268,56 @@ def conv7_forward(xp, Wp, w, b, relu, out):
         f0 = fb * K
         f1 = min(fb + 1, F - 1) * K  # F not a multiple of 3: the last block repeats filter F-1
         f2 = min(fb + 2, F - 1) * K
-        tmp = np.empty((3, nqb * B), dtype=xp.dtype)
-        for qb in range(nqb):
-            q = qb * B
+        tmp = np.empty(3 * H_out * RW, dtype=xp.dtype)
+        for i in range(0, NV, 4):  # NV not a multiple of 4: the last block repeats vector NV-1
+            q0, s0 = _vector_start(i, nv, V, Wp, W_out, RW)
+            q1, s1 = _vector_start(min(i + 1, NV - 1), nv, V, Wp, W_out, RW)
+            q2, s2 = _vector_start(min(i + 2, NV - 1), nv, V, Wp, W_out, RW)
+            q3, s3 = _vector_start(min(i + 3, NV - 1), nv, V, Wp, W_out, RW)
             acc = _zeros_3x4(xp)
             for c in range(C):
                 for kh in range(HH):
-                    i0 = (n * C + c) * L + kh * Wp + q
+                    i0 = (n * C + c) * L + kh * Wp
                     k0 = (c * HH + kh) * 7
                     for kw in range(7):
                         k = k0 + kw
-                        acc = _fma_3x4(vsplat(wf, f0 + k), vsplat(wf, f1 + k), vsplat(wf, f2 + k), xf, i0 + kw, V, acc)
-            _store_3x4(tmp.reshape(-1), q, tmp.shape[1] + q, 2 * tmp.shape[1] + q, V, acc)
+                        o = i0 + kw
+                        acc = _fma_3x4(vsplat(wf, f0 + k), vsplat(wf, f1 + k), vsplat(wf, f2 + k), xf,
+                                       o + q0, o + q1, o + q2, o + q3, acc)
+            _store_3x4(tmp, 0, H_out * RW, 2 * H_out * RW, s0, s1, s2, s3, acc)
         for j in range(min(3, F - fb)):
             f = fb + j
-            src = tmp[j]
             bf = b[f]
             for ho in range(H_out):
                 d = out[n, f, ho]
-                s0 = ho * Wp
+                r = j * H_out * RW + ho * RW
                 if relu:
                     for wo in range(W_out):
-                        val = src[u64(s0 + wo)] + bf
+                        val = tmp[u64(r + wo)] + bf
                         d[u64(wo)] = val if val > 0 else 0
                 else:
                     for wo in range(W_out):
-                        d[u64(wo)] = src[u64(s0 + wo)] + bf
+                        d[u64(wo)] = tmp[u64(r + wo)] + bf
 
 
 @njit(cache=True)
-def _dout_transposed(dout, n, Wp, Fp, eT):
-    """eT[q * Fp + f] = dout[n, f] at wide position q.
+def _dout_transposed(dout, n, Fp, eT):
+    """eT[p * Fp + f] = dout[n, f] at output pixel p = ho * W_out + wo.
 
-    Eight filters at a time, so each wide position gets one contiguous 8-value store (filters
-    past F repeat filter F-1 into eT's padding columns, which nobody reads). Junk positions
-    are never written: eT must start zeroed.
+    Eight filters at a time, so each pixel gets one contiguous 8-value store (filters past F
+    repeat filter F-1 into eT's padding columns, which nobody reads).
     """
     _, F, H_out, W_out = dout.shape
+    P = H_out * W_out
+    d = dout[n].reshape(F, P)
     for fb in range(0, F, 8):
-        f0 = fb; f1 = min(fb + 1, F - 1); f2 = min(fb + 2, F - 1); f3 = min(fb + 3, F - 1)
-        f4 = min(fb + 4, F - 1); f5 = min(fb + 5, F - 1); f6 = min(fb + 6, F - 1); f7 = min(fb + 7, F - 1)
-        for ho in range(H_out):
-            r0 = dout[n, f0, ho]; r1 = dout[n, f1, ho]; r2 = dout[n, f2, ho]; r3 = dout[n, f3, ho]
-            r4 = dout[n, f4, ho]; r5 = dout[n, f5, ho]; r6 = dout[n, f6, ho]; r7 = dout[n, f7, ho]
-            o = ho * Wp * Fp + fb
-            for wo in range(W_out):
-                s = u64(o + wo * Fp)
-                w = u64(wo)
-                eT[s] = r0[w]; eT[s + u64(1)] = r1[w]; eT[s + u64(2)] = r2[w]; eT[s + u64(3)] = r3[w]
-                eT[s + u64(4)] = r4[w]; eT[s + u64(5)] = r5[w]; eT[s + u64(6)] = r6[w]; eT[s + u64(7)] = r7[w]
+        r0 = d[fb]; r1 = d[min(fb + 1, F - 1)]; r2 = d[min(fb + 2, F - 1)]; r3 = d[min(fb + 3, F - 1)]
+        r4 = d[min(fb + 4, F - 1)]; r5 = d[min(fb + 5, F - 1)]; r6 = d[min(fb + 6, F - 1)]; r7 = d[min(fb + 7, F - 1)]
+        for p in range(P):
+            s = u64(p * Fp + fb)
+            w = u64(p)
+            eT[s] = r0[w]; eT[s + u64(1)] = r1[w]; eT[s + u64(2)] = r2[w]; eT[s + u64(3)] = r3[w]
+            eT[s + u64(4)] = r4[w]; eT[s + u64(5)] = r5[w]; eT[s + u64(6)] = r6[w]; eT[s + u64(7)] = r7[w]
 
 
 @njit(parallel=True, cache=True)
@@ -323,12 +335,12 @@ def relu_masked(dout, relu_out, out):
 def conv7_dw(xp, Wp, dout, dw, db):
     """dw (F, C, HH, 7) and db (F,) (float64) of conv7_forward for dout (N, F, H_out, W_out).
 
-    SIMD lanes run over filters:
-    each image's dout is transposed to eT (Q, Fp) in the wide layout (Fp = F rounded up to 4
-    vectors, zeros at junk positions), and tap k = (c, kh, kw) of 4 filter vectors is
-    sum_q eT[q] * xp[n, c, kh*Wp + kw + q]. Per block of 3 taps x 4 filter vectors, 12 sums in
-    registers over the plane: 4 vector loads and 3 broadcasts per 12 FMAs. Images are split
-    into a fixed number of chunks (by N only), summed in chunk order at the end.
+    SIMD lanes run over filters: each image's dout is transposed to eT (P, Fp), Fp = F rounded
+    up to 4 vectors, and tap k = (c, kh, kw) of 4 filter vectors is the sum over output pixels
+    (ho, wo) of eT[ho*W_out + wo] * xp[n, c, (ho + kh)*Wp + wo + kw] (the wide layout's junk
+    columns are skipped). Per block of 3 taps x 4 filter vectors, 12 sums in registers over
+    the plane: 4 vector loads and 3 broadcasts per 12 FMAs. Images are split into a fixed
+    number of chunks (by N only), summed in chunk order at the end.
     """
     N, C, L = xp.shape
     F, _, HH, _ = dw.shape
@@ -336,7 +348,7 @@ def conv7_dw(xp, Wp, dout, dw, db):
     V = lanes(xp)
     G = 4 * V
     Fp = (F + G - 1) // G * G
-    Q = H_out * Wp
+    P = H_out * W_out
     T = HH * 7
     K = C * T
     K3 = (K + 2) // 3 * 3  # K not a multiple of 3: the last block repeats tap K-1 (discarded)
@@ -345,15 +357,15 @@ def conv7_dw(xp, Wp, dout, dw, db):
     part = np.zeros((nch, K3, Fp), dtype=xp.dtype)
     part_db = np.zeros((nch, Fp))
     for ch in prange(nch):
-        eT = np.zeros(Q * Fp, dtype=xp.dtype)
+        eT = np.zeros(P * Fp, dtype=xp.dtype)
         part_ch = part[ch].reshape(-1)
         sums = np.empty(G, dtype=xp.dtype)
         for n in range(ch * N // nch, (ch + 1) * N // nch):
-            _dout_transposed(dout, n, Wp, Fp, eT)
+            _dout_transposed(dout, n, Fp, eT)
             for fg in range(0, Fp, G):
                 s0 = vzero(xp); s1 = vzero(xp); s2 = vzero(xp); s3 = vzero(xp)
-                for q in range(Q):
-                    o = q * Fp + fg
+                for p in range(P):
+                    o = p * Fp + fg
                     s0 = vadd(s0, vload(eT, o)); s1 = vadd(s1, vload(eT, o + V))
                     s2 = vadd(s2, vload(eT, o + 2 * V)); s3 = vadd(s3, vload(eT, o + 3 * V))
                 vstore(sums, 0, s0); vstore(sums, V, s1); vstore(sums, 2 * V, s2); vstore(sums, 3 * V, s3)
@@ -370,10 +382,16 @@ def conv7_dw(xp, Wp, dout, dw, db):
                     xb = (n * C + cb) * L + hb * Wp + (kb - cb * T - hb * 7)
                     xc = (n * C + cc) * L + hc * Wp + (kc - cc * T - hc * 7)
                     ga = k * Fp + fg
-                    acc = _load_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, V)
-                    for q in range(Q):
-                        acc = _fma_3x4(vsplat(xf, xa + q), vsplat(xf, xb + q), vsplat(xf, xc + q), eT, q * Fp + fg, V, acc)
-                    _store_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, V, acc)
+                    acc = _load_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V)
+                    for ho in range(H_out):
+                        q0 = ho * Wp
+                        p0 = ho * W_out * Fp + fg
+                        for wo in range(W_out):
+                            q = q0 + wo
+                            o = p0 + wo * Fp
+                            acc = _fma_3x4(vsplat(xf, xa + q), vsplat(xf, xb + q), vsplat(xf, xc + q), eT,
+                                           o, o + V, o + 2 * V, o + 3 * V, acc)
+                    _store_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V, acc)
     for f in range(F):
         s = 0.0
         for ch in range(nch):
