@@ -151,14 +151,15 @@ def dout_to_2d(dout, relu_out, use_relu, dout2, db):
 #
 # Each plane of the input is zero-padded once into a "wide" row layout xp (N, C, L): rows of
 # Wp = max(W + pw, W_out) values, each row [pw zeros][W values][zeros], ph zero rows above and
-# zeros after. Output pixel (ho, wo) then sits at q = ho*Wp + wo of a wide output plane whose
-# last Wp - W_out columns per row are junk, and filter tap (c, kh, kw) reads
-# xp[n, c, kh*Wp + kw + q]: a contiguous run of q per tap. A row's right padding is the next
-# row's left padding, so the junk is only Wp - W_out = 3 columns in 35 at the model's shapes.
+# zeros after. For output pixel (ho, wo) at q = ho*Wp + wo, filter tap (c, kh, kw) reads
+# xp[n, c, kh*Wp + kw + q]: a contiguous run per tap along an output row. A row's right padding
+# is the next row's left padding (Wp = 35 at the model's shapes); the kernels compute only the
+# W_out real columns of each row.
 #
 # The kernels hold their sums in SIMD registers (pipeline._simd), 12 accumulators fed by 4
-# vector loads and 3 broadcasts per 12 FMAs: the forward pass keeps 3 filters x 4 vectors of q
-# over all C*HH*7 taps; dw keeps 3 taps x 4 vectors of filters over q. No column matrix is
+# vector loads and 3 broadcasts per 12 FMAs (_fma_3x4): the forward pass keeps 3 filters x 4
+# vectors of output pixels over all C*HH*7 taps; dw keeps 3 taps x 4 vectors of filters over
+# the output pixels. No column matrix is
 # built. Every output element / weight gradient is summed in a fixed order that depends only
 # on the shapes: results do not depend on the thread count.
 
@@ -337,10 +338,10 @@ def conv7_dw(xp, Wp, dout, dw, db):
 
     SIMD lanes run over filters: each image's dout is transposed to eT (P, Fp), Fp = F rounded
     up to 4 vectors, and tap k = (c, kh, kw) of 4 filter vectors is the sum over output pixels
-    (ho, wo) of eT[ho*W_out + wo] * xp[n, c, (ho + kh)*Wp + wo + kw] (the wide layout's junk
-    columns are skipped). Per block of 3 taps x 4 filter vectors, 12 sums in registers over
-    the plane: 4 vector loads and 3 broadcasts per 12 FMAs. Images are split into a fixed
-    number of chunks (by N only), summed in chunk order at the end.
+    (ho, wo) of eT[ho*W_out + wo] * xp[n, c, (ho + kh)*Wp + wo + kw]. Per block of 3 taps x 4
+    filter vectors, 12 sums in registers over the plane: 4 vector loads and 3 broadcasts per
+    12 FMAs. Images are split into a fixed number of chunks (by N only), summed in chunk order
+    at the end.
     """
     N, C, L = xp.shape
     F, _, HH, _ = dw.shape
