@@ -102,6 +102,18 @@ def col2im(dcols, N, C, H, W, HH, WW, stride, pad, H_out, W_out, dx):
                         d[u64(wo * stride + off)] += src[u64(row + wo)]
 
 
+@njit(cache=True, inline="always")
+def _add_bias_row(src, s0, bf, relu, dst):
+    """dst[:] = src[s0 : s0 + len(dst)] + bf, then max(., 0) when relu."""
+    if relu:
+        for p in range(dst.shape[0]):
+            v = src[u64(s0 + p)] + bf
+            dst[u64(p)] = v if v > 0 else 0
+    else:
+        for p in range(dst.shape[0]):
+            dst[u64(p)] = src[u64(s0 + p)] + bf
+
+
 @njit(parallel=True, cache=True)
 def bias_to_nchw(out2, b, relu, out):
     """out (N, F, P) = out2 (F, N*P) + b[f], then max(., 0) when relu."""
@@ -109,17 +121,7 @@ def bias_to_nchw(out2, b, relu, out):
     for t in prange(N * F):
         n = t // F
         f = t - n * F
-        bf = b[f]
-        src = out2[f]
-        dst = out[n, f]
-        s0 = n * P
-        if relu:
-            for p in range(P):
-                v = src[u64(s0 + p)] + bf
-                dst[u64(p)] = v if v > 0 else 0
-        else:
-            for p in range(P):
-                dst[u64(p)] = src[u64(s0 + p)] + bf
+        _add_bias_row(out2[f], n * P, b[f], relu, out[n, f])
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
@@ -288,17 +290,8 @@ def conv7_forward(xp, Wp, w, b, relu, out):
             _store_3x4(tmp, 0, H_out * RW, 2 * H_out * RW, s0, s1, s2, s3, acc)
         for j in range(min(3, F - fb)):
             f = fb + j
-            bf = b[f]
             for ho in range(H_out):
-                d = out[n, f, ho]
-                r = j * H_out * RW + ho * RW
-                if relu:
-                    for wo in range(W_out):
-                        val = tmp[u64(r + wo)] + bf
-                        d[u64(wo)] = val if val > 0 else 0
-                else:
-                    for wo in range(W_out):
-                        d[u64(wo)] = tmp[u64(r + wo)] + bf
+                _add_bias_row(tmp, (j * H_out + ho) * RW, b[f], relu, out[n, f, ho])
 
 
 @njit(cache=True)
