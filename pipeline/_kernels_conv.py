@@ -125,8 +125,8 @@ def bias_to_nchw(out2, b, relu, out):
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc"})
-def dout_to_2d(dout, relu_out, use_relu, dout2, db):
-    """dout2 (F, N*P) = dout (N, F, P), masked by relu_out > 0 when use_relu; db[f] = sum (float64)."""
+def dout_to_2d(dout, dout2, db):
+    """dout2 (F, N*P) = dout (N, F, P); db[f] = the sum of row f (float64)."""
     N, F, P = dout.shape
     for f in prange(F):
         s = 0.0
@@ -134,18 +134,22 @@ def dout_to_2d(dout, relu_out, use_relu, dout2, db):
         for n in range(N):
             src = dout[n, f]
             d0 = n * P
-            if use_relu:
-                m = relu_out[n, f]
-                for p in range(P):
-                    v = src[u64(p)] if m[u64(p)] > 0 else 0
-                    dst[u64(d0 + p)] = v
-                    s += v
-            else:
-                for p in range(P):
-                    v = src[u64(p)]
-                    dst[u64(d0 + p)] = v
-                    s += v
+            for p in range(P):
+                v = src[u64(p)]
+                dst[u64(d0 + p)] = v
+                s += v
         db[f] = s
+
+
+@njit(parallel=True, cache=True)
+def relu_masked(dout, relu_out, out):
+    """out = dout where relu_out > 0, else 0 (all (M, P): rows of planes); both conv paths."""
+    for t in prange(dout.shape[0]):
+        d = dout[t]
+        m = relu_out[t]
+        o = out[t]
+        for p in range(d.shape[0]):
+            o[u64(p)] = d[u64(p)] if m[u64(p)] > 0 else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,9 +165,9 @@ def dout_to_2d(dout, relu_out, use_relu, dout2, db):
 # The kernels hold their sums in SIMD registers (pipeline._simd), 12 accumulators fed by 4
 # vector loads and 3 broadcasts per 12 FMAs (_fma_3x4): the forward pass keeps 3 filters x 4
 # vectors of output pixels over all C*HH*7 taps; dw keeps 3 taps x 4 vectors of filters over
-# the output pixels. No column matrix is
-# built. Every output element / weight gradient is summed in a fixed order that depends only
-# on the shapes: results do not depend on the thread count.
+# the output pixels. No column matrix is built. Every output element / weight gradient is
+# summed in a fixed order that depends only on the shapes: results do not depend on the
+# thread count.
 
 
 @njit(parallel=True, cache=True)
@@ -312,17 +316,6 @@ def _dout_transposed(dout, n, Fp, eT):
             w = u64(p)
             eT[s] = r0[w]; eT[s + u64(1)] = r1[w]; eT[s + u64(2)] = r2[w]; eT[s + u64(3)] = r3[w]
             eT[s + u64(4)] = r4[w]; eT[s + u64(5)] = r5[w]; eT[s + u64(6)] = r6[w]; eT[s + u64(7)] = r7[w]
-
-
-@njit(parallel=True, cache=True)
-def relu_masked(dout, relu_out, out):
-    """out = dout where relu_out > 0, else 0 (all (M, P): rows of planes)."""
-    for t in prange(dout.shape[0]):
-        d = dout[t]
-        m = relu_out[t]
-        o = out[t]
-        for p in range(d.shape[0]):
-            o[u64(p)] = d[u64(p)] if m[u64(p)] > 0 else 0
 
 
 @njit(parallel=True, cache=True)

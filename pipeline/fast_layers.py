@@ -151,14 +151,11 @@ def _conv_core_forward(x, w, b, conv_param, relu):
     return out, core
 
 
-def _dout_gemm_layout(d, mask, db):
-    """dout (N, F, H', W') as (F, N*H'*W') for the GEMMs, masked by mask > 0 when given;
-    db[f] = the sum of row f (float64)."""
+def _dout_gemm_layout(d, db):
+    """dout (N, F, H', W') as (F, N*H'*W') for the GEMMs; db[f] = the sum of row f (float64)."""
     N, F = d.shape[:2]
-    d3 = d.reshape(N, F, -1)
     dout2 = np.empty((F, d.size // F), dtype=d.dtype)
-    use_mask = mask is not None
-    _launch(kc.dout_to_2d, dout2.size, d3, mask.reshape(d3.shape) if use_mask else d3, use_mask, dout2, db)
+    _launch(kc.dout_to_2d, dout2.size, d.reshape(N, F, -1), dout2, db)
     return dout2
 
 
@@ -169,15 +166,15 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
     N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = geom
     dtype = wc.dtype
     d = _as(dout, dtype)
+    if mask is not None:
+        dm = np.empty_like(d)
+        _launch(kc.relu_masked, d.size, d.reshape(N * F, -1), _as(mask, dtype).reshape(N * F, -1),
+                dm.reshape(N * F, -1))
+        d = dm
     db = np.empty(F, dtype=np.float64)
     dx = dout2 = None
     if _direct(WW, stride):
         xp, Wp = src
-        if mask is not None:  # the direct kernels take dout already masked
-            dm = np.empty_like(d)
-            _launch(kc.relu_masked, d.size, d.reshape(N * F, -1), _as(mask, dtype).reshape(N * F, -1),
-                    dm.reshape(N * F, -1))
-            d, mask = dm, None
         dw = np.empty((F, C, HH, WW), dtype=dtype)
         _launch(kc.conv7_dw, d.size * C * HH * WW, xp, Wp, d, dw, db)
         if compute_dx and pad <= WW - 1 and pad <= HH - 1:
@@ -188,12 +185,12 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
             _launch(kc.conv7_forward, dx.size * F * HH * WW, dp, Wq, wt, np.zeros(C, dtype), False, dx)
             compute_dx = False
     else:
-        dout2 = _dout_gemm_layout(d, mask, db)
+        dout2 = _dout_gemm_layout(d, db)
         # (K, N*P) @ (N*P, F) then transposed: much faster in OpenBLAS than dout2 @ cols.T
         dw = (src @ dout2.T).T.reshape(F, C, HH, WW)
     if compute_dx:  # GEMM + col2im
         if dout2 is None:
-            dout2 = _dout_gemm_layout(d, mask, np.empty(F, dtype=np.float64))
+            dout2 = _dout_gemm_layout(d, np.empty(F, dtype=np.float64))
         dcols = wc.reshape(F, -1).T @ dout2
         dx = np.empty((N, C, H, W), dtype=dtype)
         _launch(kc.col2im, dcols.size, dcols, N, C, H, W, HH, WW, stride, pad, H_out, W_out, dx)

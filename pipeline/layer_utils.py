@@ -2,7 +2,7 @@
 
 They use the fast layers inside and fuse where it saves a pass over the data:
 - conv_relu: the ReLU runs in the pass that writes the conv's output (with the bias); its
-  backward masks dout inside the convolution's backward kernels.
+  backward masks dout by that output once, before the convolution's backward kernels.
 - conv_relu_pool, conv_bn_relu_pool, conv_gn_relu_pool: ReLU and pooling are one pass
   (max of the window, then max(., 0)); the pool's backward masks the gradient by its output.
 The results equal those of the unfused composition of the layers (tests check that).
