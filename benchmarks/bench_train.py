@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py                       # 2 workers x 1 thread, batch 256, no norm + spatial BN
     python benchmarks/bench_train.py --norms none --workers 1,2 --transports shm,tcp --steps 60
 
-For each setting it trains with ``pipeline.dist.train`` (the same code path as ``convpipe
+For each setting it trains with ``pipeline.training.train`` (the same code path as ``convpipe
 train``) and prints images/s of the training loop, the wall time, the per-step breakdown
 (read, compute on the busiest worker, transfer/scheduling, reduce, Adam, BN sync, plus
 checkpoint and evaluation averaged per step) and train/val accuracy after the epoch.
@@ -43,8 +43,8 @@ def main() -> int:
                     help="steps of the same network in PyTorch, one process x 2 threads, side by side (0: skip)")
     args = ap.parse_args()
 
-    from pipeline.dist import TrainConfig, train
-    from pipeline.dist.exchange import worker_cluster
+    from pipeline.training import TrainConfig, train
+    from pipeline.cluster import worker_cluster
 
     print(f"convpipe bench_train: {os.cpu_count()} CPUs, data {args.data}, global batch {args.batch_size}, "
           f"shard {args.shard_size}, {'%d steps' % args.steps if args.steps else '%d epoch(s)' % args.epochs}; "

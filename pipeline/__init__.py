@@ -2,7 +2,7 @@
 
 The layer math (``layers``, ``fast_layers``, ``layer_utils``, ``cnn``, ``optim``, ``solver``)
 is pure array code; data code lives in ``pipeline.data``, distributed training in
-``pipeline.dist`` and the command line in ``pipeline.cli``.
+``pipeline.training`` and the command line in ``pipeline.cli``.
 """
 
 import os

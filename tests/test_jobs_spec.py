@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.dist.config import TrainConfig
+from pipeline.training.config import TrainConfig
 from pipeline.jobs.spec import SpecError, load_spec
-from pipeline.jobs.security import TLSConfigError
+from pipeline.cluster.security import TLSConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ["prepare-cifar10", "train-three-layer", "train-spatial-bn", "train-groupnorm", "evaluate"]

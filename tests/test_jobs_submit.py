@@ -269,7 +269,7 @@ def test_log_line_format():
 def test_cli_submit_without_a_scheduler_runs_on_the_embedded_cluster(tmp_path, monkeypatch):
     """No scheduler anywhere: the job runs on an embedded local cluster of worker processes,
     followed to its end, and its record stays on the data root for `status` to read."""
-    from tests.dist_fixtures import make_store
+    from tests.training_fixtures import make_store
     from tests.jobs_helpers import TINY_SETS, convpipe
 
     make_store(tmp_path / "data" / "cifar10.zarr")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cluster import ClusterError, connect
-from pipeline.jobs import security as sec
-from pipeline.jobs.security import TLSConfigError, TLSFiles, security_for
+from pipeline.cluster import security as sec
+from pipeline.cluster.security import TLSConfigError, TLSFiles, security_for
 from tests.jobs_helpers import TINY_SETS, TINY_TRAIN, ProcessCluster, convpipe, wait_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def tls_env(certs: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory):
-    from tests.dist_fixtures import make_store
+    from tests.training_fixtures import make_store
 
     work = tmp_path_factory.mktemp("tls")
     certs = make_certs(work / "certs")

@@ -128,7 +128,7 @@ def scheduler_address(explicit: str | None, spec_value: str | None = None) -> st
         return spec_value
     if os.environ.get(SCHEDULER_ENV):
         return os.environ[SCHEDULER_ENV]
-    from pipeline.jobs.security import read_config
+    from pipeline.cluster.security import read_config
 
     value = read_config().get("scheduler")
     return value if isinstance(value, str) and value else None
@@ -138,7 +138,7 @@ def scheduler_address(explicit: str | None, spec_value: str | None = None) -> st
 
 def cmd_submit(args) -> int:
     from pipeline.jobs import submit as jobs
-    from pipeline.jobs.security import security_for
+    from pipeline.cluster.security import security_for
     from pipeline.jobs.spec import load_spec
 
     spec = load_spec(args.spec, args.sets)
@@ -163,7 +163,7 @@ def _submit_embedded(spec, args) -> int:
     workers = spec.options.get("workers")
     threads = spec.options.get("threads_per_worker") or 1
     spec.options["workers"] = None
-    from pipeline.dist.exchange import worker_cluster  # the embedded cluster `convpipe train` starts
+    from pipeline.cluster import worker_cluster  # the embedded cluster `convpipe train` starts
 
     with worker_cluster(None, None, workers, threads) as client:
         print(f"convpipe: no scheduler given: running on an embedded local cluster ({client.dashboard_link})",
@@ -402,7 +402,7 @@ def cmd_resume(args) -> int:
 
 
 def cmd_certs(args) -> int:
-    from pipeline.jobs.security import make_certificates
+    from pipeline.cluster.security import make_certificates
 
     hosts = tuple(args.host) or ("localhost", "127.0.0.1", "scheduler")
     paths = make_certificates(args.dir, hosts=hosts, days=args.days)

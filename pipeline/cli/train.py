@@ -1,6 +1,6 @@
 """`convpipe train` and `convpipe evaluate`: data-parallel training and evaluation on Dask.
 
-Options are generated from :class:`pipeline.dist.TrainConfig`'s fields (same names, dashes
+Options are generated from :class:`pipeline.training.TrainConfig`'s fields (same names, dashes
 for underscores), so the command, job specs and ``config.json`` cannot drift apart.
 """
 
@@ -11,7 +11,7 @@ import dataclasses
 import sys
 import typing
 
-from pipeline.dist.config import TrainConfig, parse_value
+from pipeline.training.config import TrainConfig, parse_value
 
 _SHORT_HELP = "train ThreeLayerConvNet data-parallel on a Dask cluster"
 
@@ -62,14 +62,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     if given.get("resume"):
-        from pipeline.dist import resume_config
+        from pipeline.training import resume_config
 
         return resume_config(given.pop("resume"), **given)
     return TrainConfig(**given).validate()
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.dist import train
+    from pipeline.training import train
 
     config = config_from_args(args)
     if "data" not in vars(args) and not config.resume and not config.scheduler:
@@ -103,7 +103,7 @@ def _prepare_default_store(store: str) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.dist import evaluate
+    from pipeline.training import evaluate
 
     def progress(event):
         if event["event"] == "start":

@@ -6,7 +6,7 @@ Public API::
     store = open_store("data/cifar10.zarr")
     X, y = store.read("train", indices, dtype=np.float32)   # mean-subtracted, y int64
 
-Imports nothing of training (``pipeline.cnn``, ``pipeline.dist``).
+Imports nothing of training (``pipeline.cnn``, ``pipeline.training``).
 """
 
 from pipeline.data.store import CifarStore, open_store

@@ -49,13 +49,13 @@ def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
 
 
 class Train:
-    """``convpipe train`` as a job: the coordinator of :func:`pipeline.dist.coordinator.train`."""
+    """``convpipe train`` as a job: the coordinator of :func:`pipeline.training.coordinator.train`."""
 
     name = "train"
 
     @staticmethod
     def options():
-        from pipeline.dist.config import TrainConfig
+        from pipeline.training.config import TrainConfig
         from pipeline.jobs.spec import options_from_dataclass
 
         # the scheduler is the job's own key; the job runs on the cluster it is submitted to
@@ -63,7 +63,7 @@ class Train:
 
     @staticmethod
     def config(options: dict):
-        from pipeline.dist.config import TrainConfig
+        from pipeline.training.config import TrainConfig
 
         return TrainConfig.from_dict({**options, "scheduler": None})
 
@@ -77,7 +77,7 @@ class Train:
     @classmethod
     def preflight(cls, options: dict, root: str, job_id: str) -> dict:
         from pipeline.data import open_store
-        from pipeline.dist.rundir import RunDir
+        from pipeline.training.rundir import RunDir
 
         o = dict(options)
         o["data"] = _abs(o["data"])
@@ -99,7 +99,7 @@ class Train:
 
     @classmethod
     def run(cls, options: dict, client, report) -> dict:
-        from pipeline.dist.coordinator import train
+        from pipeline.training.coordinator import train
 
         config = cls.config(options)
         summary = train(config, client=client, progress=report.progress)
@@ -189,7 +189,7 @@ class Prepare:
 
 
 class Evaluate:
-    """``convpipe evaluate RUN_DIR`` as a job: :func:`pipeline.dist.evaluate.evaluate`."""
+    """``convpipe evaluate RUN_DIR`` as a job: :func:`pipeline.training.evaluate.evaluate`."""
 
     name = "evaluate"
     SPLITS = ("test", "val", "train")
@@ -217,8 +217,8 @@ class Evaluate:
     @staticmethod
     def preflight(options: dict, root: str, job_id: str) -> dict:
         from pipeline.data import open_store
-        from pipeline.dist.config import TrainConfig
-        from pipeline.dist.rundir import RunDir
+        from pipeline.training.config import TrainConfig
+        from pipeline.training.rundir import RunDir
 
         o = dict(options)
         run_dir = o["run"]
@@ -240,7 +240,7 @@ class Evaluate:
 
     @staticmethod
     def run(options: dict, client, report) -> dict:
-        from pipeline.dist.evaluate import evaluate
+        from pipeline.training.evaluate import evaluate
 
         result = evaluate(options["run"], options["data"], options["split"], client=client, progress=report.progress)
         keep = ("split", "accuracy", "correct", "n", "seconds", "run_dir")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import ConvpipeError
-from pipeline.jobs.security import TLSFiles, tls_from_table
+from pipeline.cluster.security import TLSFiles, tls_from_table
 
 #: keys of the job itself (not options of its command)
 JOB_KEYS = ("job", "name", "scheduler", "root", "tls")

@@ -34,14 +34,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.dist.config import TrainConfig
-from pipeline.dist.exchange import open_exchange, warm_up_workers, worker_cluster, worker_count
-from pipeline.dist.reduce import adam_scalars, combine_moments, finish_and_adam, finish_gradient
-from pipeline.dist.reduce import sumsq as sum_of_squares
-from pipeline.dist.rundir import BN_KEYS, RunDir, write_plots
-from pipeline.dist.shards import Schedule, cut, subset
-from pipeline.dist.transport import Layout
-from pipeline.dist.worker import ModelSpec, TaskSpec, shard_predictions
+from pipeline.training.config import TrainConfig
+from pipeline.cluster import worker_cluster, worker_count
+from pipeline.training.exchange import open_exchange, warm_up_workers
+from pipeline.training.reduce import adam_scalars, combine_moments, finish_and_adam, finish_gradient
+from pipeline.training.reduce import sumsq as sum_of_squares
+from pipeline.training.rundir import BN_KEYS, RunDir, write_plots
+from pipeline.training.shards import Schedule, cut, subset
+from pipeline.training.transport import Layout
+from pipeline.training.worker import ModelSpec, TaskSpec, shard_predictions
 from pipeline.errors import DataError, TrainingError
 from pipeline.optim import adam_inplace
 

@@ -8,7 +8,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.cli.train import config_from_args
 from pipeline.cli import build_parser
-from tests.dist_fixtures import make_store
+from tests.training_fixtures import make_store
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The coordinator's side of a step's communication: publish parameters, run shard tasks,
-bring back the shard gradient sums, and the cluster the tasks run on.
+bring back the shard gradient sums.
 
-``SharedMemoryExchange`` and ``TcpExchange`` (see :mod:`pipeline.dist.transport`) have one
+``SharedMemoryExchange`` and ``TcpExchange`` (see :mod:`pipeline.training.transport`) have one
 interface:
 
     exchange.params                  the flat parameter vector the coordinator updates in place
@@ -16,46 +16,15 @@ interface:
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import time
-from collections.abc import Iterator
 
 import numpy as np
 
-from pipeline.dist.reduce import pairwise
-from pipeline.dist.transport import Layout, SharedBuffers, can_attach
-from pipeline.dist.worker import TaskSpec, add_results, read_status, shard_gradient, strip_gradient, warm_up
+from pipeline.training.reduce import pairwise
+from pipeline.training.transport import Layout, SharedBuffers, can_attach
+from pipeline.training.worker import TaskSpec, add_results, read_status, shard_gradient, strip_gradient, warm_up
 from pipeline.errors import TrainingError
-
-# BLAS/OpenMP threads of the worker processes. Not NUMBA_NUM_THREADS: the nanny also sets
-# these in the coordinator's own environment, and Numba refuses a changed NUMBA_NUM_THREADS
-# once its pool runs; every task calls numba.set_num_threads(threads_per_worker) instead.
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-@contextlib.contextmanager
-def worker_cluster(client=None, scheduler: str | None = None, workers: int | None = None,
-                   threads_per_worker: int = 1) -> Iterator:
-    """``client`` if given; else a client of the scheduler at ``scheduler``; else an embedded
-    LocalCluster of ``workers`` processes whose BLAS uses ``threads_per_worker`` threads."""
-    if client is not None:
-        yield client
-        return
-    import dask
-    import distributed  # noqa: F401 - loads distributed's config defaults before we set one key in them
-
-    from pipeline.cluster import connect
-
-    env = {f"distributed.nanny.pre-spawn-environ.{k}": str(threads_per_worker) for k in THREAD_ENV}
-    with dask.config.set(env):
-        with connect(scheduler, workers=workers, threads_per_worker=threads_per_worker) as c:
-            yield c
-
-
-def worker_count(client) -> int:
-    return len(client.scheduler_info(n_workers=-1).get("workers", {}))
-
 
 class SharedMemoryExchange:
     kind = "shm"
@@ -157,7 +126,7 @@ def _gradient_of(result: dict) -> np.ndarray:
 
 
 def warm_up_workers(client, exchange, n_train: int) -> float:
-    """Run :func:`pipeline.dist.worker.warm_up` once on every worker (in its task thread)."""
+    """Run :func:`pipeline.training.worker.warm_up` once on every worker (in its task thread)."""
     t0 = time.perf_counter()
     addrs = list(client.scheduler_info(n_workers=-1)["workers"])
     futures = [client.submit(warm_up, exchange.spec, exchange.params_ref(), n_train, workers=[a],

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.dist.config import TrainConfig, parse_value
-from pipeline.dist.reduce import (add_arrays, adam_scalars, combine_moments, finish_and_adam, finish_gradient,
+from pipeline.training.config import TrainConfig, parse_value
+from pipeline.training.reduce import (add_arrays, adam_scalars, combine_moments, finish_and_adam, finish_gradient,
                                   pairwise, update_running)
 from pipeline.optim import adam_inplace
-from pipeline.dist.rundir import RunDir, write_plots
-from pipeline.dist.shards import Schedule, epoch_permutation, subset
-from pipeline.dist.transport import Layout, SharedBuffers, attach, remove_stale, shm_root
+from pipeline.training.rundir import RunDir, write_plots
+from pipeline.training.shards import Schedule, epoch_permutation, subset
+from pipeline.training.transport import Layout, SharedBuffers, attach, remove_stale, shm_root
 from pipeline.errors import TrainingError
 
 
@@ -200,7 +200,7 @@ def test_workers_see_parameters_read_only_and_write_their_slot():
 
 
 def test_stale_shared_files_of_dead_coordinators_are_removed(tmp_path):
-    from pipeline.dist.transport import _pid_namespace
+    from pipeline.training.transport import _pid_namespace
 
     dead = shm_root() / f"convpipe-999999999-{_pid_namespace()}-deadbeef0000-params"
     elsewhere = shm_root() / "convpipe-999999999-1-deadbeef0000-params"   # another container's

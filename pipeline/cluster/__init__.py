@@ -44,14 +44,14 @@ def connect(
     An unreachable scheduler raises :class:`ClusterError` naming the address.
 
     A ``tls://`` scheduler address with ``security=None`` takes its client certificate from
-    the environment or a config file (:func:`pipeline.jobs.security.security_for`); a
+    the environment or a config file (:func:`pipeline.cluster.security.security_for`); a
     ``tcp://`` one connects without TLS, as before.
     """
     from distributed import Client, LocalCluster
 
     if scheduler:
         if security is None:
-            from pipeline.jobs.security import security_for
+            from pipeline.cluster.security import security_for
 
             security = security_for(scheduler)
         try:
@@ -83,6 +83,33 @@ def connect(
             yield client
     finally:
         cluster.close()
+
+
+# BLAS/OpenMP threads of the worker processes. Not NUMBA_NUM_THREADS: the nanny also sets
+# these in the coordinator's own environment, and Numba refuses a changed NUMBA_NUM_THREADS
+# once its pool runs; every task calls numba.set_num_threads(threads_per_worker) instead.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def worker_cluster(client=None, scheduler: str | None = None, workers: int | None = None,
+                   threads_per_worker: int = 1) -> Iterator:
+    """``client`` if given; else a client of the scheduler at ``scheduler``; else an embedded
+    LocalCluster of ``workers`` processes whose BLAS uses ``threads_per_worker`` threads."""
+    if client is not None:
+        yield client
+        return
+    import dask
+    import distributed  # noqa: F401 - loads distributed's config defaults before we set one key in them
+
+    env = {f"distributed.nanny.pre-spawn-environ.{k}": str(threads_per_worker) for k in THREAD_ENV}
+    with dask.config.set(env):
+        with connect(scheduler, workers=workers, threads_per_worker=threads_per_worker) as c:
+            yield c
+
+
+def worker_count(client) -> int:
+    return len(client.scheduler_info(n_workers=-1).get("workers", {}))
 
 
 def _reason(exc: BaseException) -> str:

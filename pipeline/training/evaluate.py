@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 
-from pipeline.dist.config import TrainConfig
-from pipeline.dist.rundir import RunDir
-from pipeline.dist.shards import cut
-from pipeline.dist.transport import Layout
-from pipeline.dist.worker import ModelSpec, TaskSpec, shard_predictions
+from pipeline.training.config import TrainConfig
+from pipeline.training.rundir import RunDir
+from pipeline.training.shards import cut
+from pipeline.training.transport import Layout
+from pipeline.training.worker import ModelSpec, TaskSpec, shard_predictions
 from pipeline.errors import DataError, TrainingError
 
 EVAL_SHARD = 500
@@ -29,7 +29,7 @@ def evaluate(run_dir: str, data: str | None = None, split: str = "test", client=
     Returns ``{"split", "accuracy", "correct", "n", "seconds", "workers", "run_dir", "data"}``.
     """
     from pipeline.data import open_store
-    from pipeline.dist.exchange import worker_cluster, worker_count
+    from pipeline.cluster import worker_cluster, worker_count
 
     emit = progress or (lambda event: None)
     run = RunDir(run_dir).require_existing()

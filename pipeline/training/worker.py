@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.dist.transport import STATUS, STATUS_FIELDS, Layout, ShmRef, attach
+from pipeline.training.transport import STATUS, STATUS_FIELDS, Layout, ShmRef, attach
 from pipeline.errors import TrainingError
 
 

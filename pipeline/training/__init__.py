@@ -2,20 +2,20 @@
 
 Public API::
 
-    from pipeline.dist import TrainConfig, train, evaluate, resume_config
+    from pipeline.training import TrainConfig, train, evaluate, resume_config
     summary = train(TrainConfig(data="data/cifar10.zarr", epochs=1))
     result = evaluate(summary["run_dir"], split="test")
 """
 
-from pipeline.dist.config import TrainConfig
-from pipeline.dist.evaluate import evaluate  # the function; eager, so the submodule cannot shadow it
+from pipeline.training.config import TrainConfig
+from pipeline.training.evaluate import evaluate  # the function; eager, so the submodule cannot shadow it
 
 __all__ = ["TrainConfig", "train", "evaluate", "resume_config"]
 
 
 def __getattr__(name):  # lazy: importing the settings must not start Numba or Dask
     if name in ("train", "resume_config"):
-        from pipeline.dist import coordinator
+        from pipeline.training import coordinator
 
         return getattr(coordinator, name)
-    raise AttributeError(f"module 'pipeline.dist' has no attribute {name!r}")
+    raise AttributeError(f"module 'pipeline.training' has no attribute {name!r}")

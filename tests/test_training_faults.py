@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from pipeline.dist import train
-from pipeline.dist.exchange import worker_cluster
-from tests.dist_fixtures import assert_same_params, final_params, make_store, tiny_config
+from pipeline.training import train
+from pipeline.cluster import worker_cluster
+from tests.training_fixtures import assert_same_params, final_params, make_store, tiny_config
 
 
 @pytest.fixture(scope="module")

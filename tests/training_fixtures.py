@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.store import FORMAT, FORMAT_VERSION, create_layout, finalize_store, write_block
-from pipeline.dist import TrainConfig
+from pipeline.training import TrainConfig
 
 CLASSES = ["c0", "c1", "c2", "c3"]
 

@@ -11,12 +11,12 @@ from distributed import Client, LocalCluster
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.data import open_store
-from pipeline.dist import evaluate, resume_config, train
-from pipeline.dist.shards import Schedule
-from pipeline.dist.worker import ModelSpec
+from pipeline.training import evaluate, resume_config, train
+from pipeline.training.shards import Schedule
+from pipeline.training.worker import ModelSpec
 from pipeline.errors import DataError, TrainingError
 from pipeline.optim import adam
-from tests.dist_fixtures import assert_same_params, final_params, make_store, tiny_config
+from tests.training_fixtures import assert_same_params, final_params, make_store, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +110,10 @@ def test_step_gradient_equals_the_single_process_gradient_float64(store, tmp_pat
 def test_reduced_gradient_is_the_whole_batch_gradient_float64(store, client, transport):
     # Adam hides a constant factor in the gradient, so check the reduced gradient itself:
     # shard sums over 5 shards (the last one short), tree-reduced, / n, + reg * W
-    from pipeline.dist.exchange import open_exchange
-    from pipeline.dist.reduce import finish_gradient
-    from pipeline.dist.transport import Layout
-    from pipeline.dist.worker import TaskSpec
+    from pipeline.training.exchange import open_exchange
+    from pipeline.training.reduce import finish_gradient
+    from pipeline.training.transport import Layout
+    from pipeline.training.worker import TaskSpec
 
     st = open_store(store)
     spec = ModelSpec(4, 3, 16, len(st.class_names), "none", 4, "float64")
