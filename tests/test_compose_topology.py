@@ -105,15 +105,15 @@ def test_prepare_and_evaluate_jobs(topo):
 
 def test_two_jobs_at_once_keep_to_themselves(topo):
     pc, work = topo
-    from pipeline.jobs import submit as jobs
+    from pipeline.jobs import client as job_client
     from pipeline.jobs.spec import load_spec
 
     sets = [*TINY_SETS, f"steps={STEPS}", "checkpoint-every=2"]
     spec_a = load_spec(REPO / "jobs" / "train-three-layer.toml", [*sets, "name=job-a"])
     spec_b = load_spec(REPO / "jobs" / "train-three-layer.toml", [*sets, "name=job-b", "seed=7", "norm=groupnorm"])
     with pc.client() as client:  # submitted back to back, so that they surely run at the same time
-        a = jobs.submit(client, spec_a)["job"]
-        b = jobs.submit(client, spec_b)["job"]
+        a = job_client.submit(client, spec_a)["job"]
+        b = job_client.submit(client, spec_b)["job"]
     sa, sb = wait_status(a, pc.address, work), wait_status(b, pc.address, work)
     assert sa["state"] == sb["state"] == "done", (sa, sb)
     assert sa["started"] <= sb["finished"] and sb["started"] <= sa["finished"]  # they overlapped

@@ -119,3 +119,19 @@ def test_cli_submit_rejects_a_bad_spec_in_one_line_before_connecting(tmp_path, c
     assert main(["submit", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "epochs must be int" in err and str(path) in err
+
+
+def test_job_options_and_train_settings_share_one_type_check():
+    """A train job's options are TrainConfig's fields, typed and parsed by the same code."""
+    from pipeline.jobs.kinds import Train
+    from pipeline.training.config import parse_value
+
+    options = Train.options()
+    for text, name in ((".5", "lr"), ("1_000", "batch_size"), ("none", "steps"), ("1", "weight_scale")):
+        assert options[name].parse(text, "--set") == parse_value(name, text)
+    assert isinstance(parse_value("lr", "1"), float) and options["lr"].check(1, "spec") == 1.0
+    assert options["steps"].value_type.name() == "int or none"
+    with pytest.raises(SpecError, match=r"--set x: batch_size must be int, got 2.5"):
+        options["batch_size"].parse("2.5", "--set x")
+    with pytest.raises(SpecError, match=r"spec: lr must be float, got True"):
+        options["lr"].check(True, "spec")

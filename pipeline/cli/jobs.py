@@ -137,7 +137,7 @@ def scheduler_address(explicit: str | None, spec_value: str | None = None) -> st
 # ================================================================ submit
 
 def cmd_submit(args) -> int:
-    from pipeline.jobs import submit as jobs
+    from pipeline.jobs import client as job_client
     from pipeline.cluster.security import security_for
     from pipeline.jobs.spec import load_spec
 
@@ -148,7 +148,7 @@ def cmd_submit(args) -> int:
     security = security_for(address, spec.tls)
     with connect(address, security=security, timeout=min(args.timeout, 30.0)) as client:
         with _lost_scheduler(address):
-            record = jobs.submit(client, spec, timeout=args.timeout)
+            record = job_client.submit(client, spec, timeout=args.timeout)
         print(record["job"], flush=True)
         if not args.follow:
             print(f"convpipe: {spec.kind} job queued on {address}; follow it with: convpipe logs {record['job']} "
@@ -158,7 +158,7 @@ def cmd_submit(args) -> int:
 
 
 def _submit_embedded(spec, args) -> int:
-    from pipeline.jobs import submit as jobs
+    from pipeline.jobs import client as job_client
 
     workers = spec.options.get("workers")
     threads = spec.options.get("threads_per_worker") or 1
@@ -168,25 +168,25 @@ def _submit_embedded(spec, args) -> int:
     with worker_cluster(None, None, workers, threads) as client:
         print(f"convpipe: no scheduler given: running on an embedded local cluster ({client.dashboard_link})",
               file=sys.stderr)
-        record = jobs.submit(client, spec, timeout=args.timeout)
+        record = job_client.submit(client, spec, timeout=args.timeout)
         print(record["job"], flush=True)
         try:
             return _follow(client, "the embedded cluster", record["job"], record)
         except KeyboardInterrupt:
-            jobs.cancel(client, record["job"])
+            job_client.cancel(client, record["job"])
             raise
 
 
 def _follow(client, address: str, job_id: str, record: dict | None = None) -> int:
     """Print the job's new log lines until it ends; exit code 0 if it is done, else 1."""
-    from pipeline.jobs import submit as jobs
+    from pipeline.jobs import client as job_client
 
     seen: set[str] = set()
     job_dir = (record or {}).get("job_dir") or f"ROOT/jobs/{job_id}"
     while True:
         with _lost_scheduler(address, job_id, job_dir):
-            events = jobs.job_events(client, job_id)
-            status = jobs.job_status(client, job_id, events)
+            events = job_client.job_events(client, job_id)
+            status = job_client.job_status(client, job_id, events)
         job_dir = status.get("job_dir", job_dir)
         for m in events:
             if m.get("type") == "log" and m.get("id") not in seen:
@@ -257,15 +257,17 @@ def _client_or_root(args):
 
 
 def cmd_status(args) -> int:
-    from pipeline.jobs import submit as jobs
+    from pipeline.jobs import client as job_client
 
     address, shown, root = _client_or_root(args)
     if address is None:
-        statuses = [jobs.status_from_files(root, args.job)] if args.job else jobs.list_from_files(root)
+        from pipeline.jobs.files_view import list_from_files, status_from_files
+
+        statuses = [status_from_files(root, args.job)] if args.job else list_from_files(root)
         where = f"{os.path.abspath(root)}/jobs"
     else:
         with connect(address, timeout=args.timeout) as client, _lost_scheduler(address):
-            statuses = [jobs.job_status(client, args.job)] if args.job else jobs.list_jobs(client)
+            statuses = [job_client.job_status(client, args.job)] if args.job else job_client.list_jobs(client)
         where = address
     if args.json:
         print(json.dumps(statuses[0] if args.job else statuses, indent=2, sort_keys=True, default=str))
@@ -318,7 +320,7 @@ def _print_status(s: dict, resume_args: str = "") -> None:
 
 
 def cmd_logs(args) -> int:
-    from pipeline.jobs import submit as jobs
+    from pipeline.jobs import client as job_client
 
     address, _, root = _client_or_root(args)
     if address is None:
@@ -327,8 +329,8 @@ def cmd_logs(args) -> int:
         if args.follow:
             return _follow(client, address, args.job)
         with _lost_scheduler(address):
-            events = jobs.job_events(client, args.job)
-            status = jobs.job_status(client, args.job, events)
+            events = job_client.job_events(client, args.job)
+            status = job_client.job_status(client, args.job, events)
         lines = [m for m in events if m.get("type") == "log"]
         if lines and _dropped(events):
             print(f"(older lines dropped from the scheduler's memory; the whole log is "
@@ -345,11 +347,11 @@ def _dropped(events: list[dict]) -> bool:
 
 
 def _logs_from_files(root: str, job_id: str, follow: bool) -> int:
-    from pipeline.jobs import submit as jobs
+    from pipeline.jobs.files_view import status_from_files
     from pipeline.jobs.records import JobFiles
 
     files = JobFiles.of(root, job_id)
-    status = jobs.status_from_files(root, job_id)  # JobError if unknown
+    status = status_from_files(root, job_id)  # JobError if unknown
     offset = 0
     while True:
         text, offset = files.read_log(offset)
@@ -358,23 +360,24 @@ def _logs_from_files(root: str, job_id: str, follow: bool) -> int:
         if not follow or status["state"] in ("done", "failed", "cancelled"):
             return _final(status) if follow else 0
         time.sleep(POLL_S)
-        status = jobs.status_from_files(root, job_id)
+        status = status_from_files(root, job_id)
 
 
 def cmd_cancel(args) -> int:
-    from pipeline.jobs import submit as jobs
+    from pipeline.jobs import client as job_client
 
     address = scheduler_address(args.scheduler)
     if address is None:
         raise ClusterError(f"cancel needs the job's scheduler: --scheduler ADDR or ${SCHEDULER_ENV}")
     with connect(address, timeout=args.timeout) as client, _lost_scheduler(address):
-        status = jobs.cancel(client, args.job)
+        status = job_client.cancel(client, args.job)
     print(f"cancel requested for job {args.job} ({status['state']}); it stops before its next step")
     return 0
 
 
 def cmd_resume(args) -> int:
-    from pipeline.jobs import submit as jobs
+    from pipeline.jobs import client as job_client
+    from pipeline.jobs.files_view import status_from_files
     from pipeline.jobs.records import JobFiles
 
     address = scheduler_address(args.scheduler)
@@ -382,17 +385,17 @@ def cmd_resume(args) -> int:
         raise ClusterError(f"resume needs a scheduler to run the job on: --scheduler ADDR or ${SCHEDULER_ENV}")
     record = None
     if args.root is not None:
-        status = jobs.status_from_files(args.root, args.job)
+        status = status_from_files(args.root, args.job)
         if status["state"] not in ("failed", "cancelled"):
-            raise jobs.JobError(f"job {args.job} is {status['state']} according to {status.get('job_dir')}: only a "
+            raise job_client.JobError(f"job {args.job} is {status['state']} according to {status.get('job_dir')}: only a "
                                 f"failed or cancelled job can be resumed")
         record = JobFiles.of(args.root, args.job).read_record()
         if record is None:
-            raise jobs.JobError(f"job {args.job} has no spec.json under {args.root}/jobs")
+            raise job_client.JobError(f"job {args.job} has no spec.json under {args.root}/jobs")
         record["attempt"] = max(int(record["attempt"]), int(status.get("attempt", 1)))
     with connect(address, timeout=args.timeout) as client:
         with _lost_scheduler(address):
-            new = jobs.resume(client, args.job, record, timeout=args.timeout)
+            new = job_client.resume(client, args.job, record, timeout=args.timeout)
         print(new["job"], flush=True)
         print(f"convpipe: job {new['job']} queued again (attempt {new['attempt']}), continuing {new['run_dir']}",
               file=sys.stderr)

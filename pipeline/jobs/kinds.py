@@ -8,8 +8,11 @@ A kind has four parts:
   mean what they mean on the cluster: makes them absolute, checks that the store (or run
   directory) is there, chooses the run directory; returns the options the job will run with;
 - ``run(options, client, report)``: runs on a worker as the job's coordinator, with a client of
-  the cluster it runs on; ``report(text, **progress)`` writes a line to the job's log. Returns a
-  small JSON-able dict, the job's result.
+  the cluster it runs on; ``report.progress(dict)`` is its progress callback (a line in the
+  job's log; a cancel request raises there, between steps). Returns a small JSON-able dict, the
+  job's result.
+
+:data:`KINDS` maps a spec's ``job`` to its kind.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ def _abs(path: str | None) -> str | None:
 
 def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
     """Refuse a run directory that a queued or running job on this data root already uses."""
-    from pipeline.jobs.records import JobFiles, active_states
+    from pipeline.jobs.records import ACTIVE, JobFiles
 
     jobs = Path(root) / "jobs"
     if not jobs.is_dir():
@@ -41,7 +44,7 @@ def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
         if d.name == job_id:
             continue
         status = JobFiles(d).read_status()
-        if status and status.get("state") in active_states() and status.get("run_dir") == run_dir:
+        if status and status.get("state") in ACTIVE and status.get("run_dir") == run_dir:
             from pipeline.jobs.spec import SpecError
 
             raise SpecError(f"run directory {run_dir} is in use by job {d.name} ({status['state']}); "
@@ -252,8 +255,3 @@ class Evaluate:
 
 
 KINDS: dict[str, type] = {"prepare": Prepare, "train": Train, "evaluate": Evaluate}
-
-
-def register(kind) -> None:
-    """Add a kind of job (used by the tests for jobs whose work is trivial)."""
-    KINDS[kind.name] = kind

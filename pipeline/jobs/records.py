@@ -24,14 +24,16 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
+from pipeline.errors import ConvpipeError
 
 REGISTRY_TOPIC = "convpipe-jobs"
-STATES = ("queued", "running", "done", "failed", "cancelled")
+#: states of a job that has not ended, and of one that has
+ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled")
 
 
-def active_states() -> tuple[str, ...]:
-    return ("queued", "running")
+class JobError(ConvpipeError):
+    """A job is unknown, in the wrong state for the request, or its cluster cannot run it."""
 
 
 def job_topic(job_id: str) -> str:
@@ -42,8 +44,8 @@ def task_key(job_id: str, attempt: int) -> str:
     return f"convpipe-job-{job_id}-{attempt}"
 
 
-def now_iso(t: float | None = None) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if t is None else t))
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def new_job_id(kind: str) -> str:
@@ -54,14 +56,14 @@ def host_name() -> str:
     return socket.gethostname()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def topic_events(client, topic: str) -> list[dict]:
+    """The records on a topic of the scheduler's event log, oldest first."""
+    return [msg for _, msg in client.get_events(topic) if isinstance(msg, dict)]
+
+
+def jsonable(d: dict) -> dict:
+    """``d`` as JSON gives it back (paths and other objects as strings)."""
+    return json.loads(json.dumps(d, default=str))
 
 
 class JobFiles:
@@ -129,5 +131,6 @@ class JobFiles:
         return value if isinstance(value, dict) else None
 
 
-def log_line(text: str, t: float | None = None) -> str:
-    return f"{now_iso(t)} {text}"
+def log_line(text: str) -> str:
+    """A line of a job's log: UTC time to the second, then the text."""
+    return f"{now_iso()} {text}"

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import ConvpipeError
 from pipeline.cluster.security import TLSFiles, tls_from_table
+from pipeline.errors import ConvpipeError
+from pipeline.options import ValueType, WrongType, field_types
 
 #: keys of the job itself (not options of its command)
 JOB_KEYS = ("job", "name", "scheduler", "root", "tls")
@@ -43,7 +42,7 @@ class SpecError(ConvpipeError):
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a job kind: its accepted types (``None`` for optional), default and help."""
+    """One option of a job kind: its accepted types (``type(None)`` for optional), default and help."""
 
     name: str
     types: tuple
@@ -51,55 +50,35 @@ class Option:
     help: str = ""
 
     @property
-    def optional(self) -> bool:
-        return type(None) in self.types
-
-    def type_name(self) -> str:
-        names = [t.__name__ for t in self.types if t is not type(None)]
-        return " or ".join(names) + (" or none" if self.optional else "")
+    def value_type(self) -> ValueType:
+        return ValueType.of(self.types)
 
     def check(self, value, where: str):
         """Return ``value`` as this option's type (int accepted for float); else SpecError."""
-        if value is None and self.optional:
-            return None
-        for t in self.types:
-            if t is type(None):
-                continue
-            if t is float and isinstance(value, int) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)):
-                return value
-        raise SpecError(f"{where}: {self.name} must be {self.type_name()}, got {value!r}")
+        try:
+            return self.value_type.convert(value)
+        except WrongType:
+            raise SpecError(f"{where}: {self.name} must be {self.value_type.name()}, got {value!r}") from None
 
     def parse(self, text: str, where: str):
         """Parse the text of ``--set name=text`` into this option's type."""
-        if self.optional and text.strip().lower() in ("none", "null", ""):
-            return None
-        if str in self.types and not {int, float, bool} & set(self.types):
-            return text
         try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        if isinstance(value, str) and bool in self.types and text.lower() in ("true", "false", "yes", "no"):
-            value = text.lower() in ("true", "yes")
-        return self.check(value, where)
+            return self.value_type.parse(text)
+        except WrongType as exc:
+            raise SpecError(f"{where}: {self.name} must be {self.value_type.name()}, got {exc.value!r}") from None
 
 
 def options_from_dataclass(cls, exclude: tuple[str, ...] = ()) -> dict[str, Option]:
     """Options mirroring a settings dataclass (``TrainConfig``): names, types, defaults, help."""
-    hints = typing.get_type_hints(cls)
+    types_ = field_types(cls)
     out = {}
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
-        tp = hints[f.name]
-        if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-            kinds = typing.get_args(tp)
-        else:
-            kinds = (tp,)
+        vtype = types_[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        out[f.name] = Option(f.name, tuple(kinds), default, f.metadata.get("help", ""))
+        out[f.name] = Option(f.name, vtype.kinds + ((type(None),) if vtype.optional else ()), default,
+                             f.metadata.get("help", ""))
     return out
 
 

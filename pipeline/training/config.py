@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import TrainingError
+from pipeline.options import ValueType, WrongType, field_types
 
 NORMS = ("none", "spatial_batchnorm", "groupnorm")
 DTYPES = ("float32", "float64")
@@ -73,8 +73,10 @@ class TrainConfig:
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check types and ranges; raise :class:`TrainingError` naming the setting. Returns self."""
-        for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), _field_types()[f.name])
+        for name, vtype in _field_types().items():
+            value = getattr(self, name)
+            if not vtype.accepts(value):
+                raise TrainingError(f"setting {name}: expected {vtype.name()}, got {value!r} ({type(value).__name__})")
         for name in ("epochs", "batch_size", "shard_size", "num_groups", "num_filters", "filter_size",
                      "hidden_dim", "checkpoint_every", "threads_per_worker", "train_acc_samples"):
             if getattr(self, name) < 1:
@@ -116,7 +118,8 @@ class TrainConfig:
         unknown = sorted(set(mapping) - names)
         if unknown:
             raise TrainingError(f"unknown training setting {unknown[0]!r} (known: {', '.join(sorted(names))})")
-        values = {k: _coerce_number(k, v) for k, v in mapping.items()}
+        types_ = _field_types()
+        values = {k: _coerce_number(types_[k], v) for k, v in mapping.items()}
         return cls(**values).validate()
 
     def replace(self, **changes) -> "TrainConfig":
@@ -148,55 +151,22 @@ def parse_value(name: str, text: str):
     types_ = _field_types()
     if name not in types_:
         raise TrainingError(f"unknown training setting {name!r} (known: {', '.join(sorted(types_))})")
-    kinds, optional = _kinds(types_[name])
-    if optional and text.lower() in ("none", "null", ""):
-        return None
-    for kind in kinds:
-        try:
-            if kind is int:
-                return int(text)
-            if kind is float:
-                return float(text)
-            if kind is str:
-                return text
-        except ValueError:
-            continue
-    raise TrainingError(f"setting {name}: expected {_type_name(types_[name])}, got {text!r}")
+    try:
+        return types_[name].parse(text)
+    except WrongType:
+        raise TrainingError(f"setting {name}: expected {types_[name].name()}, got {text!r}") from None
 
 
 # ---- helpers ------------------------------------------------------------------------------------
 
-def _field_types() -> dict:
-    return typing.get_type_hints(TrainConfig)
+@functools.cache
+def _field_types() -> dict[str, ValueType]:
+    return field_types(TrainConfig)
 
 
-def _kinds(tp) -> tuple[tuple[type, ...], bool]:
-    args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
-    optional = type(None) in args
-    return tuple(a for a in args if a is not type(None)), optional
-
-
-def _type_name(tp) -> str:
-    kinds, optional = _kinds(tp)
-    name = " or ".join(k.__name__ for k in kinds)
-    return f"{name} or none" if optional else name
-
-
-def _check_type(name: str, value, tp) -> None:
-    kinds, optional = _kinds(tp)
-    if value is None and optional:
-        return
-    ok = any(
-        isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
-        for k in kinds
-    )
-    if not ok:
-        raise TrainingError(f"setting {name}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def _coerce_number(name: str, value):
+def _coerce_number(vtype: ValueType, value):
     """Accept an int where a float is expected (``lr = 1`` in TOML); nothing else is converted."""
-    kinds, _ = _kinds(_field_types()[name])
-    if float in kinds and int not in kinds and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+    try:
+        return vtype.convert(value)
+    except WrongType:
+        return value  # validate() names the setting and the type

@@ -1,0 +1,53 @@
+"""Jobs as their files on the data root tell them, without a scheduler.
+
+``convpipe status --root DIR`` and ``logs --root DIR`` read ``DIR/jobs/<id>/`` directly (after
+the scheduler restarted and forgot its events, or from a machine that reaches the data root
+but not the scheduler). A job recorded as running whose coordinator process is gone is
+reported ``failed``; that is judged only when the process ran on this host and in this pid
+namespace (:class:`pipeline.procs.Owner`): elsewhere an equal pid is another process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.jobs.records import JobError, JobFiles
+from pipeline.procs import Owner
+
+
+def status_from_files(root: str, job_id: str) -> dict:
+    """The job's ``status.json``, a dead local coordinator turned ``failed``, with its last log line."""
+    files = JobFiles.of(root, job_id)
+    status = files.read_status()
+    if status is None:
+        raise JobError(f"no job {job_id} under {os.path.abspath(root)}/jobs (no status.json)")
+    owner = _coordinator(status)
+    if status.get("state") == "running" and owner is not None and not owner.alive():
+        status.update(state="failed", resumable=True,
+                      reason=f"the worker running its coordinator (pid {owner.pid} on {owner.host}) died")
+    lines = files.read_log()[0].splitlines()
+    if lines:
+        status["last_line"] = lines[-1]
+    return status
+
+
+def _coordinator(status: dict) -> Owner | None:
+    """The process a running job's status names (None for a record without host, namespace or pid)."""
+    try:
+        return Owner(str(status["host"]), int(status["pid_namespace"]), int(status["pid"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def list_from_files(root: str) -> list[dict]:
+    """Every job under ``root/jobs``, newest first."""
+    jobs = os.path.join(root, "jobs")
+    if not os.path.isdir(jobs):
+        return []
+    out = []
+    for name in sorted(os.listdir(jobs), reverse=True):
+        try:
+            out.append(status_from_files(root, name))
+        except JobError:
+            continue
+    return out

@@ -1,0 +1,280 @@
+"""A job on the cluster: the checks before it is queued, and its coordinator on a worker.
+
+:func:`preflight_job` is a short task that :func:`pipeline.jobs.client.submit` runs on a
+worker first: it resolves the spec's paths there (absolute, on the shared data root), checks
+that the store or run directory exists, creates the job's directory ``ROOT/jobs/<id>/`` and
+writes the spec and a ``queued`` status.
+
+:func:`run_job` is the job's coordinator, submitted under the key
+``convpipe-job-<id>-<attempt>`` and kept alive by the scheduler after the submitting client
+leaves. It *secedes* from the worker's thread pool (``worker_client``), so a coordinator
+waiting on its shard tasks does not take the thread those tasks need, then calls the kind's
+``run`` with a client of the same cluster and a :class:`Report` as its progress callback.
+Each job has its own id, directory, run directory, event topic and task keys, so two jobs on
+one cluster do not share parameters, outputs or logs.
+
+Failures:
+- the worker running the coordinator dies: Dask would run the task again elsewhere; the new
+  run finds its attempt already ``running`` in ``status.json`` and records ``failed`` with the
+  reason instead of starting over.
+- the scheduler goes away: the coordinator's calls fail; it records ``failed`` (lost the
+  scheduler) in its files, which, like the checkpoints, are already on disk.
+- a cancel request (an event on the job's topic): :meth:`Report.check_cancel`, called from the
+  progress callback between steps (at most once a second), raises :class:`JobCancelled`; the
+  job records ``cancelled``; a job still queued stops as it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import threading
+import time
+import traceback
+import uuid
+
+from pipeline.atomic import atomic_write_text
+from pipeline.errors import ConvpipeError
+from pipeline.jobs.records import (TERMINAL, JobError, JobFiles, job_topic, jsonable, log_line, now_iso, task_key,
+                                   topic_events)
+from pipeline.procs import Owner
+
+#: at most one progress line per this many seconds in the job's log (epochs always)
+PROGRESS_EVERY_S = 5.0
+#: progress events that always make a log line (steps and chunks are thinned out)
+ALWAYS_LOGGED = ("start", "resumed", "warning", "epoch", "checkpoint")
+#: how often the coordinator looks for a cancel request
+CANCEL_CHECK_EVERY_S = 1.0
+
+
+class JobCancelled(Exception):
+    """Raised inside a running job when a cancel request arrives."""
+
+
+class Report:
+    """A running job's voice: log lines and states, to its files and to the scheduler."""
+
+    def __init__(self, record: dict, client=None):
+        self.record = record
+        self.client = client
+        self.files = JobFiles(record["job_dir"])
+        self.topic = job_topic(record["job"])
+        self.status = self.files.read_status() or {}
+        self._last_progress = 0.0
+        self._last_cancel_check = 0.0
+        self._lock = threading.Lock()
+
+    # ---- output -------------------------------------------------------------------------------
+    def _event(self, msg: dict) -> None:
+        msg = {"id": uuid.uuid4().hex[:12], "job": self.record["job"], "attempt": self.record["attempt"], **msg}
+        try:
+            from distributed import get_worker
+
+            get_worker().log_event(self.topic, msg)
+        except Exception:  # no scheduler (lost) or not on a worker: the files have it
+            pass
+
+    def log(self, text: str) -> None:
+        line = log_line(text)
+        with self._lock:
+            self.files.append_log(line)
+        self._event({"type": "log", "line": line})
+
+    def state(self, state: str, text: str | None = None, **info) -> dict:
+        status = {**self.status, **info, "state": state, "attempt": self.record["attempt"],
+                  "updated": now_iso()}
+        if state == "running":
+            status["started"] = now_iso()
+        if state in TERMINAL:
+            status["finished"] = now_iso()
+        self.status = status
+        with self._lock:
+            self.files.write_status(status)
+        self._event({"type": "state", **jsonable(status)})
+        if text:
+            self.log(text)
+        return status
+
+    # ---- progress and cancellation ----------------------------------------------------------------
+    def progress(self, info=None, /, **kw) -> None:
+        """The kind's progress callback: a dict (or keywords) of step, epoch, loss, ..."""
+        if isinstance(info, dict):
+            kw = {**info, **kw}
+        elif info is not None:
+            kw = {"message": str(info), **kw}
+        self.check_cancel()
+        now = time.monotonic()
+        event = kw.get("event") or kw.get("kind")
+        if event == "done":
+            return  # the job's own "done" line gives the result
+        finished = kw.get("total") is not None and kw.get("done") == kw.get("total")
+        if event in ALWAYS_LOGGED or finished or now - self._last_progress >= PROGRESS_EVERY_S:
+            self._last_progress = now
+            self.status["progress"] = jsonable({k: v for k, v in kw.items() if _plain(v)})
+            with self._lock:
+                self.files.write_status({**self.status, "updated": now_iso()})
+            self.log(format_progress(kw))
+
+    def check_cancel(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.client is None or (not force and now - self._last_cancel_check < CANCEL_CHECK_EVERY_S):
+            return
+        self._last_cancel_check = now
+        try:
+            found = topic_events(self.client, self.topic)
+        except Exception:
+            return
+        for msg in found:
+            if msg.get("type") == "cancel" and msg.get("attempt") == self.record["attempt"]:
+                raise JobCancelled(f"cancelled by {msg.get('by', 'a client')} at {msg.get('at', '?')}")
+
+
+def format_progress(p: dict) -> str:
+    """One log line from a progress record (training: start/step/epoch/checkpoint; data: stages)."""
+    event = p.get("event") or p.get("kind")
+    if p.get("message") and event in (None, "warning"):
+        return (f"{event}: " if event else "") + str(p["message"])
+    if event == "start" and "total_steps" in p:
+        return (f"start: step {p.get('start_step', 0)}/{p['total_steps']}, {p.get('epochs')} epoch(s), "
+                f"{p.get('workers')} workers, batch {p.get('batch_size')}, transport {p.get('transport')}, "
+                f"run directory {p.get('run_dir')}")
+    if event == "resumed":
+        return f"resumed at step {p.get('step')} from {p.get('checkpoint') or 'the start (no checkpoint yet)'}"
+    if event == "checkpoint":
+        return f"checkpoint at step {p.get('step')}: {p.get('path')}"
+    parts = []
+    if event and event not in ("step", "epoch"):
+        parts.append(str(event))
+    if "done" in p and "total" in p:
+        parts.append(f"{p['done']}/{p['total']}")
+    if "epoch" in p:
+        parts.append(f"epoch {p['epoch']}" + (f"/{p['epochs']}" if p.get("epochs") else ""))
+    if "step" in p and event != "epoch":
+        total = p.get("total_steps")
+        parts.append(f"step {p['step']}" + (f"/{total}" if total else ""))
+    for key, fmt in (("loss", "loss {:.4f}"), ("train_acc", "train_acc {:.4f}"), ("val_acc", "val_acc {:.4f}"),
+                     ("accuracy", "accuracy {:.4f}"), ("images_per_s", "{:.0f} images/s")):
+        if isinstance(p.get(key), (int, float)):
+            parts.append(fmt.format(p[key]))
+    return " ".join(parts) if parts else str(event or "progress")
+
+
+def _plain(v) -> bool:
+    return isinstance(v, (str, int, float, bool)) or v is None
+
+
+def preflight_job(spec: dict, job_id: str, attempt: int, by: str) -> dict:
+    """On a worker: resolve and check the spec where it will run, create the job's directory.
+
+    Returns the job's record: id, attempt, kind, name, absolute root/job_dir/run_dir, options.
+    """
+    from pipeline.jobs.kinds import KINDS
+    from pipeline.jobs.spec import JobSpec
+
+    js = JobSpec.from_dict(spec)
+    root = os.path.abspath(os.path.expanduser(js.root))
+    kind = KINDS[js.kind]
+    options = kind.preflight(js.options, root, job_id)
+    files = JobFiles.of(root, job_id)
+    record = {
+        "job": job_id, "attempt": attempt, "kind": js.kind, "name": js.name, "root": root,
+        "job_dir": str(files.dir), "run_dir": kind.run_dir(options), "options": options,
+        "submitted": now_iso(), "by": by, "source": js.source, "key": task_key(job_id, attempt),
+    }
+    try:
+        files.dir.mkdir(parents=True, exist_ok=True)
+        js.options = options
+        js.root = root
+        files.write_record(record, js.to_toml())
+    except OSError as exc:
+        raise JobError(f"cannot write the job's directory {files.dir} on the data root: {exc.strerror or exc}") from None
+    status = {k: record[k] for k in ("job", "kind", "name", "root", "job_dir", "run_dir", "submitted", "by")}
+    previous = files.read_status() or {}
+    status.update({"state": "queued", "attempt": attempt, "updated": now_iso(),
+                   "key": record["key"], "history": previous.get("history", [])})
+    if previous.get("state"):
+        status["history"] = status["history"] + [
+            {k: previous.get(k) for k in ("attempt", "state", "reason", "worker", "started", "finished")}]
+    files.write_status(status)
+    verb = "resumed" if attempt > 1 else "submitted"
+    files.append_log(log_line(f"{verb} by {by} (attempt {attempt}): {js.kind} job {js.name!r}, "
+                              f"run directory {record['run_dir']}"))
+    return record
+
+
+def run_job(record: dict) -> dict:
+    """The job's coordinator, on a worker (queued by :func:`pipeline.jobs.client.submit`); its final status."""
+    from distributed import get_worker, worker_client
+
+    from pipeline.jobs.kinds import KINDS
+
+    worker = get_worker()
+    report = Report(record)
+    current = report.status
+    if current.get("attempt") == record["attempt"] and current.get("state") == "running":
+        prev = current.get("worker", "?")
+        return report.state(
+            "failed",
+            f"failed: the worker running the coordinator ({prev}, pid {current.get('pid')} on "
+            f"{current.get('host')}) died; resume with: convpipe resume {record['job']}",
+            reason=f"the worker running its coordinator ({prev}) died or left the cluster",
+            resumable=True,
+        )
+    if current.get("attempt") != record["attempt"] or current.get("state") != "queued":
+        # this attempt already ended, or a later attempt superseded it (a task Dask kept
+        # around for a worker that never came back): nothing to run
+        return current
+
+    with worker_client() as client:
+        report.client = client
+        try:
+            report.check_cancel(force=True)
+            me = Owner.me()
+            report.state("running", f"running on worker {worker.address} (pid {me.pid} on {me.host})",
+                         worker=worker.address, pid=me.pid, host=me.host, pid_namespace=me.namespace, reason=None)
+            result = KINDS[record["kind"]].run(record["options"], client, report)
+        except JobCancelled as exc:
+            return report.state("cancelled", f"cancelled: {exc}", reason=str(exc), resumable=True)
+        except ConvpipeError as exc:
+            return report.state("failed", f"failed: {exc}", reason=str(exc), resumable=True)
+        except BaseException as exc:  # noqa: BLE001 - anything the job raised, with its reason
+            reason = _failure_reason(exc, client)
+            for line in traceback.format_exc().rstrip().splitlines():
+                report.files.append_log(log_line("  " + line))
+            return report.state("failed", f"failed: {reason}", reason=reason, resumable=True)
+        result = jsonable(result or {})
+        with contextlib.suppress(OSError):
+            atomic_write_text(report.files.dir / "result.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+        return report.state("done", f"done: {_result_text(result)}", result=result, reason=None)
+
+
+def _failure_reason(exc: BaseException, client=None) -> str:
+    from distributed.comm.core import CommClosedError
+
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    lost = isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError)) or "scheduler-connection-lost" in first
+    # when the scheduler goes away, the client cancels every future it waits on: a
+    # cancellation is the scheduler's loss if the scheduler no longer answers
+    if not lost and isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)) and client is not None:
+        lost = not _scheduler_answers(client)
+    if lost:
+        return f"lost the connection to the Dask scheduler ({type(exc).__name__}: {first})"
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _scheduler_answers(client, timeout: float = 5.0) -> bool:
+    try:
+        client.sync(lambda: asyncio.wait_for(client.scheduler.identity(), timeout))
+    except Exception:  # noqa: BLE001 - any failure to get an answer means it is gone
+        return False
+    return True
+
+
+def _result_text(result: dict | None) -> str:
+    if not result:
+        return "ok"
+    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
