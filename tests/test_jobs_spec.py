@@ -135,3 +135,12 @@ def test_job_options_and_train_settings_share_one_type_check():
         options["batch_size"].parse("2.5", "--set x")
     with pytest.raises(SpecError, match=r"spec: lr must be float, got True"):
         options["lr"].check(True, "spec")
+
+
+def test_spec_toml_round_trips_newlines_quotes_and_backslashes(tmp_path):
+    tricky = 'two\nlines "quoted" \\ back\tslash'
+    spec = load_spec(write(tmp_path, 'job = "train"\n'), [f"out=runs/{tricky}"])
+    spec.name = tricky
+    again = load_spec(write(tmp_path, spec.to_toml(), "again.toml"))
+    assert again.name == tricky and again.options["out"] == f"runs/{tricky}"
+    assert again.options == spec.options

@@ -27,6 +27,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 from pipeline.cluster.security import TLSFiles, tls_from_table
 from pipeline.errors import ConvpipeError
 from pipeline.options import ValueType, WrongType, field_types
@@ -106,23 +108,13 @@ class JobSpec:
                    source=d.get("source", "<record>"))
 
     def to_toml(self) -> str:
-        """The spec as a TOML document (what was submitted, overrides applied)."""
-        lines = [f"job = {_toml(self.kind)}", f"name = {_toml(self.name)}", f"root = {_toml(self.root)}"]
+        """The spec as a TOML document (what was submitted, overrides applied; unset options,
+        which TOML cannot spell, left out)."""
+        table = {"job": self.kind, "name": self.name, "root": self.root}
         if self.scheduler:
-            lines.append(f"scheduler = {_toml(self.scheduler)}")
-        for k, v in self.options.items():
-            if v is not None:
-                lines.append(f"{k.replace('_', '-')} = {_toml(v)}")
-        return "\n".join(lines) + "\n"
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{s}"'
+            table["scheduler"] = self.scheduler
+        table.update({k.replace("_", "-"): v for k, v in self.options.items() if v is not None})
+        return tomli_w.dumps(table)
 
 
 def canonical(key: str) -> str:
