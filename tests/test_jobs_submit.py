@@ -8,6 +8,7 @@ tests/test_compose_topology.py against real scheduler and worker processes.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from dataclasses import astuple
@@ -17,6 +18,7 @@ import pytest
 from distributed import Client, LocalCluster
 
 from pipeline.cli import main
+from pipeline.errors import DataError
 from pipeline.procs import Owner
 from pipeline.jobs import client as job_client
 from pipeline.jobs.kinds import KINDS
@@ -201,11 +203,27 @@ def test_a_stale_attempt_never_runs_beside_a_newer_one(client, tmp_path):
 
 def test_preflight_errors_stop_the_job_before_it_is_queued(client, tmp_path):
     spec = spec_from_table({"job": "train", "root": str(tmp_path), "data": str(tmp_path / "missing.zarr")})
-    with pytest.raises(Exception, match="missing.zarr") as info:
-        job_client.submit(client, spec)
+    worker_log = _Records()
+    logging.getLogger("distributed.worker").addHandler(worker_log)  # the in-process workers' logger
+    try:
+        with pytest.raises(DataError, match="missing.zarr") as info:
+            job_client.submit(client, spec)
+    finally:
+        logging.getLogger("distributed.worker").removeHandler(worker_log)
     assert "\n" not in str(info.value)
+    # a mistake in the spec is not a failed task: no "Compute Failed" and traceback in the worker's log
+    assert not [r for r in worker_log.records if "Compute Failed" in r.getMessage()]
     assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
     assert not [m for m in job_client.submissions(client) if m.get("root") == str(tmp_path)]
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
 
 
 def test_unknown_job(client):
@@ -316,3 +334,18 @@ def test_cli_resume_from_the_files_when_the_scheduler_forgot_the_job(tmp_path, c
     assert out.splitlines()[0] == job_id and "done: steps 3" in out
     assert files.read_status()["attempt"] == 2
     assert (tmp_path / "runs" / job_id / "counts.txt").read_text().splitlines() == ["x 1 1", "x 2 4", "x 3 9"]
+
+
+def test_cli_submit_with_a_missing_store_prints_one_line(tmp_path):
+    """On the embedded cluster the workers share the terminal: the failed check is one line there."""
+    from tests.jobs_helpers import convpipe
+
+    env = {"CONVPIPE_SCHEDULER": "", "CONVPIPE_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "none.toml").write_text("")
+    r = convpipe("submit", Path(__file__).parents[1] / "jobs" / "train-three-layer.toml", "--set", "data=missing.zarr",
+                 "--set", "workers=1", cwd=tmp_path, env=env)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("convpipe: no scheduler given: running on an embedded local cluster")
+    assert lines[1:] == [f"convpipe: error: {tmp_path / 'missing.zarr'}: no data store here (create it with "
+                         f"`convpipe data prepare --out {tmp_path / 'missing.zarr'}`)"], r.stderr

@@ -70,9 +70,12 @@ def submit(client, spec, *, job_id: str | None = None, attempt: int = 1, timeout
     future = client.submit(preflight_job, spec.to_dict(), job_id, attempt, by, pure=False,
                            key=f"convpipe-preflight-{job_id}-{attempt}", priority=PREFLIGHT_PRIORITY)
     try:
-        record = future.result(timeout=timeout)
+        outcome = future.result(timeout=timeout)
     finally:
         future.release()
+    if "error" in outcome:
+        raise outcome["error"]
+    record = outcome["record"]
     client.log_event(REGISTRY_TOPIC, {"type": "submitted", **jsonable(record)})
     client.log_event(job_topic(job_id), {
         "id": uuid.uuid4().hex[:12], "job": job_id, "attempt": attempt, "type": "state", "state": "queued",

@@ -169,8 +169,18 @@ def _plain(v) -> bool:
 def preflight_job(spec: dict, job_id: str, attempt: int, by: str) -> dict:
     """On a worker: resolve and check the spec where it will run, create the job's directory.
 
-    Returns the job's record: id, attempt, kind, name, absolute root/job_dir/run_dir, options.
+    Returns ``{"record": record}`` (id, attempt, kind, name, absolute root/job_dir/run_dir,
+    options), or ``{"error": exc}`` for a user error (a missing store, a run directory in use):
+    returned, not raised, so that the worker does not log a mistake in a spec as a failed task
+    (a "Compute Failed" traceback on the terminal of an embedded cluster). The client raises it.
     """
+    try:
+        return {"record": _preflight(spec, job_id, attempt, by)}
+    except ConvpipeError as exc:
+        return {"error": exc}
+
+
+def _preflight(spec: dict, job_id: str, attempt: int, by: str) -> dict:
     from pipeline.jobs.kinds import KINDS
     from pipeline.jobs.spec import JobSpec
 
