@@ -54,8 +54,68 @@ def test_a_coordinator_that_cannot_be_judged_or_runs_stays_running(tmp_path, who
 def test_unknown_job_and_listing(tmp_path):
     with pytest.raises(JobError, match="no job nope under"):
         status_from_files(str(tmp_path), "nope")
-    assert list_from_files(str(tmp_path)) == []
+    assert list_from_files(str(tmp_path)).jobs == []
     files = write_running(tmp_path, "j2", pid=dead_pid(), **HERE)
     files.append_log("2020-01-01T00:00:00Z step 3")
-    (listed,) = list_from_files(str(tmp_path))
+    (tmp_path / "jobs" / "not-a-job").mkdir()  # no status.json: skipped
+    (listed,) = list_from_files(str(tmp_path)).jobs
     assert listed["job"] == "j2" and listed["last_line"] == "2020-01-01T00:00:00Z step 3"
+
+
+# ---------------------------------------------------------------- malformed files
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    from pipeline.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def finished_job(root, job_id: str, state: str = "failed") -> JobFiles:
+    files = JobFiles.of(root, job_id)
+    files.dir.mkdir(parents=True)
+    files.write_status({"job": job_id, "kind": "count", "name": job_id, "state": state, "attempt": 1,
+                        "reason": "loss is NaN", "resumable": True})
+    files.write_record({"job": job_id, "attempt": 1, "kind": "count", "name": job_id, "root": str(root),
+                        "job_dir": str(files.dir), "run_dir": None, "options": {}}, 'job = "count"\n')
+    files.append_log("2020-01-01T00:00:00Z failed: loss is NaN")
+    return files
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("{\"state\": \"done\",", "not valid JSON (Expecting"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    ("{\"state\": \"finished\"}", "'state' must be one of queued, running, done, failed, cancelled, got 'finished'"),
+    (b"\xff\xfe{}", "not UTF-8 text"),
+])
+def test_a_malformed_status_is_one_line_and_hides_no_other_job(tmp_path, capsys, content, problem):
+    finished_job(tmp_path, "a-good-one", "done")
+    bad = finished_job(tmp_path, "b-bad-one")
+    if isinstance(content, bytes):
+        bad.status_path.write_bytes(content)
+    else:
+        bad.status_path.write_text(content)
+    root = str(tmp_path)
+    for argv in (["status", "b-bad-one"], ["logs", "b-bad-one"], ["resume", "b-bad-one", "--scheduler", "tcp://127.0.0.1:9"]):
+        code, out, err = run_cli(capsys, *argv, "--root", root)
+        assert code == 2 and out == "", (argv, out)
+        assert err.count("\n") == 1 and err.startswith(f"convpipe: error: {bad.status_path}: {problem}"), (argv, err)
+    code, out, err = run_cli(capsys, "status", "--root", root)
+    assert code == 2
+    assert "a-good-one" in out and "b-bad-one" not in out
+    assert err.count("\n") == 1 and err.startswith(f"convpipe: error: {bad.status_path}: {problem}")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("not json", "not valid JSON"),
+    ("{\"job\": \"b\"}", "missing 'attempt', 'kind', 'name', 'root', 'job_dir', 'options'"),
+    ("{\"job\": \"b\", \"attempt\": \"1\", \"kind\": \"count\", \"name\": \"b\", \"root\": \"/\", \"job_dir\": \"/\", "
+     "\"options\": {}}", "'attempt' must be an integer and 'options' an object, got '1' and dict"),
+])
+def test_a_malformed_record_is_one_line_for_resume(tmp_path, capsys, content, problem):
+    bad = finished_job(tmp_path, "b")
+    bad.record_path.write_text(content)
+    code, out, err = run_cli(capsys, "resume", "b", "--root", str(tmp_path), "--scheduler", "tcp://127.0.0.1:9")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"convpipe: error: {bad.record_path}: {problem}"), err

@@ -189,6 +189,17 @@ def test_dask_rerunning_a_dead_coordinator_records_failure_instead_of_starting_o
     assert len((Path(rec["run_dir"]) / "counts.txt").read_text().splitlines()) == 2  # not run again
 
 
+def test_a_coordinator_that_finds_its_status_damaged_records_why(client, tmp_path):
+    rec = job_client.submit(client, count_spec(tmp_path, steps=2))
+    wait_for(client, rec["job"])
+    files = JobFiles(rec["job_dir"])
+    files.status_path.write_text("{ torn")
+    status = client.submit(run_job, rec, pure=False).result()
+    assert status["state"] == "failed" and status["reason"].startswith(f"{files.status_path}: not valid JSON")
+    assert files.read_status()["reason"] == status["reason"]  # a readable status again, saying what happened
+    assert len((Path(rec["run_dir"]) / "counts.txt").read_text().splitlines()) == 2  # not run again
+
+
 def test_a_stale_attempt_never_runs_beside_a_newer_one(client, tmp_path):
     """A task of attempt 1 that Dask kept waiting (its only worker died) must not train when a
     worker comes back after attempt 2 was queued."""

@@ -260,10 +260,15 @@ def cmd_status(args) -> int:
     from pipeline.jobs import client as job_client
 
     address, shown, root = _client_or_root(args)
+    unreadable: list[str] = []
     if address is None:
         from pipeline.jobs.files_view import list_from_files, status_from_files
 
-        statuses = [status_from_files(root, args.job)] if args.job else list_from_files(root)
+        if args.job:
+            statuses = [status_from_files(root, args.job)]
+        else:
+            listing = list_from_files(root)
+            statuses, unreadable = listing.jobs, listing.unreadable
         where = f"{os.path.abspath(root)}/jobs"
     else:
         with connect(address, timeout=args.timeout) as client, _lost_scheduler(address):
@@ -271,20 +276,24 @@ def cmd_status(args) -> int:
         where = address
     if args.json:
         print(json.dumps(statuses[0] if args.job else statuses, indent=2, sort_keys=True, default=str))
-        return 0
-    if args.job:
+    elif args.job:
         _print_status(statuses[0], "" if address else f" --root {root} --scheduler ADDR")
-        return 0
-    if not statuses:
+    elif not statuses:
         print(f"no jobs on {where}")
-        return 0
+    else:
+        _print_table(statuses)
+    for problem in unreadable:  # after the jobs that could be read, one line each
+        print(f"convpipe: error: {problem}", file=sys.stderr)
+    return 2 if unreadable else 0
+
+
+def _print_table(statuses: list[dict]) -> None:
     rows = [("JOB", "KIND", "NAME", "STATE", "DETAIL")]
     for s in statuses:
         rows.append((s.get("job", "?"), s.get("kind", "?"), s.get("name", ""), s.get("state", "?"), _detail(s)))
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
-    return 0
 
 
 def _detail(s: dict) -> str:

@@ -10,13 +10,18 @@ namespace (:class:`pipeline.procs.Owner`): elsewhere an equal pid is another pro
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-from pipeline.jobs.records import JobError, JobFiles
+from pipeline.jobs.records import JobError, JobFileError, JobFiles
 from pipeline.procs import Owner
 
 
 def status_from_files(root: str, job_id: str) -> dict:
-    """The job's ``status.json``, a dead local coordinator turned ``failed``, with its last log line."""
+    """The job's ``status.json``, a dead local coordinator turned ``failed``, with its last log line.
+
+    :class:`JobError` if there is no such job; :class:`JobFileError` (one line naming the file
+    and the problem) if its status file is malformed.
+    """
     files = JobFiles.of(root, job_id)
     status = files.read_status()
     if status is None:
@@ -39,15 +44,26 @@ def _coordinator(status: dict) -> Owner | None:
         return None
 
 
-def list_from_files(root: str) -> list[dict]:
-    """Every job under ``root/jobs``, newest first."""
+@dataclass(frozen=True)
+class Listing:
+    """Every job under a data root: ``jobs`` (statuses, newest first) and ``unreadable`` (one
+    line per job whose files are malformed, naming the file and the problem)."""
+
+    jobs: list[dict]
+    unreadable: list[str]
+
+
+def list_from_files(root: str) -> Listing:
+    """Every job under ``root/jobs``, newest first; a malformed one does not hide the others."""
     jobs = os.path.join(root, "jobs")
     if not os.path.isdir(jobs):
-        return []
-    out = []
+        return Listing([], [])
+    statuses, unreadable = [], []
     for name in sorted(os.listdir(jobs), reverse=True):
         try:
-            out.append(status_from_files(root, name))
+            statuses.append(status_from_files(root, name))
+        except JobFileError as exc:
+            unreadable.append(str(exc))
         except JobError:
-            continue
-    return out
+            continue  # a folder without a status (not a job, or one whose preflight failed)
+    return Listing(statuses, unreadable)

@@ -35,7 +35,7 @@ def _abs(path: str | None) -> str | None:
 
 def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
     """Refuse a run directory that a queued or running job on this data root already uses."""
-    from pipeline.jobs.records import ACTIVE, JobFiles
+    from pipeline.jobs.records import ACTIVE, JobError, JobFiles
 
     jobs = Path(root) / "jobs"
     if not jobs.is_dir():
@@ -43,7 +43,10 @@ def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
     for d in jobs.iterdir():
         if d.name == job_id:
             continue
-        status = JobFiles(d).read_status()
+        try:
+            status = JobFiles(d).read_status()
+        except JobError:
+            continue  # a job whose status cannot be read cannot be told to use it; `status` reports it
         if status and status.get("state") in ACTIVE and status.get("run_dir") == run_dir:
             from pipeline.jobs.spec import SpecError
 

@@ -32,8 +32,16 @@ ACTIVE = ("queued", "running")
 TERMINAL = ("done", "failed", "cancelled")
 
 
+#: keys every job record (spec.json) has
+RECORD_KEYS = ("job", "attempt", "kind", "name", "root", "job_dir", "options")
+
+
 class JobError(ConvpipeError):
     """A job is unknown, in the wrong state for the request, or its cluster cannot run it."""
+
+
+class JobFileError(JobError):
+    """A job's file on the data root is there but cannot be read, or is not what convpipe writes."""
 
 
 def job_topic(job_id: str) -> str:
@@ -96,11 +104,12 @@ class JobFiles:
         atomic_write_text(self.status_path, json.dumps(status, indent=2, sort_keys=True) + "\n")
 
     def read_status(self) -> dict | None:
-        try:
-            value = json.loads(self.status_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return value if isinstance(value, dict) else None
+        """The latest state record; None if there is none; :class:`JobFileError` if it is malformed."""
+        status = _read_json(self.status_path)
+        if status is not None and status.get("state") not in ACTIVE + TERMINAL:
+            raise JobFileError(f"{self.status_path}: 'state' must be one of {', '.join(ACTIVE + TERMINAL)}, "
+                               f"got {status.get('state')!r}")
+        return status
 
     def append_log(self, line: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -124,11 +133,36 @@ class JobFiles:
         atomic_write_text(self.spec_path, spec_toml)
 
     def read_record(self) -> dict | None:
-        try:
-            value = json.loads(self.record_path.read_text())
-        except (OSError, ValueError):
-            return None
-        return value if isinstance(value, dict) else None
+        """The job's record as submitted; None if there is none; :class:`JobFileError` if malformed."""
+        record = _read_json(self.record_path)
+        missing = [k for k in RECORD_KEYS if record is not None and k not in record]
+        if missing:
+            raise JobFileError(f"{self.record_path}: missing {', '.join(map(repr, missing))} (not a job record "
+                               f"written by convpipe)")
+        if record is not None and (isinstance(record["attempt"], bool) or not isinstance(record["attempt"], int)
+                                   or not isinstance(record["options"], dict)):
+            raise JobFileError(f"{self.record_path}: 'attempt' must be an integer and 'options' an object, got "
+                               f"{record['attempt']!r} and {type(record['options']).__name__}")
+        return record
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``; None if the file does not exist; else one-line JobFileError."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        raise JobFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise JobFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise JobFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise JobFileError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def log_line(text: str) -> str:

@@ -38,8 +38,8 @@ import uuid
 
 from pipeline.atomic import atomic_write_text
 from pipeline.errors import ConvpipeError
-from pipeline.jobs.records import (TERMINAL, JobError, JobFiles, job_topic, jsonable, log_line, now_iso, task_key,
-                                   topic_events)
+from pipeline.jobs.records import (TERMINAL, JobError, JobFileError, JobFiles, job_topic, jsonable, log_line,
+                                   now_iso, task_key, topic_events)
 from pipeline.procs import Owner
 
 #: at most one progress line per this many seconds in the job's log (epochs always)
@@ -57,12 +57,12 @@ class JobCancelled(Exception):
 class Report:
     """A running job's voice: log lines and states, to its files and to the scheduler."""
 
-    def __init__(self, record: dict, client=None):
+    def __init__(self, record: dict, client=None, status: dict | None = None):
         self.record = record
         self.client = client
         self.files = JobFiles(record["job_dir"])
         self.topic = job_topic(record["job"])
-        self.status = self.files.read_status() or {}
+        self.status = status if status is not None else (self.files.read_status() or {})
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self._lock = threading.Lock()
@@ -222,7 +222,11 @@ def run_job(record: dict) -> dict:
     from pipeline.jobs.kinds import KINDS
 
     worker = get_worker()
-    report = Report(record)
+    try:
+        report = Report(record)
+    except JobFileError as exc:  # status.json was damaged while the job was queued: say so in a new one
+        known = {k: record.get(k) for k in ("job", "kind", "name", "root", "job_dir", "run_dir")}
+        return Report(record, status=known).state("failed", f"failed: {exc}", reason=str(exc), resumable=True)
     current = report.status
     if current.get("attempt") == record["attempt"] and current.get("state") == "running":
         prev = current.get("worker", "?")
