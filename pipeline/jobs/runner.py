@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import json
 import os
 import threading
@@ -66,16 +65,32 @@ class Report:
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self._lock = threading.Lock()
+        self._noted: set[str] = set()
 
     # ---- output -------------------------------------------------------------------------------
     def _event(self, msg: dict) -> None:
+        """The same record to the scheduler (the files already have it)."""
+        from distributed import get_worker
+
         msg = {"id": uuid.uuid4().hex[:12], "job": self.record["job"], "attempt": self.record["attempt"], **msg}
         try:
-            from distributed import get_worker
+            worker = get_worker()
+        except ValueError:  # not on a worker (a kind's run called directly): the files are the record
+            return
+        try:
+            worker.log_event(self.topic, msg)
+        except RuntimeError as exc:  # the worker's event loop is closed: the worker is shutting down
+            self._note_once("events", f"the worker is closing: no more events to the scheduler ({exc})")
+        except Exception as exc:  # noqa: BLE001 - say what it was; the job and its files go on
+            self._note_once("events", f"an event could not go to the scheduler ({type(exc).__name__}: {exc}); "
+                                      f"the job's files keep everything")
 
-            get_worker().log_event(self.topic, msg)
-        except Exception:  # no scheduler (lost) or not on a worker: the files have it
-            pass
+    def _note_once(self, what: str, text: str) -> None:
+        """A line in the job's log file about a problem of its bookkeeping, once per kind of problem."""
+        if what not in self._noted:
+            self._noted.add(what)
+            with self._lock:
+                self.files.append_log(log_line(text))
 
     def log(self, text: str) -> None:
         line = log_line(text)
@@ -125,7 +140,11 @@ class Report:
         self._last_cancel_check = now
         try:
             found = topic_events(self.client, self.topic)
-        except Exception:
+        except OSError:  # the scheduler is unreachable (CommClosedError, timeouts): the job's next call says so
+            return
+        except Exception as exc:  # noqa: BLE001 - say what it was; the job goes on
+            self._note_once("cancel", f"cannot check for a cancel request ({type(exc).__name__}: {exc}); "
+                                      f"the job goes on")
             return
         for msg in found:
             if msg.get("type") == "cancel" and msg.get("attempt") == self.record["attempt"]:
@@ -260,8 +279,10 @@ def run_job(record: dict) -> dict:
                 report.files.append_log(log_line("  " + line))
             return report.state("failed", f"failed: {reason}", reason=reason, resumable=True)
         result = jsonable(result or {})
-        with contextlib.suppress(OSError):
+        try:
             atomic_write_text(report.files.dir / "result.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+        except OSError as exc:  # the result is in status.json too
+            report.log(f"result.json not written: {exc.strerror or exc}")
         return report.state("done", f"done: {_result_text(result)}", result=result, reason=None)
 
 

@@ -1,0 +1,75 @@
+"""The worker side of a job without a cluster: its Report (log, state, cancel check, events)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.jobs.records import JobFiles
+from pipeline.jobs.runner import JobCancelled, Report
+
+
+def make_report(tmp_path, client=None) -> Report:
+    files = JobFiles.of(tmp_path, "j")
+    files.dir.mkdir(parents=True)
+    files.write_status({"job": "j", "state": "running", "attempt": 1})
+    return Report({"job": "j", "attempt": 1, "job_dir": str(files.dir)}, client=client)
+
+
+class Events:
+    """A client whose scheduler answers get_events with ``answer`` (a list, or an exception to raise)."""
+
+    def __init__(self, answer):
+        self.answer, self.calls = answer, 0
+
+    def get_events(self, topic):
+        self.calls += 1
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return [(0.0, m) for m in self.answer]
+
+
+def log_of(report: Report) -> list[str]:
+    return [line.split(" ", 1)[1] for line in report.files.read_log()[0].splitlines()]
+
+
+def test_a_cancel_request_for_this_attempt_raises(tmp_path):
+    report = make_report(tmp_path, Events([{"type": "cancel", "attempt": 2}, {"type": "cancel", "attempt": 1,
+                                                                            "by": "me@h", "at": "t"}]))
+    with pytest.raises(JobCancelled, match="cancelled by me@h at t"):
+        report.check_cancel(force=True)
+
+
+def test_an_unreachable_scheduler_is_left_to_the_job_s_next_call(tmp_path):
+    report = make_report(tmp_path, Events(ConnectionResetError("gone")))
+    report.check_cancel(force=True)
+    assert log_of(report) == []
+
+
+def test_any_other_failure_of_the_cancel_check_is_logged_once(tmp_path):
+    client = Events(RuntimeError("boom"))
+    report = make_report(tmp_path, client)
+    report.check_cancel(force=True)
+    report.check_cancel(force=True)
+    assert client.calls == 2
+    assert log_of(report) == ["cannot check for a cancel request (RuntimeError: boom); the job goes on"]
+
+
+def test_events_off_a_worker_go_to_the_files_only(tmp_path):
+    report = make_report(tmp_path)
+    report.log("hello")  # no worker here: get_worker() fails, the file has the line
+    assert log_of(report) == ["hello"]
+
+
+def test_an_event_the_worker_refuses_is_logged_once(tmp_path, monkeypatch):
+    import distributed
+
+    class Worker:
+        def log_event(self, topic, msg):
+            raise TypeError("Message must be msgpack serializable")
+
+    monkeypatch.setattr(distributed, "get_worker", lambda: Worker())
+    report = make_report(tmp_path)
+    report.log("one")
+    report.log("two")
+    assert log_of(report) == ["one", "an event could not go to the scheduler (TypeError: Message must be msgpack "
+                                     "serializable); the job's files keep everything", "two"]
