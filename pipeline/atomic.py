@@ -1,8 +1,9 @@
 """Atomic file writes: a reader sees the old file or the new one, never a torn one.
 
 The content goes to a temporary file in the same directory, is fsync'ed, then renamed over the
-final name (and the directory fsync'ed). Files get ordinary permissions (0666 less the umask),
-not ``mkstemp``'s 0600.
+final name (and the directory fsync'ed). Files get ordinary permissions (0666 less the umask,
+read from /proc without changing it, so threads writing at the same time are safe), not
+``mkstemp``'s 0600.
 """
 
 from __future__ import annotations
@@ -41,9 +42,34 @@ def atomic_write_text(path, text: str) -> Path:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it: ``os.umask`` can only be read by setting
+    it, and a file another thread creates meanwhile would get no umask at all."""
+    mask = _proc_umask()
+    return _IMPORT_UMASK if mask is None else mask
+
+
+def _proc_umask() -> int | None:
+    """The ``Umask:`` line of ``/proc/self/status`` (Linux >= 4.7), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _swap_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+#: where /proc does not tell: the umask when this module was imported (set and restored once)
+_IMPORT_UMASK = _proc_umask()
+if _IMPORT_UMASK is None:  # pragma: no cover - not Linux
+    _IMPORT_UMASK = _swap_umask()
 
 
 def _fsync_dir(directory: Path) -> None:

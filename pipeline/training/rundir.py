@@ -64,13 +64,21 @@ class RunDir:
 
     # ---- creation -----------------------------------------------------------------------------
     def create(self) -> "RunDir":
-        """Make a fresh run directory; refuse one that already holds a run (nothing is overwritten)."""
+        """Make a fresh run directory and claim it; refuse one that holds a run (nothing is overwritten).
+
+        The claim is ``checkpoints/``, made with ``mkdir`` (no ``exist_ok``): of two runs that
+        name the same directory at the same time, exactly one gets it; the other gets a
+        :class:`TrainingError`.
+        """
+        taken = (f"{self.path} already holds a run (or another run is starting there): continue it with "
+                 f"--resume {self.path} or choose another --out")
         if self.config_path.exists() or self.metrics_path.exists():
-            raise TrainingError(
-                f"{self.path} already holds a run: continue it with --resume {self.path} or choose another --out"
-            )
+            raise TrainingError(taken)
         try:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.checkpoint_dir.mkdir()
+        except FileExistsError:
+            raise TrainingError(taken) from None
         except OSError as exc:
             raise TrainingError(f"cannot create run directory {self.path}: {exc.strerror or exc}") from None
         return self

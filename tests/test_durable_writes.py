@@ -1,0 +1,71 @@
+"""Files that must survive crashes and concurrency: atomic writes honour the umask without
+changing it, config.json is replaced atomically, and a run directory has exactly one owner."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from pipeline import atomic
+from pipeline.atomic import atomic_write_text
+from pipeline.errors import TrainingError
+from pipeline.training.rundir import RunDir
+
+
+@pytest.fixture
+def umask_027():
+    set_umask = os.umask  # the test replaces os.umask
+    old = set_umask(0o027)
+    yield
+    set_umask(old)
+
+
+def test_atomic_writes_read_the_umask_without_setting_it(tmp_path, monkeypatch, umask_027):
+    """os.umask can only be read by setting it: a thread creating a file meanwhile would get none."""
+    def forbidden(*args):
+        raise AssertionError("os.umask called while writing: that changes the umask of every thread")
+
+    monkeypatch.setattr(os, "umask", forbidden)
+    path = atomic_write_text(tmp_path / "f.txt", "x")
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert atomic._umask() == 0o027
+
+
+def test_without_proc_the_umask_of_import_time_is_used(monkeypatch):
+    monkeypatch.setattr(atomic, "_proc_umask", lambda: None)
+    assert atomic._umask() == atomic._IMPORT_UMASK
+
+
+def test_two_runs_racing_for_one_directory_exactly_one_gets_it(tmp_path):
+    out = tmp_path / "runs" / "same"
+    for _ in range(20):
+        barrier = threading.Barrier(2)
+        results: list = [None, None]
+
+        def claim(i):
+            barrier.wait()
+            try:
+                results[i] = RunDir(out).create()
+            except TrainingError as exc:
+                results[i] = exc
+
+        threads = [threading.Thread(target=claim, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [r for r in results if isinstance(r, RunDir)]
+        lost = [r for r in results if isinstance(r, TrainingError)]
+        assert len(won) == 1 and len(lost) == 1, results
+        assert str(lost[0]) == (f"{out} already holds a run (or another run is starting there): continue it with "
+                                f"--resume {out} or choose another --out")
+        (out / "checkpoints").rmdir()
+
+
+def test_an_empty_directory_can_be_a_run_directory_once(tmp_path):
+    (tmp_path / "out").mkdir()
+    assert RunDir(tmp_path / "out").create().checkpoint_dir.is_dir()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        RunDir(tmp_path / "out").create()
