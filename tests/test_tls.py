@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cluster import ClusterError, connect
+from pipeline.cluster import ClusterError, InsecureSchedulerWarning, connect, plaintext_risk
 from pipeline.cluster import security as sec
 from pipeline.cluster.security import TLSConfigError, TLSFiles, security_for
 from tests.jobs_helpers import TINY_SETS, TINY_TRAIN, ProcessCluster, convpipe, wait_status
@@ -175,3 +175,37 @@ def test_convpipe_certs_writes_a_working_set(tmp_path):
     ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.pem").read_bytes())
     client = x509.load_pem_x509_certificate((tmp_path / "certs" / "client.pem").read_bytes())
     client.verify_directly_issued_by(ca)
+
+
+# ---------------------------------------------------------------- plain TCP to another host
+
+@pytest.mark.parametrize("address, risky", [
+    ("tcp://10.0.0.5:8786", True), ("10.0.0.5:8786", True), ("tcp://scheduler:8786", True),
+    ("ws://10.0.0.5:8786", True),
+    ("tcp://127.0.0.1:8786", False), ("tcp://127.0.0.2:8786", False), ("tcp://[::1]:8786", False),
+    ("localhost:8786", False), ("tcp://localhost:8786", False),
+    ("tls://10.0.0.5:8786", False), ("inproc://10.0.0.5/1/2", False),
+])
+def test_plaintext_risk_is_named_for_other_hosts_only(address, risky):
+    risk = plaintext_risk(address)
+    assert bool(risk) == risky
+    if risky:
+        assert "\n" not in risk and "anyone who can reach it can run code" in risk
+        assert "convpipe certs" in risk and "tls://" in risk
+
+
+def test_connecting_over_tcp_to_another_host_warns(tmp_path):
+    unroutable = "tcp://192.0.2.1:9"  # TEST-NET-1: nothing answers
+    with pytest.warns(InsecureSchedulerWarning, match="reached without TLS"), pytest.raises(ClusterError):
+        with connect(unroutable, timeout=1):
+            pass
+    env = {**{v: "" for v in sec.ENV.values()}, "CONVPIPE_CONFIG": str(tmp_path / "none.toml")}
+    (tmp_path / "none.toml").write_text("")
+    r = convpipe("status", "--scheduler", unroutable, "--timeout", "1", cwd=tmp_path, env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 2, r.stderr
+    assert lines[0] == f"convpipe: warning: {plaintext_risk(unroutable)}"
+    assert lines[1].startswith(f"convpipe: error: cannot reach the Dask scheduler at {unroutable}")
+    r = convpipe("status", "--scheduler", "tcp://127.0.0.1:9", "--timeout", "1", cwd=tmp_path, env=env)
+    assert r.returncode == 2 and "warning" not in r.stderr and r.stderr.count("\n") == 1
+

@@ -7,14 +7,37 @@ listens on 127.0.0.1 only (a Dask scheduler runs whatever a connected client sen
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import warnings
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 from pipeline.errors import ConvpipeError
+
+#: schemes whose connections are encrypted and authenticated, or never leave the process
+SAFE_SCHEMES = ("tls", "wss", "inproc")
 
 
 class ClusterError(ConvpipeError):
     """The scheduler cannot be reached or the cluster cannot be started."""
+
+
+class InsecureSchedulerWarning(UserWarning):
+    """A scheduler on another host reached without TLS: whoever reaches it runs code on the cluster."""
+
+
+def plaintext_risk(address: str) -> str | None:
+    """Why connecting to ``address`` without TLS is a risk (one line), or None (tls://, loopback)."""
+    url = urlsplit(address if "://" in address else f"tcp://{address}")  # Dask's default protocol
+    host = (url.hostname or "").lower()
+    if url.scheme.lower() in SAFE_SCHEMES or host == "localhost" or host.endswith(".localhost"):
+        return None
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    return (f"scheduler {address} is reached without TLS: anyone who can reach it can run code on the cluster "
+            f"(a Dask scheduler runs what its clients send); use TLS: `convpipe certs DIR` and a tls:// address")
 
 
 def default_workers() -> int:
@@ -45,11 +68,15 @@ def connect(
 
     A ``tls://`` scheduler address with ``security=None`` takes its client certificate from
     the environment or a config file (:func:`pipeline.cluster.security.security_for`); a
-    ``tcp://`` one connects without TLS, as before.
+    ``tcp://`` one connects without TLS, with an :class:`InsecureSchedulerWarning` unless it
+    is a loopback address.
     """
     from distributed import Client, LocalCluster
 
     if scheduler:
+        risk = plaintext_risk(scheduler)
+        if risk:
+            warnings.warn(risk, InsecureSchedulerWarning, stacklevel=3)
         if security is None:
             from pipeline.cluster.security import security_for
 
