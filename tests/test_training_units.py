@@ -4,18 +4,21 @@ the pieces of distributed training that need no cluster."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from pipeline.training.config import TrainConfig, parse_value
-from pipeline.training.reduce import (add_arrays, adam_scalars, combine_moments, finish_and_adam, finish_gradient,
-                                  pairwise, update_running)
+from pipeline.errors import TrainingError
 from pipeline.optim import adam_inplace
+from pipeline.procs import pid_namespace
+from pipeline.training import transport
+from pipeline.training.plan import CHUNK, StepPlan, covers, frontier, split
+from pipeline.training.reduce import adam_scalars, combine_moments, pairwise, tree_adam
 from pipeline.training.rundir import RunDir, write_plots
 from pipeline.training.shards import Schedule, epoch_permutation, subset
-from pipeline.training.transport import Layout, SharedBuffers, attach, remove_stale, shm_root
-from pipeline.errors import TrainingError
+from pipeline.training.transport import Layout, SharedState, attach, record_is, remove_stale, shm_root, write_record
 
 
 # ---- TrainConfig --------------------------------------------------------------------------------
@@ -100,58 +103,80 @@ def test_steps_limit_and_subset():
     assert len(subset(0, 10, 30, tag=1)) == 10
 
 
-# ---- the fixed-order gradient tree ----------------------------------------------------------------
+# ---- the fixed-order gradient tree, cut into parts and slices --------------------------------------
+
+def _symbols(k):
+    return pairwise([str(i) for i in range(k)], lambda a, b: f"({a}+{b})")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17])
+def test_parts_nodes_and_program_rebuild_the_one_tree_for_any_width(k):
+    for width in range(1, k + 3):
+        plan = StepPlan.make(k, width, 100_000)
+        assert plan.width == width and [a for a, _ in plan.parts] == sorted(a for a, _ in plan.parts)
+        nodes = plan.nodes()
+        assert sorted(i for n in nodes for i in range(*covers(n, k))) == list(range(k))   # a tiling
+        regs = [pairwise([str(i) for i in range(*covers(n, k))], lambda a, b: f"({a}+{b})") for n in nodes]
+        ops, root = plan.program()
+        for dst, a, b in ops:
+            assert dst == len(regs)
+            regs.append(f"({regs[a]}+{regs[b]})")
+        assert regs[root] == _symbols(k)
+
+
+def test_frontier_takes_the_largest_whole_subtrees():
+    assert frontier(0, 16, 16) == [(4, 0)]
+    assert frontier(0, 5, 16) == [(2, 0), (0, 4)]
+    assert frontier(5, 11, 16) == [(0, 5), (1, 3), (1, 4), (0, 10)]
+    assert frontier(4, 5, 5) == [(3 - 1, 1)]          # shard 4 of 5 moves up unchanged: node (2, 1)
+
+
+def test_slices_are_whole_blocks_and_cover_the_vector():
+    assert split(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert split(2, 4) == [(0, 0), (0, 1), (1, 1), (1, 2)]
+    plan = StepPlan.make(4, 3, 5 * CHUNK + 7)
+    assert plan.slices[0][0] == 0 and plan.slices[-1][1] == 5 * CHUNK + 7
+    assert all(lo % CHUNK == 0 for lo, _ in plan.slices)
+
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 7, 8, 9, 16])
-def test_shared_memory_tree_equals_the_array_tree_bit_for_bit(k, dtype):
-    rng = np.random.default_rng(k)
-    slots = (rng.standard_normal((k, 20011)) * 10.0 ** rng.integers(-3, 4, (k, 1))).astype(dtype)
-    w = rng.standard_normal(20011).astype(dtype)
-    out = np.empty_like(w)
-    sumsq = finish_gradient(slots, w, out, 96, 1e-3)
-    ref = pairwise(list(slots), add_arrays) / dtype(96) + dtype(1e-3) * w
-    assert out.dtype == dtype and np.array_equal(out, ref)
-    assert sumsq == pytest.approx(float(np.sum(w.astype(np.float64) ** 2)), rel=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("t", [0, 1, 57])
-def test_fused_reduce_and_adam_is_bit_for_bit_pipeline_optim_adam(k, dtype, t):
-    rng = np.random.default_rng(10 * k + t)
-    n = 30011
+@pytest.mark.parametrize("k, width", [(1, 1), (2, 2), (3, 2), (5, 2), (8, 3), (16, 4), (4, 6)])
+@pytest.mark.parametrize("t", [0, 57])
+def test_sliced_tree_and_adam_are_bit_for_bit_the_whole_tree_then_pipeline_optim_adam(k, width, t, dtype):
+    rng = np.random.default_rng(10 * k + width + t)
+    n = 3 * CHUNK + 1001
+    slots = (rng.standard_normal((k, n)) * 10.0 ** rng.integers(-3, 4, (k, 1))).astype(dtype)
     w0 = rng.standard_normal(n).astype(dtype)
-    slots = (rng.standard_normal((k, n)) * 50).astype(dtype)
     m0 = (0.1 * rng.standard_normal(n)).astype(dtype)
     v0 = (0.01 * np.abs(rng.standard_normal(n))).astype(dtype)
-    fused = {"learning_rate": 3e-3, "t": t}
-    w, m, v = w0.copy(), m0.copy(), v0.copy()
-    cut = n // 3     # two parameters: the first with L2, the second (a bias) without
-    w_ref, g = w0.copy(), np.empty_like(w0)
-    finish_gradient(slots[:, :cut], w_ref[:cut], g[:cut], 200, 1e-3)
-    finish_gradient(slots[:, cut:], w_ref[cut:], g[cut:], 200, 0.0)
+    segments = [(0, n // 3, 1e-3), (n // 3, n // 2, 0.0), (n // 2, n, 0.5)]   # a bias has no L2
+    # reference: the whole tree, / batch, + reg * W, then pipeline.optim's Adam
+    g = pairwise(list(slots), np.add) / dtype(200)
+    for a, b, reg in segments:
+        g[a:b] += dtype(reg) * w0[a:b]
     ref = {"learning_rate": 3e-3, "m": m0.copy(), "v": v0.copy(), "t": t}
+    w_ref = w0.copy()
     adam_inplace(w_ref, g, ref)
-    finish_and_adam(slots, w, m, v, 200, [(0, cut, 1e-3), (cut, n, 0.0)], adam_scalars(fused, dtype))
-    assert fused["t"] == ref["t"] == t + 1
-    for a, b in ((w, w_ref), (m, ref["m"]), (v, ref["v"])):
+    # the parts' nodes (as workers write them: in the slot of each node's first shard)
+    plan = StepPlan.make(k, width, n)
+    nodes = np.zeros_like(slots)
+    for node in plan.nodes():
+        a, b = covers(node, k)
+        nodes[a] = pairwise(list(slots[a:b]), np.add)
+    ops, root = plan.program()
+    out = tuple(np.full(n, np.nan, dtype) for _ in range(3))
+    partials = [tree_adam(nodes, [covers(nd, k)[0] for nd in plan.nodes()], ops, root, 0, (w0, m0, v0), out, 0,
+                          lo, hi, segments, CHUNK, 200, adam_scalars({"learning_rate": 3e-3, "t": t}, dtype))
+                for lo, hi in plan.slices]
+    for a, b in zip(out, (w_ref, ref["m"], ref["v"])):
         assert a.dtype == dtype and np.array_equal(a, b)
+    expect = sum(float(np.sum(w0[a:b].astype(np.float64) ** 2)) for a, b, reg in segments if reg)
+    assert math.fsum(np.concatenate(partials)) == pytest.approx(expect, rel=1e-12)
 
 
 def test_tree_order_is_fixed_not_left_to_right():
     order = pairwise(list("abcde"), lambda a, b: f"({a}+{b})")
     assert order == "(((a+b)+(c+d))+e)"
-
-
-def test_finish_gradient_works_on_strided_parameter_slices():
-    rng = np.random.default_rng(0)
-    slots = rng.standard_normal((4, 1000)).astype(np.float32)
-    w = rng.standard_normal(1000).astype(np.float32)
-    out = np.zeros_like(w)
-    finish_gradient(slots[:, 100:300], w[100:300], out[100:300], 10, 0.0)
-    assert np.array_equal(out[100:300], pairwise(list(slots[:, 100:300]), add_arrays) / np.float32(10))
-    assert not out[:100].any() and not out[300:].any()
 
 
 # ---- BN moments -------------------------------------------------------------------------------------
@@ -166,8 +191,6 @@ def test_combined_moments_are_those_of_the_whole_batch():
     m32, v32 = combine_moments([p.mean(0).astype(np.float32) for p in parts],
                                [p.var(0).astype(np.float32) for p in parts], [16, 16, 7])
     assert m32.dtype == v32.dtype == np.float32
-    r = update_running(np.ones(6, np.float32), np.zeros(6, np.float32), 0.9)
-    assert r.dtype == np.float32 and np.allclose(r, 0.9)
 
 
 # ---- shared buffers -------------------------------------------------------------------------------
@@ -180,30 +203,54 @@ def test_layout_views_and_flatten_round_trip():
     assert Layout.from_dict(json.loads(json.dumps(layout.to_dict()))) == layout
 
 
-def test_workers_see_parameters_read_only_and_write_their_slot():
+def test_workers_see_the_state_the_coordinator_starts_from_and_records_validate_themselves():
     layout = Layout(("W", "b"), ((3, 4), (4,)), "float32")
-    buf = SharedBuffers(layout, slots=2)
+    shared = SharedState(layout, slots=2, max_slices=2, blocks=1)
     try:
-        buf.params[:] = np.arange(16)
-        buf.publish(5)
-        seen = attach(buf.ref)
-        assert int(seen.version[0]) == 5 and np.array_equal(seen.param_views["b"], [12, 13, 14, 15])
-        with pytest.raises(ValueError):
-            seen.params[0] = 1.0                          # the model cannot change the parameters
-        seen.grads[1] = 2.5
-        assert np.all(buf.grads[1] == 2.5) and not buf.grads[0].any()
-        buf.params[0] = 42                                 # the coordinator's update is visible
-        assert seen.param_views["W"][0, 0] == 42
+        p = np.arange(16, dtype=np.float32)
+        shared.start(5, p, p + 1, p + 2)
+        seen = attach(shared.ref)
+        assert np.array_equal(seen.state[1][0], p) and np.array_equal(seen.state[1][2], p + 2)   # 5 % 2
+        assert record_is(seen.slices[0][0], 4)              # step 5's parameters are ready
+        seen.slots[1] = 2.5
+        assert np.all(shared.slots[1] == 2.5) and not shared.slots[0].any()
+        record = seen.shards[0][1]
+        write_record(record, 7, np.arange(3.0))
+        assert record_is(shared.shards[0][1], 7) and not record_is(shared.shards[0][1], 6)
+        record[0] = 8                                        # a writer of step 8 half-way through
+        assert not record_is(shared.shards[0][1], 7) and not record_is(shared.shards[0][1], 8)
     finally:
-        buf.close()
-    assert not any(shm_root().glob(f"convpipe-*{buf.token[:12]}*"))
+        shared.close()
+    assert not any(shm_root().glob(f"convpipe-*{shared.ref.token[:12]}*"))
+
+
+def test_a_failed_second_shared_file_removes_the_first_and_says_why(monkeypatch):
+    calls = []
+    real = transport._create
+
+    def create(path, size):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, size)
+
+    monkeypatch.setattr(transport, "_create", create)
+    with pytest.raises(TrainingError, match="No space left on device"):
+        SharedState(Layout(("W",), ((4,),), "float32"), slots=1, max_slices=1, blocks=1)
+    assert len(calls) == 2 and not any(shm_root().glob(f"{calls[0].rsplit('/', 1)[-1]}*"))
+
+
+def test_shared_memory_is_refused_where_stores_may_be_reordered(monkeypatch):
+    from pipeline.training.exchange import open_exchange
+
+    monkeypatch.setattr(transport.platform, "machine", lambda: "aarch64")
+    with pytest.raises(TrainingError, match="x86"):
+        open_exchange(None, "shm", None, Layout(("W",), ((4,),), "float32"), 1, 1)
 
 
 def test_stale_shared_files_of_dead_coordinators_are_removed(tmp_path):
-    from pipeline.training.transport import _pid_namespace
-
-    dead = shm_root() / f"convpipe-999999999-{_pid_namespace()}-deadbeef0000-params"
-    elsewhere = shm_root() / "convpipe-999999999-1-deadbeef0000-params"   # another container's
+    dead = shm_root() / f"convpipe-999999999-{pid_namespace()}-deadbeef0000-state"
+    elsewhere = shm_root() / "convpipe-999999999-1-deadbeef0000-state"   # another container's
     dead.write_bytes(b"x")
     elsewhere.write_bytes(b"x")
     try:

@@ -21,7 +21,8 @@ DTYPES = ("float32", "float64")
 TRANSPORTS = ("auto", "shm", "tcp")
 
 #: settings that do not change the numbers a run produces: they may differ on ``--resume``
-RUNTIME_FIELDS = ("workers", "scheduler", "out", "resume", "transport", "threads_per_worker", "data")
+RUNTIME_FIELDS = ("workers", "scheduler", "out", "resume", "transport", "threads_per_worker", "data",
+                  "stall_timeout")
 
 
 def _opt(default, help: str, metavar: str | None = None, choices: tuple | None = None):
@@ -69,6 +70,8 @@ class TrainConfig:
     checkpoint_every: int = _opt(100, "write a checkpoint every K steps (and after each epoch)", "K")
     resume: str | None = _opt(None, "continue the run in RUN_DIR from its last good checkpoint", "RUN_DIR")
     train_acc_samples: int = _opt(1000, "training images scored for train accuracy after each epoch", "N")
+    stall_timeout: float = _opt(300.0, "stop with an error when a step makes no progress for this many seconds "
+                                "(every worker gone, a task that cannot be placed)", "SECONDS")
 
     # ---- validation -------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -99,6 +102,8 @@ class TrainConfig:
             raise TrainingError(f"filter_size must be odd (the conv keeps the image size), got {self.filter_size}")
         if not self.lr > 0 or self.lr != self.lr:
             raise TrainingError(f"lr must be > 0, got {self.lr}")
+        if not self.stall_timeout > 0:
+            raise TrainingError(f"stall_timeout must be > 0 seconds, got {self.stall_timeout}")
         if not self.reg >= 0:
             raise TrainingError(f"reg must be >= 0, got {self.reg}")
         if not self.weight_scale > 0:

@@ -3,54 +3,45 @@
 Each step: shard, compute, reduce, update, sync, checkpoint.
 
     shard       the global batch of the step (a pure function of seed, epoch and step) is cut
-                into fixed virtual shards of ``shard_size`` images, whatever the worker count;
-    compute     one Dask task per shard reads its images from the Zarr store on its worker and
-                returns the shard's gradient *sums*, loss sum, count and BN batch moments;
-    reduce      the shard sums are added along one fixed pairwise tree, divided by the batch
-                size, and the L2 term is added once;
-    update      Adam (pipeline.optim.adam_inplace) on the flat parameter vector;
-    sync        spatial-BN running statistics from all shards' moments (count-weighted), then
-                the new parameters are published to every worker once;
+                into fixed virtual shards of ``shard_size`` images, whatever the worker count,
+                and the shards into one part per worker (:mod:`pipeline.training.plan`);
+    compute     one Dask task per part reads its shards' images on its worker, computes each
+                shard's gradient sum alone and adds them along the fixed tree;
+    reduce      reduce-scatter: each worker finishes the tree for its slice of the parameters
+                from every part's nodes, divides by the batch size and adds L2;
+    update      each worker applies Adam to its slice (all-gather: the next step's parts read
+                every slice); the coordinator moves and computes nothing of size P;
+    sync        the coordinator collects the small results: loss sums (a non-finite loss stops
+                the run), counts, and the spatial-BN moments it folds into the running statistics;
     checkpoint  every ``checkpoint_every`` steps and after each epoch, atomically.
 
-Nothing here depends on which worker ran what, so the same settings give the same bits on
-1, 2 or 4 workers, after a worker dies, and after ``--resume``.
-
-With the shared-memory transport the next step's tasks are submitted as soon as this step's
-shards are done: on their workers they read their images, then wait until the parameters of
-their step are published; a finished shard marks its status record in shared memory. Dask still
-places, runs and (after a worker dies) reruns every task, but its message latency is off
-the critical path.
+Nothing here depends on which worker ran what, so the same settings give the same bits on any
+number of workers, either transport, after a worker dies, and after ``--resume``. The parts of
+step s + 1 are submitted before step s is collected: on their workers they read their images and
+wait for step s's slices, so Dask's dispatch and the coordinator's bookkeeping stay off the
+critical path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.training.config import TrainConfig
 from pipeline.cluster import worker_cluster, worker_count
-from pipeline.training.exchange import open_exchange, warm_up_workers
-from pipeline.training.reduce import adam_scalars, combine_moments, finish_and_adam, finish_gradient
-from pipeline.training.reduce import sumsq as sum_of_squares
+from pipeline.errors import DataError, TrainingError
+from pipeline.training.config import TrainConfig
+from pipeline.training.exchange import gather, open_exchange, warm_up_workers
+from pipeline.training.reduce import combine_moments
 from pipeline.training.rundir import BN_KEYS, RunDir, write_plots
 from pipeline.training.shards import Schedule, cut, subset
 from pipeline.training.transport import Layout
 from pipeline.training.worker import ModelSpec, TaskSpec, shard_predictions
-from pipeline.errors import DataError, TrainingError
-from pipeline.optim import adam_inplace
 
 EVAL_SHARD = 500            # images per accuracy task
-# steps whose shard tasks are submitted before their parameters exist. One: when step k + 1's
-# tasks are submitted, all of step k's have finished, so a task waiting for its parameters
-# never holds a worker thread an earlier step's task needs (two could deadlock 1-thread workers)
-AHEAD = 1
 REGULARIZED = ("W1", "W2", "W3")
 CHECKPOINT_FORMAT = "convpipe-train/1"
 
@@ -70,6 +61,12 @@ class State:
     metrics_lines: int = 0
 
 
+def model_spec(config: TrainConfig, num_classes: int) -> ModelSpec:
+    """The network a run's settings describe."""
+    return ModelSpec(config.num_filters, config.filter_size, config.hidden_dim, num_classes,
+                     config.norm, config.num_groups, config.dtype)
+
+
 def train(config: TrainConfig, client=None, progress=None) -> dict:
     """Train ThreeLayerConvNet data-parallel on a Dask cluster; return the run's summary.
 
@@ -81,69 +78,88 @@ def train(config: TrainConfig, client=None, progress=None) -> dict:
     config = config.validate()
     store, n_train = _open_data(config)
     schedule = Schedule(n_train, config.batch_size, config.shard_size, config.seed, config.epochs, config.steps)
-    mspec = ModelSpec(config.num_filters, config.filter_size, config.hidden_dim, len(store.class_names),
-                      config.norm, config.num_groups, config.dtype)
+    mspec = model_spec(config, len(store.class_names))
     model = mspec.build(weight_scale=config.weight_scale, reg=config.reg, seed=config.seed)
     layout = Layout.of(model.params)
+    segments = tuple((sl.start, sl.stop, config.reg if name in REGULARIZED else 0.0)
+                     for name, sl in layout.slices().items())
 
-    with worker_cluster(client, config.scheduler, config.workers, config.threads_per_worker) as client, \
-            _numba_threads(1):
+    with worker_cluster(client, config.scheduler, config.workers, config.threads_per_worker) as client:
         run, config = _open_run(config)
         state = _resume(run, layout, config, model, emit) if config.resume else _fresh(model, layout)
-        spec = TaskSpec(mspec, store.path, layout, config.threads_per_worker)
-        exchange = open_exchange(client, config.transport, spec, layout, config.batch_size // config.shard_size)
+        spec = TaskSpec(mspec, store.path, layout, config.threads_per_worker, segments, config.lr,
+                        config.stall_timeout)
+        exchange = open_exchange(client, config.transport, spec, layout, config.batch_size // config.shard_size,
+                                 worker_count(client), config.stall_timeout)
         try:
-            return _train_loop(config, run, schedule, model, layout, state, exchange, client, store, emit)
+            return _train_loop(config, run, schedule, model, state, exchange, client, store, emit)
         finally:
-            exchange.close()                      # tasks still waiting for parameters give up
+            exchange.close()                      # tasks still waiting give up
 
 
-def _train_loop(config, run, schedule, model, layout, state, exchange, client, store, emit) -> dict:
-    params = exchange.params                      # the flat vector the workers see
-    params[:] = state.params
-    grad = np.empty_like(params)
-    slices = layout.slices()
-    adam = {"learning_rate": config.lr, "m": state.m, "v": state.v, "t": state.t}
+class Clock:
+    """Seconds per phase of the loop, summed over steps (bookkeeping out of the loop's way)."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def lap(self, phase: str) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        self.totals[phase] = self.totals.get(phase, 0.0) + dt
+        return dt
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.totals[phase] = self.totals.get(phase, 0.0) + seconds
+
+
+@dataclass
+class Progress:
+    """What the loop has done this session (for the summary)."""
+
+    images: int = 0
+    steps: int = 0
+    train_acc: float | None = None
+    val_acc: float | None = None
+    metrics_lines: int = 0
+
+
+def _train_loop(config, run, schedule, model, state, exchange, client, store, emit) -> dict:
     bn = dict(state.bn)
-    metrics_lines = state.metrics_lines
-    totals = dict.fromkeys(("read", "compute", "transfer", "reduce", "adam", "bn_sync", "checkpoint", "eval"), 0.0)
-    images, steps_run = 0, 0
-    train_acc = val_acc = None
-    workers = worker_count(client)
+    done = Progress(metrics_lines=state.metrics_lines)
     emit({"event": "start", "run_dir": str(run.path), "start_step": state.step, "total_steps": schedule.total_steps,
-          "steps_per_epoch": schedule.steps_per_epoch, "epochs": schedule.num_epochs, "workers": workers,
-          "batch_size": config.batch_size, "transport": exchange.kind,
+          "steps_per_epoch": schedule.steps_per_epoch, "epochs": schedule.num_epochs,
+          "workers": worker_count(client), "batch_size": config.batch_size, "transport": exchange.kind,
           "dashboard": getattr(client, "dashboard_link", None)})
-    exchange.publish(state.step)
-    t_warm = time.perf_counter()
-    _warm_up_kernels(params.dtype)
-    warmup = warm_up_workers(client, exchange, schedule.n_train) + (time.perf_counter() - t_warm)
-    t_begin = time.perf_counter()
-    ahead = {}                                    # step -> its shard tasks, submitted in advance
-    last_published = time.time()
+    exchange.start(state.step, state.params, state.m, state.v)
+    warmup = warm_up_workers(client, exchange, schedule.n_train, state.step)
+    clock = Clock()
+    t_begin = clock.t
+    in_flight = {}
 
+    def submit(step):                           # the parts of ``step``, if it is part of the run
+        if step < schedule.total_steps and step not in in_flight:
+            shards = schedule.shards(step)       # shard: the step's batch in fixed virtual shards
+            in_flight[step] = exchange.submit(step, exchange.plan(len(shards)), shards,
+                                              sum(len(s) for s in shards), state.t + step - state.step + 1)
+
+    submit(state.step)
     for step in range(state.step, schedule.total_steps):
-        t0 = time.perf_counter()
-        # shard: this step's global batch, cut into fixed virtual shards
-        shards = schedule.shards(step)
-        # compute: one task per shard, on the workers, returning gradient sums
-        early = step in ahead
-        stats, slots = exchange.collect(ahead.pop(step) if early else exchange.submit(step, shards))
-        t1, collected = time.perf_counter(), time.time()
-        if exchange.early:
-            # keep the next steps' tasks in flight: on their workers they read their images,
-            # then wait for the parameters of their step (Dask's dispatch hides behind compute)
-            for nxt in range(step + 1, min(step + 1 + AHEAD, schedule.total_steps)):
-                if nxt not in ahead:
-                    ahead[nxt] = exchange.submit(nxt, schedule.shards(nxt))
-        t1b = time.perf_counter()
-        n = sum(s["n"] for s in stats)
-        if n != sum(len(s) for s in shards) or [s["slot"] for s in stats] != list(range(len(shards))):
-            raise TrainingError(f"step {step + 1}: shard results cover {n} images in slots "
-                                f"{[s['slot'] for s in stats]}, expected {sum(len(s) for s in shards)}")
-        # reduce: fixed-order tree over the shards, / n, + reg * W (the only place L2 is added)
-        sumsq = math.fsum(sum_of_squares(params[slices[name]]) for name in REGULARIZED)
-        loss = math.fsum(s["loss_sum"] for s in stats) / n + 0.5 * config.reg * sumsq
+        sent, received = exchange.sent, exchange.received
+        submit(step + 1)                         # the next step waits on its workers for this one
+        # compute, reduce, update: on the workers; collect their small results
+        t0 = clock.lap("coordinator")
+        parts = exchange.collect(in_flight.pop(step))
+        wait = clock.lap("wait")
+        shards = [s for p in parts for s in p["shards"]]
+        n = sum(s["n"] for s in shards)
+        expected = len(schedule.batch(step))
+        if n != expected or [s["slot"] for s in shards] != list(range(len(shards))):
+            raise TrainingError(f"step {step + 1}: part results cover {n} images in shards "
+                                f"{[s['slot'] for s in shards]}, expected {expected}")
+        sumsq = math.fsum(x for p in parts for x in p["partials"])
+        loss = math.fsum(s["loss_sum"] for s in shards) / n + 0.5 * config.reg * sumsq
         if not math.isfinite(loss):
             last = run.checkpoints()
             raise TrainingError(
@@ -151,79 +167,71 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
                 + (f"last good checkpoint {last[0]}" if last else "no checkpoint was written yet")
                 + " (try a smaller --lr)"
             )
-        # update: Adam on the flat vector, in place (exactly pipeline.optim.adam's update);
-        # with at most two shards the tree, L2 and Adam run fused in one pass over memory
-        if len(shards) <= 2:
-            t2 = time.perf_counter()
-            segments = [(sl.start, sl.stop, config.reg if name in REGULARIZED else 0.0) for name, sl in slices.items()]
-            finish_and_adam(slots, params, adam["m"], adam["v"], n, segments, adam_scalars(adam, params.dtype))
-        else:
-            for name, sl in slices.items():
-                finish_gradient(slots[:, sl], params[sl], grad[sl], n, config.reg if name in REGULARIZED else 0.0)
-            t2 = time.perf_counter()
-            adam_inplace(params, grad, adam)
-        t3 = time.perf_counter()
-        # sync: BN running statistics from every shard's moments, then parameters to the workers
+        # sync: BN running statistics from every shard's moments (count-weighted)
         if bn:
-            mean, var = combine_moments([s["bn_mean"] for s in stats], [s["bn_var"] for s in stats],
-                                        [s["n"] for s in stats])
+            mean, var = combine_moments([s["bn_mean"] for s in shards], [s["bn_var"] for s in shards],
+                                        [s["n"] for s in shards])
             model.set_state(bn)
             model.update_running_stats(mean, var)
             bn = model.get_state()
-        t4 = time.perf_counter()
-        exchange.publish(step + 1)
-        t5 = time.perf_counter()
-        published = time.time()
-
-        # time of the step: compute = busiest worker's forward/backward + writing its sums;
-        # transfer = the rest of the wait for the shard results (scheduling, messages, reading
-        # images unless that overlapped the previous update) + publishing the parameters
-        busiest = _busiest(stats)
-        critical = busiest["compute_s"] + (0.0 if early else busiest["read_s"])
-        timing = {"read": busiest["read_s"], "compute": busiest["compute_s"],
-                  "transfer": max(0.0, (t1 - t0) - critical) + (t1b - t1) + (t5 - t4),
-                  "reduce": t2 - t1b, "adam": t3 - t2, "bn_sync": t4 - t3}
-        for k, v in timing.items():
-            totals[k] += v
-        images += n
-        steps_run += 1
-        record = {"kind": "step", "step": step + 1, "epoch": schedule.epoch_of(step) + 1, "loss": loss, "n": n,
-                  "seconds": t5 - t0, "images_per_s": n / (t5 - t0), **{f"{k}_s": v for k, v in timing.items()},
-                  # of the transfer: shard tasks starting after the parameters were published,
-                  # and their results reaching the coordinator after the last one finished
-                  "start_latency_s": max(s["begin"] for s in stats) - last_published if early else None,
-                  "return_latency_s": collected - max(s["end"] for s in stats),
-                  "arrival_after_publish_s": max(s["arrived"] for s in stats) - last_published if early else None}
-        last_published = published
+        record = _step_record(step, schedule, loss, n, parts, coordinator=t0, waited=wait)
+        record.update(coordinator_bytes_out=exchange.sent - sent, coordinator_bytes_in=exchange.received - received)
         run.append_metrics(record)
-        metrics_lines += 1
+        done.metrics_lines += 1
+        done.images += n
+        done.steps += 1
         emit({"event": "step", **record, "total_steps": schedule.total_steps})
 
         if schedule.ends_epoch(step):
-            te = time.perf_counter()
             train_idx = subset(config.seed, schedule.n_train, config.train_acc_samples, tag=1)
-            train_acc = _accuracy(client, exchange, bn, store, "train", train_idx)
-            val_acc = _accuracy(client, exchange, bn, store, "val", None)
-            totals["eval"] += time.perf_counter() - te
+            done.train_acc = _accuracy(client, exchange, step + 1, bn, store, "train", train_idx, config)
+            done.val_acc = _accuracy(client, exchange, step + 1, bn, store, "val", None, config)
             record = {"kind": "epoch", "epoch": schedule.epoch_of(step) + 1, "step": step + 1,
-                      "train_acc": train_acc, "val_acc": val_acc, "loss": loss,
+                      "train_acc": done.train_acc, "val_acc": done.val_acc, "loss": loss,
                       "seconds": state.seconds + time.perf_counter() - t_begin}
             run.append_metrics(record)
-            metrics_lines += 1
+            done.metrics_lines += 1
             emit({"event": "epoch", **record})
+            clock.lap("eval")
 
         if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
-            tc = time.perf_counter()
-            path = _save(run, layout, config, State(step + 1, params, adam["m"], adam["v"], adam["t"], bn,
-                                                    state.seconds + time.perf_counter() - t_begin,
-                                                    state.images + images, metrics_lines))
-            totals["checkpoint"] += time.perf_counter() - tc
+            params, m, v = exchange.state(step + 1)
+            path = _save(run, exchange.layout, config, State(step + 1, params, m, v, state.t + step + 1 - state.step,
+                                                             bn, state.seconds + time.perf_counter() - t_begin,
+                                                             state.images + done.images, done.metrics_lines))
             emit({"event": "checkpoint", "step": step + 1, "path": str(path)})
+            clock.lap("checkpoint")
 
     seconds = time.perf_counter() - t_begin
-    final = layout.views(params.copy())
+    clock.lap("coordinator")
+    final = exchange.layout.views(exchange.state(schedule.total_steps)[0])
     run.write_params(final, {f"bn_{k}": v for k, v in bn.items()} if bn else None)
+    summary = _summary(config, run, schedule, state, done, clock, seconds, warmup, exchange, client, final, emit)
+    run.write_summary(summary)
+    emit({"event": "done", **summary})
+    return summary
+
+
+# ---- pieces of the loop ----------------------------------------------------------------------------
+
+def _step_record(step, schedule, loss, n, parts, coordinator: float, waited: float) -> dict:
+    """A metrics line for ``step``: its loss and where its time went. ``compute`` and ``reduce``
+    are the busiest worker's; ``sync`` the longest wait of a worker for the others' gradients;
+    ``coordinator`` the coordinator's own time since it collected the step before."""
+    seconds = coordinator + waited
+    busiest = max(parts, key=lambda p: p.get("compute_s", 0.0) + p.get("reduce_s", 0.0))
+    timing = {"read": max(p.get("read_s", 0.0) for p in parts), "compute": busiest.get("compute_s", 0.0),
+              "reduce": max(p.get("reduce_s", 0.0) for p in parts), "sync": max(p.get("sync_s", 0.0) for p in parts),
+              "coordinator": coordinator}
+    return {"kind": "step", "step": step + 1, "epoch": schedule.epoch_of(step) + 1, "loss": loss, "n": n,
+            "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else None,
+            **{f"{k}_s": v for k, v in timing.items()}}
+
+
+def _summary(config, run, schedule, state, done, clock, seconds, warmup, exchange, client, final, emit) -> dict:
+    """The run's summary.json: results, speed, and where the time went."""
     metrics = run.read_metrics()
+    train_acc, val_acc = done.train_acc, done.val_acc
     epochs_done = [m for m in metrics if m.get("kind") == "epoch"]
     if epochs_done and train_acc is None:  # resumed after the last epoch's evaluation
         train_acc, val_acc = epochs_done[-1]["train_acc"], epochs_done[-1]["val_acc"]
@@ -232,84 +240,50 @@ def _train_loop(config, run, schedule, model, layout, state, exchange, client, s
     except Exception as exc:  # noqa: BLE001 - a plot must not lose a finished run
         plots = []
         emit({"event": "warning", "message": f"plots not written: {exc}"})
-    summary = {
+    steps = [m for m in metrics if m.get("kind") == "step"][-done.steps:] if done.steps else []
+    train_seconds = seconds - clock.totals.get("eval", 0.0)
+    breakdown = {k: sum(m[f"{k}_s"] for m in steps) / len(steps) for k in ("read", "compute", "reduce", "sync")} \
+        if steps else {}
+    if steps:
+        breakdown["coordinator"] = clock.totals.get("coordinator", 0.0) / len(steps)
+        breakdown["checkpoint"] = clock.totals.get("checkpoint", 0.0) / len(steps)
+    return {
         "run_dir": str(run.path),
         "train_acc": train_acc,
         "val_acc": val_acc,
         "steps": schedule.total_steps,
-        "steps_this_session": steps_run,
+        "steps_this_session": done.steps,
         "epochs": schedule.num_epochs,
-        "images": state.images + images,
+        "images": state.images + done.images,
         "seconds": state.seconds + seconds,
         # training time of this session: the loop, checkpoints included, accuracy evaluation not
-        "train_seconds": seconds - totals["eval"],
-        "images_per_s": images / (seconds - totals["eval"]) if steps_run else None,
-        "step_breakdown_s": {k: v / steps_run for k, v in totals.items()} if steps_run else {},
+        "train_seconds": train_seconds,
+        "images_per_s": done.images / train_seconds if done.steps else None,
+        "step_breakdown_s": breakdown,
+        # bytes of task arguments and results through the coordinator, per step (none of size P)
+        "coordinator_bytes_out": sum(m["coordinator_bytes_out"] for m in steps) / len(steps) if steps else None,
+        "coordinator_bytes_in": sum(m["coordinator_bytes_in"] for m in steps) / len(steps) if steps else None,
         "warmup_s": warmup,
-        "fused_update": config.batch_size // config.shard_size <= 2,   # reduce and Adam in one pass
-        "workers": workers,
+        "workers": worker_count(client),
         "transport": exchange.kind,
         "final_loss": next((m["loss"] for m in reversed(metrics) if m.get("kind") == "step"), None),
         "plots": plots,
         "settings": config.to_dict(),
     }
-    run.write_summary(summary)
-    emit({"event": "done", **summary})
-    return summary
 
 
-# ---- pieces of the loop ----------------------------------------------------------------------------
-
-def _warm_up_kernels(dtype) -> None:
-    """Load the coordinator's compiled kernels (Numba's cache) before the timed steps."""
-    x = np.zeros((2, 8), dtype=dtype)
-    w, m, v, g = (np.zeros(8, dtype=dtype) for _ in range(4))
-    sum_of_squares(w)
-    finish_and_adam(x, w, m, v, 1, [(0, 8, 0.0)], adam_scalars({}, dtype))
-    finish_and_adam(x[:1], w, m, v, 1, [(0, 8, 0.0)], adam_scalars({}, dtype))
-    finish_gradient(np.zeros((3, 8), dtype=dtype), w, g, 1, 0.0)
-    adam_inplace(w, g, {})
-
-
-@contextlib.contextmanager
-def _numba_threads(n: int):
-    """The coordinator's kernels (sum of squares, fused reduce+Adam) on ``n`` threads: they are
-    memory-bound, and a parallel region on a busy machine waits for its slowest thread."""
-    import numba
-
-    before, interval = numba.get_num_threads(), sys.getswitchinterval()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    # the scheduler's event loop shares this process: hand the GIL back and forth quickly,
-    # so that the update does not wait 5 ms for it after each kernel
-    sys.setswitchinterval(min(interval, 2e-4))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
-        sys.setswitchinterval(interval)
-
-
-def _busiest(stats: list[dict]) -> dict:
-    """Read and compute seconds of the worker that was busiest this step (the critical path)."""
-    per = {}
-    for s in stats:
-        agg = per.setdefault(s["worker"], {"read_s": 0.0, "compute_s": 0.0})
-        agg["read_s"] += s["read_s"]
-        agg["compute_s"] += s["compute_s"] + s["write_s"]
-    return max(per.values(), key=lambda a: a["read_s"] + a["compute_s"])
-
-
-def _accuracy(client, exchange, bn, store, split, indices) -> float | None:
-    """Test-mode accuracy on ``split`` (``indices`` or all of it), as tasks over its shards."""
+def _accuracy(client, exchange, step, bn, store, split, indices, config) -> float | None:
+    """Test-mode accuracy on ``split`` (``indices`` or all of it) with the parameters of
+    ``step``, as tasks over its shards."""
     if indices is None:
         size = store.splits.get(split, 0)
         if not size:
             return None
         indices = np.arange(size, dtype=np.int64)
-    spec = exchange.spec
-    futures = [client.submit(shard_predictions, spec, exchange.params_ref(), bn or None, split, idx, pure=False)
+    futures = [client.submit(shard_predictions, exchange.spec, exchange.params_ref(step), bn or None, split, idx,
+                             pure=False, priority=10)
                for idx in cut(indices, EVAL_SHARD)]
-    counts = client.gather(futures)
+    counts = gather(client, futures, f"{split} accuracy after step {step}", config.stall_timeout)
     return sum(c["correct"] for c in counts) / sum(c["n"] for c in counts)
 
 

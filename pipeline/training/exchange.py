@@ -1,40 +1,91 @@
-"""The coordinator's side of a step's communication: publish parameters, run shard tasks,
-bring back the shard gradient sums.
+"""The coordinator's side of a step's communication: start the parts of a step on the workers,
+collect their small results, read the state for a checkpoint.
 
 ``SharedMemoryExchange`` and ``TcpExchange`` (see :mod:`pipeline.training.transport`) have one
 interface:
 
-    exchange.params                  the flat parameter vector the coordinator updates in place
-    exchange.publish(step)           make ``params`` the workers' parameters of ``step``
-    exchange.submit(step, shards)    start the shard tasks of ``step``; -> pending
-    exchange.collect(pending)        wait for them; -> (per-shard stats, gradient slots (k, P))
-    exchange.early                   whether ``submit(step + 1)`` may come before ``publish(step + 1)``
-                                     (the tasks then wait on the workers for the parameters)
-    exchange.params_ref()            what evaluation tasks take as their parameters
+    exchange.start(step, params, m, v)   the state the run continues from
+    exchange.submit(step, plan, shards, batch, adam_t) -> pending   the parts of ``step``
+    exchange.collect(pending)            wait for them; -> part results (shard stats, L2 sums)
+    exchange.state(step)                 (params, m, v) of ``step``, copies (checkpoints, the end)
+    exchange.params_ref(step)            what evaluation tasks take as the parameters of ``step``
     exchange.close()
+
+Neither moves or computes anything of size P in the coordinator per step: the workers reduce
+and update (reduce-scatter, update, all-gather); ``state`` reads P-sized data at checkpoints only.
 """
 
 from __future__ import annotations
 
-import platform
 import time
 
 import numpy as np
 
-from pipeline.training.reduce import pairwise
-from pipeline.training.transport import Layout, SharedBuffers, can_attach
-from pipeline.training.worker import TaskSpec, add_results, read_status, shard_gradient, strip_gradient, warm_up
 from pipeline.errors import TrainingError
+from pipeline.training.plan import CHUNK, StepPlan
+from pipeline.training.transport import Layout, SharedState, ShmRef, can_attach, ordered_stores, release_all
+from pipeline.training.worker import (ShmParams, TaskSpec, shm_part, tcp_part, tcp_partials, tcp_piece, tcp_start,
+                                      tcp_stats, tcp_update, tcp_weights, warm_up)
 
-class SharedMemoryExchange:
+
+def gather(client, futures: list, what: str, timeout: float) -> list:
+    """``client.gather(futures)``, but never forever: fails with one line naming ``what`` when
+    none of them finished for ``timeout`` seconds, or a task failed."""
+    from distributed import wait
+
+    pending, last = list(futures), time.monotonic()
+    while pending:
+        try:
+            wait(pending, timeout=min(2.0, max(0.1, timeout)), return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            pass
+        bad = [f for f in pending if f.status in ("error", "cancelled", "lost")]
+        if bad:
+            if bad[0].status == "error":
+                client.gather(bad)                   # raises the task's own exception
+            raise TrainingError(f"{what}: task {bad[0].key} was {bad[0].status}")
+        still = [f for f in pending if f.status != "finished"]
+        if len(still) < len(pending):
+            last = time.monotonic()
+        elif time.monotonic() - last > timeout:
+            workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+            raise TrainingError(f"{what}: no progress for {timeout:.0f} s ({len(still)} of {len(futures)} tasks "
+                                f"unfinished, {workers} workers connected)")
+        pending = still
+    return client.gather(futures)
+
+
+class _Exchange:
+    def __init__(self, client, spec: TaskSpec, layout: Layout, width: int, timeout: float):
+        self.client, self.spec, self.layout, self.width, self.timeout = client, spec, layout, width, timeout
+        self.addresses = list(client.scheduler_info(n_workers=-1)["workers"]) if client is not None else []
+        self.sent = self.received = 0       # bytes of task arguments and results, this coordinator
+
+    def _count(self, sent=None, received=None) -> None:
+        from dask.sizeof import sizeof
+
+        self.sent += sizeof(sent) if sent is not None else 0
+        self.received += sizeof(received) if received is not None else 0
+
+    def _where(self, part: int) -> dict:
+        """Part ``part`` prefers its own worker (its slice stays there); any other if it is gone."""
+        if not self.addresses:
+            return {}
+        return {"workers": [self.addresses[part % len(self.addresses)]], "allow_other_workers": True}
+
+    def plan(self, k: int) -> StepPlan:
+        return StepPlan.make(k, self.width, self.layout.size)
+
+
+class SharedMemoryExchange(_Exchange):
     kind = "shm"
-    early = True  # a task waits for its step's version in shared memory (reading its images meanwhile)
 
-    def __init__(self, client, spec: TaskSpec, layout: Layout, slots: int):
-        self.client, self.spec = client, spec
-        self.buffers = SharedBuffers(layout, slots)
-        self.params = self.buffers.params
-        self.ref = self.buffers.ref
+    def __init__(self, client, spec: TaskSpec, layout: Layout, slots: int, width: int, timeout: float):
+        super().__init__(client, spec, layout, width, timeout)
+        blocks = -(-layout.size // CHUNK)
+        self.shared = SharedState(layout, slots, max(width, 1), blocks)
+        self.ref: ShmRef = self.shared.ref
+        self.prev_width = 1
 
     def usable(self) -> bool:
         """Whether every worker now connected can map the shared files (same host)."""
@@ -44,112 +95,131 @@ class SharedMemoryExchange:
             return False
         return bool(seen) and all(seen.values())
 
-    def publish(self, step: int) -> None:
-        self.buffers.publish(step)
+    def start(self, step: int, params, m, v) -> None:
+        self.shared.start(step, params, m, v)
+        self.prev_width = 1
 
-    def submit(self, step: int, shards: list[np.ndarray]) -> tuple[int, list]:
-        return step, [
-            self.client.submit(shard_gradient, self.spec, self.ref, step, i, idx,
-                               key=f"shard-{step}-{i}-{self.ref.token[:8]}", pure=False)
-            for i, idx in enumerate(shards)
+    def submit(self, step: int, plan: StepPlan, shards: list[np.ndarray], batch: int, adam_t: int):
+        futures = [
+            self.client.submit(shm_part, self.spec, self.ref, step, plan, j,
+                               shards[plan.parts[j][0]:plan.parts[j][1]], batch, adam_t, self.prev_width,
+                               key=f"part-{step}-{j}-{self.ref.token[:8]}", pure=False, **self._where(j))
+            for j in range(plan.width)
         ]
+        self.prev_width = plan.width
+        self._count(sent=(shards, plan))
+        return step, futures
 
-    def collect(self, pending: tuple[int, list]) -> tuple[list[dict], np.ndarray]:
-        """Wait until every shard of the step has marked its status record done (shared
-        memory: no round trip through the scheduler). Dask still runs, places and, after a
-        worker dies, reruns the tasks; a task that fails raises here."""
+    def collect(self, pending) -> list[dict]:
         step, futures = pending
-        done = self.buffers.status[:len(futures), 0]
-        pause = 2e-5
-        while not (done == step).all():
-            bad = [f for f in futures if f.status in ("error", "cancelled", "lost")]
-            if bad:
-                self.client.gather(bad)            # raises the task's exception
-                raise TrainingError(f"shard task {bad[0].key} of step {step + 1} was {bad[0].status}")
-            time.sleep(pause)
-            pause = min(pause * 1.5, 1e-3)
-        stats = [read_status(self.buffers.status[i], i, self.params.dtype) for i in range(len(futures))]
-        return stats, self.buffers.grads[:len(futures)]
+        results = gather(self.client, futures, f"step {step + 1}", self.timeout)
+        for f in futures:
+            f.release()
+        self._count(received=results)
+        return results
 
+    def state(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return tuple(x.copy() for x in self.shared.state[step % 2])
 
-    def params_ref(self):
-        return self.ref
+    def params_ref(self, step: int):
+        return ShmParams(self.ref, step % 2)
 
     def close(self) -> None:
-        self.buffers.close()
+        self.shared.close()
+        try:
+            self.client.run(release_all)
+        except Exception:  # noqa: BLE001 - workers that left hold nothing of ours any more
+            pass
 
 
-class TcpExchange:
+class TcpExchange(_Exchange):
     kind = "tcp"
-    early = False  # the parameters travel with the tasks: submit after publish
 
-    def __init__(self, client, spec: TaskSpec, layout: Layout):
-        self.client, self.spec = client, spec
-        self.params = np.zeros(layout.size, dtype=layout.dtype)
-        self._future = None
-        self._step = None
+    def start(self, step: int, params, m, v) -> None:
+        plan = self.plan(1)
+        updates = []
+        for j, (lo, hi) in enumerate(plan.slices):
+            state = tuple(np.ascontiguousarray(x[lo:hi]) for x in (params, m, v))
+            data = self.client.scatter(state, hash=False, workers=self._where(j).get("workers"))
+            updates.append(self.client.submit(tcp_start, data, key=f"state-{step}-{j}-{id(self)}", pure=False,
+                                              **self._where(j)))
+        self._keep(step, updates)
 
-    def publish(self, step: int) -> None:
-        # once per step to every worker; a copy, so that the in-place Adam of the next step
-        # cannot reach data an in-process worker still holds
-        self._future = self.client.scatter(self.params.copy(), broadcast=True, hash=False)
-        self._step = step
+    def _keep(self, step: int, updates: list) -> None:
+        """The slices' states after ``step - 1`` (the state of ``step``) and their weights; the
+        last two steps' are kept (checkpoints and evaluation read the one before the newest)."""
+        weights = [self.client.submit(tcp_weights, u, pure=False, **self._where(j)) for j, u in enumerate(updates)]
+        self.history = {s: h for s, h in getattr(self, "history", {}).items() if s >= step - 1}
+        self.history[step] = (updates, weights)
 
-    def submit(self, step: int, shards: list[np.ndarray]) -> list:
-        if self._step != step:
-            raise TrainingError(f"parameters of step {step} were not published")
-        client = self.client
-        leaves = [
-            client.submit(shard_gradient, self.spec, self._future, step, i, idx,
-                          key=f"shard-{step}-{i}-{self._future.key}", pure=False)
-            for i, idx in enumerate(shards)
-        ]
-        counter = iter(range(len(leaves)))
-        root = pairwise(leaves, lambda a, b: client.submit(
-            add_results, a, b, key=f"sum-{step}-{next(counter)}-{self._future.key}", pure=False))
-        return [client.submit(strip_gradient, root, pure=False), client.submit(_gradient_of, root, pure=False)]
+    def submit(self, step: int, plan: StepPlan, shards: list[np.ndarray], batch: int, adam_t: int):
+        if step not in self.history:
+            raise TrainingError(f"tcp: parts of step {step + 1} submitted before step {step} was")
+        c, tag = self.client, f"{step}-{id(self)}"
+        prev, weights = self.history[step]
+        parts = [c.submit(tcp_part, self.spec, step, plan, j, shards[plan.parts[j][0]:plan.parts[j][1]],
+                          weights, key=f"part-{tag}-{j}", pure=False, **self._where(j))
+                 for j in range(plan.width)]
+        # reduce-scatter: slice j of every part's nodes goes to worker j, which updates its slice
+        updates = []
+        for j, (lo, hi) in enumerate(plan.slices):
+            pieces = [c.submit(tcp_piece, p, lo, hi, key=f"piece-{tag}-{i}-{j}", pure=False)
+                      for i, p in enumerate(parts)]
+            updates.append(c.submit(tcp_update, self.spec, step, plan, j, prev[j], pieces,
+                                    batch, adam_t, key=f"update-{tag}-{j}", pure=False, **self._where(j)))
+        stats = [c.submit(tcp_stats, p, pure=False) for p in parts]
+        partials = [c.submit(tcp_partials, u, pure=False) for u in updates]
+        self._keep(step + 1, updates)     # all-gather: the next step's parts fetch these slices
+        self._count(sent=(shards, plan))
+        return step, stats, partials
 
-    def collect(self, pending: list) -> tuple[list[dict], np.ndarray]:
-        stats, grad = self.client.gather(pending)
-        return sorted(stats, key=lambda r: r["slot"]), grad[None, :]
+    def collect(self, pending) -> list[dict]:
+        step, stats, partials = pending
+        got = gather(self.client, stats + partials, f"step {step + 1}", self.timeout)
+        self._count(received=got)
+        n = len(stats)
+        return [{**s, "part": j, **p} for j, (s, p) in enumerate(zip(got[:n], got[n:]))]
 
+    def state(self, step: int):
+        slices = gather(self.client, self.history[step][0], f"the state of step {step}", self.timeout)
+        return tuple(np.concatenate([s["state"][i] for s in slices]) for i in range(3))
 
-    def params_ref(self):
-        return self._future
+    def params_ref(self, step: int):
+        return self.history[step][1]
 
     def close(self) -> None:
-        self._future = None
+        self.history = {}
 
 
-def _gradient_of(result: dict) -> np.ndarray:
-    return result["grad"]
-
-
-def warm_up_workers(client, exchange, n_train: int) -> float:
+def warm_up_workers(client, exchange, n_train: int, step: int) -> float:
     """Run :func:`pipeline.training.worker.warm_up` once on every worker (in its task thread)."""
     t0 = time.perf_counter()
     addrs = list(client.scheduler_info(n_workers=-1)["workers"])
-    futures = [client.submit(warm_up, exchange.spec, exchange.params_ref(), n_train, workers=[a],
+    futures = [client.submit(warm_up, exchange.spec, exchange.params_ref(step), n_train, workers=[a],
                              allow_other_workers=False, pure=False, key=f"warm-up-{i}-{time.time_ns()}")
                for i, a in enumerate(addrs)]
     client.gather(futures)
     return time.perf_counter() - t0
 
 
-def open_exchange(client, transport: str, spec: TaskSpec, layout: Layout, slots: int):
+def open_exchange(client, transport: str, spec: TaskSpec, layout: Layout, slots: int, width: int,
+                  timeout: float = 600.0):
     """The transport asked for; ``auto``: shared memory when every worker shares this host.
 
-    The shared-memory protocol (write the data, then the version or done flag) relies on
-    x86's store order; ``auto`` picks tcp on other processors.
+    The shared-memory records rely on stores becoming visible in program order (x86); ``auto``
+    picks tcp on other processors, and ``shm`` is refused there.
     """
-    if transport == "auto" and platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    if transport == "shm" and not ordered_stores():
+        raise TrainingError("transport shm needs an x86-64 processor (its records rely on x86's store order); "
+                            "use --transport tcp or auto")
+    if transport == "auto" and not ordered_stores():
         transport = "tcp"
     if transport in ("auto", "shm"):
-        shm = SharedMemoryExchange(client, spec, layout, slots)
+        shm = SharedMemoryExchange(client, spec, layout, slots, width, timeout)
         if shm.usable():
             return shm
         shm.close()
         if transport == "shm":
             raise TrainingError("transport shm: some workers cannot map this host's shared memory "
                                 "(they run on another host); use --transport tcp or auto")
-    return TcpExchange(client, spec, layout)
+    return TcpExchange(client, spec, layout, width, timeout)

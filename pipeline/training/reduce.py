@@ -5,10 +5,11 @@ always added in one fixed pairwise tree over the shard index, whoever holds them
 
     level by level, neighbours are added (0+1, 2+3, ...); an odd last one moves up unchanged.
 
-``pairwise`` applies that tree to whole arrays (as Dask tasks where the data lives, over TCP);
-``finish_gradient`` applies the same tree element by element to gradient slots in shared
-memory, fused with the division by the batch size and the L2 term. Both give the same bits:
-IEEE addition of two numbers is the same whichever process does it.
+A worker sums its own shards into the largest tree nodes inside its range (``pairwise`` over
+whole arrays); :func:`tree_adam` finishes the tree element by element for one slice of the
+parameters from every worker's nodes (:mod:`pipeline.training.plan` says which), fused with the
+division by the batch size, the L2 term and Adam. The bits are the same whoever adds: IEEE
+addition of two numbers is the same in every process.
 """
 
 from __future__ import annotations
@@ -35,87 +36,110 @@ def pairwise(items: Sequence[T], add: Callable[[T, T], T]) -> T:
     return level[0]
 
 
-def add_arrays(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """One node of the tree for flat gradient vectors (a Dask task in the TCP transport)."""
-    return np.add(a, b)
+@numba.njit(cache=True, nogil=True)
+def _sumsq8(w):  # pragma: no cover - compiled
+    # w (n,): sum of w**2 in float64 on 8 lanes (lane i % 8), lanes added in a fixed order
+    acc = np.zeros(8, dtype=np.float64)
+    n8 = w.shape[0] // 8 * 8
+    for i in range(0, n8, 8):
+        for j in range(8):
+            x = np.float64(w[i + j])
+            acc[j] += x * x
+    for i in range(n8, w.shape[0]):
+        x = np.float64(w[i])
+        acc[i - n8] += x * x
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
+# element loops are prange loops even on one thread: the form LLVM vectorizes
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _add(x, y, out):  # pragma: no cover - compiled
+    # out (n,) = x (n,) + y (n,): one node of the shard tree
+    for i in numba.prange(out.shape[0]):
+        out[i] = x[i] + y[i]
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _finish(slots, k, w, out, batch, reg):  # pragma: no cover - compiled
-    n = w.shape[0]
-    chunk = 8192
-    nchunks = (n + chunk - 1) // chunk
-    for c in numba.prange(nchunks):
-        lo = c * chunk
-        hi = min(n, lo + chunk)
-        if k == 1:
-            for i in range(lo, hi):
-                out[i] = slots[0, i] / batch + reg * w[i]
-        elif k == 2:
-            for i in range(lo, hi):
-                out[i] = (slots[0, i] + slots[1, i]) / batch + reg * w[i]
-        else:
-            # the tree level by level on a block copy: buf[j] = buf[2j] + buf[2j+1]
-            buf = np.empty((k, hi - lo), dtype=out.dtype)
-            for j in range(k):
-                for i in range(lo, hi):
-                    buf[j, i - lo] = slots[j, i]
-            m = k
-            while m > 1:
-                h = m // 2
-                for j in range(h):
-                    for i in range(hi - lo):
-                        buf[j, i] = buf[2 * j, i] + buf[2 * j + 1, i]
-                if m % 2:
-                    for i in range(hi - lo):
-                        buf[h, i] = buf[m - 1, i]
-                    m = h + 1
-                else:
-                    m = h
-            for i in range(lo, hi):
-                out[i] = buf[0, i - lo] / batch + reg * w[i]
-
-
-@numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc"})
-def _sumsq(w):  # pragma: no cover - compiled
-    # fixed chunks, each summed in w's dtype (vectorized), chunk sums added in float64:
-    # the same bits for any number of threads
-    n = w.shape[0]
-    chunk = 8192
-    nchunks = (n + chunk - 1) // chunk
-    partial = np.zeros(nchunks, dtype=np.float64)
-    for c in numba.prange(nchunks):
-        acc = w.dtype.type(0)
-        for i in range(c * chunk, min(n, (c + 1) * chunk)):
-            acc += w[i] * w[i]
-        partial[c] = acc
-    return partial.sum()
-
-
-def finish_gradient(slots: np.ndarray, w: np.ndarray, out: np.ndarray, batch: int, reg: float) -> float:
-    """``out = tree_sum(slots) / batch + reg * w``; returns ``sum(w**2)`` (float64).
-
-    ``slots`` (k, P) holds the k shard gradient sums of one parameter (a single row when the
-    tree was already reduced elsewhere), ``w`` (P,) the parameter, ``out`` (P,) receives its
-    step gradient. Arithmetic is in ``w.dtype``; the sum of squares is for the loss's L2 term.
-    """
-    dt = w.dtype.type
-    _finish(slots, slots.shape[0], w, out, dt(batch), dt(reg))
-    return float(_sumsq(w))
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _finish_adam2(s0, s1, k, w, m, v, batch, reg, b1, omb1, b2, omb2, bc1, bc2, lr, eps):  # pragma: no cover
-    # k <= 2 shards: the tree is s0 (+ s1); then exactly optim._adam_kernel's arithmetic.
-    # 1-D contiguous arrays in a prange loop, even on one thread: the form LLVM vectorizes.
-    for i in numba.prange(w.shape[0]):
-        s = s0[i] + s1[i] if k == 2 else s0[i]
-        g = s / batch + reg * w[i]
+def _adam_piece(s, w, m, v, w2, m2, v2, reg, batch, b1, omb1, b2, omb2, bc1, bc2, lr, eps):  # pragma: no cover
+    # s (n,) tree sums -> g = the batch's mean gradient + reg * W (the only place L2 is added);
+    # then exactly pipeline.optim.adam's arithmetic: (w, m, v) (n,) -> (w2, m2, v2) (n,)
+    for i in numba.prange(s.shape[0]):
+        wi = w[i]
+        g = s[i] / batch + reg * wi
         mi = b1 * m[i] + omb1 * g
         vi = b2 * v[i] + omb2 * (g * g)
-        m[i] = mi
-        v[i] = vi
-        w[i] = w[i] - lr * (mi / bc1) / (np.sqrt(vi / bc2) + eps)
+        m2[i] = mi
+        v2[i] = vi
+        w2[i] = wi - lr * (mi / bc1) / (np.sqrt(vi / bc2) + eps)
+
+
+@numba.njit(cache=True, nogil=True)
+def _tree_adam(nodes, rows, ops, root, nbase, w, m, v, w2, m2, v2, wbase,
+               piece_lo, piece_hi, piece_reg, block_piece, partial,
+               batch, b1, omb1, b2, omb2, bc1, bc2, lr, eps):  # pragma: no cover - compiled
+    # nodes (r, *): the frontier nodes' gradient sums, element i in column i - nbase;
+    # w, m, v (*): parameters and Adam moments in; w2, m2, v2 out; element i at i - wbase;
+    # pieces [piece_lo, piece_hi) with their reg, grouped by block (block_piece: CSR offsets);
+    # partial (blocks,) float64: each block's sum of w**2 over its regularized pieces.
+    r = rows.shape[0]
+    buf = np.empty((max(ops.shape[0], 1), piece_hi.max() - piece_lo.min() if piece_lo.shape[0] else 1), dtype=w.dtype)
+    for blk in range(block_piece.shape[0] - 1):
+        total = 0.0
+        for p in range(block_piece[blk], block_piece[blk + 1]):
+            lo, hi, reg = piece_lo[p], piece_hi[p], piece_reg[p]
+            n = hi - lo
+            c0, k0 = lo - nbase, lo - wbase
+            # the rest of the tree: registers 0..r-1 are node rows, op j writes register r + j
+            for j in range(ops.shape[0]):
+                a, b = ops[j, 1], ops[j, 2]
+                x = nodes[rows[a], c0:c0 + n] if a < r else buf[a - r, :n]
+                y = nodes[rows[b], c0:c0 + n] if b < r else buf[b - r, :n]
+                _add(x, y, buf[ops[j, 0] - r, :n])
+            s = nodes[rows[root], c0:c0 + n] if root < r else buf[root - r, :n]
+            if reg != 0:
+                total += _sumsq8(w[k0:k0 + n])
+            _adam_piece(s, w[k0:k0 + n], m[k0:k0 + n], v[k0:k0 + n], w2[k0:k0 + n], m2[k0:k0 + n],
+                        v2[k0:k0 + n], reg, batch, b1, omb1, b2, omb2, bc1, bc2, lr, eps)
+        partial[blk] = total
+
+
+def pieces(lo: int, hi: int, segments: Sequence[tuple[int, int, float]], chunk: int):
+    """``[lo, hi)`` cut at ``chunk`` block and segment boundaries: arrays
+    (piece_lo, piece_hi, piece_reg, block_piece), pieces grouped by block (CSR offsets)."""
+    los, his, regs, firsts = [], [], [], []
+    for blk_lo in range(lo, hi, chunk):
+        firsts.append(len(los))
+        blk_hi = min(hi, blk_lo + chunk)
+        for a, b, reg in segments:
+            a, b = max(a, blk_lo), min(b, blk_hi)
+            if a < b:
+                los.append(a)
+                his.append(b)
+                regs.append(reg)
+    firsts.append(len(los))
+    return (np.asarray(los, np.int64), np.asarray(his, np.int64), np.asarray(regs, np.float64),
+            np.asarray(firsts, np.int64))
+
+
+def tree_adam(nodes: np.ndarray, rows: Sequence[int], ops: Sequence[tuple[int, int, int]], root: int,
+              nbase: int, state_in: tuple, state_out: tuple, wbase: int, lo: int, hi: int,
+              segments: Sequence[tuple[int, int, float]], chunk: int, batch: int, scalars: tuple) -> np.ndarray:
+    """Reduce, L2 and Adam for the parameter elements ``[lo, hi)`` in one pass over memory.
+
+    ``nodes`` (r, *): frontier nodes of the shard tree, register j in row ``rows[j]``, element i
+    in column ``i - nbase``; ``ops``, ``root`` (:func:`pipeline.training.plan.program`) finish
+    the tree. ``state_in = (w, m, v)`` are read, ``state_out`` written, element i at
+    ``i - wbase``. ``segments``: (start, stop, reg) of every parameter. ``scalars``:
+    :func:`adam_scalars`. Returns, per ``chunk`` block of ``[lo, hi)``, the float64 sum of
+    ``w**2`` over its regularized elements (the L2 term of the loss, before the update).
+    """
+    plo, phi, preg, first = pieces(lo, hi, segments, chunk)
+    dt = state_in[0].dtype.type
+    partial = np.zeros(len(first) - 1, dtype=np.float64)
+    _tree_adam(nodes, np.asarray(rows, dtype=np.int64), np.asarray(ops, dtype=np.int64).reshape(-1, 3), int(root),
+               int(nbase), *state_in, *state_out, int(wbase), plo, phi, preg.astype(dt), first, partial,
+               dt(batch), *scalars)
+    return partial
 
 
 def adam_scalars(config: dict, dtype) -> tuple:
@@ -130,30 +154,6 @@ def adam_scalars(config: dict, dtype) -> tuple:
     f = np.dtype(dtype).type
     return (f(b1), f(1 - b1), f(b2), f(1 - b2), f(1 - b1**t), f(1 - b2**t),
             f(config["learning_rate"]), f(config["epsilon"]))
-
-
-def finish_and_adam(slots: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray, batch: int,
-                    segments: list[tuple[int, int, float]], scalars: tuple) -> None:
-    """:func:`finish_gradient` followed by Adam, fused in one pass over memory, for k <= 2 slots.
-
-    ``segments``: (start, stop, reg) of each parameter in the flat vectors. Bit for bit
-    ``finish_gradient(slots[:, a:b], w[a:b], g[a:b], batch, reg)`` for each, then
-    ``adam_inplace(w, g, config)`` (a test holds it to that); ``scalars`` from
-    :func:`adam_scalars`, once per step.
-    """
-    if slots.shape[0] > 2:
-        raise ValueError("finish_and_adam: at most two gradient slots")
-    dt = w.dtype.type
-    k = slots.shape[0]
-    for a, b, reg in segments:
-        s0 = np.ascontiguousarray(slots[0, a:b])
-        s1 = np.ascontiguousarray(slots[k - 1, a:b])
-        _finish_adam2(s0, s1, k, w[a:b], m[a:b], v[a:b], dt(batch), dt(reg), *scalars)
-
-
-def sumsq(w: np.ndarray) -> float:
-    """``sum(w**2)`` for the loss's L2 term (fixed chunks: the same bits for any thread count)."""
-    return float(_sumsq(w))
 
 
 def combine_moments(means: Sequence[np.ndarray], variances: Sequence[np.ndarray],
@@ -173,6 +173,11 @@ def combine_moments(means: Sequence[np.ndarray], variances: Sequence[np.ndarray]
     return mean.astype(dtype), variance.astype(dtype)
 
 
-def update_running(running: np.ndarray, batch_stat: np.ndarray, momentum: float) -> np.ndarray:
-    """cs231n's running-average update, once per step: ``momentum * running + (1 - momentum) * stat``."""
-    return (momentum * running + (1 - momentum) * batch_stat).astype(running.dtype)
+def warm_kernels(dtype) -> None:
+    """Load (or compile) this module's kernels for ``dtype`` before anything is timed."""
+    w = np.zeros(16, dtype=dtype)
+    state = (w, w.copy(), w.copy())
+    nodes = np.zeros((2, 16), dtype=dtype)
+    for ops, root in (([], 0), ([(2, 0, 1)], 2)):
+        tree_adam(nodes, [0, 1], ops, root, 0, state, tuple(x.copy() for x in state), 0, 0, 16, [(0, 16, 1e-3)], 8,
+                  1, adam_scalars({}, dtype))

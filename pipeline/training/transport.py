@@ -3,33 +3,37 @@
 All parameters live in one flat vector (``Layout`` maps names to slices), so Adam, the
 gradient tree and every transfer work on a single contiguous array.
 
-Two transports, chosen once per run:
+Two transports, chosen once per run (the work is the same, see :mod:`pipeline.training.plan`):
 
-* ``shm`` — every worker runs on the coordinator's host: the parameters and one gradient
-  slot per shard live in two files in ``/dev/shm``. Workers map them; the coordinator's Adam
-  writes the parameters in place and a worker writes its shard's gradient sum into its slot.
-  Nothing of size P crosses a socket; Dask carries only small task descriptions and results.
-* ``tcp`` — anywhere: the parameters are scattered to every worker once per step
-  (``broadcast=True``), shard gradients stay on their workers and are added along the fixed
-  tree by Dask tasks where the data lives; only the root comes back to the coordinator.
+* ``shm`` — every worker runs on the coordinator's host. Parameters and Adam moments (twice:
+  step ``s`` reads copy ``s % 2`` and writes the other, so a task run again after its worker
+  died finds its inputs intact), one gradient slot per shard, and a self-validating record per
+  shard and per slice live in two files in ``/dev/shm``. Workers map them, write their tree
+  nodes into their slots, update their slice, and learn from the records when the others are
+  done. Nothing of size P crosses a socket, and the coordinator touches none of it.
+* ``tcp`` — anywhere: tree nodes and parameter slices move between workers as Dask data
+  (worker to worker); each worker keeps its slice's parameters and moments.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import platform
 import secrets
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.errors import TrainingError
+from pipeline.procs import Owner
 
-HEADER = 64  # bytes before the parameter vector: magic token (32) + version (int64)
-ABORTED = -1  # the version a coordinator publishes when it stops: waiting tasks give up
+HEADER = 64  # bytes before the state: magic token (32), then the abort flag (int64)
+NEVER = -9   # the step of a record not yet written
 _PREFIX = "convpipe-"
 
 
@@ -81,37 +85,64 @@ class Layout:
 
 # ---- shared memory ---------------------------------------------------------------------------------
 
+#: where stores become visible to other processes in program order (the records rely on it)
+TSO_MACHINES = ("x86_64", "amd64", "i386", "i686")
+
+
+def ordered_stores() -> bool:
+    """Whether this processor shows stores to other processes in program order (x86-TSO)."""
+    return platform.machine().lower() in TSO_MACHINES
+
+
+# A shard record (float64): [step, n, loss_sum, read_s, compute_s, begin, end, worker, has_bn,
+# pad.., bn_mean (C), bn_var (C), step]. A slice record: [step, sumsq of each of its blocks.., step].
+# Seqlock: the writer puts the step first, then the fields, the step last; a reader accepts a
+# record whose first and last entries both equal the step it expects, and checks again after it
+# has used the data the record vouches for (the gradient slots).
+SHARD_FIELDS = ("n", "loss_sum", "read_s", "compute_s", "begin", "end", "worker", "has_bn")
+SHARD_HEAD = 1 + 15          # step + fields (room to grow), then the BN moments
+
+
 @dataclass(frozen=True)
 class ShmRef:
-    """What a worker needs to map the run's shared parameters and gradient slots (picklable)."""
+    """What a worker needs to map the run's shared files (picklable)."""
 
-    params_path: str
+    state_path: str
     grads_path: str
     token: str
     layout: Layout
-    slots: int
-    owner_pid: int = 0
-    status_len: int = 0     # float64 fields per slot of the status table (after the gradients)
+    slots: int                 # gradient slots: shards per step
+    max_slices: int            # slice records per parity
+    blocks: int                # CHUNK blocks of the parameter vector
+    owner: Owner
+
+    @property
+    def channels(self) -> int:
+        return self.layout.shapes[0][0] if self.layout.shapes else 0
+
+    @property
+    def shard_len(self) -> int:
+        return SHARD_HEAD + 2 * self.channels + 1
+
+    @property
+    def slice_len(self) -> int:
+        return 1 + self.blocks + 1
+
+    @property
+    def state_bytes(self) -> int:
+        return HEADER + 2 * 3 * self.layout.size * np.dtype(self.layout.dtype).itemsize
 
     @property
     def grads_bytes(self) -> int:
         return -(-self.slots * self.layout.size * np.dtype(self.layout.dtype).itemsize // 8) * 8
 
     @property
+    def records_len(self) -> int:
+        return 2 * (self.slots * self.shard_len + self.max_slices * self.slice_len)
+
+    @property
     def file_bytes(self) -> int:
-        return max(1, self.grads_bytes + self.slots * self.status_len * 8)
-
-
-# A slot's status record (float64): written by the worker after its gradient sum, ``done``
-# last, so the coordinator learns of a finished shard from shared memory, not via Dask.
-STATUS = ("done", "n", "loss_sum", "read_s", "wait_s", "compute_s", "write_s", "begin", "end",
-          "arrived", "worker", "has_bn")
-STATUS_FIELDS = 16   # then bn_mean (C), bn_var (C)
-
-
-def status_len(layout: Layout) -> int:
-    channels = layout.shapes[0][0] if layout.shapes else 0
-    return STATUS_FIELDS + 2 * channels
+        return self.grads_bytes + 8 * self.records_len
 
 
 def shm_root() -> Path:
@@ -119,52 +150,82 @@ def shm_root() -> Path:
     return root if root.is_dir() and os.access(root, os.W_OK) else Path(tempfile.gettempdir())
 
 
-class SharedBuffers:
+class Mapped:
+    """Views of the two shared files: ``state[parity]`` = (w, m, v) flat vectors, ``slots``
+    (k, P) gradient slots, ``shards[parity]`` (k, shard_len) and ``slices[parity]``
+    (max_slices, slice_len) records, ``abort`` (the coordinator stopped)."""
+
+    def __init__(self, ref: ShmRef, smap, gmap):
+        n, dt = ref.layout.size, ref.layout.dtype
+        self.ref, self._maps = ref, (smap, gmap)
+        self.abort = np.frombuffer(smap, dtype=np.int64, count=1, offset=32)
+        vectors = np.frombuffer(smap, dtype=dt, count=6 * n, offset=HEADER).reshape(2, 3, n)
+        self.state = [tuple(vectors[p]) for p in range(2)]
+        self.slots = np.frombuffer(gmap, dtype=dt, count=ref.slots * n).reshape(ref.slots, n)
+        records = np.frombuffer(gmap, dtype=np.float64, count=ref.records_len, offset=ref.grads_bytes)
+        half = ref.records_len // 2
+        cut = ref.slots * ref.shard_len
+        self.shards = [records[p * half:p * half + cut].reshape(ref.slots, ref.shard_len) for p in range(2)]
+        self.slices = [records[p * half + cut:(p + 1) * half].reshape(ref.max_slices, ref.slice_len)
+                       for p in range(2)]
+
+    def release(self) -> None:
+        self.state = self.slots = self.shards = self.slices = self.abort = None
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:     # a view handed out is still alive; freed with it
+                pass
+        self._maps = ()
+
+
+class SharedState(Mapped):
     """The coordinator's side: creates, owns and finally removes the two shared files."""
 
-    def __init__(self, layout: Layout, slots: int):
+    def __init__(self, layout: Layout, slots: int, max_slices: int, blocks: int):
+        if not ordered_stores():
+            raise TrainingError(f"transport shm: this {platform.machine()} processor does not keep stores in order; "
+                                "use --transport tcp (or auto)")
         remove_stale()
-        self.token = secrets.token_hex(16)
+        owner = Owner.me()
+        token = secrets.token_hex(16)
         root = shm_root()
-        base = root / f"{_PREFIX}{os.getpid()}-{_pid_namespace()}-{self.token[:12]}"
-        self.layout = layout
-        itemsize = np.dtype(layout.dtype).itemsize
-        self.ref = ShmRef(f"{base}-params", f"{base}-grads", self.token, layout, slots, os.getpid(),
-                          status_len(layout))
-        self._maps = []
+        base = root / f"{_PREFIX}{owner.pid}-{owner.namespace}-{token[:12]}"
+        ref = ShmRef(f"{base}-state", f"{base}-grads", token, layout, slots, max_slices, blocks, owner)
+        self.paths = (ref.state_path, ref.grads_path)
+        made = []
         try:
-            pmap = _create(self.ref.params_path, HEADER + layout.size * itemsize)
-            gmap = _create(self.ref.grads_path, self.ref.file_bytes)
+            for path, size in ((ref.state_path, ref.state_bytes), (ref.grads_path, ref.file_bytes)):
+                made.append(_create(path, size))
         except OSError as exc:
-            self.close()
-            raise TrainingError(f"cannot create shared memory in {root}: {exc.strerror or exc}") from None
-        self._maps = [pmap, gmap]
-        pmap[:32] = self.token.encode()
-        self.version = np.frombuffer(pmap, dtype=np.int64, count=1, offset=32)
-        self.params = np.frombuffer(pmap, dtype=layout.dtype, count=layout.size, offset=HEADER)
-        self.grads = np.frombuffer(gmap, dtype=layout.dtype, count=slots * layout.size).reshape(slots, layout.size)
-        self.status = _status_view(gmap, self.ref)
-        self.status[:, 0] = -1
+            self._unlink()
+            raise TrainingError(f"cannot create shared memory in {root} ({ref.state_bytes + ref.file_bytes} bytes): "
+                                f"{exc.strerror or exc}") from None
+        made[0][:32] = token.encode()
+        super().__init__(ref, *made)
+        for p in range(2):
+            self.shards[p][:] = NEVER
+            self.slices[p][:] = NEVER
 
-    def publish(self, version: int) -> None:
-        """Mark the parameters in place as those of ``version`` (a step number)."""
-        self.version[0] = version
+    def start(self, step: int, params: np.ndarray, m: np.ndarray, v: np.ndarray) -> None:
+        """The state the run continues from: that of ``step`` (one slice, done at ``step - 1``)."""
+        for dst, src in zip(self.state[step % 2], (params, m, v)):
+            dst[:] = src
+        record = self.slices[(step - 1) % 2][0]
+        record[0] = record[-1] = step - 1
 
     def close(self) -> None:
-        if self.version is not None:
-            self.version[0] = ABORTED
-        self.params = self.grads = self.version = self.status = None
-        self._maps = []  # the maps close when the last view is gone
-        for p in (self.ref.params_path, self.ref.grads_path):
+        if self.abort is not None:
+            self.abort[0] = 1          # tasks still waiting give up
+        self.release()
+        self._unlink()
+
+    def _unlink(self) -> None:
+        for p in self.paths:
             try:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
-
-
-def _status_view(gmap, ref: ShmRef) -> np.ndarray:
-    return np.frombuffer(gmap, dtype=np.float64, count=ref.slots * ref.status_len,
-                         offset=ref.grads_bytes).reshape(ref.slots, ref.status_len)
 
 
 def _create(path: str, size: int) -> mmap.mmap:
@@ -176,100 +237,104 @@ def _create(path: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
-def _pid_namespace() -> int:
-    """This process's pid namespace (containers sharing /dev/shm can have equal pids)."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
-
-
 def remove_stale() -> None:
-    """Remove shared files left by killed coordinators of this pid namespace (pid gone)."""
-    ns = str(_pid_namespace())
+    """Remove shared files left by killed coordinators (only of this host's pid namespace)."""
+    me = Owner.me()
     for p in shm_root().glob(f"{_PREFIX}*-*-*"):
         fields = p.name[len(_PREFIX):].split("-")
-        if len(fields) < 3 or fields[1] != ns or not fields[0].isdigit():
+        if len(fields) < 3 or not fields[0].isdigit() or not fields[1].isdigit():
             continue
-        try:
-            os.kill(int(fields[0]), 0)
-        except ProcessLookupError:
+        if not Owner(me.host, int(fields[1]), int(fields[0])).alive():
             try:
                 p.unlink()
             except OSError:
                 pass
-        except PermissionError:
-            pass
 
 
-class Attached:
-    """A worker's view of the shared files: read-only parameters, writable gradient slots."""
+class Attached(Mapped):
+    """A worker's view of the shared files."""
 
     def __init__(self, ref: ShmRef):
-        itemsize = np.dtype(ref.layout.dtype).itemsize
-        with open(ref.params_path, "rb") as f:
-            pmap = mmap.mmap(f.fileno(), HEADER + ref.layout.size * itemsize, prot=mmap.PROT_READ)
-        if pmap[:32] != ref.token.encode():
-            raise TrainingError(f"shared parameters {ref.params_path} belong to another run")
+        with open(ref.state_path, "r+b") as f:
+            smap = mmap.mmap(f.fileno(), ref.state_bytes)
+        if smap[:32] != ref.token.encode():
+            raise TrainingError(f"shared state {ref.state_path} belongs to another run")
         with open(ref.grads_path, "r+b") as f:
             gmap = mmap.mmap(f.fileno(), ref.file_bytes)
-        self.version = np.frombuffer(pmap, dtype=np.int64, count=1, offset=32)
-        self.params = np.frombuffer(pmap, dtype=ref.layout.dtype, count=ref.layout.size, offset=HEADER)
-        self.grads = np.frombuffer(gmap, dtype=ref.layout.dtype, count=ref.slots * ref.layout.size).reshape(
-            ref.slots, ref.layout.size
-        )
-        self.status = _status_view(gmap, ref)
-        self.param_views = ref.layout.views(self.params)
-        self.owner_pid = ref.owner_pid
+        super().__init__(ref, smap, gmap)
 
-    def wait_for(self, version: int, timeout: float = 600.0) -> None:
-        """Wait until the coordinator has published ``version`` (tasks of the next step are
-        submitted while it still updates the parameters). Raises if it stopped or died."""
-        deadline = time.monotonic() + timeout
-        pause = 5e-5
-        while True:
-            seen = int(self.version[0])
-            if seen == version:
-                return
-            if seen == ABORTED or seen > version:
-                state = "no step (the run stopped)" if seen == ABORTED else f"step {seen}"
-                raise TrainingError(f"shared parameters are at {state}, task expected step {version}")
-            # short pauses first (an update takes milliseconds), then at most 1 ms apart:
-            # a waiting task must not take CPU from the coordinator's update
-            time.sleep(pause)
-            pause = min(pause * 1.5, 1e-3)
-            if pause == 1e-3 and (time.monotonic() > deadline or not _alive(self.owner_pid)):
-                raise TrainingError(f"the coordinator did not publish step {version}: it has stopped")
+    def wait(self, ready: Callable[[], bool], what: str, timeout: float) -> float:
+        """Wait until ``ready()``; returns the seconds waited. Short pauses first; past a few
+        milliseconds the task leaves its worker's thread pool, so that a waiting task never
+        holds a thread another task needs. Raises when the run stopped or ``timeout`` passed."""
+        if ready():
+            return 0.0
+        t0 = time.monotonic()
+        pause, seceded = 2e-5, False
+        try:
+            while not ready():
+                if self.abort[0]:
+                    raise TrainingError(f"the run stopped while a task waited for {what}")
+                waited = time.monotonic() - t0
+                if waited > 5e-3 and not seceded:
+                    seceded = _secede()
+                if waited > timeout or (pause >= 1e-3 and not self.ref.owner.alive()):
+                    raise TrainingError(f"waited {waited:.0f} s for {what}: the coordinator or a worker stopped")
+                time.sleep(pause)
+                pause = min(pause * 1.5, 1e-3 if waited > 0.05 else 2e-4)
+        finally:
+            if seceded:
+                from distributed import rejoin
+
+                rejoin()
+        return time.monotonic() - t0
 
 
-def _alive(pid: int) -> bool:
-    if not pid:
-        return True
+def _secede() -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        from distributed import secede
+
+        secede()
+        return True
+    except (ImportError, ValueError):   # not in a Dask worker's task
         return False
-    except PermissionError:
-        pass
-    return True
+
+
+def record_is(record: np.ndarray, step: int) -> bool:
+    """Whether ``record`` holds a complete write for ``step`` (first and last entries agree)."""
+    return record[-1] == step and record[0] == step
+
+
+def write_record(record: np.ndarray, step: int, fields: np.ndarray) -> None:
+    """Seqlock write: the step first, the fields, the step last."""
+    record[0] = step
+    record[1:1 + len(fields)] = fields
+    record[-1] = step
 
 
 _ATTACHED: dict[str, Attached] = {}
 
 
 def attach(ref: ShmRef) -> Attached:
-    """Map the run's shared files in this process (once per run; older runs are dropped)."""
+    """Map the run's shared files in this process (once per run)."""
     got = _ATTACHED.get(ref.token)
     if got is None:
-        _ATTACHED.clear()
+        release_all()
         try:
             got = _ATTACHED[ref.token] = Attached(ref)
         except FileNotFoundError:
             raise TrainingError(
-                f"worker on {os.uname().nodename} cannot see the coordinator's shared memory {ref.params_path}:"
+                f"worker on {os.uname().nodename} cannot see the coordinator's shared memory {ref.state_path}:"
                 " use --transport tcp for clusters that span hosts"
             ) from None
     return got
+
+
+def release_all() -> None:
+    """Unmap every run's shared files from this process (a run ended)."""
+    for shm in _ATTACHED.values():
+        shm.release()
+    _ATTACHED.clear()
 
 
 def can_attach(ref: ShmRef) -> bool:

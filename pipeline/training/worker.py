@@ -1,14 +1,16 @@
-"""The tasks a Dask worker runs: one shard's gradient, one shard's predictions.
+"""The tasks a Dask worker runs: one part of a step, one shard's predictions.
 
-A shard task reads its own images from the Zarr store (the coordinator never touches pixel
-data), runs the model forward and backward with the current parameters and returns the
-shard's *sums*: gradient sum (mean-loss gradient x n), loss sum and count, plus the batch
-mean/variance of spatial BN. Sums add up across shards to the global batch's sums in any
-grouping, which is what lets the batch be cut into shards independent of the worker count.
+A part task (one per worker and step, :mod:`pipeline.training.plan`) reads the images of its
+shards from the Zarr store (the coordinator never touches pixel data), runs the model forward
+and backward on each shard with the step's parameters and sums the shards' gradient *sums*
+(mean-loss gradient x n) into its tree nodes. Then it finishes the tree for its slice of the
+parameters from every part's nodes, adds L2 and applies Adam. It returns each shard's loss
+sum, count and spatial-BN batch moments, and its slice's L2 sums: small numbers only.
 
-The task is a pure function of (parameters, shard indices): Dask may rerun it after a worker
-dies and gets the same bits, so a lost shard is recomputed, never dropped or counted twice.
-Per process, the model object and the store's decompressed chunks are cached across tasks.
+Shards stay the unit of determinism: each is computed alone, whatever part it falls in. A part
+task is a pure function of (state of the step, shard indices): Dask may run it again after a
+worker dies and it gives the same bits; with shared memory it also finds what its first run
+already wrote. Per process, the model object and the store's decompressed chunks are cached.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.training.transport import STATUS, STATUS_FIELDS, Layout, ShmRef, attach
 from pipeline.errors import TrainingError
+from pipeline.training.plan import CHUNK, StepPlan, children, covers
+from pipeline.training.reduce import adam_scalars, tree_adam, warm_kernels
+from pipeline.training.transport import SHARD_FIELDS, SHARD_HEAD, Layout, ShmRef, attach, record_is, write_record
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,17 @@ class TaskSpec:
     store: str
     layout: Layout
     threads: int = 1
+    segments: tuple[tuple[int, int, float], ...] = ()   # (start, stop, reg) of each parameter
+    lr: float = 1e-3
+    timeout: float = 600.0                               # longest wait for other tasks, seconds
+
+
+@dataclass(frozen=True)
+class ShmParams:
+    """The parameters of a step in shared memory: state copy ``parity`` of the run ``ref``."""
+
+    ref: ShmRef
+    parity: int
 
 
 # ---- per-process state -----------------------------------------------------------------------------
@@ -99,101 +114,205 @@ def _threads(n: int) -> None:
         sys.setswitchinterval(5e-4)
 
 
-def _params(spec: TaskSpec, params, version: int | None):
-    """The parameter views for this task: from shared memory (checking the version) or an array."""
-    if isinstance(params, ShmRef):
-        shm = attach(params)
-        if version is not None:
-            shm.wait_for(version)
-        return shm, shm.param_views
-    return None, spec.layout.views(params)
+def _params(spec: TaskSpec, params) -> dict[str, np.ndarray]:
+    """Parameter views: from shared memory, the tcp transport's slices, or a flat vector."""
+    if isinstance(params, ShmParams):
+        return spec.layout.views(attach(params.ref).state[params.parity][0])
+    if isinstance(params, (list, tuple)):
+        params = np.concatenate(params)
+    return spec.layout.views(params)
 
 
-# ---- tasks ------------------------------------------------------------------------------------------
+# ---- one part of a step ----------------------------------------------------------------------------
 
-def shard_gradient(spec: TaskSpec, params, version: int, slot: int, indices: np.ndarray) -> dict:
-    """Gradient sums of one shard of a step.
-
-    ``params`` is a :class:`ShmRef` (the gradient sum is written into shared slot ``slot``
-    and the result carries only statistics) or the flat parameter vector (the result carries
-    the flat gradient sum under ``"grad"``).
-    """
-    _threads(spec.threads)
+def _read_shards(spec: TaskSpec, shards: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, float]]:
     from pipeline.data import open_store
 
-    t0, arrived = time.perf_counter(), time.time()
-    X, y = open_store(spec.store).read("train", indices, dtype=spec.model.dtype, cache=True)
-    tw = time.perf_counter()
-    shm, views = _params(spec, params, version)     # may wait for the coordinator's update
-    t1 = time.perf_counter()
+    store, out = open_store(spec.store), []
+    for idx in shards:
+        t0 = time.perf_counter()
+        X, y = store.read("train", idx, dtype=spec.model.dtype, cache=True)
+        out.append((X, y, time.perf_counter() - t0))
+    return out
+
+
+def _compute_nodes(spec: TaskSpec, views: dict, plan: StepPlan, part: int, data: list, alloc, free) -> tuple[list, list]:
+    """The part's tree nodes: each shard's gradient sum computed alone, then summed along the
+    tree (:func:`pipeline.training.plan.frontier`). ``alloc(node)`` gives the array (P,) a node
+    is written to, ``free(array)`` takes back a temporary. Returns (nodes' arrays, shard stats)."""
     model = _model(spec.model)
     model.params = dict(views)
     if model.bn_param:
         model.bn_param["mode"] = "train"
-    loss, grads = model.loss(X, y)
-    t2 = time.perf_counter()
-
-    n = len(y)
+    first = plan.parts[part][0]
     dt = np.dtype(spec.model.dtype).type
-    if shm is not None and int(shm.version[0]) != version:
-        # a duplicate run of a task whose step is over (the coordinator has moved on): the
-        # slot belongs to a newer step now, so write nothing
-        raise TrainingError(f"shard {slot} of step {version} finished after its step was reduced")
-    out = shm.grads[slot] if shm is not None else np.empty(spec.layout.size, dtype=spec.model.dtype)
-    for name, view in spec.layout.views(out).items():
-        np.multiply(grads[name], dt(n), out=view)
-    t3 = time.perf_counter()
+    stats: list[dict] = [None] * len(data)
 
-    stats = model.last_batch_stats if spec.model.norm == "spatial_batchnorm" else None
-    result = {
-        "slot": slot,
-        "n": n,
-        "loss_sum": float(loss) * n,
-        "bn_mean": None if stats is None else np.asarray(stats["mean"]),
-        "bn_var": None if stats is None else np.asarray(stats["var"]),
-        "read_s": tw - t0,
-        "wait_s": t1 - tw,
-        "compute_s": t2 - t1,
-        "write_s": t3 - t2,
-        "begin": time.time() - (t3 - t1),   # wall clock (same host: comparable with the coordinator's)
-        "end": time.time(),
-        "arrived": arrived,
-        "worker": _worker_name(),
-    }
-    if shm is None:
-        result["grad"] = out
-    else:
-        _write_status(shm.status[slot], result, version)
+    def value(node, out):
+        level, i = node
+        if level == 0:                    # a leaf: one shard, (mean-loss gradient) x n
+            X, y, read_s = data[i - first]
+            t0, begin = time.perf_counter(), time.time()
+            loss, grads = model.loss(X, y)
+            n = len(y)
+            for name, view in spec.layout.views(out).items():
+                np.multiply(grads[name], dt(n), out=view)
+            bn = model.last_batch_stats if spec.model.norm == "spatial_batchnorm" else None
+            stats[i - first] = {"n": n, "loss_sum": float(loss) * n, "read_s": read_s,
+                                "compute_s": time.perf_counter() - t0, "begin": begin, "end": time.time(),
+                                "bn_mean": None if bn is None else np.asarray(bn["mean"]),
+                                "bn_var": None if bn is None else np.asarray(bn["var"])}
+            return
+        left, *right = children(node, plan.k)
+        value(left, out)
+        if right:                         # node = left + right, the fixed tree's addition
+            tmp = alloc(right[0])
+            value(right[0], tmp)
+            np.add(out, tmp, out=out)
+            free(tmp)
+
+    nodes = []
+    for node in plan.frontier(part):
+        out = alloc(node)
+        value(node, out)
+        nodes.append(out)
+    return nodes, stats
+
+
+def _pack(st: dict, channels: int) -> np.ndarray:
+    fields = np.zeros(SHARD_HEAD - 1 + 2 * channels)
+    for i, name in enumerate(SHARD_FIELDS):
+        if name == "worker":
+            fields[i] = zlib.crc32(_worker_name().encode())
+        elif name == "has_bn":
+            fields[i] = st["bn_mean"] is not None
+        else:
+            fields[i] = st[name]
+    if st["bn_mean"] is not None:
+        fields[SHARD_HEAD - 1:SHARD_HEAD - 1 + channels] = st["bn_mean"]
+        fields[SHARD_HEAD - 1 + channels:] = st["bn_var"]
+    return fields
+
+
+def _unpack(record: np.ndarray, slot: int, channels: int, dtype) -> dict:
+    r = {name: float(record[1 + i]) for i, name in enumerate(SHARD_FIELDS)}
+    r["n"], r["slot"], r["worker"] = int(r["n"]), slot, int(r["worker"])
+    has_bn = r.pop("has_bn")
+    r["bn_mean"] = record[SHARD_HEAD:SHARD_HEAD + channels].astype(dtype) if has_bn else None
+    r["bn_var"] = record[SHARD_HEAD + channels:SHARD_HEAD + 2 * channels].astype(dtype) if has_bn else None
+    return r
+
+
+def _scalars(spec: TaskSpec, adam_t: int) -> tuple:
+    return adam_scalars({"learning_rate": spec.lr, "t": adam_t - 1}, spec.model.dtype)
+
+
+def shm_part(spec: TaskSpec, ref: ShmRef, step: int, plan: StepPlan, part: int, shards: list[np.ndarray],
+             batch: int, adam_t: int, prev_width: int) -> dict:
+    """Part ``part`` of ``step`` over shared memory: compute its shards into its tree nodes (in
+    their gradient slots), wait for every part's nodes, then reduce, L2 and Adam on its slice
+    (state copy ``step % 2`` in, the other out). A second run of the same task (its worker died)
+    skips what the first run's records show done, and returns the same numbers."""
+    _threads(spec.threads)
+    shm, par, t0 = attach(ref), step % 2, time.perf_counter()
+    (a, b), (lo, hi) = plan.parts[part], plan.slices[part]
+    records = shm.shards[par]
+    timing = {"read_s": 0.0, "wait_s": 0.0, "compute_s": 0.0, "reduce_s": 0.0, "sync_s": 0.0}
+    if not all(record_is(records[i], step) for i in range(a, b)):
+        data = _read_shards(spec, shards)
+        timing["read_s"] = sum(d[2] for d in data)
+        timing["wait_s"] = shm.wait(lambda: all(record_is(shm.slices[1 - par][j], step - 1) for j in range(prev_width)),
+                                    f"the parameters of step {step + 1}", spec.timeout)
+        if any(record_is(shm.slices[par][j], step) for j in range(plan.width)):
+            raise TrainingError(f"part {part} of step {step + 1} ran after its step was reduced")
+        tc = time.perf_counter()
+        _, stats = _compute_nodes(spec, spec.layout.views(shm.state[par][0]), plan, part, data,
+                                  alloc=lambda node: shm.slots[covers(node, plan.k)[0]], free=lambda tmp: None)
+        for i, st in zip(range(a, b), stats):
+            write_record(records[i], step, _pack(st, ref.channels))
+        timing["compute_s"] = time.perf_counter() - tc
+    # reduce-scatter: this part's slice from every part's nodes, once all are written
+    timing["sync_s"] = shm.wait(lambda: all(record_is(records[i], step) for i in range(plan.k)),
+                                f"the other workers' gradients of step {step + 1}", spec.timeout)
+    tr = time.perf_counter()
+    if lo < hi and not record_is(shm.slices[par][part], step):
+        nodes = plan.nodes()
+        ops, root = plan.program()
+        partial = tree_adam(shm.slots, [covers(n, plan.k)[0] for n in nodes], ops, root, 0, shm.state[par],
+                            shm.state[1 - par], 0, lo, hi, spec.segments, CHUNK, batch, _scalars(spec, adam_t))
+        if not all(record_is(records[i], step) for i in range(plan.k)):
+            raise TrainingError(f"a shard record of step {step + 1} changed while part {part} reduced it")
+        write_record(shm.slices[par][part], step, partial)
+    elif lo >= hi:
+        write_record(shm.slices[par][part], step, np.zeros(0))
+    timing["reduce_s"] = time.perf_counter() - tr
+    blocks = -(-(hi - lo) // CHUNK)
+    result = {"part": part, "shards": [_unpack(records[i], i, ref.channels, spec.model.dtype) for i in range(a, b)],
+              "partials": shm.slices[par][part][1:1 + blocks].copy(), "worker": _worker_name(),
+              "seconds": time.perf_counter() - t0, **timing}
+    if not (record_is(shm.slices[par][part], step) and all(record_is(records[i], step) for i in range(a, b))):
+        raise TrainingError(f"the records of part {part} of step {step + 1} changed while they were read")
     return result
 
 
-def _write_status(record: np.ndarray, result: dict, version: int) -> None:
-    """The shard's statistics into its shared status record, ``done = version`` last."""
-    for i, name in enumerate(STATUS[1:], start=1):
-        if name == "worker":
-            record[i] = zlib.crc32(result["worker"].encode())
-        elif name == "has_bn":
-            record[i] = result["bn_mean"] is not None
-        else:
-            record[i] = result[name]
-    if result["bn_mean"] is not None:
-        c = len(result["bn_mean"])
-        record[STATUS_FIELDS:STATUS_FIELDS + c] = result["bn_mean"]
-        record[STATUS_FIELDS + c:STATUS_FIELDS + 2 * c] = result["bn_var"]
-    record[0] = version
+# ---- the same over tcp: nodes and slices as Dask data ------------------------------------------------
+
+def tcp_part(spec: TaskSpec, step: int, plan: StepPlan, part: int, shards: list[np.ndarray], weights: list) -> dict:
+    """Part ``part`` of ``step`` over tcp: its tree nodes (flat arrays, kept on this worker) and
+    shard statistics. ``weights``: the step's parameter slices (fetched from their workers)."""
+    _threads(spec.threads)
+    t0 = time.perf_counter()
+    data = _read_shards(spec, shards)
+    tc = time.perf_counter()
+    spare: list[np.ndarray] = []
+    nodes, stats = _compute_nodes(
+        spec, spec.layout.views(np.concatenate(weights)), plan, part, data,
+        alloc=lambda node: spare.pop() if spare else np.empty(spec.layout.size, dtype=spec.model.dtype),
+        free=spare.append)
+    a = plan.parts[part][0]
+    for i, st in enumerate(stats):
+        st.update(slot=a + i, worker=zlib.crc32(_worker_name().encode()))
+    return {"nodes": nodes, "shards": stats, "read_s": tc - t0, "compute_s": time.perf_counter() - tc,
+            "worker": _worker_name()}
 
 
-def read_status(record: np.ndarray, slot: int, dtype) -> dict:
-    """The coordinator's side of :func:`_write_status`."""
-    r = {name: float(record[i]) for i, name in enumerate(STATUS)}
-    r["n"], r["slot"], r["worker"] = int(r["n"]), slot, int(r["worker"])
-    if r.pop("has_bn"):
-        c = (len(record) - STATUS_FIELDS) // 2
-        r["bn_mean"] = record[STATUS_FIELDS:STATUS_FIELDS + c].astype(dtype)
-        r["bn_var"] = record[STATUS_FIELDS + c:STATUS_FIELDS + 2 * c].astype(dtype)
-    else:
-        r["bn_mean"] = r["bn_var"] = None
-    return r
+def tcp_piece(part_result: dict, lo: int, hi: int) -> list[np.ndarray]:
+    """This part's nodes cut to the slice ``[lo, hi)`` (runs where the nodes are)."""
+    return [node[lo:hi].copy() for node in part_result["nodes"]]
+
+
+def tcp_stats(part_result: dict) -> dict:
+    return {k: v for k, v in part_result.items() if k != "nodes"}
+
+
+def tcp_update(spec: TaskSpec, step: int, plan: StepPlan, part: int, prev: dict, pieces: list,
+               batch: int, adam_t: int) -> dict:
+    """Reduce, L2 and Adam of slice ``part`` from every part's pieces: the slice's state after
+    ``step`` from ``prev`` (the update before it, kept on this worker)."""
+    _threads(spec.threads)
+    state = prev["state"]
+    lo, hi = plan.slices[part]
+    t0 = time.perf_counter()
+    rows = [piece for got in pieces for piece in got]
+    nodes = np.stack(rows) if rows else np.zeros((0, hi - lo), dtype=spec.model.dtype)
+    new = tuple(np.empty_like(x) for x in state)
+    ops, root = plan.program()
+    partial = tree_adam(nodes, list(range(len(rows))), ops, root, lo, state, new, lo, lo, hi, spec.segments, CHUNK,
+                        batch, _scalars(spec, adam_t)) if lo < hi else np.zeros(0)
+    return {"state": new, "partials": partial, "reduce_s": time.perf_counter() - t0}
+
+
+def tcp_weights(update: dict) -> np.ndarray:
+    return update["state"][0]
+
+
+def tcp_partials(update: dict) -> dict:
+    return {"partials": update["partials"], "reduce_s": update["reduce_s"]}
+
+
+def tcp_start(state: tuple) -> dict:
+    """A slice's state as an update result (the run's first step reads it)."""
+    return {"state": state, "partials": np.zeros(0), "reduce_s": 0.0}
 
 
 def _worker_name() -> str:
@@ -216,31 +335,14 @@ def warm_up(spec: TaskSpec, params, n_train: int) -> float:
     chunk = store.chunks["train"]
     store.read_uint8("train", np.unique(np.r_[np.arange(0, n_train, chunk), n_train - 1]), cache=True)
     X, y = store.read("train", np.arange(min(2, n_train)), dtype=spec.model.dtype)
-    _, views = _params(spec, params, None)
+    views = _params(spec, params)
     model = _model(spec.model)
     model.params = dict(views)
     if model.bn_param:
         model.bn_param["mode"] = "train"
     model.loss(X, y)
+    warm_kernels(spec.model.dtype)
     return time.perf_counter() - t0
-
-
-def add_results(a: dict, b: dict) -> dict:
-    """One node of the fixed gradient tree over TCP: adds the flat gradient sums, keeps the stats."""
-    merged = {"grad": np.add(a["grad"], b["grad"])}
-    merged["stats"] = _stats(a) + _stats(b)
-    return merged
-
-
-def strip_gradient(result: dict) -> list[dict]:
-    """The statistics of a (tree of) shard results, without the gradient (runs on the worker)."""
-    return _stats(result)
-
-
-def _stats(r: dict) -> list[dict]:
-    if "stats" in r:
-        return list(r["stats"])
-    return [{k: v for k, v in r.items() if k != "grad"}]
 
 
 def shard_predictions(spec: TaskSpec, params, bn: dict | None, split: str, indices: np.ndarray) -> dict:
@@ -249,7 +351,7 @@ def shard_predictions(spec: TaskSpec, params, bn: dict | None, split: str, indic
     from pipeline.data import open_store
 
     X, y = open_store(spec.store).read(split, indices, dtype=spec.model.dtype, cache=True)
-    _, views = _params(spec, params, None)
+    views = _params(spec, params)
     model = _model(spec.model)
     model.params = dict(views)
     if model.bn_param:
