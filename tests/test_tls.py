@@ -167,14 +167,50 @@ def test_convpipe_certs_writes_a_working_set(tmp_path):
     r = convpipe("certs", tmp_path / "certs", "--host", "scheduler", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in (tmp_path / "certs").iterdir())
-    assert files == ["ca-key.pem", "ca.pem", "client-key.pem", "client.pem", "scheduler-key.pem", "scheduler.pem",
+    assert files == ["ca.pem", "client-key.pem", "client.pem", "scheduler-key.pem", "scheduler.pem",
                      "worker-key.pem", "worker.pem"]
     assert oct((tmp_path / "certs" / "client-key.pem").stat().st_mode & 0o777) == "0o600"
+    ca_key = tmp_path / "certs-ca" / "ca-key.pem"
+    assert oct(ca_key.stat().st_mode & 0o777) == "0o600" and oct(ca_key.parent.stat().st_mode & 0o777) == "0o700"
+    assert str(ca_key) in r.stdout
     from cryptography import x509
 
     ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.pem").read_bytes())
     client = x509.load_pem_x509_certificate((tmp_path / "certs" / "client.pem").read_bytes())
     client.verify_directly_issued_by(ca)
+
+
+def test_the_folder_the_containers_mount_holds_no_ca_key(tmp_path):
+    """docker-compose.tls.yml mounts CONVPIPE_CERTS into every container: no key there may sign."""
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from tests.test_compose_config import compose_config, mounts
+
+    r = convpipe("certs", tmp_path / "certs", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = compose_config("docker-compose.yml", "docker-compose.tls.yml", env={"CONVPIPE_CERTS": str(tmp_path / "certs")})
+    ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.pem").read_bytes())
+    ca_public = ca.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    for name in ("scheduler", "worker", "job"):
+        mounted = Path(mounts(cfg["services"][name])["/certs"])
+        assert mounted == tmp_path / "certs"
+        for f in mounted.rglob("*"):
+            assert f.name != "ca-key.pem"
+            if f.is_file() and b"PRIVATE KEY" in f.read_bytes():
+                key = serialization.load_pem_private_key(f.read_bytes(), password=None)
+                public = key.public_key().public_bytes(serialization.Encoding.DER,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+                assert public != ca_public, f"{f} is the CA's private key"
+    assert (tmp_path / "certs-ca" / "ca-key.pem").exists()
+
+
+def test_the_ca_key_folder_cannot_be_the_mounted_one(tmp_path):
+    pytest.importorskip("cryptography")
+    for inside in (tmp_path / "certs", tmp_path / "certs" / "private"):
+        with pytest.raises(TLSConfigError, match="must not be .* or inside it"):
+            sec.make_certificates(tmp_path / "certs", ca_dir=inside)
 
 
 # ---------------------------------------------------------------- plain TCP to another host

@@ -72,9 +72,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=_quiet(cmd_resume))
 
     p = subparsers.add_parser("certs", help="make a CA and TLS certificates for a private cluster",
-                              description="Write ca.pem, ca-key.pem and scheduler/worker/client certificates and "
-                                          "keys to DIR (needs the 'cryptography' package).")
+                              description="Write ca.pem and scheduler/worker/client certificates and keys to DIR "
+                                          "(the folder the cluster's containers mount), and the CA's private key "
+                                          "to DIR-ca/ca-key.pem, outside it (needs the 'cryptography' package).")
     p.add_argument("dir", metavar="DIR")
+    p.add_argument("--ca-dir", metavar="PRIVATE_DIR", default=None,
+                   help="where the CA's private key goes (default: DIR-ca, beside DIR; never inside DIR)")
     p.add_argument("--host", action="append", default=[], metavar="NAME",
                    help="a host name or IP the certificates are for (repeatable; default localhost, 127.0.0.1, "
                         "scheduler)")
@@ -417,10 +420,14 @@ def cmd_certs(args) -> int:
     from pipeline.cluster.security import make_certificates
 
     hosts = tuple(args.host) or ("localhost", "127.0.0.1", "scheduler")
-    paths = make_certificates(args.dir, hosts=hosts, days=args.days)
+    paths = make_certificates(args.dir, ca_dir=args.ca_dir, hosts=hosts, days=args.days)
     for name, path in paths.items():
         print(f"{name:14} {path}")
     print(f"clients use ca.pem, client.pem and client-key.pem: export CONVPIPE_TLS_CA_FILE={paths['ca']} "
           f"CONVPIPE_TLS_CERT={paths['client']} CONVPIPE_TLS_KEY={paths['client-key']}")
+    print(f"keep {paths['ca-key']} private (it signs new certificates); the cluster never needs it")
+    stale = os.path.join(args.dir, "ca-key.pem")
+    if os.path.exists(stale):
+        print(f"convpipe: warning: {stale} (a CA key from an earlier `convpipe certs`) is in the folder the "
+              f"containers mount; it signs nothing the new ca.pem trusts: delete it", file=sys.stderr)
     return 0
-

@@ -169,13 +169,22 @@ def security_for(address: str | None, explicit: TLSFiles | None = None):
 
 # ---- certificates for a private cluster -----------------------------------------------------
 
-def make_certificates(directory: str | Path, *, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
-                      days: int = 365, common_name: str = "convpipe cluster CA") -> dict[str, Path]:
-    """Write a new CA and certificates for the scheduler, the workers and a client to ``directory``.
+def default_ca_dir(directory: str | Path) -> Path:
+    """Where the CA's private key goes: a folder beside ``directory`` (``certs`` -> ``certs-ca``)."""
+    d = Path(directory).resolve()
+    return d.parent / f"{d.name}-ca"
 
-    Files: ``ca.pem`` (the CA certificate, shared by everyone), ``ca-key.pem`` (keep it
-    private: it signs new certificates), and ``{scheduler,worker,client}.pem`` /
-    ``...-key.pem``. Needs the ``cryptography`` package. Returns {name: path}.
+
+def make_certificates(directory: str | Path, *, ca_dir: str | Path | None = None,
+                      hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), days: int = 365,
+                      common_name: str = "convpipe cluster CA") -> dict[str, Path]:
+    """Write a new CA and certificates for the scheduler, the workers and a client.
+
+    ``directory`` gets what the cluster's processes need and may be mounted into containers:
+    ``ca.pem`` (the CA certificate) and ``{scheduler,worker,client}.pem`` / ``...-key.pem``.
+    The CA's private key, which signs new certificates, goes elsewhere: ``ca_dir/ca-key.pem``
+    (default :func:`default_ca_dir`, a folder beside ``directory``), mode 0600 in a 0700
+    folder. Needs the ``cryptography`` package. Returns {name: path}.
     """
     try:
         from cryptography import x509
@@ -189,17 +198,24 @@ def make_certificates(directory: str | Path, *, hosts: tuple[str, ...] = ("local
         ) from None
 
     out = Path(directory)
+    key_dir = Path(ca_dir) if ca_dir is not None else default_ca_dir(out)
+    if key_dir.resolve() == out.resolve() or out.resolve() in key_dir.resolve().parents:
+        raise TLSConfigError(f"the CA key folder {key_dir} must not be {out} or inside it: {out} is what "
+                             f"the cluster's containers mount")
     out.mkdir(parents=True, exist_ok=True)
+    key_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(key_dir, 0o700)
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def key_pem(key) -> bytes:
         return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                  serialization.NoEncryption())
 
-    def write(name: str, data: bytes, private: bool = False) -> Path:
-        path = out / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    def write(path: Path, data: bytes, private: bool = False) -> Path:
+        mode = 0o600 if private else 0o644
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # also when the file was already there
             f.write(data)
         return path
 
@@ -220,8 +236,8 @@ def make_certificates(directory: str | Path, *, hosts: tuple[str, ...] = ("local
         .sign(ca_key, hashes.SHA256())
     )
     paths = {
-        "ca": write("ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM)),
-        "ca-key": write("ca-key.pem", key_pem(ca_key), private=True),
+        "ca": write(out / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM)),
+        "ca-key": write(key_dir / "ca-key.pem", key_pem(ca_key), private=True),
     }
     alt_names = []
     for h in hosts:
@@ -245,6 +261,6 @@ def make_certificates(directory: str | Path, *, hosts: tuple[str, ...] = ("local
                                                   ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        paths[role] = write(f"{role}.pem", cert.public_bytes(serialization.Encoding.PEM))
-        paths[f"{role}-key"] = write(f"{role}-key.pem", key_pem(key), private=True)
+        paths[role] = write(out / f"{role}.pem", cert.public_bytes(serialization.Encoding.PEM))
+        paths[f"{role}-key"] = write(out / f"{role}-key.pem", key_pem(key), private=True)
     return paths
