@@ -160,13 +160,16 @@ def tar_dir(src: Path, out: Path, mode: str = "w:gz", arc_prefix: str = "") -> P
     return out
 
 
-def make_store(path: Path, sizes=None, *, chunk: int = 100, seed: int = 0, classes=CLASSES) -> dict:
-    """A complete store written with the low-level writer (no Dask); returns the truth."""
+def make_store(path: Path, sizes=None, *, chunk: int = 100, seed: int = 0, classes=CLASSES,
+               old_format: bool = False) -> dict:
+    """A complete store written with the low-level writer (no Dask); returns the truth.
+
+    ``old_format``: a store as format version 1 wrote it (no checksums, source order)."""
     from pipeline.data.store import FORMAT, FORMAT_VERSION, create_layout, finalize_store, write_block
 
     sizes = sizes or {"train": 250, "val": 30, "test": 60}
     rng = np.random.default_rng(seed)
-    create_layout(path, sizes, chunk, len(classes))
+    create_layout(path, sizes, chunk, len(classes), checksum=not old_format)
     truth = {}
     for split, n in sizes.items():
         X = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
@@ -175,7 +178,25 @@ def make_store(path: Path, sizes=None, *, chunk: int = 100, seed: int = 0, class
             write_block(path, split, a, X[a:a + chunk], y[a:a + chunk])
         truth[split] = (X, y)
     mean = truth["train"][0].mean(axis=0).astype(np.float32)
-    finalize_store(path, {"format": FORMAT, "format_version": FORMAT_VERSION, "splits": sizes,
-                          "class_names": list(classes), "chunk": chunk}, mean)
+    attrs = {"format": FORMAT, "format_version": 1 if old_format else FORMAT_VERSION, "splits": sizes,
+             "class_names": list(classes), "chunk": chunk}
+    if old_format:
+        attrs["order"] = {"train_val": "source order", "test": "source order"}
+    else:
+        attrs.update(shuffle_seed=0, order={"val": "fixture", "rows": "fixture"})
+    finalize_store(path, attrs, mean, checksum=not old_format)
     truth["mean"] = mean
     return truth
+
+
+def damage_chunk(store: Path, split: str, k: int, array: str = "images", nbytes: int = 64) -> Path:
+    """Flip ``nbytes`` bytes in the middle of chunk ``k``'s file of ``split``/``array``
+    (as a bad disk or a bad copy would); return the file."""
+    f = Path(store) / split / array / "c" / str(k)
+    while f.is_dir():
+        f = f / "0"
+    data = bytearray(f.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + nbytes] = bytes(b ^ 0x5A for b in data[mid:mid + nbytes])
+    f.write_bytes(bytes(data))
+    return f
