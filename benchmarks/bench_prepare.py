@@ -2,8 +2,8 @@
 
     python benchmarks/bench_prepare.py [--archive PATH] [--workers N] [--images] [--no-serial]
 
-The archive defaults to /tmp/convpipe-bench/cifar-10-python.tar.gz, built once (about 15-25 s)
-with ../shared/data/make_cifar10_python.py if missing. Measured side by side in one run:
+The archive defaults to /tmp/convpipe-bench/cifar-10-python.tar.gz, built once with
+../shared/data/make_cifar10_python.py if missing. Measured side by side in one run:
 - ``prepare``: ``pipeline.data.prepare(archive, out, verify=False)`` on a new embedded
   LocalCluster, cluster start and shutdown included (what ``convpipe data prepare`` does);
 - serial: the same steps in this one process without Dask (read the archive, unpickle each
@@ -69,14 +69,18 @@ def serial(archive: Path, out: Path) -> dict:
     xs, ys = zip(*(S.read_batch(staged[b], b, len(classes)) for b in S.TRAIN_BATCHES))
     X, y = np.concatenate(xs), np.concatenate(ys)
     Xt, yt = S.read_batch(staged[S.TEST_BATCH], S.TEST_BATCH, len(classes))
+    from pipeline.data.convert import SHUFFLE_SEED, split_rows
+
     sizes = {"train": len(X) - 1000, "val": 1000, "test": len(Xt)}
     create_layout(out, sizes, 1000, len(classes))
-    parts = {"train": (X[:-1000], y[:-1000]), "val": (X[-1000:], y[-1000:]), "test": (Xt, yt)}
+    rows = split_rows(len(X), len(Xt), 1000, shuffle_pool=False)   # the job's stored order
+    parts = {"train": (X[rows["train"]], y[rows["train"]]), "val": (X[rows["val"]], y[rows["val"]]),
+             "test": (Xt[rows["test"]], yt[rows["test"]])}
     for split, (a, b) in parts.items():
         write_block(out, split, 0, a, b)
     mean = parts["train"][0].mean(axis=0, dtype=np.float64).astype(np.float32)
     finalize_store(out, {"format": FORMAT, "format_version": FORMAT_VERSION, "splits": sizes,
-                         "class_names": classes, "chunk": 1000}, mean)
+                         "class_names": classes, "chunk": 1000, "shuffle_seed": SHUFFLE_SEED}, mean)
     shutil.rmtree(stage)
     return sizes
 

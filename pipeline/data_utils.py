@@ -1,20 +1,21 @@
 """cs231n-style data helpers: ``get_CIFAR10_data`` from a store, ``load_CIFAR10`` from batches.
 
 ``get_CIFAR10_data`` reads a store written by ``convpipe data prepare`` and returns the dict
-the Solver takes. ``load_CIFAR10`` reads a ``cifar-10-batches-py`` folder as cs231n's does
-(NHWC float64), but through the restricted unpickler.
+the Solver takes; without ``store`` it finds one (``$CONVPIPE_DATA/cifar10.zarr``, else
+``data/cifar10.zarr`` here or in the checkout: :func:`pipeline.data.find_store`).
+``load_CIFAR10`` reads a ``cifar-10-batches-py`` folder as cs231n's does (NHWC float64),
+but through the restricted unpickler.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
 from pipeline.data.sources import META, TEST_BATCH, TRAIN_BATCHES, read_batch, read_meta
 from pipeline.errors import DataError
-
-DEFAULT_STORE = os.path.join("data", "cifar10.zarr")
 
 
 def load_CIFAR_batch(filename, n_classes: int = 10):
@@ -40,17 +41,24 @@ def load_CIFAR10(ROOT):
 
 
 def get_CIFAR10_data(num_training=49000, num_validation=1000, num_test=1000, subtract_mean=True,
-                     store=DEFAULT_STORE, dtype=np.float32):
+                     store=None, dtype=np.float32):
     """The dict the Solver takes, from a store (cs231n's ``get_CIFAR10_data``).
 
     X_train: the first ``num_training`` train images, X_val: the first ``num_validation``
     val images, X_test: the first ``num_test`` test images, all (N, 3, 32, 32) in ``dtype``;
-    y_* int64. With ``subtract_mean`` the mean of X_train (as returned) is subtracted from all
-    three, as cs231n does. Asking for more images than a split holds is a DataError.
+    y_* int64. Stores keep every split in a shuffled order, so the first images of a split
+    are a sample of all classes. With ``subtract_mean`` the mean of X_train (as returned)
+    is subtracted from all three, as cs231n does. ``store``: the store's path; None finds
+    it (``$CONVPIPE_DATA/cifar10.zarr``, else ``data/cifar10.zarr``), with an error that
+    says how to make one. Asking for more images than a split holds is a DataError.
     """
-    from pipeline.data import open_store
+    from pipeline.data import find_store, open_store
 
-    s = open_store(store)
+    s = open_store(find_store() if store is None else store)
+    if "shuffle_seed" not in s.attrs:
+        warnings.warn(f"{s.path}: a store of format {s.attrs.get('format_version')} keeps its source's "
+                      "order, so the first images of a split may be few classes (an image folder's "
+                      "are one); `convpipe data prepare --force` rebuilds it shuffled", stacklevel=2)
     wanted = {"train": ("num_training", num_training), "val": ("num_validation", num_validation),
               "test": ("num_test", num_test)}
     out = {}

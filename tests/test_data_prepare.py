@@ -1,18 +1,21 @@
 """The conversion job on an in-process Dask cluster (and once on processes): round trips,
-bad sources, atomicity, re-runs."""
+bad sources, atomicity, re-runs, stored order, leftovers of other hosts, offline errors."""
 
 import os
 import shutil
+import socket
 
 import numpy as np
 import pytest
 
 from pipeline.cluster import connect
 from pipeline.data import open_store, prepare
+from pipeline.data.convert import SHUFFLE_SEED, leftover_owner, shuffle_order, split_rows
 from pipeline.data.safe_pickle import UnsafePickleError
 from pipeline.data.sources import OFFICIAL_MD5
 from pipeline.data.store import store_state
 from pipeline.errors import DataError
+from pipeline.procs import Owner, pid_namespace
 from tests.data_fixtures import (make_batches, make_image_folder, malicious_batch, md5, tar_dir,
                                  write_batches_dir, write_cifar_archive, write_tar)
 
@@ -33,20 +36,22 @@ def _expected_mean(X):
 
 
 def _check_cifar_store(out, truth, val):
+    """Val holds the last ``val`` training images of the source (cs231n's), train the others;
+    each split stored in the order split_rows gives; pixels, labels and mean exact."""
     s = open_store(out)
-    n_train = len(truth["train_y"]) - val
-    assert s.splits == {"train": n_train, "val": val, "test": len(truth["test_y"])}
-    X, y = s.read_uint8("train", None)
-    np.testing.assert_array_equal(X, truth["train_X"][:n_train])
-    np.testing.assert_array_equal(y, truth["train_y"][:n_train])
-    X, y = s.read_uint8("val", None)
-    np.testing.assert_array_equal(X, truth["train_X"][n_train:])
-    np.testing.assert_array_equal(y, truth["train_y"][n_train:])
-    X, y = s.read_uint8("test", None)
-    np.testing.assert_array_equal(X, truth["test_X"])
-    np.testing.assert_array_equal(y, truth["test_y"])
+    n_pool, n_test = len(truth["train_y"]), len(truth["test_y"])
+    n_train = n_pool - val
+    assert s.splits == {"train": n_train, "val": val, "test": n_test}
+    rows = split_rows(n_pool, n_test, val, shuffle_pool=False)
+    assert sorted(rows["train"]) == list(range(n_train)) and sorted(rows["val"]) == list(range(n_train, n_pool))
+    pool, test = (truth["train_X"], truth["train_y"]), (truth["test_X"], truth["test_y"])
+    for split, (X0, y0) in {"train": pool, "val": pool, "test": test}.items():
+        X, y = s.read_uint8(split, None)
+        np.testing.assert_array_equal(X, X0[rows[split]])
+        np.testing.assert_array_equal(y, y0[rows[split]])
     np.testing.assert_array_equal(s.mean_image, _expected_mean(truth["train_X"][:n_train]))
     assert s.class_names[:2] == ["airplane", "automobile"]
+    assert s.protected and s.attrs["format_version"] == 2 and s.attrs["shuffle_seed"] == SHUFFLE_SEED
     return s
 
 
@@ -147,7 +152,8 @@ def test_image_folder_round_trip(tmp_path, client, fmt, container):
     expect = sorted((img.tobytes(), c) for img, c in truth["train"].values())
     assert sorted(zip((x.tobytes() for x in Xtv), ytv.tolist())) == expect
     Xte, yte = s.read_uint8("test")
-    ordered = [truth["test"][k] for k in sorted(truth["test"])]  # test keeps (class, name) order
+    listed = [truth["test"][k] for k in sorted(truth["test"])]  # listed by (class, name)...
+    ordered = [listed[i] for i in split_rows(20, 12, 4, shuffle_pool=True)["test"]]  # ...stored shuffled
     np.testing.assert_array_equal(Xte, np.stack([img for img, _ in ordered]))
     np.testing.assert_array_equal(yte, [c for _, c in ordered])
     np.testing.assert_array_equal(s.mean_image, _expected_mean(s.read_uint8("train")[0]))
@@ -213,8 +219,10 @@ def test_rerun_force_and_interrupted(tmp_path, client):
     assert _leftovers(out) == []
 
     # an interrupted run: a partial folder of a dead process, and a store never finalized
-    dead = tmp_path / "s.zarr.partial-999999999-abcd1234"
+    dead = tmp_path / _name("s.zarr", "partial", socket.gethostname(), pid_namespace(), 999999999)
     shutil.copytree(out, dead)
+    unnamed = tmp_path / "s.zarr.partial-999999999-abcd1234"   # an older convpipe's: whose?
+    unnamed.mkdir()
     other = tmp_path / "t.zarr"
     shutil.copytree(out, other)
     import json
@@ -226,8 +234,9 @@ def test_rerun_force_and_interrupted(tmp_path, client):
         open_store(other)
     r = prepare(arc, other, val=7, verify=False, client=client)       # rebuilt, not skipped
     assert not r.skipped and open_store(other).attrs["complete"] is True
-    prepare(arc, out, val=7, verify=False, force=True, client=client)
+    r = prepare(arc, out, val=7, verify=False, force=True, client=client)
     assert not dead.exists()                                           # stale partial removed
+    assert unnamed.is_dir() and [p for p, _ in r.kept] == [unnamed]    # kept, and said so
 
 
 def test_refuses_to_overwrite_foreign(tmp_path, client):
@@ -253,3 +262,135 @@ def test_process_cluster(tmp_path):
         with pytest.raises(DataError, match="bad.tar.gz:cifar-10-batches-py/data_batch_5: corrupt or truncated pickle"):
             prepare(bad, tmp_path / "q.zarr", verify=False, client=c)
     _check_cifar_store(out, truth, 10)
+
+
+# ------------------------------------------------------------------------ stored order
+
+def test_shuffle_order_is_pinned():
+    """The stored order depends on (n, seed, stream) alone: pinned values, not NumPy's RNG."""
+    assert shuffle_order(10, 0, 1).tolist() == [7, 4, 8, 1, 2, 6, 5, 0, 9, 3]
+    for n in (0, 1, 2, 7, 1000):
+        assert sorted(shuffle_order(n, 0, 3).tolist()) == list(range(n))
+    assert shuffle_order(1000, 0, 1).tolist() != shuffle_order(1000, 0, 2).tolist()
+    assert shuffle_order(1000, 1, 1).tolist() != shuffle_order(1000, 0, 1).tolist()
+    assert shuffle_order(1000, 0, 1).dtype == np.int64
+
+
+def test_split_rows_disjoint_and_deterministic():
+    for pool in (False, True):
+        r = split_rows(500, 100, 60, shuffle_pool=pool)
+        assert len(r["train"]) == 440 and len(r["val"]) == 60
+        assert set(r["train"]).isdisjoint(r["val"])
+        assert sorted([*r["train"], *r["val"]]) == list(range(500))
+        assert sorted(r["test"]) == list(range(100))
+        again = split_rows(500, 100, 60, shuffle_pool=pool)
+        assert all(np.array_equal(r[k], again[k]) for k in r)
+        assert not np.array_equal(r["train"], np.sort(r["train"]))  # stored shuffled
+    assert sorted(split_rows(500, 100, 60, shuffle_pool=False)["val"]) == list(range(440, 500))
+
+
+def _histogram_ok(y, n_classes):
+    counts = np.bincount(y, minlength=n_classes)
+    return (counts > 0).sum() >= n_classes - 1 and counts.max() <= len(y) // 2
+
+
+def test_every_split_starts_with_all_classes(tmp_path, client):
+    """An image folder lists its images by class; the first images of every split stored
+    from it are a sample of all classes (was: test = all of the first class), and
+    the same settings give the same bits."""
+    root = tmp_path / "img"
+    make_image_folder(root, per_class_train=30, per_class_test=15, classes=("a", "b", "c", "d"))
+    out, again = tmp_path / "s.zarr", tmp_path / "again.zarr"
+    prepare(root, out, val=20, chunk=8, client=client)
+    s = open_store(out)
+    assert s.attrs["shuffle_seed"] == SHUFFLE_SEED and "val" in s.attrs["order"]
+    for split in ("train", "val", "test"):
+        y = s.read_uint8(split, np.arange(20))[1]
+        assert _histogram_ok(y, 4), (split, np.bincount(y, minlength=4))
+    prepare(root, again, val=20, chunk=8, client=client)
+    s2 = open_store(again)
+    for split in ("train", "val", "test"):
+        for a, b in zip(s.read_uint8(split), s2.read_uint8(split)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_cifar_batches_sorted_by_class_are_stored_shuffled(tmp_path, client):
+    """CIFAR-10 batches are shuffled too (a copy sorted by class, like an image folder's)."""
+    import pickle
+    files, truth = make_batches(per_batch=40, n_test=40, flavour="py3")
+    for name in files:
+        if name.startswith(("data_batch", "test_batch")):
+            d = pickle.loads(files[name])
+            order = np.argsort(d["labels"], kind="stable")
+            d["labels"] = [d["labels"][i] for i in order]
+            d["data"] = d["data"][order]
+            files[name] = pickle.dumps(d, protocol=2)
+    arc = write_tar(tmp_path / "sorted.tar.gz", files)
+    out = tmp_path / "s.zarr"
+    prepare(arc, out, val=40, chunk=16, verify=False, client=client)
+    s = open_store(out)
+    for split in ("train", "val", "test"):
+        y = s.read_uint8(split, np.arange(30))[1]
+        assert _histogram_ok(y, 10), (split, np.bincount(y, minlength=10))
+
+
+# ------------------------------------------------------------------------ leftovers
+
+def _name(store, kind, host, ns, pid):
+    return f"{store}.{kind}.{pid}.{ns}.abcd1234.{host}"
+
+
+def test_leftover_names_carry_host_namespace_and_pid(tmp_path):
+    from pipeline.data.convert import _leftover
+    out = tmp_path / "s.zarr"
+    p = _leftover(out, "partial")
+    assert leftover_owner(out, p) == ("partial", Owner.me())
+    host = "node-7.cluster.example"
+    q = tmp_path / _name("s.zarr", "staging", host, 42, 17)
+    assert leftover_owner(out, q) == ("staging", Owner(host, 42, 17))
+    assert leftover_owner(out, tmp_path / "s.zarr.partial-17-abcd1234") == ("partial", None)
+    assert leftover_owner(out, tmp_path / "s.zarr.backup") is None
+
+
+def test_stale_leftovers_of_other_hosts_and_namespaces_are_kept(tmp_path):
+    from pipeline.data.convert import _remove_stale
+    out = tmp_path / "s.zarr"
+    host, ns, dead = socket.gethostname(), pid_namespace(), 999999999
+    mine_dead = tmp_path / _name("s.zarr", "partial", host, ns, dead)
+    mine_alive = tmp_path / _name("s.zarr", "staging", host, ns, os.getpid())
+    other_host = tmp_path / _name("s.zarr", "partial", "elsewhere.example", ns, dead)
+    other_ns = tmp_path / _name("s.zarr", "staging", host, ns + 1, dead)
+    unnamed = tmp_path / "s.zarr.partial-999999999-abcd1234"
+    old_dead = tmp_path / _name("s.zarr", "old", host, ns, dead)  # the store is absent: keep
+    for p in (mine_dead, mine_alive, other_host, other_ns, unnamed, old_dead):
+        p.mkdir()
+    kept = dict(_remove_stale(out))
+    assert not mine_dead.exists()
+    assert all(p.is_dir() for p in (mine_alive, other_host, other_ns, unnamed, old_dead))
+    assert set(kept) == {other_host, other_ns, unnamed}
+    assert "host elsewhere.example" in kept[other_host] and "older convpipe" in kept[unnamed]
+
+
+# ------------------------------------------------------------------------ offline
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_offline_download_says_how_to_prepare_from_a_local_copy(tmp_path, monkeypatch):
+    """No copy found and the download cannot connect (a closed local port: no network use)."""
+    from pipeline.data import sources as S
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "nokeras"))
+    monkeypatch.setattr(S, "OFFICIAL_URL", f"http://127.0.0.1:{_closed_port()}/cifar-10-python.tar.gz")
+    root = tmp_path / "data"
+    with pytest.raises(DataError) as e:
+        prepare(None, tmp_path / "s.zarr", data_root=root)
+    msg = str(e.value)
+    assert "\n" not in msg and "download failed" in msg
+    assert f"no CIFAR-10 copy found in {root}" in msg
+    assert "`convpipe data prepare --source PATH`" in msg and "cifar-10-python.tar.gz" in msg
+    with pytest.raises(DataError, match=r"download failed .*`convpipe data prepare --source PATH`"):
+        prepare(f"http://127.0.0.1:{_closed_port()}/x.tar.gz", tmp_path / "s.zarr", data_root=root)
+    assert not (tmp_path / "s.zarr").exists() and _leftovers(tmp_path / "s.zarr") == []

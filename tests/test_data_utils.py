@@ -37,3 +37,62 @@ def test_load_cifar10(tmp_path):
     (d / "data_batch_5").unlink()
     with pytest.raises(DataError, match="missing batch data_batch_5"):
         load_CIFAR10(d)
+
+
+def test_get_cifar10_data_finds_the_store_from_convpipe_data(tmp_path, monkeypatch):
+    """$CONVPIPE_DATA is the data root holding cifar10.zarr, wherever the caller runs."""
+    root = tmp_path / "shared"
+    truth = make_store(root / "cifar10.zarr", {"train": 30, "val": 5, "test": 10}, chunk=10)
+    elsewhere = tmp_path / "notebooks"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("CONVPIPE_DATA", str(root))
+    d = get_CIFAR10_data(num_training=20, num_validation=5, num_test=10, subtract_mean=False)
+    np.testing.assert_array_equal(d["y_test"], truth["test"][1])
+    monkeypatch.setenv("CONVPIPE_DATA", str(tmp_path / "empty"))
+    with pytest.raises(DataError) as e:
+        get_CIFAR10_data()
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert f"looked for {tmp_path / 'empty' / 'cifar10.zarr'}" in msg
+    assert f"$CONVPIPE_DATA={tmp_path / 'empty'}" in msg
+    assert "`convpipe data prepare --source PATH`" in msg and "`convpipe data prepare`" in msg
+
+
+def test_get_cifar10_data_default_search(tmp_path, monkeypatch):
+    """Without $CONVPIPE_DATA: ./data/cifar10.zarr, then data/cifar10.zarr of the checkout."""
+    from pipeline.data import paths
+    monkeypatch.delenv("CONVPIPE_DATA", raising=False)
+    checkout = tmp_path / "checkout"
+    (checkout / "pipeline").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    monkeypatch.setattr(paths, "_checkout_root", lambda: checkout)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(DataError, match=r"looked for data/cifar10.zarr, .*checkout/data/cifar10.zarr; "
+                                        r"\$CONVPIPE_DATA is not set"):
+        get_CIFAR10_data()
+    t1 = make_store(checkout / "data" / "cifar10.zarr", {"train": 20, "val": 5, "test": 5}, chunk=10, seed=1)
+    d = get_CIFAR10_data(num_training=20, num_validation=5, num_test=5, subtract_mean=False)
+    np.testing.assert_array_equal(d["y_train"], t1["train"][1])
+    t2 = make_store(cwd / "data" / "cifar10.zarr", {"train": 20, "val": 5, "test": 5}, chunk=10, seed=2)
+    d = get_CIFAR10_data(num_training=20, num_validation=5, num_test=5, subtract_mean=False)
+    np.testing.assert_array_equal(d["y_train"], t2["train"][1])   # ./data comes first
+
+
+def test_get_cifar10_data_damaged_chunk(tmp_path):
+    from tests.data_fixtures import damage_chunk
+    p = tmp_path / "s.zarr"
+    make_store(p, {"train": 40, "val": 10, "test": 10}, chunk=10)
+    damage_chunk(p, "train", 2)
+    with pytest.raises(DataError, match=r"s.zarr: damaged chunk: split 'train', images chunk 2 \(rows 20-29"):
+        get_CIFAR10_data(num_training=40, num_validation=10, num_test=10, store=p)
+
+
+def test_get_cifar10_data_from_an_old_unshuffled_store_warns(tmp_path):
+    p = tmp_path / "old.zarr"
+    truth = make_store(p, {"train": 20, "val": 5, "test": 5}, chunk=10, old_format=True)
+    with pytest.warns(UserWarning, match="keeps its source's order.*--force` rebuilds it shuffled"):
+        d = get_CIFAR10_data(num_training=20, num_validation=5, num_test=5, store=p)
+    np.testing.assert_array_equal(d["y_val"], truth["val"][1])

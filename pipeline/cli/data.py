@@ -1,4 +1,4 @@
-"""`convpipe data`: prepare a store from CIFAR-10 or an image folder, and describe a store."""
+"""`convpipe data`: prepare a store from CIFAR-10 or an image folder, describe and verify one."""
 
 from __future__ import annotations
 
@@ -6,16 +6,27 @@ import argparse
 import os
 import sys
 
+from pipeline.data.paths import DATA_ENV, STORE_NAME
 from pipeline.errors import DataError
 
-DEFAULT_STORE = os.path.join("data", "cifar10.zarr")
+STORE_DEFAULT_HELP = f"${DATA_ENV}/{STORE_NAME} if {DATA_ENV} is set, else data/{STORE_NAME}"
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default unless it is None or False (those say theirs in words)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def register(subparsers) -> None:
-    """Add ``convpipe data prepare`` and ``convpipe data info``."""
+    """Add ``convpipe data prepare``, ``convpipe data info`` and ``convpipe data verify``."""
     data = subparsers.add_parser(
-        "data", help="prepare and inspect data stores",
-        description="Convert CIFAR-10 (or an image folder) into a chunked Zarr store, and describe one.")
+        "data", help="prepare, inspect and verify data stores",
+        description="Convert CIFAR-10 (or an image folder) into a chunked Zarr store, describe "
+                    "one, and check its chunks against their checksums.")
     sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
 
@@ -24,16 +35,20 @@ def register(subparsers) -> None:
         description=(
             "Convert CIFAR-10 or an image folder into a chunked Zarr v3 store, as a Dask job "
             "(the embedded local cluster, or --scheduler). Without --source, CIFAR-10 is looked "
-            "for in data/ (also torchvision's and Keras's usual places) and downloaded from its "
-            "official URL if absent. Re-running over a complete store does nothing unless --force."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+            "for in the data root (also torchvision's and Keras's usual places) and downloaded "
+            "from its official URL if absent; offline, give a local copy with --source PATH. "
+            "Every split is stored in a fixed shuffled order and every chunk with a crc32c "
+            "checksum. Re-running over a complete store does nothing unless --force."),
+        formatter_class=_DefaultsFormatter)
     p.add_argument("--source", metavar="PATH|URL", default=None,
                    help="cifar-10-python.tar.gz, a cifar-10-batches-py/ folder, an image folder "
                         "(train/<class>/*, test/<class>/*; directory or tar) or a URL of one "
                         "(default: found or downloaded CIFAR-10)")
-    p.add_argument("--out", metavar="STORE", default=DEFAULT_STORE, help="the store to write")
+    p.add_argument("--out", metavar="STORE", default=None,
+                   help=f"the store to write (default: {STORE_DEFAULT_HELP})")
     p.add_argument("--val", metavar="N", type=int, default=1000,
-                   help="images taken from the end of the training images for the val split")
+                   help="images taken from the end of the training images (CIFAR-10: of "
+                        "data_batch_5, as cs231n) for the val split")
     p.add_argument("--chunk", metavar="N", type=int, default=None,
                    help="images per chunk (default 1000, 3 MB)")
     p.add_argument("--scheduler", metavar="ADDR", default=None,
@@ -48,15 +63,28 @@ def register(subparsers) -> None:
                    help="rebuild a complete store (the old one is replaced only once the new one is complete)")
     p.add_argument("--no-verify", action="store_true",
                    help="accept a CIFAR-10 copy whose md5 is not the official one (it is recorded in the store)")
-    p.add_argument("--data-root", metavar="DIR", default="data",
-                   help="where CIFAR-10 is looked for and downloaded to")
+    p.add_argument("--data-root", metavar="DIR", default=None,
+                   help=f"where CIFAR-10 is looked for and downloaded to (default: ${DATA_ENV} "
+                        "if set, else data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_prepare)
 
     i = sub.add_parser("info", help="describe a store",
-                       description="Splits, shapes, chunking, codec, classes, source checksum and size on disk of a store.")
-    i.add_argument("store", metavar="STORE", nargs="?", default=DEFAULT_STORE, help="the store")
+                       description="Splits, shapes, chunking, codec, whether chunks carry checksums, "
+                                   "stored order, classes, source checksum and size on disk of a store.")
+    i.add_argument("store", metavar="STORE", nargs="?", default=None,
+                   help=f"the store (default: {STORE_DEFAULT_HELP}, or data/{STORE_NAME} of this checkout)")
     i.set_defaults(func=_info)
+
+    v = sub.add_parser("verify", help="check every chunk of a store",
+                       description="Read back every chunk of a store and check its crc32c checksum "
+                                   "(and that its file is there). Prints one line per damaged chunk "
+                                   "and exits 1 if there is any; 0 otherwise. A store written "
+                                   "without checksums (format 1) is only checked for chunks that "
+                                   "cannot be decoded, and said to be unprotected.")
+    v.add_argument("store", metavar="STORE", nargs="?", default=None,
+                   help=f"the store (default: {STORE_DEFAULT_HELP}, or data/{STORE_NAME} of this checkout)")
+    v.set_defaults(func=_verify)
 
 
 class _Bars:
@@ -101,9 +129,13 @@ def _prepare(args) -> int:
                     processes=args.processes, data_root=args.data_root, progress=bars)
     finally:
         bars.close()
+    for path, why in r.kept:
+        print(f"convpipe: note: kept {path}: {why}; remove it by hand once no conversion "
+              "writes there", file=sys.stderr)
     sizes = ", ".join(f"{k} {v}" for k, v in r.splits.items())
     if r.skipped:
-        print(f"{r.path}: complete store already there ({sizes}); nothing to do (--force rebuilds it)")
+        print(f"{r.path}: complete store already there ({sizes}); nothing to do (--force rebuilds it"
+              + ("" if r.protected else ", with checksums: this one has none") + ")")
     else:
         print(f"wrote {r.path}: {sizes} images, {len(r.class_names)} classes, "
               f"{_size(r.nbytes)} on disk, in {r.seconds:.1f} s")
@@ -118,13 +150,19 @@ def _size(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _store_arg(store: str | None):
+    from pipeline.data import find_store
+
+    return find_store() if store is None else store
+
+
 def _info(args) -> int:
     import zarr
 
     from pipeline.data import open_store
     from pipeline.data.convert import dir_size
 
-    s = open_store(args.store)
+    s = open_store(_store_arg(args.store))
     a = s.attrs
     print(f"store      {s.path}")
     print(f"format     {a.get('format')} v{a.get('format_version')}, Zarr v3, created {a.get('created', '?')}")
@@ -134,6 +172,12 @@ def _info(args) -> int:
         codecs = ", ".join(_codec_name(c) for c in img.compressors) or "none"
         print(f"{split:<10} images {img.dtype} {tuple(img.shape)} chunks {tuple(img.chunks)} [{codecs}]; "
               f"labels {lab.dtype} {tuple(lab.shape)}")
+    if s.protected:
+        print("integrity  protected: crc32c checksum on every chunk (`convpipe data verify` checks them all)")
+    else:
+        print(f"integrity  UNPROTECTED: no checksums (format {a.get('format_version')}); a damaged chunk "
+              "can read as wrong pixels; `convpipe data prepare --force` rebuilds it with checksums")
+    print(f"order      {_order(a)}")
     print(f"classes    {len(s.class_names)}: {', '.join(s.class_names)}")
     src = a.get("source", {})
     official = "official" if src.get("official") else "not the official CIFAR-10"
@@ -142,6 +186,33 @@ def _info(args) -> int:
     print(f"checksum   md5 {src.get('md5')} ({src.get('md5_of')}; {official}{verified})")
     print(f"mean image float32 (3, 32, 32), mean pixel {float(s.mean_image.mean()):.2f}")
     print(f"size       {_size(dir_size(s.path))} on disk")
+    return 0
+
+
+def _order(attrs: dict) -> str:
+    order = attrs.get("order") or {}
+    if "shuffle_seed" in attrs:
+        return f"every split shuffled, seed {attrs['shuffle_seed']}; val: {order.get('val', '?')}"
+    text = "; ".join(f"{k}: {v}" for k, v in order.items()) if isinstance(order, dict) else str(order)
+    return f"not shuffled (format {attrs.get('format_version')}){': ' + text if text else ''}"
+
+
+def _verify(args) -> int:
+    from pipeline.data import verify_store
+
+    r = verify_store(_store_arg(args.store))
+    for d in r.damaged:
+        print(f"{r.path}: damaged chunk: {d.describe()}")
+    if r.damaged:
+        print(f"convpipe: error: {r.path}: {len(r.damaged)} of {r.n_chunks} chunks damaged; "
+              "rebuild the store with `convpipe data prepare --force`", file=sys.stderr)
+        return 1
+    if r.protected:
+        print(f"{r.path}: all {r.n_chunks} chunks intact (crc32c checksums match)")
+    else:
+        print(f"{r.path}: all {r.n_chunks} chunks decode, but the store is UNPROTECTED (format "
+              f"{r.version}, no checksums): damage that still decodes cannot be found; "
+              "`convpipe data prepare --force` rebuilds it with checksums")
     return 0
 
 

@@ -11,9 +11,18 @@ folder (or reads the tar once, in memory) and each task decodes and writes a ran
 images. Tasks of the train split return pixel sums, from which the coordinator computes
 the mean image.
 
-Everything is written to ``STORE.partial-<pid>-<id>`` (and ``STORE.staging-<pid>-<id>``)
-and renamed to ``STORE`` only once complete (attributes with ``complete: true`` last), so
-an interrupted conversion never leaves a store that looks complete. A complete store is
+Order: val is the last ``val`` images of the train pool (CIFAR-10: data_batch_1..5 in file
+order, so val holds the images cs231n's ``get_CIFAR10_data`` validates on; an image folder:
+its files sorted by (class, name), then shuffled, since that order is by class), train the
+others. Every split is then stored in a shuffled order (:func:`split_rows`), so that its
+first images are a sample of all classes. The order depends on the seed alone
+(``SHUFFLE_SEED``, recorded in the store), not on the NumPy version.
+
+Everything is written to ``STORE.partial.<tag>`` (and ``STORE.staging.<tag>``), the tag
+naming the owner (pid, pid namespace, a random id, host), and renamed to ``STORE`` only
+once complete (attributes with ``complete: true`` last), so an interrupted conversion never
+leaves a store that looks complete. A later run removes such leftovers only when their
+owner is a process of its own host and pid namespace that is gone. A complete store is
 left alone unless ``force``; with ``force`` the old store is removed only after the new one
 is complete.
 
@@ -39,17 +48,21 @@ import numpy as np
 
 from pipeline.data import sources as S
 from pipeline.data.download import download, is_url, url_basename
+from pipeline.data.paths import DEFAULT_STORE, OFFLINE_HINT, data_root as default_data_root, default_store
 from pipeline.data.store import (FORMAT, FORMAT_VERSION, IMAGE_SHAPE, create_layout,
                                  finalize_store, labels_dtype, store_state, write_block)
 from pipeline.errors import DataError
+from pipeline.procs import Owner
 
-__all__ = ["prepare", "PrepareResult", "DEFAULT_STORE", "DEFAULT_VAL", "DEFAULT_CHUNK"]
+__all__ = ["prepare", "PrepareResult", "DEFAULT_STORE", "DEFAULT_VAL", "DEFAULT_CHUNK",
+           "SHUFFLE_SEED", "shuffle_order", "split_rows"]
 
-DEFAULT_STORE = os.path.join("data", "cifar10.zarr")
 DEFAULT_VAL = 1000
 DEFAULT_CHUNK = 1000          # images per chunk: 3 MB of uint8 pixels
 TASK_ROWS = {"cifar": 10000, "image": 2500}  # rows per task (rounded to whole chunks)
-IMAGE_TRAIN_SEED = 0
+SHUFFLE_SEED = 0
+#: the stream of :func:`shuffle_order` each ordering draws from
+STREAMS = {"pool": 0, "train": 1, "val": 2, "test": 3}
 
 Progress = Callable[[str, int, int], None]
 
@@ -63,6 +76,8 @@ class PrepareResult:
     source: dict = field(default_factory=dict)
     seconds: float = 0.0
     nbytes: int = 0                 # size of the store on disk
+    protected: bool = True          # False: a complete store of format 1 (no checksums) was kept
+    kept: list = field(default_factory=list)  # leftovers of other conversions not removed: [(path, why)]
 
 
 def dir_size(path: str | os.PathLike) -> int:
@@ -115,11 +130,17 @@ def _stage_batch(path: str, name: str, dest: str, remove_source: bool) -> tuple[
 _stage_batch = _guarded(_stage_batch)
 
 
-def _write_rows(store: str, split: str, start: int, segments: list, labels: np.ndarray,
-                want_sum: bool) -> tuple[int, np.ndarray | None]:
-    """Rows ``start:start+n`` of ``split``: pixels from ``segments`` [(npy path, lo, hi)]."""
-    parts = [np.load(p, mmap_mode="r", allow_pickle=False)[lo:hi] for p, lo, hi in segments]
-    X = np.concatenate(parts).reshape(-1, *IMAGE_SHAPE)
+def _write_rows(store: str, split: str, start: int, files: list, rows: np.ndarray,
+                labels: np.ndarray, want_sum: bool) -> tuple[int, np.ndarray | None]:
+    """Rows ``start:start+n`` of ``split``: the source images ``rows`` (int64 (n,), in the
+    stored order), gathered from the split source's staged files [(npy path, first row,
+    end row)] of (rows, 3072) uint8 pixels."""
+    X = np.empty((len(rows), S.PIXELS), np.uint8)
+    for path, lo, hi in files:
+        sel = np.flatnonzero((rows >= lo) & (rows < hi))
+        if sel.size:
+            X[sel] = np.load(path, mmap_mode="r", allow_pickle=False)[rows[sel] - lo]
+    X = X.reshape(-1, *IMAGE_SHAPE)
     write_block(store, split, start, X, labels)
     return len(X), (X.reshape(len(X), -1).sum(axis=0, dtype=np.int64) if want_sum else None)
 
@@ -164,15 +185,59 @@ def _ranges(n: int, chunk: int, task_rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-def _segments(offsets: list[int], files: list[tuple[str, str]], lo: int, hi: int) -> list:
-    """Source pieces [(path, name, row_lo, row_hi)] covering global rows lo:hi."""
-    out = []
-    for i, (path, name) in enumerate(files):
-        a, b = offsets[i], offsets[i + 1]
-        s, e = max(lo, a), min(hi, b)
-        if s < e:
-            out.append((path, name, s - a, e - a))
-    return out
+_MASK = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _mix64(x):
+    """splitmix64's finalizer, on Python ints or uint64 arrays (wrapping)."""
+    if isinstance(x, int):
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & _MASK
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & _MASK
+        return x ^ (x >> 31)
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def shuffle_order(n: int, seed: int, stream: int) -> np.ndarray:
+    """A permutation of ``range(n)`` (int64 (n,)) that depends on ``(n, seed, stream)``
+    alone, with every NumPy version: the indices sorted by the splitmix64 sequence started
+    from ``(seed, stream)``."""
+    start = _mix64(((seed & _MASK) * _GAMMA + stream) & _MASK)
+    with np.errstate(over="ignore"):
+        steps = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_GAMMA)
+        keys = _mix64(steps + np.uint64(start))
+    return np.argsort(keys, kind="stable").astype(np.int64)
+
+
+def split_rows(n_pool: int, n_test: int, val: int, seed: int = SHUFFLE_SEED, *,
+               shuffle_pool: bool) -> dict[str, np.ndarray]:
+    """Source rows of each split in stored order: {"train", "val": rows of the train source
+    (int64), "test": rows of the test source}.
+
+    The pool is the train source in its order, shuffled first (stream 0) if ``shuffle_pool``
+    (an image folder, listed by class); val is its last ``val`` rows, train the others. Each
+    split is then stored in ``shuffle_order(n, seed, stream)`` order (train 1, val 2,
+    test 3). Train and val are disjoint and together the whole pool.
+    """
+    pool = np.arange(n_pool, dtype=np.int64)
+    if shuffle_pool:
+        pool = pool[shuffle_order(n_pool, seed, STREAMS["pool"])]
+    n_train = n_pool - val
+    parts = {"train": pool[:n_train], "val": pool[n_train:], "test": np.arange(n_test, dtype=np.int64)}
+    return {split: rows[shuffle_order(len(rows), seed, STREAMS[split])] for split, rows in parts.items()}
+
+
+def _order_attrs(val_rule: str) -> dict:
+    return {"val": val_rule,
+            "rows": "every split stored shuffled: row i of a split is its image "
+                    "split_rows(...)[split][i] (pipeline.data.convert; splitmix64 order, seed "
+                    "shuffle_seed; streams train 1, val 2, test 3)"}
 
 
 # ------------------------------------------------------------------------------ sources
@@ -183,7 +248,8 @@ def _resolve(source, data_root: Path, verify: bool, progress: Progress | None) -
         if found is not None:
             return S.classify(found)
         dest = data_root / S.ARCHIVE_NAME
-        download(S.OFFICIAL_URL, dest, md5=S.OFFICIAL_MD5 if verify else None, progress=progress)
+        download(S.OFFICIAL_URL, dest, md5=S.OFFICIAL_MD5 if verify else None, progress=progress,
+                 hint=f"no CIFAR-10 copy found in {data_root} or Keras's folder; {OFFLINE_HINT}")
         return S.classify(dest)
     text = os.fspath(source)
     if is_url(text):
@@ -195,7 +261,7 @@ def _resolve(source, data_root: Path, verify: bool, progress: Progress | None) -
                 raise DataError(f"{text}: md5 {md5} is not the official CIFAR-10 archive's "
                                 f"{S.OFFICIAL_MD5}; nothing was saved (--no-verify accepts it)")
 
-        download(text, dest, check=check, progress=progress)
+        download(text, dest, check=check, progress=progress, hint=OFFLINE_HINT)
         return S.classify(dest)
     return S.classify(Path(text).expanduser())
 
@@ -240,27 +306,29 @@ def _plan_cifar(src: S.Source, staging: Path, verify: bool, progress: Progress |
 
 # ------------------------------------------------------------------------------ the job
 
-def prepare(source: str | os.PathLike | None = None, out: str | os.PathLike = DEFAULT_STORE, *,
+def prepare(source: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
             val: int = DEFAULT_VAL, chunk: int | None = None, force: bool = False,
             verify: bool = True, scheduler: str | None = None, workers: int | None = None,
-            processes: bool = False, client=None, data_root: str | os.PathLike = "data",
+            processes: bool = False, client=None, data_root: str | os.PathLike | None = None,
             progress: Progress | None = None) -> PrepareResult:
     """Convert ``source`` (path or URL; None: find or download CIFAR-10) into the store ``out``.
 
-    ``val``: images taken from the end of the training images for the val split.
-    ``chunk``: images per chunk (default 1000). ``verify=False`` accepts a non-official
-    CIFAR-10 copy (its md5 is recorded either way). The job runs on ``client`` if given,
-    else on the cluster at ``scheduler``, else on a new embedded LocalCluster of ``workers``
-    single-threaded workers (default: one per core), in this process by default: the work
-    (zlib, Blosc, Pillow decoding, file I/O) runs outside the GIL, and on 2 cores the
-    in-process cluster converts CIFAR-10 about twice as fast as worker processes, whose
-    start, imports and shutdown cost more than the conversion (``processes=True`` for those).
-    ``progress(stage, done, total)`` is called with stages "download" and "read" (bytes)
-    and "convert" (images). Returns a :class:`PrepareResult`; raises :class:`DataError`.
+    ``out`` defaults to ``cifar10.zarr`` in the data root, ``data_root`` (where CIFAR-10 is
+    looked for and downloaded to) to ``$CONVPIPE_DATA`` or ``data`` (pipeline.data.paths).
+    ``val``: images of the train pool held out as the val split (its last ones; see the
+    module's "Order"). ``chunk``: images per chunk (default 1000). ``verify=False`` accepts
+    a non-official CIFAR-10 copy (its md5 is recorded either way). The job runs on
+    ``client`` if given, else on the cluster at ``scheduler``, else on a new embedded
+    LocalCluster of ``workers`` single-threaded workers (default: one per core), in this
+    process by default: the work (zlib, Blosc, Pillow decoding, file I/O) runs outside the
+    GIL, and on few cores worker processes cost more to start, import and shut down than
+    they save (``processes=True`` for those). ``progress(stage, done, total)`` is called
+    with stages "download" and "read" (bytes) and "convert" (images). Returns a
+    :class:`PrepareResult`; raises :class:`DataError`.
     """
     t0 = time.perf_counter()
-    out = Path(out).expanduser()
-    data_root = Path(data_root).expanduser()
+    out = Path(out).expanduser() if out is not None else default_store()
+    data_root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0:
         raise DataError(f"val must be an integer >= 0, got {val!r}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
@@ -279,15 +347,13 @@ def prepare(source: str | os.PathLike | None = None, out: str | os.PathLike = DE
                             f"is already there; --force rebuilds it with val={val}"
                             + (f", chunk={chunk}" if chunk is not None else ""))
         return PrepareResult(out, True, dict(s.splits), list(s.class_names), dict(s.attrs.get("source", {})),
-                             time.perf_counter() - t0, dir_size(out))
+                             time.perf_counter() - t0, dir_size(out), protected=s.protected)
     chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
     val = int(val)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    partial = out.parent / f"{out.name}.partial-{tag}"
-    staging = out.parent / f"{out.name}.staging-{tag}"
+    kept = _remove_stale(out)
+    partial, staging = _leftover(out, "partial"), _leftover(out, "staging")
     try:
         src = _resolve(source, data_root, verify, progress)
         result = _run(src, out, partial, staging, val=val, chunk=chunk, verify=verify,
@@ -302,32 +368,65 @@ def prepare(source: str | os.PathLike | None = None, out: str | os.PathLike = DE
                 shutil.rmtree(p, ignore_errors=True)
     result.seconds = time.perf_counter() - t0
     result.nbytes = dir_size(out)
+    result.kept = kept
     return result
 
 
-def _remove_stale(out: Path) -> None:
-    """Remove partial/staging folders of conversions whose process is gone (same host), and
-    old stores left by a replacement that was cut short once the store is there again."""
-    kinds = ("partial", "staging", "old") if store_state(out) == "complete" else ("partial", "staging")
-    for p in out.parent.glob(f"{out.name}.*-*-*"):
-        kind, _, rest = p.name[len(out.name) + 1:].partition("-")
-        if kind not in kinds:
+LEFTOVER_KINDS = ("partial", "staging", "old")
+
+
+def _leftover(out: Path, kind: str) -> Path:
+    """``STORE.<kind>.<pid>.<pid namespace>.<random id>.<host>``: a folder this process owns
+    beside the store (the host last: it may hold dots)."""
+    me = Owner.me()
+    host = me.host.replace(os.sep, "_") or "unknown"
+    return out.parent / f"{out.name}.{kind}.{me.pid}.{me.namespace}.{uuid.uuid4().hex[:8]}.{host}"
+
+
+def leftover_owner(out: Path, path: Path) -> tuple[str, Owner | None] | None:
+    """(kind, owner) of a folder left beside the store ``out``; owner None for the names
+    of older versions (``STORE.<kind>-<pid>-<id>``, no host: nobody can tell whose it is);
+    None for anything else."""
+    rest = path.name[len(out.name) + 1:] if path.name.startswith(out.name + ".") else ""
+    for kind in LEFTOVER_KINDS:
+        if rest.startswith(kind + "."):
+            parts = rest[len(kind) + 1:].split(".", 3)
+            try:
+                pid, ns = int(parts[0]), int(parts[1])
+            except (ValueError, IndexError):
+                return None
+            return (kind, Owner(parts[3], ns, pid)) if len(parts) == 4 else None
+        if rest.startswith(kind + "-"):
+            return kind, None
+    return None
+
+
+def _remove_stale(out: Path) -> list[tuple[Path, str]]:
+    """Remove partial/staging folders of conversions whose process is gone, and old stores
+    left by a replacement that was cut short once the store is there again. Only owners of
+    this host and pid namespace can be checked: other hosts', other containers' and
+    unnamed (older versions') leftovers are kept; returns those [(path, why)]."""
+    kinds = LEFTOVER_KINDS if store_state(out) == "complete" else ("partial", "staging")
+    kept = []
+    for p in sorted(out.parent.glob(f"{out.name}.*")):
+        found = leftover_owner(out, p)
+        if found is None or found[0] not in kinds:
             continue
-        try:
-            pid = int(rest.split("-")[0])
-            os.kill(pid, 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError):
-            continue
-        shutil.rmtree(p, ignore_errors=True)
+        owner = found[1]
+        if owner is None:
+            kept.append((p, "left by an older convpipe, which did not record its host"))
+        elif not owner.is_local():
+            kept.append((p, f"owned by pid {owner.pid} of host {owner.host} (pid namespace "
+                            f"{owner.namespace}), which cannot be checked from here"))
+        elif not owner.alive():
+            shutil.rmtree(p, ignore_errors=True)
+    return kept
 
 
 def _install(partial: Path, out: Path) -> None:
     """Move the complete store into place; an old one is removed only afterwards."""
     if out.exists():
-        old = out.parent / f"{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        old = _leftover(out, "old")
         os.rename(out, old)
         try:
             os.rename(partial, out)
@@ -434,7 +533,8 @@ def _base_attrs(out: Path, class_names, sizes, chunk, source_attrs, order) -> di
         "format": FORMAT, "format_version": FORMAT_VERSION, "class_names": list(class_names),
         "splits": dict(sizes), "chunk": chunk, "image_shape": list(IMAGE_SHAPE), "layout": "NCHW",
         "labels_dtype": str(labels_dtype(len(class_names))), "source": source_attrs, "order": order,
-        "store_id": uuid.uuid4().hex, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "shuffle_seed": SHUFFLE_SEED, "store_id": uuid.uuid4().hex,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "convpipe_version": __version__,
     }
 
@@ -457,20 +557,20 @@ def _run_cifar(client, src, plan, stage_futures, out, partial, staging, val, chu
     counts = {b: staged[b][0] for b in order}
     npy = {b: str(staging / f"{b}.npy") for b in order}
     offsets = np.concatenate([[0], np.cumsum([counts[b] for b in S.TRAIN_BATCHES])]).tolist()
-    train_labels = np.concatenate([staged[b][1] for b in S.TRAIN_BATCHES])
     sizes = _split_sizes(offsets[-1], counts[S.TEST_BATCH], val, str(src.path))
     create_layout(partial, sizes, chunk, n_classes)
 
-    tasks = []
-    train_npy = [(npy[b], b) for b in S.TRAIN_BATCHES]
-    for split, base in (("train", 0), ("val", sizes["train"])):
+    # the staged files of each split's source [(npy, first row, end row)], and its labels
+    train_files = [(npy[b], offsets[i], offsets[i + 1]) for i, b in enumerate(S.TRAIN_BATCHES)]
+    source = {"train": (train_files, np.concatenate([staged[b][1] for b in S.TRAIN_BATCHES])),
+              "test": ([(npy[S.TEST_BATCH], 0, counts[S.TEST_BATCH])], staged[S.TEST_BATCH][1])}
+    rows = split_rows(offsets[-1], counts[S.TEST_BATCH], val, shuffle_pool=False)
+    futures = []
+    for split, r in rows.items():
+        files, labels = source["test" if split == "test" else "train"]
         for a, b in _ranges(sizes[split], chunk, TASK_ROWS["cifar"]):
-            segs = [(p, lo, hi) for p, _, lo, hi in _segments(offsets, train_npy, base + a, base + b)]
-            tasks.append((split, a, segs, train_labels[base + a:base + b]))
-    for a, b in _ranges(sizes["test"], chunk, TASK_ROWS["cifar"]):
-        tasks.append(("test", a, [(npy[S.TEST_BATCH], a, b)], staged[S.TEST_BATCH][1][a:b]))
-    futures = [client.submit(_write_rows, str(abort), str(partial), split, a, segs, labels,
-                             split == "train", pure=False) for split, a, segs, labels in tasks]
+            futures.append(client.submit(_write_rows, str(abort), str(partial), split, a, files,
+                                         r[a:b], labels[r[a:b]], split == "train", pure=False))
     total = sum(sizes.values())
     state = {"done": 0, "sum": np.zeros(int(np.prod(IMAGE_SHAPE)), np.int64)}
     if progress:
@@ -486,20 +586,19 @@ def _run_cifar(client, src, plan, stage_futures, out, partial, staging, val, chu
 
     _collect(futures, abort, on_done)
     mean = (state["sum"] / sizes["train"]).reshape(IMAGE_SHAPE)
-    order_attrs = {"train_val": "source order: data_batch_1..5; val is the last images of data_batch_5",
-                   "test": "source order: test_batch"}
+    order_attrs = _order_attrs("the last images of the pool data_batch_1..5 in file order "
+                               "(the end of data_batch_5)")
     finalize_store(partial, _base_attrs(out, class_names, sizes, chunk, source_attrs, order_attrs), mean)
     return PrepareResult(out, False, sizes, class_names, source_attrs)
 
 
 def _run_images(client, src, listing: S.ImageListing, out, partial, staging, val, chunk, progress) -> PrepareResult:
     label = str(src.path)
-    train = listing.items["train"]
-    perm = np.random.default_rng(IMAGE_TRAIN_SEED).permutation(len(train))
-    train = [train[i] for i in perm]
-    sizes = _split_sizes(len(train), len(listing.items["test"]), val, label)
+    pool, test = listing.items["train"], listing.items["test"]
+    sizes = _split_sizes(len(pool), len(test), val, label)
     create_layout(partial, sizes, chunk, len(listing.classes))
-    rows = {"train": train[:sizes["train"]], "val": train[sizes["train"]:], "test": listing.items["test"]}
+    order = split_rows(len(pool), len(test), val, shuffle_pool=True)
+    rows = {split: [(test if split == "test" else pool)[i] for i in r] for split, r in order.items()}
 
     abort = staging / "ABORT"
     futures = []
@@ -546,9 +645,7 @@ def _run_images(client, src, listing: S.ImageListing, out, partial, staging, val
         md5, md5_of = hashlib.md5(text.encode()).hexdigest(), "md5sum listing of the image files"
     source_attrs = _source_attrs(src, md5, md5_of, False, False)
     mean = (state["sum"] / sizes["train"]).reshape(IMAGE_SHAPE)
-    order_attrs = {"train_val": f"image files sorted by (class, name), then shuffled with "
-                                f"numpy.random.default_rng({IMAGE_TRAIN_SEED}).permutation; "
-                                "val is the last images",
-                   "test": "image files sorted by (class, name)"}
+    order_attrs = _order_attrs("the last images of the pool: train/ files sorted by (class, "
+                               "name), shuffled (stream 0)")
     finalize_store(partial, _base_attrs(out, listing.classes, sizes, chunk, source_attrs, order_attrs), mean)
     return PrepareResult(out, False, sizes, listing.classes, source_attrs)

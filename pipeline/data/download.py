@@ -35,13 +35,15 @@ def url_basename(url: str) -> str:
 
 def download(url: str, dest: str | os.PathLike, *, md5: str | None = None,
              check: Callable[[Path, str], None] | None = None,
-             progress: Progress | None = None, timeout: float = 60.0) -> str:
+             progress: Progress | None = None, timeout: float = 60.0, hint: str = "") -> str:
     """Download ``url`` to ``dest``; return the file's md5 (hex).
 
     The bytes go to a temporary file in ``dest``'s folder; if ``md5`` is given and differs,
     or ``check(temp_path, md5)`` raises, the temporary file is removed and nothing is left
     under ``dest``. ``progress("download", bytes_done, bytes_total)`` is called as it goes.
+    ``hint`` (what to do without network) ends the message of a failed, cut or short download.
     """
+    more = f"; {hint}" if hint else ""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.download-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -50,10 +52,10 @@ def download(url: str, dest: str | os.PathLike, *, md5: str | None = None,
         try:
             resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - scheme checked by caller
         except urllib.error.HTTPError as exc:
-            raise DataError(f"{url}: download failed (HTTP {exc.code} {exc.reason})") from None
+            raise DataError(f"{url}: download failed (HTTP {exc.code} {exc.reason}){more}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
-            raise DataError(f"{url}: download failed ({reason})") from None
+            raise DataError(f"{url}: download failed ({reason}){more}") from None
         with resp, open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0)
             done = 0
@@ -63,7 +65,7 @@ def download(url: str, dest: str | os.PathLike, *, md5: str | None = None,
                 try:
                     block = resp.read(1 << 20)
                 except (OSError, ValueError) as exc:
-                    raise DataError(f"{url}: download interrupted after {done} bytes ({exc})") from None
+                    raise DataError(f"{url}: download interrupted after {done} bytes ({exc}){more}") from None
                 if not block:
                     break
                 out.write(block)
@@ -72,7 +74,7 @@ def download(url: str, dest: str | os.PathLike, *, md5: str | None = None,
                 if progress:
                     progress("download", done, total)
         if total and done != total:
-            raise DataError(f"{url}: download truncated ({done} of {total} bytes); nothing was saved")
+            raise DataError(f"{url}: download truncated ({done} of {total} bytes); nothing was saved{more}")
         got = digest.hexdigest()
         if md5 is not None and got != md5:
             raise DataError(f"{url}: downloaded file has md5 {got}, expected {md5}; nothing was saved")
