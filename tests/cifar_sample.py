@@ -1,7 +1,9 @@
 """A small sample of real CIFAR-10 training images for model tests.
 
-Read from ../shared/data/cifar10-jpeg.tar.gz beside the checkout when it is there (CI has it);
-otherwise a synthetic stand-in of the same shapes whose classes are learnable.
+Read from ../shared/data/cifar10-jpeg.tar.gz beside the checkout (CI has it). Without it,
+``cifar_sample(..., real=True)`` skips the test, saying why; ``real=False`` falls back to a
+synthetic stand-in of the same shapes whose classes are learnable, and says so with a
+:class:`SyntheticSampleWarning` (listed in pytest's warnings summary) each time.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +19,29 @@ import numpy as np
 SHARED_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
+class SyntheticSampleWarning(UserWarning):
+    """The real CIFAR-10 sample is missing: a synthetic stand-in was used."""
+
+
+def cifar_sample(num_train: int = 100, num_val: int = 100, *, real: bool = False) -> dict[str, np.ndarray]:
+    """X_train (num_train, 3, 32, 32) float32 mean-subtracted, y_train int64, X_val, y_val.
+
+    ``real=True``: real images or a skipped test, never the synthetic stand-in.
+    """
+    if not SHARED_JPEG.is_file():
+        if real:
+            import pytest
+
+            pytest.skip(f"needs real CIFAR-10 images: {SHARED_JPEG} is missing (CI has it)")
+        warnings.warn(SyntheticSampleWarning(
+            f"{SHARED_JPEG} is missing: synthetic stand-in images, not CIFAR-10"), stacklevel=2)
+    return _sample(num_train, num_val, SHARED_JPEG if SHARED_JPEG.is_file() else None)
+
+
 @functools.lru_cache(maxsize=None)
-def cifar_sample(num_train: int = 100, num_val: int = 100) -> dict[str, np.ndarray]:
-    """X_train (num_train, 3, 32, 32) float32 mean-subtracted, y_train int64, X_val, y_val."""
+def _sample(num_train: int, num_val: int, jpeg: Path | None) -> dict[str, np.ndarray]:
     total = num_train + num_val
-    if SHARED_JPEG.is_file():
-        X, y = _read_jpegs(SHARED_JPEG, total)
-    else:
-        X, y = _synthetic(total)
+    X, y = _read_jpegs(jpeg, total) if jpeg is not None else _synthetic(total)
     rng = np.random.default_rng(0)
     order = rng.permutation(total)
     X, y = X[order], y[order]
@@ -38,7 +56,6 @@ def _read_jpegs(path: Path, total: int):
     per_class = -(-total // 10)
     images, labels, seen = [], [], {}
     with tarfile.open(path, "r:gz") as tar:
-        classes = None
         for member in tar:
             parts = Path(member.name).parts
             if not member.isfile() or len(parts) < 3 or parts[-3] != "train":
