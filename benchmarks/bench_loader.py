@@ -8,9 +8,15 @@ Measured side by side in one process, single-threaded (as one Dask worker thread
   reads of fresh random indices; also the first (cold) read and a read with cache=False;
 - compute: ``pipeline.cnn.ThreeLayerConvNet(hidden_dim=500).loss(X, y)`` (forward and
   backward) on the same 64 images, median over rounds interleaved with the reads.
-Prints the ratio read / compute (the target is at most 5%). Without pipeline.cnn it prints
-the read time alone, with a note. Without a store at --store it builds a synthetic one
-(random pixels, 49,000/1,000/10,000 images) in a temporary folder first.
+- checksum: what the crc32c of every chunk costs. The store's train images are copied into
+  two arrays of the same layout, one with the checksum codec and one without (format 1);
+  every chunk is read back from each (read and decompressed, as a worker's cache fills),
+  the two alternating; the sum over chunks of each chunk's best of --checksum-repeat.
+Prints the ratio read / compute (the target is at most 5%) and the ratio of the reads with
+and without the checksum. Without pipeline.cnn it prints the read time alone, with a note.
+Without a store at --store it builds a synthetic one (random pixels, 49,000/1,000/10,000
+images) in a temporary folder first; random pixels do not compress, so the checksum's
+share of the decode time is larger there than on CIFAR-10.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ def _parse():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeat", type=int, default=200, help="timed reads (default 200)")
     p.add_argument("--compute-repeat", type=int, default=15, help="timed loss calls (default 15)")
+    p.add_argument("--checksum-repeat", type=int, default=5,
+                   help="timed reads of each chunk with and without the checksum (default 5)")
     return p.parse_args()
 
 
@@ -57,6 +65,36 @@ def synthetic_store(path: str) -> None:
     finalize_store(path, {"format": FORMAT, "format_version": FORMAT_VERSION, "splits": sizes,
                           "class_names": [f"c{i}" for i in range(10)], "chunk": 1000},
                    (total / sizes["train"]).astype(np.float32))
+
+
+def checksum_cost(store, folder: str, repeat: int) -> tuple[float, float, int]:
+    """(seconds with the checksum, seconds without, images): reading back every chunk of the
+    store's train images from two copies that differ only in the crc32c codec, chunk by
+    chunk as a worker's cache fills (the chunk file check included), the two copies
+    alternating; each chunk's best of ``repeat``, summed over the chunks."""
+    from pipeline.data.store import _Array, create_layout, write_block
+
+    X, y = store.read_uint8("train", None, cache=False)
+    chunk = store.chunks["train"]
+    arrays = {}
+    for checksum in (True, False):
+        path = os.path.join(folder, f"train-{'crc32c' if checksum else 'plain'}.zarr")
+        create_layout(path, {"train": len(X)}, chunk, len(store.class_names), checksum=checksum)
+        for a in range(0, len(X), chunk):
+            write_block(path, "train", a, X[a:a + chunk], y[a:a + chunk])
+        arrays[checksum] = _Array(path, "train", "images")
+        assert arrays[checksum].protected == checksum
+    n = len(X)
+    del X, y
+    best = {True: np.full(arrays[True].n_chunks, np.inf), False: np.full(arrays[True].n_chunks, np.inf)}
+    for r in range(repeat):
+        for k in range(arrays[True].n_chunks):
+            lo, hi = arrays[True].rows(k)
+            for checksum in ((True, False) if (r + k) % 2 == 0 else (False, True)):
+                t = time.perf_counter()
+                arrays[checksum].read(lo, hi)
+                best[checksum][k] = min(best[checksum][k], time.perf_counter() - t)
+    return float(best[True].sum()), float(best[False].sum()), n
 
 
 def main() -> int:
@@ -116,15 +154,25 @@ def main() -> int:
     print(f"read, warm cache (median of {len(reads):4d})       {read_ms:8.3f} ms   (min {1e3 * min(reads):.3f})")
     if model is None:
         print(f"compute: pipeline.cnn.ThreeLayerConvNet not available ({note}); read time alone above")
+        _print_checksum_cost(store)
         return 0
     comp_ms = 1e3 * float(np.median(computes))
     print(f"compute: ThreeLayerConvNet(hidden_dim=500).loss, forward+backward (median of {len(computes)}) "
           f"{comp_ms:8.2f} ms")
     ratio = read_ms / comp_ms
     print(f"ratio read / compute = {100 * ratio:.2f}%  (target <= 5%: {'met' if ratio <= 0.05 else 'NOT met'})")
+    _print_checksum_cost(store)
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def _print_checksum_cost(store) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        crc, plain, n = checksum_cost(store, folder, ARGS.checksum_repeat)
+    print(f"checksum: {n} train images read back chunk by chunk (decompressed), crc32c checked "
+          f"{1e3 * crc:8.1f} ms vs no checksum {1e3 * plain:8.1f} ms; ratio {crc / plain:.3f} "
+          f"(each chunk's best of {ARGS.checksum_repeat}, alternating)")
 
 
 if __name__ == "__main__":
