@@ -158,6 +158,37 @@ def test_a_killed_coordinator_is_reported_and_resumed_with_one_command(topo):
     assert "resumed at step" in log and "failed: the worker running the coordinator" in log
 
 
+def test_sigterm_to_the_coordinator_s_worker_stops_the_job_cleanly(topo):
+    """``kill -TERM`` (docker stop, a preemption) of the worker process running a job's
+    coordinator: the job stops between steps, records failed (interrupted) with its resume
+    command, and only then does the process end."""
+    pc, work = topo
+    job = submit(pc, work, "--set", "steps=100000", "--set", "name=stopped")
+    job_dir = work / "data" / "jobs" / job
+    ckpts = work / "data" / "runs" / job / "checkpoints"
+    deadline = time.monotonic() + 60
+    while not (ckpts.is_dir() and any(ckpts.glob("step-*.npz"))):
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.02)
+    running = json.loads((job_dir / "status.json").read_text())
+    os.kill(running["pid"], signal.SIGTERM)
+
+    failed = wait_status(job, pc.address, work, states=("failed",), timeout=60)
+    assert failed["reason"] == "interrupted: the worker process got SIGTERM", failed
+    on_disk = json.loads((job_dir / "status.json").read_text())  # written by the process itself
+    assert on_disk["reason"] == failed["reason"] and on_disk["resumable"]
+    assert f"resume with: convpipe resume {job}" in (job_dir / "job.log").read_text()
+    r = convpipe("status", job, "--scheduler", pc.address, cwd=work)
+    assert f"convpipe resume {job}" in r.stdout
+    deadline = time.monotonic() + 30  # then the signal went on: the process ended
+    while os.path.exists(f"/proc/{running['pid']}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{running['pid']}")
+    kept = sorted(ckpts.glob("step-*.npz"))
+    assert kept and load_checkpoint(kept[-1])[1]["step"] >= 1
+    pc.wait_for_workers(2)  # the nanny has started a new worker process
+
+
 def test_scheduler_gone_mid_job_is_one_line_and_keeps_everything(topo):
     pc, work = topo
     job = submit(pc, work, "--set", "steps=100000", "--set", "name=orphan")

@@ -22,6 +22,9 @@ Failures:
 - a cancel request (an event on the job's topic): :meth:`Report.check_cancel`, called from the
   progress callback between steps (at most once a second), raises :class:`JobCancelled`; the
   job records ``cancelled``; a job still queued stops as it starts.
+- SIGTERM to the worker process, or the worker closing (``docker stop``): the progress callback
+  raises :class:`pipeline.jobs.interrupt.Interrupted` at the next step; the job records
+  ``failed`` (interrupted, resumable), then the process ends (:mod:`pipeline.jobs.interrupt`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Report:
         self._last_cancel_check = 0.0
         self._lock = threading.Lock()
         self._noted: set[str] = set()
+        self.stop = None  # the job's interrupt.Stop while it runs on a worker
 
     # ---- output -------------------------------------------------------------------------------
     def _event(self, msg: dict) -> None:
@@ -120,6 +124,8 @@ class Report:
             kw = {**info, **kw}
         elif info is not None:
             kw = {"message": str(info), **kw}
+        if self.stop is not None:
+            self.stop.check()
         self.check_cancel()
         now = time.monotonic()
         event = kw.get("event") or kw.get("kind")
@@ -238,6 +244,7 @@ def run_job(record: dict) -> dict:
     """The job's coordinator, on a worker (queued by :func:`pipeline.jobs.client.submit`); its final status."""
     from distributed import get_worker, worker_client
 
+    from pipeline.jobs import interrupt
     from pipeline.jobs.kinds import KINDS
 
     worker = get_worker()
@@ -261,16 +268,21 @@ def run_job(record: dict) -> dict:
         # around for a worker that never came back): nothing to run
         return current
 
-    with worker_client() as client:
-        report.client = client
+    with worker_client() as client, interrupt.guard(worker) as stop:
+        report.client, report.stop = client, stop
         try:
             report.check_cancel(force=True)
+            stop.check()
             me = Owner.me()
             report.state("running", f"running on worker {worker.address} (pid {me.pid} on {me.host})",
                          worker=worker.address, pid=me.pid, host=me.host, pid_namespace=me.namespace, reason=None)
             result = KINDS[record["kind"]].run(record["options"], client, report)
         except JobCancelled as exc:
             return report.state("cancelled", f"cancelled: {exc}", reason=str(exc), resumable=True)
+        except interrupt.Interrupted as exc:
+            reason = f"interrupted: {exc}"
+            return report.state("failed", f"failed: {reason}; resume with: convpipe resume {record['job']}",
+                                reason=reason, resumable=True, interrupted=True)
         except ConvpipeError as exc:
             return report.state("failed", f"failed: {exc}", reason=str(exc), resumable=True)
         except BaseException as exc:  # noqa: BLE001 - anything the job raised, with its reason
