@@ -11,3 +11,7 @@ class DataError(ConvpipeError):
 
 class TrainingError(ConvpipeError):
     """Training cannot start or cannot go on (bad settings, diverged loss, lost cluster)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process was told to end (SIGTERM): stopped like Ctrl-C, exit status 128 + 15."""

@@ -43,14 +43,26 @@ def test_a_worker_process_killed_mid_epoch_loses_no_shard(store, tmp_path):
 
         summary = train(tiny_config(store, tmp_path / "killed", **settings), client=client, progress=progress)
         assert killed.wait(5)
-        deadline = time.time() + 60
-        while victim in client.run(os.getpid).values() and time.time() < deadline:
-            time.sleep(0.2)
-        assert victim not in client.run(os.getpid).values()   # it really died (and was replaced)
+        # the nanny brought a worker back: two workers again, and the victim's pid is gone
+        client.wait_for_workers(2, timeout=60)
+        assert victim not in client.run(os.getpid).values()
+        # and the scheduler ran at least one of the run's part tasks a second time (its first
+        # run died with the worker): the lost work was redone, not skipped
+        starts = client.run_on_scheduler(_processing_starts)
+    assert any(n >= 2 for key, n in starts.items() if key.startswith("part-")), starts
     assert summary["steps"] == 14 and summary["images"] == 14 * 128  # every shard counted once
     steps = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [m["n"] for m in steps if m["kind"] == "step"] == [128] * 14
     assert_same_params(final_params(tmp_path / "calm"), final_params(tmp_path / "killed"))
+
+
+def _processing_starts(dask_scheduler=None) -> dict:
+    """How often each task key was sent to a worker (from the scheduler's transition log)."""
+    counts: dict = {}
+    for key, _start, finish, *_ in dask_scheduler.transition_log:
+        if finish == "processing":
+            counts[str(key)] = counts.get(str(key), 0) + 1
+    return counts
 
 
 def _cli(*args):
@@ -95,3 +107,81 @@ def test_the_coordinator_killed_resumes_from_its_checkpoint_bit_identically(stor
     summary = json.loads((run / "summary.json").read_text())
     assert evaluated.stdout.startswith("val accuracy ")
     assert float(evaluated.stdout.split()[2]) == pytest.approx(summary["val_acc"], abs=1e-4)
+
+
+def _external_cluster(tmp_path, workers: int, nanny: bool):
+    """A `dask scheduler` and `dask worker` processes (with or without nannies); -> (address, procs)."""
+    sched_file = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                               "--port", "0", "--no-dashboard", "--scheduler-file", sched_file],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    deadline = time.time() + 60
+    while not sched_file.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    address = json.loads(sched_file.read_text())["address"]
+    for _ in range(workers):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host", "127.0.0.1",
+             "--no-dashboard", *([] if nanny else ["--no-nanny"])],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+    return address, procs
+
+
+def test_every_worker_gone_stops_training_within_the_stall_timeout(store, tmp_path):
+    # workers that nothing restarts (no nanny) all die mid-run: `convpipe train` fails with one
+    # line naming the step and what happened, within its stall timeout, and keeps its checkpoint
+    from distributed import Client
+
+    address, procs = _external_cluster(tmp_path, 2, nanny=False)
+    try:
+        with Client(address) as client:
+            client.wait_for_workers(2, timeout=60)
+            pids = list(client.run(os.getpid).values())
+        run = tmp_path / "run"
+        options = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "steps": 100000}.items()]
+        proc = subprocess.Popen(_cli("train", "--data", store, "--scheduler", address, "--out", run,
+                                     "--stall-timeout", 5, *options),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.time() + 120
+        while not list((run / "checkpoints").glob("step-*.npz")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.01)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 2, err
+        assert time.monotonic() - killed_at < 60
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("convpipe: error: step ") and "no progress for 5 s" in last and "0 workers" in last, err
+        checkpoints = sorted((run / "checkpoints").glob("step-*.npz"))
+        assert checkpoints
+        from pipeline.checkpoint import load_checkpoint
+        load_checkpoint(checkpoints[-1])                     # intact
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(30)
+
+
+def test_sigterm_stops_train_like_ctrl_c_and_the_run_resumes_bit_identically(store, tmp_path):
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "checkpoint_every": 1000}.items()]
+    with worker_cluster(workers=1) as client:
+        address = client.scheduler.address
+        train(tiny_config(store, tmp_path / "full", **{**TINY, "checkpoint_every": 1000}), client=client)
+        run = tmp_path / "cut"
+        proc = subprocess.Popen(_cli("train", "--data", store, "--scheduler", address, "--out", run, *options),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        metrics = run / "metrics.jsonl"
+        while (not metrics.exists() or metrics.read_text().count('"step"') < 3) and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 143, err
+        assert "terminated" in err.strip().splitlines()[-1]
+        saved = sorted((run / "checkpoints").glob("step-*.npz"))
+        assert saved, "no checkpoint of the interrupted run"      # none was due before step 1000
+        resumed = subprocess.run(_cli("train", "--resume", run, "--scheduler", address),
+                                 capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_params(final_params(tmp_path / "full"), final_params(run))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import warnings
 
 from pipeline import __version__
-from pipeline.errors import ConvpipeError
+from pipeline.errors import ConvpipeError, Terminated
 
 #: command modules, in the order ``--help`` lists them
 COMMAND_MODULES = ("pipeline.cli.data", "pipeline.cli.train", "pipeline.cli.jobs")
@@ -46,14 +48,27 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None   # `kill`, `docker stop`
     try:
         return int(args.func(args) or 0)
     except ConvpipeError as exc:
         print(f"convpipe: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("convpipe: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("convpipe: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame):
+    """SIGTERM stops a command the way Ctrl-C does (a run keeps a checkpoint of its last step)."""
+    raise Terminated()
 
 
 if __name__ == "__main__":  # pragma: no cover

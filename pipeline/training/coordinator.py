@@ -144,63 +144,77 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
             in_flight[step] = exchange.submit(step, exchange.plan(len(shards)), shards,
                                               sum(len(s) for s in shards), state.t + step - state.step + 1)
 
-    submit(state.step)
-    for step in range(state.step, schedule.total_steps):
-        sent, received = exchange.sent, exchange.received
-        submit(step + 1)                         # the next step waits on its workers for this one
-        # compute, reduce, update: on the workers; collect their small results
-        t0 = clock.lap("coordinator")
-        parts = exchange.collect(in_flight.pop(step))
-        wait = clock.lap("wait")
-        shards = [s for p in parts for s in p["shards"]]
-        n = sum(s["n"] for s in shards)
-        expected = len(schedule.batch(step))
-        if n != expected or [s["slot"] for s in shards] != list(range(len(shards))):
-            raise TrainingError(f"step {step + 1}: part results cover {n} images in shards "
-                                f"{[s['slot'] for s in shards]}, expected {expected}")
-        sumsq = math.fsum(x for p in parts for x in p["partials"])
-        loss = math.fsum(s["loss_sum"] for s in shards) / n + 0.5 * config.reg * sumsq
-        if not math.isfinite(loss):
-            last = run.checkpoints()
-            raise TrainingError(
-                f"loss is {loss} at step {step + 1} (epoch {schedule.epoch_of(step) + 1}): training diverged; "
-                + (f"last good checkpoint {last[0]}" if last else "no checkpoint was written yet")
-                + " (try a smaller --lr)"
-            )
-        # sync: BN running statistics from every shard's moments (count-weighted)
-        if bn:
-            mean, var = combine_moments([s["bn_mean"] for s in shards], [s["bn_var"] for s in shards],
-                                        [s["n"] for s in shards])
-            model.set_state(bn)
-            model.update_running_stats(mean, var)
-            bn = model.get_state()
-        record = _step_record(step, schedule, loss, n, parts, coordinator=t0, waited=wait)
-        record.update(coordinator_bytes_out=exchange.sent - sent, coordinator_bytes_in=exchange.received - received)
-        run.append_metrics(record)
-        done.metrics_lines += 1
-        done.images += n
-        done.steps += 1
-        emit({"event": "step", **record, "total_steps": schedule.total_steps})
+    saved = [state.step]
 
-        if schedule.ends_epoch(step):
-            train_idx = subset(config.seed, schedule.n_train, config.train_acc_samples, tag=1)
-            done.train_acc = _accuracy(client, exchange, step + 1, bn, store, "train", train_idx, config)
-            done.val_acc = _accuracy(client, exchange, step + 1, bn, store, "val", None, config)
-            record = {"kind": "epoch", "epoch": schedule.epoch_of(step) + 1, "step": step + 1,
-                      "train_acc": done.train_acc, "val_acc": done.val_acc, "loss": loss,
-                      "seconds": state.seconds + time.perf_counter() - t_begin}
+    def checkpoint(steps_done):                  # the state after ``steps_done`` steps, atomically
+        params, m, v = exchange.state(steps_done)
+        path = _save(run, exchange.layout, config, State(steps_done, params, m, v, state.t + steps_done - state.step,
+                                                         bn, state.seconds + time.perf_counter() - t_begin,
+                                                         state.images + done.images, done.metrics_lines))
+        saved.append(steps_done)
+        emit({"event": "checkpoint", "step": steps_done, "path": str(path)})
+        clock.lap("checkpoint")
+
+    submit(state.step)
+    try:
+        for step in range(state.step, schedule.total_steps):
+            sent, received = exchange.sent, exchange.received
+            submit(step + 1)                         # the next step waits on its workers for this one
+            # compute, reduce, update: on the workers; collect their small results
+            t0 = clock.lap("coordinator")
+            parts = exchange.collect(in_flight.pop(step))
+            wait = clock.lap("wait")
+            shards = [s for p in parts for s in p["shards"]]
+            n = sum(s["n"] for s in shards)
+            expected = len(schedule.batch(step))
+            if n != expected or [s["slot"] for s in shards] != list(range(len(shards))):
+                raise TrainingError(f"step {step + 1}: part results cover {n} images in shards "
+                                    f"{[s['slot'] for s in shards]}, expected {expected}")
+            sumsq = math.fsum(x for p in parts for x in p["partials"])
+            loss = math.fsum(s["loss_sum"] for s in shards) / n + 0.5 * config.reg * sumsq
+            if not math.isfinite(loss):
+                last = run.checkpoints()
+                raise TrainingError(
+                    f"loss is {loss} at step {step + 1} (epoch {schedule.epoch_of(step) + 1}): training diverged; "
+                    + (f"last good checkpoint {last[0]}" if last else "no checkpoint was written yet")
+                    + " (try a smaller --lr)"
+                )
+            # sync: BN running statistics from every shard's moments (count-weighted)
+            if bn:
+                mean, var = combine_moments([s["bn_mean"] for s in shards], [s["bn_var"] for s in shards],
+                                            [s["n"] for s in shards])
+                model.set_state(bn)
+                model.update_running_stats(mean, var)
+                bn = model.get_state()
+            record = _step_record(step, schedule, loss, n, parts, coordinator=t0, waited=wait)
+            record.update(coordinator_bytes_out=exchange.sent - sent, coordinator_bytes_in=exchange.received - received)
             run.append_metrics(record)
             done.metrics_lines += 1
-            emit({"event": "epoch", **record})
-            clock.lap("eval")
+            done.images += n
+            done.steps += 1
+            emit({"event": "step", **record, "total_steps": schedule.total_steps})
 
-        if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
-            params, m, v = exchange.state(step + 1)
-            path = _save(run, exchange.layout, config, State(step + 1, params, m, v, state.t + step + 1 - state.step,
-                                                             bn, state.seconds + time.perf_counter() - t_begin,
-                                                             state.images + done.images, done.metrics_lines))
-            emit({"event": "checkpoint", "step": step + 1, "path": str(path)})
-            clock.lap("checkpoint")
+            if schedule.ends_epoch(step):
+                train_idx = subset(config.seed, schedule.n_train, config.train_acc_samples, tag=1)
+                done.train_acc = _accuracy(client, exchange, step + 1, bn, store, "train", train_idx, config)
+                done.val_acc = _accuracy(client, exchange, step + 1, bn, store, "val", None, config)
+                record = {"kind": "epoch", "epoch": schedule.epoch_of(step) + 1, "step": step + 1,
+                          "train_acc": done.train_acc, "val_acc": done.val_acc, "loss": loss,
+                          "seconds": state.seconds + time.perf_counter() - t_begin}
+                run.append_metrics(record)
+                done.metrics_lines += 1
+                emit({"event": "epoch", **record})
+                clock.lap("eval")
+
+            if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
+                checkpoint(step + 1)
+    except KeyboardInterrupt:                    # Ctrl-C or SIGTERM: keep the last step done
+        if state.step + done.steps > saved[-1]:
+            try:
+                checkpoint(state.step + done.steps)
+            except TrainingError as exc:         # the next step got there first: the last checkpoint stays
+                emit({"event": "warning", "message": f"no checkpoint of the interrupted run: {exc}"})
+        raise
 
     seconds = time.perf_counter() - t_begin
     clock.lap("coordinator")

@@ -119,7 +119,15 @@ class SharedMemoryExchange(_Exchange):
         return results
 
     def state(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return tuple(x.copy() for x in self.shared.state[step % 2])
+        """Copies of the state of ``step`` (all its slices done). Step ``step + 1``'s update
+        overwrites that copy: refused if it has begun, before or while the copy is read."""
+        records = self.shared.slices[(step + 1) % 2]
+        begun = lambda: (records[:, 0] == step + 1).any()      # noqa: E731
+        if not begun():
+            got = tuple(x.copy() for x in self.shared.state[step % 2])
+            if not begun():
+                return got
+        raise TrainingError(f"the state of step {step} was overwritten by step {step + 1} while it was read")
 
     def params_ref(self, step: int):
         return ShmParams(self.ref, step % 2)

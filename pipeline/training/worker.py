@@ -236,6 +236,7 @@ def shm_part(spec: TaskSpec, ref: ShmRef, step: int, plan: StepPlan, part: int, 
                                 f"the other workers' gradients of step {step + 1}", spec.timeout)
     tr = time.perf_counter()
     if lo < hi and not record_is(shm.slices[par][part], step):
+        shm.slices[par][part][0] = step          # begun: the state copy 1 - par is being written
         nodes = plan.nodes()
         ops, root = plan.program()
         partial = tree_adam(shm.slots, [covers(n, plan.k)[0] for n in nodes], ops, root, 0, shm.state[par],
