@@ -20,6 +20,37 @@ def _square(i: int) -> int:
     return i * i
 
 
+def until(condition, timeout: float = 30.0, what: str = "the condition") -> None:
+    """Poll ``condition()`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        time.sleep(0.01)
+
+
+def state_times(client, job_id: str) -> dict[str, float]:
+    """{state: when the scheduler received it} of a job's latest attempt: one clock, sub-millisecond."""
+    from pipeline.jobs.records import job_topic
+
+    return {m["state"]: t for t, m in client.get_events(job_topic(job_id))
+            if isinstance(m, dict) and m.get("type") == "state"}
+
+
+def ran_at_the_same_time(client, a: str, b: str) -> bool:
+    """Whether jobs ``a`` and ``b`` overlapped: each started before the other ended, in the order
+    the scheduler received their state events."""
+    ta, tb = state_times(client, a), state_times(client, b)
+    return ta["running"] < tb["done"] and tb["running"] < ta["done"]
+
+
+def wait_gate(name: str) -> bool:
+    """A task that holds its worker thread until the test sets the Dask Event ``name``."""
+    from distributed import Event
+
+    return Event(name).wait(120)
+
+
 class Count:
     name = "count"
 

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from pipeline.jobs.kinds import KINDS
 from pipeline.jobs.records import REGISTRY_TOPIC, JobFiles, job_topic, log_line, now_iso
 from pipeline.jobs.runner import run_job
 from pipeline.jobs.spec import spec_from_table
-from tests.jobs_helpers import Count
+from tests.jobs_helpers import Count, ran_at_the_same_time, until, wait_gate
 
 KINDS[Count.name] = Count  # in-process workers share this process's kinds
 
@@ -97,8 +98,8 @@ def test_two_jobs_at_once_do_not_mix_outputs_or_logs(client, tmp_path):
     assert a["job"] != b["job"] and a["run_dir"] != b["run_dir"] and a["job_dir"] != b["job_dir"]
     sa, sb = wait_for(client, a["job"]), wait_for(client, b["job"])
     assert sa["state"] == sb["state"] == "done"
-    # both ran at the same time
-    assert sa["started"] <= sb["finished"] and sb["started"] <= sa["finished"]
+    # both ran at the same time: each started before the other ended (scheduler arrival order)
+    assert ran_at_the_same_time(client, a["job"], b["job"])
     ca = (Path(a["run_dir"]) / "counts.txt").read_text().splitlines()
     cb = (Path(b["run_dir"]) / "counts.txt").read_text().splitlines()
     assert ca == [f"alpha {i} {i * i}" for i in range(1, 7)]
@@ -114,8 +115,7 @@ def test_cancel_a_running_job_then_resume_it(client, tmp_path):
     rec = job_client.submit(client, count_spec(tmp_path, steps=40, step_s=0.05))
     wait_for(client, rec["job"], states=("running",))
     counts = Path(rec["run_dir"]) / "counts.txt"
-    while not counts.exists():
-        time.sleep(0.02)
+    until(counts.exists, what="the first step")
     job_client.cancel(client, rec["job"])
     status = wait_for(client, rec["job"])
     assert status["state"] == "cancelled" and status["resumable"]
@@ -137,19 +137,38 @@ def test_cancel_a_running_job_then_resume_it(client, tmp_path):
 
 
 def test_a_cancelled_queued_job_never_runs(tmp_path):
+    from distributed import Event
+
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0",
                       silence_logs=40) as c, Client(c) as client:
-        # the only thread is busy; the preflight (top priority) runs next, then `later`, then the job
-        first = client.submit(time.sleep, 0.5, pure=False)
-        later = client.submit(time.sleep, 2.0, pure=False, priority=10)
-        rec = job_client.submit(client, count_spec(tmp_path, steps=2))
-        assert job_client.job_status(client, rec["job"])["state"] == "queued"
-        job_client.cancel(client, rec["job"])
-        assert job_client.job_status(client, rec["job"])["cancel_requested"]
-        status = wait_for(client, rec["job"])
-        first.result(), later.result()
+        # the only thread is held by `first`; the preflight (top priority) runs next, then `later`
+        # (priority 10) holds the thread while the job (priority 0) waits in the queue
+        first = client.submit(wait_gate, "first", pure=False)
+        later = client.submit(wait_gate, "later", pure=False, priority=10)
+        job_id = "count-queued-1"
+        submitting = ThreadPoolExecutor(1).submit(job_client.submit, client, count_spec(tmp_path, steps=2),
+                                                  job_id=job_id)
+        preflight = f"convpipe-preflight-{job_id}-1"
+        until(lambda: task_state(client, preflight) == "processing", what="the preflight queued on the worker")
+        Event("first", client=client).set()
+        rec = submitting.result(timeout=60)
+        assert job_client.job_status(client, job_id)["state"] == "queued"
+        assert task_state(client, rec["key"]) in ("waiting", "queued", "processing")
+        job_client.cancel(client, job_id)
+        assert job_client.job_status(client, job_id)["cancel_requested"]
+        Event("later", client=client).set()
+        status = wait_for(client, job_id)
+        assert first.result() and later.result()
         assert status["state"] == "cancelled"
         assert not (Path(rec["run_dir"]) / "counts.txt").exists()
+
+
+def task_state(client, key: str) -> str | None:
+    def state(dask_scheduler=None, key=key):
+        ts = dask_scheduler.tasks.get(key)
+        return None if ts is None else ts.state
+
+    return client.run_on_scheduler(state)
 
 
 def test_a_failing_job_is_failed_with_its_reason(client, tmp_path):
