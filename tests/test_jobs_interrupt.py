@@ -47,6 +47,7 @@ def test_sigterm_stops_the_running_job_first_then_goes_on(sigterm_recorder):
     until(lambda: stop.reason is not None)
     with pytest.raises(Interrupted, match="^the worker process got SIGTERM$"):
         stop.check()  # what the job's progress callback does between steps
+    stop.check()  # once: the job's cleanup (a last checkpoint) reports its progress
     assert sigterm_recorder == []  # held back while the job records its end
     later = Stop()
     signals.add(later)  # a job starting while the process ends stops at once

@@ -73,3 +73,15 @@ def test_an_event_the_worker_refuses_is_logged_once(tmp_path, monkeypatch):
     report.log("two")
     assert log_of(report) == ["one", "an event could not go to the scheduler (TypeError: Message must be msgpack "
                                      "serializable); the job's files keep everything", "two"]
+
+
+def test_a_stop_is_raised_after_the_event_is_recorded_and_only_once(tmp_path):
+    from pipeline.jobs.interrupt import Interrupted, Stop
+
+    report = make_report(tmp_path)
+    report.stop = Stop()
+    report.stop.request("the worker process got SIGTERM")
+    with pytest.raises(Interrupted):
+        report.progress({"event": "checkpoint", "step": 3, "path": "ckpt-3.npz"})
+    report.progress({"event": "checkpoint", "step": 4, "path": "ckpt-4.npz"})  # the job's own last checkpoint
+    assert log_of(report) == ["checkpoint at step 3: ckpt-3.npz", "checkpoint at step 4: ckpt-4.npz"]

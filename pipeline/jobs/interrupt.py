@@ -44,10 +44,13 @@ class Interrupted(KeyboardInterrupt):
 
 
 class Stop:
-    """One running job's stop request: ``check()`` raises :class:`Interrupted` once ``request``ed."""
+    """One running job's stop request: once ``request``ed, the next ``check()`` raises
+    :class:`Interrupted`; later ones do not, so the progress of the job's own cleanup (a last
+    checkpoint) is logged."""
 
     def __init__(self):
         self.reason: str | None = None
+        self.raised = False
         self.stopped = threading.Event()  # set once the job has recorded its end
 
     def request(self, reason: str) -> None:
@@ -55,7 +58,8 @@ class Stop:
             self.reason = reason
 
     def check(self) -> None:
-        if self.reason is not None:
+        if self.reason is not None and not self.raised:
+            self.raised = True
             raise Interrupted(self.reason)
 
 

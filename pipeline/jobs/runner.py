@@ -119,18 +119,19 @@ class Report:
 
     # ---- progress and cancellation ----------------------------------------------------------------
     def progress(self, info=None, /, **kw) -> None:
-        """The kind's progress callback: a dict (or keywords) of step, epoch, loss, ..."""
+        """The kind's progress callback: a dict (or keywords) of step, epoch, loss, ...
+
+        Between steps it is also where a job stops: after recording this event it raises
+        :class:`JobCancelled` on a cancel request, or ``Interrupted`` when its worker is ending.
+        """
         if isinstance(info, dict):
             kw = {**info, **kw}
         elif info is not None:
             kw = {"message": str(info), **kw}
-        if self.stop is not None:
-            self.stop.check()
-        self.check_cancel()
-        now = time.monotonic()
         event = kw.get("event") or kw.get("kind")
         if event == "done":
             return  # the job's own "done" line gives the result
+        now = time.monotonic()
         finished = kw.get("total") is not None and kw.get("done") == kw.get("total")
         if event in ALWAYS_LOGGED or finished or now - self._last_progress >= PROGRESS_EVERY_S:
             self._last_progress = now
@@ -138,6 +139,9 @@ class Report:
             with self._lock:
                 self.files.write_status({**self.status, "updated": now_iso()})
             self.log(format_progress(kw))
+        if self.stop is not None:
+            self.stop.check()
+        self.check_cancel()
 
     def check_cancel(self, force: bool = False) -> None:
         now = time.monotonic()
