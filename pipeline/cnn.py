@@ -16,6 +16,7 @@ from pipeline.layer_utils import (
     conv_relu_pool_backward,
     conv_relu_pool_forward,
 )
+from pipeline.shapes import check_groups, check_momentum
 
 NORMALIZATIONS = (None, "spatial_batchnorm", "groupnorm")
 
@@ -61,7 +62,9 @@ class ThreeLayerConvNet:
         - reg: L2 regularisation strength (loss adds 0.5 * reg * sum(W**2) for W1, W2, W3).
         - dtype: numpy float type of parameters and computation (float64 for gradient checks).
         - normalization: None, "spatial_batchnorm" or "groupnorm" after the convolution.
-        - num_groups: groups G of group normalisation (must divide num_filters).
+        - num_groups: groups G of group normalisation (a positive divisor of num_filters).
+        - bn_momentum: momentum of spatial batchnorm's running averages, in [0, 1].
+        - norm_eps: epsilon of the normalisation.
         - seed: seed of the initialisation; None draws from ``np.random`` as cs231n does.
         """
         if normalization not in NORMALIZATIONS:
@@ -73,8 +76,10 @@ class ThreeLayerConvNet:
             raise ValueError(f"input_dim H and W must be even for the 2x2 pool, got {input_dim!r}")
         if filter_size % 2 == 0 or filter_size < 1:
             raise ValueError(f"filter_size must be a positive odd integer, got {filter_size!r}")
-        if normalization == "groupnorm" and num_filters % num_groups:
-            raise ValueError(f"num_groups={num_groups} must divide num_filters={num_filters}")
+        if normalization == "groupnorm":
+            num_groups = check_groups(num_filters, num_groups, "num_groups", "num_filters")
+        if normalization == "spatial_batchnorm":
+            bn_momentum = check_momentum("bn_momentum", bn_momentum)
         self.reg = reg
         self.dtype = np.dtype(dtype)
         self.normalization = normalization

@@ -15,10 +15,13 @@ of the general convolution:
 - max pooling: one pass that records each window's argmax; backward scatters to it.
 - spatial batch norm / group norm: per channel / per group reductions in float64.
 
-Every function keeps the caller's dtype like ``pipeline.layers`` (out and dx in x's dtype,
-float32 in -> float32 out; dw, db, dgamma, dbeta in their parameter's dtype), never modifies
-its inputs, accepts non-contiguous arrays, and raises ``ValueError`` naming the parameter for
-bad arguments. Caches are opaque tuples to be passed back to the matching backward function.
+Every function keeps the caller's dtype like ``pipeline.layers`` (``pipeline.shapes.layer_dtype``:
+out and dx in x's dtype, float32 in -> float32 out, float16 in -> float16 out; dw, db, dgamma,
+dbeta in their parameter's dtype; a non-floating x gives float64). The kernels compute in
+float32 or float64: float16 in float32 (then rounded to float16), float64 and wider in float64.
+Every function never modifies its inputs, accepts non-contiguous arrays, and raises
+``ValueError`` naming the parameter for bad arguments. Caches are opaque tuples to be passed
+back to the matching backward function.
 
 Threads: the kernels use Numba's thread pool (``numba.set_num_threads`` /
 ``NUMBA_NUM_THREADS``); the GEMMs use NumPy's BLAS, whose thread count follows its own
@@ -38,9 +41,11 @@ from pipeline.shapes import (
     check_dout,
     check_eps,
     check_groups,
+    check_momentum,
     check_param_shape,
     check_per_channel,
     conv_output_shape,
+    layer_dtype,
     pool_output_shape,
     require_ndim,
 )
@@ -52,6 +57,8 @@ __all__ = [
     "conv_backward_im2col",
     "max_pool_forward_fast",
     "max_pool_backward_fast",
+    "conv_relu_forward_fast",
+    "relu_max_pool_forward_fast",
     "spatial_batchnorm_forward_fast",
     "spatial_batchnorm_backward_fast",
     "spatial_groupnorm_forward_fast",
@@ -64,7 +71,7 @@ __all__ = [
 
 # Below this many elements a kernel runs on the calling thread alone: waking Numba's pool
 # costs more than the work, and on a loaded machine a parallel region waits for its slowest
-# thread (a gradient check's thousands of tiny calls went from 22 s to 0.3 s).
+# thread (a gradient check makes thousands of such tiny calls).
 _SERIAL_BELOW = 1 << 15
 
 
@@ -80,9 +87,10 @@ def _launch(kernel, work, *args):
         numba.set_num_threads(threads)
 
 
-def _float_dtype(a) -> np.dtype:
-    dt = np.asarray(a).dtype
-    return dt if dt in (np.float32, np.float64) else np.dtype(np.float64)
+def kernel_dtype(dtype) -> np.dtype:
+    """The dtype the kernels compute in for a layer's dtype: float32 for float16 and float32,
+    float64 for float64 and anything wider."""
+    return np.dtype(np.float32) if np.dtype(dtype).itemsize <= 4 else np.dtype(np.float64)
 
 
 def _as(a, dtype) -> np.ndarray:
@@ -93,7 +101,7 @@ def _as(a, dtype) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # convolution
 #
-# Two ways to compute it, chosen by shape (_direct):
+# Two ways to compute it, chosen by shape (uses_direct_kernels):
 # - direct kernels (kc.conv7_forward / kc.conv7_dw) for 7-wide filters at stride 1, the model's
 #   conv: SIMD sums over a zero-padded copy of x, no column matrix. dx is the same forward
 #   kernel run on the padded dout with the filters flipped and transposed (a "full"
@@ -105,7 +113,9 @@ def _as(a, dtype) -> np.ndarray:
 _DIRECT_WW = 7
 
 
-def _direct(WW, stride) -> bool:
+def uses_direct_kernels(WW, stride) -> bool:
+    """Whether a convolution with filters WW wide at this stride runs on the direct kernels
+    (kc.conv7_forward / kc.conv7_dw) rather than im2col + GEMM."""
     return WW == _DIRECT_WW and stride == 1
 
 
@@ -130,13 +140,14 @@ def _conv_core_forward(x, w, b, conv_param, relu):
     stride, pad = int(conv_param.get("stride", 1)), int(conv_param.get("pad", 0))
     _, C, H, W = x.shape
     _, _, HH, WW = w.shape
-    dtype = _float_dtype(x)
+    x_dtype = layer_dtype(x)
+    dtype = kernel_dtype(x_dtype)
     xc = _as(x, dtype)
     wc = _as(w, dtype)
     bc = _as(b, dtype)
     geom = (N, C, H, W, F, HH, WW, stride, pad, H_out, W_out)
     out = np.empty((N, F, H_out, W_out), dtype=dtype)
-    if _direct(WW, stride):
+    if uses_direct_kernels(WW, stride):
         xp, Wp = _pad_direct(xc, pad, pad, H_out, W_out, HH)
         _launch(kc.conv7_forward, out.size * C * HH * WW, xp, Wp, wc, bc, relu, out)
         src = (xp, Wp)
@@ -147,8 +158,8 @@ def _conv_core_forward(x, w, b, conv_param, relu):
         out2 = wc.reshape(F, K) @ cols
         _launch(kc.bias_to_nchw, out.size, out2, bc, relu, out.reshape(N, F, P))
         src = cols
-    core = (src, wc, geom, _float_dtype(w), _float_dtype(b))
-    return out, core
+    core = (src, wc, geom, x_dtype, layer_dtype(w), layer_dtype(b))
+    return out.astype(x_dtype, copy=False), core
 
 
 def _dout_gemm_layout(d, db):
@@ -162,7 +173,7 @@ def _dout_gemm_layout(d, db):
 def _conv_core_backward(dout, core, compute_dx, mask=None):
     """dout (N, F, H', W') already checked, masked by mask > 0 when given (a ReLU's output):
     (dx or None, dw, db) in the dtypes of x, w and b."""
-    src, wc, geom, w_dtype, b_dtype = core
+    src, wc, geom, x_dtype, w_dtype, b_dtype = core
     N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = geom
     dtype = wc.dtype
     d = _as(dout, dtype)
@@ -173,7 +184,7 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
         d = dm
     db = np.empty(F, dtype=np.float64)
     dx = dout2 = None
-    if _direct(WW, stride):
+    if uses_direct_kernels(WW, stride):
         xp, Wp = src
         dw = np.empty((F, C, HH, WW), dtype=dtype)
         _launch(kc.conv7_dw, d.size * C * HH * WW, xp, Wp, d, dw, db)
@@ -194,6 +205,8 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
         dcols = wc.reshape(F, -1).T @ dout2
         dx = np.empty((N, C, H, W), dtype=dtype)
         _launch(kc.col2im, dcols.size, dcols, N, C, H, W, HH, WW, stride, pad, H_out, W_out, dx)
+    if dx is not None:
+        dx = dx.astype(x_dtype, copy=False)
     return dx, dw.astype(w_dtype), db.astype(b_dtype)
 
 
@@ -220,6 +233,19 @@ def conv_forward_fast(x, w, b, conv_param):
     return _conv_forward(x, w, b, conv_param, relu=False)
 
 
+def conv_relu_forward_fast(x, w, b, conv_param):
+    """Convolution followed by a ReLU, the bias and the ReLU applied in the pass that writes
+    the output; conv_backward_fast is its backward pass (its cache marks the ReLU).
+
+    Inputs: as conv_forward_fast.
+
+    Returns a tuple of:
+    - out: relu(conv(x, w) + b), shape (N, F, H', W'), dtype of x
+    - cache: for conv_backward_fast, which masks dout by out > 0 first
+    """
+    return _conv_forward(x, w, b, conv_param, relu=True)
+
+
 def _conv_forward(x, w, b, conv_param, relu):
     out, core = _conv_core_forward(x, w, b, conv_param, relu)
     return out, (core, out if relu else None)
@@ -230,18 +256,16 @@ def conv_backward_fast(dout, cache, compute_dx=True):
 
     Inputs:
     - dout: upstream derivatives, shape (N, F, H', W')
-    - cache: from conv_forward_fast
+    - cache: from conv_forward_fast or conv_relu_forward_fast
     - compute_dx: if False, dx is not computed (returned as None)
 
     Returns a tuple of:
     - dx: gradient w.r.t. x, shape (N, C, H, W), dtype of x; None when compute_dx=False
     - dw: gradient w.r.t. w, shape (F, C, HH, WW), dtype of w
     - db: gradient w.r.t. b, shape (F,), dtype of b
+
+    After conv_relu_forward_fast, these are the gradients through the ReLU as well.
     """
-    return _conv_backward(dout, cache, compute_dx)
-
-
-def _conv_backward(dout, cache, compute_dx):
     core, relu_out = cache
     N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = core[2]
     dout = check_dout(dout, (N, F, H_out, W_out), "conv")
@@ -279,6 +303,20 @@ def max_pool_forward_fast(x, pool_param):
     return _max_pool_forward(x, pool_param, relu=False)
 
 
+def relu_max_pool_forward_fast(x, pool_param):
+    """Max pooling of relu(x) in one pass (max of the window, then max(., 0));
+    max_pool_backward_fast is its backward pass (its cache marks the ReLU).
+
+    Inputs: as max_pool_forward_fast.
+
+    Returns a tuple of:
+    - out: max_pool(relu(x)), shape (N, C, H', W'), dtype of x
+    - cache: for max_pool_backward_fast, which routes dout to each window's maximum where
+      out > 0 (the ReLU's gradient) and gives 0 elsewhere
+    """
+    return _max_pool_forward(x, pool_param, relu=True)
+
+
 def _max_pool_forward(x, pool_param, relu):
     """max_pool_forward_fast, of relu(x) when relu (the backward pass then masks by out > 0)."""
     x = np.asarray(x)
@@ -286,7 +324,8 @@ def _max_pool_forward(x, pool_param, relu):
     _, _, H_out, W_out = pool_output_shape(x.shape, pool_param)
     ph, pw, stride = _pool_params(pool_param)
     N, C, H, W = x.shape
-    dtype = _float_dtype(x)
+    x_dtype = layer_dtype(x)
+    dtype = kernel_dtype(x_dtype)
     src = _as(x, dtype).reshape(N * C, H * W)
     out = np.empty((N, C, H_out, W_out), dtype=dtype)
     idx = np.empty((N, C, H_out, W_out), dtype=np.int32)
@@ -295,7 +334,7 @@ def _max_pool_forward(x, pool_param, relu):
         _launch(kp.pool_forward_2x2, src.size, src, H, W, relu, o2, i2)
     else:
         _launch(kp.pool_forward, src.size, src, H, W, ph, pw, stride, relu, o2, i2)
-    return out, (x.shape, dtype, idx, out if relu else None)
+    return out.astype(x_dtype, copy=False), (x.shape, x_dtype, idx, out if relu else None)
 
 
 def max_pool_backward_fast(dout, cache):
@@ -303,20 +342,21 @@ def max_pool_backward_fast(dout, cache):
 
     Inputs:
     - dout: upstream derivatives, shape (N, C, H', W')
-    - cache: from max_pool_forward_fast
+    - cache: from max_pool_forward_fast or relu_max_pool_forward_fast
 
     Returns:
     - dx: gradient w.r.t. x, shape (N, C, H, W), dtype of x
     """
-    x_shape, dtype, idx, relu_out = cache
+    x_shape, x_dtype, idx, relu_out = cache
     N, C, H, W = x_shape
     dout = check_dout(dout, idx.shape, "max pool")
+    dtype = kernel_dtype(x_dtype)
     dx = np.empty(x_shape, dtype=dtype)
     relu = relu_out is not None
     d2 = _as(dout, dtype).reshape(N * C, -1)
     o2 = relu_out.reshape(N * C, -1) if relu else d2
     _launch(kp.pool_backward, dx.size, d2, idx.reshape(N * C, -1), o2, relu, dx.reshape(N * C, H * W))
-    return dx
+    return dx.astype(x_dtype, copy=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,7 +370,7 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     - x: input data, shape (N, C, H, W)
     - gamma, beta: scale and shift, shape (C,)
     - bn_param: dict with 'mode' ('train' or 'test', required), 'eps' (default 1e-5),
-      'momentum' (default 0.9), 'running_mean' and 'running_var' (C,) (default zeros).
+      'momentum' (in [0, 1], default 0.9), 'running_mean' and 'running_var' (C,) (default zeros).
       In train mode running_mean / running_var are replaced by the updated averages.
 
     Returns a tuple of:
@@ -344,10 +384,11 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     check_param_shape("beta", beta, (C,))
     mode = check_bn_mode(bn_param.get("mode"))
     eps = check_eps("bn_param", bn_param.get("eps", 1e-5))
-    momentum = bn_param.get("momentum", 0.9)
-    dtype = _float_dtype(x)
-    running_mean = np.asarray(bn_param.get("running_mean", np.zeros(C, dtype=dtype))).astype(dtype, copy=False)
-    running_var = np.asarray(bn_param.get("running_var", np.zeros(C, dtype=dtype))).astype(dtype, copy=False)
+    momentum = check_momentum("bn_param['momentum']", bn_param.get("momentum", 0.9))
+    x_dtype = layer_dtype(x)
+    dtype = kernel_dtype(x_dtype)
+    running_mean = np.asarray(bn_param.get("running_mean", np.zeros(C, dtype=x_dtype))).astype(x_dtype, copy=False)
+    running_var = np.asarray(bn_param.get("running_var", np.zeros(C, dtype=x_dtype))).astype(x_dtype, copy=False)
     check_param_shape("bn_param['running_mean']", running_mean, (C,))
     check_param_shape("bn_param['running_var']", running_var, (C,))
     xc = _as(x, dtype).reshape(N, C, H * W)
@@ -363,16 +404,17 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
         var = var64.astype(dtype)
         std = np.sqrt(var + dtype.type(eps)).astype(dtype)
         _launch(kn.bn_apply, xc.size, xc, mean, std, g, bt, out.reshape(N, C, H * W))
-        bn_param["running_mean"] = (momentum * running_mean + (1 - momentum) * mean).astype(dtype, copy=False)
-        bn_param["running_var"] = (momentum * running_var + (1 - momentum) * var).astype(dtype, copy=False)
-        cache = (xc, mean, std, g, _float_dtype(gamma), _float_dtype(beta), np.shape(gamma), np.shape(beta))
+        rm, rv = _as(running_mean, dtype), _as(running_var, dtype)
+        bn_param["running_mean"] = (momentum * rm + (1 - momentum) * mean).astype(x_dtype, copy=False)
+        bn_param["running_var"] = (momentum * rv + (1 - momentum) * var).astype(x_dtype, copy=False)
+        cache = (xc, mean, std, g, layer_dtype(gamma), layer_dtype(beta), np.shape(gamma), np.shape(beta), x_dtype)
     else:
-        std = np.sqrt(running_var + dtype.type(eps)).astype(dtype)
+        std = np.sqrt(_as(running_var, dtype) + dtype.type(eps)).astype(dtype)
         _launch(kn.bn_apply, xc.size, xc, _as(running_mean, dtype), std, g, bt, out.reshape(N, C, H * W))
         bn_param["running_mean"] = running_mean
         bn_param["running_var"] = running_var
         cache = None
-    return out, cache
+    return out.astype(x_dtype, copy=False), cache
 
 
 def spatial_batchnorm_backward_fast(dout, cache):
@@ -390,7 +432,7 @@ def spatial_batchnorm_backward_fast(dout, cache):
         raise ValueError(
             "spatial_batchnorm_backward_fast needs the cache of a forward pass in bn_param['mode']='train'"
         )
-    xc, mean, std, g, g_dtype, b_dtype, g_shape, b_shape = cache
+    xc, mean, std, g, g_dtype, b_dtype, g_shape, b_shape, x_dtype = cache
     N, C, M = xc.shape
     dtype = xc.dtype
     dout = check_dout(dout, (N, C) + _hw(M, dout), "spatial batchnorm")
@@ -401,7 +443,8 @@ def spatial_batchnorm_backward_fast(dout, cache):
     scratch = np.empty((C, 2), dtype=dtype)
     _launch(kn.bn_backward, xc.size, d3, xc, mean, std, g, np.array([N * M], dtype=dtype),
             dx.reshape(N, C, M), dgamma, dbeta, scratch)
-    return dx, dgamma.astype(g_dtype).reshape(g_shape), dbeta.astype(b_dtype).reshape(b_shape)
+    return (dx.astype(x_dtype, copy=False), dgamma.astype(g_dtype).reshape(g_shape),
+            dbeta.astype(b_dtype).reshape(b_shape))
 
 
 def _hw(M, dout):
@@ -436,7 +479,8 @@ def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
     check_per_channel("gamma", gamma, C)
     check_per_channel("beta", beta, C)
     eps = check_eps("gn_param", gn_param.get("eps", 1e-5))
-    dtype = _float_dtype(x)
+    x_dtype = layer_dtype(x)
+    dtype = kernel_dtype(x_dtype)
     xg = _as(x, dtype).reshape(N, G, C // G, H * W)
     g = _as(gamma, dtype).reshape(C)
     bt = _as(beta, dtype).reshape(C)
@@ -444,9 +488,9 @@ def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
     mean = np.empty((N, G), dtype=dtype)
     std = np.empty((N, G), dtype=dtype)
     _launch(kn.gn_forward, xg.size, xg, g, bt, eps, out.reshape(xg.shape), mean, std)
-    cache = (xg, mean, std, g, (H, W), _float_dtype(gamma), _float_dtype(beta),
-             np.shape(gamma), np.shape(beta))
-    return out, cache
+    cache = (xg, mean, std, g, (H, W), layer_dtype(gamma), layer_dtype(beta),
+             np.shape(gamma), np.shape(beta), x_dtype)
+    return out.astype(x_dtype, copy=False), cache
 
 
 def spatial_groupnorm_backward_fast(dout, cache):
@@ -460,7 +504,7 @@ def spatial_groupnorm_backward_fast(dout, cache):
     - dx: gradient w.r.t. x, shape (N, C, H, W), dtype of x
     - dgamma, dbeta: shapes and dtypes of gamma and beta
     """
-    xg, mean, std, g, (H, W), g_dtype, b_dtype, g_shape, b_shape = cache
+    xg, mean, std, g, (H, W), g_dtype, b_dtype, g_shape, b_shape, x_dtype = cache
     N, G, Cg, M = xg.shape
     C = G * Cg
     dtype = xg.dtype
@@ -474,4 +518,4 @@ def spatial_groupnorm_backward_fast(dout, cache):
             dx.reshape(xg.shape), dg, dbt, scratch)
     dgamma = dg.sum(axis=0).astype(g_dtype).reshape(g_shape)
     dbeta = dbt.sum(axis=0).astype(b_dtype).reshape(b_shape)
-    return dx, dgamma, dbeta
+    return dx.astype(x_dtype, copy=False), dgamma, dbeta

@@ -24,6 +24,7 @@ from pipeline.shapes import (
     check_dout,
     check_groups,
     conv_output_shape,
+    layer_dtype,
     pool_output_shape,
     require_ndim,
 )
@@ -89,9 +90,9 @@ def affine_relu_backward(dout, cache, compute_dx=True):
     N = x.shape[0]
     dx = None
     if compute_dx:
-        dx = (da @ np.asarray(w).T).reshape(x.shape).astype(fl._float_dtype(x), copy=False)
-    dw = (np.asarray(x).reshape(N, -1).T @ da).astype(fl._float_dtype(w), copy=False)
-    db = da.sum(axis=0).astype(fl._float_dtype(b), copy=False)
+        dx = (da @ np.asarray(w).T).reshape(x.shape).astype(layer_dtype(x), copy=False)
+    dw = (np.asarray(x).reshape(N, -1).T @ da).astype(layer_dtype(w), copy=False)
+    db = da.sum(axis=0).astype(layer_dtype(b), copy=False)
     return dx, dw, db
 
 
@@ -112,7 +113,7 @@ def conv_relu_forward(x, w, b, conv_param):
     - out: relu(conv(x, w) + b), shape (N, F, H', W'), dtype of x
     - cache: for conv_relu_backward
     """
-    return fl._conv_forward(x, w, b, conv_param, relu=True)
+    return fl.conv_relu_forward_fast(x, w, b, conv_param)
 
 
 def conv_relu_backward(dout, cache, compute_dx=True):
@@ -123,7 +124,7 @@ def conv_relu_backward(dout, cache, compute_dx=True):
     - dw: shape (F, C, HH, WW), dtype of w
     - db: shape (F,), dtype of b
     """
-    return fl._conv_backward(dout, cache, compute_dx)
+    return fl.conv_backward_fast(dout, cache, compute_dx=compute_dx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def conv_relu_pool_forward(x, w, b, conv_param, pool_param):
     """
     _check_conv_pool(x, w, conv_param, pool_param)
     a, conv_cache = fl.conv_forward_fast(x, w, b, conv_param)
-    out, pool_cache = fl._max_pool_forward(a, pool_param, relu=True)
+    out, pool_cache = fl.relu_max_pool_forward_fast(a, pool_param)
     return out, (conv_cache, pool_cache)
 
 
@@ -188,7 +189,7 @@ def conv_bn_relu_pool_forward(x, w, b, gamma, beta, conv_param, bn_param, pool_p
     check_bn_mode(bn_param.get("mode"))
     a, conv_cache = fl.conv_forward_fast(x, w, b, conv_param)
     an, bn_cache = fl.spatial_batchnorm_forward_fast(a, gamma, beta, bn_param)
-    out, pool_cache = fl._max_pool_forward(an, pool_param, relu=True)
+    out, pool_cache = fl.relu_max_pool_forward_fast(an, pool_param)
     return out, (conv_cache, bn_cache, pool_cache)
 
 
@@ -228,7 +229,7 @@ def conv_gn_relu_pool_forward(x, w, b, gamma, beta, conv_param, G, gn_param, poo
     check_groups(np.shape(w)[0], G)
     a, conv_cache = fl.conv_forward_fast(x, w, b, conv_param)
     an, gn_cache = fl.spatial_groupnorm_forward_fast(a, gamma, beta, G, gn_param)
-    out, pool_cache = fl._max_pool_forward(an, pool_param, relu=True)
+    out, pool_cache = fl.relu_max_pool_forward_fast(an, pool_param)
     return out, (conv_cache, gn_cache, pool_cache)
 
 

@@ -6,8 +6,9 @@ Numba kernels and is checked against them.
 
 Conventions shared by every function here:
 
-- dtype: ``out`` and ``dx`` keep the dtype of ``x`` (float32 in, float32 out; a non-floating
-  ``x`` is computed in float64); a parameter's gradient (``dw``, ``db``, ``dgamma``, ``dbeta``)
+- dtype: ``out`` and ``dx`` keep the dtype of ``x`` (float32 in, float32 out, float16 in,
+  float16 out; a non-floating ``x`` is computed in float64: ``pipeline.shapes.layer_dtype``,
+  the fast layers' rule too); a parameter's gradient (``dw``, ``db``, ``dgamma``, ``dbeta``)
   keeps that parameter's dtype. Caches hold arrays in those same dtypes.
 - Inputs are never modified. The only object written to is the ``bn_param`` dict, whose
   ``running_mean`` / ``running_var`` entries are replaced by new arrays in train mode, as
@@ -25,9 +26,11 @@ from pipeline.shapes import (
     check_dout,
     check_eps,
     check_groups,
+    check_momentum,
     check_param_shape,
     check_per_channel,
     conv_output_shape,
+    layer_dtype,
     pool_output_shape,
     require_ndim,
 )
@@ -61,24 +64,10 @@ __all__ = [
 # helpers
 
 
-def _float_dtype(a) -> np.dtype:
-    """The dtype a layer computes in for array ``a``: its own if floating, else float64."""
-    dt = np.asarray(a).dtype
-    return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
-
-
 def _as_float(a, dtype=None) -> np.ndarray:
     """``a`` as an array of ``dtype`` (default: its own float dtype), without copying if possible."""
     a = np.asarray(a)
-    return a.astype(dtype if dtype is not None else _float_dtype(a), copy=False)
-
-
-
-
-
-
-
-
+    return a.astype(dtype if dtype is not None else layer_dtype(a), copy=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +101,7 @@ def affine_forward(x, w, b):
             f"but w has shape {w.shape} (expects D={w.shape[0]})"
         )
     check_param_shape("b", b, (w.shape[1],))
-    dtype = _float_dtype(x)
+    dtype = layer_dtype(x)
     out = (x.reshape(N, D) @ w + b).astype(dtype, copy=False)
     return out, (x, w, b)
 
@@ -133,9 +122,9 @@ def affine_backward(dout, cache):
     N = x.shape[0]
     dout = check_dout(dout, (N, w.shape[1]), "affine")
     x2 = x.reshape(N, -1)
-    dx = (dout @ w.T).reshape(x.shape).astype(_float_dtype(x), copy=False)
-    dw = (x2.T @ dout).astype(_float_dtype(w), copy=False)
-    db = dout.sum(axis=0).astype(_float_dtype(b), copy=False)
+    dx = (dout @ w.T).reshape(x.shape).astype(layer_dtype(x), copy=False)
+    dw = (x2.T @ dout).astype(layer_dtype(w), copy=False)
+    db = dout.sum(axis=0).astype(layer_dtype(b), copy=False)
     return dx, dw, db
 
 
@@ -150,7 +139,7 @@ def relu_forward(x):
     - cache: x
     """
     x = np.asarray(x)
-    out = np.maximum(x, 0).astype(_float_dtype(x), copy=False)
+    out = np.maximum(x, 0).astype(layer_dtype(x), copy=False)
     return out, x
 
 
@@ -166,7 +155,7 @@ def relu_backward(dout, cache):
     """
     x = cache
     dout = check_dout(dout, x.shape, "relu")
-    return np.where(x > 0, dout, 0).astype(_float_dtype(x), copy=False)
+    return np.where(x > 0, dout, 0).astype(layer_dtype(x), copy=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +188,7 @@ def svm_loss(x, y):
     - dx: gradient of the loss w.r.t. x, shape (N, C), dtype of x
     """
     x, y = _check_labels(x, y)
-    dtype = _float_dtype(x)
+    dtype = layer_dtype(x)
     N = x.shape[0]
     rows = np.arange(N)
     correct = x[rows, y][:, None]
@@ -224,7 +213,7 @@ def softmax_loss(x, y):
     - dx: gradient of the loss w.r.t. x, shape (N, C), dtype of x
     """
     x, y = _check_labels(x, y)
-    dtype = _float_dtype(x)
+    dtype = layer_dtype(x)
     N = x.shape[0]
     shifted = x - x.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -256,7 +245,7 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     - bn_param: dict with keys
       - mode: 'train' or 'test' (required)
       - eps: constant for numeric stability (default 1e-5)
-      - momentum: constant for the running averages (default 0.9)
+      - momentum: constant for the running averages, in [0, 1] (default 0.9)
       - running_mean: shape (D,), running mean of the features (default zeros)
       - running_var: shape (D,), running variance of the features (default zeros)
 
@@ -271,8 +260,8 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     check_param_shape("beta", beta, (D,))
     mode = check_bn_mode(bn_param.get("mode"))
     eps = check_eps("bn_param", bn_param.get("eps", 1e-5))
-    momentum = bn_param.get("momentum", 0.9)
-    dtype = _float_dtype(x)
+    momentum = check_momentum("bn_param['momentum']", bn_param.get("momentum", 0.9))
+    dtype = layer_dtype(x)
     x = _as_float(x, dtype)
     running_mean = _as_float(bn_param.get("running_mean", np.zeros(D, dtype=dtype)), dtype)
     running_var = _as_float(bn_param.get("running_var", np.zeros(D, dtype=dtype)), dtype)
@@ -302,8 +291,8 @@ def batchnorm_forward(x, gamma, beta, bn_param):
 
 
 def _bn_param_grads(dout, xhat, gamma, beta, axes):
-    dgamma = (dout * xhat).sum(axis=axes).astype(_float_dtype(gamma), copy=False)
-    dbeta = dout.sum(axis=axes).astype(_float_dtype(beta), copy=False)
+    dgamma = (dout * xhat).sum(axis=axes).astype(layer_dtype(gamma), copy=False)
+    dbeta = dout.sum(axis=axes).astype(layer_dtype(beta), copy=False)
     return dgamma, dbeta
 
 
@@ -358,8 +347,8 @@ def batchnorm_backward_alt(dout, cache):
     dx = (gamma / (N * std)) * (N * dout - dbeta - xhat * dgamma)
     return (
         dx.astype(dtype, copy=False),
-        dgamma.astype(_float_dtype(gamma), copy=False),
-        dbeta.astype(_float_dtype(beta), copy=False),
+        dgamma.astype(layer_dtype(gamma), copy=False),
+        dbeta.astype(layer_dtype(beta), copy=False),
     )
 
 
@@ -384,7 +373,7 @@ def layernorm_forward(x, gamma, beta, ln_param):
     if D < 1:
         raise ValueError(f"layer norm needs D >= 1 features, got x of shape {x.shape}")
     eps = check_eps("ln_param", ln_param.get("eps", 1e-5))
-    dtype = _float_dtype(x)
+    dtype = layer_dtype(x)
     x = _as_float(x, dtype)
     mu = x.mean(axis=1, keepdims=True)
     xc = x - mu
@@ -444,7 +433,7 @@ def dropout_forward(x, dropout_param):
     mode = dropout_param.get("mode")
     if mode not in ("train", "test"):
         raise ValueError(f"dropout_param['mode'] must be 'train' or 'test', got {mode!r}")
-    dtype = _float_dtype(x)
+    dtype = layer_dtype(x)
     if mode == "train":
         seed = dropout_param.get("seed")
         rand = np.random.RandomState(seed).rand if seed is not None else np.random.rand
@@ -509,7 +498,7 @@ def conv_forward_naive(x, w, b, conv_param):
     check_param_shape("b", b, (F,))
     stride, pad = int(conv_param.get("stride", 1)), int(conv_param.get("pad", 0))
     _, _, HH, WW = w.shape
-    dtype = _float_dtype(x)
+    dtype = layer_dtype(x)
 
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     out = np.empty((N, F, H_out, W_out), dtype=dtype)
@@ -540,7 +529,7 @@ def conv_backward_naive(dout, cache):
     stride, pad = int(conv_param.get("stride", 1)), int(conv_param.get("pad", 0))
     _, C, H, W = x.shape
     _, _, HH, WW = w.shape
-    acc = np.result_type(_float_dtype(x), _float_dtype(w), dout.dtype)
+    acc = np.result_type(layer_dtype(x), layer_dtype(w), dout.dtype)
 
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad))).astype(acc, copy=False)
     dxp = np.zeros_like(xp, dtype=acc)
@@ -555,9 +544,9 @@ def conv_backward_naive(dout, cache):
     dx = dxp[:, :, pad:pad + H, pad:pad + W]
     db = dout.sum(axis=(0, 2, 3))
     return (
-        np.ascontiguousarray(dx, dtype=_float_dtype(x)),
-        dw.astype(_float_dtype(w), copy=False),
-        db.astype(_float_dtype(b), copy=False),
+        np.ascontiguousarray(dx, dtype=layer_dtype(x)),
+        dw.astype(layer_dtype(w), copy=False),
+        db.astype(layer_dtype(b), copy=False),
     )
 
 
@@ -585,7 +574,7 @@ def max_pool_forward_naive(x, pool_param):
     ph = int(pool_param.get("pool_height", 2))
     pw = int(pool_param.get("pool_width", 2))
     stride = int(pool_param.get("stride", 2))
-    out = np.empty((N, C, H_out, W_out), dtype=_float_dtype(x))
+    out = np.empty((N, C, H_out, W_out), dtype=layer_dtype(x))
     for i in range(H_out):
         hs = i * stride
         for j in range(W_out):
@@ -614,7 +603,7 @@ def max_pool_backward_naive(dout, cache):
     ph = int(pool_param.get("pool_height", 2))
     pw = int(pool_param.get("pool_width", 2))
     stride = int(pool_param.get("stride", 2))
-    dx = np.zeros(x.shape, dtype=_float_dtype(x))
+    dx = np.zeros(x.shape, dtype=layer_dtype(x))
     n_idx, c_idx = np.meshgrid(np.arange(N), np.arange(C), indexing="ij")
     for i in range(H_out):
         hs = i * stride
@@ -701,7 +690,7 @@ def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
     check_per_channel("gamma", gamma, C)
     check_per_channel("beta", beta, C)
     eps = check_eps("gn_param", gn_param.get("eps", 1e-5))
-    dtype = _float_dtype(x)
+    dtype = layer_dtype(x)
     xg = _as_float(x, dtype).reshape(N, G, -1)
     mu = xg.mean(axis=2, keepdims=True)
     xc = xg - mu

@@ -6,6 +6,8 @@ fails at the layer's door and never deep inside a kernel.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 
@@ -79,12 +81,30 @@ def _window_count(what: str, size: int, k: int, stride: int, extra: str) -> int:
     return span // stride + 1
 
 
-def check_groups(C: int, G) -> int:
-    """Return G as an int, raising unless it is a positive divisor of the channel count C."""
-    G = require_positive_int("G", G)
+def check_groups(C: int, G, name: str = "G", channels: str = "the channel count C") -> int:
+    """Return G as an int, raising unless it is a positive divisor of the channel count C.
+
+    ``name`` and ``channels`` are what the caller calls them (e.g. "num_groups", "num_filters").
+    """
+    G = require_positive_int(name, G)
     if C % G:
-        raise ValueError(f"G={G} groups must divide the channel count C={C}")
+        raise ValueError(f"{name}={G} must divide {channels}={C}")
     return G
+
+
+def check_momentum(name: str, momentum):
+    """Return a batch norm's running-average momentum unchanged, raising unless it is a real
+    number with 0 <= momentum <= 1."""
+    if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {momentum!r}")
+    return momentum
+
+
+def layer_dtype(a) -> np.dtype:
+    """The dtype a layer returns for input ``a``: its own if floating (float16, float32, float64,
+    ...), else float64. The one dtype policy of the naive and the fast layers."""
+    dt = np.asarray(a).dtype
+    return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
 
 
 def check_bn_mode(mode) -> str:

@@ -72,7 +72,7 @@ def test_conv_matches_naive(case, dtype):
         _close(g, gn, dtype, name)
 
 
-# 7-wide filters at stride 1 take the direct kernels (fl._direct): F and C*HH multiples of 3
+# 7-wide filters at stride 1 take the direct kernels (fl.uses_direct_kernels): F and C*HH multiples of 3
 # or not (the kernels work on 3 filters / 3 rows at a time), N=1, 1- to 7-high filters,
 # non-square images, planes of one to several SIMD blocks, no padding, pad 6 (the largest
 # for which dx is a direct "full" convolution) and pads beyond it or beyond HH - 1 (dx by GEMM)
@@ -86,7 +86,7 @@ DIRECT_CASES = [(1, 1, 7, 7, 1, 7, 7, 1, 0), (2, 3, 12, 12, 8, 7, 7, 1, 3), (3, 
 @pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "N{}C{}H{}W{}F{}k{}x{}s{}p{}".format(*c))
 def test_conv_direct_path_matches_naive(case, dtype):
     N, C, H, W, F, HH, WW, stride, pad = case
-    assert fl._direct(WW, stride)
+    assert fl.uses_direct_kernels(WW, stride)
     test_conv_matches_naive(case, dtype)
     rng = _rng(hash(case) % 2**32 + 1)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
@@ -394,7 +394,7 @@ def test_norm_bad_parameters_raise_value_error():
         fl.spatial_batchnorm_forward_fast(np.zeros((2, 6)), g, b, {"mode": "train"})
     with pytest.raises(ValueError, match=r"spatial_batchnorm_backward_fast needs the cache of a forward pass"):
         fl.spatial_batchnorm_backward_fast(x, None)
-    with pytest.raises(ValueError, match=r"G=4 groups must divide the channel count C=6"):
+    with pytest.raises(ValueError, match=r"G=4 must divide the channel count C=6"):
         fl.spatial_groupnorm_forward_fast(x, g, b, 4, {})
     with pytest.raises(ValueError, match=r"gn_param\['eps'\]"):
         fl.spatial_groupnorm_forward_fast(x, g, b, 3, {"eps": -1.0})

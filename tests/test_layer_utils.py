@@ -342,7 +342,7 @@ def test_sandwich_bad_parameters_raise_value_error():
         lu.conv_relu_pool_forward(x, w, b, CONV, {"pool_height": 3, "pool_width": 3, "stride": 2})
     with pytest.raises(ValueError, match=r"channel mismatch"):
         lu.conv_relu_forward(x, np.zeros((4, 2, 3, 3)), b, CONV)
-    with pytest.raises(ValueError, match=r"G=3 groups must divide the channel count C=4"):
+    with pytest.raises(ValueError, match=r"G=3 must divide the channel count C=4"):
         lu.conv_gn_relu_pool_forward(x, w, b, np.ones(4), np.zeros(4), CONV, 3, {}, POOL)
     with pytest.raises(ValueError, match=r"bn_param\['mode'\]"):
         lu.conv_bn_relu_pool_forward(x, w, b, np.ones(4), np.zeros(4), CONV, {}, POOL)

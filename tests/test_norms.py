@@ -312,7 +312,7 @@ def test_batchnorm_does_not_modify_running_arrays_in_place():
 
 def test_norm_bad_parameters():
     x4 = np.zeros((2, 6, 3, 3))
-    with pytest.raises(ValueError, match=r"G=4 groups must divide the channel count C=6"):
+    with pytest.raises(ValueError, match=r"G=4 must divide the channel count C=6"):
         L.spatial_groupnorm_forward(x4, np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1)), 4, {})
     with pytest.raises(ValueError, match=r"G must be an integer >= 1, got 0"):
         L.spatial_groupnorm_forward(x4, np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1)), 0, {})
