@@ -3,13 +3,82 @@
 The kernels are declared with ``cache=True``, so later processes (tests, Dask workers) load the
 machine code instead of compiling it. This runs each public fast path on tiny inputs, in
 float32 and float64, and prints how long it took.
+
+:func:`cold_kernels` tells, without compiling anything, which of a model's kernels the cache
+has no machine code for yet (the first run after an install, an upgrade, another CPU or another
+dtype): the command line says "compiling kernels, first run only" before such a run goes quiet
+for a while.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
+
+COMPILING_MESSAGE = ("compiling kernels, first run only (Numba compiles them once, a minute or so, "
+                     "then loads them from its cache) ...")
+
+
+def model_kernels(filter_size: int = 7, normalization: str | None = None) -> list:
+    """The cached Numba kernels a ThreeLayerConvNet training step runs: its convolution's
+    (direct kernels for 7-wide filters, else im2col), ReLU + 2x2 max pool, and its norm's."""
+    from pipeline import _kernels_conv as kc
+    from pipeline import _kernels_norm as kn
+    from pipeline import _kernels_pool as kp
+    from pipeline.fast_layers import uses_direct_kernels
+
+    if uses_direct_kernels(filter_size, 1):
+        conv = [kc.pad_planes, kc.conv7_forward, kc.conv7_dw]
+    else:
+        conv = [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d]
+    norm = {"spatial_batchnorm": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
+            "groupnorm": [kn.gn_forward, kn.gn_backward]}.get(normalization, [])
+    return conv + [kp.pool_forward_2x2, kp.pool_backward] + norm
+
+
+def cold_kernels(kernels, dtype) -> list[str] | None:
+    """Names of the ``kernels`` (``cache=True`` dispatchers) for which Numba's on-disk cache
+    holds no machine code for a layer dtype ``dtype``, built for this CPU from their current
+    source.
+
+    Reads only the cache's index files (where ``NUMBA_CACHE_DIR`` or ``__pycache__`` puts them);
+    compiles nothing. Returns None when it cannot tell (a Numba whose cache layout differs).
+    """
+    from pipeline.fast_layers import kernel_dtype
+
+    try:
+        want = kernel_dtype(dtype)  # float16 runs the float32 kernels
+        return [k.py_func.__name__ for k in kernels if not _has_cached_code(k, want)]
+    except Exception:  # noqa: BLE001 - Numba's cache internals are not a public API: say nothing
+        return None
+
+
+def _has_cached_code(dispatcher, dtype: np.dtype) -> bool:
+    """Whether the dispatcher's cache index lists code for this machine, this source, and a
+    first array argument of ``dtype`` (every kernel's data; float64 accumulators come later).
+    Numba keys each entry by (argument types, the CPU's target triple, name and features,
+    hashes of the bytecode); the index itself is empty when the source file changed since."""
+    from numba import from_dtype, types
+
+    cache = dispatcher._cache
+    index = cache._cache_file._load_index()
+    _, machine, code = cache._index_key(None, dispatcher.targetctx.codegen())
+    want = from_dtype(dtype)
+    return any(key[1] == machine and key[2] == code
+               and next((arg.dtype for arg in key[0] if isinstance(arg, types.Array)), None) == want
+               for key in index)
+
+
+def say_if_compiling(dtype="float32", filter_size: int = 7, normalization: str | None = None,
+                     file=None) -> bool:
+    """Print :data:`COMPILING_MESSAGE` (on stderr by default) when the model's kernels are not
+    in Numba's cache yet; True if it did."""
+    cold = cold_kernels(model_kernels(filter_size, normalization), dtype)
+    if cold:
+        print(COMPILING_MESSAGE, file=file if file is not None else sys.stderr, flush=True)
+    return bool(cold)
 
 
 def warm() -> None:
@@ -43,6 +112,7 @@ def warm() -> None:
 
 def main() -> None:
     start = time.perf_counter()
+    say_if_compiling()
     warm()
     print(f"numba kernels compiled or loaded from cache in {time.perf_counter() - start:.1f} s")
 

@@ -74,6 +74,7 @@ def _train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if "data" not in vars(args) and not config.resume and not config.scheduler:
         _prepare_default_store(config.data)
+    say_if_compiling(config)
     bar = _Progress()
     try:
         summary = train(config, progress=bar)
@@ -100,6 +101,17 @@ def _prepare_default_store(store: str) -> None:
           file=sys.stderr)
     prepare = build_parser().parse_args(["data", "prepare", "--out", store])
     prepare.func(prepare)
+
+
+def say_if_compiling(config: TrainConfig) -> bool:
+    """Say "compiling kernels, first run only ..." on stderr when Numba's cache lacks the
+    model's kernels: the embedded cluster's workers would compile them before the first step.
+    Silent with --scheduler (the workers' cache is on their hosts). True if it said so."""
+    if config.scheduler:
+        return False
+    from pipeline.warmup import say_if_compiling as say
+
+    return say(config.dtype, config.filter_size, None if config.norm == "none" else config.norm)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

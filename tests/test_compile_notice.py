@@ -1,0 +1,81 @@
+"""The first run after an install compiles the Numba kernels: `convpipe train` says so first.
+
+Each check runs in a fresh process whose NUMBA_CACHE_DIR is an empty folder (a cold cache),
+then in another one after the kernels were compiled into it (a warm cache).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import warmup
+from pipeline.warmup import COMPILING_MESSAGE
+
+# In a fresh process: the notice for a 3x3 model (the small im2col kernels: quick to compile),
+# then one training step of that model, then the notice again.
+PROBE = r"""
+import sys
+import numpy as np
+from pipeline.cli.train import say_if_compiling
+from pipeline.cnn import ThreeLayerConvNet
+from pipeline.training.config import TrainConfig
+
+config = TrainConfig(filter_size=3)
+print("remote", say_if_compiling(TrainConfig(filter_size=3, scheduler="tcp://127.0.0.1:1")), file=sys.stderr)
+print("before", say_if_compiling(config), file=sys.stderr)
+if sys.argv[1] == "step":
+    model = ThreeLayerConvNet(input_dim=(3, 8, 8), num_filters=4, filter_size=3, hidden_dim=5, seed=0, reg=1e-3)
+    model.loss(np.zeros((2, 3, 8, 8), np.float32), np.array([0, 1]))
+    print("after", say_if_compiling(config), file=sys.stderr)
+"""
+
+
+def _run(cache_dir, *args):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, proc.stderr.splitlines()
+
+
+def test_cold_cache_prints_the_notice_once_and_warm_cache_does_not(tmp_path):
+    out, err = _run(tmp_path, "step")
+    assert out == ""
+    # cold: the notice on stderr, before anything compiled; never for a remote cluster's workers
+    assert err == ["remote False", COMPILING_MESSAGE, "before True", "after False"]
+    # a later process finds the kernels in the cache: silent
+    assert _run(tmp_path, "check")[1] == ["remote False", "before False"]
+
+
+def test_notice_follows_dtype_and_model(tmp_path):
+    """Kernels cached for float32 and 3x3 filters: float64, 7x7 or a norm still compile."""
+    _run(tmp_path, "step")
+    code = ("import sys; from pipeline.warmup import cold_kernels, model_kernels as m\n"
+            "print(cold_kernels(m(3), 'float32'), cold_kernels(m(3), 'float16'), cold_kernels(m(3), 'float64'),"
+            " cold_kernels(m(7), 'float32'), cold_kernels(m(3, 'groupnorm'), 'float32'))")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    line = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                          timeout=300).stdout.strip()
+    assert line == ("[] [] ['im2col', 'bias_to_nchw', 'dout_to_2d', 'pool_forward_2x2', 'pool_backward'] "
+                    "['pad_planes', 'conv7_forward', 'conv7_dw'] ['gn_forward', 'gn_backward']")
+
+
+@pytest.mark.parametrize("filter_size", [3, 7])
+@pytest.mark.parametrize("normalization", [None, "spatial_batchnorm", "groupnorm"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_listed_kernel_is_one_a_model_compiles(filter_size, normalization, dtype):
+    """After warm() (what CI runs first: loads from the cache then), no kernel of any model is
+    still cold: the list names only kernels the models really run, so a warm cache is silent."""
+    warmup.warm()
+    assert warmup.cold_kernels(warmup.model_kernels(filter_size, normalization), dtype) == []
+
+
+def test_cannot_tell_means_no_notice(monkeypatch, capsys):
+    monkeypatch.setattr(warmup, "_has_cached_code", lambda *a: 1 / 0)
+    assert warmup.cold_kernels(warmup.model_kernels(), "float32") is None
+    assert warmup.say_if_compiling() is False
+    assert capsys.readouterr().err == ""
