@@ -70,6 +70,9 @@ class TrainConfig:
     checkpoint_every: int = _opt(100, "write a checkpoint every K steps (and after each epoch)", "K")
     resume: str | None = _opt(None, "continue the run in RUN_DIR from its last good checkpoint", "RUN_DIR")
     train_acc_samples: int = _opt(1000, "training images scored for train accuracy after each epoch", "N")
+    eval_every: int | None = _opt(None, "score accuracy on a sample of val and train images every K steps "
+                                  "(default: about 10 times a run)", "K")
+    eval_samples: int = _opt(250, "val and train images scored at each --eval-every point", "N")
     stall_timeout: float = _opt(300.0, "stop with an error when a step makes no progress for this many seconds "
                                 "(every worker gone, a task that cannot be placed)", "SECONDS")
 
@@ -81,10 +84,10 @@ class TrainConfig:
             if not vtype.accepts(value):
                 raise TrainingError(f"setting {name}: expected {vtype.name()}, got {value!r} ({type(value).__name__})")
         for name in ("epochs", "batch_size", "shard_size", "num_groups", "num_filters", "filter_size",
-                     "hidden_dim", "checkpoint_every", "threads_per_worker", "train_acc_samples"):
+                     "hidden_dim", "checkpoint_every", "threads_per_worker", "train_acc_samples", "eval_samples"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "workers", "train_limit"):
+        for name in ("steps", "workers", "train_limit", "eval_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainingError(f"{name} must be >= 1, got {value}")

@@ -145,6 +145,7 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                                               sum(len(s) for s in shards), state.t + step - state.step + 1)
 
     saved = [state.step]
+    eval_every = config.eval_every or max(1, round(schedule.total_steps / 10))
 
     def checkpoint(steps_done):                  # the state after ``steps_done`` steps, atomically
         params, m, v = exchange.state(steps_done)
@@ -193,6 +194,15 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
             done.images += n
             done.steps += 1
             emit({"event": "step", **record, "total_steps": schedule.total_steps})
+
+            if (step + 1) % eval_every == 0 and not schedule.ends_epoch(step):
+                record = {"kind": "eval", "step": step + 1, "epoch": (step + 1) / schedule.steps_per_epoch,
+                          **_accuracies(client, exchange, step + 1, bn, store, config, schedule.n_train,
+                                        config.eval_samples, config.eval_samples)}
+                run.append_metrics(record)
+                done.metrics_lines += 1
+                emit({"event": "eval", **record})
+                clock.lap("eval")
 
             if schedule.ends_epoch(step):
                 train_idx = subset(config.seed, schedule.n_train, config.train_acc_samples, tag=1)
@@ -299,6 +309,15 @@ def _accuracy(client, exchange, step, bn, store, split, indices, config) -> floa
                for idx in cut(indices, EVAL_SHARD)]
     counts = gather(client, futures, f"{split} accuracy after step {step}", config.stall_timeout)
     return sum(c["correct"] for c in counts) / sum(c["n"] for c in counts)
+
+
+def _accuracies(client, exchange, step, bn, store, config, n_train, n_val, n_tr) -> dict:
+    """Accuracy on fixed samples of ``n_val`` val and ``n_tr`` train images (the learning curve)."""
+    val = store.splits.get("val", 0)
+    val_idx = subset(config.seed, val, n_val, tag=2) if val else None
+    return {"val_acc": _accuracy(client, exchange, step, bn, store, "val", val_idx, config) if val else None,
+            "train_acc": _accuracy(client, exchange, step, bn, store, "train", subset(config.seed, n_train, n_tr, tag=3),
+                                   config)}
 
 
 def _open_data(config: TrainConfig):
