@@ -69,3 +69,24 @@ def test_an_empty_directory_can_be_a_run_directory_once(tmp_path):
     assert RunDir(tmp_path / "out").create().checkpoint_dir.is_dir()
     with pytest.raises(TrainingError, match="already holds a run"):
         RunDir(tmp_path / "out").create()
+
+
+def test_config_json_is_replaced_atomically(tmp_path, monkeypatch):
+    """A resume rewrites config.json: a failure while writing leaves the old one whole."""
+    from pipeline.training.config import TrainConfig
+
+    path = tmp_path / "config.json"
+    TrainConfig(steps=7).save(path)
+    before, inode = path.read_text(), path.stat().st_ino
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        TrainConfig(steps=9).save(path)
+    assert path.read_text() == before and TrainConfig.load(path).steps == 7
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
+    monkeypatch.undo()
+    TrainConfig(steps=9).save(path)
+    assert TrainConfig.load(path).steps == 9 and path.stat().st_ino != inode  # a new file renamed over the old

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.atomic import atomic_write_text
 from pipeline.errors import TrainingError
 from pipeline.options import ValueType, WrongType, field_types
 
@@ -135,7 +136,8 @@ class TrainConfig:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        """Write ``config.json`` atomically (rewritten on every resume: never left torn or empty)."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
