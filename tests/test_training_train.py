@@ -299,3 +299,18 @@ def test_evaluate_scores_the_final_parameters(store, tmp_path, client, norm):
     assert got["accuracy"] == correct / 40
     with pytest.raises(DataError, match="no split 'holdout'"):
         evaluate(str(tmp_path / "run"), split="holdout", client=client)
+
+
+def test_workers_release_the_shared_memory_of_a_finished_run(store, tmp_path, client):
+    from pipeline.training import transport
+
+    def mapped():
+        return sorted(shm.ref.token for shm in transport._ATTACHED.values())
+
+    seen = []
+    train(tiny_config(store, tmp_path / "run", transport="shm", steps=3), client=client,
+          progress=lambda e: seen.append(client.run(mapped)) if e["event"] == "step" else None)
+    tokens = {t for got in seen for ts in got.values() for t in ts}
+    assert tokens                                                        # mapped while it ran
+    assert not any(client.run(mapped).values())                          # and released at the end
+    assert not [p for t in tokens for p in transport.shm_root().glob(f"convpipe-*{t[:12]}*")]   # and removed

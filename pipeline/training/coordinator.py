@@ -145,6 +145,11 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                                               sum(len(s) for s in shards), state.t + step - state.step + 1)
 
     saved = [state.step]
+
+    def log(record):                             # a metrics line, and the progress event of the same
+        run.append_metrics(record)
+        done.metrics_lines += 1
+        emit({"event": record["kind"], **record, "total_steps": schedule.total_steps})
     eval_every = config.eval_every or max(1, round(schedule.total_steps / 10))
 
     def checkpoint(steps_done):                  # the state after ``steps_done`` steps, atomically
@@ -166,54 +171,27 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
             parts = exchange.collect(in_flight.pop(step))
             wait = clock.lap("wait")
             shards = [s for p in parts for s in p["shards"]]
-            n = sum(s["n"] for s in shards)
-            expected = len(schedule.batch(step))
-            if n != expected or [s["slot"] for s in shards] != list(range(len(shards))):
-                raise TrainingError(f"step {step + 1}: part results cover {n} images in shards "
-                                    f"{[s['slot'] for s in shards]}, expected {expected}")
-            sumsq = math.fsum(x for p in parts for x in p["partials"])
-            loss = math.fsum(s["loss_sum"] for s in shards) / n + 0.5 * config.reg * sumsq
-            if not math.isfinite(loss):
-                last = run.checkpoints()
-                raise TrainingError(
-                    f"loss is {loss} at step {step + 1} (epoch {schedule.epoch_of(step) + 1}): training diverged; "
-                    + (f"last good checkpoint {last[0]}" if last else "no checkpoint was written yet")
-                    + " (try a smaller --lr)"
-                )
+            loss, n = _loss(step, shards, parts, schedule, config, run)   # a non-finite loss stops here
             # sync: BN running statistics from every shard's moments (count-weighted)
-            if bn:
-                mean, var = combine_moments([s["bn_mean"] for s in shards], [s["bn_var"] for s in shards],
-                                            [s["n"] for s in shards])
-                model.set_state(bn)
-                model.update_running_stats(mean, var)
-                bn = model.get_state()
-            record = _step_record(step, schedule, loss, n, parts, coordinator=t0, waited=wait)
-            record.update(coordinator_bytes_out=exchange.sent - sent, coordinator_bytes_in=exchange.received - received)
-            run.append_metrics(record)
-            done.metrics_lines += 1
+            bn = _sync_bn(model, bn, shards)
             done.images += n
             done.steps += 1
-            emit({"event": "step", **record, "total_steps": schedule.total_steps})
+            log({**_step_record(step, schedule, loss, n, parts, coordinator=t0, waited=wait),
+                 "coordinator_bytes_out": exchange.sent - sent, "coordinator_bytes_in": exchange.received - received})
 
             if (step + 1) % eval_every == 0 and not schedule.ends_epoch(step):
-                record = {"kind": "eval", "step": step + 1, "epoch": (step + 1) / schedule.steps_per_epoch,
-                          **_accuracies(client, exchange, step + 1, bn, store, config, schedule.n_train,
-                                        config.eval_samples, config.eval_samples)}
-                run.append_metrics(record)
-                done.metrics_lines += 1
-                emit({"event": "eval", **record})
+                log({"kind": "eval", "step": step + 1, "epoch": (step + 1) / schedule.steps_per_epoch,
+                     **_accuracies(client, exchange, step + 1, bn, store, config, schedule.n_train,
+                                   config.eval_samples, config.eval_samples)})
                 clock.lap("eval")
 
             if schedule.ends_epoch(step):
                 train_idx = subset(config.seed, schedule.n_train, config.train_acc_samples, tag=1)
                 done.train_acc = _accuracy(client, exchange, step + 1, bn, store, "train", train_idx, config)
                 done.val_acc = _accuracy(client, exchange, step + 1, bn, store, "val", None, config)
-                record = {"kind": "epoch", "epoch": schedule.epoch_of(step) + 1, "step": step + 1,
-                          "train_acc": done.train_acc, "val_acc": done.val_acc, "loss": loss,
-                          "seconds": state.seconds + time.perf_counter() - t_begin}
-                run.append_metrics(record)
-                done.metrics_lines += 1
-                emit({"event": "epoch", **record})
+                log({"kind": "epoch", "epoch": schedule.epoch_of(step) + 1, "step": step + 1,
+                     "train_acc": done.train_acc, "val_acc": done.val_acc, "loss": loss,
+                     "seconds": state.seconds + time.perf_counter() - t_begin})
                 clock.lap("eval")
 
             if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
@@ -237,6 +215,37 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
 
 
 # ---- pieces of the loop ----------------------------------------------------------------------------
+
+def _loss(step, shards, parts, schedule, config, run) -> tuple[float, int]:
+    """The step's loss (mean data loss + L2 from the workers' per-block sums) and image count;
+    raises when the shards do not cover the batch or the loss is not finite."""
+    n = sum(s["n"] for s in shards)
+    expected = len(schedule.batch(step))
+    if n != expected or [s["slot"] for s in shards] != list(range(len(shards))):
+        raise TrainingError(f"step {step + 1}: part results cover {n} images in shards "
+                            f"{[s['slot'] for s in shards]}, expected {expected}")
+    sumsq = math.fsum(x for p in parts for x in p["partials"])
+    loss = math.fsum(s["loss_sum"] for s in shards) / n + 0.5 * config.reg * sumsq
+    if not math.isfinite(loss):
+        last = run.checkpoints()
+        raise TrainingError(
+            f"loss is {loss} at step {step + 1} (epoch {schedule.epoch_of(step) + 1}): training diverged; "
+            + (f"last good checkpoint {last[0]}" if last else "no checkpoint was written yet")
+            + " (try a smaller --lr)"
+        )
+    return loss, n
+
+
+def _sync_bn(model, bn: dict, shards: list[dict]) -> dict:
+    """BN running statistics after folding in the step's batch moments (count-weighted over shards)."""
+    if not bn:
+        return bn
+    mean, var = combine_moments([s["bn_mean"] for s in shards], [s["bn_var"] for s in shards],
+                                [s["n"] for s in shards])
+    model.set_state(bn)
+    model.update_running_stats(mean, var)
+    return model.get_state()
+
 
 def _step_record(step, schedule, loss, n, parts, coordinator: float, waited: float) -> dict:
     """A metrics line for ``step``: its loss and where its time went. ``compute`` and ``reduce``
