@@ -277,7 +277,7 @@ def test_run_directory_refuses_to_overwrite_and_truncates_metrics(tmp_path):
     assert [m["step"] for m in run.read_metrics()] == [1, 2, 3]
 
 
-def test_params_npz_loads_without_pickle_and_plots_are_pngs(tmp_path):
+def test_params_npz_loads_without_pickle(tmp_path):
     run = RunDir(tmp_path / "run").create()
     params = {"W1": np.random.rand(4, 3, 3, 3).astype(np.float32), "b1": np.zeros(4, np.float32)}
     run.write_params(params, {"bn_running_mean": np.ones(4, np.float32), "bn_running_var": np.ones(4, np.float32)})
@@ -285,7 +285,46 @@ def test_params_npz_loads_without_pickle_and_plots_are_pngs(tmp_path):
         assert set(f.files) == {"W1", "b1", "bn_running_mean", "bn_running_var"}
     back, bn = run.read_params()
     assert np.array_equal(back["W1"], params["W1"]) and set(bn) == {"bn_running_mean", "bn_running_var"}
-    metrics = [{"kind": "step", "step": 1, "loss": 2.3}, {"kind": "step", "step": 2, "loss": 2.1},
-               {"kind": "epoch", "epoch": 1, "step": 2, "train_acc": 0.3, "val_acc": 0.25}]
-    for png in write_plots(run, metrics, params["W1"]):
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filters(tmp_path):
+    """A run of 6 steps, 4 per epoch (from config.json), scored every 2 steps and at the epoch's end:
+    curves.png's x axis is step / 4 from 0, the accuracy lines hold every point, axes are labelled,
+    there is a legend; filters.png is upscaled to >= 480 px and titled with the run and step."""
+    from pipeline.curves import Curves
+    from pipeline.training.rundir import curves_figure, filters_figure
+
+    run = RunDir(tmp_path / "run-a").create()
+    TrainConfig(batch_size=64, shard_size=16, train_limit=256, steps=6).save(run.config_path)
+    metrics = []
+    for s in range(1, 7):
+        metrics.append({"kind": "step", "step": s, "epoch": (s - 1) // 4 + 1, "loss": 2.3 - 0.1 * s})
+        if s in (2, 6):
+            metrics.append({"kind": "eval", "step": s, "epoch": s / 4, "train_acc": 0.1 * s, "val_acc": 0.05 * s})
+        if s == 4:
+            metrics.append({"kind": "epoch", "epoch": 1, "step": 4, "train_acc": 0.4, "val_acc": 0.2})
+    W1 = np.random.default_rng(0).normal(size=(32, 3, 7, 7)).astype(np.float32)
+    curves_png, filters_png = write_plots(run, metrics, W1)
+    assert (curves_png.name, filters_png.name) == ("curves.png", "filters.png")
+    assert _png_size(curves_png) == (900, 750)
+    width, height = _png_size(filters_png)
+    assert width >= 480 and height >= 480
+
+    curves = Curves.from_metrics(metrics, 4)
+    loss_ax, acc_ax = curves_figure("Run run-a", curves).axes
+    assert [p.x for p in curves.loss] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert loss_ax.get_ylabel() == "training loss" and acc_ax.get_ylabel() == "accuracy"
+    assert acc_ax.get_xlabel().startswith("epoch") and acc_ax.get_xlim()[0] == 0
+    val = next(line for line in acc_ax.get_lines() if line.get_label() == "val accuracy")
+    assert list(val.get_xdata()) == [0.5, 1.0, 1.5] and list(val.get_ydata()) == pytest.approx([0.1, 0.2, 0.3])
+    legend = [t.get_text() for t in acc_ax.get_legend().get_texts()]
+    assert legend[:2] == ["val accuracy", "train accuracy (sample)"]
+    assert loss_ax.get_legend() is not None
+    title = filters_figure("First-layer filters of run run-a, step 6", W1).axes[0].get_title()
+    assert "run run-a, step 6" in title and "32 filters, 3x7x7" in title
