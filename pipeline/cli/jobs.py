@@ -169,8 +169,10 @@ def _submit_embedded(spec, args) -> int:
     from pipeline.cluster import worker_cluster  # the embedded cluster `convpipe train` starts
 
     with worker_cluster(None, None, workers, threads) as client:
-        print(f"convpipe: no scheduler given: running on an embedded local cluster ({client.dashboard_link})",
-              file=sys.stderr)
+        from pipeline.dashboard import page_link
+
+        print(f"convpipe: no scheduler given: running on an embedded local cluster ({client.dashboard_link}; "
+              f"jobs on the convpipe page {page_link(client.dashboard_link)})", file=sys.stderr)
         record = job_client.submit(client, spec, timeout=args.timeout)
         print(record["job"], flush=True)
         try:

@@ -128,6 +128,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_page(run_dir: str) -> str | None:
+    """The run's page on the cluster's dashboard (announced to its scheduler), or None."""
+    from distributed import default_client
+
+    from pipeline.dashboard import announce_run
+
+    try:
+        client = default_client()
+    except ValueError:  # no client: train() was given none and made none
+        return None
+    return announce_run(client, run_dir)
+
+
 class _Progress:
     """tqdm bar fed by the coordinator's events: step, epoch, loss, images/s, ETA."""
 
@@ -140,6 +153,8 @@ class _Progress:
         kind = event["event"]
         if kind == "start":
             where = f"dashboard {event['dashboard']}" if event.get("dashboard") else "no dashboard"
+            page = _run_page(event["run_dir"]) if event.get("dashboard") else None
+            where += f"; this run on the convpipe page {page}" if page else ""
             print(f"training on {event['workers']} workers ({event['transport']} transport), {where}",
                   file=sys.stderr)
             print(f"run directory {event['run_dir']}", file=sys.stderr)

@@ -104,6 +104,7 @@ def connect(
         memory_limit=memory_limit,
         security=security,
         silence_logs=40,
+        scheduler_kwargs={"preload": _preloads()},   # convpipe's page on the dashboard (pipeline.dashboard)
     )
     try:
         with Client(cluster, security=security) as client:
@@ -133,6 +134,16 @@ def worker_cluster(client=None, scheduler: str | None = None, workers: int | Non
     with dask.config.set(env):
         with connect(scheduler, workers=workers, threads_per_worker=threads_per_worker) as c:
             yield c
+
+
+def _preloads() -> list[str]:
+    """The scheduler's configured preloads, then convpipe's page (``dask scheduler --preload
+    pipeline.dashboard`` for a scheduler started by hand)."""
+    import dask
+
+    configured = dask.config.get("distributed.scheduler.preload", None) or []
+    configured = [configured] if isinstance(configured, str) else list(configured)
+    return list(dict.fromkeys([*configured, "pipeline.dashboard"]))
 
 
 def worker_count(client) -> int:
