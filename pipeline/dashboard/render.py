@@ -54,6 +54,7 @@ svg .axis-label{font-size:12px;fill:#1f2328}svg .chart-title{font-size:13px;font
 svg .legend{font-size:12px;fill:#1f2328}svg .legend-box{fill:#fff;fill-opacity:.85;stroke:#eaeef2}
 .pictures img{background:#fff;border:1px solid #d0d7de;border-radius:6px;max-width:100%;margin-right:12px}svg .empty{font-size:13px;fill:#8c959f}
 .cols{display:flex;gap:24px;flex-wrap:wrap}.cols>div{flex:1;min-width:320px}
+table.settings td:last-child{white-space:normal;overflow-wrap:anywhere}
 pre.log{background:#fff;border:1px solid #d0d7de;padding:10px;font-size:12px;overflow:auto;max-height:360px}
 .problems li{color:#cf222e}.muted{color:#57606a;font-size:12px}
 """
@@ -249,7 +250,7 @@ def charts(run: RunView) -> str:
             + line_chart(series, title="Training loss", x_label=x_label, y_label="loss", chart_id="loss-chart",
                          x_range=x_range)
             + line_chart(acc, title="Accuracy", x_label=x_label, y_label="accuracy", chart_id="accuracy-chart",
-                         x_range=x_range, y_range=(0.0, 1.0), empty="no accuracy scored yet")
+                         x_range=x_range, y_range=(0.0, 1.0), empty="no accuracy scored yet", legend="bottom")
             + "</div>")
 
 

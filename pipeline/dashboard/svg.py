@@ -67,9 +67,10 @@ def _thin(points: tuple[tuple[float, float], ...]) -> list[tuple[float, float]]:
 
 def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, chart_id: str,
                x_range: tuple[float, float] | None = None, y_range: tuple[float, float] | None = None,
-               width: int = 560, height: int = 290, empty: str = "no points yet") -> str:
+               width: int = 560, height: int = 290, empty: str = "no points yet", legend: str = "top") -> str:
     """An ``<svg>`` line chart of ``series`` (x from ``x_range`` or 0..max x; y from ``y_range``
-    or the data's range with a margin)."""
+    or the data's range with a margin); the legend in the ``legend`` ("top" or "bottom") right
+    corner, where the curves are not (a loss falls, an accuracy rises)."""
     left, right, top, bottom = 58, 16, 30, 44
     pw, ph = width - left - right, height - top - bottom
     xs = [p[0] for s in series for p in s.points]
@@ -121,11 +122,12 @@ def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, 
         if s.markers:
             out.extend(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{s.color}"/>' for x, y in pts)
     shown = [s for s in series if s.points]
+    box_y = top + 3 if legend == "top" else top + ph - 9 - 16 * len(shown)
     if shown:
-        out.append(f'<rect x="{left + pw - 198}" y="{top + 3}" width="194" height="{16 * len(shown) + 6}" '
+        out.append(f'<rect x="{left + pw - 198}" y="{box_y}" width="194" height="{16 * len(shown) + 6}" '
                    f'class="legend-box"/>')
     for i, s in enumerate(shown):
-        lx, ly = left + pw - 190, top + 18 + 16 * i
+        lx, ly = left + pw - 190, box_y + 15 + 16 * i
         out.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{ly - 4}" y2="{ly - 4}" stroke="{s.color}" '
                    f'stroke-width="3"/><text x="{lx + 24}" y="{ly}" class="legend">{escape(s.name)}</text>')
     out.append("</svg>")
