@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+from pipeline.cli.quiet import quiet
 from pipeline.cluster import ClusterError, connect
 from pipeline.errors import ConvpipeError
 
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--follow", "-f", action="store_true", help="print the job's log until it ends")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S",
                    help="seconds to wait for the scheduler, a worker and the spec's checks (default 120)")
-    p.set_defaults(func=_quiet(cmd_submit))
+    p.set_defaults(func=quiet(cmd_submit))
 
     p = subparsers.add_parser("status", help="state of one job or of every job",
                               description="State of JOB (or of every job the scheduler knows), with the reason "
@@ -46,20 +47,20 @@ def register(subparsers) -> None:
     _scheduler_arg(p)
     _root_arg(p)
     p.add_argument("--json", action="store_true", help="print the status as JSON")
-    p.set_defaults(func=_quiet(cmd_status))
+    p.set_defaults(func=quiet(cmd_status))
 
     p = subparsers.add_parser("logs", help="a job's log", description="Print a job's log; --follow until it ends.")
     p.add_argument("job", metavar="JOB")
     _scheduler_arg(p)
     _root_arg(p)
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the job ends")
-    p.set_defaults(func=_quiet(cmd_logs))
+    p.set_defaults(func=quiet(cmd_logs))
 
     p = subparsers.add_parser("cancel", help="stop a queued or running job",
                               description="Ask a job to stop: it stops between two steps and keeps its checkpoints.")
     p.add_argument("job", metavar="JOB")
     _scheduler_arg(p)
-    p.set_defaults(func=_quiet(cmd_cancel))
+    p.set_defaults(func=quiet(cmd_cancel))
 
     p = subparsers.add_parser("resume", help="continue a failed or cancelled job from its last checkpoint",
                               description="Queue the next attempt of a failed or cancelled job; a training job "
@@ -69,7 +70,7 @@ def register(subparsers) -> None:
     _root_arg(p)
     p.add_argument("--follow", "-f", action="store_true", help="print the job's log until it ends")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for the cluster")
-    p.set_defaults(func=_quiet(cmd_resume))
+    p.set_defaults(func=quiet(cmd_resume))
 
     p = subparsers.add_parser("certs", help="make a CA and TLS certificates for a private cluster",
                               description="Write ca.pem and scheduler/worker/client certificates and keys to DIR "
@@ -83,32 +84,6 @@ def register(subparsers) -> None:
                         "scheduler)")
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.set_defaults(func=cmd_certs)
-
-
-def _quiet(func):
-    """These commands report a lost or refused scheduler in one line of their own: keep
-    distributed's client-side log records (reconnect attempts, tracebacks) off the terminal
-    while they run."""
-
-    def run(args):
-        import logging
-
-        import distributed  # noqa: F401 - configures its loggers first
-
-        names = {n for n in logging.root.manager.loggerDict if n == "distributed" or n.startswith("distributed.")}
-        names |= {"distributed", "distributed.client", "distributed.comm", "distributed.core", "distributed.batched"}
-        loggers = [logging.getLogger(n) for n in sorted(names)]
-        levels = [lg.level for lg in loggers]
-        for lg in loggers:
-            lg.setLevel(logging.CRITICAL)
-        try:
-            return func(args)
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-
-    run.__name__ = func.__name__
-    return run
 
 
 def _scheduler_arg(p) -> None:

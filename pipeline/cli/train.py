@@ -11,6 +11,7 @@ import dataclasses
 import sys
 import typing
 
+from pipeline.cli.quiet import quiet
 from pipeline.training.config import TrainConfig, parse_value
 
 _SHORT_HELP = "train ThreeLayerConvNet data-parallel on a Dask cluster"
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
             "--" + f.name.replace("_", "-"), dest=f.name, metavar=meta.get("metavar") or "|".join(meta.get("choices", ())),
             type=_parser_for(f.name), help=meta.get("help", "") + extra,
         )
-    p.set_defaults(func=_train)
+    p.set_defaults(func=quiet(_train))
 
     e = subparsers.add_parser(
         "evaluate", help="accuracy of a trained run on a split, as a Dask job",
@@ -41,7 +42,7 @@ def register(subparsers) -> None:
     e.add_argument("--split", default="test", metavar="test|val|train", help="split to score (default: test)")
     e.add_argument("--workers", type=int, metavar="N", help="worker processes of the embedded cluster")
     e.add_argument("--scheduler", metavar="ADDR", help="address of a running Dask scheduler")
-    e.set_defaults(func=_evaluate)
+    e.set_defaults(func=quiet(_evaluate))
 
 
 def _parser_for(name: str):

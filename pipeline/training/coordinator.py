@@ -34,7 +34,7 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from pipeline.cluster import worker_cluster, worker_count
 from pipeline.errors import DataError, TrainingError
 from pipeline.training.config import TrainConfig
-from pipeline.training.exchange import gather, open_exchange, warm_up_workers
+from pipeline.training.exchange import WorkerLost, gather, open_exchange, warm_up_workers
 from pipeline.training.reduce import combine_moments
 from pipeline.training.rundir import BN_KEYS, RunDir, write_plots
 from pipeline.training.shards import Schedule, cut, subset
@@ -44,6 +44,8 @@ from pipeline.training.worker import ModelSpec, TaskSpec, shard_predictions
 EVAL_SHARD = 500            # images per accuracy task
 REGULARIZED = ("W1", "W2", "W3")
 CHECKPOINT_FORMAT = "convpipe-train/1"
+#: times a run replays from its last checkpoint after a worker left with data it needed (tcp)
+MAX_REPLAYS = 3
 
 
 @dataclass
@@ -92,7 +94,16 @@ def train(config: TrainConfig, client=None, progress=None) -> dict:
         exchange = open_exchange(client, config.transport, spec, layout, config.batch_size // config.shard_size,
                                  worker_count(client), config.stall_timeout)
         try:
-            return _train_loop(config, run, schedule, model, state, exchange, client, store, emit)
+            for replay in range(MAX_REPLAYS + 1):
+                try:
+                    return _train_loop(config, run, schedule, model, state, exchange, client, store, emit)
+                except WorkerLost as exc:
+                    if replay == MAX_REPLAYS:
+                        raise
+                    # the same steps again from the last checkpoint give the same bits
+                    emit({"event": "warning", "message": f"{exc}: replaying from the last checkpoint "
+                                                         f"({replay + 1} of at most {MAX_REPLAYS})"})
+                    state = _resume(run, layout, config, model, emit)
         finally:
             exchange.close()                      # tasks still waiting give up
 

@@ -17,42 +17,70 @@ and update (reduce-scatter, update, all-gather); ``state`` reads P-sized data at
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
+import uuid
 
 import numpy as np
 
 from pipeline.errors import TrainingError
 from pipeline.training.plan import CHUNK, StepPlan
-from pipeline.training.transport import Layout, SharedState, ShmRef, can_attach, ordered_stores, release_all
+from pipeline.training.transport import Layout, SharedState, ShmRef, can_attach, ordered_stores, release
 from pipeline.training.worker import (ShmParams, TaskSpec, shm_part, tcp_part, tcp_partials, tcp_piece, tcp_start,
                                       tcp_stats, tcp_update, tcp_weights, warm_up)
 
 
+class WorkerLost(TrainingError):
+    """Data a step needs was on a worker that left (tcp: a slice's Adam state): replay from a checkpoint."""
+
+
 def gather(client, futures: list, what: str, timeout: float) -> list:
     """``client.gather(futures)``, but never forever: fails with one line naming ``what`` when
-    none of them finished for ``timeout`` seconds, or a task failed."""
+    none of them finished for ``timeout`` seconds, or a task failed; :class:`WorkerLost` when
+    Dask gave up on a task because data it needed left with a worker."""
+    import asyncio
+
     from distributed import wait
 
+    try:
+        return _gather(client, futures, what, timeout, wait)
+    except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
+        raise WorkerLost(f"{what}: a worker holding data of the run left the cluster ({type(exc).__name__})") from None
+
+
+def _gather(client, futures: list, what: str, timeout: float, wait) -> list:
     pending, last = list(futures), time.monotonic()
-    while pending:
-        try:
-            wait(pending, timeout=min(2.0, max(0.1, timeout)), return_when="FIRST_COMPLETED")
-        except TimeoutError:
-            pass
+
+    def stalled() -> TrainingError:
+        workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        unfinished = sum(f.status != "finished" for f in futures)
+        return TrainingError(f"{what}: no progress for {timeout:.0f} s ({unfinished} of {len(futures)} tasks "
+                             f"unfinished, {workers} workers connected)")
+
+    while True:
+        if pending:
+            try:
+                wait(pending, timeout=min(2.0, max(0.1, timeout)), return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
         bad = [f for f in pending if f.status in ("error", "cancelled", "lost")]
         if bad:
             if bad[0].status == "error":
                 client.gather(bad)                   # raises the task's own exception
-            raise TrainingError(f"{what}: task {bad[0].key} was {bad[0].status}")
+            raise WorkerLost(f"{what}: task {bad[0].key} was {bad[0].status} (a worker holding its data left)")
         still = [f for f in pending if f.status != "finished"]
         if len(still) < len(pending):
             last = time.monotonic()
-        elif time.monotonic() - last > timeout:
-            workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
-            raise TrainingError(f"{what}: no progress for {timeout:.0f} s ({len(still)} of {len(futures)} tasks "
-                                f"unfinished, {workers} workers connected)")
+        if not still:
+            # fetch the results; one whose worker died just now is computed again (or never, if
+            # no worker is left), so this wait is bounded too
+            try:
+                return [f.result(timeout=max(0.1, timeout - (time.monotonic() - last))) for f in futures]
+            except TimeoutError:
+                still = [f for f in futures if f.status != "finished"] or list(futures)
+        if time.monotonic() - last > timeout:
+            raise stalled()
         pending = still
-    return client.gather(futures)
 
 
 class _Exchange:
@@ -66,6 +94,12 @@ class _Exchange:
 
         self.sent += sizeof(sent) if sent is not None else 0
         self.received += sizeof(received) if received is not None else 0
+
+    def _refresh(self) -> None:
+        """The workers parts are pinned to: those connected now (a replay after one left), and a
+        new tag for task keys (a replayed step's tasks must not meet its first run's)."""
+        self.addresses = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        self.tag = uuid.uuid4().hex[:8]
 
     def _where(self, part: int) -> dict:
         """Part ``part`` prefers its own worker (its slice stays there); any other if it is gone."""
@@ -96,6 +130,7 @@ class SharedMemoryExchange(_Exchange):
         return bool(seen) and all(seen.values())
 
     def start(self, step: int, params, m, v) -> None:
+        self._refresh()
         self.shared.start(step, params, m, v)
         self.prev_width = 1
 
@@ -103,7 +138,7 @@ class SharedMemoryExchange(_Exchange):
         futures = [
             self.client.submit(shm_part, self.spec, self.ref, step, plan, j,
                                shards[plan.parts[j][0]:plan.parts[j][1]], batch, adam_t, self.prev_width,
-                               key=f"part-{step}-{j}-{self.ref.token[:8]}", pure=False, **self._where(j))
+                               key=f"part-{step}-{j}-{self.tag}", pure=False, **self._where(j))
             for j in range(plan.width)
         ]
         self.prev_width = plan.width
@@ -135,7 +170,7 @@ class SharedMemoryExchange(_Exchange):
     def close(self) -> None:
         self.shared.close()
         try:
-            self.client.run(release_all)
+            self.client.run(release, self.ref.token)
         except Exception:  # noqa: BLE001 - workers that left hold nothing of ours any more
             pass
 
@@ -144,12 +179,13 @@ class TcpExchange(_Exchange):
     kind = "tcp"
 
     def start(self, step: int, params, m, v) -> None:
+        self._refresh()
         plan = self.plan(1)
         updates = []
         for j, (lo, hi) in enumerate(plan.slices):
             state = tuple(np.ascontiguousarray(x[lo:hi]) for x in (params, m, v))
             data = self.client.scatter(state, hash=False, workers=self._where(j).get("workers"))
-            updates.append(self.client.submit(tcp_start, data, key=f"state-{step}-{j}-{id(self)}", pure=False,
+            updates.append(self.client.submit(tcp_start, data, key=f"state-{step}-{j}-{self.tag}", pure=False,
                                               **self._where(j)))
         self._keep(step, updates)
 
@@ -163,7 +199,7 @@ class TcpExchange(_Exchange):
     def submit(self, step: int, plan: StepPlan, shards: list[np.ndarray], batch: int, adam_t: int):
         if step not in self.history:
             raise TrainingError(f"tcp: parts of step {step + 1} submitted before step {step} was")
-        c, tag = self.client, f"{step}-{id(self)}"
+        c, tag = self.client, f"{step}-{self.tag}"
         prev, weights = self.history[step]
         parts = [c.submit(tcp_part, self.spec, step, plan, j, shards[plan.parts[j][0]:plan.parts[j][1]],
                           weights, key=f"part-{tag}-{j}", pure=False, **self._where(j))

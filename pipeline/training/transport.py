@@ -273,7 +273,7 @@ class Attached(Mapped):
         pause, seceded = 2e-5, False
         try:
             while not ready():
-                if self.abort[0]:
+                if self.abort is None or self.abort[0]:     # unmapped, or the coordinator stopped
                     raise TrainingError(f"the run stopped while a task waited for {what}")
                 waited = time.monotonic() - t0
                 if waited > 5e-3 and not seceded:
@@ -316,10 +316,13 @@ _ATTACHED: dict[str, Attached] = {}
 
 
 def attach(ref: ShmRef) -> Attached:
-    """Map the run's shared files in this process (once per run)."""
+    """Map the run's shared files in this process (once per run; several runs may be mapped at
+    once: two jobs on one cluster). Runs whose files are gone are unmapped on the way."""
     got = _ATTACHED.get(ref.token)
     if got is None:
-        release_all()
+        for token, shm in list(_ATTACHED.items()):
+            if not os.path.exists(shm.ref.state_path):      # that run ended or its coordinator died
+                release(token)
         try:
             got = _ATTACHED[ref.token] = Attached(ref)
         except FileNotFoundError:
@@ -330,11 +333,11 @@ def attach(ref: ShmRef) -> Attached:
     return got
 
 
-def release_all() -> None:
-    """Unmap every run's shared files from this process (a run ended)."""
-    for shm in _ATTACHED.values():
+def release(token: str) -> None:
+    """Unmap the shared files of the run ``token`` from this process (the run ended)."""
+    shm = _ATTACHED.pop(token, None)
+    if shm is not None:
         shm.release()
-    _ATTACHED.clear()
 
 
 def can_attach(ref: ShmRef) -> bool:
