@@ -87,8 +87,7 @@ def test_shared_memory_and_tcp_transports_give_the_same_bits(store, tmp_path, cl
 def _single_process(store, config, steps):
     """The same training in one process: the whole global batch through model.loss, cs231n Adam."""
     st = open_store(store)
-    spec = ModelSpec(config.num_filters, config.filter_size, config.hidden_dim, len(st.class_names),
-                     config.norm, config.num_groups, config.dtype)
+    spec = ModelSpec.of(config, len(st.class_names))
     model = spec.build(weight_scale=config.weight_scale, reg=config.reg, seed=config.seed)
     sched = Schedule(st.splits["train"], config.batch_size, config.shard_size, config.seed, config.epochs, steps)
     configs = {k: {"learning_rate": config.lr} for k in model.params}

@@ -39,9 +39,8 @@ from pipeline.training.reduce import combine_moments
 from pipeline.training.rundir import BN_KEYS, RunDir, write_plots
 from pipeline.training.shards import Schedule, cut, subset
 from pipeline.training.transport import Layout
-from pipeline.training.worker import ModelSpec, TaskSpec, shard_predictions
+from pipeline.training.worker import EVAL_SHARD, ModelSpec, TaskSpec, shard_predictions
 
-EVAL_SHARD = 500            # images per accuracy task
 REGULARIZED = ("W1", "W2", "W3")
 CHECKPOINT_FORMAT = "convpipe-train/1"
 #: times a run replays from its last checkpoint after a worker left with data it needed (tcp)
@@ -63,12 +62,6 @@ class State:
     metrics_lines: int = 0
 
 
-def model_spec(config: TrainConfig, num_classes: int) -> ModelSpec:
-    """The network a run's settings describe."""
-    return ModelSpec(config.num_filters, config.filter_size, config.hidden_dim, num_classes,
-                     config.norm, config.num_groups, config.dtype)
-
-
 def train(config: TrainConfig, client=None, progress=None) -> dict:
     """Train ThreeLayerConvNet data-parallel on a Dask cluster; return the run's summary.
 
@@ -80,7 +73,7 @@ def train(config: TrainConfig, client=None, progress=None) -> dict:
     config = config.validate()
     store, n_train = _open_data(config)
     schedule = Schedule(n_train, config.batch_size, config.shard_size, config.seed, config.epochs, config.steps)
-    mspec = model_spec(config, len(store.class_names))
+    mspec = ModelSpec.of(config, len(store.class_names))
     model = mspec.build(weight_scale=config.weight_scale, reg=config.reg, seed=config.seed)
     layout = Layout.of(model.params)
     segments = tuple((sl.start, sl.stop, config.reg if name in REGULARIZED else 0.0)

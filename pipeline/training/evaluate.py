@@ -15,10 +15,8 @@ from pipeline.training.config import TrainConfig
 from pipeline.training.rundir import RunDir
 from pipeline.training.shards import cut
 from pipeline.training.transport import Layout
-from pipeline.training.worker import ModelSpec, TaskSpec, shard_predictions
 from pipeline.errors import DataError, TrainingError
-
-EVAL_SHARD = 500
+from pipeline.training.worker import EVAL_SHARD, ModelSpec, TaskSpec, shard_predictions
 
 
 def evaluate(run_dir: str, data: str | None = None, split: str = "test", client=None, *,
@@ -42,8 +40,7 @@ def evaluate(run_dir: str, data: str | None = None, split: str = "test", client=
     if size < 1:
         raise DataError(f"{store.path}: split {split!r} is empty")
 
-    mspec = ModelSpec(config.num_filters, config.filter_size, config.hidden_dim, len(store.class_names),
-                      config.norm, config.num_groups, config.dtype)
+    mspec = ModelSpec.of(config, len(store.class_names))
     expected = Layout.of(mspec.build(weight_scale=config.weight_scale, seed=0).params)
     if set(params) != set(expected.names):
         raise TrainingError(f"{run.params_path}: parameters {sorted(params)} do not match the run's model "

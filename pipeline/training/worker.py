@@ -43,6 +43,12 @@ class ModelSpec:
     dtype: str
     input_dim: tuple[int, int, int] = (3, 32, 32)
 
+    @classmethod
+    def of(cls, config, num_classes: int) -> "ModelSpec":
+        """The network a run's settings (a :class:`~pipeline.training.config.TrainConfig`) describe."""
+        return cls(config.num_filters, config.filter_size, config.hidden_dim, num_classes, config.norm,
+                   config.num_groups, config.dtype)
+
     @property
     def normalization(self) -> str | None:
         return None if self.norm == "none" else self.norm
@@ -84,6 +90,10 @@ class ShmParams:
 
     ref: ShmRef
     parity: int
+
+
+#: images per accuracy task (evaluation during training and ``convpipe evaluate``)
+EVAL_SHARD = 500
 
 
 # ---- per-process state -----------------------------------------------------------------------------
