@@ -257,4 +257,80 @@ class Evaluate:
         return options.get("run")
 
 
-KINDS: dict[str, type] = {"prepare": Prepare, "train": Train, "evaluate": Evaluate}
+class Sweep:
+    """A hyperparameter sweep (:mod:`pipeline.jobs.sweep`): a train spec's keys are every trial's
+    base, plus the [search] and [early-stopping] tables."""
+
+    name = "sweep"
+
+    @staticmethod
+    def options():
+        from pipeline.jobs.spec import Option
+
+        return {**Train.options(),
+                "search": Option("search", (dict,), None, "[search] table: method, trials, seed, metric and "
+                                                          "the searched settings"),
+                "early_stopping": Option("early_stopping", (dict, type(None)), None,
+                                         "[early-stopping] table: min-steps, reduction-factor")}
+
+    @staticmethod
+    def plan(options: dict, where: str = "<spec>"):
+        from pipeline.jobs.sweep import SweepPlan
+
+        return SweepPlan.from_options(options, where)
+
+    @classmethod
+    def validate(cls, spec) -> None:
+        try:
+            Train.config({k: v for k, v in spec.options.items() if k not in ("search", "early_stopping")})
+            cls.plan(spec.options, spec.source)
+        except ConvpipeError as exc:
+            if exc.args and str(exc).startswith(spec.source):
+                raise
+            raise _spec_error(spec, exc) from None
+
+    @classmethod
+    def preflight(cls, options: dict, root: str, job_id: str) -> dict:
+        from pipeline.jobs.sweep import STATE_FILE, total_steps
+
+        o = dict(options)
+        o["data"] = _abs(o["data"])
+        o["workers"] = None
+        if o.get("resume"):
+            o["out"] = o["resume"] = _abs(o["resume"])
+            if not (Path(o["out"]) / STATE_FILE).exists():
+                from pipeline.jobs.sweep import SweepError
+
+                raise SweepError(f"{o['out']}: no {STATE_FILE} there: not a sweep to resume")
+        else:
+            o["out"] = _abs(o.get("out") or os.path.join(root, "runs", job_id))
+            if (Path(o["out"]) / STATE_FILE).exists() or (Path(o["out"]) / "config.json").exists():
+                from pipeline.jobs.spec import SpecError
+
+                raise SpecError(f"run directory {o['out']} already holds a run: resume that job, or choose another out")
+        check_run_dir_free(o["out"], root, job_id)
+        cls.plan(o)
+        total_steps(Train.config({k: v for k, v in o.items() if k not in ("search", "early_stopping")}))  # the store
+        return o
+
+    @classmethod
+    def run(cls, options: dict, client, report) -> dict:
+        from pipeline.jobs.sweep import run_sweep
+
+        summary = run_sweep(cls.plan(options), options["out"], client=client, progress=report.progress)
+        best = summary.get("best") or {}
+        return {"trials": summary["trials"], "completed": summary["completed"], "stopped": summary["stopped"],
+                "failed": summary["failed"], "best_trial": best.get("trial"), "val_acc": best.get("val_acc"),
+                "steps": summary["steps"], "seconds": summary["seconds"], "run_dir": options["out"]}
+
+    @staticmethod
+    def run_dir(options: dict) -> str | None:
+        return options.get("out")
+
+    @staticmethod
+    def resume_options(options: dict) -> dict:
+        """The next attempt continues the sweep in the same run directory (sweep.json)."""
+        return {**options, "resume": options["out"]}
+
+
+KINDS: dict[str, type] = {"prepare": Prepare, "train": Train, "evaluate": Evaluate, "sweep": Sweep}

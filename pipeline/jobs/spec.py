@@ -31,7 +31,7 @@ import tomli_w
 
 from pipeline.cluster.security import TLSFiles, tls_from_table
 from pipeline.errors import ConvpipeError
-from pipeline.options import ValueType, WrongType, field_types
+from pipeline.options import ValueType, WrongType, _literal, field_types
 
 #: keys of the job itself (not options of its command)
 JOB_KEYS = ("job", "name", "scheduler", "root", "tls")
@@ -153,9 +153,7 @@ def spec_from_table(table: dict, *, where: str = "<spec>", overrides=(), default
         c = canonical(key)
         if c in flat:
             raise SpecError(f"{where}: {key!r} is given twice (as {c.replace('_', '-')} and {c})")
-        if isinstance(value, dict):
-            raise SpecError(f"{where}: unexpected table [{key}] (options are flat keys; the only table is [tls])")
-        flat[c] = value
+        flat[c] = value  # a table ([search]) only where the kind has a table option: checked below
 
     kind = flat.get("job")
     # an override may set the kind itself
@@ -179,12 +177,18 @@ def spec_from_table(table: dict, *, where: str = "<spec>", overrides=(), default
     values: dict[str, object] = {}
     for key, value in flat.items():
         opt = top.get(key) or schema.get(key)
+        if isinstance(value, dict) and (opt is None or dict not in opt.types):
+            raise SpecError(f"{where}: unexpected table [{key}] (options are flat keys; the only table is [tls])")
         if opt is None:
             raise SpecError(f"{where}: unknown key {key.replace('_', '-')!r} for a {kind} job{_known(schema)}")
         values[key] = opt.check(value, where)
     for key, text in sets:
         if key.startswith("tls."):
             tls_table[key[4:].replace("_", "-")] = text
+            continue
+        table, _, sub = key.partition(".")
+        if sub and table in schema and dict in schema[table].types:   # --set search.trials=4
+            values[table] = {**(values.get(table) or {}), sub: _literal(text)}
             continue
         opt = top.get(key) or schema.get(key)
         if opt is None:
