@@ -194,17 +194,39 @@ def test_a_job_whose_worker_left_is_reported_failed(client, tmp_path):
     assert status["reason"] == f"the worker running its coordinator ({gone}, pid 4242 on h) died or left the cluster"
 
 
-def test_dask_rerunning_a_dead_coordinator_records_failure_instead_of_starting_over(client, tmp_path):
-    """What the next worker does when the scheduler reruns the task of a coordinator that died."""
+def test_dask_rerunning_a_dead_coordinator_restarts_the_job_from_its_run_directory(client, tmp_path):
+    """What the next worker does when the scheduler reruns the task of a coordinator that died:
+    the same attempt continues (resume options: the run directory as it is), counted and logged."""
     rec = job_client.submit(client, count_spec(tmp_path, steps=2))
     wait_for(client, rec["job"])
     files = JobFiles(rec["job_dir"])
+    counts = Path(rec["run_dir"]) / "counts.txt"
+    counts.write_text(counts.read_text().splitlines()[0] + "\n")  # it had done step 1 when its worker died
     # as if attempt 1 were still running on a worker that then died
-    files.write_status({**files.read_status(), "state": "running", "worker": "tcp://10.9.9.9:1", "pid": 1})
+    files.write_status({**files.read_status(), "state": "running", "worker": "tcp://10.9.9.9:1", "pid": 1,
+                        "host": "h"})
+    status = client.submit(run_job, {**rec, "options": {**rec["options"], "steps": 3}}, pure=False).result()
+    assert status["state"] == "done" and status["attempt"] == 1, status
+    assert status["restarts"] == 1 and status["restarted_from"] == "tcp://10.9.9.9:1"
+    assert [ln.split()[1] for ln in counts.read_text().splitlines()] == ["1", "2", "3"]  # continued, not redone
+    log = files.read_log()[0]
+    assert "the worker running the coordinator (tcp://10.9.9.9:1, pid 1 on h) died; restarting on worker" in log
+    assert "(restart 1 of at most 2)" in log
+    assert files.read_status()["restarts"] == 1
+
+
+def test_a_job_restarts_itself_a_bounded_number_of_times(client, tmp_path):
+    from pipeline.jobs.runner import MAX_RESTARTS
+
+    rec = job_client.submit(client, count_spec(tmp_path, steps=2))
+    wait_for(client, rec["job"])
+    files = JobFiles(rec["job_dir"])
+    files.write_status({**files.read_status(), "state": "running", "worker": "tcp://10.9.9.9:1", "pid": 1,
+                        "restarts": MAX_RESTARTS})
     status = client.submit(run_job, rec, pure=False).result()
-    assert status["state"] == "failed"
-    assert "tcp://10.9.9.9:1" in status["reason"] and "died" in status["reason"]
-    assert f"convpipe resume {rec['job']}" in files.read_log()[0]
+    assert status["state"] == "failed" and status["resumable"]
+    assert "tcp://10.9.9.9:1" in status["reason"] and f"after {MAX_RESTARTS} restart(s)" in status["reason"]
+    assert f"convpipe resume {rec['job']}" in files.read_log()[0].splitlines()[-1]
     assert len((Path(rec["run_dir"]) / "counts.txt").read_text().splitlines()) == 2  # not run again
 
 

@@ -291,11 +291,18 @@ def _detail(s: dict) -> str:
     return s.get("task_state", "")
 
 
+def _restarts(s: dict) -> str | None:
+    """How often this attempt restarted itself after the worker running its coordinator died."""
+    n = s.get("restarts")
+    return f"{n} (after worker {s.get('restarted_from')} died)" if n else None
+
+
 def _print_status(s: dict, resume_args: str = "") -> None:
     fields = [("job", s.get("job")), ("kind", s.get("kind")), ("name", s.get("name")),
               ("state", s.get("state") + (" (cancel requested)" if s.get("cancel_requested")
                                           and s.get("state") not in ("done", "failed", "cancelled") else "")),
-              ("attempt", s.get("attempt")), ("reason", s.get("reason")), ("worker", s.get("worker")),
+              ("attempt", s.get("attempt")), ("restarts", _restarts(s)), ("reason", s.get("reason")),
+              ("worker", s.get("worker")),
               ("submitted", f"{s.get('submitted')} by {s.get('by')}"), ("started", s.get("started")),
               ("finished", s.get("finished")), ("run dir", s.get("run_dir")), ("job dir", s.get("job_dir")),
               ("last line", s.get("last_line"))]

@@ -11,7 +11,8 @@
 
 ``job_status`` reads a job's events on the scheduler and checks them against the cluster's
 live state: a job recorded as running whose worker has left is ``failed`` as soon as the
-scheduler has dropped that worker. ``resume(client, job_id)`` queues attempt n+1, which
+scheduler has dropped that worker, unless Dask is rerunning its coordinator task elsewhere
+(the job then restarts itself: ``restarting``). ``resume(client, job_id)`` queues attempt n+1, which
 continues the run directory from its last checkpoint. ``cancel`` sends a request event that the
 coordinator checks between steps.
 """
@@ -35,7 +36,7 @@ from pipeline.jobs.records import (
     task_key,
     topic_events,
 )
-from pipeline.jobs.runner import preflight_job, run_job
+from pipeline.jobs.runner import MAX_RESTARTS, preflight_job, run_job
 
 __all__ = ["JobError", "cancel", "job_events", "job_status", "list_jobs", "resume", "submissions", "submit",
            "wait_for_workers"]
@@ -180,7 +181,13 @@ def _check_alive(client, status: dict) -> None:
     task = _task_states(client, [key]).get(key)
     if status["state"] == "running":
         worker = status.get("worker")
-        if worker not in workers:
+        if worker not in workers and _restarting(status, task):
+            # Dask reruns the coordinator's task on another worker, which restarts the job
+            status["reason"] = (f"the worker running its coordinator ({worker}) died; restarting on another "
+                                f"worker from the last checkpoint (restart {int(status.get('restarts') or 0) + 1} "
+                                f"of at most {MAX_RESTARTS})")
+            status["restarting"] = True
+        elif worker not in workers:
             status.update(state="failed", resumable=True,
                           reason=f"the worker running its coordinator ({worker}, pid {status.get('pid')} on "
                                  f"{status.get('host')}) died or left the cluster")
@@ -196,6 +203,12 @@ def _check_alive(client, status: dict) -> None:
             status.update(state="failed", resumable=True, reason=f"its task {key} erred before it started")
         else:
             status["task_state"] = task[0]
+
+
+def _restarting(status: dict, task) -> bool:
+    """Whether Dask is rerunning a job's coordinator task whose worker died, and the job will restart."""
+    return (task is not None and task[0] in ("released", "waiting", "queued", "no-worker", "processing")
+            and task[1] != status.get("worker") and int(status.get("restarts") or 0) < MAX_RESTARTS)
 
 
 def list_jobs(client) -> list[dict]:

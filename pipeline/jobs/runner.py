@@ -14,9 +14,13 @@ Each job has its own id, directory, run directory, event topic and task keys, so
 one cluster do not share parameters, outputs or logs.
 
 Failures:
-- the worker running the coordinator dies: Dask would run the task again elsewhere; the new
-  run finds its attempt already ``running`` in ``status.json`` and records ``failed`` with the
-  reason instead of starting over.
+- the worker running the coordinator dies: Dask runs the task again on another worker, as it
+  reruns any task whose worker died; the new run finds its attempt already ``running`` in
+  ``status.json`` and *restarts* the job there from its last checkpoint (the kind's
+  ``resume_options``; from the start if nothing was written yet), at most :data:`MAX_RESTARTS`
+  times per attempt, each one a line in the job's log and counted in its status
+  (``restarts``, ``restarted_from``); past that it records ``failed`` with the reason and the
+  resume command.
 - the scheduler goes away: the coordinator's calls fail; it records ``failed`` (lost the
   scheduler) in its files, which, like the checkpoints, are already on disk.
 - a cancel request (an event on the job's topic): :meth:`Report.check_cancel`, called from the
@@ -37,6 +41,7 @@ import threading
 import time
 import traceback
 import uuid
+from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
 from pipeline.errors import ConvpipeError
@@ -50,6 +55,10 @@ PROGRESS_EVERY_S = 5.0
 ALWAYS_LOGGED = ("start", "resumed", "warning", "epoch", "checkpoint")
 #: how often the coordinator looks for a cancel request
 CANCEL_CHECK_EVERY_S = 1.0
+#: how many times one attempt of a job restarts itself after the worker running its coordinator
+#: died (Dask gives up on a task whose workers died ``distributed.scheduler.allowed-failures``
+#: = 3 times: a bound below that, so the job's files, not Dask, say why it stopped)
+MAX_RESTARTS = 2
 
 
 class JobCancelled(Exception):
@@ -258,16 +267,29 @@ def run_job(record: dict) -> dict:
         known = {k: record.get(k) for k in ("job", "kind", "name", "root", "job_dir", "run_dir")}
         return Report(record, status=known).state("failed", f"failed: {exc}", reason=str(exc), resumable=True)
     current = report.status
-    if current.get("attempt") == record["attempt"] and current.get("state") == "running":
+    restarting = current.get("attempt") == record["attempt"] and current.get("state") == "running"
+    if restarting:
+        # Dask reran the coordinator's task: the worker that ran it died (or left the cluster)
         prev = current.get("worker", "?")
-        return report.state(
-            "failed",
-            f"failed: the worker running the coordinator ({prev}, pid {current.get('pid')} on "
-            f"{current.get('host')}) died; resume with: convpipe resume {record['job']}",
-            reason=f"the worker running its coordinator ({prev}) died or left the cluster",
-            resumable=True,
-        )
-    if current.get("attempt") != record["attempt"] or current.get("state") != "queued":
+        died = (f"the worker running the coordinator ({prev}, pid {current.get('pid')} on "
+                f"{current.get('host')}) died")
+        restarts = int(current.get("restarts") or 0)
+        if restarts >= MAX_RESTARTS:
+            return report.state(
+                "failed",
+                f"failed: {died}, after {restarts} restart(s) (at most {MAX_RESTARTS}); "
+                f"resume with: convpipe resume {record['job']}",
+                reason=f"the worker running its coordinator ({prev}) died or left the cluster, "
+                       f"after {restarts} restart(s)",
+                resumable=True,
+            )
+        record = restart_record(record)
+        report.record = record
+        report.status["restarts"] = restarts + 1
+        report.status["restarted_from"] = prev
+        report.log(f"{died}; restarting on worker {worker.address} from the last checkpoint "
+                   f"(restart {restarts + 1} of at most {MAX_RESTARTS})")
+    elif current.get("attempt") != record["attempt"] or current.get("state") != "queued":
         # this attempt already ended, or a later attempt superseded it (a task Dask kept
         # around for a worker that never came back): nothing to run
         return current
@@ -300,6 +322,30 @@ def run_job(record: dict) -> dict:
         except OSError as exc:  # the result is in status.json too
             report.log(f"result.json not written: {exc.strerror or exc}")
         return report.state("done", f"done: {_result_text(result)}", result=result, reason=None)
+
+
+def restart_record(record: dict) -> dict:
+    """The record a restarted coordinator runs: the same attempt, continuing its run directory.
+
+    A kind that can resume (``resume_options``) continues from the last checkpoint once its run
+    directory holds a run (a train job: ``config.json`` written); before that, and for kinds
+    without ``resume_options`` (prepare, evaluate: they redo their work), the same options.
+    """
+    from pipeline.jobs.kinds import KINDS
+
+    kind = KINDS[record["kind"]]
+    resume = getattr(kind, "resume_options", None)
+    run_dir = kind.run_dir(record["options"]) if resume is not None else None
+    if not run_dir or not _holds_a_run(record["kind"], run_dir):
+        return record
+    return {**record, "options": resume(record["options"])}
+
+
+def _holds_a_run(kind: str, run_dir: str) -> bool:
+    path = Path(run_dir)
+    if kind == "train":
+        return (path / "config.json").exists()
+    return path.is_dir() and any(path.iterdir())
 
 
 def _failure_reason(exc: BaseException, client=None) -> str:
