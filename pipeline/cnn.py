@@ -208,3 +208,44 @@ def _add_l2_kernel(grad, w, reg):
     """grad += reg * w in one pass (no temporary), the same rounding as NumPy's in the dtype."""
     for i in numba.prange(grad.shape[0]):
         grad[i] += reg * w[i]
+
+
+def load_model(run_dir) -> ThreeLayerConvNet:
+    """The trained network of a run directory (``convpipe train``'s, a sweep trial's, a sweep's
+    best): a :class:`ThreeLayerConvNet` with the run's final parameters (``params.npz``) and BN
+    running statistics, in the run's dtype, ready for ``loss(X)`` (scores (N, num_classes)) or
+    :meth:`pipeline.solver.Solver.check_accuracy`. ``X`` is preprocessed as training saw it
+    (the store's loader: float images minus the train mean). A sweep's run directory gives its
+    best trial. Raises :class:`~pipeline.errors.TrainingError` naming the file when the run has
+    no parameters yet or they do not fit the run's settings.
+    """
+    from pathlib import Path
+
+    from pipeline.errors import TrainingError
+    from pipeline.training.config import TrainConfig
+    from pipeline.training.rundir import RunDir
+    from pipeline.training.worker import ModelSpec
+
+    path = Path(run_dir)
+    if (path / "sweep.json").exists() and not (path / "config.json").exists():  # a sweep: its best trial
+        from pipeline.jobs.sweep import best_run_dir
+
+        path = Path(best_run_dir(path))
+    run = RunDir(path).require_existing()
+    config = TrainConfig.load(run.config_path)
+    params, bn = run.read_params()
+    if "W3" not in params:
+        raise TrainingError(f"{run.params_path}: no W3 (not the parameters of a ThreeLayerConvNet)")
+    spec = ModelSpec.of(config, int(params["W3"].shape[1]))
+    model = spec.build(weight_scale=config.weight_scale, reg=config.reg, seed=0)
+    for name, value in model.params.items():
+        if name not in params or params[name].shape != value.shape:
+            got = params[name].shape if name in params else "nothing"
+            raise TrainingError(f"{run.params_path}: {name} should have shape {value.shape} for the run's "
+                                f"settings, got {got}")
+        model.params[name] = params[name].astype(value.dtype, copy=False)
+    if model.normalization == "spatial_batchnorm":
+        if not bn:
+            raise TrainingError(f"{run.params_path}: no BN running statistics for a spatial-batchnorm model")
+        model.set_state({"running_mean": bn["bn_running_mean"], "running_var": bn["bn_running_var"]})
+    return model

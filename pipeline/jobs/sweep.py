@@ -575,7 +575,7 @@ def plot_sweep(out: Path, state: SweepState) -> Path:
         steps, acc = curve(out / "trials" / t.name)
         if best is not None and t.id == best.id:
             continue
-        ax.plot(steps, acc, color="0.6", lw=0.8, alpha=0.7)
+        ax.plot(steps, acc, color="0.6", lw=0.8, alpha=0.7, marker="o", ms=2)
     if best is not None:
         steps, acc = curve(out / "trials" / best.name)
         ax.plot(steps, acc, color="C3", lw=2.2, label=f"best: {best.name}")

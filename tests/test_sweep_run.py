@@ -1,0 +1,138 @@
+"""Sweeps on an in-process cluster: successive halving, results, a failed trial, resume after the
+coordinator died (same outcome bit for bit, finished trials not rerun), load_model, the leaderboard."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from distributed import Client, LocalCluster
+
+from pipeline.cnn import ThreeLayerConvNet, load_model
+from pipeline.jobs.kinds import Sweep
+from pipeline.jobs.sweep import SweepError, SweepPlan, SweepState, leaderboard_text, run_sweep
+from pipeline.training import evaluate
+from tests.training_fixtures import assert_same_params, final_params, make_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=128, n_val=48, n_test=32)
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+class Crash(Exception):
+    """Stands for the sweep's coordinator dying."""
+
+
+def plan_of(store, search: dict, early_stopping: dict | None = None, **base) -> SweepPlan:
+    """Trials of the tiny model: 2 steps an epoch of 64 images, 9 steps in all."""
+    opts = {k: o.default for k, o in Sweep.options().items()}
+    opts.update(data=str(store), batch_size=64, shard_size=16, num_filters=4, filter_size=3, hidden_dim=16,
+                weight_scale=1e-2, lr=1e-2, steps=9, checkpoint_every=2, train_acc_samples=64, eval_every=1,
+                eval_samples=32)
+    opts.update(base)
+    opts["search"], opts["early_stopping"] = search, early_stopping
+    return SweepPlan.from_options(opts)
+
+
+GRID = {"method": "grid", "lr": [1e-3, 1e-2, 3e-2], "hidden-dim": [8, 16]}
+HALVING = {"min-steps": 1, "reduction-factor": 3}
+
+
+def rows(out) -> list[dict]:
+    with open(out / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def outcome(out) -> tuple:
+    """What must not depend on interruptions: the rows but their seconds, the summary's results."""
+    summary = json.loads((out / "summary.json").read_text())
+    keep = ("trials", "completed", "stopped", "failed", "rungs", "best", "steps", "images")
+    best = {**summary["best"], "run_dir": None}
+    return ([{k: v for k, v in r.items() if k != "seconds"} for r in rows(out)],
+            {k: summary[k] for k in keep} | {"best": best})
+
+
+def test_successive_halving_keeps_the_best_third_and_writes_the_results(store, client, tmp_path):
+    out = tmp_path / "sweep"
+    summary = run_sweep(plan_of(store, GRID, HALVING), out, client=client)
+    state = SweepState.load(out)
+    assert state.rungs == [1, 3, 9]
+    assert [t.state for t in state.trials].count("completed") == 1
+    assert sorted(t.steps for t in state.trials) == [1, 1, 1, 1, 3, 9]   # 6 -> 2 -> 1
+    # promotions are the best scores at each rung (ties to the lower id)
+    at1 = {t.id: t.scores[1] for t in state.trials}
+    went_on = sorted(sorted(at1, key=lambda i: (-at1[i], i))[:2])
+    assert sorted(t.id for t in state.trials if t.steps >= 3) == went_on
+    table = rows(out)
+    assert [r["id"] for r in table] == [f"t00{i}" for i in range(6)]
+    assert {r["lr"] for r in table} == {"0.001", "0.01", "0.03"} and {r["hidden-dim"] for r in table} == {"8", "16"}
+    assert summary["steps"] == 6 * 1 + 2 * (3 - 1) + (9 - 3) and summary["steps_if_run_to_the_end"] == 54
+    best = summary["best"]
+    assert best["trial"] == state.best().name and best["val_acc"] == max(t.best()[0] for t in state.trials)
+    # each trial is an ordinary run directory: evaluate scores the same val accuracy
+    assert evaluate(best["run_dir"], split="val", client=client)["accuracy"] == best["final_val_acc"]
+    assert_same_params(final_params(best["run_dir"]), dict(np.load(out / "best-params.npz")))
+    assert (out / "sweep.png").stat().st_size > 10_000
+    # load_model: the run's parameters and BN statistics, a sweep's directory gives its best trial
+    model = load_model(out)
+    assert isinstance(model, ThreeLayerConvNet)
+    assert_same_params({k: model.params[k] for k in model.params}, final_params(best["run_dir"]))
+    X = np.zeros((3, 3, 32, 32), np.float32)
+    assert model.loss(X).shape == (3, 4) and model.loss(X).dtype == np.float32
+    board = leaderboard_text(out)
+    lines = board.splitlines()
+    assert lines[0] == "sweep: 6/6 trials done, rungs [1, 3, 9]"
+    assert lines[1].split() == ["trial", "state", "steps", "best", "val_acc", "at", "step", "lr", "hidden-dim"]
+    assert lines[2].split()[:2] == [best["trial"], "completed"]
+
+
+def test_a_sweep_resumed_after_its_coordinator_died_ends_as_an_uninterrupted_one(store, client, tmp_path):
+    plan = plan_of(store, GRID, HALVING)
+    run_sweep(plan, tmp_path / "whole", client=client)
+    best = SweepState.load(tmp_path / "whole").best().id
+
+    def crash(event):                     # the best trial, between its checkpoints 4 and 6
+        if event.get("trial") == best and event.get("event") == "step" and event.get("step") == 5:
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run_sweep(plan, tmp_path / "cut", client=client, progress=crash)
+    before = SweepState.load(tmp_path / "cut")
+    assert [t.id for t in before.trials if t.state == "running"] == [best]
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    events = []
+    run_sweep(plan, tmp_path / "cut", client=client, progress=events.append)
+    starts = [(e["trial"], e["start_step"]) for e in events if e.get("event") == "start"]
+    assert starts == [(best, 4)]          # scored trials not rerun; the cut one from its checkpoint
+    assert [e["step"] for e in events if e.get("event") == "resumed"] == [4]
+    assert outcome(tmp_path / "cut") == outcome(tmp_path / "whole")
+    assert_same_params(dict(np.load(tmp_path / "cut" / "best-params.npz")),
+                       dict(np.load(tmp_path / "whole" / "best-params.npz")))
+
+
+def test_a_diverging_trial_is_failed_with_its_reason_and_the_sweep_goes_on(store, client, tmp_path):
+    out = tmp_path / "sweep"
+    summary = run_sweep(plan_of(store, {"method": "grid", "lr": [1e-2, 1e30]}, steps=4), out, client=client)
+    table = rows(out)
+    assert [r["state"] for r in table] == ["completed", "failed"]
+    assert "diverged" in table[1]["error"] and table[1]["best_val_acc"] == ""
+    assert summary["failed"] == 1 and summary["best"]["trial"] == "t000"
+    assert "t001 failed: loss is" in leaderboard_text(out)
+
+
+def test_a_sweep_directory_refuses_another_plan(store, client, tmp_path):
+    run_sweep(plan_of(store, {"method": "grid", "lr": [1e-2]}, steps=2), tmp_path / "s", client=client)
+    with pytest.raises(SweepError, match="started with other settings"):
+        run_sweep(plan_of(store, {"method": "grid", "lr": [3e-2]}, steps=2), tmp_path / "s", client=client)
