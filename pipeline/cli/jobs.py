@@ -313,6 +313,19 @@ def _print_status(s: dict, resume_args: str = "") -> None:
             print(f"{name + ':':11}{value}")
     if s.get("state") in ("failed", "cancelled") and _resumable(s):
         print(f"{'resume:':11}convpipe resume {s.get('job')}{resume_args}")
+    if s.get("kind") == "sweep":
+        _print_leaderboard(s.get("run_dir"))
+
+
+def _print_leaderboard(run_dir: str | None) -> None:
+    """A sweep's leaderboard, from its sweep.json when this machine can read the run directory."""
+    from pipeline.jobs.sweep import STATE_FILE, leaderboard_text
+
+    if run_dir and os.path.exists(os.path.join(run_dir, STATE_FILE)):
+        try:
+            print("\n" + leaderboard_text(run_dir))
+        except ConvpipeError as exc:
+            print(f"leaderboard: {exc}")
 
 
 def cmd_logs(args) -> int:
