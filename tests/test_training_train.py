@@ -204,7 +204,8 @@ def test_run_directory_holds_metrics_params_summary_and_plots(store, tmp_path, c
     assert summary["steps"] == 8 and summary["settings"]["out"] == str(run)
     for png in ("curves.png", "filters.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
-    assert len(list((run / "checkpoints").glob("step-*.npz"))) == 2  # the last two kept
+    # a finished run keeps only its last checkpoint (what --resume needs to train on)
+    assert [p.name for p in (run / "checkpoints").glob("step-*.npz")] == ["step-00000008.npz"]
 
 
 # ---- coordinator death, resume, torn checkpoints ----------------------------------------------------

@@ -212,6 +212,7 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
     clock.lap("coordinator")
     final = exchange.layout.views(exchange.state(schedule.total_steps)[0])
     run.write_params(final, {f"bn_{k}": v for k, v in bn.items()} if bn else None)
+    run.prune_checkpoints(keep=1)                 # a finished run keeps what --resume needs to go on
     summary = _summary(config, run, schedule, state, done, clock, seconds, warmup, exchange, client, final, emit)
     run.write_summary(summary)
     emit({"event": "done", **summary})
