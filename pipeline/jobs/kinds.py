@@ -297,11 +297,7 @@ class Sweep:
         o["data"] = _abs(o["data"])
         o["workers"] = None
         if o.get("resume"):
-            o["out"] = o["resume"] = _abs(o["resume"])
-            if not (Path(o["out"]) / STATE_FILE).exists():
-                from pipeline.jobs.sweep import SweepError
-
-                raise SweepError(f"{o['out']}: no {STATE_FILE} there: not a sweep to resume")
+            o["out"] = o["resume"] = _abs(o["resume"])   # its sweep.json, if written, says what is done
         else:
             o["out"] = _abs(o.get("out") or os.path.join(root, "runs", job_id))
             if (Path(o["out"]) / STATE_FILE).exists() or (Path(o["out"]) / "config.json").exists():
