@@ -15,7 +15,7 @@ here move data between that layout and NCHW, fusing the bias, the ReLU and the b
 into those passes. All kernels are ``parallel=True`` (``prange``) and ``cache=True``.
 
 Inner loops index 1-D rows with ``np.uint64`` indices: Numba then emits no negative-index
-wraparound check, and LLVM vectorizes the copies (2-3x faster than signed indexing).
+wraparound check, and LLVM vectorizes the copies (it does not with signed indexing).
 """
 
 from __future__ import annotations
