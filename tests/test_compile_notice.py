@@ -42,22 +42,30 @@ def _run(cache_dir, *args):
     return proc.stdout, proc.stderr.splitlines()
 
 
-def test_cold_cache_prints_the_notice_once_and_warm_cache_does_not(tmp_path):
-    out, err = _run(tmp_path, "step")
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """A cache folder that started empty, and the notice lines of the process that compiled into it."""
+    cache_dir = tmp_path_factory.mktemp("numba-cache")
+    out, err = _run(cache_dir, "step")
     assert out == ""
+    return cache_dir, err
+
+
+def test_cold_cache_prints_the_notice_once_and_warm_cache_does_not(compiled):
+    cache_dir, err = compiled
     # cold: the notice on stderr, before anything compiled; never for a remote cluster's workers
     assert err == ["remote False", COMPILING_MESSAGE, "before True", "after False"]
     # a later process finds the kernels in the cache: silent
-    assert _run(tmp_path, "check")[1] == ["remote False", "before False"]
+    assert _run(cache_dir, "check")[1] == ["remote False", "before False"]
 
 
-def test_notice_follows_dtype_and_model(tmp_path):
+def test_notice_follows_dtype_and_model(compiled):
     """Kernels cached for float32 and 3x3 filters: float64, 7x7 or a norm still compile."""
-    _run(tmp_path, "step")
+    cache_dir, _ = compiled
     code = ("import sys; from pipeline.warmup import cold_kernels, model_kernels as m\n"
             "print(cold_kernels(m(3), 'float32'), cold_kernels(m(3), 'float16'), cold_kernels(m(3), 'float64'),"
             " cold_kernels(m(7), 'float32'), cold_kernels(m(3, 'groupnorm'), 'float32'))")
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
     line = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                           timeout=300).stdout.strip()
     assert line == ("[] [] ['im2col', 'bias_to_nchw', 'dout_to_2d', 'pool_forward_2x2', 'pool_backward'] "
