@@ -111,13 +111,14 @@ class Job(_Handler):
             status = board.job(job_id, view)
             if not status:
                 return None
-            return status, board.run_of(status), board.job_log(status, view)
+            sweep = render.sweep_section(status.get("run_dir")) if status.get("kind") == "sweep" else ""
+            return status, board.run_of(status), board.job_log(status, view), sweep
 
         found = await self.page.off_loop(read)
         if found is None:
             return self.not_found(f"no job {job_id} under {board.root}/jobs or on this scheduler")
-        status, run, log = found
-        fragments = render.job_fragments(status, run, log, self.base)
+        status, run, log, sweep = found
+        fragments = render.job_fragments(status, run, log, self.base, sweep)
         title = f"job {job_id}"
         self.answer(bool(as_json), f"convpipe: {title}", fragments, render.detail_body(title, fragments, self.base),
                     status.get("state") in render.TERMINAL)

@@ -331,7 +331,7 @@ def _facts(pairs: list[tuple[str, str | None]]) -> str:
     return f'<dl class="facts">{items}</dl>'
 
 
-def job_fragments(status: dict, run: RunView | None, log: list[str], base: str) -> dict[str, str]:
+def job_fragments(status: dict, run: RunView | None, log: list[str], base: str, sweep: str = "") -> dict[str, str]:
     state = status.get("state")
     e = lambda k: escape(str(status[k])) if status.get(k) not in (None, "") else None  # noqa: E731
     facts = _facts([("state", _state(state)), ("kind", e("kind")), ("name", e("name")), ("attempt", e("attempt")),
@@ -348,7 +348,54 @@ def job_fragments(status: dict, run: RunView | None, log: list[str], base: str) 
     else:
         out.update(progress=_job_progress(status), charts="", breakdown='<p class="muted">–</p>',
                    settings=settings_table((status.get("options") or None)))
+    if sweep:                                    # a sweep job: its leaderboard and overlaid curves
+        out["charts"] = sweep + out["charts"]
     return out
+
+
+def sweep_section(run_dir: str | None) -> str:
+    """A sweep's leaderboard (top 10 by best-so-far val accuracy, the settings that differ) and
+    its trials' validation curves overlaid (the best one highlighted); "" when ``run_dir`` holds
+    no sweep. Reads the sweep's files: call it off the event loop."""
+    from pathlib import Path
+
+    from pipeline.errors import ConvpipeError
+    from pipeline.jobs.sweep import STATE_FILE, SweepState, curve
+
+    if not run_dir or not (Path(run_dir) / STATE_FILE).exists():
+        return ""
+    try:
+        state = SweepState.load(run_dir)
+    except ConvpipeError as exc:
+        return f'<p class="problems">{escape(str(exc))}</p>'
+    names = [d["name"] for d in state.plan["search"]["dims"]]
+    differ = [n for n in names if len({repr(t.settings[n]) for t in state.trials}) > 1]
+    head = "".join(f"<th>{escape(c)}</th>" for c in ("Trial", "State", "Steps", "Best val acc", "At step",
+                                                     *(n.replace("_", "-") for n in differ)))
+    rows = []
+    for t in state.leaderboard()[:10]:
+        best, step = t.best()
+        cells = [escape(t.name), _state(t.state), str(t.steps), _num(best), "–" if step is None else str(step),
+                 *(escape(f"{t.settings[n]:.4g}" if isinstance(t.settings[n], float) else str(t.settings[n]))
+                   for n in differ)]
+        rows.append(f'<tr class="trial" data-trial="{escape(t.name)}">'
+                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    top = state.best()
+    series = []
+    for t in sorted(state.trials, key=lambda t: top is not None and t.id == top.id):   # the best drawn last
+        steps, acc = curve(Path(run_dir) / "trials" / t.name)
+        is_best = top is not None and t.id == top.id
+        series.append(Series(f"best: {t.name}" if is_best else t.name, tuple(zip(map(float, steps), acc)),
+                             "#cf222e" if is_best else "#8c959f", width=2.5 if is_best else 1.0,
+                             markers=len(steps) < 3, opacity=1.0 if is_best else 0.5, slug=f"trial-{t.name}",
+                             legend=is_best))
+    done = sum(not t.live for t in state.trials)
+    chart = line_chart(series, title=f"Validation accuracy of {len(state.trials)} trials", x_label="step",
+                       y_label="val accuracy", chart_id="sweep-chart", y_range=(0.0, 1.0),
+                       empty="no trial scored yet", legend="bottom")
+    return (f'<h2>Sweep: {done}/{len(state.trials)} trials done, rungs {escape(str(state.rungs))}</h2>'
+            f'<table id="leaderboard"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            f'<div class="charts">{chart}</div>')
 
 
 def _job_progress(status: dict) -> str:

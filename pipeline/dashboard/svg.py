@@ -17,7 +17,8 @@ MAX_VERTICES = 800
 
 @dataclass(frozen=True)
 class Series:
-    """``points``: (x, y) pairs in x order. ``markers``: circles at the points (few points)."""
+    """``points``: (x, y) pairs in x order. ``markers``: circles at the points (few points).
+    ``legend``: whether the legend lists it."""
 
     name: str
     points: tuple[tuple[float, float], ...]
@@ -26,6 +27,7 @@ class Series:
     markers: bool = False
     opacity: float = 1.0
     slug: str = ""
+    legend: bool = True                 # False: drawn, not listed (many overlaid curves)
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -121,7 +123,7 @@ def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, 
                    f'data-series="{escape(s.name)}" data-points="{len(s.points)}"/>')
         if s.markers:
             out.extend(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{s.color}"/>' for x, y in pts)
-    shown = [s for s in series if s.points]
+    shown = [s for s in series if s.points and s.legend]
     box_y = top + 3 if legend == "top" else top + ph - 9 - 16 * len(shown)
     if shown:
         out.append(f'<rect x="{left + pw - 198}" y="{box_y}" width="194" height="{16 * len(shown) + 6}" '
