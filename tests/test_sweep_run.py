@@ -136,3 +136,30 @@ def test_a_sweep_directory_refuses_another_plan(store, client, tmp_path):
     run_sweep(plan_of(store, {"method": "grid", "lr": [1e-2]}, steps=2), tmp_path / "s", client=client)
     with pytest.raises(SweepError, match="started with other settings"):
         run_sweep(plan_of(store, {"method": "grid", "lr": [3e-2]}, steps=2), tmp_path / "s", client=client)
+
+
+def test_load_model_has_the_runs_parameters_and_bn_statistics(store, client, tmp_path):
+    from pipeline.errors import TrainingError
+    from pipeline.solver import Solver
+    from pipeline.training import train
+    from tests.training_fixtures import tiny_config
+
+    summary = train(tiny_config(store, tmp_path / "bn", norm="spatial_batchnorm", steps=3), client=client)
+    model = load_model(tmp_path / "bn")
+    with np.load(tmp_path / "bn" / "params.npz") as f:
+        saved = {k: f[k] for k in f.files}
+    assert_same_params({k: model.params[k] for k in model.params}, {k: v for k, v in saved.items()
+                                                                    if not k.startswith("bn_")})
+    assert np.array_equal(model.bn_param["running_mean"], saved["bn_running_mean"])
+    assert np.array_equal(model.bn_param["running_var"], saved["bn_running_var"])
+    assert model.params["W1"].dtype == np.float32
+    # test-mode predictions on the whole val split: the run's own val accuracy, through the Solver
+    from pipeline.data import open_store
+
+    X, y = open_store(str(store)).read("val", np.arange(48), dtype=np.float32)
+    solver = Solver(model, {"X_train": X, "y_train": y, "X_val": X, "y_val": y})
+    assert solver.check_accuracy(X, y) == summary["val_acc"]
+    (tmp_path / "bn" / "params.npz").unlink()
+    with pytest.raises(TrainingError, match="params.npz: no such file"):
+        load_model(tmp_path / "bn")
+    assert summary["val_acc"] is not None
