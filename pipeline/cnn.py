@@ -16,7 +16,7 @@ from pipeline.layer_utils import (
     conv_relu_pool_backward,
     conv_relu_pool_forward,
 )
-from pipeline.shapes import check_groups, check_momentum
+from pipeline.shapes import check_groups, check_momentum, running_average
 
 NORMALIZATIONS = (None, "spatial_batchnorm", "groupnorm")
 
@@ -133,8 +133,8 @@ class ThreeLayerConvNet:
     def update_running_stats(self, mean: np.ndarray, var: np.ndarray) -> None:
         """Fold one step's batch statistics into the running ones (cs231n's momentum rule)."""
         m = self.bn_param["momentum"]
-        self.bn_param["running_mean"] = (m * self.bn_param["running_mean"] + (1 - m) * mean).astype(self.dtype)
-        self.bn_param["running_var"] = (m * self.bn_param["running_var"] + (1 - m) * var).astype(self.dtype)
+        self.bn_param["running_mean"] = running_average(self.bn_param["running_mean"], mean, m, self.dtype)
+        self.bn_param["running_var"] = running_average(self.bn_param["running_var"], var, m, self.dtype)
 
     # -- forward and backward ------------------------------------------------------------------
     def loss(self, X, y=None):

@@ -48,6 +48,7 @@ from pipeline.shapes import (
     layer_dtype,
     pool_output_shape,
     require_ndim,
+    running_average,
 )
 
 __all__ = [
@@ -405,8 +406,8 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
         std = np.sqrt(var + dtype.type(eps)).astype(dtype)
         _launch(kn.bn_apply, xc.size, xc, mean, std, g, bt, out.reshape(N, C, H * W))
         rm, rv = _as(running_mean, dtype), _as(running_var, dtype)
-        bn_param["running_mean"] = (momentum * rm + (1 - momentum) * mean).astype(x_dtype, copy=False)
-        bn_param["running_var"] = (momentum * rv + (1 - momentum) * var).astype(x_dtype, copy=False)
+        bn_param["running_mean"] = running_average(rm, mean, momentum, x_dtype)
+        bn_param["running_var"] = running_average(rv, var, momentum, x_dtype)
         cache = (xc, mean, std, g, layer_dtype(gamma), layer_dtype(beta), np.shape(gamma), np.shape(beta), x_dtype)
     else:
         std = np.sqrt(_as(running_var, dtype) + dtype.type(eps)).astype(dtype)

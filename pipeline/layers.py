@@ -33,6 +33,7 @@ from pipeline.shapes import (
     layer_dtype,
     pool_output_shape,
     require_ndim,
+    running_average,
 )
 
 __all__ = [
@@ -279,8 +280,8 @@ def batchnorm_forward(x, gamma, beta, bn_param):
         std = np.sqrt(var + eps)
         xhat = xc / std
         out = g * xhat + bt
-        bn_param["running_mean"] = (momentum * running_mean + (1 - momentum) * mu).astype(dtype, copy=False)
-        bn_param["running_var"] = (momentum * running_var + (1 - momentum) * var).astype(dtype, copy=False)
+        bn_param["running_mean"] = running_average(running_mean, mu, momentum, dtype)
+        bn_param["running_var"] = running_average(running_var, var, momentum, dtype)
         cache = (xhat, xc, std, np.asarray(gamma), np.asarray(beta))
     else:
         out = g * ((x - running_mean) / np.sqrt(running_var + eps)) + bt

@@ -1,4 +1,4 @@
-"""Parameter checks and output shapes shared by the naive and the fast layers.
+"""Parameter checks, output shapes and the BN running average shared by the naive and the fast layers.
 
 Every check raises ``ValueError`` naming the parameter and the values it got, so a bad call
 fails at the layer's door and never deep inside a kernel.
@@ -142,3 +142,9 @@ def check_eps(name: str, eps) -> float:
     if not np.isfinite(eps) or eps < 0:
         raise ValueError(f"{name}['eps'] must be a finite number >= 0, got {eps!r}")
     return float(eps)
+
+
+def running_average(running, batch, momentum: float, dtype):
+    """cs231n's batch-norm running statistic after one training batch, in ``dtype``:
+    ``momentum * running + (1 - momentum) * batch``."""
+    return (momentum * running + (1 - momentum) * batch).astype(dtype, copy=False)

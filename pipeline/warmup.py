@@ -86,6 +86,7 @@ def warm() -> None:
     from pipeline.cnn import ThreeLayerConvNet
     from pipeline.layer_utils import conv_relu_backward, conv_relu_forward
     from pipeline.optim import adam, adam_inplace
+    from pipeline.training.reduce import warm_kernels
 
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
@@ -108,6 +109,7 @@ def warm() -> None:
             model.loss(x)
         adam(w, w, {})
         adam_inplace(w.copy(), w, {})
+        warm_kernels(dtype)                                  # the workers' reduce + Adam
 
 
 def main() -> None:
