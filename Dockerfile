@@ -2,6 +2,9 @@
 # so that every scheduler, worker and job container starts without compiling anything.
 #
 #   docker build -t convpipe .          (docker-compose.yml builds it for you)
+#
+# The base image is pulled from Docker Hub; where that is unreachable, a local image tagged
+# python:3.11-slim serves instead (../shared/docker/engine.sh makes one from Debian bookworm).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -13,12 +16,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     # one thread per worker process: Dask runs one process per container, one task at a time
     NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-# install from a copy of the sources that is removed afterwards: every process (the CLI, dask
-# scheduler and worker, the warm-up below) then imports the one installed package, whose files
-# are the ones Numba's cache is keyed on
+# the dependencies first, from pyproject.toml alone (an empty package stands in for the
+# sources): a layer that a change of convpipe's sources does not rebuild
+COPY pyproject.toml README.md /tmp/deps/
+RUN mkdir /tmp/deps/pipeline && touch /tmp/deps/pipeline/__init__.py \
+ && pip install /tmp/deps \
+ && pip uninstall -y convpipe \
+ && rm -rf /tmp/deps
+
+# then the package, from a copy of the sources that is removed afterwards: every process (the
+# CLI, dask scheduler and worker, the warm-up below) then imports the one installed package,
+# whose files are the ones Numba's cache is keyed on
 COPY pyproject.toml README.md /tmp/src/
 COPY pipeline /tmp/src/pipeline
-RUN pip install /tmp/src \
+RUN pip install --no-deps /tmp/src \
  && rm -rf /tmp/src \
  && python -c "import pipeline, distributed, zarr, numba; print('convpipe', pipeline.__version__)"
 

@@ -141,6 +141,9 @@ def test_the_one_shot_job_prepares_then_trains(config):
     prep, train = text.index("jobs/prepare-cifar10.toml"), text.index("CONVPIPE_TRAIN_SPEC")
     assert prep < train and "&&" in text[prep:train]
     assert job["environment"]["CONVPIPE_TRAIN_SPEC"] == "jobs/train-three-layer.toml"
+    assert job["environment"]["CONVPIPE_PREPARE_SPEC"] == "jobs/prepare-cifar10.toml"
+    assert "$${CONVPIPE_PREPARE_SPEC:-jobs/prepare-cifar10.toml}" in text or \
+        "${CONVPIPE_PREPARE_SPEC:-jobs/prepare-cifar10.toml}" in text
     for spec in ("prepare-cifar10", "train-three-layer"):
         assert (REPO / "jobs" / f"{spec}.toml").exists()
 
