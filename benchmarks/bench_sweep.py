@@ -49,6 +49,7 @@ def main() -> int:
     ap.add_argument("--train-limit", type=int, default=5000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--shard-size", type=int, default=32)
+    ap.add_argument("--parallel", type=int, default=1, help="trials training at once ([search] parallel)")
     ap.add_argument("--out", default=None, help="keep the sweeps here (default: a temporary directory)")
     args = ap.parse_args()
 
@@ -63,7 +64,7 @@ def main() -> int:
                 shard_size=args.shard_size, num_filters=16, filter_size=5, hidden_dim=100,
                 train_limit=args.train_limit, checkpoint_every=max(1, args.min_steps), train_acc_samples=256,
                 eval_every=max(1, args.min_steps), eval_samples=250)
-    opts["search"] = {"method": "random", "trials": args.trials, "seed": 0,
+    opts["search"] = {"method": "random", "trials": args.trials, "seed": 0, "parallel": args.parallel,
                       "lr": {"log-uniform": [1e-4, 3e-2]}, "reg": {"log-uniform": [1e-5, 1e-1]}}
     halving = SweepPlan.from_options({**opts, "early_stopping": {"min-steps": args.min_steps,
                                                                  "reduction-factor": args.reduction_factor}})
@@ -93,6 +94,7 @@ def main() -> int:
                              "rungs": summary["rungs"], "failed": summary["failed"]}
     es, full, one = results["early_stopping"], results["to_the_end"], results["single"]
     print(f"{args.trials} trials of {args.steps} steps (batch {args.batch_size}, {args.workers} workers, "
+          f"{args.parallel} at once, "
           f"train-limit {args.train_limit}); rungs {es['rungs']}")
     for name in ("early_stopping", "to_the_end"):
         r = results[name]

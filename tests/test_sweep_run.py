@@ -64,9 +64,15 @@ def outcome(out) -> tuple:
             {k: summary[k] for k in keep} | {"best": best})
 
 
-def test_successive_halving_keeps_the_best_third_and_writes_the_results(store, client, tmp_path):
-    out = tmp_path / "sweep"
-    summary = run_sweep(plan_of(store, GRID, HALVING), out, client=client)
+@pytest.fixture(scope="module")
+def whole(store, client, tmp_path_factory):
+    """The grid sweep with successive halving, one trial at a time, never interrupted."""
+    out = tmp_path_factory.mktemp("whole") / "sweep"
+    return out, run_sweep(plan_of(store, GRID, HALVING), out, client=client)
+
+
+def test_successive_halving_keeps_the_best_third_and_writes_the_results(whole, client):
+    out, summary = whole
     state = SweepState.load(out)
     assert state.rungs == [1, 3, 9]
     assert [t.state for t in state.trials].count("completed") == 1
@@ -98,10 +104,9 @@ def test_successive_halving_keeps_the_best_third_and_writes_the_results(store, c
     assert lines[2].split()[:2] == [best["trial"], "completed"]
 
 
-def test_a_sweep_resumed_after_its_coordinator_died_ends_as_an_uninterrupted_one(store, client, tmp_path):
+def test_a_sweep_resumed_after_its_coordinator_died_ends_as_an_uninterrupted_one(store, client, whole, tmp_path):
     plan = plan_of(store, GRID, HALVING)
-    run_sweep(plan, tmp_path / "whole", client=client)
-    best = SweepState.load(tmp_path / "whole").best().id
+    best = SweepState.load(whole[0]).best().id
 
     def crash(event):                     # the best trial, between its checkpoints 4 and 6
         if event.get("trial") == best and event.get("event") == "step" and event.get("step") == 5:
@@ -117,9 +122,27 @@ def test_a_sweep_resumed_after_its_coordinator_died_ends_as_an_uninterrupted_one
     starts = [(e["trial"], e["start_step"]) for e in events if e.get("event") == "start"]
     assert starts == [(best, 4)]          # scored trials not rerun; the cut one from its checkpoint
     assert [e["step"] for e in events if e.get("event") == "resumed"] == [4]
-    assert outcome(tmp_path / "cut") == outcome(tmp_path / "whole")
+    assert outcome(tmp_path / "cut") == outcome(whole[0])
     assert_same_params(dict(np.load(tmp_path / "cut" / "best-params.npz")),
-                       dict(np.load(tmp_path / "whole" / "best-params.npz")))
+                       dict(np.load(whole[0] / "best-params.npz")))
+
+
+def test_trials_training_at_once_give_the_same_sweep_and_a_crash_among_them_resumes(store, client, whole, tmp_path):
+    plan = plan_of(store, {**GRID, "parallel": 3}, HALVING)
+    seen = []
+
+    def crash(event):                     # trial 4 dies at its first step while others train beside it
+        seen.append(event.get("trial"))
+        if event.get("trial") == 4 and event.get("event") == "step":
+            raise Crash()
+
+    with pytest.raises(Crash):
+        run_sweep(plan, tmp_path / "cut", client=client, progress=crash)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    run_sweep(plan, tmp_path / "cut", client=client)
+    assert outcome(tmp_path / "cut") == outcome(whole[0])
+    run_sweep(plan, tmp_path / "at-once", client=client)
+    assert outcome(tmp_path / "at-once") == outcome(whole[0])
 
 
 def test_a_diverging_trial_is_failed_with_its_reason_and_the_sweep_goes_on(store, client, tmp_path):

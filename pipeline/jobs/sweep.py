@@ -8,6 +8,7 @@ A sweep spec is a train spec plus two tables::
 
     [search]
     method = "random"                     # or "grid" (lists only; every combination)
+    parallel = 2                          # trials training at once on the cluster (default 1)
     trials = 16                           # random only
     seed = 0                              # draws the trials' settings (numpy default_rng)
     metric = "val_acc"                    # maximized
@@ -19,7 +20,9 @@ A sweep spec is a train spec plus two tables::
     reduction-factor = 3                  # keep the best 1/3 at each rung
 
 Every trial is an ordinary training run (:func:`pipeline.training.train`, data-parallel over
-the whole cluster, so one trial at a time keeps every worker busy) in ``RUN_DIR/trials/tNNN``.
+the whole cluster) in ``RUN_DIR/trials/tNNN``; ``parallel`` of them train at once (default one:
+a trial alone keeps every worker busy stepping; two overlap one's start-up and scoring with the
+other's steps). A trial's numbers never depend on the others, so neither does the outcome.
 Successive halving: the rungs are ``min-steps * factor**k`` steps, then the trials' end; every
 live trial trains to the rung (continuing its checkpoint, bit-identical to a longer run), is
 scored on the whole val split, and the best ``1/factor`` (at least one; ties to the lower id)
@@ -37,8 +40,9 @@ import csv
 import io
 import json
 import math
-import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
@@ -149,6 +153,7 @@ class Search:
     seed: int = 0
     metric: str = "val_acc"
     dims: tuple[Dim, ...] = ()
+    parallel: int = 1                   # trials training at once (the results do not depend on it)
 
     @classmethod
     def from_dict(cls, table: dict, where: str = "[search]") -> "Search":
@@ -162,6 +167,9 @@ class Search:
         seed = table.pop("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise SweepError(f"{where}: seed must be an integer >= 0, got {seed!r}")
+        parallel = table.pop("parallel", 1)
+        if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+            raise SweepError(f"{where}: parallel must be an integer >= 1 (trials training at once), got {parallel!r}")
         trials = table.pop("trials", None)
         if method == "grid" and trials is not None:
             raise SweepError(f"{where}: a grid search runs every combination; remove trials = {trials!r}")
@@ -176,9 +184,10 @@ class Search:
             for d in dims:
                 if d.kind != "values":
                     raise SweepError(f"{where} {_spelt(d.name)}: a grid search takes a list of values, got a {d.kind} range")
-        return cls(method, trials, seed, metric, dims)
+        return cls(method, trials, seed, metric, dims, parallel)
 
     def to_dict(self) -> dict:
+        """What the trials and their scores depend on (not ``parallel``: a resumed sweep may change it)."""
         return {"method": self.method, "trials": self.trials, "seed": self.seed, "metric": self.metric,
                 "dims": [d.to_dict() for d in self.dims]}
 
@@ -413,11 +422,8 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
         factor = plan.early_stopping.reduction_factor if plan.early_stopping else 1
         for k, rung in enumerate(state.rungs):
             at_rung = [t for t in state.trials if t.target >= rung]   # sent to this rung (failed ones too)
-            for t in at_rung:
-                if t.live and rung not in t.scores:
-                    _train_trial(plan, state, t, rung, out, client, emit)
-                    state.seconds = seconds0 + time.perf_counter() - t0
-                    state.save(out)
+            todo = [t for t in at_rung if t.live and rung not in t.scores]
+            _train_rung(plan, state, todo, rung, out, client, emit, lambda: seconds0 + time.perf_counter() - t0)
             last = k == len(state.rungs) - 1
             going_on = promote({t.id: t.scores.get(rung) for t in at_rung}, factor) if not last else []
             for t in at_rung:
@@ -451,7 +457,46 @@ def _open_state(plan: SweepPlan, out: Path, total: int) -> SweepState:
     return state
 
 
-def _train_trial(plan: SweepPlan, state: SweepState, trial: Trial, rung: int, out: Path, client, emit) -> None:
+class SweepStopped(Exception):
+    """Raised in a trial's progress callback when another trial training beside it stopped the sweep."""
+
+
+def _train_rung(plan, state: SweepState, todo: list[Trial], rung: int, out: Path, client, emit, elapsed) -> None:
+    """Train ``todo`` to ``rung``, ``plan.search.parallel`` of them at once (each trial's numbers
+    do not depend on the others: only the order of the log lines does). The first exception
+    (a crash, a cancel) stops the others at their next step and is raised."""
+    lock = threading.Lock()
+
+    def save():
+        with lock:
+            state.seconds = elapsed()
+            state.save(out)
+
+    parallel = min(plan.search.parallel, len(todo))
+    if parallel <= 1:
+        for t in todo:
+            _train_trial(plan, t, rung, out, client, emit, lock, save)
+        return
+    stop = threading.Event()
+
+    def guarded(event):
+        if stop.is_set():
+            raise SweepStopped("stopped beside another trial")
+        with lock:
+            emit(event)
+
+    first = None
+    with ThreadPoolExecutor(parallel, thread_name_prefix="convpipe-trial") as pool:
+        futures = [pool.submit(_train_trial, plan, t, rung, out, client, guarded, lock, save) for t in todo]
+        for f in as_completed(futures):
+            if f.exception() is not None and first is None:
+                first = f.exception()
+                stop.set()
+    if first is not None:
+        raise first
+
+
+def _train_trial(plan: SweepPlan, trial: Trial, rung: int, out: Path, client, emit, lock, save) -> None:
     """Train ``trial`` to ``rung`` steps (fresh, or continuing its run directory) and score it."""
     from pipeline.training import resume_config, train
 
@@ -460,8 +505,9 @@ def _train_trial(plan: SweepPlan, state: SweepState, trial: Trial, rung: int, ou
         config = resume_config(str(run_dir), steps=rung)
     else:
         config = plan.trial_config(trial.settings, str(run_dir), rung)
-    trial.state = "running"
-    state.save(out)
+    with lock:
+        trial.state = "running"
+    save()
 
     def progress(event):
         emit({**event, "trial": trial.id})
@@ -469,13 +515,17 @@ def _train_trial(plan: SweepPlan, state: SweepState, trial: Trial, rung: int, ou
     try:
         summary = train(config, client=client, progress=progress)
     except TrainingError as exc:            # diverged (or could not run): recorded, the sweep goes on
-        trial.state, trial.error = "failed", str(exc)
+        with lock:
+            trial.state, trial.error = "failed", str(exc)
+        save()
         emit({"event": "warning", "message": f"trial {trial.name} failed: {exc}"})
         return
-    trial.scores[rung] = summary["val_acc"]
-    trial.steps = rung
-    trial.seconds = float(summary.get("seconds") or 0.0)
-    trial.images = int(summary.get("images") or 0)
+    with lock:
+        trial.scores[rung] = summary["val_acc"]
+        trial.steps = rung
+        trial.seconds = float(summary.get("seconds") or 0.0)
+        trial.images = int(summary.get("images") or 0)
+    save()
     emit({"message": f"trial {trial.name} ({_settings_text(trial.settings)}): step {rung} "
                      f"val_acc {summary['val_acc']:.4f}", "done": 1, "total": 1})
 
