@@ -65,6 +65,7 @@ def test_same_spec_same_trials_and_the_seed_changes_them(tmp_path):
     ('method = "grid"\nlr = { uniform = [1e-3, 1e-2] }', "a grid search takes a list of values"),
     ('method = "grid"\ntrials = 3\nlr = [1e-3]', "remove trials"),
     ('seed = 1', "no setting to search"),
+    ('parallel = 0\nlr = [1e-3]', "parallel must be an integer >= 1"),
 ])
 def test_a_bad_search_table_is_one_line_naming_the_setting(tmp_path, search, words):
     path = write(tmp_path, BASE + "[search]\n" + search + "\n")
