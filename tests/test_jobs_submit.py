@@ -401,3 +401,17 @@ def test_cli_submit_with_a_missing_store_prints_one_line(tmp_path):
     assert lines[0].startswith("convpipe: no scheduler given: running on an embedded local cluster")
     assert lines[1:] == [f"convpipe: error: {tmp_path / 'missing.zarr'}: no data store here (create it with "
                          f"`convpipe data prepare --out {tmp_path / 'missing.zarr'}`)"], r.stderr
+
+
+def test_status_says_restarting_while_dask_reruns_a_dead_coordinator():
+    """job_status's view of a running job whose worker left: Dask has its task again (waiting or
+    processing elsewhere) and the job has restarts left -> restarting; else failed."""
+    from pipeline.jobs.client import _restarting
+    from pipeline.jobs.runner import MAX_RESTARTS
+
+    running = {"state": "running", "worker": "tcp://gone:1", "restarts": 0}
+    assert _restarting(running, ("processing", "tcp://other:2"))
+    assert _restarting(running, ("waiting", None)) and _restarting(running, ("no-worker", None))
+    assert not _restarting(running, None)  # the scheduler forgot the task: nothing reruns it
+    assert not _restarting(running, ("erred", None))
+    assert not _restarting({**running, "restarts": MAX_RESTARTS}, ("processing", "tcp://other:2"))
