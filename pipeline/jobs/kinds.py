@@ -54,7 +54,21 @@ def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
                             f"choose another out")
 
 
-class Train:
+class _InRunDirectory:
+    """A kind whose job writes the run directory ``out`` and continues it on resume (from its
+    last checkpoint; a sweep from its sweep.json)."""
+
+    @staticmethod
+    def run_dir(options: dict) -> str | None:
+        return options.get("out")
+
+    @staticmethod
+    def resume_options(options: dict) -> dict:
+        """The next attempt continues the same run directory."""
+        return {**options, "resume": options["out"]}
+
+
+class Train(_InRunDirectory):
     """``convpipe train`` as a job: the coordinator of :func:`pipeline.training.coordinator.train`."""
 
     name = "train"
@@ -113,15 +127,6 @@ class Train:
         result = {k: summary[k] for k in keep if k in summary}
         result.setdefault("run_dir", options["out"])
         return result
-
-    @staticmethod
-    def run_dir(options: dict) -> str | None:
-        return options.get("out")
-
-    @staticmethod
-    def resume_options(options: dict) -> dict:
-        """The next attempt continues the same run directory from its last checkpoint."""
-        return {**options, "resume": options["out"]}
 
 
 class Prepare:
@@ -257,7 +262,7 @@ class Evaluate:
         return options.get("run")
 
 
-class Sweep:
+class Sweep(_InRunDirectory):
     """A hyperparameter sweep (:mod:`pipeline.jobs.sweep`): a train spec's keys are every trial's
     base, plus the [search] and [early-stopping] tables."""
 
@@ -319,14 +324,6 @@ class Sweep:
                 "failed": summary["failed"], "best_trial": best.get("trial"), "val_acc": best.get("val_acc"),
                 "steps": summary["steps"], "seconds": summary["seconds"], "run_dir": options["out"]}
 
-    @staticmethod
-    def run_dir(options: dict) -> str | None:
-        return options.get("out")
-
-    @staticmethod
-    def resume_options(options: dict) -> dict:
-        """The next attempt continues the sweep in the same run directory (sweep.json)."""
-        return {**options, "resume": options["out"]}
 
 
 KINDS: dict[str, type] = {"prepare": Prepare, "train": Train, "evaluate": Evaluate, "sweep": Sweep}
