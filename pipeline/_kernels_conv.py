@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from pipeline._simd import VECTOR_BYTES, lanes, vadd, vfma, vload, vsplat, vstore, vsum, vzero
+from pipeline._simd import VECTOR_BYTES, lanes, vadd, vfma, vload, vsplat, vstore, vzero
 
 u64 = np.uint64
 

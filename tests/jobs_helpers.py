@@ -29,6 +29,19 @@ def until(condition, timeout: float = 30.0, what: str = "the condition") -> None
         time.sleep(0.01)
 
 
+def wait_for(client, job_id: str, states=("done", "failed", "cancelled"), timeout: float = 30.0) -> dict:
+    """The job's status once it is in one of ``states`` (polled through the scheduler, with a deadline)."""
+    from pipeline.jobs import client as job_client
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job_client.job_status(client, job_id)
+        if status["state"] in states:
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {status['state']} after {timeout} s")
+
+
 def state_times(client, job_id: str) -> dict[str, float]:
     """{state: when the scheduler received it} of a job's latest attempt: one clock, sub-millisecond."""
     from pipeline.jobs.records import job_topic

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 from pathlib import Path
@@ -26,7 +25,7 @@ from pipeline.jobs.kinds import KINDS
 from pipeline.jobs.records import REGISTRY_TOPIC, JobFiles, job_topic, log_line, now_iso
 from pipeline.jobs.runner import run_job
 from pipeline.jobs.spec import spec_from_table
-from tests.jobs_helpers import Count, ran_at_the_same_time, until, wait_gate
+from tests.jobs_helpers import Count, ran_at_the_same_time, until, wait_for, wait_gate
 
 KINDS[Count.name] = Count  # in-process workers share this process's kinds
 
@@ -46,16 +45,6 @@ def client(cluster):
 
 def count_spec(root: Path, **options):
     return spec_from_table({"job": "count", "root": str(root), **options}, default_name="count")
-
-
-def wait_for(client, job_id: str, states=("done", "failed", "cancelled"), timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = job_client.job_status(client, job_id)
-        if status["state"] in states:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {status['state']} after {timeout} s")
 
 
 def log_lines(client, job_id: str) -> list[str]:

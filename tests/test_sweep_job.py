@@ -4,7 +4,6 @@ cancelled mid-sweep and resumed to the same outcome as an uninterrupted sweep.""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from pipeline.cli import main
 from pipeline.jobs import client as job_client
 from pipeline.jobs.spec import load_spec
 from pipeline.jobs.sweep import SweepState
-from tests.jobs_helpers import until
+from tests.jobs_helpers import until, wait_for
 from tests.test_sweep_run import outcome
 from tests.training_fixtures import make_store
 
@@ -32,16 +31,6 @@ def spec_text(root: Path, store: Path) -> str:
             f'checkpoint-every = 2\ntrain-acc-samples = 64\neval-every = 1\neval-samples = 32\n'
             f'[search]\nmethod = "random"\ntrials = 4\nseed = 3\nlr = {{ log-uniform = [1e-3, 3e-2] }}\n'
             f'[early-stopping]\nmin-steps = 2\nreduction-factor = 2\n')
-
-
-def wait_for(client, job_id, states=("done", "failed", "cancelled"), timeout=180.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = job_client.job_status(client, job_id)
-        if status["state"] in states:
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} still {status['state']} after {timeout} s")
 
 
 def test_a_sweep_job_runs_prints_its_leaderboard_and_resumes_after_a_cancel(cluster, tmp_path, capsys):
@@ -73,10 +62,10 @@ def test_a_sweep_job_runs_prints_its_leaderboard_and_resumes_after_a_cancel(clus
 
         until(scored_two, timeout=120, what="two trials scored")
         job_client.cancel(client, rec["job"])
-        assert wait_for(client, rec["job"])["state"] == "cancelled"
+        assert wait_for(client, rec["job"], timeout=180)["state"] == "cancelled"
         assert not (cut / "summary.json").exists()
         job_client.resume(client, rec["job"])
-        status = wait_for(client, rec["job"])
+        status = wait_for(client, rec["job"], timeout=180)
         assert status["state"] == "done", status.get("reason")
     assert outcome(cut) == outcome(run_dir)
     assert json.loads((cut / "summary.json").read_text())["best"]["trial"] == best.name

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import typing
 
 from pipeline.cli.quiet import quiet
 from pipeline.training.config import TrainConfig, parse_value
@@ -22,7 +21,6 @@ def register(subparsers) -> None:
         "train", help=_SHORT_HELP, description=_SHORT_HELP + " (the embedded local cluster by default)",
         argument_default=argparse.SUPPRESS,
     )
-    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         default = f.default
         extra = f" (default: {default})" if default is not None else ""
