@@ -180,3 +180,11 @@ def test_dockerfile_installs_convpipe_and_warms_numbas_cache():
 
     assert callable(pipeline.warmup.main)
     assert "data" in (REPO / ".dockerignore").read_text().split()
+
+
+def test_both_schedulers_serve_the_convpipe_page():
+    """The TLS override replaces the scheduler's command: it keeps the dashboard's preload."""
+    for files in (("docker-compose.yml",), ("docker-compose.yml", "docker-compose.tls.yml")):
+        scheduler = compose_config(*files)["services"]["scheduler"]
+        text = " ".join(command(scheduler))
+        assert "--preload pipeline.dashboard" in text, (files, text)
