@@ -281,7 +281,7 @@ class Attached(Mapped):
                 if waited > timeout or (pause >= 1e-3 and not self.ref.owner.alive()):
                     raise TrainingError(f"waited {waited:.0f} s for {what}: the coordinator or a worker stopped")
                 time.sleep(pause)
-                pause = min(pause * 1.5, 1e-3 if waited > 0.05 else 2e-4)
+                pause = min(pause * 1.5, 1e-3)     # a waiting task must not take the CPU its worker computes on
         finally:
             if seceded:
                 from distributed import rejoin

@@ -15,6 +15,8 @@ already wrote. Per process, the model object and the store's decompressed chunks
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import sys
 import threading
@@ -98,20 +100,31 @@ EVAL_SHARD = 500
 
 # ---- per-process state -----------------------------------------------------------------------------
 
-_LOCAL = threading.local()  # one network per worker thread: a model object holds per-call state
+_NETWORKS: collections.OrderedDict = collections.OrderedDict()   # spec -> idle networks, newest last
+_NETWORKS_LOCK = threading.Lock()
+_SPECS_KEPT = 2                                                      # runs whose networks stay built
 
 
-def _model(spec: ModelSpec):
-    """This thread's network for ``spec``, built once; reg is 0 (the coordinator adds L2)."""
-    models = getattr(_LOCAL, "models", None)
-    if models is None:
-        models = _LOCAL.models = {}
-    model = models.get(spec)
+@contextlib.contextmanager
+def _network(spec: ModelSpec):
+    """A network for ``spec`` for one task, reg 0 (the L2 term is added with the update). Built
+    once per process and reused by later tasks, whatever thread runs them (a task that left the
+    thread pool while it waited comes back on another); two tasks at once get two networks,
+    since a model object holds per-call state."""
+    with _NETWORKS_LOCK:
+        idle = _NETWORKS.setdefault(spec, [])
+        _NETWORKS.move_to_end(spec)
+        while len(_NETWORKS) > _SPECS_KEPT:
+            _NETWORKS.popitem(last=False)
+        model = idle.pop() if idle else None
     if model is None:
-        models.clear()
-        model = models[spec] = spec.build(reg=0.0, seed=0)
+        model = spec.build(reg=0.0, seed=0)
     model.reg = 0.0
-    return model
+    try:
+        yield model
+    finally:
+        with _NETWORKS_LOCK:
+            _NETWORKS.setdefault(spec, []).append(model)
 
 
 def _threads(n: int) -> None:
@@ -150,10 +163,6 @@ def _compute_nodes(spec: TaskSpec, views: dict, plan: StepPlan, part: int, data:
     """The part's tree nodes: each shard's gradient sum computed alone, then summed along the
     tree (:func:`pipeline.training.plan.frontier`). ``alloc(node)`` gives the array (P,) a node
     is written to, ``free(array)`` takes back a temporary. Returns (nodes' arrays, shard stats)."""
-    model = _model(spec.model)
-    model.params = dict(views)
-    if model.bn_param:
-        model.bn_param["mode"] = "train"
     first = plan.parts[part][0]
     dt = np.dtype(spec.model.dtype).type
     stats: list[dict] = [None] * len(data)
@@ -182,10 +191,14 @@ def _compute_nodes(spec: TaskSpec, views: dict, plan: StepPlan, part: int, data:
             free(tmp)
 
     nodes = []
-    for node in plan.frontier(part):
-        out = alloc(node)
-        value(node, out)
-        nodes.append(out)
+    with _network(spec.model) as model:
+        model.params = dict(views)
+        if model.bn_param:
+            model.bn_param["mode"] = "train"
+        for node in plan.frontier(part):
+            out = alloc(node)
+            value(node, out)
+            nodes.append(out)
     return nodes, stats
 
 
@@ -346,12 +359,11 @@ def warm_up(spec: TaskSpec, params, n_train: int) -> float:
     chunk = store.chunks["train"]
     store.read_uint8("train", np.unique(np.r_[np.arange(0, n_train, chunk), n_train - 1]), cache=True)
     X, y = store.read("train", np.arange(min(2, n_train)), dtype=spec.model.dtype)
-    views = _params(spec, params)
-    model = _model(spec.model)
-    model.params = dict(views)
-    if model.bn_param:
-        model.bn_param["mode"] = "train"
-    model.loss(X, y)
+    with _network(spec.model) as model:
+        model.params = dict(_params(spec, params))
+        if model.bn_param:
+            model.bn_param["mode"] = "train"
+        model.loss(X, y)
     warm_kernels(spec.model.dtype)
     return time.perf_counter() - t0
 
@@ -362,11 +374,10 @@ def shard_predictions(spec: TaskSpec, params, bn: dict | None, split: str, indic
     from pipeline.data import open_store
 
     X, y = open_store(spec.store).read(split, indices, dtype=spec.model.dtype, cache=True)
-    views = _params(spec, params)
-    model = _model(spec.model)
-    model.params = dict(views)
-    if model.bn_param:
-        model.set_state({"running_mean": bn["running_mean"], "running_var": bn["running_var"]})
-    scores = model.loss(X)
+    with _network(spec.model) as model:
+        model.params = dict(_params(spec, params))
+        if model.bn_param:
+            model.set_state({"running_mean": bn["running_mean"], "running_var": bn["running_var"]})
+        scores = model.loss(X)
     pred = np.argmax(scores, axis=1)
     return {"correct": int((pred == y).sum()), "n": int(len(y))}
