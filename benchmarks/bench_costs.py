@@ -47,7 +47,7 @@ def main() -> int:
 
     numba.set_num_threads(1)
     store = open_store(args.data)
-    model = ThreeLayerConvNet(weight_scale=1e-3, reg=0.0, dtype=np.float32)
+    model = ThreeLayerConvNet(hidden_dim=500, weight_scale=1e-3, reg=0.0, dtype=np.float32)   # the seed network
     P = sum(p.size for p in model.params.values())
     print(f"convpipe bench_costs: P = {P:,} parameters, float32, one thread; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
