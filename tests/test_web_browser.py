@@ -74,7 +74,8 @@ def training_job(tmp_path, monkeypatch):
         try:
             yield client, page_link(client.dashboard_link), record["job"], Path(record["run_dir"])
         finally:
-            job_client.cancel(client, record["job"])
+            if job_client.job_status(client, record["job"])["state"] not in ("cancelled", "done", "failed"):
+                job_client.cancel(client, record["job"])
             until(lambda: job_client.job_status(client, record["job"])["state"] in ("cancelled", "done", "failed"),
                   timeout=120, what="the job's end after cancel")
 

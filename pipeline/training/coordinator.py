@@ -91,7 +91,7 @@ def train(config: TrainConfig, client=None, progress=None) -> dict:
                 try:
                     return _train_loop(config, run, schedule, model, state, exchange, client, store, emit)
                 except WorkerLost as exc:
-                    if replay == MAX_REPLAYS:
+                    if replay == MAX_REPLAYS or client.status != "running":
                         raise
                     # the same steps again from the last checkpoint give the same bits
                     emit({"event": "warning", "message": f"{exc}: replaying from the last checkpoint "

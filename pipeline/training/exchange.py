@@ -45,6 +45,8 @@ def gather(client, futures: list, what: str, timeout: float) -> list:
     try:
         return _gather(client, futures, what, timeout, wait)
     except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
+        if client.status != "running":       # the scheduler is gone, not a worker: no replay
+            raise
         raise WorkerLost(f"{what}: a worker holding data of the run left the cluster ({type(exc).__name__})") from None
 
 
@@ -65,8 +67,8 @@ def _gather(client, futures: list, what: str, timeout: float, wait) -> list:
                 pass
         bad = [f for f in pending if f.status in ("error", "cancelled", "lost")]
         if bad:
-            if bad[0].status == "error":
-                client.gather(bad)                   # raises the task's own exception
+            if bad[0].status == "error" or client.status != "running":
+                client.gather(bad)                   # raises the task's own exception (or the lost scheduler's)
             raise WorkerLost(f"{what}: task {bad[0].key} was {bad[0].status} (a worker holding its data left)")
         still = [f for f in pending if f.status != "finished"]
         if len(still) < len(pending):
