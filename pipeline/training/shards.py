@@ -10,6 +10,7 @@ order from the step alone.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -60,10 +61,14 @@ class Schedule:
         return cut(self.batch(step), self.shard_size)
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order in which epoch ``epoch`` visits ``n`` images: fixed by (seed, epoch)."""
+    """The order in which epoch ``epoch`` visits ``n`` images: fixed by (seed, epoch). Computed
+    once per epoch (1 ms for 49,000 images, every step otherwise) and read-only."""
     rng = np.random.default_rng([seed, epoch, 0x5EED])
-    return rng.permutation(n).astype(np.int64)
+    order = rng.permutation(n).astype(np.int64)
+    order.flags.writeable = False
+    return order
 
 
 def cut(indices: np.ndarray, size: int) -> list[np.ndarray]:

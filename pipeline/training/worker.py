@@ -127,9 +127,40 @@ def _network(spec: ModelSpec):
             _NETWORKS.setdefault(spec, []).append(model)
 
 
+# glibc's mallopt parameters (<malloc.h>)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOC_KEEP = 32 << 20       # the largest mmap threshold glibc accepts; above every per-step array
+_MALLOC_TUNED: list[bool] = []
+
+
+def keep_freed_memory() -> bool:
+    """Let this process's malloc reuse freed memory instead of returning it to the system at
+    once; True when done (glibc), False elsewhere. Once per process.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, and glibc then stops
+    raising its mmap threshold as it would: every array above 128 kB (a step allocates its 16 MB
+    gradients and activations afresh) is a new mapping whose pages fault in one by one, then
+    unmapped when freed. A step of 128 images took 124 ms instead of 96 ms. Here arrays up to
+    32 MB come from the heap, and freed memory below 256 MB stays for the next step."""
+    if _MALLOC_TUNED:
+        return _MALLOC_TUNED[0]
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):       # not glibc (musl, macOS): nothing to tune
+        _MALLOC_TUNED.append(False)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    done = bool(mallopt(_M_MMAP_THRESHOLD, _MALLOC_KEEP)) and bool(mallopt(_M_TRIM_THRESHOLD, 8 * _MALLOC_KEEP))
+    _MALLOC_TUNED.append(done)
+    return done
+
+
 def _threads(n: int) -> None:
     import numba
 
+    keep_freed_memory()
     numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
     # the worker's event loop shares the GIL with this task thread: hand it over quickly so
     # a task waiting for parameters, or a finished task's result, is not held up for 5 ms
