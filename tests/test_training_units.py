@@ -328,3 +328,23 @@ def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filt
     assert loss_ax.get_legend() is not None
     title = filters_figure("First-layer filters of run run-a, step 6", W1).axes[0].get_title()
     assert "run run-a, step 6" in title and "32 filters, 3x7x7" in title
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_leaf_added_as_computed_has_the_bits_of_multiplying_then_adding(dtype):
+    # the fused out += g * n must round the product first (no fused multiply-add), as the tree's
+    # np.add(out, np.multiply(g, n)) does: the workers use both forms for the same tree
+    from pipeline.training.reduce import add_scaled
+
+    rng = np.random.default_rng(3)
+    out = rng.standard_normal((37, 129)).astype(dtype)
+    g = (rng.standard_normal((37, 129)) * np.exp(rng.uniform(-20, 20, (37, 129)))).astype(dtype)
+    n = dtype(117)
+    want = np.add(out, np.multiply(g, n))
+    add_scaled(out, g, n)
+    assert out.dtype == dtype and np.array_equal(out.view(np.uint8), want.view(np.uint8))
+    gt = np.asfortranarray(g)                       # a non-contiguous gradient is read correctly
+    out2 = rng.standard_normal(g.shape).astype(dtype)
+    want2 = out2 + gt * n
+    add_scaled(out2, gt, n)
+    assert np.array_equal(out2, want2)

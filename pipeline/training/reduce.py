@@ -60,6 +60,20 @@ def _add(x, y, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
+def _add_scaled(out, g, n):  # pragma: no cover - compiled
+    # out (m,) += g (m,) * n, each product rounded before the addition, as
+    # np.add(out, np.multiply(g, n)) rounds it: a leaf added to its left sibling as it is computed
+    for i in numba.prange(out.shape[0]):
+        out[i] += g[i] * n
+
+
+def add_scaled(out: np.ndarray, g: np.ndarray, n) -> None:
+    """``out += g * n`` in one pass, the same bits as multiplying into a temporary first
+    (``out`` and ``g`` of one shape and dtype, ``out`` contiguous, ``n`` a scalar of that dtype)."""
+    _add_scaled(out.reshape(-1), np.ascontiguousarray(g).reshape(-1), n)
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
 def _adam_piece(s, w, m, v, w2, m2, v2, reg, batch, b1, omb1, b2, omb2, bc1, bc2, lr, eps):  # pragma: no cover
     # s (n,) tree sums -> g = the batch's mean gradient + reg * W (the only place L2 is added);
     # then exactly pipeline.optim.adam's arithmetic: (w, m, v) (n,) -> (w2, m2, v2) (n,)
@@ -181,3 +195,4 @@ def warm_kernels(dtype) -> None:
     for ops, root in (([], 0), ([(2, 0, 1)], 2)):
         tree_adam(nodes, [0, 1], ops, root, 0, state, tuple(x.copy() for x in state), 0, 0, 16, [(0, 16, 1e-3)], 8,
                   1, adam_scalars({}, dtype))
+    add_scaled(w.copy(), w, w.dtype.type(2))

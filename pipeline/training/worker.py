@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.errors import TrainingError
 from pipeline.training.plan import CHUNK, StepPlan, children, covers
-from pipeline.training.reduce import adam_scalars, tree_adam, warm_kernels
+from pipeline.training.reduce import adam_scalars, add_scaled, tree_adam, warm_kernels
 from pipeline.training.transport import SHARD_FIELDS, SHARD_HEAD, Layout, ShmRef, attach, record_is, write_record
 
 
@@ -198,24 +198,35 @@ def _compute_nodes(spec: TaskSpec, views: dict, plan: StepPlan, part: int, data:
     dt = np.dtype(spec.model.dtype).type
     stats: list[dict] = [None] * len(data)
 
+    def leaf(i, out, add):
+        """Shard i's (mean-loss gradient) x n written to out, or added to it when ``add``."""
+        X, y, read_s = data[i - first]
+        t0, begin = time.perf_counter(), time.time()
+        loss, grads = model.loss(X, y)
+        n = len(y)
+        for name, view in spec.layout.views(out).items():
+            if add:
+                add_scaled(view, grads[name], dt(n))
+            else:
+                np.multiply(grads[name], dt(n), out=view)
+        bn = model.last_batch_stats if spec.model.norm == "spatial_batchnorm" else None
+        stats[i - first] = {"n": n, "loss_sum": float(loss) * n, "read_s": read_s,
+                            "compute_s": time.perf_counter() - t0, "begin": begin, "end": time.time(),
+                            "bn_mean": None if bn is None else np.asarray(bn["mean"]),
+                            "bn_var": None if bn is None else np.asarray(bn["var"])}
+
     def value(node, out):
         level, i = node
-        if level == 0:                    # a leaf: one shard, (mean-loss gradient) x n
-            X, y, read_s = data[i - first]
-            t0, begin = time.perf_counter(), time.time()
-            loss, grads = model.loss(X, y)
-            n = len(y)
-            for name, view in spec.layout.views(out).items():
-                np.multiply(grads[name], dt(n), out=view)
-            bn = model.last_batch_stats if spec.model.norm == "spatial_batchnorm" else None
-            stats[i - first] = {"n": n, "loss_sum": float(loss) * n, "read_s": read_s,
-                                "compute_s": time.perf_counter() - t0, "begin": begin, "end": time.time(),
-                                "bn_mean": None if bn is None else np.asarray(bn["mean"]),
-                                "bn_var": None if bn is None else np.asarray(bn["var"])}
+        if level == 0:
+            leaf(i, out, add=False)
             return
         left, *right = children(node, plan.k)
         value(left, out)
-        if right:                         # node = left + right, the fixed tree's addition
+        if not right:
+            return
+        if right[0][0] == 0:              # node = left + a leaf: added as the leaf is computed
+            leaf(right[0][1], out, add=True)
+        else:                             # node = left + right, the fixed tree's addition
             tmp = alloc(right[0])
             value(right[0], tmp)
             np.add(out, tmp, out=out)
