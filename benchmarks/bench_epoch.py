@@ -3,9 +3,12 @@
 ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500, reg=1e-3), Adam 1e-3, float32, on the
 train split of a store (49,000 CIFAR-10 images by default), 2 threads for both. Prints epoch
 time, images/s, training and validation accuracy, and the ratio convpipe / PyTorch measured
-in this same run (PyTorch only when installed; it is never a convpipe dependency). Each side
-runs in a fresh process of its own: they share the OpenMP runtime when in one process, and
-convpipe sets OMP_WAIT_POLICY=PASSIVE while PyTorch is fastest with the runtime's default.
+in this same run (PyTorch only when installed: `pip install -e ".[bench]"`; it is never a
+convpipe dependency). Each side runs in a fresh process of its own, PyTorch with its OpenMP
+runtime's defaults. With PyTorch installed, convpipe's epoch also runs in a process that
+imported torch before pipeline (a notebook's usual order): the line "torch imported first"
+and the ratio of the two epochs show whether the import order matters (pipeline/_threads.py
+is there so that it does not).
 
     python benchmarks/bench_epoch.py [--store data/cifar10.zarr] [--batch-size 50] [--threads 2]
 """
@@ -24,7 +27,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    p.add_argument("--part", choices=("convpipe", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--part", choices=("convpipe", "convpipe-after-torch", "torch"), help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -45,6 +48,10 @@ def main():
         return
     report(f"PyTorch {theirs['version']}", n, theirs)
     print(f"ratio convpipe / PyTorch epoch time: {ours['seconds'] / theirs['seconds']:.2f}x")
+    after = run_in_subprocess(args, "convpipe-after-torch")
+    report("torch imported first", n, after)
+    print(f"ratio convpipe after `import torch` / convpipe alone: {after['seconds'] / ours['seconds']:.2f}x "
+          f"(Numba threading layer {after['threading_layer']} / {ours['threading_layer']})")
 
 
 def run_in_subprocess(args, part):
@@ -63,9 +70,9 @@ def run_part(args):
 
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    if args.part == "torch":
+    if args.part in ("torch", "convpipe-after-torch"):
         try:
-            import torch
+            import torch  # before pipeline: PyTorch's runtimes load first, as in a notebook
         except ImportError:
             print("null")
             return
@@ -100,7 +107,10 @@ def run_convpipe(data, batch_size):
     start = time.perf_counter()
     solver.train()
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "train_acc": solver.train_acc_history[-1], "val_acc": solver.val_acc_history[-1]}
+    import numba
+
+    return {"seconds": seconds, "train_acc": solver.train_acc_history[-1], "val_acc": solver.val_acc_history[-1],
+            "threading_layer": numba.threading_layer()}
 
 
 def run_torch(data, batch_size, threads):

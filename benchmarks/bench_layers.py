@@ -35,14 +35,14 @@ if ARGS is not None:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(ARGS.threads))
     os.environ.setdefault("NUMBA_NUM_THREADS", str(ARGS.threads))
-    # pipeline's default (see pipeline/__init__.py), which needs setting before NumPy loads
-    # OpenBLAS; PyTorch uses MKL and is not affected
+    # pipeline's default (pipeline/_threads.py), set before NumPy loads OpenBLAS so that the
+    # naive layers' NumPy timings before pipeline's import run with it too; PyTorch uses MKL
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
 
-# PyTorch's OpenMP runtime reads OMP_WAIT_POLICY when torch loads: load it before importing
-# pipeline (which sets PASSIVE for its own kernels), so torch runs with its default policy.
+# PyTorch loads before pipeline, as in a notebook: its OpenMP runtime keeps its own defaults
+# (pipeline sets OMP_WAIT_POLICY=PASSIVE only when Numba runs on OpenMP: pipeline/_threads.py).
 try:  # noqa: SIM105
     import torch  # noqa: E402, F401
 except ImportError:

@@ -30,12 +30,12 @@ settings (``OPENBLAS_NUM_THREADS``, which Dask's nanny sets to 1 in its workers)
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 from pipeline import _kernels_conv as kc
 from pipeline import _kernels_norm as kn
 from pipeline import _kernels_pool as kp
+from pipeline._threads import launch
 from pipeline.shapes import (
     check_bn_mode,
     check_dout,
@@ -77,15 +77,9 @@ _SERIAL_BELOW = 1 << 15
 
 
 def _launch(kernel, work, *args):
-    """Run a parallel kernel, on one thread when ``work`` (elements touched) is small."""
-    threads = numba.get_num_threads()
-    if work >= _SERIAL_BELOW or threads == 1:
-        return kernel(*args)
-    numba.set_num_threads(1)
-    try:
-        return kernel(*args)
-    finally:
-        numba.set_num_threads(threads)
+    """Run a parallel kernel (under the process's launch lock: pipeline._threads), on one
+    thread when ``work`` (elements touched) is small."""
+    return launch(kernel, *args, serial=work < _SERIAL_BELOW)
 
 
 def kernel_dtype(dtype) -> np.dtype:

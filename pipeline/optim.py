@@ -18,6 +18,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from pipeline._threads import launch
+
 
 def sgd(w, dw, config=None):
     """Vanilla stochastic gradient descent.
@@ -105,8 +107,8 @@ def adam_inplace(w, dw, config=None):
         w_arr[...] = w_arr - config["learning_rate"] * mt / (np.sqrt(vt) + config["epsilon"])
         return w_arr, config
     # NumPy casts Python scalars to the array dtype after evaluating them in float64: do the same.
-    _adam_kernel(
-        w_arr.reshape(-1), np.asarray(dw).reshape(-1), m.reshape(-1), v.reshape(-1),
+    launch(
+        _adam_kernel, w_arr.reshape(-1), np.asarray(dw).reshape(-1), m.reshape(-1), v.reshape(-1),
         f(b1), f(1 - b1), f(b2), f(1 - b2), f(1 - b1**t), f(1 - b2**t),
         f(config["learning_rate"]), f(config["epsilon"]),
     )

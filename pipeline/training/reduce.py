@@ -20,6 +20,8 @@ from typing import TypeVar
 import numba
 import numpy as np
 
+from pipeline._threads import launch
+
 T = TypeVar("T")
 
 
@@ -70,7 +72,7 @@ def _add_scaled(out, g, n):  # pragma: no cover - compiled
 def add_scaled(out: np.ndarray, g: np.ndarray, n) -> None:
     """``out += g * n`` in one pass, the same bits as multiplying into a temporary first
     (``out`` and ``g`` of one shape and dtype, ``out`` contiguous, ``n`` a scalar of that dtype)."""
-    _add_scaled(out.reshape(-1), np.ascontiguousarray(g).reshape(-1), n)
+    launch(_add_scaled, out.reshape(-1), np.ascontiguousarray(g).reshape(-1), n)
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -150,7 +152,7 @@ def tree_adam(nodes: np.ndarray, rows: Sequence[int], ops: Sequence[tuple[int, i
     plo, phi, preg, first = pieces(lo, hi, segments, chunk)
     dt = state_in[0].dtype.type
     partial = np.zeros(len(first) - 1, dtype=np.float64)
-    _tree_adam(nodes, np.asarray(rows, dtype=np.int64), np.asarray(ops, dtype=np.int64).reshape(-1, 3), int(root),
+    launch(_tree_adam, nodes, np.asarray(rows, dtype=np.int64), np.asarray(ops, dtype=np.int64).reshape(-1, 3), int(root),
                int(nbase), *state_in, *state_out, int(wbase), plo, phi, preg.astype(dt), first, partial,
                dt(batch), *scalars)
     return partial

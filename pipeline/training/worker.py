@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline._threads import set_threads
 from pipeline.errors import TrainingError
 from pipeline.training.plan import CHUNK, StepPlan, children, covers
 from pipeline.training.reduce import adam_scalars, add_scaled, tree_adam, warm_kernels
@@ -158,10 +159,8 @@ def keep_freed_memory() -> bool:
 
 
 def _threads(n: int) -> None:
-    import numba
-
     keep_freed_memory()
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    set_threads(n)
     # the worker's event loop shares the GIL with this task thread: hand it over quickly so
     # a task waiting for parameters, or a finished task's result, is not held up for 5 ms
     if sys.getswitchinterval() > 5e-4:

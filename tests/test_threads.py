@@ -1,0 +1,223 @@
+"""Importing pipeline sets up the thread runtimes under the kernels the same way whatever the
+process imported first (pipeline/_threads.py): Numba on its own TBB runtime, not on a libgomp
+that PyTorch loaded with its own wait policy; OpenBLAS's short spin even when NumPy (or torch,
+which imports it) loaded OpenBLAS before pipeline could set OPENBLAS_THREAD_TIMEOUT.
+
+Each check runs in a fresh process; no timing is measured (benchmarks/bench_epoch.py does).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from pipeline import _threads
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_TBB = _threads._tbb_path() is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="PyTorch not installed (pip install -e '.[bench]')")
+needs_tbb = pytest.mark.skipif(not HAS_TBB, reason="the tbb package is not installed (a dependency on x86-64 Linux only)")
+
+# Report, after the given imports: Numba's threading layer once a parallel kernel ran, the
+# libgomp copies mapped, OMP_WAIT_POLICY, and OpenBLAS's timeout (its cached environment).
+PROBE = r"""
+import ctypes, json, os, sys
+for name in sys.argv[1:]:
+    __import__(name)
+import numpy as np
+import numba
+from pipeline import _threads, fast_layers as fl
+
+fl.max_pool_forward_fast(np.ones((64, 32, 32, 32), np.float32), {})  # large: runs on the pool
+maps = open("/proc/self/maps").read().split()
+timeouts = []
+for path in _threads._loaded_openblas():
+    lib = ctypes.CDLL(path)
+    if hasattr(lib, "openblas_thread_timeout"):
+        timeouts.append(lib.openblas_thread_timeout())
+a = np.arange(160000, dtype=np.float64).reshape(400, 400) % 7
+assert np.array_equal(a @ a, np.einsum("ij,jk->ik", a, a))  # GEMMs still right after a restart
+print(json.dumps({"layer": numba.threading_layer(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                  "gomp": sorted({p for p in maps if "libgomp" in p}), "openblas_timeouts": timeouts,
+                  "setup": __import__("pipeline")._THREAD_SETUP}))
+"""
+
+
+def _probe(*imports, **env_overrides):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "NUMBA_THREADING_LAYER")}
+    env.update(env_overrides)
+    out = subprocess.run([sys.executable, "-c", PROBE, *imports], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@needs_torch
+@needs_tbb
+def test_torch_imported_first_numba_still_runs_on_tbb():
+    """torch loads its libgomp (default, spinning wait policy) before pipeline: the kernels must
+    not run on it. They run on TBB, and torch's runtime keeps its own defaults."""
+    r = _probe("torch", "pipeline")
+    assert any("torch" in p for p in r["gomp"]), r  # torch's OpenMP runtime really is loaded first
+    assert r["layer"] == "tbb"
+    assert r["omp_wait_policy"] is None  # nothing of ours runs on OpenMP: torch's runtime untouched
+
+
+@needs_tbb
+def test_pipeline_first_runs_on_tbb_too():
+    r = _probe("pipeline")
+    assert r["layer"] == "tbb" and r["omp_wait_policy"] is None
+    assert r["setup"]["tbb"] and r["setup"]["tbb"].endswith(_threads.TBB_LIBRARY)
+
+
+def test_openmp_layer_chosen_by_the_user_gets_the_passive_wait_policy():
+    r = _probe("pipeline", NUMBA_THREADING_LAYER="omp")
+    assert r["layer"] == "omp" and r["omp_wait_policy"] == "PASSIVE"
+
+
+def _openblas(r):
+    if not r["openblas_timeouts"]:
+        pytest.skip("NumPy's BLAS is not an OpenBLAS that reports its thread timeout")
+    return r["openblas_timeouts"]
+
+
+def test_openblas_short_spin_when_numpy_was_imported_first():
+    r = _probe("numpy", "pipeline")
+    assert _openblas(r) == [4] * len(r["openblas_timeouts"])
+    assert r["setup"]["openblas_refreshed"]  # OpenBLAS had started with the default: restarted
+
+
+@needs_torch
+def test_openblas_short_spin_when_torch_was_imported_first():
+    r = _probe("torch", "pipeline")
+    assert _openblas(r) == [4] * len(r["openblas_timeouts"])
+
+
+def test_openblas_no_restart_when_pipeline_comes_first():
+    r = _probe("pipeline")
+    assert _openblas(r) == [4] * len(r["openblas_timeouts"]) and r["setup"]["openblas_refreshed"] == []
+
+
+def test_user_settings_win():
+    r = _probe("numpy", "pipeline", OPENBLAS_THREAD_TIMEOUT="20", OMP_WAIT_POLICY="ACTIVE",
+               NUMBA_THREADING_LAYER="omp")
+    assert _openblas(r) == [20] * len(r["openblas_timeouts"]) and r["setup"]["openblas_refreshed"] == []
+    assert r["layer"] == "omp" and r["omp_wait_policy"] == "ACTIVE"
+
+
+def test_openblas_restart_only_from_the_main_thread():
+    """A restart must not meet a GEMM on another thread: off the main thread it does nothing."""
+    result = []
+    t = threading.Thread(target=lambda: result.append(_threads.refresh_openblas()))
+    t.start()
+    t.join()
+    assert result == [[]]
+
+
+# ---- one launch at a time per process (Numba's TBB layer is not safe otherwise) ----------------
+
+def _lock_checked(monkeypatch, module, name):
+    """Replace kernel ``module.name`` by one that records whether the launch lock was held."""
+    held = []
+    kernel = getattr(module, name)
+
+    def checked(*args):
+        held.append(_threads.LAUNCH_LOCK.locked())
+        return kernel(*args)
+
+    monkeypatch.setattr(module, name, checked)
+    return held
+
+
+def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
+    import numpy as np
+
+    from pipeline import _kernels_pool as kp
+    from pipeline import cnn, fast_layers, optim
+    from pipeline.training import reduce
+
+    held = {name: _lock_checked(monkeypatch, module, name) for module, name in
+            ((kp, "pool_forward_2x2"), (optim, "_adam_kernel"), (cnn, "_add_l2_kernel"),
+             (reduce, "_add_scaled"), (reduce, "_tree_adam"))}
+    x = np.ones((64, 32, 32, 32), np.float32)
+    fast_layers.max_pool_forward_fast(x, {"pool_height": 2, "pool_width": 2, "stride": 2})   # parallel
+    fast_layers.max_pool_forward_fast(x[:1, :1], {"pool_height": 2, "pool_width": 2, "stride": 2})  # serial
+    w = np.ones(1000, np.float32)
+    optim.adam(w, w.copy(), {})
+    cnn._add_l2(w.copy(), w, 1e-3)
+    reduce.warm_kernels(np.float32)      # add_scaled and tree_adam
+    assert {k: v for k, v in held.items()} == {"pool_forward_2x2": [True, True], "_adam_kernel": [True],
+                                               "_add_l2_kernel": [True], "_add_scaled": [True],
+                                               "_tree_adam": [True, True]}
+    assert not _threads.LAUNCH_LOCK.locked()
+
+
+def test_a_serial_launch_restores_the_threads_count():
+    import numba
+    import numpy as np
+
+    from pipeline import _kernels_pool as kp
+
+    before = numba.get_num_threads()
+    x = np.ones((1, 1, 4, 4), np.float32)
+    out, idx = np.empty((1, 4), np.float32), np.empty((1, 4), np.int64)
+    seen = []
+
+    def probe(*args):
+        seen.append(numba.get_num_threads())
+        return kp.pool_forward_2x2(*args)
+
+    _threads.launch(probe, x.reshape(1, 16), 4, 4, False, out, idx, serial=True)
+    assert seen == [1] and numba.get_num_threads() == before
+
+
+STRESS = r"""
+import sys, threading
+import numpy as np, numba
+import pipeline
+from pipeline import _threads
+from pipeline.cnn import ThreeLayerConvNet
+from pipeline import optim
+
+errors = []
+def work(seed):
+    try:
+        rng = np.random.default_rng(seed)
+        m = ThreeLayerConvNet(hidden_dim=20, num_filters=8, weight_scale=1e-2, seed=seed,
+                              normalization=(None, "spatial_batchnorm", "groupnorm")[seed % 3])
+        X = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+        y = rng.integers(0, 10, 16)
+        cfg = {}
+        for i in range(25):
+            _threads.set_threads(1 + (i + seed) % 2)
+            loss, grads = m.loss(X, y)
+            cfg = optim.adam(m.params["W2"], grads["W2"], cfg)[1]
+    except Exception as e:
+        errors.append(repr(e))
+for rounds in range(4):   # new threads each round, as a Dask worker starts them after a secede
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(6)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+print(numba.threading_layer(), errors)
+"""
+
+
+def test_threads_of_one_process_launching_kernels_at_once():
+    """Six threads at a time run the model with different thread counts: on TBB this crashed
+    the process (in numba.get_num_threads) before launches took turns."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER",)}
+    env["NUMBA_NUM_THREADS"] = "2"
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", STRESS], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    layer, errors = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert errors == "[]"
+    if HAS_TBB:
+        assert layer == "tbb"
