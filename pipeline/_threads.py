@@ -27,6 +27,11 @@ cluster: it segfaulted in ``numba.get_num_threads``; numba issue 10563 is the sa
 Numba's own tests). Every parallel kernel of the package runs through :func:`launch`, and
 thread counts change through :func:`set_threads`, under one lock per process: kernels of two
 threads take turns (each still uses its thread count), while their NumPy work runs at once.
+
+TBB hands a ``prange`` loop's chunks to its threads as they come free, so a kernel must never
+accumulate across iterations into a variable outside the loop (Numba would keep one partial sum
+per thread, added in an order that changes from run to run): every kernel's sums stay inside one
+iteration or over fixed chunks, which keeps the same bits on any thread count.
 """
 
 from __future__ import annotations
@@ -97,6 +102,11 @@ def load_tbb() -> str | None:
 
 
 def _tbb_path() -> str | None:
+    """The ``tbb`` package's libtbb.so.12: where pip puts it (``<prefix>/lib``), else where the
+    package's metadata says (a slower lookup)."""
+    usual = os.path.join(sys.prefix, "lib", TBB_LIBRARY)
+    if os.path.exists(usual):
+        return os.path.realpath(usual)
     from importlib import metadata
 
     try:

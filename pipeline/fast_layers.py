@@ -23,9 +23,10 @@ Every function never modifies its inputs, accepts non-contiguous arrays, and rai
 ``ValueError`` naming the parameter for bad arguments. Caches are opaque tuples to be passed
 back to the matching backward function.
 
-Threads: the kernels use Numba's thread pool (``numba.set_num_threads`` /
-``NUMBA_NUM_THREADS``); the GEMMs use NumPy's BLAS, whose thread count follows its own
-settings (``OPENBLAS_NUM_THREADS``, which Dask's nanny sets to 1 in its workers).
+Threads: the kernels use Numba's thread pool (``NUMBA_NUM_THREADS``; change a thread's count
+with ``pipeline._threads.set_threads``, which takes the launch lock: every kernel runs under one
+lock per process, see ``pipeline._threads``); the GEMMs use NumPy's BLAS, whose thread count
+follows its own settings (``OPENBLAS_NUM_THREADS``, which Dask's nanny sets to 1 in its workers).
 """
 
 from __future__ import annotations

@@ -123,39 +123,71 @@ def test_openblas_restart_only_from_the_main_thread():
 
 # ---- one launch at a time per process (Numba's TBB layer is not safe otherwise) ----------------
 
-def _lock_checked(monkeypatch, module, name):
-    """Replace kernel ``module.name`` by one that records whether the launch lock was held."""
-    held = []
-    kernel = getattr(module, name)
+# kernels called only from inside other compiled kernels (never launched from Python)
+INNER_KERNELS = {"_add", "_adam_piece"}
 
-    def checked(*args):
-        held.append(_threads.LAUNCH_LOCK.locked())
-        return kernel(*args)
 
-    monkeypatch.setattr(module, name, checked)
-    return held
+def _parallel_kernels():
+    """(module, name) of every parallel Numba kernel in the package."""
+    import numba.core.registry
+
+    from pipeline import _kernels_conv, _kernels_norm, _kernels_pool, cnn, optim
+    from pipeline.training import reduce
+
+    found = []
+    for module in (_kernels_conv, _kernels_norm, _kernels_pool, cnn, optim, reduce):
+        for name, obj in vars(module).items():
+            if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.targetoptions.get("parallel"):
+                found.append((module, name))
+    return found
 
 
 def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
+    """Every parallel kernel launched from Python, on the layers' every path (direct and im2col
+    convolutions with dx, both pools, both norms, Adam, L2, the training reduce), holds the lock."""
     import numpy as np
 
-    from pipeline import _kernels_pool as kp
-    from pipeline import cnn, fast_layers, optim
+    from pipeline import cnn, optim
+    from pipeline import fast_layers as fl
     from pipeline.training import reduce
 
-    held = {name: _lock_checked(monkeypatch, module, name) for module, name in
-            ((kp, "pool_forward_2x2"), (optim, "_adam_kernel"), (cnn, "_add_l2_kernel"),
-             (reduce, "_add_scaled"), (reduce, "_tree_adam"))}
-    x = np.ones((64, 32, 32, 32), np.float32)
-    fast_layers.max_pool_forward_fast(x, {"pool_height": 2, "pool_width": 2, "stride": 2})   # parallel
-    fast_layers.max_pool_forward_fast(x[:1, :1], {"pool_height": 2, "pool_width": 2, "stride": 2})  # serial
+    held: dict[str, list[bool]] = {}
+
+    def checked(name, kernel):
+        def run(*args):
+            held.setdefault(name, []).append(_threads.LAUNCH_LOCK.locked())
+            return kernel(*args)
+        return run
+
+    kernels = [(module, name) for module, name in _parallel_kernels() if name not in INNER_KERNELS]
+    assert len(kernels) >= 19, kernels                  # the search finds the package's kernels
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    for size in (7, 3):                                   # direct kernels, then im2col + GEMM
+        w = rng.standard_normal((4, 3, size, size)).astype(np.float32)
+        out, cache = fl.conv_relu_forward_fast(x, w, np.zeros(4, np.float32), {"stride": 1, "pad": size // 2})
+        fl.conv_backward_fast(np.ones_like(out), cache, compute_dx=True)
+    for pool in ({"pool_height": 2, "pool_width": 2, "stride": 2}, {"pool_height": 3, "pool_width": 3, "stride": 1}):
+        out, cache = fl.max_pool_forward_fast(x, pool)
+        fl.max_pool_backward_fast(np.ones_like(out), cache)
+    gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
+    out, cache = fl.spatial_batchnorm_forward_fast(x, gamma, beta, {"mode": "train"})
+    fl.spatial_batchnorm_backward_fast(np.ones_like(out), cache)
+    out, cache = fl.spatial_groupnorm_forward_fast(x, gamma, beta, 3, {})
+    fl.spatial_groupnorm_backward_fast(np.ones_like(out), cache)
+    big = np.ones((64, 32, 32, 32), np.float32)           # large enough to run on the pool, not serially
+    fl.max_pool_forward_fast(big, {"pool_height": 2, "pool_width": 2, "stride": 2})
     w = np.ones(1000, np.float32)
     optim.adam(w, w.copy(), {})
     cnn._add_l2(w.copy(), w, 1e-3)
-    reduce.warm_kernels(np.float32)      # add_scaled and tree_adam
-    assert {k: v for k, v in held.items()} == {"pool_forward_2x2": [True, True], "_adam_kernel": [True],
-                                               "_add_l2_kernel": [True], "_add_scaled": [True],
-                                               "_tree_adam": [True, True]}
+    reduce.warm_kernels(np.float32)                      # add_scaled and tree_adam
+
+    launched = {name for _, name in kernels}
+    assert set(held) == launched, launched ^ set(held)   # every kernel was reached ...
+    assert all(all(v) for v in held.values()), held      # ... and always under the lock
     assert not _threads.LAUNCH_LOCK.locked()
 
 
@@ -165,17 +197,24 @@ def test_a_serial_launch_restores_the_threads_count():
 
     from pipeline import _kernels_pool as kp
 
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("NUMBA_NUM_THREADS < 2: no thread count to restore")
     before = numba.get_num_threads()
-    x = np.ones((1, 1, 4, 4), np.float32)
-    out, idx = np.empty((1, 4), np.float32), np.empty((1, 4), np.int64)
-    seen = []
+    _threads.set_threads(2)
+    try:
+        x = np.ones((1, 16), np.float32)
+        out, idx = np.empty((1, 4), np.float32), np.empty((1, 4), np.int32)
+        seen = []
 
-    def probe(*args):
-        seen.append(numba.get_num_threads())
-        return kp.pool_forward_2x2(*args)
+        def probe(*args):
+            seen.append(numba.get_num_threads())
+            return kp.pool_forward_2x2(*args)
 
-    _threads.launch(probe, x.reshape(1, 16), 4, 4, False, out, idx, serial=True)
-    assert seen == [1] and numba.get_num_threads() == before
+        _threads.launch(probe, x, 4, 4, False, out, idx, serial=True)
+        _threads.launch(probe, x, 4, 4, False, out, idx)
+        assert seen == [1, 2] and numba.get_num_threads() == 2
+    finally:
+        _threads.set_threads(before)
 
 
 STRESS = r"""

@@ -348,3 +348,16 @@ def test_a_leaf_added_as_computed_has_the_bits_of_multiplying_then_adding(dtype)
     want2 = out2 + gt * n
     add_scaled(out2, gt, n)
     assert np.array_equal(out2, want2)
+
+
+def test_add_scaled_refuses_what_would_lose_or_change_the_result():
+    from pipeline.training.reduce import add_scaled
+
+    out = np.ones((4, 6), np.float32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        add_scaled(out[:, ::2], np.ones((4, 3), np.float32), 2)        # a copy would be written
+    with pytest.raises(ValueError, match="float32 \\(4, 6\\)"):
+        add_scaled(out, np.ones((4, 6), np.float64), 2)                  # would round in float64
+    g = np.full((4, 6), 0.1, np.float32)
+    add_scaled(out, g, 3)                                               # a Python int n: cast to float32
+    assert np.array_equal(out, np.float32(1) + g * np.float32(3))

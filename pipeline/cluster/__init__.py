@@ -115,7 +115,7 @@ def connect(
 
 # BLAS/OpenMP threads of the worker processes. Not NUMBA_NUM_THREADS: the nanny also sets
 # these in the coordinator's own environment, and Numba refuses a changed NUMBA_NUM_THREADS
-# once its pool runs; every task calls numba.set_num_threads(threads_per_worker) instead.
+# once its pool runs; every task sets its Numba thread count to threads_per_worker instead.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 

@@ -70,9 +70,14 @@ def _add_scaled(out, g, n):  # pragma: no cover - compiled
 
 
 def add_scaled(out: np.ndarray, g: np.ndarray, n) -> None:
-    """``out += g * n`` in one pass, the same bits as multiplying into a temporary first
-    (``out`` and ``g`` of one shape and dtype, ``out`` contiguous, ``n`` a scalar of that dtype)."""
-    launch(_add_scaled, out.reshape(-1), np.ascontiguousarray(g).reshape(-1), n)
+    """``out (*) += g (*) * n`` in one pass, in place, with the bits of
+    ``np.add(out, np.multiply(g, n))`` (the product rounded to out's dtype first). ``out`` must be
+    C-contiguous, ``g`` of its shape and dtype (any layout); ``n`` is cast to that dtype."""
+    if not out.flags.c_contiguous:
+        raise ValueError(f"add_scaled: out must be C-contiguous, got strides {out.strides}")
+    if g.shape != out.shape or g.dtype != out.dtype:
+        raise ValueError(f"add_scaled: g must be {out.dtype} {out.shape} like out, got {g.dtype} {g.shape}")
+    launch(_add_scaled, out.reshape(-1), np.ascontiguousarray(g).reshape(-1), out.dtype.type(n))
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -152,9 +157,9 @@ def tree_adam(nodes: np.ndarray, rows: Sequence[int], ops: Sequence[tuple[int, i
     plo, phi, preg, first = pieces(lo, hi, segments, chunk)
     dt = state_in[0].dtype.type
     partial = np.zeros(len(first) - 1, dtype=np.float64)
-    launch(_tree_adam, nodes, np.asarray(rows, dtype=np.int64), np.asarray(ops, dtype=np.int64).reshape(-1, 3), int(root),
-               int(nbase), *state_in, *state_out, int(wbase), plo, phi, preg.astype(dt), first, partial,
-               dt(batch), *scalars)
+    launch(_tree_adam, nodes, np.asarray(rows, dtype=np.int64), np.asarray(ops, dtype=np.int64).reshape(-1, 3),
+           int(root), int(nbase), *state_in, *state_out, int(wbase), plo, phi, preg.astype(dt), first, partial,
+           dt(batch), *scalars)
     return partial
 
 

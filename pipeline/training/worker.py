@@ -142,7 +142,9 @@ def keep_freed_memory() -> bool:
     raising its mmap threshold as it would: every array above 128 kB (a step allocates its 16 MB
     gradients and activations afresh) is a new mapping whose pages fault in one by one, then
     unmapped when freed. A step of 128 images took 124 ms instead of 96 ms. Here arrays up to
-    32 MB come from the heap, and freed memory below 256 MB stays for the next step."""
+    32 MB (glibc's largest mmap threshold) come from the heap, and up to 256 MB of freed memory
+    per arena stays for the next step (more resident memory, as Dask's monitor sees it). Larger
+    arrays (a float32 network past about 8M parameters) are still mapped afresh each time."""
     if _MALLOC_TUNED:
         return _MALLOC_TUNED[0]
     import ctypes
@@ -158,7 +160,8 @@ def keep_freed_memory() -> bool:
     return done
 
 
-def _threads(n: int) -> None:
+def _task_setup(n: int) -> None:
+    """What every task does first: keep freed memory (once per process), Numba threads = ``n``."""
     keep_freed_memory()
     set_threads(n)
     # the worker's event loop shares the GIL with this task thread: hand it over quickly so
@@ -277,7 +280,7 @@ def shm_part(spec: TaskSpec, ref: ShmRef, step: int, plan: StepPlan, part: int, 
     their gradient slots), wait for every part's nodes, then reduce, L2 and Adam on its slice
     (state copy ``step % 2`` in, the other out). A second run of the same task (its worker died)
     skips what the first run's records show done, and returns the same numbers."""
-    _threads(spec.threads)
+    _task_setup(spec.threads)
     shm, par, t0 = attach(ref), step % 2, time.perf_counter()
     (a, b), (lo, hi) = plan.parts[part], plan.slices[part]
     records = shm.shards[par]
@@ -325,7 +328,7 @@ def shm_part(spec: TaskSpec, ref: ShmRef, step: int, plan: StepPlan, part: int, 
 def tcp_part(spec: TaskSpec, step: int, plan: StepPlan, part: int, shards: list[np.ndarray], weights: list) -> dict:
     """Part ``part`` of ``step`` over tcp: its tree nodes (flat arrays, kept on this worker) and
     shard statistics. ``weights``: the step's parameter slices (fetched from their workers)."""
-    _threads(spec.threads)
+    _task_setup(spec.threads)
     t0 = time.perf_counter()
     data = _read_shards(spec, shards)
     tc = time.perf_counter()
@@ -354,7 +357,7 @@ def tcp_update(spec: TaskSpec, step: int, plan: StepPlan, part: int, prev: dict,
                batch: int, adam_t: int) -> dict:
     """Reduce, L2 and Adam of slice ``part`` from every part's pieces: the slice's state after
     ``step`` from ``prev`` (the update before it, kept on this worker)."""
-    _threads(spec.threads)
+    _task_setup(spec.threads)
     state = prev["state"]
     lo, hi = plan.slices[part]
     t0 = time.perf_counter()
@@ -393,7 +396,7 @@ def warm_up(spec: TaskSpec, params, n_train: int) -> float:
     """Prepare a worker before the timed steps: decompress the training images it will read
     into the store's cache, build the network and run it once (loads Numba's compiled kernels)."""
     t0 = time.perf_counter()
-    _threads(spec.threads)
+    _task_setup(spec.threads)
     from pipeline.data import open_store
 
     store = open_store(spec.store)
@@ -411,7 +414,7 @@ def warm_up(spec: TaskSpec, params, n_train: int) -> float:
 
 def shard_predictions(spec: TaskSpec, params, bn: dict | None, split: str, indices: np.ndarray) -> dict:
     """Test-mode accuracy counts of one shard of ``split`` (BN uses the running statistics ``bn``)."""
-    _threads(spec.threads)
+    _task_setup(spec.threads)
     from pipeline.data import open_store
 
     X, y = open_store(spec.store).read(split, indices, dtype=spec.model.dtype, cache=True)
