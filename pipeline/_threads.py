@@ -79,11 +79,20 @@ def configure() -> dict:
     numpy_first = "numpy" in sys.modules
     user_timeout = "OPENBLAS_THREAD_TIMEOUT" in os.environ
     tbb = load_tbb()
-    if tbb is None or os.environ.get("NUMBA_THREADING_LAYER", "default").lower() not in TBB_LAYERS:
+    if tbb is None or not tbb_chosen(os.environ):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
     refreshed = refresh_openblas() if numpy_first and not user_timeout else []
     return {"tbb": tbb, "openblas_refreshed": refreshed}
+
+
+def tbb_chosen(env) -> bool:
+    """Whether Numba, given environment ``env`` and TBB available, picks TBB: a layer setting
+    that allows it, with TBB first in ``NUMBA_THREADING_LAYER_PRIORITY`` (its default order)."""
+    if env.get("NUMBA_THREADING_LAYER", "default").lower() not in TBB_LAYERS:
+        return False
+    priority = env.get("NUMBA_THREADING_LAYER_PRIORITY", "tbb omp workqueue").lower().split()
+    return not priority or priority[0] == "tbb"
 
 
 def load_tbb() -> str | None:

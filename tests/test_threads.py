@@ -51,7 +51,8 @@ print(json.dumps({"layer": numba.threading_layer(), "omp_wait_policy": os.enviro
 
 def _probe(*imports, **env_overrides):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "NUMBA_THREADING_LAYER")}
+           if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "NUMBA_THREADING_LAYER",
+                        "NUMBA_THREADING_LAYER_PRIORITY")}
     env.update(env_overrides)
     out = subprocess.run([sys.executable, "-c", PROBE, *imports], env=env, capture_output=True, text=True,
                          timeout=300)
@@ -80,6 +81,19 @@ def test_pipeline_first_runs_on_tbb_too():
 def test_openmp_layer_chosen_by_the_user_gets_the_passive_wait_policy():
     r = _probe("pipeline", NUMBA_THREADING_LAYER="omp")
     assert r["layer"] == "omp" and r["omp_wait_policy"] == "PASSIVE"
+
+
+def test_openmp_first_in_the_users_priority_gets_the_passive_wait_policy():
+    r = _probe("pipeline", NUMBA_THREADING_LAYER_PRIORITY="omp tbb workqueue")
+    assert r["layer"] == "omp" and r["omp_wait_policy"] == "PASSIVE"
+
+
+@pytest.mark.parametrize("env, chosen", [({}, True), ({"NUMBA_THREADING_LAYER": "safe"}, True),
+                                         ({"NUMBA_THREADING_LAYER": "omp"}, False),
+                                         ({"NUMBA_THREADING_LAYER_PRIORITY": "workqueue tbb omp"}, False),
+                                         ({"NUMBA_THREADING_LAYER_PRIORITY": "tbb omp workqueue"}, True)])
+def test_which_settings_leave_numba_on_tbb(env, chosen):
+    assert _threads.tbb_chosen(env) is chosen
 
 
 def _openblas(r):
