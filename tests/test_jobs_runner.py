@@ -85,3 +85,31 @@ def test_a_stop_is_raised_after_the_event_is_recorded_and_only_once(tmp_path):
         report.progress({"event": "checkpoint", "step": 3, "path": "ckpt-3.npz"})
     report.progress({"event": "checkpoint", "step": 4, "path": "ckpt-4.npz"})  # the job's own last checkpoint
     assert log_of(report) == ["checkpoint at step 3: ckpt-3.npz", "checkpoint at step 4: ckpt-4.npz"]
+
+
+def test_any_exception_while_the_scheduler_is_gone_is_the_lost_scheduler():
+    """A job's coordinator can fail in many ways when its scheduler dies (CI: distributed.wait's
+    "ValueError: No clients found"); the reason recorded is the lost connection whenever the
+    scheduler no longer answers, and the exception's own text when it does."""
+    from pipeline.jobs.runner import _failure_reason
+
+    class GoneClient:
+        def sync(self, *args, **kwargs):
+            raise RuntimeError("Client is closed")
+
+    class LiveClient:
+        def sync(self, f, *args, **kwargs):
+            import asyncio
+
+            return asyncio.run(f())    # as Client.sync runs it: the scheduler answers
+
+        class scheduler:
+            @staticmethod
+            async def identity():
+                return {}
+
+    exc = ValueError("No clients found\nStart a client")
+    assert _failure_reason(exc, GoneClient()) == ("lost the connection to the Dask scheduler "
+                                                   "(ValueError: No clients found)")
+    assert _failure_reason(exc, LiveClient()) == "ValueError: No clients found"
+    assert _failure_reason(KeyError("W9"), None) == "KeyError: 'W9'"

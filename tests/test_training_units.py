@@ -361,3 +361,24 @@ def test_add_scaled_refuses_what_would_lose_or_change_the_result():
     g = np.full((4, 6), 0.1, np.float32)
     add_scaled(out, g, 3)                                               # a Python int n: cast to float32
     assert np.array_equal(out, np.float32(1) + g * np.float32(3))
+
+
+def test_a_closed_client_while_waiting_is_a_lost_connection_not_a_value_error():
+    # Dask closes the client when the scheduler goes away; distributed.wait then finds no client
+    # ("No clients found"): the coordinator must report a lost connection (CI saw the ValueError)
+    from pipeline.training.exchange import _gather
+
+    class Future:
+        status, key = "pending", "part-0"
+
+    class Client:
+        status = "closed"
+
+    def wait(*args, **kwargs):
+        raise ValueError("No clients found")
+
+    with pytest.raises(ConnectionError, match="step 3: the connection to the Dask scheduler is closed"):
+        _gather(Client(), [Future()], "step 3", 10.0, wait)
+    Client.status = "running"                       # a ValueError with a live client is not hidden
+    with pytest.raises(ValueError, match="No clients found"):
+        _gather(Client(), [Future()], "step 3", 10.0, wait)

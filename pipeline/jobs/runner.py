@@ -34,7 +34,6 @@ Failures:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
 import threading
@@ -354,9 +353,10 @@ def _failure_reason(exc: BaseException, client=None) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     lost = isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError)) or "scheduler-connection-lost" in first
-    # when the scheduler goes away, the client cancels every future it waits on: a
-    # cancellation is the scheduler's loss if the scheduler no longer answers
-    if not lost and isinstance(exc, (asyncio.CancelledError, concurrent.futures.CancelledError)) and client is not None:
+    # when the scheduler goes away, the client cancels every future it waits on and closes
+    # (Dask's helpers then fail in their own ways: "No clients found"): whatever the exception,
+    # it is the scheduler's loss if the scheduler no longer answers
+    if not lost and client is not None:
         lost = not _scheduler_answers(client)
     if lost:
         return f"lost the connection to the Dask scheduler ({type(exc).__name__}: {first})"

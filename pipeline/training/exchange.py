@@ -65,6 +65,10 @@ def _gather(client, futures: list, what: str, timeout: float, wait) -> list:
                 wait(pending, timeout=min(2.0, max(0.1, timeout)), return_when="FIRST_COMPLETED")
             except TimeoutError:
                 pass
+            except ValueError:   # "No clients found": Dask closed our client when the scheduler went away
+                if client.status == "running":
+                    raise
+                raise ConnectionError(f"{what}: the connection to the Dask scheduler is {client.status}") from None
         bad = [f for f in pending if f.status in ("error", "cancelled", "lost")]
         if bad:
             if bad[0].status == "error" or client.status != "running":
