@@ -54,8 +54,8 @@ def launch(kernel, *args, serial: bool = False):
     import numba
 
     with LAUNCH_LOCK:
-        threads = numba.get_num_threads() if serial else 1
-        if threads == 1:
+        threads = numba.get_num_threads()
+        if not serial or threads == 1:
             return kernel(*args)
         numba.set_num_threads(1)
         try:

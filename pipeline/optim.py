@@ -125,6 +125,25 @@ def _adam_scalar_type(*arrays):
     return dtype.type
 
 
+def add_scaled(out: np.ndarray, g: np.ndarray, n) -> None:
+    """``out (*) += g (*) * n`` in one pass, in place, with the bits of
+    ``np.add(out, np.multiply(g, n))`` (the product rounded to out's dtype first) and no
+    temporary: the L2 term of a gradient, a shard gradient added to a tree node. ``out`` must
+    be C-contiguous, ``g`` of its shape and dtype (any layout); ``n`` is cast to that dtype."""
+    if not out.flags.c_contiguous:
+        raise ValueError(f"add_scaled: out must be C-contiguous, got strides {out.strides}")
+    if g.shape != out.shape or g.dtype != out.dtype:
+        raise ValueError(f"add_scaled: g must be {out.dtype} {out.shape} like out, got {g.dtype} {g.shape}")
+    launch(_add_scaled, out.reshape(-1), np.ascontiguousarray(g).reshape(-1), out.dtype.type(n))
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def _add_scaled(out, g, n):  # pragma: no cover - compiled
+    # out (m,) += g (m,) * n; no fast-math contraction: the product is rounded before the sum
+    for i in numba.prange(out.shape[0]):
+        out[i] += g[i] * n
+
+
 @numba.njit(parallel=True, cache=True, fastmath=False)
 def _adam_kernel(w, dw, m, v, b1, one_minus_b1, b2, one_minus_b2, bc1, bc2, lr, eps):
     for i in numba.prange(w.shape[0]):

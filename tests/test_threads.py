@@ -174,7 +174,7 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
         return run
 
     kernels = [(module, name) for module, name in _parallel_kernels() if name not in INNER_KERNELS]
-    assert len(kernels) >= 19, kernels                  # the search finds the package's kernels
+    assert len(kernels) >= 18, kernels                  # the search finds the package's kernels
     for module, name in kernels:
         monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
 
@@ -197,7 +197,7 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     w = np.ones(1000, np.float32)
     optim.adam(w, w.copy(), {})
     cnn._add_l2(w.copy(), w, 1e-3)
-    reduce.warm_kernels(np.float32)                      # add_scaled and tree_adam
+    reduce.warm_kernels(np.float32)                      # tree_adam (and add_scaled)
 
     launched = {name for _, name in kernels}
     assert set(held) == launched, launched ^ set(held)   # every kernel was reached ...

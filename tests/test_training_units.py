@@ -334,7 +334,7 @@ def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filt
 def test_a_leaf_added_as_computed_has_the_bits_of_multiplying_then_adding(dtype):
     # the fused out += g * n must round the product first (no fused multiply-add), as the tree's
     # np.add(out, np.multiply(g, n)) does: the workers use both forms for the same tree
-    from pipeline.training.reduce import add_scaled
+    from pipeline.optim import add_scaled
 
     rng = np.random.default_rng(3)
     out = rng.standard_normal((37, 129)).astype(dtype)
@@ -351,7 +351,7 @@ def test_a_leaf_added_as_computed_has_the_bits_of_multiplying_then_adding(dtype)
 
 
 def test_add_scaled_refuses_what_would_lose_or_change_the_result():
-    from pipeline.training.reduce import add_scaled
+    from pipeline.optim import add_scaled
 
     out = np.ones((4, 6), np.float32)
     with pytest.raises(ValueError, match="C-contiguous"):

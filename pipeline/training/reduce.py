@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from pipeline._threads import launch
+from pipeline.optim import add_scaled
 
 T = TypeVar("T")
 
@@ -59,25 +60,6 @@ def _add(x, y, out):  # pragma: no cover - compiled
     # out (n,) = x (n,) + y (n,): one node of the shard tree
     for i in numba.prange(out.shape[0]):
         out[i] = x[i] + y[i]
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _add_scaled(out, g, n):  # pragma: no cover - compiled
-    # out (m,) += g (m,) * n, each product rounded before the addition, as
-    # np.add(out, np.multiply(g, n)) rounds it: a leaf added to its left sibling as it is computed
-    for i in numba.prange(out.shape[0]):
-        out[i] += g[i] * n
-
-
-def add_scaled(out: np.ndarray, g: np.ndarray, n) -> None:
-    """``out (*) += g (*) * n`` in one pass, in place, with the bits of
-    ``np.add(out, np.multiply(g, n))`` (the product rounded to out's dtype first). ``out`` must be
-    C-contiguous, ``g`` of its shape and dtype (any layout); ``n`` is cast to that dtype."""
-    if not out.flags.c_contiguous:
-        raise ValueError(f"add_scaled: out must be C-contiguous, got strides {out.strides}")
-    if g.shape != out.shape or g.dtype != out.dtype:
-        raise ValueError(f"add_scaled: g must be {out.dtype} {out.shape} like out, got {g.dtype} {g.shape}")
-    launch(_add_scaled, out.reshape(-1), np.ascontiguousarray(g).reshape(-1), out.dtype.type(n))
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
@@ -195,7 +177,8 @@ def combine_moments(means: Sequence[np.ndarray], variances: Sequence[np.ndarray]
 
 
 def warm_kernels(dtype) -> None:
-    """Load (or compile) this module's kernels for ``dtype`` before anything is timed."""
+    """Load (or compile) the kernels of the reduce for ``dtype`` before anything is timed: this
+    module's and :func:`pipeline.optim.add_scaled` (a leaf added into its tree node)."""
     w = np.zeros(16, dtype=dtype)
     state = (w, w.copy(), w.copy())
     nodes = np.zeros((2, 16), dtype=dtype)

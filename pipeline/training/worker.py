@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -28,8 +29,9 @@ import numpy as np
 
 from pipeline._threads import set_threads
 from pipeline.errors import TrainingError
+from pipeline.optim import add_scaled
 from pipeline.training.plan import CHUNK, StepPlan, children, covers
-from pipeline.training.reduce import adam_scalars, add_scaled, tree_adam, warm_kernels
+from pipeline.training.reduce import adam_scalars, tree_adam, warm_kernels
 from pipeline.training.transport import SHARD_FIELDS, SHARD_HEAD, Layout, ShmRef, attach, record_is, write_record
 
 
@@ -131,9 +133,9 @@ def _network(spec: ModelSpec):
 # glibc's mallopt parameters (<malloc.h>)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MALLOC_KEEP = 32 << 20       # the largest mmap threshold glibc accepts; above every per-step array
-_MALLOC_TUNED: list[bool] = []
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Let this process's malloc reuse freed memory instead of returning it to the system at
     once; True when done (glibc), False elsewhere. Once per process.
@@ -145,19 +147,14 @@ def keep_freed_memory() -> bool:
     32 MB (glibc's largest mmap threshold) come from the heap, and up to 256 MB of freed memory
     per arena stays for the next step (more resident memory, as Dask's monitor sees it). Larger
     arrays (a float32 network past about 8M parameters) are still mapped afresh each time."""
-    if _MALLOC_TUNED:
-        return _MALLOC_TUNED[0]
     import ctypes
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):       # not glibc (musl, macOS): nothing to tune
-        _MALLOC_TUNED.append(False)
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    done = bool(mallopt(_M_MMAP_THRESHOLD, _MALLOC_KEEP)) and bool(mallopt(_M_TRIM_THRESHOLD, 8 * _MALLOC_KEEP))
-    _MALLOC_TUNED.append(done)
-    return done
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MALLOC_KEEP)) and bool(mallopt(_M_TRIM_THRESHOLD, 8 * _MALLOC_KEEP))
 
 
 def _task_setup(n: int) -> None:
