@@ -10,7 +10,12 @@ imported torch before pipeline (a notebook's usual order): the line "torch impor
 and the ratio of the two epochs show whether the import order matters (pipeline/_threads.py
 is there so that it does not).
 
-    python benchmarks/bench_epoch.py [--store data/cifar10.zarr] [--batch-size 50] [--threads 2]
+With ``--breakdown``, convpipe's process also times 200 more Solver steps phase by phase, in
+place (timers around the model's layer calls, the L2 term and the update), with each layer's
+rate in GFLOP/s beside NumPy's sgemm on large matrices in the same process: where a step's
+time goes, and how far each phase is from the machine's GEMM rate.
+
+    python benchmarks/bench_epoch.py [--store data/cifar10.zarr] [--batch-size 50] [--threads 2] [--breakdown]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument("--breakdown", action="store_true", help="also time a Solver step phase by phase")
     p.add_argument("--part", choices=("convpipe", "convpipe-after-torch", "torch"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -40,6 +46,8 @@ def main():
     n = ours["n"]
     print(f"{n} training images, batch {args.batch_size}, {args.threads} threads, float32")
     report("convpipe (Numba)", n, ours)
+    if args.breakdown:
+        print_breakdown(ours["breakdown"], args.batch_size)
     if args.no_torch:
         return
     theirs = run_in_subprocess(args, "torch")
@@ -60,7 +68,8 @@ def run_in_subprocess(args, part):
     import sys
 
     cmd = [sys.executable, __file__, "--part", part, "--store", args.store, "--batch-size", str(args.batch_size),
-           "--threads", str(args.threads)] + (["--train-limit", str(args.train_limit)] if args.train_limit else [])
+           "--threads", str(args.threads)] + (["--train-limit", str(args.train_limit)] if args.train_limit else []) \
+        + (["--breakdown"] if args.breakdown and part == "convpipe" else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
     return json.loads(out[-1]) if out and out[-1] != "null" else None
 
@@ -85,6 +94,8 @@ def run_part(args):
         result = {**run_torch(data, args.batch_size, args.threads), "version": torch.__version__}
     else:
         result = run_convpipe(data, args.batch_size)
+        if args.breakdown:
+            result["breakdown"] = step_breakdown(data, args.batch_size)
     print(json.dumps({**result, "n": int(data["X_train"].shape[0])}))
 
 
@@ -111,6 +122,78 @@ def run_convpipe(data, batch_size):
 
     return {"seconds": seconds, "train_acc": solver.train_acc_history[-1], "val_acc": solver.val_acc_history[-1],
             "threading_layer": numba.threading_layer()}
+
+
+#: the model's phases timed in place: (label, module attribute wrapped, FLOPs per image or None)
+_CONV_FLOPS = 2 * 32 * 3 * 7 * 7 * 32 * 32        # 7x7 conv, 32 filters, 3x32x32, same size out
+_AFFINE_FLOPS = 2 * 32 * 16 * 16 * 500              # the hidden affine layer, 8,192 -> 500
+PHASES = (
+    ("conv-relu-pool forward", "conv_relu_pool_forward", _CONV_FLOPS),
+    ("affine-relu forward (GEMM)", "affine_relu_forward", _AFFINE_FLOPS),
+    ("scores, softmax, backward", ("affine_forward", "softmax_loss", "affine_backward"), None),
+    ("affine-relu backward (2 GEMMs)", "affine_relu_backward", 2 * _AFFINE_FLOPS),
+    ("conv-relu-pool backward (dw)", "conv_relu_pool_backward", _CONV_FLOPS),
+    ("L2 term of the gradients", "_add_l2", None),
+)
+
+
+def step_breakdown(data, batch_size, steps=200):
+    """ms per Solver step in each phase (timers around the calls, in place), and NumPy's sgemm
+    rate on 2048x2048 matrices in this process."""
+    import numpy as np
+
+    import pipeline.cnn as cnn
+    from pipeline.solver import Solver
+
+    totals: dict[str, float] = {}
+
+    def timed(label, fn):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
+        return call
+
+    for label, names, _ in PHASES:
+        for name in (names,) if isinstance(names, str) else names:
+            setattr(cnn, name, timed(label, getattr(cnn, name)))
+    np.random.seed(0)
+    model = cnn.ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500, reg=1e-3, dtype=np.float32)
+    solver = Solver(model, data, num_epochs=1, batch_size=batch_size, update_rule="adam",
+                    optim_config={"learning_rate": 1e-3}, verbose=False)
+    solver.update_rule = timed("Adam (all parameters)", solver.update_rule)
+    model.loss = timed("model.loss", model.loss)
+    for _ in range(5):
+        solver._step()
+    totals.clear()
+    start = time.perf_counter()
+    for _ in range(steps):
+        solver._step()
+    step = time.perf_counter() - start
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    sgemm = 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+    return {"step_ms": 1e3 * step / steps, "ms": {k: 1e3 * v / steps for k, v in totals.items()},
+            "sgemm_gflops": sgemm}
+
+
+def print_breakdown(b, batch_size):
+    ms = b["ms"]
+    inside = sum(ms.get(label, 0.0) for label, _, _ in PHASES)
+    rows = [(label, ms.get(label, 0.0), flops) for label, _, flops in PHASES]
+    rows.insert(3, ("reg loss, checks, the rest of loss", ms["model.loss"] - inside, None))
+    rows.append(("Adam (all parameters)", ms["Adam (all parameters)"], None))
+    rows.append(("the Solver's own (batch, bookkeeping)", b["step_ms"] - ms["model.loss"] - ms["Adam (all parameters)"], None))
+    print(f"\none Solver step, batch {batch_size}, phase by phase (mean of 200 steps, timed in place): "
+          f"{b['step_ms']:.1f} ms; NumPy sgemm 2048x2048 here: {b['sgemm_gflops']:.0f} GFLOP/s")
+    for label, t, flops in rows:
+        rate = f"{flops * batch_size / t / 1e6:6.0f} GFLOP/s" if flops and t > 0 else ""
+        print(f"  {label:>38}: {t:6.2f} ms  {100 * t / b['step_ms']:5.1f}%  {rate}")
 
 
 def run_torch(data, batch_size, threads):
