@@ -104,7 +104,8 @@ def report(name, n, r):
           f"train acc {r['train_acc']:.3f}  val acc {r['val_acc']:.3f}")
 
 
-def run_convpipe(data, batch_size):
+def notebook_solver(data, batch_size):
+    """The notebook's network and Solver (seeded): (model, solver)."""
     import numpy as np
 
     from pipeline.cnn import ThreeLayerConvNet
@@ -114,6 +115,11 @@ def run_convpipe(data, batch_size):
     model = ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500, reg=1e-3, dtype=np.float32)
     solver = Solver(model, data, num_epochs=1, batch_size=batch_size, update_rule="adam",
                     optim_config={"learning_rate": 1e-3}, verbose=False)
+    return model, solver
+
+
+def run_convpipe(data, batch_size):
+    model, solver = notebook_solver(data, batch_size)
     model.loss(data["X_train"][:2], data["y_train"][:2])  # JIT / cache load outside the timing
     start = time.perf_counter()
     solver.train()
@@ -124,26 +130,24 @@ def run_convpipe(data, batch_size):
             "threading_layer": numba.threading_layer()}
 
 
-#: the model's phases timed in place: (label, module attribute wrapped, FLOPs per image or None)
-_CONV_FLOPS = 2 * 32 * 3 * 7 * 7 * 32 * 32        # 7x7 conv, 32 filters, 3x32x32, same size out
-_AFFINE_FLOPS = 2 * 32 * 16 * 16 * 500              # the hidden affine layer, 8,192 -> 500
+#: the model's phases timed in place: (label, pipeline.cnn names wrapped, (layer, GEMMs) or None),
+#: the layer whose FLOPs per image (taken from the model's shapes) the phase does, that many times
 PHASES = (
-    ("conv-relu-pool forward", "conv_relu_pool_forward", _CONV_FLOPS),
-    ("affine-relu forward (GEMM)", "affine_relu_forward", _AFFINE_FLOPS),
+    ("conv-relu-pool forward", "conv_relu_pool_forward", ("conv", 1)),
+    ("affine-relu forward (GEMM)", "affine_relu_forward", ("affine", 1)),
     ("scores, softmax, backward", ("affine_forward", "softmax_loss", "affine_backward"), None),
-    ("affine-relu backward (2 GEMMs)", "affine_relu_backward", 2 * _AFFINE_FLOPS),
-    ("conv-relu-pool backward (dw)", "conv_relu_pool_backward", _CONV_FLOPS),
+    ("affine-relu backward (2 GEMMs)", "affine_relu_backward", ("affine", 2)),
+    ("conv-relu-pool backward (dw)", "conv_relu_pool_backward", ("conv", 1)),
     ("L2 term of the gradients", "_add_l2", None),
 )
 
 
 def step_breakdown(data, batch_size, steps=200):
-    """ms per Solver step in each phase (timers around the calls, in place), and NumPy's sgemm
-    rate on 2048x2048 matrices in this process."""
+    """ms per Solver step in each phase (timers around the calls, in place), each phase's FLOPs
+    per image, and NumPy's sgemm rate on 2048x2048 matrices in this process."""
     import numpy as np
 
     import pipeline.cnn as cnn
-    from pipeline.solver import Solver
 
     totals: dict[str, float] = {}
 
@@ -159,10 +163,11 @@ def step_breakdown(data, batch_size, steps=200):
     for label, names, _ in PHASES:
         for name in (names,) if isinstance(names, str) else names:
             setattr(cnn, name, timed(label, getattr(cnn, name)))
-    np.random.seed(0)
-    model = cnn.ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500, reg=1e-3, dtype=np.float32)
-    solver = Solver(model, data, num_epochs=1, batch_size=batch_size, update_rule="adam",
-                    optim_config={"learning_rate": 1e-3}, verbose=False)
+    model, solver = notebook_solver(data, batch_size)
+    H, W = data["X_train"].shape[2:]
+    per_image = {"conv": 2 * model.params["W1"].size * H * W,     # the conv keeps H x W
+                 "affine": 2 * model.params["W2"].size}
+    flops = {label: per_image[work[0]] * work[1] for label, _, work in PHASES if work}
     solver.update_rule = timed("Adam (all parameters)", solver.update_rule)
     model.loss = timed("model.loss", model.loss)
     for _ in range(5):
@@ -178,18 +183,18 @@ def step_breakdown(data, batch_size, steps=200):
     for _ in range(5):
         a @ a
     sgemm = 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
-    return {"step_ms": 1e3 * step / steps, "ms": {k: 1e3 * v / steps for k, v in totals.items()},
-            "sgemm_gflops": sgemm}
+    return {"steps": steps, "step_ms": 1e3 * step / steps, "ms": {k: 1e3 * v / steps for k, v in totals.items()},
+            "flops_per_image": flops, "sgemm_gflops": sgemm}
 
 
 def print_breakdown(b, batch_size):
     ms = b["ms"]
     inside = sum(ms.get(label, 0.0) for label, _, _ in PHASES)
-    rows = [(label, ms.get(label, 0.0), flops) for label, _, flops in PHASES]
+    rows = [(label, ms.get(label, 0.0), b["flops_per_image"].get(label)) for label, _, _ in PHASES]
     rows.insert(3, ("reg loss, checks, the rest of loss", ms["model.loss"] - inside, None))
     rows.append(("Adam (all parameters)", ms["Adam (all parameters)"], None))
     rows.append(("the Solver's own (batch, bookkeeping)", b["step_ms"] - ms["model.loss"] - ms["Adam (all parameters)"], None))
-    print(f"\none Solver step, batch {batch_size}, phase by phase (mean of 200 steps, timed in place): "
+    print(f"\none Solver step, batch {batch_size}, phase by phase (mean of {b['steps']} steps, timed in place): "
           f"{b['step_ms']:.1f} ms; NumPy sgemm 2048x2048 here: {b['sgemm_gflops']:.0f} GFLOP/s")
     for label, t, flops in rows:
         rate = f"{flops * batch_size / t / 1e6:6.0f} GFLOP/s" if flops and t > 0 else ""
