@@ -110,8 +110,10 @@ class Compose:
     def n_workers(self) -> int:
         from distributed import Client
 
+        from pipeline.cluster import worker_count
+
         with Client(self.address, timeout=10, **self.client_kwargs()) as c:
-            return len(c.scheduler_info(n_workers=-1)["workers"])
+            return worker_count(c)
 
     def client_kwargs(self) -> dict:
         return {}

@@ -69,11 +69,11 @@ def test_torch_is_only_a_benchmark_extra():
     assert _distributions(_third_party_imports("benchmarks")) <= set(_requirements("bench"))
 
 
-def test_distributed_floor_has_scheduler_info_n_workers():
-    """Client.scheduler_info(n_workers=...) appeared in distributed 2025.4.0 (dask/distributed#9045);
+def test_distributed_floor_has_identity_n_workers():
+    """Scheduler.identity(n_workers=...) appeared in distributed 2025.4.0 (dask/distributed#9045);
     dask and distributed are released together and pinned to each other."""
-    uses = [p for p in (ROOT / "pipeline").rglob("*.py") if "scheduler_info(n_workers" in p.read_text()]
-    assert uses, "the floor below is there for scheduler_info(n_workers=...)"
+    uses = [p for p in (ROOT / "pipeline").rglob("*.py") if "identity, n_workers" in p.read_text()]
+    assert uses, "the floor below is there for scheduler.identity(n_workers=...)"
     reqs = _requirements()
     assert _floor(reqs["distributed"]) >= (2025, 4, 0)
     assert _floor(reqs["dask"]) == _floor(reqs["distributed"])

@@ -14,10 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple
 from pathlib import Path
 
+import dask
 import pytest
 from distributed import Client, LocalCluster
 
 from pipeline.cli import main
+from pipeline.cluster import worker_addresses
 from pipeline.errors import DataError
 from pipeline.procs import Owner
 from pipeline.jobs import client as job_client
@@ -62,7 +64,7 @@ def test_a_job_runs_on_the_cluster_and_leaves_its_record(client, tmp_path):
     files = JobFiles.of(tmp_path, rec["job"])
     on_disk = files.read_status()
     assert on_disk["state"] == "done" and on_disk["result"] == status["result"]
-    assert on_disk["worker"] == status["worker"] and on_disk["worker"] in client.scheduler_info()["workers"]
+    assert on_disk["worker"] == status["worker"] and on_disk["worker"] in worker_addresses(client)
     assert (on_disk["host"], on_disk["pid_namespace"], on_disk["pid"]) == astuple(Owner.me())  # in-process workers
     assert json.loads((files.dir / "result.json").read_text()) == status["result"]
     assert 'job = "count"' in files.spec_path.read_text()
@@ -123,6 +125,22 @@ def test_cancel_a_running_job_then_resume_it(client, tmp_path):
     on_disk = JobFiles.of(tmp_path, rec["job"]).read_status()
     assert on_disk["state"] == "done" and on_disk["history"][-1]["state"] == "cancelled"
     assert any("resumed by" in line for line in log_lines(client, rec["job"]))
+
+
+def test_a_running_job_never_reads_as_dead_while_the_clients_cache_refreshes(cluster, tmp_path):
+    """Client.scheduler_info() returns the client's cached identity, which its periodic refresh
+    (fetched without per-worker entries) can overwrite between the fetch and the return. A status
+    taken then read a live job as "the worker running its coordinator died or left the cluster"
+    (CI, 2026-11-30). Here the refresh runs every 5 ms while the status is asked 400 times."""
+    with dask.config.set({"distributed.client.scheduler-info-interval": "5ms"}), Client(cluster) as client:
+        rec = job_client.submit(client, count_spec(tmp_path, steps=100_000, step_s=0.001))
+        wait_for(client, rec["job"], states=("running",))
+        seen = [job_client.job_status(client, rec["job"]) for _ in range(400)]
+        addresses = [worker_addresses(client) for _ in range(400)]
+        job_client.cancel(client, rec["job"])
+        assert wait_for(client, rec["job"])["state"] == "cancelled"
+    assert {s["state"] for s in seen} == {"running"}, next(s["reason"] for s in seen if s["state"] != "running")
+    assert all(sorted(a) == sorted(cluster.scheduler.workers) for a in addresses)
 
 
 def test_a_cancelled_queued_job_never_runs(tmp_path):

@@ -217,8 +217,9 @@ class SchedulerAsClient:
     def get_events(self, topic: str):
         return self.scheduler.get_events(topic)
 
-    def scheduler_info(self, n_workers: int = -1) -> dict:
-        return {"workers": dict.fromkeys(self.scheduler.workers)}
+    def sync(self, function, *args, **kwargs):
+        """The scheduler's own methods (``scheduler.identity``) answer at once on its loop."""
+        return function(*args, **kwargs)
 
     def run_on_scheduler(self, function, **kwargs):
         return function(dask_scheduler=self.scheduler, **kwargs)

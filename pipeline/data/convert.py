@@ -450,6 +450,8 @@ def _connect(client, scheduler, workers, processes):
 
 def _run(src: S.Source, out: Path, partial: Path, staging: Path, *, val, chunk, verify,
          scheduler, workers, processes, client, progress) -> PrepareResult:
+    from pipeline.cluster import worker_addresses
+
     staging.mkdir(parents=True)
     if src.kind == "cifar-archive" and verify:
         _verify_archive(src.path)  # before starting a cluster: hashing is quicker than reading
@@ -466,7 +468,7 @@ def _run(src: S.Source, out: Path, partial: Path, staging: Path, *, val, chunk, 
             abort = staging / "ABORT"
             # workers import zarr and Pillow while the source is read
             warm = [cl.submit(_warm_up, w, workers=[w], pure=False)
-                    for w in cl.scheduler_info().get("workers", {})]
+                    for w in worker_addresses(cl)]
             if src.kind == "image-folder":
                 plan = planned.result()
                 del warm

@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 
+from pipeline.cluster import worker_addresses
 from pipeline.jobs.records import (
     REGISTRY_TOPIC,
     TERMINAL,
@@ -50,7 +51,7 @@ def _by() -> str:
 
 def wait_for_workers(client, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while not client.scheduler_info().get("workers"):
+    while not worker_addresses(client):
         if time.monotonic() > deadline:
             raise JobError(f"no Dask workers joined the scheduler at {client.scheduler.address} within {timeout:.0f} s")
         time.sleep(0.2)
@@ -177,7 +178,7 @@ _RANK = {"queued": 0, "running": 1, "done": 2, "failed": 2, "cancelled": 2}
 
 def _check_alive(client, status: dict) -> None:
     key = status.get("key") or task_key(status["job"], status["attempt"])
-    workers = set(client.scheduler_info(n_workers=-1).get("workers", {}))
+    workers = set(worker_addresses(client))
     task = _task_states(client, [key]).get(key)
     if status["state"] == "running":
         worker = status.get("worker")

@@ -23,6 +23,7 @@ import uuid
 
 import numpy as np
 
+from pipeline.cluster import worker_addresses, worker_count
 from pipeline.errors import TrainingError
 from pipeline.training.plan import CHUNK, StepPlan
 from pipeline.training.transport import Layout, SharedState, ShmRef, can_attach, ordered_stores, release
@@ -54,7 +55,7 @@ def _gather(client, futures: list, what: str, timeout: float, wait) -> list:
     pending, last = list(futures), time.monotonic()
 
     def stalled() -> TrainingError:
-        workers = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        workers = worker_count(client)
         unfinished = sum(f.status != "finished" for f in futures)
         return TrainingError(f"{what}: no progress for {timeout:.0f} s ({unfinished} of {len(futures)} tasks "
                              f"unfinished, {workers} workers connected)")
@@ -92,7 +93,7 @@ def _gather(client, futures: list, what: str, timeout: float, wait) -> list:
 class _Exchange:
     def __init__(self, client, spec: TaskSpec, layout: Layout, width: int, timeout: float):
         self.client, self.spec, self.layout, self.width, self.timeout = client, spec, layout, width, timeout
-        self.addresses = list(client.scheduler_info(n_workers=-1)["workers"]) if client is not None else []
+        self.addresses = worker_addresses(client) if client is not None else []
         self.sent = self.received = 0       # bytes of task arguments and results, this coordinator
 
     def _count(self, sent=None, received=None) -> None:
@@ -104,7 +105,7 @@ class _Exchange:
     def _refresh(self) -> None:
         """The workers parts are pinned to: those connected now (a replay after one left), and a
         new tag for task keys (a replayed step's tasks must not meet its first run's)."""
-        self.addresses = list(self.client.scheduler_info(n_workers=-1)["workers"])
+        self.addresses = worker_addresses(self.client)
         self.tag = uuid.uuid4().hex[:8]
 
     def _where(self, part: int) -> dict:
@@ -244,7 +245,7 @@ class TcpExchange(_Exchange):
 def warm_up_workers(client, exchange, n_train: int, step: int) -> float:
     """Run :func:`pipeline.training.worker.warm_up` once on every worker (in its task thread)."""
     t0 = time.perf_counter()
-    addrs = list(client.scheduler_info(n_workers=-1)["workers"])
+    addrs = worker_addresses(client)
     futures = [client.submit(warm_up, exchange.spec, exchange.params_ref(step), n_train, workers=[a],
                              allow_other_workers=False, pure=False, key=f"warm-up-{i}-{time.time_ns()}")
                for i, a in enumerate(addrs)]
