@@ -136,9 +136,9 @@ PHASES = (
     ("conv-relu-pool forward", "conv_relu_pool_forward", ("conv", 1)),
     ("affine-relu forward (GEMM)", "affine_relu_forward", ("affine", 1)),
     ("scores, softmax, backward", ("affine_forward", "softmax_loss", "affine_backward"), None),
-    ("affine-relu backward (2 GEMMs)", "affine_relu_backward", ("affine", 2)),
+    ("affine-relu backward (2 GEMMs, W2's L2)", "affine_relu_backward", ("affine", 2)),
     ("conv-relu-pool backward (dw)", "conv_relu_pool_backward", ("conv", 1)),
-    ("L2 term of the gradients", "_add_l2", None),
+    ("L2 term of W1 and W3", "_add_l2", None),
 )
 
 

@@ -13,6 +13,7 @@ fuses it on other targets), kept in a register like any scalar local.
     z = vzero(a)                 # zeros, a's dtype
     v = vfma(a, b, c)            # a * b + c, fused, lane by lane
     v = vadd(a, b)               # a + b
+    v = vmul(a, b)               # a * b
     x = vsum(v)                  # lanes summed in lane order (deterministic)
 
 ``vload`` / ``vstore`` / ``vsplat`` take C-contiguous arrays only (others do not compile) and do
@@ -28,7 +29,7 @@ from numba.extending import intrinsic, models, register_model
 
 VECTOR_BYTES = 32
 
-__all__ = ["VECTOR_BYTES", "Vec", "lanes", "vzero", "vload", "vstore", "vsplat", "vfma", "vadd", "vsum"]
+__all__ = ["VECTOR_BYTES", "Vec", "lanes", "vzero", "vload", "vstore", "vsplat", "vfma", "vadd", "vmul", "vsum"]
 
 
 class Vec(types.Type):
@@ -154,6 +155,17 @@ def vadd(typingctx, a, b):
 
     def codegen(context, builder, sig, args):
         return builder.fadd(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):
+    if not (isinstance(a, Vec) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
 
     return a(a, b), codegen
 

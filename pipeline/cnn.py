@@ -158,10 +158,10 @@ class ThreeLayerConvNet:
 
         grads = {}
         dout2, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
-        dout1, grads["W2"], grads["b2"] = affine_relu_backward(dout2, cache2)
+        dout1, grads["W2"], grads["b2"] = affine_relu_backward(dout2, cache2, reg=self.reg)  # + reg * W2
         grads.update(self._conv_block_backward(dout1, cache1))
         if self.reg:
-            for name in ("W1", "W2", "W3"):
+            for name in ("W1", "W3"):
                 _add_l2(grads[name], p[name], self.reg)
         return data_loss + reg_loss, grads
 

@@ -5,6 +5,8 @@ They use the fast layers inside and fuse where it saves a pass over the data:
   backward masks dout by that output once, before the convolution's backward kernels.
 - conv_relu_pool, conv_bn_relu_pool, conv_gn_relu_pool: ReLU and pooling are one pass
   (max of the window, then max(., 0)); the pool's backward masks the gradient by its output.
+- affine_relu backward with ``reg``: the L2 term's gradient reg * w is added to dw in the pass
+  that writes dw (``fast_layers.affine_dw_l2_fast``).
 The results equal those of the unfused composition of the layers (tests check that).
 
 Every backward function takes the keyword ``compute_dx`` (default True); with
@@ -71,13 +73,15 @@ def affine_relu_forward(x, w, b):
     return out, (fc_cache, out)
 
 
-def affine_relu_backward(dout, cache, compute_dx=True):
+def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0):
     """Backward pass of affine_relu_forward.
 
     Inputs:
     - dout: upstream derivatives, shape (N, M)
     - cache: from affine_relu_forward
     - compute_dx: if False, dx is None and not computed
+    - reg: if nonzero, dw includes reg * w, the gradient of an L2 term 0.5 * reg * sum(w**2),
+      added in the pass that writes dw (``fast_layers.affine_dw_l2_fast``)
 
     Returns a tuple of:
     - dx: shape of x, dtype of x (or None)
@@ -91,7 +95,10 @@ def affine_relu_backward(dout, cache, compute_dx=True):
     dx = None
     if compute_dx:
         dx = (da @ np.asarray(w).T).reshape(x.shape).astype(layer_dtype(x), copy=False)
-    dw = (np.asarray(x).reshape(N, -1).T @ da).astype(layer_dtype(w), copy=False)
+    if reg:
+        dw = fl.affine_dw_l2_fast(x, da, w, reg)
+    else:
+        dw = (np.asarray(x).reshape(N, -1).T @ da).astype(layer_dtype(w), copy=False)
     db = da.sum(axis=0).astype(layer_dtype(b), copy=False)
     return dx, dw, db
 

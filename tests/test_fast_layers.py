@@ -190,6 +190,84 @@ def test_conv_non_contiguous_inputs():
 
 
 # --------------------------------------------------------------------------------------------
+# affine weight gradient with the L2 term
+
+# (N, D, M): M under / at / over one panel of 4 vectors (32 float32, 16 float64 columns) and
+# not a multiple of it, D not a multiple of 3 or of a task's 48 rows, N = 1, the notebook's shape
+AFFINE_CASES = [(1, 1, 40), (3, 5, 32), (7, 31, 33), (5, 100, 17), (4, 49, 16), (2, 97, 95),
+                (64, 95, 65), (9, 144, 500), (50, 8192, 500)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("case", AFFINE_CASES, ids=lambda c: "N{}D{}M{}".format(*c))
+def test_affine_dw_l2_matches_naive(case, dtype):
+    N, D, M = case
+    rng = _rng(sum(case))
+    x = rng.standard_normal((N, D)).astype(dtype)
+    da = rng.standard_normal((N, M)).astype(dtype)
+    w = rng.standard_normal((D, M)).astype(dtype)
+    dw = fl.affine_dw_l2_fast(x, da, w, 0.3)
+    _, ref, _ = L.affine_backward(da, (x, w, np.zeros(M, dtype)))
+    ref = ref.astype(np.float64) + 0.3 * w.astype(np.float64)
+    assert dw.dtype == dtype and dw.shape == (D, M)
+    if dtype == np.float16:
+        np.testing.assert_allclose(dw, ref, rtol=5e-3, atol=5e-3 * np.abs(ref).max())
+    else:
+        _close(dw, ref, dtype, f"{case}")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_affine_dw_l2_rounds_like_numpy_in_its_last_step(dtype):
+    """dw = s + round(reg * w): with a single row of x the sum s is one exact product, so
+    the kernel's result is NumPy's np.add(x.T @ da, np.multiply(w, reg)) bit for bit."""
+    rng = _rng(3)
+    x = rng.standard_normal((1, 77)).astype(dtype)
+    da = rng.standard_normal((1, 70)).astype(dtype)
+    w = (rng.standard_normal((77, 70)) * 10.0 ** rng.integers(-8, 8, (77, 70))).astype(dtype)
+    reg = 0.123
+    expected = np.add(x.T @ da, np.multiply(w, dtype(reg)))
+    np.testing.assert_array_equal(fl.affine_dw_l2_fast(x, da, w, reg), expected)
+
+
+def test_affine_dw_l2_bit_identical_across_calls_and_threads():
+    """The trainer's runs and the Solver's are reproducible only if no result depends on the
+    thread count: each dw[i, j] is one k-ordered sum whichever thread computes it."""
+    import numba
+
+    rng = _rng(11)
+    x = rng.standard_normal((50, 2 * 4 * 4 * 32 + 7)).astype(np.float32)
+    da = rng.standard_normal((50, 133)).astype(np.float32)
+    w = rng.standard_normal((x.shape[1], 133)).astype(np.float32)
+    threads = numba.get_num_threads()
+    results = []
+    try:
+        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}) * 2:
+            numba.set_num_threads(t)
+            results.append(fl.affine_dw_l2_fast(x, da, w, 1e-3))
+    finally:
+        numba.set_num_threads(threads)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_affine_dw_l2_non_contiguous_inputs_unmodified_and_bad_shapes():
+    rng = _rng(5)
+    x = rng.standard_normal((6, 4, 3, 9)).astype(np.float32).transpose(0, 3, 2, 1)  # (6, 9, 3, 4) view
+    da = rng.standard_normal((40, 6)).astype(np.float32).T                         # (6, 40) view
+    w = rng.standard_normal((40, 108)).astype(np.float32).T                        # (108, 40) view
+    copies = [a.copy() for a in (x, da, w)]
+    dw = fl.affine_dw_l2_fast(x, da, w, 0.5)
+    ref = x.reshape(6, -1).astype(np.float64).T @ da.astype(np.float64) + 0.5 * w.astype(np.float64)
+    _close(dw, ref, np.float32)
+    for a, c in zip((x, da, w), copies):
+        np.testing.assert_array_equal(a, c)
+    with pytest.raises(ValueError, match=r"affine_dw_l2: expected x \(N, ...\) .* got x \(6, 9, 3, 4\), da \(5, 40\)"):
+        fl.affine_dw_l2_fast(x, da[:5], w, 0.5)
+    with pytest.raises(ValueError, match="w \\(107, 40\\)"):
+        fl.affine_dw_l2_fast(x, da, w[:107], 0.5)
+
+
+# --------------------------------------------------------------------------------------------
 # max pooling
 
 

@@ -179,6 +179,34 @@ def test_affine_relu_numeric_gradients():
     _numeric_ok(eval_numerical_gradient_array(lambda v: f(x, w, v), b, dout), db)
 
 
+def test_affine_relu_backward_with_reg_numeric_gradient():
+    """dw with reg is the gradient of sum(out * dout) + 0.5 * reg * sum(w**2); 40 columns: the
+    fused kernel's path (fast_layers.affine_dw_l2_fast), not NumPy's."""
+    rng = np.random.default_rng(4)
+    x, w, b = rng.standard_normal((3, 2, 7)), rng.standard_normal((14, 40)), rng.standard_normal(40)
+    out, cache = lu.affine_relu_forward(x, w, b)
+    dout = rng.standard_normal(out.shape)
+    reg = 0.7
+    _, dw, _ = lu.affine_relu_backward(dout, cache, reg=reg)
+    f = lambda v: np.sum(lu.affine_relu_forward(x, v, b)[0] * dout) + 0.5 * reg * np.sum(v * v)
+    _numeric_ok(eval_numerical_gradient_array(f, w, np.ones(())), dw)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_affine_relu_backward_reg_changes_only_dw(dtype):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((50, 4, 4, 3)).astype(dtype)
+    w, b = rng.standard_normal((48, 70)).astype(dtype), rng.standard_normal(70).astype(dtype)
+    out, cache = lu.affine_relu_forward(x, w, b)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx, dw, db = lu.affine_relu_backward(dout, cache)
+    dx2, dw2, db2 = lu.affine_relu_backward(dout, cache, reg=1e-2)
+    np.testing.assert_array_equal(dx2, dx)
+    np.testing.assert_array_equal(db2, db)
+    assert dw2.dtype == dtype
+    _close(dw2, dw.astype(np.float64) + 1e-2 * w.astype(np.float64), dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # fused == composition of the naive layers, many shapes, both dtypes
 

@@ -4,17 +4,19 @@ import numpy as np
 import pytest
 from numba import njit
 
-from pipeline._simd import lanes, vadd, vfma, vload, vsplat, vstore, vsum, vzero
+from pipeline._simd import lanes, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
 
 @njit(cache=False)
 def _ops(a, b, c, out):
-    """out[0:V] = a*b + c at offset 1; out[V:2V] = a + b; out[2V:3V] = splat(c[2]); out[3V:4V] = 0."""
+    """out[0:V] = a*b + c at offset 1; out[V:2V] = a + b; out[2V:3V] = splat(c[2]); out[3V:4V] = 0;
+    out[4V:5V] = a * c."""
     V = lanes(a)
     vstore(out, 0, vfma(vload(a, 1), vload(b, 1), vload(c, 1)))
     vstore(out, V, vadd(vload(a, 0), vload(b, 0)))
     vstore(out, 2 * V, vsplat(c, 2))
     vstore(out, 3 * V, vzero(a))
+    vstore(out, 4 * V, vmul(vload(a, 0), vload(c, 0)))
     return V, vsum(vload(a, 0))
 
 
@@ -22,7 +24,7 @@ def _ops(a, b, c, out):
 def test_vector_ops_match_numpy(dtype, V):
     rng = np.random.default_rng(0)
     a, b, c = (rng.standard_normal(V + 3).astype(dtype) for _ in range(3))
-    out = np.full(4 * V + 2, 7, dtype=dtype)
+    out = np.full(5 * V + 2, 7, dtype=dtype)
     lanes_seen, total = _ops(a, b, c, out)
     assert lanes_seen == V
     # fused: one rounding, so equal to the float64 product-sum rounded once (float32) / close (float64)
@@ -34,7 +36,8 @@ def test_vector_ops_match_numpy(dtype, V):
     np.testing.assert_array_equal(out[V:2 * V], a[:V] + b[:V])
     np.testing.assert_array_equal(out[2 * V:3 * V], np.full(V, c[2]))
     np.testing.assert_array_equal(out[3 * V:4 * V], 0)
-    np.testing.assert_array_equal(out[4 * V:], 7)  # nothing written past the last vector
+    np.testing.assert_array_equal(out[4 * V:5 * V], a[:V] * c[:V])
+    np.testing.assert_array_equal(out[5 * V:], 7)  # nothing written past the last vector
     expect = a[0]
     for k in range(1, V):  # lane order
         expect = dtype(expect + a[k])
