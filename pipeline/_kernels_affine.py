@@ -13,6 +13,10 @@ blocks of 3 rows interleaved by k, then for every block of 3 rows x one panel su
 x2[k, i] * da[k, j:j + G] over k = 0..N-1 in 12 vector registers (``_fma_3x4``: 3 broadcasts
 and 4 loads per 12 FMAs) and writes ``sum + round(reg * w)`` to dw.
 
+The micro-kernel (``_fma_3x4``, ``_zeros_3x4``) is the direct convolution's, from
+_kernels_conv.py: Numba's on-disk cache checks only this file, so after editing those
+helpers clear the cache (``__pycache__/_kernels_affine.*.nbi``/``.nbc``) or touch this file.
+
 Bits: dw[i, j] is the k-ordered FMA chain over k = 0..N-1 (from 0), then one addition of the
 rounded product reg * w[i, j] (``np.add(s, np.multiply(w, reg))``). Which thread or task
 computes it does not change it, so the result does not depend on the thread count.
@@ -47,7 +51,7 @@ def pack_panels(da, G, dap):
 @njit(parallel=True, cache=True)
 def affine_dw_l2(x2, dap, w, reg, dw):
     """dw (D, M) = x2.T @ da + reg[0] * w, da as pack_panels left it in dap; x2 (N, D), w (D, M)
-    and dw C-contiguous, one dtype; M >= 4 lanes.
+    and dw C-contiguous, one dtype; M >= G = 4 vectors (32 float32 or 16 float64 columns).
 
     One task per ROWS rows of dw. D not a multiple of 3: the last block of a task repeats its
     last row; both the repeated row and a panel's overlapping columns are written twice with
@@ -57,6 +61,8 @@ def affine_dw_l2(x2, dap, w, reg, dw):
     M = w.shape[1]
     V = lanes(x2)
     G = 4 * V
+    if M < G:  # a panel would start before column 0: vstore does no bounds checks
+        raise ValueError("affine_dw_l2: w needs at least 4 vectors of columns")
     nj = (M + G - 1) // G
     wf = w.reshape(-1)
     of = dw.reshape(-1)

@@ -296,7 +296,8 @@ def affine_dw_l2_fast(x, da, w, reg):
 
     Returns dw = x.reshape(N, D).T @ da + reg * w, shape (D, M), in w's dtype: one kernel pass
     over w and dw (``pipeline._kernels_affine``) when x, da and w share float32 or float64 and M
-    is at least 4 SIMD vectors; else NumPy's product, then the rounded reg * w added (the
+    is at least 4 SIMD vectors (32 or 16 columns); else NumPy's product in the inputs' dtypes
+    (float16 stays float16, unlike the other fast layers), then the rounded reg * w added (the
     kernel's last step too).
     """
     x, da, w = np.asarray(x), np.asarray(da), np.asarray(w)

@@ -6,7 +6,8 @@ They use the fast layers inside and fuse where it saves a pass over the data:
 - conv_relu_pool, conv_bn_relu_pool, conv_gn_relu_pool: ReLU and pooling are one pass
   (max of the window, then max(., 0)); the pool's backward masks the gradient by its output.
 - affine_relu backward with ``reg``: the L2 term's gradient reg * w is added to dw in the pass
-  that writes dw (``fast_layers.affine_dw_l2_fast``).
+  that writes dw (``fast_layers.affine_dw_l2_fast``: float32 or float64 with at least 32 or
+  16 columns; otherwise it is added after NumPy's product, with the same rounding).
 The results equal those of the unfused composition of the layers (tests check that).
 
 Every backward function takes the keyword ``compute_dx`` (default True); with
@@ -80,8 +81,8 @@ def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0):
     - dout: upstream derivatives, shape (N, M)
     - cache: from affine_relu_forward
     - compute_dx: if False, dx is None and not computed
-    - reg: if nonzero, dw includes reg * w, the gradient of an L2 term 0.5 * reg * sum(w**2),
-      added in the pass that writes dw (``fast_layers.affine_dw_l2_fast``)
+    - reg: if nonzero, dw includes reg * w, the gradient of an L2 term 0.5 * reg * sum(w**2)
+      (``fast_layers.affine_dw_l2_fast``)
 
     Returns a tuple of:
     - dx: shape of x, dtype of x (or None)

@@ -48,6 +48,35 @@ def test_gradient_check_float64(normalization, reg):
         assert grads[name].shape == model.params[name].shape
 
 
+def test_w2_gradient_with_reg_from_the_fused_kernel_float64(monkeypatch):
+    """hidden_dim 20 >= one float64 panel (16 columns): W2's gradient, L2 term included, comes
+    from the kernel of fast_layers.affine_dw_l2_fast; checked against centered differences."""
+    from pipeline import _kernels_affine as ka
+
+    calls = []
+    kernel = ka.affine_dw_l2
+    monkeypatch.setattr(ka, "affine_dw_l2", lambda *a: calls.append(1) or kernel(*a))
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((3, 3, 8, 8))
+    y = rng.integers(10, size=3)
+    model = ThreeLayerConvNet(num_filters=4, filter_size=3, input_dim=(3, 8, 8), hidden_dim=20,
+                              dtype=np.float64, reg=0.3, seed=2, weight_scale=0.1)
+    _, grads = model.loss(X, y)
+    assert calls
+    W = model.params["W2"]
+    picks = [tuple(i) for i in zip(*(rng.integers(0, n, 40) for n in W.shape))]
+    num = []
+    for i in picks:
+        old = W[i]
+        W[i] = old + 1e-6
+        up = model.loss(X, y)[0]
+        W[i] = old - 1e-6
+        down = model.loss(X, y)[0]
+        W[i] = old
+        num.append((up - down) / 2e-6)
+    np.testing.assert_allclose([grads["W2"][i] for i in picks], num, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("normalization", [None, "spatial_batchnorm", "groupnorm"])
 def test_float32_in_float32_out(normalization):
     model = ThreeLayerConvNet(num_filters=8, hidden_dim=20, normalization=normalization, seed=0)

@@ -147,6 +147,38 @@ def test_jobs_known_only_to_the_scheduler_and_a_vanished_worker(page):
     assert status == 200 and "running on worker tcp://10.9.9.9:1234" in job   # its log, from the events
 
 
+def test_a_job_running_on_a_live_worker_reads_running(page):
+    """The page asks the scheduler's own state which workers are connected (SchedulerAsClient):
+    a job whose coordinator task runs on a live worker is running, not failed."""
+    from distributed import Event
+
+    from pipeline.cluster import worker_addresses
+    from pipeline.jobs.records import task_key
+    from tests.jobs_helpers import wait_gate
+
+    client, url = page
+    worker = worker_addresses(client)[0]
+    task = client.submit(wait_gate, "train-y-gate", key=task_key("train-y", 1), workers=[worker])
+    try:
+        deadline = time.monotonic() + 20
+        while client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.tasks[task.key].state) != "processing":
+            assert time.monotonic() < deadline, "the coordinator task never started"
+        sub = {"type": "submitted", "job": "train-y", "attempt": 1, "kind": "train", "name": "live", "root": "/elsewhere",
+               "job_dir": "/elsewhere/jobs/train-y", "run_dir": "/elsewhere/runs/train-y", "options": {},
+               "submitted": "2026-02-01T00:00:00Z", "by": "me@there", "key": task.key}
+        client.log_event(REGISTRY_TOPIC, sub)
+        client.log_event(job_topic("train-y"), {"id": "1", "job": "train-y", "attempt": 1, "type": "state",
+                                                "state": "running", "worker": worker})
+        deadline = time.monotonic() + 20
+        while 'data-job="train-y"' not in (html := get(url)[2]):
+            assert time.monotonic() < deadline, "the scheduler's job never showed"
+        y = text(row(html, "data-job", "train-y"))
+        assert "live" in y and "running" in y and "failed" not in y, y
+    finally:
+        Event("train-y-gate", client=client).set()
+        task.result(timeout=30)
+
+
 # ---- one job ----------------------------------------------------------------------------------------
 
 def test_job_page_curves_settings_breakdown_links_and_json_twin(root, page):
