@@ -192,21 +192,6 @@ def test_affine_relu_backward_with_reg_numeric_gradient():
     _numeric_ok(eval_numerical_gradient_array(f, w, np.ones(())), dw)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_affine_relu_backward_reg_changes_only_dw(dtype):
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((50, 4, 4, 3)).astype(dtype)
-    w, b = rng.standard_normal((48, 70)).astype(dtype), rng.standard_normal(70).astype(dtype)
-    out, cache = lu.affine_relu_forward(x, w, b)
-    dout = rng.standard_normal(out.shape).astype(dtype)
-    dx, dw, db = lu.affine_relu_backward(dout, cache)
-    dx2, dw2, db2 = lu.affine_relu_backward(dout, cache, reg=1e-2)
-    np.testing.assert_array_equal(dx2, dx)
-    np.testing.assert_array_equal(db2, db)
-    assert dw2.dtype == dtype
-    _close(dw2, dw.astype(np.float64) + 1e-2 * w.astype(np.float64), dtype)
-
-
 # --------------------------------------------------------------------------------------------
 # fused == composition of the naive layers, many shapes, both dtypes
 
@@ -325,10 +310,12 @@ def test_conv_gn_relu_pool_equals_naive_composition(case, G, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_affine_relu_equals_naive_composition(dtype):
+@pytest.mark.parametrize("x_shape,M", [((5, 2, 3, 2), 7), ((50, 4, 4, 3), 70)])   # M 70: reg on the dw kernel
+def test_affine_relu_equals_naive_composition(dtype, x_shape, M):
     rng = np.random.default_rng(9)
-    x = rng.standard_normal((5, 2, 3, 2)).astype(dtype)
-    w, b = rng.standard_normal((12, 7)).astype(dtype), rng.standard_normal(7).astype(dtype)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    D = int(np.prod(x_shape[1:]))
+    w, b = rng.standard_normal((D, M)).astype(dtype), rng.standard_normal(M).astype(dtype)
     out, cache = lu.affine_relu_forward(x, w, b)
     a, c1 = L.affine_forward(x, w, b)
     r, c2 = L.relu_forward(a)
@@ -341,6 +328,12 @@ def test_affine_relu_equals_naive_composition(dtype):
     dx0, dw0, db0 = lu.affine_relu_backward(dout, cache, compute_dx=False)
     assert dx0 is None
     np.testing.assert_array_equal(dw0, grads[1])
+    # reg changes dw only: + reg * w
+    dx2, dw2, db2 = lu.affine_relu_backward(dout, cache, reg=1e-2)
+    np.testing.assert_array_equal(dx2, grads[0])
+    np.testing.assert_array_equal(db2, grads[2])
+    assert dw2.dtype == dtype
+    _close(dw2, grads[1].astype(np.float64) + 1e-2 * w.astype(np.float64), dtype)
 
 
 def test_sandwiches_do_not_modify_inputs_and_accept_views():
