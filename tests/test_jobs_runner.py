@@ -113,3 +113,31 @@ def test_any_exception_while_the_scheduler_is_gone_is_the_lost_scheduler():
                                                    "(ValueError: No clients found)")
     assert _failure_reason(exc, LiveClient()) == "ValueError: No clients found"
     assert _failure_reason(KeyError("W9"), None) == "KeyError: 'W9'"
+
+
+def test_futures_cancelled_by_a_lost_scheduler_connection_are_the_lost_scheduler():
+    """When the scheduler restarts, the client cancels its futures with the reason
+    "scheduler-connection-lost", which FuturesCancelledError prints below its first line; the
+    new scheduler may already answer by then (CI, compose: a restarted scheduler)."""
+    from distributed.client import CancelledFuturesGroup, FutureCancelledError, FuturesCancelledError
+
+    from pipeline.jobs.runner import _failure_reason
+
+    class LiveClient:
+        def sync(self, f, *args, **kwargs):
+            import asyncio
+
+            return asyncio.run(f())
+
+        class scheduler:
+            @staticmethod
+            async def identity():
+                return {}
+
+    lost = FuturesCancelledError([CancelledFuturesGroup(
+        [FutureCancelledError("task-1", "scheduler-connection-lost", "Client lost the connection")],
+        "scheduler-connection-lost")])
+    assert _failure_reason(lost, LiveClient()) == ("lost the connection to the Dask scheduler "
+                                                   "(FuturesCancelledError: 1 Future cancelled:)")
+    other = FuturesCancelledError([CancelledFuturesGroup([FutureCancelledError("task-1", "unknown")], "unknown")])
+    assert _failure_reason(other, LiveClient()) == "FuturesCancelledError: 1 Future cancelled:"

@@ -161,7 +161,10 @@ def test_a_job_running_on_a_live_worker_reads_running(page):
     task = client.submit(wait_gate, "train-y-gate", key=task_key("train-y", 1), workers=[worker])
     try:
         deadline = time.monotonic() + 20
-        while client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.tasks[task.key].state) != "processing":
+        def state(dask_scheduler, key=task.key):   # None until the scheduler has the task
+            return getattr(dask_scheduler.tasks.get(key), "state", None)
+
+        while client.run_on_scheduler(state) != "processing":
             assert time.monotonic() < deadline, "the coordinator task never started"
         sub = {"type": "submitted", "job": "train-y", "attempt": 1, "kind": "train", "name": "live", "root": "/elsewhere",
                "job_dir": "/elsewhere/jobs/train-y", "run_dir": "/elsewhere/runs/train-y", "options": {},

@@ -352,7 +352,10 @@ def _failure_reason(exc: BaseException, client=None) -> str:
 
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
-    lost = isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError)) or "scheduler-connection-lost" in first
+    # futures the client cancelled when its scheduler connection dropped say so in their reason,
+    # which a FuturesCancelledError prints on its later lines ("Reasons: ...")
+    lost = (isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError))
+            or "scheduler-connection-lost" in str(exc))
     # when the scheduler goes away, the client cancels every future it waits on and closes
     # (Dask's helpers then fail in their own ways: "No clients found"): whatever the exception,
     # it is the scheduler's loss if the scheduler no longer answers
