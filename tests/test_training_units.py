@@ -382,3 +382,32 @@ def test_a_closed_client_while_waiting_is_a_lost_connection_not_a_value_error():
     Client.status = "running"                       # a ValueError with a live client is not hidden
     with pytest.raises(ValueError, match="No clients found"):
         _gather(Client(), [Future()], "step 3", 10.0, wait)
+
+
+@pytest.mark.parametrize("reason,status,lost_worker", [
+    ("scheduler-connection-lost", "running", False),   # reconnected to a restarted scheduler: not a worker
+    ("scheduler-connection-lost", "connecting", False),
+    ("unknown", "connecting", False),                   # no scheduler now: not a worker either
+    ("unknown", "running", True),                       # the scheduler is there, a worker's data left
+])
+def test_cancelled_futures_are_a_lost_worker_only_while_the_scheduler_stays(monkeypatch, reason, status, lost_worker):
+    """exchange.gather: futures cancelled with the scheduler still connected mean a worker's data
+    left (replay from a checkpoint); cancelled because the client lost its scheduler connection,
+    they are that loss, raised as it came, even when the client has reconnected since."""
+    from distributed.client import CancelledFuturesGroup, FutureCancelledError, FuturesCancelledError
+
+    from pipeline.training import exchange
+
+    cancelled = FuturesCancelledError([CancelledFuturesGroup([FutureCancelledError("part-0", reason)], reason)])
+
+    def gather_cancelled(*args):
+        raise cancelled
+
+    class Client:
+        pass
+
+    client = Client()
+    client.status = status
+    monkeypatch.setattr(exchange, "_gather", gather_cancelled)
+    with pytest.raises(exchange.WorkerLost if lost_worker else FuturesCancelledError):
+        exchange.gather(client, [], "step 3", 10.0)

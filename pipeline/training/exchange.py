@@ -46,7 +46,9 @@ def gather(client, futures: list, what: str, timeout: float) -> list:
     try:
         return _gather(client, futures, what, timeout, wait)
     except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
-        if client.status != "running":       # the scheduler is gone, not a worker: no replay
+        # the scheduler is gone, not a worker: no replay (the client may already be connected to
+        # a restarted scheduler; its cancelled futures still name the lost connection)
+        if client.status != "running" or "scheduler-connection-lost" in str(exc):
             raise
         raise WorkerLost(f"{what}: a worker holding data of the run left the cluster ({type(exc).__name__})") from None
 
