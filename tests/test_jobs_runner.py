@@ -87,6 +87,20 @@ def test_a_stop_is_raised_after_the_event_is_recorded_and_only_once(tmp_path):
     assert log_of(report) == ["checkpoint at step 3: ckpt-3.npz", "checkpoint at step 4: ckpt-4.npz"]
 
 
+class _LiveClient:
+    """A client whose scheduler answers (as Client.sync runs a coroutine)."""
+
+    def sync(self, f, *args, **kwargs):
+        import asyncio
+
+        return asyncio.run(f())
+
+    class scheduler:
+        @staticmethod
+        async def identity():
+            return {}
+
+
 def test_any_exception_while_the_scheduler_is_gone_is_the_lost_scheduler():
     """A job's coordinator can fail in many ways when its scheduler dies (CI: distributed.wait's
     "ValueError: No clients found"); the reason recorded is the lost connection whenever the
@@ -97,21 +111,10 @@ def test_any_exception_while_the_scheduler_is_gone_is_the_lost_scheduler():
         def sync(self, *args, **kwargs):
             raise RuntimeError("Client is closed")
 
-    class LiveClient:
-        def sync(self, f, *args, **kwargs):
-            import asyncio
-
-            return asyncio.run(f())    # as Client.sync runs it: the scheduler answers
-
-        class scheduler:
-            @staticmethod
-            async def identity():
-                return {}
-
     exc = ValueError("No clients found\nStart a client")
     assert _failure_reason(exc, GoneClient()) == ("lost the connection to the Dask scheduler "
                                                    "(ValueError: No clients found)")
-    assert _failure_reason(exc, LiveClient()) == "ValueError: No clients found"
+    assert _failure_reason(exc, _LiveClient()) == "ValueError: No clients found"
     assert _failure_reason(KeyError("W9"), None) == "KeyError: 'W9'"
 
 
@@ -123,21 +126,10 @@ def test_futures_cancelled_by_a_lost_scheduler_connection_are_the_lost_scheduler
 
     from pipeline.jobs.runner import _failure_reason
 
-    class LiveClient:
-        def sync(self, f, *args, **kwargs):
-            import asyncio
-
-            return asyncio.run(f())
-
-        class scheduler:
-            @staticmethod
-            async def identity():
-                return {}
-
     lost = FuturesCancelledError([CancelledFuturesGroup(
         [FutureCancelledError("task-1", "scheduler-connection-lost", "Client lost the connection")],
         "scheduler-connection-lost")])
-    assert _failure_reason(lost, LiveClient()) == ("lost the connection to the Dask scheduler "
+    assert _failure_reason(lost, _LiveClient()) == ("lost the connection to the Dask scheduler "
                                                    "(FuturesCancelledError: 1 Future cancelled:)")
     other = FuturesCancelledError([CancelledFuturesGroup([FutureCancelledError("task-1", "unknown")], "unknown")])
-    assert _failure_reason(other, LiveClient()) == "FuturesCancelledError: 1 Future cancelled:"
+    assert _failure_reason(other, _LiveClient()) == "FuturesCancelledError: 1 Future cancelled:"

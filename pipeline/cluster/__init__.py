@@ -162,6 +162,13 @@ def worker_count(client) -> int:
     return len(worker_addresses(client))
 
 
+def cancelled_by_lost_scheduler(exc: BaseException) -> bool:
+    """Whether ``exc`` is futures the client cancelled because it lost its scheduler connection
+    (Dask's reason "scheduler-connection-lost"). A FuturesCancelledError prints its reasons below
+    its first line, and the client may have reconnected to a restarted scheduler since."""
+    return "scheduler-connection-lost" in str(exc)
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

@@ -43,6 +43,7 @@ import uuid
 from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
+from pipeline.cluster import cancelled_by_lost_scheduler
 from pipeline.errors import ConvpipeError
 from pipeline.jobs.records import (TERMINAL, JobError, JobFileError, JobFiles, job_topic, jsonable, log_line,
                                    now_iso, task_key, topic_events)
@@ -352,10 +353,7 @@ def _failure_reason(exc: BaseException, client=None) -> str:
 
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
-    # futures the client cancelled when its scheduler connection dropped say so in their reason,
-    # which a FuturesCancelledError prints on its later lines ("Reasons: ...")
-    lost = (isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError))
-            or "scheduler-connection-lost" in str(exc))
+    lost = isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError)) or cancelled_by_lost_scheduler(exc)
     # when the scheduler goes away, the client cancels every future it waits on and closes
     # (Dask's helpers then fail in their own ways: "No clients found"): whatever the exception,
     # it is the scheduler's loss if the scheduler no longer answers

@@ -23,7 +23,7 @@ import uuid
 
 import numpy as np
 
-from pipeline.cluster import worker_addresses, worker_count
+from pipeline.cluster import cancelled_by_lost_scheduler, worker_addresses, worker_count
 from pipeline.errors import TrainingError
 from pipeline.training.plan import CHUNK, StepPlan
 from pipeline.training.transport import Layout, SharedState, ShmRef, can_attach, ordered_stores, release
@@ -46,9 +46,7 @@ def gather(client, futures: list, what: str, timeout: float) -> list:
     try:
         return _gather(client, futures, what, timeout, wait)
     except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
-        # the scheduler is gone, not a worker: no replay (the client may already be connected to
-        # a restarted scheduler; its cancelled futures still name the lost connection)
-        if client.status != "running" or "scheduler-connection-lost" in str(exc):
+        if client.status != "running" or cancelled_by_lost_scheduler(exc):  # the scheduler, not a worker: no replay
             raise
         raise WorkerLost(f"{what}: a worker holding data of the run left the cluster ({type(exc).__name__})") from None
 
