@@ -111,6 +111,20 @@ def test_two_workers_by_default_each_one_process_one_thread_with_limits(config):
     assert "container_name" not in w  # a fixed name would forbid --scale worker=N
 
 
+def test_workers_thin_dasks_diagnostics_as_the_embedded_cluster_does(config):
+    from pipeline.cluster import QUIET_DIAGNOSTICS
+
+    env = config["services"]["worker"]["environment"]
+    expected = {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+                for key, value in QUIET_DIAGNOSTICS.items()}
+    assert {k: str(env.get(k)) for k in expected} == expected
+    # Dask reads them as the settings themselves
+    import dask.config
+
+    parsed = dask.config.collect_env({k: str(v) for k, v in expected.items()})
+    assert dask.config.get("distributed.worker.profile.enabled", config=parsed) is False
+
+
 def test_limits_follow_the_environment():
     cfg = compose_config("docker-compose.yml", env={"CONVPIPE_WORKER_CPUS": "2", "CONVPIPE_WORKER_MEMORY": "6g"})
     if not HAVE_COMPOSE:

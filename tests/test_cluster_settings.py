@@ -1,0 +1,43 @@
+"""What the embedded training cluster sets in its worker processes, and what a cluster given by
+address keeps: pipeline.cluster.worker_cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import dask
+
+import pipeline.cluster as cluster
+from pipeline.cluster import QUIET_DIAGNOSTICS, THREAD_ENV, worker_cluster
+
+
+def _worker_settings(dask_worker):
+    return {"threads": {k: os.environ.get(k) for k in THREAD_ENV},
+            "profiling": "profile" in dask_worker.periodic_callbacks,
+            "monitor_ms": dask_worker.periodic_callbacks["monitor"].callback_time,
+            "tick_ms": dask_worker.periodic_callbacks["tick"].callback_time}
+
+
+def test_the_embedded_clusters_workers_run_with_thinned_diagnostics():
+    with worker_cluster(workers=1, threads_per_worker=2) as client:
+        (settings,) = client.run(_worker_settings).values()
+    assert settings == {"threads": {k: "2" for k in THREAD_ENV}, "profiling": False,
+                        "monitor_ms": 2000, "tick_ms": 500}
+    # outside the context Dask's defaults are back (a later cluster in this process is plain)
+    assert dask.config.get("distributed.worker.profile.enabled") is True
+
+
+def test_a_cluster_given_by_address_keeps_its_own_diagnostics(monkeypatch):
+    seen = {}
+
+    @contextlib.contextmanager
+    def fake_connect(scheduler, **kwargs):
+        seen.update({key: dask.config.get(key) for key in QUIET_DIAGNOSTICS})
+        yield "client"
+
+    monkeypatch.setattr(cluster, "connect", fake_connect)
+    with worker_cluster(scheduler="tcp://127.0.0.1:8786") as client:
+        assert client == "client"
+    assert seen["distributed.worker.profile.enabled"] is True
+    assert seen["distributed.admin.system-monitor.interval"] != QUIET_DIAGNOSTICS["distributed.admin.system-monitor.interval"]
