@@ -15,6 +15,7 @@ fuses it on other targets), kept in a register like any scalar local.
     v = vadd(a, b)               # a + b
     v = vmul(a, b)               # a * b
     x = vsum(v)                  # lanes summed in lane order (deterministic)
+    prefetch(a, i)               # a hint: bring a[i]'s cache line towards L1 (no effect on values)
 
 ``vload`` / ``vstore`` / ``vsplat`` take C-contiguous arrays only (others do not compile) and do
 no bounds checks: the caller sizes its arrays for every index it uses. Kernels using them compile with ``cache=True`` like any other.
@@ -29,7 +30,8 @@ from numba.extending import intrinsic, models, register_model
 
 VECTOR_BYTES = 32
 
-__all__ = ["VECTOR_BYTES", "Vec", "lanes", "vzero", "vload", "vstore", "vsplat", "vfma", "vadd", "vmul", "vsum"]
+__all__ = ["VECTOR_BYTES", "Vec", "lanes", "vzero", "vload", "vstore", "vsplat", "vfma", "vadd", "vmul", "vsum",
+           "prefetch"]
 
 
 class Vec(types.Type):
@@ -183,3 +185,22 @@ def vsum(typingctx, v):
         return s
 
     return v.dtype(v), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, i):
+    vt = _vec_for(arr)
+    if vt is None or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
+        i8p = builder.bitcast(p, ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        # read (0), high temporal locality (3: keep in all cache levels), data cache (1)
+        builder.call(fn, [i8p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, i), codegen

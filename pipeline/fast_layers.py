@@ -1,5 +1,5 @@
 """Fast layers with the cs231n API: convolution, max pooling, spatial batch norm, group norm,
-and an affine layer's weight gradient with its L2 term.
+an affine-ReLU forward for few rows, and an affine layer's weight gradient with its L2 term.
 
 Numba kernels (``cache=True``: compiled once, then loaded from the on-disk cache by every new
 process; no compiler toolchain needed) do the work, with NumPy's BLAS for the matrix products
@@ -13,6 +13,10 @@ of the general convolution:
   (F, C*HH*WW) filters, bias added while moving the result to NCHW. Backward: dout to the same
   layout (with db in the same pass), ``dw = dout2 @ cols.T``; ``dx`` (GEMM + col2im) only
   when ``compute_dx=True``.
+- affine-ReLU forward with fewer than 64 rows, ``relu(x @ w + b)`` (``affine_relu_forward_fast``,
+  the model's hidden layer at the notebook's batch of 50 and on the workers' small shards):
+  w's strips read straight from w into L1, sums in registers, bias and ReLU in the store
+  (``ka.affine_relu_rows``). From 64 rows on, NumPy's product, then bias, then ReLU.
 - an affine layer's weight gradient with its L2 term, ``dw = x.T @ da + reg * w``
   (``affine_dw_l2_fast``, the model's hidden layer when reg > 0): one kernel pass that reads w
   once and writes dw once (``ka.affine_dw_l2``), where NumPy's product and the L2 term pass
@@ -44,6 +48,7 @@ from pipeline import _kernels_norm as kn
 from pipeline import _kernels_pool as kp
 from pipeline._simd import VECTOR_BYTES
 from pipeline._threads import launch
+from pipeline.layers import affine_forward, relu_forward
 from pipeline.shapes import (
     check_bn_mode,
     check_dout,
@@ -64,6 +69,7 @@ __all__ = [
     "conv_backward_fast",
     "conv_forward_im2col",
     "conv_backward_im2col",
+    "affine_relu_forward_fast",
     "affine_dw_l2_fast",
     "max_pool_forward_fast",
     "max_pool_backward_fast",
@@ -279,6 +285,42 @@ def conv_backward_fast(dout, cache, compute_dx=True):
 # cs231n's names for the same functions
 conv_forward_im2col = conv_forward_fast
 conv_backward_im2col = conv_backward_fast
+
+
+# --------------------------------------------------------------------------------------------
+# affine-ReLU forward for few rows (ka.affine_relu_rows)
+
+
+def affine_relu_forward_fast(x, w, b):
+    """Affine transform followed by a ReLU, as ``layer_utils.affine_relu_forward``.
+
+    Inputs:
+    - x: input, shape (N, d_1, ..., d_k), D = d_1 * ... * d_k
+    - w: weights, shape (D, M)
+    - b: biases, shape (M,)
+
+    Returns a tuple of:
+    - out: relu(x.reshape(N, D) @ w + b), shape (N, M), dtype of x
+    - cache: ((x, w, b), out), for ``layer_utils.affine_relu_backward``
+
+    With 1 to 63 rows (``ka.FWD_MAX_ROWS``), x, w and b sharing float32 or float64 and M at
+    least 4 SIMD vectors (32 or 16 columns): one kernel pass (``ka.affine_relu_rows``) whose
+    out[i, j] depends on row i of x and column j of w only, not on N or the thread count. Else
+    ``layers.affine_forward`` then ``layers.relu_forward`` (which also name bad arguments).
+    """
+    x, w, b = np.asarray(x), np.asarray(w), np.asarray(b)
+    N = x.shape[0] if x.ndim else 0
+    dtype = layer_dtype(x)
+    G = 4 * VECTOR_BYTES // dtype.itemsize
+    if (0 < N <= ka.FWD_MAX_ROWS and kernel_dtype(dtype) == dtype == w.dtype == b.dtype and w.ndim == 2
+            and w.shape[1] >= G and b.shape == (w.shape[1],) and x.size == N * w.shape[0]):
+        out = np.empty((N, w.shape[1]), dtype)
+        _launch(ka.affine_relu_rows, out.size * w.shape[0], _as(x.reshape(N, -1), dtype), _as(w, dtype),
+                _as(b, dtype), out)
+        return out, ((x, w, b), out)
+    a, _ = affine_forward(x, w, b)
+    out, _ = relu_forward(a)
+    return out, ((x, w, b), out)
 
 
 # --------------------------------------------------------------------------------------------

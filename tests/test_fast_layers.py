@@ -190,6 +190,95 @@ def test_conv_non_contiguous_inputs():
 
 
 # --------------------------------------------------------------------------------------------
+# affine-ReLU forward for few rows
+
+# (N, D, M): N = 1, not a multiple of 3, the notebook's 50, the last kernel row count 63 and the
+# first NumPy one 64; D under / over / not a multiple of a k block (128); M under one group of 4
+# vectors (NumPy), at it, not a multiple of it, over one task's 4 groups, the notebook's shape
+FORWARD_CASES = [(1, 1, 40), (2, 5, 32), (4, 127, 33), (7, 129, 17), (5, 300, 95), (13, 64, 16),
+                 (50, 257, 200), (63, 130, 129), (64, 140, 70), (50, 8192, 500)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: "N{}D{}M{}".format(*c))
+def test_affine_relu_forward_matches_naive(case, dtype):
+    N, D, M = case
+    rng = _rng(sum(case) + 1)
+    x = rng.standard_normal((N, D)).astype(dtype)
+    w = rng.standard_normal((D, M)).astype(dtype)
+    b = rng.standard_normal(M).astype(dtype)
+    out, ((cx, cw, cb), cout) = fl.affine_relu_forward_fast(x, w, b)
+    ref = np.maximum(x.astype(np.float64) @ w.astype(np.float64) + b, 0)
+    assert out.dtype == dtype and out.shape == (N, M)
+    assert cout is out and cx is x and cw is w and cb is b
+    if dtype == np.float16:
+        np.testing.assert_allclose(out, ref, rtol=5e-3, atol=5e-3 * np.abs(ref).max())
+    else:
+        _close(out, ref, dtype, f"{case}")
+    if N > 63 or dtype == np.float16 or M < 4 * 32 // np.dtype(dtype).itemsize:
+        # NumPy's product, bias and ReLU: the naive layers bit for bit
+        np.testing.assert_array_equal(out, L.relu_forward(L.affine_forward(x, w, b)[0])[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_affine_relu_forward_keeps_nan_and_negative_zero_like_np_maximum(dtype):
+    """With D = 1 the kernel's sum is one rounded product, so out must be
+    np.maximum(x * w + b, 0) bit for bit: NaN stays NaN (a diverging run must show in its loss),
+    -0.0 and negatives become +0.0."""
+    rng = _rng(4)
+    x = rng.standard_normal((5, 1)).astype(dtype)
+    x[0, 0], x[1, 0] = np.nan, -np.finfo(dtype).tiny      # NaN; a product that underflows to -0.0
+    w = rng.standard_normal((1, 40)).astype(dtype)
+    w[0, :3] = np.finfo(dtype).tiny
+    b = np.where(rng.random(40) < 0.5, -0.0, rng.standard_normal(40)).astype(dtype)
+    b[:3] = -0.0
+    out, _ = fl.affine_relu_forward_fast(x, w, b)
+    expected = np.maximum(x * w + b, 0)
+    assert np.isnan(out[0]).all() and np.signbit((x * w + b)[1, :3]).all()   # the cases are really there
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(expected))
+
+
+def test_affine_relu_forward_bits_depend_on_neither_threads_nor_row_count():
+    """The Solver's and the trainer's runs are reproducible only if a row's output is the same
+    whatever the thread count, and a shard's rows the same in a call of any size."""
+    import numba
+
+    rng = _rng(12)
+    x = rng.standard_normal((50, 2 * 4 * 4 * 32 + 7)).astype(np.float32)
+    w = rng.standard_normal((x.shape[1], 301)).astype(np.float32)
+    b = rng.standard_normal(301).astype(np.float32)
+    threads = numba.get_num_threads()
+    results = []
+    try:
+        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}) * 2:
+            numba.set_num_threads(t)
+            results.append(fl.affine_relu_forward_fast(x, w, b)[0])
+    finally:
+        numba.set_num_threads(threads)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    for lo, hi in ((0, 1), (3, 10), (10, 50), (49, 50)):
+        np.testing.assert_array_equal(fl.affine_relu_forward_fast(x[lo:hi], w, b)[0], results[0][lo:hi])
+
+
+def test_affine_relu_forward_views_unmodified_and_bad_shapes():
+    rng = _rng(6)
+    x = rng.standard_normal((6, 4, 3, 9)).astype(np.float32).transpose(0, 3, 2, 1)  # (6, 9, 3, 4) view
+    w = rng.standard_normal((40, 108)).astype(np.float32).T                        # (108, 40) view
+    b = rng.standard_normal(80).astype(np.float32)[::2]                            # (40,) view
+    copies = [a.copy() for a in (x, w, b)]
+    out, _ = fl.affine_relu_forward_fast(x, w, b)
+    _close(out, np.maximum(x.reshape(6, -1).astype(np.float64) @ w + b, 0), np.float32)
+    for a, c in zip((x, w, b), copies):
+        np.testing.assert_array_equal(a, c)
+    with pytest.raises(ValueError, match=r"flattens to D=108 .* w has shape \(107, 40\)"):
+        fl.affine_relu_forward_fast(x, w[:107], b)
+    with pytest.raises(ValueError, match="b"):
+        fl.affine_relu_forward_fast(x, w, b[:39])
+
+
+# --------------------------------------------------------------------------------------------
 # affine weight gradient with the L2 term
 
 # (N, D, M): M under / at / over one panel of 4 vectors (32 float32, 16 float64 columns) and

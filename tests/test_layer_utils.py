@@ -310,8 +310,10 @@ def test_conv_gn_relu_pool_equals_naive_composition(case, G, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("x_shape,M", [((5, 2, 3, 2), 7), ((50, 4, 4, 3), 70)])   # M 70: reg on the dw kernel
+@pytest.mark.parametrize("x_shape,M", [((5, 2, 3, 2), 7), ((50, 4, 4, 3), 70), ((64, 4, 4, 3), 70)])
 def test_affine_relu_equals_naive_composition(dtype, x_shape, M):
+    # NumPy's path (M 7), the kernels' (50 rows, M 70: the forward kernel and reg's dw kernel),
+    # 64 rows: NumPy's forward product again
     rng = np.random.default_rng(9)
     x = rng.standard_normal(x_shape).astype(dtype)
     D = int(np.prod(x_shape[1:]))
@@ -319,7 +321,10 @@ def test_affine_relu_equals_naive_composition(dtype, x_shape, M):
     out, cache = lu.affine_relu_forward(x, w, b)
     a, c1 = L.affine_forward(x, w, b)
     r, c2 = L.relu_forward(a)
-    np.testing.assert_array_equal(out, r)
+    if x_shape[0] < 64 and M >= 32:
+        _close(out, r, dtype, "out")
+    else:
+        np.testing.assert_array_equal(out, r)
     dout = rng.standard_normal(out.shape).astype(dtype)
     grads = lu.affine_relu_backward(dout, cache)
     for g, gn in zip(grads, L.affine_backward(L.relu_backward(dout, c2), c1)):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from pipeline._simd import lanes, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
+from pipeline._simd import lanes, prefetch, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
 
 @njit(cache=False)
@@ -56,3 +56,23 @@ def test_strided_arrays_do_not_compile():
     assert load_first(a) == sum(range(8))
     with pytest.raises(TypingError):
         load_first(a[::2])
+
+
+def test_prefetch_is_a_hint_that_changes_nothing():
+    """Prefetching every element, the last one included, leaves the arrays and the sum alone;
+    a strided view does not compile (its addresses would be wrong)."""
+    from numba.core.errors import TypingError
+
+    @njit(cache=False)
+    def prefetched_sum(a):
+        s = 0.0
+        for i in range(a.size):
+            prefetch(a, i)
+            s += a[i]
+        return s
+
+    a = np.arange(1000, dtype=np.float32)
+    assert prefetched_sum(a) == a.sum(dtype=np.float64)
+    np.testing.assert_array_equal(a, np.arange(1000, dtype=np.float32))
+    with pytest.raises(TypingError):
+        prefetched_sum(a[::2])

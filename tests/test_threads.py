@@ -158,7 +158,7 @@ def _parallel_kernels():
 
 def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     """Every parallel kernel launched from Python, on the layers' every path (direct and im2col
-    convolutions with dx, both pools, both norms, the affine dw with L2, Adam, L2, the training
+    convolutions with dx, both pools, both norms, the affine forward and dw with L2, Adam, L2, the training
     reduce), holds the lock."""
     import numpy as np
 
@@ -175,7 +175,7 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
         return run
 
     kernels = [(module, name) for module, name in _parallel_kernels() if name not in INNER_KERNELS]
-    assert len(kernels) >= 19, kernels                  # the search finds the package's kernels
+    assert len(kernels) >= 20, kernels                  # the search finds the package's kernels
     for module, name in kernels:
         monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
 
@@ -195,6 +195,7 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     fl.spatial_groupnorm_backward_fast(np.ones_like(out), cache)
     big = np.ones((64, 32, 32, 32), np.float32)           # large enough to run on the pool, not serially
     fl.max_pool_forward_fast(big, {"pool_height": 2, "pool_width": 2, "stride": 2})
+    fl.affine_relu_forward_fast(np.ones((4, 10), np.float32), np.ones((10, 40), np.float32), np.zeros(40, np.float32))
     fl.affine_dw_l2_fast(np.ones((4, 10), np.float32), np.ones((4, 40), np.float32), np.ones((10, 40), np.float32), 0.1)
     w = np.ones(1000, np.float32)
     optim.adam(w, w.copy(), {})
