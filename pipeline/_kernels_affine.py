@@ -42,7 +42,7 @@ import numpy as np
 from numba import njit, prange
 
 from pipeline._kernels_conv import _fma_3x4, _load_3x4, _store_3x4, _zeros_3x4
-from pipeline._simd import lanes, prefetch, vadd, vload, vmul, vsplat, vstore
+from pipeline._simd import lanes, prefetch, vadd, vload, vmul, vsplat
 
 #: rows of dw per task: 16 blocks of 3 (the task's x2 rows, 3 * N values per block, stay in L1)
 ROWS = 48
@@ -63,13 +63,18 @@ def pack_panels(da, G, dap):
 
 
 @njit(parallel=True, cache=True)
-def affine_dw_l2(x2, dap, w, reg, dw):
-    """dw (D, M) = x2.T @ da + reg[0] * w, da as pack_panels left it in dap; x2 (N, D), w (D, M)
-    and dw C-contiguous, one dtype; M >= G = 4 vectors (32 float32 or 16 float64 columns).
+def affine_dw_l2(x2, dap, w, coef, add, dw):
+    """dw (D, M) = [dw +] (x2.T @ da + coef[0] * w) * coef[1], da as pack_panels left it in dap;
+    x2 (N, D), w (D, M) and dw C-contiguous, one dtype; M >= G = 4 vectors (32 float32 or 16
+    float64 columns). Each operation rounded in turn as NumPy's ``np.add(dw, np.multiply(
+    np.add(s, np.multiply(w, reg)), scale))`` would; w is not read when coef[0] == 0 (s taken as
+    is), dw not read unless ``add``. coef[1] = 1 leaves the sum unchanged (an exact product).
 
     One task per ROWS rows of dw. D not a multiple of 3: the last block of a task repeats its
     last row; both the repeated row and a panel's overlapping columns are written twice with
-    the same value.
+    the same value. With ``add``, a block's 12 vectors are all read before any is stored (so a
+    repeated row adds once), and the last panel, when it overlaps the one before, adds to the
+    values its columns had before that panel stored them (copied first into ``tail``).
     """
     N, D = x2.shape
     M = w.shape[1]
@@ -80,6 +85,7 @@ def affine_dw_l2(x2, dap, w, reg, dw):
     nj = (M + G - 1) // G
     wf = w.reshape(-1)
     of = dw.reshape(-1)
+    use_w = coef[0] != 0
     for t in prange((D + ROWS - 1) // ROWS):
         i_lo = t * ROWS
         i_hi = min(i_lo + ROWS, D)
@@ -95,11 +101,17 @@ def affine_dw_l2(x2, dap, w, reg, dw):
                 xb[q] = x2[k, i0]
                 xb[q + 1] = x2[k, i1]
                 xb[q + 2] = x2[k, i2]
-        rg = vsplat(reg, 0)
+        rg = vsplat(coef, 0)
+        sc = vsplat(coef, 1)
+        tail = np.empty(3 * G, dtype=dw.dtype)   # the last panel's old values (add, overlap)
+        overlap = add and M % G != 0
         for b in range(nb):
             i0 = i_lo + 3 * b
             i1 = min(i0 + 1, i_hi - 1)
             i2 = min(i0 + 2, i_hi - 1)
+            if overlap:
+                _store_3x4(tail, 0, G, 2 * G, 0, V, 2 * V, 3 * V,
+                           _load_3x4(of, i0 * M + M - G, i1 * M + M - G, i2 * M + M - G, 0, V, 2 * V, 3 * V))
             for jb in range(nj):
                 j0 = min(jb * G, M - G)
                 # s[r][c] = sum_k x2[k, i_r] * da[k, j0 + c*V : j0 + (c+1)*V]
@@ -109,31 +121,47 @@ def affine_dw_l2(x2, dap, w, reg, dw):
                     o = (jb * N + k) * G
                     s = _fma_3x4(vsplat(xb, q), vsplat(xb, q + 1), vsplat(xb, q + 2), dap,
                                  o, o + V, o + 2 * V, o + 3 * V, s)
-                _store_l2_3x4(of, wf, rg, i0 * M + j0, i1 * M + j0, i2 * M + j0, V, s)
+                p0, p1, p2 = i0 * M + j0, i1 * M + j0, i2 * M + j0
+                if overlap and jb == nj - 1:
+                    s = _finish_3x4(tail, 0, G, 2 * G, wf, p0, p1, p2, rg, sc, use_w, add, V, s)
+                else:
+                    s = _finish_3x4(of, p0, p1, p2, wf, p0, p1, p2, rg, sc, use_w, add, V, s)
+                _store_3x4(of, p0, p1, p2, 0, V, 2 * V, 3 * V, s)
 
 
 @njit(cache=True, inline="always")
-def _store_l2_3x4(of, wf, rg, p0, p1, p2, V, s):
-    """of[p_r + c*V : p_r + (c+1)*V] = s[r][c] + rg * wf[same] (the product rounded first), for
-    rows r = 0..2 starting at p0, p1, p2 and vectors c = 0..3."""
+def _finish(src, q, wf, p, rg, sc, use_w, add, a):
+    """[src[q:q+V] +] (a [+ rg * wf[p:p+V]]) * sc, each operation rounded."""
+    if use_w:
+        a = vadd(a, vmul(vload(wf, p), rg))
+    a = vmul(a, sc)
+    if add:
+        a = vadd(vload(src, q), a)
+    return a
+
+
+@njit(cache=True, inline="always")
+def _finish_3x4(src, q0, q1, q2, wf, p0, p1, p2, rg, sc, use_w, add, V, s):
+    """_finish for a block's 12 vectors: rows r = 0..2 at q_r in src (the values added to) and
+    p_r in wf (w), vectors c = 0..3 at + c*V."""
     a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = s
-    vstore(of, p0, vadd(a0, vmul(vload(wf, p0), rg)))
-    vstore(of, p0 + V, vadd(a1, vmul(vload(wf, p0 + V), rg)))
-    vstore(of, p0 + 2 * V, vadd(a2, vmul(vload(wf, p0 + 2 * V), rg)))
-    vstore(of, p0 + 3 * V, vadd(a3, vmul(vload(wf, p0 + 3 * V), rg)))
-    vstore(of, p1, vadd(b0, vmul(vload(wf, p1), rg)))
-    vstore(of, p1 + V, vadd(b1, vmul(vload(wf, p1 + V), rg)))
-    vstore(of, p1 + 2 * V, vadd(b2, vmul(vload(wf, p1 + 2 * V), rg)))
-    vstore(of, p1 + 3 * V, vadd(b3, vmul(vload(wf, p1 + 3 * V), rg)))
-    vstore(of, p2, vadd(c0, vmul(vload(wf, p2), rg)))
-    vstore(of, p2 + V, vadd(c1, vmul(vload(wf, p2 + V), rg)))
-    vstore(of, p2 + 2 * V, vadd(c2, vmul(vload(wf, p2 + 2 * V), rg)))
-    vstore(of, p2 + 3 * V, vadd(c3, vmul(vload(wf, p2 + 3 * V), rg)))
+    return (_finish(src, q0, wf, p0, rg, sc, use_w, add, a0),
+            _finish(src, q0 + V, wf, p0 + V, rg, sc, use_w, add, a1),
+            _finish(src, q0 + 2 * V, wf, p0 + 2 * V, rg, sc, use_w, add, a2),
+            _finish(src, q0 + 3 * V, wf, p0 + 3 * V, rg, sc, use_w, add, a3),
+            _finish(src, q1, wf, p1, rg, sc, use_w, add, b0),
+            _finish(src, q1 + V, wf, p1 + V, rg, sc, use_w, add, b1),
+            _finish(src, q1 + 2 * V, wf, p1 + 2 * V, rg, sc, use_w, add, b2),
+            _finish(src, q1 + 3 * V, wf, p1 + 3 * V, rg, sc, use_w, add, b3),
+            _finish(src, q2, wf, p2, rg, sc, use_w, add, c0),
+            _finish(src, q2 + V, wf, p2 + V, rg, sc, use_w, add, c1),
+            _finish(src, q2 + 2 * V, wf, p2 + 2 * V, rg, sc, use_w, add, c2),
+            _finish(src, q2 + 3 * V, wf, p2 + 3 * V, rg, sc, use_w, add, c3))
 
 
 # ---- the forward product for few rows ----------------------------------------------------------
 
-#: fewer rows than this take ``affine_relu_rows``; from 64 rows on one thread OpenBLAS's product
+#: at most this many rows take ``affine_relu_rows``; from 64 rows on one thread OpenBLAS's product
 #: was as fast or faster (7.2 against 7.5 ms at 64 rows, 14.1 against 15.1 at 128)
 FWD_MAX_ROWS = 63
 #: column groups of G = 4 vectors per task (128 float32 columns: 4 tasks for M = 500)
@@ -157,6 +185,8 @@ def affine_relu_rows(x2, w, b, out):
     G = 4 * V
     if M < G:  # a group would start before column 0: vload does no bounds checks
         raise ValueError("affine_relu_rows: w needs at least 4 vectors of columns")
+    if w.shape[0] != D or b.shape[0] != M or out.shape[0] != N or out.shape[1] != M or D == 0:
+        raise ValueError("affine_relu_rows: expected x2 (N, D), w (D, M), b (M,), out (N, M) with D >= 1")
     ng = (M + G - 1) // G
     nt = (N + 2) // 3                        # row tiles of 3
     TS = nt * 3 * G                          # one group's sums in scratch: row i at i * G

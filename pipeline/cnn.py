@@ -137,10 +137,19 @@ class ThreeLayerConvNet:
         self.bn_param["running_var"] = running_average(self.bn_param["running_var"], var, m, self.dtype)
 
     # -- forward and backward ------------------------------------------------------------------
-    def loss(self, X, y=None):
+    def loss(self, X, y=None, *, into=None, scale=1.0, accumulate=False):
         """Scores for X (N, C, H, W) when y is None; else (loss, grads) for labels y (N,).
 
         grads[k] is the gradient of the loss with respect to params[k].
+
+        With ``into`` (a dict of C-contiguous arrays shaped and typed like params), each
+        gradient times ``scale`` is written into into[k] instead, or added into it with
+        ``accumulate`` (``into[k] + grad * scale``, the product rounded first), and grads is
+        ``into``: a data-parallel worker's shard, its gradient sum (scale = its image count)
+        going straight to its tree node. W2's, the largest, goes there from the pass that
+        computes it (``fast_layers.affine_dw_l2_fast``); the bits are the same as scaling the
+        gradient that this call with ``reg`` computes (for reg = 0: up to W2's product, whose
+        kernel sums in another order than NumPy's).
         """
         X = np.asarray(X, dtype=self.dtype)
         p = self.params
@@ -158,12 +167,22 @@ class ThreeLayerConvNet:
 
         grads = {}
         dout2, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
-        dout1, grads["W2"], grads["b2"] = affine_relu_backward(dout2, cache2, reg=self.reg)  # + reg * W2
+        dout1, grads["W2"], grads["b2"] = affine_relu_backward(  # + reg * W2 [, * scale into into["W2"]]
+            dout2, cache2, reg=self.reg, dw_out=None if into is None else into["W2"], scale=scale, add=accumulate)
         grads.update(self._conv_block_backward(dout1, cache1))
         if self.reg:
             for name in ("W1", "W3"):
                 _add_l2(grads[name], p[name], self.reg)
-        return data_loss + reg_loss, grads
+        if into is None:
+            return data_loss + reg_loss, grads
+        for name, g in grads.items():
+            if name == "W2":
+                continue                      # already there
+            if accumulate:
+                add_scaled(into[name], g, scale)
+            else:
+                np.multiply(g, into[name].dtype.type(scale), out=into[name])
+        return data_loss + reg_loss, into
 
     def _conv_block_forward(self, X, train):
         p, conv, pool = self.params, self.conv_param, self.pool_param

@@ -14,13 +14,15 @@ of the general convolution:
   layout (with db in the same pass), ``dw = dout2 @ cols.T``; ``dx`` (GEMM + col2im) only
   when ``compute_dx=True``.
 - affine-ReLU forward with fewer than 64 rows, ``relu(x @ w + b)`` (``affine_relu_forward_fast``,
-  the model's hidden layer at the notebook's batch of 50 and on the workers' small shards):
+  the model's hidden layer at the notebook's batch of 50 and on a worker's shards under 64 images):
   w's strips read straight from w into L1, sums in registers, bias and ReLU in the store
   (``ka.affine_relu_rows``). From 64 rows on, NumPy's product, then bias, then ReLU.
 - an affine layer's weight gradient with its L2 term, ``dw = x.T @ da + reg * w``
-  (``affine_dw_l2_fast``, the model's hidden layer when reg > 0): one kernel pass that reads w
-  once and writes dw once (``ka.affine_dw_l2``), where NumPy's product and the L2 term pass
-  over these 16 MB four times.
+  (``affine_dw_l2_fast``, the model's hidden layer when reg > 0, or when the gradient goes
+  straight into a caller's array: a worker's shard, scaled by its image count, written to or
+  added into its tree node): one kernel pass that reads w once (not at all when reg = 0) and
+  writes dw once (``ka.affine_dw_l2``), where NumPy's product, the L2 term and the scaled copy
+  pass over these 16 MB four to six times.
 - max pooling: one pass that records each window's argmax; backward scatters to it.
 - spatial batch norm / group norm: per channel / per group reductions in float64.
 
@@ -312,8 +314,8 @@ def affine_relu_forward_fast(x, w, b):
     N = x.shape[0] if x.ndim else 0
     dtype = layer_dtype(x)
     G = 4 * VECTOR_BYTES // dtype.itemsize
-    if (0 < N <= ka.FWD_MAX_ROWS and kernel_dtype(dtype) == dtype == w.dtype == b.dtype and w.ndim == 2
-            and w.shape[1] >= G and b.shape == (w.shape[1],) and x.size == N * w.shape[0]):
+    if (0 < N <= ka.FWD_MAX_ROWS and kernel_dtype(dtype) == dtype == x.dtype == w.dtype == b.dtype and w.ndim == 2
+            and w.shape[0] > 0 and w.shape[1] >= G and b.shape == (w.shape[1],) and x.size == N * w.shape[0]):
         out = np.empty((N, w.shape[1]), dtype)
         _launch(ka.affine_relu_rows, out.size * w.shape[0], _as(x.reshape(N, -1), dtype), _as(w, dtype),
                 _as(b, dtype), out)
@@ -327,20 +329,25 @@ def affine_relu_forward_fast(x, w, b):
 # affine weight gradient with the L2 term (ka.affine_dw_l2)
 
 
-def affine_dw_l2_fast(x, da, w, reg):
-    """The gradient of ``loss + 0.5 * reg * sum(w**2)`` with respect to an affine layer's w.
+def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
+    """The gradient of ``loss + 0.5 * reg * sum(w**2)`` with respect to an affine layer's w,
+    times ``scale``, returned or written into (added into) ``out``.
 
     Inputs:
     - x: the layer's input, shape (N, d_1, ..., d_k), D = d_1 * ... * d_k
     - da: upstream derivative of the layer's output, shape (N, M)
     - w: weights, shape (D, M)
-    - reg: L2 strength
+    - reg: L2 strength (0: w is not read)
+    - scale: the gradient's factor (a shard's image count: its mean-loss gradient as a sum)
+    - out: None, or a C-contiguous (D, M) array of w's dtype that receives the result
+    - add: with ``out``, add the result to it instead of overwriting it
 
-    Returns dw = x.reshape(N, D).T @ da + reg * w, shape (D, M), in w's dtype: one kernel pass
-    over w and dw (``pipeline._kernels_affine``) when x, da and w share float32 or float64 and M
-    is at least 4 SIMD vectors (32 or 16 columns); else NumPy's product in the inputs' dtypes
-    (float16 stays float16, unlike the other fast layers), then the rounded reg * w added (the
-    kernel's last step too).
+    Returns dw = [out +] (x.reshape(N, D).T @ da + reg * w) * scale, shape (D, M), in w's dtype
+    (``out`` itself when given), each operation rounded as NumPy's ``np.add``/``np.multiply``
+    would. One kernel pass over w and dw (``pipeline._kernels_affine``) when x, da and w share
+    float32 or float64 and M is at least 4 SIMD vectors (32 or 16 columns); else NumPy's
+    product in the inputs' dtypes (float16 stays float16, unlike the other fast layers), then
+    the same steps.
     """
     x, da, w = np.asarray(x), np.asarray(da), np.asarray(w)
     N = x.shape[0] if x.ndim else 0
@@ -349,16 +356,31 @@ def affine_dw_l2_fast(x, da, w, reg):
         raise ValueError(f"affine_dw_l2: expected x (N, ...) with D features, da (N, M), w (D, M); "
                          f"got x {x.shape}, da {da.shape}, w {w.shape}")
     dtype = layer_dtype(w)
+    if out is not None and not (isinstance(out, np.ndarray) and out.shape == w.shape and out.dtype == dtype
+                                and out.flags.c_contiguous and out.flags.writeable):
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"affine_dw_l2: out must be a writeable C-contiguous {dtype} array of shape {w.shape}, "
+                         f"got {got}")
+    if add and out is None:
+        raise ValueError("affine_dw_l2: add=True needs out (the array to add to)")
     G = 4 * VECTOR_BYTES // dtype.itemsize
     if kernel_dtype(dtype) == dtype == x.dtype == da.dtype and w.shape[1] >= G and N > 0:
         x2 = _as(x.reshape(N, D), dtype)
         dap = _aligned_empty(-(-w.shape[1] // G) * N * G, dtype)
         ka.pack_panels(_as(da, dtype), G, dap)
-        dw = np.empty(w.shape, dtype)
-        _launch(ka.affine_dw_l2, dw.size * N, x2, dap, _as(w, dtype), np.array([reg], dtype), dw)
+        dw = np.empty(w.shape, dtype) if out is None else out
+        _launch(ka.affine_dw_l2, dw.size * N, x2, dap, _as(w, dtype), np.array([reg, scale], dtype), bool(add), dw)
         return dw
     dw = (x.reshape(N, D).T @ da).astype(dtype, copy=False)
-    return np.add(dw, np.multiply(w, dtype.type(reg)), out=dw)
+    if reg:
+        dw = np.add(dw, np.multiply(w, dtype.type(reg)), out=dw)
+    dw = np.multiply(dw, dtype.type(scale), out=dw)
+    if out is None:
+        return dw
+    if add:
+        return np.add(out, dw, out=out)
+    out[...] = dw
+    return out
 
 
 def _aligned_empty(n, dtype) -> np.ndarray:

@@ -5,10 +5,15 @@ They use the fast layers inside and fuse where it saves a pass over the data:
   backward masks dout by that output once, before the convolution's backward kernels.
 - conv_relu_pool, conv_bn_relu_pool, conv_gn_relu_pool: ReLU and pooling are one pass
   (max of the window, then max(., 0)); the pool's backward masks the gradient by its output.
-- affine_relu backward with ``reg``: the L2 term's gradient reg * w is added to dw in the pass
-  that writes dw (``fast_layers.affine_dw_l2_fast``: float32 or float64 with at least 32 or
-  16 columns; otherwise it is added after NumPy's product, with the same rounding).
-The results equal those of the unfused composition of the layers (tests check that).
+- affine_relu forward with fewer than 64 rows: product, bias and ReLU in one pass
+  (``fast_layers.affine_relu_forward_fast``).
+- affine_relu backward with ``reg`` or ``dw_out``: the L2 term's gradient reg * w is added to
+  dw, and dw scaled and written to (or added into) the caller's array, in the pass that writes
+  dw (``fast_layers.affine_dw_l2_fast``: float32 or float64 with at least 32 or 16 columns;
+  otherwise after NumPy's product, with the same rounding).
+The results equal those of the unfused composition of the layers (tests check that), except
+where a kernel sums a product in its own order (affine_relu's forward under 64 rows, its dw with
+``reg`` or ``dw_out``): there they agree to rounding.
 
 Every backward function takes the keyword ``compute_dx`` (default True); with
 ``compute_dx=False`` it returns None for dx and skips that work (a network's first layer does
@@ -73,7 +78,7 @@ def affine_relu_forward(x, w, b):
     return fl.affine_relu_forward_fast(x, w, b)
 
 
-def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0):
+def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0, dw_out=None, scale=1.0, add=False):
     """Backward pass of affine_relu_forward.
 
     Inputs:
@@ -82,6 +87,9 @@ def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0):
     - compute_dx: if False, dx is None and not computed
     - reg: if nonzero, dw includes reg * w, the gradient of an L2 term 0.5 * reg * sum(w**2)
       (``fast_layers.affine_dw_l2_fast``)
+    - dw_out, scale, add: if dw_out (a C-contiguous (D, M) array of w's dtype) is given, dw * scale
+      is written into it, or added into it with ``add``, in the pass that computes dw, and
+      dw_out is returned as dw
 
     Returns a tuple of:
     - dx: shape of x, dtype of x (or None)
@@ -95,8 +103,8 @@ def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0):
     dx = None
     if compute_dx:
         dx = (da @ np.asarray(w).T).reshape(x.shape).astype(layer_dtype(x), copy=False)
-    if reg:
-        dw = fl.affine_dw_l2_fast(x, da, w, reg)
+    if reg or dw_out is not None:
+        dw = fl.affine_dw_l2_fast(x, da, w, reg, scale=scale, out=dw_out, add=add)
     else:
         dw = (np.asarray(x).reshape(N, -1).T @ da).astype(layer_dtype(w), copy=False)
     db = da.sum(axis=0).astype(layer_dtype(b), copy=False)

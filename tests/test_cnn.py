@@ -28,6 +28,34 @@ def test_initial_loss_is_about_ln10_and_grows_with_reg():
     assert loss_reg > loss + 0.01, (loss, loss_reg)
 
 
+@pytest.mark.parametrize("hidden_dim", [40, 7])          # W2 from the kernel (40 >= 32 columns), from NumPy
+@pytest.mark.parametrize("normalization", [None, "spatial_batchnorm"])
+def test_loss_into_writes_and_adds_the_scaled_gradients(hidden_dim, normalization):
+    """loss(X, y, into=, scale=, accumulate=): a worker's shard gradient times its image count,
+    written into (or added into) the caller's arrays, the bits of scaling loss(X, y)'s gradients
+    (reg > 0: W2 from the same kernel either way), grads returned as into itself."""
+    from pipeline.optim import add_scaled
+
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(10, size=5)
+    model = ThreeLayerConvNet(num_filters=4, filter_size=3, input_dim=(3, 8, 8), hidden_dim=hidden_dim,
+                              dtype=np.float32, reg=0.01, normalization=normalization, seed=3, weight_scale=0.1)
+    loss, grads = model.loss(X, y)
+    scale = np.float32(5)
+    into = {k: np.full_like(v, np.nan) for k, v in model.params.items()}
+    loss_into, got = model.loss(X, y, into=into, scale=scale)
+    assert got is into and loss_into == loss
+    base = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.params.items()}
+    added = {k: v.copy() for k, v in base.items()}
+    model.loss(X, y, into=added, scale=scale, accumulate=True)
+    for k, g in grads.items():
+        np.testing.assert_array_equal(into[k], np.multiply(g, scale), err_msg=k)
+        expected = base[k].copy()
+        add_scaled(expected, g, scale)
+        np.testing.assert_array_equal(added[k], expected, err_msg=k)
+
+
 @pytest.mark.parametrize("normalization", [None, "spatial_batchnorm", "groupnorm"])
 @pytest.mark.parametrize("reg", [0.0, 0.3])
 def test_gradient_check_float64(normalization, reg):

@@ -122,7 +122,8 @@ def test_workers_thin_dasks_diagnostics_as_the_embedded_cluster_does(config):
     import dask.config
 
     parsed = dask.config.collect_env({k: str(v) for k, v in expected.items()})
-    assert dask.config.get("distributed.worker.profile.enabled", config=parsed) is False
+    for key, value in QUIET_DIAGNOSTICS.items():   # hyphens in keys read back from the env's underscores
+        assert dask.config.get(key, config=parsed) == value, key
 
 
 def test_limits_follow_the_environment():

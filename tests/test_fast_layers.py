@@ -192,10 +192,10 @@ def test_conv_non_contiguous_inputs():
 # --------------------------------------------------------------------------------------------
 # affine-ReLU forward for few rows
 
-# (N, D, M): N = 1, not a multiple of 3, the notebook's 50, the last kernel row count 63 and the
+# (N, D, M): D = 0 (NumPy: relu(b)), N = 1, not a multiple of 3, the notebook's 50, the last kernel row count 63 and the
 # first NumPy one 64; D under / over / not a multiple of a k block (128); M under one group of 4
 # vectors (NumPy), at it, not a multiple of it, over one task's 4 groups, the notebook's shape
-FORWARD_CASES = [(1, 1, 40), (2, 5, 32), (4, 127, 33), (7, 129, 17), (5, 300, 95), (13, 64, 16),
+FORWARD_CASES = [(3, 0, 40), (1, 1, 40), (2, 5, 32), (4, 127, 33), (7, 129, 17), (5, 300, 95), (13, 64, 16),
                  (50, 257, 200), (63, 130, 129), (64, 140, 70), (50, 8192, 500)]
 
 
@@ -212,10 +212,10 @@ def test_affine_relu_forward_matches_naive(case, dtype):
     assert out.dtype == dtype and out.shape == (N, M)
     assert cout is out and cx is x and cw is w and cb is b
     if dtype == np.float16:
-        np.testing.assert_allclose(out, ref, rtol=5e-3, atol=5e-3 * np.abs(ref).max())
+        np.testing.assert_allclose(out, ref, rtol=5e-3, atol=5e-3 * max(np.abs(ref).max(), 1))
     else:
         _close(out, ref, dtype, f"{case}")
-    if N > 63 or dtype == np.float16 or M < 4 * 32 // np.dtype(dtype).itemsize:
+    if N > 63 or D == 0 or dtype == np.float16 or M < 4 * 32 // np.dtype(dtype).itemsize:
         # NumPy's product, bias and ReLU: the naive layers bit for bit
         np.testing.assert_array_equal(out, L.relu_forward(L.affine_forward(x, w, b)[0])[0])
 
@@ -228,9 +228,9 @@ def test_affine_relu_forward_keeps_nan_and_negative_zero_like_np_maximum(dtype):
     rng = _rng(4)
     x = rng.standard_normal((5, 1)).astype(dtype)
     x[0, 0], x[1, 0] = np.nan, -np.finfo(dtype).tiny      # NaN; a product that underflows to -0.0
-    w = rng.standard_normal((1, 40)).astype(dtype)
+    w = rng.standard_normal((1, 41)).astype(dtype)          # 41: NumPy's np.maximum has a scalar tail too
     w[0, :3] = np.finfo(dtype).tiny
-    b = np.where(rng.random(40) < 0.5, -0.0, rng.standard_normal(40)).astype(dtype)
+    b = np.where(rng.random(41) < 0.5, -0.0, rng.standard_normal(41)).astype(dtype)
     b[:3] = -0.0
     out, _ = fl.affine_relu_forward_fast(x, w, b)
     expected = np.maximum(x * w + b, 0)
@@ -250,8 +250,10 @@ def test_affine_relu_forward_bits_depend_on_neither_threads_nor_row_count():
     b = rng.standard_normal(301).astype(np.float32)
     threads = numba.get_num_threads()
     results = []
+    counts = sorted({1, numba.config.NUMBA_NUM_THREADS})
+    assert len(counts) == 2 or numba.config.NUMBA_NUM_THREADS == 1   # one count only on a 1-thread pool
     try:
-        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}) * 2:
+        for t in counts * 2:
             numba.set_num_threads(t)
             results.append(fl.affine_relu_forward_fast(x, w, b)[0])
     finally:
@@ -339,6 +341,41 @@ def test_affine_dw_l2_bit_identical_across_calls_and_threads():
         numba.set_num_threads(threads)
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize("D, M", [(7, 40), (50, 64), (97, 95), (10, 17)])   # overlapping last panel, none, NumPy's path
+@pytest.mark.parametrize("reg", [0.0, 0.3])
+def test_affine_dw_l2_scaled_into_out_rounds_each_step_like_numpy(dtype, D, M, reg):
+    """dw = [out +] (s + reg * w) * scale with s the kernel's own product (reg 0, scale 1, the
+    bits NumPy's steps give from it): written into out, or added to it once even where the last
+    column panel overlaps the one before (its columns computed twice) or a block repeats a row."""
+    rng = _rng(D + M)
+    x = rng.standard_normal((9, D)).astype(dtype)
+    da = rng.standard_normal((9, M)).astype(dtype)
+    w = rng.standard_normal((D, M)).astype(dtype)
+    base = rng.standard_normal((D, M)).astype(dtype)
+    s = fl.affine_dw_l2_fast(x, da, w, 0.0)
+    g = np.add(s, np.multiply(w, dtype(reg))) if reg else s
+    expected = np.multiply(g, dtype(9))
+    out = np.full((D, M), np.nan, dtype)
+    assert fl.affine_dw_l2_fast(x, da, w, reg, scale=9, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    out = base.copy()
+    assert fl.affine_dw_l2_fast(x, da, w, reg, scale=9, out=out, add=True) is out
+    np.testing.assert_array_equal(out, np.add(base, expected))
+    ref = x.astype(np.float64).T @ da.astype(np.float64) + reg * w.astype(np.float64)
+    if dtype != np.float16:
+        _close(out, base + 9 * ref, dtype)
+
+
+def test_affine_dw_l2_names_a_bad_out():
+    x, da, w = np.ones((2, 10), np.float32), np.ones((2, 40), np.float32), np.ones((10, 40), np.float32)
+    for bad in (np.zeros((10, 39), np.float32), np.zeros((10, 40), np.float64), np.zeros((40, 10), np.float32).T):
+        with pytest.raises(ValueError, match=r"affine_dw_l2: out must be a writeable C-contiguous float32 array of shape \(10, 40\)"):
+            fl.affine_dw_l2_fast(x, da, w, 0.0, out=bad)
+    with pytest.raises(ValueError, match="add=True needs out"):
+        fl.affine_dw_l2_fast(x, da, w, 0.0, add=True)
 
 
 def test_affine_dw_l2_non_contiguous_inputs_unmodified_and_bad_shapes():

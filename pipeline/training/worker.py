@@ -29,7 +29,6 @@ import numpy as np
 
 from pipeline._threads import set_threads
 from pipeline.errors import TrainingError
-from pipeline.optim import add_scaled
 from pipeline.training.plan import CHUNK, StepPlan, children, covers
 from pipeline.training.reduce import adam_scalars, tree_adam, warm_kernels
 from pipeline.training.transport import SHARD_FIELDS, SHARD_HEAD, Layout, ShmRef, attach, record_is, write_record
@@ -201,13 +200,8 @@ def _compute_nodes(spec: TaskSpec, views: dict, plan: StepPlan, part: int, data:
         """Shard i's (mean-loss gradient) x n written to out, or added to it when ``add``."""
         X, y, read_s = data[i - first]
         t0, begin = time.perf_counter(), time.time()
-        loss, grads = model.loss(X, y)
         n = len(y)
-        for name, view in spec.layout.views(out).items():
-            if add:
-                add_scaled(view, grads[name], dt(n))
-            else:
-                np.multiply(grads[name], dt(n), out=view)
+        loss, _ = model.loss(X, y, into=spec.layout.views(out), scale=dt(n), accumulate=add)
         bn = model.last_batch_stats if spec.model.norm == "spatial_batchnorm" else None
         stats[i - first] = {"n": n, "loss_sum": float(loss) * n, "read_s": read_s,
                             "compute_s": time.perf_counter() - t0, "begin": begin, "end": time.time(),
