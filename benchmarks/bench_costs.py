@@ -3,8 +3,8 @@
     python benchmarks/bench_costs.py [--data data/cifar10.zarr]
 
 Measures, one process, one thread each (a worker's view): the model's forward+backward per
-image at shard sizes 128, 64, 32 and 16; writing a shard's gradient sum and adding two tree
-nodes (per parameter); reduce + L2 + Adam of a slice (tree_adam, per parameter and frontier
+image at shard sizes 128, 64, 32 and 16, its gradient sum going into a tree node as a worker's
+does it (``loss(X, y, into=..., scale=n)``); adding two tree nodes (per parameter); reduce + L2 + Adam of a slice (tree_adam, per parameter and frontier
 node); Dask's cost per task on the embedded cluster. Then prints the model's step time and
 images/s for W workers on one host (shared memory) and for hosts x workers over a network.
 """
@@ -55,15 +55,15 @@ def main() -> int:
     per_image = {}
     for shard in (128, 64, 32, 16):
         X, y = store.read("train", np.arange(shard))
-        model.loss(X, y)
-        per_image[shard] = best(lambda: model.loss(X, y)) / shard
-        print(f"  compute, shard {shard:>3}: {1e3 * per_image[shard]:.3f} ms per image (forward + backward)")
+        node = {name: np.zeros_like(p) for name, p in model.params.items()}
+        model.loss(X, y, into=node, scale=np.float32(shard))
+        per_image[shard] = best(lambda: model.loss(X, y, into=node, scale=np.float32(shard))) / shard
+        print(f"  compute, shard {shard:>3}: {1e3 * per_image[shard]:.3f} ms per image (forward + backward, "
+              f"its gradient sum into its tree node)")
 
-    g = np.random.default_rng(0).standard_normal(P).astype(np.float32)
-    slot, other = np.zeros_like(g), np.ones_like(g)
-    write = best(lambda: np.multiply(g, np.float32(128), out=slot)) / P
+    slot, other = np.zeros(P, np.float32), np.ones(P, np.float32)
     add = best(lambda: np.add(slot, other, out=slot)) / P
-    print(f"  gradient sum into its slot {1e9 * write:.2f} ns, one tree addition {1e9 * add:.2f} ns per parameter")
+    print(f"  one tree addition (two nodes of a worker's part): {1e9 * add:.2f} ns per parameter")
 
     update = {}
     for nodes in (1, 2, 4):
@@ -83,7 +83,8 @@ def main() -> int:
     print(f"  Dask: {1e3 * task:.2f} ms per task (200 tasks submitted at once, until all results are back; "
           f"embedded cluster, 2 workers)")
 
-    print("\nmodel: a worker's step = its shards' compute + writing their gradient sums and tree additions"
+    print("\nmodel: a worker's step = its shards' compute (their gradient sums into tree nodes) + the additions"
+          "\n       of two nodes (a leaf is added into its left sibling as it is computed: m shards, m/2 - 1 of them)"
           "\n       + reduce/L2/Adam of P/W parameters from W nodes + (tcp) 2 P (W-1)/W x 4 bytes over the link;"
           "\n       the coordinator's step = (W tasks shm, W^2 + 5W tasks tcp) x Dask's cost per task, in parallel"
           "\n       with the workers (parts are submitted a step ahead): step time = the larger of the two")
@@ -98,7 +99,7 @@ def main() -> int:
         shard = B // k
         c = per_image[min(per_image, key=lambda s: abs(s - shard))]
         mine = -(-k // W)                                    # shards of the busiest worker
-        compute = mine * shard * c + mine * P * (write + add)
+        compute = mine * shard * c + max(0, mine // 2 - 1) * P * add
         reduce = (update[1] + (W - 1) * per_node) * P / W
         net = 2 * P * (W - 1) / W * 4 / link if hosts > 1 else 0.0
         worker = compute + reduce + net

@@ -134,7 +134,7 @@ def run_convpipe(data, batch_size):
 #: the layer whose FLOPs per image (taken from the model's shapes) the phase does, that many times
 PHASES = (
     ("conv-relu-pool forward", "conv_relu_pool_forward", ("conv", 1)),
-    ("affine-relu forward (GEMM)", "affine_relu_forward", ("affine", 1)),
+    ("affine-relu forward (Numba < 64 rows)", "affine_relu_forward", ("affine", 1)),
     ("scores, softmax, backward", ("affine_forward", "softmax_loss", "affine_backward"), None),
     ("affine-relu backward (2 GEMMs, W2's L2)", "affine_relu_backward", ("affine", 2)),
     ("conv-relu-pool backward (dw)", "conv_relu_pool_backward", ("conv", 1)),
