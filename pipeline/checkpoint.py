@@ -9,6 +9,7 @@ A damaged file (truncated, bad CRC, missing metadata) raises :class:`CheckpointE
 from __future__ import annotations
 
 import json
+import threading
 import zipfile
 from pathlib import Path
 
@@ -19,6 +20,21 @@ from pipeline.errors import ConvpipeError
 
 META_KEY = "__meta__"
 FORMAT = "convpipe-checkpoint/1"
+
+
+#: held while a thread reads .npy/.npz files. NumPy parses each array's header with
+#: ``ast.literal_eval``, and CPython 3.11's AST constructor keeps its recursion depth in state
+#: shared by the interpreter's threads (python/cpython#106905): two threads parsing at once can
+#: fail with "SystemError: AST constructor recursion depth mismatch". A sweep's trials resume
+#: from their checkpoints in threads of one process; CI saw the error there once.
+NPY_READ_LOCK = threading.Lock()
+
+
+def read_npz(path) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` at ``path``, read eagerly, pickle-free, under NPY_READ_LOCK
+    (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError pass through)."""
+    with NPY_READ_LOCK, np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 class CheckpointError(ConvpipeError):
@@ -48,8 +64,7 @@ def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = read_npz(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path} is damaged or torn ({type(exc).__name__}: {exc})") from None
     blob = arrays.pop(META_KEY, None)

@@ -63,3 +63,31 @@ def test_pickled_object_arrays_are_refused(tmp_path):
     np.savez(path, __meta__=np.frombuffer(b'{"format": "convpipe-checkpoint/1"}', np.uint8), a=np.array([object()], dtype=object))
     with pytest.raises(CheckpointError, match="evil.npz"):
         load_checkpoint(path)
+
+
+def test_npy_headers_are_parsed_under_one_lock(tmp_path, monkeypatch):
+    """NumPy parses every array header with ast.literal_eval, which CPython 3.11 cannot run in
+    two threads at once (python/cpython#106905): checkpoints and run parameters are read
+    holding pipeline.checkpoint.NPY_READ_LOCK."""
+    import ast
+
+    from pipeline.checkpoint import NPY_READ_LOCK
+    from pipeline.training.rundir import RunDir
+
+    held = []
+    parse = ast.literal_eval
+
+    def checked(node_or_string):
+        held.append(NPY_READ_LOCK.locked())
+        return parse(node_or_string)
+
+    save_checkpoint(tmp_path / "c.npz", {"w": np.ones(3, np.float32)}, {"step": 1})
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    np.savez(run.params_path, W1=np.zeros(2, np.float32))
+    monkeypatch.setattr(ast, "literal_eval", checked)
+    arrays, _ = load_checkpoint(tmp_path / "c.npz")
+    params, _ = run.read_params()
+    assert arrays["w"].tolist() == [1, 1, 1] and params["W1"].tolist() == [0, 0]
+    assert len(held) >= 3 and all(held), held     # every header (the metadata's too) under the lock
+    assert not NPY_READ_LOCK.locked()

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.checkpoint import NPY_READ_LOCK
 from pipeline.data import sources as S
 from pipeline.data.download import download, is_url, url_basename
 from pipeline.data.paths import DEFAULT_STORE, OFFLINE_HINT, data_root as default_data_root, default_store
@@ -139,7 +140,9 @@ def _write_rows(store: str, split: str, start: int, files: list, rows: np.ndarra
     for path, lo, hi in files:
         sel = np.flatnonzero((rows >= lo) & (rows < hi))
         if sel.size:
-            X[sel] = np.load(path, mmap_mode="r", allow_pickle=False)[rows[sel] - lo]
+            with NPY_READ_LOCK:               # the header is parsed with ast (see the lock)
+                part = np.load(path, mmap_mode="r", allow_pickle=False)
+            X[sel] = part[rows[sel] - lo]
     X = X.reshape(-1, *IMAGE_SHAPE)
     write_block(store, split, start, X, labels)
     return len(X), (X.reshape(len(X), -1).sum(axis=0, dtype=np.int64) if want_sum else None)

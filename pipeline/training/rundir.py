@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_write, atomic_write_text
+from pipeline.checkpoint import read_npz
 from pipeline.errors import TrainingError
 
 CHECKPOINTS_KEPT = 2
@@ -135,8 +136,7 @@ class RunDir:
         if not self.params_path.exists():
             raise TrainingError(f"{self.params_path}: no such file (has the run finished?)")
         try:
-            with np.load(self.params_path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
+            arrays = read_npz(self.params_path)
         except (OSError, ValueError) as exc:
             raise TrainingError(f"{self.params_path}: unreadable parameters: {exc}") from None
         bn = {k: arrays.pop(k) for k in BN_KEYS if k in arrays} or None
