@@ -20,10 +20,12 @@ def _worker_settings(dask_worker):
 
 
 def test_the_embedded_clusters_workers_run_with_thinned_diagnostics():
+    before = {k: os.environ.get(k) for k in THREAD_ENV}
     with worker_cluster(workers=1, threads_per_worker=2) as client:
         (settings,) = client.run(_worker_settings).values()
     assert settings == {"threads": {k: "2" for k in THREAD_ENV}, "profiling": False,
                         "monitor_ms": 2000, "tick_ms": 500}
+    assert {k: os.environ.get(k) for k in THREAD_ENV} == before   # the nanny's values did not stay here
     # outside the context Dask's defaults are back (a later cluster in this process is plain)
     assert dask.config.get("distributed.worker.profile.enabled") is True
 
@@ -41,3 +43,21 @@ def test_a_cluster_given_by_address_keeps_its_own_diagnostics(monkeypatch):
         assert client == "client"
     assert seen["distributed.worker.profile.enabled"] is True
     assert seen["distributed.admin.system-monitor.interval"] != QUIET_DIAGNOSTICS["distributed.admin.system-monitor.interval"]
+
+
+def _thread_env():
+    return {k: os.environ.get(k) for k in THREAD_ENV}
+
+
+def test_the_callers_thread_variables_do_not_reach_the_workers(monkeypatch):
+    """Dask's nanny lets this process's OMP/OPENBLAS_NUM_THREADS override its pre-spawn
+    setting: a caller's 2 gave every worker a 2-thread OpenBLAS (read when NumPy loads, from the
+    environment the worker starts with; its products round differently, so a run's bits followed
+    the caller's shell). The workers start with threads_per_worker; the caller's values are back
+    afterwards."""
+    for k in THREAD_ENV:
+        monkeypatch.setenv(k, "2")
+    with worker_cluster(workers=1, threads_per_worker=1) as client:
+        (env,) = client.run(_thread_env).values()
+    assert env == {k: "1" for k in THREAD_ENV}
+    assert _thread_env() == {k: "2" for k in THREAD_ENV}

@@ -156,7 +156,9 @@ def test_a_cancelled_queued_job_never_runs(tmp_path):
         submitting = ThreadPoolExecutor(1).submit(job_client.submit, client, count_spec(tmp_path, steps=2),
                                                   job_id=job_id)
         preflight = f"convpipe-preflight-{job_id}-1"
-        until(lambda: task_state(client, preflight) == "processing", what="the preflight queued on the worker")
+        # queued on the worker itself, not only sent: the scheduler calls a task "processing"
+        # while its message may still be on the way, and `later` would take the thread first
+        until(lambda: worker_task_state(client, preflight) == "ready", what="the preflight queued on the worker")
         Event("first", client=client).set()
         rec = submitting.result(timeout=60)
         assert job_client.job_status(client, job_id)["state"] == "queued"
@@ -168,6 +170,16 @@ def test_a_cancelled_queued_job_never_runs(tmp_path):
         assert first.result() and later.result()
         assert status["state"] == "cancelled"
         assert not (Path(rec["run_dir"]) / "counts.txt").exists()
+
+
+def worker_task_state(client, key: str) -> str | None:
+    """The task's state on the (one) worker: "ready" once it waits there for a thread."""
+    def state(dask_worker=None, key=key):
+        ts = dask_worker.state.tasks.get(key)
+        return None if ts is None else ts.state
+
+    (found,) = client.run(state).values()
+    return found
 
 
 def task_state(client, key: str) -> str | None:

@@ -138,7 +138,14 @@ def worker_cluster(client=None, scheduler: str | None = None, workers: int | Non
                    threads_per_worker: int = 1) -> Iterator:
     """``client`` if given; else a client of the scheduler at ``scheduler``; else an embedded
     LocalCluster of ``workers`` processes whose BLAS uses ``threads_per_worker`` threads, with
-    Dask's diagnostics thinned (:data:`QUIET_DIAGNOSTICS`)."""
+    Dask's diagnostics thinned (:data:`QUIET_DIAGNOSTICS`).
+
+    The thread count holds whatever this process's environment says: Dask's nanny lets an
+    ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS`` already set here override its pre-spawn setting
+    (a caller's ``OPENBLAS_NUM_THREADS=2`` gave every worker a 2-thread OpenBLAS, whose products
+    round differently: another run's bits), and writes its own values into this process's
+    environment. So these variables are set here while the cluster lives, and restored after.
+    """
     if client is not None:
         yield client
         return
@@ -146,11 +153,28 @@ def worker_cluster(client=None, scheduler: str | None = None, workers: int | Non
     import distributed  # noqa: F401 - loads distributed's config defaults before we set one key in them
 
     env = {f"distributed.nanny.pre-spawn-environ.{k}": str(threads_per_worker) for k in THREAD_ENV}
-    if not scheduler:                      # the embedded cluster, as connect() decides
+    embedded = not scheduler                # as connect() decides
+    if embedded:
         env.update(QUIET_DIAGNOSTICS)
-    with dask.config.set(env):
+    threads = {k: str(threads_per_worker) for k in THREAD_ENV} if embedded else {}
+    with dask.config.set(env), _environ(threads):
         with connect(scheduler, workers=workers, threads_per_worker=threads_per_worker) as c:
             yield c
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set inside, each variable as it was (or unset) after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _preloads() -> list[str]:
