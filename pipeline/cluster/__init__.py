@@ -113,9 +113,10 @@ def connect(
         cluster.close()
 
 
-# BLAS/OpenMP threads of the worker processes. Not NUMBA_NUM_THREADS: the nanny also sets
-# these in the coordinator's own environment, and Numba refuses a changed NUMBA_NUM_THREADS
-# once its pool runs; every task sets its Numba thread count to threads_per_worker instead.
+# BLAS/OpenMP threads of the worker processes, set in this process's environment while the
+# embedded cluster lives (its worker processes inherit them). Not NUMBA_NUM_THREADS: Numba
+# refuses a changed NUMBA_NUM_THREADS once its pool runs in this process; every task sets its
+# Numba thread count to threads_per_worker instead.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 #: Dask's diagnostics, thinned for an embedded cluster whose every core computes. By default
@@ -142,22 +143,21 @@ def worker_cluster(client=None, scheduler: str | None = None, workers: int | Non
 
     The thread count holds whatever this process's environment says: Dask's nanny lets an
     ``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS`` already set here override its pre-spawn setting
-    (a caller's ``OPENBLAS_NUM_THREADS=2`` gave every worker a 2-thread OpenBLAS, whose products
-    round differently: another run's bits), and writes its own values into this process's
-    environment. So these variables are set here while the cluster lives, and restored after.
+    (``distributed.nanny.pre-spawn-environ``: a caller's ``OPENBLAS_NUM_THREADS=2`` gave every
+    worker a 2-thread OpenBLAS, whose products round differently: another run's bits), and
+    writes the values it used into this process's environment. So the variables themselves are
+    set here while the cluster lives (the nanny then spawns with them), and restored after.
     """
     if client is not None:
         yield client
         return
     import dask
-    import distributed  # noqa: F401 - loads distributed's config defaults before we set one key in them
+    import distributed  # noqa: F401 - loads distributed's config defaults before we set keys in them
 
-    env = {f"distributed.nanny.pre-spawn-environ.{k}": str(threads_per_worker) for k in THREAD_ENV}
     embedded = not scheduler                # as connect() decides
-    if embedded:
-        env.update(QUIET_DIAGNOSTICS)
+    config = QUIET_DIAGNOSTICS if embedded else {}
     threads = {k: str(threads_per_worker) for k in THREAD_ENV} if embedded else {}
-    with dask.config.set(env), _environ(threads):
+    with dask.config.set(config), _environ(threads):
         with connect(scheduler, workers=workers, threads_per_worker=threads_per_worker) as c:
             yield c
 
