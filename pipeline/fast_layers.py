@@ -374,13 +374,10 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
     dw = (x.reshape(N, D).T @ da).astype(dtype, copy=False)
     if reg:
         dw = np.add(dw, np.multiply(w, dtype.type(reg)), out=dw)
-    dw = np.multiply(dw, dtype.type(scale), out=dw)
-    if out is None:
-        return dw
-    if add:
-        return np.add(out, dw, out=out)
-    out[...] = dw
-    return out
+    if out is None or add:
+        dw = np.multiply(dw, dtype.type(scale), out=dw)
+        return dw if out is None else np.add(out, dw, out=out)
+    return np.multiply(dw, dtype.type(scale), out=out)
 
 
 def _aligned_empty(n, dtype) -> np.ndarray:
