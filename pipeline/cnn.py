@@ -65,7 +65,9 @@ class ThreeLayerConvNet:
         - num_groups: groups G of group normalisation (a positive divisor of num_filters).
         - bn_momentum: momentum of spatial batchnorm's running averages, in [0, 1].
         - norm_eps: epsilon of the normalisation.
-        - seed: seed of the initialisation; None draws from ``np.random`` as cs231n does.
+        - seed: seed of the initialisation (``np.random.default_rng(seed)``); None draws from
+          ``np.random`` as cs231n does; a ``np.random.RandomState`` draws from it (the numbers
+          cs231n's draws give after ``np.random.seed(s)``, without the global state).
         """
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
@@ -89,6 +91,8 @@ class ThreeLayerConvNet:
 
         if seed is None:
             randn = np.random.randn
+        elif isinstance(seed, np.random.RandomState):
+            randn = seed.randn
         else:
             rng = np.random.default_rng(seed)
             randn = lambda *shape: rng.standard_normal(shape)  # noqa: E731

@@ -19,6 +19,60 @@ from pipeline.training.reduce import adam_scalars, combine_moments, pairwise, tr
 from pipeline.training.rundir import RunDir, write_plots
 from pipeline.training.shards import Schedule, epoch_permutation, subset
 from pipeline.training.transport import Layout, SharedState, attach, record_is, remove_stale, shm_root, write_record
+from pipeline.training.worker import ModelSpec
+
+
+# ---- ModelSpec ----------------------------------------------------------------------------------
+
+SPEC = ModelSpec(4, 3, 16, 10, "spatial_batchnorm", 4, "float32")
+
+
+def test_a_spec_builds_cs231n_weights_without_touching_the_global_random_state(monkeypatch):
+    from pipeline.cnn import ThreeLayerConvNet
+
+    np.random.seed(5)
+    cs231n = ThreeLayerConvNet(num_filters=4, filter_size=3, hidden_dim=16, weight_scale=0.1, seed=None,
+                               normalization="spatial_batchnorm").params
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the global random state was used")
+
+    for name in ("seed", "get_state", "set_state", "randn", "rand"):
+        monkeypatch.setattr(np.random, name, refused)
+    built = SPEC.build(weight_scale=0.1, seed=5).params
+    assert sorted(built) == sorted(cs231n)
+    for k in cs231n:
+        assert built[k].dtype == np.float32 and np.array_equal(built[k], cs231n[k]), k
+
+
+def test_networks_built_in_threads_at_once_get_their_seeds_weights():
+    """Trials of a sweep build their networks in threads while an in-process cluster's workers
+    build theirs: each must get its own seed's draws (they once shared np.random)."""
+    import threading
+
+    want = {seed: SPEC.build(weight_scale=0.1, seed=seed).params["W2"] for seed in (0, 1)}
+    stop, wrong = threading.Event(), []
+
+    def reseed():                        # another thread using np.random all along
+        while not stop.is_set():
+            np.random.seed(7)
+            np.random.randn(100)
+
+    def build(seed):
+        for _ in range(30):
+            if not np.array_equal(SPEC.build(weight_scale=0.1, seed=seed).params["W2"], want[seed]):
+                wrong.append(seed)
+
+    noise = threading.Thread(target=reseed)
+    builders = [threading.Thread(target=build, args=(i % 2,)) for i in range(4)]
+    noise.start()
+    for t in builders:
+        t.start()
+    for t in builders:
+        t.join()
+    stop.set()
+    noise.join()
+    assert wrong == []
 
 
 # ---- TrainConfig --------------------------------------------------------------------------------

@@ -58,21 +58,18 @@ class ModelSpec:
         return None if self.norm == "none" else self.norm
 
     def build(self, weight_scale: float = 1e-3, reg: float = 0.0, seed: int | None = 0):
-        """The network with weights drawn cs231n's way from ``np.random`` seeded with ``seed``
-        (the global random state is restored afterwards)."""
+        """The network with weights drawn cs231n's way, as ``np.random.seed(seed)`` then
+        ``np.random.randn`` would draw them, from a private ``RandomState``: the global random
+        state is neither read nor written, so threads building networks at once (trials of a
+        sweep training side by side, an in-process cluster's workers) each get their own draws."""
         from pipeline.cnn import ThreeLayerConvNet
 
-        saved = np.random.get_state()
-        try:
-            np.random.seed(seed)
-            return ThreeLayerConvNet(
-                input_dim=self.input_dim, num_filters=self.num_filters, filter_size=self.filter_size,
-                hidden_dim=self.hidden_dim, num_classes=self.num_classes, weight_scale=weight_scale,
-                reg=reg, dtype=np.dtype(self.dtype), normalization=self.normalization,
-                num_groups=self.num_groups,
-            )
-        finally:
-            np.random.set_state(saved)
+        return ThreeLayerConvNet(
+            input_dim=self.input_dim, num_filters=self.num_filters, filter_size=self.filter_size,
+            hidden_dim=self.hidden_dim, num_classes=self.num_classes, weight_scale=weight_scale,
+            reg=reg, dtype=np.dtype(self.dtype), normalization=self.normalization,
+            num_groups=self.num_groups, seed=np.random.RandomState(seed),
+        )
 
 
 @dataclass(frozen=True)
