@@ -136,7 +136,7 @@ PHASES = (
     ("conv-relu-pool forward", "conv_relu_pool_forward", ("conv", 1)),
     ("affine-relu forward (Numba < 64 rows)", "affine_relu_forward", ("affine", 1)),
     ("scores, softmax, backward", ("affine_forward", "softmax_loss", "affine_backward"), None),
-    ("affine-relu backward (2 GEMMs, W2's L2)", "affine_relu_backward", ("affine", 2)),
+    ("affine-relu backward (dx+squares, dw+L2)", "affine_relu_backward", ("affine", 2)),
     ("conv-relu-pool backward (dw)", "conv_relu_pool_backward", ("conv", 1)),
     ("L2 term of W1 and W3", "_add_l2", None),
 )
@@ -191,14 +191,14 @@ def print_breakdown(b, batch_size):
     ms = b["ms"]
     inside = sum(ms.get(label, 0.0) for label, _, _ in PHASES)
     rows = [(label, ms.get(label, 0.0), b["flops_per_image"].get(label)) for label, _, _ in PHASES]
-    rows.insert(3, ("reg loss, checks, the rest of loss", ms["model.loss"] - inside, None))
+    rows.insert(3, ("W1's and W3's squares, checks, the rest", ms["model.loss"] - inside, None))
     rows.append(("Adam (all parameters)", ms["Adam (all parameters)"], None))
     rows.append(("the Solver's own (batch, bookkeeping)", b["step_ms"] - ms["model.loss"] - ms["Adam (all parameters)"], None))
     print(f"\none Solver step, batch {batch_size}, phase by phase (mean of {b['steps']} steps, timed in place): "
           f"{b['step_ms']:.1f} ms; NumPy sgemm 2048x2048 here: {b['sgemm_gflops']:.0f} GFLOP/s")
     for label, t, flops in rows:
         rate = f"{flops * batch_size / t / 1e6:6.0f} GFLOP/s" if flops and t > 0 else ""
-        print(f"  {label:>38}: {t:6.2f} ms  {100 * t / b['step_ms']:5.1f}%  {rate}")
+        print(f"  {label:>40}: {t:6.2f} ms  {100 * t / b['step_ms']:5.1f}%  {rate}")
 
 
 def run_torch(data, batch_size, threads):

@@ -1,7 +1,9 @@
 """Numba kernels for the hidden affine layer: its forward product for few rows with bias and
-ReLU fused in, and its weight gradient with the L2 term fused in:
+ReLU fused in, its input gradient for few rows with the L2 loss term's sum of squares fused in,
+and its weight gradient with the L2 term fused in:
 
     out = relu(x2 @ w + b)            out (N, M)    x2 (N, D)    w (D, M)    (N < 64)
+    dx = da @ w.T, sum(w**2)          dx (N, D)     da (N, M)    w (D, M)    (N < 64)
     dw = x2.T @ da + reg * w          dw, w (D, M)    x2 (N, D)    da (N, M)
 
 **The forward product** (``affine_relu_rows``). With 50 rows (the notebook's batch) OpenBLAS
@@ -13,6 +15,18 @@ strip prefetched meanwhile. The sums go to a per-task scratch between k blocks, 
 ``relu(sum + b)`` to out. Bits: out[i, j] is the k-ordered FMA chain over k = 0..D-1, then one
 rounded addition of b[j], then ``np.maximum(., 0)``'s choice (NaN kept, -0.0 to +0.0): which thread,
 task or tile computes it, and how many rows the call has, do not change it.
+
+**The input gradient** (``affine_dx_rows``). With 50 rows OpenBLAS's ``da @ w.T`` ran at about
+80 GFLOP/s, and the loss's L2 term read w's 16 MB once more (``np.vdot(w, w)``). Here da is
+first copied transposed into panels of G = 4 vectors of rows (``pack_row_panels``, zeros past
+row N - 1), each contiguous in k; a task owns ROWS rows of w, and for every block of 3 of them
+x one panel sums w[j, k] * da[i:i + G, k] over k = 0..M-1 in 12 vector registers (the same
+``_fma_3x4``: w's 3 values are the broadcasts), then stores the 3 x G sums transposed into
+dx[i, j]. The block's rows of w, just read, are then squared from L1 for the L2 term. dx[i, j]
+is the k-ordered FMA chain over k = 0..M-1 (from 0): neither the thread count nor the call's
+row count changes it. The sum of squares: per row of w, float32 vector sums over k (two
+accumulators of V lanes, then the lanes in order, then the tail), added in float64 in row
+order within a task, and the tasks' sums added in task order by the caller.
 
 **The weight gradient** (``affine_dw_l2``).
 
@@ -42,7 +56,7 @@ import numpy as np
 from numba import njit, prange
 
 from pipeline._kernels_conv import _fma_3x4, _load_3x4, _store_3x4, _zeros_3x4
-from pipeline._simd import lanes, prefetch, vadd, vload, vmul, vsplat
+from pipeline._simd import lanes, prefetch, vadd, vfma, vload, vmul, vsplat, vsum, vzero
 
 #: rows of dw per task: 16 blocks of 3 (the task's x2 rows, 3 * N values per block, stay in L1)
 ROWS = 48
@@ -157,6 +171,93 @@ def _finish_3x4(src, q0, q1, q2, wf, p0, p1, p2, rg, sc, use_w, add, V, s):
             _finish(src, q2 + V, wf, p2 + V, rg, sc, use_w, add, c1),
             _finish(src, q2 + 2 * V, wf, p2 + 2 * V, rg, sc, use_w, add, c2),
             _finish(src, q2 + 3 * V, wf, p2 + 3 * V, rg, sc, use_w, add, c3))
+
+
+# ---- the input gradient for few rows ---------------------------------------------------------
+
+@njit(cache=True)
+def pack_row_panels(da, G, dat):
+    """dat[(p * M + k) * G + c] = da[p * G + c, k], 0 past row N - 1: da (N, M) transposed into
+    panels of G rows, each contiguous in k (ceil(N / G) panels)."""
+    N, M = da.shape
+    for p in range((N + G - 1) // G):
+        for k in range(M):
+            o = (p * M + k) * G
+            for c in range(G):
+                i = p * G + c
+                dat[o + c] = da[i, k] if i < N else 0
+
+
+@njit(parallel=True, cache=True)
+def affine_dx_rows(dat, w, N, dx, sq):
+    """dx (N, D) = da @ w.T, da (N, M) as pack_row_panels left it in dat; w (D, M) and dx
+    C-contiguous, one dtype. Meant for N < 64 (``FWD_MAX_ROWS``); correct for any N >= 1.
+    sq: empty, or one float64 per task of ROWS rows of w: sq[t] = the sum of w[j]**2 over the
+    task's rows (each row's sum as ``_row_sumsq`` takes it, added in row order).
+
+    One task per ROWS rows of w. D not a multiple of 3: the last block of a task repeats its
+    last row (its dx column written twice with the same value, its square counted once).
+    """
+    D, M = w.shape
+    V = lanes(w)
+    G = 4 * V
+    npan = (N + G - 1) // G
+    if dx.shape[0] != N or dx.shape[1] != D or dat.size < npan * M * G or N < 1:
+        raise ValueError("affine_dx_rows: expected dat of ceil(N / G) panels, w (D, M), dx (N, D), N >= 1")
+    if sq.size != 0 and sq.size != (D + ROWS - 1) // ROWS:
+        raise ValueError("affine_dx_rows: sq must be empty or hold one value per task of ROWS rows")
+    wf = w.reshape(-1)
+    for t in prange((D + ROWS - 1) // ROWS):
+        i_lo = t * ROWS
+        i_hi = min(i_lo + ROWS, D)
+        tb = np.empty(3 * G, dtype=w.dtype)    # one tile's sums: tb[r * G + c] = dx[p * G + c, j_r]
+        total = 0.0
+        for j0 in range(i_lo, i_hi, 3):
+            j1 = min(j0 + 1, i_hi - 1)
+            j2 = min(j0 + 2, i_hi - 1)
+            q0, q1, q2 = j0 * M, j1 * M, j2 * M
+            for p in range(npan):
+                # s[r][c] = sum_k w[j_r, k] * da[p*G + c*V : p*G + (c+1)*V, k]
+                s = _zeros_3x4(w)
+                o = p * M * G
+                for k in range(M):
+                    s = _fma_3x4(vsplat(wf, q0 + k), vsplat(wf, q1 + k), vsplat(wf, q2 + k), dat,
+                                 o, o + V, o + 2 * V, o + 3 * V, s)
+                    o += G
+                _store_3x4(tb, 0, G, 2 * G, 0, V, 2 * V, 3 * V, s)
+                for c in range(min(G, N - p * G)):
+                    row = dx[p * G + c]
+                    row[j0] = tb[c]
+                    row[j1] = tb[G + c]
+                    row[j2] = tb[2 * G + c]
+            if sq.size:                        # the rows just read, from L1
+                total += _row_sumsq(wf, q0, M, V)
+                if j1 > j0:
+                    total += _row_sumsq(wf, q1, M, V)
+                if j2 > j1:
+                    total += _row_sumsq(wf, q2, M, V)
+        if sq.size:
+            sq[t] = total
+
+
+@njit(cache=True, inline="always")
+def _row_sumsq(wf, q, M, V):
+    """sum of wf[q:q + M]**2: two vector sums of V lanes over pairs of vectors, added, their
+    lanes summed in order, then the tail's squares; float64 from the vector sums on."""
+    a0 = vzero(wf)
+    a1 = vzero(wf)
+    k = 0
+    while k + 2 * V <= M:
+        u = vload(wf, q + k)
+        a0 = vfma(u, u, a0)
+        u = vload(wf, q + k + V)
+        a1 = vfma(u, u, a1)
+        k += 2 * V
+    total = float(vsum(vadd(a0, a1)))
+    while k < M:
+        total += float(wf[q + k] * wf[q + k])
+        k += 1
+    return total
 
 
 # ---- the forward product for few rows ----------------------------------------------------------

@@ -166,13 +166,15 @@ class ThreeLayerConvNet:
             return scores
 
         data_loss, dscores = softmax_loss(scores, y)
-        weights = [p["W1"], p["W2"], p["W3"]]
-        reg_loss = 0.5 * self.reg * sum(float(np.vdot(W, W)) for W in weights) if self.reg else 0.0
 
         grads = {}
         dout2, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
-        dout1, grads["W2"], grads["b2"] = affine_relu_backward(  # + reg * W2 [, * scale into into["W2"]]
-            dout2, cache2, reg=self.reg, dw_out=None if into is None else into["W2"], scale=scale, add=accumulate)
+        # dW2 + reg * W2 [, * scale into into["W2"]]; with reg, sum(W2**2) from the dx pass
+        dout1, grads["W2"], grads["b2"], *w2_sq = affine_relu_backward(
+            dout2, cache2, reg=self.reg, dw_out=None if into is None else into["W2"], scale=scale, add=accumulate,
+            sumsq=bool(self.reg))
+        squares = [float(np.vdot(p["W1"], p["W1"])), *w2_sq, float(np.vdot(p["W3"], p["W3"]))]
+        reg_loss = 0.5 * self.reg * sum(squares) if self.reg else 0.0
         grads.update(self._conv_block_backward(dout1, cache1))
         if self.reg:
             for name in ("W1", "W3"):

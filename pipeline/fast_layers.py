@@ -72,6 +72,7 @@ __all__ = [
     "conv_forward_im2col",
     "conv_backward_im2col",
     "affine_relu_forward_fast",
+    "affine_dx_fast",
     "affine_dw_l2_fast",
     "max_pool_forward_fast",
     "max_pool_backward_fast",
@@ -323,6 +324,48 @@ def affine_relu_forward_fast(x, w, b):
     a, _ = affine_forward(x, w, b)
     out, _ = relu_forward(a)
     return out, ((x, w, b), out)
+
+
+# --------------------------------------------------------------------------------------------
+# affine input gradient for few rows, with w's sum of squares (ka.affine_dx_rows)
+
+
+def affine_dx_fast(da, w, sumsq=False):
+    """The gradient of an affine layer's loss with respect to its (flattened) input, and
+    optionally the sum of its squared weights (its L2 loss term's, before ``0.5 * reg``), from
+    one pass over w.
+
+    Inputs:
+    - da: upstream derivative of the layer's output, shape (N, M)
+    - w: weights, shape (D, M)
+    - sumsq: also return sum(w**2), a Python float
+
+    Returns dx = da @ w.T, shape (N, D), dtype of da [, sumsq].
+
+    With 1 to 63 rows (``ka.FWD_MAX_ROWS``) and da and w sharing float32 or float64: one kernel
+    pass (``ka.affine_dx_rows``) whose dx[i, j] depends on row i of da and row j of w only, not
+    on N or the thread count; the sum of squares then comes from float32 (float64) vector sums
+    over each row of w, added in float64 in a fixed order. Else NumPy's ``da @ w.T`` and
+    ``np.vdot(w, w)`` (float16's in float32).
+    """
+    da, w = np.asarray(da), np.asarray(w)
+    if da.ndim != 2 or w.ndim != 2 or da.shape[1] != w.shape[1]:
+        raise ValueError(f"affine_dx: expected da (N, M) and w (D, M), got da {da.shape}, w {w.shape}")
+    N, (D, M) = da.shape[0], w.shape
+    dtype = layer_dtype(da)
+    if 0 < N <= ka.FWD_MAX_ROWS and kernel_dtype(dtype) == dtype == da.dtype == w.dtype and D > 0 and M > 0:
+        G = 4 * VECTOR_BYTES // dtype.itemsize
+        dat = _aligned_empty(-(-N // G) * M * G, dtype)
+        ka.pack_row_panels(_as(da, dtype), G, dat)
+        dx = np.empty((N, D), dtype)
+        sq = np.zeros(-(-D // ka.ROWS) if sumsq else 0)
+        _launch(ka.affine_dx_rows, dx.size * M, dat, _as(w, dtype), N, dx, sq)
+        return (dx, float(sq.sum())) if sumsq else dx
+    dx = (da @ w.T).astype(dtype, copy=False)
+    if not sumsq:
+        return dx
+    wk = w.astype(kernel_dtype(w.dtype), copy=False)      # float16's squares would overflow at 65,504
+    return dx, float(np.vdot(wk, wk))
 
 
 # --------------------------------------------------------------------------------------------

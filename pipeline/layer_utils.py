@@ -78,7 +78,7 @@ def affine_relu_forward(x, w, b):
     return fl.affine_relu_forward_fast(x, w, b)
 
 
-def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0, dw_out=None, scale=1.0, add=False):
+def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0, dw_out=None, scale=1.0, add=False, sumsq=False):
     """Backward pass of affine_relu_forward.
 
     Inputs:
@@ -90,25 +90,31 @@ def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0, dw_out=None, sca
     - dw_out, scale, add: if dw_out (a C-contiguous (D, M) array of w's dtype) is given, dw * scale
       is written into it, or added into it with ``add``, in the pass that computes dw, and
       dw_out is returned as dw
+    - sumsq: if True (with compute_dx), also return sum(w**2) (for the L2 term's value), from
+      the pass that computes dx (``fast_layers.affine_dx_fast``)
 
     Returns a tuple of:
     - dx: shape of x, dtype of x (or None)
     - dw: shape (D, M), dtype of w
     - db: shape (M,), dtype of b
+    - sumsq: a float, only when ``sumsq``
     """
     (x, w, b), out = cache
     dout = check_dout(dout, out.shape, "affine_relu")
     da = np.where(out > 0, dout, 0).astype(out.dtype, copy=False)
     N = x.shape[0]
-    dx = None
+    if sumsq and not compute_dx:
+        raise ValueError("affine_relu_backward: sumsq=True comes from the dx pass; it needs compute_dx=True")
+    dx = sq = None
     if compute_dx:
-        dx = (da @ np.asarray(w).T).reshape(x.shape).astype(layer_dtype(x), copy=False)
+        dx, sq = fl.affine_dx_fast(da, w, sumsq=True) if sumsq else (fl.affine_dx_fast(da, w), None)
+        dx = dx.reshape(x.shape).astype(layer_dtype(x), copy=False)
     if reg or dw_out is not None:
         dw = fl.affine_dw_l2_fast(x, da, w, reg, scale=scale, out=dw_out, add=add)
     else:
         dw = (np.asarray(x).reshape(N, -1).T @ da).astype(layer_dtype(w), copy=False)
     db = da.sum(axis=0).astype(layer_dtype(b), copy=False)
-    return dx, dw, db
+    return (dx, dw, db, sq) if sumsq else (dx, dw, db)
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,6 +76,26 @@ def test_gradient_check_float64(normalization, reg):
         assert grads[name].shape == model.params[name].shape
 
 
+@pytest.mark.parametrize("N", [50, 64])                 # W2's squares from the dx kernel's pass, from np.vdot
+def test_the_l2_term_of_the_loss_sums_every_weights_squares(N, monkeypatch):
+    from pipeline import _kernels_affine as ka
+
+    calls = []
+    kernel = ka.affine_dx_rows
+    monkeypatch.setattr(ka, "affine_dx_rows", lambda *a: calls.append(a[-1].size) or kernel(*a))
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((N, 3, 8, 8)).astype(np.float32)
+    y = rng.integers(10, size=N)
+    model = ThreeLayerConvNet(num_filters=4, filter_size=3, input_dim=(3, 8, 8), hidden_dim=40, reg=0.0,
+                              seed=3, weight_scale=0.5)
+    data_loss, _ = model.loss(X, y)
+    model.reg = 0.25
+    loss, _ = model.loss(X, y)
+    squares = sum(float(np.sum(model.params[k].astype(np.float64) ** 2)) for k in ("W1", "W2", "W3"))
+    assert loss == pytest.approx(data_loss + 0.125 * squares, rel=1e-6)
+    assert calls == ([0, -(-64 // ka.ROWS)] if N < 64 else [])   # dx alone, then with the squares (per task of rows)
+
+
 def test_w2_gradient_with_reg_from_the_fused_kernel_float64(monkeypatch):
     """hidden_dim 20 >= one float64 panel (16 columns): W2's gradient, L2 term included, comes
     from the kernel of fast_layers.affine_dw_l2_fast; checked against centered differences."""

@@ -339,6 +339,13 @@ def test_affine_relu_equals_naive_composition(dtype, x_shape, M):
     np.testing.assert_array_equal(db2, grads[2])
     assert dw2.dtype == dtype
     _close(dw2, grads[1].astype(np.float64) + 1e-2 * w.astype(np.float64), dtype)
+    # sumsq: the same three, and sum(w**2) for the L2 term's value from the dx pass
+    *same, sq = lu.affine_relu_backward(dout, cache, reg=1e-2, sumsq=True)
+    for g, g2 in zip(same, (dx2, dw2, db2)):
+        np.testing.assert_array_equal(g, g2)
+    assert sq == pytest.approx(float(np.sum(w.astype(np.float64) ** 2)), rel=1e-12 if dtype == np.float64 else 1e-6)
+    with pytest.raises(ValueError, match="sumsq=True comes from the dx pass; it needs compute_dx=True"):
+        lu.affine_relu_backward(dout, cache, compute_dx=False, sumsq=True)
 
 
 def test_sandwiches_do_not_modify_inputs_and_accept_views():
