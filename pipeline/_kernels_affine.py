@@ -26,7 +26,7 @@ dx[i, j]. The block's rows of w, just read, are then squared from L1 for the L2 
 is the k-ordered FMA chain over k = 0..M-1 (from 0): neither the thread count nor the call's
 row count changes it. The sum of squares: per row of w, float32 vector sums over k (two
 accumulators of V lanes, then the lanes in order, then the tail), added in float64 in row
-order within a task, and the tasks' sums added in task order by the caller.
+order within a task; the caller adds the tasks' sums (``np.sum``: one fixed order).
 
 **The weight gradient** (``affine_dw_l2``).
 
