@@ -3,7 +3,7 @@ ReLU fused in, its input gradient for few rows with the L2 loss term's sum of sq
 and its weight gradient with the L2 term fused in:
 
     out = relu(x2 @ w + b)            out (N, M)    x2 (N, D)    w (D, M)    (N < 64)
-    dx = da @ w.T, sum(w**2)          dx (N, D)     da (N, M)    w (D, M)    (N < 64)
+    dx = da @ w.T, sum(w**2)          dx (N, D)     da (N, M)    w (D, M)    (15 < N < 64)
     dw = x2.T @ da + reg * w          dw, w (D, M)    x2 (N, D)    da (N, M)
 
 **The forward product** (``affine_relu_rows``). With 50 rows (the notebook's batch) OpenBLAS
@@ -16,7 +16,7 @@ strip prefetched meanwhile. The sums go to a per-task scratch between k blocks, 
 rounded addition of b[j], then ``np.maximum(., 0)``'s choice (NaN kept, -0.0 to +0.0): which thread,
 task or tile computes it, and how many rows the call has, do not change it.
 
-**The input gradient** (``affine_dx_rows``). With 50 rows OpenBLAS's ``da @ w.T`` ran at about
+**The input gradient** (``affine_dx_rows``, for 16 to 63 rows). With 50 rows OpenBLAS's ``da @ w.T`` ran at about
 80 GFLOP/s, and the loss's L2 term read w's 16 MB once more (``np.vdot(w, w)``). Here da is
 first copied transposed into panels of G = 4 vectors of rows (``pack_row_panels``, zeros past
 row N - 1), each contiguous in k; a task owns ROWS rows of w, and for every block of 3 of them
@@ -25,7 +25,7 @@ x one panel sums w[j, k] * da[i:i + G, k] over k = 0..M-1 in 12 vector registers
 dx[i, j]. The block's rows of w, just read, are then squared from L1 for the L2 term. dx[i, j]
 is the k-ordered FMA chain over k = 0..M-1 (from 0): neither the thread count nor the call's
 row count changes it. The sum of squares: per row of w, float32 vector sums over k (two
-accumulators of V lanes, then the lanes in order, then the tail), added in float64 in row
+accumulators of V lanes, then the lanes in order), then in float64 the tail, added in row
 order within a task; the caller adds the tasks' sums (``np.sum``: one fixed order).
 
 **The weight gradient** (``affine_dw_l2``).
@@ -175,6 +175,12 @@ def _finish_3x4(src, q0, q1, q2, wf, p0, p1, p2, rg, sc, use_w, add, V, s):
 
 # ---- the input gradient for few rows ---------------------------------------------------------
 
+#: the fewest rows that take ``affine_dx_rows`` (at most FWD_MAX_ROWS): a panel is 32 float32 rows
+#: whatever N. D 8192, M 500, median of 15, one thread: 4.0-4.7 ms at 1-12 rows against OpenBLAS's
+#: 1.3-4.1, 4.4-4.6 at 16 against 4.0-4.6, 4.6 at 24 against 4.9-5.5; two threads alike. A worker's
+#: shard of 16 trained at 1,395 and 1,397 images/s with the kernel, 1,286 and 1,297 without
+DX_MIN_ROWS = 16
+
 @njit(cache=True)
 def pack_row_panels(da, G, dat):
     """dat[(p * M + k) * G + c] = da[p * G + c, k], 0 past row N - 1: da (N, M) transposed into
@@ -191,12 +197,12 @@ def pack_row_panels(da, G, dat):
 @njit(parallel=True, cache=True)
 def affine_dx_rows(dat, w, N, dx, sq):
     """dx (N, D) = da @ w.T, da (N, M) as pack_row_panels left it in dat; w (D, M) and dx
-    C-contiguous, one dtype. Meant for N < 64 (``FWD_MAX_ROWS``); correct for any N >= 1.
+    C-contiguous, one dtype. Meant for DX_MIN_ROWS <= N <= FWD_MAX_ROWS; correct for any N >= 1.
     sq: empty, or one float64 per task of ROWS rows of w: sq[t] = the sum of w[j]**2 over the
     task's rows (each row's sum as ``_row_sumsq`` takes it, added in row order).
 
     One task per ROWS rows of w. D not a multiple of 3: the last block of a task repeats its
-    last row (its dx column written twice with the same value, its square counted once).
+    last row (its dx column written again with the same value, its square counted once).
     """
     D, M = w.shape
     V = lanes(w)
@@ -243,7 +249,8 @@ def affine_dx_rows(dat, w, N, dx, sq):
 @njit(cache=True, inline="always")
 def _row_sumsq(wf, q, M, V):
     """sum of wf[q:q + M]**2: two vector sums of V lanes over pairs of vectors, added, their
-    lanes summed in order, then the tail's squares; float64 from the vector sums on."""
+    lanes summed in order (in w's dtype), then the tail's squares (each rounded in w's dtype) added
+    one by one in float64."""
     a0 = vzero(wf)
     a1 = vzero(wf)
     k = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.fast_layers import sum_of_squares
 from pipeline.layers import affine_backward, affine_forward, softmax_loss
 from pipeline.layer_utils import (
     affine_relu_backward,
@@ -169,12 +170,13 @@ class ThreeLayerConvNet:
 
         grads = {}
         dout2, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
-        # dW2 + reg * W2 [, * scale into into["W2"]]; with reg, sum(W2**2) from the dx pass
-        dout1, grads["W2"], grads["b2"], *w2_sq = affine_relu_backward(
-            dout2, cache2, reg=self.reg, dw_out=None if into is None else into["W2"], scale=scale, add=accumulate,
-            sumsq=bool(self.reg))
-        squares = [float(np.vdot(p["W1"], p["W1"])), *w2_sq, float(np.vdot(p["W3"], p["W3"]))]
-        reg_loss = 0.5 * self.reg * sum(squares) if self.reg else 0.0
+        # dW2 + reg * W2 [, * scale into into["W2"]]; with reg, also sum(W2**2) from the dx pass
+        back = affine_relu_backward(dout2, cache2, reg=self.reg, dw_out=None if into is None else into["W2"],
+                                    scale=scale, add=accumulate, sumsq=bool(self.reg))
+        dout1, grads["W2"], grads["b2"] = back[:3]
+        reg_loss = 0.0
+        if self.reg:
+            reg_loss = 0.5 * self.reg * (sum_of_squares(p["W1"]) + back[3] + sum_of_squares(p["W3"]))
         grads.update(self._conv_block_backward(dout1, cache1))
         if self.reg:
             for name in ("W1", "W3"):

@@ -1,5 +1,6 @@
 """Fast layers with the cs231n API: convolution, max pooling, spatial batch norm, group norm,
-an affine-ReLU forward for few rows, and an affine layer's weight gradient with its L2 term.
+an affine-ReLU forward and an affine layer's input gradient for few rows, and an affine layer's
+weight gradient with its L2 term.
 
 Numba kernels (``cache=True``: compiled once, then loaded from the on-disk cache by every new
 process; no compiler toolchain needed) do the work, with NumPy's BLAS for the matrix products
@@ -17,6 +18,11 @@ of the general convolution:
   the model's hidden layer at the notebook's batch of 50 and on a worker's shards under 64 images):
   w's strips read straight from w into L1, sums in registers, bias and ReLU in the store
   (``ka.affine_relu_rows``). From 64 rows on, NumPy's product, then bias, then ReLU.
+- an affine layer's input gradient with 16 to 63 rows, ``dx = da @ w.T``, optionally with
+  ``sum(w**2)`` for the L2 loss term (``affine_dx_fast``, the model's hidden layer in the
+  Solver and on a worker's shards under 64 images): w's rows broadcast against da packed
+  transposed, sums in registers, each row of w squared from L1 right after
+  (``ka.affine_dx_rows``). Under 16 and from 64 rows on, NumPy's product and ``np.vdot``.
 - an affine layer's weight gradient with its L2 term, ``dw = x.T @ da + reg * w``
   (``affine_dw_l2_fast``, the model's hidden layer when reg > 0, or when the gradient goes
   straight into a caller's array: a worker's shard, scaled by its image count, written to or
@@ -332,28 +338,27 @@ def affine_relu_forward_fast(x, w, b):
 
 def affine_dx_fast(da, w, sumsq=False):
     """The gradient of an affine layer's loss with respect to its (flattened) input, and
-    optionally the sum of its squared weights (its L2 loss term's, before ``0.5 * reg``), from
-    one pass over w.
+    optionally the sum of its squared weights (its L2 loss term's, before ``0.5 * reg``).
 
     Inputs:
     - da: upstream derivative of the layer's output, shape (N, M)
     - w: weights, shape (D, M)
     - sumsq: also return sum(w**2), a Python float
 
-    Returns dx = da @ w.T, shape (N, D), dtype of da [, sumsq].
+    Returns dx = da @ w.T, shape (N, D), dtype ``layer_dtype(da)`` [, sumsq].
 
-    With 1 to 63 rows (``ka.FWD_MAX_ROWS``) and da and w sharing float32 or float64: one kernel
-    pass (``ka.affine_dx_rows``) whose dx[i, j] depends on row i of da and row j of w only, not
-    on N or the thread count; the sum of squares then comes from float32 (float64) vector sums
-    over each row of w, added in float64 in a fixed order. Else NumPy's ``da @ w.T`` and
-    ``np.vdot(w, w)`` (float16's in float32).
+    With 16 to 63 rows (``ka.DX_MIN_ROWS``, ``ka.FWD_MAX_ROWS``) and da and w sharing float32 or
+    float64: one kernel pass over w (``ka.affine_dx_rows``) whose dx[i, j] depends on row i of
+    da and row j of w only, not on N (within 16..63) or the thread count; the sum of squares then comes from the
+    same pass: float32 (float64) vector sums over each row of w, their lanes summed, then added
+    in float64 in a fixed order. Else NumPy's ``da @ w.T`` and :func:`sum_of_squares`.
     """
     da, w = np.asarray(da), np.asarray(w)
     if da.ndim != 2 or w.ndim != 2 or da.shape[1] != w.shape[1]:
         raise ValueError(f"affine_dx: expected da (N, M) and w (D, M), got da {da.shape}, w {w.shape}")
     N, (D, M) = da.shape[0], w.shape
     dtype = layer_dtype(da)
-    if 0 < N <= ka.FWD_MAX_ROWS and kernel_dtype(dtype) == dtype == da.dtype == w.dtype and D > 0 and M > 0:
+    if ka.DX_MIN_ROWS <= N <= ka.FWD_MAX_ROWS and kernel_dtype(dtype) == dtype == da.dtype == w.dtype and D > 0 and M > 0:
         G = 4 * VECTOR_BYTES // dtype.itemsize
         dat = _aligned_empty(-(-N // G) * M * G, dtype)
         ka.pack_row_panels(_as(da, dtype), G, dat)
@@ -362,10 +367,15 @@ def affine_dx_fast(da, w, sumsq=False):
         _launch(ka.affine_dx_rows, dx.size * M, dat, _as(w, dtype), N, dx, sq)
         return (dx, float(sq.sum())) if sumsq else dx
     dx = (da @ w.T).astype(dtype, copy=False)
-    if not sumsq:
-        return dx
-    wk = w.astype(kernel_dtype(w.dtype), copy=False)      # float16's squares would overflow at 65,504
-    return dx, float(np.vdot(wk, wk))
+    return (dx, sum_of_squares(w)) if sumsq else dx
+
+
+def sum_of_squares(w) -> float:
+    """sum(w**2) as a float: NumPy's ``np.vdot``, in float32 for float16 (whose squares would
+    overflow at 65,504)."""
+    w = np.asarray(w)
+    w = w.astype(kernel_dtype(w.dtype), copy=False) if w.dtype.kind == "f" else w
+    return float(np.vdot(w, w))
 
 
 # --------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ def warm() -> None:
         # the hidden layer's forward and dx (with sum(w**2)) with few rows, and its dw with its L2 term
         # (a Solver step with reg > 0)
         fl.affine_relu_forward_fast(x, rng.standard_normal((x[0].size, 40)).astype(dtype), np.zeros(40, dtype))
-        fl.affine_dx_fast(rng.standard_normal((2, 40)).astype(dtype), rng.standard_normal((x[0].size, 40)).astype(dtype),
+        fl.affine_dx_fast(rng.standard_normal((20, 40)).astype(dtype), rng.standard_normal((x[0].size, 40)).astype(dtype),
                           sumsq=True)
         fl.affine_dw_l2_fast(x, rng.standard_normal((2, 40)).astype(dtype),
                              rng.standard_normal((x[0].size, 40)).astype(dtype), 1e-3)

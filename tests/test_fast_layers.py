@@ -283,10 +283,10 @@ def test_affine_relu_forward_views_unmodified_and_bad_shapes():
 # --------------------------------------------------------------------------------------------
 # affine input gradient for few rows, with the weights' sum of squares
 
-# (N, D, M): N = 1, not a multiple of a panel of 4 vectors (32 float32, 16 float64 rows), at one and
-# two panels, the notebook's 50, the last kernel row count 63 and the first NumPy one 64; D = 1, not
-# a multiple of 3 or of a task's 48 rows; M = 1, under / over one vector and pair of vectors
-DX_CASES = [(1, 1, 1), (1, 7, 40), (2, 5, 3), (7, 31, 33), (16, 100, 17), (31, 49, 16), (32, 97, 95),
+# (N, D, M): NumPy's row counts 1, 15 and 64, the kernel's first 16 and last 63; not a multiple of
+# a panel of 4 vectors (32 float32, 16 float64 rows), at one and two panels, the notebook's 50; D = 1,
+# not a multiple of 3 or of a task's 48 rows; M = 1, under / over one vector and pair of vectors
+DX_CASES = [(1, 7, 40), (15, 100, 17), (16, 1, 1), (17, 5, 3), (20, 31, 33), (31, 49, 16), (32, 97, 95),
             (33, 144, 9), (50, 50, 500), (63, 130, 65), (64, 95, 65), (50, 8192, 500)]
 
 
@@ -307,15 +307,15 @@ def test_affine_dx_and_sum_of_squares_match_naive(case, dtype):
     else:
         _close(dx, ref, dtype, f"{case}")
     assert sq == pytest.approx(ref_sq, rel={np.float64: 1e-12, np.float32: 1e-6, np.float16: 1e-2}[dtype])
-    if N > 63 or dtype == np.float16:                                  # NumPy's product and np.vdot, bit for bit
+    if not 16 <= N <= 63 or dtype == np.float16:                       # NumPy's product and np.vdot, bit for bit
         np.testing.assert_array_equal(dx, da @ w.T)
         wk = w.astype(np.float32) if dtype == np.float16 else w
         assert sq == float(np.vdot(wk, wk))
 
 
 def test_affine_dx_bits_depend_on_neither_threads_nor_row_count():
-    """A row's dx is one k-ordered sum whatever the thread count or the call's row count (a
-    shard's rows give the same bits in a call of any size); the sum of squares too."""
+    """A row's dx is one k-ordered sum whatever the thread count or the call's row count from 16
+    to 63 (a shard's rows give the same bits in a call of any such size); the sum of squares too."""
     import numba
 
     rng = _rng(13)
@@ -334,13 +334,23 @@ def test_affine_dx_bits_depend_on_neither_threads_nor_row_count():
     for dx, sq in results[1:]:
         np.testing.assert_array_equal(dx, results[0][0])
         assert sq == results[0][1]
-    for lo, hi in ((0, 1), (3, 10), (10, 50), (49, 50), (0, 32), (17, 50)):
+    for lo, hi in ((0, 16), (3, 20), (10, 50), (0, 32), (34, 50), (1, 50)):
         np.testing.assert_array_equal(fl.affine_dx_fast(da[lo:hi], w), results[0][0][lo:hi])
+
+
+def test_affine_dx_mixed_and_integer_inputs_take_numpys_path_in_the_layers_dtype():
+    rng = _rng(8)
+    w = rng.standard_normal((70, 40)).astype(np.float32)
+    for da in (rng.standard_normal((5, 40)), rng.integers(-3, 4, (5, 40))):   # float64 / int64 with float32 w
+        dx, sq = fl.affine_dx_fast(da, w, sumsq=True)
+        assert dx.dtype == np.float64
+        np.testing.assert_array_equal(dx, da @ w.T)
+        assert sq == float(np.vdot(w, w))
 
 
 def test_affine_dx_views_unmodified_and_bad_shapes():
     rng = _rng(7)
-    da = rng.standard_normal((40, 6)).astype(np.float32).T                         # (6, 40) view
+    da = rng.standard_normal((40, 20)).astype(np.float32).T                        # (20, 40) view
     w = rng.standard_normal((40, 108)).astype(np.float32).T                        # (108, 40) view
     copies = [a.copy() for a in (da, w)]
     dx, sq = fl.affine_dx_fast(da, w, sumsq=True)
@@ -348,9 +358,9 @@ def test_affine_dx_views_unmodified_and_bad_shapes():
     assert sq == pytest.approx(float(np.sum(w.astype(np.float64) ** 2)), rel=1e-6)
     for a, c in zip((da, w), copies):
         np.testing.assert_array_equal(a, c)
-    with pytest.raises(ValueError, match=r"affine_dx: expected da \(N, M\) and w \(D, M\), got da \(6, 40\), w \(108, 39\)"):
+    with pytest.raises(ValueError, match=r"affine_dx: expected da \(N, M\) and w \(D, M\), got da \(20, 40\), w \(108, 39\)"):
         fl.affine_dx_fast(da, w[:, :39])
-    with pytest.raises(ValueError, match=r"got da \(240,\)"):
+    with pytest.raises(ValueError, match=r"got da \(800,\)"):
         fl.affine_dx_fast(da.reshape(-1), w)
 
 

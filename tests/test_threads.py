@@ -197,7 +197,7 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     fl.max_pool_forward_fast(big, {"pool_height": 2, "pool_width": 2, "stride": 2})
     fl.affine_relu_forward_fast(np.ones((4, 10), np.float32), np.ones((10, 40), np.float32), np.zeros(40, np.float32))
     fl.affine_dw_l2_fast(np.ones((4, 10), np.float32), np.ones((4, 40), np.float32), np.ones((10, 40), np.float32), 0.1)
-    fl.affine_dx_fast(np.ones((4, 40), np.float32), np.ones((10, 40), np.float32), sumsq=True)
+    fl.affine_dx_fast(np.ones((20, 40), np.float32), np.ones((10, 40), np.float32), sumsq=True)
     w = np.ones(1000, np.float32)
     optim.adam(w, w.copy(), {})
     cnn._add_l2(w.copy(), w, 1e-3)

@@ -30,9 +30,11 @@ SPEC = ModelSpec(4, 3, 16, 10, "spatial_batchnorm", 4, "float32")
 def test_a_spec_builds_cs231n_weights_without_touching_the_global_random_state(monkeypatch):
     from pipeline.cnn import ThreeLayerConvNet
 
+    saved = np.random.get_state()
     np.random.seed(5)
     cs231n = ThreeLayerConvNet(num_filters=4, filter_size=3, hidden_dim=16, weight_scale=0.1, seed=None,
                                normalization="spatial_batchnorm").params
+    np.random.set_state(saved)
 
     def refused(*args, **kwargs):
         raise AssertionError("the global random state was used")
@@ -51,7 +53,7 @@ def test_networks_built_in_threads_at_once_get_their_seeds_weights():
     import threading
 
     want = {seed: SPEC.build(weight_scale=0.1, seed=seed).params["W2"] for seed in (0, 1)}
-    stop, wrong = threading.Event(), []
+    stop, wrong, built = threading.Event(), [], []
 
     def reseed():                        # another thread using np.random all along
         while not stop.is_set():
@@ -62,6 +64,7 @@ def test_networks_built_in_threads_at_once_get_their_seeds_weights():
         for _ in range(30):
             if not np.array_equal(SPEC.build(weight_scale=0.1, seed=seed).params["W2"], want[seed]):
                 wrong.append(seed)
+            built.append(seed)
 
     noise = threading.Thread(target=reseed)
     builders = [threading.Thread(target=build, args=(i % 2,)) for i in range(4)]
@@ -72,7 +75,7 @@ def test_networks_built_in_threads_at_once_get_their_seeds_weights():
         t.join()
     stop.set()
     noise.join()
-    assert wrong == []
+    assert wrong == [] and len(built) == 4 * 30          # every build ran (none raised in its thread)
 
 
 # ---- TrainConfig --------------------------------------------------------------------------------
