@@ -20,7 +20,7 @@ of the general convolution:
   (``ka.affine_relu_rows``). From 64 rows on, NumPy's product, then bias, then ReLU.
 - an affine layer's input gradient with 16 to 63 rows, ``dx = da @ w.T``, optionally with
   ``sum(w**2)`` for the L2 loss term (``affine_dx_fast``, the model's hidden layer in the
-  Solver and on a worker's shards under 64 images): w's rows broadcast against da packed
+  Solver and on a worker's shards of 16 to 63 images): w's rows broadcast against da packed
   transposed, sums in registers, each row of w squared from L1 right after
   (``ka.affine_dx_rows``). Under 16 and from 64 rows on, NumPy's product and ``np.vdot``.
 - an affine layer's weight gradient with its L2 term, ``dw = x.T @ da + reg * w``
@@ -349,9 +349,10 @@ def affine_dx_fast(da, w, sumsq=False):
 
     With 16 to 63 rows (``ka.DX_MIN_ROWS``, ``ka.FWD_MAX_ROWS``) and da and w sharing float32 or
     float64: one kernel pass over w (``ka.affine_dx_rows``) whose dx[i, j] depends on row i of
-    da and row j of w only, not on N (within 16..63) or the thread count; the sum of squares then comes from the
-    same pass: float32 (float64) vector sums over each row of w, their lanes summed, then added
-    in float64 in a fixed order. Else NumPy's ``da @ w.T`` and :func:`sum_of_squares`.
+    da and row j of w only, not on N (within 16..63) or the thread count; the sum of squares
+    then comes from the same pass: float32 (float64) vector sums over each row of w, their
+    lanes summed, then added in float64 in a fixed order. Else NumPy's ``da @ w.T`` and
+    :func:`sum_of_squares`.
     """
     da, w = np.asarray(da), np.asarray(w)
     if da.ndim != 2 or w.ndim != 2 or da.shape[1] != w.shape[1]:

@@ -7,13 +7,15 @@ They use the fast layers inside and fuse where it saves a pass over the data:
   (max of the window, then max(., 0)); the pool's backward masks the gradient by its output.
 - affine_relu forward with fewer than 64 rows: product, bias and ReLU in one pass
   (``fast_layers.affine_relu_forward_fast``).
+- affine_relu backward's dx with 16 to 63 rows: one pass over w, which also gives sum(w**2)
+  with ``sumsq`` (``fast_layers.affine_dx_fast``).
 - affine_relu backward with ``reg`` or ``dw_out``: the L2 term's gradient reg * w is added to
   dw, and dw scaled and written to (or added into) the caller's array, in the pass that writes
   dw (``fast_layers.affine_dw_l2_fast``: float32 or float64 with at least 32 or 16 columns;
   otherwise after NumPy's product, with the same rounding).
 The results equal those of the unfused composition of the layers (tests check that), except
-where a kernel sums a product in its own order (affine_relu's forward under 64 rows, its dw with
-``reg`` or ``dw_out``): there they agree to rounding.
+where a kernel sums a product in its own order (affine_relu's forward under 64 rows, its dx with
+16 to 63 rows, its dw with ``reg`` or ``dw_out``): there they agree to rounding.
 
 Every backward function takes the keyword ``compute_dx`` (default True); with
 ``compute_dx=False`` it returns None for dx and skips that work (a network's first layer does
