@@ -7,7 +7,7 @@ in this same run (PyTorch only when installed: `pip install -e ".[bench]"`; it i
 convpipe dependency). Each side runs in a fresh process of its own, PyTorch with its OpenMP
 runtime's defaults. With PyTorch installed, convpipe's epoch also runs in a process that
 imported torch before pipeline (a notebook's usual order): the line "torch imported first"
-and the ratio of the two epochs show whether the import order matters (pipeline/_threads.py
+and the ratio of the two epochs show whether the import order matters (pipeline/_kernels/threads.py
 is there so that it does not).
 
 With ``--breakdown``, convpipe's process also times 200 more Solver steps phase by phase, in

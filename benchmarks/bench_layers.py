@@ -35,14 +35,14 @@ if ARGS is not None:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(ARGS.threads))
     os.environ.setdefault("NUMBA_NUM_THREADS", str(ARGS.threads))
-    # pipeline's default (pipeline/_threads.py), set before NumPy loads OpenBLAS so that the
+    # pipeline's default (pipeline/_kernels/threads.py), set before NumPy loads OpenBLAS so that the
     # naive layers' NumPy timings before pipeline's import run with it too; PyTorch uses MKL
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
 
 # PyTorch loads before pipeline, as in a notebook: its OpenMP runtime keeps its own defaults
-# (pipeline sets OMP_WAIT_POLICY=PASSIVE only when Numba runs on OpenMP: pipeline/_threads.py).
+# (pipeline sets OMP_WAIT_POLICY=PASSIVE only when Numba runs on OpenMP: pipeline/_kernels/threads.py).
 try:  # noqa: SIM105
     import torch  # noqa: E402, F401
 except ImportError:
@@ -62,9 +62,9 @@ out, cache = lu.conv_relu_pool_forward(x, w, b, {'stride': 1, 'pad': 3},
                                        {'pool_height': 2, 'pool_width': 2, 'stride': 2})
 lu.conv_relu_pool_backward(np.ones_like(out), cache, compute_dx=False)
 t2 = time.perf_counter()
-from pipeline import _kernels_conv, _kernels_pool, _kernels_norm
+from pipeline._kernels import conv, norm, pool
 hits = misses = 0
-for mod in (_kernels_conv, _kernels_pool, _kernels_norm):
+for mod in (conv, pool, norm):
     for f in vars(mod).values():
         st = getattr(f, 'stats', None)
         if st is not None and hasattr(st, 'cache_hits'):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipeline.fast_layers import sum_of_squares
@@ -231,42 +233,38 @@ def _add_l2(grad, w, reg):
         grad += reg * w
 
 
-def load_model(run_dir) -> ThreeLayerConvNet:
-    """The trained network of a run directory (``convpipe train``'s, a sweep trial's, a sweep's
-    best): a :class:`ThreeLayerConvNet` with the run's final parameters (``params.npz``) and BN
-    running statistics, in the run's dtype, ready for ``loss(X)`` (scores (N, num_classes)) or
-    :meth:`pipeline.solver.Solver.check_accuracy`. ``X`` is preprocessed as training saw it
-    (the store's loader: float images minus the train mean). A sweep's run directory gives its
-    best trial. Raises :class:`~pipeline.errors.TrainingError` naming the file when the run has
-    no parameters yet or they do not fit the run's settings.
-    """
-    from pathlib import Path
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker needs to build the network (the weights come separately)."""
 
-    from pipeline.errors import TrainingError
-    from pipeline.training.config import TrainConfig
-    from pipeline.training.rundir import RunDir
-    from pipeline.training.worker import ModelSpec
+    num_filters: int
+    filter_size: int
+    hidden_dim: int
+    num_classes: int
+    norm: str
+    num_groups: int
+    dtype: str
+    input_dim: tuple[int, int, int] = (3, 32, 32)
 
-    path = Path(run_dir)
-    if (path / "sweep.json").exists() and not (path / "config.json").exists():  # a sweep: its best trial
-        from pipeline.jobs.sweep import best_run_dir
+    @classmethod
+    def of(cls, config, num_classes: int) -> "ModelSpec":
+        """The network a run's settings describe (any object with the attributes of
+        :class:`~pipeline.training.config.TrainConfig` that name the network)."""
+        return cls(config.num_filters, config.filter_size, config.hidden_dim, num_classes, config.norm,
+                   config.num_groups, config.dtype)
 
-        path = Path(best_run_dir(path))
-    run = RunDir(path).require_existing()
-    config = TrainConfig.load(run.config_path)
-    params, bn = run.read_params()
-    if "W3" not in params:
-        raise TrainingError(f"{run.params_path}: no W3 (not the parameters of a ThreeLayerConvNet)")
-    spec = ModelSpec.of(config, int(params["W3"].shape[1]))
-    model = spec.build(weight_scale=config.weight_scale, reg=config.reg, seed=0)
-    for name, value in model.params.items():
-        if name not in params or params[name].shape != value.shape:
-            got = params[name].shape if name in params else "nothing"
-            raise TrainingError(f"{run.params_path}: {name} should have shape {value.shape} for the run's "
-                                f"settings, got {got}")
-        model.params[name] = params[name].astype(value.dtype, copy=False)
-    if model.normalization == "spatial_batchnorm":
-        if not bn:
-            raise TrainingError(f"{run.params_path}: no BN running statistics for a spatial-batchnorm model")
-        model.set_state({"running_mean": bn["bn_running_mean"], "running_var": bn["bn_running_var"]})
-    return model
+    @property
+    def normalization(self) -> str | None:
+        return None if self.norm == "none" else self.norm
+
+    def build(self, weight_scale: float = 1e-3, reg: float = 0.0, seed: int | None = 0):
+        """The network with weights drawn cs231n's way, as ``np.random.seed(seed)`` then
+        ``np.random.randn`` would draw them, from a private ``RandomState``: the global random
+        state is neither read nor written, so threads building networks at once (trials of a
+        sweep training side by side, an in-process cluster's workers) each get their own draws."""
+        return ThreeLayerConvNet(
+            input_dim=self.input_dim, num_filters=self.num_filters, filter_size=self.filter_size,
+            hidden_dim=self.hidden_dim, num_classes=self.num_classes, weight_scale=weight_scale,
+            reg=reg, dtype=np.dtype(self.dtype), normalization=self.normalization,
+            num_groups=self.num_groups, seed=np.random.RandomState(seed),
+        )

@@ -7,7 +7,7 @@ process; no compiler toolchain needed) do the work, with NumPy's BLAS for the ma
 of the general convolution:
 
 - convolution, 7-wide filters at stride 1 (the model's 7x7 conv): direct kernels that keep
-  their sums in SIMD registers (``pipeline._simd``) over a zero-padded copy of x
+  their sums in SIMD registers (``pipeline._kernels.simd``) over a zero-padded copy of x
   (``kc.conv7_forward``, ``kc.conv7_dw``); dx is the same forward kernel applied to the
   padded dout with the filters flipped. No column matrix.
 - convolution, any other shape: im2col into a (C*HH*WW, N*H'*W') matrix, one GEMM with the
@@ -41,8 +41,8 @@ Every function never modifies its inputs, accepts non-contiguous arrays, and rai
 back to the matching backward function.
 
 Threads: the kernels use Numba's thread pool (``NUMBA_NUM_THREADS``; change a thread's count
-with ``pipeline._threads.set_threads``, which takes the launch lock: every kernel runs under one
-lock per process, see ``pipeline._threads``); the GEMMs use NumPy's BLAS, whose thread count
+with ``pipeline._kernels.threads.set_threads``, which takes the launch lock: every kernel runs under one
+lock per process, see ``pipeline._kernels.threads``); the GEMMs use NumPy's BLAS, whose thread count
 follows its own settings (``OPENBLAS_NUM_THREADS``, which Dask's nanny sets to 1 in its workers).
 """
 
@@ -50,12 +50,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import _kernels_affine as ka
-from pipeline import _kernels_conv as kc
-from pipeline import _kernels_norm as kn
-from pipeline import _kernels_pool as kp
-from pipeline._simd import VECTOR_BYTES
-from pipeline._threads import launch
+from pipeline._kernels import affine as ka
+from pipeline._kernels import conv as kc
+from pipeline._kernels import norm as kn
+from pipeline._kernels import pool as kp
+from pipeline._kernels.simd import VECTOR_BYTES
+from pipeline._kernels.threads import launch
 from pipeline.layers import affine_forward, relu_forward
 from pipeline.shapes import (
     check_bn_mode,
@@ -101,7 +101,7 @@ _SERIAL_BELOW = 1 << 15
 
 
 def _launch(kernel, work, *args):
-    """Run a parallel kernel (under the process's launch lock: pipeline._threads), on one
+    """Run a parallel kernel (under the process's launch lock: pipeline._kernels.threads), on one
     thread when ``work`` (elements touched) is small."""
     return launch(kernel, *args, serial=work < _SERIAL_BELOW)
 
@@ -398,7 +398,7 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
 
     Returns dw = [out +] (x.reshape(N, D).T @ da + reg * w) * scale, shape (D, M), in w's dtype
     (``out`` itself when given), each operation rounded as NumPy's ``np.add``/``np.multiply``
-    would. One kernel pass over w and dw (``pipeline._kernels_affine``) when x, da and w share
+    would. One kernel pass over w and dw (``pipeline._kernels.affine``) when x, da and w share
     float32 or float64 and M is at least 4 SIMD vectors (32 or 16 columns); else NumPy's
     product in the inputs' dtypes (float16 stays float16, unlike the other fast layers), then
     the same steps.

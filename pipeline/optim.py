@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from pipeline._threads import launch
+from pipeline._kernels.threads import launch
 
 
 def sgd(w, dw, config=None):

@@ -24,9 +24,9 @@ COMPILING_MESSAGE = ("compiling kernels, first run only (Numba compiles them onc
 def model_kernels(filter_size: int = 7, normalization: str | None = None) -> list:
     """The cached Numba kernels a ThreeLayerConvNet training step runs: its convolution's
     (direct kernels for 7-wide filters, else im2col), ReLU + 2x2 max pool, and its norm's."""
-    from pipeline import _kernels_conv as kc
-    from pipeline import _kernels_norm as kn
-    from pipeline import _kernels_pool as kp
+    from pipeline._kernels import conv as kc
+    from pipeline._kernels import norm as kn
+    from pipeline._kernels import pool as kp
     from pipeline.fast_layers import uses_direct_kernels
 
     if uses_direct_kernels(filter_size, 1):

@@ -78,7 +78,7 @@ def test_gradient_check_float64(normalization, reg):
 
 @pytest.mark.parametrize("N", [50, 64])                 # W2's squares from the dx kernel's pass, from np.vdot
 def test_the_l2_term_of_the_loss_sums_every_weights_squares(N, monkeypatch):
-    from pipeline import _kernels_affine as ka
+    from pipeline._kernels import affine as ka
 
     calls = []
     kernel = ka.affine_dx_rows
@@ -99,7 +99,7 @@ def test_the_l2_term_of_the_loss_sums_every_weights_squares(N, monkeypatch):
 def test_w2_gradient_with_reg_from_the_fused_kernel_float64(monkeypatch):
     """hidden_dim 20 >= one float64 panel (16 columns): W2's gradient, L2 term included, comes
     from the kernel of fast_layers.affine_dw_l2_fast; checked against centered differences."""
-    from pipeline import _kernels_affine as ka
+    from pipeline._kernels import affine as ka
 
     calls = []
     kernel = ka.affine_dw_l2

@@ -1,10 +1,10 @@
-"""pipeline._simd: each vector operation against NumPy, in both float dtypes."""
+"""pipeline._kernels.simd: each vector operation against NumPy, in both float dtypes."""
 
 import numpy as np
 import pytest
 from numba import njit
 
-from pipeline._simd import lanes, prefetch, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
+from pipeline._kernels.simd import lanes, prefetch, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
 
 
 @njit(cache=False)

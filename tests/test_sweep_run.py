@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
-from pipeline.cnn import ThreeLayerConvNet, load_model
+from pipeline.cnn import ThreeLayerConvNet
+from pipeline.runs import load_model
 from pipeline.jobs.kinds import Sweep
 from pipeline.jobs.sweep import SweepError, SweepPlan, SweepState, leaderboard_text, run_sweep
 from pipeline.training import evaluate

@@ -1,5 +1,5 @@
 """Importing pipeline sets up the thread runtimes under the kernels the same way whatever the
-process imported first (pipeline/_threads.py): Numba on its own TBB runtime, not on a libgomp
+process imported first (pipeline/_kernels/threads.py): Numba on its own TBB runtime, not on a libgomp
 that PyTorch loaded with its own wait policy; OpenBLAS's short spin even when NumPy (or torch,
 which imports it) loaded OpenBLAS before pipeline could set OPENBLAS_THREAD_TIMEOUT.
 
@@ -17,7 +17,7 @@ import threading
 
 import pytest
 
-from pipeline import _threads
+from pipeline._kernels import threads as _threads
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_TBB = _threads._tbb_path() is not None
@@ -32,7 +32,8 @@ for name in sys.argv[1:]:
     __import__(name)
 import numpy as np
 import numba
-from pipeline import _threads, fast_layers as fl
+from pipeline import fast_layers as fl
+from pipeline._kernels import threads as _threads
 
 fl.max_pool_forward_fast(np.ones((64, 32, 32, 32), np.float32), {})  # large: runs on the pool
 maps = open("/proc/self/maps").read().split()
@@ -145,11 +146,12 @@ def _parallel_kernels():
     """(module, name) of every parallel Numba kernel in the package."""
     import numba.core.registry
 
-    from pipeline import _kernels_affine, _kernels_conv, _kernels_norm, _kernels_pool, cnn, optim
+    from pipeline import cnn, optim
+    from pipeline._kernels import affine, conv, norm, pool
     from pipeline.training import reduce
 
     found = []
-    for module in (_kernels_affine, _kernels_conv, _kernels_norm, _kernels_pool, cnn, optim, reduce):
+    for module in (affine, conv, norm, pool, cnn, optim, reduce):
         for name, obj in vars(module).items():
             if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.targetoptions.get("parallel"):
                 found.append((module, name))
@@ -213,7 +215,7 @@ def test_a_serial_launch_restores_the_threads_count():
     import numba
     import numpy as np
 
-    from pipeline import _kernels_pool as kp
+    from pipeline._kernels import pool as kp
 
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("NUMBA_NUM_THREADS < 2: no thread count to restore")
@@ -239,7 +241,7 @@ STRESS = r"""
 import sys, threading
 import numpy as np, numba
 import pipeline
-from pipeline import _threads
+from pipeline._kernels import threads as _threads
 from pipeline.cnn import ThreeLayerConvNet
 from pipeline import optim
 

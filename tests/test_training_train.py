@@ -13,7 +13,7 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.data import open_store
 from pipeline.training import evaluate, resume_config, train
 from pipeline.training.shards import Schedule
-from pipeline.training.worker import ModelSpec
+from pipeline.cnn import ModelSpec
 from pipeline.errors import DataError, TrainingError
 from pipeline.optim import adam
 from tests.training_fixtures import assert_same_params, final_params, make_store, tiny_config

@@ -19,7 +19,7 @@ from pipeline.training.reduce import adam_scalars, combine_moments, pairwise, tr
 from pipeline.training.rundir import RunDir, write_plots
 from pipeline.training.shards import Schedule, epoch_permutation, subset
 from pipeline.training.transport import Layout, SharedState, attach, record_is, remove_stale, shm_root, write_record
-from pipeline.training.worker import ModelSpec
+from pipeline.cnn import ModelSpec
 
 
 # ---- ModelSpec ----------------------------------------------------------------------------------

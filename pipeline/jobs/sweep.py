@@ -377,7 +377,7 @@ class SweepState:
 
 
 def best_run_dir(run_dir) -> str:
-    """The run directory of a sweep's best trial (what :func:`pipeline.cnn.load_model` loads)."""
+    """The run directory of a sweep's best trial (what :func:`pipeline.runs.load_model` loads)."""
     state = SweepState.load(run_dir)
     best = state.best()
     if best is None:

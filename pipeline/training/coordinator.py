@@ -39,7 +39,8 @@ from pipeline.training.reduce import combine_moments
 from pipeline.training.rundir import BN_KEYS, RunDir, write_plots
 from pipeline.training.shards import Schedule, cut, subset
 from pipeline.training.transport import Layout
-from pipeline.training.worker import EVAL_SHARD, ModelSpec, TaskSpec, shard_predictions
+from pipeline.cnn import ModelSpec
+from pipeline.training.worker import EVAL_SHARD, TaskSpec, shard_predictions
 
 REGULARIZED = ("W1", "W2", "W3")
 CHECKPOINT_FORMAT = "convpipe-train/1"

@@ -16,7 +16,8 @@ from pipeline.training.rundir import RunDir
 from pipeline.training.shards import cut
 from pipeline.training.transport import Layout
 from pipeline.errors import DataError, TrainingError
-from pipeline.training.worker import EVAL_SHARD, ModelSpec, TaskSpec, shard_predictions
+from pipeline.cnn import ModelSpec
+from pipeline.training.worker import EVAL_SHARD, TaskSpec, shard_predictions
 
 
 def evaluate(run_dir: str, data: str | None = None, split: str = "test", client=None, *,

@@ -20,7 +20,7 @@ from typing import TypeVar
 import numba
 import numpy as np
 
-from pipeline._threads import launch
+from pipeline._kernels.threads import launch
 from pipeline.optim import add_scaled
 
 T = TypeVar("T")

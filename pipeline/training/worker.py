@@ -27,49 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline._threads import set_threads
+from pipeline._kernels.threads import set_threads
+from pipeline.cnn import ModelSpec
 from pipeline.errors import TrainingError
 from pipeline.training.plan import CHUNK, StepPlan, children, covers
 from pipeline.training.reduce import adam_scalars, tree_adam, warm_kernels
 from pipeline.training.transport import SHARD_FIELDS, SHARD_HEAD, Layout, ShmRef, attach, record_is, write_record
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a worker needs to build the network (the weights come separately)."""
-
-    num_filters: int
-    filter_size: int
-    hidden_dim: int
-    num_classes: int
-    norm: str
-    num_groups: int
-    dtype: str
-    input_dim: tuple[int, int, int] = (3, 32, 32)
-
-    @classmethod
-    def of(cls, config, num_classes: int) -> "ModelSpec":
-        """The network a run's settings (a :class:`~pipeline.training.config.TrainConfig`) describe."""
-        return cls(config.num_filters, config.filter_size, config.hidden_dim, num_classes, config.norm,
-                   config.num_groups, config.dtype)
-
-    @property
-    def normalization(self) -> str | None:
-        return None if self.norm == "none" else self.norm
-
-    def build(self, weight_scale: float = 1e-3, reg: float = 0.0, seed: int | None = 0):
-        """The network with weights drawn cs231n's way, as ``np.random.seed(seed)`` then
-        ``np.random.randn`` would draw them, from a private ``RandomState``: the global random
-        state is neither read nor written, so threads building networks at once (trials of a
-        sweep training side by side, an in-process cluster's workers) each get their own draws."""
-        from pipeline.cnn import ThreeLayerConvNet
-
-        return ThreeLayerConvNet(
-            input_dim=self.input_dim, num_filters=self.num_filters, filter_size=self.filter_size,
-            hidden_dim=self.hidden_dim, num_classes=self.num_classes, weight_scale=weight_scale,
-            reg=reg, dtype=np.dtype(self.dtype), normalization=self.normalization,
-            num_groups=self.num_groups, seed=np.random.RandomState(seed),
-        )
 
 
 @dataclass(frozen=True)

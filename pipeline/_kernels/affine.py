@@ -10,7 +10,7 @@ and its weight gradient with the L2 term fused in:
 packs w's panels before multiplying them and gains only 1.2-1.4x from a second thread. Here a
 task owns FWD_GROUPS column groups of G = 4 vectors for all N rows; k runs in blocks of FWD_KB,
 and each block's strip of w (FWD_KB x G, 16 kB in float32) is read straight from w, kept in L1
-while every tile of 3 rows sums over it in 12 vector registers (``_fma_3x4``), with the next
+while every tile of 3 rows sums over it in 12 vector registers (``fma_3x4``), with the next
 strip prefetched meanwhile. The sums go to a per-task scratch between k blocks, and at the end
 ``relu(sum + b)`` to out. Bits: out[i, j] is the k-ordered FMA chain over k = 0..D-1, then one
 rounded addition of b[j], then ``np.maximum(., 0)``'s choice (NaN kept, -0.0 to +0.0): which thread,
@@ -21,7 +21,7 @@ task or tile computes it, and how many rows the call has, do not change it.
 first copied transposed into panels of G = 4 vectors of rows (``pack_row_panels``, zeros past
 row N - 1), each contiguous in k; a task owns ROWS rows of w, and for every block of 3 of them
 x one panel sums w[j, k] * da[i:i + G, k] over k = 0..M-1 in 12 vector registers (the same
-``_fma_3x4``: w's 3 values are the broadcasts), then stores the 3 x G sums transposed into
+``fma_3x4``: w's 3 values are the broadcasts), then stores the 3 x G sums transposed into
 dx[i, j]. The block's rows of w, just read, are then squared from L1 for the L2 term. dx[i, j]
 is the k-ordered FMA chain over k = 0..M-1 (from 0): neither the thread count nor the call's
 row count changes it. The sum of squares: per row of w, float32 vector sums over k (two
@@ -38,12 +38,12 @@ sums held in registers.
 Layout: da is first copied into column panels of G = 4 vectors (32 float32 columns), each
 contiguous in k (``pack_panels``). A task owns ROWS rows of dw; it copies its rows of x2 into
 blocks of 3 rows interleaved by k, then for every block of 3 rows x one panel sums
-x2[k, i] * da[k, j:j + G] over k = 0..N-1 in 12 vector registers (``_fma_3x4``: 3 broadcasts
+x2[k, i] * da[k, j:j + G] over k = 0..N-1 in 12 vector registers (``fma_3x4``: 3 broadcasts
 and 4 loads per 12 FMAs) and writes ``sum + round(reg * w)`` to dw.
 
-The micro-kernel (``_fma_3x4``, ``_zeros_3x4``, ``_load_3x4``, ``_store_3x4``) is the direct convolution's, from
-_kernels_conv.py: Numba's on-disk cache checks only this file, so after editing those
-helpers clear the cache (``__pycache__/_kernels_affine.*.nbi``/``.nbc``) or touch this file.
+The micro-kernel (``fma_3x4``, ``zeros_3x4``, ``load_3x4``, ``store_3x4``) is the direct
+convolution's, from tile.py: Numba's on-disk cache checks only this file, so after editing those
+helpers clear the cache (``__pycache__/affine.*.nbi``/``.nbc``) or touch this file.
 
 Bits: dw[i, j] is the k-ordered FMA chain over k = 0..N-1 (from 0), then one addition of the
 rounded product reg * w[i, j] (``np.add(s, np.multiply(w, reg))``). Which thread or task
@@ -55,8 +55,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from pipeline._kernels_conv import _fma_3x4, _load_3x4, _store_3x4, _zeros_3x4
-from pipeline._simd import lanes, prefetch, vadd, vfma, vload, vmul, vsplat, vsum, vzero
+from pipeline._kernels.simd import lanes, prefetch, vadd, vfma, vload, vmul, vsplat, vsum, vzero
+from pipeline._kernels.tile import fma_3x4, load_3x4, store_3x4, zeros_3x4
 
 #: rows of dw per task: 16 blocks of 3 (the task's x2 rows, 3 * N values per block, stay in L1)
 ROWS = 48
@@ -124,23 +124,23 @@ def affine_dw_l2(x2, dap, w, coef, add, dw):
             i1 = min(i0 + 1, i_hi - 1)
             i2 = min(i0 + 2, i_hi - 1)
             if overlap:
-                _store_3x4(tail, 0, G, 2 * G, 0, V, 2 * V, 3 * V,
-                           _load_3x4(of, i0 * M + M - G, i1 * M + M - G, i2 * M + M - G, 0, V, 2 * V, 3 * V))
+                store_3x4(tail, 0, G, 2 * G, 0, V, 2 * V, 3 * V,
+                           load_3x4(of, i0 * M + M - G, i1 * M + M - G, i2 * M + M - G, 0, V, 2 * V, 3 * V))
             for jb in range(nj):
                 j0 = min(jb * G, M - G)
                 # s[r][c] = sum_k x2[k, i_r] * da[k, j0 + c*V : j0 + (c+1)*V]
-                s = _zeros_3x4(x2)
+                s = zeros_3x4(x2)
                 for k in range(N):
                     q = (b * N + k) * 3
                     o = (jb * N + k) * G
-                    s = _fma_3x4(vsplat(xb, q), vsplat(xb, q + 1), vsplat(xb, q + 2), dap,
+                    s = fma_3x4(vsplat(xb, q), vsplat(xb, q + 1), vsplat(xb, q + 2), dap,
                                  o, o + V, o + 2 * V, o + 3 * V, s)
                 p0, p1, p2 = i0 * M + j0, i1 * M + j0, i2 * M + j0
                 if overlap and jb == nj - 1:
                     s = _finish_3x4(tail, 0, G, 2 * G, wf, p0, p1, p2, rg, sc, use_w, add, V, s)
                 else:
                     s = _finish_3x4(of, p0, p1, p2, wf, p0, p1, p2, rg, sc, use_w, add, V, s)
-                _store_3x4(of, p0, p1, p2, 0, V, 2 * V, 3 * V, s)
+                store_3x4(of, p0, p1, p2, 0, V, 2 * V, 3 * V, s)
 
 
 @njit(cache=True, inline="always")
@@ -224,13 +224,13 @@ def affine_dx_rows(dat, w, N, dx, sq):
             q0, q1, q2 = j0 * M, j1 * M, j2 * M
             for p in range(npan):
                 # s[r][c] = sum_k w[j_r, k] * da[p*G + c*V : p*G + (c+1)*V, k]
-                s = _zeros_3x4(w)
+                s = zeros_3x4(w)
                 o = p * M * G
                 for k in range(M):
-                    s = _fma_3x4(vsplat(wf, q0 + k), vsplat(wf, q1 + k), vsplat(wf, q2 + k), dat,
+                    s = fma_3x4(vsplat(wf, q0 + k), vsplat(wf, q1 + k), vsplat(wf, q2 + k), dat,
                                  o, o + V, o + 2 * V, o + 3 * V, s)
                     o += G
-                _store_3x4(tb, 0, G, 2 * G, 0, V, 2 * V, 3 * V, s)
+                store_3x4(tb, 0, G, 2 * G, 0, V, 2 * V, 3 * V, s)
                 for c in range(min(G, N - p * G)):
                     row = dx[p * G + c]
                     row[j0] = tb[c]
@@ -343,9 +343,9 @@ def _strip_3x4(xf, p0, p1, p2, wf, q, M, nk, acc, s0, s1, s2, first):
     rows r = 0..2 (G = 4 vectors), from zeros when ``first``: one strip of w for one row tile.
     Not inlined: LLVM keeps the 12 sums in registers in a loop of its own."""
     V = lanes(wf)
-    sums = _zeros_3x4(wf) if first else _load_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V)
+    sums = zeros_3x4(wf) if first else load_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V)
     for k in range(nk):
-        sums = _fma_3x4(vsplat(xf, p0 + k), vsplat(xf, p1 + k), vsplat(xf, p2 + k), wf,
+        sums = fma_3x4(vsplat(xf, p0 + k), vsplat(xf, p1 + k), vsplat(xf, p2 + k), wf,
                         q, q + V, q + 2 * V, q + 3 * V, sums)
         q += M
-    _store_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V, sums)
+    store_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V, sums)

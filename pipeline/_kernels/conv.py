@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from pipeline._simd import VECTOR_BYTES, lanes, vadd, vfma, vload, vsplat, vstore, vzero
+from pipeline._kernels.simd import VECTOR_BYTES, lanes, vadd, vload, vsplat, vstore, vzero
+from pipeline._kernels.tile import fma_3x4, load_3x4, store_3x4, zeros_3x4
 
 u64 = np.uint64
 
@@ -162,8 +163,8 @@ def relu_masked(dout, relu_out, out):
 # is the next row's left padding (Wp = 35 at the model's shapes); the kernels compute only the
 # W_out real columns of each row.
 #
-# The kernels hold their sums in SIMD registers (pipeline._simd), 12 accumulators fed by 4
-# vector loads and 3 broadcasts per 12 FMAs (_fma_3x4): the forward pass keeps 3 filters x 4
+# The kernels hold their sums in SIMD registers (pipeline._kernels.simd), 12 accumulators fed by 4
+# vector loads and 3 broadcasts per 12 FMAs (fma_3x4): the forward pass keeps 3 filters x 4
 # vectors of output pixels over all C*HH*7 taps; dw keeps 3 taps x 4 vectors of filters over
 # the output pixels. No column matrix is built. Every output element / weight gradient is
 # summed in a fixed order that depends only on the shapes: results do not depend on the
@@ -199,45 +200,6 @@ def direct_geometry(H_out, W_out, HH, W, pw, itemsize):
     Wp = max(W + pw, W_out)
     L = max((H_out + HH - 1) * Wp + pw + 1, (H_out + HH - 2) * Wp + max(W_out, V) + 7)
     return Wp, L
-
-
-@njit(cache=True, inline="always")
-def _zeros_3x4(like):
-    z = vzero(like)
-    return (z, z, z, z, z, z, z, z, z, z, z, z)
-
-
-@njit(cache=True, inline="always")
-def _load_3x4(a, r0, r1, r2, t0, t1, t2, t3):
-    """12 vectors: a[r + t : r + t + lanes] for rows r = r0, r1, r2 and columns t = t0..t3."""
-    return (vload(a, r0 + t0), vload(a, r0 + t1), vload(a, r0 + t2), vload(a, r0 + t3),
-            vload(a, r1 + t0), vload(a, r1 + t1), vload(a, r1 + t2), vload(a, r1 + t3),
-            vload(a, r2 + t0), vload(a, r2 + t1), vload(a, r2 + t2), vload(a, r2 + t3))
-
-
-@njit(cache=True, inline="always")
-def _store_3x4(a, r0, r1, r2, t0, t1, t2, t3, acc):
-    """The inverse of _load_3x4."""
-    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = acc
-    vstore(a, r0 + t0, a0); vstore(a, r0 + t1, a1); vstore(a, r0 + t2, a2); vstore(a, r0 + t3, a3)
-    vstore(a, r1 + t0, b0); vstore(a, r1 + t1, b1); vstore(a, r1 + t2, b2); vstore(a, r1 + t3, b3)
-    vstore(a, r2 + t0, c0); vstore(a, r2 + t1, c1); vstore(a, r2 + t2, c2); vstore(a, r2 + t3, c3)
-
-
-@njit(cache=True, inline="always")
-def _fma_3x4(u, v, s, a, t0, t1, t2, t3, acc):
-    """The micro-kernel of both direct kernels: acc[r][j] += (u, v, s)[r] * a[t_j : t_j + lanes]
-    for r = 0..2, j = 0..3: 12 FMAs fed by 4 vector loads (u, v, s are 3 broadcasts)."""
-    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = acc
-    x = vload(a, t0)
-    a0 = vfma(u, x, a0); b0 = vfma(v, x, b0); c0 = vfma(s, x, c0)
-    x = vload(a, t1)
-    a1 = vfma(u, x, a1); b1 = vfma(v, x, b1); c1 = vfma(s, x, c1)
-    x = vload(a, t2)
-    a2 = vfma(u, x, a2); b2 = vfma(v, x, b2); c2 = vfma(s, x, c2)
-    x = vload(a, t3)
-    a3 = vfma(u, x, a3); b3 = vfma(v, x, b3); c3 = vfma(s, x, c3)
-    return (a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3)
 
 
 @njit(cache=True, inline="always")
@@ -281,7 +243,7 @@ def conv7_forward(xp, Wp, w, b, relu, out):
             q1, s1 = _vector_start(min(i + 1, NV - 1), nv, V, Wp, W_out, RW)
             q2, s2 = _vector_start(min(i + 2, NV - 1), nv, V, Wp, W_out, RW)
             q3, s3 = _vector_start(min(i + 3, NV - 1), nv, V, Wp, W_out, RW)
-            acc = _zeros_3x4(xp)
+            acc = zeros_3x4(xp)
             for c in range(C):
                 for kh in range(HH):
                     i0 = (n * C + c) * L + kh * Wp
@@ -289,9 +251,9 @@ def conv7_forward(xp, Wp, w, b, relu, out):
                     for kw in range(7):
                         k = k0 + kw
                         o = i0 + kw
-                        acc = _fma_3x4(vsplat(wf, f0 + k), vsplat(wf, f1 + k), vsplat(wf, f2 + k), xf,
+                        acc = fma_3x4(vsplat(wf, f0 + k), vsplat(wf, f1 + k), vsplat(wf, f2 + k), xf,
                                        o + q0, o + q1, o + q2, o + q3, acc)
-            _store_3x4(tmp, 0, H_out * RW, 2 * H_out * RW, s0, s1, s2, s3, acc)
+            store_3x4(tmp, 0, H_out * RW, 2 * H_out * RW, s0, s1, s2, s3, acc)
         for j in range(min(3, F - fb)):
             f = fb + j
             for ho in range(H_out):
@@ -369,16 +331,16 @@ def conv7_dw(xp, Wp, dout, dw, db):
                     xb = (n * C + cb) * L + hb * Wp + (kb - cb * T - hb * 7)
                     xc = (n * C + cc) * L + hc * Wp + (kc - cc * T - hc * 7)
                     ga = k * Fp + fg
-                    acc = _load_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V)
+                    acc = load_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V)
                     for ho in range(H_out):
                         q0 = ho * Wp
                         p0 = ho * W_out * Fp + fg
                         for wo in range(W_out):
                             q = q0 + wo
                             o = p0 + wo * Fp
-                            acc = _fma_3x4(vsplat(xf, xa + q), vsplat(xf, xb + q), vsplat(xf, xc + q), eT,
+                            acc = fma_3x4(vsplat(xf, xa + q), vsplat(xf, xb + q), vsplat(xf, xc + q), eT,
                                            o, o + V, o + 2 * V, o + 3 * V, acc)
-                    _store_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V, acc)
+                    store_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V, acc)
     for f in range(F):
         s = 0.0
         for ch in range(nch):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-u64 = np.uint64  # unsigned indices: no wraparound checks, vectorized loops (see _kernels_conv)
+u64 = np.uint64  # unsigned indices: no wraparound checks, vectorized loops (see conv.py)
 # let LLVM reorder the float64 sums (vectorized reductions); no other fast-math assumption
 REASSOC = {"reassoc"}
 

@@ -5,7 +5,7 @@ pass records, for every output, the flat position (h*W + w) of its window's firs
 row-major order, which the backward pass scatters the gradient to. With ``relu`` the output
 is max(max(window), 0) = max over the window of relu(x), and the gradient passes only where
 that output is > 0, exactly as relu followed by max pooling.
-Inner loops index 1-D rows with ``np.uint64`` (no wraparound checks, see _kernels_conv).
+Inner loops index 1-D rows with ``np.uint64`` (no wraparound checks, see conv.py).
 """
 
 from __future__ import annotations
