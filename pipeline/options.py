@@ -86,10 +86,10 @@ class ValueType:
                     return text
             except (KeyError, ValueError):
                 continue
-        raise WrongType(_literal(text))
+        raise WrongType(literal(text))
 
 
-def _literal(text: str):
+def literal(text: str):
     """``text`` as a TOML value (``2.5``, ``true``), or the text itself: how a message shows it."""
     try:
         return tomllib.loads(f"v = {text}")["v"]

@@ -63,7 +63,7 @@ def submit(client, spec, *, job_id: str | None = None, attempt: int = 1, timeout
 
     job_id = job_id or new_job_id(spec.kind)
     if spec.options.get("workers") is not None and spec.kind == "train":
-        from pipeline.jobs.spec import SpecError
+        from pipeline.jobs.schema import SpecError
 
         raise SpecError(f"{spec.source}: workers sizes the embedded cluster only; a cluster at a scheduler "
                         f"has its own workers (scale it instead)")

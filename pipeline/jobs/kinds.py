@@ -24,7 +24,7 @@ from pipeline.errors import ConvpipeError
 
 
 def _spec_error(spec, exc: Exception) -> ConvpipeError:
-    from pipeline.jobs.spec import SpecError
+    from pipeline.jobs.schema import SpecError
 
     return SpecError(f"{spec.source}: {exc}")
 
@@ -48,7 +48,7 @@ def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
         except JobError:
             continue  # a job whose status cannot be read cannot be told to use it; `status` reports it
         if status and status.get("state") in ACTIVE and status.get("run_dir") == run_dir:
-            from pipeline.jobs.spec import SpecError
+            from pipeline.jobs.schema import SpecError
 
             raise SpecError(f"run directory {run_dir} is in use by job {d.name} ({status['state']}); "
                             f"choose another out")
@@ -76,7 +76,7 @@ class Train(_InRunDirectory):
     @staticmethod
     def options():
         from pipeline.training.config import TrainConfig
-        from pipeline.jobs.spec import options_from_dataclass
+        from pipeline.jobs.schema import options_from_dataclass
 
         # the scheduler is the job's own key; the job runs on the cluster it is submitted to
         return options_from_dataclass(TrainConfig, exclude=("scheduler",))
@@ -109,7 +109,7 @@ class Train(_InRunDirectory):
         else:
             o["out"] = _abs(o.get("out") or os.path.join(root, "runs", job_id))
             if (Path(o["out"]) / "config.json").exists():
-                from pipeline.jobs.spec import SpecError
+                from pipeline.jobs.schema import SpecError
 
                 raise SpecError(f"run directory {o['out']} already holds a run: resume that job, or choose another out")
         open_store(o["data"])  # DataError naming the path if it is missing or not a store
@@ -137,7 +137,7 @@ class Prepare:
     @staticmethod
     def options():
         from pipeline.data.convert import DEFAULT_STORE, DEFAULT_VAL
-        from pipeline.jobs.spec import Option
+        from pipeline.jobs.schema import Option
 
         return {
             "source": Option("source", (str, type(None)), None,
@@ -152,7 +152,7 @@ class Prepare:
 
     @staticmethod
     def validate(spec) -> None:
-        from pipeline.jobs.spec import SpecError
+        from pipeline.jobs.schema import SpecError
 
         o = spec.options
         if o["val"] < 0:
@@ -200,14 +200,14 @@ class Prepare:
 
 
 class Evaluate:
-    """``convpipe evaluate RUN_DIR`` as a job: :func:`pipeline.training.evaluate.evaluate`."""
+    """``convpipe evaluate RUN_DIR`` as a job: :func:`pipeline.training.evaluation.evaluate`."""
 
     name = "evaluate"
     SPLITS = ("test", "val", "train")
 
     @staticmethod
     def options():
-        from pipeline.jobs.spec import Option
+        from pipeline.jobs.schema import Option
 
         return {
             "run": Option("run", (str, type(None)), None, "the run directory to evaluate (required)"),
@@ -217,7 +217,7 @@ class Evaluate:
 
     @classmethod
     def validate(cls, spec) -> None:
-        from pipeline.jobs.spec import SpecError
+        from pipeline.jobs.schema import SpecError
 
         if not spec.options["run"]:
             raise SpecError(f"{spec.source}: an evaluate job needs run = \"RUN_DIR\" (the run to evaluate)")
@@ -251,7 +251,7 @@ class Evaluate:
 
     @staticmethod
     def run(options: dict, client, report) -> dict:
-        from pipeline.training.evaluate import evaluate
+        from pipeline.training.evaluation import evaluate
 
         result = evaluate(options["run"], options["data"], options["split"], client=client, progress=report.progress)
         keep = ("split", "accuracy", "correct", "n", "seconds", "run_dir")
@@ -270,7 +270,7 @@ class Sweep(_InRunDirectory):
 
     @staticmethod
     def options():
-        from pipeline.jobs.spec import Option
+        from pipeline.jobs.schema import Option
 
         return {**Train.options(),
                 "search": Option("search", (dict,), None, "[search] table: method, trials, seed, metric and "
@@ -306,7 +306,7 @@ class Sweep(_InRunDirectory):
         else:
             o["out"] = _abs(o.get("out") or os.path.join(root, "runs", job_id))
             if (Path(o["out"]) / STATE_FILE).exists() or (Path(o["out"]) / "config.json").exists():
-                from pipeline.jobs.spec import SpecError
+                from pipeline.jobs.schema import SpecError
 
                 raise SpecError(f"run directory {o['out']} already holds a run: resume that job, or choose another out")
         check_run_dir_free(o["out"], root, job_id)

@@ -22,7 +22,6 @@ there, by :mod:`pipeline.jobs.kinds`, before the job is queued.
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,58 +29,13 @@ from pathlib import Path
 import tomli_w
 
 from pipeline.cluster.security import TLSFiles, tls_from_table
-from pipeline.errors import ConvpipeError
-from pipeline.options import ValueType, WrongType, _literal, field_types
+from pipeline.jobs.kinds import KINDS
+from pipeline.jobs.schema import Option, SpecError
+from pipeline.options import literal
 
 #: keys of the job itself (not options of its command)
 JOB_KEYS = ("job", "name", "scheduler", "root", "tls")
 DEFAULT_ROOT = "data"
-
-
-class SpecError(ConvpipeError):
-    """A job spec or an override is malformed, unknown or does not fit."""
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option of a job kind: its accepted types (``type(None)`` for optional), default and help."""
-
-    name: str
-    types: tuple
-    default: object
-    help: str = ""
-
-    @property
-    def value_type(self) -> ValueType:
-        return ValueType.of(self.types)
-
-    def check(self, value, where: str):
-        """Return ``value`` as this option's type (int accepted for float); else SpecError."""
-        try:
-            return self.value_type.convert(value)
-        except WrongType:
-            raise SpecError(f"{where}: {self.name} must be {self.value_type.name()}, got {value!r}") from None
-
-    def parse(self, text: str, where: str):
-        """Parse the text of ``--set name=text`` into this option's type."""
-        try:
-            return self.value_type.parse(text)
-        except WrongType as exc:
-            raise SpecError(f"{where}: {self.name} must be {self.value_type.name()}, got {exc.value!r}") from None
-
-
-def options_from_dataclass(cls, exclude: tuple[str, ...] = ()) -> dict[str, Option]:
-    """Options mirroring a settings dataclass (``TrainConfig``): names, types, defaults, help."""
-    types_ = field_types(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        vtype = types_[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        out[f.name] = Option(f.name, vtype.kinds + ((type(None),) if vtype.optional else ()), default,
-                             f.metadata.get("help", ""))
-    return out
 
 
 @dataclass
@@ -141,8 +95,6 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
 def spec_from_table(table: dict, *, where: str = "<spec>", overrides=(), default_name: str = "job",
                     base: Path | None = None) -> JobSpec:
     """Validate a parsed spec (a dict as TOML gives) with ``key=value`` overrides applied."""
-    from pipeline.jobs.kinds import KINDS
-
     table = dict(table)
     # ---- normalise keys; a key given twice (batch-size and batch_size) is an error
     flat: dict[str, object] = {}
@@ -188,7 +140,7 @@ def spec_from_table(table: dict, *, where: str = "<spec>", overrides=(), default
             continue
         table, _, sub = key.partition(".")
         if sub and table in schema and dict in schema[table].types:   # --set search.trials=4
-            values[table] = {**(values.get(table) or {}), sub: _literal(text)}
+            values[table] = {**(values.get(table) or {}), sub: literal(text)}
             continue
         opt = top.get(key) or schema.get(key)
         if opt is None:

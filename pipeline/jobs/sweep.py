@@ -51,7 +51,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.errors import ConvpipeError, TrainingError
-from pipeline.jobs.spec import SpecError
+from pipeline.jobs.schema import SpecError
 
 METHODS = ("random", "grid")
 METRICS = ("val_acc",)

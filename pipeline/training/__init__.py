@@ -8,14 +8,17 @@ Public API::
 """
 
 from pipeline.training.config import TrainConfig
-from pipeline.training.evaluate import evaluate  # the function; eager, so the submodule cannot shadow it
 
 __all__ = ["TrainConfig", "train", "evaluate", "resume_config"]
 
 
-def __getattr__(name):  # lazy: importing the settings must not start Numba or Dask
+def __getattr__(name):  # lazy: importing the settings (TrainConfig) must not start Numba or Dask
     if name in ("train", "resume_config"):
         from pipeline.training import coordinator
 
         return getattr(coordinator, name)
+    if name == "evaluate":
+        from pipeline.training import evaluation
+
+        return evaluation.evaluate
     raise AttributeError(f"module 'pipeline.training' has no attribute {name!r}")
