@@ -31,10 +31,14 @@ def best(fn, repeat: int = 7) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", default="data/cifar10.zarr")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--link-gbit", type=float, default=10.0, help="network of the multi-host prediction")
+    ap.add_argument(
+        "--link-gbit", type=float, default=10.0, help="network of the multi-host prediction"
+    )
     args = ap.parse_args()
 
     import numba
@@ -47,19 +51,27 @@ def main() -> int:
 
     numba.set_num_threads(1)
     store = open_store(args.data)
-    model = ThreeLayerConvNet(hidden_dim=500, weight_scale=1e-3, reg=0.0, dtype=np.float32)   # the seed network
+    model = ThreeLayerConvNet(
+        hidden_dim=500, weight_scale=1e-3, reg=0.0, dtype=np.float32
+    )  # the seed network
     P = sum(p.size for p in model.params.values())
-    print(f"convpipe bench_costs: P = {P:,} parameters, float32, one thread; load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"convpipe bench_costs: P = {P:,} parameters, float32, one thread; load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
 
     per_image = {}
     for shard in (128, 64, 32, 16):
         X, y = store.read("train", np.arange(shard))
         node = {name: np.zeros_like(p) for name, p in model.params.items()}
         model.loss(X, y, into=node, scale=np.float32(shard))
-        per_image[shard] = best(lambda: model.loss(X, y, into=node, scale=np.float32(shard))) / shard
-        print(f"  compute, shard {shard:>3}: {1e3 * per_image[shard]:.3f} ms per image (forward + backward, "
-              f"its gradient sum into its tree node)")
+        per_image[shard] = (
+            best(lambda: model.loss(X, y, into=node, scale=np.float32(shard))) / shard
+        )
+        print(
+            f"  compute, shard {shard:>3}: {1e3 * per_image[shard]:.3f} ms per image (forward + backward, "
+            f"its gradient sum into its tree node)"
+        )
 
     slot, other = np.zeros(P, np.float32), np.ones(P, np.float32)
     add = best(lambda: np.add(slot, other, out=slot)) / P
@@ -74,38 +86,53 @@ def main() -> int:
         state = tuple(np.zeros(P, np.float32) for _ in range(3))
         out = tuple(np.zeros(P, np.float32) for _ in range(3))
         scal = adam_scalars({}, np.float32)
-        run = lambda: tree_adam(slots, rows, ops, root, 0, state, out, 0, 0, P, [(0, P, 1e-3)], CHUNK, 256, scal)  # noqa: E731
+        run = lambda: tree_adam(
+            slots, rows, ops, root, 0, state, out, 0, 0, P, [(0, P, 1e-3)], CHUNK, 256, scal
+        )  # noqa: E731
         run()
         update[nodes] = best(run, 5) / P
-        print(f"  reduce + L2 + Adam from {nodes} node(s): {1e9 * update[nodes]:.2f} ns per parameter")
+        print(
+            f"  reduce + L2 + Adam from {nodes} node(s): {1e9 * update[nodes]:.2f} ns per parameter"
+        )
 
     task = _task_cost()
-    print(f"  Dask: {1e3 * task:.2f} ms per task (200 tasks submitted at once, until all results are back; "
-          f"embedded cluster, 2 workers)")
+    print(
+        f"  Dask: {1e3 * task:.2f} ms per task (200 tasks submitted at once, until all results are back; "
+        f"embedded cluster, 2 workers)"
+    )
 
-    print("\nmodel: a worker's step = its shards' compute (their gradient sums into tree nodes) + the additions"
-          "\n       of two nodes (a leaf is added into its left sibling as it is computed: m shards, m/2 - 1 of them)"
-          "\n       + reduce/L2/Adam of P/W parameters from W nodes + (tcp) 2 P (W-1)/W x 4 bytes over the link;"
-          "\n       the coordinator's step = (W tasks shm, W^2 + 5W tasks tcp) x Dask's cost per task, in parallel"
-          "\n       with the workers (parts are submitted a step ahead): step time = the larger of the two")
+    print(
+        "\nmodel: a worker's step = its shards' compute (their gradient sums into tree nodes) + the additions"
+        "\n       of two nodes (a leaf is added into its left sibling as it is computed: m shards, m/2 - 1 of them)"
+        "\n       + reduce/L2/Adam of P/W parameters from W nodes + (tcp) 2 P (W-1)/W x 4 bytes over the link;"
+        "\n       the coordinator's step = (W tasks shm, W^2 + 5W tasks tcp) x Dask's cost per task, in parallel"
+        "\n       with the workers (parts are submitted a step ahead): step time = the larger of the two"
+    )
     B = args.batch_size
     link = args.link_gbit * 1e9 / 8
     per_node = update[2] - update[1]
     print(f"\n{'where':>24} {'W':>3} {'shard':>5} {'worker ms':>9} {'coord ms':>8} {'images/s':>9}")
-    for label, W, hosts in [("one host, shm", 1, 1), ("one host, shm", 2, 1), ("one host, shm", 4, 1),
-                            ("one host, shm", 8, 1), ("one host, shm", 16, 1),
-                            (f"4 hosts x 4, {args.link_gbit:g} Gb/s", 16, 4)]:
-        k = max(W, B // 128)                                # shards per step: at least one per worker
+    for label, W, hosts in [
+        ("one host, shm", 1, 1),
+        ("one host, shm", 2, 1),
+        ("one host, shm", 4, 1),
+        ("one host, shm", 8, 1),
+        ("one host, shm", 16, 1),
+        (f"4 hosts x 4, {args.link_gbit:g} Gb/s", 16, 4),
+    ]:
+        k = max(W, B // 128)  # shards per step: at least one per worker
         shard = B // k
         c = per_image[min(per_image, key=lambda s: abs(s - shard))]
-        mine = -(-k // W)                                    # shards of the busiest worker
+        mine = -(-k // W)  # shards of the busiest worker
         compute = mine * shard * c + max(0, mine // 2 - 1) * P * add
         reduce = (update[1] + (W - 1) * per_node) * P / W
         net = 2 * P * (W - 1) / W * 4 / link if hosts > 1 else 0.0
         worker = compute + reduce + net
         coordinator = (W if hosts == 1 else W * W + 5 * W) * task
         step = max(worker, coordinator)
-        print(f"{label:>24} {W:>3} {shard:>5} {1e3 * worker:>9.1f} {1e3 * coordinator:>8.1f} {B / step:>9,.0f}")
+        print(
+            f"{label:>24} {W:>3} {shard:>5} {1e3 * worker:>9.1f} {1e3 * coordinator:>8.1f} {B / step:>9,.0f}"
+        )
     return 0
 
 
@@ -121,6 +148,7 @@ def _task_cost() -> float:
 
         def batch():
             client.gather([client.submit(nothing, i, pure=False) for i in range(200)])
+
         return best(batch, 3) / 200
 
 

@@ -26,14 +26,22 @@ import time
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--store", default="data/cifar10.zarr")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument(
+        "--train-limit", type=int, default=None, help="use only the first N training images"
+    )
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    p.add_argument("--breakdown", action="store_true", help="also time a Solver step phase by phase")
-    p.add_argument("--part", choices=("convpipe", "convpipe-after-torch", "torch"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--breakdown", action="store_true", help="also time a Solver step phase by phase"
+    )
+    p.add_argument(
+        "--part", choices=("convpipe", "convpipe-after-torch", "torch"), help=argparse.SUPPRESS
+    )
     return p.parse_args()
 
 
@@ -58,8 +66,10 @@ def main():
     print(f"ratio convpipe / PyTorch epoch time: {ours['seconds'] / theirs['seconds']:.2f}x")
     after = run_in_subprocess(args, "convpipe-after-torch")
     report("torch imported first", n, after)
-    print(f"ratio convpipe after `import torch` / convpipe alone: {after['seconds'] / ours['seconds']:.2f}x "
-          f"(Numba threading layer {after['threading_layer']} / {ours['threading_layer']})")
+    print(
+        f"ratio convpipe after `import torch` / convpipe alone: {after['seconds'] / ours['seconds']:.2f}x "
+        f"(Numba threading layer {after['threading_layer']} / {ours['threading_layer']})"
+    )
 
 
 def run_in_subprocess(args, part):
@@ -67,10 +77,25 @@ def run_in_subprocess(args, part):
     import subprocess
     import sys
 
-    cmd = [sys.executable, __file__, "--part", part, "--store", args.store, "--batch-size", str(args.batch_size),
-           "--threads", str(args.threads)] + (["--train-limit", str(args.train_limit)] if args.train_limit else []) \
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--part",
+            part,
+            "--store",
+            args.store,
+            "--batch-size",
+            str(args.batch_size),
+            "--threads",
+            str(args.threads),
+        ]
+        + (["--train-limit", str(args.train_limit)] if args.train_limit else [])
         + (["--breakdown"] if args.breakdown and part == "convpipe" else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+    )
+    out = (
+        subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()
+    )
     return json.loads(out[-1]) if out and out[-1] != "null" else None
 
 
@@ -89,7 +114,10 @@ def run_part(args):
 
     data = get_CIFAR10_data(store=args.store, num_test=0)
     if args.train_limit:
-        data["X_train"], data["y_train"] = data["X_train"][: args.train_limit], data["y_train"][: args.train_limit]
+        data["X_train"], data["y_train"] = (
+            data["X_train"][: args.train_limit],
+            data["y_train"][: args.train_limit],
+        )
     if args.part == "torch":
         result = {**run_torch(data, args.batch_size, args.threads), "version": torch.__version__}
     else:
@@ -100,8 +128,10 @@ def run_part(args):
 
 
 def report(name, n, r):
-    print(f"{name:>22}: epoch {r['seconds']:6.1f} s  {n / r['seconds']:7.0f} images/s  "
-          f"train acc {r['train_acc']:.3f}  val acc {r['val_acc']:.3f}")
+    print(
+        f"{name:>22}: epoch {r['seconds']:6.1f} s  {n / r['seconds']:7.0f} images/s  "
+        f"train acc {r['train_acc']:.3f}  val acc {r['val_acc']:.3f}"
+    )
 
 
 def notebook_solver(data, batch_size):
@@ -113,8 +143,15 @@ def notebook_solver(data, batch_size):
 
     np.random.seed(0)
     model = ThreeLayerConvNet(weight_scale=1e-3, hidden_dim=500, reg=1e-3, dtype=np.float32)
-    solver = Solver(model, data, num_epochs=1, batch_size=batch_size, update_rule="adam",
-                    optim_config={"learning_rate": 1e-3}, verbose=False)
+    solver = Solver(
+        model,
+        data,
+        num_epochs=1,
+        batch_size=batch_size,
+        update_rule="adam",
+        optim_config={"learning_rate": 1e-3},
+        verbose=False,
+    )
     return model, solver
 
 
@@ -126,8 +163,12 @@ def run_convpipe(data, batch_size):
     seconds = time.perf_counter() - start
     import numba
 
-    return {"seconds": seconds, "train_acc": solver.train_acc_history[-1], "val_acc": solver.val_acc_history[-1],
-            "threading_layer": numba.threading_layer()}
+    return {
+        "seconds": seconds,
+        "train_acc": solver.train_acc_history[-1],
+        "val_acc": solver.val_acc_history[-1],
+        "threading_layer": numba.threading_layer(),
+    }
 
 
 #: the model's phases timed in place: (label, pipeline.cnn names wrapped, (layer, GEMMs) or None),
@@ -158,6 +199,7 @@ def step_breakdown(data, batch_size, steps=200):
                 return fn(*args, **kwargs)
             finally:
                 totals[label] = totals.get(label, 0.0) + time.perf_counter() - t
+
         return call
 
     for label, names, _ in PHASES:
@@ -165,8 +207,10 @@ def step_breakdown(data, batch_size, steps=200):
             setattr(cnn, name, timed(label, getattr(cnn, name)))
     model, solver = notebook_solver(data, batch_size)
     H, W = data["X_train"].shape[2:]
-    per_image = {"conv": 2 * model.params["W1"].size * H * W,     # the conv keeps H x W
-                 "affine": 2 * model.params["W2"].size}
+    per_image = {
+        "conv": 2 * model.params["W1"].size * H * W,  # the conv keeps H x W
+        "affine": 2 * model.params["W2"].size,
+    }
     flops = {label: per_image[work[0]] * work[1] for label, _, work in PHASES if work}
     solver.update_rule = timed("Adam (all parameters)", solver.update_rule)
     model.loss = timed("model.loss", model.loss)
@@ -183,8 +227,13 @@ def step_breakdown(data, batch_size, steps=200):
     for _ in range(5):
         a @ a
     sgemm = 5 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
-    return {"steps": steps, "step_ms": 1e3 * step / steps, "ms": {k: 1e3 * v / steps for k, v in totals.items()},
-            "flops_per_image": flops, "sgemm_gflops": sgemm}
+    return {
+        "steps": steps,
+        "step_ms": 1e3 * step / steps,
+        "ms": {k: 1e3 * v / steps for k, v in totals.items()},
+        "flops_per_image": flops,
+        "sgemm_gflops": sgemm,
+    }
 
 
 def print_breakdown(b, batch_size):
@@ -193,9 +242,17 @@ def print_breakdown(b, batch_size):
     rows = [(label, ms.get(label, 0.0), b["flops_per_image"].get(label)) for label, _, _ in PHASES]
     rows.insert(3, ("W1's and W3's squares, checks, the rest", ms["model.loss"] - inside, None))
     rows.append(("Adam (all parameters)", ms["Adam (all parameters)"], None))
-    rows.append(("the Solver's own (batch, bookkeeping)", b["step_ms"] - ms["model.loss"] - ms["Adam (all parameters)"], None))
-    print(f"\none Solver step, batch {batch_size}, phase by phase (mean of {b['steps']} steps, timed in place): "
-          f"{b['step_ms']:.1f} ms; NumPy sgemm 2048x2048 here: {b['sgemm_gflops']:.0f} GFLOP/s")
+    rows.append(
+        (
+            "the Solver's own (batch, bookkeeping)",
+            b["step_ms"] - ms["model.loss"] - ms["Adam (all parameters)"],
+            None,
+        )
+    )
+    print(
+        f"\none Solver step, batch {batch_size}, phase by phase (mean of {b['steps']} steps, timed in place): "
+        f"{b['step_ms']:.1f} ms; NumPy sgemm 2048x2048 here: {b['sgemm_gflops']:.0f} GFLOP/s"
+    )
     for label, t, flops in rows:
         rate = f"{flops * batch_size / t / 1e6:6.0f} GFLOP/s" if flops and t > 0 else ""
         print(f"  {label:>40}: {t:6.2f} ms  {100 * t / b['step_ms']:5.1f}%  {rate}")
@@ -205,7 +262,6 @@ def run_torch(data, batch_size, threads):
     import numpy as np
     import torch
     from torch import nn
-
     from torch_reference import three_layer_net
 
     torch.set_num_threads(threads)

@@ -22,10 +22,14 @@ import time
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2, help="threads for Numba, BLAS and torch (default 2)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="threads for Numba, BLAS and torch (default 2)"
+    )
     p.add_argument("--repeat", type=int, default=15, help="timed rounds per case (default 15)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
-    p.add_argument("--no-naive", action="store_true", help="skip the comparison with the naive layers")
+    p.add_argument(
+        "--no-naive", action="store_true", help="skip the comparison with the naive layers"
+    )
     return p.parse_args()
 
 
@@ -78,13 +82,19 @@ def fresh_process_report():
     """Import + first call in a new process; run twice so the second sees a warm on-disk cache."""
     lines = []
     for attempt in ("first run (may compile)", "fresh process, warm cache"):
-        r = subprocess.run([sys.executable, "-c", FRESH_PROCESS], capture_output=True, text=True,
-                           env=os.environ.copy())
+        r = subprocess.run(
+            [sys.executable, "-c", FRESH_PROCESS],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+        )
         if r.returncode:
             raise SystemExit(r.stderr)
         imp, call, hits, misses = r.stdout.split()
-        lines.append(f"  {attempt:28s} import {float(imp):6.2f} s   first conv_relu_pool fwd+bwd "
-                     f"{float(call):6.2f} s   numba cache hits {hits}, compilations {misses}")
+        lines.append(
+            f"  {attempt:28s} import {float(imp):6.2f} s   first conv_relu_pool fwd+bwd "
+            f"{float(call):6.2f} s   numba cache hits {hits}, compilations {misses}"
+        )
     return lines
 
 
@@ -124,9 +134,11 @@ def main():
     from pipeline import layer_utils as lu
     from pipeline import layers as L
 
-    print(f"numpy {np.__version__}, numba {numba.__version__}, threads {ARGS.threads} "
-          f"(numba {numba.get_num_threads()}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}), "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other processes share the machine)")
+    print(
+        f"numpy {np.__version__}, numba {numba.__version__}, threads {ARGS.threads} "
+        f"(numba {numba.get_num_threads()}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}), "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other processes share the machine)"
+    )
     print("\nStart-up (subprocess):")
     for line in fresh_process_report():
         print(line)
@@ -151,8 +163,16 @@ def naive_report(fl, L, rng, R):
     _, cf = fl.conv_forward_fast(x, w, b, cp)
     dout = rng.standard_normal(out.shape)
     rows = [
-        ("conv forward", lambda: L.conv_forward_naive(x, w, b, cp), lambda: fl.conv_forward_fast(x, w, b, cp)),
-        ("conv backward", lambda: L.conv_backward_naive(dout, cn), lambda: fl.conv_backward_fast(dout, cf)),
+        (
+            "conv forward",
+            lambda: L.conv_forward_naive(x, w, b, cp),
+            lambda: fl.conv_forward_fast(x, w, b, cp),
+        ),
+        (
+            "conv backward",
+            lambda: L.conv_backward_naive(dout, cn),
+            lambda: fl.conv_backward_fast(dout, cf),
+        ),
     ]
     xp = rng.standard_normal((100, 3, 32, 32))
     pp = {"pool_height": 2, "pool_width": 2, "stride": 2}
@@ -160,14 +180,21 @@ def naive_report(fl, L, rng, R):
     _, pf = fl.max_pool_forward_fast(xp, pp)
     pdout = rng.standard_normal(pout.shape)
     rows += [
-        ("max pool forward", lambda: L.max_pool_forward_naive(xp, pp), lambda: fl.max_pool_forward_fast(xp, pp)),
-        ("max pool backward", lambda: L.max_pool_backward_naive(pdout, pn), lambda: fl.max_pool_backward_fast(pdout, pf)),
+        (
+            "max pool forward",
+            lambda: L.max_pool_forward_naive(xp, pp),
+            lambda: fl.max_pool_forward_fast(xp, pp),
+        ),
+        (
+            "max pool backward",
+            lambda: L.max_pool_backward_naive(pdout, pn),
+            lambda: fl.max_pool_backward_fast(pdout, pf),
+        ),
     ]
     print(f"  {'':22s} {'naive':>17s} {'fast':>17s} {'speedup':>9s}")
     for name, naive, fast in rows:
         tn, tf = timeit(naive, 3), timeit(fast, R)
         print(f"  {name:22s} {ms(tn)} {ms(tf)} {np.median(tn) / np.median(tf):8.1f}x")
-
 
 
 def torch_report(fl, lu, rng, R):
@@ -180,8 +207,10 @@ def torch_report(fl, lu, rng, R):
         return
     torch.set_num_threads(ARGS.threads)
     F_ = torch.nn.functional
-    print(f"\nvs PyTorch {torch.__version__} CPU (float32, {torch.get_num_threads()} threads; ms: median min; "
-          "ratio = ours / torch of the medians and of the minima):")
+    print(
+        f"\nvs PyTorch {torch.__version__} CPU (float32, {torch.get_num_threads()} threads; ms: median min; "
+        "ratio = ours / torch of the medians and of the minima):"
+    )
     print(f"  {'':44s} {'ours':>17s} {'torch':>17s} {'ratio':>6s} {'(min)':>6s}")
 
     f32 = np.float32
@@ -201,6 +230,7 @@ def torch_report(fl, lu, rng, R):
         def f():
             o, c = fl.conv_forward_fast(x, w, b, cp)
             fl.conv_backward_fast(dout, c, compute_dx=dx)
+
         return f
 
     def torch_conv(dx):
@@ -209,6 +239,7 @@ def torch_report(fl, lu, rng, R):
         def f():
             tw.grad = tb.grad = xin.grad = None
             F_.conv2d(xin, tw, tb, stride=1, padding=3).backward(tdout)
+
         return f
 
     def ours_conv_fwd():
@@ -233,6 +264,7 @@ def torch_report(fl, lu, rng, R):
         def f():
             o, c = lu.conv_relu_pool_forward(x, w, b, cp, pp)
             lu.conv_relu_pool_backward(pdout, c, compute_dx=dx)
+
         return f
 
     def torch_crp(dx):
@@ -240,7 +272,10 @@ def torch_report(fl, lu, rng, R):
 
         def f():
             tw.grad = tb.grad = xin.grad = None
-            F_.max_pool2d(F_.relu(F_.conv2d(xin, tw, tb, stride=1, padding=3)), 2, 2).backward(tpdout)
+            F_.max_pool2d(F_.relu(F_.conv2d(xin, tw, tb, stride=1, padding=3)), 2, 2).backward(
+                tpdout
+            )
+
         return f
 
     gamma = (1 + 0.1 * rng.standard_normal(32)).astype(f32)
@@ -277,8 +312,10 @@ def torch_report(fl, lu, rng, R):
     ]
     for name, ours, theirs in cases:
         to, tt = side_by_side([ours, theirs], R)
-        print(f"  {name:44s} {ms(to)} {ms(tt)} {np.median(to) / np.median(tt):6.2f} "
-              f"{np.min(to) / np.min(tt):6.2f}")
+        print(
+            f"  {name:44s} {ms(to)} {ms(tt)} {np.median(to) / np.median(tt):6.2f} "
+            f"{np.min(to) / np.min(tt):6.2f}"
+        )
 
 
 if __name__ == "__main__":

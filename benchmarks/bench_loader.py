@@ -34,8 +34,12 @@ def _parse():
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeat", type=int, default=200, help="timed reads (default 200)")
     p.add_argument("--compute-repeat", type=int, default=15, help="timed loss calls (default 15)")
-    p.add_argument("--checksum-repeat", type=int, default=5,
-                   help="timed reads of each chunk with and without the checksum (default 5)")
+    p.add_argument(
+        "--checksum-repeat",
+        type=int,
+        default=5,
+        help="timed reads of each chunk with and without the checksum (default 5)",
+    )
     return p.parse_args()
 
 
@@ -50,7 +54,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def synthetic_store(path: str) -> None:
-    from pipeline.data.store import FORMAT, FORMAT_VERSION, create_layout, finalize_store, write_block
+    from pipeline.data.store import (
+        FORMAT,
+        FORMAT_VERSION,
+        create_layout,
+        finalize_store,
+        write_block,
+    )
 
     sizes = {"train": 49000, "val": 1000, "test": 10000}
     rng = np.random.default_rng(0)
@@ -62,9 +72,17 @@ def synthetic_store(path: str) -> None:
             write_block(path, split, a, X, rng.integers(0, 10, len(X)))
             if split == "train":
                 total += X.sum(axis=0)
-    finalize_store(path, {"format": FORMAT, "format_version": FORMAT_VERSION, "splits": sizes,
-                          "class_names": [f"c{i}" for i in range(10)], "chunk": 1000},
-                   (total / sizes["train"]).astype(np.float32))
+    finalize_store(
+        path,
+        {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "splits": sizes,
+            "class_names": [f"c{i}" for i in range(10)],
+            "chunk": 1000,
+        },
+        (total / sizes["train"]).astype(np.float32),
+    )
 
 
 def checksum_cost(store, folder: str, repeat: int) -> tuple[float, float, int]:
@@ -81,16 +99,19 @@ def checksum_cost(store, folder: str, repeat: int) -> tuple[float, float, int]:
         path = os.path.join(folder, f"train-{'crc32c' if checksum else 'plain'}.zarr")
         create_layout(path, {"train": len(X)}, chunk, len(store.class_names), checksum=checksum)
         for a in range(0, len(X), chunk):
-            write_block(path, "train", a, X[a:a + chunk], y[a:a + chunk])
+            write_block(path, "train", a, X[a : a + chunk], y[a : a + chunk])
         arrays[checksum] = _Array(path, "train", "images")
         assert arrays[checksum].protected == checksum
     n = len(X)
     del X, y
-    best = {True: np.full(arrays[True].n_chunks, np.inf), False: np.full(arrays[True].n_chunks, np.inf)}
+    best = {
+        True: np.full(arrays[True].n_chunks, np.inf),
+        False: np.full(arrays[True].n_chunks, np.inf),
+    }
     for r in range(repeat):
         for k in range(arrays[True].n_chunks):
             lo, hi = arrays[True].rows(k)
-            for checksum in ((True, False) if (r + k) % 2 == 0 else (False, True)):
+            for checksum in (True, False) if (r + k) % 2 == 0 else (False, True):
                 t = time.perf_counter()
                 arrays[checksum].read(lo, hi)
                 best[checksum][k] = min(best[checksum][k], time.perf_counter() - t)
@@ -110,7 +131,9 @@ def main() -> int:
     store = open_store(path)
     n = store.splits["train"]
     rng = np.random.default_rng(0)
-    print(f"store {store.path}: train {n} images, chunks of {store.chunks['train']}; batch {ARGS.batch}; 1 thread")
+    print(
+        f"store {store.path}: train {n} images, chunks of {store.chunks['train']}; batch {ARGS.batch}; 1 thread"
+    )
 
     t = time.perf_counter()
     store.read("train", rng.integers(0, n, ARGS.batch))
@@ -126,6 +149,7 @@ def main() -> int:
 
     try:
         from pipeline.cnn import ThreeLayerConvNet
+
         model = ThreeLayerConvNet(hidden_dim=500, dtype=np.float32, seed=0)
     except Exception as exc:  # noqa: BLE001 - the model is another issue's; say why it is missing
         model = None
@@ -139,7 +163,7 @@ def main() -> int:
     rounds = ARGS.compute_repeat if model is not None else 1
     for _ in range(rounds):
         for _ in range(per_round if model is not None else ARGS.repeat):
-            idx = rng.permutation(n)[:ARGS.batch]
+            idx = rng.permutation(n)[: ARGS.batch]
             t = time.perf_counter()
             X, y = store.read("train", idx)
             reads.append(time.perf_counter() - t)
@@ -151,16 +175,24 @@ def main() -> int:
     read_ms = 1e3 * float(np.median(reads))
     print(f"read, cold (first, decompresses chunks) {1e3 * cold:8.2f} ms")
     print(f"read, cache=False                       {1e3 * float(np.median(nocache)):8.2f} ms")
-    print(f"read, warm cache (median of {len(reads):4d})       {read_ms:8.3f} ms   (min {1e3 * min(reads):.3f})")
+    print(
+        f"read, warm cache (median of {len(reads):4d})       {read_ms:8.3f} ms   (min {1e3 * min(reads):.3f})"
+    )
     if model is None:
-        print(f"compute: pipeline.cnn.ThreeLayerConvNet not available ({note}); read time alone above")
+        print(
+            f"compute: pipeline.cnn.ThreeLayerConvNet not available ({note}); read time alone above"
+        )
         _print_checksum_cost(store)
         return 0
     comp_ms = 1e3 * float(np.median(computes))
-    print(f"compute: ThreeLayerConvNet(hidden_dim=500).loss, forward+backward (median of {len(computes)}) "
-          f"{comp_ms:8.2f} ms")
+    print(
+        f"compute: ThreeLayerConvNet(hidden_dim=500).loss, forward+backward (median of {len(computes)}) "
+        f"{comp_ms:8.2f} ms"
+    )
     ratio = read_ms / comp_ms
-    print(f"ratio read / compute = {100 * ratio:.2f}%  (target <= 5%: {'met' if ratio <= 0.05 else 'NOT met'})")
+    print(
+        f"ratio read / compute = {100 * ratio:.2f}%  (target <= 5%: {'met' if ratio <= 0.05 else 'NOT met'})"
+    )
     _print_checksum_cost(store)
     if tmp is not None:
         tmp.cleanup()
@@ -170,9 +202,11 @@ def main() -> int:
 def _print_checksum_cost(store) -> None:
     with tempfile.TemporaryDirectory() as folder:
         crc, plain, n = checksum_cost(store, folder, ARGS.checksum_repeat)
-    print(f"checksum: {n} train images read back chunk by chunk (decompressed), crc32c checked "
-          f"{1e3 * crc:8.1f} ms vs no checksum {1e3 * plain:8.1f} ms; ratio {crc / plain:.3f} "
-          f"(each chunk's best of {ARGS.checksum_repeat}, alternating)")
+    print(
+        f"checksum: {n} train images read back chunk by chunk (decompressed), crc32c checked "
+        f"{1e3 * crc:8.1f} ms vs no checksum {1e3 * plain:8.1f} ms; ratio {crc / plain:.3f} "
+        f"(each chunk's best of {ARGS.checksum_repeat}, alternating)"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", default="data/cifar10.zarr")
     ap.add_argument("--workers", default="2", help="comma-separated worker counts")
     ap.add_argument("--norms", default="none")
@@ -44,23 +46,35 @@ def main() -> int:
     from pipeline.cluster import worker_cluster
     from pipeline.training import TrainConfig, train
 
-    print(f"convpipe bench_train: {os.cpu_count()} CPUs, data {args.data}, global batch {args.batch_size}, "
-          f"{'%d steps' % args.steps if args.steps else '%d epoch(s)' % args.epochs}; load average {_load()}")
+    print(
+        f"convpipe bench_train: {os.cpu_count()} CPUs, data {args.data}, global batch {args.batch_size}, "
+        f"{'%d steps' % args.steps if args.steps else '%d epoch(s)' % args.epochs}; load average {_load()}"
+    )
     rows, ddp = [], {}
     for workers in [int(w) for w in args.workers.split(",")]:
         if not args.no_ddp:
             ddp[workers] = _ddp(args, workers)
         t0 = time.perf_counter()
         with worker_cluster(workers=workers, threads_per_worker=1) as client:
-            print(f"\n{workers} worker(s) x 1 thread: cluster up in {time.perf_counter() - t0:.1f} s")
+            print(
+                f"\n{workers} worker(s) x 1 thread: cluster up in {time.perf_counter() - t0:.1f} s"
+            )
             for norm in args.norms.split(","):
                 for transport in args.transports.split(","):
                     for shard in [int(x) for x in args.shard_sizes.split(",")]:
                         out = tempfile.mkdtemp(prefix="bench-train-")
-                        config = TrainConfig(data=args.data, batch_size=args.batch_size, shard_size=shard,
-                                             epochs=args.epochs, steps=args.steps, norm=norm, transport=transport,
-                                             checkpoint_every=args.checkpoint_every, seed=args.seed,
-                                             out=os.path.join(out, "run"))
+                        config = TrainConfig(
+                            data=args.data,
+                            batch_size=args.batch_size,
+                            shard_size=shard,
+                            epochs=args.epochs,
+                            steps=args.steps,
+                            norm=norm,
+                            transport=transport,
+                            checkpoint_every=args.checkpoint_every,
+                            seed=args.seed,
+                            out=os.path.join(out, "run"),
+                        )
                         before = _worker_bytes(client)
                         t = time.perf_counter()
                         s = train(config, client=client)
@@ -69,47 +83,80 @@ def main() -> int:
                         rows.append((workers, norm, shard, s, wall))
                         _report(workers, norm, shard, s, wall, moved)
     print("\nsummary")
-    print(f"{'workers':>7} {'norm':>18} {'shard':>5} {'transport':>9} {'images/s':>9} {'coord ms':>8} "
-          f"{'train acc':>9} {'val acc':>8} {'vs DDP':>7}")
+    print(
+        f"{'workers':>7} {'norm':>18} {'shard':>5} {'transport':>9} {'images/s':>9} {'coord ms':>8} "
+        f"{'train acc':>9} {'val acc':>8} {'vs DDP':>7}"
+    )
     for workers, norm, shard, s, wall in rows:
         ref = ddp.get(workers)
         ratio = f"{s['images_per_s'] / ref['images_per_s']:.2f}x" if ref else "n/a"
-        print(f"{workers:>7} {norm:>18} {shard:>5} {s['transport']:>9} {s['images_per_s']:>9,.0f} "
-              f"{1e3 * s['step_breakdown_s'].get('coordinator', 0):>8.2f} {_pct(s['train_acc']):>9} "
-              f"{_pct(s['val_acc']):>8} {ratio:>7}")
+        print(
+            f"{workers:>7} {norm:>18} {shard:>5} {s['transport']:>9} {s['images_per_s']:>9,.0f} "
+            f"{1e3 * s['step_breakdown_s'].get('coordinator', 0):>8.2f} {_pct(s['train_acc']):>9} "
+            f"{_pct(s['val_acc']):>8} {ratio:>7}"
+        )
     for workers, ref in ddp.items():
         if ref:
-            print(f"PyTorch DDP gloo {workers} x 1 thread, batch {args.batch_size}, {ref['steps']} steps: "
-                  f"{ref['images_per_s']:,.0f} images/s, val acc {_pct(ref['val_acc'])}")
+            print(
+                f"PyTorch DDP gloo {workers} x 1 thread, batch {args.batch_size}, {ref['steps']} steps: "
+                f"{ref['images_per_s']:,.0f} images/s, val acc {_pct(ref['val_acc'])}"
+            )
     print(f"load average at the end {_load()} (other processes on the machine slow every figure)")
     return 0
 
 
 def _ddp(args, ranks: int) -> dict | None:
     """PyTorch DDP's images/s with ``ranks`` processes x 1 thread (its own processes), or None."""
-    cmd = [sys.executable, os.path.join(HERE, "ddp_reference.py"), "--data", args.data, "--ranks", str(ranks),
-           "--threads", "1", "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--seed", str(args.seed)]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "ddp_reference.py"),
+        "--data",
+        args.data,
+        "--ranks",
+        str(ranks),
+        "--threads",
+        "1",
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--seed",
+        str(args.seed),
+    ]
     if args.steps:
         cmd += ["--steps", str(args.steps)]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
+    }
     got = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if got.returncode:
-        print(f"PyTorch DDP reference skipped: {(got.stderr.strip().splitlines() or ['failed'])[-1]}")
+        print(
+            f"PyTorch DDP reference skipped: {(got.stderr.strip().splitlines() or ['failed'])[-1]}"
+        )
         return None
     return json.loads(got.stdout.strip().splitlines()[-1])
 
 
 def _worker_bytes(client) -> dict:
     """Bytes each worker has sent to and received from other workers so far."""
+
     def counts(dask_worker):
         got = sum(e.get("total", 0) for e in dask_worker.transfer_incoming_log)
         return dask_worker.transfer_outgoing_bytes_total, got
+
     return client.run(counts)
 
 
 def _per_step(before: dict, after: dict, steps: int) -> dict:
-    return {w: ((after[w][0] - before.get(w, (0, 0))[0]) / max(1, steps),
-                (after[w][1] - before.get(w, (0, 0))[1]) / max(1, steps)) for w in after}
+    return {
+        w: (
+            (after[w][0] - before.get(w, (0, 0))[0]) / max(1, steps),
+            (after[w][1] - before.get(w, (0, 0))[1]) / max(1, steps),
+        )
+        for w in after
+    }
 
 
 def _load() -> str:
@@ -124,17 +171,25 @@ def _report(workers, norm, shard, s, wall, moved):
     b = s["step_breakdown_s"]
     steps = s["steps_this_session"]
     step_ms = 1e3 * s["train_seconds"] / steps
-    print(f"  norm={norm} shard={shard} transport={s['transport']}: {s['images']} images in {steps} steps; "
-          f"training {s['train_seconds']:.1f} s (checkpoints included, accuracy evaluation not) = "
-          f"{s['images_per_s']:,.0f} images/s; wall {wall:.1f} s (warm-up {s.get('warmup_s', 0):.1f} s, "
-          f"evaluation, plots)")
-    print(f"    per step {step_ms:.1f} ms: read {1e3 * b['read']:.1f} (overlapped), compute {1e3 * b['compute']:.1f}, "
-          f"reduce+L2+Adam of a slice {1e3 * b['reduce']:.1f} (busiest worker), wait for the others "
-          f"{1e3 * b['sync']:.1f}, coordinator {1e3 * b['coordinator']:.2f}, checkpoints {1e3 * b['checkpoint']:.1f}")
+    print(
+        f"  norm={norm} shard={shard} transport={s['transport']}: {s['images']} images in {steps} steps; "
+        f"training {s['train_seconds']:.1f} s (checkpoints included, accuracy evaluation not) = "
+        f"{s['images_per_s']:,.0f} images/s; wall {wall:.1f} s (warm-up {s.get('warmup_s', 0):.1f} s, "
+        f"evaluation, plots)"
+    )
+    print(
+        f"    per step {step_ms:.1f} ms: read {1e3 * b['read']:.1f} (overlapped), compute {1e3 * b['compute']:.1f}, "
+        f"reduce+L2+Adam of a slice {1e3 * b['reduce']:.1f} (busiest worker), wait for the others "
+        f"{1e3 * b['sync']:.1f}, coordinator {1e3 * b['coordinator']:.2f}, checkpoints {1e3 * b['checkpoint']:.1f}"
+    )
     per = " ".join(f"{out / 1e6:.1f}/{got / 1e6:.1f}" for out, got in moved.values())
-    print(f"    bytes per step: coordinator out {s.get('coordinator_bytes_out', 0) / 1e3:.1f} kB, "
-          f"in {s.get('coordinator_bytes_in', 0) / 1e3:.1f} kB; workers out/in MB: {per}")
-    print(f"    train acc {_pct(s['train_acc'])}, val acc {_pct(s['val_acc'])}, final loss {s['final_loss']:.3f}")
+    print(
+        f"    bytes per step: coordinator out {s.get('coordinator_bytes_out', 0) / 1e3:.1f} kB, "
+        f"in {s.get('coordinator_bytes_in', 0) / 1e3:.1f} kB; workers out/in MB: {per}"
+    )
+    print(
+        f"    train acc {_pct(s['train_acc'])}, val acc {_pct(s['val_acc'])}, final loss {s['final_loss']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ PARTS = ("read", "compute", "reduce", "sync", "coordinator", "checkpoint")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--store", default=str(REPO / "data" / "cifar10.zarr"))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=256)
@@ -44,13 +46,23 @@ def parse_args():
 
 
 def settings(args) -> list[str]:
-    return ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--checkpoint-every",
-            str(args.steps), "--eval-every", str(args.steps)]
+    return [
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--checkpoint-every",
+        str(args.steps),
+        "--eval-every",
+        str(args.steps),
+    ]
 
 
 def convpipe(*argv, env=None, cwd=None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "pipeline.cli", *map(str, argv)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd)
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd
+    )
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[2:])} failed:\n{r.stderr[-3000:]}")
     return r
@@ -58,8 +70,18 @@ def convpipe(*argv, env=None, cwd=None) -> subprocess.CompletedProcess:
 
 def embedded(args, tmp: Path, transport: str) -> dict:
     out = tmp / f"embedded-{transport}"
-    convpipe("train", "--data", args.store, "--out", out, "--workers", args.workers, "--transport", transport,
-             *settings(args))
+    convpipe(
+        "train",
+        "--data",
+        args.store,
+        "--out",
+        out,
+        "--workers",
+        args.workers,
+        "--transport",
+        transport,
+        *settings(args),
+    )
     return json.loads((out / "summary.json").read_text())
 
 
@@ -74,10 +96,21 @@ def compose(args, tmp: Path) -> dict:
     root.mkdir()
     shutil.copytree(args.store, root / "cifar10.zarr")
     port = _free_port()
-    env = {**os.environ, "CONVPIPE_DATA": str(root), "CONVPIPE_UID": str(os.getuid()),
-           "CONVPIPE_GID": str(os.getgid()), "CONVPIPE_SCHEDULER_PORT": str(port),
-           "CONVPIPE_DASHBOARD_PORT": str(_free_port())}
-    base = ["docker-compose", "-p", f"convpipe-bench-{uuid.uuid4().hex[:8]}", "-f", str(REPO / "docker-compose.yml")]
+    env = {
+        **os.environ,
+        "CONVPIPE_DATA": str(root),
+        "CONVPIPE_UID": str(os.getuid()),
+        "CONVPIPE_GID": str(os.getgid()),
+        "CONVPIPE_SCHEDULER_PORT": str(port),
+        "CONVPIPE_DASHBOARD_PORT": str(_free_port()),
+    }
+    base = [
+        "docker-compose",
+        "-p",
+        f"convpipe-bench-{uuid.uuid4().hex[:8]}",
+        "-f",
+        str(REPO / "docker-compose.yml"),
+    ]
 
     def dc(*argv, check=True):
         r = subprocess.run([*base, *argv], cwd=REPO, env=env, capture_output=True, text=True)
@@ -89,11 +122,29 @@ def compose(args, tmp: Path) -> dict:
         dc("build")
         dc("up", "-d", "--scale", f"worker={args.workers}", "scheduler", "worker")
         address = f"tcp://127.0.0.1:{port}"
-        sets = [a for s in (f"batch-size={args.batch_size}", f"steps={args.steps}",
-                            f"checkpoint-every={args.steps}", f"eval-every={args.steps}") for a in ("--set", s)]
-        r = convpipe("submit", REPO / "jobs" / "train-three-layer.toml", "--scheduler", address, *sets,
-                     "--set", "name=bench-transport", "--follow", "--timeout", "300",
-                     env={"CONVPIPE_SCHEDULER": "", "CONVPIPE_TLS_CA_FILE": ""})
+        sets = [
+            a
+            for s in (
+                f"batch-size={args.batch_size}",
+                f"steps={args.steps}",
+                f"checkpoint-every={args.steps}",
+                f"eval-every={args.steps}",
+            )
+            for a in ("--set", s)
+        ]
+        r = convpipe(
+            "submit",
+            REPO / "jobs" / "train-three-layer.toml",
+            "--scheduler",
+            address,
+            *sets,
+            "--set",
+            "name=bench-transport",
+            "--follow",
+            "--timeout",
+            "300",
+            env={"CONVPIPE_SCHEDULER": "", "CONVPIPE_TLS_CA_FILE": ""},
+        )
         job = r.stdout.split()[0]
         return json.loads((root / "runs" / job / "summary.json").read_text())
     finally:
@@ -111,14 +162,22 @@ def main():
     args = parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:
         tmp = Path(tmp)
-        runs = [("embedded, shm", embedded(args, tmp, "shm")), ("embedded, tcp", embedded(args, tmp, "tcp"))]
+        runs = [
+            ("embedded, shm", embedded(args, tmp, "shm")),
+            ("embedded, tcp", embedded(args, tmp, "tcp")),
+        ]
         if not args.no_compose:
             t = time.perf_counter()
             runs.append(("compose (containers)", compose(args, tmp)))
             print(f"(compose: build, up, train, down in {time.perf_counter() - t:.0f} s)")
-    print(f"{args.workers} workers x 1 thread, batch {args.batch_size}, {args.steps} steps; "
-          f"per-step breakdown in ms")
-    print(f"{'run':22} {'transport':>9} {'images/s':>9} {'vs shm':>6}  " + "  ".join(f"{k:>8}" for k in PARTS))
+    print(
+        f"{args.workers} workers x 1 thread, batch {args.batch_size}, {args.steps} steps; "
+        f"per-step breakdown in ms"
+    )
+    print(
+        f"{'run':22} {'transport':>9} {'images/s':>9} {'vs shm':>6}  "
+        + "  ".join(f"{k:>8}" for k in PARTS)
+    )
     ref = runs[0][1]["images_per_s"]
     for name, s in runs:
         print(row(name, s, ref))

@@ -45,13 +45,17 @@ def _rank(rank: int, args, port: int, out) -> None:
     import torch
     import torch.distributed as dist
 
-    X, y, Xv, yv = _load(args.data, args.train_limit)       # after torch: its OpenMP settings are its own
+    X, y, Xv, yv = _load(
+        args.data, args.train_limit
+    )  # after torch: its OpenMP settings are its own
 
     sys.path.insert(0, os.path.dirname(__file__))
     from torch_reference import three_layer_net
 
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.ranks)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.ranks
+    )
     net, weights = three_layer_net(torch, seed=args.seed)
     model = torch.nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -63,7 +67,11 @@ def _rank(rank: int, args, port: int, out) -> None:
 
     def step(i):
         j = i % steps_per_epoch
-        idx = torch.from_numpy(order[j * args.batch_size + rank * per_rank:j * args.batch_size + (rank + 1) * per_rank])
+        idx = torch.from_numpy(
+            order[
+                j * args.batch_size + rank * per_rank : j * args.batch_size + (rank + 1) * per_rank
+            ]
+        )
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(X[idx]), y[idx])
         loss = loss + 0.5 * args.reg * sum((w * w).sum() for w in weights)
@@ -81,16 +89,33 @@ def _rank(rank: int, args, port: int, out) -> None:
     if rank == 0:
         with torch.no_grad():
             net.eval()
-            correct = sum(int((net(torch.from_numpy(Xv[i:i + 500])).argmax(1) == torch.from_numpy(yv[i:i + 500])).sum())
-                          for i in range(0, len(yv), 500))
-        out.put({"ranks": args.ranks, "threads": args.threads, "batch_size": args.batch_size, "steps": total,
-                 "seconds": seconds, "images_per_s": total * args.batch_size / seconds,
-                 "val_acc": correct / max(1, len(yv))})
+            correct = sum(
+                int(
+                    (
+                        net(torch.from_numpy(Xv[i : i + 500])).argmax(1)
+                        == torch.from_numpy(yv[i : i + 500])
+                    ).sum()
+                )
+                for i in range(0, len(yv), 500)
+            )
+        out.put(
+            {
+                "ranks": args.ranks,
+                "threads": args.threads,
+                "batch_size": args.batch_size,
+                "steps": total,
+                "seconds": seconds,
+                "images_per_s": total * args.batch_size / seconds,
+                "val_acc": correct / max(1, len(yv)),
+            }
+        )
     dist.destroy_process_group()
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--data", default="data/cifar10.zarr")
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)

@@ -66,7 +66,9 @@ def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     try:
         arrays = read_npz(path)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path} is damaged or torn ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or torn ({type(exc).__name__}: {exc})"
+        ) from None
     blob = arrays.pop(META_KEY, None)
     try:
         meta = json.loads(bytes(blob).decode()) if blob is not None else None
@@ -75,4 +77,3 @@ def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} has no convpipe metadata (not a {FORMAT} file)")
     return arrays, meta
-

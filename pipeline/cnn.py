@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.fast_layers import sum_of_squares
-from pipeline.layers import affine_backward, affine_forward, softmax_loss
 from pipeline.layer_utils import (
     affine_relu_backward,
     affine_relu_forward,
@@ -18,6 +17,7 @@ from pipeline.layer_utils import (
     conv_relu_pool_backward,
     conv_relu_pool_forward,
 )
+from pipeline.layers import affine_backward, affine_forward, softmax_loss
 from pipeline.optim import add_scaled
 from pipeline.shapes import check_groups, check_momentum, running_average
 
@@ -73,7 +73,9 @@ class ThreeLayerConvNet:
           cs231n's draws give after ``np.random.seed(s)``, without the global state).
         """
         if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
+            )
         if len(input_dim) != 3:
             raise ValueError(f"input_dim must be (C, H, W), got {input_dim!r}")
         C, H, W = input_dim
@@ -100,7 +102,11 @@ class ThreeLayerConvNet:
             rng = np.random.default_rng(seed)
             randn = lambda *shape: rng.standard_normal(shape)  # noqa: E731
         F, pooled = num_filters, num_filters * (H // 2) * (W // 2)
-        shapes = {"W1": (F, C, filter_size, filter_size), "W2": (pooled, hidden_dim), "W3": (hidden_dim, num_classes)}
+        shapes = {
+            "W1": (F, C, filter_size, filter_size),
+            "W2": (pooled, hidden_dim),
+            "W3": (hidden_dim, num_classes),
+        }
         self.params = {}
         for i, name in enumerate(("W1", "W2", "W3"), start=1):
             self.params[name] = (weight_scale * randn(*shapes[name])).astype(self.dtype)
@@ -125,7 +131,10 @@ class ThreeLayerConvNet:
         """The model's non-parameter state: BN running statistics (empty without BN)."""
         if self.normalization != "spatial_batchnorm":
             return {}
-        return {"running_mean": self.bn_param["running_mean"].copy(), "running_var": self.bn_param["running_var"].copy()}
+        return {
+            "running_mean": self.bn_param["running_mean"].copy(),
+            "running_var": self.bn_param["running_var"].copy(),
+        }
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         """Set BN running statistics from :meth:`get_state`'s dict."""
@@ -134,14 +143,20 @@ class ThreeLayerConvNet:
         for key in ("running_mean", "running_var"):
             value = np.asarray(state[key], dtype=self.dtype)
             if value.shape != self.bn_param[key].shape:
-                raise ValueError(f"{key} must have shape {self.bn_param[key].shape}, got {value.shape}")
+                raise ValueError(
+                    f"{key} must have shape {self.bn_param[key].shape}, got {value.shape}"
+                )
             self.bn_param[key] = value.copy()
 
     def update_running_stats(self, mean: np.ndarray, var: np.ndarray) -> None:
         """Fold one step's batch statistics into the running ones (cs231n's momentum rule)."""
         m = self.bn_param["momentum"]
-        self.bn_param["running_mean"] = running_average(self.bn_param["running_mean"], mean, m, self.dtype)
-        self.bn_param["running_var"] = running_average(self.bn_param["running_var"], var, m, self.dtype)
+        self.bn_param["running_mean"] = running_average(
+            self.bn_param["running_mean"], mean, m, self.dtype
+        )
+        self.bn_param["running_var"] = running_average(
+            self.bn_param["running_var"], var, m, self.dtype
+        )
 
     # -- forward and backward ------------------------------------------------------------------
     def loss(self, X, y=None, *, into=None, scale=1.0, accumulate=False):
@@ -173,12 +188,21 @@ class ThreeLayerConvNet:
         grads = {}
         dout2, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
         # dW2 + reg * W2 [, * scale into into["W2"]]; with reg, also sum(W2**2) from the dx pass
-        back = affine_relu_backward(dout2, cache2, reg=self.reg, dw_out=None if into is None else into["W2"],
-                                    scale=scale, add=accumulate, sumsq=bool(self.reg))
+        back = affine_relu_backward(
+            dout2,
+            cache2,
+            reg=self.reg,
+            dw_out=None if into is None else into["W2"],
+            scale=scale,
+            add=accumulate,
+            sumsq=bool(self.reg),
+        )
         dout1, grads["W2"], grads["b2"] = back[:3]
         reg_loss = 0.0
         if self.reg:
-            reg_loss = 0.5 * self.reg * (sum_of_squares(p["W1"]) + back[3] + sum_of_squares(p["W3"]))
+            reg_loss = (
+                0.5 * self.reg * (sum_of_squares(p["W1"]) + back[3] + sum_of_squares(p["W3"]))
+            )
         grads.update(self._conv_block_backward(dout1, cache1))
         if self.reg:
             for name in ("W1", "W3"):
@@ -187,7 +211,7 @@ class ThreeLayerConvNet:
             return data_loss + reg_loss, grads
         for name, g in grads.items():
             if name == "W2":
-                continue                      # already there
+                continue  # already there
             if accumulate:
                 add_scaled(into[name], g, scale)
             else:
@@ -200,17 +224,34 @@ class ThreeLayerConvNet:
             return conv_relu_pool_forward(X, p["W1"], p["b1"], conv, pool)
         if self.normalization == "groupnorm":
             return conv_gn_relu_pool_forward(
-                X, p["W1"], p["b1"], p["gamma1"], p["beta1"], conv, self.num_groups, self.gn_param, pool
+                X,
+                p["W1"],
+                p["b1"],
+                p["gamma1"],
+                p["beta1"],
+                conv,
+                self.num_groups,
+                self.gn_param,
+                pool,
             )
         if not train:
             bn_param = {**self.bn_param, "mode": "test"}
-            return conv_bn_relu_pool_forward(X, p["W1"], p["b1"], p["gamma1"], p["beta1"], conv, bn_param, pool)
+            return conv_bn_relu_pool_forward(
+                X, p["W1"], p["b1"], p["gamma1"], p["beta1"], conv, bn_param, pool
+            )
         # momentum 0 makes the layer report this batch's exact mean and variance as its
         # "running" statistics; the model folds them into its own with its momentum.
         F = p["W1"].shape[0]
-        batch = {"mode": "train", "momentum": 0.0, "eps": self.bn_param["eps"],
-                 "running_mean": np.zeros(F, self.dtype), "running_var": np.zeros(F, self.dtype)}
-        out = conv_bn_relu_pool_forward(X, p["W1"], p["b1"], p["gamma1"], p["beta1"], conv, batch, pool)
+        batch = {
+            "mode": "train",
+            "momentum": 0.0,
+            "eps": self.bn_param["eps"],
+            "running_mean": np.zeros(F, self.dtype),
+            "running_var": np.zeros(F, self.dtype),
+        }
+        out = conv_bn_relu_pool_forward(
+            X, p["W1"], p["b1"], p["gamma1"], p["beta1"], conv, batch, pool
+        )
         self.last_batch_stats = {"mean": batch["running_mean"], "var": batch["running_var"]}
         self.update_running_stats(batch["running_mean"], batch["running_var"])
         return out
@@ -219,7 +260,11 @@ class ThreeLayerConvNet:
         if self.normalization is None:
             _, dW1, db1 = conv_relu_pool_backward(dout, cache, compute_dx=False)
             return {"W1": dW1, "b1": db1}
-        backward = conv_bn_relu_pool_backward if self.normalization == "spatial_batchnorm" else conv_gn_relu_pool_backward
+        backward = (
+            conv_bn_relu_pool_backward
+            if self.normalization == "spatial_batchnorm"
+            else conv_gn_relu_pool_backward
+        )
         _, dW1, db1, dgamma, dbeta = backward(dout, cache, compute_dx=False)
         return {"W1": dW1, "b1": db1, "gamma1": dgamma, "beta1": dbeta}
 
@@ -247,11 +292,18 @@ class ModelSpec:
     input_dim: tuple[int, int, int] = (3, 32, 32)
 
     @classmethod
-    def of(cls, config, num_classes: int) -> "ModelSpec":
+    def of(cls, config, num_classes: int) -> ModelSpec:
         """The network a run's settings describe (any object with the attributes of
         :class:`~pipeline.training.config.TrainConfig` that name the network)."""
-        return cls(config.num_filters, config.filter_size, config.hidden_dim, num_classes, config.norm,
-                   config.num_groups, config.dtype)
+        return cls(
+            config.num_filters,
+            config.filter_size,
+            config.hidden_dim,
+            num_classes,
+            config.norm,
+            config.num_groups,
+            config.dtype,
+        )
 
     @property
     def normalization(self) -> str | None:
@@ -263,8 +315,15 @@ class ModelSpec:
         state is neither read nor written, so threads building networks at once (trials of a
         sweep training side by side, an in-process cluster's workers) each get their own draws."""
         return ThreeLayerConvNet(
-            input_dim=self.input_dim, num_filters=self.num_filters, filter_size=self.filter_size,
-            hidden_dim=self.hidden_dim, num_classes=self.num_classes, weight_scale=weight_scale,
-            reg=reg, dtype=np.dtype(self.dtype), normalization=self.normalization,
-            num_groups=self.num_groups, seed=np.random.RandomState(seed),
+            input_dim=self.input_dim,
+            num_filters=self.num_filters,
+            filter_size=self.filter_size,
+            hidden_dim=self.hidden_dim,
+            num_classes=self.num_classes,
+            weight_scale=weight_scale,
+            reg=reg,
+            dtype=np.dtype(self.dtype),
+            normalization=self.normalization,
+            num_groups=self.num_groups,
+            seed=np.random.RandomState(seed),
         )

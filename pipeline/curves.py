@@ -19,6 +19,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pipeline.data.store import open_store
+from pipeline.errors import ConvpipeError
+
 #: the per-step timing fields of a step line, in the order the loop spends them
 PHASES = ("read", "compute", "reduce", "sync", "coordinator")
 
@@ -55,19 +58,32 @@ class Curves:
         return step / self.steps_per_epoch if self.steps_per_epoch else float(step)
 
     @classmethod
-    def from_metrics(cls, metrics: list[dict], steps_per_epoch: float | None = None) -> "Curves":
+    def from_metrics(cls, metrics: list[dict], steps_per_epoch: float | None = None) -> Curves:
         """The curves of ``metrics`` (records of metrics.jsonl, in order). ``steps_per_epoch``:
         known from the run's settings, else read from the lines (:func:`infer_steps_per_epoch`)."""
         spe = steps_per_epoch or infer_steps_per_epoch(metrics)
         x = (lambda s: s / spe) if spe else float
-        loss = tuple(Point(int(m["step"]), x(int(m["step"])), float(m["loss"]))
-                     for m in metrics if m.get("kind") == "step" and _finite(m.get("loss")))
-        scored = sorted((m for m in metrics if m.get("kind") in ("eval", "epoch")), key=lambda m: m.get("step", 0))
+        loss = tuple(
+            Point(int(m["step"]), x(int(m["step"])), float(m["loss"]))
+            for m in metrics
+            if m.get("kind") == "step" and _finite(m.get("loss"))
+        )
+        scored = sorted(
+            (m for m in metrics if m.get("kind") in ("eval", "epoch")),
+            key=lambda m: m.get("step", 0),
+        )
 
         def accuracy(key: str) -> tuple[Point, ...]:
-            return tuple(Point(int(m["step"]), x(int(m["step"])), float(m[key]),
-                               whole=m["kind"] == "epoch" and key == "val_acc")
-                         for m in scored if _finite(m.get(key)) and "step" in m)
+            return tuple(
+                Point(
+                    int(m["step"]),
+                    x(int(m["step"])),
+                    float(m[key]),
+                    whole=m["kind"] == "epoch" and key == "val_acc",
+                )
+                for m in scored
+                if _finite(m.get(key)) and "step" in m
+            )
 
         return cls(spe, loss, accuracy("val_acc"), accuracy("train_acc"))
 
@@ -88,10 +104,21 @@ def infer_steps_per_epoch(metrics: list[dict]) -> float | None:
         if m.get("kind") == "eval" and _finite(m.get("epoch")) and m["epoch"] > 0 and m.get("step"):
             return float(round(m["step"] / m["epoch"]))
     for m in metrics:
-        if m.get("kind") == "step" and isinstance(m.get("epoch"), int) and m["epoch"] > 1 and m.get("step"):
+        if (
+            m.get("kind") == "step"
+            and isinstance(m.get("epoch"), int)
+            and m["epoch"] > 1
+            and m.get("step")
+        ):
             return (m["step"] - 1) / (m["epoch"] - 1)
-    epochs = [m for m in metrics if m.get("kind") == "epoch" and isinstance(m.get("epoch"), int)
-              and m["epoch"] >= 1 and m.get("step")]
+    epochs = [
+        m
+        for m in metrics
+        if m.get("kind") == "epoch"
+        and isinstance(m.get("epoch"), int)
+        and m["epoch"] >= 1
+        and m.get("step")
+    ]
     if len(epochs) > 1:
         return epochs[0]["step"] / epochs[0]["epoch"]
     return None
@@ -100,14 +127,11 @@ def infer_steps_per_epoch(metrics: list[dict]) -> float | None:
 def steps_per_epoch_of_settings(settings: dict) -> int | None:
     """``ceil(n_train / batch_size)`` from a run's ``config.json`` (``train_limit``, else the
     size of the store's train split); None when the store cannot be read."""
-    from pipeline.errors import ConvpipeError
 
     try:
         batch = int(settings["batch_size"])
         n = settings.get("train_limit")
         if n is None:
-            from pipeline.data.store import open_store
-
             n = open_store(settings["data"]).splits.get("train", 0)
     except (ConvpipeError, OSError, KeyError, TypeError, ValueError):  # the lines decide instead
         return None

@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 
+from pipeline.data import find_store, open_store
 from pipeline.data.sources import META, TEST_BATCH, TRAIN_BATCHES, read_batch, read_meta
 from pipeline.errors import DataError
 
@@ -40,8 +41,14 @@ def load_CIFAR10(ROOT):
     return np.concatenate(xs), np.concatenate(ys), Xte, Yte
 
 
-def get_CIFAR10_data(num_training=49000, num_validation=1000, num_test=1000, subtract_mean=True,
-                     store=None, dtype=np.float32):
+def get_CIFAR10_data(
+    num_training=49000,
+    num_validation=1000,
+    num_test=1000,
+    subtract_mean=True,
+    store=None,
+    dtype=np.float32,
+):
     """The dict the Solver takes, from a store (cs231n's ``get_CIFAR10_data``).
 
     X_train: the first ``num_training`` train images, X_val: the first ``num_validation``
@@ -52,15 +59,20 @@ def get_CIFAR10_data(num_training=49000, num_validation=1000, num_test=1000, sub
     it (``$CONVPIPE_DATA/cifar10.zarr``, else ``data/cifar10.zarr``), with an error that
     says how to make one. Asking for more images than a split holds is a DataError.
     """
-    from pipeline.data import find_store, open_store
 
     s = open_store(find_store() if store is None else store)
     if "shuffle_seed" not in s.attrs:
-        warnings.warn(f"{s.path}: a store of format {s.attrs.get('format_version')} keeps its source's "
-                      "order, so the first images of a split may be few classes (an image folder's "
-                      "are one); `convpipe data prepare --force` rebuilds it shuffled", stacklevel=2)
-    wanted = {"train": ("num_training", num_training), "val": ("num_validation", num_validation),
-              "test": ("num_test", num_test)}
+        warnings.warn(
+            f"{s.path}: a store of format {s.attrs.get('format_version')} keeps its source's "
+            "order, so the first images of a split may be few classes (an image folder's "
+            "are one); `convpipe data prepare --force` rebuilds it shuffled",
+            stacklevel=2,
+        )
+    wanted = {
+        "train": ("num_training", num_training),
+        "val": ("num_validation", num_validation),
+        "test": ("num_test", num_test),
+    }
     out = {}
     for split, (param, n) in wanted.items():
         have = s.splits.get(split, 0)
@@ -74,6 +86,11 @@ def get_CIFAR10_data(num_training=49000, num_validation=1000, num_test=1000, sub
         mean = out["train"][0].mean(axis=0, dtype=np.float64).astype(dtype)
         for split in out:
             out[split][0][...] -= mean
-    return {"X_train": out["train"][0], "y_train": out["train"][1],
-            "X_val": out["val"][0], "y_val": out["val"][1],
-            "X_test": out["test"][0], "y_test": out["test"][1]}
+    return {
+        "X_train": out["train"][0],
+        "y_train": out["train"][1],
+        "X_val": out["val"][0],
+        "y_val": out["val"][1],
+        "X_test": out["test"][0],
+        "y_test": out["test"][1],
+    }

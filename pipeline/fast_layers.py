@@ -198,8 +198,13 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
     d = _as(dout, dtype)
     if mask is not None:
         dm = np.empty_like(d)
-        _launch(kc.relu_masked, d.size, d.reshape(N * F, -1), _as(mask, dtype).reshape(N * F, -1),
-                dm.reshape(N * F, -1))
+        _launch(
+            kc.relu_masked,
+            d.size,
+            d.reshape(N * F, -1),
+            _as(mask, dtype).reshape(N * F, -1),
+            dm.reshape(N * F, -1),
+        )
         d = dm
     db = np.empty(F, dtype=np.float64)
     dx = dout2 = None
@@ -212,7 +217,9 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
             wt = np.ascontiguousarray(wc[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
             dp, Wq = _pad_direct(d, HH - 1 - pad, WW - 1 - pad, H, W, HH)
             dx = np.empty((N, C, H, W), dtype=dtype)
-            _launch(kc.conv7_forward, dx.size * F * HH * WW, dp, Wq, wt, np.zeros(C, dtype), False, dx)
+            _launch(
+                kc.conv7_forward, dx.size * F * HH * WW, dp, Wq, wt, np.zeros(C, dtype), False, dx
+            )
             compute_dx = False
     else:
         dout2 = _dout_gemm_layout(d, db)
@@ -321,11 +328,24 @@ def affine_relu_forward_fast(x, w, b):
     N = x.shape[0] if x.ndim else 0
     dtype = layer_dtype(x)
     G = 4 * VECTOR_BYTES // dtype.itemsize
-    if (0 < N <= ka.FWD_MAX_ROWS and kernel_dtype(dtype) == dtype == x.dtype == w.dtype == b.dtype and w.ndim == 2
-            and w.shape[0] > 0 and w.shape[1] >= G and b.shape == (w.shape[1],) and x.size == N * w.shape[0]):
+    if (
+        0 < N <= ka.FWD_MAX_ROWS
+        and kernel_dtype(dtype) == dtype == x.dtype == w.dtype == b.dtype
+        and w.ndim == 2
+        and w.shape[0] > 0
+        and w.shape[1] >= G
+        and b.shape == (w.shape[1],)
+        and x.size == N * w.shape[0]
+    ):
         out = np.empty((N, w.shape[1]), dtype)
-        _launch(ka.affine_relu_rows, out.size * w.shape[0], _as(x.reshape(N, -1), dtype), _as(w, dtype),
-                _as(b, dtype), out)
+        _launch(
+            ka.affine_relu_rows,
+            out.size * w.shape[0],
+            _as(x.reshape(N, -1), dtype),
+            _as(w, dtype),
+            _as(b, dtype),
+            out,
+        )
         return out, ((x, w, b), out)
     a, _ = affine_forward(x, w, b)
     out, _ = relu_forward(a)
@@ -356,10 +376,17 @@ def affine_dx_fast(da, w, sumsq=False):
     """
     da, w = np.asarray(da), np.asarray(w)
     if da.ndim != 2 or w.ndim != 2 or da.shape[1] != w.shape[1]:
-        raise ValueError(f"affine_dx: expected da (N, M) and w (D, M), got da {da.shape}, w {w.shape}")
+        raise ValueError(
+            f"affine_dx: expected da (N, M) and w (D, M), got da {da.shape}, w {w.shape}"
+        )
     N, (D, M) = da.shape[0], w.shape
     dtype = layer_dtype(da)
-    if ka.DX_MIN_ROWS <= N <= ka.FWD_MAX_ROWS and kernel_dtype(dtype) == dtype == da.dtype == w.dtype and D > 0 and M > 0:
+    if (
+        ka.DX_MIN_ROWS <= N <= ka.FWD_MAX_ROWS
+        and kernel_dtype(dtype) == dtype == da.dtype == w.dtype
+        and D > 0
+        and M > 0
+    ):
         G = 4 * VECTOR_BYTES // dtype.itemsize
         dat = _aligned_empty(-(-N // G) * M * G, dtype)
         ka.pack_row_panels(_as(da, dtype), G, dat)
@@ -407,14 +434,23 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
     N = x.shape[0] if x.ndim else 0
     D = x.size // N if N else 0
     if w.ndim != 2 or da.shape != (N, w.shape[1]) or w.shape[0] != D:
-        raise ValueError(f"affine_dw_l2: expected x (N, ...) with D features, da (N, M), w (D, M); "
-                         f"got x {x.shape}, da {da.shape}, w {w.shape}")
+        raise ValueError(
+            f"affine_dw_l2: expected x (N, ...) with D features, da (N, M), w (D, M); "
+            f"got x {x.shape}, da {da.shape}, w {w.shape}"
+        )
     dtype = layer_dtype(w)
-    if out is not None and not (isinstance(out, np.ndarray) and out.shape == w.shape and out.dtype == dtype
-                                and out.flags.c_contiguous and out.flags.writeable):
+    if out is not None and not (
+        isinstance(out, np.ndarray)
+        and out.shape == w.shape
+        and out.dtype == dtype
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    ):
         got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise ValueError(f"affine_dw_l2: out must be a writeable C-contiguous {dtype} array of shape {w.shape}, "
-                         f"got {got}")
+        raise ValueError(
+            f"affine_dw_l2: out must be a writeable C-contiguous {dtype} array of shape {w.shape}, "
+            f"got {got}"
+        )
     if add and out is None:
         raise ValueError("affine_dw_l2: add=True needs out (the array to add to)")
     G = 4 * VECTOR_BYTES // dtype.itemsize
@@ -423,7 +459,16 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
         dap = _aligned_empty(-(-w.shape[1] // G) * N * G, dtype)
         ka.pack_panels(_as(da, dtype), G, dap)
         dw = np.empty(w.shape, dtype) if out is None else out
-        _launch(ka.affine_dw_l2, dw.size * N, x2, dap, _as(w, dtype), np.array([reg, scale], dtype), bool(add), dw)
+        _launch(
+            ka.affine_dw_l2,
+            dw.size * N,
+            x2,
+            dap,
+            _as(w, dtype),
+            np.array([reg, scale], dtype),
+            bool(add),
+            dw,
+        )
         return dw
     dw = (x.reshape(N, D).T @ da).astype(dtype, copy=False)
     if reg:
@@ -440,7 +485,7 @@ def _aligned_empty(n, dtype) -> np.ndarray:
     extra = VECTOR_BYTES // dtype.itemsize
     buf = np.empty(n + extra, dtype)
     skip = (-buf.ctypes.data % VECTOR_BYTES) // dtype.itemsize
-    return buf[skip:skip + n]
+    return buf[skip : skip + n]
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,7 +566,9 @@ def max_pool_backward_fast(dout, cache):
     relu = relu_out is not None
     d2 = _as(dout, dtype).reshape(N * C, -1)
     o2 = relu_out.reshape(N * C, -1) if relu else d2
-    _launch(kp.pool_backward, dx.size, d2, idx.reshape(N * C, -1), o2, relu, dx.reshape(N * C, H * W))
+    _launch(
+        kp.pool_backward, dx.size, d2, idx.reshape(N * C, -1), o2, relu, dx.reshape(N * C, H * W)
+    )
     return dx.astype(x_dtype, copy=False)
 
 
@@ -553,8 +600,12 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     momentum = check_momentum("bn_param['momentum']", bn_param.get("momentum", 0.9))
     x_dtype = layer_dtype(x)
     dtype = kernel_dtype(x_dtype)
-    running_mean = np.asarray(bn_param.get("running_mean", np.zeros(C, dtype=x_dtype))).astype(x_dtype, copy=False)
-    running_var = np.asarray(bn_param.get("running_var", np.zeros(C, dtype=x_dtype))).astype(x_dtype, copy=False)
+    running_mean = np.asarray(bn_param.get("running_mean", np.zeros(C, dtype=x_dtype))).astype(
+        x_dtype, copy=False
+    )
+    running_var = np.asarray(bn_param.get("running_var", np.zeros(C, dtype=x_dtype))).astype(
+        x_dtype, copy=False
+    )
     check_param_shape("bn_param['running_mean']", running_mean, (C,))
     check_param_shape("bn_param['running_var']", running_var, (C,))
     xc = _as(x, dtype).reshape(N, C, H * W)
@@ -562,7 +613,9 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     out = np.empty((N, C, H, W), dtype=dtype)
     if mode == "train":
         if N * H * W < 1:
-            raise ValueError(f"batch norm in train mode needs at least one value per channel, got x of shape {x.shape}")
+            raise ValueError(
+                f"batch norm in train mode needs at least one value per channel, got x of shape {x.shape}"
+            )
         mean64 = np.empty(C)
         var64 = np.empty(C)
         _launch(kn.bn_stats, xc.size, xc, mean64, var64)
@@ -573,10 +626,22 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
         rm, rv = _as(running_mean, dtype), _as(running_var, dtype)
         bn_param["running_mean"] = running_average(rm, mean, momentum, x_dtype)
         bn_param["running_var"] = running_average(rv, var, momentum, x_dtype)
-        cache = (xc, mean, std, g, layer_dtype(gamma), layer_dtype(beta), np.shape(gamma), np.shape(beta), x_dtype)
+        cache = (
+            xc,
+            mean,
+            std,
+            g,
+            layer_dtype(gamma),
+            layer_dtype(beta),
+            np.shape(gamma),
+            np.shape(beta),
+            x_dtype,
+        )
     else:
         std = np.sqrt(_as(running_var, dtype) + dtype.type(eps)).astype(dtype)
-        _launch(kn.bn_apply, xc.size, xc, _as(running_mean, dtype), std, g, bt, out.reshape(N, C, H * W))
+        _launch(
+            kn.bn_apply, xc.size, xc, _as(running_mean, dtype), std, g, bt, out.reshape(N, C, H * W)
+        )
         bn_param["running_mean"] = running_mean
         bn_param["running_var"] = running_var
         cache = None
@@ -607,10 +672,25 @@ def spatial_batchnorm_backward_fast(dout, cache):
     dgamma = np.empty(C)
     dbeta = np.empty(C)
     scratch = np.empty((C, 2), dtype=dtype)
-    _launch(kn.bn_backward, xc.size, d3, xc, mean, std, g, np.array([N * M], dtype=dtype),
-            dx.reshape(N, C, M), dgamma, dbeta, scratch)
-    return (dx.astype(x_dtype, copy=False), dgamma.astype(g_dtype).reshape(g_shape),
-            dbeta.astype(b_dtype).reshape(b_shape))
+    _launch(
+        kn.bn_backward,
+        xc.size,
+        d3,
+        xc,
+        mean,
+        std,
+        g,
+        np.array([N * M], dtype=dtype),
+        dx.reshape(N, C, M),
+        dgamma,
+        dbeta,
+        scratch,
+    )
+    return (
+        dx.astype(x_dtype, copy=False),
+        dgamma.astype(g_dtype).reshape(g_shape),
+        dbeta.astype(b_dtype).reshape(b_shape),
+    )
 
 
 def _hw(M, dout):
@@ -654,8 +734,18 @@ def spatial_groupnorm_forward_fast(x, gamma, beta, G, gn_param):
     mean = np.empty((N, G), dtype=dtype)
     std = np.empty((N, G), dtype=dtype)
     _launch(kn.gn_forward, xg.size, xg, g, bt, eps, out.reshape(xg.shape), mean, std)
-    cache = (xg, mean, std, g, (H, W), layer_dtype(gamma), layer_dtype(beta),
-             np.shape(gamma), np.shape(beta), x_dtype)
+    cache = (
+        xg,
+        mean,
+        std,
+        g,
+        (H, W),
+        layer_dtype(gamma),
+        layer_dtype(beta),
+        np.shape(gamma),
+        np.shape(beta),
+        x_dtype,
+    )
     return out.astype(x_dtype, copy=False), cache
 
 
@@ -680,8 +770,20 @@ def spatial_groupnorm_backward_fast(dout, cache):
     dg = np.empty((N, C))
     dbt = np.empty((N, C))
     scratch = np.empty((N * G, 2), dtype=dtype)
-    _launch(kn.gn_backward, xg.size, d4, xg, mean, std, g, np.array([Cg * M], dtype=dtype),
-            dx.reshape(xg.shape), dg, dbt, scratch)
+    _launch(
+        kn.gn_backward,
+        xg.size,
+        d4,
+        xg,
+        mean,
+        std,
+        g,
+        np.array([Cg * M], dtype=dtype),
+        dx.reshape(xg.shape),
+        dg,
+        dbt,
+        scratch,
+    )
     dgamma = dg.sum(axis=0).astype(g_dtype).reshape(g_shape)
     dbeta = dbt.sum(axis=0).astype(b_dtype).reshape(b_shape)
     return dx.astype(x_dtype, copy=False), dgamma, dbeta

@@ -80,7 +80,9 @@ def affine_relu_forward(x, w, b):
     return fl.affine_relu_forward_fast(x, w, b)
 
 
-def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0, dw_out=None, scale=1.0, add=False, sumsq=False):
+def affine_relu_backward(
+    dout, cache, compute_dx=True, reg=0.0, dw_out=None, scale=1.0, add=False, sumsq=False
+):
     """Backward pass of affine_relu_forward.
 
     Inputs:
@@ -106,7 +108,9 @@ def affine_relu_backward(dout, cache, compute_dx=True, reg=0.0, dw_out=None, sca
     da = np.where(out > 0, dout, 0).astype(out.dtype, copy=False)
     N = x.shape[0]
     if sumsq and not compute_dx:
-        raise ValueError("affine_relu_backward: sumsq=True comes from the dx pass; it needs compute_dx=True")
+        raise ValueError(
+            "affine_relu_backward: sumsq=True comes from the dx pass; it needs compute_dx=True"
+        )
     dx = sq = None
     if compute_dx:
         dx, sq = fl.affine_dx_fast(da, w, sumsq=True) if sumsq else (fl.affine_dx_fast(da, w), None)

@@ -169,11 +169,15 @@ def _check_labels(x, y):
     require_ndim("x", x, 2, "(N, C) of class scores")
     N, C = x.shape
     if y.shape != (N,):
-        raise ValueError(f"y must have shape (N,) = ({N},) to match x of shape {x.shape}, got {y.shape}")
+        raise ValueError(
+            f"y must have shape (N,) = ({N},) to match x of shape {x.shape}, got {y.shape}"
+        )
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
     if N and (y.min() < 0 or y.max() >= C):
-        raise ValueError(f"y labels must lie in [0, {C - 1}] for C={C} classes, got range [{y.min()}, {y.max()}]")
+        raise ValueError(
+            f"y labels must lie in [0, {C - 1}] for C={C} classes, got range [{y.min()}, {y.max()}]"
+        )
     return x, y
 
 
@@ -273,7 +277,9 @@ def batchnorm_forward(x, gamma, beta, bn_param):
 
     if mode == "train":
         if N < 1:
-            raise ValueError(f"batch norm in train mode needs N >= 1 examples, got x of shape {x.shape}")
+            raise ValueError(
+                f"batch norm in train mode needs N >= 1 examples, got x of shape {x.shape}"
+            )
         mu = x.mean(axis=0)
         xc = x - mu
         var = (xc * xc).mean(axis=0)
@@ -310,7 +316,9 @@ def batchnorm_backward(dout, cache):
     - dbeta: gradient w.r.t. beta, shape (D,)
     """
     if cache is None:
-        raise ValueError("batchnorm_backward needs the cache of a forward pass in bn_param['mode']='train'")
+        raise ValueError(
+            "batchnorm_backward needs the cache of a forward pass in bn_param['mode']='train'"
+        )
     xhat, xc, std, gamma, beta = cache
     dout = check_dout(dout, xhat.shape, "batchnorm")
     dtype = xhat.dtype
@@ -338,7 +346,9 @@ def batchnorm_backward_alt(dout, cache):
     Same inputs and outputs as batchnorm_backward.
     """
     if cache is None:
-        raise ValueError("batchnorm_backward_alt needs the cache of a forward pass in bn_param['mode']='train'")
+        raise ValueError(
+            "batchnorm_backward_alt needs the cache of a forward pass in bn_param['mode']='train'"
+        )
     xhat, xc, std, gamma, beta = cache
     dout = check_dout(dout, xhat.shape, "batchnorm")
     dtype = xhat.dtype
@@ -401,8 +411,11 @@ def layernorm_backward(dout, cache):
     D = xhat.shape[1]
     dgamma, dbeta = _bn_param_grads(dout, xhat, gamma, beta, 0)
     dxhat = dout * gamma
-    dx = (D * dxhat - dxhat.sum(axis=1, keepdims=True)
-          - xhat * (dxhat * xhat).sum(axis=1, keepdims=True)) / (D * std)
+    dx = (
+        D * dxhat
+        - dxhat.sum(axis=1, keepdims=True)
+        - xhat * (dxhat * xhat).sum(axis=1, keepdims=True)
+    ) / (D * std)
     return dx.astype(xhat.dtype, copy=False), dgamma, dbeta
 
 
@@ -430,7 +443,9 @@ def dropout_forward(x, dropout_param):
     x = np.asarray(x)
     p = dropout_param.get("p")
     if p is None or not (0 < p <= 1):
-        raise ValueError(f"dropout_param['p'] (keep probability) must satisfy 0 < p <= 1, got {p!r}")
+        raise ValueError(
+            f"dropout_param['p'] (keep probability) must satisfy 0 < p <= 1, got {p!r}"
+        )
     mode = dropout_param.get("mode")
     if mode not in ("train", "test"):
         raise ValueError(f"dropout_param['mode'] must be 'train' or 'test', got {mode!r}")
@@ -507,7 +522,7 @@ def conv_forward_naive(x, w, b, conv_param):
         hs = i * stride
         for j in range(W_out):
             ws = j * stride
-            window = xp[:, :, hs:hs + HH, ws:ws + WW]  # (N, C, HH, WW)
+            window = xp[:, :, hs : hs + HH, ws : ws + WW]  # (N, C, HH, WW)
             out[:, :, i, j] = np.tensordot(window, w, axes=([1, 2, 3], [1, 2, 3])) + b
     return out, (x, w, b, conv_param)
 
@@ -540,9 +555,9 @@ def conv_backward_naive(dout, cache):
         for j in range(W_out):
             ws = j * stride
             d = dout[:, :, i, j]  # (N, F)
-            dw += np.tensordot(d, xp[:, :, hs:hs + HH, ws:ws + WW], axes=([0], [0]))
-            dxp[:, :, hs:hs + HH, ws:ws + WW] += np.tensordot(d, w, axes=([1], [0]))
-    dx = dxp[:, :, pad:pad + H, pad:pad + W]
+            dw += np.tensordot(d, xp[:, :, hs : hs + HH, ws : ws + WW], axes=([0], [0]))
+            dxp[:, :, hs : hs + HH, ws : ws + WW] += np.tensordot(d, w, axes=([1], [0]))
+    dx = dxp[:, :, pad : pad + H, pad : pad + W]
     db = dout.sum(axis=(0, 2, 3))
     return (
         np.ascontiguousarray(dx, dtype=layer_dtype(x)),
@@ -580,7 +595,7 @@ def max_pool_forward_naive(x, pool_param):
         hs = i * stride
         for j in range(W_out):
             ws = j * stride
-            out[:, :, i, j] = x[:, :, hs:hs + ph, ws:ws + pw].max(axis=(2, 3))
+            out[:, :, i, j] = x[:, :, hs : hs + ph, ws : ws + pw].max(axis=(2, 3))
     return out, (x, pool_param)
 
 
@@ -610,7 +625,7 @@ def max_pool_backward_naive(dout, cache):
         hs = i * stride
         for j in range(W_out):
             ws = j * stride
-            window = x[:, :, hs:hs + ph, ws:ws + pw].reshape(N, C, ph * pw)
+            window = x[:, :, hs : hs + ph, ws : ws + pw].reshape(N, C, ph * pw)
             k = window.argmax(axis=2)
             dx[n_idx, c_idx, hs + k // pw, ws + k % pw] += dout[:, :, i, j]
     return dx
@@ -656,7 +671,9 @@ def spatial_batchnorm_backward(dout, cache):
     - dbeta: gradient w.r.t. beta, shape (C,)
     """
     if cache is None:
-        raise ValueError("spatial_batchnorm_backward needs the cache of a forward pass in bn_param['mode']='train'")
+        raise ValueError(
+            "spatial_batchnorm_backward needs the cache of a forward pass in bn_param['mode']='train'"
+        )
     dout = np.asarray(dout)
     require_ndim("dout", dout, 4, "(N, C, H, W)")
     N, C, H, W = dout.shape
@@ -724,6 +741,7 @@ def spatial_groupnorm_backward(dout, cache):
     dxhat = (dout * gamma.reshape(1, C, 1, 1)).reshape(N, G, -1)
     xh = xhat.reshape(N, G, -1)
     M = xh.shape[2]
-    dx = (M * dxhat - dxhat.sum(axis=2, keepdims=True)
-          - xh * (dxhat * xh).sum(axis=2, keepdims=True)) / (M * std)
+    dx = (
+        M * dxhat - dxhat.sum(axis=2, keepdims=True) - xh * (dxhat * xh).sum(axis=2, keepdims=True)
+    ) / (M * std)
     return dx.reshape(N, C, H, W).astype(xhat.dtype, copy=False), dgamma, dbeta

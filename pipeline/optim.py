@@ -108,9 +108,19 @@ def adam_inplace(w, dw, config=None):
         return w_arr, config
     # NumPy casts Python scalars to the array dtype after evaluating them in float64: do the same.
     launch(
-        _adam_kernel, w_arr.reshape(-1), np.asarray(dw).reshape(-1), m.reshape(-1), v.reshape(-1),
-        f(b1), f(1 - b1), f(b2), f(1 - b2), f(1 - b1**t), f(1 - b2**t),
-        f(config["learning_rate"]), f(config["epsilon"]),
+        _adam_kernel,
+        w_arr.reshape(-1),
+        np.asarray(dw).reshape(-1),
+        m.reshape(-1),
+        v.reshape(-1),
+        f(b1),
+        f(1 - b1),
+        f(b2),
+        f(1 - b2),
+        f(1 - b1**t),
+        f(1 - b2**t),
+        f(config["learning_rate"]),
+        f(config["epsilon"]),
     )
     return w_arr, config
 
@@ -133,7 +143,9 @@ def add_scaled(out: np.ndarray, g: np.ndarray, n) -> None:
     if not out.flags.c_contiguous:
         raise ValueError(f"add_scaled: out must be C-contiguous, got strides {out.strides}")
     if g.shape != out.shape or g.dtype != out.dtype:
-        raise ValueError(f"add_scaled: g must be {out.dtype} {out.shape} like out, got {g.dtype} {g.shape}")
+        raise ValueError(
+            f"add_scaled: g must be {out.dtype} {out.shape} like out, got {g.dtype} {g.shape}"
+        )
     launch(_add_scaled, out.reshape(-1), np.ascontiguousarray(g).reshape(-1), out.dtype.type(n))
 
 

@@ -37,7 +37,7 @@ class ValueType:
     optional: bool = False
 
     @classmethod
-    def of(cls, hint) -> "ValueType":
+    def of(cls, hint) -> ValueType:
         """From a type hint (``int``, ``str | None``) or a tuple of types (``(int, type(None))``)."""
         if isinstance(hint, tuple):
             args = hint
@@ -56,12 +56,20 @@ class ValueType:
         """Whether ``value`` is already of one of the types (no conversion)."""
         if value is None:
             return self.optional
-        return any(isinstance(value, k) and not (k in (int, float) and isinstance(value, bool)) for k in self.kinds)
+        return any(
+            isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
+            for k in self.kinds
+        )
 
     def convert(self, value):
         """``value`` as this type: an int becomes a float where only a float is accepted; else
         :class:`WrongType`."""
-        if float in self.kinds and int not in self.kinds and isinstance(value, int) and not isinstance(value, bool):
+        if (
+            float in self.kinds
+            and int not in self.kinds
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+        ):
             return float(value)
         if not self.accepts(value):
             raise WrongType(value)

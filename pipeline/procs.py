@@ -30,7 +30,7 @@ class Owner:
     pid: int
 
     @classmethod
-    def me(cls) -> "Owner":
+    def me(cls) -> Owner:
         return cls(socket.gethostname(), pid_namespace(), os.getpid())
 
     def is_local(self) -> bool:

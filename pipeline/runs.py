@@ -26,7 +26,9 @@ def load_model(run_dir) -> ThreeLayerConvNet:
     no parameters yet or they do not fit the run's settings.
     """
     path = Path(run_dir)
-    if (path / "sweep.json").exists() and not (path / "config.json").exists():  # a sweep: its best trial
+    if (path / "sweep.json").exists() and not (
+        path / "config.json"
+    ).exists():  # a sweep: its best trial
         path = Path(best_run_dir(path))
     run = RunDir(path).require_existing()
     config = TrainConfig.load(run.config_path)
@@ -38,11 +40,17 @@ def load_model(run_dir) -> ThreeLayerConvNet:
     for name, value in model.params.items():
         if name not in params or params[name].shape != value.shape:
             got = params[name].shape if name in params else "nothing"
-            raise TrainingError(f"{run.params_path}: {name} should have shape {value.shape} for the run's "
-                                f"settings, got {got}")
+            raise TrainingError(
+                f"{run.params_path}: {name} should have shape {value.shape} for the run's "
+                f"settings, got {got}"
+            )
         model.params[name] = params[name].astype(value.dtype, copy=False)
     if model.normalization == "spatial_batchnorm":
         if not bn:
-            raise TrainingError(f"{run.params_path}: no BN running statistics for a spatial-batchnorm model")
-        model.set_state({"running_mean": bn["bn_running_mean"], "running_var": bn["bn_running_var"]})
+            raise TrainingError(
+                f"{run.params_path}: no BN running statistics for a spatial-batchnorm model"
+            )
+        model.set_state(
+            {"running_mean": bn["bn_running_mean"], "running_var": bn["bn_running_var"]}
+        )
     return model

@@ -14,9 +14,7 @@ import numpy as np
 def require_ndim(name: str, a: np.ndarray, ndim: int, layout: str) -> None:
     """Raise unless ``a`` has ``ndim`` dimensions (``layout`` names them, e.g. "(N, C, H, W)")."""
     if np.ndim(a) != ndim:
-        raise ValueError(
-            f"{name} must be a {ndim}-D array {layout}, got shape {np.shape(a)}"
-        )
+        raise ValueError(f"{name} must be a {ndim}-D array {layout}, got shape {np.shape(a)}")
 
 
 def require_positive_int(name: str, value) -> int:
@@ -72,7 +70,9 @@ def pool_output_shape(x_shape, pool_param) -> tuple[int, int, int, int]:
 def _window_count(what: str, size: int, k: int, stride: int, extra: str) -> int:
     span = size - k
     if span < 0:
-        raise ValueError(f"{what}: window {k} is larger than the input {size}" + (f" ({extra})" if extra else ""))
+        raise ValueError(
+            f"{what}: window {k} is larger than the input {size}" + (f" ({extra})" if extra else "")
+        )
     if span % stride:
         raise ValueError(
             f"{what} is not an integer: (input {size} - window {k}) / stride {stride} + 1 "
@@ -95,7 +95,11 @@ def check_groups(C: int, G, name: str = "G", channels: str = "the channel count 
 def check_momentum(name: str, momentum):
     """Return a batch norm's running-average momentum unchanged, raising unless it is a real
     number with 0 <= momentum <= 1."""
-    if isinstance(momentum, (bool, np.bool_)) or not isinstance(momentum, numbers.Real) or not 0 <= momentum <= 1:
+    if (
+        isinstance(momentum, (bool, np.bool_))
+        or not isinstance(momentum, numbers.Real)
+        or not 0 <= momentum <= 1
+    ):
         raise ValueError(f"{name} must be a number in [0, 1], got {momentum!r}")
     return momentum
 

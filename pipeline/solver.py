@@ -58,8 +58,14 @@ class Solver:
         if kwargs:
             raise ValueError(f"Unrecognized arguments {', '.join(repr(k) for k in kwargs)}")
         rule = self.update_rule_name
-        if not isinstance(rule, str) or rule.startswith("_") or not callable(getattr(optim, rule, None)):
-            raise ValueError(f'Invalid update_rule "{rule}": expected one of sgd, sgd_momentum, rmsprop, adam')
+        if (
+            not isinstance(rule, str)
+            or rule.startswith("_")
+            or not callable(getattr(optim, rule, None))
+        ):
+            raise ValueError(
+                f'Invalid update_rule "{rule}": expected one of sgd, sgd_momentum, rmsprop, adam'
+            )
         self.update_rule = _INPLACE_RULES.get(rule, getattr(optim, rule))
         if int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
@@ -89,7 +95,10 @@ class Solver:
         if num_samples is not None and N > num_samples:
             mask = np.random.choice(N, num_samples)
             N, X, y = num_samples, X[mask], y[mask]
-        y_pred = [np.argmax(self.model.loss(X[i : i + batch_size]), axis=1) for i in range(0, N, batch_size)]
+        y_pred = [
+            np.argmax(self.model.loss(X[i : i + batch_size]), axis=1)
+            for i in range(0, N, batch_size)
+        ]
         return float(np.mean(np.hstack(y_pred) == y))
 
     def train(self):
@@ -109,13 +118,19 @@ class Solver:
                     config["learning_rate"] *= self.lr_decay
 
             if t == 0 or t == num_iterations - 1 or epoch_end:
-                train_acc = self.check_accuracy(self.X_train, self.y_train, num_samples=self.num_train_samples)
-                val_acc = self.check_accuracy(self.X_val, self.y_val, num_samples=self.num_val_samples)
+                train_acc = self.check_accuracy(
+                    self.X_train, self.y_train, num_samples=self.num_train_samples
+                )
+                val_acc = self.check_accuracy(
+                    self.X_val, self.y_val, num_samples=self.num_val_samples
+                )
                 self.train_acc_history.append(train_acc)
                 self.val_acc_history.append(val_acc)
                 self._save_checkpoint()
                 if self.verbose:
-                    print(f"(Epoch {self.epoch} / {self.num_epochs}) train acc: {train_acc:f}; val_acc: {val_acc:f}")
+                    print(
+                        f"(Epoch {self.epoch} / {self.num_epochs}) train acc: {train_acc:f}; val_acc: {val_acc:f}"
+                    )
                 if val_acc > self.best_val_acc:
                     self.best_val_acc = val_acc
                     self.best_params = {k: v.copy() for k, v in self.model.params.items()}
@@ -169,7 +184,9 @@ class Solver:
             )
         for k, v in params.items():
             if v.shape != self.model.params[k].shape:
-                raise CheckpointError(f"checkpoint {path}: {k} has shape {v.shape}, the model expects {self.model.params[k].shape}")
+                raise CheckpointError(
+                    f"checkpoint {path}: {k} has shape {v.shape}, the model expects {self.model.params[k].shape}"
+                )
         self.model.params = params
         state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("state/")}
         if state and hasattr(self.model, "set_state"):
@@ -179,7 +196,9 @@ class Solver:
             if key.startswith("optim/"):
                 _, p, name = key.split("/", 2)
                 self.optim_configs[p][name] = value
-        self.best_params = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("best/")}
+        self.best_params = {
+            k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("best/")
+        }
         rng_kind, rng_pos, rng_has_gauss, rng_gauss = meta["rng"]
         np.random.set_state((rng_kind, arrays["rng/keys"], rng_pos, rng_has_gauss, rng_gauss))
         self.epoch = int(meta["epoch"])

@@ -43,5 +43,5 @@ def visualize_grid(Xs, ubound=255.0, padding=1):
         img = Xs[idx].astype(np.float64)
         low, high = img.min(), img.max()
         scaled = ubound * (img - low) / (high - low) if high > low else np.zeros_like(img)
-        grid[y0:y0 + H, x0:x0 + W] = scaled
+        grid[y0 : y0 + H, x0 : x0 + W] = scaled
     return grid

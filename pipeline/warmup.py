@@ -16,25 +16,36 @@ import sys
 import time
 
 import numpy as np
+from numba import from_dtype, types
 
-COMPILING_MESSAGE = ("compiling kernels, first run only (Numba compiles them once, a minute or so, "
-                     "then loads them from its cache) ...")
+from pipeline import fast_layers as fl
+from pipeline._kernels import conv as kc
+from pipeline._kernels import norm as kn
+from pipeline._kernels import pool as kp
+from pipeline.cnn import ThreeLayerConvNet
+from pipeline.fast_layers import kernel_dtype, uses_direct_kernels
+from pipeline.layer_utils import conv_relu_backward, conv_relu_forward
+from pipeline.optim import adam, adam_inplace
+from pipeline.training.reduce import warm_kernels
+
+COMPILING_MESSAGE = (
+    "compiling kernels, first run only (Numba compiles them once, a minute or so, "
+    "then loads them from its cache) ..."
+)
 
 
 def model_kernels(filter_size: int = 7, normalization: str | None = None) -> list:
     """The cached Numba kernels a ThreeLayerConvNet training step runs: its convolution's
     (direct kernels for 7-wide filters, else im2col), ReLU + 2x2 max pool, and its norm's."""
-    from pipeline._kernels import conv as kc
-    from pipeline._kernels import norm as kn
-    from pipeline._kernels import pool as kp
-    from pipeline.fast_layers import uses_direct_kernels
 
     if uses_direct_kernels(filter_size, 1):
         conv = [kc.pad_planes, kc.conv7_forward, kc.conv7_dw]
     else:
         conv = [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d]
-    norm = {"spatial_batchnorm": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
-            "groupnorm": [kn.gn_forward, kn.gn_backward]}.get(normalization, [])
+    norm = {
+        "spatial_batchnorm": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
+        "groupnorm": [kn.gn_forward, kn.gn_backward],
+    }.get(normalization, [])
     return conv + [kp.pool_forward_2x2, kp.pool_backward] + norm
 
 
@@ -46,7 +57,6 @@ def cold_kernels(kernels, dtype) -> list[str] | None:
     Reads only the cache's index files (where ``NUMBA_CACHE_DIR`` or ``__pycache__`` puts them);
     compiles nothing. Returns None when it cannot tell (a Numba whose cache layout differs).
     """
-    from pipeline.fast_layers import kernel_dtype
 
     try:
         want = kernel_dtype(dtype)  # float16 runs the float32 kernels
@@ -60,19 +70,22 @@ def _has_cached_code(dispatcher, dtype: np.dtype) -> bool:
     first array argument of ``dtype`` (every kernel's data; float64 accumulators come later).
     Numba keys each entry by (argument types, the CPU's target triple, name and features,
     hashes of the bytecode); the index itself is empty when the source file changed since."""
-    from numba import from_dtype, types
 
     cache = dispatcher._cache
     index = cache._cache_file._load_index()
     _, machine, code = cache._index_key(None, dispatcher.targetctx.codegen())
     want = from_dtype(dtype)
-    return any(key[1] == machine and key[2] == code
-               and next((arg.dtype for arg in key[0] if isinstance(arg, types.Array)), None) == want
-               for key in index)
+    return any(
+        key[1] == machine
+        and key[2] == code
+        and next((arg.dtype for arg in key[0] if isinstance(arg, types.Array)), None) == want
+        for key in index
+    )
 
 
-def say_if_compiling(dtype="float32", filter_size: int = 7, normalization: str | None = None,
-                     file=None) -> bool:
+def say_if_compiling(
+    dtype="float32", filter_size: int = 7, normalization: str | None = None, file=None
+) -> bool:
     """Print :data:`COMPILING_MESSAGE` (on stderr by default) when the model's kernels are not
     in Numba's cache yet; True if it did."""
     cold = cold_kernels(model_kernels(filter_size, normalization), dtype)
@@ -82,11 +95,6 @@ def say_if_compiling(dtype="float32", filter_size: int = 7, normalization: str |
 
 
 def warm() -> None:
-    from pipeline import fast_layers as fl
-    from pipeline.cnn import ThreeLayerConvNet
-    from pipeline.layer_utils import conv_relu_backward, conv_relu_forward
-    from pipeline.optim import adam, adam_inplace
-    from pipeline.training.reduce import warm_kernels
 
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
@@ -99,24 +107,45 @@ def warm() -> None:
         w7 = rng.standard_normal((4, 3, 7, 7)).astype(dtype)  # the direct 7-wide kernels
         out, cache = conv_relu_forward(x, w7, b, {"stride": 1, "pad": 3})
         conv_relu_backward(out, cache)
-        for pool in ({"pool_height": 2, "pool_width": 2, "stride": 2}, {"pool_height": 3, "pool_width": 3, "stride": 1}):
+        for pool in (
+            {"pool_height": 2, "pool_width": 2, "stride": 2},
+            {"pool_height": 3, "pool_width": 3, "stride": 1},
+        ):
             p, pcache = fl.max_pool_forward_fast(x, pool)
             fl.max_pool_backward_fast(p, pcache)
         for norm in (None, "spatial_batchnorm", "groupnorm"):
-            model = ThreeLayerConvNet(input_dim=(3, 8, 8), num_filters=4, filter_size=3, hidden_dim=5,
-                                      dtype=dtype, normalization=norm, num_groups=2, seed=0, reg=1e-3)
+            model = ThreeLayerConvNet(
+                input_dim=(3, 8, 8),
+                num_filters=4,
+                filter_size=3,
+                hidden_dim=5,
+                dtype=dtype,
+                normalization=norm,
+                num_groups=2,
+                seed=0,
+                reg=1e-3,
+            )
             model.loss(x, np.array([0, 1]))
             model.loss(x)
         # the hidden layer's forward and dx (with sum(w**2)) with few rows, and its dw with its L2 term
         # (a Solver step with reg > 0)
-        fl.affine_relu_forward_fast(x, rng.standard_normal((x[0].size, 40)).astype(dtype), np.zeros(40, dtype))
-        fl.affine_dx_fast(rng.standard_normal((20, 40)).astype(dtype), rng.standard_normal((x[0].size, 40)).astype(dtype),
-                          sumsq=True)
-        fl.affine_dw_l2_fast(x, rng.standard_normal((2, 40)).astype(dtype),
-                             rng.standard_normal((x[0].size, 40)).astype(dtype), 1e-3)
+        fl.affine_relu_forward_fast(
+            x, rng.standard_normal((x[0].size, 40)).astype(dtype), np.zeros(40, dtype)
+        )
+        fl.affine_dx_fast(
+            rng.standard_normal((20, 40)).astype(dtype),
+            rng.standard_normal((x[0].size, 40)).astype(dtype),
+            sumsq=True,
+        )
+        fl.affine_dw_l2_fast(
+            x,
+            rng.standard_normal((2, 40)).astype(dtype),
+            rng.standard_normal((x[0].size, 40)).astype(dtype),
+            1e-3,
+        )
         adam(w, w, {})
         adam_inplace(w.copy(), w, {})
-        warm_kernels(dtype)                                  # the workers' reduce + Adam
+        warm_kernels(dtype)  # the workers' reduce + Adam
 
 
 def main() -> None:

@@ -55,7 +55,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from pipeline._kernels.simd import lanes, prefetch, vadd, vfma, vload, vmul, vsplat, vsum, vzero
+from pipeline._kernels.simd import (
+    lanes,
+    prefetch,
+    vadd,
+    vfma,
+    vload,
+    vmul,
+    vsplat,
+    vsum,
+    vzero,
+)
 from pipeline._kernels.tile import fma_3x4, load_3x4, store_3x4, zeros_3x4
 
 #: rows of dw per task: 16 blocks of 3 (the task's x2 rows, 3 * N values per block, stay in L1)
@@ -117,15 +127,26 @@ def affine_dw_l2(x2, dap, w, coef, add, dw):
                 xb[q + 2] = x2[k, i2]
         rg = vsplat(coef, 0)
         sc = vsplat(coef, 1)
-        tail = np.empty(3 * G, dtype=dw.dtype)   # the last panel's old values (add, overlap)
+        tail = np.empty(3 * G, dtype=dw.dtype)  # the last panel's old values (add, overlap)
         overlap = add and M % G != 0
         for b in range(nb):
             i0 = i_lo + 3 * b
             i1 = min(i0 + 1, i_hi - 1)
             i2 = min(i0 + 2, i_hi - 1)
             if overlap:
-                store_3x4(tail, 0, G, 2 * G, 0, V, 2 * V, 3 * V,
-                           load_3x4(of, i0 * M + M - G, i1 * M + M - G, i2 * M + M - G, 0, V, 2 * V, 3 * V))
+                store_3x4(
+                    tail,
+                    0,
+                    G,
+                    2 * G,
+                    0,
+                    V,
+                    2 * V,
+                    3 * V,
+                    load_3x4(
+                        of, i0 * M + M - G, i1 * M + M - G, i2 * M + M - G, 0, V, 2 * V, 3 * V
+                    ),
+                )
             for jb in range(nj):
                 j0 = min(jb * G, M - G)
                 # s[r][c] = sum_k x2[k, i_r] * da[k, j0 + c*V : j0 + (c+1)*V]
@@ -133,8 +154,17 @@ def affine_dw_l2(x2, dap, w, coef, add, dw):
                 for k in range(N):
                     q = (b * N + k) * 3
                     o = (jb * N + k) * G
-                    s = fma_3x4(vsplat(xb, q), vsplat(xb, q + 1), vsplat(xb, q + 2), dap,
-                                 o, o + V, o + 2 * V, o + 3 * V, s)
+                    s = fma_3x4(
+                        vsplat(xb, q),
+                        vsplat(xb, q + 1),
+                        vsplat(xb, q + 2),
+                        dap,
+                        o,
+                        o + V,
+                        o + 2 * V,
+                        o + 3 * V,
+                        s,
+                    )
                 p0, p1, p2 = i0 * M + j0, i1 * M + j0, i2 * M + j0
                 if overlap and jb == nj - 1:
                     s = _finish_3x4(tail, 0, G, 2 * G, wf, p0, p1, p2, rg, sc, use_w, add, V, s)
@@ -159,18 +189,20 @@ def _finish_3x4(src, q0, q1, q2, wf, p0, p1, p2, rg, sc, use_w, add, V, s):
     """_finish for a block's 12 vectors: rows r = 0..2 at q_r in src (the values added to) and
     p_r in wf (w), vectors c = 0..3 at + c*V."""
     a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = s
-    return (_finish(src, q0, wf, p0, rg, sc, use_w, add, a0),
-            _finish(src, q0 + V, wf, p0 + V, rg, sc, use_w, add, a1),
-            _finish(src, q0 + 2 * V, wf, p0 + 2 * V, rg, sc, use_w, add, a2),
-            _finish(src, q0 + 3 * V, wf, p0 + 3 * V, rg, sc, use_w, add, a3),
-            _finish(src, q1, wf, p1, rg, sc, use_w, add, b0),
-            _finish(src, q1 + V, wf, p1 + V, rg, sc, use_w, add, b1),
-            _finish(src, q1 + 2 * V, wf, p1 + 2 * V, rg, sc, use_w, add, b2),
-            _finish(src, q1 + 3 * V, wf, p1 + 3 * V, rg, sc, use_w, add, b3),
-            _finish(src, q2, wf, p2, rg, sc, use_w, add, c0),
-            _finish(src, q2 + V, wf, p2 + V, rg, sc, use_w, add, c1),
-            _finish(src, q2 + 2 * V, wf, p2 + 2 * V, rg, sc, use_w, add, c2),
-            _finish(src, q2 + 3 * V, wf, p2 + 3 * V, rg, sc, use_w, add, c3))
+    return (
+        _finish(src, q0, wf, p0, rg, sc, use_w, add, a0),
+        _finish(src, q0 + V, wf, p0 + V, rg, sc, use_w, add, a1),
+        _finish(src, q0 + 2 * V, wf, p0 + 2 * V, rg, sc, use_w, add, a2),
+        _finish(src, q0 + 3 * V, wf, p0 + 3 * V, rg, sc, use_w, add, a3),
+        _finish(src, q1, wf, p1, rg, sc, use_w, add, b0),
+        _finish(src, q1 + V, wf, p1 + V, rg, sc, use_w, add, b1),
+        _finish(src, q1 + 2 * V, wf, p1 + 2 * V, rg, sc, use_w, add, b2),
+        _finish(src, q1 + 3 * V, wf, p1 + 3 * V, rg, sc, use_w, add, b3),
+        _finish(src, q2, wf, p2, rg, sc, use_w, add, c0),
+        _finish(src, q2 + V, wf, p2 + V, rg, sc, use_w, add, c1),
+        _finish(src, q2 + 2 * V, wf, p2 + 2 * V, rg, sc, use_w, add, c2),
+        _finish(src, q2 + 3 * V, wf, p2 + 3 * V, rg, sc, use_w, add, c3),
+    )
 
 
 # ---- the input gradient for few rows ---------------------------------------------------------
@@ -180,6 +212,7 @@ def _finish_3x4(src, q0, q1, q2, wf, p0, p1, p2, rg, sc, use_w, add, V, s):
 #: 1.3-4.1, 4.4-4.6 at 16 against 4.0-4.6, 4.6 at 24 against 4.9-5.5; two threads alike. A worker's
 #: shard of 16 trained at 1,395 and 1,397 images/s with the kernel, 1,286 and 1,297 without
 DX_MIN_ROWS = 16
+
 
 @njit(cache=True)
 def pack_row_panels(da, G, dat):
@@ -209,14 +242,16 @@ def affine_dx_rows(dat, w, N, dx, sq):
     G = 4 * V
     npan = (N + G - 1) // G
     if dx.shape[0] != N or dx.shape[1] != D or dat.size < npan * M * G or N < 1:
-        raise ValueError("affine_dx_rows: expected dat of ceil(N / G) panels, w (D, M), dx (N, D), N >= 1")
+        raise ValueError(
+            "affine_dx_rows: expected dat of ceil(N / G) panels, w (D, M), dx (N, D), N >= 1"
+        )
     if sq.size != 0 and sq.size != (D + ROWS - 1) // ROWS:
         raise ValueError("affine_dx_rows: sq must be empty or hold one value per task of ROWS rows")
     wf = w.reshape(-1)
     for t in prange((D + ROWS - 1) // ROWS):
         i_lo = t * ROWS
         i_hi = min(i_lo + ROWS, D)
-        tb = np.empty(3 * G, dtype=w.dtype)    # one tile's sums: tb[r * G + c] = dx[p * G + c, j_r]
+        tb = np.empty(3 * G, dtype=w.dtype)  # one tile's sums: tb[r * G + c] = dx[p * G + c, j_r]
         total = 0.0
         for j0 in range(i_lo, i_hi, 3):
             j1 = min(j0 + 1, i_hi - 1)
@@ -227,8 +262,17 @@ def affine_dx_rows(dat, w, N, dx, sq):
                 s = zeros_3x4(w)
                 o = p * M * G
                 for k in range(M):
-                    s = fma_3x4(vsplat(wf, q0 + k), vsplat(wf, q1 + k), vsplat(wf, q2 + k), dat,
-                                 o, o + V, o + 2 * V, o + 3 * V, s)
+                    s = fma_3x4(
+                        vsplat(wf, q0 + k),
+                        vsplat(wf, q1 + k),
+                        vsplat(wf, q2 + k),
+                        dat,
+                        o,
+                        o + V,
+                        o + 2 * V,
+                        o + 3 * V,
+                        s,
+                    )
                     o += G
                 store_3x4(tb, 0, G, 2 * G, 0, V, 2 * V, 3 * V, s)
                 for c in range(min(G, N - p * G)):
@@ -236,7 +280,7 @@ def affine_dx_rows(dat, w, N, dx, sq):
                     row[j0] = tb[c]
                     row[j1] = tb[G + c]
                     row[j2] = tb[2 * G + c]
-            if sq.size:                        # the rows just read, from L1
+            if sq.size:  # the rows just read, from L1
                 total += _row_sumsq(wf, q0, M, V)
                 if j1 > j0:
                     total += _row_sumsq(wf, q1, M, V)
@@ -294,11 +338,13 @@ def affine_relu_rows(x2, w, b, out):
     if M < G:  # a group would start before column 0: vload does no bounds checks
         raise ValueError("affine_relu_rows: w needs at least 4 vectors of columns")
     if w.shape[0] != D or b.shape[0] != M or out.shape[0] != N or out.shape[1] != M or D == 0:
-        raise ValueError("affine_relu_rows: expected x2 (N, D), w (D, M), b (M,), out (N, M) with D >= 1")
+        raise ValueError(
+            "affine_relu_rows: expected x2 (N, D), w (D, M), b (M,), out (N, M) with D >= 1"
+        )
     ng = (M + G - 1) // G
-    nt = (N + 2) // 3                        # row tiles of 3
-    TS = nt * 3 * G                          # one group's sums in scratch: row i at i * G
-    ppt = (min(FWD_KB, D) + nt - 1) // nt    # rows of the next strip each tile prefetches
+    nt = (N + 2) // 3  # row tiles of 3
+    TS = nt * 3 * G  # one group's sums in scratch: row i at i * G
+    ppt = (min(FWD_KB, D) + nt - 1) // nt  # rows of the next strip each tile prefetches
     xf = x2.reshape(-1)
     wf = w.reshape(-1)
     for task in prange((ng + FWD_GROUPS - 1) // FWD_GROUPS):
@@ -311,7 +357,11 @@ def affine_relu_rows(x2, w, b, out):
                 j0 = min(g * G, M - G)
                 # the strip read next: the next group's in this k block, else the first group's
                 # in the next block (none past the last)
-                nk0, nj0 = (k0, min((g + 1) * G, M - G)) if g + 1 < g_hi else (k0 + FWD_KB, min(g_lo * G, M - G))
+                nk0, nj0 = (
+                    (k0, min((g + 1) * G, M - G))
+                    if g + 1 < g_hi
+                    else (k0 + FWD_KB, min(g_lo * G, M - G))
+                )
                 nk1 = min(D, nk0 + FWD_KB)
                 base = (g - g_lo) * TS
                 for t in range(nt):
@@ -324,8 +374,21 @@ def affine_relu_rows(x2, w, b, out):
                         prefetch(wf, o + G // 2)
                         prefetch(wf, o + G - 1)
                     s = base + i0 * G
-                    _strip_3x4(xf, i0 * D + k0, i1 * D + k0, i2 * D + k0, wf, k0 * M + j0, M, k1 - k0,
-                               acc, s, s + G, s + 2 * G, k0 == 0)
+                    _strip_3x4(
+                        xf,
+                        i0 * D + k0,
+                        i1 * D + k0,
+                        i2 * D + k0,
+                        wf,
+                        k0 * M + j0,
+                        M,
+                        k1 - k0,
+                        acc,
+                        s,
+                        s + G,
+                        s + 2 * G,
+                        k0 == 0,
+                    )
         # out = relu(sums + b) as np.maximum(v, 0) gives it: v when v > 0 or NaN, else +0.0 (-0.0 too)
         for g in range(g_lo, g_hi):
             j0 = min(g * G, M - G)
@@ -345,7 +408,16 @@ def _strip_3x4(xf, p0, p1, p2, wf, q, M, nk, acc, s0, s1, s2, first):
     V = lanes(wf)
     sums = zeros_3x4(wf) if first else load_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V)
     for k in range(nk):
-        sums = fma_3x4(vsplat(xf, p0 + k), vsplat(xf, p1 + k), vsplat(xf, p2 + k), wf,
-                        q, q + V, q + 2 * V, q + 3 * V, sums)
+        sums = fma_3x4(
+            vsplat(xf, p0 + k),
+            vsplat(xf, p1 + k),
+            vsplat(xf, p2 + k),
+            wf,
+            q,
+            q + V,
+            q + 2 * V,
+            q + 3 * V,
+            sums,
+        )
         q += M
     store_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V, sums)

@@ -23,7 +23,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from pipeline._kernels.simd import VECTOR_BYTES, lanes, vadd, vload, vsplat, vstore, vzero
+from pipeline._kernels.simd import (
+    VECTOR_BYTES,
+    lanes,
+    vadd,
+    vload,
+    vsplat,
+    vstore,
+    vzero,
+)
 from pipeline._kernels.tile import fma_3x4, load_3x4, store_3x4, zeros_3x4
 
 u64 = np.uint64
@@ -251,8 +259,17 @@ def conv7_forward(xp, Wp, w, b, relu, out):
                     for kw in range(7):
                         k = k0 + kw
                         o = i0 + kw
-                        acc = fma_3x4(vsplat(wf, f0 + k), vsplat(wf, f1 + k), vsplat(wf, f2 + k), xf,
-                                       o + q0, o + q1, o + q2, o + q3, acc)
+                        acc = fma_3x4(
+                            vsplat(wf, f0 + k),
+                            vsplat(wf, f1 + k),
+                            vsplat(wf, f2 + k),
+                            xf,
+                            o + q0,
+                            o + q1,
+                            o + q2,
+                            o + q3,
+                            acc,
+                        )
             store_3x4(tmp, 0, H_out * RW, 2 * H_out * RW, s0, s1, s2, s3, acc)
         for j in range(min(3, F - fb)):
             f = fb + j
@@ -271,13 +288,25 @@ def _dout_transposed(dout, n, Fp, eT):
     P = H_out * W_out
     d = dout[n].reshape(F, P)
     for fb in range(0, F, 8):
-        r0 = d[fb]; r1 = d[min(fb + 1, F - 1)]; r2 = d[min(fb + 2, F - 1)]; r3 = d[min(fb + 3, F - 1)]
-        r4 = d[min(fb + 4, F - 1)]; r5 = d[min(fb + 5, F - 1)]; r6 = d[min(fb + 6, F - 1)]; r7 = d[min(fb + 7, F - 1)]
+        r0 = d[fb]
+        r1 = d[min(fb + 1, F - 1)]
+        r2 = d[min(fb + 2, F - 1)]
+        r3 = d[min(fb + 3, F - 1)]
+        r4 = d[min(fb + 4, F - 1)]
+        r5 = d[min(fb + 5, F - 1)]
+        r6 = d[min(fb + 6, F - 1)]
+        r7 = d[min(fb + 7, F - 1)]
         for p in range(P):
             s = u64(p * Fp + fb)
             w = u64(p)
-            eT[s] = r0[w]; eT[s + u64(1)] = r1[w]; eT[s + u64(2)] = r2[w]; eT[s + u64(3)] = r3[w]
-            eT[s + u64(4)] = r4[w]; eT[s + u64(5)] = r5[w]; eT[s + u64(6)] = r6[w]; eT[s + u64(7)] = r7[w]
+            eT[s] = r0[w]
+            eT[s + u64(1)] = r1[w]
+            eT[s + u64(2)] = r2[w]
+            eT[s + u64(3)] = r3[w]
+            eT[s + u64(4)] = r4[w]
+            eT[s + u64(5)] = r5[w]
+            eT[s + u64(6)] = r6[w]
+            eT[s + u64(7)] = r7[w]
 
 
 @njit(parallel=True, cache=True)
@@ -312,21 +341,32 @@ def conv7_dw(xp, Wp, dout, dw, db):
         for n in range(ch * N // nch, (ch + 1) * N // nch):
             _dout_transposed(dout, n, Fp, eT)
             for fg in range(0, Fp, G):
-                s0 = vzero(xp); s1 = vzero(xp); s2 = vzero(xp); s3 = vzero(xp)
+                s0 = vzero(xp)
+                s1 = vzero(xp)
+                s2 = vzero(xp)
+                s3 = vzero(xp)
                 for p in range(P):
                     o = p * Fp + fg
-                    s0 = vadd(s0, vload(eT, o)); s1 = vadd(s1, vload(eT, o + V))
-                    s2 = vadd(s2, vload(eT, o + 2 * V)); s3 = vadd(s3, vload(eT, o + 3 * V))
-                vstore(sums, 0, s0); vstore(sums, V, s1); vstore(sums, 2 * V, s2); vstore(sums, 3 * V, s3)
+                    s0 = vadd(s0, vload(eT, o))
+                    s1 = vadd(s1, vload(eT, o + V))
+                    s2 = vadd(s2, vload(eT, o + 2 * V))
+                    s3 = vadd(s3, vload(eT, o + 3 * V))
+                vstore(sums, 0, s0)
+                vstore(sums, V, s1)
+                vstore(sums, 2 * V, s2)
+                vstore(sums, 3 * V, s3)
                 for j in range(G):
                     part_db[ch, fg + j] += sums[j]
                 for k in range(0, K3, 3):
                     ka = k
                     kb = min(k + 1, K - 1)
                     kc = min(k + 2, K - 1)
-                    ca = ka // T; ha = (ka - ca * T) // 7
-                    cb = kb // T; hb = (kb - cb * T) // 7
-                    cc = kc // T; hc = (kc - cc * T) // 7
+                    ca = ka // T
+                    ha = (ka - ca * T) // 7
+                    cb = kb // T
+                    hb = (kb - cb * T) // 7
+                    cc = kc // T
+                    hc = (kc - cc * T) // 7
                     xa = (n * C + ca) * L + ha * Wp + (ka - ca * T - ha * 7)
                     xb = (n * C + cb) * L + hb * Wp + (kb - cb * T - hb * 7)
                     xc = (n * C + cc) * L + hc * Wp + (kc - cc * T - hc * 7)
@@ -338,8 +378,17 @@ def conv7_dw(xp, Wp, dout, dw, db):
                         for wo in range(W_out):
                             q = q0 + wo
                             o = p0 + wo * Fp
-                            acc = fma_3x4(vsplat(xf, xa + q), vsplat(xf, xb + q), vsplat(xf, xc + q), eT,
-                                           o, o + V, o + 2 * V, o + 3 * V, acc)
+                            acc = fma_3x4(
+                                vsplat(xf, xa + q),
+                                vsplat(xf, xb + q),
+                                vsplat(xf, xc + q),
+                                eT,
+                                o,
+                                o + V,
+                                o + 2 * V,
+                                o + 3 * V,
+                                acc,
+                            )
                     store_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V, acc)
     for f in range(F):
         s = 0.0

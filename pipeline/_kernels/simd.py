@@ -30,8 +30,20 @@ from numba.extending import intrinsic, models, register_model
 
 VECTOR_BYTES = 32
 
-__all__ = ["VECTOR_BYTES", "Vec", "lanes", "vzero", "vload", "vstore", "vsplat", "vfma", "vadd", "vmul", "vsum",
-           "prefetch"]
+__all__ = [
+    "VECTOR_BYTES",
+    "Vec",
+    "lanes",
+    "vzero",
+    "vload",
+    "vstore",
+    "vsplat",
+    "vfma",
+    "vadd",
+    "vmul",
+    "vsum",
+    "prefetch",
+]
 
 
 class Vec(types.Type):
@@ -53,7 +65,11 @@ class _VecModel(models.PrimitiveModel):
 def _vec_for(arr):
     """The Vec type for a C-contiguous float array type, or None (no typing: Numba reports the
     mismatch at compile time, so a strided view can never be read as if it were contiguous)."""
-    if isinstance(arr, types.Array) and arr.layout == "C" and arr.dtype in (types.float32, types.float64):
+    if (
+        isinstance(arr, types.Array)
+        and arr.layout == "C"
+        and arr.dtype in (types.float32, types.float64)
+    ):
         return Vec(arr.dtype, VECTOR_BYTES // (arr.dtype.bitwidth // 8))
     return None
 
@@ -128,7 +144,9 @@ def vsplat(typingctx, arr, i):
         p = _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
         vty = context.get_value_type(vt)
         i32 = ir.IntType(32)
-        one = builder.insert_element(ir.Constant(vty, ir.Undefined), builder.load(p), ir.Constant(i32, 0))
+        one = builder.insert_element(
+            ir.Constant(vty, ir.Undefined), builder.load(p), ir.Constant(i32, 0)
+        )
         mask = ir.Constant(ir.VectorType(i32, vt.lanes), [0] * vt.lanes)
         return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), mask)
 
@@ -143,7 +161,9 @@ def vfma(typingctx, a, b, c):
     def codegen(context, builder, sig, args):
         vty = context.get_value_type(a)
         fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(vty, [vty, vty, vty]), f"llvm.fma.v{a.lanes}f{a.dtype.bitwidth}"
+            builder.module,
+            ir.FunctionType(vty, [vty, vty, vty]),
+            f"llvm.fma.v{a.lanes}f{a.dtype.bitwidth}",
         )
         return builder.call(fn, args)
 
@@ -197,8 +217,11 @@ def prefetch(typingctx, arr, i):
         p = _element_ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1])
         i8p = builder.bitcast(p, ir.IntType(8).as_pointer())
         i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [i8p.type, i32, i32, i32]),
+            "llvm.prefetch.p0",
+        )
         # read (0), high temporal locality (3: keep in all cache levels), data cache (1)
         builder.call(fn, [i8p, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()

@@ -40,18 +40,25 @@ import ctypes
 import os
 import sys
 import threading
+from importlib import metadata
 
 #: held while a parallel kernel runs or Numba's thread count changes (see the module docstring)
 LAUNCH_LOCK = threading.Lock()
 
 TBB_LIBRARY = "libtbb.so.12"  # the name Numba's TBB layer links against (TBB 2021 and later)
-TBB_LAYERS = ("default", "tbb", "safe", "threadsafe", "forksafe")  # NUMBA_THREADING_LAYER values that take TBB
+TBB_LAYERS = (
+    "default",
+    "tbb",
+    "safe",
+    "threadsafe",
+    "forksafe",
+)  # NUMBA_THREADING_LAYER values that take TBB
 
 
 def launch(kernel, *args, serial: bool = False):
     """Run a parallel Numba kernel with the process's launch lock held, on this thread's Numba
     thread count, or on one thread when ``serial`` (the count is restored); its return value."""
-    import numba
+    import numba  # noqa: PLC0415 (lazy: Numba loads after configure())
 
     with LAUNCH_LOCK:
         threads = numba.get_num_threads()
@@ -66,7 +73,7 @@ def launch(kernel, *args, serial: bool = False):
 
 def set_threads(n: int) -> int:
     """Set this thread's Numba thread count to ``n``, within 1 and NUMBA_NUM_THREADS; the count set."""
-    import numba
+    import numba  # noqa: PLC0415 (lazy: Numba loads after configure())
 
     n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
     with LAUNCH_LOCK:
@@ -116,7 +123,6 @@ def _tbb_path() -> str | None:
     usual = os.path.join(sys.prefix, "lib", TBB_LIBRARY)
     if os.path.exists(usual):
         return os.path.realpath(usual)
-    from importlib import metadata
 
     try:
         files = metadata.files("tbb") or []
@@ -155,7 +161,9 @@ def _loaded_openblas() -> list[str]:
     """Paths of the OpenBLAS libraries mapped into this process (Linux)."""
     try:
         with open("/proc/self/maps") as f:
-            paths = {parts[5].strip() for parts in (line.split(None, 5) for line in f) if len(parts) == 6}
+            paths = {
+                parts[5].strip() for parts in (line.split(None, 5) for line in f) if len(parts) == 6
+            }
     except OSError:
         return []
     return sorted(p for p in paths if "openblas" in os.path.basename(p).lower() and ".so" in p)

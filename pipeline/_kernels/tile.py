@@ -26,18 +26,38 @@ def zeros_3x4(like):
 @njit(cache=True, inline="always")
 def load_3x4(a, r0, r1, r2, t0, t1, t2, t3):
     """12 vectors: a[r + t : r + t + lanes] for rows r = r0, r1, r2 and columns t = t0..t3."""
-    return (vload(a, r0 + t0), vload(a, r0 + t1), vload(a, r0 + t2), vload(a, r0 + t3),
-            vload(a, r1 + t0), vload(a, r1 + t1), vload(a, r1 + t2), vload(a, r1 + t3),
-            vload(a, r2 + t0), vload(a, r2 + t1), vload(a, r2 + t2), vload(a, r2 + t3))
+    return (
+        vload(a, r0 + t0),
+        vload(a, r0 + t1),
+        vload(a, r0 + t2),
+        vload(a, r0 + t3),
+        vload(a, r1 + t0),
+        vload(a, r1 + t1),
+        vload(a, r1 + t2),
+        vload(a, r1 + t3),
+        vload(a, r2 + t0),
+        vload(a, r2 + t1),
+        vload(a, r2 + t2),
+        vload(a, r2 + t3),
+    )
 
 
 @njit(cache=True, inline="always")
 def store_3x4(a, r0, r1, r2, t0, t1, t2, t3, acc):
     """The inverse of load_3x4."""
     a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = acc
-    vstore(a, r0 + t0, a0); vstore(a, r0 + t1, a1); vstore(a, r0 + t2, a2); vstore(a, r0 + t3, a3)
-    vstore(a, r1 + t0, b0); vstore(a, r1 + t1, b1); vstore(a, r1 + t2, b2); vstore(a, r1 + t3, b3)
-    vstore(a, r2 + t0, c0); vstore(a, r2 + t1, c1); vstore(a, r2 + t2, c2); vstore(a, r2 + t3, c3)
+    vstore(a, r0 + t0, a0)
+    vstore(a, r0 + t1, a1)
+    vstore(a, r0 + t2, a2)
+    vstore(a, r0 + t3, a3)
+    vstore(a, r1 + t0, b0)
+    vstore(a, r1 + t1, b1)
+    vstore(a, r1 + t2, b2)
+    vstore(a, r1 + t3, b3)
+    vstore(a, r2 + t0, c0)
+    vstore(a, r2 + t1, c1)
+    vstore(a, r2 + t2, c2)
+    vstore(a, r2 + t3, c3)
 
 
 @njit(cache=True, inline="always")
@@ -46,11 +66,19 @@ def fma_3x4(u, v, s, a, t0, t1, t2, t3, acc):
     for r = 0..2, j = 0..3: 12 FMAs fed by 4 vector loads (u, v, s are 3 broadcasts)."""
     a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = acc
     x = vload(a, t0)
-    a0 = vfma(u, x, a0); b0 = vfma(v, x, b0); c0 = vfma(s, x, c0)
+    a0 = vfma(u, x, a0)
+    b0 = vfma(v, x, b0)
+    c0 = vfma(s, x, c0)
     x = vload(a, t1)
-    a1 = vfma(u, x, a1); b1 = vfma(v, x, b1); c1 = vfma(s, x, c1)
+    a1 = vfma(u, x, a1)
+    b1 = vfma(v, x, b1)
+    c1 = vfma(s, x, c1)
     x = vload(a, t2)
-    a2 = vfma(u, x, a2); b2 = vfma(v, x, b2); c2 = vfma(s, x, c2)
+    a2 = vfma(u, x, a2)
+    b2 = vfma(v, x, b2)
+    c2 = vfma(s, x, c2)
     x = vload(a, t3)
-    a3 = vfma(u, x, a3); b3 = vfma(v, x, b3); c3 = vfma(s, x, c3)
+    a3 = vfma(u, x, a3)
+    b3 = vfma(v, x, b3)
+    c3 = vfma(s, x, c3)
     return (a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3)

@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _format_warning(message, category, filename, lineno, line=None, _default=warnings.formatwarning) -> str:
+def _format_warning(
+    message, category, filename, lineno, line=None, _default=warnings.formatwarning
+) -> str:
     """convpipe's own warnings as one line ``convpipe: warning: ...``; others as Python words them."""
     if category.__module__.startswith("pipeline."):
         return f"convpipe: warning: {message}\n"
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None   # `kill`, `docker stop`
+    previous = (
+        signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    )  # `kill`, `docker stop`
     try:
         return int(args.func(args) or 0)
     except ConvpipeError as exc:

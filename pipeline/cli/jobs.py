@@ -27,76 +27,128 @@ POLL_S = 1.0
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "submit", help="submit a job spec (TOML) to a Dask cluster and print its id",
+        "submit",
+        help="submit a job spec (TOML) to a Dask cluster and print its id",
         description="Validate a job spec, then run its coordinator on the cluster itself: the job goes on "
-                    "after this command exits. Prints the job id. Without a scheduler, runs the job on an "
-                    "embedded local cluster and follows it to the end.")
+        "after this command exits. Prints the job id. Without a scheduler, runs the job on an "
+        "embedded local cluster and follows it to the end.",
+    )
     p.add_argument("spec", metavar="SPEC", help="job spec, e.g. jobs/train-three-layer.toml")
     _scheduler_arg(p)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of the spec (repeatable), e.g. --set epochs=2 --set norm=groupnorm")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the spec (repeatable), e.g. --set epochs=2 --set norm=groupnorm",
+    )
     p.add_argument("--follow", "-f", action="store_true", help="print the job's log until it ends")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                   help="seconds to wait for the scheduler, a worker and the spec's checks (default 120)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds to wait for the scheduler, a worker and the spec's checks (default 120)",
+    )
     p.set_defaults(func=quiet(cmd_submit))
 
-    p = subparsers.add_parser("status", help="state of one job or of every job",
-                              description="State of JOB (or of every job the scheduler knows), with the reason "
-                                          "of a failure and the command that resumes it.")
+    p = subparsers.add_parser(
+        "status",
+        help="state of one job or of every job",
+        description="State of JOB (or of every job the scheduler knows), with the reason "
+        "of a failure and the command that resumes it.",
+    )
     p.add_argument("job", metavar="JOB", nargs="?", help="job id (default: list every job)")
     _scheduler_arg(p)
     _root_arg(p)
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=quiet(cmd_status))
 
-    p = subparsers.add_parser("logs", help="a job's log", description="Print a job's log; --follow until it ends.")
+    p = subparsers.add_parser(
+        "logs", help="a job's log", description="Print a job's log; --follow until it ends."
+    )
     p.add_argument("job", metavar="JOB")
     _scheduler_arg(p)
     _root_arg(p)
-    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the job ends")
+    p.add_argument(
+        "--follow", "-f", action="store_true", help="keep printing new lines until the job ends"
+    )
     p.set_defaults(func=quiet(cmd_logs))
 
-    p = subparsers.add_parser("cancel", help="stop a queued or running job",
-                              description="Ask a job to stop: it stops between two steps and keeps its checkpoints.")
+    p = subparsers.add_parser(
+        "cancel",
+        help="stop a queued or running job",
+        description="Ask a job to stop: it stops between two steps and keeps its checkpoints.",
+    )
     p.add_argument("job", metavar="JOB")
     _scheduler_arg(p)
     p.set_defaults(func=quiet(cmd_cancel))
 
-    p = subparsers.add_parser("resume", help="continue a failed or cancelled job from its last checkpoint",
-                              description="Queue the next attempt of a failed or cancelled job; a training job "
-                                          "continues its run directory from the last checkpoint.")
+    p = subparsers.add_parser(
+        "resume",
+        help="continue a failed or cancelled job from its last checkpoint",
+        description="Queue the next attempt of a failed or cancelled job; a training job "
+        "continues its run directory from the last checkpoint.",
+    )
     p.add_argument("job", metavar="JOB")
     _scheduler_arg(p)
     _root_arg(p)
     p.add_argument("--follow", "-f", action="store_true", help="print the job's log until it ends")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for the cluster")
+    p.add_argument(
+        "--timeout", type=float, default=120.0, metavar="S", help="seconds to wait for the cluster"
+    )
     p.set_defaults(func=quiet(cmd_resume))
 
-    p = subparsers.add_parser("certs", help="make a CA and TLS certificates for a private cluster",
-                              description="Write ca.pem and scheduler/worker/client certificates and keys to DIR "
-                                          "(the folder the cluster's containers mount), and the CA's private key "
-                                          "to DIR-ca/ca-key.pem, outside it (needs the 'cryptography' package).")
+    p = subparsers.add_parser(
+        "certs",
+        help="make a CA and TLS certificates for a private cluster",
+        description="Write ca.pem and scheduler/worker/client certificates and keys to DIR "
+        "(the folder the cluster's containers mount), and the CA's private key "
+        "to DIR-ca/ca-key.pem, outside it (needs the 'cryptography' package).",
+    )
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("--ca-dir", metavar="PRIVATE_DIR", default=None,
-                   help="where the CA's private key goes (default: DIR-ca, beside DIR; never inside DIR)")
-    p.add_argument("--host", action="append", default=[], metavar="NAME",
-                   help="a host name or IP the certificates are for (repeatable; default localhost, 127.0.0.1, "
-                        "scheduler)")
+    p.add_argument(
+        "--ca-dir",
+        metavar="PRIVATE_DIR",
+        default=None,
+        help="where the CA's private key goes (default: DIR-ca, beside DIR; never inside DIR)",
+    )
+    p.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or IP the certificates are for (repeatable; default localhost, 127.0.0.1, "
+        "scheduler)",
+    )
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.set_defaults(func=cmd_certs)
 
 
 def _scheduler_arg(p) -> None:
-    p.add_argument("--scheduler", metavar="ADDR",
-                   help=f"Dask scheduler, e.g. tcp://127.0.0.1:8786 or tls://host:8786 (default: ${SCHEDULER_ENV})")
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDR",
+        help=f"Dask scheduler, e.g. tcp://127.0.0.1:8786 or tls://host:8786 (default: ${SCHEDULER_ENV})",
+    )
     if p.prog.split()[-1] not in ("submit", "resume"):
-        p.add_argument("--timeout", type=float, default=10.0, metavar="S",
-                       help="seconds to wait for the scheduler (default 10)")
+        p.add_argument(
+            "--timeout",
+            type=float,
+            default=10.0,
+            metavar="S",
+            help="seconds to wait for the scheduler (default 10)",
+        )
 
 
 def _root_arg(p) -> None:
-    p.add_argument("--root", metavar="DIR", default=None,
-                   help="read the job files under DIR/jobs directly, without a scheduler (default: data)")
+    p.add_argument(
+        "--root",
+        metavar="DIR",
+        default=None,
+        help="read the job files under DIR/jobs directly, without a scheduler (default: data)",
+    )
 
 
 def scheduler_address(explicit: str | None, spec_value: str | None = None) -> str | None:
@@ -114,9 +166,10 @@ def scheduler_address(explicit: str | None, spec_value: str | None = None) -> st
 
 # ================================================================ submit
 
+
 def cmd_submit(args) -> int:
-    from pipeline.jobs import client as job_client
     from pipeline.cluster.security import security_for
+    from pipeline.jobs import client as job_client
     from pipeline.jobs.spec import load_spec
 
     spec = load_spec(args.spec, args.sets)
@@ -129,8 +182,11 @@ def cmd_submit(args) -> int:
             record = job_client.submit(client, spec, timeout=args.timeout)
         print(record["job"], flush=True)
         if not args.follow:
-            print(f"convpipe: {spec.kind} job queued on {address}; follow it with: convpipe logs {record['job']} "
-                  f"--follow --scheduler {address}", file=sys.stderr)
+            print(
+                f"convpipe: {spec.kind} job queued on {address}; follow it with: convpipe logs {record['job']} "
+                f"--follow --scheduler {address}",
+                file=sys.stderr,
+            )
             return 0
         return _follow(client, address, record["job"], record)
 
@@ -141,13 +197,18 @@ def _submit_embedded(spec, args) -> int:
     workers = spec.options.get("workers")
     threads = spec.options.get("threads_per_worker") or 1
     spec.options["workers"] = None
-    from pipeline.cluster import worker_cluster  # the embedded cluster `convpipe train` starts
+    from pipeline.cluster import (
+        worker_cluster,  # the embedded cluster `convpipe train` starts
+    )
 
     with worker_cluster(None, None, workers, threads) as client:
         from pipeline.dashboard import page_link
 
-        print(f"convpipe: no scheduler given: running on an embedded local cluster ({client.dashboard_link}; "
-              f"jobs on the convpipe page {page_link(client.dashboard_link)})", file=sys.stderr)
+        print(
+            f"convpipe: no scheduler given: running on an embedded local cluster ({client.dashboard_link}; "
+            f"jobs on the convpipe page {page_link(client.dashboard_link)})",
+            file=sys.stderr,
+        )
         record = job_client.submit(client, spec, timeout=args.timeout)
         print(record["job"], flush=True)
         try:
@@ -181,16 +242,25 @@ def _resumable(status: dict) -> bool:
     """A failed or cancelled job whose kind continues where it stopped (training)."""
     from pipeline.jobs.kinds import KINDS
 
-    return bool(status.get("resumable")) and hasattr(KINDS.get(status.get("kind")), "resume_options")
+    return bool(status.get("resumable")) and hasattr(
+        KINDS.get(status.get("kind")), "resume_options"
+    )
 
 
 def _final(status: dict) -> int:
     if status["state"] == "done":
         return 0
-    print(f"convpipe: job {status['job']} {status['state']}: {status.get('reason') or ''}".rstrip(": "),
-          file=sys.stderr)
+    print(
+        f"convpipe: job {status['job']} {status['state']}: {status.get('reason') or ''}".rstrip(
+            ": "
+        ),
+        file=sys.stderr,
+    )
     if _resumable(status):
-        print(f"convpipe: continue it from its last checkpoint with: convpipe resume {status['job']}", file=sys.stderr)
+        print(
+            f"convpipe: continue it from its last checkpoint with: convpipe resume {status['job']}",
+            file=sys.stderr,
+        )
     return 1
 
 
@@ -209,8 +279,10 @@ class _lost_scheduler:
         if _is_connection_error(exc):
             msg = f"lost the Dask scheduler at {self.address} ({type(exc).__name__})"
             if self.job_id:
-                msg += (f"; job {self.job_id}'s status, log and checkpoints stay in {self.job_dir} on the data root:"
-                        f" convpipe status {self.job_id} --root ROOT")
+                msg += (
+                    f"; job {self.job_id}'s status, log and checkpoints stay in {self.job_dir} on the data root:"
+                    f" convpipe status {self.job_id} --root ROOT"
+                )
             raise ClusterError(msg) from None
         return False
 
@@ -220,13 +292,16 @@ def _is_connection_error(exc: BaseException) -> bool:
 
     from distributed.comm.core import CommClosedError
 
-    if isinstance(exc, (OSError, TimeoutError, CommClosedError, asyncio.CancelledError, asyncio.TimeoutError)):
+    if isinstance(
+        exc, (OSError, TimeoutError, CommClosedError, asyncio.CancelledError, asyncio.TimeoutError)
+    ):
         return True
     text = str(exc)
     return "not running" in text or "closed" in text.lower() and "client" in text.lower()
 
 
 # ================================================================ status / logs / cancel / resume
+
 
 def _client_or_root(args):
     address = scheduler_address(args.scheduler)
@@ -252,10 +327,16 @@ def cmd_status(args) -> int:
         where = f"{os.path.abspath(root)}/jobs"
     else:
         with connect(address, timeout=args.timeout) as client, _lost_scheduler(address):
-            statuses = [job_client.job_status(client, args.job)] if args.job else job_client.list_jobs(client)
+            statuses = (
+                [job_client.job_status(client, args.job)]
+                if args.job
+                else job_client.list_jobs(client)
+            )
         where = address
     if args.json:
-        print(json.dumps(statuses[0] if args.job else statuses, indent=2, sort_keys=True, default=str))
+        print(
+            json.dumps(statuses[0] if args.job else statuses, indent=2, sort_keys=True, default=str)
+        )
     elif args.job:
         _print_status(statuses[0], "" if address else f" --root {root} --scheduler ADDR")
     elif not statuses:
@@ -270,7 +351,15 @@ def cmd_status(args) -> int:
 def _print_table(statuses: list[dict]) -> None:
     rows = [("JOB", "KIND", "NAME", "STATE", "DETAIL")]
     for s in statuses:
-        rows.append((s.get("job", "?"), s.get("kind", "?"), s.get("name", ""), s.get("state", "?"), _detail(s)))
+        rows.append(
+            (
+                s.get("job", "?"),
+                s.get("kind", "?"),
+                s.get("name", ""),
+                s.get("state", "?"),
+                _detail(s),
+            )
+        )
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
@@ -281,8 +370,11 @@ def _detail(s: dict) -> str:
         return s.get("reason") or ""
     if s.get("state") == "done":
         res = s.get("result") or {}
-        return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()
-                         if k != "run_dir") or (s.get("run_dir") or "")
+        return ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in res.items()
+            if k != "run_dir"
+        ) or (s.get("run_dir") or "")
     if s.get("state") == "running":
         line = s.get("last_line", "")
         return line.split(" ", 1)[1] if " " in line else line
@@ -298,14 +390,31 @@ def _restarts(s: dict) -> str | None:
 
 
 def _print_status(s: dict, resume_args: str = "") -> None:
-    fields = [("job", s.get("job")), ("kind", s.get("kind")), ("name", s.get("name")),
-              ("state", s.get("state") + (" (cancel requested)" if s.get("cancel_requested")
-                                          and s.get("state") not in ("done", "failed", "cancelled") else "")),
-              ("attempt", s.get("attempt")), ("restarts", _restarts(s)), ("reason", s.get("reason")),
-              ("worker", s.get("worker")),
-              ("submitted", f"{s.get('submitted')} by {s.get('by')}"), ("started", s.get("started")),
-              ("finished", s.get("finished")), ("run dir", s.get("run_dir")), ("job dir", s.get("job_dir")),
-              ("last line", s.get("last_line"))]
+    fields = [
+        ("job", s.get("job")),
+        ("kind", s.get("kind")),
+        ("name", s.get("name")),
+        (
+            "state",
+            s.get("state")
+            + (
+                " (cancel requested)"
+                if s.get("cancel_requested")
+                and s.get("state") not in ("done", "failed", "cancelled")
+                else ""
+            ),
+        ),
+        ("attempt", s.get("attempt")),
+        ("restarts", _restarts(s)),
+        ("reason", s.get("reason")),
+        ("worker", s.get("worker")),
+        ("submitted", f"{s.get('submitted')} by {s.get('by')}"),
+        ("started", s.get("started")),
+        ("finished", s.get("finished")),
+        ("run dir", s.get("run_dir")),
+        ("job dir", s.get("job_dir")),
+        ("last line", s.get("last_line")),
+    ]
     if s.get("result"):
         fields.append(("result", ", ".join(f"{k} {v}" for k, v in s["result"].items())))
     for name, value in fields:
@@ -342,8 +451,10 @@ def cmd_logs(args) -> int:
             status = job_client.job_status(client, args.job, events)
         lines = [m for m in events if m.get("type") == "log"]
         if lines and _dropped(events):
-            print(f"(older lines dropped from the scheduler's memory; the whole log is "
-                  f"{status.get('job_dir')}/job.log on the data root)")
+            print(
+                f"(older lines dropped from the scheduler's memory; the whole log is "
+                f"{status.get('job_dir')}/job.log on the data root)"
+            )
         for m in lines:
             print(m["line"])
     return 0
@@ -377,7 +488,9 @@ def cmd_cancel(args) -> int:
 
     address = scheduler_address(args.scheduler)
     if address is None:
-        raise ClusterError(f"cancel needs the job's scheduler: --scheduler ADDR or ${SCHEDULER_ENV}")
+        raise ClusterError(
+            f"cancel needs the job's scheduler: --scheduler ADDR or ${SCHEDULER_ENV}"
+        )
     with connect(address, timeout=args.timeout) as client, _lost_scheduler(address):
         status = job_client.cancel(client, args.job)
     print(f"cancel requested for job {args.job} ({status['state']}); it stops before its next step")
@@ -391,13 +504,17 @@ def cmd_resume(args) -> int:
 
     address = scheduler_address(args.scheduler)
     if address is None:
-        raise ClusterError(f"resume needs a scheduler to run the job on: --scheduler ADDR or ${SCHEDULER_ENV}")
+        raise ClusterError(
+            f"resume needs a scheduler to run the job on: --scheduler ADDR or ${SCHEDULER_ENV}"
+        )
     record = None
     if args.root is not None:
         status = status_from_files(args.root, args.job)
         if status["state"] not in ("failed", "cancelled"):
-            raise job_client.JobError(f"job {args.job} is {status['state']} according to {status.get('job_dir')}: only a "
-                                f"failed or cancelled job can be resumed")
+            raise job_client.JobError(
+                f"job {args.job} is {status['state']} according to {status.get('job_dir')}: only a "
+                f"failed or cancelled job can be resumed"
+            )
         record = JobFiles.of(args.root, args.job).read_record()
         if record is None:
             raise job_client.JobError(f"job {args.job} has no spec.json under {args.root}/jobs")
@@ -406,8 +523,10 @@ def cmd_resume(args) -> int:
         with _lost_scheduler(address):
             new = job_client.resume(client, args.job, record, timeout=args.timeout)
         print(new["job"], flush=True)
-        print(f"convpipe: job {new['job']} queued again (attempt {new['attempt']}), continuing {new['run_dir']}",
-              file=sys.stderr)
+        print(
+            f"convpipe: job {new['job']} queued again (attempt {new['attempt']}), continuing {new['run_dir']}",
+            file=sys.stderr,
+        )
         if args.follow:
             return _follow(client, address, new["job"], new)
     return 0
@@ -420,11 +539,16 @@ def cmd_certs(args) -> int:
     paths = make_certificates(args.dir, ca_dir=args.ca_dir, hosts=hosts, days=args.days)
     for name, path in paths.items():
         print(f"{name:14} {path}")
-    print(f"clients use ca.pem, client.pem and client-key.pem: export CONVPIPE_TLS_CA_FILE={paths['ca']} "
-          f"CONVPIPE_TLS_CERT={paths['client']} CONVPIPE_TLS_KEY={paths['client-key']}")
+    print(
+        f"clients use ca.pem, client.pem and client-key.pem: export CONVPIPE_TLS_CA_FILE={paths['ca']} "
+        f"CONVPIPE_TLS_CERT={paths['client']} CONVPIPE_TLS_KEY={paths['client-key']}"
+    )
     print(f"keep {paths['ca-key']} private (it signs new certificates); the cluster never needs it")
     stale = os.path.join(args.dir, "ca-key.pem")
     if os.path.exists(stale):
-        print(f"convpipe: warning: {stale} (a CA key from an earlier `convpipe certs`) is in the folder the "
-              f"containers mount; it signs nothing the new ca.pem trusts: delete it", file=sys.stderr)
+        print(
+            f"convpipe: warning: {stale} (a CA key from an earlier `convpipe certs`) is in the folder the "
+            f"containers mount; it signs nothing the new ca.pem trusts: delete it",
+            file=sys.stderr,
+        )
     return 0

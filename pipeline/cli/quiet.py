@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import logging
 
-QUIET = ("distributed", "distributed.client", "distributed.comm", "distributed.core", "distributed.batched")
+QUIET = (
+    "distributed",
+    "distributed.client",
+    "distributed.comm",
+    "distributed.core",
+    "distributed.batched",
+)
 
 
 def quiet(func):
@@ -22,7 +28,9 @@ def quiet(func):
         # asyncio reports the client's abandoned waits when they are collected, after the
         # command has returned: silenced for the rest of the (command's) process
         logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
-        names = {n for n in logging.root.manager.loggerDict if n.startswith("distributed.")} | set(QUIET)
+        names = {n for n in logging.root.manager.loggerDict if n.startswith("distributed.")} | set(
+            QUIET
+        )
         loggers = [logging.getLogger(n) for n in sorted(names)]
         levels = [lg.level for lg in loggers]
         for lg in loggers:

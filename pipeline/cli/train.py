@@ -18,7 +18,9 @@ _SHORT_HELP = "train ThreeLayerConvNet data-parallel on a Dask cluster"
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help=_SHORT_HELP, description=_SHORT_HELP + " (the embedded local cluster by default)",
+        "train",
+        help=_SHORT_HELP,
+        description=_SHORT_HELP + " (the embedded local cluster by default)",
         argument_default=argparse.SUPPRESS,
     )
     for f in dataclasses.fields(TrainConfig):
@@ -26,19 +28,29 @@ def register(subparsers) -> None:
         extra = f" (default: {default})" if default is not None else ""
         meta = f.metadata
         p.add_argument(
-            "--" + f.name.replace("_", "-"), dest=f.name, metavar=meta.get("metavar") or "|".join(meta.get("choices", ())),
-            type=_parser_for(f.name), help=meta.get("help", "") + extra,
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            metavar=meta.get("metavar") or "|".join(meta.get("choices", ())),
+            type=_parser_for(f.name),
+            help=meta.get("help", "") + extra,
         )
     p.set_defaults(func=quiet(_train))
 
     e = subparsers.add_parser(
-        "evaluate", help="accuracy of a trained run on a split, as a Dask job",
+        "evaluate",
+        help="accuracy of a trained run on a split, as a Dask job",
         description="Accuracy of RUN_DIR's final parameters (params.npz) on a split of a store.",
     )
     e.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `convpipe train`")
-    e.add_argument("--data", metavar="STORE", help="Zarr store (default: the one the run was trained on)")
-    e.add_argument("--split", default="test", metavar="test|val|train", help="split to score (default: test)")
-    e.add_argument("--workers", type=int, metavar="N", help="worker processes of the embedded cluster")
+    e.add_argument(
+        "--data", metavar="STORE", help="Zarr store (default: the one the run was trained on)"
+    )
+    e.add_argument(
+        "--split", default="test", metavar="test|val|train", help="split to score (default: test)"
+    )
+    e.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes of the embedded cluster"
+    )
     e.add_argument("--scheduler", metavar="ADDR", help="address of a running Dask scheduler")
     e.set_defaults(func=quiet(_evaluate))
 
@@ -81,9 +93,11 @@ def _train(args: argparse.Namespace) -> int:
         bar.close()
     acc = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     rate = summary["images_per_s"]
-    print(f"train acc {acc(summary['train_acc'])}, val acc {acc(summary['val_acc'])}; "
-          f"{summary['steps_this_session']} steps, {summary['seconds']:.1f} s, "
-          f"{'n/a' if rate is None else f'{rate:,.0f}'} images/s on {summary['workers']} workers")
+    print(
+        f"train acc {acc(summary['train_acc'])}, val acc {acc(summary['val_acc'])}; "
+        f"{summary['steps_this_session']} steps, {summary['seconds']:.1f} s, "
+        f"{'n/a' if rate is None else f'{rate:,.0f}'} images/s on {summary['workers']} workers"
+    )
     print(f"run directory: {summary['run_dir']}")
     return 0
 
@@ -96,8 +110,10 @@ def _prepare_default_store(store: str) -> None:
 
     if store_state(store) == "complete":
         return
-    print(f"no complete data store at {store}: preparing it first (convpipe data prepare --out {store})",
-          file=sys.stderr)
+    print(
+        f"no complete data store at {store}: preparing it first (convpipe data prepare --out {store})",
+        file=sys.stderr,
+    )
     prepare = build_parser().parse_args(["data", "prepare", "--out", store])
     prepare.func(prepare)
 
@@ -118,12 +134,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     def progress(event):
         if event["event"] == "start":
-            print(f"scoring {event['n']} {args.split} images on {event['workers']} workers"
-                  + (f"; dashboard {event['dashboard']}" if event.get("dashboard") else ""), file=sys.stderr)
+            print(
+                f"scoring {event['n']} {args.split} images on {event['workers']} workers"
+                + (f"; dashboard {event['dashboard']}" if event.get("dashboard") else ""),
+                file=sys.stderr,
+            )
 
-    r = evaluate(args.run_dir, data=args.data, split=args.split, scheduler=args.scheduler,
-                 workers=args.workers, progress=progress)
-    print(f"{r['split']} accuracy {r['accuracy']:.4f} ({r['correct']}/{r['n']}) in {r['seconds']:.1f} s")
+    r = evaluate(
+        args.run_dir,
+        data=args.data,
+        split=args.split,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        progress=progress,
+    )
+    print(
+        f"{r['split']} accuracy {r['accuracy']:.4f} ({r['correct']}/{r['n']}) in {r['seconds']:.1f} s"
+    )
     return 0
 
 
@@ -154,21 +181,39 @@ class _Progress:
             where = f"dashboard {event['dashboard']}" if event.get("dashboard") else "no dashboard"
             page = _run_page(event["run_dir"]) if event.get("dashboard") else None
             where += f"; this run on the convpipe page {page}" if page else ""
-            print(f"training on {event['workers']} workers ({event['transport']} transport), {where}",
-                  file=sys.stderr)
+            print(
+                f"training on {event['workers']} workers ({event['transport']} transport), {where}",
+                file=sys.stderr,
+            )
             print(f"run directory {event['run_dir']}", file=sys.stderr)
-            self.bar = tqdm(total=event["total_steps"], initial=event["start_step"], unit="step",
-                            dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(
+                total=event["total_steps"],
+                initial=event["start_step"],
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+            )
         elif kind == "step" and self.bar is not None:
-            self.bar.set_postfix_str(f"epoch {event['epoch']}, loss {event['loss']:.4f}, "
-                                     f"{event['images_per_s']:,.0f} img/s", refresh=False)
+            self.bar.set_postfix_str(
+                f"epoch {event['epoch']}, loss {event['loss']:.4f}, "
+                f"{event['images_per_s']:,.0f} img/s",
+                refresh=False,
+            )
             self.bar.update(1)
         elif kind == "epoch":
-            self._write(f"epoch {event['epoch']} (step {event['step']}): train acc {event['train_acc']:.4f}, "
-                        f"val acc {'n/a' if event['val_acc'] is None else format(event['val_acc'], '.4f')}")
+            self._write(
+                f"epoch {event['epoch']} (step {event['step']}): train acc {event['train_acc']:.4f}, "
+                f"val acc {'n/a' if event['val_acc'] is None else format(event['val_acc'], '.4f')}"
+            )
         elif kind == "resumed":
-            self._write(f"resuming at step {event['step']}"
-                        + (f" from {event['checkpoint']}" if event["checkpoint"] else " (no checkpoint yet)"))
+            self._write(
+                f"resuming at step {event['step']}"
+                + (
+                    f" from {event['checkpoint']}"
+                    if event["checkpoint"]
+                    else " (no checkpoint yet)"
+                )
+            )
         elif kind == "warning":
             self._write(f"warning: {event['message']}")
 

@@ -13,6 +13,11 @@ import warnings
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
+import dask
+import distributed
+from distributed import Client, LocalCluster
+
+from pipeline.cluster.security import security_for
 from pipeline.errors import ConvpipeError
 
 #: schemes whose connections are encrypted and authenticated, or never leave the process
@@ -36,8 +41,10 @@ def plaintext_risk(address: str) -> str | None:
     with contextlib.suppress(ValueError):
         if ipaddress.ip_address(host).is_loopback:
             return None
-    return (f"scheduler {address} is reached without TLS: anyone who can reach it can run code on the cluster "
-            f"(a Dask scheduler runs what its clients send); use TLS: `convpipe certs DIR` and a tls:// address")
+    return (
+        f"scheduler {address} is reached without TLS: anyone who can reach it can run code on the cluster "
+        f"(a Dask scheduler runs what its clients send); use TLS: `convpipe certs DIR` and a tls:// address"
+    )
 
 
 def default_workers() -> int:
@@ -59,7 +66,7 @@ def connect(
     timeout: float = 10.0,
     dashboard_address: str | None = "127.0.0.1:0",
     memory_limit: str | int | None = "auto",
-) -> Iterator["distributed.Client"]:  # noqa: F821
+) -> Iterator[distributed.Client]:  # noqa: F821
     """Yield a ``distributed.Client``: to ``scheduler`` if given, else to a new LocalCluster.
 
     The LocalCluster has ``workers`` processes (default: one per core) of
@@ -71,20 +78,19 @@ def connect(
     ``tcp://`` one connects without TLS, with an :class:`InsecureSchedulerWarning` unless it
     is a loopback address.
     """
-    from distributed import Client, LocalCluster
 
     if scheduler:
         risk = plaintext_risk(scheduler)
         if risk:
             warnings.warn(risk, InsecureSchedulerWarning, stacklevel=3)
         if security is None:
-            from pipeline.cluster.security import security_for
-
             security = security_for(scheduler)
         try:
             client = Client(scheduler, timeout=timeout, security=security)
         except (OSError, TimeoutError) as exc:
-            raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {_reason(exc)}") from None
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {scheduler}: {_reason(exc)}"
+            ) from None
         try:
             yield client
         finally:
@@ -104,7 +110,9 @@ def connect(
         memory_limit=memory_limit,
         security=security,
         silence_logs=40,
-        scheduler_kwargs={"preload": _preloads()},   # convpipe's page on the dashboard (pipeline.dashboard)
+        scheduler_kwargs={
+            "preload": _preloads()
+        },  # convpipe's page on the dashboard (pipeline.dashboard)
     )
     try:
         with Client(cluster, security=security) as client:
@@ -135,8 +143,12 @@ QUIET_DIAGNOSTICS = {
 
 
 @contextlib.contextmanager
-def worker_cluster(client=None, scheduler: str | None = None, workers: int | None = None,
-                   threads_per_worker: int = 1) -> Iterator:
+def worker_cluster(
+    client=None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+) -> Iterator:
     """``client`` if given; else a client of the scheduler at ``scheduler``; else an embedded
     LocalCluster of ``workers`` processes whose BLAS uses ``threads_per_worker`` threads, with
     Dask's diagnostics thinned (:data:`QUIET_DIAGNOSTICS`).
@@ -151,10 +163,8 @@ def worker_cluster(client=None, scheduler: str | None = None, workers: int | Non
     if client is not None:
         yield client
         return
-    import dask
-    import distributed  # noqa: F401 - loads distributed's config defaults before we set keys in them
 
-    embedded = not scheduler                # as connect() decides
+    embedded = not scheduler  # as connect() decides
     config = QUIET_DIAGNOSTICS if embedded else {}
     threads = {k: str(threads_per_worker) for k in THREAD_ENV} if embedded else {}
     with dask.config.set(config), _environ(threads):
@@ -180,7 +190,6 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 def _preloads() -> list[str]:
     """The scheduler's configured preloads, then convpipe's page (``dask scheduler --preload
     pipeline.dashboard`` for a scheduler started by hand)."""
-    import dask
 
     configured = dask.config.get("distributed.scheduler.preload", None) or []
     configured = [configured] if isinstance(configured, str) else list(configured)

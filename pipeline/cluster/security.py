@@ -27,6 +27,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import dask
+from distributed.security import Security
+
 from pipeline.errors import ConvpipeError
 
 ENV = {"ca_file": "CONVPIPE_TLS_CA_FILE", "cert": "CONVPIPE_TLS_CERT", "key": "CONVPIPE_TLS_KEY"}
@@ -48,15 +51,16 @@ class TLSFiles:
     key: str
     origin: str  # where they were found, for error messages
 
-    def check(self) -> "TLSFiles":
+    def check(self) -> TLSFiles:
         for name, path in (("ca-file", self.ca_file), ("cert", self.cert), ("key", self.key)):
             if not Path(path).is_file():
-                raise TLSConfigError(f"TLS {name} {path} (from {self.origin}) does not exist or is not a file")
+                raise TLSConfigError(
+                    f"TLS {name} {path} (from {self.origin}) does not exist or is not a file"
+                )
         return self
 
     def security(self):
         """A ``distributed.security.Security`` for a client (mutual TLS, encryption required)."""
-        from distributed.security import Security
 
         self.check()
         return Security(
@@ -96,10 +100,14 @@ def tls_from_table(table: dict, origin: str, base: Path | None = None) -> TLSFil
         raise TLSConfigError(f"{origin}: [tls] must be a table with {', '.join(TLS_KEYS)}")
     unknown = sorted(set(table) - set(TLS_KEYS))
     if unknown:
-        raise TLSConfigError(f"{origin}: unknown [tls] key {unknown[0]!r} (expected {', '.join(TLS_KEYS)})")
+        raise TLSConfigError(
+            f"{origin}: unknown [tls] key {unknown[0]!r} (expected {', '.join(TLS_KEYS)})"
+        )
     missing = [k for k in TLS_KEYS if not table.get(k)]
     if missing:
-        raise TLSConfigError(f"{origin}: [tls] needs {', '.join(TLS_KEYS)}; missing {', '.join(missing)}")
+        raise TLSConfigError(
+            f"{origin}: [tls] needs {', '.join(TLS_KEYS)}; missing {', '.join(missing)}"
+        )
     for k in TLS_KEYS:
         if not isinstance(table[k], str):
             raise TLSConfigError(f"{origin}: [tls] {k} must be a path (string), got {table[k]!r}")
@@ -117,7 +125,9 @@ def tls_from_env() -> TLSFiles | None:
         return None
     missing = [ENV[k] for k, v in values.items() if not v]
     if missing:
-        raise TLSConfigError(f"TLS from the environment needs {', '.join(ENV.values())}; missing {', '.join(missing)}")
+        raise TLSConfigError(
+            f"TLS from the environment needs {', '.join(ENV.values())}; missing {', '.join(missing)}"
+        )
     return TLSFiles(values["ca_file"], values["cert"], values["key"], "the environment")
 
 
@@ -127,7 +137,6 @@ def tls_from_config_file() -> TLSFiles | None:
 
 
 def tls_from_dask_config() -> TLSFiles | None:
-    import dask
 
     get = lambda key: dask.config.get(f"distributed.comm.tls.{key}", None)  # noqa: E731
     ca, cert, key = get("ca-file"), get("client.cert"), get("client.key")
@@ -169,15 +178,21 @@ def security_for(address: str | None, explicit: TLSFiles | None = None):
 
 # ---- certificates for a private cluster -----------------------------------------------------
 
+
 def default_ca_dir(directory: str | Path) -> Path:
     """Where the CA's private key goes: a folder beside ``directory`` (``certs`` -> ``certs-ca``)."""
     d = Path(directory).resolve()
     return d.parent / f"{d.name}-ca"
 
 
-def make_certificates(directory: str | Path, *, ca_dir: str | Path | None = None,
-                      hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), days: int = 365,
-                      common_name: str = "convpipe cluster CA") -> dict[str, Path]:
+def make_certificates(
+    directory: str | Path,
+    *,
+    ca_dir: str | Path | None = None,
+    hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    days: int = 365,
+    common_name: str = "convpipe cluster CA",
+) -> dict[str, Path]:
     """Write a new CA and certificates for the scheduler, the workers and a client.
 
     ``directory`` gets what the cluster's processes need and may be mounted into containers:
@@ -187,10 +202,10 @@ def make_certificates(directory: str | Path, *, ca_dir: str | Path | None = None
     folder. Needs the ``cryptography`` package. Returns {name: path}.
     """
     try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        from cryptography import x509  # noqa: PLC0415 (lazy: the tls extra)
+        from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415 (lazy: the tls extra)
+        from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 (lazy: the tls extra)
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415 (lazy: the tls extra)
     except ImportError:  # pragma: no cover - depends on the environment
         raise TLSConfigError(
             "making certificates needs the 'cryptography' package (pip install cryptography), "
@@ -200,16 +215,21 @@ def make_certificates(directory: str | Path, *, ca_dir: str | Path | None = None
     out = Path(directory)
     key_dir = Path(ca_dir) if ca_dir is not None else default_ca_dir(out)
     if key_dir.resolve() == out.resolve() or out.resolve() in key_dir.resolve().parents:
-        raise TLSConfigError(f"the CA key folder {key_dir} must not be {out} or inside it: {out} is what "
-                             f"the cluster's containers mount")
+        raise TLSConfigError(
+            f"the CA key folder {key_dir} must not be {out} or inside it: {out} is what "
+            f"the cluster's containers mount"
+        )
     out.mkdir(parents=True, exist_ok=True)
     key_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(key_dir, 0o700)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
 
     def key_pem(key) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def write(path: Path, data: bytes, private: bool = False) -> Path:
         mode = 0o600 if private else 0o644
@@ -223,16 +243,27 @@ def make_certificates(directory: str | Path, *, ca_dir: str | Path | None = None
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ca_cert = (
         x509.CertificateBuilder()
-        .subject_name(ca_name).issuer_name(ca_name)
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     paths = {
@@ -257,8 +288,12 @@ def make_certificates(directory: str | Path, *, ca_dir: str | Path | None = None
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
             .sign(ca_key, hashes.SHA256())
         )
         paths[role] = write(out / f"{role}.pem", cert.public_bytes(serialization.Encoding.PEM))

@@ -30,6 +30,11 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from urllib.parse import quote
+
+from pipeline.dashboard.data import RUNS_TOPIC, Board
+from pipeline.dashboard.handlers import Page
+from pipeline.data.paths import data_root
 
 logger = logging.getLogger("pipeline.dashboard")
 
@@ -57,19 +62,23 @@ def install(scheduler, root: str | Path | None = None, run_folders: list[str | P
         return page
     app = getattr(scheduler, "http_application", None)
     if app is None:
-        logger.warning("convpipe page not installed: the scheduler serves no HTTP (no dashboard port)")
+        logger.warning(
+            "convpipe page not installed: the scheduler serves no HTTP (no dashboard port)"
+        )
         return None
-    from pipeline.dashboard.data import Board
-    from pipeline.dashboard.handlers import Page
-    from pipeline.data.paths import data_root
 
-    board = Board(Path(root) if root is not None else data_root(), ["runs"] if run_folders is None else run_folders)
+    board = Board(
+        Path(root) if root is not None else data_root(),
+        ["runs"] if run_folders is None else run_folders,
+    )
     page = Page(scheduler, board, http_prefix(app))
     app.add_handlers(r".*$", page.routes())
     scheduler.extensions[EXTENSION] = page
     server = getattr(scheduler, "http_server", None)
     if server is not None and getattr(server, "port", None):
-        logger.info("convpipe page at: :%s%s%s (data root %s)", server.port, page.prefix, PATH, board.root)
+        logger.info(
+            "convpipe page at: :%s%s%s (data root %s)", server.port, page.prefix, PATH, board.root
+        )
     return page
 
 
@@ -87,9 +96,12 @@ def http_prefix(app) -> str:
 def page_link(dashboard_link: str, *, job: str | None = None, run_dir: str | None = None) -> str:
     """The page's URL from the dashboard's (``client.dashboard_link``, ``.../status``): the
     overview, or one job's or one run's page."""
-    from urllib.parse import quote
 
-    root = dashboard_link[: -len("status")] if dashboard_link.endswith("/status") else dashboard_link.rstrip("/") + "/"
+    root = (
+        dashboard_link[: -len("status")]
+        if dashboard_link.endswith("/status")
+        else dashboard_link.rstrip("/") + "/"
+    )
     if job is not None:
         return f"{root}{PATH}/job/{quote(job, safe='')}"
     if run_dir is not None:
@@ -117,7 +129,6 @@ def announce_run(client, run_dir: str | Path) -> str | None:
     """Tell the scheduler of ``client`` that a run trains in ``run_dir`` (an event on the topic
     :data:`pipeline.dashboard.data.RUNS_TOPIC`), so that its page lists it wherever it is;
     returns the run's page URL, or None when that scheduler has no page or no dashboard."""
-    from pipeline.dashboard.data import RUNS_TOPIC
 
     link = getattr(client, "dashboard_link", None)
     if not link or not has_page(client):

@@ -19,7 +19,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.curves import Curves, recent_rate, run_steps_per_epoch, step_breakdown, total_steps_of_settings
+from pipeline.curves import (
+    Curves,
+    recent_rate,
+    run_steps_per_epoch,
+    step_breakdown,
+    steps_per_epoch_of_settings,
+    total_steps_of_settings,
+)
+from pipeline.jobs.client import job_events, list_jobs
+from pipeline.jobs.files_view import list_from_files, status_from_files
+from pipeline.jobs.records import JobError, JobFiles
 
 #: scheduler event topic on which `convpipe train` announces its run directory
 RUNS_TOPIC = "convpipe-runs"
@@ -37,13 +47,14 @@ PICTURES = ("curves.png", "filters.png")
 
 # ---- one run directory ---------------------------------------------------------------------------
 
+
 class _Lines:
     """The parsed lines of one metrics.jsonl, kept compact: (step, epoch, loss) of every step,
     the last :data:`RECENT_STEPS` step lines whole, every eval and epoch line."""
 
     def __init__(self):
-        self.key = None         # (device, inode) of the file read
-        self.offset = 0         # bytes consumed (whole lines)
+        self.key = None  # (device, inode) of the file read
+        self.offset = 0  # bytes consumed (whole lines)
         self.steps: list[tuple[int, int, float]] = []
         self.recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)
         self.scored: list[dict] = []
@@ -56,7 +67,9 @@ class _Lines:
             self.__init__()
             return
         key = (st.st_dev, st.st_ino)
-        if key != self.key or st.st_size < self.offset:   # replaced or truncated (--resume): read again
+        if (
+            key != self.key or st.st_size < self.offset
+        ):  # replaced or truncated (--resume): read again
             self.__init__()
             self.key = key
         self.mtime = st.st_mtime
@@ -65,7 +78,7 @@ class _Lines:
         with open(path, "rb") as f:
             f.seek(self.offset)
             data = f.read()
-        end = data.rfind(b"\n") + 1                          # whole lines only: the last may be half written
+        end = data.rfind(b"\n") + 1  # whole lines only: the last may be half written
         for line in data[:end].splitlines():
             self._add(line)
         self.offset += end
@@ -74,7 +87,7 @@ class _Lines:
         try:
             m = json.loads(line)
         except ValueError:
-            return                                           # a torn line of a killed run
+            return  # a torn line of a killed run
         if not isinstance(m, dict):
             return
         if m.get("kind") == "step" and isinstance(m.get("step"), int):
@@ -106,8 +119,8 @@ class RunView:
     train_acc: float | None = None
     val_acc: float | None = None
     breakdown: dict = field(default_factory=dict)
-    updated: float | None = None          # time of the last line (or of config.json), epoch seconds
-    pictures: tuple[str, ...] = ()        # the PNGs write_plots left there (curves.png, filters.png)
+    updated: float | None = None  # time of the last line (or of config.json), epoch seconds
+    pictures: tuple[str, ...] = ()  # the PNGs write_plots left there (curves.png, filters.png)
 
     @property
     def name(self) -> str:
@@ -139,7 +152,9 @@ class RunReader:
     def __init__(self):
         self._lock = threading.Lock()
         self._lines: collections.OrderedDict[str, _Lines] = collections.OrderedDict()
-        self._spe: dict[str, tuple[float, float | None]] = {}   # path -> (config mtime, steps per epoch)
+        self._spe: dict[
+            str, tuple[float, float | None]
+        ] = {}  # path -> (config mtime, steps per epoch)
 
     def read(self, path: str | Path) -> RunView:
         path = Path(path)
@@ -167,17 +182,31 @@ class RunReader:
             rate = summary["images_per_s"]
         updated = mtime or _mtime(path / "config.json")
         pictures = tuple(name for name in PICTURES if (path / name).is_file())
-        return RunView(str(path), True, config, summary, curves, curves.last_step, total, last.get("loss"),
-                       rate, per_step, _last(scored, "train_acc"), _last(scored, "val_acc"), breakdown, updated,
-                       pictures)
+        return RunView(
+            str(path),
+            True,
+            config,
+            summary,
+            curves,
+            curves.last_step,
+            total,
+            last.get("loss"),
+            rate,
+            per_step,
+            _last(scored, "train_acc"),
+            _last(scored, "val_acc"),
+            breakdown,
+            updated,
+            pictures,
+        )
 
-    def _steps_per_epoch(self, path: Path, metrics: list[dict], config: dict | None) -> float | None:
+    def _steps_per_epoch(
+        self, path: Path, metrics: list[dict], config: dict | None
+    ) -> float | None:
         """From the settings and the store (once per config.json), else from the lines."""
         mtime = _mtime(path / "config.json")
         cached = self._spe.get(str(path))
         if cached is None or cached[0] != mtime:
-            from pipeline.curves import steps_per_epoch_of_settings
-
             cached = (mtime, steps_per_epoch_of_settings(config) if config else None)
             self._spe[str(path)] = cached
         return cached[1] or run_steps_per_epoch(metrics, None)
@@ -207,6 +236,7 @@ def _mtime(path: Path) -> float | None:
 
 # ---- the scheduler ---------------------------------------------------------------------------------
 
+
 class SchedulerAsClient:
     """The three calls :func:`pipeline.jobs.client.job_status` makes of a client, answered from
     the scheduler's own state (call it on the scheduler's event loop)."""
@@ -233,23 +263,35 @@ class SchedulerView:
     jobs: dict[str, dict] = field(default_factory=dict)
     runs: tuple[str, ...] = ()
     problem: str | None = None
-    log: tuple[str, ...] = ()             # the log lines of the job asked for, from its events
+    log: tuple[str, ...] = ()  # the log lines of the job asked for, from its events
 
     @classmethod
-    def take(cls, scheduler, job_id: str | None = None) -> "SchedulerView":
+    def take(cls, scheduler, job_id: str | None = None) -> SchedulerView:
         """The scheduler's view; with ``job_id``, also that job's log lines from its events."""
         if scheduler is None:
             return cls()
-        from pipeline.jobs.client import job_events, list_jobs
 
-        runs = tuple(dict.fromkeys(m["run_dir"] for _, m in scheduler.get_events(RUNS_TOPIC)
-                                   if isinstance(m, dict) and isinstance(m.get("run_dir"), str)))
+        runs = tuple(
+            dict.fromkeys(
+                m["run_dir"]
+                for _, m in scheduler.get_events(RUNS_TOPIC)
+                if isinstance(m, dict) and isinstance(m.get("run_dir"), str)
+            )
+        )
         as_client = SchedulerAsClient(scheduler)
         try:
             jobs = {s["job"]: s for s in list_jobs(as_client) if "job" in s}
-            log = tuple(m["line"] for m in job_events(as_client, job_id) if m.get("type") == "log") if job_id else ()
+            log = (
+                tuple(m["line"] for m in job_events(as_client, job_id) if m.get("type") == "log")
+                if job_id
+                else ()
+            )
         except Exception as exc:  # noqa: BLE001 - the page still shows the files; it says why not these
-            return cls({}, runs, f"the scheduler's job events could not be read ({type(exc).__name__}: {exc})")
+            return cls(
+                {},
+                runs,
+                f"the scheduler's job events could not be read ({type(exc).__name__}: {exc})",
+            )
         return cls(jobs, runs, None, log)
 
 
@@ -292,25 +334,27 @@ class Board:
 
     # ---- jobs ----
     def job_statuses(self, view: SchedulerView) -> tuple[dict[str, dict], list[str]]:
-        from pipeline.jobs.files_view import list_from_files
 
         listing = list_from_files(str(self.root))
         files = {s["job"]: s for s in listing.jobs if "job" in s}
-        ids = sorted(set(files) | set(view.jobs), reverse=True)   # newest submitted first, then by id
-        ids.sort(key=lambda j: (files.get(j) or view.jobs.get(j) or {}).get("submitted") or "", reverse=True)
+        ids = sorted(
+            set(files) | set(view.jobs), reverse=True
+        )  # newest submitted first, then by id
+        ids.sort(
+            key=lambda j: (files.get(j) or view.jobs.get(j) or {}).get("submitted") or "",
+            reverse=True,
+        )
         statuses = {j: merge_status(files.get(j), view.jobs.get(j)) for j in ids}
         return statuses, list(listing.unreadable) + ([view.problem] if view.problem else [])
 
     def job(self, job_id: str, view: SchedulerView) -> dict | None:
-        from pipeline.jobs.files_view import status_from_files
-        from pipeline.jobs.records import JobError, JobFiles
 
         try:
             files = status_from_files(str(self.root), job_id)
         except JobError:
             files = None
         status = merge_status(files, view.jobs.get(job_id))
-        if status.get("job_dir") and "options" not in status:    # the settings it was submitted with
+        if status.get("job_dir") and "options" not in status:  # the settings it was submitted with
             try:
                 record = JobFiles(status["job_dir"]).read_record()
             except JobError:
@@ -321,7 +365,6 @@ class Board:
 
     def job_log(self, status: dict, view: SchedulerView, lines: int = 40) -> list[str]:
         """The last ``lines`` lines of the job's log (its file; else the scheduler's events)."""
-        from pipeline.jobs.records import JobFiles
 
         job_dir = status.get("job_dir")
         text = JobFiles(job_dir).read_log()[0] if job_dir and os.path.isdir(job_dir) else ""
@@ -344,8 +387,14 @@ class Board:
             except OSError:
                 continue
             entries.sort(key=lambda e: _entry_mtime(e), reverse=True)
-            found += [Path(e.path) for e in entries[:RUNS_PER_FOLDER] if os.path.exists(os.path.join(e.path, "config.json"))]
-        found += [Path(p) for p in reversed(view.runs) if os.path.exists(os.path.join(p, "config.json"))]
+            found += [
+                Path(e.path)
+                for e in entries[:RUNS_PER_FOLDER]
+                if os.path.exists(os.path.join(e.path, "config.json"))
+            ]
+        found += [
+            Path(p) for p in reversed(view.runs) if os.path.exists(os.path.join(p, "config.json"))
+        ]
         out = []
         for p in dict.fromkeys(_real(p) for p in found):
             if p not in taken:
@@ -360,7 +409,9 @@ class Board:
         if any(real == _real(Path(p)) for p in view.runs):
             return True
         statuses, _ = self.job_statuses(view)
-        return any(s.get("run_dir") and _real(Path(s["run_dir"])) == real for s in statuses.values())
+        return any(
+            s.get("run_dir") and _real(Path(s["run_dir"])) == real for s in statuses.values()
+        )
 
     def listing(self, view: SchedulerView) -> Listing:
         statuses, problems = self.job_statuses(view)

@@ -24,8 +24,10 @@ from pipeline.dashboard.data import Board, SchedulerView
 
 JOB_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*?"
 #: Content-Security-Policy: the page's own inline style and script, fetches to itself, nothing else
-CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
-       "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'")
+CSP = (
+    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+)
 
 
 class Page:
@@ -40,11 +42,13 @@ class Page:
     def routes(self) -> list[tuple]:
         p = self.prefix
         kw = {"page": self}
-        return [(rf"{p}convpipe(\.json)?", Overview, kw),
-                (rf"{p}convpipe/", web.RedirectHandler, {"url": "../convpipe"}),
-                (rf"{p}convpipe/job/({JOB_ID})(\.json)?", Job, kw),
-                (rf"{p}convpipe/run(\.json)?", Run, kw),
-                (rf"{p}convpipe/run/(curves|filters)\.png", Picture, kw)]
+        return [
+            (rf"{p}convpipe(\.json)?", Overview, kw),
+            (rf"{p}convpipe/", web.RedirectHandler, {"url": "../convpipe"}),
+            (rf"{p}convpipe/job/({JOB_ID})(\.json)?", Job, kw),
+            (rf"{p}convpipe/run(\.json)?", Run, kw),
+            (rf"{p}convpipe/run/(curves|filters)\.png", Picture, kw),
+        ]
 
     async def off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -67,13 +71,15 @@ class _Handler(web.RequestHandler):
     @property
     def base(self) -> str:
         """From this page to the dashboard's root: "" for convpipe, "../" for convpipe/run, ..."""
-        rest = self.request.path[len(self.page.prefix):]
+        rest = self.request.path[len(self.page.prefix) :]
         return "../" * rest.count("/")
 
     def view(self, job_id: str | None = None) -> SchedulerView:
         return SchedulerView.take(self.page.scheduler, job_id)
 
-    def answer(self, as_json: bool, title: str, fragments: dict[str, str], body: str, final: bool) -> None:
+    def answer(
+        self, as_json: bool, title: str, fragments: dict[str, str], body: str, final: bool
+    ) -> None:
         if as_json:
             self.set_header("Content-Type", "application/json")
             self.finish(json.dumps({"html": fragments, "final": final}))
@@ -91,7 +97,9 @@ class _Handler(web.RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "text/html; charset=utf-8")
         body = f'<h1>Not found</h1><p>{escape(text)}</p><p><a href="{self.base}convpipe">All jobs and runs</a></p>'
-        self.finish(render.page("convpipe: not found", self.base, body, str(self.page.board.root), None))
+        self.finish(
+            render.page("convpipe: not found", self.base, body, str(self.page.board.root), None)
+        )
 
 
 class Overview(_Handler):
@@ -99,7 +107,13 @@ class Overview(_Handler):
         view = self.view()
         listing = await self.page.off_loop(self.page.board.listing, view)
         fragments = render.overview_fragments(listing, self.base)
-        self.answer(bool(as_json), "convpipe: jobs and runs", fragments, render.overview_body(fragments), False)
+        self.answer(
+            bool(as_json),
+            "convpipe: jobs and runs",
+            fragments,
+            render.overview_body(fragments),
+            False,
+        )
 
 
 class Job(_Handler):
@@ -111,7 +125,9 @@ class Job(_Handler):
             status = board.job(job_id, view)
             if not status:
                 return None
-            sweep = render.sweep_section(status.get("run_dir")) if status.get("kind") == "sweep" else ""
+            sweep = (
+                render.sweep_section(status.get("run_dir")) if status.get("kind") == "sweep" else ""
+            )
             return status, board.run_of(status), board.job_log(status, view), sweep
 
         found = await self.page.off_loop(read)
@@ -120,15 +136,22 @@ class Job(_Handler):
         status, run, log, sweep = found
         fragments = render.job_fragments(status, run, log, self.base, sweep)
         title = f"job {job_id}"
-        self.answer(bool(as_json), f"convpipe: {title}", fragments, render.detail_body(title, fragments, self.base),
-                    status.get("state") in render.TERMINAL)
+        self.answer(
+            bool(as_json),
+            f"convpipe: {title}",
+            fragments,
+            render.detail_body(title, fragments, self.base),
+            status.get("state") in render.TERMINAL,
+        )
 
 
 class Run(_Handler):
     async def get(self, as_json: str | None = None) -> None:
         path = self.get_query_argument("dir", "")
         if not path or not Path(path).is_absolute():
-            return self.not_found(f"give the run directory as ?dir=ABSOLUTE_PATH, got {path!r}", 400)
+            return self.not_found(
+                f"give the run directory as ?dir=ABSOLUTE_PATH, got {path!r}", 400
+            )
         view = self.view()
         board = self.page.board
 
@@ -137,13 +160,20 @@ class Run(_Handler):
 
         run = await self.page.off_loop(read)
         if run is None or not run.exists:
-            return self.not_found(f"{path} is not a run directory this page shows (the jobs' run directories, "
-                                  f"those under {', '.join(map(str, board.run_folders))}, and those "
-                                  f"`convpipe train` announced to this scheduler)")
+            return self.not_found(
+                f"{path} is not a run directory this page shows (the jobs' run directories, "
+                f"those under {', '.join(map(str, board.run_folders))}, and those "
+                f"`convpipe train` announced to this scheduler)"
+            )
         fragments = render.run_fragments(run, self.base)
         title = f"run {run.name}"
-        self.answer(bool(as_json), f"convpipe: {title}", fragments, render.detail_body(title, fragments, self.base),
-                    run.finished)
+        self.answer(
+            bool(as_json),
+            f"convpipe: {title}",
+            fragments,
+            render.detail_body(title, fragments, self.base),
+            run.finished,
+        )
 
 
 class Picture(_Handler):

@@ -12,10 +12,13 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from html import escape
+from pathlib import Path
 from urllib.parse import quote
 
 from pipeline.dashboard.data import Listing, RunView
 from pipeline.dashboard.svg import Series, line_chart
+from pipeline.errors import ConvpipeError
+from pipeline.jobs.sweep import STATE_FILE, SweepState, curve
 
 POLL_MS = 2000
 TERMINAL = ("done", "failed", "cancelled")
@@ -71,6 +74,7 @@ setTimeout(poll,%d);})();
 
 # ---- formatting ----------------------------------------------------------------------------------
 
+
 def _num(v, fmt: str = "{:.4f}") -> str:
     return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
 
@@ -114,15 +118,20 @@ def run_link(base: str, path: str) -> str:
 
 # ---- page frame ------------------------------------------------------------------------------------
 
+
 def page(title: str, base: str, body: str, root: str, poll: str | None) -> str:
-    nav = (f'<nav><a href="{base}convpipe">Jobs and runs</a><a href="{base}status">Dask dashboard</a>'
-           f'<a href="{base}tasks">Task stream</a><a href="{base}workers">Workers</a></nav>')
+    nav = (
+        f'<nav><a href="{base}convpipe">Jobs and runs</a><a href="{base}status">Dask dashboard</a>'
+        f'<a href="{base}tasks">Task stream</a><a href="{base}workers">Workers</a></nav>'
+    )
     poll_attr = f' data-poll="{escape(poll)}"' if poll else ""
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
-            f'<body{poll_attr}><header><a class="brand" href="{base}convpipe">convpipe</a>{nav}'
-            f'<span class="root">data root {escape(root)} · read-only</span></header>'
-            f'<main>{body}</main><script>{SCRIPT}</script></body></html>')
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+        f'<body{poll_attr}><header><a class="brand" href="{base}convpipe">convpipe</a>{nav}'
+        f'<span class="root">data root {escape(root)} · read-only</span></header>'
+        f"<main>{body}</main><script>{SCRIPT}</script></body></html>"
+    )
 
 
 def stamp() -> str:
@@ -131,16 +140,23 @@ def stamp() -> str:
 
 # ---- the overview ----------------------------------------------------------------------------------
 
+
 def overview_fragments(listing: Listing, base: str) -> dict[str, str]:
-    return {"jobs": jobs_table(listing.jobs, base), "runs": runs_table(listing.runs, base),
-            "problems": problems(listing.problems), "updated": stamp()}
+    return {
+        "jobs": jobs_table(listing.jobs, base),
+        "runs": runs_table(listing.runs, base),
+        "problems": problems(listing.problems),
+        "updated": stamp(),
+    }
 
 
 def overview_body(fragments: dict[str, str]) -> str:
-    return (f'<h1>Jobs and runs <span class="muted" id="updated">{fragments["updated"]}</span></h1>'
-            f'<h2>Jobs</h2><div id="jobs">{fragments["jobs"]}</div>'
-            f'<h2>Runs of <code>convpipe train</code></h2><div id="runs">{fragments["runs"]}</div>'
-            f'<div id="problems">{fragments["problems"]}</div>')
+    return (
+        f'<h1>Jobs and runs <span class="muted" id="updated">{fragments["updated"]}</span></h1>'
+        f'<h2>Jobs</h2><div id="jobs">{fragments["jobs"]}</div>'
+        f'<h2>Runs of <code>convpipe train</code></h2><div id="runs">{fragments["runs"]}</div>'
+        f'<div id="problems">{fragments["problems"]}</div>'
+    )
 
 
 _COLUMNS = ("Step", "Loss", "Images/s", "ETA", "Train acc", "Val acc")
@@ -152,18 +168,26 @@ def _progress_cells(run: RunView | None, status: dict | None = None) -> str:
         p = (status or {}).get("progress") or {}
         step = p.get("done", p.get("step"))
         total = p.get("total", p.get("total_steps"))
-        return (f'<td>{_steps(step, total)}</td><td class="num">{_num(p.get("loss"))}</td>'
-                f'<td class="num">{_num(p.get("images_per_s"), "{:,.0f}")}</td><td>–</td>'
-                f'<td class="num">{_pct(p.get("train_acc"))}</td><td class="num">{_pct(p.get("val_acc"))}</td>')
+        return (
+            f'<td>{_steps(step, total)}</td><td class="num">{_num(p.get("loss"))}</td>'
+            f'<td class="num">{_num(p.get("images_per_s"), "{:,.0f}")}</td><td>–</td>'
+            f'<td class="num">{_pct(p.get("train_acc"))}</td><td class="num">{_pct(p.get("val_acc"))}</td>'
+        )
     active = status is None or status.get("state") in ("running", None)
     eta = duration(run.eta_s()) if active else "–"
-    return (f'<td>{_steps(run.step, run.total_steps)}</td><td class="num">{_num(run.loss)}</td>'
-            f'<td class="num">{_num(run.images_per_s, "{:,.0f}")}</td><td class="num">{eta}</td>'
-            f'<td class="num">{_pct(run.train_acc)}</td><td class="num">{_pct(run.val_acc)}</td>')
+    return (
+        f'<td>{_steps(run.step, run.total_steps)}</td><td class="num">{_num(run.loss)}</td>'
+        f'<td class="num">{_num(run.images_per_s, "{:,.0f}")}</td><td class="num">{eta}</td>'
+        f'<td class="num">{_pct(run.train_acc)}</td><td class="num">{_pct(run.val_acc)}</td>'
+    )
 
 
 def resume_command(status: dict) -> str | None:
-    if status.get("state") in ("failed", "cancelled") and status.get("resumable") and status.get("kind") == "train":
+    if (
+        status.get("state") in ("failed", "cancelled")
+        and status.get("resumable")
+        and status.get("kind") == "train"
+    ):
         return f"convpipe resume {status.get('job')}"
     return None
 
@@ -176,9 +200,18 @@ def job_detail(status: dict) -> str:
     if resume:
         parts.append(f"resume: <code>{escape(resume)}</code>")
     if status.get("state") == "done" and isinstance(status.get("result"), dict):
-        parts.append(escape(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                      for k, v in status["result"].items() if k != "run_dir")))
-    shown = isinstance(status.get("run"), RunView) and status["run"].exists   # its numbers are in the row
+        parts.append(
+            escape(
+                ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in status["result"].items()
+                    if k != "run_dir"
+                )
+            )
+        )
+    shown = (
+        isinstance(status.get("run"), RunView) and status["run"].exists
+    )  # its numbers are in the row
     if status.get("state") in ("running", "queued") and status.get("last_line") and not shown:
         line = str(status["last_line"])
         parts.append(f'<span class="muted">{escape(line.split(" ", 1)[-1])}</span>')
@@ -194,18 +227,22 @@ def jobs_table(jobs: list[dict], base: str) -> str:
     rows = []
     for s in jobs:
         jid = str(s.get("job", "?"))
-        rows.append(f'<tr class="job" data-job="{escape(jid)}"><td><a href="{job_link(base, jid)}">{escape(jid)}</a>'
-                    f'</td><td>{escape(str(s.get("kind", "?")))}</td><td>{escape(str(s.get("name", "")))}</td>'
-                    f'<td>{_state(s.get("state"))}</td>{_progress_cells(s.get("run"), s)}'
-                    f'<td class="detail">{job_detail(s)}</td></tr>')
+        rows.append(
+            f'<tr class="job" data-job="{escape(jid)}"><td><a href="{job_link(base, jid)}">{escape(jid)}</a>'
+            f"</td><td>{escape(str(s.get('kind', '?')))}</td><td>{escape(str(s.get('name', '')))}</td>"
+            f"<td>{_state(s.get('state'))}</td>{_progress_cells(s.get('run'), s)}"
+            f'<td class="detail">{job_detail(s)}</td></tr>'
+        )
     return f'<table id="jobs-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def run_detail(run: RunView, state: str) -> str:
     parts = [f'<span class="muted">{escape(run.path)}</span>']
     if state == "stopped":
-        parts.append(f"no new step for {duration(time.time() - (run.updated or 0))}; continue it: "
-                     f"<code>convpipe train --resume {escape(run.path)}</code>")
+        parts.append(
+            f"no new step for {duration(time.time() - (run.updated or 0))}; continue it: "
+            f"<code>convpipe train --resume {escape(run.path)}</code>"
+        )
     return "<br>".join(parts)
 
 
@@ -217,19 +254,26 @@ def runs_table(runs: list[RunView], base: str) -> str:
     now = time.time()
     for r in runs:
         state = r.state(now)
-        rows.append(f'<tr class="run" data-run="{escape(r.path)}"><td><a href="{run_link(base, r.path)}">'
-                    f'{escape(r.name)}</a></td><td>{_state(state)}</td>'
-                    f'{_progress_cells(r, {"state": state})}<td class="detail">{run_detail(r, state)}</td></tr>')
+        rows.append(
+            f'<tr class="run" data-run="{escape(r.path)}"><td><a href="{run_link(base, r.path)}">'
+            f"{escape(r.name)}</a></td><td>{_state(state)}</td>"
+            f'{_progress_cells(r, {"state": state})}<td class="detail">{run_detail(r, state)}</td></tr>'
+        )
     return f'<table id="runs-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def problems(lines: list[str]) -> str:
     if not lines:
         return ""
-    return '<h2>Problems</h2><ul class="problems">' + "".join(f"<li>{escape(x)}</li>" for x in lines) + "</ul>"
+    return (
+        '<h2>Problems</h2><ul class="problems">'
+        + "".join(f"<li>{escape(x)}</li>" for x in lines)
+        + "</ul>"
+    )
 
 
 # ---- one job or run ----------------------------------------------------------------------------------
+
 
 def charts(run: RunView) -> str:
     c = run.curves
@@ -239,22 +283,62 @@ def charts(run: RunView) -> str:
     series = [Series("loss of each step", loss, "#0969da", width=1.2, opacity=0.45, slug="loss")]
     k = max(2, min(50, len(loss) // 10))
     if len(loss) >= 5:
-        series.append(Series(f"mean of {k} steps", _moving_average(loss, k), "#0550ae", width=2.5, slug="loss-mean"))
+        series.append(
+            Series(
+                f"mean of {k} steps",
+                _moving_average(loss, k),
+                "#0550ae",
+                width=2.5,
+                slug="loss-mean",
+            )
+        )
     x_max = max([p[0] for p in loss] + [p.x for p in c.val_acc + c.train_acc], default=0.0)
-    x_range = (0.0, x_max * 1.02 or 1.0)          # the steps so far: the curve fills the frame as it grows
+    x_range = (0.0, x_max * 1.02 or 1.0)  # the steps so far: the curve fills the frame as it grows
     x_label = c.x_label + (" (step / steps per epoch)" if c.steps_per_epoch else "")
-    acc = [Series("val accuracy", tuple((p.x, p.y) for p in c.val_acc), "#bc4c00", markers=True, slug="val-acc"),
-           Series("train accuracy (sample)", tuple((p.x, p.y) for p in c.train_acc), "#1a7f37", markers=True,
-                  slug="train-acc")]
-    return ('<div class="charts">'
-            + line_chart(series, title="Training loss", x_label=x_label, y_label="loss", chart_id="loss-chart",
-                         x_range=x_range)
-            + line_chart(acc, title="Accuracy", x_label=x_label, y_label="accuracy", chart_id="accuracy-chart",
-                         x_range=x_range, y_range=(0.0, 1.0), empty="no accuracy scored yet", legend="bottom")
-            + "</div>")
+    acc = [
+        Series(
+            "val accuracy",
+            tuple((p.x, p.y) for p in c.val_acc),
+            "#bc4c00",
+            markers=True,
+            slug="val-acc",
+        ),
+        Series(
+            "train accuracy (sample)",
+            tuple((p.x, p.y) for p in c.train_acc),
+            "#1a7f37",
+            markers=True,
+            slug="train-acc",
+        ),
+    ]
+    return (
+        '<div class="charts">'
+        + line_chart(
+            series,
+            title="Training loss",
+            x_label=x_label,
+            y_label="loss",
+            chart_id="loss-chart",
+            x_range=x_range,
+        )
+        + line_chart(
+            acc,
+            title="Accuracy",
+            x_label=x_label,
+            y_label="accuracy",
+            chart_id="accuracy-chart",
+            x_range=x_range,
+            y_range=(0.0, 1.0),
+            empty="no accuracy scored yet",
+            legend="bottom",
+        )
+        + "</div>"
+    )
 
 
-def _moving_average(points: tuple[tuple[float, float], ...], k: int) -> tuple[tuple[float, float], ...]:
+def _moving_average(
+    points: tuple[tuple[float, float], ...], k: int
+) -> tuple[tuple[float, float], ...]:
     out, total = [], 0.0
     for i, (x, y) in enumerate(points):
         total += y
@@ -266,15 +350,29 @@ def _moving_average(points: tuple[tuple[float, float], ...], k: int) -> tuple[tu
 
 
 def cards(run: RunView, active: bool) -> str:
-    items = [(_steps(run.step, run.total_steps), "step"), (_num(run.loss), "loss"),
-             (_num(run.images_per_s, "{:,.0f}"), "images/s"), (duration(run.eta_s()) if active else "–", "ETA"),
-             (_pct(run.train_acc), "train accuracy"), (_pct(run.val_acc), "val accuracy")]
-    return '<div class="cards">' + "".join(f"<div class=card><b>{v}</b><span>{k}</span></div>"
-                                           for v, k in items) + "</div>"
+    items = [
+        (_steps(run.step, run.total_steps), "step"),
+        (_num(run.loss), "loss"),
+        (_num(run.images_per_s, "{:,.0f}"), "images/s"),
+        (duration(run.eta_s()) if active else "–", "ETA"),
+        (_pct(run.train_acc), "train accuracy"),
+        (_pct(run.val_acc), "val accuracy"),
+    ]
+    return (
+        '<div class="cards">'
+        + "".join(f"<div class=card><b>{v}</b><span>{k}</span></div>" for v, k in items)
+        + "</div>"
+    )
 
 
-_PHASES = (("read", "read images"), ("compute", "compute gradients"), ("reduce", "reduce + update"),
-           ("sync", "wait for the others"), ("coordinator", "coordinator"), ("checkpoint", "checkpoints"))
+_PHASES = (
+    ("read", "read images"),
+    ("compute", "compute gradients"),
+    ("reduce", "reduce + update"),
+    ("sync", "wait for the others"),
+    ("coordinator", "coordinator"),
+    ("checkpoint", "checkpoints"),
+)
 
 
 def breakdown(run: RunView) -> str:
@@ -283,23 +381,34 @@ def breakdown(run: RunView) -> str:
     if not parts:
         return '<p class="muted">No steps yet.</p>'
     total = b.get("step") or sum(v for _, v in parts) or 1.0
-    rows = "".join(f'<tr><td>{escape(label)}</td><td class="num">{1000 * v:.1f} ms</td>'
-                   f'<td><span class="bar"><i style="width:{min(100, 100 * v / total):.0f}%"></i></span></td></tr>'
-                   for label, v in parts)
+    rows = "".join(
+        f'<tr><td>{escape(label)}</td><td class="num">{1000 * v:.1f} ms</td>'
+        f'<td><span class="bar"><i style="width:{min(100, 100 * v / total):.0f}%"></i></span></td></tr>'
+        for label, v in parts
+    )
     what = "mean over the run" if run.finished else "mean of the last steps"
-    step = f'<tr><th>one step</th><th class="num">{1000 * b["step"]:.1f} ms</th><th></th></tr>' if b.get("step") else ""
-    return (f'<table class="breakdown"><thead><tr><th>phase ({what})</th><th>per step</th><th></th></tr></thead>'
-            f"<tbody>{rows}{step}</tbody></table>"
-            '<p class="muted">read, compute, reduce and wait are the busiest worker\'s; they overlap with '
-            "the coordinator's work on the next step.</p>")
+    step = (
+        f'<tr><th>one step</th><th class="num">{1000 * b["step"]:.1f} ms</th><th></th></tr>'
+        if b.get("step")
+        else ""
+    )
+    return (
+        f'<table class="breakdown"><thead><tr><th>phase ({what})</th><th>per step</th><th></th></tr></thead>'
+        f"<tbody>{rows}{step}</tbody></table>"
+        '<p class="muted">read, compute, reduce and wait are the busiest worker\'s; they overlap with '
+        "the coordinator's work on the next step.</p>"
+    )
 
 
 def pictures(run: RunView, base: str) -> str:
     """The run's PNGs (written when it finished), served read-only by the page."""
     if not run.pictures:
         return ""
-    imgs = "".join(f'<a href="{picture_link(base, run.path, n)}"><img src="{picture_link(base, run.path, n)}" '
-                   f'alt="{escape(n)}" height="360"></a>' for n in run.pictures)
+    imgs = "".join(
+        f'<a href="{picture_link(base, run.path, n)}"><img src="{picture_link(base, run.path, n)}" '
+        f'alt="{escape(n)}" height="360"></a>'
+        for n in run.pictures
+    )
     return f'<h2>Pictures</h2><div class="pictures">{imgs}</div>'
 
 
@@ -310,8 +419,10 @@ def picture_link(base: str, path: str, name: str) -> str:
 def settings_table(settings: dict | None) -> str:
     if not settings:
         return '<p class="muted">No settings (config.json) readable.</p>'
-    rows = "".join(f"<tr><td>{escape(str(k))}</td><td><code>{escape(str(v))}</code></td></tr>"
-                   for k, v in sorted(settings.items()))
+    rows = "".join(
+        f"<tr><td>{escape(str(k))}</td><td><code>{escape(str(v))}</code></td></tr>"
+        for k, v in sorted(settings.items())
+    )
     return f'<table class="settings"><tbody>{rows}</tbody></table>'
 
 
@@ -326,29 +437,50 @@ _WIDE = ("run directory", "job directory", "detail")
 
 def _facts(pairs: list[tuple[str, str | None]]) -> str:
     """Key facts as a grid of labelled values (paths and details on a line of their own)."""
-    items = "".join(f'<div{" class=wide" if k in _WIDE else ""}><dt>{escape(k)}</dt><dd>{v}</dd></div>'
-                    for k, v in pairs if v not in (None, ""))
+    items = "".join(
+        f"<div{' class=wide' if k in _WIDE else ''}><dt>{escape(k)}</dt><dd>{v}</dd></div>"
+        for k, v in pairs
+        if v not in (None, "")
+    )
     return f'<dl class="facts">{items}</dl>'
 
 
-def job_fragments(status: dict, run: RunView | None, log: list[str], base: str, sweep: str = "") -> dict[str, str]:
+def job_fragments(
+    status: dict, run: RunView | None, log: list[str], base: str, sweep: str = ""
+) -> dict[str, str]:
     state = status.get("state")
     e = lambda k: escape(str(status[k])) if status.get(k) not in (None, "") else None  # noqa: E731
-    facts = _facts([("state", _state(state)), ("kind", e("kind")), ("name", e("name")), ("attempt", e("attempt")),
-                    ("worker", e("worker")), ("submitted", f"{e('submitted')} by {e('by')}" if status.get("by")
-                                              else e("submitted")),
-                    ("started", e("started")), ("finished", e("finished")),
-                    ("run directory", f'<code>{e("run_dir")}</code>' if status.get("run_dir") else None),
-                    ("job directory", f'<code>{e("job_dir")}</code>' if status.get("job_dir") else None),
-                    ("detail", job_detail(status))])
+    facts = _facts(
+        [
+            ("state", _state(state)),
+            ("kind", e("kind")),
+            ("name", e("name")),
+            ("attempt", e("attempt")),
+            ("worker", e("worker")),
+            ("submitted", f"{e('submitted')} by {e('by')}" if status.get("by") else e("submitted")),
+            ("started", e("started")),
+            ("finished", e("finished")),
+            ("run directory", f"<code>{e('run_dir')}</code>" if status.get("run_dir") else None),
+            ("job directory", f"<code>{e('job_dir')}</code>" if status.get("job_dir") else None),
+            ("detail", job_detail(status)),
+        ]
+    )
     out = {"facts": facts, "log": log_block(log), "updated": stamp()}
     if run is not None and run.exists:
-        out.update(progress=cards(run, state == "running"), charts=charts(run) + pictures(run, base),
-                   breakdown=breakdown(run), settings=settings_table(run.settings))
+        out.update(
+            progress=cards(run, state == "running"),
+            charts=charts(run) + pictures(run, base),
+            breakdown=breakdown(run),
+            settings=settings_table(run.settings),
+        )
     else:
-        out.update(progress=_job_progress(status), charts="", breakdown='<p class="muted">–</p>',
-                   settings=settings_table((status.get("options") or None)))
-    if sweep:                                    # a sweep job: its leaderboard and overlaid curves
+        out.update(
+            progress=_job_progress(status),
+            charts="",
+            breakdown='<p class="muted">–</p>',
+            settings=settings_table(status.get("options") or None),
+        )
+    if sweep:  # a sweep job: its leaderboard and overlaid curves
         out["charts"] = sweep + out["charts"]
     return out
 
@@ -357,10 +489,6 @@ def sweep_section(run_dir: str | None) -> str:
     """A sweep's leaderboard (top 10 by best-so-far val accuracy, the settings that differ) and
     its trials' validation curves overlaid (the best one highlighted); "" when ``run_dir`` holds
     no sweep. Reads the sweep's files: call it off the event loop."""
-    from pathlib import Path
-
-    from pipeline.errors import ConvpipeError
-    from pipeline.jobs.sweep import STATE_FILE, SweepState, curve
 
     if not run_dir or not (Path(run_dir) / STATE_FILE).exists():
         return ""
@@ -370,32 +498,75 @@ def sweep_section(run_dir: str | None) -> str:
         return f'<p class="problems">{escape(str(exc))}</p>'
     names = [d["name"] for d in state.plan["search"]["dims"]]
     differ = [n for n in names if len({repr(t.settings[n]) for t in state.trials}) > 1]
-    head = "".join(f"<th>{escape(c)}</th>" for c in ("Trial", "State", "Steps", "Best val acc", "At step",
-                                                     *(n.replace("_", "-") for n in differ)))
+    head = "".join(
+        f"<th>{escape(c)}</th>"
+        for c in (
+            "Trial",
+            "State",
+            "Steps",
+            "Best val acc",
+            "At step",
+            *(n.replace("_", "-") for n in differ),
+        )
+    )
     rows = []
     for t in state.leaderboard()[:10]:
         best, step = t.best()
-        cells = [escape(t.name), _state(t.state), str(t.steps), _num(best), "–" if step is None else str(step),
-                 *(escape(f"{t.settings[n]:.4g}" if isinstance(t.settings[n], float) else str(t.settings[n]))
-                   for n in differ)]
-        rows.append(f'<tr class="trial" data-trial="{escape(t.name)}">'
-                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        cells = [
+            escape(t.name),
+            _state(t.state),
+            str(t.steps),
+            _num(best),
+            "–" if step is None else str(step),
+            *(
+                escape(
+                    f"{t.settings[n]:.4g}"
+                    if isinstance(t.settings[n], float)
+                    else str(t.settings[n])
+                )
+                for n in differ
+            ),
+        ]
+        rows.append(
+            f'<tr class="trial" data-trial="{escape(t.name)}">'
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + "</tr>"
+        )
     top = state.best()
     series = []
-    for t in sorted(state.trials, key=lambda t: top is not None and t.id == top.id):   # the best drawn last
+    for t in sorted(
+        state.trials, key=lambda t: top is not None and t.id == top.id
+    ):  # the best drawn last
         steps, acc = curve(Path(run_dir) / "trials" / t.name)
         is_best = top is not None and t.id == top.id
-        series.append(Series(f"best: {t.name}" if is_best else t.name, tuple(zip(map(float, steps), acc)),
-                             "#cf222e" if is_best else "#8c959f", width=2.5 if is_best else 1.0,
-                             markers=len(steps) < 3, opacity=1.0 if is_best else 0.5, slug=f"trial-{t.name}",
-                             legend=is_best))
+        series.append(
+            Series(
+                f"best: {t.name}" if is_best else t.name,
+                tuple(zip(map(float, steps), acc)),
+                "#cf222e" if is_best else "#8c959f",
+                width=2.5 if is_best else 1.0,
+                markers=len(steps) < 3,
+                opacity=1.0 if is_best else 0.5,
+                slug=f"trial-{t.name}",
+                legend=is_best,
+            )
+        )
     done = sum(not t.live for t in state.trials)
-    chart = line_chart(series, title=f"Validation accuracy of {len(state.trials)} trials", x_label="step",
-                       y_label="val accuracy", chart_id="sweep-chart", y_range=(0.0, 1.0),
-                       empty="no trial scored yet", legend="bottom")
-    return (f'<h2>Sweep: {done}/{len(state.trials)} trials done, rungs {escape(str(state.rungs))}</h2>'
-            f'<table id="leaderboard"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
-            f'<div class="charts">{chart}</div>')
+    chart = line_chart(
+        series,
+        title=f"Validation accuracy of {len(state.trials)} trials",
+        x_label="step",
+        y_label="val accuracy",
+        chart_id="sweep-chart",
+        y_range=(0.0, 1.0),
+        empty="no trial scored yet",
+        legend="bottom",
+    )
+    return (
+        f"<h2>Sweep: {done}/{len(state.trials)} trials done, rungs {escape(str(state.rungs))}</h2>"
+        f'<table id="leaderboard"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        f'<div class="charts">{chart}</div>'
+    )
 
 
 def _job_progress(status: dict) -> str:
@@ -409,19 +580,32 @@ def _job_progress(status: dict) -> str:
 
 
 def detail_body(title: str, fragments: dict[str, str], base: str) -> str:
-    return (f'<h1>{escape(title)} <span class="muted" id="updated">{fragments["updated"]}</span></h1>'
-            f'<div id="facts">{fragments.get("facts", "")}</div>'
-            f'<div id="progress">{fragments["progress"]}</div>'
-            f'<div id="charts">{fragments["charts"]}</div>'
-            f'<div class="cols"><div><h2>Step time</h2><div id="breakdown">{fragments["breakdown"]}</div>'
-            f'<p><a href="{base}tasks">Dask task stream</a> · <a href="{base}status">Dask status</a></p></div>'
-            f'<div><h2>Settings</h2><div id="settings">{fragments["settings"]}</div></div></div>'
-            + (f'<h2>Log</h2><div id="log">{fragments["log"]}</div>' if "log" in fragments else ""))
+    return (
+        f'<h1>{escape(title)} <span class="muted" id="updated">{fragments["updated"]}</span></h1>'
+        f'<div id="facts">{fragments.get("facts", "")}</div>'
+        f'<div id="progress">{fragments["progress"]}</div>'
+        f'<div id="charts">{fragments["charts"]}</div>'
+        f'<div class="cols"><div><h2>Step time</h2><div id="breakdown">{fragments["breakdown"]}</div>'
+        f'<p><a href="{base}tasks">Dask task stream</a> · <a href="{base}status">Dask status</a></p></div>'
+        f'<div><h2>Settings</h2><div id="settings">{fragments["settings"]}</div></div></div>'
+        + (f'<h2>Log</h2><div id="log">{fragments["log"]}</div>' if "log" in fragments else "")
+    )
 
 
 def run_fragments(run: RunView, base: str) -> dict[str, str]:
     state = run.state()
-    facts = _facts([("state", _state(state)), ("run directory", f"<code>{escape(run.path)}</code>"),
-                    ("detail", run_detail(run, state) if state == "stopped" else None)])
-    return {"facts": facts, "progress": cards(run, state == "running"), "charts": charts(run) + pictures(run, base),
-            "breakdown": breakdown(run), "settings": settings_table(run.settings), "updated": stamp()}
+    facts = _facts(
+        [
+            ("state", _state(state)),
+            ("run directory", f"<code>{escape(run.path)}</code>"),
+            ("detail", run_detail(run, state) if state == "stopped" else None),
+        ]
+    )
+    return {
+        "facts": facts,
+        "progress": cards(run, state == "running"),
+        "charts": charts(run) + pictures(run, base),
+        "breakdown": breakdown(run),
+        "settings": settings_table(run.settings),
+        "updated": stamp(),
+    }

@@ -27,7 +27,7 @@ class Series:
     markers: bool = False
     opacity: float = 1.0
     slug: str = ""
-    legend: bool = True                 # False: drawn, not listed (many overlaid curves)
+    legend: bool = True  # False: drawn, not listed (many overlaid curves)
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -61,15 +61,28 @@ def _thin(points: tuple[tuple[float, float], ...]) -> list[tuple[float, float]]:
     size = len(points) / MAX_VERTICES
     out = []
     for i in range(MAX_VERTICES):
-        bucket = points[int(i * size):max(int(i * size) + 1, int((i + 1) * size))]
-        out.append((sum(p[0] for p in bucket) / len(bucket), sum(p[1] for p in bucket) / len(bucket)))
+        bucket = points[int(i * size) : max(int(i * size) + 1, int((i + 1) * size))]
+        out.append(
+            (sum(p[0] for p in bucket) / len(bucket), sum(p[1] for p in bucket) / len(bucket))
+        )
     out[-1] = points[-1]
     return out
 
 
-def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, chart_id: str,
-               x_range: tuple[float, float] | None = None, y_range: tuple[float, float] | None = None,
-               width: int = 560, height: int = 290, empty: str = "no points yet", legend: str = "top") -> str:
+def line_chart(
+    series: list[Series],
+    *,
+    title: str,
+    x_label: str,
+    y_label: str,
+    chart_id: str,
+    x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
+    width: int = 560,
+    height: int = 290,
+    empty: str = "no points yet",
+    legend: str = "top",
+) -> str:
     """An ``<svg>`` line chart of ``series`` (x from ``x_range`` or 0..max x; y from ``y_range``
     or the data's range with a margin); the legend in the ``legend`` ("top" or "bottom") right
     corner, where the curves are not (a loss falls, an accuracy rises)."""
@@ -95,42 +108,62 @@ def line_chart(series: list[Series], *, title: str, x_label: str, y_label: str, 
     def Y(v: float) -> float:
         return top + (1 - (v - y0) / (y1 - y0)) * ph
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" id="{escape(chart_id)}" '
-           f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-           f'aria-label="{escape(title)}">',
-           f'<text x="{left}" y="18" class="chart-title">{escape(title)}</text>',
-           f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="plot-area"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" id="{escape(chart_id)}" '
+        f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+        f'aria-label="{escape(title)}">',
+        f'<text x="{left}" y="18" class="chart-title">{escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="plot-area"/>',
+    ]
     for t in nice_ticks(y0, y1, 6):
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" class="grid"/>'
-                   f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" class="tick" text-anchor="end">{_fmt(t)}</text>')
+        out.append(
+            f'<line x1="{left}" x2="{left + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" class="grid"/>'
+            f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" class="tick" text-anchor="end">{_fmt(t)}</text>'
+        )
     for t in nice_ticks(x0, x1, 6):
-        out.append(f'<line y1="{top}" y2="{top + ph}" x1="{X(t):.1f}" x2="{X(t):.1f}" class="grid"/>'
-                   f'<text x="{X(t):.1f}" y="{top + ph + 16}" class="tick" text-anchor="middle">{_fmt(t)}</text>')
-    out.append(f'<text x="{left + pw / 2:.1f}" y="{height - 6}" class="axis-label" '
-               f'text-anchor="middle">{escape(x_label)}</text>')
-    out.append(f'<text transform="translate(14 {top + ph / 2:.1f}) rotate(-90)" class="axis-label" '
-               f'text-anchor="middle">{escape(y_label)}</text>')
+        out.append(
+            f'<line y1="{top}" y2="{top + ph}" x1="{X(t):.1f}" x2="{X(t):.1f}" class="grid"/>'
+            f'<text x="{X(t):.1f}" y="{top + ph + 16}" class="tick" text-anchor="middle">{_fmt(t)}</text>'
+        )
+    out.append(
+        f'<text x="{left + pw / 2:.1f}" y="{height - 6}" class="axis-label" '
+        f'text-anchor="middle">{escape(x_label)}</text>'
+    )
+    out.append(
+        f'<text transform="translate(14 {top + ph / 2:.1f}) rotate(-90)" class="axis-label" '
+        f'text-anchor="middle">{escape(y_label)}</text>'
+    )
     if not xs:
-        out.append(f'<text x="{left + pw / 2:.1f}" y="{top + ph / 2:.1f}" class="empty" '
-                   f'text-anchor="middle">{escape(empty)}</text>')
+        out.append(
+            f'<text x="{left + pw / 2:.1f}" y="{top + ph / 2:.1f}" class="empty" '
+            f'text-anchor="middle">{escape(empty)}</text>'
+        )
     for s in series:
         if not s.points:
             continue
         pts = _thin(s.points)
         d = "M" + " L".join(f"{X(x):.1f},{Y(y):.1f}" for x, y in pts)
-        out.append(f'<path d="{d}" fill="none" stroke="{s.color}" stroke-width="{s.width}" '
-                   f'stroke-opacity="{s.opacity}" stroke-linejoin="round" class="series {escape(s.slug)}" '
-                   f'data-series="{escape(s.name)}" data-points="{len(s.points)}"/>')
+        out.append(
+            f'<path d="{d}" fill="none" stroke="{s.color}" stroke-width="{s.width}" '
+            f'stroke-opacity="{s.opacity}" stroke-linejoin="round" class="series {escape(s.slug)}" '
+            f'data-series="{escape(s.name)}" data-points="{len(s.points)}"/>'
+        )
         if s.markers:
-            out.extend(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{s.color}"/>' for x, y in pts)
+            out.extend(
+                f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="3" fill="{s.color}"/>' for x, y in pts
+            )
     shown = [s for s in series if s.points and s.legend]
     box_y = top + 3 if legend == "top" else top + ph - 9 - 16 * len(shown)
     if shown:
-        out.append(f'<rect x="{left + pw - 198}" y="{box_y}" width="194" height="{16 * len(shown) + 6}" '
-                   f'class="legend-box"/>')
+        out.append(
+            f'<rect x="{left + pw - 198}" y="{box_y}" width="194" height="{16 * len(shown) + 6}" '
+            f'class="legend-box"/>'
+        )
     for i, s in enumerate(shown):
         lx, ly = left + pw - 190, box_y + 15 + 16 * i
-        out.append(f'<line x1="{lx}" x2="{lx + 18}" y1="{ly - 4}" y2="{ly - 4}" stroke="{s.color}" '
-                   f'stroke-width="3"/><text x="{lx + 24}" y="{ly}" class="legend">{escape(s.name)}</text>')
+        out.append(
+            f'<line x1="{lx}" x2="{lx + 18}" y1="{ly - 4}" y2="{ly - 4}" stroke="{s.color}" '
+            f'stroke-width="3"/><text x="{lx + 24}" y="{ly}" class="legend">{escape(s.name)}</text>'
+        )
     out.append("</svg>")
     return "".join(out)

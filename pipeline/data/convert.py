@@ -33,6 +33,7 @@ folder source) at the same paths as this process.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import datetime as _dt
 import hashlib
 import os
@@ -45,21 +46,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from distributed import as_completed, wait
 
+from pipeline import __version__
 from pipeline.checkpoint import NPY_READ_LOCK
+from pipeline.cluster import connect, worker_addresses
 from pipeline.data import sources as S
 from pipeline.data.download import download, is_url, url_basename
-from pipeline.data.paths import DEFAULT_STORE, OFFLINE_HINT, data_root as default_data_root, default_store
-from pipeline.data.store import (FORMAT, FORMAT_VERSION, IMAGE_SHAPE, create_layout,
-                                 finalize_store, labels_dtype, store_state, write_block)
+from pipeline.data.paths import DEFAULT_STORE, OFFLINE_HINT, default_store
+from pipeline.data.paths import data_root as default_data_root
+from pipeline.data.store import (
+    FORMAT,
+    FORMAT_VERSION,
+    IMAGE_SHAPE,
+    create_layout,
+    finalize_store,
+    labels_dtype,
+    open_store,
+    store_state,
+    write_block,
+)
 from pipeline.errors import DataError
 from pipeline.procs import Owner
 
-__all__ = ["prepare", "PrepareResult", "DEFAULT_STORE", "DEFAULT_VAL", "DEFAULT_CHUNK",
-           "SHUFFLE_SEED", "shuffle_order", "split_rows"]
+__all__ = [
+    "prepare",
+    "PrepareResult",
+    "DEFAULT_STORE",
+    "DEFAULT_VAL",
+    "DEFAULT_CHUNK",
+    "SHUFFLE_SEED",
+    "shuffle_order",
+    "split_rows",
+]
 
 DEFAULT_VAL = 1000
-DEFAULT_CHUNK = 1000          # images per chunk: 3 MB of uint8 pixels
+DEFAULT_CHUNK = 1000  # images per chunk: 3 MB of uint8 pixels
 TASK_ROWS = {"cifar": 10000, "image": 2500}  # rows per task (rounded to whole chunks)
 SHUFFLE_SEED = 0
 #: the stream of :func:`shuffle_order` each ordering draws from
@@ -71,14 +93,16 @@ Progress = Callable[[str, int, int], None]
 @dataclass
 class PrepareResult:
     path: Path
-    skipped: bool                   # True: a complete store was already there
+    skipped: bool  # True: a complete store was already there
     splits: dict[str, int]
     class_names: list[str]
     source: dict = field(default_factory=dict)
     seconds: float = 0.0
-    nbytes: int = 0                 # size of the store on disk
-    protected: bool = True          # False: a complete store of format 1 (no checksums) was kept
-    kept: list = field(default_factory=list)  # leftovers of other conversions not removed: [(path, why)]
+    nbytes: int = 0  # size of the store on disk
+    protected: bool = True  # False: a complete store of format 1 (no checksums) was kept
+    kept: list = field(
+        default_factory=list
+    )  # leftovers of other conversions not removed: [(path, why)]
 
 
 def dir_size(path: str | os.PathLike) -> int:
@@ -94,12 +118,11 @@ def dir_size(path: str | os.PathLike) -> int:
 
 # ------------------------------------------------------------------------------ worker tasks
 
+
 def _warm_up(worker: str) -> str:
-    import PIL.Image  # noqa: F401
-    import zarr  # noqa: F401
-    import zarr.codecs  # noqa: F401
 
     return worker
+
 
 def _guarded(fn):
     """Run a worker task so that a user error comes back as a value, not as a failed task
@@ -131,8 +154,15 @@ def _stage_batch(path: str, name: str, dest: str, remove_source: bool) -> tuple[
 _stage_batch = _guarded(_stage_batch)
 
 
-def _write_rows(store: str, split: str, start: int, files: list, rows: np.ndarray,
-                labels: np.ndarray, want_sum: bool) -> tuple[int, np.ndarray | None]:
+def _write_rows(
+    store: str,
+    split: str,
+    start: int,
+    files: list,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    want_sum: bool,
+) -> tuple[int, np.ndarray | None]:
     """Rows ``start:start+n`` of ``split``: the source images ``rows`` (int64 (n,), in the
     stored order), gathered from the split source's staged files [(npy path, first row,
     end row)] of (rows, 3072) uint8 pixels."""
@@ -140,7 +170,7 @@ def _write_rows(store: str, split: str, start: int, files: list, rows: np.ndarra
     for path, lo, hi in files:
         sel = np.flatnonzero((rows >= lo) & (rows < hi))
         if sel.size:
-            with NPY_READ_LOCK:               # the header is parsed with ast (see the lock)
+            with NPY_READ_LOCK:  # the header is parsed with ast (see the lock)
                 part = np.load(path, mmap_mode="r", allow_pickle=False)
             X[sel] = part[rows[sel] - lo]
     X = X.reshape(-1, *IMAGE_SHAPE)
@@ -151,9 +181,18 @@ def _write_rows(store: str, split: str, start: int, files: list, rows: np.ndarra
 _write_rows = _guarded(_write_rows)
 
 
-def _write_images(store: str, split: str, start: int, names: list, labels: list,
-                  pack: str | None, offsets: list | None, paths: list | None,
-                  label: str, want_sum: bool) -> tuple[int, np.ndarray | None, list | None]:
+def _write_images(
+    store: str,
+    split: str,
+    start: int,
+    names: list,
+    labels: list,
+    pack: str | None,
+    offsets: list | None,
+    paths: list | None,
+    label: str,
+    want_sum: bool,
+) -> tuple[int, np.ndarray | None, list | None]:
     """Decode images (from a pack file of concatenated bytes, or from files) and write them."""
     n = len(names)
     X = np.empty((n, *IMAGE_SHAPE), np.uint8)
@@ -162,7 +201,7 @@ def _write_images(store: str, split: str, start: int, names: list, labels: list,
         with open(pack, "rb") as f:
             blob = f.read()
         for i, name in enumerate(names):
-            X[i] = S.decode_image(blob[offsets[i]:offsets[i + 1]], f"{label}:{name}")
+            X[i] = S.decode_image(blob[offsets[i] : offsets[i + 1]], f"{label}:{name}")
     else:
         md5s = []
         for i, path in enumerate(paths):
@@ -181,6 +220,7 @@ _write_images = _guarded(_write_images)
 
 
 # ------------------------------------------------------------------------------ planning
+
 
 def _ranges(n: int, chunk: int, task_rows: int) -> list[tuple[int, int]]:
     c = max(1, min(chunk, n))
@@ -218,8 +258,9 @@ def shuffle_order(n: int, seed: int, stream: int) -> np.ndarray:
     return np.argsort(keys, kind="stable").astype(np.int64)
 
 
-def split_rows(n_pool: int, n_test: int, val: int, seed: int = SHUFFLE_SEED, *,
-               shuffle_pool: bool) -> dict[str, np.ndarray]:
+def split_rows(
+    n_pool: int, n_test: int, val: int, seed: int = SHUFFLE_SEED, *, shuffle_pool: bool
+) -> dict[str, np.ndarray]:
     """Source rows of each split in stored order: {"train", "val": rows of the train source
     (int64), "test": rows of the test source}.
 
@@ -232,18 +273,27 @@ def split_rows(n_pool: int, n_test: int, val: int, seed: int = SHUFFLE_SEED, *,
     if shuffle_pool:
         pool = pool[shuffle_order(n_pool, seed, STREAMS["pool"])]
     n_train = n_pool - val
-    parts = {"train": pool[:n_train], "val": pool[n_train:], "test": np.arange(n_test, dtype=np.int64)}
-    return {split: rows[shuffle_order(len(rows), seed, STREAMS[split])] for split, rows in parts.items()}
+    parts = {
+        "train": pool[:n_train],
+        "val": pool[n_train:],
+        "test": np.arange(n_test, dtype=np.int64),
+    }
+    return {
+        split: rows[shuffle_order(len(rows), seed, STREAMS[split])] for split, rows in parts.items()
+    }
 
 
 def _order_attrs(val_rule: str) -> dict:
-    return {"val": val_rule,
-            "rows": "every split stored shuffled: row i of a split is its image "
-                    "split_rows(...)[split][i] (pipeline.data.convert; splitmix64 order, seed "
-                    "shuffle_seed; streams train 1, val 2, test 3)"}
+    return {
+        "val": val_rule,
+        "rows": "every split stored shuffled: row i of a split is its image "
+        "split_rows(...)[split][i] (pipeline.data.convert; splitmix64 order, seed "
+        "shuffle_seed; streams train 1, val 2, test 3)",
+    }
 
 
 # ------------------------------------------------------------------------------ sources
+
 
 def _resolve(source, data_root: Path, verify: bool, progress: Progress | None) -> S.Source:
     if source is None:
@@ -251,8 +301,13 @@ def _resolve(source, data_root: Path, verify: bool, progress: Progress | None) -
         if found is not None:
             return S.classify(found)
         dest = data_root / S.ARCHIVE_NAME
-        download(S.OFFICIAL_URL, dest, md5=S.OFFICIAL_MD5 if verify else None, progress=progress,
-                 hint=f"no CIFAR-10 copy found in {data_root} or Keras's folder; {OFFLINE_HINT}")
+        download(
+            S.OFFICIAL_URL,
+            dest,
+            md5=S.OFFICIAL_MD5 if verify else None,
+            progress=progress,
+            hint=f"no CIFAR-10 copy found in {data_root} or Keras's folder; {OFFLINE_HINT}",
+        )
         return S.classify(dest)
     text = os.fspath(source)
     if is_url(text):
@@ -261,34 +316,51 @@ def _resolve(source, data_root: Path, verify: bool, progress: Progress | None) -
         def check(tmp: Path, md5: str) -> None:
             src = S.classify(tmp)
             if src.kind == "cifar-archive" and verify and md5 != S.OFFICIAL_MD5:
-                raise DataError(f"{text}: md5 {md5} is not the official CIFAR-10 archive's "
-                                f"{S.OFFICIAL_MD5}; nothing was saved (--no-verify accepts it)")
+                raise DataError(
+                    f"{text}: md5 {md5} is not the official CIFAR-10 archive's "
+                    f"{S.OFFICIAL_MD5}; nothing was saved (--no-verify accepts it)"
+                )
 
         download(text, dest, check=check, progress=progress, hint=OFFLINE_HINT)
         return S.classify(dest)
     return S.classify(Path(text).expanduser())
 
 
-def _source_attrs(src: S.Source, md5: str, md5_of: str, official: bool, verified: bool, **extra) -> dict:
-    return {"kind": src.kind, "path": str(src.path.resolve()), "md5": md5, "md5_of": md5_of,
-            "official": official, "verified": verified, **extra}
+def _source_attrs(
+    src: S.Source, md5: str, md5_of: str, official: bool, verified: bool, **extra
+) -> dict:
+    return {
+        "kind": src.kind,
+        "path": str(src.path.resolve()),
+        "md5": md5,
+        "md5_of": md5_of,
+        "official": official,
+        "verified": verified,
+        **extra,
+    }
 
 
 def _verify_archive(path: Path) -> None:
     md5 = S.file_md5(path)
     if md5 != S.OFFICIAL_MD5:
-        raise DataError(f"{path}: md5 {md5} is not the official CIFAR-10 archive's "
-                        f"{S.OFFICIAL_MD5} (--no-verify accepts a non-official copy)")
+        raise DataError(
+            f"{path}: md5 {md5} is not the official CIFAR-10 archive's "
+            f"{S.OFFICIAL_MD5} (--no-verify accepts a non-official copy)"
+        )
 
 
-def _plan_cifar(src: S.Source, staging: Path, verify: bool, progress: Progress | None, on_file=None):
+def _plan_cifar(
+    src: S.Source, staging: Path, verify: bool, progress: Progress | None, on_file=None
+):
     """Coordinator side of a CIFAR source: stage/verify files; return (files, display names,
     source attrs). ``on_file(name, path)`` is called as each file of an archive is staged."""
     if src.kind == "cifar-archive":
         md5, staged = S.extract_cifar_archive(src.path, staging, progress, on_file)
         if verify and md5 != S.OFFICIAL_MD5:
-            raise DataError(f"{src.path}: md5 {md5} is not the official CIFAR-10 archive's "
-                            f"{S.OFFICIAL_MD5} (--no-verify accepts a non-official copy)")
+            raise DataError(
+                f"{src.path}: md5 {md5} is not the official CIFAR-10 archive's "
+                f"{S.OFFICIAL_MD5} (--no-verify accepts a non-official copy)"
+            )
         files = S.batch_files(staging, staged, label=str(src.path))
         attrs = _source_attrs(src, md5, "archive file", md5 == S.OFFICIAL_MD5, verify)
         names = {n: f"{src.path}:{S.BATCHES_DIR}/{n}" for n in files}
@@ -298,22 +370,41 @@ def _plan_cifar(src: S.Source, staging: Path, verify: bool, progress: Progress |
         official = all(md5s[n] == S.BATCH_MD5[n] for n in S.BATCH_MD5)
         if verify and not official:
             bad = next(n for n in S.BATCH_MD5 if md5s[n] != S.BATCH_MD5[n])
-            raise DataError(f"{files[bad]}: md5 {md5s[bad]} is not the official {S.BATCH_MD5[bad]} "
-                            "(--no-verify accepts a non-official copy)")
+            raise DataError(
+                f"{files[bad]}: md5 {md5s[bad]} is not the official {S.BATCH_MD5[bad]} "
+                "(--no-verify accepts a non-official copy)"
+            )
         listing = "".join(f"{md5s[n]}  {n}\n" for n in sorted(md5s))
-        attrs = _source_attrs(src, hashlib.md5(listing.encode()).hexdigest(),
-                              "md5sum listing of the batch files", official, verify, files=md5s)
+        attrs = _source_attrs(
+            src,
+            hashlib.md5(listing.encode()).hexdigest(),
+            "md5sum listing of the batch files",
+            official,
+            verify,
+            files=md5s,
+        )
         names = {n: str(p) for n, p in files.items()}
     return files, names, attrs
 
 
 # ------------------------------------------------------------------------------ the job
 
-def prepare(source: str | os.PathLike | None = None, out: str | os.PathLike | None = None, *,
-            val: int = DEFAULT_VAL, chunk: int | None = None, force: bool = False,
-            verify: bool = True, scheduler: str | None = None, workers: int | None = None,
-            processes: bool = False, client=None, data_root: str | os.PathLike | None = None,
-            progress: Progress | None = None) -> PrepareResult:
+
+def prepare(
+    source: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    *,
+    val: int = DEFAULT_VAL,
+    chunk: int | None = None,
+    force: bool = False,
+    verify: bool = True,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    processes: bool = False,
+    client=None,
+    data_root: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> PrepareResult:
     """Convert ``source`` (path or URL; None: find or download CIFAR-10) into the store ``out``.
 
     ``out`` defaults to ``cifar10.zarr`` in the data root, ``data_root`` (where CIFAR-10 is
@@ -334,23 +425,35 @@ def prepare(source: str | os.PathLike | None = None, out: str | os.PathLike | No
     data_root = Path(data_root).expanduser() if data_root is not None else default_data_root()
     if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < 0:
         raise DataError(f"val must be an integer >= 0, got {val!r}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1):
+    if chunk is not None and (
+        isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1
+    ):
         raise DataError(f"chunk must be an integer >= 1, got {chunk!r}")
 
     state = store_state(out)
     if state == "foreign":
-        raise DataError(f"{out}: exists and is not a convpipe store; remove it or choose another --out")
+        raise DataError(
+            f"{out}: exists and is not a convpipe store; remove it or choose another --out"
+        )
     if state == "complete" and not force:
-        from pipeline.data.store import open_store
-
         s = open_store(out)
         have_val = s.splits.get("val")
         if have_val != val or (chunk is not None and s.attrs.get("chunk") != chunk):
-            raise DataError(f"{out}: a complete store with val={have_val}, chunk={s.attrs.get('chunk')} "
-                            f"is already there; --force rebuilds it with val={val}"
-                            + (f", chunk={chunk}" if chunk is not None else ""))
-        return PrepareResult(out, True, dict(s.splits), list(s.class_names), dict(s.attrs.get("source", {})),
-                             time.perf_counter() - t0, dir_size(out), protected=s.protected)
+            raise DataError(
+                f"{out}: a complete store with val={have_val}, chunk={s.attrs.get('chunk')} "
+                f"is already there; --force rebuilds it with val={val}"
+                + (f", chunk={chunk}" if chunk is not None else "")
+            )
+        return PrepareResult(
+            out,
+            True,
+            dict(s.splits),
+            list(s.class_names),
+            dict(s.attrs.get("source", {})),
+            time.perf_counter() - t0,
+            dir_size(out),
+            protected=s.protected,
+        )
     chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
     val = int(val)
 
@@ -359,9 +462,20 @@ def prepare(source: str | os.PathLike | None = None, out: str | os.PathLike | No
     partial, staging = _leftover(out, "partial"), _leftover(out, "staging")
     try:
         src = _resolve(source, data_root, verify, progress)
-        result = _run(src, out, partial, staging, val=val, chunk=chunk, verify=verify,
-                      scheduler=scheduler, workers=workers, processes=processes, client=client,
-                      progress=progress)
+        result = _run(
+            src,
+            out,
+            partial,
+            staging,
+            val=val,
+            chunk=chunk,
+            verify=verify,
+            scheduler=scheduler,
+            workers=workers,
+            processes=processes,
+            client=client,
+            progress=progress,
+        )
         _install(partial, out)
     except OSError as exc:
         raise DataError(f"{out}: writing the store failed ({exc.strerror or exc})") from None
@@ -390,10 +504,10 @@ def leftover_owner(out: Path, path: Path) -> tuple[str, Owner | None] | None:
     """(kind, owner) of a folder left beside the store ``out``; owner None for the names
     of older versions (``STORE.<kind>-<pid>-<id>``, no host: nobody can tell whose it is);
     None for anything else."""
-    rest = path.name[len(out.name) + 1:] if path.name.startswith(out.name + ".") else ""
+    rest = path.name[len(out.name) + 1 :] if path.name.startswith(out.name + ".") else ""
     for kind in LEFTOVER_KINDS:
         if rest.startswith(kind + "."):
-            parts = rest[len(kind) + 1:].split(".", 3)
+            parts = rest[len(kind) + 1 :].split(".", 3)
             try:
                 pid, ns = int(parts[0]), int(parts[1])
             except (ValueError, IndexError):
@@ -419,8 +533,13 @@ def _remove_stale(out: Path) -> list[tuple[Path, str]]:
         if owner is None:
             kept.append((p, "left by an older convpipe, which did not record its host"))
         elif not owner.is_local():
-            kept.append((p, f"owned by pid {owner.pid} of host {owner.host} (pid namespace "
-                            f"{owner.namespace}), which cannot be checked from here"))
+            kept.append(
+                (
+                    p,
+                    f"owned by pid {owner.pid} of host {owner.host} (pid namespace "
+                    f"{owner.namespace}), which cannot be checked from here",
+                )
+            )
         elif not owner.alive():
             shutil.rmtree(p, ignore_errors=True)
     return kept
@@ -442,18 +561,28 @@ def _install(partial: Path, out: Path) -> None:
 
 
 def _connect(client, scheduler, workers, processes):
-    import contextlib
 
     if client is not None:
         return contextlib.nullcontext(client)
-    from pipeline.cluster import connect
 
     return connect(scheduler, workers=workers, processes=processes)
 
 
-def _run(src: S.Source, out: Path, partial: Path, staging: Path, *, val, chunk, verify,
-         scheduler, workers, processes, client, progress) -> PrepareResult:
-    from pipeline.cluster import worker_addresses
+def _run(
+    src: S.Source,
+    out: Path,
+    partial: Path,
+    staging: Path,
+    *,
+    val,
+    chunk,
+    verify,
+    scheduler,
+    workers,
+    processes,
+    client,
+    progress,
+) -> PrepareResult:
 
     staging.mkdir(parents=True)
     if src.kind == "cifar-archive" and verify:
@@ -465,13 +594,18 @@ def _run(src: S.Source, out: Path, partial: Path, staging: Path, *, val, chunk, 
         if src.kind == "image-folder":
             planned = pool.submit(S.list_image_folder, src, progress)
         else:
-            planned = pool.submit(_plan_cifar, src, staging, verify, progress,
-                                  lambda name, path: staged.put((name, path)))
+            planned = pool.submit(
+                _plan_cifar,
+                src,
+                staging,
+                verify,
+                progress,
+                lambda name, path: staged.put((name, path)),
+            )
         with _connect(client, scheduler, workers, processes) as cl:
             abort = staging / "ABORT"
             # workers import zarr and Pillow while the source is read
-            warm = [cl.submit(_warm_up, w, workers=[w], pure=False)
-                    for w in worker_addresses(cl)]
+            warm = [cl.submit(_warm_up, w, workers=[w], pure=False) for w in worker_addresses(cl)]
             if src.kind == "image-folder":
                 plan = planned.result()
                 del warm
@@ -480,8 +614,15 @@ def _run(src: S.Source, out: Path, partial: Path, staging: Path, *, val, chunk, 
 
             def submit_stage(name, path, display, remove):
                 if name in (*S.TRAIN_BATCHES, S.TEST_BATCH) and name not in stage_futures:
-                    stage_futures[name] = cl.submit(_stage_batch, str(abort), str(path), display,
-                                                    str(staging / f"{name}.npy"), remove, pure=False)
+                    stage_futures[name] = cl.submit(
+                        _stage_batch,
+                        str(abort),
+                        str(path),
+                        display,
+                        str(staging / f"{name}.npy"),
+                        remove,
+                        pure=False,
+                    )
 
             while not (planned.done() and staged.empty()):
                 try:
@@ -493,7 +634,6 @@ def _run(src: S.Source, out: Path, partial: Path, staging: Path, *, val, chunk, 
                 plan = planned.result()
             except BaseException:
                 abort.touch()
-                from distributed import wait
 
                 wait(list(stage_futures.values()), timeout=60)  # no task writes after we return
                 raise
@@ -501,14 +641,15 @@ def _run(src: S.Source, out: Path, partial: Path, staging: Path, *, val, chunk, 
             for name in (*S.TRAIN_BATCHES, S.TEST_BATCH):  # a folder source: nothing staged yet
                 submit_stage(name, files[name], names[name], False)
             del warm
-            return _run_cifar(cl, src, plan, stage_futures, out, partial, staging, val, chunk, progress)
+            return _run_cifar(
+                cl, src, plan, stage_futures, out, partial, staging, val, chunk, progress
+            )
 
 
 def _collect(futures, abort_flag: Path, on_done=None) -> list:
     """Results of guarded tasks in submission order, calling ``on_done(result)`` as each
     finishes. On the first error the job is aborted (queued tasks return at once) and, once
     no task is still running, that error is raised: nothing writes to the store after this."""
-    from distributed import as_completed, wait
 
     error: BaseException | None = None
     try:
@@ -532,14 +673,21 @@ def _collect(futures, abort_flag: Path, on_done=None) -> list:
 
 
 def _base_attrs(out: Path, class_names, sizes, chunk, source_attrs, order) -> dict:
-    from pipeline import __version__
 
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "class_names": list(class_names),
-        "splits": dict(sizes), "chunk": chunk, "image_shape": list(IMAGE_SHAPE), "layout": "NCHW",
-        "labels_dtype": str(labels_dtype(len(class_names))), "source": source_attrs, "order": order,
-        "shuffle_seed": SHUFFLE_SEED, "store_id": uuid.uuid4().hex,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "class_names": list(class_names),
+        "splits": dict(sizes),
+        "chunk": chunk,
+        "image_shape": list(IMAGE_SHAPE),
+        "layout": "NCHW",
+        "labels_dtype": str(labels_dtype(len(class_names))),
+        "source": source_attrs,
+        "order": order,
+        "shuffle_seed": SHUFFLE_SEED,
+        "store_id": uuid.uuid4().hex,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "convpipe_version": __version__,
     }
 
@@ -550,7 +698,9 @@ def _split_sizes(n_train_all: int, n_test: int, val: int, label: str) -> dict[st
     return {"train": n_train_all - val, "val": val, "test": n_test}
 
 
-def _run_cifar(client, src, plan, stage_futures, out, partial, staging, val, chunk, progress) -> PrepareResult:
+def _run_cifar(
+    client, src, plan, stage_futures, out, partial, staging, val, chunk, progress
+) -> PrepareResult:
     files, names, source_attrs = plan
     abort = staging / "ABORT"
     order = [*S.TRAIN_BATCHES, S.TEST_BATCH]
@@ -567,15 +717,29 @@ def _run_cifar(client, src, plan, stage_futures, out, partial, staging, val, chu
 
     # the staged files of each split's source [(npy, first row, end row)], and its labels
     train_files = [(npy[b], offsets[i], offsets[i + 1]) for i, b in enumerate(S.TRAIN_BATCHES)]
-    source = {"train": (train_files, np.concatenate([staged[b][1] for b in S.TRAIN_BATCHES])),
-              "test": ([(npy[S.TEST_BATCH], 0, counts[S.TEST_BATCH])], staged[S.TEST_BATCH][1])}
+    source = {
+        "train": (train_files, np.concatenate([staged[b][1] for b in S.TRAIN_BATCHES])),
+        "test": ([(npy[S.TEST_BATCH], 0, counts[S.TEST_BATCH])], staged[S.TEST_BATCH][1]),
+    }
     rows = split_rows(offsets[-1], counts[S.TEST_BATCH], val, shuffle_pool=False)
     futures = []
     for split, r in rows.items():
         files, labels = source["test" if split == "test" else "train"]
         for a, b in _ranges(sizes[split], chunk, TASK_ROWS["cifar"]):
-            futures.append(client.submit(_write_rows, str(abort), str(partial), split, a, files,
-                                         r[a:b], labels[r[a:b]], split == "train", pure=False))
+            futures.append(
+                client.submit(
+                    _write_rows,
+                    str(abort),
+                    str(partial),
+                    split,
+                    a,
+                    files,
+                    r[a:b],
+                    labels[r[a:b]],
+                    split == "train",
+                    pure=False,
+                )
+            )
     total = sum(sizes.values())
     state = {"done": 0, "sum": np.zeros(int(np.prod(IMAGE_SHAPE)), np.int64)}
     if progress:
@@ -591,19 +755,26 @@ def _run_cifar(client, src, plan, stage_futures, out, partial, staging, val, chu
 
     _collect(futures, abort, on_done)
     mean = (state["sum"] / sizes["train"]).reshape(IMAGE_SHAPE)
-    order_attrs = _order_attrs("the last images of the pool data_batch_1..5 in file order "
-                               "(the end of data_batch_5)")
-    finalize_store(partial, _base_attrs(out, class_names, sizes, chunk, source_attrs, order_attrs), mean)
+    order_attrs = _order_attrs(
+        "the last images of the pool data_batch_1..5 in file order (the end of data_batch_5)"
+    )
+    finalize_store(
+        partial, _base_attrs(out, class_names, sizes, chunk, source_attrs, order_attrs), mean
+    )
     return PrepareResult(out, False, sizes, class_names, source_attrs)
 
 
-def _run_images(client, src, listing: S.ImageListing, out, partial, staging, val, chunk, progress) -> PrepareResult:
+def _run_images(
+    client, src, listing: S.ImageListing, out, partial, staging, val, chunk, progress
+) -> PrepareResult:
     label = str(src.path)
     pool, test = listing.items["train"], listing.items["test"]
     sizes = _split_sizes(len(pool), len(test), val, label)
     create_layout(partial, sizes, chunk, len(listing.classes))
     order = split_rows(len(pool), len(test), val, shuffle_pool=True)
-    rows = {split: [(test if split == "test" else pool)[i] for i in r] for split, r in order.items()}
+    rows = {
+        split: [(test if split == "test" else pool)[i] for i in r] for split, r in order.items()
+    }
 
     abort = staging / "ABORT"
     futures = []
@@ -623,8 +794,21 @@ def _run_images(client, src, listing: S.ImageListing, out, partial, staging, val
                 args = (str(pack), offsets, None)
             else:
                 args = (None, None, [str((src.path / r).resolve()) for r in names])
-            futures.append(client.submit(_write_images, str(abort), str(partial), split, a, names,
-                                         labels, *args, label, split == "train", pure=False))
+            futures.append(
+                client.submit(
+                    _write_images,
+                    str(abort),
+                    str(partial),
+                    split,
+                    a,
+                    names,
+                    labels,
+                    *args,
+                    label,
+                    split == "train",
+                    pure=False,
+                )
+            )
     listing.blobs.clear()
     total = sum(sizes.values())
     state = {"done": 0, "sum": np.zeros(int(np.prod(IMAGE_SHAPE)), np.int64)}
@@ -650,7 +834,10 @@ def _run_images(client, src, listing: S.ImageListing, out, partial, staging, val
         md5, md5_of = hashlib.md5(text.encode()).hexdigest(), "md5sum listing of the image files"
     source_attrs = _source_attrs(src, md5, md5_of, False, False)
     mean = (state["sum"] / sizes["train"]).reshape(IMAGE_SHAPE)
-    order_attrs = _order_attrs("the last images of the pool: train/ files sorted by (class, "
-                               "name), shuffled (stream 0)")
-    finalize_store(partial, _base_attrs(out, listing.classes, sizes, chunk, source_attrs, order_attrs), mean)
+    order_attrs = _order_attrs(
+        "the last images of the pool: train/ files sorted by (class, name), shuffled (stream 0)"
+    )
+    finalize_store(
+        partial, _base_attrs(out, listing.classes, sizes, chunk, source_attrs, order_attrs), mean
+    )
     return PrepareResult(out, False, sizes, listing.classes, source_attrs)

@@ -33,9 +33,16 @@ def url_basename(url: str) -> str:
     return name or "download"
 
 
-def download(url: str, dest: str | os.PathLike, *, md5: str | None = None,
-             check: Callable[[Path, str], None] | None = None,
-             progress: Progress | None = None, timeout: float = 60.0, hint: str = "") -> str:
+def download(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    md5: str | None = None,
+    check: Callable[[Path, str], None] | None = None,
+    progress: Progress | None = None,
+    timeout: float = 60.0,
+    hint: str = "",
+) -> str:
     """Download ``url`` to ``dest``; return the file's md5 (hex).
 
     The bytes go to a temporary file in ``dest``'s folder; if ``md5`` is given and differs,
@@ -52,7 +59,9 @@ def download(url: str, dest: str | os.PathLike, *, md5: str | None = None,
         try:
             resp = urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 - scheme checked by caller
         except urllib.error.HTTPError as exc:
-            raise DataError(f"{url}: download failed (HTTP {exc.code} {exc.reason}){more}") from None
+            raise DataError(
+                f"{url}: download failed (HTTP {exc.code} {exc.reason}){more}"
+            ) from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", None) or exc
             raise DataError(f"{url}: download failed ({reason}){more}") from None
@@ -65,7 +74,9 @@ def download(url: str, dest: str | os.PathLike, *, md5: str | None = None,
                 try:
                     block = resp.read(1 << 20)
                 except (OSError, ValueError) as exc:
-                    raise DataError(f"{url}: download interrupted after {done} bytes ({exc}){more}") from None
+                    raise DataError(
+                        f"{url}: download interrupted after {done} bytes ({exc}){more}"
+                    ) from None
                 if not block:
                     break
                 out.write(block)
@@ -74,10 +85,14 @@ def download(url: str, dest: str | os.PathLike, *, md5: str | None = None,
                 if progress:
                     progress("download", done, total)
         if total and done != total:
-            raise DataError(f"{url}: download truncated ({done} of {total} bytes); nothing was saved{more}")
+            raise DataError(
+                f"{url}: download truncated ({done} of {total} bytes); nothing was saved{more}"
+            )
         got = digest.hexdigest()
         if md5 is not None and got != md5:
-            raise DataError(f"{url}: downloaded file has md5 {got}, expected {md5}; nothing was saved")
+            raise DataError(
+                f"{url}: downloaded file has md5 {got}, expected {md5}; nothing was saved"
+            )
         if check is not None:
             check(tmp, got)
         os.replace(tmp, dest)
@@ -87,4 +102,3 @@ def download(url: str, dest: str | os.PathLike, *, md5: str | None = None,
     finally:
         if tmp.exists():
             tmp.unlink()
-

@@ -13,8 +13,17 @@ from pathlib import Path
 
 from pipeline.errors import DataError
 
-__all__ = ["DATA_ENV", "DEFAULT_DATA_ROOT", "STORE_NAME", "DEFAULT_STORE", "data_root",
-           "default_store", "store_candidates", "find_store", "OFFLINE_HINT"]
+__all__ = [
+    "DATA_ENV",
+    "DEFAULT_DATA_ROOT",
+    "STORE_NAME",
+    "DEFAULT_STORE",
+    "data_root",
+    "default_store",
+    "store_candidates",
+    "find_store",
+    "OFFLINE_HINT",
+]
 
 DATA_ENV = "CONVPIPE_DATA"
 DEFAULT_DATA_ROOT = "data"
@@ -22,8 +31,10 @@ STORE_NAME = "cifar10.zarr"
 #: the store ``convpipe data prepare`` writes when neither --out nor $CONVPIPE_DATA is given
 DEFAULT_STORE = os.path.join(DEFAULT_DATA_ROOT, STORE_NAME)
 #: how to build a store without network access (appended to errors)
-OFFLINE_HINT = ("offline, prepare it from a local copy with `convpipe data prepare --source PATH` "
-                "(PATH: cifar-10-python.tar.gz, a cifar-10-batches-py/ folder or an image folder)")
+OFFLINE_HINT = (
+    "offline, prepare it from a local copy with `convpipe data prepare --source PATH` "
+    "(PATH: cifar-10-python.tar.gz, a cifar-10-batches-py/ folder or an image folder)"
+)
 
 
 def data_root() -> Path:
@@ -66,6 +77,8 @@ def find_store() -> Path:
     where = ", ".join(str(p) for p in tried)
     env = os.environ.get(DATA_ENV, "").strip()
     root = f"${DATA_ENV}={env}" if env else f"${DATA_ENV} is not set"
-    raise DataError(f"no CIFAR-10 store found (looked for {where}; {root}); make one with "
-                    f"`convpipe data prepare` (downloads CIFAR-10) or, {OFFLINE_HINT}; "
-                    f"or set {DATA_ENV} to the folder that holds {STORE_NAME}")
+    raise DataError(
+        f"no CIFAR-10 store found (looked for {where}; {root}); make one with "
+        f"`convpipe data prepare` (downloads CIFAR-10) or, {OFFLINE_HINT}; "
+        f"or set {DATA_ENV} to the folder that holds {STORE_NAME}"
+    )

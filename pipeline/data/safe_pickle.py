@@ -55,7 +55,9 @@ def _plain_dtype(dtype: Any) -> np.dtype:
 
 def _reconstruct(subtype, shape, dtype_code):
     if subtype is not np.ndarray:
-        raise _Refused(f"an array of type {getattr(subtype, '__name__', subtype)!r}, not numpy.ndarray")
+        raise _Refused(
+            f"an array of type {getattr(subtype, '__name__', subtype)!r}, not numpy.ndarray"
+        )
     # an empty array whatever shape the pickle names: __setstate__ gives shape, dtype and data
     return np.ndarray.__new__(np.ndarray, (0,), np.uint8)
 
@@ -157,14 +159,26 @@ def loads_pickle(data: bytes, name: str, *, encoding: str = "bytes") -> Any:
             f"{name}: refused to load this pickle: {exc}, which a CIFAR-10 batch never "
             "contains (the file may be malicious; nothing in it was run)"
         ) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
-            KeyError, AttributeError, OverflowError, MemoryError, UnicodeError) as exc:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        OverflowError,
+        MemoryError,
+        UnicodeError,
+    ) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{name}: corrupt or truncated pickle ({reason})") from None
     return obj
 
 
-def load_pickle(path: str | os.PathLike, *, encoding: str = "bytes", name: str | None = None) -> Any:
+def load_pickle(
+    path: str | os.PathLike, *, encoding: str = "bytes", name: str | None = None
+) -> Any:
     """Load the pickle file at ``path`` with the restricted unpickler (see :func:`loads_pickle`)."""
     label = name or os.fspath(path)
     try:

@@ -12,6 +12,7 @@ Kinds of source:
 
 from __future__ import annotations
 
+import bz2
 import hashlib
 import io
 import lzma
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.data.safe_pickle import load_pickle, str_keys
 from pipeline.errors import DataError
@@ -52,13 +54,14 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class Source:
-    kind: str        # "cifar-archive" | "cifar-batches" | "image-folder"
+    kind: str  # "cifar-archive" | "cifar-batches" | "image-folder"
     path: Path
-    container: str   # "tar" | "dir"
+    container: str  # "tar" | "dir"
     prefix: str = ""  # image-folder tar: the top folder ("" or "name/")
 
 
 # ------------------------------------------------------------------------------ finding
+
 
 def keras_datasets_dir() -> Path:
     base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
@@ -70,13 +73,13 @@ def search_paths(data_root: str | os.PathLike = "data") -> list[Path]:
     root = Path(data_root)
     keras = keras_datasets_dir()
     return [
-        root / BATCHES_DIR,                          # torchvision root=data, extracted
-        root / ARCHIVE_NAME,                         # torchvision root=data, archive
+        root / BATCHES_DIR,  # torchvision root=data, extracted
+        root / ARCHIVE_NAME,  # torchvision root=data, archive
         root / "cifar10" / BATCHES_DIR,
         root / "cifar10" / ARCHIVE_NAME,
-        keras / BATCHES_DIR,                         # Keras 2
+        keras / BATCHES_DIR,  # Keras 2
         keras / "cifar-10-batches-py-target" / BATCHES_DIR,  # Keras 3
-        keras / "cifar-10-batches-py.tar.gz",        # Keras 2 archive
+        keras / "cifar-10-batches-py.tar.gz",  # Keras 2 archive
         keras / "cifar-10-batches-py-target_archive",  # Keras 3 archive (a tar.gz)
     ]
 
@@ -92,6 +95,7 @@ def find_cifar10(data_root: str | os.PathLike = "data") -> Path | None:
 
 
 # ------------------------------------------------------------------------------ classifying
+
 
 def _tar_error(path, exc) -> DataError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -113,13 +117,17 @@ def classify(path: str | os.PathLike) -> Source:
             return Source("cifar-batches", p / BATCHES_DIR, "dir")
         if (p / "train").is_dir() or (p / "test").is_dir():
             return Source("image-folder", p, "dir")
-        raise DataError(f"{p}: neither a {BATCHES_DIR}/ folder (data_batch_1..5, test_batch, "
-                        "batches.meta) nor an image folder (train/<class>/*, test/<class>/*)")
+        raise DataError(
+            f"{p}: neither a {BATCHES_DIR}/ folder (data_batch_1..5, test_batch, "
+            "batches.meta) nor an image folder (train/<class>/*, test/<class>/*)"
+        )
     with open(p, "rb") as f:
         head = f.read(512)
     if head[:1] == b"\x80" or head[:1] == b"(":
-        raise DataError(f"{p}: a single pickle, not a source; give the {BATCHES_DIR}/ folder "
-                        "that holds all the batches")
+        raise DataError(
+            f"{p}: a single pickle, not a source; give the {BATCHES_DIR}/ folder "
+            "that holds all the batches"
+        )
     try:
         with tarfile.open(p, "r:*") as tar:
             # stop at the first member that tells (skipping a member means decompressing it)
@@ -127,21 +135,29 @@ def classify(path: str | os.PathLike) -> Source:
             for m in tar:
                 names.append(m.name)
                 parts = _norm(m.name).split("/")
-                if BATCHES_DIR in parts or _image_tar_prefix([m.name]) is not None or len(names) >= 64:
+                if (
+                    BATCHES_DIR in parts
+                    or _image_tar_prefix([m.name]) is not None
+                    or len(names) >= 64
+                ):
                     break
     except _TAR_ERRORS as exc:
         if head[:2] == b"\x1f\x8b" or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
             raise _tar_error(p, exc) from None
-        raise DataError(f"{p}: not a tar archive or a folder (expected {ARCHIVE_NAME}, "
-                        f"a {BATCHES_DIR}/ folder or an image folder)") from None
+        raise DataError(
+            f"{p}: not a tar archive or a folder (expected {ARCHIVE_NAME}, "
+            f"a {BATCHES_DIR}/ folder or an image folder)"
+        ) from None
     if not names:
         raise DataError(f"{p}: empty archive")
     if any(BATCHES_DIR in n.split("/") for n in names):
         return Source("cifar-archive", p, "tar")
     prefix = _image_tar_prefix(names)
     if prefix is None:
-        raise DataError(f"{p}: neither the CIFAR-10 archive ({BATCHES_DIR}/...) nor an image "
-                        "folder archive (train/<class>/*, test/<class>/*)")
+        raise DataError(
+            f"{p}: neither the CIFAR-10 archive ({BATCHES_DIR}/...) nor an image "
+            "folder archive (train/<class>/*, test/<class>/*)"
+        )
     return Source("image-folder", p, "tar", prefix)
 
 
@@ -161,11 +177,18 @@ def _image_tar_prefix(names: list[str]) -> str | None:
 
 # ------------------------------------------------------------------------------ CIFAR batches
 
+
 class _HashingReader(io.RawIOBase):
     """Reads a file, feeding an md5 and a progress callback."""
 
     def __init__(self, f, progress: Progress | None, total: int):
-        self.f, self.md5, self.done, self.total, self.progress = f, hashlib.md5(), 0, total, progress
+        self.f, self.md5, self.done, self.total, self.progress = (
+            f,
+            hashlib.md5(),
+            0,
+            total,
+            progress,
+        )
 
     def readable(self):
         return True
@@ -184,8 +207,12 @@ class _HashingReader(io.RawIOBase):
         return self.md5.hexdigest()
 
 
-def extract_cifar_archive(path: Path, staging: Path, progress: Progress | None = None,
-                          on_file: Callable[[str, Path], None] | None = None) -> tuple[str, dict[str, Path]]:
+def extract_cifar_archive(
+    path: Path,
+    staging: Path,
+    progress: Progress | None = None,
+    on_file: Callable[[str, Path], None] | None = None,
+) -> tuple[str, dict[str, Path]]:
     """Read the archive once, writing its batches into ``staging``; return (md5 of the
     archive file, {batch name: staged path}). ``on_file(name, path)`` is called as each file
     is staged. Missing batches are reported by the caller."""
@@ -221,10 +248,15 @@ def extract_cifar_archive(path: Path, staging: Path, progress: Progress | None =
     return md5, staged
 
 
-def batch_files(folder: Path, staged: dict[str, Path] | None = None, label: str | None = None) -> dict[str, Path]:
+def batch_files(
+    folder: Path, staged: dict[str, Path] | None = None, label: str | None = None
+) -> dict[str, Path]:
     """{name: path} of the six batches and batches.meta; DataError naming a missing one."""
-    found = dict(staged) if staged is not None else {
-        n: folder / n for n in (*TRAIN_BATCHES, TEST_BATCH, META) if (folder / n).is_file()}
+    found = (
+        dict(staged)
+        if staged is not None
+        else {n: folder / n for n in (*TRAIN_BATCHES, TEST_BATCH, META) if (folder / n).is_file()}
+    )
     for n in (*TRAIN_BATCHES, TEST_BATCH, META):
         if n not in found:
             raise DataError(f"{label or folder}: missing batch {BATCHES_DIR}/{n}")
@@ -245,7 +277,11 @@ def read_meta(path: Path, name: str) -> list[str]:
     if not isinstance(d, dict):
         raise DataError(f"{name}: expected a dict with 'label_names', got {type(d).__name__}")
     names = str_keys(d).get("label_names")
-    if not isinstance(names, list) or not names or not all(isinstance(n, (str, bytes)) for n in names):
+    if (
+        not isinstance(names, list)
+        or not names
+        or not all(isinstance(n, (str, bytes)) for n in names)
+    ):
         raise DataError(f"{name}: 'label_names' is missing or not a list of names")
     return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 
@@ -268,8 +304,10 @@ def check_batch(d, name: str, n_classes: int | None) -> tuple[np.ndarray, np.nda
     if not isinstance(data, np.ndarray) or data.ndim != 2:
         raise DataError(f"{name}: 'data' is not a 2-D array of images (one row per image)")
     if data.shape[1] != PIXELS:
-        raise DataError(f"{name}: wrong image size: rows of {data.shape[1]} values, expected "
-                        f"{PIXELS} (3 x 32 x 32)")
+        raise DataError(
+            f"{name}: wrong image size: rows of {data.shape[1]} values, expected "
+            f"{PIXELS} (3 x 32 x 32)"
+        )
     if data.dtype != np.uint8:
         raise DataError(f"{name}: 'data' has dtype {data.dtype}, expected uint8")
     try:
@@ -289,11 +327,14 @@ def check_labels(y: np.ndarray, name: str, n_classes: int) -> None:
     if y.size:
         bad = np.flatnonzero((y < 0) | (y >= n_classes))
         if bad.size:
-            raise DataError(f"{name}: label {int(y[bad[0]])} of image {int(bad[0])} out of range "
-                            f"0..{n_classes - 1}")
+            raise DataError(
+                f"{name}: label {int(y[bad[0]])} of image {int(bad[0])} out of range "
+                f"0..{n_classes - 1}"
+            )
 
 
 # ------------------------------------------------------------------------------ image folders
+
 
 @dataclass
 class ImageListing:
@@ -318,7 +359,9 @@ def _check_image_name(label: str, rel: str) -> bool:
 def _finish_listing(label: str, found: dict[str, dict[str, list[str]]]) -> tuple[list[str], dict]:
     for split in ("train", "test"):
         if split not in found:
-            raise DataError(f"{label}: no {split}/ folder (expected train/<class>/* and test/<class>/*)")
+            raise DataError(
+                f"{label}: no {split}/ folder (expected train/<class>/* and test/<class>/*)"
+            )
         for cls, files in found[split].items():
             if not files:
                 raise DataError(f"{label}: empty class {split}/{cls}/ (no JPEG or PNG images)")
@@ -328,19 +371,26 @@ def _finish_listing(label: str, found: dict[str, dict[str, list[str]]]) -> tuple
     if sorted(found["test"]) != classes:
         only_train = sorted(set(classes) - set(found["test"]))
         only_test = sorted(set(found["test"]) - set(classes))
-        what = (f"classes only in train/: {', '.join(only_train)}" if only_train else "") + \
-               ("; " if only_train and only_test else "") + \
-               (f"classes only in test/: {', '.join(only_test)}" if only_test else "")
+        what = (
+            (f"classes only in train/: {', '.join(only_train)}" if only_train else "")
+            + ("; " if only_train and only_test else "")
+            + (f"classes only in test/: {', '.join(only_test)}" if only_test else "")
+        )
         raise DataError(f"{label}: train/ and test/ have different classes ({what})")
-    items = {split: [(f"{split}/{cls}/{f}", i) for i, cls in enumerate(classes)
-                     for f in sorted(found[split][cls])] for split in ("train", "test")}
+    items = {
+        split: [
+            (f"{split}/{cls}/{f}", i)
+            for i, cls in enumerate(classes)
+            for f in sorted(found[split][cls])
+        ]
+        for split in ("train", "test")
+    }
     return classes, items
 
 
 def _open_tar_in_memory(path: Path, progress: Progress | None):
     """(md5 of the file, the uncompressed tar bytes, a TarFile over them): one decompression
     in C, then member headers parsed from memory (many small members read fast this way)."""
-    import bz2
 
     with open(path, "rb") as f:
         raw = f.read()
@@ -378,8 +428,10 @@ def list_image_folder(src: Source, progress: Progress | None = None) -> ImageLis
                 if entry.name.startswith("."):
                     continue
                 if not entry.is_dir():
-                    raise DataError(f"{label}: {split}/{entry.name} is not a class folder "
-                                    f"(expected {split}/<class>/<image>)")
+                    raise DataError(
+                        f"{label}: {split}/{entry.name} is not a class folder "
+                        f"(expected {split}/<class>/<image>)"
+                    )
                 files = found[split][entry.name] = []
                 for f in os.scandir(entry.path):
                     rel = f"{split}/{entry.name}/{f.name}"
@@ -398,7 +450,7 @@ def list_image_folder(src: Source, progress: Progress | None = None) -> ImageLis
                     if src.prefix:
                         if not name.startswith(src.prefix):
                             continue
-                        name = name[len(src.prefix):]
+                        name = name[len(src.prefix) :]
                     parts = name.split("/")
                     if parts[0] not in ("train", "test") or len(parts) == 1:
                         continue
@@ -410,8 +462,10 @@ def list_image_folder(src: Source, progress: Progress | None = None) -> ImageLis
                         if m.isdir():
                             found[split].setdefault(parts[1], [])
                             continue
-                        raise DataError(f"{label}: {name} is not in a class folder "
-                                        f"(expected {split}/<class>/<image>)")
+                        raise DataError(
+                            f"{label}: {name} is not in a class folder "
+                            f"(expected {split}/<class>/<image>)"
+                        )
                     if len(parts) > 3:
                         raise DataError(f"{label}: {name} is nested inside a class folder")
                     if m.isdir():
@@ -420,8 +474,10 @@ def list_image_folder(src: Source, progress: Progress | None = None) -> ImageLis
                     if not m.isfile() or not _check_image_name(label, name):
                         continue
                     if m.offset_data + m.size > len(data):
-                        raise DataError(f"{label}: truncated or corrupt archive ({m.name} is short)")
-                    blobs[name] = data[m.offset_data:m.offset_data + m.size]
+                        raise DataError(
+                            f"{label}: truncated or corrupt archive ({m.name} is short)"
+                        )
+                    blobs[name] = data[m.offset_data : m.offset_data + m.size]
                     files.append(parts[2])
         except DataError:
             raise
@@ -433,15 +489,16 @@ def list_image_folder(src: Source, progress: Progress | None = None) -> ImageLis
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode one JPEG/PNG to uint8 (3, 32, 32); DataError naming ``name`` otherwise."""
-    from PIL import Image, UnidentifiedImageError
 
     try:
         img = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
     except (UnidentifiedImageError, OSError, ValueError):
         raise DataError(f"{name}: not a JPEG or PNG image (cannot decode it)") from None
     if img.size != (32, 32):
-        raise DataError(f"{name}: wrong image size {img.size[0]}x{img.size[1]}, expected 32x32 "
-                        "(all images must be 32x32)")
+        raise DataError(
+            f"{name}: wrong image size {img.size[0]}x{img.size[1]}, expected 32x32 "
+            "(all images must be 32x32)"
+        )
     try:
         arr = np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, ValueError, SyntaxError) as exc:

@@ -39,13 +39,27 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.errors import DataError
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "SPLITS", "IMAGE_SHAPE", "CifarStore",
-    "open_store", "store_state", "create_layout", "write_block", "finalize_store", "clear_cache",
-    "verify_store", "VerifyReport", "ChunkDamage",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "READABLE_VERSIONS",
+    "SPLITS",
+    "IMAGE_SHAPE",
+    "CifarStore",
+    "open_store",
+    "store_state",
+    "create_layout",
+    "write_block",
+    "finalize_store",
+    "clear_cache",
+    "verify_store",
+    "VerifyReport",
+    "ChunkDamage",
 ]
 
 FORMAT = "convpipe.cifar"
@@ -63,9 +77,10 @@ def _codecs(checksum: bool, compress: bool = True) -> tuple:
     """Bytes-to-bytes codecs of an array: bit-shuffled Blosc zstd level 1 (small and fast
     both ways on CIFAR images), then the crc32c of the compressed chunk, which is checked
     before anything is decompressed."""
-    from zarr.codecs import BloscCodec, Crc32cCodec
 
-    blosc = (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=1),) if compress else ()
+    blosc = (
+        (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=1),) if compress else ()
+    )
     return (*blosc, Crc32cCodec()) if checksum else blosc
 
 
@@ -75,52 +90,76 @@ def labels_dtype(n_classes: int) -> np.dtype:
 
 # --------------------------------------------------------------------------------- writer
 
-def create_layout(path: str | os.PathLike, sizes: dict[str, int], chunk: int, n_classes: int,
-                  *, checksum: bool = True) -> None:
+
+def create_layout(
+    path: str | os.PathLike,
+    sizes: dict[str, int],
+    chunk: int,
+    n_classes: int,
+    *,
+    checksum: bool = True,
+) -> None:
     """Create the group and the empty split arrays at ``path`` (attributes come last).
 
     ``checksum=False`` writes the unprotected layout of format version 1 (for tests of old
     stores and for measuring what the checksum costs).
     """
-    import zarr
 
     root = zarr.create_group(store=os.fspath(path), zarr_format=3, overwrite=True)
     ldt = labels_dtype(n_classes)
     for split, n in sizes.items():
         c = max(1, min(chunk, n))
-        root.create_array(f"{split}/images", shape=(n, *IMAGE_SHAPE), chunks=(c, *IMAGE_SHAPE),
-                          dtype=np.uint8, compressors=_codecs(checksum), fill_value=0)
-        root.create_array(f"{split}/labels", shape=(n,), chunks=(c,), dtype=ldt,
-                          compressors=_codecs(checksum), fill_value=0)
+        root.create_array(
+            f"{split}/images",
+            shape=(n, *IMAGE_SHAPE),
+            chunks=(c, *IMAGE_SHAPE),
+            dtype=np.uint8,
+            compressors=_codecs(checksum),
+            fill_value=0,
+        )
+        root.create_array(
+            f"{split}/labels",
+            shape=(n,),
+            chunks=(c,),
+            dtype=ldt,
+            compressors=_codecs(checksum),
+            fill_value=0,
+        )
 
 
-def write_block(path: str | os.PathLike, split: str, start: int, images: np.ndarray,
-                labels: np.ndarray) -> None:
+def write_block(
+    path: str | os.PathLike, split: str, start: int, images: np.ndarray, labels: np.ndarray
+) -> None:
     """Write ``images`` (n, 3, 32, 32) uint8 and ``labels`` (n,) at rows ``start:start+n``.
 
     The caller keeps ``start`` (and ``start + n``, unless it is the end of the split)
     chunk-aligned, so that no two writers touch one chunk. Chunks of zeros are written
     too, so that a missing chunk file always means damage.
     """
-    import zarr
 
     n = len(images)
     img = zarr.open_array(store=os.path.join(os.fspath(path), split, "images"), mode="r+")
     lab = zarr.open_array(store=os.path.join(os.fspath(path), split, "labels"), mode="r+")
     img = img.with_config({"write_empty_chunks": True})
     lab = lab.with_config({"write_empty_chunks": True})
-    img[start:start + n] = images
-    lab[start:start + n] = labels.astype(lab.dtype, copy=False)
+    img[start : start + n] = images
+    lab[start : start + n] = labels.astype(lab.dtype, copy=False)
 
 
-def finalize_store(path: str | os.PathLike, attrs: dict[str, Any], mean_image: np.ndarray,
-                   *, checksum: bool = True) -> None:
+def finalize_store(
+    path: str | os.PathLike, attrs: dict[str, Any], mean_image: np.ndarray, *, checksum: bool = True
+) -> None:
     """Write the mean image, then the attributes with ``complete: true`` (last)."""
-    import zarr
 
     root = zarr.open_group(store=os.fspath(path), mode="r+")
-    arr = root.create_array(MEAN_ARRAY, shape=IMAGE_SHAPE, chunks=IMAGE_SHAPE, dtype=np.float32,
-                            compressors=_codecs(checksum, compress=False), fill_value=0.0)
+    arr = root.create_array(
+        MEAN_ARRAY,
+        shape=IMAGE_SHAPE,
+        chunks=IMAGE_SHAPE,
+        dtype=np.float32,
+        compressors=_codecs(checksum, compress=False),
+        fill_value=0.0,
+    )
     arr.with_config({"write_empty_chunks": True})[...] = mean_image.astype(np.float32)
     root.attrs.update({**attrs, "mean_image": MEAN_ARRAY})
     root.attrs.update({"complete": True})
@@ -150,6 +189,7 @@ def store_state(path: str | os.PathLike) -> str:
 
 # --------------------------------------------------------------------------------- chunks
 
+
 @dataclass(frozen=True)
 class ChunkDamage:
     """One damaged chunk: ``split`` ("" for the mean image), ``array`` ("images", "labels"
@@ -167,20 +207,34 @@ class ChunkDamage:
         if not self.split:
             return f"{self.array} (file {self.file}): {self.reason}"
         lo, hi = self.rows
-        return (f"split {self.split!r}, {self.array} chunk {self.index} (rows {lo}-{hi - 1}, "
-                f"file {self.file}): {self.reason}")
+        return (
+            f"split {self.split!r}, {self.array} chunk {self.index} (rows {lo}-{hi - 1}, "
+            f"file {self.file}): {self.reason}"
+        )
 
     def message(self, store: str) -> str:
         return f"{store}: damaged chunk: {self.describe()}; {REBUILD}"
 
     def to_dict(self) -> dict:
-        return {"split": self.split, "array": self.array, "index": self.index,
-                "rows": list(self.rows), "file": self.file, "reason": self.reason}
+        return {
+            "split": self.split,
+            "array": self.array,
+            "index": self.index,
+            "rows": list(self.rows),
+            "file": self.file,
+            "reason": self.reason,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ChunkDamage":
-        return cls(str(d["split"]), str(d["array"]), int(d["index"]),
-                   (int(d["rows"][0]), int(d["rows"][1])), str(d["file"]), str(d["reason"]))
+    def from_dict(cls, d: dict) -> ChunkDamage:
+        return cls(
+            str(d["split"]),
+            str(d["array"]),
+            int(d["index"]),
+            (int(d["rows"][0]), int(d["rows"][1])),
+            str(d["file"]),
+            str(d["reason"]),
+        )
 
 
 def _has_checksum(arr) -> bool:
@@ -218,7 +272,9 @@ class _Array:
 
     def file(self, k: int) -> str:
         key = self.arr.metadata.encode_chunk_key((k,) + (0,) * (self.arr.ndim - 1))
-        return os.path.join(self.split, self.name, key) if self.split else os.path.join(self.name, key)
+        return (
+            os.path.join(self.split, self.name, key) if self.split else os.path.join(self.name, key)
+        )
 
     def damage(self, k: int, reason: str) -> ChunkDamage:
         return ChunkDamage(self.split, self.name, k, self.rows(k), self.file(k), reason)
@@ -240,7 +296,9 @@ class _Array:
             if d is not None:
                 return DataError(d.message(self.store))
         what = f"{self.split}/{self.name}" if self.split else self.name
-        return DataError(f"{self.store}: cannot read {what} ({type(exc).__name__}: {exc}); {REBUILD}")
+        return DataError(
+            f"{self.store}: cannot read {what} ({type(exc).__name__}: {exc}); {REBUILD}"
+        )
 
     def _present(self, chunks) -> None:
         if self.protected:
@@ -284,13 +342,23 @@ class VerifyReport:
         return not self.damaged
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "version": self.version, "protected": self.protected,
-                "n_chunks": self.n_chunks, "damaged": [d.to_dict() for d in self.damaged]}
+        return {
+            "path": self.path,
+            "version": self.version,
+            "protected": self.protected,
+            "n_chunks": self.n_chunks,
+            "damaged": [d.to_dict() for d in self.damaged],
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VerifyReport":
-        return cls(str(d["path"]), int(d["version"]), bool(d["protected"]), int(d["n_chunks"]),
-                   tuple(ChunkDamage.from_dict(x) for x in d["damaged"]))
+    def from_dict(cls, d: dict) -> VerifyReport:
+        return cls(
+            str(d["path"]),
+            int(d["version"]),
+            bool(d["protected"]),
+            int(d["n_chunks"]),
+            tuple(ChunkDamage.from_dict(x) for x in d["damaged"]),
+        )
 
 
 def verify_store(path: str | os.PathLike) -> VerifyReport:
@@ -303,11 +371,17 @@ def verify_store(path: str | os.PathLike) -> VerifyReport:
     arrays = [_Array(p, split, name) for split in splits for name in ("images", "labels")]
     arrays.append(_Array(p, "", MEAN_ARRAY))
     damaged = [d for a in arrays for k in range(a.n_chunks) if (d := a.check(k)) is not None]
-    return VerifyReport(p, int(attrs["format_version"]), all(a.protected for a in arrays),
-                        sum(a.n_chunks for a in arrays), tuple(damaged))
+    return VerifyReport(
+        p,
+        int(attrs["format_version"]),
+        all(a.protected for a in arrays),
+        sum(a.n_chunks for a in arrays),
+        tuple(damaged),
+    )
 
 
 # --------------------------------------------------------------------------------- reader
+
 
 @dataclass
 class _Meta:
@@ -371,7 +445,6 @@ def _stamp(path: str) -> tuple:
 
 
 def _open_array(path: str, split: str, name: str):
-    import zarr
 
     try:
         return zarr.open_array(store=os.path.join(path, split, name), mode="r")
@@ -384,19 +457,27 @@ def _checked_attrs(path: str) -> dict:
     """The attributes of a complete store of a readable version; DataError otherwise."""
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{path}: no data store here (create it with `convpipe data prepare --out {path}`)")
+        raise DataError(
+            f"{path}: no data store here (create it with `convpipe data prepare --out {path}`)"
+        )
     state = store_state(p)
     if state == "foreign":
-        raise DataError(f"{path}: not a convpipe CIFAR store (no Zarr v3 group with format {FORMAT!r})")
+        raise DataError(
+            f"{path}: not a convpipe CIFAR store (no Zarr v3 group with format {FORMAT!r})"
+        )
     if state == "incomplete":
-        raise DataError(f"{path}: incomplete store (its conversion did not finish); "
-                        "rerun `convpipe data prepare`")
+        raise DataError(
+            f"{path}: incomplete store (its conversion did not finish); "
+            "rerun `convpipe data prepare`"
+        )
     attrs = json.loads((p / "zarr.json").read_text()).get("attributes", {})
     version = attrs.get("format_version")
     if version not in READABLE_VERSIONS:
-        raise DataError(f"{path}: store format version {version}, this convpipe reads versions "
-                        f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild it with "
-                        "`convpipe data prepare --force`")
+        raise DataError(
+            f"{path}: store format version {version}, this convpipe reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild it with "
+            "`convpipe data prepare --force`"
+        )
     return attrs
 
 
@@ -420,8 +501,10 @@ def _load_meta(path: str) -> _Meta:
         img = _Array(path, split, "images")
         lab = _Array(path, split, "labels")
         if img.arr.shape != (n, *IMAGE_SHAPE) or img.arr.dtype != np.uint8 or lab.arr.shape != (n,):
-            raise DataError(f"{path}: split {split!r} has images {img.arr.shape} {img.arr.dtype} and "
-                            f"labels {lab.arr.shape}, expected ({n}, 3, 32, 32) uint8 and ({n},)")
+            raise DataError(
+                f"{path}: split {split!r} has images {img.arr.shape} {img.arr.dtype} and "
+                f"labels {lab.arr.shape}, expected ({n}, 3, 32, 32) uint8 and ({n},)"
+            )
         chunks[split] = img.chunk
         protected = protected and img.protected and lab.protected
     mean_arr = _Array(path, "", MEAN_ARRAY)
@@ -430,7 +513,9 @@ def _load_meta(path: str) -> _Meta:
         raise DataError(f"{path}: mean_image has shape {mean.shape}, expected {IMAGE_SHAPE}")
     mean = np.ascontiguousarray(mean, dtype=np.float32)
     mean.setflags(write=False)
-    return _Meta(path, stamp, attrs, splits, class_names, mean, chunks, protected and mean_arr.protected)
+    return _Meta(
+        path, stamp, attrs, splits, class_names, mean, chunks, protected and mean_arr.protected
+    )
 
 
 def _meta(path: str) -> _Meta:
@@ -489,11 +574,15 @@ class CifarStore:
             return np.arange(n, dtype=np.int64)[indices]
         idx = np.asarray(indices)
         if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-            raise ValueError(f"indices must be a 1-D array of integers, got {idx.dtype} {idx.shape}")
+            raise ValueError(
+                f"indices must be a 1-D array of integers, got {idx.dtype} {idx.shape}"
+            )
         idx = idx.astype(np.int64, copy=False)
         if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"indices out of range for split {split!r} of size {n} "
-                             f"(min {idx.min()}, max {idx.max()})")
+            raise IndexError(
+                f"indices out of range for split {split!r} of size {n} "
+                f"(min {idx.min()}, max {idx.max()})"
+            )
         return np.where(idx < 0, idx + n, idx)
 
     def _cache(self, split: str) -> _SplitCache:
@@ -503,10 +592,14 @@ class CifarStore:
             with _LOCK:
                 c = _CACHES.get(key)
                 if c is None:
-                    c = _CACHES[key] = _SplitCache(self.path, split, self.splits[split], self.chunks[split])
+                    c = _CACHES[key] = _SplitCache(
+                        self.path, split, self.splits[split], self.chunks[split]
+                    )
         return c
 
-    def read_uint8(self, split: str, indices=None, cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def read_uint8(
+        self, split: str, indices=None, cache: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Raw pixels: (X uint8 (n, 3, 32, 32), y int64 (n,)) for ``indices`` (None: all).
 
         A damaged chunk is a :class:`DataError` naming the store, the split and the chunk.
@@ -523,7 +616,9 @@ class CifarStore:
         y = _Array(self.path, split, "labels").select(uniq).astype(np.int64)
         return X[inverse], y[inverse]
 
-    def read(self, split: str, indices, dtype=np.float32, cache: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def read(
+        self, split: str, indices, dtype=np.float32, cache: bool = True
+    ) -> tuple[np.ndarray, np.ndarray]:
         """A minibatch: (X (n, 3, 32, 32) in ``dtype``, mean image subtracted; y int64 (n,)).
 
         ``indices`` may be shuffled and repeat; ``dtype`` must be a float type. With

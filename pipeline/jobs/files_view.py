@@ -28,8 +28,11 @@ def status_from_files(root: str, job_id: str) -> dict:
         raise JobError(f"no job {job_id} under {os.path.abspath(root)}/jobs (no status.json)")
     owner = _coordinator(status)
     if status.get("state") == "running" and owner is not None and not owner.alive():
-        status.update(state="failed", resumable=True,
-                      reason=f"the worker running its coordinator (pid {owner.pid} on {owner.host}) died")
+        status.update(
+            state="failed",
+            resumable=True,
+            reason=f"the worker running its coordinator (pid {owner.pid} on {owner.host}) died",
+        )
     lines = files.read_log()[0].splitlines()
     if lines:
         status["last_line"] = lines[-1]

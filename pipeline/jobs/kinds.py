@@ -20,11 +20,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.errors import ConvpipeError
+from pipeline.data import open_store, prepare
+from pipeline.data.convert import DEFAULT_STORE, DEFAULT_VAL
+from pipeline.data.download import is_url
+from pipeline.data.store import store_state
+from pipeline.errors import ConvpipeError, DataError, TrainingError
+from pipeline.jobs.records import ACTIVE, JobError, JobFiles
+from pipeline.jobs.schema import Option, SpecError, options_from_dataclass
+from pipeline.jobs.sweep import STATE_FILE, SweepPlan, run_sweep, total_steps
+from pipeline.training.config import TrainConfig
+from pipeline.training.coordinator import train
+from pipeline.training.evaluation import evaluate
+from pipeline.training.rundir import RunDir
 
 
 def _spec_error(spec, exc: Exception) -> ConvpipeError:
-    from pipeline.jobs.schema import SpecError
 
     return SpecError(f"{spec.source}: {exc}")
 
@@ -35,7 +45,6 @@ def _abs(path: str | None) -> str | None:
 
 def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
     """Refuse a run directory that a queued or running job on this data root already uses."""
-    from pipeline.jobs.records import ACTIVE, JobError, JobFiles
 
     jobs = Path(root) / "jobs"
     if not jobs.is_dir():
@@ -48,10 +57,10 @@ def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
         except JobError:
             continue  # a job whose status cannot be read cannot be told to use it; `status` reports it
         if status and status.get("state") in ACTIVE and status.get("run_dir") == run_dir:
-            from pipeline.jobs.schema import SpecError
-
-            raise SpecError(f"run directory {run_dir} is in use by job {d.name} ({status['state']}); "
-                            f"choose another out")
+            raise SpecError(
+                f"run directory {run_dir} is in use by job {d.name} ({status['state']}); "
+                f"choose another out"
+            )
 
 
 class _InRunDirectory:
@@ -75,15 +84,12 @@ class Train(_InRunDirectory):
 
     @staticmethod
     def options():
-        from pipeline.training.config import TrainConfig
-        from pipeline.jobs.schema import options_from_dataclass
 
         # the scheduler is the job's own key; the job runs on the cluster it is submitted to
         return options_from_dataclass(TrainConfig, exclude=("scheduler",))
 
     @staticmethod
     def config(options: dict):
-        from pipeline.training.config import TrainConfig
 
         return TrainConfig.from_dict({**options, "scheduler": None})
 
@@ -96,8 +102,6 @@ class Train(_InRunDirectory):
 
     @classmethod
     def preflight(cls, options: dict, root: str, job_id: str) -> dict:
-        from pipeline.data import open_store
-        from pipeline.training.rundir import RunDir
 
         o = dict(options)
         o["data"] = _abs(o["data"])
@@ -109,9 +113,9 @@ class Train(_InRunDirectory):
         else:
             o["out"] = _abs(o.get("out") or os.path.join(root, "runs", job_id))
             if (Path(o["out"]) / "config.json").exists():
-                from pipeline.jobs.schema import SpecError
-
-                raise SpecError(f"run directory {o['out']} already holds a run: resume that job, or choose another out")
+                raise SpecError(
+                    f"run directory {o['out']} already holds a run: resume that job, or choose another out"
+                )
         open_store(o["data"])  # DataError naming the path if it is missing or not a store
         check_run_dir_free(o["out"], root, job_id)
         cls.config(o)
@@ -119,7 +123,6 @@ class Train(_InRunDirectory):
 
     @classmethod
     def run(cls, options: dict, client, report) -> dict:
-        from pipeline.training.coordinator import train
 
         config = cls.config(options)
         summary = train(config, client=client, progress=report.progress)
@@ -136,13 +139,15 @@ class Prepare:
 
     @staticmethod
     def options():
-        from pipeline.data.convert import DEFAULT_STORE, DEFAULT_VAL
-        from pipeline.jobs.schema import Option
 
         return {
-            "source": Option("source", (str, type(None)), None,
-                             "CIFAR-10 archive, its batches folder, an image folder (or .tar.gz), or a URL "
-                             "(default: found under the data root, else downloaded)"),
+            "source": Option(
+                "source",
+                (str, type(None)),
+                None,
+                "CIFAR-10 archive, its batches folder, an image folder (or .tar.gz), or a URL "
+                "(default: found under the data root, else downloaded)",
+            ),
             "out": Option("out", (str,), DEFAULT_STORE, "the Zarr store to write"),
             "val": Option("val", (int,), DEFAULT_VAL, "training images held out as the val split"),
             "chunk": Option("chunk", (int, type(None)), None, "images per chunk (default 1000)"),
@@ -152,7 +157,6 @@ class Prepare:
 
     @staticmethod
     def validate(spec) -> None:
-        from pipeline.jobs.schema import SpecError
 
         o = spec.options
         if o["val"] < 0:
@@ -162,37 +166,47 @@ class Prepare:
 
     @staticmethod
     def preflight(options: dict, root: str, job_id: str) -> dict:
-        from pipeline.data.download import is_url
-        from pipeline.data.store import store_state
 
         o = dict(options)
         o["out"] = _abs(o["out"])
         if o["source"] and not is_url(o["source"]):
             o["source"] = _abs(o["source"])
             if not os.path.exists(o["source"]):
-                from pipeline.errors import DataError
-
-                raise DataError(f"source {o['source']} does not exist (paths are read on the cluster's workers)")
+                raise DataError(
+                    f"source {o['source']} does not exist (paths are read on the cluster's workers)"
+                )
         if store_state(o["out"]) == "foreign":
-            from pipeline.errors import DataError
-
-            raise DataError(f"{o['out']}: exists and is not a convpipe store; remove it or choose another out")
+            raise DataError(
+                f"{o['out']}: exists and is not a convpipe store; remove it or choose another out"
+            )
         o["data_root"] = root
         check_run_dir_free(o["out"], root, job_id)
         return o
 
     @staticmethod
     def run(options: dict, client, report) -> dict:
-        from pipeline.data import prepare
 
         def progress(stage, done, total):
             report.progress({"event": stage, "done": done, "total": total})
 
-        result = prepare(options["source"], options["out"], val=options["val"], chunk=options["chunk"],
-                         force=options["force"], verify=not options["no_verify"], client=client,
-                         data_root=options["data_root"], progress=progress)
-        return {"store": str(result.path), "skipped": result.skipped, "splits": dict(result.splits),
-                "seconds": round(result.seconds, 2), "bytes": result.nbytes}
+        result = prepare(
+            options["source"],
+            options["out"],
+            val=options["val"],
+            chunk=options["chunk"],
+            force=options["force"],
+            verify=not options["no_verify"],
+            client=client,
+            data_root=options["data_root"],
+            progress=progress,
+        )
+        return {
+            "store": str(result.path),
+            "skipped": result.skipped,
+            "splits": dict(result.splits),
+            "seconds": round(result.seconds, 2),
+            "bytes": result.nbytes,
+        }
 
     @staticmethod
     def run_dir(options: dict) -> str | None:
@@ -207,29 +221,30 @@ class Evaluate:
 
     @staticmethod
     def options():
-        from pipeline.jobs.schema import Option
 
         return {
-            "run": Option("run", (str, type(None)), None, "the run directory to evaluate (required)"),
+            "run": Option(
+                "run", (str, type(None)), None, "the run directory to evaluate (required)"
+            ),
             "data": Option("data", (str, type(None)), None, "Zarr store (default: the run's own)"),
             "split": Option("split", (str,), "test", "test, val or train"),
         }
 
     @classmethod
     def validate(cls, spec) -> None:
-        from pipeline.jobs.schema import SpecError
 
         if not spec.options["run"]:
-            raise SpecError(f"{spec.source}: an evaluate job needs run = \"RUN_DIR\" (the run to evaluate)")
+            raise SpecError(
+                f'{spec.source}: an evaluate job needs run = "RUN_DIR" (the run to evaluate)'
+            )
         if spec.options["split"] not in cls.SPLITS:
-            raise SpecError(f"{spec.source}: unknown split {spec.options['split']!r} (expected one of "
-                            f"{', '.join(cls.SPLITS)})")
+            raise SpecError(
+                f"{spec.source}: unknown split {spec.options['split']!r} (expected one of "
+                f"{', '.join(cls.SPLITS)})"
+            )
 
     @staticmethod
     def preflight(options: dict, root: str, job_id: str) -> dict:
-        from pipeline.data import open_store
-        from pipeline.training.config import TrainConfig
-        from pipeline.training.rundir import RunDir
 
         o = dict(options)
         run_dir = o["run"]
@@ -242,18 +257,23 @@ class Evaluate:
         o["run"] = _abs(run_dir)
         run = RunDir(o["run"]).require_existing()
         if not run.params_path.exists():
-            from pipeline.errors import TrainingError
-
-            raise TrainingError(f"{run.path} has no params.npz: the run has not finished (resume it first)")
+            raise TrainingError(
+                f"{run.path} has no params.npz: the run has not finished (resume it first)"
+            )
         o["data"] = _abs(o["data"]) if o["data"] else TrainConfig.load(run.config_path).data
         open_store(o["data"])
         return o
 
     @staticmethod
     def run(options: dict, client, report) -> dict:
-        from pipeline.training.evaluation import evaluate
 
-        result = evaluate(options["run"], options["data"], options["split"], client=client, progress=report.progress)
+        result = evaluate(
+            options["run"],
+            options["data"],
+            options["split"],
+            client=client,
+            progress=report.progress,
+        )
         keep = ("split", "accuracy", "correct", "n", "seconds", "run_dir")
         return {k: result[k] for k in keep if k in result}
 
@@ -270,24 +290,34 @@ class Sweep(_InRunDirectory):
 
     @staticmethod
     def options():
-        from pipeline.jobs.schema import Option
 
-        return {**Train.options(),
-                "search": Option("search", (dict,), None, "[search] table: method, trials, seed, metric and "
-                                                          "the searched settings"),
-                "early_stopping": Option("early_stopping", (dict, type(None)), None,
-                                         "[early-stopping] table: min-steps, reduction-factor")}
+        return {
+            **Train.options(),
+            "search": Option(
+                "search",
+                (dict,),
+                None,
+                "[search] table: method, trials, seed, metric and the searched settings",
+            ),
+            "early_stopping": Option(
+                "early_stopping",
+                (dict, type(None)),
+                None,
+                "[early-stopping] table: min-steps, reduction-factor",
+            ),
+        }
 
     @staticmethod
     def plan(options: dict, where: str = "<spec>"):
-        from pipeline.jobs.sweep import SweepPlan
 
         return SweepPlan.from_options(options, where)
 
     @classmethod
     def validate(cls, spec) -> None:
         try:
-            Train.config({k: v for k, v in spec.options.items() if k not in ("search", "early_stopping")})
+            Train.config(
+                {k: v for k, v in spec.options.items() if k not in ("search", "early_stopping")}
+            )
             cls.plan(spec.options, spec.source)
         except ConvpipeError as exc:
             if exc.args and str(exc).startswith(spec.source):
@@ -296,34 +326,45 @@ class Sweep(_InRunDirectory):
 
     @classmethod
     def preflight(cls, options: dict, root: str, job_id: str) -> dict:
-        from pipeline.jobs.sweep import STATE_FILE, total_steps
 
         o = dict(options)
         o["data"] = _abs(o["data"])
         o["workers"] = None
         if o.get("resume"):
-            o["out"] = o["resume"] = _abs(o["resume"])   # its sweep.json, if written, says what is done
+            o["out"] = o["resume"] = _abs(
+                o["resume"]
+            )  # its sweep.json, if written, says what is done
         else:
             o["out"] = _abs(o.get("out") or os.path.join(root, "runs", job_id))
             if (Path(o["out"]) / STATE_FILE).exists() or (Path(o["out"]) / "config.json").exists():
-                from pipeline.jobs.schema import SpecError
-
-                raise SpecError(f"run directory {o['out']} already holds a run: resume that job, or choose another out")
+                raise SpecError(
+                    f"run directory {o['out']} already holds a run: resume that job, or choose another out"
+                )
         check_run_dir_free(o["out"], root, job_id)
         cls.plan(o)
-        total_steps(Train.config({k: v for k, v in o.items() if k not in ("search", "early_stopping")}))  # the store
+        total_steps(
+            Train.config({k: v for k, v in o.items() if k not in ("search", "early_stopping")})
+        )  # the store
         return o
 
     @classmethod
     def run(cls, options: dict, client, report) -> dict:
-        from pipeline.jobs.sweep import run_sweep
 
-        summary = run_sweep(cls.plan(options), options["out"], client=client, progress=report.progress)
+        summary = run_sweep(
+            cls.plan(options), options["out"], client=client, progress=report.progress
+        )
         best = summary.get("best") or {}
-        return {"trials": summary["trials"], "completed": summary["completed"], "stopped": summary["stopped"],
-                "failed": summary["failed"], "best_trial": best.get("trial"), "val_acc": best.get("val_acc"),
-                "steps": summary["steps"], "seconds": summary["seconds"], "run_dir": options["out"]}
-
+        return {
+            "trials": summary["trials"],
+            "completed": summary["completed"],
+            "stopped": summary["stopped"],
+            "failed": summary["failed"],
+            "best_trial": best.get("trial"),
+            "val_acc": best.get("val_acc"),
+            "steps": summary["steps"],
+            "seconds": summary["seconds"],
+            "run_dir": options["out"],
+        }
 
 
 KINDS: dict[str, type] = {"prepare": Prepare, "train": Train, "evaluate": Evaluate, "sweep": Sweep}

@@ -81,7 +81,7 @@ class JobFiles:
         self.dir = Path(directory)
 
     @classmethod
-    def of(cls, root: str | Path, job_id: str) -> "JobFiles":
+    def of(cls, root: str | Path, job_id: str) -> JobFiles:
         return cls(Path(root) / "jobs" / job_id)
 
     @property
@@ -107,8 +107,10 @@ class JobFiles:
         """The latest state record; None if there is none; :class:`JobFileError` if it is malformed."""
         status = _read_json(self.status_path)
         if status is not None and status.get("state") not in ACTIVE + TERMINAL:
-            raise JobFileError(f"{self.status_path}: 'state' must be one of {', '.join(ACTIVE + TERMINAL)}, "
-                               f"got {status.get('state')!r}")
+            raise JobFileError(
+                f"{self.status_path}: 'state' must be one of {', '.join(ACTIVE + TERMINAL)}, "
+                f"got {status.get('state')!r}"
+            )
         return status
 
     def append_log(self, line: str) -> None:
@@ -137,12 +139,19 @@ class JobFiles:
         record = _read_json(self.record_path)
         missing = [k for k in RECORD_KEYS if record is not None and k not in record]
         if missing:
-            raise JobFileError(f"{self.record_path}: missing {', '.join(map(repr, missing))} (not a job record "
-                               f"written by convpipe)")
-        if record is not None and (isinstance(record["attempt"], bool) or not isinstance(record["attempt"], int)
-                                   or not isinstance(record["options"], dict)):
-            raise JobFileError(f"{self.record_path}: 'attempt' must be an integer and 'options' an object, got "
-                               f"{record['attempt']!r} and {type(record['options']).__name__}")
+            raise JobFileError(
+                f"{self.record_path}: missing {', '.join(map(repr, missing))} (not a job record "
+                f"written by convpipe)"
+            )
+        if record is not None and (
+            isinstance(record["attempt"], bool)
+            or not isinstance(record["attempt"], int)
+            or not isinstance(record["options"], dict)
+        ):
+            raise JobFileError(
+                f"{self.record_path}: 'attempt' must be an integer and 'options' an object, got "
+                f"{record['attempt']!r} and {type(record['options']).__name__}"
+            )
         return record
 
 

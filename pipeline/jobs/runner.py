@@ -42,11 +42,27 @@ import traceback
 import uuid
 from pathlib import Path
 
+from distributed import get_worker, worker_client
+from distributed.comm.core import CommClosedError
+
 from pipeline.atomic import atomic_write_text
 from pipeline.cluster import cancelled_by_lost_scheduler
 from pipeline.errors import ConvpipeError
-from pipeline.jobs.records import (TERMINAL, JobError, JobFileError, JobFiles, job_topic, jsonable, log_line,
-                                   now_iso, task_key, topic_events)
+from pipeline.jobs import interrupt
+from pipeline.jobs.kinds import KINDS
+from pipeline.jobs.records import (
+    TERMINAL,
+    JobError,
+    JobFileError,
+    JobFiles,
+    job_topic,
+    jsonable,
+    log_line,
+    now_iso,
+    task_key,
+    topic_events,
+)
+from pipeline.jobs.spec import JobSpec
 from pipeline.procs import Owner
 
 #: at most one progress line per this many seconds in the job's log (epochs always)
@@ -83,20 +99,33 @@ class Report:
     # ---- output -------------------------------------------------------------------------------
     def _event(self, msg: dict) -> None:
         """The same record to the scheduler (the files already have it)."""
-        from distributed import get_worker
 
-        msg = {"id": uuid.uuid4().hex[:12], "job": self.record["job"], "attempt": self.record["attempt"], **msg}
+        msg = {
+            "id": uuid.uuid4().hex[:12],
+            "job": self.record["job"],
+            "attempt": self.record["attempt"],
+            **msg,
+        }
         try:
             worker = get_worker()
-        except ValueError:  # not on a worker (a kind's run called directly): the files are the record
+        except (
+            ValueError
+        ):  # not on a worker (a kind's run called directly): the files are the record
             return
         try:
             worker.log_event(self.topic, msg)
-        except RuntimeError as exc:  # the worker's event loop is closed: the worker is shutting down
-            self._note_once("events", f"the worker is closing: no more events to the scheduler ({exc})")
+        except (
+            RuntimeError
+        ) as exc:  # the worker's event loop is closed: the worker is shutting down
+            self._note_once(
+                "events", f"the worker is closing: no more events to the scheduler ({exc})"
+            )
         except Exception as exc:  # noqa: BLE001 - say what it was; the job and its files go on
-            self._note_once("events", f"an event could not go to the scheduler ({type(exc).__name__}: {exc}); "
-                                      f"the job's files keep everything")
+            self._note_once(
+                "events",
+                f"an event could not go to the scheduler ({type(exc).__name__}: {exc}); "
+                f"the job's files keep everything",
+            )
 
     def _note_once(self, what: str, text: str) -> None:
         """A line in the job's log file about a problem of its bookkeeping, once per kind of problem."""
@@ -112,8 +141,13 @@ class Report:
         self._event({"type": "log", "line": line})
 
     def state(self, state: str, text: str | None = None, **info) -> dict:
-        status = {**self.status, **info, "state": state, "attempt": self.record["attempt"],
-                  "updated": now_iso()}
+        status = {
+            **self.status,
+            **info,
+            "state": state,
+            "attempt": self.record["attempt"],
+            "updated": now_iso(),
+        }
         if state == "running":
             status["started"] = now_iso()
         if state in TERMINAL:
@@ -154,20 +188,28 @@ class Report:
 
     def check_cancel(self, force: bool = False) -> None:
         now = time.monotonic()
-        if self.client is None or (not force and now - self._last_cancel_check < CANCEL_CHECK_EVERY_S):
+        if self.client is None or (
+            not force and now - self._last_cancel_check < CANCEL_CHECK_EVERY_S
+        ):
             return
         self._last_cancel_check = now
         try:
             found = topic_events(self.client, self.topic)
-        except OSError:  # the scheduler is unreachable (CommClosedError, timeouts): the job's next call says so
+        except (
+            OSError
+        ):  # the scheduler is unreachable (CommClosedError, timeouts): the job's next call says so
             return
         except Exception as exc:  # noqa: BLE001 - say what it was; the job goes on
-            self._note_once("cancel", f"cannot check for a cancel request ({type(exc).__name__}: {exc}); "
-                                      f"the job goes on")
+            self._note_once(
+                "cancel",
+                f"cannot check for a cancel request ({type(exc).__name__}: {exc}); the job goes on",
+            )
             return
         for msg in found:
             if msg.get("type") == "cancel" and msg.get("attempt") == self.record["attempt"]:
-                raise JobCancelled(f"cancelled by {msg.get('by', 'a client')} at {msg.get('at', '?')}")
+                raise JobCancelled(
+                    f"cancelled by {msg.get('by', 'a client')} at {msg.get('at', '?')}"
+                )
 
 
 def format_progress(p: dict) -> str:
@@ -176,9 +218,11 @@ def format_progress(p: dict) -> str:
     if p.get("message") and event in (None, "warning"):
         return (f"{event}: " if event else "") + str(p["message"])
     if event == "start" and "total_steps" in p:
-        return (f"start: step {p.get('start_step', 0)}/{p['total_steps']}, {p.get('epochs')} epoch(s), "
-                f"{p.get('workers')} workers, batch {p.get('batch_size')}, transport {p.get('transport')}, "
-                f"run directory {p.get('run_dir')}")
+        return (
+            f"start: step {p.get('start_step', 0)}/{p['total_steps']}, {p.get('epochs')} epoch(s), "
+            f"{p.get('workers')} workers, batch {p.get('batch_size')}, transport {p.get('transport')}, "
+            f"run directory {p.get('run_dir')}"
+        )
     if event == "resumed":
         return f"resumed at step {p.get('step')} from {p.get('checkpoint') or 'the start (no checkpoint yet)'}"
     if event == "checkpoint":
@@ -193,8 +237,13 @@ def format_progress(p: dict) -> str:
     if "step" in p and event != "epoch":
         total = p.get("total_steps")
         parts.append(f"step {p['step']}" + (f"/{total}" if total else ""))
-    for key, fmt in (("loss", "loss {:.4f}"), ("train_acc", "train_acc {:.4f}"), ("val_acc", "val_acc {:.4f}"),
-                     ("accuracy", "accuracy {:.4f}"), ("images_per_s", "{:.0f} images/s")):
+    for key, fmt in (
+        ("loss", "loss {:.4f}"),
+        ("train_acc", "train_acc {:.4f}"),
+        ("val_acc", "val_acc {:.4f}"),
+        ("accuracy", "accuracy {:.4f}"),
+        ("images_per_s", "{:.0f} images/s"),
+    ):
         if isinstance(p.get(key), (int, float)):
             parts.append(fmt.format(p[key]))
     return " ".join(parts) if parts else str(event or "progress")
@@ -219,8 +268,6 @@ def preflight_job(spec: dict, job_id: str, attempt: int, by: str) -> dict:
 
 
 def _preflight(spec: dict, job_id: str, attempt: int, by: str) -> dict:
-    from pipeline.jobs.kinds import KINDS
-    from pipeline.jobs.spec import JobSpec
 
     js = JobSpec.from_dict(spec)
     root = os.path.abspath(os.path.expanduser(js.root))
@@ -228,9 +275,18 @@ def _preflight(spec: dict, job_id: str, attempt: int, by: str) -> dict:
     options = kind.preflight(js.options, root, job_id)
     files = JobFiles.of(root, job_id)
     record = {
-        "job": job_id, "attempt": attempt, "kind": js.kind, "name": js.name, "root": root,
-        "job_dir": str(files.dir), "run_dir": kind.run_dir(options), "options": options,
-        "submitted": now_iso(), "by": by, "source": js.source, "key": task_key(job_id, attempt),
+        "job": job_id,
+        "attempt": attempt,
+        "kind": js.kind,
+        "name": js.name,
+        "root": root,
+        "job_dir": str(files.dir),
+        "run_dir": kind.run_dir(options),
+        "options": options,
+        "submitted": now_iso(),
+        "by": by,
+        "source": js.source,
+        "key": task_key(job_id, attempt),
     }
     try:
         files.dir.mkdir(parents=True, exist_ok=True)
@@ -238,41 +294,63 @@ def _preflight(spec: dict, job_id: str, attempt: int, by: str) -> dict:
         js.root = root
         files.write_record(record, js.to_toml())
     except OSError as exc:
-        raise JobError(f"cannot write the job's directory {files.dir} on the data root: {exc.strerror or exc}") from None
-    status = {k: record[k] for k in ("job", "kind", "name", "root", "job_dir", "run_dir", "submitted", "by")}
+        raise JobError(
+            f"cannot write the job's directory {files.dir} on the data root: {exc.strerror or exc}"
+        ) from None
+    status = {
+        k: record[k]
+        for k in ("job", "kind", "name", "root", "job_dir", "run_dir", "submitted", "by")
+    }
     previous = files.read_status() or {}
-    status.update({"state": "queued", "attempt": attempt, "updated": now_iso(),
-                   "key": record["key"], "history": previous.get("history", [])})
+    status.update(
+        {
+            "state": "queued",
+            "attempt": attempt,
+            "updated": now_iso(),
+            "key": record["key"],
+            "history": previous.get("history", []),
+        }
+    )
     if previous.get("state"):
         status["history"] = status["history"] + [
-            {k: previous.get(k) for k in ("attempt", "state", "reason", "worker", "started", "finished")}]
+            {
+                k: previous.get(k)
+                for k in ("attempt", "state", "reason", "worker", "started", "finished")
+            }
+        ]
     files.write_status(status)
     verb = "resumed" if attempt > 1 else "submitted"
-    files.append_log(log_line(f"{verb} by {by} (attempt {attempt}): {js.kind} job {js.name!r}, "
-                              f"run directory {record['run_dir']}"))
+    files.append_log(
+        log_line(
+            f"{verb} by {by} (attempt {attempt}): {js.kind} job {js.name!r}, "
+            f"run directory {record['run_dir']}"
+        )
+    )
     return record
 
 
 def run_job(record: dict) -> dict:
     """The job's coordinator, on a worker (queued by :func:`pipeline.jobs.client.submit`); its final status."""
-    from distributed import get_worker, worker_client
-
-    from pipeline.jobs import interrupt
-    from pipeline.jobs.kinds import KINDS
 
     worker = get_worker()
     try:
         report = Report(record)
-    except JobFileError as exc:  # status.json was damaged while the job was queued: say so in a new one
+    except (
+        JobFileError
+    ) as exc:  # status.json was damaged while the job was queued: say so in a new one
         known = {k: record.get(k) for k in ("job", "kind", "name", "root", "job_dir", "run_dir")}
-        return Report(record, status=known).state("failed", f"failed: {exc}", reason=str(exc), resumable=True)
+        return Report(record, status=known).state(
+            "failed", f"failed: {exc}", reason=str(exc), resumable=True
+        )
     current = report.status
     restarting = current.get("attempt") == record["attempt"] and current.get("state") == "running"
     if restarting:
         # Dask reran the coordinator's task: the worker that ran it died (or left the cluster)
         prev = current.get("worker", "?")
-        died = (f"the worker running the coordinator ({prev}, pid {current.get('pid')} on "
-                f"{current.get('host')}) died")
+        died = (
+            f"the worker running the coordinator ({prev}, pid {current.get('pid')} on "
+            f"{current.get('host')}) died"
+        )
         restarts = int(current.get("restarts") or 0)
         if restarts >= MAX_RESTARTS:
             return report.state(
@@ -280,15 +358,17 @@ def run_job(record: dict) -> dict:
                 f"failed: {died}, after {restarts} restart(s) (at most {MAX_RESTARTS}); "
                 f"resume with: convpipe resume {record['job']}",
                 reason=f"the worker running its coordinator ({prev}) died or left the cluster, "
-                       f"after {restarts} restart(s)",
+                f"after {restarts} restart(s)",
                 resumable=True,
             )
         record = restart_record(record)
         report.record = record
         report.status["restarts"] = restarts + 1
         report.status["restarted_from"] = prev
-        report.log(f"{died}; restarting on worker {worker.address} from the last checkpoint "
-                   f"(restart {restarts + 1} of at most {MAX_RESTARTS})")
+        report.log(
+            f"{died}; restarting on worker {worker.address} from the last checkpoint "
+            f"(restart {restarts + 1} of at most {MAX_RESTARTS})"
+        )
     elif current.get("attempt") != record["attempt"] or current.get("state") != "queued":
         # this attempt already ended, or a later attempt superseded it (a task Dask kept
         # around for a worker that never came back): nothing to run
@@ -300,15 +380,27 @@ def run_job(record: dict) -> dict:
             report.check_cancel(force=True)
             stop.check()
             me = Owner.me()
-            report.state("running", f"running on worker {worker.address} (pid {me.pid} on {me.host})",
-                         worker=worker.address, pid=me.pid, host=me.host, pid_namespace=me.namespace, reason=None)
+            report.state(
+                "running",
+                f"running on worker {worker.address} (pid {me.pid} on {me.host})",
+                worker=worker.address,
+                pid=me.pid,
+                host=me.host,
+                pid_namespace=me.namespace,
+                reason=None,
+            )
             result = KINDS[record["kind"]].run(record["options"], client, report)
         except JobCancelled as exc:
             return report.state("cancelled", f"cancelled: {exc}", reason=str(exc), resumable=True)
         except interrupt.Interrupted as exc:
             reason = f"interrupted: {exc}"
-            return report.state("failed", f"failed: {reason}; resume with: convpipe resume {record['job']}",
-                                reason=reason, resumable=True, interrupted=True)
+            return report.state(
+                "failed",
+                f"failed: {reason}; resume with: convpipe resume {record['job']}",
+                reason=reason,
+                resumable=True,
+                interrupted=True,
+            )
         except ConvpipeError as exc:
             return report.state("failed", f"failed: {exc}", reason=str(exc), resumable=True)
         except BaseException as exc:  # noqa: BLE001 - anything the job raised, with its reason
@@ -318,7 +410,10 @@ def run_job(record: dict) -> dict:
             return report.state("failed", f"failed: {reason}", reason=reason, resumable=True)
         result = jsonable(result or {})
         try:
-            atomic_write_text(report.files.dir / "result.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(
+                report.files.dir / "result.json",
+                json.dumps(result, indent=2, sort_keys=True) + "\n",
+            )
         except OSError as exc:  # the result is in status.json too
             report.log(f"result.json not written: {exc.strerror or exc}")
         return report.state("done", f"done: {_result_text(result)}", result=result, reason=None)
@@ -331,7 +426,6 @@ def restart_record(record: dict) -> dict:
     directory holds a run (a train job: ``config.json`` written); before that, and for kinds
     without ``resume_options`` (prepare, evaluate: they redo their work), the same options.
     """
-    from pipeline.jobs.kinds import KINDS
 
     kind = KINDS[record["kind"]]
     resume = getattr(kind, "resume_options", None)
@@ -349,11 +443,12 @@ def _holds_a_run(kind: str, run_dir: str) -> bool:
 
 
 def _failure_reason(exc: BaseException, client=None) -> str:
-    from distributed.comm.core import CommClosedError
 
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
-    lost = isinstance(exc, (CommClosedError, ConnectionError, TimeoutError, OSError)) or cancelled_by_lost_scheduler(exc)
+    lost = isinstance(
+        exc, (CommClosedError, ConnectionError, TimeoutError, OSError)
+    ) or cancelled_by_lost_scheduler(exc)
     # when the scheduler goes away, the client cancels every future it waits on and closes
     # (Dask's helpers then fail in their own ways: "No clients found"): whatever the exception,
     # it is the scheduler's loss if the scheduler no longer answers
@@ -375,4 +470,6 @@ def _scheduler_answers(client, timeout: float = 5.0) -> bool:
 def _result_text(result: dict | None) -> str:
     if not result:
         return "ok"
-    return ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+    return ", ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+    )

@@ -33,14 +33,18 @@ class Option:
         try:
             return self.value_type.convert(value)
         except WrongType:
-            raise SpecError(f"{where}: {self.name} must be {self.value_type.name()}, got {value!r}") from None
+            raise SpecError(
+                f"{where}: {self.name} must be {self.value_type.name()}, got {value!r}"
+            ) from None
 
     def parse(self, text: str, where: str):
         """Parse the text of ``--set name=text`` into this option's type."""
         try:
             return self.value_type.parse(text)
         except WrongType as exc:
-            raise SpecError(f"{where}: {self.name} must be {self.value_type.name()}, got {exc.value!r}") from None
+            raise SpecError(
+                f"{where}: {self.name} must be {self.value_type.name()}, got {exc.value!r}"
+            ) from None
 
 
 def options_from_dataclass(cls, exclude: tuple[str, ...] = ()) -> dict[str, Option]:
@@ -52,6 +56,10 @@ def options_from_dataclass(cls, exclude: tuple[str, ...] = ()) -> dict[str, Opti
             continue
         vtype = types_[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
-        out[f.name] = Option(f.name, vtype.kinds + ((type(None),) if vtype.optional else ()), default,
-                             f.metadata.get("help", ""))
+        out[f.name] = Option(
+            f.name,
+            vtype.kinds + ((type(None),) if vtype.optional else ()),
+            default,
+            f.metadata.get("help", ""),
+        )
     return out

@@ -52,14 +52,25 @@ class JobSpec:
 
     def to_dict(self) -> dict:
         """What travels to the cluster and into the job's record (no local TLS paths)."""
-        return {"kind": self.kind, "name": self.name, "options": dict(self.options),
-                "scheduler": self.scheduler, "root": self.root, "source": self.source}
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "options": dict(self.options),
+            "scheduler": self.scheduler,
+            "root": self.root,
+            "source": self.source,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "JobSpec":
-        return cls(kind=d["kind"], name=d["name"], options=dict(d["options"]),
-                   scheduler=d.get("scheduler"), root=d.get("root", DEFAULT_ROOT),
-                   source=d.get("source", "<record>"))
+    def from_dict(cls, d: dict) -> JobSpec:
+        return cls(
+            kind=d["kind"],
+            name=d["name"],
+            options=dict(d["options"]),
+            scheduler=d.get("scheduler"),
+            root=d.get("root", DEFAULT_ROOT),
+            source=d.get("source", "<record>"),
+        )
 
     def to_toml(self) -> str:
         """The spec as a TOML document (what was submitted, overrides applied; unset options,
@@ -88,12 +99,19 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"job spec {path}: not valid TOML ({exc})") from None
-    return spec_from_table(table, where=str(path), overrides=overrides, default_name=path.stem,
-                           base=path.parent)
+    return spec_from_table(
+        table, where=str(path), overrides=overrides, default_name=path.stem, base=path.parent
+    )
 
 
-def spec_from_table(table: dict, *, where: str = "<spec>", overrides=(), default_name: str = "job",
-                    base: Path | None = None) -> JobSpec:
+def spec_from_table(
+    table: dict,
+    *,
+    where: str = "<spec>",
+    overrides=(),
+    default_name: str = "job",
+    base: Path | None = None,
+) -> JobSpec:
     """Validate a parsed spec (a dict as TOML gives) with ``key=value`` overrides applied."""
     table = dict(table)
     # ---- normalise keys; a key given twice (batch-size and batch_size) is an error
@@ -130,21 +148,27 @@ def spec_from_table(table: dict, *, where: str = "<spec>", overrides=(), default
     for key, value in flat.items():
         opt = top.get(key) or schema.get(key)
         if isinstance(value, dict) and (opt is None or dict not in opt.types):
-            raise SpecError(f"{where}: unexpected table [{key}] (options are flat keys; the only table is [tls])")
+            raise SpecError(
+                f"{where}: unexpected table [{key}] (options are flat keys; the only table is [tls])"
+            )
         if opt is None:
-            raise SpecError(f"{where}: unknown key {key.replace('_', '-')!r} for a {kind} job{_known(schema)}")
+            raise SpecError(
+                f"{where}: unknown key {key.replace('_', '-')!r} for a {kind} job{_known(schema)}"
+            )
         values[key] = opt.check(value, where)
     for key, text in sets:
         if key.startswith("tls."):
             tls_table[key[4:].replace("_", "-")] = text
             continue
         table, _, sub = key.partition(".")
-        if sub and table in schema and dict in schema[table].types:   # --set search.trials=4
+        if sub and table in schema and dict in schema[table].types:  # --set search.trials=4
             values[table] = {**(values.get(table) or {}), sub: literal(text)}
             continue
         opt = top.get(key) or schema.get(key)
         if opt is None:
-            raise SpecError(f"--set {key.replace('_', '-')}: unknown key for a {kind} job{_known(schema)}")
+            raise SpecError(
+                f"--set {key.replace('_', '-')}: unknown key for a {kind} job{_known(schema)}"
+            )
         values[key] = opt.parse(text, f"--set {key.replace('_', '-')}")
 
     options = {k: values.get(k, o.default) for k, o in schema.items()}

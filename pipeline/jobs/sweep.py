@@ -50,15 +50,29 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_write, atomic_write_text
+from pipeline.cluster import worker_cluster
+from pipeline.data import open_store
 from pipeline.errors import ConvpipeError, TrainingError
 from pipeline.jobs.schema import SpecError
+from pipeline.training import resume_config, train
+from pipeline.training.config import TrainConfig
+from pipeline.training.rundir import RunDir
+from pipeline.training.shards import Schedule
 
 METHODS = ("random", "grid")
 METRICS = ("val_acc",)
 RANGES = ("log-uniform", "uniform", "int-uniform")
 #: settings a sweep cannot search: where and how a trial runs, not what it computes
-NOT_SEARCHED = ("workers", "scheduler", "out", "resume", "transport", "threads_per_worker", "data",
-                "stall_timeout")
+NOT_SEARCHED = (
+    "workers",
+    "scheduler",
+    "out",
+    "resume",
+    "transport",
+    "threads_per_worker",
+    "data",
+    "stall_timeout",
+)
 STATE_FILE = "sweep.json"
 STATE_FORMAT = "convpipe-sweep-1"
 LEADERBOARD_ROWS = 10
@@ -78,12 +92,13 @@ def _spelt(name: str) -> str:
 
 # ---- the spec ---------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Dim:
     """One searched setting: ``values`` (a list to choose from) or a range ``kind`` = [low, high]."""
 
     name: str
-    kind: str                          # "values" or one of RANGES
+    kind: str  # "values" or one of RANGES
     values: tuple = ()
     low: float = 0.0
     high: float = 0.0
@@ -116,7 +131,7 @@ class Dim:
         return {"name": self.name, self.kind: [self.low, self.high]}
 
     @classmethod
-    def parse(cls, name: str, value, where: str) -> "Dim":
+    def parse(cls, name: str, value, where: str) -> Dim:
         """From a spec entry: a non-empty list, or ``{kind = [low, high]}``."""
         if isinstance(value, list):
             if not value:
@@ -126,9 +141,14 @@ class Dim:
             kind, bounds = next(iter(value.items()))
             kind = str(kind).replace("_", "-")
             if kind not in RANGES:
-                raise SweepError(f"{where}: unknown range {kind!r} (expected {', '.join(RANGES)}, or a list of values)")
-            if (not isinstance(bounds, list) or len(bounds) != 2
-                    or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)):
+                raise SweepError(
+                    f"{where}: unknown range {kind!r} (expected {', '.join(RANGES)}, or a list of values)"
+                )
+            if (
+                not isinstance(bounds, list)
+                or len(bounds) != 2
+                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+            ):
                 raise SweepError(f"{where}: {kind} takes [low, high] (two numbers), got {bounds!r}")
             low, high = bounds
             if kind == "int-uniform" and not all(isinstance(b, int) for b in bounds):
@@ -140,8 +160,10 @@ class Dim:
             if kind == "log-uniform" and low <= 0:
                 raise SweepError(f"{where}: log-uniform needs low > 0, got {low!r}")
             return cls(name, kind, (), low, high)
-        raise SweepError(f"{where}: expected a list of values or a range such as "
-                         f"{{ log-uniform = [1e-4, 1e-2] }}, got {value!r}")
+        raise SweepError(
+            f"{where}: expected a list of values or a range such as "
+            f"{{ log-uniform = [1e-4, 1e-2] }}, got {value!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -153,48 +175,68 @@ class Search:
     seed: int = 0
     metric: str = "val_acc"
     dims: tuple[Dim, ...] = ()
-    parallel: int = 1                   # trials training at once (the results do not depend on it)
+    parallel: int = 1  # trials training at once (the results do not depend on it)
 
     @classmethod
-    def from_dict(cls, table: dict, where: str = "[search]") -> "Search":
+    def from_dict(cls, table: dict, where: str = "[search]") -> Search:
         table = {_canon(k): v for k, v in (table or {}).items()}
         method = table.pop("method", "random")
         if method not in METHODS:
-            raise SweepError(f"{where}: unknown method {method!r} (expected {' or '.join(METHODS)})")
+            raise SweepError(
+                f"{where}: unknown method {method!r} (expected {' or '.join(METHODS)})"
+            )
         metric = table.pop("metric", "val_acc")
         if metric not in METRICS:
-            raise SweepError(f"{where}: unknown metric {metric!r} (expected {', '.join(METRICS)}, maximized)")
+            raise SweepError(
+                f"{where}: unknown metric {metric!r} (expected {', '.join(METRICS)}, maximized)"
+            )
         seed = table.pop("seed", 0)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise SweepError(f"{where}: seed must be an integer >= 0, got {seed!r}")
         parallel = table.pop("parallel", 1)
         if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
-            raise SweepError(f"{where}: parallel must be an integer >= 1 (trials training at once), got {parallel!r}")
+            raise SweepError(
+                f"{where}: parallel must be an integer >= 1 (trials training at once), got {parallel!r}"
+            )
         trials = table.pop("trials", None)
         if method == "grid" and trials is not None:
-            raise SweepError(f"{where}: a grid search runs every combination; remove trials = {trials!r}")
+            raise SweepError(
+                f"{where}: a grid search runs every combination; remove trials = {trials!r}"
+            )
         if method == "random":
             trials = 10 if trials is None else trials
             if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
                 raise SweepError(f"{where}: trials must be an integer >= 1, got {trials!r}")
         dims = tuple(Dim.parse(k, v, f"{where} {_spelt(k)}") for k, v in table.items())
         if not dims:
-            raise SweepError(f"{where}: no setting to search (add e.g. lr = {{ log-uniform = [1e-4, 1e-2] }})")
+            raise SweepError(
+                f"{where}: no setting to search (add e.g. lr = {{ log-uniform = [1e-4, 1e-2] }})"
+            )
         if method == "grid":
             for d in dims:
                 if d.kind != "values":
-                    raise SweepError(f"{where} {_spelt(d.name)}: a grid search takes a list of values, got a {d.kind} range")
+                    raise SweepError(
+                        f"{where} {_spelt(d.name)}: a grid search takes a list of values, got a {d.kind} range"
+                    )
         return cls(method, trials, seed, metric, dims, parallel)
 
     def to_dict(self) -> dict:
         """What the trials and their scores depend on (not ``parallel``: a resumed sweep may change it)."""
-        return {"method": self.method, "trials": self.trials, "seed": self.seed, "metric": self.metric,
-                "dims": [d.to_dict() for d in self.dims]}
+        return {
+            "method": self.method,
+            "trials": self.trials,
+            "seed": self.seed,
+            "metric": self.metric,
+            "dims": [d.to_dict() for d in self.dims],
+        }
 
     def settings(self) -> list[dict]:
         """Every trial's searched settings, in trial order: a pure function of this table."""
         if self.method == "grid":
-            return [dict(zip((d.name for d in self.dims), combo)) for combo in product(*(d.values for d in self.dims))]
+            return [
+                dict(zip((d.name for d in self.dims), combo))
+                for combo in product(*(d.values for d in self.dims))
+            ]
         rng = np.random.default_rng(self.seed)
         return [{d.name: d.draw(rng) for d in self.dims} for _ in range(self.trials)]
 
@@ -207,19 +249,25 @@ class EarlyStopping:
     reduction_factor: int = 3
 
     @classmethod
-    def from_dict(cls, table: dict | None, where: str = "[early-stopping]") -> "EarlyStopping | None":
+    def from_dict(cls, table: dict | None, where: str = "[early-stopping]") -> EarlyStopping | None:
         if table is None:
             return None
         table = {_canon(k): v for k, v in table.items()}
         unknown = sorted(set(table) - {"min_steps", "reduction_factor"})
         if unknown:
-            raise SweepError(f"{where}: unknown key {_spelt(unknown[0])!r} (known: min-steps, reduction-factor)")
+            raise SweepError(
+                f"{where}: unknown key {_spelt(unknown[0])!r} (known: min-steps, reduction-factor)"
+            )
         if "min_steps" not in table:
-            raise SweepError(f"{where}: missing min-steps (the steps every trial gets before the first cut)")
+            raise SweepError(
+                f"{where}: missing min-steps (the steps every trial gets before the first cut)"
+            )
         for key, lowest in (("min_steps", 1), ("reduction_factor", 2)):
             v = table.get(key, 3)
             if not isinstance(v, int) or isinstance(v, bool) or v < lowest:
-                raise SweepError(f"{where}: {_spelt(key)} must be an integer >= {lowest}, got {v!r}")
+                raise SweepError(
+                    f"{where}: {_spelt(key)} must be an integer >= {lowest}, got {v!r}"
+                )
         return cls(table["min_steps"], table.get("reduction_factor", 3))
 
     def to_dict(self) -> dict:
@@ -235,29 +283,38 @@ class SweepPlan:
     early_stopping: EarlyStopping | None = None
 
     @classmethod
-    def from_options(cls, options: dict, where: str = "<spec>") -> "SweepPlan":
+    def from_options(cls, options: dict, where: str = "<spec>") -> SweepPlan:
         """From a sweep job's options; checks every value a trial could get through TrainConfig."""
-        from pipeline.training.config import TrainConfig
 
         base = {k: v for k, v in options.items() if k not in ("search", "early_stopping")}
         if not options.get("search"):
-            raise SweepError(f"{where}: a sweep needs a [search] table (e.g. lr = {{ log-uniform = [1e-4, 1e-2] }})")
+            raise SweepError(
+                f"{where}: a sweep needs a [search] table (e.g. lr = {{ log-uniform = [1e-4, 1e-2] }})"
+            )
         search = Search.from_dict(options["search"], f"{where}: [search]")
-        stopping = EarlyStopping.from_dict(options.get("early_stopping"), f"{where}: [early-stopping]")
+        stopping = EarlyStopping.from_dict(
+            options.get("early_stopping"), f"{where}: [early-stopping]"
+        )
         known = set(TrainConfig.__dataclass_fields__)
         base_config = _config(base)
         for d in search.dims:
             label = f"{where}: [search] {_spelt(d.name)}"
             if d.name not in known:
-                raise SweepError(f"{label}: unknown training setting (known: "
-                                 f"{', '.join(sorted(_spelt(k) for k in known - set(NOT_SEARCHED)))})")
+                raise SweepError(
+                    f"{label}: unknown training setting (known: "
+                    f"{', '.join(sorted(_spelt(k) for k in known - set(NOT_SEARCHED)))})"
+                )
             if d.name in NOT_SEARCHED:
-                raise SweepError(f"{label}: says where or how a trial runs, not what it learns; it cannot be searched")
+                raise SweepError(
+                    f"{label}: says where or how a trial runs, not what it learns; it cannot be searched"
+                )
             for value in d.endpoints():
                 try:
                     base_config.replace(**{d.name: value})
                 except ConvpipeError as exc:
-                    raise SweepError(f"{label}: value {value!r} would be refused by a train job: {exc}") from None
+                    raise SweepError(
+                        f"{label}: value {value!r} would be refused by a train job: {exc}"
+                    ) from None
         return cls(base, search, stopping)
 
     def trial_config(self, settings: dict, out: str, steps: int):
@@ -265,13 +322,14 @@ class SweepPlan:
         return _config({**self.base, **settings, "out": out, "resume": None, "steps": steps})
 
     def to_dict(self) -> dict:
-        return {"search": self.search.to_dict(),
-                "early_stopping": self.early_stopping.to_dict() if self.early_stopping else None,
-                "base": {k: v for k, v in self.base.items() if k not in NOT_SEARCHED}}
+        return {
+            "search": self.search.to_dict(),
+            "early_stopping": self.early_stopping.to_dict() if self.early_stopping else None,
+            "base": {k: v for k, v in self.base.items() if k not in NOT_SEARCHED},
+        }
 
 
 def _config(options: dict):
-    from pipeline.training.config import TrainConfig
 
     return TrainConfig.from_dict({**options, "scheduler": None})
 
@@ -297,19 +355,20 @@ def promote(scores: dict[int, float | None], factor: int) -> list[int]:
 
 # ---- the state --------------------------------------------------------------------------------------
 
+
 @dataclass
 class Trial:
     """One trial's record in ``sweep.json``. ``scores``: {step: val_acc on the whole val split}."""
 
     id: int
     settings: dict
-    state: str = "pending"              # pending, running, completed, stopped, failed
+    state: str = "pending"  # pending, running, completed, stopped, failed
     steps: int = 0
     scores: dict = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
     images: int = 0
-    target: int = 0                     # the rung (steps) it was last sent to
+    target: int = 0  # the rung (steps) it was last sent to
 
     @property
     def name(self) -> str:
@@ -330,14 +389,31 @@ class Trial:
         return self.scores[max(self.scores)] if self.scores else None
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "settings": self.settings, "state": self.state, "steps": self.steps,
-                "scores": {str(k): v for k, v in sorted(self.scores.items())}, "error": self.error,
-                "seconds": self.seconds, "images": self.images, "target": self.target}
+        return {
+            "id": self.id,
+            "settings": self.settings,
+            "state": self.state,
+            "steps": self.steps,
+            "scores": {str(k): v for k, v in sorted(self.scores.items())},
+            "error": self.error,
+            "seconds": self.seconds,
+            "images": self.images,
+            "target": self.target,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Trial":
-        return cls(d["id"], dict(d["settings"]), d["state"], d["steps"], {int(k): v for k, v in d["scores"].items()},
-                   d.get("error"), d.get("seconds", 0.0), d.get("images", 0), d.get("target", 0))
+    def from_dict(cls, d: dict) -> Trial:
+        return cls(
+            d["id"],
+            dict(d["settings"]),
+            d["state"],
+            d["steps"],
+            {int(k): v for k, v in d["scores"].items()},
+            d.get("error"),
+            d.get("seconds", 0.0),
+            d.get("images", 0),
+            d.get("target", 0),
+        )
 
 
 @dataclass
@@ -350,12 +426,24 @@ class SweepState:
     seconds: float = 0.0
 
     def save(self, run_dir: Path) -> None:
-        atomic_write_text(Path(run_dir) / STATE_FILE, json.dumps(
-            {"format": STATE_FORMAT, "plan": self.plan, "rungs": self.rungs, "seconds": self.seconds,
-             "trials": [t.to_dict() for t in self.trials]}, indent=1, sort_keys=True) + "\n")
+        atomic_write_text(
+            Path(run_dir) / STATE_FILE,
+            json.dumps(
+                {
+                    "format": STATE_FORMAT,
+                    "plan": self.plan,
+                    "rungs": self.rungs,
+                    "seconds": self.seconds,
+                    "trials": [t.to_dict() for t in self.trials],
+                },
+                indent=1,
+                sort_keys=True,
+            )
+            + "\n",
+        )
 
     @classmethod
-    def load(cls, run_dir) -> "SweepState":
+    def load(cls, run_dir) -> SweepState:
         path = Path(run_dir) / STATE_FILE
         try:
             d = json.loads(path.read_text())
@@ -365,7 +453,12 @@ class SweepState:
             raise SweepError(f"{path}: unreadable sweep state: {exc}") from None
         if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
             raise SweepError(f"{path}: not a convpipe sweep state (expected format {STATE_FORMAT})")
-        return cls(d["plan"], list(d["rungs"]), [Trial.from_dict(t) for t in d["trials"]], d.get("seconds", 0.0))
+        return cls(
+            d["plan"],
+            list(d["rungs"]),
+            [Trial.from_dict(t) for t in d["trials"]],
+            d.get("seconds", 0.0),
+        )
 
     def leaderboard(self) -> list[Trial]:
         """Trials by best-so-far score (higher first, ties to the lower id); unscored ones last."""
@@ -387,10 +480,9 @@ def best_run_dir(run_dir) -> str:
 
 # ---- running it -------------------------------------------------------------------------------------
 
+
 def total_steps(config) -> int:
     """The steps of a whole trial with these base settings (``steps``, else epochs x batches)."""
-    from pipeline.data import open_store
-    from pipeline.training.shards import Schedule
 
     store = open_store(config.data)
     n = store.splits.get("train", 0)
@@ -399,8 +491,12 @@ def total_steps(config) -> int:
     if n < 1:
         raise TrainingError(f"{config.data}: the store has no training images")
     if store.splits.get("val", 0) < 1:
-        raise TrainingError(f"{config.data}: the store has no val split: a sweep scores its trials on it")
-    return Schedule(n, config.batch_size, config.shard_size, config.seed, config.epochs, config.steps).total_steps
+        raise TrainingError(
+            f"{config.data}: the store has no val split: a sweep scores its trials on it"
+        )
+    return Schedule(
+        n, config.batch_size, config.shard_size, config.seed, config.epochs, config.steps
+    ).total_steps
 
 
 def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
@@ -410,7 +506,6 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
     ``progress``: called with each trial's training events (``trial`` added) and one message
     per scored rung; an exception from it stops the sweep where it is (resumable).
     """
-    from pipeline.cluster import worker_cluster
 
     emit = progress or (lambda event: None)
     out = Path(out)
@@ -421,21 +516,42 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
         seconds0 = state.seconds
         factor = plan.early_stopping.reduction_factor if plan.early_stopping else 1
         for k, rung in enumerate(state.rungs):
-            at_rung = [t for t in state.trials if t.target >= rung]   # sent to this rung (failed ones too)
+            at_rung = [
+                t for t in state.trials if t.target >= rung
+            ]  # sent to this rung (failed ones too)
             todo = [t for t in at_rung if t.live and rung not in t.scores]
-            _train_rung(plan, state, todo, rung, out, client, emit, lambda: seconds0 + time.perf_counter() - t0)
+            _train_rung(
+                plan,
+                state,
+                todo,
+                rung,
+                out,
+                client,
+                emit,
+                lambda: seconds0 + time.perf_counter() - t0,
+            )
             last = k == len(state.rungs) - 1
-            going_on = promote({t.id: t.scores.get(rung) for t in at_rung}, factor) if not last else []
+            going_on = (
+                promote({t.id: t.scores.get(rung) for t in at_rung}, factor) if not last else []
+            )
             for t in at_rung:
                 if t.live:
-                    t.state = "completed" if last else ("running" if t.id in going_on else "stopped")
+                    t.state = (
+                        "completed" if last else ("running" if t.id in going_on else "stopped")
+                    )
                     if t.id in going_on:
                         t.target = state.rungs[k + 1]
             state.seconds = seconds0 + time.perf_counter() - t0
             state.save(out)
             if not last:
-                emit({"message": f"rung {rung} steps: {len(going_on)} of {len(at_rung)} trials go on "
-                                 f"({', '.join(state.trials[i].name for i in going_on)})", "done": 1, "total": 1})
+                emit(
+                    {
+                        "message": f"rung {rung} steps: {len(going_on)} of {len(at_rung)} trials go on "
+                        f"({', '.join(state.trials[i].name for i in going_on)})",
+                        "done": 1,
+                        "total": 1,
+                    }
+                )
         return write_results(out, state, plan)
 
 
@@ -445,12 +561,17 @@ def _open_state(plan: SweepPlan, out: Path, total: int) -> SweepState:
     if (out / STATE_FILE).exists():
         state = SweepState.load(out)
         if state.plan != mine:
-            raise SweepError(f"{out / STATE_FILE}: the sweep there was started with other settings; "
-                             f"resume it with its own spec, or choose another out")
+            raise SweepError(
+                f"{out / STATE_FILE}: the sweep there was started with other settings; "
+                f"resume it with its own spec, or choose another out"
+            )
         return state
     out.mkdir(parents=True, exist_ok=True)
-    state = SweepState(mine, rungs(total, plan.early_stopping),
-                       [Trial(i, s, target=0) for i, s in enumerate(plan.search.settings())])
+    state = SweepState(
+        mine,
+        rungs(total, plan.early_stopping),
+        [Trial(i, s, target=0) for i, s in enumerate(plan.search.settings())],
+    )
     for t in state.trials:
         t.target = state.rungs[0]
     state.save(out)
@@ -461,7 +582,9 @@ class SweepStopped(Exception):
     """Raised in a trial's progress callback when another trial training beside it stopped the sweep."""
 
 
-def _train_rung(plan, state: SweepState, todo: list[Trial], rung: int, out: Path, client, emit, elapsed) -> None:
+def _train_rung(
+    plan, state: SweepState, todo: list[Trial], rung: int, out: Path, client, emit, elapsed
+) -> None:
     """Train ``todo`` to ``rung``, ``plan.search.parallel`` of them at once (each trial's numbers
     do not depend on the others: only the order of the log lines does). The first exception
     (a crash, a cancel) stops the others at their next step and is raised."""
@@ -487,7 +610,9 @@ def _train_rung(plan, state: SweepState, todo: list[Trial], rung: int, out: Path
 
     first = None
     with ThreadPoolExecutor(parallel, thread_name_prefix="convpipe-trial") as pool:
-        futures = [pool.submit(_train_trial, plan, t, rung, out, client, guarded, lock, save) for t in todo]
+        futures = [
+            pool.submit(_train_trial, plan, t, rung, out, client, guarded, lock, save) for t in todo
+        ]
         for f in as_completed(futures):
             if f.exception() is not None and first is None:
                 first = f.exception()
@@ -496,9 +621,10 @@ def _train_rung(plan, state: SweepState, todo: list[Trial], rung: int, out: Path
         raise first
 
 
-def _train_trial(plan: SweepPlan, trial: Trial, rung: int, out: Path, client, emit, lock, save) -> None:
+def _train_trial(
+    plan: SweepPlan, trial: Trial, rung: int, out: Path, client, emit, lock, save
+) -> None:
     """Train ``trial`` to ``rung`` steps (fresh, or continuing its run directory) and score it."""
-    from pipeline.training import resume_config, train
 
     run_dir = out / "trials" / trial.name
     if (run_dir / "config.json").exists():
@@ -514,7 +640,7 @@ def _train_trial(plan: SweepPlan, trial: Trial, rung: int, out: Path, client, em
 
     try:
         summary = train(config, client=client, progress=progress)
-    except TrainingError as exc:            # diverged (or could not run): recorded, the sweep goes on
+    except TrainingError as exc:  # diverged (or could not run): recorded, the sweep goes on
         with lock:
             trial.state, trial.error = "failed", str(exc)
         save()
@@ -526,11 +652,18 @@ def _train_trial(plan: SweepPlan, trial: Trial, rung: int, out: Path, client, em
         trial.seconds = float(summary.get("seconds") or 0.0)
         trial.images = int(summary.get("images") or 0)
     save()
-    emit({"message": f"trial {trial.name} ({_settings_text(trial.settings)}): step {rung} "
-                     f"val_acc {summary['val_acc']:.4f}", "done": 1, "total": 1})
+    emit(
+        {
+            "message": f"trial {trial.name} ({_settings_text(trial.settings)}): step {rung} "
+            f"val_acc {summary['val_acc']:.4f}",
+            "done": 1,
+            "total": 1,
+        }
+    )
 
 
 # ---- results ----------------------------------------------------------------------------------------
+
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -545,20 +678,46 @@ def trials_csv(state: SweepState) -> str:
     names = [d["name"] for d in state.plan["search"]["dims"]]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", *(_spelt(n) for n in names), "state", "steps", "best_val_acc", "best_step",
-                "final_val_acc", "seconds", "error"])
+    w.writerow(
+        [
+            "id",
+            *(_spelt(n) for n in names),
+            "state",
+            "steps",
+            "best_val_acc",
+            "best_step",
+            "final_val_acc",
+            "seconds",
+            "error",
+        ]
+    )
     for t in state.trials:
         best, step = t.best()
-        w.writerow([t.name, *(repr(t.settings[n]) if isinstance(t.settings[n], float) else t.settings[n] for n in names),
-                    t.state, t.steps, "" if best is None else repr(best), "" if step is None else step,
-                    "" if t.final() is None else repr(t.final()), f"{t.seconds:.2f}", t.error or ""])
+        w.writerow(
+            [
+                t.name,
+                *(
+                    repr(t.settings[n]) if isinstance(t.settings[n], float) else t.settings[n]
+                    for n in names
+                ),
+                t.state,
+                t.steps,
+                "" if best is None else repr(best),
+                "" if step is None else step,
+                "" if t.final() is None else repr(t.final()),
+                f"{t.seconds:.2f}",
+                t.error or "",
+            ]
+        )
     return buf.getvalue()
 
 
 def summary_of(state: SweepState, out: Path) -> dict:
     """The sweep's summary.json: the best trial, its settings and metric, and the counts."""
     best = state.best()
-    counts = {s: sum(t.state == s for t in state.trials) for s in ("completed", "stopped", "failed")}
+    counts = {
+        s: sum(t.state == s for t in state.trials) for s in ("completed", "stopped", "failed")
+    }
     steps = sum(t.steps for t in state.trials)
     images = sum(t.images for t in state.trials)
     return {
@@ -566,9 +725,16 @@ def summary_of(state: SweepState, out: Path) -> dict:
         "trials": len(state.trials),
         **counts,
         "rungs": state.rungs,
-        "best": None if best is None else {
-            "trial": best.name, "settings": best.settings, "val_acc": best.best()[0], "step": best.best()[1],
-            "final_val_acc": best.final(), "run_dir": str(out / "trials" / best.name)},
+        "best": None
+        if best is None
+        else {
+            "trial": best.name,
+            "settings": best.settings,
+            "val_acc": best.best()[0],
+            "step": best.best()[1],
+            "final_val_acc": best.final(),
+            "run_dir": str(out / "trials" / best.name),
+        },
         "steps": steps,
         "steps_if_run_to_the_end": len(state.trials) * state.rungs[-1],
         "images": images,
@@ -595,7 +761,6 @@ def write_results(out: Path, state: SweepState, plan: SweepPlan) -> dict:
 
 def curve(run_dir: Path) -> tuple[list[int], list[float]]:
     """(steps, val_acc) of a trial's eval and epoch lines, in step order (later lines win)."""
-    from pipeline.training.rundir import RunDir
 
     points = {}
     try:
@@ -612,10 +777,10 @@ def curve(run_dir: Path) -> tuple[list[int], list[float]]:
 def plot_sweep(out: Path, state: SweepState) -> Path:
     """sweep.png: val accuracy against steps for every trial (the best highlighted), and the
     best-so-far metric against each searched setting (log axis for log-uniform ranges)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (lazy: matplotlib only when plotting)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: matplotlib only when plotting)
 
     dims = state.plan["search"]["dims"]
     best = state.best()
@@ -644,11 +809,29 @@ def plot_sweep(out: Path, state: SweepState) -> Path:
         ax.scatter(xs, ys, color="C0", s=18)
         if best is not None and best.best()[0] is not None:
             bx = best.settings[d["name"]]
-            ax.scatter([bx if numeric else sorted({str(t.settings[d['name']]) for t in state.trials
-                                                   if t.best()[0] is not None}).index(str(bx))],
-                       [best.best()[0]], color="C3", s=60, zorder=3)
-        if "log-uniform" in d or (numeric and "values" in d and min(d["values"]) > 0
-                                  and max(d["values"]) / min(d["values"]) >= 100):
+            ax.scatter(
+                [
+                    bx
+                    if numeric
+                    else sorted(
+                        {
+                            str(t.settings[d["name"]])
+                            for t in state.trials
+                            if t.best()[0] is not None
+                        }
+                    ).index(str(bx))
+                ],
+                [best.best()[0]],
+                color="C3",
+                s=60,
+                zorder=3,
+            )
+        if "log-uniform" in d or (
+            numeric
+            and "values" in d
+            and min(d["values"]) > 0
+            and max(d["values"]) / min(d["values"]) >= 100
+        ):
             ax.set_xscale("log")
         ax.set(xlabel=_spelt(d["name"]), ylabel=f"best {state.plan['search']['metric']}")
     fig.tight_layout()
@@ -667,12 +850,27 @@ def leaderboard_text(run_dir, rows: int = LEADERBOARD_ROWS) -> str:
     state = SweepState.load(run_dir)
     names = [d["name"] for d in state.plan["search"]["dims"]]
     differ = [n for n in names if len({json.dumps(t.settings[n]) for t in state.trials}) > 1]
-    header = ["trial", "state", "steps", f"best {state.plan['search']['metric']}", "at step", *map(_spelt, differ)]
+    header = [
+        "trial",
+        "state",
+        "steps",
+        f"best {state.plan['search']['metric']}",
+        "at step",
+        *map(_spelt, differ),
+    ]
     table = []
     for t in state.leaderboard()[:rows]:
         best, step = t.best()
-        table.append([t.name, t.state, str(t.steps), "-" if best is None else f"{best:.4f}",
-                      "-" if step is None else str(step), *(_fmt(t.settings[n]) for n in differ)])
+        table.append(
+            [
+                t.name,
+                t.state,
+                str(t.steps),
+                "-" if best is None else f"{best:.4f}",
+                "-" if step is None else str(step),
+                *(_fmt(t.settings[n]) for n in differ),
+            ]
+        )
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *table]]
     done = sum(not t.live for t in state.trials)

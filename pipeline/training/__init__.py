@@ -14,11 +14,11 @@ __all__ = ["TrainConfig", "train", "evaluate", "resume_config"]
 
 def __getattr__(name):  # lazy: importing the settings (TrainConfig) must not start Numba or Dask
     if name in ("train", "resume_config"):
-        from pipeline.training import coordinator
+        from pipeline.training import coordinator  # noqa: PLC0415 (lazy: see __getattr__)
 
         return getattr(coordinator, name)
     if name == "evaluate":
-        from pipeline.training import evaluation
+        from pipeline.training import evaluation  # noqa: PLC0415 (lazy: see __getattr__)
 
         return evaluation.evaluate
     raise AttributeError(f"module 'pipeline.training' has no attribute {name!r}")

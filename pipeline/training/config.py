@@ -22,8 +22,16 @@ DTYPES = ("float32", "float64")
 TRANSPORTS = ("auto", "shm", "tcp")
 
 #: settings that do not change the numbers a run produces: they may differ on ``--resume``
-RUNTIME_FIELDS = ("workers", "scheduler", "out", "resume", "transport", "threads_per_worker", "data",
-                  "stall_timeout")
+RUNTIME_FIELDS = (
+    "workers",
+    "scheduler",
+    "out",
+    "resume",
+    "transport",
+    "threads_per_worker",
+    "data",
+    "stall_timeout",
+)
 
 
 def _opt(default, help: str, metavar: str | None = None, choices: tuple | None = None):
@@ -41,11 +49,18 @@ class TrainConfig:
 
     # data and cluster
     data: str = _opt("data/cifar10.zarr", "Zarr store made by `convpipe data prepare`", "STORE")
-    workers: int | None = _opt(None, "worker processes of the embedded cluster (default: one per core)", "N")
-    scheduler: str | None = _opt(None, "address of a running Dask scheduler instead of the embedded cluster", "ADDR")
-    threads_per_worker: int = _opt(1, "threads per worker of the embedded cluster (Numba and BLAS)", "T")
+    workers: int | None = _opt(
+        None, "worker processes of the embedded cluster (default: one per core)", "N"
+    )
+    scheduler: str | None = _opt(
+        None, "address of a running Dask scheduler instead of the embedded cluster", "ADDR"
+    )
+    threads_per_worker: int = _opt(
+        1, "threads per worker of the embedded cluster (Numba and BLAS)", "T"
+    )
     transport: str = _opt(
-        "auto", "parameter/gradient exchange: shared memory when all workers share this host (auto), or tcp",
+        "auto",
+        "parameter/gradient exchange: shared memory when all workers share this host (auto), or tcp",
         choices=TRANSPORTS,
     )
     # schedule
@@ -57,7 +72,9 @@ class TrainConfig:
     seed: int = _opt(0, "seed of the initial weights and of every epoch's data order", "SEED")
     # optimizer
     lr: float = _opt(1e-3, "Adam learning rate", "LR")
-    reg: float = _opt(1e-3, "L2 regularization strength (0.5 * reg * sum W**2, added once per step)", "REG")
+    reg: float = _opt(
+        1e-3, "L2 regularization strength (0.5 * reg * sum W**2, added once per step)", "REG"
+    )
     # model
     norm: str = _opt("none", "normalization after the conv layer", choices=NORMS)
     num_groups: int = _opt(4, "groups of group normalization", "G")
@@ -68,24 +85,51 @@ class TrainConfig:
     dtype: str = _opt("float32", "dtype of parameters and activations", choices=DTYPES)
     # outputs
     out: str | None = _opt(None, "run directory (default: runs/<date>-<time>)", "RUN_DIR")
-    checkpoint_every: int = _opt(100, "write a checkpoint every K steps (and after each epoch)", "K")
-    resume: str | None = _opt(None, "continue the run in RUN_DIR from its last good checkpoint", "RUN_DIR")
-    train_acc_samples: int = _opt(1000, "training images scored for train accuracy after each epoch", "N")
-    eval_every: int | None = _opt(None, "score accuracy on a sample of val and train images every K steps "
-                                  "(default: about 10 times a run)", "K")
+    checkpoint_every: int = _opt(
+        100, "write a checkpoint every K steps (and after each epoch)", "K"
+    )
+    resume: str | None = _opt(
+        None, "continue the run in RUN_DIR from its last good checkpoint", "RUN_DIR"
+    )
+    train_acc_samples: int = _opt(
+        1000, "training images scored for train accuracy after each epoch", "N"
+    )
+    eval_every: int | None = _opt(
+        None,
+        "score accuracy on a sample of val and train images every K steps "
+        "(default: about 10 times a run)",
+        "K",
+    )
     eval_samples: int = _opt(250, "val and train images scored at each --eval-every point", "N")
-    stall_timeout: float = _opt(300.0, "stop with an error when a step makes no progress for this many seconds "
-                                "(every worker gone, a task that cannot be placed)", "SECONDS")
+    stall_timeout: float = _opt(
+        300.0,
+        "stop with an error when a step makes no progress for this many seconds "
+        "(every worker gone, a task that cannot be placed)",
+        "SECONDS",
+    )
 
     # ---- validation -------------------------------------------------------------------------
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check types and ranges; raise :class:`TrainingError` naming the setting. Returns self."""
         for name, vtype in _field_types().items():
             value = getattr(self, name)
             if not vtype.accepts(value):
-                raise TrainingError(f"setting {name}: expected {vtype.name()}, got {value!r} ({type(value).__name__})")
-        for name in ("epochs", "batch_size", "shard_size", "num_groups", "num_filters", "filter_size",
-                     "hidden_dim", "checkpoint_every", "threads_per_worker", "train_acc_samples", "eval_samples"):
+                raise TrainingError(
+                    f"setting {name}: expected {vtype.name()}, got {value!r} ({type(value).__name__})"
+                )
+        for name in (
+            "epochs",
+            "batch_size",
+            "shard_size",
+            "num_groups",
+            "num_filters",
+            "filter_size",
+            "hidden_dim",
+            "checkpoint_every",
+            "threads_per_worker",
+            "train_acc_samples",
+            "eval_samples",
+        ):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("steps", "workers", "train_limit", "eval_every"):
@@ -99,11 +143,17 @@ class TrainConfig:
             )
         for name, allowed in (("norm", NORMS), ("dtype", DTYPES), ("transport", TRANSPORTS)):
             if getattr(self, name) not in allowed:
-                raise TrainingError(f"unknown {name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+                raise TrainingError(
+                    f"unknown {name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}"
+                )
         if self.norm == "groupnorm" and self.num_filters % self.num_groups:
-            raise TrainingError(f"num_groups {self.num_groups} does not divide num_filters {self.num_filters}")
+            raise TrainingError(
+                f"num_groups {self.num_groups} does not divide num_filters {self.num_filters}"
+            )
         if self.filter_size % 2 == 0:
-            raise TrainingError(f"filter_size must be odd (the conv keeps the image size), got {self.filter_size}")
+            raise TrainingError(
+                f"filter_size must be odd (the conv keeps the image size), got {self.filter_size}"
+            )
         if not self.lr > 0 or self.lr != self.lr:
             raise TrainingError(f"lr must be > 0, got {self.lr}")
         if not self.stall_timeout > 0:
@@ -113,7 +163,9 @@ class TrainConfig:
         if not self.weight_scale > 0:
             raise TrainingError(f"weight_scale must be > 0, got {self.weight_scale}")
         if self.workers is not None and self.scheduler:
-            raise TrainingError("workers and scheduler exclude each other: the scheduler's cluster has its own workers")
+            raise TrainingError(
+                "workers and scheduler exclude each other: the scheduler's cluster has its own workers"
+            )
         return self
 
     # ---- conversions --------------------------------------------------------------------------
@@ -121,17 +173,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, mapping: dict) -> "TrainConfig":
+    def from_dict(cls, mapping: dict) -> TrainConfig:
         """Build and validate from a mapping (job spec, ``config.json``); unknown keys are errors."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(mapping) - names)
         if unknown:
-            raise TrainingError(f"unknown training setting {unknown[0]!r} (known: {', '.join(sorted(names))})")
+            raise TrainingError(
+                f"unknown training setting {unknown[0]!r} (known: {', '.join(sorted(names))})"
+            )
         types_ = _field_types()
         values = {k: _coerce_number(types_[k], v) for k, v in mapping.items()}
         return cls(**values).validate()
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         """A validated copy with ``changes`` applied (unknown names are errors)."""
         return type(self).from_dict({**self.to_dict(), **changes})
 
@@ -140,7 +194,7 @@ class TrainConfig:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         try:
             mapping = json.loads(Path(path).read_text())
         except FileNotFoundError:
@@ -160,14 +214,19 @@ def parse_value(name: str, text: str):
     """Parse ``text`` (from ``--set name=text``) into the type of field ``name``."""
     types_ = _field_types()
     if name not in types_:
-        raise TrainingError(f"unknown training setting {name!r} (known: {', '.join(sorted(types_))})")
+        raise TrainingError(
+            f"unknown training setting {name!r} (known: {', '.join(sorted(types_))})"
+        )
     try:
         return types_[name].parse(text)
     except WrongType:
-        raise TrainingError(f"setting {name}: expected {types_[name].name()}, got {text!r}") from None
+        raise TrainingError(
+            f"setting {name}: expected {types_[name].name()}, got {text!r}"
+        ) from None
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
 
 @functools.cache
 def _field_types() -> dict[str, ValueType]:

@@ -32,14 +32,20 @@ import numpy as np
 
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.cluster import worker_cluster, worker_count
+from pipeline.cnn import ModelSpec
+from pipeline.data import open_store
 from pipeline.errors import DataError, TrainingError
 from pipeline.training.config import TrainConfig
-from pipeline.training.exchange import WorkerLost, gather, open_exchange, warm_up_workers
+from pipeline.training.exchange import (
+    WorkerLost,
+    gather,
+    open_exchange,
+    warm_up_workers,
+)
 from pipeline.training.reduce import combine_moments
 from pipeline.training.rundir import BN_KEYS, RunDir, write_plots
 from pipeline.training.shards import Schedule, cut, subset
 from pipeline.training.transport import Layout
-from pipeline.cnn import ModelSpec
 from pipeline.training.worker import EVAL_SHARD, TaskSpec, shard_predictions
 
 REGULARIZED = ("W1", "W2", "W3")
@@ -52,13 +58,13 @@ MAX_REPLAYS = 3
 class State:
     """Everything a checkpoint holds: with it a run continues bit for bit."""
 
-    step: int                      # steps done
-    params: np.ndarray             # flat, Layout order
-    m: np.ndarray                  # Adam moments, flat
+    step: int  # steps done
+    params: np.ndarray  # flat, Layout order
+    m: np.ndarray  # Adam moments, flat
     v: np.ndarray
-    t: int                         # Adam's step count
-    bn: dict[str, np.ndarray]      # spatial-BN running_mean/running_var ({} without BN)
-    seconds: float = 0.0           # training time spent by earlier sessions
+    t: int  # Adam's step count
+    bn: dict[str, np.ndarray]  # spatial-BN running_mean/running_var ({} without BN)
+    seconds: float = 0.0  # training time spent by earlier sessions
     images: int = 0
     metrics_lines: int = 0
 
@@ -73,33 +79,62 @@ def train(config: TrainConfig, client=None, progress=None) -> dict:
     emit = progress or (lambda event: None)
     config = config.validate()
     store, n_train = _open_data(config)
-    schedule = Schedule(n_train, config.batch_size, config.shard_size, config.seed, config.epochs, config.steps)
+    schedule = Schedule(
+        n_train, config.batch_size, config.shard_size, config.seed, config.epochs, config.steps
+    )
     mspec = ModelSpec.of(config, len(store.class_names))
     model = mspec.build(weight_scale=config.weight_scale, reg=config.reg, seed=config.seed)
     layout = Layout.of(model.params)
-    segments = tuple((sl.start, sl.stop, config.reg if name in REGULARIZED else 0.0)
-                     for name, sl in layout.slices().items())
+    segments = tuple(
+        (sl.start, sl.stop, config.reg if name in REGULARIZED else 0.0)
+        for name, sl in layout.slices().items()
+    )
 
-    with worker_cluster(client, config.scheduler, config.workers, config.threads_per_worker) as client:
+    with worker_cluster(
+        client, config.scheduler, config.workers, config.threads_per_worker
+    ) as client:
         run, config = _open_run(config)
-        state = _resume(run, layout, config, model, emit) if config.resume else _fresh(model, layout)
-        spec = TaskSpec(mspec, store.path, layout, config.threads_per_worker, segments, config.lr,
-                        config.stall_timeout)
-        exchange = open_exchange(client, config.transport, spec, layout, config.batch_size // config.shard_size,
-                                 worker_count(client), config.stall_timeout)
+        state = (
+            _resume(run, layout, config, model, emit) if config.resume else _fresh(model, layout)
+        )
+        spec = TaskSpec(
+            mspec,
+            store.path,
+            layout,
+            config.threads_per_worker,
+            segments,
+            config.lr,
+            config.stall_timeout,
+        )
+        exchange = open_exchange(
+            client,
+            config.transport,
+            spec,
+            layout,
+            config.batch_size // config.shard_size,
+            worker_count(client),
+            config.stall_timeout,
+        )
         try:
             for replay in range(MAX_REPLAYS + 1):
                 try:
-                    return _train_loop(config, run, schedule, model, state, exchange, client, store, emit)
+                    return _train_loop(
+                        config, run, schedule, model, state, exchange, client, store, emit
+                    )
                 except WorkerLost as exc:
                     if replay == MAX_REPLAYS or client.status != "running":
                         raise
                     # the same steps again from the last checkpoint give the same bits
-                    emit({"event": "warning", "message": f"{exc}: replaying from the last checkpoint "
-                                                         f"({replay + 1} of at most {MAX_REPLAYS})"})
+                    emit(
+                        {
+                            "event": "warning",
+                            "message": f"{exc}: replaying from the last checkpoint "
+                            f"({replay + 1} of at most {MAX_REPLAYS})",
+                        }
+                    )
                     state = _resume(run, layout, config, model, emit)
         finally:
-            exchange.close()                      # tasks still waiting give up
+            exchange.close()  # tasks still waiting give up
 
 
 class Clock:
@@ -133,35 +168,64 @@ class Progress:
 def _train_loop(config, run, schedule, model, state, exchange, client, store, emit) -> dict:
     bn = dict(state.bn)
     done = Progress(metrics_lines=state.metrics_lines)
-    emit({"event": "start", "run_dir": str(run.path), "start_step": state.step, "total_steps": schedule.total_steps,
-          "steps_per_epoch": schedule.steps_per_epoch, "epochs": schedule.num_epochs,
-          "workers": worker_count(client), "batch_size": config.batch_size, "transport": exchange.kind,
-          "dashboard": getattr(client, "dashboard_link", None)})
+    emit(
+        {
+            "event": "start",
+            "run_dir": str(run.path),
+            "start_step": state.step,
+            "total_steps": schedule.total_steps,
+            "steps_per_epoch": schedule.steps_per_epoch,
+            "epochs": schedule.num_epochs,
+            "workers": worker_count(client),
+            "batch_size": config.batch_size,
+            "transport": exchange.kind,
+            "dashboard": getattr(client, "dashboard_link", None),
+        }
+    )
     exchange.start(state.step, state.params, state.m, state.v)
     warmup = warm_up_workers(client, exchange, schedule.n_train, state.step)
     clock = Clock()
     t_begin = clock.t
     in_flight = {}
 
-    def submit(step):                           # the parts of ``step``, if it is part of the run
+    def submit(step):  # the parts of ``step``, if it is part of the run
         if step < schedule.total_steps and step not in in_flight:
-            shards = schedule.shards(step)       # shard: the step's batch in fixed virtual shards
-            in_flight[step] = exchange.submit(step, exchange.plan(len(shards)), shards,
-                                              sum(len(s) for s in shards), state.t + step - state.step + 1)
+            shards = schedule.shards(step)  # shard: the step's batch in fixed virtual shards
+            in_flight[step] = exchange.submit(
+                step,
+                exchange.plan(len(shards)),
+                shards,
+                sum(len(s) for s in shards),
+                state.t + step - state.step + 1,
+            )
 
     saved = [state.step]
 
-    def log(record):                             # a metrics line, and the progress event of the same
+    def log(record):  # a metrics line, and the progress event of the same
         run.append_metrics(record)
         done.metrics_lines += 1
         emit({"event": record["kind"], **record, "total_steps": schedule.total_steps})
+
     eval_every = config.eval_every or max(1, round(schedule.total_steps / 10))
 
-    def checkpoint(steps_done):                  # the state after ``steps_done`` steps, atomically
+    def checkpoint(steps_done):  # the state after ``steps_done`` steps, atomically
         params, m, v = exchange.state(steps_done)
-        path = _save(run, exchange.layout, config, State(steps_done, params, m, v, state.t + steps_done - state.step,
-                                                         bn, state.seconds + time.perf_counter() - t_begin,
-                                                         state.images + done.images, done.metrics_lines))
+        path = _save(
+            run,
+            exchange.layout,
+            config,
+            State(
+                steps_done,
+                params,
+                m,
+                v,
+                state.t + steps_done - state.step,
+                bn,
+                state.seconds + time.perf_counter() - t_begin,
+                state.images + done.images,
+                done.metrics_lines,
+            ),
+        )
         saved.append(steps_done)
         emit({"event": "checkpoint", "step": steps_done, "path": str(path)})
         clock.lap("checkpoint")
@@ -170,51 +234,87 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
     try:
         for step in range(state.step, schedule.total_steps):
             sent, received = exchange.sent, exchange.received
-            submit(step + 1)                         # the next step waits on its workers for this one
+            submit(step + 1)  # the next step waits on its workers for this one
             # compute, reduce, update: on the workers; collect their small results
             t0 = clock.lap("coordinator")
             parts = exchange.collect(in_flight.pop(step))
             wait = clock.lap("wait")
             shards = [s for p in parts for s in p["shards"]]
-            loss, n = _loss(step, shards, parts, schedule, config, run)   # a non-finite loss stops here
+            loss, n = _loss(
+                step, shards, parts, schedule, config, run
+            )  # a non-finite loss stops here
             # sync: BN running statistics from every shard's moments (count-weighted)
             bn = _sync_bn(model, bn, shards)
             done.images += n
             done.steps += 1
-            log({**_step_record(step, schedule, loss, n, parts, coordinator=t0, waited=wait),
-                 "coordinator_bytes_out": exchange.sent - sent, "coordinator_bytes_in": exchange.received - received})
+            log(
+                {
+                    **_step_record(step, schedule, loss, n, parts, coordinator=t0, waited=wait),
+                    "coordinator_bytes_out": exchange.sent - sent,
+                    "coordinator_bytes_in": exchange.received - received,
+                }
+            )
 
             if (step + 1) % eval_every == 0 and not schedule.ends_epoch(step):
-                log({"kind": "eval", "step": step + 1, "epoch": (step + 1) / schedule.steps_per_epoch,
-                     **_accuracies(client, exchange, step + 1, bn, store, config, schedule.n_train,
-                                   config.eval_samples, config.eval_samples)})
+                log(
+                    {
+                        "kind": "eval",
+                        "step": step + 1,
+                        "epoch": (step + 1) / schedule.steps_per_epoch,
+                        **_accuracies(
+                            client,
+                            exchange,
+                            step + 1,
+                            bn,
+                            store,
+                            config,
+                            schedule.n_train,
+                            config.eval_samples,
+                            config.eval_samples,
+                        ),
+                    }
+                )
                 clock.lap("eval")
 
             if schedule.ends_epoch(step):
                 train_idx = subset(config.seed, schedule.n_train, config.train_acc_samples, tag=1)
-                done.train_acc = _accuracy(client, exchange, step + 1, bn, store, "train", train_idx, config)
+                done.train_acc = _accuracy(
+                    client, exchange, step + 1, bn, store, "train", train_idx, config
+                )
                 done.val_acc = _accuracy(client, exchange, step + 1, bn, store, "val", None, config)
-                log({"kind": "epoch", "epoch": schedule.epoch_of(step) + 1, "step": step + 1,
-                     "train_acc": done.train_acc, "val_acc": done.val_acc, "loss": loss,
-                     "seconds": state.seconds + time.perf_counter() - t_begin})
+                log(
+                    {
+                        "kind": "epoch",
+                        "epoch": schedule.epoch_of(step) + 1,
+                        "step": step + 1,
+                        "train_acc": done.train_acc,
+                        "val_acc": done.val_acc,
+                        "loss": loss,
+                        "seconds": state.seconds + time.perf_counter() - t_begin,
+                    }
+                )
                 clock.lap("eval")
 
             if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
                 checkpoint(step + 1)
-    except KeyboardInterrupt:                    # Ctrl-C or SIGTERM: keep the last step done
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the last step done
         if state.step + done.steps > saved[-1]:
             try:
                 checkpoint(state.step + done.steps)
-            except TrainingError as exc:         # the next step got there first: the last checkpoint stays
-                emit({"event": "warning", "message": f"no checkpoint of the interrupted run: {exc}"})
+            except TrainingError as exc:  # the next step got there first: the last checkpoint stays
+                emit(
+                    {"event": "warning", "message": f"no checkpoint of the interrupted run: {exc}"}
+                )
         raise
 
     seconds = time.perf_counter() - t_begin
     clock.lap("coordinator")
     final = exchange.layout.views(exchange.state(schedule.total_steps)[0])
     run.write_params(final, {f"bn_{k}": v for k, v in bn.items()} if bn else None)
-    run.prune_checkpoints(keep=1)                 # a finished run keeps what --resume needs to go on
-    summary = _summary(config, run, schedule, state, done, clock, seconds, warmup, exchange, client, final, emit)
+    run.prune_checkpoints(keep=1)  # a finished run keeps what --resume needs to go on
+    summary = _summary(
+        config, run, schedule, state, done, clock, seconds, warmup, exchange, client, final, emit
+    )
     run.write_summary(summary)
     emit({"event": "done", **summary})
     return summary
@@ -222,14 +322,17 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
 
 # ---- pieces of the loop ----------------------------------------------------------------------------
 
+
 def _loss(step, shards, parts, schedule, config, run) -> tuple[float, int]:
     """The step's loss (mean data loss + L2 from the workers' per-block sums) and image count;
     raises when the shards do not cover the batch or the loss is not finite."""
     n = sum(s["n"] for s in shards)
     expected = len(schedule.batch(step))
     if n != expected or [s["slot"] for s in shards] != list(range(len(shards))):
-        raise TrainingError(f"step {step + 1}: part results cover {n} images in shards "
-                            f"{[s['slot'] for s in shards]}, expected {expected}")
+        raise TrainingError(
+            f"step {step + 1}: part results cover {n} images in shards "
+            f"{[s['slot'] for s in shards]}, expected {expected}"
+        )
     sumsq = math.fsum(x for p in parts for x in p["partials"])
     loss = math.fsum(s["loss_sum"] for s in shards) / n + 0.5 * config.reg * sumsq
     if not math.isfinite(loss):
@@ -246,8 +349,9 @@ def _sync_bn(model, bn: dict, shards: list[dict]) -> dict:
     """BN running statistics after folding in the step's batch moments (count-weighted over shards)."""
     if not bn:
         return bn
-    mean, var = combine_moments([s["bn_mean"] for s in shards], [s["bn_var"] for s in shards],
-                                [s["n"] for s in shards])
+    mean, var = combine_moments(
+        [s["bn_mean"] for s in shards], [s["bn_var"] for s in shards], [s["n"] for s in shards]
+    )
     model.set_state(bn)
     model.update_running_stats(mean, var)
     return model.get_state()
@@ -259,15 +363,28 @@ def _step_record(step, schedule, loss, n, parts, coordinator: float, waited: flo
     ``coordinator`` the coordinator's own time since it collected the step before."""
     seconds = coordinator + waited
     busiest = max(parts, key=lambda p: p.get("compute_s", 0.0) + p.get("reduce_s", 0.0))
-    timing = {"read": max(p.get("read_s", 0.0) for p in parts), "compute": busiest.get("compute_s", 0.0),
-              "reduce": max(p.get("reduce_s", 0.0) for p in parts), "sync": max(p.get("sync_s", 0.0) for p in parts),
-              "coordinator": coordinator}
-    return {"kind": "step", "step": step + 1, "epoch": schedule.epoch_of(step) + 1, "loss": loss, "n": n,
-            "seconds": seconds, "images_per_s": n / seconds if seconds > 0 else None,
-            **{f"{k}_s": v for k, v in timing.items()}}
+    timing = {
+        "read": max(p.get("read_s", 0.0) for p in parts),
+        "compute": busiest.get("compute_s", 0.0),
+        "reduce": max(p.get("reduce_s", 0.0) for p in parts),
+        "sync": max(p.get("sync_s", 0.0) for p in parts),
+        "coordinator": coordinator,
+    }
+    return {
+        "kind": "step",
+        "step": step + 1,
+        "epoch": schedule.epoch_of(step) + 1,
+        "loss": loss,
+        "n": n,
+        "seconds": seconds,
+        "images_per_s": n / seconds if seconds > 0 else None,
+        **{f"{k}_s": v for k, v in timing.items()},
+    }
 
 
-def _summary(config, run, schedule, state, done, clock, seconds, warmup, exchange, client, final, emit) -> dict:
+def _summary(
+    config, run, schedule, state, done, clock, seconds, warmup, exchange, client, final, emit
+) -> dict:
     """The run's summary.json: results, speed, and where the time went."""
     metrics = run.read_metrics()
     train_acc, val_acc = done.train_acc, done.val_acc
@@ -279,10 +396,16 @@ def _summary(config, run, schedule, state, done, clock, seconds, warmup, exchang
     except Exception as exc:  # noqa: BLE001 - a plot must not lose a finished run
         plots = []
         emit({"event": "warning", "message": f"plots not written: {exc}"})
-    steps = [m for m in metrics if m.get("kind") == "step"][-done.steps:] if done.steps else []
+    steps = [m for m in metrics if m.get("kind") == "step"][-done.steps :] if done.steps else []
     train_seconds = seconds - clock.totals.get("eval", 0.0)
-    breakdown = {k: sum(m[f"{k}_s"] for m in steps) / len(steps) for k in ("read", "compute", "reduce", "sync")} \
-        if steps else {}
+    breakdown = (
+        {
+            k: sum(m[f"{k}_s"] for m in steps) / len(steps)
+            for k in ("read", "compute", "reduce", "sync")
+        }
+        if steps
+        else {}
+    )
     if steps:
         breakdown["coordinator"] = clock.totals.get("coordinator", 0.0) / len(steps)
         breakdown["checkpoint"] = clock.totals.get("checkpoint", 0.0) / len(steps)
@@ -300,8 +423,12 @@ def _summary(config, run, schedule, state, done, clock, seconds, warmup, exchang
         "images_per_s": done.images / train_seconds if done.steps else None,
         "step_breakdown_s": breakdown,
         # bytes of task arguments and results through the coordinator, per step (none of size P)
-        "coordinator_bytes_out": sum(m["coordinator_bytes_out"] for m in steps) / len(steps) if steps else None,
-        "coordinator_bytes_in": sum(m["coordinator_bytes_in"] for m in steps) / len(steps) if steps else None,
+        "coordinator_bytes_out": sum(m["coordinator_bytes_out"] for m in steps) / len(steps)
+        if steps
+        else None,
+        "coordinator_bytes_in": sum(m["coordinator_bytes_in"] for m in steps) / len(steps)
+        if steps
+        else None,
         "warmup_s": warmup,
         "workers": worker_count(client),
         "transport": exchange.kind,
@@ -319,9 +446,19 @@ def _accuracy(client, exchange, step, bn, store, split, indices, config) -> floa
         if not size:
             return None
         indices = np.arange(size, dtype=np.int64)
-    futures = [client.submit(shard_predictions, exchange.spec, exchange.params_ref(step), bn or None, split, idx,
-                             pure=False, priority=10)
-               for idx in cut(indices, EVAL_SHARD)]
+    futures = [
+        client.submit(
+            shard_predictions,
+            exchange.spec,
+            exchange.params_ref(step),
+            bn or None,
+            split,
+            idx,
+            pure=False,
+            priority=10,
+        )
+        for idx in cut(indices, EVAL_SHARD)
+    ]
     counts = gather(client, futures, f"{split} accuracy after step {step}", config.stall_timeout)
     return sum(c["correct"] for c in counts) / sum(c["n"] for c in counts)
 
@@ -330,13 +467,24 @@ def _accuracies(client, exchange, step, bn, store, config, n_train, n_val, n_tr)
     """Accuracy on fixed samples of ``n_val`` val and ``n_tr`` train images (the learning curve)."""
     val = store.splits.get("val", 0)
     val_idx = subset(config.seed, val, n_val, tag=2) if val else None
-    return {"val_acc": _accuracy(client, exchange, step, bn, store, "val", val_idx, config) if val else None,
-            "train_acc": _accuracy(client, exchange, step, bn, store, "train", subset(config.seed, n_train, n_tr, tag=3),
-                                   config)}
+    return {
+        "val_acc": _accuracy(client, exchange, step, bn, store, "val", val_idx, config)
+        if val
+        else None,
+        "train_acc": _accuracy(
+            client,
+            exchange,
+            step,
+            bn,
+            store,
+            "train",
+            subset(config.seed, n_train, n_tr, tag=3),
+            config,
+        ),
+    }
 
 
 def _open_data(config: TrainConfig):
-    from pipeline.data import open_store
 
     store = open_store(config.data)
     n = store.splits.get("train", 0)
@@ -344,7 +492,9 @@ def _open_data(config: TrainConfig):
         raise DataError(f"{config.data}: the store has no training images")
     if config.train_limit is not None:
         if config.train_limit > n:
-            raise TrainingError(f"train_limit {config.train_limit} exceeds the {n} training images of {config.data}")
+            raise TrainingError(
+                f"train_limit {config.train_limit} exceeds the {n} training images of {config.data}"
+            )
         n = config.train_limit
     return store, n
 
@@ -357,8 +507,10 @@ def _open_run(config: TrainConfig) -> tuple[RunDir, TrainConfig]:
         mine, theirs = config.result_settings(), saved.result_settings()
         for key in mine:
             if key not in ("epochs", "steps") and mine[key] != theirs[key]:
-                raise TrainingError(f"--resume {run.path}: {key} is {mine[key]!r} but the run was trained "
-                                    f"with {theirs[key]!r}")
+                raise TrainingError(
+                    f"--resume {run.path}: {key} is {mine[key]!r} but the run was trained "
+                    f"with {theirs[key]!r}"
+                )
         config = config.replace(out=str(run.path))
         config.save(run.config_path)
         return run, config
@@ -372,7 +524,7 @@ def resume_config(run_dir: str, **overrides) -> TrainConfig:
     """The settings to resume ``run_dir`` with: its saved ones, ``overrides`` applied."""
     run = RunDir(run_dir).require_existing()
     saved = TrainConfig.load(run.config_path)
-    if overrides.get("scheduler"):      # where it runs is this session's choice
+    if overrides.get("scheduler"):  # where it runs is this session's choice
         overrides.setdefault("workers", None)
     if overrides.get("workers"):
         overrides.setdefault("scheduler", None)
@@ -389,9 +541,16 @@ def _save(run: RunDir, layout: Layout, config: TrainConfig, state: State):
     for prefix, flat in (("params", state.params), ("adam/m", state.m), ("adam/v", state.v)):
         arrays.update({f"{prefix}/{k}": v for k, v in layout.views(flat).items()})
     arrays.update({f"bn/{k}": v for k, v in state.bn.items()})
-    meta = {"kind": CHECKPOINT_FORMAT, "step": state.step, "adam_t": state.t, "seconds": state.seconds,
-            "images": state.images, "metrics_lines": state.metrics_lines, "layout": layout.to_dict(),
-            "settings": config.result_settings()}
+    meta = {
+        "kind": CHECKPOINT_FORMAT,
+        "step": state.step,
+        "adam_t": state.t,
+        "seconds": state.seconds,
+        "images": state.images,
+        "metrics_lines": state.metrics_lines,
+        "layout": layout.to_dict(),
+        "settings": config.result_settings(),
+    }
     path = save_checkpoint(run.checkpoint_path(state.step), arrays, meta)
     run.prune_checkpoints()
     return path
@@ -420,10 +579,22 @@ def _state_from(arrays: dict, meta: dict, layout: Layout, config: TrainConfig) -
         raise ValueError("written by other settings (parameter layout differs)")
     if meta.get("settings", {}).get("seed") != config.seed:
         raise ValueError("written with another seed")
-    flat = {p: layout.flatten({k: arrays[f"{p}/{k}"] for k in layout.names}) for p in ("params", "adam/m", "adam/v")}
+    flat = {
+        p: layout.flatten({k: arrays[f"{p}/{k}"] for k in layout.names})
+        for p in ("params", "adam/m", "adam/v")
+    }
     bn = {k.split("/", 1)[1]: arrays[k].astype(layout.dtype) for k in arrays if k.startswith("bn/")}
-    return State(int(meta["step"]), flat["params"], flat["adam/m"], flat["adam/v"], int(meta["adam_t"]), bn,
-                 float(meta["seconds"]), int(meta["images"]), int(meta["metrics_lines"]))
+    return State(
+        int(meta["step"]),
+        flat["params"],
+        flat["adam/m"],
+        flat["adam/v"],
+        int(meta["adam_t"]),
+        bn,
+        float(meta["seconds"]),
+        int(meta["images"]),
+        int(meta["metrics_lines"]),
+    )
 
 
 __all__ = ["train", "resume_config", "State", "BN_KEYS"]

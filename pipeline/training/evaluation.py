@@ -10,25 +10,34 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from distributed import as_completed
 
+from pipeline.cluster import worker_cluster, worker_count
+from pipeline.cnn import ModelSpec
+from pipeline.data import open_store
+from pipeline.errors import DataError, TrainingError
 from pipeline.training.config import TrainConfig
 from pipeline.training.rundir import RunDir
 from pipeline.training.shards import cut
 from pipeline.training.transport import Layout
-from pipeline.errors import DataError, TrainingError
-from pipeline.cnn import ModelSpec
 from pipeline.training.worker import EVAL_SHARD, TaskSpec, shard_predictions
 
 
-def evaluate(run_dir: str, data: str | None = None, split: str = "test", client=None, *,
-             scheduler: str | None = None, workers: int | None = None, shard_size: int = EVAL_SHARD,
-             progress=None) -> dict:
+def evaluate(
+    run_dir: str,
+    data: str | None = None,
+    split: str = "test",
+    client=None,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    shard_size: int = EVAL_SHARD,
+    progress=None,
+) -> dict:
     """Accuracy of the run in ``run_dir`` on ``split`` of ``data`` (default: the run's store).
 
     Returns ``{"split", "accuracy", "correct", "n", "seconds", "workers", "run_dir", "data"}``.
     """
-    from pipeline.data import open_store
-    from pipeline.cluster import worker_cluster, worker_count
 
     emit = progress or (lambda event: None)
     run = RunDir(run_dir).require_existing()
@@ -44,27 +53,43 @@ def evaluate(run_dir: str, data: str | None = None, split: str = "test", client=
     mspec = ModelSpec.of(config, len(store.class_names))
     expected = Layout.of(mspec.build(weight_scale=config.weight_scale, seed=0).params)
     if set(params) != set(expected.names):
-        raise TrainingError(f"{run.params_path}: parameters {sorted(params)} do not match the run's model "
-                            f"({sorted(expected.names)})")
+        raise TrainingError(
+            f"{run.params_path}: parameters {sorted(params)} do not match the run's model "
+            f"({sorted(expected.names)})"
+        )
     for name, shape in zip(expected.names, expected.shapes):
         if params[name].shape != shape:
-            raise TrainingError(f"{run.params_path}: {name} has shape {params[name].shape}, the model needs {shape}")
+            raise TrainingError(
+                f"{run.params_path}: {name} has shape {params[name].shape}, the model needs {shape}"
+            )
     flat = expected.flatten(params)
-    bn_state = {"running_mean": bn["bn_running_mean"], "running_var": bn["bn_running_var"]} if bn else None
+    bn_state = (
+        {"running_mean": bn["bn_running_mean"], "running_var": bn["bn_running_var"]} if bn else None
+    )
     if config.norm == "spatial_batchnorm" and bn_state is None:
-        raise TrainingError(f"{run.params_path}: no BN running statistics for a spatial-batchnorm model")
+        raise TrainingError(
+            f"{run.params_path}: no BN running statistics for a spatial-batchnorm model"
+        )
     spec = TaskSpec(mspec, store.path, expected, 1)
 
     t0 = time.perf_counter()
     with worker_cluster(client, scheduler, workers) as client:
-        emit({"event": "start", "split": split, "n": size, "workers": worker_count(client),
-              "dashboard": getattr(client, "dashboard_link", None)})
+        emit(
+            {
+                "event": "start",
+                "split": split,
+                "n": size,
+                "workers": worker_count(client),
+                "dashboard": getattr(client, "dashboard_link", None),
+            }
+        )
         params_future = client.scatter(flat, broadcast=True, hash=False)
         shards = cut(np.arange(size, dtype=np.int64), shard_size)
-        futures = [client.submit(shard_predictions, spec, params_future, bn_state, split, idx, pure=False)
-                   for idx in shards]
+        futures = [
+            client.submit(shard_predictions, spec, params_future, bn_state, split, idx, pure=False)
+            for idx in shards
+        ]
         correct = n = 0
-        from distributed import as_completed
 
         for fut in as_completed(futures):
             r = fut.result()
@@ -72,6 +97,13 @@ def evaluate(run_dir: str, data: str | None = None, split: str = "test", client=
             n += r["n"]
             emit({"event": "shard", "n": r["n"], "done": n, "total": size})
         nworkers = worker_count(client)
-    return {"split": split, "accuracy": correct / n, "correct": correct, "n": n,
-            "seconds": time.perf_counter() - t0, "workers": nworkers, "run_dir": str(run.path),
-            "data": store.path}
+    return {
+        "split": split,
+        "accuracy": correct / n,
+        "correct": correct,
+        "n": n,
+        "seconds": time.perf_counter() - t0,
+        "workers": nworkers,
+        "run_dir": str(run.path),
+        "data": store.path,
+    }

@@ -44,8 +44,7 @@ def frontier(a: int, b: int, k: int) -> list[Node]:
     nodes, pos, top = [], a, levels(k)
     while pos < b:
         level = 0
-        while (level < top and pos % (2 << level) == 0
-               and min(pos + (2 << level), k) <= b):
+        while level < top and pos % (2 << level) == 0 and min(pos + (2 << level), k) <= b:
             level += 1
         nodes.append((level, pos >> level))
         pos = covers((level, pos >> level), k)[1]
@@ -95,11 +94,11 @@ class StepPlan:
     (a part may have no shards, when there are fewer shards than workers)."""
 
     k: int
-    parts: tuple[tuple[int, int], ...]          # shard range of each part
-    slices: tuple[tuple[int, int], ...]         # parameter range each part updates
+    parts: tuple[tuple[int, int], ...]  # shard range of each part
+    slices: tuple[tuple[int, int], ...]  # parameter range each part updates
 
     @classmethod
-    def make(cls, k: int, workers: int, size: int) -> "StepPlan":
+    def make(cls, k: int, workers: int, size: int) -> StepPlan:
         w = max(1, workers)
         return cls(k, tuple(split(k, w)), tuple(split(size, w, CHUNK)))
 

@@ -63,7 +63,9 @@ def _add(x, y, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _adam_piece(s, w, m, v, w2, m2, v2, reg, batch, b1, omb1, b2, omb2, bc1, bc2, lr, eps):  # pragma: no cover
+def _adam_piece(
+    s, w, m, v, w2, m2, v2, reg, batch, b1, omb1, b2, omb2, bc1, bc2, lr, eps
+):  # pragma: no cover
     # s (n,) tree sums -> g = the batch's mean gradient + reg * W (the only place L2 is added);
     # then exactly pipeline.optim.adam's arithmetic: (w, m, v) (n,) -> (w2, m2, v2) (n,)
     for i in numba.prange(s.shape[0]):
@@ -77,15 +79,43 @@ def _adam_piece(s, w, m, v, w2, m2, v2, reg, batch, b1, omb1, b2, omb2, bc1, bc2
 
 
 @numba.njit(cache=True, nogil=True)
-def _tree_adam(nodes, rows, ops, root, nbase, w, m, v, w2, m2, v2, wbase,
-               piece_lo, piece_hi, piece_reg, block_piece, partial,
-               batch, b1, omb1, b2, omb2, bc1, bc2, lr, eps):  # pragma: no cover - compiled
+def _tree_adam(
+    nodes,
+    rows,
+    ops,
+    root,
+    nbase,
+    w,
+    m,
+    v,
+    w2,
+    m2,
+    v2,
+    wbase,
+    piece_lo,
+    piece_hi,
+    piece_reg,
+    block_piece,
+    partial,
+    batch,
+    b1,
+    omb1,
+    b2,
+    omb2,
+    bc1,
+    bc2,
+    lr,
+    eps,
+):  # pragma: no cover - compiled
     # nodes (r, *): the frontier nodes' gradient sums, element i in column i - nbase;
     # w, m, v (*): parameters and Adam moments in; w2, m2, v2 out; element i at i - wbase;
     # pieces [piece_lo, piece_hi) with their reg, grouped by block (block_piece: CSR offsets);
     # partial (blocks,) float64: each block's sum of w**2 over its regularized pieces.
     r = rows.shape[0]
-    buf = np.empty((max(ops.shape[0], 1), piece_hi.max() - piece_lo.min() if piece_lo.shape[0] else 1), dtype=w.dtype)
+    buf = np.empty(
+        (max(ops.shape[0], 1), piece_hi.max() - piece_lo.min() if piece_lo.shape[0] else 1),
+        dtype=w.dtype,
+    )
     for blk in range(block_piece.shape[0] - 1):
         total = 0.0
         for p in range(block_piece[blk], block_piece[blk + 1]):
@@ -95,14 +125,31 @@ def _tree_adam(nodes, rows, ops, root, nbase, w, m, v, w2, m2, v2, wbase,
             # the rest of the tree: registers 0..r-1 are node rows, op j writes register r + j
             for j in range(ops.shape[0]):
                 a, b = ops[j, 1], ops[j, 2]
-                x = nodes[rows[a], c0:c0 + n] if a < r else buf[a - r, :n]
-                y = nodes[rows[b], c0:c0 + n] if b < r else buf[b - r, :n]
+                x = nodes[rows[a], c0 : c0 + n] if a < r else buf[a - r, :n]
+                y = nodes[rows[b], c0 : c0 + n] if b < r else buf[b - r, :n]
                 _add(x, y, buf[ops[j, 0] - r, :n])
-            s = nodes[rows[root], c0:c0 + n] if root < r else buf[root - r, :n]
+            s = nodes[rows[root], c0 : c0 + n] if root < r else buf[root - r, :n]
             if reg != 0:
-                total += _sumsq8(w[k0:k0 + n])
-            _adam_piece(s, w[k0:k0 + n], m[k0:k0 + n], v[k0:k0 + n], w2[k0:k0 + n], m2[k0:k0 + n],
-                        v2[k0:k0 + n], reg, batch, b1, omb1, b2, omb2, bc1, bc2, lr, eps)
+                total += _sumsq8(w[k0 : k0 + n])
+            _adam_piece(
+                s,
+                w[k0 : k0 + n],
+                m[k0 : k0 + n],
+                v[k0 : k0 + n],
+                w2[k0 : k0 + n],
+                m2[k0 : k0 + n],
+                v2[k0 : k0 + n],
+                reg,
+                batch,
+                b1,
+                omb1,
+                b2,
+                omb2,
+                bc1,
+                bc2,
+                lr,
+                eps,
+            )
         partial[blk] = total
 
 
@@ -120,13 +167,30 @@ def pieces(lo: int, hi: int, segments: Sequence[tuple[int, int, float]], chunk: 
                 his.append(b)
                 regs.append(reg)
     firsts.append(len(los))
-    return (np.asarray(los, np.int64), np.asarray(his, np.int64), np.asarray(regs, np.float64),
-            np.asarray(firsts, np.int64))
+    return (
+        np.asarray(los, np.int64),
+        np.asarray(his, np.int64),
+        np.asarray(regs, np.float64),
+        np.asarray(firsts, np.int64),
+    )
 
 
-def tree_adam(nodes: np.ndarray, rows: Sequence[int], ops: Sequence[tuple[int, int, int]], root: int,
-              nbase: int, state_in: tuple, state_out: tuple, wbase: int, lo: int, hi: int,
-              segments: Sequence[tuple[int, int, float]], chunk: int, batch: int, scalars: tuple) -> np.ndarray:
+def tree_adam(
+    nodes: np.ndarray,
+    rows: Sequence[int],
+    ops: Sequence[tuple[int, int, int]],
+    root: int,
+    nbase: int,
+    state_in: tuple,
+    state_out: tuple,
+    wbase: int,
+    lo: int,
+    hi: int,
+    segments: Sequence[tuple[int, int, float]],
+    chunk: int,
+    batch: int,
+    scalars: tuple,
+) -> np.ndarray:
     """Reduce, L2 and Adam for the parameter elements ``[lo, hi)`` in one pass over memory.
 
     ``nodes`` (r, *): frontier nodes of the shard tree, register j in row ``rows[j]``, element i
@@ -139,9 +203,24 @@ def tree_adam(nodes: np.ndarray, rows: Sequence[int], ops: Sequence[tuple[int, i
     plo, phi, preg, first = pieces(lo, hi, segments, chunk)
     dt = state_in[0].dtype.type
     partial = np.zeros(len(first) - 1, dtype=np.float64)
-    launch(_tree_adam, nodes, np.asarray(rows, dtype=np.int64), np.asarray(ops, dtype=np.int64).reshape(-1, 3),
-           int(root), int(nbase), *state_in, *state_out, int(wbase), plo, phi, preg.astype(dt), first, partial,
-           dt(batch), *scalars)
+    launch(
+        _tree_adam,
+        nodes,
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(ops, dtype=np.int64).reshape(-1, 3),
+        int(root),
+        int(nbase),
+        *state_in,
+        *state_out,
+        int(wbase),
+        plo,
+        phi,
+        preg.astype(dt),
+        first,
+        partial,
+        dt(batch),
+        *scalars,
+    )
     return partial
 
 
@@ -155,12 +234,21 @@ def adam_scalars(config: dict, dtype) -> tuple:
     config["t"] += 1
     t, b1, b2 = config["t"], config["beta1"], config["beta2"]
     f = np.dtype(dtype).type
-    return (f(b1), f(1 - b1), f(b2), f(1 - b2), f(1 - b1**t), f(1 - b2**t),
-            f(config["learning_rate"]), f(config["epsilon"]))
+    return (
+        f(b1),
+        f(1 - b1),
+        f(b2),
+        f(1 - b2),
+        f(1 - b1**t),
+        f(1 - b2**t),
+        f(config["learning_rate"]),
+        f(config["epsilon"]),
+    )
 
 
-def combine_moments(means: Sequence[np.ndarray], variances: Sequence[np.ndarray],
-                    counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def combine_moments(
+    means: Sequence[np.ndarray], variances: Sequence[np.ndarray], counts: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and (biased) variance of the union of shards, from their own moments.
 
     Exact in exact arithmetic: ``var = sum n_i (var_i + (mean_i - mean)**2) / N``; computed in
@@ -183,6 +271,20 @@ def warm_kernels(dtype) -> None:
     state = (w, w.copy(), w.copy())
     nodes = np.zeros((2, 16), dtype=dtype)
     for ops, root in (([], 0), ([(2, 0, 1)], 2)):
-        tree_adam(nodes, [0, 1], ops, root, 0, state, tuple(x.copy() for x in state), 0, 0, 16, [(0, 16, 1e-3)], 8,
-                  1, adam_scalars({}, dtype))
+        tree_adam(
+            nodes,
+            [0, 1],
+            ops,
+            root,
+            0,
+            state,
+            tuple(x.copy() for x in state),
+            0,
+            0,
+            16,
+            [(0, 16, 1e-3)],
+            8,
+            1,
+            adam_scalars({}, dtype),
+        )
     add_scaled(w.copy(), w, w.dtype.type(2))

@@ -1,12 +1,12 @@
 """A run directory: the settings, metrics, checkpoints and results of one training run.
 
-    RUN_DIR/config.json          every setting (TrainConfig), read back by --resume
-    RUN_DIR/metrics.jsonl        one JSON line per step ({"kind": "step", ...}) and per epoch
-    RUN_DIR/checkpoints/*.npz    atomic checkpoints (pipeline.checkpoint), the last two kept
-    RUN_DIR/params.npz           final parameters + BN statistics (np.load(allow_pickle=False))
-    RUN_DIR/summary.json         accuracies, steps, seconds, images/s, workers, every setting
-    RUN_DIR/curves.png           loss and accuracy curves
-    RUN_DIR/filters.png          the first-layer filters
+RUN_DIR/config.json          every setting (TrainConfig), read back by --resume
+RUN_DIR/metrics.jsonl        one JSON line per step ({"kind": "step", ...}) and per epoch
+RUN_DIR/checkpoints/*.npz    atomic checkpoints (pipeline.checkpoint), the last two kept
+RUN_DIR/params.npz           final parameters + BN statistics (np.load(allow_pickle=False))
+RUN_DIR/summary.json         accuracies, steps, seconds, images/s, workers, every setting
+RUN_DIR/curves.png           loss and accuracy curves
+RUN_DIR/filters.png          the first-layer filters
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import numpy as np
 
 from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.checkpoint import read_npz
+from pipeline.curves import Curves, run_steps_per_epoch
 from pipeline.errors import TrainingError
+from pipeline.vis_utils import visualize_grid
 
 CHECKPOINTS_KEPT = 2
 BN_KEYS = ("bn_running_mean", "bn_running_var")
@@ -64,15 +66,17 @@ class RunDir:
         return path
 
     # ---- creation -----------------------------------------------------------------------------
-    def create(self) -> "RunDir":
+    def create(self) -> RunDir:
         """Make a fresh run directory and claim it; refuse one that holds a run (nothing is overwritten).
 
         The claim is ``checkpoints/``, made with ``mkdir`` (no ``exist_ok``): of two runs that
         name the same directory at the same time, exactly one gets it; the other gets a
         :class:`TrainingError`.
         """
-        taken = (f"{self.path} already holds a run (or another run is starting there): continue it with "
-                 f"--resume {self.path} or choose another --out")
+        taken = (
+            f"{self.path} already holds a run (or another run is starting there): continue it with "
+            f"--resume {self.path} or choose another --out"
+        )
         if self.config_path.exists() or self.metrics_path.exists():
             raise TrainingError(taken)
         try:
@@ -81,10 +85,12 @@ class RunDir:
         except FileExistsError:
             raise TrainingError(taken) from None
         except OSError as exc:
-            raise TrainingError(f"cannot create run directory {self.path}: {exc.strerror or exc}") from None
+            raise TrainingError(
+                f"cannot create run directory {self.path}: {exc.strerror or exc}"
+            ) from None
         return self
 
-    def require_existing(self) -> "RunDir":
+    def require_existing(self) -> RunDir:
         if not self.config_path.exists():
             raise TrainingError(f"{self.path} is not a convpipe run directory (no config.json)")
         return self
@@ -109,7 +115,9 @@ class RunDir:
     def truncate_metrics(self, n_lines: int) -> None:
         """Keep the first ``n_lines`` records (those written before the checkpoint resumed from)."""
         records = self.read_metrics()[:n_lines]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        atomic_write_text(
+            self.metrics_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+        )
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -148,11 +156,13 @@ class RunDir:
 
 # ---- atomic writes -------------------------------------------------------------------------------
 
+
 def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 # ---- plots ---------------------------------------------------------------------------------------
+
 
 def write_plots(run: RunDir, metrics: list[dict], W1: np.ndarray) -> list[Path]:
     """curves.png and filters.png of ``run`` from its ``metrics`` lines and first-layer weights
@@ -164,7 +174,6 @@ def write_plots(run: RunDir, metrics: list[dict], W1: np.ndarray) -> list[Path]:
     filters.png: the seed's "Visualize Filters" grid, upscaled without smoothing, titled with
     the run and the step of the weights.
     """
-    from pipeline.curves import Curves, run_steps_per_epoch
 
     settings = _settings(run)
     curves = Curves.from_metrics(metrics, run_steps_per_epoch(metrics, settings))
@@ -179,8 +188,8 @@ def _settings(run: RunDir) -> dict | None:
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (lazy: matplotlib only when plotting)
+    from matplotlib.figure import Figure  # noqa: PLC0415 (lazy: matplotlib only when plotting)
 
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
@@ -204,22 +213,42 @@ def curves_figure(title: str, curves):
     ax1.plot(x, y, ".", ms=3, alpha=0.35, color="tab:blue", label="loss of each step")
     if len(y) >= 5:
         k = max(2, min(50, len(y) // 10))
-        ax1.plot(x[k - 1:], _moving_average(y, k), "-", lw=2, color="tab:blue", label=f"mean of {k} steps")
+        ax1.plot(
+            x[k - 1 :],
+            _moving_average(y, k),
+            "-",
+            lw=2,
+            color="tab:blue",
+            label=f"mean of {k} steps",
+        )
     ax1.set_ylabel("training loss")
     ax1.set_title("Training loss")
     ax1.grid(alpha=0.3)
     if y:
         ax1.legend(loc="upper right")
 
-    for points, label, color in ((curves.val_acc, "val accuracy", "tab:orange"),
-                                 (curves.train_acc, "train accuracy (sample)", "tab:green")):
+    for points, label, color in (
+        (curves.val_acc, "val accuracy", "tab:orange"),
+        (curves.train_acc, "train accuracy (sample)", "tab:green"),
+    ):
         if points:
-            ax2.plot([p.x for p in points], [p.y for p in points], "-o", ms=4, color=color, label=label)
+            ax2.plot(
+                [p.x for p in points], [p.y for p in points], "-o", ms=4, color=color, label=label
+            )
     whole = [p for p in curves.val_acc if p.whole]
     if whole:
-        ax2.plot([p.x for p in whole], [p.y for p in whole], "s", ms=8, mfc="none", mec="black",
-                 label="val, whole split (end of epoch)")
-    ax2.set_xlabel(curves.x_label + (" (fractional: step / steps per epoch)" if curves.steps_per_epoch else ""))
+        ax2.plot(
+            [p.x for p in whole],
+            [p.y for p in whole],
+            "s",
+            ms=8,
+            mfc="none",
+            mec="black",
+            label="val, whole split (end of epoch)",
+        )
+    ax2.set_xlabel(
+        curves.x_label + (" (fractional: step / steps per epoch)" if curves.steps_per_epoch else "")
+    )
     ax2.set_ylabel("accuracy")
     ax2.set_title("Classification accuracy")
     ax2.set_ylim(0, 1)
@@ -227,14 +256,16 @@ def curves_figure(title: str, curves):
     if curves.val_acc or curves.train_acc:
         ax2.legend(loc="lower right")
     last = max([p.x for p in curves.loss + curves.val_acc + curves.train_acc], default=0.0)
-    ax2.set_xlim(0, last * 1.02 if last > 0 else 1)  # from the start: a lone point is not a whole axis
+    ax2.set_xlim(
+        0, last * 1.02 if last > 0 else 1
+    )  # from the start: a lone point is not a whole axis
     return fig
 
 
 def _moving_average(y: list[float], k: int) -> np.ndarray:
     c = np.cumsum(np.asarray(y, dtype=np.float64))
     c[k:] = c[k:] - c[:-k]
-    return c[k - 1:] / k
+    return c[k - 1 :] / k
 
 
 #: filters.png's grid is drawn at least this many pixels wide
@@ -243,7 +274,9 @@ FILTERS_MIN_PX = 480
 
 def _plot_filters(run: RunDir, W1: np.ndarray, step: int) -> Path:
     path = run.path / "filters.png"
-    filters_figure(f"First-layer filters of run {run.path.name}, step {step}", W1).savefig(path, dpi=100)
+    filters_figure(f"First-layer filters of run {run.path.name}, step {step}", W1).savefig(
+        path, dpi=100
+    )
     return path
 
 
@@ -257,7 +290,9 @@ def filters_figure(title: str, W1: np.ndarray):
     fig = _figure(image.shape[1] / 100 + 0.4, image.shape[0] / 100 + 0.9)
     ax = fig.add_subplot()
     rgb = image.shape[2] == 3
-    ax.imshow(image if rgb else image[..., 0], cmap=None if rgb else "gray", interpolation="nearest")
+    ax.imshow(
+        image if rgb else image[..., 0], cmap=None if rgb else "gray", interpolation="nearest"
+    )
     ax.set_axis_off()
     F, C, HH, WW = np.shape(W1)
     ax.set_title(f"{title}\n{F} filters, {C}x{HH}x{WW}", fontsize=11)
@@ -267,6 +302,5 @@ def filters_figure(title: str, W1: np.ndarray):
 def _filter_grid(W1: np.ndarray) -> np.ndarray:
     """The seed's "Visualize Filters": W1 (F, C, HH, WW) as one uint8 image grid (H, W, C),
     each filter scaled to 0..255 on its own."""
-    from pipeline.vis_utils import visualize_grid
 
     return visualize_grid(np.asarray(W1, dtype=np.float64).transpose(0, 2, 3, 1)).astype(np.uint8)

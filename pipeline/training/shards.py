@@ -54,7 +54,7 @@ class Schedule:
         """Indices (into the train split) of the global batch of ``step``."""
         epoch, i = divmod(step, self.steps_per_epoch)
         order = epoch_permutation(self.seed, epoch, self.n_train)
-        return order[i * self.batch_size:(i + 1) * self.batch_size]
+        return order[i * self.batch_size : (i + 1) * self.batch_size]
 
     def shards(self, step: int) -> list[np.ndarray]:
         """The batch of ``step`` cut into consecutive shards of ``shard_size`` (last may be short)."""
@@ -73,7 +73,7 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 
 def cut(indices: np.ndarray, size: int) -> list[np.ndarray]:
     """Consecutive pieces of ``size`` (the last one shorter when ``size`` does not divide)."""
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
 
 
 def subset(seed: int, n: int, k: int, tag: int) -> np.ndarray:

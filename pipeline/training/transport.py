@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from distributed import rejoin, secede
 
 from pipeline.errors import TrainingError
 from pipeline.procs import Owner
 
 HEADER = 64  # bytes before the state: magic token (32), then the abort flag (int64)
-NEVER = -9   # the step of a record not yet written
+NEVER = -9  # the step of a record not yet written
 _PREFIX = "convpipe-"
 
 
@@ -46,9 +47,13 @@ class Layout:
     dtype: str
 
     @classmethod
-    def of(cls, params: dict[str, np.ndarray]) -> "Layout":
+    def of(cls, params: dict[str, np.ndarray]) -> Layout:
         first = next(iter(params.values()))
-        return cls(tuple(params), tuple(tuple(int(d) for d in p.shape) for p in params.values()), str(first.dtype))
+        return cls(
+            tuple(params),
+            tuple(tuple(int(d) for d in p.shape) for p in params.values()),
+            str(first.dtype),
+        )
 
     @property
     def sizes(self) -> list[int]:
@@ -67,7 +72,9 @@ class Layout:
 
     def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """Views of ``flat`` shaped as the parameters (no copies)."""
-        return {n: flat[sl].reshape(shape) for (n, sl), shape in zip(self.slices().items(), self.shapes)}
+        return {
+            n: flat[sl].reshape(shape) for (n, sl), shape in zip(self.slices().items(), self.shapes)
+        }
 
     def flatten(self, params: dict[str, np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
         out = np.empty(self.size, dtype=self.dtype) if out is None else out
@@ -76,10 +83,14 @@ class Layout:
         return out
 
     def to_dict(self) -> dict:
-        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtype": self.dtype}
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "dtype": self.dtype,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Layout":
+    def from_dict(cls, d: dict) -> Layout:
         return cls(tuple(d["names"]), tuple(tuple(s) for s in d["shapes"]), d["dtype"])
 
 
@@ -100,7 +111,7 @@ def ordered_stores() -> bool:
 # record whose first and last entries both equal the step it expects, and checks again after it
 # has used the data the record vouches for (the gradient slots).
 SHARD_FIELDS = ("n", "loss_sum", "read_s", "compute_s", "begin", "end", "worker", "has_bn")
-SHARD_HEAD = 1 + 15          # step + fields (room to grow), then the BN moments
+SHARD_HEAD = 1 + 15  # step + fields (room to grow), then the BN moments
 
 
 @dataclass(frozen=True)
@@ -111,9 +122,9 @@ class ShmRef:
     grads_path: str
     token: str
     layout: Layout
-    slots: int                 # gradient slots: shards per step
-    max_slices: int            # slice records per parity
-    blocks: int                # CHUNK blocks of the parameter vector
+    slots: int  # gradient slots: shards per step
+    max_slices: int  # slice records per parity
+    blocks: int  # CHUNK blocks of the parameter vector
     owner: Owner
 
     @property
@@ -162,19 +173,25 @@ class Mapped:
         vectors = np.frombuffer(smap, dtype=dt, count=6 * n, offset=HEADER).reshape(2, 3, n)
         self.state = [tuple(vectors[p]) for p in range(2)]
         self.slots = np.frombuffer(gmap, dtype=dt, count=ref.slots * n).reshape(ref.slots, n)
-        records = np.frombuffer(gmap, dtype=np.float64, count=ref.records_len, offset=ref.grads_bytes)
+        records = np.frombuffer(
+            gmap, dtype=np.float64, count=ref.records_len, offset=ref.grads_bytes
+        )
         half = ref.records_len // 2
         cut = ref.slots * ref.shard_len
-        self.shards = [records[p * half:p * half + cut].reshape(ref.slots, ref.shard_len) for p in range(2)]
-        self.slices = [records[p * half + cut:(p + 1) * half].reshape(ref.max_slices, ref.slice_len)
-                       for p in range(2)]
+        self.shards = [
+            records[p * half : p * half + cut].reshape(ref.slots, ref.shard_len) for p in range(2)
+        ]
+        self.slices = [
+            records[p * half + cut : (p + 1) * half].reshape(ref.max_slices, ref.slice_len)
+            for p in range(2)
+        ]
 
     def release(self) -> None:
         self.state = self.slots = self.shards = self.slices = self.abort = None
         for m in self._maps:
             try:
                 m.close()
-            except BufferError:     # a view handed out is still alive; freed with it
+            except BufferError:  # a view handed out is still alive; freed with it
                 pass
         self._maps = ()
 
@@ -184,14 +201,18 @@ class SharedState(Mapped):
 
     def __init__(self, layout: Layout, slots: int, max_slices: int, blocks: int):
         if not ordered_stores():
-            raise TrainingError(f"transport shm: this {platform.machine()} processor does not keep stores in order; "
-                                "use --transport tcp (or auto)")
+            raise TrainingError(
+                f"transport shm: this {platform.machine()} processor does not keep stores in order; "
+                "use --transport tcp (or auto)"
+            )
         remove_stale()
         owner = Owner.me()
         token = secrets.token_hex(16)
         root = shm_root()
         base = root / f"{_PREFIX}{owner.pid}-{owner.namespace}-{token[:12]}"
-        ref = ShmRef(f"{base}-state", f"{base}-grads", token, layout, slots, max_slices, blocks, owner)
+        ref = ShmRef(
+            f"{base}-state", f"{base}-grads", token, layout, slots, max_slices, blocks, owner
+        )
         self.paths = (ref.state_path, ref.grads_path)
         made = []
         try:
@@ -199,8 +220,10 @@ class SharedState(Mapped):
                 made.append(_create(path, size))
         except OSError as exc:
             self._unlink()
-            raise TrainingError(f"cannot create shared memory in {root} ({ref.state_bytes + ref.file_bytes} bytes): "
-                                f"{exc.strerror or exc}") from None
+            raise TrainingError(
+                f"cannot create shared memory in {root} ({ref.state_bytes + ref.file_bytes} bytes): "
+                f"{exc.strerror or exc}"
+            ) from None
         made[0][:32] = token.encode()
         super().__init__(ref, *made)
         for p in range(2):
@@ -216,7 +239,7 @@ class SharedState(Mapped):
 
     def close(self) -> None:
         if self.abort is not None:
-            self.abort[0] = 1          # tasks still waiting give up
+            self.abort[0] = 1  # tasks still waiting give up
         self.release()
         self._unlink()
 
@@ -241,7 +264,7 @@ def remove_stale() -> None:
     """Remove shared files left by killed coordinators (only of this host's pid namespace)."""
     me = Owner.me()
     for p in shm_root().glob(f"{_PREFIX}*-*-*"):
-        fields = p.name[len(_PREFIX):].split("-")
+        fields = p.name[len(_PREFIX) :].split("-")
         if len(fields) < 3 or not fields[0].isdigit() or not fields[1].isdigit():
             continue
         if not Owner(me.host, int(fields[1]), int(fields[0])).alive():
@@ -273,30 +296,30 @@ class Attached(Mapped):
         pause, seceded = 2e-5, False
         try:
             while not ready():
-                if self.abort is None or self.abort[0]:     # unmapped, or the coordinator stopped
+                if self.abort is None or self.abort[0]:  # unmapped, or the coordinator stopped
                     raise TrainingError(f"the run stopped while a task waited for {what}")
                 waited = time.monotonic() - t0
                 if waited > 5e-3 and not seceded:
                     seceded = _secede()
                 if waited > timeout or (pause >= 1e-3 and not self.ref.owner.alive()):
-                    raise TrainingError(f"waited {waited:.0f} s for {what}: the coordinator or a worker stopped")
+                    raise TrainingError(
+                        f"waited {waited:.0f} s for {what}: the coordinator or a worker stopped"
+                    )
                 time.sleep(pause)
-                pause = min(pause * 1.5, 1e-3)     # a waiting task must not take the CPU its worker computes on
+                pause = min(
+                    pause * 1.5, 1e-3
+                )  # a waiting task must not take the CPU its worker computes on
         finally:
             if seceded:
-                from distributed import rejoin
-
                 rejoin()
         return time.monotonic() - t0
 
 
 def _secede() -> bool:
     try:
-        from distributed import secede
-
         secede()
         return True
-    except (ImportError, ValueError):   # not in a Dask worker's task
+    except ValueError:  # not in a Dask worker's task
         return False
 
 
@@ -308,7 +331,7 @@ def record_is(record: np.ndarray, step: int) -> bool:
 def write_record(record: np.ndarray, step: int, fields: np.ndarray) -> None:
     """Seqlock write: the step first, the fields, the step last."""
     record[0] = step
-    record[1:1 + len(fields)] = fields
+    record[1 : 1 + len(fields)] = fields
     record[-1] = step
 
 
@@ -321,7 +344,7 @@ def attach(ref: ShmRef) -> Attached:
     got = _ATTACHED.get(ref.token)
     if got is None:
         for token, shm in list(_ATTACHED.items()):
-            if not os.path.exists(shm.ref.state_path):      # that run ended or its coordinator died
+            if not os.path.exists(shm.ref.state_path):  # that run ended or its coordinator died
                 release(token)
         try:
             got = _ATTACHED[ref.token] = Attached(ref)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import functools
 import os
 import sys
@@ -26,13 +27,23 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+from distributed import get_worker
 
 from pipeline._kernels.threads import set_threads
 from pipeline.cnn import ModelSpec
+from pipeline.data import open_store
 from pipeline.errors import TrainingError
 from pipeline.training.plan import CHUNK, StepPlan, children, covers
 from pipeline.training.reduce import adam_scalars, tree_adam, warm_kernels
-from pipeline.training.transport import SHARD_FIELDS, SHARD_HEAD, Layout, ShmRef, attach, record_is, write_record
+from pipeline.training.transport import (
+    SHARD_FIELDS,
+    SHARD_HEAD,
+    Layout,
+    ShmRef,
+    attach,
+    record_is,
+    write_record,
+)
 
 
 @dataclass(frozen=True)
@@ -43,9 +54,9 @@ class TaskSpec:
     store: str
     layout: Layout
     threads: int = 1
-    segments: tuple[tuple[int, int, float], ...] = ()   # (start, stop, reg) of each parameter
+    segments: tuple[tuple[int, int, float], ...] = ()  # (start, stop, reg) of each parameter
     lr: float = 1e-3
-    timeout: float = 600.0                               # longest wait for other tasks, seconds
+    timeout: float = 600.0  # longest wait for other tasks, seconds
 
 
 @dataclass(frozen=True)
@@ -62,9 +73,9 @@ EVAL_SHARD = 500
 
 # ---- per-process state -----------------------------------------------------------------------------
 
-_NETWORKS: collections.OrderedDict = collections.OrderedDict()   # spec -> idle networks, newest last
+_NETWORKS: collections.OrderedDict = collections.OrderedDict()  # spec -> idle networks, newest last
 _NETWORKS_LOCK = threading.Lock()
-_SPECS_KEPT = 2                                                      # runs whose networks stay built
+_SPECS_KEPT = 2  # runs whose networks stay built
 
 
 @contextlib.contextmanager
@@ -91,7 +102,7 @@ def _network(spec: ModelSpec):
 
 # glibc's mallopt parameters (<malloc.h>)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MALLOC_KEEP = 32 << 20       # the largest mmap threshold glibc accepts; above every per-step array
+_MALLOC_KEEP = 32 << 20  # the largest mmap threshold glibc accepts; above every per-step array
 
 
 @functools.cache
@@ -106,14 +117,15 @@ def keep_freed_memory() -> bool:
     32 MB (glibc's largest mmap threshold) come from the heap, and up to 256 MB of freed memory
     per arena stays for the next step (more resident memory, as Dask's monitor sees it). Larger
     arrays (a float32 network past about 8M parameters) are still mapped afresh each time."""
-    import ctypes
 
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):       # not glibc (musl, macOS): nothing to tune
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MALLOC_KEEP)) and bool(mallopt(_M_TRIM_THRESHOLD, 8 * _MALLOC_KEEP))
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MALLOC_KEEP)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, 8 * _MALLOC_KEEP)
+    )
 
 
 def _task_setup(n: int) -> None:
@@ -137,8 +149,10 @@ def _params(spec: TaskSpec, params) -> dict[str, np.ndarray]:
 
 # ---- one part of a step ----------------------------------------------------------------------------
 
-def _read_shards(spec: TaskSpec, shards: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    from pipeline.data import open_store
+
+def _read_shards(
+    spec: TaskSpec, shards: list[np.ndarray]
+) -> list[tuple[np.ndarray, np.ndarray, float]]:
 
     store, out = open_store(spec.store), []
     for idx in shards:
@@ -148,7 +162,9 @@ def _read_shards(spec: TaskSpec, shards: list[np.ndarray]) -> list[tuple[np.ndar
     return out
 
 
-def _compute_nodes(spec: TaskSpec, views: dict, plan: StepPlan, part: int, data: list, alloc, free) -> tuple[list, list]:
+def _compute_nodes(
+    spec: TaskSpec, views: dict, plan: StepPlan, part: int, data: list, alloc, free
+) -> tuple[list, list]:
     """The part's tree nodes: each shard's gradient sum computed alone, then summed along the
     tree (:func:`pipeline.training.plan.frontier`). ``alloc(node)`` gives the array (P,) a node
     is written to, ``free(array)`` takes back a temporary. Returns (nodes' arrays, shard stats)."""
@@ -163,10 +179,16 @@ def _compute_nodes(spec: TaskSpec, views: dict, plan: StepPlan, part: int, data:
         n = len(y)
         loss, _ = model.loss(X, y, into=spec.layout.views(out), scale=dt(n), accumulate=add)
         bn = model.last_batch_stats if spec.model.norm == "spatial_batchnorm" else None
-        stats[i - first] = {"n": n, "loss_sum": float(loss) * n, "read_s": read_s,
-                            "compute_s": time.perf_counter() - t0, "begin": begin, "end": time.time(),
-                            "bn_mean": None if bn is None else np.asarray(bn["mean"]),
-                            "bn_var": None if bn is None else np.asarray(bn["var"])}
+        stats[i - first] = {
+            "n": n,
+            "loss_sum": float(loss) * n,
+            "read_s": read_s,
+            "compute_s": time.perf_counter() - t0,
+            "begin": begin,
+            "end": time.time(),
+            "bn_mean": None if bn is None else np.asarray(bn["mean"]),
+            "bn_var": None if bn is None else np.asarray(bn["var"]),
+        }
 
     def value(node, out):
         level, i = node
@@ -177,9 +199,9 @@ def _compute_nodes(spec: TaskSpec, views: dict, plan: StepPlan, part: int, data:
         value(left, out)
         if not right:
             return
-        if right[0][0] == 0:              # node = left + a leaf: added as the leaf is computed
+        if right[0][0] == 0:  # node = left + a leaf: added as the leaf is computed
             leaf(right[0][1], out, add=True)
-        else:                             # node = left + right, the fixed tree's addition
+        else:  # node = left + right, the fixed tree's addition
             tmp = alloc(right[0])
             value(right[0], tmp)
             np.add(out, tmp, out=out)
@@ -207,8 +229,8 @@ def _pack(st: dict, channels: int) -> np.ndarray:
         else:
             fields[i] = st[name]
     if st["bn_mean"] is not None:
-        fields[SHARD_HEAD - 1:SHARD_HEAD - 1 + channels] = st["bn_mean"]
-        fields[SHARD_HEAD - 1 + channels:] = st["bn_var"]
+        fields[SHARD_HEAD - 1 : SHARD_HEAD - 1 + channels] = st["bn_mean"]
+        fields[SHARD_HEAD - 1 + channels :] = st["bn_var"]
     return fields
 
 
@@ -216,8 +238,10 @@ def _unpack(record: np.ndarray, slot: int, channels: int, dtype) -> dict:
     r = {name: float(record[1 + i]) for i, name in enumerate(SHARD_FIELDS)}
     r["n"], r["slot"], r["worker"] = int(r["n"]), slot, int(r["worker"])
     has_bn = r.pop("has_bn")
-    r["bn_mean"] = record[SHARD_HEAD:SHARD_HEAD + channels].astype(dtype) if has_bn else None
-    r["bn_var"] = record[SHARD_HEAD + channels:SHARD_HEAD + 2 * channels].astype(dtype) if has_bn else None
+    r["bn_mean"] = record[SHARD_HEAD : SHARD_HEAD + channels].astype(dtype) if has_bn else None
+    r["bn_var"] = (
+        record[SHARD_HEAD + channels : SHARD_HEAD + 2 * channels].astype(dtype) if has_bn else None
+    )
     return r
 
 
@@ -225,8 +249,17 @@ def _scalars(spec: TaskSpec, adam_t: int) -> tuple:
     return adam_scalars({"learning_rate": spec.lr, "t": adam_t - 1}, spec.model.dtype)
 
 
-def shm_part(spec: TaskSpec, ref: ShmRef, step: int, plan: StepPlan, part: int, shards: list[np.ndarray],
-             batch: int, adam_t: int, prev_width: int) -> dict:
+def shm_part(
+    spec: TaskSpec,
+    ref: ShmRef,
+    step: int,
+    plan: StepPlan,
+    part: int,
+    shards: list[np.ndarray],
+    batch: int,
+    adam_t: int,
+    prev_width: int,
+) -> dict:
     """Part ``part`` of ``step`` over shared memory: compute its shards into its tree nodes (in
     their gradient slots), wait for every part's nodes, then reduce, L2 and Adam on its slice
     (state copy ``step % 2`` in, the other out). A second run of the same task (its worker died)
@@ -239,44 +272,86 @@ def shm_part(spec: TaskSpec, ref: ShmRef, step: int, plan: StepPlan, part: int, 
     if not all(record_is(records[i], step) for i in range(a, b)):
         data = _read_shards(spec, shards)
         timing["read_s"] = sum(d[2] for d in data)
-        timing["wait_s"] = shm.wait(lambda: all(record_is(shm.slices[1 - par][j], step - 1) for j in range(prev_width)),
-                                    f"the parameters of step {step + 1}", spec.timeout)
+        timing["wait_s"] = shm.wait(
+            lambda: all(record_is(shm.slices[1 - par][j], step - 1) for j in range(prev_width)),
+            f"the parameters of step {step + 1}",
+            spec.timeout,
+        )
         if any(record_is(shm.slices[par][j], step) for j in range(plan.width)):
             raise TrainingError(f"part {part} of step {step + 1} ran after its step was reduced")
         tc = time.perf_counter()
-        _, stats = _compute_nodes(spec, spec.layout.views(shm.state[par][0]), plan, part, data,
-                                  alloc=lambda node: shm.slots[covers(node, plan.k)[0]], free=lambda tmp: None)
+        _, stats = _compute_nodes(
+            spec,
+            spec.layout.views(shm.state[par][0]),
+            plan,
+            part,
+            data,
+            alloc=lambda node: shm.slots[covers(node, plan.k)[0]],
+            free=lambda tmp: None,
+        )
         for i, st in zip(range(a, b), stats):
             write_record(records[i], step, _pack(st, ref.channels))
         timing["compute_s"] = time.perf_counter() - tc
     # reduce-scatter: this part's slice from every part's nodes, once all are written
-    timing["sync_s"] = shm.wait(lambda: all(record_is(records[i], step) for i in range(plan.k)),
-                                f"the other workers' gradients of step {step + 1}", spec.timeout)
+    timing["sync_s"] = shm.wait(
+        lambda: all(record_is(records[i], step) for i in range(plan.k)),
+        f"the other workers' gradients of step {step + 1}",
+        spec.timeout,
+    )
     tr = time.perf_counter()
     if lo < hi and not record_is(shm.slices[par][part], step):
-        shm.slices[par][part][0] = step          # begun: the state copy 1 - par is being written
+        shm.slices[par][part][0] = step  # begun: the state copy 1 - par is being written
         nodes = plan.nodes()
         ops, root = plan.program()
-        partial = tree_adam(shm.slots, [covers(n, plan.k)[0] for n in nodes], ops, root, 0, shm.state[par],
-                            shm.state[1 - par], 0, lo, hi, spec.segments, CHUNK, batch, _scalars(spec, adam_t))
+        partial = tree_adam(
+            shm.slots,
+            [covers(n, plan.k)[0] for n in nodes],
+            ops,
+            root,
+            0,
+            shm.state[par],
+            shm.state[1 - par],
+            0,
+            lo,
+            hi,
+            spec.segments,
+            CHUNK,
+            batch,
+            _scalars(spec, adam_t),
+        )
         if not all(record_is(records[i], step) for i in range(plan.k)):
-            raise TrainingError(f"a shard record of step {step + 1} changed while part {part} reduced it")
+            raise TrainingError(
+                f"a shard record of step {step + 1} changed while part {part} reduced it"
+            )
         write_record(shm.slices[par][part], step, partial)
     elif lo >= hi:
         write_record(shm.slices[par][part], step, np.zeros(0))
     timing["reduce_s"] = time.perf_counter() - tr
     blocks = -(-(hi - lo) // CHUNK)
-    result = {"part": part, "shards": [_unpack(records[i], i, ref.channels, spec.model.dtype) for i in range(a, b)],
-              "partials": shm.slices[par][part][1:1 + blocks].copy(), "worker": _worker_name(),
-              "seconds": time.perf_counter() - t0, **timing}
-    if not (record_is(shm.slices[par][part], step) and all(record_is(records[i], step) for i in range(a, b))):
-        raise TrainingError(f"the records of part {part} of step {step + 1} changed while they were read")
+    result = {
+        "part": part,
+        "shards": [_unpack(records[i], i, ref.channels, spec.model.dtype) for i in range(a, b)],
+        "partials": shm.slices[par][part][1 : 1 + blocks].copy(),
+        "worker": _worker_name(),
+        "seconds": time.perf_counter() - t0,
+        **timing,
+    }
+    if not (
+        record_is(shm.slices[par][part], step)
+        and all(record_is(records[i], step) for i in range(a, b))
+    ):
+        raise TrainingError(
+            f"the records of part {part} of step {step + 1} changed while they were read"
+        )
     return result
 
 
 # ---- the same over tcp: nodes and slices as Dask data ------------------------------------------------
 
-def tcp_part(spec: TaskSpec, step: int, plan: StepPlan, part: int, shards: list[np.ndarray], weights: list) -> dict:
+
+def tcp_part(
+    spec: TaskSpec, step: int, plan: StepPlan, part: int, shards: list[np.ndarray], weights: list
+) -> dict:
     """Part ``part`` of ``step`` over tcp: its tree nodes (flat arrays, kept on this worker) and
     shard statistics. ``weights``: the step's parameter slices (fetched from their workers)."""
     _task_setup(spec.threads)
@@ -285,14 +360,26 @@ def tcp_part(spec: TaskSpec, step: int, plan: StepPlan, part: int, shards: list[
     tc = time.perf_counter()
     spare: list[np.ndarray] = []
     nodes, stats = _compute_nodes(
-        spec, spec.layout.views(np.concatenate(weights)), plan, part, data,
-        alloc=lambda node: spare.pop() if spare else np.empty(spec.layout.size, dtype=spec.model.dtype),
-        free=spare.append)
+        spec,
+        spec.layout.views(np.concatenate(weights)),
+        plan,
+        part,
+        data,
+        alloc=lambda node: (
+            spare.pop() if spare else np.empty(spec.layout.size, dtype=spec.model.dtype)
+        ),
+        free=spare.append,
+    )
     a = plan.parts[part][0]
     for i, st in enumerate(stats):
         st.update(slot=a + i, worker=zlib.crc32(_worker_name().encode()))
-    return {"nodes": nodes, "shards": stats, "read_s": tc - t0, "compute_s": time.perf_counter() - tc,
-            "worker": _worker_name()}
+    return {
+        "nodes": nodes,
+        "shards": stats,
+        "read_s": tc - t0,
+        "compute_s": time.perf_counter() - tc,
+        "worker": _worker_name(),
+    }
 
 
 def tcp_piece(part_result: dict, lo: int, hi: int) -> list[np.ndarray]:
@@ -304,8 +391,16 @@ def tcp_stats(part_result: dict) -> dict:
     return {k: v for k, v in part_result.items() if k != "nodes"}
 
 
-def tcp_update(spec: TaskSpec, step: int, plan: StepPlan, part: int, prev: dict, pieces: list,
-               batch: int, adam_t: int) -> dict:
+def tcp_update(
+    spec: TaskSpec,
+    step: int,
+    plan: StepPlan,
+    part: int,
+    prev: dict,
+    pieces: list,
+    batch: int,
+    adam_t: int,
+) -> dict:
     """Reduce, L2 and Adam of slice ``part`` from every part's pieces: the slice's state after
     ``step`` from ``prev`` (the update before it, kept on this worker)."""
     _task_setup(spec.threads)
@@ -316,8 +411,26 @@ def tcp_update(spec: TaskSpec, step: int, plan: StepPlan, part: int, prev: dict,
     nodes = np.stack(rows) if rows else np.zeros((0, hi - lo), dtype=spec.model.dtype)
     new = tuple(np.empty_like(x) for x in state)
     ops, root = plan.program()
-    partial = tree_adam(nodes, list(range(len(rows))), ops, root, lo, state, new, lo, lo, hi, spec.segments, CHUNK,
-                        batch, _scalars(spec, adam_t)) if lo < hi else np.zeros(0)
+    partial = (
+        tree_adam(
+            nodes,
+            list(range(len(rows))),
+            ops,
+            root,
+            lo,
+            state,
+            new,
+            lo,
+            lo,
+            hi,
+            spec.segments,
+            CHUNK,
+            batch,
+            _scalars(spec, adam_t),
+        )
+        if lo < hi
+        else np.zeros(0)
+    )
     return {"state": new, "partials": partial, "reduce_s": time.perf_counter() - t0}
 
 
@@ -336,10 +449,8 @@ def tcp_start(state: tuple) -> dict:
 
 def _worker_name() -> str:
     try:
-        from distributed import get_worker
-
         return get_worker().address
-    except (ImportError, ValueError):
+    except ValueError:  # not in a Dask worker's task
         return f"pid-{os.getpid()}"
 
 
@@ -348,11 +459,12 @@ def warm_up(spec: TaskSpec, params, n_train: int) -> float:
     into the store's cache, build the network and run it once (loads Numba's compiled kernels)."""
     t0 = time.perf_counter()
     _task_setup(spec.threads)
-    from pipeline.data import open_store
 
     store = open_store(spec.store)
     chunk = store.chunks["train"]
-    store.read_uint8("train", np.unique(np.r_[np.arange(0, n_train, chunk), n_train - 1]), cache=True)
+    store.read_uint8(
+        "train", np.unique(np.r_[np.arange(0, n_train, chunk), n_train - 1]), cache=True
+    )
     X, y = store.read("train", np.arange(min(2, n_train)), dtype=spec.model.dtype)
     with _network(spec.model) as model:
         model.params = dict(_params(spec, params))
@@ -363,10 +475,11 @@ def warm_up(spec: TaskSpec, params, n_train: int) -> float:
     return time.perf_counter() - t0
 
 
-def shard_predictions(spec: TaskSpec, params, bn: dict | None, split: str, indices: np.ndarray) -> dict:
+def shard_predictions(
+    spec: TaskSpec, params, bn: dict | None, split: str, indices: np.ndarray
+) -> dict:
     """Test-mode accuracy counts of one shard of ``split`` (BN uses the running statistics ``bn``)."""
     _task_setup(spec.threads)
-    from pipeline.data import open_store
 
     X, y = open_store(spec.store).read(split, indices, dtype=spec.model.dtype, cache=True)
     with _network(spec.model) as model:
