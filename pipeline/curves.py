@@ -127,7 +127,6 @@ def infer_steps_per_epoch(metrics: list[dict]) -> float | None:
 def steps_per_epoch_of_settings(settings: dict) -> int | None:
     """``ceil(n_train / batch_size)`` from a run's ``config.json`` (``train_limit``, else the
     size of the store's train split); None when the store cannot be read."""
-
     try:
         batch = int(settings["batch_size"])
         n = settings.get("train_limit")

@@ -59,7 +59,6 @@ def get_CIFAR10_data(
     it (``$CONVPIPE_DATA/cifar10.zarr``, else ``data/cifar10.zarr``), with an error that
     says how to make one. Asking for more images than a split holds is a DataError.
     """
-
     s = open_store(find_store() if store is None else store)
     if "shuffle_seed" not in s.attrs:
         warnings.warn(

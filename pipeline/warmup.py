@@ -37,7 +37,6 @@ COMPILING_MESSAGE = (
 def model_kernels(filter_size: int = 7, normalization: str | None = None) -> list:
     """The cached Numba kernels a ThreeLayerConvNet training step runs: its convolution's
     (direct kernels for 7-wide filters, else im2col), ReLU + 2x2 max pool, and its norm's."""
-
     if uses_direct_kernels(filter_size, 1):
         conv = [kc.pad_planes, kc.conv7_forward, kc.conv7_dw]
     else:
@@ -57,7 +56,6 @@ def cold_kernels(kernels, dtype) -> list[str] | None:
     Reads only the cache's index files (where ``NUMBA_CACHE_DIR`` or ``__pycache__`` puts them);
     compiles nothing. Returns None when it cannot tell (a Numba whose cache layout differs).
     """
-
     try:
         want = kernel_dtype(dtype)  # float16 runs the float32 kernels
         return [k.py_func.__name__ for k in kernels if not _has_cached_code(k, want)]
@@ -70,7 +68,6 @@ def _has_cached_code(dispatcher, dtype: np.dtype) -> bool:
     first array argument of ``dtype`` (every kernel's data; float64 accumulators come later).
     Numba keys each entry by (argument types, the CPU's target triple, name and features,
     hashes of the bytecode); the index itself is empty when the source file changed since."""
-
     cache = dispatcher._cache
     index = cache._cache_file._load_index()
     _, machine, code = cache._index_key(None, dispatcher.targetctx.codegen())
@@ -95,7 +92,6 @@ def say_if_compiling(
 
 
 def warm() -> None:
-
     rng = np.random.default_rng(0)
     for dtype in (np.float32, np.float64):
         x = rng.standard_normal((2, 3, 8, 8)).astype(dtype)

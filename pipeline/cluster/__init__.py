@@ -78,7 +78,6 @@ def connect(
     ``tcp://`` one connects without TLS, with an :class:`InsecureSchedulerWarning` unless it
     is a loopback address.
     """
-
     if scheduler:
         risk = plaintext_risk(scheduler)
         if risk:
@@ -190,7 +189,6 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
 def _preloads() -> list[str]:
     """The scheduler's configured preloads, then convpipe's page (``dask scheduler --preload
     pipeline.dashboard`` for a scheduler started by hand)."""
-
     configured = dask.config.get("distributed.scheduler.preload", None) or []
     configured = [configured] if isinstance(configured, str) else list(configured)
     return list(dict.fromkeys([*configured, "pipeline.dashboard"]))

@@ -61,7 +61,6 @@ class TLSFiles:
 
     def security(self):
         """A ``distributed.security.Security`` for a client (mutual TLS, encryption required)."""
-
         self.check()
         return Security(
             tls_ca_file=self.ca_file,
@@ -137,7 +136,6 @@ def tls_from_config_file() -> TLSFiles | None:
 
 
 def tls_from_dask_config() -> TLSFiles | None:
-
     get = lambda key: dask.config.get(f"distributed.comm.tls.{key}", None)  # noqa: E731
     ca, cert, key = get("ca-file"), get("client.cert"), get("client.key")
     if ca and cert:

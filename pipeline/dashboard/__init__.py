@@ -96,7 +96,6 @@ def http_prefix(app) -> str:
 def page_link(dashboard_link: str, *, job: str | None = None, run_dir: str | None = None) -> str:
     """The page's URL from the dashboard's (``client.dashboard_link``, ``.../status``): the
     overview, or one job's or one run's page."""
-
     root = (
         dashboard_link[: -len("status")]
         if dashboard_link.endswith("/status")
@@ -129,7 +128,6 @@ def announce_run(client, run_dir: str | Path) -> str | None:
     """Tell the scheduler of ``client`` that a run trains in ``run_dir`` (an event on the topic
     :data:`pipeline.dashboard.data.RUNS_TOPIC`), so that its page lists it wherever it is;
     returns the run's page URL, or None when that scheduler has no page or no dashboard."""
-
     link = getattr(client, "dashboard_link", None)
     if not link or not has_page(client):
         return None

@@ -334,7 +334,6 @@ class Board:
 
     # ---- jobs ----
     def job_statuses(self, view: SchedulerView) -> tuple[dict[str, dict], list[str]]:
-
         listing = list_from_files(str(self.root))
         files = {s["job"]: s for s in listing.jobs if "job" in s}
         ids = sorted(
@@ -348,7 +347,6 @@ class Board:
         return statuses, list(listing.unreadable) + ([view.problem] if view.problem else [])
 
     def job(self, job_id: str, view: SchedulerView) -> dict | None:
-
         try:
             files = status_from_files(str(self.root), job_id)
         except JobError:
@@ -365,7 +363,6 @@ class Board:
 
     def job_log(self, status: dict, view: SchedulerView, lines: int = 40) -> list[str]:
         """The last ``lines`` lines of the job's log (its file; else the scheduler's events)."""
-
         job_dir = status.get("job_dir")
         text = JobFiles(job_dir).read_log()[0] if job_dir and os.path.isdir(job_dir) else ""
         return (text.splitlines() or list(view.log))[-lines:]

@@ -489,7 +489,6 @@ def sweep_section(run_dir: str | None) -> str:
     """A sweep's leaderboard (top 10 by best-so-far val accuracy, the settings that differ) and
     its trials' validation curves overlaid (the best one highlighted); "" when ``run_dir`` holds
     no sweep. Reads the sweep's files: call it off the event loop."""
-
     if not run_dir or not (Path(run_dir) / STATE_FILE).exists():
         return ""
     try:

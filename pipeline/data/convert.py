@@ -120,7 +120,6 @@ def dir_size(path: str | os.PathLike) -> int:
 
 
 def _warm_up(worker: str) -> str:
-
     return worker
 
 
@@ -561,7 +560,6 @@ def _install(partial: Path, out: Path) -> None:
 
 
 def _connect(client, scheduler, workers, processes):
-
     if client is not None:
         return contextlib.nullcontext(client)
 
@@ -583,7 +581,6 @@ def _run(
     client,
     progress,
 ) -> PrepareResult:
-
     staging.mkdir(parents=True)
     if src.kind == "cifar-archive" and verify:
         _verify_archive(src.path)  # before starting a cluster: hashing is quicker than reading
@@ -650,7 +647,6 @@ def _collect(futures, abort_flag: Path, on_done=None) -> list:
     """Results of guarded tasks in submission order, calling ``on_done(result)`` as each
     finishes. On the first error the job is aborted (queued tasks return at once) and, once
     no task is still running, that error is raised: nothing writes to the store after this."""
-
     error: BaseException | None = None
     try:
         for fut in as_completed(futures):
@@ -673,7 +669,6 @@ def _collect(futures, abort_flag: Path, on_done=None) -> list:
 
 
 def _base_attrs(out: Path, class_names, sizes, chunk, source_attrs, order) -> dict:
-
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

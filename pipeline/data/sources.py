@@ -391,7 +391,6 @@ def _finish_listing(label: str, found: dict[str, dict[str, list[str]]]) -> tuple
 def _open_tar_in_memory(path: Path, progress: Progress | None):
     """(md5 of the file, the uncompressed tar bytes, a TarFile over them): one decompression
     in C, then member headers parsed from memory (many small members read fast this way)."""
-
     with open(path, "rb") as f:
         raw = f.read()
     md5 = hashlib.md5(raw).hexdigest()
@@ -489,7 +488,6 @@ def list_image_folder(src: Source, progress: Progress | None = None) -> ImageLis
 
 def decode_image(data: bytes, name: str) -> np.ndarray:
     """Decode one JPEG/PNG to uint8 (3, 32, 32); DataError naming ``name`` otherwise."""
-
     try:
         img = Image.open(io.BytesIO(data), formats=("JPEG", "PNG"))
     except (UnidentifiedImageError, OSError, ValueError):

@@ -77,7 +77,6 @@ def _codecs(checksum: bool, compress: bool = True) -> tuple:
     """Bytes-to-bytes codecs of an array: bit-shuffled Blosc zstd level 1 (small and fast
     both ways on CIFAR images), then the crc32c of the compressed chunk, which is checked
     before anything is decompressed."""
-
     blosc = (
         (BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=1),) if compress else ()
     )
@@ -104,7 +103,6 @@ def create_layout(
     ``checksum=False`` writes the unprotected layout of format version 1 (for tests of old
     stores and for measuring what the checksum costs).
     """
-
     root = zarr.create_group(store=os.fspath(path), zarr_format=3, overwrite=True)
     ldt = labels_dtype(n_classes)
     for split, n in sizes.items():
@@ -136,7 +134,6 @@ def write_block(
     chunk-aligned, so that no two writers touch one chunk. Chunks of zeros are written
     too, so that a missing chunk file always means damage.
     """
-
     n = len(images)
     img = zarr.open_array(store=os.path.join(os.fspath(path), split, "images"), mode="r+")
     lab = zarr.open_array(store=os.path.join(os.fspath(path), split, "labels"), mode="r+")
@@ -150,7 +147,6 @@ def finalize_store(
     path: str | os.PathLike, attrs: dict[str, Any], mean_image: np.ndarray, *, checksum: bool = True
 ) -> None:
     """Write the mean image, then the attributes with ``complete: true`` (last)."""
-
     root = zarr.open_group(store=os.fspath(path), mode="r+")
     arr = root.create_array(
         MEAN_ARRAY,
@@ -445,7 +441,6 @@ def _stamp(path: str) -> tuple:
 
 
 def _open_array(path: str, split: str, name: str):
-
     try:
         return zarr.open_array(store=os.path.join(path, split, name), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises many kinds; name the array

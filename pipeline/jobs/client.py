@@ -78,7 +78,6 @@ def submit(
     client, spec, *, job_id: str | None = None, attempt: int = 1, timeout: float = 120.0
 ) -> dict:
     """Check ``spec`` on the cluster, queue its job; return the job's record (``record['job']``)."""
-
     job_id = job_id or new_job_id(spec.kind)
     if spec.options.get("workers") is not None and spec.kind == "train":
         raise SpecError(
@@ -356,7 +355,6 @@ def cancel(client, job_id: str) -> dict:
 
 def resume(client, job_id: str, record: dict | None = None, timeout: float = 120.0) -> dict:
     """Queue the next attempt of a failed or cancelled job: it continues from its last checkpoint."""
-
     if record is None:
         subs = submissions(client, job_id)
         if not subs:

@@ -35,7 +35,6 @@ from pipeline.training.rundir import RunDir
 
 
 def _spec_error(spec, exc: Exception) -> ConvpipeError:
-
     return SpecError(f"{spec.source}: {exc}")
 
 
@@ -45,7 +44,6 @@ def _abs(path: str | None) -> str | None:
 
 def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
     """Refuse a run directory that a queued or running job on this data root already uses."""
-
     jobs = Path(root) / "jobs"
     if not jobs.is_dir():
         return
@@ -90,7 +88,6 @@ class Train(_InRunDirectory):
 
     @staticmethod
     def config(options: dict):
-
         return TrainConfig.from_dict({**options, "scheduler": None})
 
     @classmethod
@@ -102,7 +99,6 @@ class Train(_InRunDirectory):
 
     @classmethod
     def preflight(cls, options: dict, root: str, job_id: str) -> dict:
-
         o = dict(options)
         o["data"] = _abs(o["data"])
         o["workers"] = None  # the job runs on the cluster's workers
@@ -123,7 +119,6 @@ class Train(_InRunDirectory):
 
     @classmethod
     def run(cls, options: dict, client, report) -> dict:
-
         config = cls.config(options)
         summary = train(config, client=client, progress=report.progress)
         keep = ("train_acc", "val_acc", "steps", "seconds", "images_per_s", "workers", "run_dir")
@@ -139,7 +134,6 @@ class Prepare:
 
     @staticmethod
     def options():
-
         return {
             "source": Option(
                 "source",
@@ -157,7 +151,6 @@ class Prepare:
 
     @staticmethod
     def validate(spec) -> None:
-
         o = spec.options
         if o["val"] < 0:
             raise SpecError(f"{spec.source}: val must be >= 0, got {o['val']}")
@@ -166,7 +159,6 @@ class Prepare:
 
     @staticmethod
     def preflight(options: dict, root: str, job_id: str) -> dict:
-
         o = dict(options)
         o["out"] = _abs(o["out"])
         if o["source"] and not is_url(o["source"]):
@@ -185,7 +177,6 @@ class Prepare:
 
     @staticmethod
     def run(options: dict, client, report) -> dict:
-
         def progress(stage, done, total):
             report.progress({"event": stage, "done": done, "total": total})
 
@@ -221,7 +212,6 @@ class Evaluate:
 
     @staticmethod
     def options():
-
         return {
             "run": Option(
                 "run", (str, type(None)), None, "the run directory to evaluate (required)"
@@ -232,7 +222,6 @@ class Evaluate:
 
     @classmethod
     def validate(cls, spec) -> None:
-
         if not spec.options["run"]:
             raise SpecError(
                 f'{spec.source}: an evaluate job needs run = "RUN_DIR" (the run to evaluate)'
@@ -245,7 +234,6 @@ class Evaluate:
 
     @staticmethod
     def preflight(options: dict, root: str, job_id: str) -> dict:
-
         o = dict(options)
         run_dir = o["run"]
         if not os.path.isabs(os.path.expanduser(run_dir)) and not os.path.exists(run_dir):
@@ -266,7 +254,6 @@ class Evaluate:
 
     @staticmethod
     def run(options: dict, client, report) -> dict:
-
         result = evaluate(
             options["run"],
             options["data"],
@@ -290,7 +277,6 @@ class Sweep(_InRunDirectory):
 
     @staticmethod
     def options():
-
         return {
             **Train.options(),
             "search": Option(
@@ -309,7 +295,6 @@ class Sweep(_InRunDirectory):
 
     @staticmethod
     def plan(options: dict, where: str = "<spec>"):
-
         return SweepPlan.from_options(options, where)
 
     @classmethod
@@ -326,7 +311,6 @@ class Sweep(_InRunDirectory):
 
     @classmethod
     def preflight(cls, options: dict, root: str, job_id: str) -> dict:
-
         o = dict(options)
         o["data"] = _abs(o["data"])
         o["workers"] = None
@@ -349,7 +333,6 @@ class Sweep(_InRunDirectory):
 
     @classmethod
     def run(cls, options: dict, client, report) -> dict:
-
         summary = run_sweep(
             cls.plan(options), options["out"], client=client, progress=report.progress
         )

@@ -99,7 +99,6 @@ class Report:
     # ---- output -------------------------------------------------------------------------------
     def _event(self, msg: dict) -> None:
         """The same record to the scheduler (the files already have it)."""
-
         msg = {
             "id": uuid.uuid4().hex[:12],
             "job": self.record["job"],
@@ -268,7 +267,6 @@ def preflight_job(spec: dict, job_id: str, attempt: int, by: str) -> dict:
 
 
 def _preflight(spec: dict, job_id: str, attempt: int, by: str) -> dict:
-
     js = JobSpec.from_dict(spec)
     root = os.path.abspath(os.path.expanduser(js.root))
     kind = KINDS[js.kind]
@@ -331,7 +329,6 @@ def _preflight(spec: dict, job_id: str, attempt: int, by: str) -> dict:
 
 def run_job(record: dict) -> dict:
     """The job's coordinator, on a worker (queued by :func:`pipeline.jobs.client.submit`); its final status."""
-
     worker = get_worker()
     try:
         report = Report(record)
@@ -426,7 +423,6 @@ def restart_record(record: dict) -> dict:
     directory holds a run (a train job: ``config.json`` written); before that, and for kinds
     without ``resume_options`` (prepare, evaluate: they redo their work), the same options.
     """
-
     kind = KINDS[record["kind"]]
     resume = getattr(kind, "resume_options", None)
     run_dir = kind.run_dir(record["options"]) if resume is not None else None
@@ -443,7 +439,6 @@ def _holds_a_run(kind: str, run_dir: str) -> bool:
 
 
 def _failure_reason(exc: BaseException, client=None) -> str:
-
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     lost = isinstance(

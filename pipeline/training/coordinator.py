@@ -485,7 +485,6 @@ def _accuracies(client, exchange, step, bn, store, config, n_train, n_val, n_tr)
 
 
 def _open_data(config: TrainConfig):
-
     store = open_store(config.data)
     n = store.splits.get("train", 0)
     if n < 1:

@@ -38,7 +38,6 @@ def evaluate(
 
     Returns ``{"split", "accuracy", "correct", "n", "seconds", "workers", "run_dir", "data"}``.
     """
-
     emit = progress or (lambda event: None)
     run = RunDir(run_dir).require_existing()
     config = TrainConfig.load(run.config_path)

@@ -60,7 +60,6 @@ def gather(client, futures: list, what: str, timeout: float) -> list:
     """``client.gather(futures)``, but never forever: fails with one line naming ``what`` when
     none of them finished for ``timeout`` seconds, or a task failed; :class:`WorkerLost` when
     Dask gave up on a task because data it needed left with a worker."""
-
     try:
         return _gather(client, futures, what, timeout, wait)
     except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
@@ -135,7 +134,6 @@ class _Exchange:
         self.sent = self.received = 0  # bytes of task arguments and results, this coordinator
 
     def _count(self, sent=None, received=None) -> None:
-
         self.sent += sizeof(sent) if sent is not None else 0
         self.received += sizeof(received) if received is not None else 0
 

@@ -174,7 +174,6 @@ def write_plots(run: RunDir, metrics: list[dict], W1: np.ndarray) -> list[Path]:
     filters.png: the seed's "Visualize Filters" grid, upscaled without smoothing, titled with
     the run and the step of the weights.
     """
-
     settings = _settings(run)
     curves = Curves.from_metrics(metrics, run_steps_per_epoch(metrics, settings))
     return [_plot_curves(run, curves), _plot_filters(run, W1, curves.last_step)]
@@ -302,5 +301,4 @@ def filters_figure(title: str, W1: np.ndarray):
 def _filter_grid(W1: np.ndarray) -> np.ndarray:
     """The seed's "Visualize Filters": W1 (F, C, HH, WW) as one uint8 image grid (H, W, C),
     each filter scaled to 0..255 on its own."""
-
     return visualize_grid(np.asarray(W1, dtype=np.float64).transpose(0, 2, 3, 1)).astype(np.uint8)

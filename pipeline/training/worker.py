@@ -117,7 +117,6 @@ def keep_freed_memory() -> bool:
     32 MB (glibc's largest mmap threshold) come from the heap, and up to 256 MB of freed memory
     per arena stays for the next step (more resident memory, as Dask's monitor sees it). Larger
     arrays (a float32 network past about 8M parameters) are still mapped afresh each time."""
-
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
@@ -153,7 +152,6 @@ def _params(spec: TaskSpec, params) -> dict[str, np.ndarray]:
 def _read_shards(
     spec: TaskSpec, shards: list[np.ndarray]
 ) -> list[tuple[np.ndarray, np.ndarray, float]]:
-
     store, out = open_store(spec.store), []
     for idx in shards:
         t0 = time.perf_counter()

@@ -1,0 +1,198 @@
+"""Running a sweep: every live trial trains to the next rung (``parallel`` at once, each an
+ordinary training run on the whole cluster), is scored, and the best go on."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from pipeline.cluster import worker_cluster
+from pipeline.data import open_store
+from pipeline.errors import TrainingError
+from pipeline.jobs.sweep.halving import promote, rungs
+from pipeline.jobs.sweep.report import settings_text, write_results
+from pipeline.jobs.sweep.space import SweepError, SweepPlan, config_of
+from pipeline.jobs.sweep.state import STATE_FILE, SweepState, Trial
+from pipeline.training import resume_config, train
+from pipeline.training.shards import Schedule
+
+
+def total_steps(config) -> int:
+    """The steps of a whole trial with these base settings (``steps``, else epochs x batches)."""
+    store = open_store(config.data)
+    n = store.splits.get("train", 0)
+    if config.train_limit is not None:
+        n = min(n, config.train_limit)
+    if n < 1:
+        raise TrainingError(f"{config.data}: the store has no training images")
+    if store.splits.get("val", 0) < 1:
+        raise TrainingError(
+            f"{config.data}: the store has no val split: a sweep scores its trials on it"
+        )
+    return Schedule(
+        n, config.batch_size, config.shard_size, config.seed, config.epochs, config.steps
+    ).total_steps
+
+
+def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
+    """Run (or continue) the sweep ``plan`` in run directory ``out``; return its summary.
+
+    ``client``: the cluster every trial trains on (default: connect as the base settings say).
+    ``progress``: called with each trial's training events (``trial`` added) and one message
+    per scored rung; an exception from it stops the sweep where it is (resumable).
+    """
+    emit = progress or (lambda event: None)
+    out = Path(out)
+    base = config_of(plan.base)
+    with worker_cluster(client, base.scheduler, base.workers, base.threads_per_worker) as client:
+        state = _open_state(plan, out, total_steps(base))
+        t0 = time.perf_counter()
+        seconds0 = state.seconds
+        factor = plan.early_stopping.reduction_factor if plan.early_stopping else 1
+        for k, rung in enumerate(state.rungs):
+            at_rung = [
+                t for t in state.trials if t.target >= rung
+            ]  # sent to this rung (failed ones too)
+            todo = [t for t in at_rung if t.live and rung not in t.scores]
+            _train_rung(
+                plan,
+                state,
+                todo,
+                rung,
+                out,
+                client,
+                emit,
+                lambda: seconds0 + time.perf_counter() - t0,
+            )
+            last = k == len(state.rungs) - 1
+            going_on = (
+                promote({t.id: t.scores.get(rung) for t in at_rung}, factor) if not last else []
+            )
+            for t in at_rung:
+                if t.live:
+                    t.state = (
+                        "completed" if last else ("running" if t.id in going_on else "stopped")
+                    )
+                    if t.id in going_on:
+                        t.target = state.rungs[k + 1]
+            state.seconds = seconds0 + time.perf_counter() - t0
+            state.save(out)
+            if not last:
+                emit(
+                    {
+                        "message": f"rung {rung} steps: {len(going_on)} of {len(at_rung)} trials go on "
+                        f"({', '.join(state.trials[i].name for i in going_on)})",
+                        "done": 1,
+                        "total": 1,
+                    }
+                )
+        return write_results(out, state, plan)
+
+
+def _open_state(plan: SweepPlan, out: Path, total: int) -> SweepState:
+    """The sweep's state in ``out``: a fresh one, or the saved one when it was made by this plan."""
+    mine = json.loads(json.dumps(plan.to_dict()))
+    if (out / STATE_FILE).exists():
+        state = SweepState.load(out)
+        if state.plan != mine:
+            raise SweepError(
+                f"{out / STATE_FILE}: the sweep there was started with other settings; "
+                f"resume it with its own spec, or choose another out"
+            )
+        return state
+    out.mkdir(parents=True, exist_ok=True)
+    state = SweepState(
+        mine,
+        rungs(total, plan.early_stopping),
+        [Trial(i, s, target=0) for i, s in enumerate(plan.search.settings())],
+    )
+    for t in state.trials:
+        t.target = state.rungs[0]
+    state.save(out)
+    return state
+
+
+class SweepStopped(Exception):
+    """Raised in a trial's progress callback when another trial training beside it stopped the sweep."""
+
+
+def _train_rung(
+    plan, state: SweepState, todo: list[Trial], rung: int, out: Path, client, emit, elapsed
+) -> None:
+    """Train ``todo`` to ``rung``, ``plan.search.parallel`` of them at once (each trial's numbers
+    do not depend on the others: only the order of the log lines does). The first exception
+    (a crash, a cancel) stops the others at their next step and is raised."""
+    lock = threading.Lock()
+
+    def save():
+        with lock:
+            state.seconds = elapsed()
+            state.save(out)
+
+    parallel = min(plan.search.parallel, len(todo))
+    if parallel <= 1:
+        for t in todo:
+            _train_trial(plan, t, rung, out, client, emit, lock, save)
+        return
+    stop = threading.Event()
+
+    def guarded(event):
+        if stop.is_set():
+            raise SweepStopped("stopped beside another trial")
+        with lock:
+            emit(event)
+
+    first = None
+    with ThreadPoolExecutor(parallel, thread_name_prefix="convpipe-trial") as pool:
+        futures = [
+            pool.submit(_train_trial, plan, t, rung, out, client, guarded, lock, save) for t in todo
+        ]
+        for f in as_completed(futures):
+            if f.exception() is not None and first is None:
+                first = f.exception()
+                stop.set()
+    if first is not None:
+        raise first
+
+
+def _train_trial(
+    plan: SweepPlan, trial: Trial, rung: int, out: Path, client, emit, lock, save
+) -> None:
+    """Train ``trial`` to ``rung`` steps (fresh, or continuing its run directory) and score it."""
+    run_dir = out / "trials" / trial.name
+    if (run_dir / "config.json").exists():
+        config = resume_config(str(run_dir), steps=rung)
+    else:
+        config = plan.trial_config(trial.settings, str(run_dir), rung)
+    with lock:
+        trial.state = "running"
+    save()
+
+    def progress(event):
+        emit({**event, "trial": trial.id})
+
+    try:
+        summary = train(config, client=client, progress=progress)
+    except TrainingError as exc:  # diverged (or could not run): recorded, the sweep goes on
+        with lock:
+            trial.state, trial.error = "failed", str(exc)
+        save()
+        emit({"event": "warning", "message": f"trial {trial.name} failed: {exc}"})
+        return
+    with lock:
+        trial.scores[rung] = summary["val_acc"]
+        trial.steps = rung
+        trial.seconds = float(summary.get("seconds") or 0.0)
+        trial.images = int(summary.get("images") or 0)
+    save()
+    emit(
+        {
+            "message": f"trial {trial.name} ({settings_text(trial.settings)}): step {rung} "
+            f"val_acc {summary['val_acc']:.4f}",
+            "done": 1,
+            "total": 1,
+        }
+    )
