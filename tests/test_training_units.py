@@ -9,18 +9,25 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.training.config import TrainConfig, parse_value
+from pipeline.cnn import ModelSpec
 from pipeline.errors import TrainingError
 from pipeline.optim import adam_inplace
 from pipeline.procs import pid_namespace
 from pipeline.training import transport
+from pipeline.training.config import TrainConfig, parse_value
 from pipeline.training.plan import CHUNK, StepPlan, covers, frontier, split
 from pipeline.training.reduce import adam_scalars, combine_moments, pairwise, tree_adam
 from pipeline.training.rundir import RunDir, write_plots
 from pipeline.training.shards import Schedule, epoch_permutation, subset
-from pipeline.training.transport import Layout, SharedState, attach, record_is, remove_stale, shm_root, write_record
-from pipeline.cnn import ModelSpec
-
+from pipeline.training.transport import (
+    Layout,
+    SharedState,
+    attach,
+    record_is,
+    remove_stale,
+    shm_root,
+    write_record,
+)
 
 # ---- ModelSpec ----------------------------------------------------------------------------------
 
@@ -32,8 +39,14 @@ def test_a_spec_builds_cs231n_weights_without_touching_the_global_random_state(m
 
     saved = np.random.get_state()
     np.random.seed(5)
-    cs231n = ThreeLayerConvNet(num_filters=4, filter_size=3, hidden_dim=16, weight_scale=0.1, seed=None,
-                               normalization="spatial_batchnorm").params
+    cs231n = ThreeLayerConvNet(
+        num_filters=4,
+        filter_size=3,
+        hidden_dim=16,
+        weight_scale=0.1,
+        seed=None,
+        normalization="spatial_batchnorm",
+    ).params
     np.random.set_state(saved)
 
     def refused(*args, **kwargs):
@@ -55,7 +68,7 @@ def test_networks_built_in_threads_at_once_get_their_seeds_weights():
     want = {seed: SPEC.build(weight_scale=0.1, seed=seed).params["W2"] for seed in (0, 1)}
     stop, wrong, built = threading.Event(), [], []
 
-    def reseed():                        # another thread using np.random all along
+    def reseed():  # another thread using np.random all along
         while not stop.is_set():
             np.random.seed(7)
             np.random.randn(100)
@@ -75,30 +88,44 @@ def test_networks_built_in_threads_at_once_get_their_seeds_weights():
         t.join()
     stop.set()
     noise.join()
-    assert wrong == [] and len(built) == 4 * 30          # every build ran (none raised in its thread)
+    assert wrong == [] and len(built) == 4 * 30  # every build ran (none raised in its thread)
 
 
 # ---- TrainConfig --------------------------------------------------------------------------------
 
+
 def test_defaults_follow_the_seed_training_cell():
     c = TrainConfig().validate()
-    assert (c.lr, c.hidden_dim, c.reg, c.weight_scale, c.epochs, c.dtype) == (1e-3, 500, 1e-3, 1e-3, 1, "float32")
+    assert (c.lr, c.hidden_dim, c.reg, c.weight_scale, c.epochs, c.dtype) == (
+        1e-3,
+        500,
+        1e-3,
+        1e-3,
+        1,
+        "float32",
+    )
     assert c.data == "data/cifar10.zarr" and c.batch_size % c.shard_size == 0
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"shard_size": 100}, ["shard_size 100", "batch_size 256"]),
-    ({"norm": "layernorm"}, ["norm", "layernorm", "spatial_batchnorm"]),
-    ({"dtype": "float16"}, ["dtype", "float16"]),
-    ({"batch_size": 0}, ["batch_size", ">= 1"]),
-    ({"steps": 0}, ["steps"]),
-    ({"lr": -1.0}, ["lr"]),
-    ({"filter_size": 4}, ["filter_size", "odd"]),
-    ({"norm": "groupnorm", "num_filters": 6, "num_groups": 4}, ["num_groups 4", "num_filters 6"]),
-    ({"workers": 2, "scheduler": "tcp://h:8786"}, ["workers", "scheduler"]),
-    ({"epochs": "2"}, ["epochs", "int"]),
-    ({"lr": True}, ["lr", "float"]),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"shard_size": 100}, ["shard_size 100", "batch_size 256"]),
+        ({"norm": "layernorm"}, ["norm", "layernorm", "spatial_batchnorm"]),
+        ({"dtype": "float16"}, ["dtype", "float16"]),
+        ({"batch_size": 0}, ["batch_size", ">= 1"]),
+        ({"steps": 0}, ["steps"]),
+        ({"lr": -1.0}, ["lr"]),
+        ({"filter_size": 4}, ["filter_size", "odd"]),
+        (
+            {"norm": "groupnorm", "num_filters": 6, "num_groups": 4},
+            ["num_groups 4", "num_filters 6"],
+        ),
+        ({"workers": 2, "scheduler": "tcp://h:8786"}, ["workers", "scheduler"]),
+        ({"epochs": "2"}, ["epochs", "int"]),
+        ({"lr": True}, ["lr", "float"]),
+    ],
+)
 def test_bad_settings_name_the_setting(changes, words):
     with pytest.raises(TrainingError) as e:
         TrainConfig(**changes).validate()
@@ -111,7 +138,7 @@ def test_from_dict_refuses_unknown_keys_and_wrong_types():
         TrainConfig.from_dict({"learning_rate": 1e-3})
     with pytest.raises(TrainingError, match="hidden_dim: expected int"):
         TrainConfig.from_dict({"hidden_dim": 1.5})
-    assert TrainConfig.from_dict({"lr": 1}).lr == 1.0          # TOML's `lr = 1`
+    assert TrainConfig.from_dict({"lr": 1}).lr == 1.0  # TOML's `lr = 1`
     assert TrainConfig.from_dict({"steps": None}).steps is None
 
 
@@ -137,16 +164,21 @@ def test_config_round_trips_through_json(tmp_path):
 
 # ---- data order -----------------------------------------------------------------------------------
 
+
 def test_every_epoch_visits_every_image_once_in_a_seeded_order():
     s = Schedule(n_train=1000, batch_size=64, shard_size=16, seed=3, epochs=2)
     assert s.steps_per_epoch == 16 and s.total_steps == 32
     for epoch in range(2):
-        seen = np.concatenate([np.concatenate(s.shards(step)) for step in range(epoch * 16, epoch * 16 + 16)])
+        seen = np.concatenate(
+            [np.concatenate(s.shards(step)) for step in range(epoch * 16, epoch * 16 + 16)]
+        )
         assert np.array_equal(np.sort(seen), np.arange(1000))
-    assert not np.array_equal(s.batch(0), s.batch(16))                      # a new order each epoch
-    assert np.array_equal(s.batch(5), Schedule(1000, 64, 16, 3, 2).batch(5))  # a function of (seed, step)
+    assert not np.array_equal(s.batch(0), s.batch(16))  # a new order each epoch
+    assert np.array_equal(
+        s.batch(5), Schedule(1000, 64, 16, 3, 2).batch(5)
+    )  # a function of (seed, step)
     assert not np.array_equal(s.batch(5), Schedule(1000, 64, 16, 4, 2).batch(5))
-    last = s.shards(15)                                                      # 1000 = 15 * 64 + 40
+    last = s.shards(15)  # 1000 = 15 * 64 + 40
     assert [len(x) for x in last] == [16, 16, 8]
     assert s.ends_epoch(15) and not s.ends_epoch(14) and s.ends_epoch(31)
 
@@ -162,6 +194,7 @@ def test_steps_limit_and_subset():
 
 # ---- the fixed-order gradient tree, cut into parts and slices --------------------------------------
 
+
 def _symbols(k):
     return pairwise([str(i) for i in range(k)], lambda a, b: f"({a}+{b})")
 
@@ -170,10 +203,15 @@ def _symbols(k):
 def test_parts_nodes_and_program_rebuild_the_one_tree_for_any_width(k):
     for width in range(1, k + 3):
         plan = StepPlan.make(k, width, 100_000)
-        assert plan.width == width and [a for a, _ in plan.parts] == sorted(a for a, _ in plan.parts)
+        assert plan.width == width and [a for a, _ in plan.parts] == sorted(
+            a for a, _ in plan.parts
+        )
         nodes = plan.nodes()
-        assert sorted(i for n in nodes for i in range(*covers(n, k))) == list(range(k))   # a tiling
-        regs = [pairwise([str(i) for i in range(*covers(n, k))], lambda a, b: f"({a}+{b})") for n in nodes]
+        assert sorted(i for n in nodes for i in range(*covers(n, k))) == list(range(k))  # a tiling
+        regs = [
+            pairwise([str(i) for i in range(*covers(n, k))], lambda a, b: f"({a}+{b})")
+            for n in nodes
+        ]
         ops, root = plan.program()
         for dst, a, b in ops:
             assert dst == len(regs)
@@ -185,7 +223,7 @@ def test_frontier_takes_the_largest_whole_subtrees():
     assert frontier(0, 16, 16) == [(4, 0)]
     assert frontier(0, 5, 16) == [(2, 0), (0, 4)]
     assert frontier(5, 11, 16) == [(0, 5), (1, 3), (1, 4), (0, 10)]
-    assert frontier(4, 5, 5) == [(3 - 1, 1)]          # shard 4 of 5 moves up unchanged: node (2, 1)
+    assert frontier(4, 5, 5) == [(3 - 1, 1)]  # shard 4 of 5 moves up unchanged: node (2, 1)
 
 
 def test_slices_are_whole_blocks_and_cover_the_vector():
@@ -199,14 +237,16 @@ def test_slices_are_whole_blocks_and_cover_the_vector():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k, width", [(1, 1), (2, 2), (3, 2), (5, 2), (8, 3), (16, 4), (4, 6)])
 @pytest.mark.parametrize("t", [0, 57])
-def test_sliced_tree_and_adam_are_bit_for_bit_the_whole_tree_then_pipeline_optim_adam(k, width, t, dtype):
+def test_sliced_tree_and_adam_are_bit_for_bit_the_whole_tree_then_pipeline_optim_adam(
+    k, width, t, dtype
+):
     rng = np.random.default_rng(10 * k + width + t)
     n = 3 * CHUNK + 1001
     slots = (rng.standard_normal((k, n)) * 10.0 ** rng.integers(-3, 4, (k, 1))).astype(dtype)
     w0 = rng.standard_normal(n).astype(dtype)
     m0 = (0.1 * rng.standard_normal(n)).astype(dtype)
     v0 = (0.01 * np.abs(rng.standard_normal(n))).astype(dtype)
-    segments = [(0, n // 3, 1e-3), (n // 3, n // 2, 0.0), (n // 2, n, 0.5)]   # a bias has no L2
+    segments = [(0, n // 3, 1e-3), (n // 3, n // 2, 0.0), (n // 2, n, 0.5)]  # a bias has no L2
     # reference: the whole tree, / batch, + reg * W, then pipeline.optim's Adam
     g = pairwise(list(slots), np.add) / dtype(200)
     for a, b, reg in segments:
@@ -222,9 +262,25 @@ def test_sliced_tree_and_adam_are_bit_for_bit_the_whole_tree_then_pipeline_optim
         nodes[a] = pairwise(list(slots[a:b]), np.add)
     ops, root = plan.program()
     out = tuple(np.full(n, np.nan, dtype) for _ in range(3))
-    partials = [tree_adam(nodes, [covers(nd, k)[0] for nd in plan.nodes()], ops, root, 0, (w0, m0, v0), out, 0,
-                          lo, hi, segments, CHUNK, 200, adam_scalars({"learning_rate": 3e-3, "t": t}, dtype))
-                for lo, hi in plan.slices]
+    partials = [
+        tree_adam(
+            nodes,
+            [covers(nd, k)[0] for nd in plan.nodes()],
+            ops,
+            root,
+            0,
+            (w0, m0, v0),
+            out,
+            0,
+            lo,
+            hi,
+            segments,
+            CHUNK,
+            200,
+            adam_scalars({"learning_rate": 3e-3, "t": t}, dtype),
+        )
+        for lo, hi in plan.slices
+    ]
     for a, b in zip(out, (w_ref, ref["m"], ref["v"])):
         assert a.dtype == dtype and np.array_equal(a, b)
     expect = sum(float(np.sum(w0[a:b].astype(np.float64) ** 2)) for a, b, reg in segments if reg)
@@ -238,22 +294,32 @@ def test_tree_order_is_fixed_not_left_to_right():
 
 # ---- BN moments -------------------------------------------------------------------------------------
 
+
 def test_combined_moments_are_those_of_the_whole_batch():
     rng = np.random.default_rng(1)
     parts = [rng.normal(m, s, (n, 6)) for m, s, n in ((0, 1, 16), (3, 2, 16), (-1, 0.5, 7))]
-    mean, var = combine_moments([p.mean(0) for p in parts], [p.var(0) for p in parts], [len(p) for p in parts])
+    mean, var = combine_moments(
+        [p.mean(0) for p in parts], [p.var(0) for p in parts], [len(p) for p in parts]
+    )
     whole = np.concatenate(parts)
     np.testing.assert_allclose(mean, whole.mean(0), rtol=1e-13)
     np.testing.assert_allclose(var, whole.var(0), rtol=1e-13)
-    m32, v32 = combine_moments([p.mean(0).astype(np.float32) for p in parts],
-                               [p.var(0).astype(np.float32) for p in parts], [16, 16, 7])
+    m32, v32 = combine_moments(
+        [p.mean(0).astype(np.float32) for p in parts],
+        [p.var(0).astype(np.float32) for p in parts],
+        [16, 16, 7],
+    )
     assert m32.dtype == v32.dtype == np.float32
 
 
 # ---- shared buffers -------------------------------------------------------------------------------
 
+
 def test_layout_views_and_flatten_round_trip():
-    params = {"W1": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2), "b1": np.array([7, 8], np.float32)}
+    params = {
+        "W1": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+        "b1": np.array([7, 8], np.float32),
+    }
     layout = Layout.of(params)
     flat = layout.flatten(params)
     assert flat.shape == (26,) and layout.views(flat)["b1"].tolist() == [7, 8]
@@ -267,14 +333,16 @@ def test_workers_see_the_state_the_coordinator_starts_from_and_records_validate_
         p = np.arange(16, dtype=np.float32)
         shared.start(5, p, p + 1, p + 2)
         seen = attach(shared.ref)
-        assert np.array_equal(seen.state[1][0], p) and np.array_equal(seen.state[1][2], p + 2)   # 5 % 2
-        assert record_is(seen.slices[0][0], 4)              # step 5's parameters are ready
+        assert np.array_equal(seen.state[1][0], p) and np.array_equal(
+            seen.state[1][2], p + 2
+        )  # 5 % 2
+        assert record_is(seen.slices[0][0], 4)  # step 5's parameters are ready
         seen.slots[1] = 2.5
         assert np.all(shared.slots[1] == 2.5) and not shared.slots[0].any()
         record = seen.shards[0][1]
         write_record(record, 7, np.arange(3.0))
         assert record_is(shared.shards[0][1], 7) and not record_is(shared.shards[0][1], 6)
-        record[0] = 8                                        # a writer of step 8 half-way through
+        record[0] = 8  # a writer of step 8 half-way through
         assert not record_is(shared.shards[0][1], 7) and not record_is(shared.shards[0][1], 8)
     finally:
         shared.close()
@@ -307,7 +375,7 @@ def test_shared_memory_is_refused_where_stores_may_be_reordered(monkeypatch):
 
 def test_stale_shared_files_of_dead_coordinators_are_removed(tmp_path):
     dead = shm_root() / f"convpipe-999999999-{pid_namespace()}-deadbeef0000-state"
-    elsewhere = shm_root() / "convpipe-999999999-1-deadbeef0000-state"   # another container's
+    elsewhere = shm_root() / "convpipe-999999999-1-deadbeef0000-state"  # another container's
     dead.write_bytes(b"x")
     elsewhere.write_bytes(b"x")
     try:
@@ -320,6 +388,7 @@ def test_stale_shared_files_of_dead_coordinators_are_removed(tmp_path):
 
 # ---- run directory --------------------------------------------------------------------------------
 
+
 def test_run_directory_refuses_to_overwrite_and_truncates_metrics(tmp_path):
     run = RunDir(tmp_path / "run").create()
     (run.config_path).write_text("{}")
@@ -328,7 +397,7 @@ def test_run_directory_refuses_to_overwrite_and_truncates_metrics(tmp_path):
     for i in range(5):
         run.append_metrics({"kind": "step", "step": i + 1, "loss": 1.0})
     with open(run.metrics_path, "a") as f:
-        f.write('{"kind": "st')                            # torn last line of a killed run
+        f.write('{"kind": "st')  # torn last line of a killed run
     assert len(run.read_metrics()) == 5
     run.truncate_metrics(3)
     assert [m["step"] for m in run.read_metrics()] == [1, 2, 3]
@@ -337,11 +406,17 @@ def test_run_directory_refuses_to_overwrite_and_truncates_metrics(tmp_path):
 def test_params_npz_loads_without_pickle(tmp_path):
     run = RunDir(tmp_path / "run").create()
     params = {"W1": np.random.rand(4, 3, 3, 3).astype(np.float32), "b1": np.zeros(4, np.float32)}
-    run.write_params(params, {"bn_running_mean": np.ones(4, np.float32), "bn_running_var": np.ones(4, np.float32)})
+    run.write_params(
+        params,
+        {"bn_running_mean": np.ones(4, np.float32), "bn_running_var": np.ones(4, np.float32)},
+    )
     with np.load(run.params_path, allow_pickle=False) as f:
         assert set(f.files) == {"W1", "b1", "bn_running_mean", "bn_running_var"}
     back, bn = run.read_params()
-    assert np.array_equal(back["W1"], params["W1"]) and set(bn) == {"bn_running_mean", "bn_running_var"}
+    assert np.array_equal(back["W1"], params["W1"]) and set(bn) == {
+        "bn_running_mean",
+        "bn_running_var",
+    }
 
 
 def _png_size(path) -> tuple[int, int]:
@@ -355,17 +430,29 @@ def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filt
     curves.png's x axis is step / 4 from 0, the accuracy lines hold every point, axes are labelled,
     there is a legend; filters.png is upscaled to >= 480 px and titled with the run and step."""
     from pipeline.curves import Curves
-    from pipeline.training.rundir import curves_figure, filters_figure
+    from pipeline.figures import curves_figure, filters_figure
 
     run = RunDir(tmp_path / "run-a").create()
     TrainConfig(batch_size=64, shard_size=16, train_limit=256, steps=6).save(run.config_path)
     metrics = []
     for s in range(1, 7):
-        metrics.append({"kind": "step", "step": s, "epoch": (s - 1) // 4 + 1, "loss": 2.3 - 0.1 * s})
+        metrics.append(
+            {"kind": "step", "step": s, "epoch": (s - 1) // 4 + 1, "loss": 2.3 - 0.1 * s}
+        )
         if s in (2, 6):
-            metrics.append({"kind": "eval", "step": s, "epoch": s / 4, "train_acc": 0.1 * s, "val_acc": 0.05 * s})
+            metrics.append(
+                {
+                    "kind": "eval",
+                    "step": s,
+                    "epoch": s / 4,
+                    "train_acc": 0.1 * s,
+                    "val_acc": 0.05 * s,
+                }
+            )
         if s == 4:
-            metrics.append({"kind": "epoch", "epoch": 1, "step": 4, "train_acc": 0.4, "val_acc": 0.2})
+            metrics.append(
+                {"kind": "epoch", "epoch": 1, "step": 4, "train_acc": 0.4, "val_acc": 0.2}
+            )
     W1 = np.random.default_rng(0).normal(size=(32, 3, 7, 7)).astype(np.float32)
     curves_png, filters_png = write_plots(run, metrics, W1)
     assert (curves_png.name, filters_png.name) == ("curves.png", "filters.png")
@@ -379,7 +466,9 @@ def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filt
     assert loss_ax.get_ylabel() == "training loss" and acc_ax.get_ylabel() == "accuracy"
     assert acc_ax.get_xlabel().startswith("epoch") and acc_ax.get_xlim()[0] == 0
     val = next(line for line in acc_ax.get_lines() if line.get_label() == "val accuracy")
-    assert list(val.get_xdata()) == [0.5, 1.0, 1.5] and list(val.get_ydata()) == pytest.approx([0.1, 0.2, 0.3])
+    assert list(val.get_xdata()) == [0.5, 1.0, 1.5] and list(val.get_ydata()) == pytest.approx(
+        [0.1, 0.2, 0.3]
+    )
     legend = [t.get_text() for t in acc_ax.get_legend().get_texts()]
     assert legend[:2] == ["val accuracy", "train accuracy (sample)"]
     assert loss_ax.get_legend() is not None
@@ -400,7 +489,7 @@ def test_a_leaf_added_as_computed_has_the_bits_of_multiplying_then_adding(dtype)
     want = np.add(out, np.multiply(g, n))
     add_scaled(out, g, n)
     assert out.dtype == dtype and np.array_equal(out.view(np.uint8), want.view(np.uint8))
-    gt = np.asfortranarray(g)                       # a non-contiguous gradient is read correctly
+    gt = np.asfortranarray(g)  # a non-contiguous gradient is read correctly
     out2 = rng.standard_normal(g.shape).astype(dtype)
     want2 = out2 + gt * n
     add_scaled(out2, gt, n)
@@ -412,11 +501,11 @@ def test_add_scaled_refuses_what_would_lose_or_change_the_result():
 
     out = np.ones((4, 6), np.float32)
     with pytest.raises(ValueError, match="C-contiguous"):
-        add_scaled(out[:, ::2], np.ones((4, 3), np.float32), 2)        # a copy would be written
+        add_scaled(out[:, ::2], np.ones((4, 3), np.float32), 2)  # a copy would be written
     with pytest.raises(ValueError, match="float32 \\(4, 6\\)"):
-        add_scaled(out, np.ones((4, 6), np.float64), 2)                  # would round in float64
+        add_scaled(out, np.ones((4, 6), np.float64), 2)  # would round in float64
     g = np.full((4, 6), 0.1, np.float32)
-    add_scaled(out, g, 3)                                               # a Python int n: cast to float32
+    add_scaled(out, g, 3)  # a Python int n: cast to float32
     assert np.array_equal(out, np.float32(1) + g * np.float32(3))
 
 
@@ -434,28 +523,45 @@ def test_a_closed_client_while_waiting_is_a_lost_connection_not_a_value_error():
     def wait(*args, **kwargs):
         raise ValueError("No clients found")
 
-    with pytest.raises(ConnectionError, match="step 3: the connection to the Dask scheduler is closed"):
+    with pytest.raises(
+        ConnectionError, match="step 3: the connection to the Dask scheduler is closed"
+    ):
         _gather(Client(), [Future()], "step 3", 10.0, wait)
-    Client.status = "running"                       # a ValueError with a live client is not hidden
+    Client.status = "running"  # a ValueError with a live client is not hidden
     with pytest.raises(ValueError, match="No clients found"):
         _gather(Client(), [Future()], "step 3", 10.0, wait)
 
 
-@pytest.mark.parametrize("reason,status,lost_worker", [
-    ("scheduler-connection-lost", "running", False),   # reconnected to a restarted scheduler: not a worker
-    ("scheduler-connection-lost", "connecting", False),
-    ("unknown", "connecting", False),                   # no scheduler now: not a worker either
-    ("unknown", "running", True),                       # the scheduler is there, a worker's data left
-])
-def test_cancelled_futures_are_a_lost_worker_only_while_the_scheduler_stays(monkeypatch, reason, status, lost_worker):
+@pytest.mark.parametrize(
+    "reason,status,lost_worker",
+    [
+        (
+            "scheduler-connection-lost",
+            "running",
+            False,
+        ),  # reconnected to a restarted scheduler: not a worker
+        ("scheduler-connection-lost", "connecting", False),
+        ("unknown", "connecting", False),  # no scheduler now: not a worker either
+        ("unknown", "running", True),  # the scheduler is there, a worker's data left
+    ],
+)
+def test_cancelled_futures_are_a_lost_worker_only_while_the_scheduler_stays(
+    monkeypatch, reason, status, lost_worker
+):
     """exchange.gather: futures cancelled with the scheduler still connected mean a worker's data
     left (replay from a checkpoint); cancelled because the client lost its scheduler connection,
     they are that loss, raised as it came, even when the client has reconnected since."""
-    from distributed.client import CancelledFuturesGroup, FutureCancelledError, FuturesCancelledError
+    from distributed.client import (
+        CancelledFuturesGroup,
+        FutureCancelledError,
+        FuturesCancelledError,
+    )
 
     from pipeline.training import exchange
 
-    cancelled = FuturesCancelledError([CancelledFuturesGroup([FutureCancelledError("part-0", reason)], reason)])
+    cancelled = FuturesCancelledError(
+        [CancelledFuturesGroup([FutureCancelledError("part-0", reason)], reason)]
+    )
 
     def gather_cancelled(*args):
         raise cancelled

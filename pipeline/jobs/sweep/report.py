@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_write, atomic_write_text
 from pipeline.errors import ConvpipeError
+from pipeline.figures import sweep_figure
 from pipeline.jobs.sweep.space import SweepPlan, spelt
 from pipeline.jobs.sweep.state import SweepState
 from pipeline.training.rundir import RunDir
@@ -126,73 +127,15 @@ def curve(run_dir: Path) -> tuple[list[int], list[float]]:
 
 
 def plot_sweep(out: Path, state: SweepState) -> Path:
-    """sweep.png: val accuracy against steps for every trial (the best highlighted), and the
-    best-so-far metric against each searched setting (log axis for log-uniform ranges)."""
-    import matplotlib  # noqa: PLC0415 (lazy: matplotlib only when plotting)
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415 (lazy: matplotlib only when plotting)
-
-    dims = state.plan["search"]["dims"]
-    best = state.best()
-    fig, axes = plt.subplots(1, 1 + len(dims), figsize=(5 * (1 + len(dims)), 4), squeeze=False)
-    ax = axes[0][0]
-    for t in state.trials:
-        steps, acc = curve(out / "trials" / t.name)
-        if best is not None and t.id == best.id:
-            continue
-        ax.plot(steps, acc, color="0.6", lw=0.8, alpha=0.7, marker="o", ms=2)
-    if best is not None:
-        steps, acc = curve(out / "trials" / best.name)
-        ax.plot(steps, acc, color="C3", lw=2.2, label=f"best: {best.name}")
-        ax.legend(loc="lower right")
-    for r in state.rungs[:-1]:
-        ax.axvline(r, color="0.85", lw=0.8, ls="--")
-    ax.set(xlabel="step", ylabel="validation accuracy", title=f"{len(state.trials)} trials")
-    for ax, d in zip(axes[0][1:], dims):
-        xs = [t.settings[d["name"]] for t in state.trials if t.best()[0] is not None]
-        ys = [t.best()[0] for t in state.trials if t.best()[0] is not None]
-        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
-        if not numeric:
-            labels = sorted({str(x) for x in xs})
-            xs = [labels.index(str(x)) for x in xs]
-            ax.set_xticks(range(len(labels)), labels)
-        ax.scatter(xs, ys, color="C0", s=18)
-        if best is not None and best.best()[0] is not None:
-            bx = best.settings[d["name"]]
-            ax.scatter(
-                [
-                    bx
-                    if numeric
-                    else sorted(
-                        {
-                            str(t.settings[d["name"]])
-                            for t in state.trials
-                            if t.best()[0] is not None
-                        }
-                    ).index(str(bx))
-                ],
-                [best.best()[0]],
-                color="C3",
-                s=60,
-                zorder=3,
-            )
-        if "log-uniform" in d or (
-            numeric
-            and "values" in d
-            and min(d["values"]) > 0
-            and max(d["values"]) / min(d["values"]) >= 100
-        ):
-            ax.set_xscale("log")
-        ax.set(xlabel=spelt(d["name"]), ylabel=f"best {state.plan['search']['metric']}")
-    fig.tight_layout()
+    """sweep.png in the sweep's run directory ``out`` (:func:`pipeline.figures.sweep_figure`)."""
+    curves = {t.name: curve(out / "trials" / t.name) for t in state.trials}
+    fig = sweep_figure(state, curves, spelt)
     path = out / "sweep.png"
 
     def write(f):
         fig.savefig(f, format="png", dpi=100)
 
     atomic_write(path, write)
-    plt.close(fig)
     return path
 
 
