@@ -39,13 +39,13 @@ from pipeline.training.config import TrainConfig
 from pipeline.training.exchange import (
     WorkerLost,
     gather,
-    open_exchange,
     warm_up_workers,
 )
+from pipeline.training.plan import Layout
 from pipeline.training.reduce import combine_moments
 from pipeline.training.rundir import BN_KEYS, RunDir, write_plots
 from pipeline.training.shards import Schedule, cut, subset
-from pipeline.training.transport import Layout
+from pipeline.training.transport import open_exchange
 from pipeline.training.worker import EVAL_SHARD, TaskSpec, shard_predictions
 
 REGULARIZED = ("W1", "W2", "W3")

@@ -17,9 +17,9 @@ from pipeline.cnn import ModelSpec
 from pipeline.data import open_store
 from pipeline.errors import DataError, TrainingError
 from pipeline.training.config import TrainConfig
+from pipeline.training.plan import Layout
 from pipeline.training.rundir import RunDir
 from pipeline.training.shards import cut
-from pipeline.training.transport import Layout
 from pipeline.training.worker import EVAL_SHARD, TaskSpec, shard_predictions
 
 

@@ -1,8 +1,9 @@
 """The coordinator's side of a step's communication: start the parts of a step on the workers,
 collect their small results, read the state for a checkpoint.
 
-``SharedMemoryExchange`` and ``TcpExchange`` (see :mod:`pipeline.training.transport`) have one
-interface:
+:class:`Exchange` is the interface both transports implement
+(:class:`~pipeline.training.shm.SharedMemoryExchange`, :class:`~pipeline.training.tcp.TcpExchange`;
+:func:`pipeline.training.transport.open_exchange` picks one):
 
     exchange.start(step, params, m, v)   the state the run continues from
     exchange.submit(step, plan, shards, batch, adam_t) -> pending   the parts of ``step``
@@ -22,32 +23,14 @@ import concurrent.futures
 import time
 import uuid
 
-import numpy as np
 from dask.sizeof import sizeof
 from distributed import wait
 
 from pipeline.cluster import cancelled_by_lost_scheduler, worker_addresses, worker_count
 from pipeline.errors import TrainingError
-from pipeline.training.plan import CHUNK, StepPlan
-from pipeline.training.transport import (
-    Layout,
-    SharedState,
-    ShmRef,
-    can_attach,
-    ordered_stores,
-    release,
-)
+from pipeline.training.plan import Layout, StepPlan
 from pipeline.training.worker import (
-    ShmParams,
     TaskSpec,
-    shm_part,
-    tcp_part,
-    tcp_partials,
-    tcp_piece,
-    tcp_start,
-    tcp_stats,
-    tcp_update,
-    tcp_weights,
     warm_up,
 )
 
@@ -121,7 +104,7 @@ def _gather(client, futures: list, what: str, timeout: float, wait) -> list:
         pending = still
 
 
-class _Exchange:
+class Exchange:
     def __init__(self, client, spec: TaskSpec, layout: Layout, width: int, timeout: float):
         self.client, self.spec, self.layout, self.width, self.timeout = (
             client,
@@ -156,186 +139,6 @@ class _Exchange:
         return StepPlan.make(k, self.width, self.layout.size)
 
 
-class SharedMemoryExchange(_Exchange):
-    kind = "shm"
-
-    def __init__(
-        self, client, spec: TaskSpec, layout: Layout, slots: int, width: int, timeout: float
-    ):
-        super().__init__(client, spec, layout, width, timeout)
-        blocks = -(-layout.size // CHUNK)
-        self.shared = SharedState(layout, slots, max(width, 1), blocks)
-        self.ref: ShmRef = self.shared.ref
-        self.prev_width = 1
-
-    def usable(self) -> bool:
-        """Whether every worker now connected can map the shared files (same host)."""
-        try:
-            seen = self.client.run(can_attach, self.ref)
-        except Exception:  # noqa: BLE001 - a worker that cannot even run the probe
-            return False
-        return bool(seen) and all(seen.values())
-
-    def start(self, step: int, params, m, v) -> None:
-        self._refresh()
-        self.shared.start(step, params, m, v)
-        self.prev_width = 1
-
-    def submit(self, step: int, plan: StepPlan, shards: list[np.ndarray], batch: int, adam_t: int):
-        futures = [
-            self.client.submit(
-                shm_part,
-                self.spec,
-                self.ref,
-                step,
-                plan,
-                j,
-                shards[plan.parts[j][0] : plan.parts[j][1]],
-                batch,
-                adam_t,
-                self.prev_width,
-                key=f"part-{step}-{j}-{self.tag}",
-                pure=False,
-                **self._where(j),
-            )
-            for j in range(plan.width)
-        ]
-        self.prev_width = plan.width
-        self._count(sent=(shards, plan))
-        return step, futures
-
-    def collect(self, pending) -> list[dict]:
-        step, futures = pending
-        results = gather(self.client, futures, f"step {step + 1}", self.timeout)
-        for f in futures:
-            f.release()
-        self._count(received=results)
-        return results
-
-    def state(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of the state of ``step`` (all its slices done). Step ``step + 1``'s update
-        overwrites that copy: refused if it has begun, before or while the copy is read."""
-        records = self.shared.slices[(step + 1) % 2]
-        begun = lambda: (records[:, 0] == step + 1).any()  # noqa: E731
-        if not begun():
-            got = tuple(x.copy() for x in self.shared.state[step % 2])
-            if not begun():
-                return got
-        raise TrainingError(
-            f"the state of step {step} was overwritten by step {step + 1} while it was read"
-        )
-
-    def params_ref(self, step: int):
-        return ShmParams(self.ref, step % 2)
-
-    def close(self) -> None:
-        self.shared.close()
-        try:
-            self.client.run(release, self.ref.token)
-        except Exception:  # noqa: BLE001 - workers that left hold nothing of ours any more
-            pass
-
-
-class TcpExchange(_Exchange):
-    kind = "tcp"
-
-    def start(self, step: int, params, m, v) -> None:
-        self._refresh()
-        plan = self.plan(1)
-        updates = []
-        for j, (lo, hi) in enumerate(plan.slices):
-            state = tuple(np.ascontiguousarray(x[lo:hi]) for x in (params, m, v))
-            data = self.client.scatter(state, hash=False, workers=self._where(j).get("workers"))
-            updates.append(
-                self.client.submit(
-                    tcp_start,
-                    data,
-                    key=f"state-{step}-{j}-{self.tag}",
-                    pure=False,
-                    **self._where(j),
-                )
-            )
-        self._keep(step, updates)
-
-    def _keep(self, step: int, updates: list) -> None:
-        """The slices' states after ``step - 1`` (the state of ``step``) and their weights; the
-        last two steps' are kept (checkpoints and evaluation read the one before the newest)."""
-        weights = [
-            self.client.submit(tcp_weights, u, pure=False, **self._where(j))
-            for j, u in enumerate(updates)
-        ]
-        self.history = {s: h for s, h in getattr(self, "history", {}).items() if s >= step - 1}
-        self.history[step] = (updates, weights)
-
-    def submit(self, step: int, plan: StepPlan, shards: list[np.ndarray], batch: int, adam_t: int):
-        if step not in self.history:
-            raise TrainingError(f"tcp: parts of step {step + 1} submitted before step {step} was")
-        c, tag = self.client, f"{step}-{self.tag}"
-        prev, weights = self.history[step]
-        parts = [
-            c.submit(
-                tcp_part,
-                self.spec,
-                step,
-                plan,
-                j,
-                shards[plan.parts[j][0] : plan.parts[j][1]],
-                weights,
-                key=f"part-{tag}-{j}",
-                pure=False,
-                **self._where(j),
-            )
-            for j in range(plan.width)
-        ]
-        # reduce-scatter: slice j of every part's nodes goes to worker j, which updates its slice
-        updates = []
-        for j, (lo, hi) in enumerate(plan.slices):
-            pieces = [
-                c.submit(tcp_piece, p, lo, hi, key=f"piece-{tag}-{i}-{j}", pure=False)
-                for i, p in enumerate(parts)
-            ]
-            updates.append(
-                c.submit(
-                    tcp_update,
-                    self.spec,
-                    step,
-                    plan,
-                    j,
-                    prev[j],
-                    pieces,
-                    batch,
-                    adam_t,
-                    key=f"update-{tag}-{j}",
-                    pure=False,
-                    **self._where(j),
-                )
-            )
-        stats = [c.submit(tcp_stats, p, pure=False) for p in parts]
-        partials = [c.submit(tcp_partials, u, pure=False) for u in updates]
-        self._keep(step + 1, updates)  # all-gather: the next step's parts fetch these slices
-        self._count(sent=(shards, plan))
-        return step, stats, partials
-
-    def collect(self, pending) -> list[dict]:
-        step, stats, partials = pending
-        got = gather(self.client, stats + partials, f"step {step + 1}", self.timeout)
-        self._count(received=got)
-        n = len(stats)
-        return [{**s, "part": j, **p} for j, (s, p) in enumerate(zip(got[:n], got[n:]))]
-
-    def state(self, step: int):
-        slices = gather(
-            self.client, self.history[step][0], f"the state of step {step}", self.timeout
-        )
-        return tuple(np.concatenate([s["state"][i] for s in slices]) for i in range(3))
-
-    def params_ref(self, step: int):
-        return self.history[step][1]
-
-    def close(self) -> None:
-        self.history = {}
-
-
 def warm_up_workers(client, exchange, n_train: int, step: int) -> float:
     """Run :func:`pipeline.training.worker.warm_up` once on every worker (in its task thread)."""
     t0 = time.perf_counter()
@@ -355,37 +158,3 @@ def warm_up_workers(client, exchange, n_train: int, step: int) -> float:
     ]
     client.gather(futures)
     return time.perf_counter() - t0
-
-
-def open_exchange(
-    client,
-    transport: str,
-    spec: TaskSpec,
-    layout: Layout,
-    slots: int,
-    width: int,
-    timeout: float = 600.0,
-):
-    """The transport asked for; ``auto``: shared memory when every worker shares this host.
-
-    The shared-memory records rely on stores becoming visible in program order (x86); ``auto``
-    picks tcp on other processors, and ``shm`` is refused there.
-    """
-    if transport == "shm" and not ordered_stores():
-        raise TrainingError(
-            "transport shm needs an x86-64 processor (its records rely on x86's store order); "
-            "use --transport tcp or auto"
-        )
-    if transport == "auto" and not ordered_stores():
-        transport = "tcp"
-    if transport in ("auto", "shm"):
-        shm = SharedMemoryExchange(client, spec, layout, slots, width, timeout)
-        if shm.usable():
-            return shm
-        shm.close()
-        if transport == "shm":
-            raise TrainingError(
-                "transport shm: some workers cannot map this host's shared memory "
-                "(they run on another host); use --transport tcp or auto"
-            )
-    return TcpExchange(client, spec, layout, width, timeout)

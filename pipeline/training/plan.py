@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 #: elements per block of the parameter vector: slices are whole blocks, and the L2 sum of
 #: squares is formed per block (so its bits do not depend on how the vector is sliced)
 CHUNK = 8192
@@ -115,3 +117,59 @@ class StepPlan:
 
     def program(self) -> tuple[list[tuple[int, int, int]], int]:
         return program(self.nodes(), self.k)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and offsets of the parameters inside the flat vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: str
+
+    @classmethod
+    def of(cls, params: dict[str, np.ndarray]) -> Layout:
+        first = next(iter(params.values()))
+        return cls(
+            tuple(params),
+            tuple(tuple(int(d) for d in p.shape) for p in params.values()),
+            str(first.dtype),
+        )
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+
+    @property
+    def offsets(self) -> list[int]:
+        return list(np.cumsum([0] + self.sizes)[:-1].astype(int))
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
+
+    def slices(self) -> dict[str, slice]:
+        return {n: slice(o, o + s) for n, o, s in zip(self.names, self.offsets, self.sizes)}
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Views of ``flat`` shaped as the parameters (no copies)."""
+        return {
+            n: flat[sl].reshape(shape) for (n, sl), shape in zip(self.slices().items(), self.shapes)
+        }
+
+    def flatten(self, params: dict[str, np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty(self.size, dtype=self.dtype) if out is None else out
+        for n, sl in self.slices().items():
+            out[sl] = np.asarray(params[n]).reshape(-1)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "dtype": self.dtype,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Layout:
+        return cls(tuple(d["names"]), tuple(tuple(s) for s in d["shapes"]), d["dtype"])

@@ -1,0 +1,539 @@
+"""The shared-memory transport, both sides: every worker runs on the coordinator's host.
+
+Parameters and Adam moments (twice: step ``s`` reads copy ``s % 2`` and writes the other, so a
+task run again after its worker died finds its inputs intact), one gradient slot per shard, and
+a self-validating record per shard and per slice live in two files in ``/dev/shm``. Workers map
+them, write their tree nodes into their slots, update their slice, and learn from the records
+when the others are done. Nothing of size P crosses a socket, and the coordinator touches none
+of it.
+
+Here: the files and their records (``SharedState`` on the coordinator, ``Attached`` on a
+worker), the worker's task (``shm_part``) and the coordinator's :class:`SharedMemoryExchange`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import platform
+import secrets
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from distributed import rejoin, secede
+
+from pipeline.errors import TrainingError
+from pipeline.procs import Owner
+from pipeline.training.exchange import Exchange, gather
+from pipeline.training.plan import CHUNK, Layout, StepPlan, covers
+from pipeline.training.reduce import tree_adam
+from pipeline.training.worker import (
+    TaskSpec,
+    adam_step_scalars,
+    compute_nodes,
+    read_shards,
+    task_setup,
+    worker_name,
+)
+
+HEADER = 64  # bytes before the state: magic token (32), then the abort flag (int64)
+NEVER = -9  # the step of a record not yet written
+_PREFIX = "convpipe-"
+
+
+# ---- shared memory ---------------------------------------------------------------------------------
+
+#: where stores become visible to other processes in program order (the records rely on it)
+TSO_MACHINES = ("x86_64", "amd64", "i386", "i686")
+
+
+def ordered_stores() -> bool:
+    """Whether this processor shows stores to other processes in program order (x86-TSO)."""
+    return platform.machine().lower() in TSO_MACHINES
+
+
+# A shard record (float64): [step, n, loss_sum, read_s, compute_s, begin, end, worker, has_bn,
+# pad.., bn_mean (C), bn_var (C), step]. A slice record: [step, sumsq of each of its blocks.., step].
+# Seqlock: the writer puts the step first, then the fields, the step last; a reader accepts a
+# record whose first and last entries both equal the step it expects, and checks again after it
+# has used the data the record vouches for (the gradient slots).
+SHARD_FIELDS = ("n", "loss_sum", "read_s", "compute_s", "begin", "end", "worker", "has_bn")
+SHARD_HEAD = 1 + 15  # step + fields (room to grow), then the BN moments
+
+
+@dataclass(frozen=True)
+class ShmRef:
+    """What a worker needs to map the run's shared files (picklable)."""
+
+    state_path: str
+    grads_path: str
+    token: str
+    layout: Layout
+    slots: int  # gradient slots: shards per step
+    max_slices: int  # slice records per parity
+    blocks: int  # CHUNK blocks of the parameter vector
+    owner: Owner
+
+    @property
+    def channels(self) -> int:
+        return self.layout.shapes[0][0] if self.layout.shapes else 0
+
+    @property
+    def shard_len(self) -> int:
+        return SHARD_HEAD + 2 * self.channels + 1
+
+    @property
+    def slice_len(self) -> int:
+        return 1 + self.blocks + 1
+
+    @property
+    def state_bytes(self) -> int:
+        return HEADER + 2 * 3 * self.layout.size * np.dtype(self.layout.dtype).itemsize
+
+    @property
+    def grads_bytes(self) -> int:
+        return -(-self.slots * self.layout.size * np.dtype(self.layout.dtype).itemsize // 8) * 8
+
+    @property
+    def records_len(self) -> int:
+        return 2 * (self.slots * self.shard_len + self.max_slices * self.slice_len)
+
+    @property
+    def file_bytes(self) -> int:
+        return self.grads_bytes + 8 * self.records_len
+
+
+def shm_root() -> Path:
+    root = Path("/dev/shm")
+    return root if root.is_dir() and os.access(root, os.W_OK) else Path(tempfile.gettempdir())
+
+
+class Mapped:
+    """Views of the two shared files: ``state[parity]`` = (w, m, v) flat vectors, ``slots``
+    (k, P) gradient slots, ``shards[parity]`` (k, shard_len) and ``slices[parity]``
+    (max_slices, slice_len) records, ``abort`` (the coordinator stopped)."""
+
+    def __init__(self, ref: ShmRef, smap, gmap):
+        n, dt = ref.layout.size, ref.layout.dtype
+        self.ref, self._maps = ref, (smap, gmap)
+        self.abort = np.frombuffer(smap, dtype=np.int64, count=1, offset=32)
+        vectors = np.frombuffer(smap, dtype=dt, count=6 * n, offset=HEADER).reshape(2, 3, n)
+        self.state = [tuple(vectors[p]) for p in range(2)]
+        self.slots = np.frombuffer(gmap, dtype=dt, count=ref.slots * n).reshape(ref.slots, n)
+        records = np.frombuffer(
+            gmap, dtype=np.float64, count=ref.records_len, offset=ref.grads_bytes
+        )
+        half = ref.records_len // 2
+        cut = ref.slots * ref.shard_len
+        self.shards = [
+            records[p * half : p * half + cut].reshape(ref.slots, ref.shard_len) for p in range(2)
+        ]
+        self.slices = [
+            records[p * half + cut : (p + 1) * half].reshape(ref.max_slices, ref.slice_len)
+            for p in range(2)
+        ]
+
+    def release(self) -> None:
+        self.state = self.slots = self.shards = self.slices = self.abort = None
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:  # a view handed out is still alive; freed with it
+                pass
+        self._maps = ()
+
+
+class SharedState(Mapped):
+    """The coordinator's side: creates, owns and finally removes the two shared files."""
+
+    def __init__(self, layout: Layout, slots: int, max_slices: int, blocks: int):
+        if not ordered_stores():
+            raise TrainingError(
+                f"transport shm: this {platform.machine()} processor does not keep stores in order; "
+                "use --transport tcp (or auto)"
+            )
+        remove_stale()
+        owner = Owner.me()
+        token = secrets.token_hex(16)
+        root = shm_root()
+        base = root / f"{_PREFIX}{owner.pid}-{owner.namespace}-{token[:12]}"
+        ref = ShmRef(
+            f"{base}-state", f"{base}-grads", token, layout, slots, max_slices, blocks, owner
+        )
+        self.paths = (ref.state_path, ref.grads_path)
+        made = []
+        try:
+            for path, size in ((ref.state_path, ref.state_bytes), (ref.grads_path, ref.file_bytes)):
+                made.append(_create(path, size))
+        except OSError as exc:
+            self._unlink()
+            raise TrainingError(
+                f"cannot create shared memory in {root} ({ref.state_bytes + ref.file_bytes} bytes): "
+                f"{exc.strerror or exc}"
+            ) from None
+        made[0][:32] = token.encode()
+        super().__init__(ref, *made)
+        for p in range(2):
+            self.shards[p][:] = NEVER
+            self.slices[p][:] = NEVER
+
+    def start(self, step: int, params: np.ndarray, m: np.ndarray, v: np.ndarray) -> None:
+        """The state the run continues from: that of ``step`` (one slice, done at ``step - 1``)."""
+        for dst, src in zip(self.state[step % 2], (params, m, v)):
+            dst[:] = src
+        record = self.slices[(step - 1) % 2][0]
+        record[0] = record[-1] = step - 1
+
+    def close(self) -> None:
+        if self.abort is not None:
+            self.abort[0] = 1  # tasks still waiting give up
+        self.release()
+        self._unlink()
+
+    def _unlink(self) -> None:
+        for p in self.paths:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+def _create(path: str, size: int) -> mmap.mmap:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def remove_stale() -> None:
+    """Remove shared files left by killed coordinators (only of this host's pid namespace)."""
+    me = Owner.me()
+    for p in shm_root().glob(f"{_PREFIX}*-*-*"):
+        fields = p.name[len(_PREFIX) :].split("-")
+        if len(fields) < 3 or not fields[0].isdigit() or not fields[1].isdigit():
+            continue
+        if not Owner(me.host, int(fields[1]), int(fields[0])).alive():
+            try:
+                p.unlink()
+            except OSError:
+                pass
+
+
+class Attached(Mapped):
+    """A worker's view of the shared files."""
+
+    def __init__(self, ref: ShmRef):
+        with open(ref.state_path, "r+b") as f:
+            smap = mmap.mmap(f.fileno(), ref.state_bytes)
+        if smap[:32] != ref.token.encode():
+            raise TrainingError(f"shared state {ref.state_path} belongs to another run")
+        with open(ref.grads_path, "r+b") as f:
+            gmap = mmap.mmap(f.fileno(), ref.file_bytes)
+        super().__init__(ref, smap, gmap)
+
+    def wait(self, ready: Callable[[], bool], what: str, timeout: float) -> float:
+        """Wait until ``ready()``; returns the seconds waited. Short pauses first; past a few
+        milliseconds the task leaves its worker's thread pool, so that a waiting task never
+        holds a thread another task needs. Raises when the run stopped or ``timeout`` passed."""
+        if ready():
+            return 0.0
+        t0 = time.monotonic()
+        pause, seceded = 2e-5, False
+        try:
+            while not ready():
+                if self.abort is None or self.abort[0]:  # unmapped, or the coordinator stopped
+                    raise TrainingError(f"the run stopped while a task waited for {what}")
+                waited = time.monotonic() - t0
+                if waited > 5e-3 and not seceded:
+                    seceded = _secede()
+                if waited > timeout or (pause >= 1e-3 and not self.ref.owner.alive()):
+                    raise TrainingError(
+                        f"waited {waited:.0f} s for {what}: the coordinator or a worker stopped"
+                    )
+                time.sleep(pause)
+                pause = min(
+                    pause * 1.5, 1e-3
+                )  # a waiting task must not take the CPU its worker computes on
+        finally:
+            if seceded:
+                rejoin()
+        return time.monotonic() - t0
+
+
+def _secede() -> bool:
+    try:
+        secede()
+        return True
+    except ValueError:  # not in a Dask worker's task
+        return False
+
+
+def record_is(record: np.ndarray, step: int) -> bool:
+    """Whether ``record`` holds a complete write for ``step`` (first and last entries agree)."""
+    return record[-1] == step and record[0] == step
+
+
+def write_record(record: np.ndarray, step: int, fields: np.ndarray) -> None:
+    """Seqlock write: the step first, the fields, the step last."""
+    record[0] = step
+    record[1 : 1 + len(fields)] = fields
+    record[-1] = step
+
+
+_ATTACHED: dict[str, Attached] = {}
+
+
+def attach(ref: ShmRef) -> Attached:
+    """Map the run's shared files in this process (once per run; several runs may be mapped at
+    once: two jobs on one cluster). Runs whose files are gone are unmapped on the way."""
+    got = _ATTACHED.get(ref.token)
+    if got is None:
+        for token, shm in list(_ATTACHED.items()):
+            if not os.path.exists(shm.ref.state_path):  # that run ended or its coordinator died
+                release(token)
+        try:
+            got = _ATTACHED[ref.token] = Attached(ref)
+        except FileNotFoundError:
+            raise TrainingError(
+                f"worker on {os.uname().nodename} cannot see the coordinator's shared memory {ref.state_path}:"
+                " use --transport tcp for clusters that span hosts"
+            ) from None
+    return got
+
+
+def release(token: str) -> None:
+    """Unmap the shared files of the run ``token`` from this process (the run ended)."""
+    shm = _ATTACHED.pop(token, None)
+    if shm is not None:
+        shm.release()
+
+
+def can_attach(ref: ShmRef) -> bool:
+    """Run on a worker: whether it shares the coordinator's host (and /dev/shm)."""
+    try:
+        attach(ref)
+        return True
+    except (OSError, TrainingError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class ShmParams:
+    """The parameters of a step in shared memory: state copy ``parity`` of the run ``ref``."""
+
+    ref: ShmRef
+    parity: int
+
+    def vector(self) -> np.ndarray:
+        """The flat parameter vector, mapped from shared memory (what a task computes with)."""
+        return attach(self.ref).state[self.parity][0]
+
+
+def _pack(st: dict, channels: int) -> np.ndarray:
+    fields = np.zeros(SHARD_HEAD - 1 + 2 * channels)
+    for i, name in enumerate(SHARD_FIELDS):
+        if name == "worker":
+            fields[i] = zlib.crc32(worker_name().encode())
+        elif name == "has_bn":
+            fields[i] = st["bn_mean"] is not None
+        else:
+            fields[i] = st[name]
+    if st["bn_mean"] is not None:
+        fields[SHARD_HEAD - 1 : SHARD_HEAD - 1 + channels] = st["bn_mean"]
+        fields[SHARD_HEAD - 1 + channels :] = st["bn_var"]
+    return fields
+
+
+def _unpack(record: np.ndarray, slot: int, channels: int, dtype) -> dict:
+    r = {name: float(record[1 + i]) for i, name in enumerate(SHARD_FIELDS)}
+    r["n"], r["slot"], r["worker"] = int(r["n"]), slot, int(r["worker"])
+    has_bn = r.pop("has_bn")
+    r["bn_mean"] = record[SHARD_HEAD : SHARD_HEAD + channels].astype(dtype) if has_bn else None
+    r["bn_var"] = (
+        record[SHARD_HEAD + channels : SHARD_HEAD + 2 * channels].astype(dtype) if has_bn else None
+    )
+    return r
+
+
+def shm_part(
+    spec: TaskSpec,
+    ref: ShmRef,
+    step: int,
+    plan: StepPlan,
+    part: int,
+    shards: list[np.ndarray],
+    batch: int,
+    adam_t: int,
+    prev_width: int,
+) -> dict:
+    """Part ``part`` of ``step`` over shared memory: compute its shards into its tree nodes (in
+    their gradient slots), wait for every part's nodes, then reduce, L2 and Adam on its slice
+    (state copy ``step % 2`` in, the other out). A second run of the same task (its worker died)
+    skips what the first run's records show done, and returns the same numbers."""
+    task_setup(spec.threads)
+    shm, par, t0 = attach(ref), step % 2, time.perf_counter()
+    (a, b), (lo, hi) = plan.parts[part], plan.slices[part]
+    records = shm.shards[par]
+    timing = {"read_s": 0.0, "wait_s": 0.0, "compute_s": 0.0, "reduce_s": 0.0, "sync_s": 0.0}
+    if not all(record_is(records[i], step) for i in range(a, b)):
+        data = read_shards(spec, shards)
+        timing["read_s"] = sum(d[2] for d in data)
+        timing["wait_s"] = shm.wait(
+            lambda: all(record_is(shm.slices[1 - par][j], step - 1) for j in range(prev_width)),
+            f"the parameters of step {step + 1}",
+            spec.timeout,
+        )
+        if any(record_is(shm.slices[par][j], step) for j in range(plan.width)):
+            raise TrainingError(f"part {part} of step {step + 1} ran after its step was reduced")
+        tc = time.perf_counter()
+        _, stats = compute_nodes(
+            spec,
+            spec.layout.views(shm.state[par][0]),
+            plan,
+            part,
+            data,
+            alloc=lambda node: shm.slots[covers(node, plan.k)[0]],
+            free=lambda tmp: None,
+        )
+        for i, st in zip(range(a, b), stats):
+            write_record(records[i], step, _pack(st, ref.channels))
+        timing["compute_s"] = time.perf_counter() - tc
+    # reduce-scatter: this part's slice from every part's nodes, once all are written
+    timing["sync_s"] = shm.wait(
+        lambda: all(record_is(records[i], step) for i in range(plan.k)),
+        f"the other workers' gradients of step {step + 1}",
+        spec.timeout,
+    )
+    tr = time.perf_counter()
+    if lo < hi and not record_is(shm.slices[par][part], step):
+        shm.slices[par][part][0] = step  # begun: the state copy 1 - par is being written
+        nodes = plan.nodes()
+        ops, root = plan.program()
+        partial = tree_adam(
+            shm.slots,
+            [covers(n, plan.k)[0] for n in nodes],
+            ops,
+            root,
+            0,
+            shm.state[par],
+            shm.state[1 - par],
+            0,
+            lo,
+            hi,
+            spec.segments,
+            CHUNK,
+            batch,
+            adam_step_scalars(spec, adam_t),
+        )
+        if not all(record_is(records[i], step) for i in range(plan.k)):
+            raise TrainingError(
+                f"a shard record of step {step + 1} changed while part {part} reduced it"
+            )
+        write_record(shm.slices[par][part], step, partial)
+    elif lo >= hi:
+        write_record(shm.slices[par][part], step, np.zeros(0))
+    timing["reduce_s"] = time.perf_counter() - tr
+    blocks = -(-(hi - lo) // CHUNK)
+    result = {
+        "part": part,
+        "shards": [_unpack(records[i], i, ref.channels, spec.model.dtype) for i in range(a, b)],
+        "partials": shm.slices[par][part][1 : 1 + blocks].copy(),
+        "worker": worker_name(),
+        "seconds": time.perf_counter() - t0,
+        **timing,
+    }
+    if not (
+        record_is(shm.slices[par][part], step)
+        and all(record_is(records[i], step) for i in range(a, b))
+    ):
+        raise TrainingError(
+            f"the records of part {part} of step {step + 1} changed while they were read"
+        )
+    return result
+
+
+class SharedMemoryExchange(Exchange):
+    kind = "shm"
+
+    def __init__(
+        self, client, spec: TaskSpec, layout: Layout, slots: int, width: int, timeout: float
+    ):
+        super().__init__(client, spec, layout, width, timeout)
+        blocks = -(-layout.size // CHUNK)
+        self.shared = SharedState(layout, slots, max(width, 1), blocks)
+        self.ref: ShmRef = self.shared.ref
+        self.prev_width = 1
+
+    def usable(self) -> bool:
+        """Whether every worker now connected can map the shared files (same host)."""
+        try:
+            seen = self.client.run(can_attach, self.ref)
+        except Exception:  # noqa: BLE001 - a worker that cannot even run the probe
+            return False
+        return bool(seen) and all(seen.values())
+
+    def start(self, step: int, params, m, v) -> None:
+        self._refresh()
+        self.shared.start(step, params, m, v)
+        self.prev_width = 1
+
+    def submit(self, step: int, plan: StepPlan, shards: list[np.ndarray], batch: int, adam_t: int):
+        futures = [
+            self.client.submit(
+                shm_part,
+                self.spec,
+                self.ref,
+                step,
+                plan,
+                j,
+                shards[plan.parts[j][0] : plan.parts[j][1]],
+                batch,
+                adam_t,
+                self.prev_width,
+                key=f"part-{step}-{j}-{self.tag}",
+                pure=False,
+                **self._where(j),
+            )
+            for j in range(plan.width)
+        ]
+        self.prev_width = plan.width
+        self._count(sent=(shards, plan))
+        return step, futures
+
+    def collect(self, pending) -> list[dict]:
+        step, futures = pending
+        results = gather(self.client, futures, f"step {step + 1}", self.timeout)
+        for f in futures:
+            f.release()
+        self._count(received=results)
+        return results
+
+    def state(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of the state of ``step`` (all its slices done). Step ``step + 1``'s update
+        overwrites that copy: refused if it has begun, before or while the copy is read."""
+        records = self.shared.slices[(step + 1) % 2]
+        begun = lambda: (records[:, 0] == step + 1).any()  # noqa: E731
+        if not begun():
+            got = tuple(x.copy() for x in self.shared.state[step % 2])
+            if not begun():
+                return got
+        raise TrainingError(
+            f"the state of step {step} was overwritten by step {step + 1} while it was read"
+        )
+
+    def params_ref(self, step: int):
+        return ShmParams(self.ref, step % 2)
+
+    def close(self) -> None:
+        self.shared.close()
+        try:
+            self.client.run(release, self.ref.token)
+        except Exception:  # noqa: BLE001 - workers that left hold nothing of ours any more
+            pass

@@ -1,0 +1,226 @@
+"""The tcp transport, both sides: tree nodes and parameter slices move between workers as
+Dask data (worker to worker), and each worker keeps its slice's parameters and Adam moments.
+Works wherever the workers run. The worker's tasks (``tcp_*``) and the coordinator's
+:class:`TcpExchange` that submits them.
+
+A worker lost with a slice's state makes ``train`` replay from its last checkpoint
+(bit-identical): the exchange raises :class:`~pipeline.training.exchange.WorkerLost`.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+
+from pipeline.errors import TrainingError
+from pipeline.training.exchange import Exchange, gather
+from pipeline.training.plan import CHUNK, StepPlan
+from pipeline.training.reduce import tree_adam
+from pipeline.training.worker import (
+    TaskSpec,
+    adam_step_scalars,
+    compute_nodes,
+    read_shards,
+    task_setup,
+    worker_name,
+)
+
+
+def tcp_part(
+    spec: TaskSpec, step: int, plan: StepPlan, part: int, shards: list[np.ndarray], weights: list
+) -> dict:
+    """Part ``part`` of ``step`` over tcp: its tree nodes (flat arrays, kept on this worker) and
+    shard statistics. ``weights``: the step's parameter slices (fetched from their workers)."""
+    task_setup(spec.threads)
+    t0 = time.perf_counter()
+    data = read_shards(spec, shards)
+    tc = time.perf_counter()
+    spare: list[np.ndarray] = []
+    nodes, stats = compute_nodes(
+        spec,
+        spec.layout.views(np.concatenate(weights)),
+        plan,
+        part,
+        data,
+        alloc=lambda node: (
+            spare.pop() if spare else np.empty(spec.layout.size, dtype=spec.model.dtype)
+        ),
+        free=spare.append,
+    )
+    a = plan.parts[part][0]
+    for i, st in enumerate(stats):
+        st.update(slot=a + i, worker=zlib.crc32(worker_name().encode()))
+    return {
+        "nodes": nodes,
+        "shards": stats,
+        "read_s": tc - t0,
+        "compute_s": time.perf_counter() - tc,
+        "worker": worker_name(),
+    }
+
+
+def tcp_piece(part_result: dict, lo: int, hi: int) -> list[np.ndarray]:
+    """This part's nodes cut to the slice ``[lo, hi)`` (runs where the nodes are)."""
+    return [node[lo:hi].copy() for node in part_result["nodes"]]
+
+
+def tcp_stats(part_result: dict) -> dict:
+    return {k: v for k, v in part_result.items() if k != "nodes"}
+
+
+def tcp_update(
+    spec: TaskSpec,
+    step: int,
+    plan: StepPlan,
+    part: int,
+    prev: dict,
+    pieces: list,
+    batch: int,
+    adam_t: int,
+) -> dict:
+    """Reduce, L2 and Adam of slice ``part`` from every part's pieces: the slice's state after
+    ``step`` from ``prev`` (the update before it, kept on this worker)."""
+    task_setup(spec.threads)
+    state = prev["state"]
+    lo, hi = plan.slices[part]
+    t0 = time.perf_counter()
+    rows = [piece for got in pieces for piece in got]
+    nodes = np.stack(rows) if rows else np.zeros((0, hi - lo), dtype=spec.model.dtype)
+    new = tuple(np.empty_like(x) for x in state)
+    ops, root = plan.program()
+    partial = (
+        tree_adam(
+            nodes,
+            list(range(len(rows))),
+            ops,
+            root,
+            lo,
+            state,
+            new,
+            lo,
+            lo,
+            hi,
+            spec.segments,
+            CHUNK,
+            batch,
+            adam_step_scalars(spec, adam_t),
+        )
+        if lo < hi
+        else np.zeros(0)
+    )
+    return {"state": new, "partials": partial, "reduce_s": time.perf_counter() - t0}
+
+
+def tcp_weights(update: dict) -> np.ndarray:
+    return update["state"][0]
+
+
+def tcp_partials(update: dict) -> dict:
+    return {"partials": update["partials"], "reduce_s": update["reduce_s"]}
+
+
+def tcp_start(state: tuple) -> dict:
+    """A slice's state as an update result (the run's first step reads it)."""
+    return {"state": state, "partials": np.zeros(0), "reduce_s": 0.0}
+
+
+class TcpExchange(Exchange):
+    kind = "tcp"
+
+    def start(self, step: int, params, m, v) -> None:
+        self._refresh()
+        plan = self.plan(1)
+        updates = []
+        for j, (lo, hi) in enumerate(plan.slices):
+            state = tuple(np.ascontiguousarray(x[lo:hi]) for x in (params, m, v))
+            data = self.client.scatter(state, hash=False, workers=self._where(j).get("workers"))
+            updates.append(
+                self.client.submit(
+                    tcp_start,
+                    data,
+                    key=f"state-{step}-{j}-{self.tag}",
+                    pure=False,
+                    **self._where(j),
+                )
+            )
+        self._keep(step, updates)
+
+    def _keep(self, step: int, updates: list) -> None:
+        """The slices' states after ``step - 1`` (the state of ``step``) and their weights; the
+        last two steps' are kept (checkpoints and evaluation read the one before the newest)."""
+        weights = [
+            self.client.submit(tcp_weights, u, pure=False, **self._where(j))
+            for j, u in enumerate(updates)
+        ]
+        self.history = {s: h for s, h in getattr(self, "history", {}).items() if s >= step - 1}
+        self.history[step] = (updates, weights)
+
+    def submit(self, step: int, plan: StepPlan, shards: list[np.ndarray], batch: int, adam_t: int):
+        if step not in self.history:
+            raise TrainingError(f"tcp: parts of step {step + 1} submitted before step {step} was")
+        c, tag = self.client, f"{step}-{self.tag}"
+        prev, weights = self.history[step]
+        parts = [
+            c.submit(
+                tcp_part,
+                self.spec,
+                step,
+                plan,
+                j,
+                shards[plan.parts[j][0] : plan.parts[j][1]],
+                weights,
+                key=f"part-{tag}-{j}",
+                pure=False,
+                **self._where(j),
+            )
+            for j in range(plan.width)
+        ]
+        # reduce-scatter: slice j of every part's nodes goes to worker j, which updates its slice
+        updates = []
+        for j, (lo, hi) in enumerate(plan.slices):
+            pieces = [
+                c.submit(tcp_piece, p, lo, hi, key=f"piece-{tag}-{i}-{j}", pure=False)
+                for i, p in enumerate(parts)
+            ]
+            updates.append(
+                c.submit(
+                    tcp_update,
+                    self.spec,
+                    step,
+                    plan,
+                    j,
+                    prev[j],
+                    pieces,
+                    batch,
+                    adam_t,
+                    key=f"update-{tag}-{j}",
+                    pure=False,
+                    **self._where(j),
+                )
+            )
+        stats = [c.submit(tcp_stats, p, pure=False) for p in parts]
+        partials = [c.submit(tcp_partials, u, pure=False) for u in updates]
+        self._keep(step + 1, updates)  # all-gather: the next step's parts fetch these slices
+        self._count(sent=(shards, plan))
+        return step, stats, partials
+
+    def collect(self, pending) -> list[dict]:
+        step, stats, partials = pending
+        got = gather(self.client, stats + partials, f"step {step + 1}", self.timeout)
+        self._count(received=got)
+        n = len(stats)
+        return [{**s, "part": j, **p} for j, (s, p) in enumerate(zip(got[:n], got[n:]))]
+
+    def state(self, step: int):
+        slices = gather(
+            self.client, self.history[step][0], f"the state of step {step}", self.timeout
+        )
+        return tuple(np.concatenate([s["state"][i] for s in slices]) for i in range(3))
+
+    def params_ref(self, step: int):
+        return self.history[step][1]
+
+    def close(self) -> None:
+        self.history = {}
