@@ -84,7 +84,7 @@ def serial(archive: Path, out: Path) -> dict:
     xs, ys = zip(*(S.read_batch(staged[b], b, len(classes)) for b in S.TRAIN_BATCHES))
     X, y = np.concatenate(xs), np.concatenate(ys)
     Xt, yt = S.read_batch(staged[S.TEST_BATCH], S.TEST_BATCH, len(classes))
-    from pipeline.data.convert import SHUFFLE_SEED, split_rows
+    from pipeline.data.shuffle import SHUFFLE_SEED, split_rows
 
     sizes = {"train": len(X) - 1000, "val": 1000, "test": len(Xt)}
     create_layout(out, sizes, 1000, len(classes))

@@ -14,7 +14,7 @@ the mean image.
 Order: val is the last ``val`` images of the train pool (CIFAR-10: data_batch_1..5 in file
 order, so val holds the images cs231n's ``get_CIFAR10_data`` validates on; an image folder:
 its files sorted by (class, name), then shuffled, since that order is by class), train the
-others. Every split is then stored in a shuffled order (:func:`split_rows`), so that its
+others. Every split is then stored in a shuffled order (:mod:`pipeline.data.shuffle`), so its
 first images are a sample of all classes. The order depends on the seed alone
 (``SHUFFLE_SEED``, recorded in the store), not on the NumPy version.
 
@@ -49,12 +49,13 @@ import numpy as np
 from distributed import as_completed, wait
 
 from pipeline import __version__
-from pipeline.checkpoint import NPY_READ_LOCK
 from pipeline.cluster import connect, worker_addresses
 from pipeline.data import sources as S
 from pipeline.data.download import download, is_url, url_basename
+from pipeline.data.leftovers import install, leftover_path, remove_stale
 from pipeline.data.paths import DEFAULT_STORE, OFFLINE_HINT, default_store
 from pipeline.data.paths import data_root as default_data_root
+from pipeline.data.shuffle import SHUFFLE_SEED, split_rows
 from pipeline.data.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -64,10 +65,9 @@ from pipeline.data.store import (
     labels_dtype,
     open_store,
     store_state,
-    write_block,
 )
+from pipeline.data.tasks import stage_batch, warm_up, write_images, write_rows
 from pipeline.errors import DataError
-from pipeline.procs import Owner
 
 __all__ = [
     "prepare",
@@ -75,17 +75,11 @@ __all__ = [
     "DEFAULT_STORE",
     "DEFAULT_VAL",
     "DEFAULT_CHUNK",
-    "SHUFFLE_SEED",
-    "shuffle_order",
-    "split_rows",
 ]
 
 DEFAULT_VAL = 1000
 DEFAULT_CHUNK = 1000  # images per chunk: 3 MB of uint8 pixels
 TASK_ROWS = {"cifar": 10000, "image": 2500}  # rows per task (rounded to whole chunks)
-SHUFFLE_SEED = 0
-#: the stream of :func:`shuffle_order` each ordering draws from
-STREAMS = {"pool": 0, "train": 1, "val": 2, "test": 3}
 
 Progress = Callable[[str, int, int], None]
 
@@ -119,105 +113,6 @@ def dir_size(path: str | os.PathLike) -> int:
 # ------------------------------------------------------------------------------ worker tasks
 
 
-def _warm_up(worker: str) -> str:
-    return worker
-
-
-def _guarded(fn):
-    """Run a worker task so that a user error comes back as a value, not as a failed task
-    (which Dask would log with a traceback on the worker); skip it once the job is aborted."""
-
-    def task(abort_flag: str, *args):
-        if os.path.exists(abort_flag):
-            return ("aborted", None)
-        try:
-            return ("ok", fn(*args))
-        except DataError as exc:
-            return ("error", exc)
-
-    task.__name__ = task.__qualname__ = fn.__name__
-    task.__module__ = fn.__module__
-    return task
-
-
-def _stage_batch(path: str, name: str, dest: str, remove_source: bool) -> tuple[int, np.ndarray]:
-    """Unpickle one batch safely and check it; save its pixels as a raw (n, 3072) uint8 .npy
-    at ``dest`` (read back by slices, no unpickling); return (n, labels int64)."""
-    X, y = S.read_batch(Path(path), name, None)
-    np.save(dest, X.reshape(len(X), -1), allow_pickle=False)
-    if remove_source:
-        os.unlink(path)
-    return len(X), y
-
-
-_stage_batch = _guarded(_stage_batch)
-
-
-def _write_rows(
-    store: str,
-    split: str,
-    start: int,
-    files: list,
-    rows: np.ndarray,
-    labels: np.ndarray,
-    want_sum: bool,
-) -> tuple[int, np.ndarray | None]:
-    """Rows ``start:start+n`` of ``split``: the source images ``rows`` (int64 (n,), in the
-    stored order), gathered from the split source's staged files [(npy path, first row,
-    end row)] of (rows, 3072) uint8 pixels."""
-    X = np.empty((len(rows), S.PIXELS), np.uint8)
-    for path, lo, hi in files:
-        sel = np.flatnonzero((rows >= lo) & (rows < hi))
-        if sel.size:
-            with NPY_READ_LOCK:  # the header is parsed with ast (see the lock)
-                part = np.load(path, mmap_mode="r", allow_pickle=False)
-            X[sel] = part[rows[sel] - lo]
-    X = X.reshape(-1, *IMAGE_SHAPE)
-    write_block(store, split, start, X, labels)
-    return len(X), (X.reshape(len(X), -1).sum(axis=0, dtype=np.int64) if want_sum else None)
-
-
-_write_rows = _guarded(_write_rows)
-
-
-def _write_images(
-    store: str,
-    split: str,
-    start: int,
-    names: list,
-    labels: list,
-    pack: str | None,
-    offsets: list | None,
-    paths: list | None,
-    label: str,
-    want_sum: bool,
-) -> tuple[int, np.ndarray | None, list | None]:
-    """Decode images (from a pack file of concatenated bytes, or from files) and write them."""
-    n = len(names)
-    X = np.empty((n, *IMAGE_SHAPE), np.uint8)
-    md5s = None
-    if pack is not None:
-        with open(pack, "rb") as f:
-            blob = f.read()
-        for i, name in enumerate(names):
-            X[i] = S.decode_image(blob[offsets[i] : offsets[i + 1]], f"{label}:{name}")
-    else:
-        md5s = []
-        for i, path in enumerate(paths):
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError as exc:
-                raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-            md5s.append(hashlib.md5(data).hexdigest())
-            X[i] = S.decode_image(data, path)
-    write_block(store, split, start, X, np.asarray(labels, dtype=np.int64))
-    return n, (X.reshape(n, -1).sum(axis=0, dtype=np.int64) if want_sum else None), md5s
-
-
-_write_images = _guarded(_write_images)
-
-
 # ------------------------------------------------------------------------------ planning
 
 
@@ -227,66 +122,11 @@ def _ranges(n: int, chunk: int, task_rows: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-_MASK = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15
-
-
-def _mix64(x):
-    """splitmix64's finalizer, on Python ints or uint64 arrays (wrapping)."""
-    if isinstance(x, int):
-        x ^= x >> 30
-        x = (x * 0xBF58476D1CE4E5B9) & _MASK
-        x ^= x >> 27
-        x = (x * 0x94D049BB133111EB) & _MASK
-        return x ^ (x >> 31)
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def shuffle_order(n: int, seed: int, stream: int) -> np.ndarray:
-    """A permutation of ``range(n)`` (int64 (n,)) that depends on ``(n, seed, stream)``
-    alone, with every NumPy version: the indices sorted by the splitmix64 sequence started
-    from ``(seed, stream)``."""
-    start = _mix64(((seed & _MASK) * _GAMMA + stream) & _MASK)
-    with np.errstate(over="ignore"):
-        steps = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(_GAMMA)
-        keys = _mix64(steps + np.uint64(start))
-    return np.argsort(keys, kind="stable").astype(np.int64)
-
-
-def split_rows(
-    n_pool: int, n_test: int, val: int, seed: int = SHUFFLE_SEED, *, shuffle_pool: bool
-) -> dict[str, np.ndarray]:
-    """Source rows of each split in stored order: {"train", "val": rows of the train source
-    (int64), "test": rows of the test source}.
-
-    The pool is the train source in its order, shuffled first (stream 0) if ``shuffle_pool``
-    (an image folder, listed by class); val is its last ``val`` rows, train the others. Each
-    split is then stored in ``shuffle_order(n, seed, stream)`` order (train 1, val 2,
-    test 3). Train and val are disjoint and together the whole pool.
-    """
-    pool = np.arange(n_pool, dtype=np.int64)
-    if shuffle_pool:
-        pool = pool[shuffle_order(n_pool, seed, STREAMS["pool"])]
-    n_train = n_pool - val
-    parts = {
-        "train": pool[:n_train],
-        "val": pool[n_train:],
-        "test": np.arange(n_test, dtype=np.int64),
-    }
-    return {
-        split: rows[shuffle_order(len(rows), seed, STREAMS[split])] for split, rows in parts.items()
-    }
-
-
 def _order_attrs(val_rule: str) -> dict:
     return {
         "val": val_rule,
         "rows": "every split stored shuffled: row i of a split is its image "
-        "split_rows(...)[split][i] (pipeline.data.convert; splitmix64 order, seed "
+        "split_rows(...)[split][i] (pipeline.data.shuffle; splitmix64 order, seed "
         "shuffle_seed; streams train 1, val 2, test 3)",
     }
 
@@ -457,8 +297,8 @@ def prepare(
     val = int(val)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    kept = _remove_stale(out)
-    partial, staging = _leftover(out, "partial"), _leftover(out, "staging")
+    kept = remove_stale(out)
+    partial, staging = leftover_path(out, "partial"), leftover_path(out, "staging")
     try:
         src = _resolve(source, data_root, verify, progress)
         result = _run(
@@ -475,7 +315,7 @@ def prepare(
             client=client,
             progress=progress,
         )
-        _install(partial, out)
+        install(partial, out)
     except OSError as exc:
         raise DataError(f"{out}: writing the store failed ({exc.strerror or exc})") from None
     finally:
@@ -486,77 +326,6 @@ def prepare(
     result.nbytes = dir_size(out)
     result.kept = kept
     return result
-
-
-LEFTOVER_KINDS = ("partial", "staging", "old")
-
-
-def _leftover(out: Path, kind: str) -> Path:
-    """``STORE.<kind>.<pid>.<pid namespace>.<random id>.<host>``: a folder this process owns
-    beside the store (the host last: it may hold dots)."""
-    me = Owner.me()
-    host = me.host.replace(os.sep, "_") or "unknown"
-    return out.parent / f"{out.name}.{kind}.{me.pid}.{me.namespace}.{uuid.uuid4().hex[:8]}.{host}"
-
-
-def leftover_owner(out: Path, path: Path) -> tuple[str, Owner | None] | None:
-    """(kind, owner) of a folder left beside the store ``out``; owner None for the names
-    of older versions (``STORE.<kind>-<pid>-<id>``, no host: nobody can tell whose it is);
-    None for anything else."""
-    rest = path.name[len(out.name) + 1 :] if path.name.startswith(out.name + ".") else ""
-    for kind in LEFTOVER_KINDS:
-        if rest.startswith(kind + "."):
-            parts = rest[len(kind) + 1 :].split(".", 3)
-            try:
-                pid, ns = int(parts[0]), int(parts[1])
-            except (ValueError, IndexError):
-                return None
-            return (kind, Owner(parts[3], ns, pid)) if len(parts) == 4 else None
-        if rest.startswith(kind + "-"):
-            return kind, None
-    return None
-
-
-def _remove_stale(out: Path) -> list[tuple[Path, str]]:
-    """Remove partial/staging folders of conversions whose process is gone, and old stores
-    left by a replacement that was cut short once the store is there again. Only owners of
-    this host and pid namespace can be checked: other hosts', other containers' and
-    unnamed (older versions') leftovers are kept; returns those [(path, why)]."""
-    kinds = LEFTOVER_KINDS if store_state(out) == "complete" else ("partial", "staging")
-    kept = []
-    for p in sorted(out.parent.glob(f"{out.name}.*")):
-        found = leftover_owner(out, p)
-        if found is None or found[0] not in kinds:
-            continue
-        owner = found[1]
-        if owner is None:
-            kept.append((p, "left by an older convpipe, which did not record its host"))
-        elif not owner.is_local():
-            kept.append(
-                (
-                    p,
-                    f"owned by pid {owner.pid} of host {owner.host} (pid namespace "
-                    f"{owner.namespace}), which cannot be checked from here",
-                )
-            )
-        elif not owner.alive():
-            shutil.rmtree(p, ignore_errors=True)
-    return kept
-
-
-def _install(partial: Path, out: Path) -> None:
-    """Move the complete store into place; an old one is removed only afterwards."""
-    if out.exists():
-        old = _leftover(out, "old")
-        os.rename(out, old)
-        try:
-            os.rename(partial, out)
-        except OSError:
-            os.rename(old, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(partial, out)
 
 
 def _connect(client, scheduler, workers, processes):
@@ -602,7 +371,7 @@ def _run(
         with _connect(client, scheduler, workers, processes) as cl:
             abort = staging / "ABORT"
             # workers import zarr and Pillow while the source is read
-            warm = [cl.submit(_warm_up, w, workers=[w], pure=False) for w in worker_addresses(cl)]
+            warm = [cl.submit(warm_up, w, workers=[w], pure=False) for w in worker_addresses(cl)]
             if src.kind == "image-folder":
                 plan = planned.result()
                 del warm
@@ -612,7 +381,7 @@ def _run(
             def submit_stage(name, path, display, remove):
                 if name in (*S.TRAIN_BATCHES, S.TEST_BATCH) and name not in stage_futures:
                     stage_futures[name] = cl.submit(
-                        _stage_batch,
+                        stage_batch,
                         str(abort),
                         str(path),
                         display,
@@ -723,7 +492,7 @@ def _run_cifar(
         for a, b in _ranges(sizes[split], chunk, TASK_ROWS["cifar"]):
             futures.append(
                 client.submit(
-                    _write_rows,
+                    write_rows,
                     str(abort),
                     str(partial),
                     split,
@@ -791,7 +560,7 @@ def _run_images(
                 args = (None, None, [str((src.path / r).resolve()) for r in names])
             futures.append(
                 client.submit(
-                    _write_images,
+                    write_images,
                     str(abort),
                     str(partial),
                     split,
