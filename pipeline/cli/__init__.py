@@ -4,6 +4,9 @@ Each command group lives in its own module and exposes ``register(subparsers)``,
 its parsers and sets ``func`` (called with the parsed namespace, returns an exit code).
 Only this package knows about terminals, progress bars and exit codes: user errors
 (:class:`pipeline.errors.ConvpipeError`) become one line on stderr and exit code 2.
+
+A command module imports what its commands need inside them (lazy on purpose): ``convpipe
+--help`` and the cheap commands answer without loading Numba, Dask and Zarr.
 """
 
 from __future__ import annotations
