@@ -4,9 +4,10 @@
 
 Measures, one process, one thread each (a worker's view): the model's forward+backward per
 image at shard sizes 128, 64, 32 and 16, its gradient sum going into a tree node as a worker's
-does it (``loss(X, y, into=..., scale=n)``); adding two tree nodes (per parameter); reduce + L2 + Adam of a slice (tree_adam, per parameter and frontier
-node); Dask's cost per task on the embedded cluster. Then prints the model's step time and
-images/s for W workers on one host (shared memory) and for hosts x workers over a network.
+does it (``loss(X, y, into=..., scale=n)``); adding two tree nodes (per parameter); reduce +
+L2 + Adam of a slice (tree_adam, per parameter and frontier node); Dask's cost per task on the
+embedded cluster. Then prints the model's step time and images/s for W workers on one host
+(shared memory) and for hosts x workers over a network.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def main() -> int:
             best(lambda: model.loss(X, y, into=node, scale=np.float32(shard))) / shard
         )
         print(
-            f"  compute, shard {shard:>3}: {1e3 * per_image[shard]:.3f} ms per image (forward + backward, "
-            f"its gradient sum into its tree node)"
+            f"  compute, shard {shard:>3}: {1e3 * per_image[shard]:.3f} ms per image (forward + "
+            "backward, its gradient sum into its tree node)"
         )
 
     slot, other = np.zeros(P, np.float32), np.ones(P, np.float32)
@@ -86,9 +87,9 @@ def main() -> int:
         state = tuple(np.zeros(P, np.float32) for _ in range(3))
         out = tuple(np.zeros(P, np.float32) for _ in range(3))
         scal = adam_scalars({}, np.float32)
-        run = lambda: tree_adam(
+        run = lambda: tree_adam(  # noqa: E731
             slots, rows, ops, root, 0, state, out, 0, 0, P, [(0, P, 1e-3)], CHUNK, 256, scal
-        )  # noqa: E731
+        )
         run()
         update[nodes] = best(run, 5) / P
         print(
@@ -97,16 +98,21 @@ def main() -> int:
 
     task = _task_cost()
     print(
-        f"  Dask: {1e3 * task:.2f} ms per task (200 tasks submitted at once, until all results are back; "
-        f"embedded cluster, 2 workers)"
+        f"  Dask: {1e3 * task:.2f} ms per task (200 tasks submitted at once, until all results are "
+        "back; embedded cluster, 2 workers)"
     )
 
     print(
-        "\nmodel: a worker's step = its shards' compute (their gradient sums into tree nodes) + the additions"
-        "\n       of two nodes (a leaf is added into its left sibling as it is computed: m shards, m/2 - 1 of them)"
-        "\n       + reduce/L2/Adam of P/W parameters from W nodes + (tcp) 2 P (W-1)/W x 4 bytes over the link;"
-        "\n       the coordinator's step = (W tasks shm, W^2 + 5W tasks tcp) x Dask's cost per task, in parallel"
-        "\n       with the workers (parts are submitted a step ahead): step time = the larger of the two"
+        "\nmodel: a worker's step = its shards' compute (their gradient sums into tree nodes) + "
+        "the additions"
+        "\n       of two nodes (a leaf is added into its left sibling as it is computed: m "
+        "shards, m/2 - 1 of them)"
+        "\n       + reduce/L2/Adam of P/W parameters from W nodes + (tcp) 2 P (W-1)/W x 4 bytes "
+        "over the link;"
+        "\n       the coordinator's step = (W tasks shm, W^2 + 5W tasks tcp) x Dask's cost per "
+        "task, in parallel"
+        "\n       with the workers (parts are submitted a step ahead): step time = the larger of "
+        "the two"
     )
     B = args.batch_size
     link = args.link_gbit * 1e9 / 8
@@ -131,7 +137,8 @@ def main() -> int:
         coordinator = (W if hosts == 1 else W * W + 5 * W) * task
         step = max(worker, coordinator)
         print(
-            f"{label:>24} {W:>3} {shard:>5} {1e3 * worker:>9.1f} {1e3 * coordinator:>8.1f} {B / step:>9,.0f}"
+            f"{label:>24} {W:>3} {shard:>5} {1e3 * worker:>9.1f} {1e3 * coordinator:>8.1f} "
+            f"{B / step:>9,.0f}"
         )
     return 0
 

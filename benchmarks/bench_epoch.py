@@ -15,7 +15,8 @@ place (timers around the model's layer calls, the L2 term and the update), with 
 rate in GFLOP/s beside NumPy's sgemm on large matrices in the same process: where a step's
 time goes, and how far each phase is from the machine's GEMM rate.
 
-    python benchmarks/bench_epoch.py [--store data/cifar10.zarr] [--batch-size 50] [--threads 2] [--breakdown]
+    python benchmarks/bench_epoch.py [--store data/cifar10.zarr] [--batch-size 50]
+                                     [--threads 2] [--breakdown]
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ def main():
     after = run_in_subprocess(args, "convpipe-after-torch")
     report("torch imported first", n, after)
     print(
-        f"ratio convpipe after `import torch` / convpipe alone: {after['seconds'] / ours['seconds']:.2f}x "
-        f"(Numba threading layer {after['threading_layer']} / {ours['threading_layer']})"
+        "ratio convpipe after `import torch` / convpipe alone: "
+        f"{after['seconds'] / ours['seconds']:.2f}x (Numba threading layer "
+        f"{after['threading_layer']} / {ours['threading_layer']})"
     )
 
 
@@ -250,8 +252,9 @@ def print_breakdown(b, batch_size):
         )
     )
     print(
-        f"\none Solver step, batch {batch_size}, phase by phase (mean of {b['steps']} steps, timed in place): "
-        f"{b['step_ms']:.1f} ms; NumPy sgemm 2048x2048 here: {b['sgemm_gflops']:.0f} GFLOP/s"
+        f"\none Solver step, batch {batch_size}, phase by phase (mean of {b['steps']} steps, timed "
+        f"in place): {b['step_ms']:.1f} ms; NumPy sgemm 2048x2048 here: {b['sgemm_gflops']:.0f} "
+        "GFLOP/s"
     )
     for label, t, flops in rows:
         rate = f"{flops * batch_size / t / 1e6:6.0f} GFLOP/s" if flops and t > 0 else ""

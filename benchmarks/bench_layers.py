@@ -46,7 +46,8 @@ if ARGS is not None:
 import numpy as np  # noqa: E402
 
 # PyTorch loads before pipeline, as in a notebook: its OpenMP runtime keeps its own defaults
-# (pipeline sets OMP_WAIT_POLICY=PASSIVE only when Numba runs on OpenMP: pipeline/_kernels/threads.py).
+# (pipeline sets OMP_WAIT_POLICY=PASSIVE only when Numba runs on OpenMP:
+# pipeline/_kernels/threads.py).
 try:  # noqa: SIM105
     import torch  # noqa: E402, F401
 except ImportError:
@@ -136,8 +137,9 @@ def main():
 
     print(
         f"numpy {np.__version__}, numba {numba.__version__}, threads {ARGS.threads} "
-        f"(numba {numba.get_num_threads()}, OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}), "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (other processes share the machine)"
+        f"(numba {numba.get_num_threads()}, "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')}), {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} (other processes share the machine)"
     )
     print("\nStart-up (subprocess):")
     for line in fresh_process_report():
@@ -208,8 +210,8 @@ def torch_report(fl, lu, rng, R):
     torch.set_num_threads(ARGS.threads)
     F_ = torch.nn.functional
     print(
-        f"\nvs PyTorch {torch.__version__} CPU (float32, {torch.get_num_threads()} threads; ms: median min; "
-        "ratio = ours / torch of the medians and of the minima):"
+        f"\nvs PyTorch {torch.__version__} CPU (float32, {torch.get_num_threads()} threads; ms: "
+        "median min; ratio = ours / torch of the medians and of the minima):"
     )
     print(f"  {'':44s} {'ours':>17s} {'torch':>17s} {'ratio':>6s} {'(min)':>6s}")
 

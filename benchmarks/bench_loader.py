@@ -132,7 +132,8 @@ def main() -> int:
     n = store.splits["train"]
     rng = np.random.default_rng(0)
     print(
-        f"store {store.path}: train {n} images, chunks of {store.chunks['train']}; batch {ARGS.batch}; 1 thread"
+        f"store {store.path}: train {n} images, chunks of {store.chunks['train']}; batch "
+        f"{ARGS.batch}; 1 thread"
     )
 
     t = time.perf_counter()
@@ -176,7 +177,8 @@ def main() -> int:
     print(f"read, cold (first, decompresses chunks) {1e3 * cold:8.2f} ms")
     print(f"read, cache=False                       {1e3 * float(np.median(nocache)):8.2f} ms")
     print(
-        f"read, warm cache (median of {len(reads):4d})       {read_ms:8.3f} ms   (min {1e3 * min(reads):.3f})"
+        f"read, warm cache (median of {len(reads):4d})       {read_ms:8.3f} ms   (min "
+        f"{1e3 * min(reads):.3f})"
     )
     if model is None:
         print(
@@ -186,12 +188,13 @@ def main() -> int:
         return 0
     comp_ms = 1e3 * float(np.median(computes))
     print(
-        f"compute: ThreeLayerConvNet(hidden_dim=500).loss, forward+backward (median of {len(computes)}) "
-        f"{comp_ms:8.2f} ms"
+        "compute: ThreeLayerConvNet(hidden_dim=500).loss, forward+backward (median of "
+        f"{len(computes)}) {comp_ms:8.2f} ms"
     )
     ratio = read_ms / comp_ms
     print(
-        f"ratio read / compute = {100 * ratio:.2f}%  (target <= 5%: {'met' if ratio <= 0.05 else 'NOT met'})"
+        f"ratio read / compute = {100 * ratio:.2f}%  (target <= 5%: "
+        f"{'met' if ratio <= 0.05 else 'NOT met'})"
     )
     _print_checksum_cost(store)
     if tmp is not None:

@@ -146,7 +146,8 @@ def main() -> int:
             f"{r.splits}"
         )
         print(
-            f"  target <= 15 s: {'met' if wall <= 15 else 'NOT met'} ({wall / 15:.2f} of the target)"
+            f"  target <= 15 s: {'met' if wall <= 15 else 'NOT met'} ({wall / 15:.2f} of the "
+            "target)"
         )
         if not args.no_serial:
             out2 = Path(tmp) / "serial.zarr"

@@ -1,7 +1,8 @@
 """Sweeps: successive halving against running every trial to the end, and a sweep's throughput
 against a single training run's, side by side on one embedded cluster.
 
-    python benchmarks/bench_sweep.py          # 27 trials of 81 steps, rungs 9, 27, 81; 2 workers, 2 trials at once
+    # 27 trials of 81 steps, rungs 9, 27, 81; 2 workers, 2 trials at once
+    python benchmarks/bench_sweep.py
     python benchmarks/bench_sweep.py --trials 9 --steps 9 --min-steps 1 --parallel 1
 
 Measured (2-core shared machine, 2026-11-30): the same best trial (val_acc 0.362) at 25.9% of the
@@ -147,8 +148,8 @@ def main() -> int:
             }
     es, full, one = results["early_stopping"], results["to_the_end"], results["single"]
     print(
-        f"{args.trials} trials of {args.steps} steps (batch {args.batch_size}, {args.workers} workers, "
-        f"{args.parallel} at once, "
+        f"{args.trials} trials of {args.steps} steps (batch {args.batch_size}, {args.workers} "
+        f"workers, {args.parallel} at once, "
         f"train-limit {args.train_limit}); rungs {es['rungs']}"
     )
     for name in ("early_stopping", "to_the_end"):
@@ -159,18 +160,20 @@ def main() -> int:
             f"end-to-end {r['end_to_end_images_per_s']:6.0f} img/s  failed {r['failed']}"
         )
     print(
-        f"  single run      val_acc {one['val_acc']:.4f}  loop {one['loop_images_per_s']:6.0f} img/s  "
-        f"end-to-end {one['end_to_end_images_per_s']:6.0f} img/s"
+        f"  single run      val_acc {one['val_acc']:.4f}  loop {one['loop_images_per_s']:6.0f} "
+        f"img/s  end-to-end {one['end_to_end_images_per_s']:6.0f} img/s"
     )
     print(
         f"early stopping: {es['steps'] / full['steps']:.1%} of the steps; best val_acc "
-        f"{es['best_val_acc']:.4f} vs {full['best_val_acc']:.4f} (same trial: {es['best'] == full['best']})"
+        f"{es['best_val_acc']:.4f} vs {full['best_val_acc']:.4f} (same trial: "
+        f"{es['best'] == full['best']})"
     )
     print(
-        f"throughput vs a single run: loop {es['loop_images_per_s'] / one['loop_images_per_s']:.2f}x "
-        f"(to the end {full['loop_images_per_s'] / one['loop_images_per_s']:.2f}x), end to end "
-        f"{es['end_to_end_images_per_s'] / one['end_to_end_images_per_s']:.2f}x "
-        f"(to the end {full['end_to_end_images_per_s'] / one['end_to_end_images_per_s']:.2f}x)"
+        "throughput vs a single run: loop "
+        f"{es['loop_images_per_s'] / one['loop_images_per_s']:.2f}x (to the end "
+        f"{full['loop_images_per_s'] / one['loop_images_per_s']:.2f}x), end to end "
+        f"{es['end_to_end_images_per_s'] / one['end_to_end_images_per_s']:.2f}x (to the end "
+        f"{full['end_to_end_images_per_s'] / one['end_to_end_images_per_s']:.2f}x)"
     )
     print(json.dumps(results, indent=1))
     return 0

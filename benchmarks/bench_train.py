@@ -1,8 +1,10 @@
 """Data-parallel training speed and accuracy on the embedded cluster, against PyTorch DDP.
 
-    python benchmarks/bench_train.py                       # 2 workers x 1 thread, batch 256, one epoch, vs DDP 2x1
+    # 2 workers x 1 thread, batch 256, one epoch, vs DDP 2x1
+    python benchmarks/bench_train.py
     python benchmarks/bench_train.py --norms none --shard-sizes 128,64,32,16 --steps 40 --no-ddp
-    python benchmarks/bench_train.py --workers 1,2,3 --transports tcp --steps 20 --no-ddp   # bytes per step
+    # bytes per step
+    python benchmarks/bench_train.py --workers 1,2,3 --transports tcp --steps 20 --no-ddp
 
 For each setting it trains with ``pipeline.training.train`` (the same code path as ``convpipe
 train``) and prints images/s of the training loop, the per-step breakdown (reading images,
@@ -47,8 +49,10 @@ def main() -> int:
     from pipeline.training import TrainConfig, train
 
     print(
-        f"convpipe bench_train: {os.cpu_count()} CPUs, data {args.data}, global batch {args.batch_size}, "
-        f"{'%d steps' % args.steps if args.steps else '%d epoch(s)' % args.epochs}; load average {_load()}"
+        f"convpipe bench_train: {os.cpu_count()} CPUs, data {args.data}, "
+        f"global batch {args.batch_size}, "
+        f"{'%d steps' % args.steps if args.steps else '%d epoch(s)' % args.epochs}; "
+        f"load average {_load()}"
     )
     rows, ddp = [], {}
     for workers in [int(w) for w in args.workers.split(",")]:
@@ -84,8 +88,8 @@ def main() -> int:
                         _report(workers, norm, shard, s, wall, moved)
     print("\nsummary")
     print(
-        f"{'workers':>7} {'norm':>18} {'shard':>5} {'transport':>9} {'images/s':>9} {'coord ms':>8} "
-        f"{'train acc':>9} {'val acc':>8} {'vs DDP':>7}"
+        f"{'workers':>7} {'norm':>18} {'shard':>5} {'transport':>9} {'images/s':>9} "
+        f"{'coord ms':>8} {'train acc':>9} {'val acc':>8} {'vs DDP':>7}"
     )
     for workers, norm, shard, s, wall in rows:
         ref = ddp.get(workers)
@@ -98,8 +102,8 @@ def main() -> int:
     for workers, ref in ddp.items():
         if ref:
             print(
-                f"PyTorch DDP gloo {workers} x 1 thread, batch {args.batch_size}, {ref['steps']} steps: "
-                f"{ref['images_per_s']:,.0f} images/s, val acc {_pct(ref['val_acc'])}"
+                f"PyTorch DDP gloo {workers} x 1 thread, batch {args.batch_size}, {ref['steps']} "
+                f"steps: {ref['images_per_s']:,.0f} images/s, val acc {_pct(ref['val_acc'])}"
             )
     print(f"load average at the end {_load()} (other processes on the machine slow every figure)")
     return 0
@@ -172,15 +176,16 @@ def _report(workers, norm, shard, s, wall, moved):
     steps = s["steps_this_session"]
     step_ms = 1e3 * s["train_seconds"] / steps
     print(
-        f"  norm={norm} shard={shard} transport={s['transport']}: {s['images']} images in {steps} steps; "
-        f"training {s['train_seconds']:.1f} s (checkpoints included, accuracy evaluation not) = "
-        f"{s['images_per_s']:,.0f} images/s; wall {wall:.1f} s (warm-up {s.get('warmup_s', 0):.1f} s, "
-        f"evaluation, plots)"
+        f"  norm={norm} shard={shard} transport={s['transport']}: {s['images']} images in {steps} "
+        f"steps; training {s['train_seconds']:.1f} s (checkpoints included, accuracy evaluation "
+        f"not) = {s['images_per_s']:,.0f} images/s; wall {wall:.1f} s (warm-up "
+        f"{s.get('warmup_s', 0):.1f} s, evaluation, plots)"
     )
     print(
-        f"    per step {step_ms:.1f} ms: read {1e3 * b['read']:.1f} (overlapped), compute {1e3 * b['compute']:.1f}, "
-        f"reduce+L2+Adam of a slice {1e3 * b['reduce']:.1f} (busiest worker), wait for the others "
-        f"{1e3 * b['sync']:.1f}, coordinator {1e3 * b['coordinator']:.2f}, checkpoints {1e3 * b['checkpoint']:.1f}"
+        f"    per step {step_ms:.1f} ms: read {1e3 * b['read']:.1f} (overlapped), compute "
+        f"{1e3 * b['compute']:.1f}, reduce+L2+Adam of a slice {1e3 * b['reduce']:.1f} (busiest "
+        f"worker), wait for the others {1e3 * b['sync']:.1f}, coordinator "
+        f"{1e3 * b['coordinator']:.2f}, checkpoints {1e3 * b['checkpoint']:.1f}"
     )
     per = " ".join(f"{out / 1e6:.1f}/{got / 1e6:.1f}" for out, got in moved.values())
     print(
@@ -188,7 +193,8 @@ def _report(workers, norm, shard, s, wall, moved):
         f"in {s.get('coordinator_bytes_in', 0) / 1e3:.1f} kB; workers out/in MB: {per}"
     )
     print(
-        f"    train acc {_pct(s['train_acc'])}, val acc {_pct(s['val_acc'])}, final loss {s['final_loss']:.3f}"
+        f"    train acc {_pct(s['train_acc'])}, val acc {_pct(s['val_acc'])}, final loss "
+        f"{s['final_loss']:.3f}"
     )
 
 

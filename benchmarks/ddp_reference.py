@@ -1,6 +1,8 @@
-"""PyTorch DDP (gloo) reference for bench_train: the same network, data-parallel, in its own processes.
+"""PyTorch DDP (gloo) reference for bench_train: the same network, data-parallel, in its own
+processes.
 
-    python benchmarks/ddp_reference.py --data data/cifar10.zarr --ranks 2 --threads 1 --batch-size 256
+    python benchmarks/ddp_reference.py --data data/cifar10.zarr --ranks 2 --threads 1 \\
+        --batch-size 256
 
 ``--ranks`` processes of ``--threads`` threads each train the seed's three-layer network (conv
 32x7x7 - relu - pool - affine 500 - relu - affine 10, softmax loss + 0.5 * reg * sum W**2, Adam
@@ -22,7 +24,8 @@ import time
 
 
 def _load(data: str, limit: int | None):
-    # pipeline sets thread-runtime defaults when imported: keep this process's environment as torch sees it
+    # pipeline sets thread-runtime defaults when imported: keep this process's environment as
+    # torch sees it
     saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
     import numpy as np
 

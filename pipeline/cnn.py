@@ -25,7 +25,8 @@ NORMALIZATIONS = (None, "spatial_batchnorm", "groupnorm")
 
 
 class ThreeLayerConvNet:
-    """conv - [spatial batchnorm | groupnorm] - relu - 2x2 max pool - affine - relu - affine - softmax
+    """conv - [spatial batchnorm | groupnorm] - relu - 2x2 max pool - affine - relu - affine
+    - softmax
 
     Operates on minibatches of N images of shape (C, H, W). The convolution keeps the spatial
     size (stride 1, pad (filter_size - 1) // 2), so the pool halves H and W.

@@ -41,9 +41,10 @@ Every function never modifies its inputs, accepts non-contiguous arrays, and rai
 back to the matching backward function.
 
 Threads: the kernels use Numba's thread pool (``NUMBA_NUM_THREADS``; change a thread's count
-with ``pipeline._kernels.threads.set_threads``, which takes the launch lock: every kernel runs under one
-lock per process, see ``pipeline._kernels.threads``); the GEMMs use NumPy's BLAS, whose thread count
-follows its own settings (``OPENBLAS_NUM_THREADS``, which Dask's nanny sets to 1 in its workers).
+with ``pipeline._kernels.threads.set_threads``, which takes the launch lock: every kernel runs
+under one lock per process, see ``pipeline._kernels.threads``); the GEMMs use NumPy's BLAS,
+whose thread count follows its own settings (``OPENBLAS_NUM_THREADS``, which Dask's nanny sets
+to 1 in its workers).
 """
 
 from __future__ import annotations
@@ -614,7 +615,8 @@ def spatial_batchnorm_forward_fast(x, gamma, beta, bn_param):
     if mode == "train":
         if N * H * W < 1:
             raise ValueError(
-                f"batch norm in train mode needs at least one value per channel, got x of shape {x.shape}"
+                "batch norm in train mode needs at least one value per channel, got x of shape "
+                f"{x.shape}"
             )
         mean64 = np.empty(C)
         var64 = np.empty(C)
@@ -661,7 +663,8 @@ def spatial_batchnorm_backward_fast(dout, cache):
     """
     if cache is None:
         raise ValueError(
-            "spatial_batchnorm_backward_fast needs the cache of a forward pass in bn_param['mode']='train'"
+            "spatial_batchnorm_backward_fast needs the cache of a forward pass in "
+            "bn_param['mode']='train'"
         )
     xc, mean, std, g, g_dtype, b_dtype, g_shape, b_shape, x_dtype = cache
     N, C, M = xc.shape

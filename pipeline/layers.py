@@ -66,7 +66,8 @@ __all__ = [
 
 
 def _as_float(a, dtype=None) -> np.ndarray:
-    """``a`` as an array of ``dtype`` (default: its own float dtype), without copying if possible."""
+    """``a`` as an array of ``dtype`` (default: its own float dtype),
+    without copying if possible."""
     a = np.asarray(a)
     return a.astype(dtype if dtype is not None else layer_dtype(a), copy=False)
 
@@ -672,7 +673,8 @@ def spatial_batchnorm_backward(dout, cache):
     """
     if cache is None:
         raise ValueError(
-            "spatial_batchnorm_backward needs the cache of a forward pass in bn_param['mode']='train'"
+            "spatial_batchnorm_backward needs the cache of a forward pass in "
+            "bn_param['mode']='train'"
         )
     dout = np.asarray(dout)
     require_ndim("dout", dout, 4, "(N, C, H, W)")

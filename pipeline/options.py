@@ -38,7 +38,8 @@ class ValueType:
 
     @classmethod
     def of(cls, hint) -> ValueType:
-        """From a type hint (``int``, ``str | None``) or a tuple of types (``(int, type(None))``)."""
+        """From a type hint (``int``, ``str | None``) or a tuple of types
+        (``(int, type(None))``)."""
         if isinstance(hint, tuple):
             args = hint
         elif isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:

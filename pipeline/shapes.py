@@ -1,4 +1,5 @@
-"""Parameter checks, output shapes and the BN running average shared by the naive and the fast layers.
+"""Parameter checks, output shapes and the BN running average shared by the naive and the fast
+layers.
 
 Every check raises ``ValueError`` naming the parameter and the values it got, so a bad call
 fails at the layer's door and never deep inside a kernel.
@@ -37,7 +38,8 @@ def conv_output_shape(x_shape, w_shape, conv_param) -> tuple[int, int, int, int]
     F, Cw, HH, WW = w_shape
     if C != Cw:
         raise ValueError(
-            f"channel mismatch: x has C={C} channels but w expects C={Cw} (w shape {tuple(w_shape)})"
+            f"channel mismatch: x has C={C} channels but w expects C={Cw} (w shape "
+            f"{tuple(w_shape)})"
         )
     stride = require_positive_int("conv_param['stride']", conv_param.get("stride", 1))
     pad = conv_param.get("pad", 0)

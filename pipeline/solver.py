@@ -129,7 +129,8 @@ class Solver:
                 self._save_checkpoint()
                 if self.verbose:
                     print(
-                        f"(Epoch {self.epoch} / {self.num_epochs}) train acc: {train_acc:f}; val_acc: {val_acc:f}"
+                        f"(Epoch {self.epoch} / {self.num_epochs}) train acc: {train_acc:f}; "
+                        f"val_acc: {val_acc:f}"
                     )
                 if val_acc > self.best_val_acc:
                     self.best_val_acc = val_acc
@@ -180,12 +181,14 @@ class Solver:
         params = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("params/")}
         if set(params) != set(self.model.params):
             raise CheckpointError(
-                f"checkpoint {path} holds parameters {sorted(params)}, the model has {sorted(self.model.params)}"
+                f"checkpoint {path} holds parameters {sorted(params)}, the model has "
+                f"{sorted(self.model.params)}"
             )
         for k, v in params.items():
             if v.shape != self.model.params[k].shape:
                 raise CheckpointError(
-                    f"checkpoint {path}: {k} has shape {v.shape}, the model expects {self.model.params[k].shape}"
+                    f"checkpoint {path}: {k} has shape {v.shape}, the model expects "
+                    f"{self.model.params[k].shape}"
                 )
         self.model.params = params
         state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("state/")}

@@ -123,8 +123,8 @@ def warm() -> None:
             )
             model.loss(x, np.array([0, 1]))
             model.loss(x)
-        # the hidden layer's forward and dx (with sum(w**2)) with few rows, and its dw with its L2 term
-        # (a Solver step with reg > 0)
+        # the hidden layer's forward and dx (with sum(w**2)) with few rows, and its dw with its L2
+        # term (a Solver step with reg > 0)
         fl.affine_relu_forward_fast(
             x, rng.standard_normal((x[0].size, 40)).astype(dtype), np.zeros(40, dtype)
         )

@@ -7,7 +7,7 @@ and its weight gradient with the L2 term fused in:
     dw = x2.T @ da + reg * w          dw, w (D, M)    x2 (N, D)    da (N, M)
 
 **The forward product** (``affine_relu_rows``). With 50 rows (the notebook's batch) OpenBLAS
-packs w's panels before multiplying them and gains only 1.2-1.4x from a second thread. Here a
+packs w's panels before multiplying them and gains little from a second thread. Here a
 task owns FWD_GROUPS column groups of G = 4 vectors for all N rows; k runs in blocks of FWD_KB,
 and each block's strip of w (FWD_KB x G, 16 kB in float32) is read straight from w, kept in L1
 while every tile of 3 rows sums over it in 12 vector registers (``fma_3x4``), with the next
@@ -16,17 +16,18 @@ strip prefetched meanwhile. The sums go to a per-task scratch between k blocks, 
 rounded addition of b[j], then ``np.maximum(., 0)``'s choice (NaN kept, -0.0 to +0.0): which thread,
 task or tile computes it, and how many rows the call has, do not change it.
 
-**The input gradient** (``affine_dx_rows``, for 16 to 63 rows). With 50 rows OpenBLAS's ``da @ w.T`` ran at about
-80 GFLOP/s, and the loss's L2 term read w's 16 MB once more (``np.vdot(w, w)``). Here da is
-first copied transposed into panels of G = 4 vectors of rows (``pack_row_panels``, zeros past
-row N - 1), each contiguous in k; a task owns ROWS rows of w, and for every block of 3 of them
-x one panel sums w[j, k] * da[i:i + G, k] over k = 0..M-1 in 12 vector registers (the same
-``fma_3x4``: w's 3 values are the broadcasts), then stores the 3 x G sums transposed into
-dx[i, j]. The block's rows of w, just read, are then squared from L1 for the L2 term. dx[i, j]
-is the k-ordered FMA chain over k = 0..M-1 (from 0): neither the thread count nor the call's
-row count changes it. The sum of squares: per row of w, float32 vector sums over k (two
-accumulators of V lanes, then the lanes in order), then in float64 the tail, added in row
-order within a task; the caller adds the tasks' sums (``np.sum``: one fixed order).
+**The input gradient** (``affine_dx_rows``, for 16 to 63 rows). With 50 rows OpenBLAS's
+``da @ w.T`` ran well below NumPy's rate on large products, and the loss's L2 term read w's
+16 MB once more (``np.vdot(w, w)``). Here da is first copied transposed into panels of G = 4
+vectors of rows (``pack_row_panels``, zeros past row N - 1), each contiguous in k; a task owns
+ROWS rows of w, and for every block of 3 of them x one panel sums w[j, k] * da[i:i + G, k]
+over k = 0..M-1 in 12 vector registers (the same ``fma_3x4``: w's 3 values are the
+broadcasts), then stores the 3 x G sums transposed into dx[i, j]. The block's rows of w, just
+read, are then squared from L1 for the L2 term. dx[i, j] is the k-ordered FMA chain over
+k = 0..M-1 (from 0): neither the thread count nor the call's row count changes it. The sum of
+squares: per row of w, float32 vector sums over k (two accumulators of V lanes, then the lanes
+in order), then in float64 the tail, added in row order within a task; the caller adds the
+tasks' sums (``np.sum``: one fixed order).
 
 **The weight gradient** (``affine_dw_l2``).
 
@@ -207,10 +208,9 @@ def _finish_3x4(src, q0, q1, q2, wf, p0, p1, p2, rg, sc, use_w, add, V, s):
 
 # ---- the input gradient for few rows ---------------------------------------------------------
 
-#: the fewest rows that take ``affine_dx_rows`` (at most FWD_MAX_ROWS): a panel is 32 float32 rows
-#: whatever N. D 8192, M 500, median of 15, one thread: 4.0-4.7 ms at 1-12 rows against OpenBLAS's
-#: 1.3-4.1, 4.4-4.6 at 16 against 4.0-4.6, 4.6 at 24 against 4.9-5.5; two threads alike. A worker's
-#: shard of 16 trained at 1,395 and 1,397 images/s with the kernel, 1,286 and 1,297 without
+#: the fewest rows that take ``affine_dx_rows`` (at most FWD_MAX_ROWS): a panel is 32 float32
+#: rows whatever N; below 16 OpenBLAS is faster, from 16 a worker's shard trains faster with the
+#: kernel (timings in docs/scaling.md, "The few-row dx kernel")
 DX_MIN_ROWS = 16
 
 
@@ -314,7 +314,7 @@ def _row_sumsq(wf, q, M, V):
 # ---- the forward product for few rows ----------------------------------------------------------
 
 #: at most this many rows take ``affine_relu_rows``; from 64 rows on one thread OpenBLAS's product
-#: was as fast or faster (7.2 against 7.5 ms at 64 rows, 14.1 against 15.1 at 128)
+#: was as fast or faster (timings in docs/scaling.md, "The few-row forward kernel")
 FWD_MAX_ROWS = 63
 #: column groups of G = 4 vectors per task (128 float32 columns: 4 tasks for M = 500)
 FWD_GROUPS = 4
@@ -389,7 +389,8 @@ def affine_relu_rows(x2, w, b, out):
                         s + 2 * G,
                         k0 == 0,
                     )
-        # out = relu(sums + b) as np.maximum(v, 0) gives it: v when v > 0 or NaN, else +0.0 (-0.0 too)
+        # out = relu(sums + b) as np.maximum(v, 0) gives it: v when v > 0 or NaN, else +0.0
+        # (-0.0 too)
         for g in range(g_lo, g_hi):
             j0 = min(g * G, M - G)
             base = (g - g_lo) * TS

@@ -39,7 +39,8 @@ u64 = np.uint64
 
 @njit(parallel=True, cache=True)
 def im2col(x, HH, WW, stride, pad, H_out, W_out, cols):
-    """Fill cols (C*HH*WW, N*H_out*W_out) from x (N, C, H, W), zeros where the window is in the padding."""
+    """Fill cols (C*HH*WW, N*H_out*W_out) from x (N, C, H, W),
+    zeros where the window is in the padding."""
     N, C, H, W = x.shape
     P = H_out * W_out
     KK = HH * WW
@@ -79,7 +80,8 @@ def im2col(x, HH, WW, stride, pad, H_out, W_out, cols):
 
 @njit(parallel=True, cache=True)
 def col2im(dcols, N, C, H, W, HH, WW, stride, pad, H_out, W_out, dx):
-    """dx (N, C, H, W) = sum of dcols (C*HH*WW, N*P) over the windows each input lies in (padding dropped)."""
+    """dx (N, C, H, W) = sum of dcols (C*HH*WW, N*P) over the windows each input lies in
+    (padding dropped)."""
     P = H_out * W_out
     KK = HH * WW
     for t in prange(N * C):

@@ -18,7 +18,8 @@ fuses it on other targets), kept in a register like any scalar local.
     prefetch(a, i)               # a hint: bring a[i]'s cache line towards L1 (no effect on values)
 
 ``vload`` / ``vstore`` / ``vsplat`` take C-contiguous arrays only (others do not compile) and do
-no bounds checks: the caller sizes its arrays for every index it uses. Kernels using them compile with ``cache=True`` like any other.
+no bounds checks: the caller sizes its arrays for every index it uses. Kernels using them
+compile with ``cache=True`` like any other.
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def launch(kernel, *args, serial: bool = False):
 
 
 def set_threads(n: int) -> int:
-    """Set this thread's Numba thread count to ``n``, within 1 and NUMBA_NUM_THREADS; the count set."""
+    """Set this thread's Numba thread count to ``n``, within 1 and NUMBA_NUM_THREADS;
+    the count set."""
     import numba  # noqa: PLC0415 (lazy: Numba loads after configure())
 
     n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))

@@ -7,7 +7,8 @@ vectors of sums, 12 accumulators held in SIMD registers (``pipeline._kernels.sim
     acc = fma_3x4(u, v, s, a, t0, t1, t2, t3, acc)    # acc[r][j] += (u, v, s)[r] * a[t_j:]
 
 Numba's on-disk cache checks only the file of the kernel it compiled: after editing these
-helpers, clear the kernels' caches (``__pycache__/*.nbi``/``.nbc`` beside them) or touch their files.
+helpers, clear the kernels' caches (``__pycache__/*.nbi``/``.nbc`` beside them) or touch their
+files.
 """
 
 from __future__ import annotations

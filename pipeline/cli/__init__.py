@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _format_warning(
     message, category, filename, lineno, line=None, _default=warnings.formatwarning
 ) -> str:
-    """convpipe's own warnings as one line ``convpipe: warning: ...``; others as Python words them."""
+    """convpipe's own warnings as one line ``convpipe: warning: ...``;
+    others as Python words them."""
     if category.__module__.startswith("pipeline."):
         return f"convpipe: warning: {message}\n"
     return _default(message, category, filename, lineno, line)

@@ -98,7 +98,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--no-verify",
         action="store_true",
-        help="accept a CIFAR-10 copy whose md5 is not the official one (it is recorded in the store)",
+        help="accept a CIFAR-10 copy whose md5 is not the official one (it is recorded in the "
+        "store)",
     )
     p.add_argument(
         "--data-root",
@@ -254,24 +255,27 @@ def _info(args) -> int:
     a = s.attrs
     print(f"store      {s.path}")
     print(
-        f"format     {a.get('format')} v{a.get('format_version')}, Zarr v3, created {a.get('created', '?')}"
+        f"format     {a.get('format')} v{a.get('format_version')}, Zarr v3, created "
+        f"{a.get('created', '?')}"
     )
-    for split, n in s.splits.items():
+    for split, _n in s.splits.items():
         img = zarr.open_array(store=os.path.join(s.path, split, "images"), mode="r")
         lab = zarr.open_array(store=os.path.join(s.path, split, "labels"), mode="r")
         codecs = ", ".join(_codec_name(c) for c in img.compressors) or "none"
         print(
-            f"{split:<10} images {img.dtype} {tuple(img.shape)} chunks {tuple(img.chunks)} [{codecs}]; "
-            f"labels {lab.dtype} {tuple(lab.shape)}"
+            f"{split:<10} images {img.dtype} {tuple(img.shape)} chunks {tuple(img.chunks)} "
+            f"[{codecs}]; labels {lab.dtype} {tuple(lab.shape)}"
         )
     if s.protected:
         print(
-            "integrity  protected: crc32c checksum on every chunk (`convpipe data verify` checks them all)"
+            "integrity  protected: crc32c checksum on every chunk (`convpipe data verify` checks "
+            "them all)"
         )
     else:
         print(
-            f"integrity  UNPROTECTED: no checksums (format {a.get('format_version')}); a damaged chunk "
-            "can read as wrong pixels; `convpipe data prepare --force` rebuilds it with checksums"
+            f"integrity  UNPROTECTED: no checksums (format {a.get('format_version')}); a damaged "
+            "chunk can read as wrong pixels; `convpipe data prepare --force` rebuilds it with "
+            "checksums"
         )
     print(f"order      {_order(a)}")
     print(f"classes    {len(s.class_names)}: {', '.join(s.class_names)}")

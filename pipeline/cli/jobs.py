@@ -29,9 +29,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "submit",
         help="submit a job spec (TOML) to a Dask cluster and print its id",
-        description="Validate a job spec, then run its coordinator on the cluster itself: the job goes on "
-        "after this command exits. Prints the job id. Without a scheduler, runs the job on an "
-        "embedded local cluster and follows it to the end.",
+        description="Validate a job spec, then run its coordinator on the cluster itself: the job "
+        "goes on after this command exits. Prints the job id. Without a scheduler, runs the job "
+        "on an embedded local cluster and follows it to the end.",
     )
     p.add_argument("spec", metavar="SPEC", help="job spec, e.g. jobs/train-three-layer.toml")
     _scheduler_arg(p)
@@ -119,8 +119,8 @@ def register(subparsers) -> None:
         action="append",
         default=[],
         metavar="NAME",
-        help="a host name or IP the certificates are for (repeatable; default localhost, 127.0.0.1, "
-        "scheduler)",
+        help="a host name or IP the certificates are for (repeatable; default localhost, "
+        "127.0.0.1, scheduler)",
     )
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.set_defaults(func=cmd_certs)
@@ -130,7 +130,8 @@ def _scheduler_arg(p) -> None:
     p.add_argument(
         "--scheduler",
         metavar="ADDR",
-        help=f"Dask scheduler, e.g. tcp://127.0.0.1:8786 or tls://host:8786 (default: ${SCHEDULER_ENV})",
+        help="Dask scheduler, e.g. tcp://127.0.0.1:8786 or tls://host:8786 (default: "
+        f"${SCHEDULER_ENV})",
     )
     if p.prog.split()[-1] not in ("submit", "resume"):
         p.add_argument(
@@ -183,8 +184,8 @@ def cmd_submit(args) -> int:
         print(record["job"], flush=True)
         if not args.follow:
             print(
-                f"convpipe: {spec.kind} job queued on {address}; follow it with: convpipe logs {record['job']} "
-                f"--follow --scheduler {address}",
+                f"convpipe: {spec.kind} job queued on {address}; follow it with: convpipe logs "
+                f"{record['job']} --follow --scheduler {address}",
                 file=sys.stderr,
             )
             return 0
@@ -205,8 +206,9 @@ def _submit_embedded(spec, args) -> int:
         from pipeline.dashboard import page_link
 
         print(
-            f"convpipe: no scheduler given: running on an embedded local cluster ({client.dashboard_link}; "
-            f"jobs on the convpipe page {page_link(client.dashboard_link)})",
+            "convpipe: no scheduler given: running on an embedded local cluster "
+            f"({client.dashboard_link}; jobs on the convpipe page "
+            f"{page_link(client.dashboard_link)})",
             file=sys.stderr,
         )
         record = job_client.submit(client, spec, timeout=args.timeout)
@@ -280,8 +282,8 @@ class _lost_scheduler:
             msg = f"lost the Dask scheduler at {self.address} ({type(exc).__name__})"
             if self.job_id:
                 msg += (
-                    f"; job {self.job_id}'s status, log and checkpoints stay in {self.job_dir} on the data root:"
-                    f" convpipe status {self.job_id} --root ROOT"
+                    f"; job {self.job_id}'s status, log and checkpoints stay in {self.job_dir} on "
+                    f"the data root: convpipe status {self.job_id} --root ROOT"
                 )
             raise ClusterError(msg) from None
         return False
@@ -524,7 +526,8 @@ def cmd_resume(args) -> int:
             new = job_client.resume(client, args.job, record, timeout=args.timeout)
         print(new["job"], flush=True)
         print(
-            f"convpipe: job {new['job']} queued again (attempt {new['attempt']}), continuing {new['run_dir']}",
+            f"convpipe: job {new['job']} queued again (attempt {new['attempt']}), continuing "
+            f"{new['run_dir']}",
             file=sys.stderr,
         )
         if args.follow:
@@ -540,15 +543,16 @@ def cmd_certs(args) -> int:
     for name, path in paths.items():
         print(f"{name:14} {path}")
     print(
-        f"clients use ca.pem, client.pem and client-key.pem: export CONVPIPE_TLS_CA_FILE={paths['ca']} "
-        f"CONVPIPE_TLS_CERT={paths['client']} CONVPIPE_TLS_KEY={paths['client-key']}"
+        "clients use ca.pem, client.pem and client-key.pem: export "
+        f"CONVPIPE_TLS_CA_FILE={paths['ca']} CONVPIPE_TLS_CERT={paths['client']} "
+        f"CONVPIPE_TLS_KEY={paths['client-key']}"
     )
     print(f"keep {paths['ca-key']} private (it signs new certificates); the cluster never needs it")
     stale = os.path.join(args.dir, "ca-key.pem")
     if os.path.exists(stale):
         print(
-            f"convpipe: warning: {stale} (a CA key from an earlier `convpipe certs`) is in the folder the "
-            f"containers mount; it signs nothing the new ca.pem trusts: delete it",
+            f"convpipe: warning: {stale} (a CA key from an earlier `convpipe certs`) is in the "
+            "folder the containers mount; it signs nothing the new ca.pem trusts: delete it",
             file=sys.stderr,
         )
     return 0

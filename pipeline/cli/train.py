@@ -69,7 +69,8 @@ def _parser_for(name: str):
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The run's settings: defaults or, with --resume, the run's saved ones; then the options given."""
+    """The run's settings: defaults or, with --resume, the run's saved ones;
+    then the options given."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names}
     if given.get("resume"):
@@ -111,7 +112,8 @@ def _prepare_default_store(store: str) -> None:
     if store_state(store) == "complete":
         return
     print(
-        f"no complete data store at {store}: preparing it first (convpipe data prepare --out {store})",
+        f"no complete data store at {store}: preparing it first (convpipe data prepare --out "
+        f"{store})",
         file=sys.stderr,
     )
     prepare = build_parser().parse_args(["data", "prepare", "--out", store])
@@ -149,7 +151,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         progress=progress,
     )
     print(
-        f"{r['split']} accuracy {r['accuracy']:.4f} ({r['correct']}/{r['n']}) in {r['seconds']:.1f} s"
+        f"{r['split']} accuracy {r['accuracy']:.4f} ({r['correct']}/{r['n']}) in "
+        f"{r['seconds']:.1f} s"
     )
     return 0
 
@@ -202,8 +205,9 @@ class _Progress:
             self.bar.update(1)
         elif kind == "epoch":
             self._write(
-                f"epoch {event['epoch']} (step {event['step']}): train acc {event['train_acc']:.4f}, "
-                f"val acc {'n/a' if event['val_acc'] is None else format(event['val_acc'], '.4f')}"
+                f"epoch {event['epoch']} (step {event['step']}): train acc "
+                f"{event['train_acc']:.4f}, val acc "
+                f"{'n/a' if event['val_acc'] is None else format(event['val_acc'], '.4f')}"
             )
         elif kind == "resumed":
             self._write(

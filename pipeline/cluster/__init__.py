@@ -29,11 +29,13 @@ class ClusterError(ConvpipeError):
 
 
 class InsecureSchedulerWarning(UserWarning):
-    """A scheduler on another host reached without TLS: whoever reaches it runs code on the cluster."""
+    """A scheduler on another host reached without TLS:
+    whoever reaches it runs code on the cluster."""
 
 
 def plaintext_risk(address: str) -> str | None:
-    """Why connecting to ``address`` without TLS is a risk (one line), or None (tls://, loopback)."""
+    """Why connecting to ``address`` without TLS is a risk (one line),
+    or None (tls://, loopback)."""
     url = urlsplit(address if "://" in address else f"tcp://{address}")  # Dask's default protocol
     host = (url.hostname or "").lower()
     if url.scheme.lower() in SAFE_SCHEMES or host == "localhost" or host.endswith(".localhost"):
@@ -42,8 +44,9 @@ def plaintext_risk(address: str) -> str | None:
         if ipaddress.ip_address(host).is_loopback:
             return None
     return (
-        f"scheduler {address} is reached without TLS: anyone who can reach it can run code on the cluster "
-        f"(a Dask scheduler runs what its clients send); use TLS: `convpipe certs DIR` and a tls:// address"
+        f"scheduler {address} is reached without TLS: anyone who can reach it can run code on the "
+        "cluster (a Dask scheduler runs what its clients send); use TLS: `convpipe certs DIR` and "
+        "a tls:// address"
     )
 
 
@@ -129,11 +132,10 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 #: Dask's diagnostics, thinned for an embedded cluster whose every core computes. By default
 #: each worker's event loop wakes every 10 ms to sample its task thread's stack (the statistical
 #: profiler behind the dashboard's Profile tab) and every 20 ms to measure its own latency, and
-#: samples CPU every 500 ms; each wake-up takes the GIL from the task. On 2 workers x 1 thread
-#: each worker process's event loop took 8.5-9.3% of a core by default against 4.4-5.5% with
-#: these settings, and the embedded cluster's scheduler, nannies and client 14-16% against
-#: 12-14% (docs/scaling.md, "Dask's own time"). The Profile tab stays empty; the System tab
-#: updates every 2 s instead of every 0.5 s. The memory monitor keeps its 100 ms.
+#: samples CPU every 500 ms; each wake-up takes the GIL from the task. Thinned, Dask's own loops
+#: take less of the cores the tasks compute on (docs/scaling.md, "Dask's own time"). The Profile
+#: tab stays empty; the System tab updates every 2 s instead of every 0.5 s. The memory monitor
+#: keeps its 100 ms.
 QUIET_DIAGNOSTICS = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "500ms",
@@ -199,9 +201,9 @@ def worker_addresses(client) -> list[str]:
 
     Not ``Client.scheduler_info()``: that returns the client's cached identity, which the client's
     periodic refresh (every 2 s, fetched without per-worker entries) can overwrite between the
-    fresh fetch and the return. Such a call sees no workers while all are alive: 157 of 3,000
-    calls did with the refresh at 5 ms, and once in CI a live job read as "the worker running its
-    coordinator died or left the cluster".
+    fresh fetch and the return. Such a call can see no workers while all are alive (reproduced
+    with a faster refresh, see docs/scaling.md), and once in CI a live job read as "the worker
+    running its coordinator died or left the cluster".
     """
     return list(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
 

@@ -125,7 +125,8 @@ def tls_from_env() -> TLSFiles | None:
     missing = [ENV[k] for k, v in values.items() if not v]
     if missing:
         raise TLSConfigError(
-            f"TLS from the environment needs {', '.join(ENV.values())}; missing {', '.join(missing)}"
+            f"TLS from the environment needs {', '.join(ENV.values())}; missing "
+            f"{', '.join(missing)}"
         )
     return TLSFiles(values["ca_file"], values["cert"], values["key"], "the environment")
 
@@ -169,7 +170,8 @@ def security_for(address: str | None, explicit: TLSFiles | None = None):
         return files.security()
     if explicit is not None:
         raise TLSConfigError(
-            f"TLS certificates are set ({explicit.origin}) but scheduler {address} is not a tls:// address"
+            f"TLS certificates are set ({explicit.origin}) but scheduler {address} is not a tls:// "
+            "address"
         )
     return None
 
@@ -178,7 +180,8 @@ def security_for(address: str | None, explicit: TLSFiles | None = None):
 
 
 def default_ca_dir(directory: str | Path) -> Path:
-    """Where the CA's private key goes: a folder beside ``directory`` (``certs`` -> ``certs-ca``)."""
+    """Where the CA's private key goes:
+    a folder beside ``directory`` (``certs`` -> ``certs-ca``)."""
     d = Path(directory).resolve()
     return d.parent / f"{d.name}-ca"
 

@@ -234,7 +234,7 @@ def _mtime(path: Path) -> float | None:
         return None
 
 
-# ---- the scheduler ---------------------------------------------------------------------------------
+# ---- the scheduler -------------------------------------------------------------------------------
 
 
 class SchedulerAsClient:
@@ -295,7 +295,7 @@ class SchedulerView:
         return cls(jobs, runs, None, log)
 
 
-# ---- jobs ------------------------------------------------------------------------------------------
+# ---- jobs ----------------------------------------------------------------------------------------
 
 _RANK = {"queued": 0, "running": 1, "done": 2, "failed": 2, "cancelled": 2}
 
@@ -375,7 +375,8 @@ class Board:
 
     # ---- runs ----
     def run_dirs(self, view: SchedulerView, statuses: dict[str, dict]) -> list[Path]:
-        """Run directories not belonging to a job: under the run folders (newest first), announced."""
+        """Run directories not belonging to a job: under the run folders
+        (newest first), announced."""
         taken = {_real(Path(s["run_dir"])) for s in statuses.values() if s.get("run_dir")}
         found: list[Path] = []
         for folder in self.run_folders:
@@ -399,7 +400,8 @@ class Board:
         return out
 
     def allowed_run(self, path: str, view: SchedulerView) -> bool:
-        """Whether the page shows ``path``: a job's run directory, one in a run folder, or announced."""
+        """Whether the page shows ``path``: a job's run directory, one in a run folder,
+        or announced."""
         real = _real(Path(path))
         if any(real.parent == f for f in self.run_folders):
             return True

@@ -25,8 +25,8 @@ from pipeline.dashboard.data import Board, SchedulerView
 JOB_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*?"
 #: Content-Security-Policy: the page's own inline style and script, fetches to itself, nothing else
 CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; "
-    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src "
+    "'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
 )
 
 
@@ -96,7 +96,10 @@ class _Handler(web.RequestHandler):
     def not_found(self, text: str, status: int = 404) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        body = f'<h1>Not found</h1><p>{escape(text)}</p><p><a href="{self.base}convpipe">All jobs and runs</a></p>'
+        body = (
+            f"<h1>Not found</h1><p>{escape(text)}</p><p>"
+            f'<a href="{self.base}convpipe">All jobs and runs</a></p>'
+        )
         self.finish(
             render.page("convpipe: not found", self.base, body, str(self.page.board.root), None)
         )

@@ -24,52 +24,64 @@ POLL_MS = 2000
 TERMINAL = ("done", "failed", "cancelled")
 
 CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
-header{background:#fff;border-bottom:1px solid #d0d7de;padding:10px 24px;display:flex;gap:18px;align-items:center;flex-wrap:wrap}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1f2328;\
+background:#f6f8fa}
+header{background:#fff;border-bottom:1px solid #d0d7de;padding:10px 24px;display:flex;gap:18px;\
+align-items:center;flex-wrap:wrap}
 header .brand{font-weight:700;font-size:18px;color:#ec5c25;text-decoration:none}
 header nav a{margin-right:14px;color:#0969da;text-decoration:none}
 header .root{margin-left:auto;color:#57606a;font-size:12px}
 main{padding:16px 24px;max-width:1400px}
 h1{font-size:20px;margin:6px 0 12px}h2{font-size:16px;margin:22px 0 8px}
 table{border-collapse:collapse;background:#fff;border:1px solid #d0d7de;width:100%}
-th,td{padding:6px 10px;border-bottom:1px solid #eaeef2;text-align:left;vertical-align:top;white-space:nowrap}
+th,td{padding:6px 10px;border-bottom:1px solid #eaeef2;text-align:left;vertical-align:top;\
+white-space:nowrap}
 th{background:#f6f8fa;font-weight:600;font-size:12px;color:#57606a}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.detail{white-space:normal;min-width:180px;max-width:520px;font-size:12px;overflow-wrap:anywhere}
-dl.facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:6px 18px;margin:0 0 10px;
+dl.facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:6px 18px;\
+margin:0 0 10px;
 background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:10px 14px}
 dl.facts div{min-width:0}dl.facts div.wide{grid-column:1/-1}
 dl.facts dt{font-size:11px;color:#57606a;text-transform:uppercase;letter-spacing:.03em}
 dl.facts dd{margin:0;overflow-wrap:anywhere}
 a{color:#0969da}code{background:#eff1f3;padding:1px 5px;border-radius:4px;font-size:12px}
-.state{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;color:#fff;background:#6e7781}
+.state{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600;\
+color:#fff;background:#6e7781}
 .state.running{background:#0969da}.state.done{background:#1a7f37}.state.failed{background:#cf222e}
 .state.cancelled{background:#bc4c00}.state.queued,.state.stopped{background:#6e7781}
-.bar{display:inline-block;width:64px;height:8px;background:#eaeef2;border-radius:4px;margin-left:6px;vertical-align:middle}
+.bar{display:inline-block;width:64px;height:8px;background:#eaeef2;border-radius:4px;\
+margin-left:6px;vertical-align:middle}
 .bar i{display:block;height:8px;border-radius:4px;background:#0969da}
 .cards{display:flex;gap:12px;flex-wrap:wrap;margin:8px 0}
 .card{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:8px 14px;min-width:110px}
 .card b{display:block;font-size:18px}.card span{font-size:12px;color:#57606a}
 .charts{display:flex;gap:16px;flex-wrap:wrap}
 svg.chart{background:#fff;border:1px solid #d0d7de;border-radius:6px}
-svg .plot-area{fill:#fff;stroke:#8c959f}svg .grid{stroke:#eaeef2}svg .tick{font-size:11px;fill:#57606a}
-svg .axis-label{font-size:12px;fill:#1f2328}svg .chart-title{font-size:13px;font-weight:600;fill:#1f2328}
+svg .plot-area{fill:#fff;stroke:#8c959f}svg .grid{stroke:#eaeef2}\
+svg .tick{font-size:11px;fill:#57606a}
+svg .axis-label{font-size:12px;fill:#1f2328}\
+svg .chart-title{font-size:13px;font-weight:600;fill:#1f2328}
 svg .legend{font-size:12px;fill:#1f2328}svg .legend-box{fill:#fff;fill-opacity:.85;stroke:#eaeef2}
-.pictures img{background:#fff;border:1px solid #d0d7de;border-radius:6px;max-width:100%;margin-right:12px}svg .empty{font-size:13px;fill:#8c959f}
+.pictures img{background:#fff;border:1px solid #d0d7de;border-radius:6px;max-width:100%;\
+margin-right:12px}svg .empty{font-size:13px;fill:#8c959f}
 .cols{display:flex;gap:24px;flex-wrap:wrap}.cols>div{flex:1;min-width:320px}
 table.settings td:last-child{white-space:normal;overflow-wrap:anywhere}
-pre.log{background:#fff;border:1px solid #d0d7de;padding:10px;font-size:12px;overflow:auto;max-height:360px}
+pre.log{background:#fff;border:1px solid #d0d7de;padding:10px;font-size:12px;overflow:auto;\
+max-height:360px}
 .problems li{color:#cf222e}.muted{color:#57606a;font-size:12px}
 """
 
 SCRIPT = """
 (function(){const src=document.body.dataset.poll;if(!src)return;
-async function poll(){let again=true;try{const r=await fetch(src,{cache:"no-store"});if(r.ok){const j=await r.json();
-for(const [id,html] of Object.entries(j.html)){const el=document.getElementById(id);if(el)el.innerHTML=html;}
+async function poll(){let again=true;try{const r=await fetch(src,{cache:"no-store"});\
+if(r.ok){const j=await r.json();
+for(const [id,html] of Object.entries(j.html)){const el=document.getElementById(id);\
+if(el)el.innerHTML=html;}
 document.body.dataset.polls=1+(+document.body.dataset.polls||0);again=!j.final;}}catch(e){}
 if(again)setTimeout(poll,%d);}
 setTimeout(poll,%d);})();
-""" % (POLL_MS, POLL_MS)
+""" % (POLL_MS, POLL_MS)  # noqa: UP031 (%-formatting: the script's braces stay single)
 
 
 # ---- formatting ----------------------------------------------------------------------------------
@@ -116,7 +128,7 @@ def run_link(base: str, path: str) -> str:
     return f"{base}convpipe/run?dir={quote(path, safe='')}"
 
 
-# ---- page frame ------------------------------------------------------------------------------------
+# ---- page frame ----------------------------------------------------------------------------------
 
 
 def page(title: str, base: str, body: str, root: str, poll: str | None) -> str:
@@ -127,7 +139,8 @@ def page(title: str, base: str, body: str, root: str, poll: str | None) -> str:
     poll_attr = f' data-poll="{escape(poll)}"' if poll else ""
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
-        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<style>{CSS}</style></head>"
         f'<body{poll_attr}><header><a class="brand" href="{base}convpipe">convpipe</a>{nav}'
         f'<span class="root">data root {escape(root)} · read-only</span></header>'
         f"<main>{body}</main><script>{SCRIPT}</script></body></html>"
@@ -138,7 +151,7 @@ def stamp() -> str:
     return f"updated {_dt.datetime.now().strftime('%H:%M:%S')}"
 
 
-# ---- the overview ----------------------------------------------------------------------------------
+# ---- the overview --------------------------------------------------------------------------------
 
 
 def overview_fragments(listing: Listing, base: str) -> dict[str, str]:
@@ -171,7 +184,8 @@ def _progress_cells(run: RunView | None, status: dict | None = None) -> str:
         return (
             f'<td>{_steps(step, total)}</td><td class="num">{_num(p.get("loss"))}</td>'
             f'<td class="num">{_num(p.get("images_per_s"), "{:,.0f}")}</td><td>–</td>'
-            f'<td class="num">{_pct(p.get("train_acc"))}</td><td class="num">{_pct(p.get("val_acc"))}</td>'
+            f'<td class="num">{_pct(p.get("train_acc"))}</td>'
+            f'<td class="num">{_pct(p.get("val_acc"))}</td>'
         )
     active = status is None or status.get("state") in ("running", None)
     eta = duration(run.eta_s()) if active else "–"
@@ -222,18 +236,25 @@ def job_detail(status: dict) -> str:
 
 def jobs_table(jobs: list[dict], base: str) -> str:
     if not jobs:
-        return '<p class="muted">No jobs yet: <code>convpipe submit jobs/train-three-layer.toml</code></p>'
+        return (
+            '<p class="muted">No jobs yet: <code>convpipe submit '
+            "jobs/train-three-layer.toml</code></p>"
+        )
     head = "".join(f"<th>{c}</th>" for c in ("Job", "Kind", "Name", "State", *_COLUMNS, "Detail"))
     rows = []
     for s in jobs:
         jid = str(s.get("job", "?"))
         rows.append(
-            f'<tr class="job" data-job="{escape(jid)}"><td><a href="{job_link(base, jid)}">{escape(jid)}</a>'
-            f"</td><td>{escape(str(s.get('kind', '?')))}</td><td>{escape(str(s.get('name', '')))}</td>"
+            f'<tr class="job" data-job="{escape(jid)}">'
+            f'<td><a href="{job_link(base, jid)}">{escape(jid)}</a></td>'
+            f"<td>{escape(str(s.get('kind', '?')))}</td><td>{escape(str(s.get('name', '')))}</td>"
             f"<td>{_state(s.get('state'))}</td>{_progress_cells(s.get('run'), s)}"
             f'<td class="detail">{job_detail(s)}</td></tr>'
         )
-    return f'<table id="jobs-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return (
+        f'<table id="jobs-table"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def run_detail(run: RunView, state: str) -> str:
@@ -257,9 +278,13 @@ def runs_table(runs: list[RunView], base: str) -> str:
         rows.append(
             f'<tr class="run" data-run="{escape(r.path)}"><td><a href="{run_link(base, r.path)}">'
             f"{escape(r.name)}</a></td><td>{_state(state)}</td>"
-            f'{_progress_cells(r, {"state": state})}<td class="detail">{run_detail(r, state)}</td></tr>'
+            f"{_progress_cells(r, {'state': state})}"
+            f'<td class="detail">{run_detail(r, state)}</td></tr>'
         )
-    return f'<table id="runs-table"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return (
+        f'<table id="runs-table"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def problems(lines: list[str]) -> str:
@@ -272,7 +297,7 @@ def problems(lines: list[str]) -> str:
     )
 
 
-# ---- one job or run ----------------------------------------------------------------------------------
+# ---- one job or run ------------------------------------------------------------------------------
 
 
 def charts(run: RunView) -> str:
@@ -383,7 +408,8 @@ def breakdown(run: RunView) -> str:
     total = b.get("step") or sum(v for _, v in parts) or 1.0
     rows = "".join(
         f'<tr><td>{escape(label)}</td><td class="num">{1000 * v:.1f} ms</td>'
-        f'<td><span class="bar"><i style="width:{min(100, 100 * v / total):.0f}%"></i></span></td></tr>'
+        f'<td><span class="bar"><i style="width:{min(100, 100 * v / total):.0f}%"></i></span></td>'
+        "</tr>"
         for label, v in parts
     )
     what = "mean over the run" if run.finished else "mean of the last steps"
@@ -393,10 +419,10 @@ def breakdown(run: RunView) -> str:
         else ""
     )
     return (
-        f'<table class="breakdown"><thead><tr><th>phase ({what})</th><th>per step</th><th></th></tr></thead>'
-        f"<tbody>{rows}{step}</tbody></table>"
-        '<p class="muted">read, compute, reduce and wait are the busiest worker\'s; they overlap with '
-        "the coordinator's work on the next step.</p>"
+        f'<table class="breakdown"><thead><tr><th>phase ({what})</th><th>per step</th><th></th>'
+        f"</tr></thead><tbody>{rows}{step}</tbody></table>"
+        '<p class="muted">read, compute, reduce and wait are the busiest worker\'s; they overlap '
+        "with the coordinator's work on the next step.</p>"
     )
 
 
@@ -563,7 +589,8 @@ def sweep_section(run_dir: str | None) -> str:
     )
     return (
         f"<h2>Sweep: {done}/{len(state.trials)} trials done, rungs {escape(str(state.rungs))}</h2>"
-        f'<table id="leaderboard"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        f'<table id="leaderboard"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
         f'<div class="charts">{chart}</div>'
     )
 
@@ -575,7 +602,10 @@ def _job_progress(status: dict) -> str:
     step = p.get("done", p.get("step"))
     total = p.get("total", p.get("total_steps"))
     what = escape(str(p.get("event") or "progress"))
-    return f'<div class="cards"><div class=card><b>{_steps(step, total)}</b><span>{what}</span></div></div>'
+    return (
+        f'<div class="cards"><div class=card><b>{_steps(step, total)}</b><span>{what}</span>'
+        "</div></div>"
+    )
 
 
 def detail_body(title: str, fragments: dict[str, str], base: str) -> str:
@@ -584,8 +614,10 @@ def detail_body(title: str, fragments: dict[str, str], base: str) -> str:
         f'<div id="facts">{fragments.get("facts", "")}</div>'
         f'<div id="progress">{fragments["progress"]}</div>'
         f'<div id="charts">{fragments["charts"]}</div>'
-        f'<div class="cols"><div><h2>Step time</h2><div id="breakdown">{fragments["breakdown"]}</div>'
-        f'<p><a href="{base}tasks">Dask task stream</a> · <a href="{base}status">Dask status</a></p></div>'
+        '<div class="cols"><div><h2>Step time</h2>'
+        f'<div id="breakdown">{fragments["breakdown"]}</div>'
+        f'<p><a href="{base}tasks">Dask task stream</a> · '
+        f'<a href="{base}status">Dask status</a></p></div>'
         f'<div><h2>Settings</h2><div id="settings">{fragments["settings"]}</div></div></div>'
         + (f'<h2>Log</h2><div id="log">{fragments["log"]}</div>' if "log" in fragments else "")
     )

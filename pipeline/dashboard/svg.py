@@ -118,12 +118,14 @@ def line_chart(
     for t in nice_ticks(y0, y1, 6):
         out.append(
             f'<line x1="{left}" x2="{left + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" class="grid"/>'
-            f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" class="tick" text-anchor="end">{_fmt(t)}</text>'
+            f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" class="tick" '
+            f'text-anchor="end">{_fmt(t)}</text>'
         )
     for t in nice_ticks(x0, x1, 6):
         out.append(
             f'<line y1="{top}" y2="{top + ph}" x1="{X(t):.1f}" x2="{X(t):.1f}" class="grid"/>'
-            f'<text x="{X(t):.1f}" y="{top + ph + 16}" class="tick" text-anchor="middle">{_fmt(t)}</text>'
+            f'<text x="{X(t):.1f}" y="{top + ph + 16}" class="tick" '
+            f'text-anchor="middle">{_fmt(t)}</text>'
         )
     out.append(
         f'<text x="{left + pw / 2:.1f}" y="{height - 6}" class="axis-label" '

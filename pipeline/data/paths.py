@@ -38,7 +38,8 @@ OFFLINE_HINT = (
 
 
 def data_root() -> Path:
-    """``$CONVPIPE_DATA`` if set and not empty, else ``data`` (relative to the current directory)."""
+    """``$CONVPIPE_DATA`` if set and not empty,
+    else ``data`` (relative to the current directory)."""
     env = os.environ.get(DATA_ENV, "").strip()
     return Path(env).expanduser() if env else Path(DEFAULT_DATA_ROOT)
 

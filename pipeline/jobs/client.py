@@ -69,7 +69,8 @@ def wait_for_workers(client, timeout: float = 60.0) -> None:
     while not worker_addresses(client):
         if time.monotonic() > deadline:
             raise JobError(
-                f"no Dask workers joined the scheduler at {client.scheduler.address} within {timeout:.0f} s"
+                f"no Dask workers joined the scheduler at {client.scheduler.address} within "
+                f"{timeout:.0f} s"
             )
         time.sleep(0.2)
 
@@ -152,7 +153,8 @@ def _wait_until_known(client, job_id: str, attempt: int, key: str, timeout: floa
             return
         time.sleep(0.05)
     raise JobError(
-        f"the scheduler at {client.scheduler.address} did not take job {job_id} within {timeout:.0f} s"
+        f"the scheduler at {client.scheduler.address} did not take job {job_id} within "
+        f"{timeout:.0f} s"
     )
 
 
@@ -197,7 +199,8 @@ def job_status(client, job_id: str, events: list[dict] | None = None) -> dict:
     if not states and not subs:
         raise JobError(
             f"no job {job_id} on the scheduler at {client.scheduler.address} (it keeps jobs "
-            f"while it runs; the job's files are in ROOT/jobs/{job_id}: convpipe status {job_id} --root ROOT)"
+            f"while it runs; the job's files are in ROOT/jobs/{job_id}: convpipe status {job_id} "
+            "--root ROOT)"
         )
     status: dict = {}
     for m in subs:
@@ -300,7 +303,8 @@ def _check_alive(client, status: dict) -> None:
 
 
 def _restarting(status: dict, task) -> bool:
-    """Whether Dask is rerunning a job's coordinator task whose worker died, and the job will restart."""
+    """Whether Dask is rerunning a job's coordinator task whose worker died,
+    and the job will restart."""
     return (
         task is not None
         and task[0] in ("released", "waiting", "queued", "no-worker", "processing")
@@ -354,13 +358,14 @@ def cancel(client, job_id: str) -> dict:
 
 
 def resume(client, job_id: str, record: dict | None = None, timeout: float = 120.0) -> dict:
-    """Queue the next attempt of a failed or cancelled job: it continues from its last checkpoint."""
+    """Queue the next attempt of a failed or cancelled job:
+    it continues from its last checkpoint."""
     if record is None:
         subs = submissions(client, job_id)
         if not subs:
             raise JobError(
-                f"no job {job_id} on the scheduler at {client.scheduler.address}; give the data root "
-                f"that holds its files: convpipe resume {job_id} --root ROOT"
+                f"no job {job_id} on the scheduler at {client.scheduler.address}; give the data "
+                f"root that holds its files: convpipe resume {job_id} --root ROOT"
             )
         status = job_status(client, job_id)
         if status["state"] not in ("failed", "cancelled"):

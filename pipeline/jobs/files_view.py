@@ -17,7 +17,8 @@ from pipeline.procs import Owner
 
 
 def status_from_files(root: str, job_id: str) -> dict:
-    """The job's ``status.json``, a dead local coordinator turned ``failed``, with its last log line.
+    """The job's ``status.json``, a dead local coordinator turned ``failed``,
+    with its last log line.
 
     :class:`JobError` if there is no such job; :class:`JobFileError` (one line naming the file
     and the problem) if its status file is malformed.
@@ -40,7 +41,8 @@ def status_from_files(root: str, job_id: str) -> dict:
 
 
 def _coordinator(status: dict) -> Owner | None:
-    """The process a running job's status names (None for a record without host, namespace or pid)."""
+    """The process a running job's status names
+    (None for a record without host, namespace or pid)."""
     try:
         return Owner(str(status["host"]), int(status["pid_namespace"]), int(status["pid"]))
     except (KeyError, TypeError, ValueError):

@@ -134,7 +134,8 @@ SIGNALS = Signals()
 
 
 class CloseHook(WorkerPlugin):
-    """On a closing worker (its nanny got SIGTERM, or it is retired): stop its jobs, wait for them."""
+    """On a closing worker (its nanny got SIGTERM, or it is retired): stop its jobs,
+    wait for them."""
 
     name = "convpipe-job-stop"
 
@@ -179,7 +180,8 @@ def _on_loop(worker, fn):
 
 @contextlib.contextmanager
 def guard(worker) -> Iterator[Stop]:
-    """While a job's coordinator runs on ``worker``: SIGTERM or the worker closing request a stop."""
+    """While a job's coordinator runs on ``worker``:
+    SIGTERM or the worker closing request a stop."""
     hook = _on_loop(worker, _prepare)
     stop = Stop()
     SIGNALS.add(stop)

@@ -53,7 +53,8 @@ def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
         try:
             status = JobFiles(d).read_status()
         except JobError:
-            continue  # a job whose status cannot be read cannot be told to use it; `status` reports it
+            # a job whose status cannot be read cannot be told to use it; `status` reports it
+            continue
         if status and status.get("state") in ACTIVE and status.get("run_dir") == run_dir:
             raise SpecError(
                 f"run directory {run_dir} is in use by job {d.name} ({status['state']}); "
@@ -76,7 +77,8 @@ class _InRunDirectory:
 
 
 class Train(_InRunDirectory):
-    """``convpipe train`` as a job: the coordinator of :func:`pipeline.training.coordinator.train`."""
+    """``convpipe train`` as a job:
+    the coordinator of :func:`pipeline.training.coordinator.train`."""
 
     name = "train"
 
@@ -110,7 +112,8 @@ class Train(_InRunDirectory):
             o["out"] = _abs(o.get("out") or os.path.join(root, "runs", job_id))
             if (Path(o["out"]) / "config.json").exists():
                 raise SpecError(
-                    f"run directory {o['out']} already holds a run: resume that job, or choose another out"
+                    f"run directory {o['out']} already holds a run: resume that job, or choose "
+                    "another out"
                 )
         open_store(o["data"])  # DataError naming the path if it is missing or not a store
         check_run_dir_free(o["out"], root, job_id)
@@ -322,7 +325,8 @@ class Sweep(_InRunDirectory):
             o["out"] = _abs(o.get("out") or os.path.join(root, "runs", job_id))
             if (Path(o["out"]) / STATE_FILE).exists() or (Path(o["out"]) / "config.json").exists():
                 raise SpecError(
-                    f"run directory {o['out']} already holds a run: resume that job, or choose another out"
+                    f"run directory {o['out']} already holds a run: resume that job, or choose "
+                    "another out"
                 )
         check_run_dir_free(o["out"], root, job_id)
         cls.plan(o)

@@ -104,7 +104,8 @@ class JobFiles:
         atomic_write_text(self.status_path, json.dumps(status, indent=2, sort_keys=True) + "\n")
 
     def read_status(self) -> dict | None:
-        """The latest state record; None if there is none; :class:`JobFileError` if it is malformed."""
+        """The latest state record; None if there is none;
+        :class:`JobFileError` if it is malformed."""
         status = _read_json(self.status_path)
         if status is not None and status.get("state") not in ACTIVE + TERMINAL:
             raise JobFileError(
@@ -135,7 +136,8 @@ class JobFiles:
         atomic_write_text(self.spec_path, spec_toml)
 
     def read_record(self) -> dict | None:
-        """The job's record as submitted; None if there is none; :class:`JobFileError` if malformed."""
+        """The job's record as submitted; None if there is none;
+        :class:`JobFileError` if malformed."""
         record = _read_json(self.record_path)
         missing = [k for k in RECORD_KEYS if record is not None and k not in record]
         if missing:

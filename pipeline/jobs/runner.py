@@ -127,7 +127,8 @@ class Report:
             )
 
     def _note_once(self, what: str, text: str) -> None:
-        """A line in the job's log file about a problem of its bookkeeping, once per kind of problem."""
+        """A line in the job's log file about a problem of its bookkeeping,
+        once per kind of problem."""
         if what not in self._noted:
             self._noted.add(what)
             with self._lock:
@@ -159,7 +160,7 @@ class Report:
             self.log(text)
         return status
 
-    # ---- progress and cancellation ----------------------------------------------------------------
+    # ---- progress and cancellation ---------------------------------------------------------------
     def progress(self, info=None, /, **kw) -> None:
         """The kind's progress callback: a dict (or keywords) of step, epoch, loss, ...
 
@@ -219,11 +220,14 @@ def format_progress(p: dict) -> str:
     if event == "start" and "total_steps" in p:
         return (
             f"start: step {p.get('start_step', 0)}/{p['total_steps']}, {p.get('epochs')} epoch(s), "
-            f"{p.get('workers')} workers, batch {p.get('batch_size')}, transport {p.get('transport')}, "
-            f"run directory {p.get('run_dir')}"
+            f"{p.get('workers')} workers, batch {p.get('batch_size')}, transport "
+            f"{p.get('transport')}, run directory {p.get('run_dir')}"
         )
     if event == "resumed":
-        return f"resumed at step {p.get('step')} from {p.get('checkpoint') or 'the start (no checkpoint yet)'}"
+        return (
+            f"resumed at step {p.get('step')} from "
+            f"{p.get('checkpoint') or 'the start (no checkpoint yet)'}"
+        )
     if event == "checkpoint":
         return f"checkpoint at step {p.get('step')}: {p.get('path')}"
     parts = []
@@ -328,7 +332,8 @@ def _preflight(spec: dict, job_id: str, attempt: int, by: str) -> dict:
 
 
 def run_job(record: dict) -> dict:
-    """The job's coordinator, on a worker (queued by :func:`pipeline.jobs.client.submit`); its final status."""
+    """The job's coordinator, on a worker (queued by :func:`pipeline.jobs.client.submit`);
+    its final status."""
     worker = get_worker()
     try:
         report = Report(record)

@@ -17,7 +17,8 @@ class SpecError(ConvpipeError):
 
 @dataclass(frozen=True)
 class Option:
-    """One option of a job kind: its accepted types (``type(None)`` for optional), default and help."""
+    """One option of a job kind: its accepted types (``type(None)`` for optional),
+    default and help."""
 
     name: str
     types: tuple

@@ -149,7 +149,8 @@ def spec_from_table(
         opt = top.get(key) or schema.get(key)
         if isinstance(value, dict) and (opt is None or dict not in opt.types):
             raise SpecError(
-                f"{where}: unexpected table [{key}] (options are flat keys; the only table is [tls])"
+                f"{where}: unexpected table [{key}] (options are flat keys; the only table is "
+                "[tls])"
             )
         if opt is None:
             raise SpecError(

@@ -60,7 +60,8 @@ class TrainConfig:
     )
     transport: str = _opt(
         "auto",
-        "parameter/gradient exchange: shared memory when all workers share this host (auto), or tcp",
+        "parameter/gradient exchange: shared memory when all workers share this host (auto), or "
+        "tcp",
         choices=TRANSPORTS,
     )
     # schedule
@@ -115,7 +116,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not vtype.accepts(value):
                 raise TrainingError(
-                    f"setting {name}: expected {vtype.name()}, got {value!r} ({type(value).__name__})"
+                    f"setting {name}: expected {vtype.name()}, got {value!r} "
+                    f"({type(value).__name__})"
                 )
         for name in (
             "epochs",
@@ -164,7 +166,8 @@ class TrainConfig:
             raise TrainingError(f"weight_scale must be > 0, got {self.weight_scale}")
         if self.workers is not None and self.scheduler:
             raise TrainingError(
-                "workers and scheduler exclude each other: the scheduler's cluster has its own workers"
+                "workers and scheduler exclude each other: the scheduler's cluster has its own "
+                "workers"
             )
         return self
 
@@ -174,7 +177,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, mapping: dict) -> TrainConfig:
-        """Build and validate from a mapping (job spec, ``config.json``); unknown keys are errors."""
+        """Build and validate from a mapping (job spec, ``config.json``);
+        unknown keys are errors."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(mapping) - names)
         if unknown:
@@ -190,7 +194,8 @@ class TrainConfig:
         return type(self).from_dict({**self.to_dict(), **changes})
 
     def save(self, path: str | Path) -> None:
-        """Write ``config.json`` atomically (rewritten on every resume: never left torn or empty)."""
+        """Write ``config.json`` atomically
+        (rewritten on every resume: never left torn or empty)."""
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -206,7 +211,8 @@ class TrainConfig:
         return cls.from_dict(mapping)
 
     def result_settings(self) -> dict:
-        """The settings that determine the trained numbers (everything but where and how it runs)."""
+        """The settings that determine the trained numbers
+        (everything but where and how it runs)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
 
 

@@ -320,7 +320,7 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
     return summary
 
 
-# ---- pieces of the loop ----------------------------------------------------------------------------
+# ---- pieces of the loop --------------------------------------------------------------------------
 
 
 def _loss(step, shards, parts, schedule, config, run) -> tuple[float, int]:
@@ -338,7 +338,8 @@ def _loss(step, shards, parts, schedule, config, run) -> tuple[float, int]:
     if not math.isfinite(loss):
         last = run.checkpoints()
         raise TrainingError(
-            f"loss is {loss} at step {step + 1} (epoch {schedule.epoch_of(step) + 1}): training diverged; "
+            f"loss is {loss} at step {step + 1} (epoch {schedule.epoch_of(step) + 1}): "
+            "training diverged; "
             + (f"last good checkpoint {last[0]}" if last else "no checkpoint was written yet")
             + " (try a smaller --lr)"
         )
@@ -346,7 +347,8 @@ def _loss(step, shards, parts, schedule, config, run) -> tuple[float, int]:
 
 
 def _sync_bn(model, bn: dict, shards: list[dict]) -> dict:
-    """BN running statistics after folding in the step's batch moments (count-weighted over shards)."""
+    """BN running statistics after folding in the step's batch moments
+    (count-weighted over shards)."""
     if not bn:
         return bn
     mean, var = combine_moments(

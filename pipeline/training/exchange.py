@@ -36,7 +36,8 @@ from pipeline.training.worker import (
 
 
 class WorkerLost(TrainingError):
-    """Data a step needs was on a worker that left (tcp: a slice's Adam state): replay from a checkpoint."""
+    """Data a step needs was on a worker that left (tcp: a slice's Adam state):
+    replay from a checkpoint."""
 
 
 def gather(client, futures: list, what: str, timeout: float) -> list:

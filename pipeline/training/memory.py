@@ -20,10 +20,11 @@ def keep_freed_memory() -> bool:
     Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, and glibc then stops
     raising its mmap threshold as it would: every array above 128 kB (a step allocates its 16 MB
     gradients and activations afresh) is a new mapping whose pages fault in one by one, then
-    unmapped when freed. A step of 128 images took 124 ms instead of 96 ms. Here arrays up to
-    32 MB (glibc's largest mmap threshold) come from the heap, and up to 256 MB of freed memory
-    per arena stays for the next step (more resident memory, as Dask's monitor sees it). Larger
-    arrays (a float32 network past about 8M parameters) are still mapped afresh each time."""
+    unmapped when freed: a worker's step ran slower than the same step in a plain process (see
+    docs/scaling.md). Here arrays up to 32 MB (glibc's largest mmap threshold) come from the
+    heap, and up to 256 MB of freed memory per arena stays for the next step (more resident
+    memory, as Dask's monitor sees it). Larger arrays (a float32 network past about 8M
+    parameters) are still mapped afresh each time."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune

@@ -225,7 +225,8 @@ def tree_adam(
 
 
 def adam_scalars(config: dict, dtype) -> tuple:
-    """Advance Adam's step count and return its scalars cast as ``pipeline.optim.adam`` casts them."""
+    """Advance Adam's step count and return its scalars cast as ``pipeline.optim.adam`` casts
+    them."""
     config.setdefault("learning_rate", 1e-3)
     config.setdefault("beta1", 0.9)
     config.setdefault("beta2", 0.999)

@@ -67,7 +67,8 @@ class RunDir:
 
     # ---- creation -----------------------------------------------------------------------------
     def create(self) -> RunDir:
-        """Make a fresh run directory and claim it; refuse one that holds a run (nothing is overwritten).
+        """Make a fresh run directory and claim it; refuse one that holds a run
+        (nothing is overwritten).
 
         The claim is ``checkpoints/``, made with ``mkdir`` (no ``exist_ok``): of two runs that
         name the same directory at the same time, exactly one gets it; the other gets a

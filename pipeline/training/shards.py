@@ -57,14 +57,15 @@ class Schedule:
         return order[i * self.batch_size : (i + 1) * self.batch_size]
 
     def shards(self, step: int) -> list[np.ndarray]:
-        """The batch of ``step`` cut into consecutive shards of ``shard_size`` (last may be short)."""
+        """The batch of ``step`` cut into consecutive shards of ``shard_size``
+        (last may be short)."""
         return cut(self.batch(step), self.shard_size)
 
 
 @functools.lru_cache(maxsize=2)
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order in which epoch ``epoch`` visits ``n`` images: fixed by (seed, epoch). Computed
-    once per epoch (1 ms for 49,000 images, every step otherwise) and read-only."""
+    once per epoch, not every step (it permutes all ``n`` images), and read-only."""
     rng = np.random.default_rng([seed, epoch, 0x5EED])
     order = rng.permutation(n).astype(np.int64)
     order.flags.writeable = False
@@ -77,6 +78,7 @@ def cut(indices: np.ndarray, size: int) -> list[np.ndarray]:
 
 
 def subset(seed: int, n: int, k: int, tag: int) -> np.ndarray:
-    """A fixed sample of ``min(k, n)`` indices out of ``n`` (e.g. images scored for train accuracy)."""
+    """A fixed sample of ``min(k, n)`` indices out of ``n``
+    (e.g. images scored for train accuracy)."""
     rng = np.random.default_rng([seed, tag, 0xACC])
     return np.sort(rng.choice(n, size=min(k, n), replace=False)).astype(np.int64)

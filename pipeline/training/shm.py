@@ -46,7 +46,7 @@ NEVER = -9  # the step of a record not yet written
 _PREFIX = "convpipe-"
 
 
-# ---- shared memory ---------------------------------------------------------------------------------
+# ---- shared memory -------------------------------------------------------------------------------
 
 #: where stores become visible to other processes in program order (the records rely on it)
 TSO_MACHINES = ("x86_64", "amd64", "i386", "i686")
@@ -58,10 +58,10 @@ def ordered_stores() -> bool:
 
 
 # A shard record (float64): [step, n, loss_sum, read_s, compute_s, begin, end, worker, has_bn,
-# pad.., bn_mean (C), bn_var (C), step]. A slice record: [step, sumsq of each of its blocks.., step].
-# Seqlock: the writer puts the step first, then the fields, the step last; a reader accepts a
-# record whose first and last entries both equal the step it expects, and checks again after it
-# has used the data the record vouches for (the gradient slots).
+# pad.., bn_mean (C), bn_var (C), step]. A slice record: [step, sumsq of each of its blocks..,
+# step]. Seqlock: the writer puts the step first, then the fields, the step last; a reader
+# accepts a record whose first and last entries both equal the step it expects, and checks again
+# after it has used the data the record vouches for (the gradient slots).
 SHARD_FIELDS = ("n", "loss_sum", "read_s", "compute_s", "begin", "end", "worker", "has_bn")
 SHARD_HEAD = 1 + 15  # step + fields (room to grow), then the BN moments
 
@@ -154,8 +154,8 @@ class SharedState(Mapped):
     def __init__(self, layout: Layout, slots: int, max_slices: int, blocks: int):
         if not ordered_stores():
             raise TrainingError(
-                f"transport shm: this {platform.machine()} processor does not keep stores in order; "
-                "use --transport tcp (or auto)"
+                f"transport shm: this {platform.machine()} processor does not keep stores in "
+                "order; use --transport tcp (or auto)"
             )
         remove_stale()
         owner = Owner.me()
@@ -173,8 +173,8 @@ class SharedState(Mapped):
         except OSError as exc:
             self._unlink()
             raise TrainingError(
-                f"cannot create shared memory in {root} ({ref.state_bytes + ref.file_bytes} bytes): "
-                f"{exc.strerror or exc}"
+                f"cannot create shared memory in {root} ({ref.state_bytes + ref.file_bytes} "
+                f"bytes): {exc.strerror or exc}"
             ) from None
         made[0][:32] = token.encode()
         super().__init__(ref, *made)
@@ -302,8 +302,8 @@ def attach(ref: ShmRef) -> Attached:
             got = _ATTACHED[ref.token] = Attached(ref)
         except FileNotFoundError:
             raise TrainingError(
-                f"worker on {os.uname().nodename} cannot see the coordinator's shared memory {ref.state_path}:"
-                " use --transport tcp for clusters that span hosts"
+                f"worker on {os.uname().nodename} cannot see the coordinator's shared memory "
+                f"{ref.state_path}: use --transport tcp for clusters that span hosts"
             ) from None
     return got
 

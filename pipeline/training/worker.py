@@ -53,7 +53,7 @@ class TaskSpec:
 EVAL_SHARD = 500
 
 
-# ---- per-process state -----------------------------------------------------------------------------
+# ---- per-process state ---------------------------------------------------------------------------
 
 _NETWORKS: collections.OrderedDict = collections.OrderedDict()  # spec -> idle networks, newest last
 _NETWORKS_LOCK = threading.Lock()
@@ -102,7 +102,7 @@ def task_params(spec: TaskSpec, params) -> dict[str, np.ndarray]:
     return spec.layout.views(params)
 
 
-# ---- one part of a step ----------------------------------------------------------------------------
+# ---- one part of a step --------------------------------------------------------------------------
 
 
 def read_shards(
@@ -208,7 +208,8 @@ def warm_up(spec: TaskSpec, params, n_train: int) -> float:
 def shard_predictions(
     spec: TaskSpec, params, bn: dict | None, split: str, indices: np.ndarray
 ) -> dict:
-    """Test-mode accuracy counts of one shard of ``split`` (BN uses the running statistics ``bn``)."""
+    """Test-mode accuracy counts of one shard of ``split``
+    (BN uses the running statistics ``bn``)."""
     task_setup(spec.threads)
 
     X, y = open_store(spec.store).read(split, indices, dtype=spec.model.dtype, cache=True)

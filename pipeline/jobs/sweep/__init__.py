@@ -35,7 +35,8 @@ the outcome is the uninterrupted sweep's bit for bit. Results: ``trials.csv``, `
 
 The modules: ``space`` (the spec: search space, early stopping, base settings), ``halving``
 (the rungs and who goes on; pure), ``state`` (``sweep.json``), ``runner`` (training the trials)
-and ``report`` (the results and the leaderboard); the figure is :func:`pipeline.figures.sweep_figure`.
+and ``report`` (the results and the leaderboard); the figure is
+:func:`pipeline.figures.sweep_figure`.
 """
 
 from pipeline.jobs.sweep.halving import promote, rungs

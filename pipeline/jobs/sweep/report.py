@@ -27,7 +27,8 @@ def settings_text(settings: dict) -> str:
 
 
 def trials_csv(state: SweepState) -> str:
-    """One row per trial: id, searched settings, state, steps, best val_acc and its step, final, seconds."""
+    """One row per trial: id, searched settings, state, steps, best val_acc and its step,
+    final, seconds."""
     names = [d["name"] for d in state.plan["search"]["dims"]]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

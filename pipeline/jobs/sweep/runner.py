@@ -83,8 +83,8 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
             if not last:
                 emit(
                     {
-                        "message": f"rung {rung} steps: {len(going_on)} of {len(at_rung)} trials go on "
-                        f"({', '.join(state.trials[i].name for i in going_on)})",
+                        "message": f"rung {rung} steps: {len(going_on)} of {len(at_rung)} trials "
+                        f"go on ({', '.join(state.trials[i].name for i in going_on)})",
                         "done": 1,
                         "total": 1,
                     }
@@ -116,7 +116,8 @@ def _open_state(plan: SweepPlan, out: Path, total: int) -> SweepState:
 
 
 class SweepStopped(Exception):
-    """Raised in a trial's progress callback when another trial training beside it stopped the sweep."""
+    """Raised in a trial's progress callback when another trial training beside it stopped the
+    sweep."""
 
 
 def _train_rung(

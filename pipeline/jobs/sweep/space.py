@@ -50,7 +50,8 @@ def spelt(name: str) -> str:
 
 @dataclass(frozen=True)
 class Dim:
-    """One searched setting: ``values`` (a list to choose from) or a range ``kind`` = [low, high]."""
+    """One searched setting: ``values`` (a list to choose from) or a range
+    ``kind`` = [low, high]."""
 
     name: str
     kind: str  # "values" or one of RANGES
@@ -97,7 +98,8 @@ class Dim:
             kind = str(kind).replace("_", "-")
             if kind not in RANGES:
                 raise SweepError(
-                    f"{where}: unknown range {kind!r} (expected {', '.join(RANGES)}, or a list of values)"
+                    f"{where}: unknown range {kind!r} (expected {', '.join(RANGES)}, or a list of "
+                    "values)"
                 )
             if (
                 not isinstance(bounds, list)
@@ -151,7 +153,8 @@ class Search:
         parallel = table.pop("parallel", 1)
         if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
             raise SweepError(
-                f"{where}: parallel must be an integer >= 1 (trials training at once), got {parallel!r}"
+                f"{where}: parallel must be an integer >= 1 (trials training at once), got "
+                f"{parallel!r}"
             )
         trials = table.pop("trials", None)
         if method == "grid" and trials is not None:
@@ -171,12 +174,14 @@ class Search:
             for d in dims:
                 if d.kind != "values":
                     raise SweepError(
-                        f"{where} {spelt(d.name)}: a grid search takes a list of values, got a {d.kind} range"
+                        f"{where} {spelt(d.name)}: a grid search takes a list of values, got a "
+                        f"{d.kind} range"
                     )
         return cls(method, trials, seed, metric, dims, parallel)
 
     def to_dict(self) -> dict:
-        """What the trials and their scores depend on (not ``parallel``: a resumed sweep may change it)."""
+        """What the trials and their scores depend on
+        (not ``parallel``: a resumed sweep may change it)."""
         return {
             "method": self.method,
             "trials": self.trials,
@@ -229,7 +234,8 @@ class EarlyStopping:
 
 @dataclass(frozen=True)
 class SweepPlan:
-    """A whole sweep: the trials' base settings (a train job's options), the search, the stopping."""
+    """A whole sweep: the trials' base settings (a train job's options), the search,
+    the stopping."""
 
     base: dict
     search: Search
@@ -241,7 +247,8 @@ class SweepPlan:
         base = {k: v for k, v in options.items() if k not in ("search", "early_stopping")}
         if not options.get("search"):
             raise SweepError(
-                f"{where}: a sweep needs a [search] table (e.g. lr = {{ log-uniform = [1e-4, 1e-2] }})"
+                f"{where}: a sweep needs a [search] table "
+                "(e.g. lr = { log-uniform = [1e-4, 1e-2] })"
             )
         search = Search.from_dict(options["search"], f"{where}: [search]")
         stopping = EarlyStopping.from_dict(
@@ -258,7 +265,8 @@ class SweepPlan:
                 )
             if d.name in NOT_SEARCHED:
                 raise SweepError(
-                    f"{label}: says where or how a trial runs, not what it learns; it cannot be searched"
+                    f"{label}: says where or how a trial runs, not what it learns; it cannot be "
+                    "searched"
                 )
             for value in d.endpoints():
                 try:
@@ -282,5 +290,6 @@ class SweepPlan:
 
 
 def config_of(options: dict):
-    """The TrainConfig of a train job's options (a trial trains where the sweep runs: no scheduler)."""
+    """The TrainConfig of a train job's options
+    (a trial trains where the sweep runs: no scheduler)."""
     return TrainConfig.from_dict({**options, "scheduler": None})
