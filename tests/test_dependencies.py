@@ -12,7 +12,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "tomli_w": "tomli-w"}  # import name -> distribution
+DISTRIBUTION = {
+    "PIL": "pillow",
+    "yaml": "pyyaml",
+    "tomli_w": "tomli-w",
+}  # import name -> distribution
 LOCAL = {"pipeline", "tests", "torch_reference"}
 
 
@@ -54,12 +58,16 @@ def test_package_imports_are_dependencies():
     """Or in the tls extra: ``convpipe certs`` imports cryptography when it runs, saying how to
     install it when it is missing."""
     missing = _distributions(_third_party_imports("pipeline")) - set(_requirements("tls"))
-    assert missing == set(), f"imported by pipeline/ but not in [project] dependencies: {sorted(missing)}"
+    assert missing == set(), (
+        f"imported by pipeline/ but not in [project] dependencies: {sorted(missing)}"
+    )
 
 
 def test_test_imports_are_in_the_dev_extra():
     missing = _distributions(_third_party_imports("tests")) - set(_requirements("dev"))
-    assert missing == set(), f"imported by tests/ but not in dependencies or the dev extra: {sorted(missing)}"
+    assert missing == set(), (
+        f"imported by tests/ but not in dependencies or the dev extra: {sorted(missing)}"
+    )
 
 
 def test_torch_is_only_a_benchmark_extra():

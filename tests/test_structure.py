@@ -32,12 +32,16 @@ def private_names_imported(tree: ast.Module, importer: str) -> list[str]:
 
 
 def test_no_private_name_is_imported_from_another_module():
-    found = [hit for path, tree in _modules() for hit in private_names_imported(tree, _dotted(path))]
+    found = [
+        hit for path, tree in _modules() for hit in private_names_imported(tree, _dotted(path))
+    ]
     assert found == []
 
 
 def test_the_check_finds_a_private_name():
-    tree = ast.parse("from pipeline.options import _literal\nfrom pipeline.options import literal\n")
+    tree = ast.parse(
+        "from pipeline.options import _literal\nfrom pipeline.options import literal\n"
+    )
     assert private_names_imported(tree, "pipeline.jobs.spec") == [
         "pipeline.jobs.spec: from pipeline.options import _literal"
     ]

@@ -26,7 +26,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -34,13 +33,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.jobs_helpers import TINY_SETS, TINY_TRAIN, convpipe, until
+from tests.helpers.cluster import TINY_SETS, TINY_TRAIN, convpipe
+from tests.helpers.wait import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: the undisturbed run's length: long enough to kill two workers during it
 STEPS = 150
 CHECKPOINT_EVERY = 10
-SETS = [a for s in [*TINY_SETS, f"steps={STEPS}", f"checkpoint-every={CHECKPOINT_EVERY}"] for a in ("--set", s)]
+SETS = [
+    a
+    for s in [*TINY_SETS, f"steps={STEPS}", f"checkpoint-every={CHECKPOINT_EVERY}"]
+    for a in ("--set", s)
+]
 
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
@@ -51,7 +55,10 @@ def _engine_problem() -> str | None:
             return f"no {exe} on PATH (../shared/docker/engine.sh start installs it)"
     r = subprocess.run(["docker", "info"], capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
-        return "no Docker engine: `docker info` failed (start one with ../shared/docker/engine.sh start)"
+        return (
+            "no Docker engine: `docker info` failed "
+            "(start one with ../shared/docker/engine.sh start)"
+        )
     return None
 
 
@@ -69,18 +76,38 @@ class Compose:
         self.project = f"convpipe-test-{uuid.uuid4().hex[:8]}"
         self.port, self.dashboard = _free_port(), _free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "CONVPIPE_DATA": str(work / "data"), "CONVPIPE_CERTS": str(work / "certs"),
-                    "CONVPIPE_UID": str(os.getuid()), "CONVPIPE_GID": str(os.getgid()),
-                    "CONVPIPE_SCHEDULER_PORT": str(self.port), "CONVPIPE_DASHBOARD_PORT": str(self.dashboard),
-                    "CONVPIPE_WORKER_MEMORY": "2g"}
+        self.env = {
+            **os.environ,
+            "CONVPIPE_DATA": str(work / "data"),
+            "CONVPIPE_CERTS": str(work / "certs"),
+            "CONVPIPE_UID": str(os.getuid()),
+            "CONVPIPE_GID": str(os.getgid()),
+            "CONVPIPE_SCHEDULER_PORT": str(self.port),
+            "CONVPIPE_DASHBOARD_PORT": str(self.dashboard),
+            "CONVPIPE_WORKER_MEMORY": "2g",
+        }
         self.files = ["docker-compose.yml"]
 
     def __call__(self, *args, timeout: float = 300, check: bool = True, env: dict | None = None):
-        cmd = ["docker-compose", "-p", self.project, *[a for f in self.files for a in ("-f", str(REPO / f))], *args]
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                           env={**self.env, **(env or {})})
+        cmd = [
+            "docker-compose",
+            "-p",
+            self.project,
+            *[a for f in self.files for a in ("-f", str(REPO / f))],
+            *args,
+        ]
+        r = subprocess.run(
+            cmd,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**self.env, **(env or {})},
+        )
         if check:
-            assert r.returncode == 0, f"{' '.join(cmd[3:])}: rc {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+            assert r.returncode == 0, (
+                f"{' '.join(cmd[3:])}: rc {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+            )
         return r
 
     def containers(self, service: str) -> list[str]:
@@ -89,9 +116,14 @@ class Compose:
     def leftovers(self) -> dict[str, list[str]]:
         label = f"label=com.docker.compose.project={self.project}"
         out = {}
-        for what, cmd in (("containers", ["docker", "ps", "-aq"]), ("networks", ["docker", "network", "ls", "-q"]),
-                          ("volumes", ["docker", "volume", "ls", "-q"])):
-            out[what] = subprocess.run([*cmd, "--filter", label], capture_output=True, text=True).stdout.split()
+        for what, cmd in (
+            ("containers", ["docker", "ps", "-aq"]),
+            ("networks", ["docker", "network", "ls", "-q"]),
+            ("volumes", ["docker", "volume", "ls", "-q"]),
+        ):
+            out[what] = subprocess.run(
+                [*cmd, "--filter", label], capture_output=True, text=True
+            ).stdout.split()
         return out
 
     def up(self, workers: int = 2) -> None:
@@ -105,7 +137,7 @@ class Compose:
             except OSError:  # the scheduler is not up yet
                 return False
 
-        until(enough, timeout=timeout, what=f"{n} workers on the compose scheduler")
+        wait_until(enough, timeout=timeout, what=f"{n} workers on the compose scheduler")
 
     def n_workers(self) -> int:
         from distributed import Client
@@ -119,12 +151,29 @@ class Compose:
         return {}
 
 
-def host(*args, check: bool = True, env: dict | None = None, timeout: float = 300, cwd: Path | None = None):
+def host(
+    *args,
+    check: bool = True,
+    env: dict | None = None,
+    timeout: float = 300,
+    cwd: Path | None = None,
+):
     """The host's ``convpipe`` (this venv: the same package the image installed)."""
-    clean = {k: "" for k in ("CONVPIPE_SCHEDULER", "CONVPIPE_TLS_CA_FILE", "CONVPIPE_TLS_CERT", "CONVPIPE_TLS_KEY")}
+    clean = {
+        k: ""
+        for k in (
+            "CONVPIPE_SCHEDULER",
+            "CONVPIPE_TLS_CA_FILE",
+            "CONVPIPE_TLS_CERT",
+            "CONVPIPE_TLS_KEY",
+        )
+    }
     r = convpipe(*args, cwd=cwd or REPO, env={**clean, **(env or {})}, timeout=timeout)
     if check:
-        assert r.returncode == 0, f"convpipe {' '.join(map(str, args))}: rc {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        assert r.returncode == 0, (
+            f"convpipe {' '.join(map(str, args))}: rc {r.returncode}\n"
+            f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        )
     return r
 
 
@@ -132,15 +181,20 @@ def status(job: str, address: str, env: dict | None = None) -> dict:
     return json.loads(host("status", job, "--json", "--scheduler", address, env=env).stdout)
 
 
-def wait_state(job: str, address: str, states=("done", "failed", "cancelled"), timeout: float = 240,
-               env: dict | None = None) -> dict:
+def wait_state(
+    job: str,
+    address: str,
+    states=("done", "failed", "cancelled"),
+    timeout: float = 240,
+    env: dict | None = None,
+) -> dict:
     found: dict = {}
 
     def reached():
         found.update(status(job, address, env))
         return found["state"] in states
 
-    until(reached, timeout=timeout, what=f"job {job} in {states}")
+    wait_until(reached, timeout=timeout, what=f"job {job} in {states}")
     return found
 
 
@@ -165,7 +219,9 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def toml_spec(path: Path, table: dict) -> Path:
-    lines = [f"{k} = {json.dumps(v) if isinstance(v, (str, bool)) else v}" for k, v in table.items()]
+    lines = [
+        f"{k} = {json.dumps(v) if isinstance(v, (str, bool)) else v}" for k, v in table.items()
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -194,7 +250,7 @@ def cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(cluster):
     """The undisturbed run: the embedded cluster on the host, shared memory, 2 workers."""
-    from tests.data_fixtures import write_cifar_archive
+    from tests.helpers.data import write_cifar_archive
 
     data = cluster.work / "data"
     archive, _ = write_cifar_archive(cluster.work / "src", per_batch=200, n_test=40)
@@ -204,31 +260,80 @@ def reference(cluster):
 
 def test_job_service_prepares_and_trains_like_the_embedded_cluster(cluster, reference):
     data = reference
-    toml_spec(data / "prepare-small.toml", {"job": "prepare", "name": "prepare-small", "root": "data",
-                                            "out": "data/cifar10.zarr", "val": 20, "chunk": 40, "no-verify": True})
+    toml_spec(
+        data / "prepare-small.toml",
+        {
+            "job": "prepare",
+            "name": "prepare-small",
+            "root": "data",
+            "out": "data/cifar10.zarr",
+            "val": 20,
+            "chunk": 40,
+            "no-verify": True,
+        },
+    )
     tiny = {k: (float(v) if "e-" in v else int(v)) for k, v in (s.split("=") for s in TINY_SETS)}
-    toml_spec(data / "train-small.toml", {"job": "train", "name": "train-small", "root": "data",
-                                          "data": "data/cifar10.zarr", "out": "data/runs/service", **tiny,
-                                          "steps": STEPS, "checkpoint-every": CHECKPOINT_EVERY})
-    r = cluster("run", "--rm", "job", timeout=600, env={"CONVPIPE_PREPARE_SPEC": "data/prepare-small.toml",
-                                                        "CONVPIPE_TRAIN_SPEC": "data/train-small.toml"})
+    toml_spec(
+        data / "train-small.toml",
+        {
+            "job": "train",
+            "name": "train-small",
+            "root": "data",
+            "data": "data/cifar10.zarr",
+            "out": "data/runs/service",
+            **tiny,
+            "steps": STEPS,
+            "checkpoint-every": CHECKPOINT_EVERY,
+        },
+    )
+    r = cluster(
+        "run",
+        "--rm",
+        "job",
+        timeout=600,
+        env={
+            "CONVPIPE_PREPARE_SPEC": "data/prepare-small.toml",
+            "CONVPIPE_TRAIN_SPEC": "data/train-small.toml",
+        },
+    )
     assert "done: store" in r.stdout and "done: train_acc" in r.stdout, r.stdout[-3000:]
     assert (data / "cifar10.zarr" / "zarr.json").exists()
     service = data / "runs" / "service"
     assert json.loads((service / "summary.json").read_text())["steps"] == STEPS
     assert json.loads((service / "config.json").read_text())["transport"] in ("auto", "tcp")
 
-    host("train", "--data", data / "cifar10.zarr", "--out", cluster.work / "embedded", "--workers", "2",
-         "--transport", "shm", *TINY_TRAIN, "--steps", str(STEPS), "--checkpoint-every", str(CHECKPOINT_EVERY),
-         timeout=600)
+    host(
+        "train",
+        "--data",
+        data / "cifar10.zarr",
+        "--out",
+        cluster.work / "embedded",
+        "--workers",
+        "2",
+        "--transport",
+        "shm",
+        *TINY_TRAIN,
+        "--steps",
+        str(STEPS),
+        "--checkpoint-every",
+        str(CHECKPOINT_EVERY),
+        timeout=600,
+    )
     assert same_params(params(service), params(cluster.work / "embedded"))
 
 
 def test_host_client_submits_follows_cancels_and_resumes(cluster, reference):
-    job = host("submit", REPO / "jobs" / "train-three-layer.toml", "--scheduler", cluster.address, *SETS,
-               "--set", "name=host-job").stdout.split()[0]
+    job = host(
+        "submit",
+        REPO / "jobs" / "train-three-layer.toml",
+        "--scheduler",
+        cluster.address,
+        *SETS,
+        "--set",
+        "name=host-job",
+    ).stdout.split()[0]
     run = reference / "runs" / job
-    until(lambda: checkpoints(run), timeout=120, what="a checkpoint")
+    wait_until(lambda: checkpoints(run), timeout=120, what="a checkpoint")
     s = host("status", job, "--scheduler", cluster.address).stdout
     assert "state:     running" in s or "state:     done" in s, s
     assert f"start: step 0/{STEPS}" in host("logs", job, "--scheduler", cluster.address).stdout
@@ -247,17 +352,26 @@ def test_host_client_submits_follows_cancels_and_resumes(cluster, reference):
 
 def test_killed_workers_coordinator_included_leave_the_run_unchanged(cluster, reference):
     cluster.up(3)
-    job = host("submit", REPO / "jobs" / "train-three-layer.toml", "--scheduler", cluster.address, *SETS,
-               "--set", "name=killed").stdout.split()[0]
+    job = host(
+        "submit",
+        REPO / "jobs" / "train-three-layer.toml",
+        "--scheduler",
+        cluster.address,
+        *SETS,
+        "--set",
+        "name=killed",
+    ).stdout.split()[0]
     run = reference / "runs" / job
     job_file = reference / "jobs" / job / "status.json"
-    until(lambda: checkpoints(run), timeout=120, what="a first checkpoint")
+    wait_until(lambda: checkpoints(run), timeout=120, what="a first checkpoint")
     coordinator = json.loads(job_file.read_text())["host"]  # the container's hostname: its short id
     workers = cluster.containers("worker")
     other = next(w for w in workers if not w.startswith(coordinator))
     subprocess.run(["docker", "kill", other], check=True, capture_output=True)
     first = len(checkpoints(run))
-    until(lambda: len(checkpoints(run)) > first, timeout=120, what="a checkpoint after the first kill")
+    wait_until(
+        lambda: len(checkpoints(run)) > first, timeout=120, what="a checkpoint after the first kill"
+    )
     victim = next(w for w in workers if w.startswith(coordinator))
     subprocess.run(["docker", "kill", victim], check=True, capture_output=True)
 
@@ -282,16 +396,28 @@ def test_dashboard_pages(cluster, reference):
 
 
 def test_scheduler_restart_mid_job_then_resume(cluster, reference):
-    job = host("submit", REPO / "jobs" / "train-three-layer.toml", "--scheduler", cluster.address, *SETS,
-               "--set", "name=orphan").stdout.split()[0]
+    job = host(
+        "submit",
+        REPO / "jobs" / "train-three-layer.toml",
+        "--scheduler",
+        cluster.address,
+        *SETS,
+        "--set",
+        "name=orphan",
+    ).stdout.split()[0]
     run = reference / "runs" / job
-    until(lambda: checkpoints(run), timeout=120, what="a checkpoint")
+    wait_until(lambda: checkpoints(run), timeout=120, what="a checkpoint")
     cluster("restart", "-t", "5", "scheduler", timeout=120)
     job_file = reference / "jobs" / job / "status.json"
-    until(lambda: json.loads(job_file.read_text())["state"] != "running", timeout=120,
-          what="the coordinator recording the lost scheduler")
+    wait_until(
+        lambda: json.loads(job_file.read_text())["state"] != "running",
+        timeout=120,
+        what="the coordinator recording the lost scheduler",
+    )
     # workers that lost their scheduler close (a nanny may hang there): new worker containers
-    cluster("up", "-d", "--no-deps", "--force-recreate", "--scale", "worker=2", "worker", timeout=300)
+    cluster(
+        "up", "-d", "--no-deps", "--force-recreate", "--scale", "worker=2", "worker", timeout=300
+    )
     cluster.wait_for_workers(2)
     # the new scheduler does not know the job: one line saying where its files are
     r = host("status", job, "--scheduler", cluster.address, check=False)
@@ -302,8 +428,9 @@ def test_scheduler_restart_mid_job_then_resume(cluster, reference):
     r = host("status", job, "--root", reference)
     assert "state:     failed" in r.stdout and f"convpipe resume {job}" in r.stdout, r.stdout
     reason = [ln for ln in r.stdout.splitlines() if ln.startswith("reason:")]
-    assert len(reason) == 1 and ("lost the connection to the Dask scheduler" in reason[0]
-                                 or "is closing" in reason[0]), r.stdout
+    assert len(reason) == 1 and (
+        "lost the connection to the Dask scheduler" in reason[0] or "is closing" in reason[0]
+    ), r.stdout
     host("resume", job, "--scheduler", cluster.address, "--root", reference)
     done = wait_state(job, cluster.address, timeout=300)
     assert done["state"] == "done" and done["attempt"] == 2, done
@@ -312,23 +439,50 @@ def test_scheduler_restart_mid_job_then_resume(cluster, reference):
 
 def test_tls_override_refuses_strangers_and_trains_with_the_certificate(cluster, reference):
     work = cluster.work
-    host("certs", work / "certs", "--host", "scheduler", "--host", "localhost", "--host", "127.0.0.1")
+    host(
+        "certs", work / "certs", "--host", "scheduler", "--host", "localhost", "--host", "127.0.0.1"
+    )
     host("certs", work / "stranger", "--host", "localhost", "--host", "127.0.0.1")
     cluster.files = ["docker-compose.yml", "docker-compose.tls.yml"]
     tls_address = f"tls://127.0.0.1:{cluster.port}"
     certs = work / "certs"
-    good = {"CONVPIPE_TLS_CA_FILE": str(certs / "ca.pem"), "CONVPIPE_TLS_CERT": str(certs / "client.pem"),
-            "CONVPIPE_TLS_KEY": str(certs / "client-key.pem")}
-    stranger = {**good, "CONVPIPE_TLS_CERT": str(work / "stranger" / "client.pem"),
-                "CONVPIPE_TLS_KEY": str(work / "stranger" / "client-key.pem")}
+    good = {
+        "CONVPIPE_TLS_CA_FILE": str(certs / "ca.pem"),
+        "CONVPIPE_TLS_CERT": str(certs / "client.pem"),
+        "CONVPIPE_TLS_KEY": str(certs / "client-key.pem"),
+    }
+    stranger = {
+        **good,
+        "CONVPIPE_TLS_CERT": str(work / "stranger" / "client.pem"),
+        "CONVPIPE_TLS_KEY": str(work / "stranger" / "client-key.pem"),
+    }
     cluster.address = tls_address
     cluster.client_kwargs = lambda: {"security": _security(certs)}
     cluster.up(2)
     for env in ({}, stranger):
-        r = host("status", "--scheduler", tls_address, "--timeout", "10", check=False, env=env, timeout=120)
+        r = host(
+            "status",
+            "--scheduler",
+            tls_address,
+            "--timeout",
+            "10",
+            check=False,
+            env=env,
+            timeout=120,
+        )
         assert r.returncode != 0 and len(errors(r.stderr)) == 1, (r.stdout, r.stderr)
-    r = host("submit", REPO / "jobs" / "train-three-layer.toml", "--scheduler", tls_address, *TINY_SETS_ARGS,
-             "--set", "name=tls-job", "--follow", env=good, timeout=300)
+    r = host(
+        "submit",
+        REPO / "jobs" / "train-three-layer.toml",
+        "--scheduler",
+        tls_address,
+        *TINY_SETS_ARGS,
+        "--set",
+        "name=tls-job",
+        "--follow",
+        env=good,
+        timeout=300,
+    )
     assert "done: train_acc" in r.stdout, r.stdout[-2000:]
 
 
@@ -338,20 +492,43 @@ TINY_SETS_ARGS = [a for s in [*TINY_SETS, "steps=8"] for a in ("--set", s)]
 def _security(certs: Path):
     from distributed.security import Security
 
-    return Security(tls_ca_file=str(certs / "ca.pem"), tls_client_cert=str(certs / "client.pem"),
-                    tls_client_key=str(certs / "client-key.pem"), require_encryption=True)
+    return Security(
+        tls_ca_file=str(certs / "ca.pem"),
+        tls_client_cert=str(certs / "client.pem"),
+        tls_client_key=str(certs / "client-key.pem"),
+        require_encryption=True,
+    )
 
 
 def test_the_host_client_has_the_image_s_versions(cluster):
     """``convpipe submit`` from the host pickles tasks for the containers' Python: the same
     package versions on both sides (the image installs the same pyproject.toml)."""
-    code = ("import importlib.metadata as m; print(' '.join(f'{p}=={m.version(p)}' for p in "
-            "('convpipe', 'dask', 'distributed', 'numpy', 'cloudpickle', 'msgpack', 'zarr', 'numba')))")
-    r = subprocess.run(["docker", "run", "--rm", "convpipe:latest", "python", "-c", code], capture_output=True,
-                       text=True, timeout=120)
+    code = (
+        "import importlib.metadata as m; print(' '.join(f'{p}=={m.version(p)}' for p in "
+        "('convpipe', 'dask', 'distributed', 'numpy', 'cloudpickle', 'msgpack', 'zarr', 'numba')))"
+    )
+    r = subprocess.run(
+        ["docker", "run", "--rm", "convpipe:latest", "python", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     import importlib.metadata as m
 
-    mine = " ".join(f"{p}=={m.version(p)}" for p in ("convpipe", "dask", "distributed", "numpy", "cloudpickle",
-                                                      "msgpack", "zarr", "numba"))
-    assert r.stdout.strip() == mine, f"image: {r.stdout.strip()}; host: {mine} (docker-compose build again)"
+    mine = " ".join(
+        f"{p}=={m.version(p)}"
+        for p in (
+            "convpipe",
+            "dask",
+            "distributed",
+            "numpy",
+            "cloudpickle",
+            "msgpack",
+            "zarr",
+            "numba",
+        )
+    )
+    assert r.stdout.strip() == mine, (
+        f"image: {r.stdout.strip()}; host: {mine} (docker-compose build again)"
+    )

@@ -3,7 +3,7 @@
 With Debian's ``docker-compose`` installed (CI installs it), the files are read by
 ``docker-compose config``, which validates them and resolves anchors, variables and the
 override; without it the YAML is read directly. No Docker engine is needed either way.
-The same topology runs from real processes in tests/test_compose_topology.py.
+The same topology runs from real processes in tests/cluster/test_compose_topology.py.
 """
 
 from __future__ import annotations
@@ -18,15 +18,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 HAVE_COMPOSE = shutil.which("docker-compose") is not None
 
 
 def compose_config(*files: str, env: dict | None = None) -> dict:
     if HAVE_COMPOSE:
         args = ["docker-compose"] + [a for f in files for a in ("-f", f)] + ["config"]
-        r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=60,
-                           env={**os.environ, **(env or {})})
+        r = subprocess.run(
+            args,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, **(env or {})},
+        )
         assert r.returncode == 0, r.stderr
         return yaml.safe_load(r.stdout)
     # no docker-compose here: the YAML itself, ${VAR:-default} substituted and the override
@@ -34,8 +40,11 @@ def compose_config(*files: str, env: dict | None = None) -> dict:
     environ = {**os.environ, **(env or {})}
 
     def load(name: str) -> dict:
-        text = re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: environ.get(m.group(1)) or m.group(2) or "",
-                      (REPO / name).read_text().replace("$$", "\0"))
+        text = re.sub(
+            r"\$\{(\w+)(?::?-([^}]*))?\}",
+            lambda m: environ.get(m.group(1)) or m.group(2) or "",
+            (REPO / name).read_text().replace("$$", "\0"),
+        )
         return yaml.safe_load(text.replace("\0", "$"))
 
     merged = load(files[0])
@@ -76,7 +85,9 @@ def mounts(svc: dict) -> dict[str, str]:
 def published(svc: dict) -> list[str]:
     out = []
     for p in svc.get("ports", []):
-        out.append(f"{p['host_ip']}:{p['published']}:{p['target']}" if isinstance(p, dict) else str(p))
+        out.append(
+            f"{p['host_ip']}:{p['published']}:{p['target']}" if isinstance(p, dict) else str(p)
+        )
     return out
 
 
@@ -115,19 +126,26 @@ def test_workers_thin_dasks_diagnostics_as_the_embedded_cluster_does(config):
     from pipeline.cluster import QUIET_DIAGNOSTICS
 
     env = config["services"]["worker"]["environment"]
-    expected = {"DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
-                for key, value in QUIET_DIAGNOSTICS.items()}
+    expected = {
+        "DASK_" + key.upper().replace(".", "__").replace("-", "_"): str(value)
+        for key, value in QUIET_DIAGNOSTICS.items()
+    }
     assert {k: str(env.get(k)) for k in expected} == expected
     # Dask reads them as the settings themselves
     import dask.config
 
     parsed = dask.config.collect_env({k: str(v) for k, v in expected.items()})
-    for key, value in QUIET_DIAGNOSTICS.items():   # hyphens in keys read back from the env's underscores
+    for (
+        key,
+        value,
+    ) in QUIET_DIAGNOSTICS.items():  # hyphens in keys read back from the env's underscores
         assert dask.config.get(key, config=parsed) == value, key
 
 
 def test_limits_follow_the_environment():
-    cfg = compose_config("docker-compose.yml", env={"CONVPIPE_WORKER_CPUS": "2", "CONVPIPE_WORKER_MEMORY": "6g"})
+    cfg = compose_config(
+        "docker-compose.yml", env={"CONVPIPE_WORKER_CPUS": "2", "CONVPIPE_WORKER_MEMORY": "6g"}
+    )
     if not HAVE_COMPOSE:
         pytest.skip("variable substitution needs docker-compose")
     w = cfg["services"]["worker"]
@@ -142,7 +160,9 @@ def test_scheduler_command_and_health(config):
 
 
 def test_every_service_shares_the_data_root_at_the_specs_paths(config):
-    roots = {name: mounts(svc).get("/srv/convpipe/data") for name, svc in config["services"].items()}
+    roots = {
+        name: mounts(svc).get("/srv/convpipe/data") for name, svc in config["services"].items()
+    }
     assert len(set(roots.values())) == 1 and None not in roots.values(), roots
     for svc in config["services"].values():
         assert svc["working_dir"] == "/srv/convpipe"  # so data/cifar10.zarr is on the shared volume
@@ -157,8 +177,10 @@ def test_the_one_shot_job_prepares_then_trains(config):
     assert prep < train and "&&" in text[prep:train]
     assert job["environment"]["CONVPIPE_TRAIN_SPEC"] == "jobs/train-three-layer.toml"
     assert job["environment"]["CONVPIPE_PREPARE_SPEC"] == "jobs/prepare-cifar10.toml"
-    assert "$${CONVPIPE_PREPARE_SPEC:-jobs/prepare-cifar10.toml}" in text or \
-        "${CONVPIPE_PREPARE_SPEC:-jobs/prepare-cifar10.toml}" in text
+    assert (
+        "$${CONVPIPE_PREPARE_SPEC:-jobs/prepare-cifar10.toml}" in text
+        or "${CONVPIPE_PREPARE_SPEC:-jobs/prepare-cifar10.toml}" in text
+    )
     for spec in ("prepare-cifar10", "train-three-layer"):
         assert (REPO / "jobs" / f"{spec}.toml").exists()
 
@@ -168,7 +190,10 @@ def test_tls_override_turns_every_connection_to_tls():
     s, w, j = (cfg["services"][n] for n in ("scheduler", "worker", "job"))
     sargs, wargs = command(s), command(w)
     assert option(sargs, "--protocol") == "tls"
-    assert option(sargs, "--tls-cert") == "/certs/scheduler.pem" and option(sargs, "--tls-ca-file") == "/certs/ca.pem"
+    assert (
+        option(sargs, "--tls-cert") == "/certs/scheduler.pem"
+        and option(sargs, "--tls-ca-file") == "/certs/ca.pem"
+    )
     assert wargs[2] == "tls://scheduler:8786" and option(wargs, "--tls-cert") == "/certs/worker.pem"
     for svc in (s, w, j):
         m = mounts(svc)
@@ -176,7 +201,10 @@ def test_tls_override_turns_every_connection_to_tls():
         env = svc["environment"]
         assert env["CONVPIPE_SCHEDULER"] == "tls://scheduler:8786"
         assert (env["CONVPIPE_TLS_CA_FILE"], env["CONVPIPE_TLS_CERT"], env["CONVPIPE_TLS_KEY"]) == (
-            "/certs/ca.pem", "/certs/client.pem", "/certs/client-key.pem")
+            "/certs/ca.pem",
+            "/certs/client.pem",
+            "/certs/client-key.pem",
+        )
     assert all(p.startswith("127.0.0.1:") for p in published(s))
 
 
@@ -186,7 +214,9 @@ def test_dockerfile_installs_convpipe_and_warms_numbas_cache():
     for line in lines:
         if line.startswith("COPY "):
             for src in line.split()[1:-1]:
-                assert (REPO / src).exists() or src == "README.md", f"Dockerfile copies missing {src}"
+                assert (REPO / src).exists() or src == "README.md", (
+                    f"Dockerfile copies missing {src}"
+                )
     assert any(l.startswith("RUN pip install") for l in lines)
     warm = next(l for l in lines if "pipeline.warmup" in l)
     assert "python -m pipeline.warmup" in warm

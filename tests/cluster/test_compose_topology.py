@@ -16,28 +16,59 @@ import numpy as np
 import pytest
 
 from pipeline.checkpoint import load_checkpoint
-from tests.jobs_helpers import (TINY_SETS, TINY_TRAIN, ProcessCluster, convpipe, convpipe_exe, ran_at_the_same_time,
-                                until, wait_status)
+from tests.helpers.cluster import (
+    TINY_SETS,
+    TINY_TRAIN,
+    ProcessCluster,
+    convpipe,
+    convpipe_exe,
+    wait_status,
+)
+from tests.helpers.jobs import ran_at_the_same_time
+from tests.helpers.wait import wait_until
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 16
 SETTINGS = [*TINY_TRAIN, "--steps", str(STEPS), "--checkpoint-every", "2"]
 SETS = [a for s in [*TINY_SETS, f"steps={STEPS}", "checkpoint-every=2"] for a in ("--set", s)]
-RUN_FILES = {"config.json", "metrics.jsonl", "params.npz", "summary.json", "curves.png", "filters.png", "checkpoints"}
+RUN_FILES = {
+    "config.json",
+    "metrics.jsonl",
+    "params.npz",
+    "summary.json",
+    "curves.png",
+    "filters.png",
+    "checkpoints",
+}
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def topo(tmp_path_factory):
-    from tests.data_fixtures import write_cifar_archive
+    from tests.helpers.data import write_cifar_archive
 
     work = tmp_path_factory.mktemp("compose")
     (work / "data").mkdir()
     archive, _ = write_cifar_archive(work / "src", per_batch=40, n_test=40)
     with ProcessCluster(work, n_workers=2) as pc:
-        r = convpipe("data", "prepare", "--source", archive, "--out", "data/cifar10.zarr", "--val", "20",
-                     "--chunk", "40", "--no-verify", "--scheduler", pc.address, "--quiet", cwd=work)
+        r = convpipe(
+            "data",
+            "prepare",
+            "--source",
+            archive,
+            "--out",
+            "data/cifar10.zarr",
+            "--val",
+            "20",
+            "--chunk",
+            "40",
+            "--no-verify",
+            "--scheduler",
+            pc.address,
+            "--quiet",
+            cwd=work,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
         assert (work / "data" / "cifar10.zarr" / "zarr.json").exists()
         yield pc, work
@@ -53,16 +84,32 @@ def same_params(a: dict, b: dict) -> bool:
 
 
 def submit(pc, work, *extra) -> str:
-    r = convpipe("submit", REPO / "jobs" / "train-three-layer.toml", "--scheduler", pc.address, *SETS, *extra,
-                 cwd=work)
+    r = convpipe(
+        "submit",
+        REPO / "jobs" / "train-three-layer.toml",
+        "--scheduler",
+        pc.address,
+        *SETS,
+        *extra,
+        cwd=work,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout.split()[0]
 
 
 def test_train_then_submit_give_the_same_run(topo):
     pc, work = topo
-    r = convpipe("train", "--scheduler", pc.address, "--data", "data/cifar10.zarr", "--out", "data/runs/direct",
-                 *SETTINGS, cwd=work)
+    r = convpipe(
+        "train",
+        "--scheduler",
+        pc.address,
+        "--data",
+        "data/cifar10.zarr",
+        "--out",
+        "data/runs/direct",
+        *SETTINGS,
+        cwd=work,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     direct = work / "data" / "runs" / "direct"
     assert RUN_FILES <= {p.name for p in direct.iterdir()}
@@ -83,19 +130,47 @@ def test_prepare_and_evaluate_jobs(topo):
     """The compose one-shot service's first job, and an evaluation, submitted and followed."""
     pc, work = topo
     archive = next((work / "src").glob("*.tar.gz"))
-    r = convpipe("submit", REPO / "jobs" / "prepare-cifar10.toml", "--scheduler", pc.address, "--follow",
-                 "--set", f"source={archive}", "--set", "out=data/again.zarr", "--set", "val=20", "--set", "chunk=40",
-                 "--set", "no-verify=true", cwd=work)
+    r = convpipe(
+        "submit",
+        REPO / "jobs" / "prepare-cifar10.toml",
+        "--scheduler",
+        pc.address,
+        "--follow",
+        "--set",
+        f"source={archive}",
+        "--set",
+        "out=data/again.zarr",
+        "--set",
+        "val=20",
+        "--set",
+        "chunk=40",
+        "--set",
+        "no-verify=true",
+        cwd=work,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "done: store" in r.stdout
     from pipeline.data import open_store
 
-    again, first = open_store(work / "data" / "again.zarr"), open_store(work / "data" / "cifar10.zarr")
+    again, first = (
+        open_store(work / "data" / "again.zarr"),
+        open_store(work / "data" / "cifar10.zarr"),
+    )
     assert again.splits == first.splits
     assert np.array_equal(again.read_uint8("test")[0], first.read_uint8("test")[0])
 
-    r = convpipe("submit", REPO / "jobs" / "evaluate.toml", "--scheduler", pc.address, "--follow",
-                 "--set", "run=direct", "--set", "split=val", cwd=work)
+    r = convpipe(
+        "submit",
+        REPO / "jobs" / "evaluate.toml",
+        "--scheduler",
+        pc.address,
+        "--follow",
+        "--set",
+        "run=direct",
+        "--set",
+        "split=val",
+        cwd=work,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     job = r.stdout.splitlines()[0]
     result = json.loads((work / "data" / "jobs" / job / "result.json").read_text())
@@ -110,7 +185,9 @@ def test_two_jobs_at_once_keep_to_themselves(topo):
 
     sets = [*TINY_SETS, f"steps={STEPS}", "checkpoint-every=2"]
     spec_a = load_spec(REPO / "jobs" / "train-three-layer.toml", [*sets, "name=job-a"])
-    spec_b = load_spec(REPO / "jobs" / "train-three-layer.toml", [*sets, "name=job-b", "seed=7", "norm=groupnorm"])
+    spec_b = load_spec(
+        REPO / "jobs" / "train-three-layer.toml", [*sets, "name=job-b", "seed=7", "norm=groupnorm"]
+    )
     with pc.client() as client:  # submitted back to back, so that they surely run at the same time
         a = job_client.submit(client, spec_a)["job"]
         b = job_client.submit(client, spec_b)["job"]
@@ -139,7 +216,9 @@ def test_a_killed_coordinator_restarts_itself_on_another_worker(topo):
     job = submit(pc, work, "--set", "name=victim", "--set", "steps=60")
     job_dir = work / "data" / "jobs" / job
     ckpts = work / "data" / "runs" / job / "checkpoints"
-    until(lambda: ckpts.is_dir() and any(ckpts.glob("step-*.npz")), timeout=60, what="a checkpoint")
+    wait_until(
+        lambda: ckpts.is_dir() and any(ckpts.glob("step-*.npz")), timeout=60, what="a checkpoint"
+    )
     status = json.loads((job_dir / "status.json").read_text())
     assert status["state"] == "running"
     os.kill(status["pid"], signal.SIGKILL)  # the worker process running the coordinator
@@ -152,10 +231,25 @@ def test_a_killed_coordinator_restarts_itself_on_another_worker(topo):
     assert "died; restarting on worker" in log and "resumed at step" in log
     r = convpipe("status", job, "--scheduler", pc.address, cwd=work)
     assert f"restarts:  1 (after worker {status['worker']} died)" in r.stdout
-    r = convpipe("train", "--scheduler", pc.address, "--data", "data/cifar10.zarr", "--out", "data/runs/direct60",
-                 *TINY_TRAIN, "--steps", "60", "--checkpoint-every", "2", cwd=work)
+    r = convpipe(
+        "train",
+        "--scheduler",
+        pc.address,
+        "--data",
+        "data/cifar10.zarr",
+        "--out",
+        "data/runs/direct60",
+        *TINY_TRAIN,
+        "--steps",
+        "60",
+        "--checkpoint-every",
+        "2",
+        cwd=work,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert same_params(params(work / "data" / "runs" / job), params(work / "data" / "runs" / "direct60"))
+    assert same_params(
+        params(work / "data" / "runs" / job), params(work / "data" / "runs" / "direct60")
+    )
     pc.wait_for_workers(2)  # the nanny has restarted the killed worker
 
 
@@ -167,7 +261,9 @@ def test_sigterm_to_the_coordinator_s_worker_stops_the_job_cleanly(topo):
     job = submit(pc, work, "--set", "steps=100000", "--set", "name=stopped")
     job_dir = work / "data" / "jobs" / job
     ckpts = work / "data" / "runs" / job / "checkpoints"
-    until(lambda: ckpts.is_dir() and any(ckpts.glob("step-*.npz")), timeout=60, what="a checkpoint")
+    wait_until(
+        lambda: ckpts.is_dir() and any(ckpts.glob("step-*.npz")), timeout=60, what="a checkpoint"
+    )
     running = json.loads((job_dir / "status.json").read_text())
     os.kill(running["pid"], signal.SIGTERM)
 
@@ -179,7 +275,11 @@ def test_sigterm_to_the_coordinator_s_worker_stops_the_job_cleanly(topo):
     r = convpipe("status", job, "--scheduler", pc.address, cwd=work)
     assert f"convpipe resume {job}" in r.stdout
     # then the signal went on: the process ended
-    until(lambda: not os.path.exists(f"/proc/{running['pid']}"), timeout=30, what="the worker process's end")
+    wait_until(
+        lambda: not os.path.exists(f"/proc/{running['pid']}"),
+        timeout=30,
+        what="the worker process's end",
+    )
     kept = sorted(ckpts.glob("step-*.npz"))
     assert kept and load_checkpoint(kept[-1])[1]["step"] >= 1
     pc.wait_for_workers(2)  # the nanny has started a new worker process
@@ -188,12 +288,21 @@ def test_sigterm_to_the_coordinator_s_worker_stops_the_job_cleanly(topo):
 def test_scheduler_gone_mid_job_is_one_line_and_keeps_everything(topo):
     pc, work = topo
     job = submit(pc, work, "--set", "steps=100000", "--set", "name=orphan")
-    follow = subprocess.Popen([*convpipe_exe(), "logs", job, "--follow", "--scheduler", pc.address], cwd=work,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    follow = subprocess.Popen(
+        [*convpipe_exe(), "logs", job, "--follow", "--scheduler", pc.address],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = follow.stdout.readline()  # the follower is connected and reading the job's log
     assert job in first or "submitted by" in first, first
     ckpts = work / "data" / "runs" / job / "checkpoints"
-    until(lambda: ckpts.is_dir() and len(list(ckpts.glob("step-*.npz"))) >= 2, timeout=60, what="two checkpoints")
+    wait_until(
+        lambda: ckpts.is_dir() and len(list(ckpts.glob("step-*.npz"))) >= 2,
+        timeout=60,
+        what="two checkpoints",
+    )
     pc.kill_scheduler()
     try:
         out, err = follow.communicate(timeout=60)
@@ -201,12 +310,18 @@ def test_scheduler_gone_mid_job_is_one_line_and_keeps_everything(topo):
         follow.kill()
     assert follow.returncode == 2, (out[-2000:], err[-2000:])
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"convpipe: error: lost the Dask scheduler at {pc.address}")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"convpipe: error: lost the Dask scheduler at {pc.address}"
+    )
     assert str(work / "data" / "jobs" / job) in lines[0]
-    # the coordinator records the loss in its files, and what was written is still there and readable
+    # the coordinator records the loss in its files, and what was written is still there and
+    # readable
     status_file = work / "data" / "jobs" / job / "status.json"
-    until(lambda: json.loads(status_file.read_text())["state"] != "running", timeout=60,
-          what="the coordinator recording the lost scheduler")
+    wait_until(
+        lambda: json.loads(status_file.read_text())["state"] != "running",
+        timeout=60,
+        what="the coordinator recording the lost scheduler",
+    )
     kept = sorted(ckpts.glob("step-*.npz"))
     assert kept
     arrays, meta = load_checkpoint(kept[-1])

@@ -13,19 +13,27 @@ from pipeline.cluster import QUIET_DIAGNOSTICS, THREAD_ENV, worker_cluster
 
 
 def _worker_settings(dask_worker):
-    return {"threads": {k: os.environ.get(k) for k in THREAD_ENV},
-            "profiling": "profile" in dask_worker.periodic_callbacks,
-            "monitor_ms": dask_worker.periodic_callbacks["monitor"].callback_time,
-            "tick_ms": dask_worker.periodic_callbacks["tick"].callback_time}
+    return {
+        "threads": {k: os.environ.get(k) for k in THREAD_ENV},
+        "profiling": "profile" in dask_worker.periodic_callbacks,
+        "monitor_ms": dask_worker.periodic_callbacks["monitor"].callback_time,
+        "tick_ms": dask_worker.periodic_callbacks["tick"].callback_time,
+    }
 
 
 def test_the_embedded_clusters_workers_run_with_thinned_diagnostics():
     before = {k: os.environ.get(k) for k in THREAD_ENV}
     with worker_cluster(workers=1, threads_per_worker=2) as client:
         (settings,) = client.run(_worker_settings).values()
-    assert settings == {"threads": {k: "2" for k in THREAD_ENV}, "profiling": False,
-                        "monitor_ms": 2000, "tick_ms": 500}
-    assert {k: os.environ.get(k) for k in THREAD_ENV} == before   # the nanny's values did not stay here
+    assert settings == {
+        "threads": {k: "2" for k in THREAD_ENV},
+        "profiling": False,
+        "monitor_ms": 2000,
+        "tick_ms": 500,
+    }
+    assert {
+        k: os.environ.get(k) for k in THREAD_ENV
+    } == before  # the nanny's values did not stay here
     # outside the context Dask's defaults are back (a later cluster in this process is plain)
     assert dask.config.get("distributed.worker.profile.enabled") is True
 
@@ -42,7 +50,10 @@ def test_a_cluster_given_by_address_keeps_its_own_diagnostics(monkeypatch):
     with worker_cluster(scheduler="tcp://127.0.0.1:8786") as client:
         assert client == "client"
     assert seen["distributed.worker.profile.enabled"] is True
-    assert seen["distributed.admin.system-monitor.interval"] != QUIET_DIAGNOSTICS["distributed.admin.system-monitor.interval"]
+    assert (
+        seen["distributed.admin.system-monitor.interval"]
+        != QUIET_DIAGNOSTICS["distributed.admin.system-monitor.interval"]
+    )
 
 
 def _thread_env():

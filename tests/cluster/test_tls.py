@@ -13,9 +13,9 @@ import pytest
 from pipeline.cluster import ClusterError, InsecureSchedulerWarning, connect, plaintext_risk
 from pipeline.cluster import security as sec
 from pipeline.cluster.security import TLSConfigError, TLSFiles, security_for
-from tests.jobs_helpers import TINY_SETS, TINY_TRAIN, ProcessCluster, convpipe, wait_status
+from tests.helpers.cluster import TINY_SETS, TINY_TRAIN, ProcessCluster, convpipe, wait_status
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_certs(directory: Path) -> dict[str, str]:
@@ -36,37 +36,87 @@ def _openssl_certs(d: Path) -> dict[str, str]:
     def run(*args):
         subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
 
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-        "ca-key.pem", "-out", "ca.pem", "-days", "2", "-subj", "/CN=test CA")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+    )
     paths = {"ca": str(d / "ca.pem"), "ca-key": str(d / "ca-key.pem")}
     (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
     for role in ("scheduler", "worker", "client"):
-        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout",
-            f"{role}-key.pem", "-out", f"{role}.csr", "-subj", f"/CN={role}")
-        run("x509", "-req", "-in", f"{role}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
-            "-out", f"{role}.pem", "-days", "2", "-extfile", "ext.cnf")
+        run(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{role}-key.pem",
+            "-out",
+            f"{role}.csr",
+            "-subj",
+            f"/CN={role}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{role}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            f"{role}.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        )
         paths[role], paths[f"{role}-key"] = str(d / f"{role}.pem"), str(d / f"{role}-key.pem")
     return paths
 
 
 def tls_env(certs: dict) -> dict:
-    return {"CONVPIPE_TLS_CA_FILE": certs["ca"], "CONVPIPE_TLS_CERT": certs["client"],
-            "CONVPIPE_TLS_KEY": certs["client-key"]}
+    return {
+        "CONVPIPE_TLS_CA_FILE": certs["ca"],
+        "CONVPIPE_TLS_CERT": certs["client"],
+        "CONVPIPE_TLS_KEY": certs["client-key"],
+    }
 
 
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory):
-    from tests.training_fixtures import make_store
+    from tests.helpers.training import make_store
 
     work = tmp_path_factory.mktemp("tls")
     certs = make_certs(work / "certs")
     make_store(work / "data" / "cifar10.zarr")
-    with ProcessCluster(work, n_workers=2, tls=certs, env={"CONVPIPE_TLS_CA_FILE": "", "CONVPIPE_TLS_CERT": "",
-                                                             "CONVPIPE_TLS_KEY": ""}) as pc:
+    with ProcessCluster(
+        work,
+        n_workers=2,
+        tls=certs,
+        env={"CONVPIPE_TLS_CA_FILE": "", "CONVPIPE_TLS_CERT": "", "CONVPIPE_TLS_KEY": ""},
+    ) as pc:
         yield pc, certs, work
 
 
 # ---------------------------------------------------------------- refused
+
 
 def test_a_client_without_a_certificate_is_refused(tls_cluster, monkeypatch):
     pc, certs, work = tls_cluster
@@ -89,32 +139,57 @@ def test_a_client_without_a_certificate_is_refused(tls_cluster, monkeypatch):
 
     # a certificate from another CA: the scheduler refuses the handshake
     other = make_certs(work / "other-certs")
-    r = convpipe("status", "--scheduler", pc.address, "--timeout", "3", cwd=work, env=tls_env(other))
+    r = convpipe(
+        "status", "--scheduler", pc.address, "--timeout", "3", cwd=work, env=tls_env(other)
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert f"cannot reach the Dask scheduler at {pc.address}" in r.stderr
     assert "TLS handshake failed" in pc.log("scheduler")
 
     # and from Python: the same refusal, nothing submitted
     with pytest.raises(ClusterError, match="cannot reach the Dask scheduler"):
-        with connect(pc.address, security=TLSFiles(other["ca"], other["client"], other["client-key"], "t").security(),
-                     timeout=3):
+        with connect(
+            pc.address,
+            security=TLSFiles(other["ca"], other["client"], other["client-key"], "t").security(),
+            timeout=3,
+        ):
             pass
 
 
 # ---------------------------------------------------------------- accepted
 
+
 def test_a_client_with_the_certificate_trains_and_submits(tls_cluster):
     pc, certs, work = tls_cluster
     env = tls_env(certs)
-    r = convpipe("train", "--scheduler", pc.address, "--out", "data/runs/tls-direct", "--steps", "3", *TINY_TRAIN,
-                 cwd=work, env=env)
+    r = convpipe(
+        "train",
+        "--scheduler",
+        pc.address,
+        "--out",
+        "data/runs/tls-direct",
+        "--steps",
+        "3",
+        *TINY_TRAIN,
+        cwd=work,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((work / "data" / "runs" / "tls-direct" / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["workers"] == 2
 
     sets = [a for s in TINY_SETS for a in ("--set", s)]
-    r = convpipe("submit", REPO / "jobs" / "train-three-layer.toml", "--scheduler", pc.address, "--set", "steps=3",
-                 *sets, cwd=work, env=env)
+    r = convpipe(
+        "submit",
+        REPO / "jobs" / "train-three-layer.toml",
+        "--scheduler",
+        pc.address,
+        "--set",
+        "steps=3",
+        *sets,
+        cwd=work,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     job = r.stdout.split()[0]
     status = wait_status(job, pc.address, work, env=env)
@@ -125,6 +200,7 @@ def test_a_client_with_the_certificate_trains_and_submits(tls_cluster):
 
 # ---------------------------------------------------------------- where the certificate comes from
 
+
 def test_tls_files_come_from_spec_then_env_then_config_file(tmp_path, monkeypatch):
     for var in sec.ENV.values():
         monkeypatch.delenv(var, raising=False)
@@ -133,8 +209,9 @@ def test_tls_files_come_from_spec_then_env_then_config_file(tmp_path, monkeypatc
         (tmp_path / name).write_text("x")
     (tmp_path / "config.toml").write_text("")
     assert sec.find_tls() is None or sec.find_tls().origin.startswith("Dask")
-    (tmp_path / "config.toml").write_text('scheduler = "tls://h:8786"\n[tls]\nca-file = "ca.pem"\ncert = "c.pem"\n'
-                                          'key = "k.pem"\n')
+    (tmp_path / "config.toml").write_text(
+        'scheduler = "tls://h:8786"\n[tls]\nca-file = "ca.pem"\ncert = "c.pem"\nkey = "k.pem"\n'
+    )
     found = sec.find_tls()
     assert found.origin.startswith("config file") and found.ca_file == str(tmp_path / "ca.pem")
     monkeypatch.setenv("CONVPIPE_TLS_CA_FILE", "/e/ca.pem")
@@ -167,11 +244,21 @@ def test_convpipe_certs_writes_a_working_set(tmp_path):
     r = convpipe("certs", tmp_path / "certs", "--host", "scheduler", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in (tmp_path / "certs").iterdir())
-    assert files == ["ca.pem", "client-key.pem", "client.pem", "scheduler-key.pem", "scheduler.pem",
-                     "worker-key.pem", "worker.pem"]
+    assert files == [
+        "ca.pem",
+        "client-key.pem",
+        "client.pem",
+        "scheduler-key.pem",
+        "scheduler.pem",
+        "worker-key.pem",
+        "worker.pem",
+    ]
     assert oct((tmp_path / "certs" / "client-key.pem").stat().st_mode & 0o777) == "0o600"
     ca_key = tmp_path / "certs-ca" / "ca-key.pem"
-    assert oct(ca_key.stat().st_mode & 0o777) == "0o600" and oct(ca_key.parent.stat().st_mode & 0o777) == "0o700"
+    assert (
+        oct(ca_key.stat().st_mode & 0o777) == "0o600"
+        and oct(ca_key.parent.stat().st_mode & 0o777) == "0o700"
+    )
     assert str(ca_key) in r.stdout
     from cryptography import x509
 
@@ -186,13 +273,19 @@ def test_the_folder_the_containers_mount_holds_no_ca_key(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from tests.test_compose_config import compose_config, mounts
+    from tests.cluster.test_compose_config import compose_config, mounts
 
     r = convpipe("certs", tmp_path / "certs", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    cfg = compose_config("docker-compose.yml", "docker-compose.tls.yml", env={"CONVPIPE_CERTS": str(tmp_path / "certs")})
+    cfg = compose_config(
+        "docker-compose.yml",
+        "docker-compose.tls.yml",
+        env={"CONVPIPE_CERTS": str(tmp_path / "certs")},
+    )
     ca = x509.load_pem_x509_certificate((tmp_path / "certs" / "ca.pem").read_bytes())
-    ca_public = ca.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ca_public = ca.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     for name in ("scheduler", "worker", "job"):
         mounted = Path(mounts(cfg["services"][name])["/certs"])
         assert mounted == tmp_path / "certs"
@@ -200,8 +293,9 @@ def test_the_folder_the_containers_mount_holds_no_ca_key(tmp_path):
             assert f.name != "ca-key.pem"
             if f.is_file() and b"PRIVATE KEY" in f.read_bytes():
                 key = serialization.load_pem_private_key(f.read_bytes(), password=None)
-                public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+                public = key.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
                 assert public != ca_public, f"{f} is the CA's private key"
     assert (tmp_path / "certs-ca" / "ca-key.pem").exists()
 
@@ -215,13 +309,23 @@ def test_the_ca_key_folder_cannot_be_the_mounted_one(tmp_path):
 
 # ---------------------------------------------------------------- plain TCP to another host
 
-@pytest.mark.parametrize("address, risky", [
-    ("tcp://10.0.0.5:8786", True), ("10.0.0.5:8786", True), ("tcp://scheduler:8786", True),
-    ("ws://10.0.0.5:8786", True),
-    ("tcp://127.0.0.1:8786", False), ("tcp://127.0.0.2:8786", False), ("tcp://[::1]:8786", False),
-    ("localhost:8786", False), ("tcp://localhost:8786", False),
-    ("tls://10.0.0.5:8786", False), ("inproc://10.0.0.5/1/2", False),
-])
+
+@pytest.mark.parametrize(
+    "address, risky",
+    [
+        ("tcp://10.0.0.5:8786", True),
+        ("10.0.0.5:8786", True),
+        ("tcp://scheduler:8786", True),
+        ("ws://10.0.0.5:8786", True),
+        ("tcp://127.0.0.1:8786", False),
+        ("tcp://127.0.0.2:8786", False),
+        ("tcp://[::1]:8786", False),
+        ("localhost:8786", False),
+        ("tcp://localhost:8786", False),
+        ("tls://10.0.0.5:8786", False),
+        ("inproc://10.0.0.5/1/2", False),
+    ],
+)
 def test_plaintext_risk_is_named_for_other_hosts_only(address, risky):
     risk = plaintext_risk(address)
     assert bool(risk) == risky
@@ -232,7 +336,10 @@ def test_plaintext_risk_is_named_for_other_hosts_only(address, risky):
 
 def test_connecting_over_tcp_to_another_host_warns(tmp_path):
     unroutable = "tcp://192.0.2.1:9"  # TEST-NET-1: nothing answers
-    with pytest.warns(InsecureSchedulerWarning, match="reached without TLS"), pytest.raises(ClusterError):
+    with (
+        pytest.warns(InsecureSchedulerWarning, match="reached without TLS"),
+        pytest.raises(ClusterError),
+    ):
         with connect(unroutable, timeout=1):
             pass
     env = {**{v: "" for v in sec.ENV.values()}, "CONVPIPE_CONFIG": str(tmp_path / "none.toml")}
@@ -242,6 +349,7 @@ def test_connecting_over_tcp_to_another_host_warns(tmp_path):
     assert r.returncode == 2 and len(lines) == 2, r.stderr
     assert lines[0] == f"convpipe: warning: {plaintext_risk(unroutable)}"
     assert lines[1].startswith(f"convpipe: error: cannot reach the Dask scheduler at {unroutable}")
-    r = convpipe("status", "--scheduler", "tcp://127.0.0.1:9", "--timeout", "1", cwd=tmp_path, env=env)
+    r = convpipe(
+        "status", "--scheduler", "tcp://127.0.0.1:9", "--timeout", "1", cwd=tmp_path, env=env
+    )
     assert r.returncode == 2 and "warning" not in r.stderr and r.stderr.count("\n") == 1
-

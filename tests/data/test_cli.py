@@ -12,8 +12,14 @@ from pipeline.cli import main
 from pipeline.cluster import connect
 from pipeline.data import open_store, prepare
 from pipeline.data import sources as S
-from tests.data_fixtures import damage_chunk, make_image_folder, make_store, md5, write_cifar_archive
-from tests.test_data_sources import http_server  # noqa: F401 - fixture
+from tests.helpers.data import (
+    damage_chunk,
+    make_image_folder,
+    make_store,
+    md5,
+    write_cifar_archive,
+)
+from tests.helpers.wait import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -30,26 +36,47 @@ def _env():
 
 def _run(*args, cwd):
     env = _env()
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_end_to_end_subprocess(tmp_path):
     """The real command on the embedded process cluster: default store under ./data, info,
     re-run no-op, and an md5 error that is one line with exit code 2."""
-    write_cifar_archive(tmp_path / "data", per_batch=20, n_test=10)   # found in ./data
-    r = _run("data", "prepare", "--no-verify", "--val", "10", "--chunk", "16", "--workers", "2", cwd=tmp_path)
+    write_cifar_archive(tmp_path / "data", per_batch=20, n_test=10)  # found in ./data
+    r = _run(
+        "data",
+        "prepare",
+        "--no-verify",
+        "--val",
+        "10",
+        "--chunk",
+        "16",
+        "--workers",
+        "2",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote data/cifar10.zarr: train 90, val 10, test 10 images" in r.stdout
     s = open_store(tmp_path / "data" / "cifar10.zarr")
     assert s.splits == {"train": 90, "val": 10, "test": 10}
     r = _run("data", "info", "data/cifar10.zarr", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for text in ("train      images uint8 (90, 3, 32, 32) chunks (16, 3, 32, 32) [blosc zstd level 1 "
-                 "bitshuffle, crc32c]", "integrity  protected: crc32c checksum on every chunk",
-                 "order      every split shuffled, seed 0; val: the last images of the pool",
-                 "classes    10: airplane", f"md5 {md5(tmp_path / 'data' / 'cifar-10-python.tar.gz')}",
-                 "on disk"):
+    for text in (
+        "train      images uint8 (90, 3, 32, 32) chunks (16, 3, 32, 32) [blosc zstd level 1 "
+        "bitshuffle, crc32c]",
+        "integrity  protected: crc32c checksum on every chunk",
+        "order      every split shuffled, seed 0; val: the last images of the pool",
+        "classes    10: airplane",
+        f"md5 {md5(tmp_path / 'data' / 'cifar-10-python.tar.gz')}",
+        "on disk",
+    ):
         assert text in r.stdout
     r = _run("data", "prepare", "--no-verify", "--val", "10", cwd=tmp_path)
     assert r.returncode == 0 and "nothing to do" in r.stdout
@@ -60,13 +87,19 @@ def test_cli_end_to_end_subprocess(tmp_path):
     assert not (tmp_path / "other.zarr").exists()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["data", "prepare", "--source", "nowhere.tar.gz", "--out", "x.zarr"], "nowhere.tar.gz: no such file or folder"),
-    (["data", "prepare", "--val", "-1"], "val must be an integer >= 0"),
-    (["data", "prepare", "--chunk", "0"], "chunk must be an integer >= 1"),
-    (["data", "prepare", "--workers", "0"], "--workers must be >= 1"),
-    (["data", "info", "missing.zarr"], "missing.zarr: no data store here"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (
+            ["data", "prepare", "--source", "nowhere.tar.gz", "--out", "x.zarr"],
+            "nowhere.tar.gz: no such file or folder",
+        ),
+        (["data", "prepare", "--val", "-1"], "val must be an integer >= 0"),
+        (["data", "prepare", "--chunk", "0"], "chunk must be an integer >= 1"),
+        (["data", "prepare", "--workers", "0"], "--workers must be >= 1"),
+        (["data", "info", "missing.zarr"], "missing.zarr: no data store here"),
+    ],
+)
 def test_cli_errors_one_line(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
@@ -80,7 +113,16 @@ def test_cli_help(capsys):
             main(argv)
         assert e.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--source", "--out", "--val", "--chunk", "--scheduler", "--force", "--no-verify", "--workers"):
+    for opt in (
+        "--source",
+        "--out",
+        "--val",
+        "--chunk",
+        "--scheduler",
+        "--force",
+        "--no-verify",
+        "--workers",
+    ):
         assert opt in out
     assert main(["data"]) == 2
 
@@ -91,15 +133,20 @@ def test_default_source_download(tmp_path, client, monkeypatch):
     arc, truth = write_cifar_archive(tmp_path / "www", per_batch=6, n_test=4)
     monkeypatch.setattr(S, "OFFICIAL_URL", arc.as_uri())
     root = tmp_path / "data"
-    with pytest.raises(Exception, match="expected c58f30108f718f92721af3b95e74349a; nothing was saved"):
+    with pytest.raises(
+        Exception, match="expected c58f30108f718f92721af3b95e74349a; nothing was saved"
+    ):
         prepare(None, tmp_path / "s.zarr", data_root=root, client=client)
     assert not (root / "cifar-10-python.tar.gz").exists() and list(root.iterdir()) == []
     r = prepare(None, tmp_path / "s.zarr", val=2, data_root=root, verify=False, client=client)
     assert (root / "cifar-10-python.tar.gz").read_bytes() == arc.read_bytes()
     assert r.splits == {"train": 28, "val": 2, "test": 4}
-    from pipeline.data.convert import split_rows
-    np.testing.assert_array_equal(open_store(tmp_path / "s.zarr").read_uint8("test")[0],
-                                  truth["test_X"][split_rows(30, 4, 2, shuffle_pool=False)["test"]])
+    from pipeline.data.shuffle import split_rows
+
+    np.testing.assert_array_equal(
+        open_store(tmp_path / "s.zarr").read_uint8("test")[0],
+        truth["test_X"][split_rows(30, 4, 2, shuffle_pool=False)["test"]],
+    )
 
 
 def test_url_source(tmp_path, client, http_server):  # noqa: F811
@@ -107,7 +154,9 @@ def test_url_source(tmp_path, client, http_server):  # noqa: F811
     write_cifar_archive(www, per_batch=6, n_test=4)
     root = tmp_path / "data"
     url = f"{base}/cifar-10-python.tar.gz"
-    with pytest.raises(Exception, match="is not the official CIFAR-10 archive's .*nothing was saved"):
+    with pytest.raises(
+        Exception, match="is not the official CIFAR-10 archive's .*nothing was saved"
+    ):
         prepare(url, tmp_path / "s.zarr", data_root=root, client=client)
     assert not (root / "cifar-10-python.tar.gz").exists()
     r = prepare(url, tmp_path / "s.zarr", val=2, data_root=root, verify=False, client=client)
@@ -122,24 +171,50 @@ def test_killed_conversion_leaves_no_complete_store(tmp_path, client):
     blocks, so the conversion cannot finish, while the other worker writes chunks. The
     test kills the command once a chunk is written: always in the middle."""
     import signal
-    import time
 
     from pipeline.data.store import store_state
+
     root = tmp_path / "img"
-    truth = make_image_folder(root, per_class_train=8, per_class_test=4, classes=("cat", "dog", "emu"))
+    truth = make_image_folder(
+        root, per_class_train=8, per_class_test=4, classes=("cat", "dog", "emu")
+    )
     blocker = root / "train" / "dog" / "0003.png"
     image = blocker.read_bytes()
     blocker.unlink()
     os.mkfifo(blocker)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "data", "prepare", "--source", str(root),
-                             "--out", "s.zarr", "--val", "3", "--chunk", "2", "--workers", "2"],
-                            cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "data",
+            "prepare",
+            "--source",
+            str(root),
+            "--out",
+            "s.zarr",
+            "--val",
+            "3",
+            "--chunk",
+            "2",
+            "--workers",
+            "2",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        deadline = time.monotonic() + 120
-        partial = []
-        while not partial and proc.poll() is None and time.monotonic() < deadline:
-            partial = [p for p in tmp_path.glob("s.zarr.partial.*") if any(p.glob("*/images/c/*"))]
-            time.sleep(0.01)  # polling interval, not synchronization
+
+        def written():  # the partial stores holding a chunk
+            return [p for p in tmp_path.glob("s.zarr.partial.*") if any(p.glob("*/images/c/*"))]
+
+        # the partial stores, or True if the conversion ended first
+        partial = wait_until(
+            lambda: written() or proc.poll() is not None, timeout=120, what="a chunk written"
+        )
         assert proc.poll() is None, f"the conversion ended on its own: {proc.stderr.read()}"
         assert partial, "no chunk written within 120 s"
     finally:
@@ -152,7 +227,7 @@ def test_killed_conversion_leaves_no_complete_store(tmp_path, client):
     blocker.write_bytes(image)
     r = prepare(root, tmp_path / "s.zarr", val=3, chunk=2, client=client)
     assert not r.skipped and r.splits == {"train": 21, "val": 3, "test": 12} and r.kept == []
-    assert not any(tmp_path.glob("s.zarr.*"))                          # the dead run's partial removed
+    assert not any(tmp_path.glob("s.zarr.*"))  # the dead run's partial removed
     X, y = open_store(tmp_path / "s.zarr").read_uint8("test")
     expect = sorted((img.tobytes(), c) for img, c in truth["test"].values())
     assert sorted(zip((x.tobytes() for x in X), y.tolist())) == expect
@@ -175,10 +250,12 @@ def test_cli_verify_and_info(tmp_path, monkeypatch, capsys):
     assert main(["data", "verify", str(p)]) == 1
     cap = capsys.readouterr()
     assert cap.out.splitlines() == [
-        f"{p}: damaged chunk: split 'train', images chunk 1 (rows 100-199, file {f1.relative_to(p)}): "
+        f"{p}: damaged chunk: split 'train', images chunk 1 "
+        f"(rows 100-199, file {f1.relative_to(p)}): "
         "crc32c checksum mismatch (its bytes changed after it was written)",
         f"{p}: damaged chunk: split 'val', labels chunk 0 (rows 0-29, file {f2.relative_to(p)}): "
-        "crc32c checksum mismatch (its bytes changed after it was written)"]
+        "crc32c checksum mismatch (its bytes changed after it was written)",
+    ]
     assert cap.err.count("\n") == 1 and "2 of 11 chunks damaged" in cap.err
 
 
@@ -191,12 +268,15 @@ def test_cli_old_format_store_is_unprotected(tmp_path, capsys):
     assert "order      not shuffled (format 1)" in out
     assert main(["data", "verify", str(p)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{p}: all 9 chunks decode, but the store is UNPROTECTED (format 1, no checksums)")
+    assert out.startswith(
+        f"{p}: all 9 chunks decode, but the store is UNPROTECTED (format 1, no checksums)"
+    )
     assert "`convpipe data prepare --force` rebuilds it with checksums" in out
 
 
 def test_cli_offline_download_is_one_line(tmp_path, monkeypatch, capsys):
     import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.data_utils import get_CIFAR10_data, load_CIFAR10
 from pipeline.errors import DataError
-from tests.data_fixtures import make_store, write_batches_dir
+from tests.helpers.data import make_store, write_batches_dir
 
 
 def test_get_cifar10_data(tmp_path):
@@ -19,8 +19,9 @@ def test_get_cifar10_data(tmp_path):
     mean = truth["train"][0][:100].mean(axis=0, dtype=np.float64).astype(np.float32)
     np.testing.assert_array_equal(d["X_val"], truth["val"][0][:10].astype(np.float32) - mean)
     np.testing.assert_array_equal(d["y_test"], truth["test"][1][:30])
-    raw = get_CIFAR10_data(num_training=5, num_validation=1, num_test=1, subtract_mean=False,
-                           store=p, dtype=np.float64)
+    raw = get_CIFAR10_data(
+        num_training=5, num_validation=1, num_test=1, subtract_mean=False, store=p, dtype=np.float64
+    )
     np.testing.assert_array_equal(raw["X_train"], truth["train"][0][:5].astype(np.float64))
     with pytest.raises(DataError, match="asked for 21 val images, the store has 20"):
         get_CIFAR10_data(num_training=10, num_validation=21, store=p)
@@ -62,6 +63,7 @@ def test_get_cifar10_data_finds_the_store_from_convpipe_data(tmp_path, monkeypat
 def test_get_cifar10_data_default_search(tmp_path, monkeypatch):
     """Without $CONVPIPE_DATA: ./data/cifar10.zarr, then data/cifar10.zarr of the checkout."""
     from pipeline.data import paths
+
     monkeypatch.delenv("CONVPIPE_DATA", raising=False)
     checkout = tmp_path / "checkout"
     (checkout / "pipeline").mkdir(parents=True)
@@ -70,23 +72,33 @@ def test_get_cifar10_data_default_search(tmp_path, monkeypatch):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    with pytest.raises(DataError, match=r"looked for data/cifar10.zarr, .*checkout/data/cifar10.zarr; "
-                                        r"\$CONVPIPE_DATA is not set"):
+    with pytest.raises(
+        DataError,
+        match=r"looked for data/cifar10.zarr, .*checkout/data/cifar10.zarr; "
+        r"\$CONVPIPE_DATA is not set",
+    ):
         get_CIFAR10_data()
-    t1 = make_store(checkout / "data" / "cifar10.zarr", {"train": 20, "val": 5, "test": 5}, chunk=10, seed=1)
+    t1 = make_store(
+        checkout / "data" / "cifar10.zarr", {"train": 20, "val": 5, "test": 5}, chunk=10, seed=1
+    )
     d = get_CIFAR10_data(num_training=20, num_validation=5, num_test=5, subtract_mean=False)
     np.testing.assert_array_equal(d["y_train"], t1["train"][1])
-    t2 = make_store(cwd / "data" / "cifar10.zarr", {"train": 20, "val": 5, "test": 5}, chunk=10, seed=2)
+    t2 = make_store(
+        cwd / "data" / "cifar10.zarr", {"train": 20, "val": 5, "test": 5}, chunk=10, seed=2
+    )
     d = get_CIFAR10_data(num_training=20, num_validation=5, num_test=5, subtract_mean=False)
-    np.testing.assert_array_equal(d["y_train"], t2["train"][1])   # ./data comes first
+    np.testing.assert_array_equal(d["y_train"], t2["train"][1])  # ./data comes first
 
 
 def test_get_cifar10_data_damaged_chunk(tmp_path):
-    from tests.data_fixtures import damage_chunk
+    from tests.helpers.data import damage_chunk
+
     p = tmp_path / "s.zarr"
     make_store(p, {"train": 40, "val": 10, "test": 10}, chunk=10)
     damage_chunk(p, "train", 2)
-    with pytest.raises(DataError, match=r"s.zarr: damaged chunk: split 'train', images chunk 2 \(rows 20-29"):
+    with pytest.raises(
+        DataError, match=r"s.zarr: damaged chunk: split 'train', images chunk 2 \(rows 20-29"
+    ):
         get_CIFAR10_data(num_training=40, num_validation=10, num_test=10, store=p)
 
 

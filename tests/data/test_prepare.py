@@ -10,14 +10,23 @@ import pytest
 
 from pipeline.cluster import connect
 from pipeline.data import open_store, prepare
-from pipeline.data.convert import SHUFFLE_SEED, leftover_owner, shuffle_order, split_rows
+from pipeline.data.leftovers import leftover_owner, leftover_path, remove_stale
 from pipeline.data.safe_pickle import UnsafePickleError
+from pipeline.data.shuffle import SHUFFLE_SEED, shuffle_order, split_rows
 from pipeline.data.sources import OFFICIAL_MD5
 from pipeline.data.store import store_state
 from pipeline.errors import DataError
 from pipeline.procs import Owner, pid_namespace
-from tests.data_fixtures import (make_batches, make_image_folder, malicious_batch, md5, tar_dir,
-                                 write_batches_dir, write_cifar_archive, write_tar)
+from tests.helpers.data import (
+    make_batches,
+    make_image_folder,
+    malicious_batch,
+    md5,
+    tar_dir,
+    write_batches_dir,
+    write_cifar_archive,
+    write_tar,
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +52,9 @@ def _check_cifar_store(out, truth, val):
     n_train = n_pool - val
     assert s.splits == {"train": n_train, "val": val, "test": n_test}
     rows = split_rows(n_pool, n_test, val, shuffle_pool=False)
-    assert sorted(rows["train"]) == list(range(n_train)) and sorted(rows["val"]) == list(range(n_train, n_pool))
+    assert sorted(rows["train"]) == list(range(n_train)) and sorted(rows["val"]) == list(
+        range(n_train, n_pool)
+    )
     pool, test = (truth["train_X"], truth["train_y"]), (truth["test_X"], truth["test_y"])
     for split, (X0, y0) in {"train": pool, "val": pool, "test": test}.items():
         X, y = s.read_uint8(split, None)
@@ -51,7 +62,9 @@ def _check_cifar_store(out, truth, val):
         np.testing.assert_array_equal(y, y0[rows[split]])
     np.testing.assert_array_equal(s.mean_image, _expected_mean(truth["train_X"][:n_train]))
     assert s.class_names[:2] == ["airplane", "automobile"]
-    assert s.protected and s.attrs["format_version"] == 2 and s.attrs["shuffle_seed"] == SHUFFLE_SEED
+    assert (
+        s.protected and s.attrs["format_version"] == 2 and s.attrs["shuffle_seed"] == SHUFFLE_SEED
+    )
     return s
 
 
@@ -59,8 +72,9 @@ def test_archive_py2_round_trip(tmp_path, client):
     arc, truth = write_cifar_archive(tmp_path, per_batch=40, n_test=30, flavour="py2")
     out = tmp_path / "store.zarr"
     seen = []
-    r = prepare(arc, out, val=15, chunk=16, verify=False, client=client,
-                progress=lambda *a: seen.append(a))
+    r = prepare(
+        arc, out, val=15, chunk=16, verify=False, client=client, progress=lambda *a: seen.append(a)
+    )
     assert not r.skipped and r.splits == {"train": 185, "val": 15, "test": 30}
     s = _check_cifar_store(out, truth, 15)
     assert s.chunks == {"train": 16, "val": 15, "test": 16}
@@ -74,18 +88,29 @@ def test_archive_py2_round_trip(tmp_path, client):
 
 @pytest.mark.parametrize("protocol", [2, 5])
 def test_batches_folder_py3_round_trip(tmp_path, client, protocol):
-    d, truth = write_batches_dir(tmp_path, per_batch=25, n_test=12, flavour="py3", protocol=protocol)
+    d, truth = write_batches_dir(
+        tmp_path, per_batch=25, n_test=12, flavour="py3", protocol=protocol
+    )
     out = tmp_path / "s.zarr"
     prepare(d, out, val=7, chunk=9, verify=False, client=client)
     s = _check_cifar_store(out, truth, 7)
-    assert set(s.attrs["source"]["files"]) == {"data_batch_1", "data_batch_2", "data_batch_3",
-                                                "data_batch_4", "data_batch_5", "test_batch", "batches.meta"}
+    assert set(s.attrs["source"]["files"]) == {
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+        "test_batch",
+        "batches.meta",
+    }
 
 
 def test_verification(tmp_path, client):
     arc, _ = write_cifar_archive(tmp_path, per_batch=4, n_test=4)
     out = tmp_path / "s.zarr"
-    with pytest.raises(DataError, match=f"md5 {md5(arc)} is not the official .*{OFFICIAL_MD5}.*--no-verify"):
+    with pytest.raises(
+        DataError, match=f"md5 {md5(arc)} is not the official .*{OFFICIAL_MD5}.*--no-verify"
+    ):
         prepare(arc, out, client=client)
     assert not out.exists() and _leftovers(out) == []
     d, _ = write_batches_dir(tmp_path / "f", per_batch=4, n_test=4)
@@ -109,16 +134,21 @@ def test_bad_batches(tmp_path, client):
     files, _ = make_batches(per_batch=5, n_test=5)
     del files["test_batch"]
     arc = write_tar(tmp_path / "missing.tar.gz", files)
-    with pytest.raises(DataError, match="missing.tar.gz: missing batch cifar-10-batches-py/test_batch"):
+    with pytest.raises(
+        DataError, match="missing.tar.gz: missing batch cifar-10-batches-py/test_batch"
+    ):
         prepare(arc, out, verify=False, client=client)
     # a label out of range, found by a worker task
     import pickle
+
     files, _ = make_batches(per_batch=5, n_test=5, flavour="py3")
     d = pickle.loads(files["data_batch_4"])
     d["labels"][3] = 10
     files["data_batch_4"] = pickle.dumps(d, protocol=2)
     arc = write_tar(tmp_path / "labels.tar.gz", files)
-    with pytest.raises(DataError, match=r"labels.tar.gz:cifar-10-batches-py/data_batch_4: label 10 of image 3"):
+    with pytest.raises(
+        DataError, match=r"labels.tar.gz:cifar-10-batches-py/data_batch_4: label 10 of image 3"
+    ):
         prepare(arc, out, verify=False, client=client)
     assert not out.exists() and _leftovers(out) == []
 
@@ -129,7 +159,9 @@ def test_malicious_batch_in_archive(tmp_path, client):
     files["data_batch_2"] = malicious_batch(marker)
     arc = write_tar(tmp_path / "evil.tar.gz", files)
     out = tmp_path / "s.zarr"
-    with pytest.raises(UnsafePickleError, match="evil.tar.gz:cifar-10-batches-py/data_batch_2: refused"):
+    with pytest.raises(
+        UnsafePickleError, match="evil.tar.gz:cifar-10-batches-py/data_batch_2: refused"
+    ):
         prepare(arc, out, verify=False, client=client)
     assert not marker.exists()
     assert not out.exists() and _leftovers(out) == []
@@ -138,8 +170,9 @@ def test_malicious_batch_in_archive(tmp_path, client):
 @pytest.mark.parametrize("fmt,container", [("PNG", "dir"), ("JPEG", "tar")])
 def test_image_folder_round_trip(tmp_path, client, fmt, container):
     root = tmp_path / "img"
-    truth = make_image_folder(root, per_class_train=5, per_class_test=3, fmt=fmt,
-                              classes=("dog", "cat", "bird", "frog"))
+    truth = make_image_folder(
+        root, per_class_train=5, per_class_test=3, fmt=fmt, classes=("dog", "cat", "bird", "frog")
+    )
     src = root if container == "dir" else tar_dir(root, tmp_path / "img.tar.gz", arc_prefix="set/")
     out = tmp_path / "s.zarr"
     r = prepare(src, out, val=4, chunk=3, client=client)
@@ -153,7 +186,9 @@ def test_image_folder_round_trip(tmp_path, client, fmt, container):
     assert sorted(zip((x.tobytes() for x in Xtv), ytv.tolist())) == expect
     Xte, yte = s.read_uint8("test")
     listed = [truth["test"][k] for k in sorted(truth["test"])]  # listed by (class, name)...
-    ordered = [listed[i] for i in split_rows(20, 12, 4, shuffle_pool=True)["test"]]  # ...stored shuffled
+    ordered = [
+        listed[i] for i in split_rows(20, 12, 4, shuffle_pool=True)["test"]
+    ]  # ...stored shuffled
     np.testing.assert_array_equal(Xte, np.stack([img for img, _ in ordered]))
     np.testing.assert_array_equal(yte, [c for _, c in ordered])
     np.testing.assert_array_equal(s.mean_image, _expected_mean(s.read_uint8("train")[0]))
@@ -164,11 +199,14 @@ def test_image_folder_round_trip(tmp_path, client, fmt, container):
 
 def test_bad_image_folders(tmp_path, client):
     from PIL import Image
+
     out = tmp_path / "s.zarr"
     root = tmp_path / "img"
     make_image_folder(root, per_class_train=3, per_class_test=2)
     Image.new("RGB", (64, 64)).save(root / "train" / "dog" / "big.png")
-    with pytest.raises(DataError, match=r"train/dog/big.png: wrong image size 64x64, expected 32x32"):
+    with pytest.raises(
+        DataError, match=r"train/dog/big.png: wrong image size 64x64, expected 32x32"
+    ):
         prepare(root, out, val=1, client=client)
     (root / "train" / "dog" / "big.png").unlink()
     (root / "test" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
@@ -202,7 +240,7 @@ def test_rerun_force_and_interrupted(tmp_path, client):
     prepare(arc, out, val=5, chunk=8, verify=False, client=client)
     first = open_store(out).attrs["store_id"]
     stamp = os.stat(out / "zarr.json").st_mtime_ns
-    r = prepare(arc, out, val=5, verify=False, client=client)        # complete: a no-op
+    r = prepare(arc, out, val=5, verify=False, client=client)  # complete: a no-op
     assert r.skipped and os.stat(out / "zarr.json").st_mtime_ns == stamp
     with pytest.raises(DataError, match="val=5.*--force rebuilds it with val=7"):
         prepare(arc, out, val=7, verify=False, client=client)
@@ -221,22 +259,23 @@ def test_rerun_force_and_interrupted(tmp_path, client):
     # an interrupted run: a partial folder of a dead process, and a store never finalized
     dead = tmp_path / _name("s.zarr", "partial", socket.gethostname(), pid_namespace(), 999999999)
     shutil.copytree(out, dead)
-    unnamed = tmp_path / "s.zarr.partial-999999999-abcd1234"   # an older convpipe's: whose?
+    unnamed = tmp_path / "s.zarr.partial-999999999-abcd1234"  # an older convpipe's: whose?
     unnamed.mkdir()
     other = tmp_path / "t.zarr"
     shutil.copytree(out, other)
     import json
+
     meta = json.loads((other / "zarr.json").read_text())
     del meta["attributes"]["complete"]
     (other / "zarr.json").write_text(json.dumps(meta))
     assert store_state(other) == "incomplete"
     with pytest.raises(DataError, match="incomplete store"):
         open_store(other)
-    r = prepare(arc, other, val=7, verify=False, client=client)       # rebuilt, not skipped
+    r = prepare(arc, other, val=7, verify=False, client=client)  # rebuilt, not skipped
     assert not r.skipped and open_store(other).attrs["complete"] is True
     r = prepare(arc, out, val=7, verify=False, force=True, client=client)
-    assert not dead.exists()                                           # stale partial removed
-    assert unnamed.is_dir() and [p for p, _ in r.kept] == [unnamed]    # kept, and said so
+    assert not dead.exists()  # stale partial removed
+    assert unnamed.is_dir() and [p for p, _ in r.kept] == [unnamed]  # kept, and said so
 
 
 def test_refuses_to_overwrite_foreign(tmp_path, client):
@@ -259,12 +298,16 @@ def test_process_cluster(tmp_path):
         files, _ = make_batches(per_batch=5, n_test=5)
         files["data_batch_5"] = files["data_batch_5"][:-40]
         bad = write_tar(tmp_path / "bad.tar.gz", files)
-        with pytest.raises(DataError, match="bad.tar.gz:cifar-10-batches-py/data_batch_5: corrupt or truncated pickle"):
+        with pytest.raises(
+            DataError,
+            match="bad.tar.gz:cifar-10-batches-py/data_batch_5: corrupt or truncated pickle",
+        ):
             prepare(bad, tmp_path / "q.zarr", verify=False, client=c)
     _check_cifar_store(out, truth, 10)
 
 
 # ------------------------------------------------------------------------ stored order
+
 
 def test_shuffle_order_is_pinned():
     """The stored order depends on (n, seed, stream) alone: pinned values, not NumPy's RNG."""
@@ -317,6 +360,7 @@ def test_every_split_starts_with_all_classes(tmp_path, client):
 def test_cifar_batches_sorted_by_class_are_stored_shuffled(tmp_path, client):
     """CIFAR-10 batches are shuffled too (a copy sorted by class, like an image folder's)."""
     import pickle
+
     files, truth = make_batches(per_batch=40, n_test=40, flavour="py3")
     for name in files:
         if name.startswith(("data_batch", "test_batch")):
@@ -336,14 +380,14 @@ def test_cifar_batches_sorted_by_class_are_stored_shuffled(tmp_path, client):
 
 # ------------------------------------------------------------------------ leftovers
 
+
 def _name(store, kind, host, ns, pid):
     return f"{store}.{kind}.{pid}.{ns}.abcd1234.{host}"
 
 
 def test_leftover_names_carry_host_namespace_and_pid(tmp_path):
-    from pipeline.data.convert import _leftover
     out = tmp_path / "s.zarr"
-    p = _leftover(out, "partial")
+    p = leftover_path(out, "partial")
     assert leftover_owner(out, p) == ("partial", Owner.me())
     host = "node-7.cluster.example"
     q = tmp_path / _name("s.zarr", "staging", host, 42, 17)
@@ -353,7 +397,6 @@ def test_leftover_names_carry_host_namespace_and_pid(tmp_path):
 
 
 def test_stale_leftovers_of_other_hosts_and_namespaces_are_kept(tmp_path):
-    from pipeline.data.convert import _remove_stale
     out = tmp_path / "s.zarr"
     host, ns, dead = socket.gethostname(), pid_namespace(), 999999999
     mine_dead = tmp_path / _name("s.zarr", "partial", host, ns, dead)
@@ -364,7 +407,7 @@ def test_stale_leftovers_of_other_hosts_and_namespaces_are_kept(tmp_path):
     old_dead = tmp_path / _name("s.zarr", "old", host, ns, dead)  # the store is absent: keep
     for p in (mine_dead, mine_alive, other_host, other_ns, unnamed, old_dead):
         p.mkdir()
-    kept = dict(_remove_stale(out))
+    kept = dict(remove_stale(out))
     assert not mine_dead.exists()
     assert all(p.is_dir() for p in (mine_alive, other_host, other_ns, unnamed, old_dead))
     assert set(kept) == {other_host, other_ns, unnamed}
@@ -372,6 +415,7 @@ def test_stale_leftovers_of_other_hosts_and_namespaces_are_kept(tmp_path):
 
 
 # ------------------------------------------------------------------------ offline
+
 
 def _closed_port() -> int:
     with socket.socket() as sock:
@@ -382,8 +426,11 @@ def _closed_port() -> int:
 def test_offline_download_says_how_to_prepare_from_a_local_copy(tmp_path, monkeypatch):
     """No copy found and the download cannot connect (a closed local port: no network use)."""
     from pipeline.data import sources as S
+
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "nokeras"))
-    monkeypatch.setattr(S, "OFFICIAL_URL", f"http://127.0.0.1:{_closed_port()}/cifar-10-python.tar.gz")
+    monkeypatch.setattr(
+        S, "OFFICIAL_URL", f"http://127.0.0.1:{_closed_port()}/cifar-10-python.tar.gz"
+    )
     root = tmp_path / "data"
     with pytest.raises(DataError) as e:
         prepare(None, tmp_path / "s.zarr", data_root=root)

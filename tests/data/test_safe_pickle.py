@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.data.safe_pickle import UnsafePickleError, load_pickle, loads_pickle, str_keys
 from pipeline.errors import DataError
-from tests.data_fixtures import dumps, make_batches, malicious_batch
+from tests.helpers.data import dumps, make_batches, malicious_batch
 
 
 def _globals(blob):
@@ -27,7 +27,9 @@ def test_py2_flavour_looks_like_cpickle_and_loads():
     files, truth = make_batches(per_batch=5, n_test=5, flavour="py2")
     blob = files["data_batch_1"]
     assert ("numpy.core.multiarray", "_reconstruct") in _globals(blob)
-    assert not any(op.name in ("BINUNICODE", "SHORT_BINUNICODE") for op, _, _ in pickletools.genops(blob))
+    assert not any(
+        op.name in ("BINUNICODE", "SHORT_BINUNICODE") for op, _, _ in pickletools.genops(blob)
+    )
     d = loads_pickle(blob, "data_batch_1")
     assert set(d) == {b"batch_label", b"labels", b"data", b"filenames"}
     d = str_keys(d)
@@ -40,17 +42,27 @@ def test_py2_flavour_looks_like_cpickle_and_loads():
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
 def test_py3_pickles_all_protocols(protocol):
-    obj = {"data": np.arange(3072 * 2, dtype=np.uint8).reshape(2, 3072), "labels": [1, 2],
-           "f32": np.linspace(0, 1, 7, dtype=np.float32), "scalar": np.int64(7), "fscalar": np.float64(2.5),
-           "fortran": np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3)),
-           "b": b"\x00\xff", "nested": [("a", 1.5, None, True)]}
+    obj = {
+        "data": np.arange(3072 * 2, dtype=np.uint8).reshape(2, 3072),
+        "labels": [1, 2],
+        "f32": np.linspace(0, 1, 7, dtype=np.float32),
+        "scalar": np.int64(7),
+        "fscalar": np.float64(2.5),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.int16).reshape(2, 3)),
+        "b": b"\x00\xff",
+        "nested": [("a", 1.5, None, True)],
+    }
     out = loads_pickle(pickle.dumps(obj, protocol=protocol), "x")
     assert out.keys() == obj.keys()
     for k in ("data", "f32", "fortran"):
         np.testing.assert_array_equal(out[k], obj[k])
         assert out[k].dtype == obj[k].dtype
     assert out["scalar"] == 7 and out["scalar"].dtype == np.int64 and out["fscalar"] == 2.5
-    assert out["labels"] == [1, 2] and out["b"] == b"\x00\xff" and out["nested"] == [("a", 1.5, None, True)]
+    assert (
+        out["labels"] == [1, 2]
+        and out["b"] == b"\x00\xff"
+        and out["nested"] == [("a", 1.5, None, True)]
+    )
 
 
 def test_py2_encoding_latin1_gives_str_keys():
@@ -75,13 +87,16 @@ def test_malicious_pickle_never_runs(tmp_path, protocol):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("evil", [
-    pickle.dumps(eval),                                           # a builtin by reference
-    b"cbuiltins\neval\n(S'1+1'\ntR.",                             # call builtins.eval
-    b"c__builtin__\nexec\n(S'x=1'\ntR.",                          # Python 2 name
-    b"cnumpy\nload\n(S'/etc/passwd'\ntR.",                        # a numpy function not allowed
-    b"c_codecs\nencode\n(S'abc'\nS'rot13'\ntR.",                  # allowed global, refused codec
-])
+@pytest.mark.parametrize(
+    "evil",
+    [
+        pickle.dumps(eval),  # a builtin by reference
+        b"cbuiltins\neval\n(S'1+1'\ntR.",  # call builtins.eval
+        b"c__builtin__\nexec\n(S'x=1'\ntR.",  # Python 2 name
+        b"cnumpy\nload\n(S'/etc/passwd'\ntR.",  # a numpy function not allowed
+        b"c_codecs\nencode\n(S'abc'\nS'rot13'\ntR.",  # allowed global, refused codec
+    ],
+)
 def test_other_globals_refused(evil):
     with pytest.raises(UnsafePickleError, match="refused"):
         loads_pickle(evil, "evil.pkl")
@@ -96,7 +111,9 @@ def test_object_arrays_and_subclasses_refused():
         loads_pickle(pickle.dumps(np.eye(2).view(np.matrix), protocol=2), "matrix.pkl")
     with pytest.raises(UnsafePickleError, match="not numpy.ndarray"):
         # _reconstruct asked, through allowed names only, for something other than an ndarray
-        loads_pickle(b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\ndtype\n(I0\ntS'b'\ntR.", "r.pkl")
+        loads_pickle(
+            b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\ndtype\n(I0\ntS'b'\ntR.", "r.pkl"
+        )
 
 
 def test_truncated_and_garbage():

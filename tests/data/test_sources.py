@@ -1,9 +1,7 @@
-"""Finding and classifying sources, reading batches, downloading (file:// and a local HTTP server)."""
+"""Finding and classifying sources, reading batches, downloading (file:// and a local HTTP
+server)."""
 
-import functools
 import hashlib
-import http.server
-import threading
 
 import numpy as np
 import pytest
@@ -11,8 +9,13 @@ import pytest
 from pipeline.data import sources as S
 from pipeline.data.download import download, is_url, url_basename
 from pipeline.errors import DataError
-from tests.data_fixtures import (make_image_folder, tar_dir, write_batches_dir, write_cifar_archive,
-                                 write_tar)
+from tests.helpers.data import (
+    make_image_folder,
+    tar_dir,
+    write_batches_dir,
+    write_cifar_archive,
+    write_tar,
+)
 
 
 def test_classify_kinds(tmp_path):
@@ -85,7 +88,8 @@ def test_extract_truncated_and_missing(tmp_path):
     cut.write_bytes(arc.read_bytes()[: arc.stat().st_size * 2 // 3])
     with pytest.raises(DataError, match=r"cut.tar.gz: truncated or corrupt archive"):
         S.extract_cifar_archive(cut, tmp_path / "stage2")
-    from tests.data_fixtures import make_batches
+    from tests.helpers.data import make_batches
+
     files, _ = make_batches(per_batch=2, n_test=2)
     del files["data_batch_3"]
     partial = write_tar(tmp_path / "p.tar.gz", files)
@@ -111,6 +115,7 @@ def test_image_listing_errors(tmp_path):
         S.list_image_folder(S.classify(root))
     (root / "test" / "fish").rmdir()
     import shutil
+
     shutil.rmtree(root / "test" / "dog")
     with pytest.raises(DataError, match="classes only in train/: dog"):
         S.list_image_folder(S.classify(root))
@@ -118,7 +123,9 @@ def test_image_listing_errors(tmp_path):
 
 def test_decode_image_errors(tmp_path):
     import io
+
     from PIL import Image
+
     buf = io.BytesIO()
     Image.new("RGB", (28, 28)).save(buf, "PNG")
     with pytest.raises(DataError, match="x.png: wrong image size 28x28, expected 32x32"):
@@ -135,6 +142,7 @@ def test_decode_image_errors(tmp_path):
 
 
 # -------------------------------------------------------------------------------- download
+
 
 def test_url_helpers():
     assert is_url("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz")
@@ -158,32 +166,22 @@ def test_download_file_url_and_md5_mismatch(tmp_path):
         download((tmp_path / "nope").as_uri(), tmp_path / "out" / "h.bin")
 
 
-@pytest.fixture
-def http_server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def test_download_http(http_server, tmp_path):
     root, base = http_server
     arc, _ = write_cifar_archive(root, per_batch=3, n_test=3)
     dest = tmp_path / "data" / "cifar-10-python.tar.gz"
     seen = []
     md5 = download(f"{base}/cifar-10-python.tar.gz", dest, progress=lambda *a: seen.append(a))
-    assert md5 == hashlib.md5(arc.read_bytes()).hexdigest() and dest.read_bytes() == arc.read_bytes()
+    assert (
+        md5 == hashlib.md5(arc.read_bytes()).hexdigest() and dest.read_bytes() == arc.read_bytes()
+    )
     assert seen[-1] == ("download", arc.stat().st_size, arc.stat().st_size)
     with pytest.raises(DataError, match="HTTP 404"):
         download(f"{base}/missing.tar.gz", tmp_path / "data" / "m.tar.gz")
     bad = tmp_path / "data2" / "cifar-10-python.tar.gz"
-    with pytest.raises(DataError, match="expected c58f30108f718f92721af3b95e74349a; nothing was saved"):
+    with pytest.raises(
+        DataError, match="expected c58f30108f718f92721af3b95e74349a; nothing was saved"
+    ):
         download(f"{base}/cifar-10-python.tar.gz", bad, md5=S.OFFICIAL_MD5)
     assert list(bad.parent.iterdir()) == []
 

@@ -10,7 +10,7 @@ import pytest
 from pipeline.data import open_store
 from pipeline.data.store import clear_cache, store_state, verify_store
 from pipeline.errors import DataError
-from tests.data_fixtures import damage_chunk, make_store
+from tests.helpers.data import damage_chunk, make_store
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,7 @@ def test_reopen_after_replacement(tmp_path):
     make_store(p, {"train": 20, "val": 5, "test": 5}, chunk=10, seed=1)
     a = open_store(p).read("train", [0, 1])[1]
     import shutil
+
     shutil.rmtree(p)
     t2 = make_store(p, {"train": 30, "val": 5, "test": 5}, chunk=10, seed=2)
     s = open_store(p)
@@ -118,6 +119,7 @@ def test_reopen_after_replacement(tmp_path):
 def test_concurrent_reads_fill_cache_once(tmp_path):
     """Worker threads reading at once from a cold cache all get exact batches."""
     from concurrent.futures import ThreadPoolExecutor
+
     p = tmp_path / "s.zarr"
     truth = make_store(p, {"train": 400, "val": 10, "test": 10}, chunk=32, seed=3)
     clear_cache()
@@ -132,6 +134,7 @@ def test_concurrent_reads_fill_cache_once(tmp_path):
 
 
 # ------------------------------------------------------------------------ checksums
+
 
 def _one_line(exc) -> str:
     text = str(exc.value)
@@ -149,13 +152,15 @@ def test_damaged_chunk_is_one_error_naming_split_and_chunk(tmp_path, cache):
     clear_cache()
     s = open_store(p)
     assert s.protected
-    X, _ = s.read_uint8("train", [0, 5, 210], cache=cache)      # chunks 0 and 2 are fine
+    X, _ = s.read_uint8("train", [0, 5, 210], cache=cache)  # chunks 0 and 2 are fine
     np.testing.assert_array_equal(X, truth["train"][0][[0, 5, 210]])
     with pytest.raises(DataError) as e:
         s.read("train", [3, 150], cache=cache)
     msg = _one_line(e)
-    assert msg.startswith(f"{s.path}: damaged chunk: split 'train', images chunk 1 (rows 100-199, "
-                          f"file {f.relative_to(p)}): crc32c checksum mismatch")
+    assert msg.startswith(
+        f"{s.path}: damaged chunk: split 'train', images chunk 1 (rows 100-199, "
+        f"file {f.relative_to(p)}): crc32c checksum mismatch"
+    )
     assert "convpipe data prepare --force" in msg
     np.testing.assert_array_equal(s.read_uint8("val")[0], truth["val"][0])  # other splits read
 
@@ -165,15 +170,20 @@ def test_damaged_labels_and_mean_are_named(tmp_path):
     make_store(p, {"train": 50, "val": 20, "test": 20}, chunk=10)
     damage_chunk(p, "test", 1, array="labels", nbytes=2)
     clear_cache()
-    with pytest.raises(DataError, match=r"split 'test', labels chunk 1 \(rows 10-19, file "
-                                        r"test/labels/c/1\): crc32c checksum mismatch"):
+    with pytest.raises(
+        DataError,
+        match=r"split 'test', labels chunk 1 \(rows 10-19, file "
+        r"test/labels/c/1\): crc32c checksum mismatch",
+    ):
         open_store(p).read("test", [0])
     mean_file = p / "mean_image" / "c" / "0" / "0" / "0"
     data = bytearray(mean_file.read_bytes())
     data[100] ^= 1
     mean_file.write_bytes(bytes(data))
     clear_cache()
-    with pytest.raises(DataError, match=r"damaged chunk: mean_image \(file mean_image/c/0/0/0\): crc32c"):
+    with pytest.raises(
+        DataError, match=r"damaged chunk: mean_image \(file mean_image/c/0/0/0\): crc32c"
+    ):
         open_store(p)
 
 
@@ -185,12 +195,15 @@ def test_missing_chunk_file_is_damage_not_zeros(tmp_path):
     (p / "val" / "images" / "c" / "0" / "0" / "0" / "0").unlink()
     clear_cache()
     for cache in (True, False):
-        with pytest.raises(DataError, match=r"split 'val', images chunk 0 \(rows 0-9, .*\): chunk file missing"):
+        with pytest.raises(
+            DataError, match=r"split 'val', images chunk 0 \(rows 0-9, .*\): chunk file missing"
+        ):
             open_store(p).read("val", [4], cache=cache)
 
 
 def test_chunks_of_zeros_are_written(tmp_path):
     from pipeline.data.store import create_layout, write_block
+
     p = tmp_path / "z.zarr"
     create_layout(p, {"train": 20}, 10, 10)
     write_block(p, "train", 0, np.zeros((20, 3, 32, 32), np.uint8), np.zeros(20, np.int64))
@@ -209,7 +222,9 @@ def test_verify_store(tmp_path):
     r = verify_store(p)
     assert not r.ok and r.n_chunks == 11
     assert [(d.split, d.array, d.index, d.rows) for d in r.damaged] == [
-        ("train", "images", 2, (200, 250)), ("test", "labels", 0, (0, 60))]
+        ("train", "images", 2, (200, 250)),
+        ("test", "labels", 0, (0, 60)),
+    ]
     assert all("crc32c checksum mismatch" in d.reason for d in r.damaged)
     assert type(r).from_dict(r.to_dict()) == r
 

@@ -16,14 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_JPEG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+SHARED_JPEG = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 class SyntheticSampleWarning(UserWarning):
     """The real CIFAR-10 sample is missing: a synthetic stand-in was used."""
 
 
-def cifar_sample(num_train: int = 100, num_val: int = 100, *, real: bool = False) -> dict[str, np.ndarray]:
+def cifar_sample(
+    num_train: int = 100, num_val: int = 100, *, real: bool = False
+) -> dict[str, np.ndarray]:
     """X_train (num_train, 3, 32, 32) float32 mean-subtracted, y_train int64, X_val, y_val.
 
     ``real=True``: real images or a skipped test, never the synthetic stand-in.
@@ -33,12 +35,16 @@ def cifar_sample(num_train: int = 100, num_val: int = 100, *, real: bool = False
             import pytest
 
             pytest.skip(f"needs real CIFAR-10 images: {SHARED_JPEG} is missing (CI has it)")
-        warnings.warn(SyntheticSampleWarning(
-            f"{SHARED_JPEG} is missing: synthetic stand-in images, not CIFAR-10"), stacklevel=2)
+        warnings.warn(
+            SyntheticSampleWarning(
+                f"{SHARED_JPEG} is missing: synthetic stand-in images, not CIFAR-10"
+            ),
+            stacklevel=2,
+        )
     return _sample(num_train, num_val, SHARED_JPEG if SHARED_JPEG.is_file() else None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sample(num_train: int, num_val: int, jpeg: Path | None) -> dict[str, np.ndarray]:
     total = num_train + num_val
     X, y = _read_jpegs(jpeg, total) if jpeg is not None else _synthetic(total)
@@ -47,7 +53,12 @@ def _sample(num_train: int, num_val: int, jpeg: Path | None) -> dict[str, np.nda
     X, y = X[order], y[order]
     X = X.astype(np.float32)
     X -= X[:num_train].mean(axis=0)
-    return {"X_train": X[:num_train], "y_train": y[:num_train], "X_val": X[num_train:], "y_val": y[num_train:]}
+    return {
+        "X_train": X[:num_train],
+        "y_train": y[:num_train],
+        "X_val": X[num_train:],
+        "y_val": y[num_train:],
+    }
 
 
 def _read_jpegs(path: Path, total: int):

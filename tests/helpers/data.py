@@ -22,7 +22,14 @@ from pathlib import Path
 import numpy as np
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-BATCHES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+BATCHES = [
+    "data_batch_1",
+    "data_batch_2",
+    "data_batch_3",
+    "data_batch_4",
+    "data_batch_5",
+    "test_batch",
+]
 
 
 class Py2Pickler(pickle._Pickler):
@@ -60,8 +67,15 @@ def dumps(obj, flavour: str = "py2", protocol: int = 2) -> bytes:
     return pickle.dumps(obj, protocol=protocol)
 
 
-def make_batches(per_batch: int = 20, n_test: int = 20, *, seed: int = 0, flavour: str = "py2",
-                 protocol: int = 2, classes=CLASSES) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+def make_batches(
+    per_batch: int = 20,
+    n_test: int = 20,
+    *,
+    seed: int = 0,
+    flavour: str = "py2",
+    protocol: int = 2,
+    classes=CLASSES,
+) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
     """Pickled batches {file name: bytes} and the truth {'train_X', 'train_y', 'test_X',
     'test_y'} (X uint8 (n, 3, 32, 32), y int64)."""
     rng = np.random.default_rng(seed)
@@ -71,21 +85,33 @@ def make_batches(per_batch: int = 20, n_test: int = 20, *, seed: int = 0, flavou
         n = n_test if name == "test_batch" else per_batch
         X = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         y = rng.integers(0, len(classes), n)
-        d = {"batch_label": f"batch {b}", "labels": [int(v) for v in y], "data": X,
-             "filenames": [f"img_{b}_{i}.png" for i in range(n)]}
+        d = {
+            "batch_label": f"batch {b}",
+            "labels": [int(v) for v in y],
+            "data": X,
+            "filenames": [f"img_{b}_{i}.png" for i in range(n)],
+        }
         files[name] = dumps(d, flavour, protocol)
         xs.append(X.reshape(n, 3, 32, 32))
         ys.append(y.astype(np.int64))
-    files["batches.meta"] = dumps({"label_names": list(classes), "num_cases_per_batch": per_batch,
-                                   "num_vis": 3072}, flavour, protocol)
+    files["batches.meta"] = dumps(
+        {"label_names": list(classes), "num_cases_per_batch": per_batch, "num_vis": 3072},
+        flavour,
+        protocol,
+    )
     files["readme.html"] = b"<html></html>\n"
-    truth = {"train_X": np.concatenate(xs[:5]), "train_y": np.concatenate(ys[:5]),
-             "test_X": xs[5], "test_y": ys[5]}
+    truth = {
+        "train_X": np.concatenate(xs[:5]),
+        "train_y": np.concatenate(ys[:5]),
+        "test_X": xs[5],
+        "test_y": ys[5],
+    }
     return files, truth
 
 
-def write_tar(path: Path, files: dict[str, bytes], prefix: str = "cifar-10-batches-py/",
-              mode: str = "w:gz") -> Path:
+def write_tar(
+    path: Path, files: dict[str, bytes], prefix: str = "cifar-10-batches-py/", mode: str = "w:gz"
+) -> Path:
     with tarfile.open(path, mode) as tar:
         for name, payload in files.items():
             info = tarfile.TarInfo(prefix + name)
@@ -127,8 +153,15 @@ def malicious_batch(marker: Path, protocol: int = 2) -> bytes:
     return pickle.dumps({b"data": _RunsCode(marker), b"labels": [0]}, protocol=protocol)
 
 
-def make_image_folder(root: Path, *, per_class_train: int = 3, per_class_test: int = 2,
-                      classes=("cat", "dog", "bird"), fmt: str = "PNG", seed: int = 0) -> dict:
+def make_image_folder(
+    root: Path,
+    *,
+    per_class_train: int = 3,
+    per_class_test: int = 2,
+    classes=("cat", "dog", "bird"),
+    fmt: str = "PNG",
+    seed: int = 0,
+) -> dict:
     """Write ``root/train/<class>/*`` and ``root/test/<class>/*``; return the truth:
     {split: {relative path: (image uint8 (3, 32, 32), class index)}} (classes sorted)."""
     rng = np.random.default_rng(seed)
@@ -144,7 +177,9 @@ def make_image_folder(root: Path, *, per_class_train: int = 3, per_class_test: i
             for i in range(k):
                 hwc = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
                 buf = io.BytesIO()
-                Image.fromarray(hwc, "RGB").save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+                Image.fromarray(hwc, "RGB").save(
+                    buf, fmt, **({"quality": 95} if fmt == "JPEG" else {})
+                )
                 rel = f"{split}/{cls}/{i:04d}{ext}"
                 (root / rel).write_bytes(buf.getvalue())
                 # what a decoder gives back (JPEG is lossy)
@@ -160,12 +195,25 @@ def tar_dir(src: Path, out: Path, mode: str = "w:gz", arc_prefix: str = "") -> P
     return out
 
 
-def make_store(path: Path, sizes=None, *, chunk: int = 100, seed: int = 0, classes=CLASSES,
-               old_format: bool = False) -> dict:
+def make_store(
+    path: Path,
+    sizes=None,
+    *,
+    chunk: int = 100,
+    seed: int = 0,
+    classes=CLASSES,
+    old_format: bool = False,
+) -> dict:
     """A complete store written with the low-level writer (no Dask); returns the truth.
 
     ``old_format``: a store as format version 1 wrote it (no checksums, source order)."""
-    from pipeline.data.store import FORMAT, FORMAT_VERSION, create_layout, finalize_store, write_block
+    from pipeline.data.store import (
+        FORMAT,
+        FORMAT_VERSION,
+        create_layout,
+        finalize_store,
+        write_block,
+    )
 
     sizes = sizes or {"train": 250, "val": 30, "test": 60}
     rng = np.random.default_rng(seed)
@@ -175,11 +223,16 @@ def make_store(path: Path, sizes=None, *, chunk: int = 100, seed: int = 0, class
         X = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
         y = rng.integers(0, len(classes), n).astype(np.int64)
         for a in range(0, n, chunk):
-            write_block(path, split, a, X[a:a + chunk], y[a:a + chunk])
+            write_block(path, split, a, X[a : a + chunk], y[a : a + chunk])
         truth[split] = (X, y)
     mean = truth["train"][0].mean(axis=0).astype(np.float32)
-    attrs = {"format": FORMAT, "format_version": 1 if old_format else FORMAT_VERSION, "splits": sizes,
-             "class_names": list(classes), "chunk": chunk}
+    attrs = {
+        "format": FORMAT,
+        "format_version": 1 if old_format else FORMAT_VERSION,
+        "splits": sizes,
+        "class_names": list(classes),
+        "chunk": chunk,
+    }
     if old_format:
         attrs["order"] = {"train_val": "source order", "test": "source order"}
     else:
@@ -197,6 +250,6 @@ def damage_chunk(store: Path, split: str, k: int, array: str = "images", nbytes:
         f = f / "0"
     data = bytearray(f.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + nbytes] = bytes(b ^ 0x5A for b in data[mid:mid + nbytes])
+    data[mid : mid + nbytes] = bytes(b ^ 0x5A for b in data[mid : mid + nbytes])
     f.write_bytes(bytes(data))
     return f

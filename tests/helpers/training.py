@@ -17,8 +17,16 @@ from pipeline.training import TrainConfig
 CLASSES = ["c0", "c1", "c2", "c3"]
 
 
-def make_store(path, n_train: int = 256, n_val: int = 64, n_test: int = 64, *, chunk: int = 64,
-               seed: int = 0, classes=CLASSES) -> Path:
+def make_store(
+    path,
+    n_train: int = 256,
+    n_val: int = 64,
+    n_test: int = 64,
+    *,
+    chunk: int = 64,
+    seed: int = 0,
+    classes=CLASSES,
+) -> Path:
     path = Path(path)
     rng = np.random.default_rng(seed)
     patterns = rng.integers(40, 216, (len(classes), 3, 32, 32)).astype(np.float64)
@@ -32,17 +40,35 @@ def make_store(path, n_train: int = 256, n_val: int = 64, n_test: int = 64, *, c
             write_block(path, split, 0, X, y)
         if split == "train":
             mean = X.mean(axis=0).astype(np.float32)
-    attrs = {"format": FORMAT, "format_version": FORMAT_VERSION, "class_names": list(classes),
-             "splits": sizes, "chunk": chunk, "image_shape": [3, 32, 32], "source": {"kind": "synthetic"}}
+    attrs = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "class_names": list(classes),
+        "splits": sizes,
+        "chunk": chunk,
+        "image_shape": [3, 32, 32],
+        "source": {"kind": "synthetic"},
+    }
     finalize_store(path, attrs, mean)
     return path
 
 
 def tiny_config(store, out, **changes) -> TrainConfig:
     """A model small enough that a step costs milliseconds: 4 filters of 3x3, 16 hidden units."""
-    settings = dict(data=str(store), out=str(out), batch_size=64, shard_size=16, num_filters=4,
-                    filter_size=3, hidden_dim=16, weight_scale=1e-2, lr=1e-2, epochs=1,
-                    checkpoint_every=2, train_acc_samples=64)
+    settings = dict(
+        data=str(store),
+        out=str(out),
+        batch_size=64,
+        shard_size=16,
+        num_filters=4,
+        filter_size=3,
+        hidden_dim=16,
+        weight_scale=1e-2,
+        lr=1e-2,
+        epochs=1,
+        checkpoint_every=2,
+        train_acc_samples=64,
+    )
     settings.update(changes)
     return TrainConfig(**settings).validate()
 

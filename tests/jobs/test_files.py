@@ -34,15 +34,20 @@ def test_a_running_job_whose_local_coordinator_is_gone_is_failed(tmp_path):
     write_running(tmp_path, "j1", pid=pid, **HERE)
     status = status_from_files(str(tmp_path), "j1")
     assert status["state"] == "failed" and status["resumable"]
-    assert status["reason"] == f"the worker running its coordinator (pid {pid} on {HERE['host']}) died"
+    assert (
+        status["reason"] == f"the worker running its coordinator (pid {pid} on {HERE['host']}) died"
+    )
 
 
-@pytest.mark.parametrize("who", [
-    {**HERE, "pid_namespace": pid_namespace() + 1},   # same host, another container's pids
-    {**HERE, "host": "elsewhere"},                    # another host
-    {"host": socket.gethostname()},                   # a record without its namespace
-    {**HERE, "pid": "self"},                          # the process runs
-])
+@pytest.mark.parametrize(
+    "who",
+    [
+        {**HERE, "pid_namespace": pid_namespace() + 1},  # same host, another container's pids
+        {**HERE, "host": "elsewhere"},  # another host
+        {"host": socket.gethostname()},  # a record without its namespace
+        {**HERE, "pid": "self"},  # the process runs
+    ],
+)
 def test_a_coordinator_that_cannot_be_judged_or_runs_stays_running(tmp_path, who):
     import os
 
@@ -64,6 +69,7 @@ def test_unknown_job_and_listing(tmp_path):
 
 # ---------------------------------------------------------------- malformed files
 
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     from pipeline.cli import main
 
@@ -75,20 +81,46 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 def finished_job(root, job_id: str, state: str = "failed") -> JobFiles:
     files = JobFiles.of(root, job_id)
     files.dir.mkdir(parents=True)
-    files.write_status({"job": job_id, "kind": "count", "name": job_id, "state": state, "attempt": 1,
-                        "reason": "loss is NaN", "resumable": True})
-    files.write_record({"job": job_id, "attempt": 1, "kind": "count", "name": job_id, "root": str(root),
-                        "job_dir": str(files.dir), "run_dir": None, "options": {}}, 'job = "count"\n')
+    files.write_status(
+        {
+            "job": job_id,
+            "kind": "count",
+            "name": job_id,
+            "state": state,
+            "attempt": 1,
+            "reason": "loss is NaN",
+            "resumable": True,
+        }
+    )
+    files.write_record(
+        {
+            "job": job_id,
+            "attempt": 1,
+            "kind": "count",
+            "name": job_id,
+            "root": str(root),
+            "job_dir": str(files.dir),
+            "run_dir": None,
+            "options": {},
+        },
+        'job = "count"\n',
+    )
     files.append_log("2020-01-01T00:00:00Z failed: loss is NaN")
     return files
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("{\"state\": \"done\",", "not valid JSON (Expecting"),
-    ("[1, 2]", "expected a JSON object, got list"),
-    ("{\"state\": \"finished\"}", "'state' must be one of queued, running, done, failed, cancelled, got 'finished'"),
-    (b"\xff\xfe{}", "not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"state": "done",', "not valid JSON (Expecting"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        (
+            '{"state": "finished"}',
+            "'state' must be one of queued, running, done, failed, cancelled, got 'finished'",
+        ),
+        (b"\xff\xfe{}", "not UTF-8 text"),
+    ],
+)
 def test_a_malformed_status_is_one_line_and_hides_no_other_job(tmp_path, capsys, content, problem):
     finished_job(tmp_path, "a-good-one", "done")
     bad = finished_job(tmp_path, "b-bad-one")
@@ -97,25 +129,41 @@ def test_a_malformed_status_is_one_line_and_hides_no_other_job(tmp_path, capsys,
     else:
         bad.status_path.write_text(content)
     root = str(tmp_path)
-    for argv in (["status", "b-bad-one"], ["logs", "b-bad-one"], ["resume", "b-bad-one", "--scheduler", "tcp://127.0.0.1:9"]):
+    for argv in (
+        ["status", "b-bad-one"],
+        ["logs", "b-bad-one"],
+        ["resume", "b-bad-one", "--scheduler", "tcp://127.0.0.1:9"],
+    ):
         code, out, err = run_cli(capsys, *argv, "--root", root)
         assert code == 2 and out == "", (argv, out)
-        assert err.count("\n") == 1 and err.startswith(f"convpipe: error: {bad.status_path}: {problem}"), (argv, err)
+        assert err.count("\n") == 1 and err.startswith(
+            f"convpipe: error: {bad.status_path}: {problem}"
+        ), (argv, err)
     code, out, err = run_cli(capsys, "status", "--root", root)
     assert code == 2
     assert "a-good-one" in out and "b-bad-one" not in out
     assert err.count("\n") == 1 and err.startswith(f"convpipe: error: {bad.status_path}: {problem}")
 
 
-@pytest.mark.parametrize("content, problem", [
-    ("not json", "not valid JSON"),
-    ("{\"job\": \"b\"}", "missing 'attempt', 'kind', 'name', 'root', 'job_dir', 'options'"),
-    ("{\"job\": \"b\", \"attempt\": \"1\", \"kind\": \"count\", \"name\": \"b\", \"root\": \"/\", \"job_dir\": \"/\", "
-     "\"options\": {}}", "'attempt' must be an integer and 'options' an object, got '1' and dict"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("not json", "not valid JSON"),
+        ('{"job": "b"}', "missing 'attempt', 'kind', 'name', 'root', 'job_dir', 'options'"),
+        (
+            '{"job": "b", "attempt": "1", "kind": "count", "name": "b", "root": "/", '
+            '"job_dir": "/", "options": {}}',
+            "'attempt' must be an integer and 'options' an object, got '1' and dict",
+        ),
+    ],
+)
 def test_a_malformed_record_is_one_line_for_resume(tmp_path, capsys, content, problem):
     bad = finished_job(tmp_path, "b")
     bad.record_path.write_text(content)
-    code, out, err = run_cli(capsys, "resume", "b", "--root", str(tmp_path), "--scheduler", "tcp://127.0.0.1:9")
+    code, out, err = run_cli(
+        capsys, "resume", "b", "--root", str(tmp_path), "--scheduler", "tcp://127.0.0.1:9"
+    )
     assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith(f"convpipe: error: {bad.record_path}: {problem}"), err
+    assert err.count("\n") == 1 and err.startswith(
+        f"convpipe: error: {bad.record_path}: {problem}"
+    ), err

@@ -16,7 +16,8 @@ def make_report(tmp_path, client=None) -> Report:
 
 
 class Events:
-    """A client whose scheduler answers get_events with ``answer`` (a list, or an exception to raise)."""
+    """A client whose scheduler answers get_events with ``answer`` (a list, or an exception to
+    raise)."""
 
     def __init__(self, answer):
         self.answer, self.calls = answer, 0
@@ -33,8 +34,15 @@ def log_of(report: Report) -> list[str]:
 
 
 def test_a_cancel_request_for_this_attempt_raises(tmp_path):
-    report = make_report(tmp_path, Events([{"type": "cancel", "attempt": 2}, {"type": "cancel", "attempt": 1,
-                                                                            "by": "me@h", "at": "t"}]))
+    report = make_report(
+        tmp_path,
+        Events(
+            [
+                {"type": "cancel", "attempt": 2},
+                {"type": "cancel", "attempt": 1, "by": "me@h", "at": "t"},
+            ]
+        ),
+    )
     with pytest.raises(JobCancelled, match="cancelled by me@h at t"):
         report.check_cancel(force=True)
 
@@ -51,7 +59,9 @@ def test_any_other_failure_of_the_cancel_check_is_logged_once(tmp_path):
     report.check_cancel(force=True)
     report.check_cancel(force=True)
     assert client.calls == 2
-    assert log_of(report) == ["cannot check for a cancel request (RuntimeError: boom); the job goes on"]
+    assert log_of(report) == [
+        "cannot check for a cancel request (RuntimeError: boom); the job goes on"
+    ]
 
 
 def test_events_off_a_worker_go_to_the_files_only(tmp_path):
@@ -61,18 +71,22 @@ def test_events_off_a_worker_go_to_the_files_only(tmp_path):
 
 
 def test_an_event_the_worker_refuses_is_logged_once(tmp_path, monkeypatch):
-    import distributed
+    from pipeline.jobs import runner
 
     class Worker:
         def log_event(self, topic, msg):
             raise TypeError("Message must be msgpack serializable")
 
-    monkeypatch.setattr(distributed, "get_worker", lambda: Worker())
+    monkeypatch.setattr(runner, "get_worker", lambda: Worker())
     report = make_report(tmp_path)
     report.log("one")
     report.log("two")
-    assert log_of(report) == ["one", "an event could not go to the scheduler (TypeError: Message must be msgpack "
-                                     "serializable); the job's files keep everything", "two"]
+    assert log_of(report) == [
+        "one",
+        "an event could not go to the scheduler (TypeError: Message must be msgpack "
+        "serializable); the job's files keep everything",
+        "two",
+    ]
 
 
 def test_a_stop_is_raised_after_the_event_is_recorded_and_only_once(tmp_path):
@@ -83,8 +97,13 @@ def test_a_stop_is_raised_after_the_event_is_recorded_and_only_once(tmp_path):
     report.stop.request("the worker process got SIGTERM")
     with pytest.raises(Interrupted):
         report.progress({"event": "checkpoint", "step": 3, "path": "ckpt-3.npz"})
-    report.progress({"event": "checkpoint", "step": 4, "path": "ckpt-4.npz"})  # the job's own last checkpoint
-    assert log_of(report) == ["checkpoint at step 3: ckpt-3.npz", "checkpoint at step 4: ckpt-4.npz"]
+    report.progress(
+        {"event": "checkpoint", "step": 4, "path": "ckpt-4.npz"}
+    )  # the job's own last checkpoint
+    assert log_of(report) == [
+        "checkpoint at step 3: ckpt-3.npz",
+        "checkpoint at step 4: ckpt-4.npz",
+    ]
 
 
 class _LiveClient:
@@ -112,8 +131,9 @@ def test_any_exception_while_the_scheduler_is_gone_is_the_lost_scheduler():
             raise RuntimeError("Client is closed")
 
     exc = ValueError("No clients found\nStart a client")
-    assert _failure_reason(exc, GoneClient()) == ("lost the connection to the Dask scheduler "
-                                                   "(ValueError: No clients found)")
+    assert _failure_reason(exc, GoneClient()) == (
+        "lost the connection to the Dask scheduler (ValueError: No clients found)"
+    )
     assert _failure_reason(exc, _LiveClient()) == "ValueError: No clients found"
     assert _failure_reason(KeyError("W9"), None) == "KeyError: 'W9'"
 
@@ -122,14 +142,30 @@ def test_futures_cancelled_by_a_lost_scheduler_connection_are_the_lost_scheduler
     """When the scheduler restarts, the client cancels its futures with the reason
     "scheduler-connection-lost", which FuturesCancelledError prints below its first line; the
     new scheduler may already answer by then (CI, compose: a restarted scheduler)."""
-    from distributed.client import CancelledFuturesGroup, FutureCancelledError, FuturesCancelledError
+    from distributed.client import (
+        CancelledFuturesGroup,
+        FutureCancelledError,
+        FuturesCancelledError,
+    )
 
     from pipeline.jobs.runner import _failure_reason
 
-    lost = FuturesCancelledError([CancelledFuturesGroup(
-        [FutureCancelledError("task-1", "scheduler-connection-lost", "Client lost the connection")],
-        "scheduler-connection-lost")])
-    assert _failure_reason(lost, _LiveClient()) == ("lost the connection to the Dask scheduler "
-                                                   "(FuturesCancelledError: 1 Future cancelled:)")
-    other = FuturesCancelledError([CancelledFuturesGroup([FutureCancelledError("task-1", "unknown")], "unknown")])
+    lost = FuturesCancelledError(
+        [
+            CancelledFuturesGroup(
+                [
+                    FutureCancelledError(
+                        "task-1", "scheduler-connection-lost", "Client lost the connection"
+                    )
+                ],
+                "scheduler-connection-lost",
+            )
+        ]
+    )
+    assert _failure_reason(lost, _LiveClient()) == (
+        "lost the connection to the Dask scheduler (FuturesCancelledError: 1 Future cancelled:)"
+    )
+    other = FuturesCancelledError(
+        [CancelledFuturesGroup([FutureCancelledError("task-1", "unknown")], "unknown")]
+    )
     assert _failure_reason(other, _LiveClient()) == "FuturesCancelledError: 1 Future cancelled:"

@@ -1,4 +1,5 @@
-"""Job specs: the shipped specs load, and every kind of bad spec is one clear error before anything runs."""
+"""Job specs: the shipped specs load, and every kind of bad spec is one clear error before
+anything runs."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.training.config import TrainConfig
-from pipeline.jobs.spec import SpecError, load_spec
 from pipeline.cluster.security import TLSConfigError
+from pipeline.jobs.spec import SpecError, load_spec
+from pipeline.training.config import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ["prepare-cifar10", "train-three-layer", "train-spatial-bn", "train-groupnorm", "evaluate"]
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = [
+    "prepare-cifar10",
+    "train-three-layer",
+    "train-spatial-bn",
+    "train-groupnorm",
+    "evaluate",
+]
 
 
 def write(tmp_path, text: str, name: str = "job.toml") -> Path:
@@ -28,8 +35,14 @@ def test_shipped_specs_load(name):
     assert spec.root == "data"
     if spec.kind == "train":
         config = TrainConfig.from_dict({**spec.options, "scheduler": None})
-        assert config.norm == {"train-three-layer": "none", "train-spatial-bn": "spatial_batchnorm",
-                               "train-groupnorm": "groupnorm"}[name]
+        assert (
+            config.norm
+            == {
+                "train-three-layer": "none",
+                "train-spatial-bn": "spatial_batchnorm",
+                "train-groupnorm": "groupnorm",
+            }[name]
+        )
         assert config.data == "data/cifar10.zarr"
 
 
@@ -49,22 +62,31 @@ def test_dashes_and_underscores_are_the_same_key(tmp_path):
         load_spec(write(tmp_path, 'job = "train"\nbatch-size = 64\nbatch_size = 32\n'))
 
 
-@pytest.mark.parametrize("text, match", [
-    ('job = "train"\nbatch-sise = 64\n', r"job.toml: unknown key 'batch-sise' for a train job"),
-    ('job = "train"\nepochs = "two"\n', r"job.toml: epochs must be int, got 'two'"),
-    ('job = "train"\nlr = true\n', r"lr must be float, got True"),
-    ('job = "train"\nbatch-size = 100\nshard-size = 64\n', r"shard_size 64 does not divide batch_size 100"),
-    ('job = "train"\nnorm = "layernorm"\n', r"unknown norm 'layernorm'"),
-    ('batch-size = 64\n', r"missing key 'job'"),
-    ('job = "fly"\n', r"unknown job 'fly'"),
-    ('job = "train"\n[model]\nnorm = "none"\n', r"unexpected table \[model\]"),
-    ('job = "train"\nepochs = \n', r"not valid TOML"),
-    ('job = "prepare"\nval = -1\n', r"val must be >= 0"),
-    ('job = "evaluate"\n', r"needs run ="),
-    ('job = "evaluate"\nrun = "x"\nsplit = "dev"\n', r"unknown split 'dev'"),
-    ('job = "train"\n[tls]\nca-file = "ca.pem"\n', r"\[tls\] needs ca-file, cert, key; missing cert, key"),
-    ('job = "train"\n[tls]\nca = "ca.pem"\n', r"unknown \[tls\] key 'ca'"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('job = "train"\nbatch-sise = 64\n', r"job.toml: unknown key 'batch-sise' for a train job"),
+        ('job = "train"\nepochs = "two"\n', r"job.toml: epochs must be int, got 'two'"),
+        ('job = "train"\nlr = true\n', r"lr must be float, got True"),
+        (
+            'job = "train"\nbatch-size = 100\nshard-size = 64\n',
+            r"shard_size 64 does not divide batch_size 100",
+        ),
+        ('job = "train"\nnorm = "layernorm"\n', r"unknown norm 'layernorm'"),
+        ("batch-size = 64\n", r"missing key 'job'"),
+        ('job = "fly"\n', r"unknown job 'fly'"),
+        ('job = "train"\n[model]\nnorm = "none"\n', r"unexpected table \[model\]"),
+        ('job = "train"\nepochs = \n', r"not valid TOML"),
+        ('job = "prepare"\nval = -1\n', r"val must be >= 0"),
+        ('job = "evaluate"\n', r"needs run ="),
+        ('job = "evaluate"\nrun = "x"\nsplit = "dev"\n', r"unknown split 'dev'"),
+        (
+            'job = "train"\n[tls]\nca-file = "ca.pem"\n',
+            r"\[tls\] needs ca-file, cert, key; missing cert, key",
+        ),
+        ('job = "train"\n[tls]\nca = "ca.pem"\n', r"unknown \[tls\] key 'ca'"),
+    ],
+)
 def test_bad_specs_are_one_line_errors(tmp_path, text, match):
     path = write(tmp_path, text)
     with pytest.raises((SpecError, TLSConfigError), match=match) as info:
@@ -79,37 +101,68 @@ def test_missing_spec_file(tmp_path):
 
 def test_set_overrides_are_typed(tmp_path):
     path = write(tmp_path, 'job = "train"\n')
-    spec = load_spec(path, ["epochs=3", "lr=0.01", "norm=groupnorm", "steps=none", "out=runs/x", "name=quick",
-                            "root=/srv/data", "scheduler=tcp://10.0.0.1:8786", "batch-size=64", "shard_size=32"])
+    spec = load_spec(
+        path,
+        [
+            "epochs=3",
+            "lr=0.01",
+            "norm=groupnorm",
+            "steps=none",
+            "out=runs/x",
+            "name=quick",
+            "root=/srv/data",
+            "scheduler=tcp://10.0.0.1:8786",
+            "batch-size=64",
+            "shard_size=32",
+        ],
+    )
     o = spec.options
-    assert (o["epochs"], o["lr"], o["norm"], o["steps"], o["out"]) == (3, 0.01, "groupnorm", None, "runs/x")
+    assert (o["epochs"], o["lr"], o["norm"], o["steps"], o["out"]) == (
+        3,
+        0.01,
+        "groupnorm",
+        None,
+        "runs/x",
+    )
     assert (o["batch_size"], o["shard_size"]) == (64, 32)
     assert (spec.name, spec.root, spec.scheduler) == ("quick", "/srv/data", "tcp://10.0.0.1:8786")
     assert isinstance(o["lr"], float) and isinstance(o["epochs"], int)
-    p = load_spec(write(tmp_path, 'job = "prepare"\n', "p.toml"), ["no-verify=true", "force=yes", "chunk=500"])
+    p = load_spec(
+        write(tmp_path, 'job = "prepare"\n', "p.toml"), ["no-verify=true", "force=yes", "chunk=500"]
+    )
     assert (p.options["no_verify"], p.options["force"], p.options["chunk"]) == (True, True, 500)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("epochs=2.5", r"--set epochs: epochs must be int, got 2.5"),
-    ("epoch=2", r"--set epoch: unknown key for a train job"),
-    ("epochs", r"expected key=value"),
-    ("shard-size=100", r"shard_size 100 does not divide batch_size 256"),
-    ("job=fly", r"unknown job 'fly'"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("epochs=2.5", r"--set epochs: epochs must be int, got 2.5"),
+        ("epoch=2", r"--set epoch: unknown key for a train job"),
+        ("epochs", r"expected key=value"),
+        ("shard-size=100", r"shard_size 100 does not divide batch_size 256"),
+        ("job=fly", r"unknown job 'fly'"),
+    ],
+)
 def test_bad_overrides(tmp_path, override, match):
     with pytest.raises(SpecError, match=match):
         load_spec(write(tmp_path, 'job = "train"\n'), [override])
 
 
 def test_tls_paths_are_relative_to_the_spec(tmp_path):
-    spec = load_spec(write(tmp_path, 'job = "train"\n[tls]\nca-file = "c/ca.pem"\ncert = "c/me.pem"\nkey = "/k.pem"\n'))
+    spec = load_spec(
+        write(
+            tmp_path,
+            'job = "train"\n[tls]\nca-file = "c/ca.pem"\ncert = "c/me.pem"\nkey = "/k.pem"\n',
+        )
+    )
     assert spec.tls.ca_file == str(tmp_path / "c" / "ca.pem")
     assert spec.tls.key == "/k.pem"
 
 
 def test_spec_round_trips_through_its_record(tmp_path):
-    spec = load_spec(write(tmp_path, 'job = "train"\nname = "x"\nepochs = 2\nlr = 0.5\n'), ["out=o"])
+    spec = load_spec(
+        write(tmp_path, 'job = "train"\nname = "x"\nepochs = 2\nlr = 0.5\n'), ["out=o"]
+    )
     again = load_spec(write(tmp_path, spec.to_toml(), "again.toml"))
     assert again.options == spec.options and again.name == "x"
 
@@ -127,7 +180,12 @@ def test_job_options_and_train_settings_share_one_type_check():
     from pipeline.training.config import parse_value
 
     options = Train.options()
-    for text, name in ((".5", "lr"), ("1_000", "batch_size"), ("none", "steps"), ("1", "weight_scale")):
+    for text, name in (
+        (".5", "lr"),
+        ("1_000", "batch_size"),
+        ("none", "steps"),
+        ("1", "weight_scale"),
+    ):
         assert options[name].parse(text, "--set") == parse_value(name, text)
     assert isinstance(parse_value("lr", "1"), float) and options["lr"].check(1, "spec") == 1.0
     assert options["steps"].value_type.name() == "int or none"

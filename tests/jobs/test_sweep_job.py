@@ -6,34 +6,33 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from pipeline.cli import main
 from pipeline.jobs import client as job_client
 from pipeline.jobs.spec import load_spec
 from pipeline.jobs.sweep import SweepState
-from tests.jobs_helpers import until, wait_for
-from tests.test_sweep_run import outcome
-from tests.training_fixtures import make_store
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0",
-                      silence_logs=40) as c:
-        yield c
+from tests.helpers.jobs import wait_for
+from tests.helpers.training import make_store
+from tests.helpers.wait import wait_until
+from tests.jobs.test_sweep_run import outcome
 
 
 def spec_text(root: Path, store: Path) -> str:
-    return (f'job = "sweep"\nname = "tiny-sweep"\nroot = "{root}"\ndata = "{store}"\nsteps = 6\nbatch-size = 64\n'
-            f'shard-size = 16\nnum-filters = 4\nfilter-size = 3\nhidden-dim = 16\nweight-scale = 1e-2\n'
-            f'checkpoint-every = 2\ntrain-acc-samples = 64\neval-every = 1\neval-samples = 32\n'
-            f'[search]\nmethod = "random"\ntrials = 4\nseed = 3\nlr = {{ log-uniform = [1e-3, 3e-2] }}\n'
-            f'[early-stopping]\nmin-steps = 2\nreduction-factor = 2\n')
+    return (
+        f'job = "sweep"\nname = "tiny-sweep"\nroot = "{root}"\ndata = "{store}"\n'
+        f"steps = 6\nbatch-size = 64\n"
+        f"shard-size = 16\nnum-filters = 4\nfilter-size = 3\nhidden-dim = 16\nweight-scale = 1e-2\n"
+        f"checkpoint-every = 2\ntrain-acc-samples = 64\neval-every = 1\neval-samples = 32\n"
+        f'[search]\nmethod = "random"\ntrials = 4\nseed = 3\n'
+        f"lr = {{ log-uniform = [1e-3, 3e-2] }}\n"
+        f"[early-stopping]\nmin-steps = 2\nreduction-factor = 2\n"
+    )
 
 
-def test_a_sweep_job_runs_prints_its_leaderboard_and_resumes_after_a_cancel(cluster, tmp_path, capsys):
+def test_a_sweep_job_runs_prints_its_leaderboard_and_resumes_after_a_cancel(
+    cluster, tmp_path, capsys
+):
     store = make_store(tmp_path / "tiny.zarr", n_train=128, n_val=48, n_test=32)
     spec = tmp_path / "sweep.toml"
     spec.write_text(spec_text(tmp_path, store))
@@ -60,7 +59,7 @@ def test_a_sweep_job_runs_prints_its_leaderboard_and_resumes_after_a_cancel(clus
             except Exception:  # noqa: BLE001 - not written yet
                 return False
 
-        until(scored_two, timeout=120, what="two trials scored")
+        wait_until(scored_two, timeout=120, what="two trials scored")
         job_client.cancel(client, rec["job"])
         assert wait_for(client, rec["job"], timeout=180)["state"] == "cancelled"
         assert not (cut / "summary.json").exists()

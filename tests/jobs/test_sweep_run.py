@@ -1,5 +1,6 @@
 """Sweeps on an in-process cluster: successive halving, results, a failed trial, resume after the
-coordinator died (same outcome bit for bit, finished trials not rerun), load_model, the leaderboard."""
+coordinator died (same outcome bit for bit, finished trials not rerun), load_model, the
+leaderboard."""
 
 from __future__ import annotations
 
@@ -8,28 +9,26 @@ import json
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
 
 from pipeline.cnn import ThreeLayerConvNet
-from pipeline.runs import load_model
 from pipeline.jobs.kinds import Sweep
 from pipeline.jobs.sweep import SweepError, SweepPlan, SweepState, leaderboard_text, run_sweep
+from pipeline.runs import load_model
 from pipeline.training import evaluate
-from tests.training_fixtures import assert_same_params, final_params, make_store
+from tests.helpers.training import assert_same_params, final_params, make_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=128, n_val=48, n_test=32)
+    return make_store(
+        tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=128, n_val=48, n_test=32
+    )
 
 
 @pytest.fixture(scope="module")
-def client():
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
-    c = Client(cluster)
-    yield c
-    c.close()
-    cluster.close()
+def client(training_client):
+    """The sweeps here run on the module's two in-process workers (tests/conftest.py)."""
+    return training_client
 
 
 class Crash(Exception):
@@ -39,9 +38,21 @@ class Crash(Exception):
 def plan_of(store, search: dict, early_stopping: dict | None = None, **base) -> SweepPlan:
     """Trials of the tiny model: 2 steps an epoch of 64 images, 9 steps in all."""
     opts = {k: o.default for k, o in Sweep.options().items()}
-    opts.update(data=str(store), batch_size=64, shard_size=16, num_filters=4, filter_size=3, hidden_dim=16,
-                weight_scale=1e-2, lr=1e-2, steps=9, checkpoint_every=2, train_acc_samples=64, eval_every=1,
-                eval_samples=32)
+    opts.update(
+        data=str(store),
+        batch_size=64,
+        shard_size=16,
+        num_filters=4,
+        filter_size=3,
+        hidden_dim=16,
+        weight_scale=1e-2,
+        lr=1e-2,
+        steps=9,
+        checkpoint_every=2,
+        train_acc_samples=64,
+        eval_every=1,
+        eval_samples=32,
+    )
     opts.update(base)
     opts["search"], opts["early_stopping"] = search, early_stopping
     return SweepPlan.from_options(opts)
@@ -61,8 +72,10 @@ def outcome(out) -> tuple:
     summary = json.loads((out / "summary.json").read_text())
     keep = ("trials", "completed", "stopped", "failed", "rungs", "best", "steps", "images")
     best = {**summary["best"], "run_dir": None}
-    return ([{k: v for k, v in r.items() if k != "seconds"} for r in rows(out)],
-            {k: summary[k] for k in keep} | {"best": best})
+    return (
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rows(out)],
+        {k: summary[k] for k in keep} | {"best": best},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,19 +90,28 @@ def test_successive_halving_keeps_the_best_third_and_writes_the_results(whole, c
     state = SweepState.load(out)
     assert state.rungs == [1, 3, 9]
     assert [t.state for t in state.trials].count("completed") == 1
-    assert sorted(t.steps for t in state.trials) == [1, 1, 1, 1, 3, 9]   # 6 -> 2 -> 1
+    assert sorted(t.steps for t in state.trials) == [1, 1, 1, 1, 3, 9]  # 6 -> 2 -> 1
     # promotions are the best scores at each rung (ties to the lower id)
     at1 = {t.id: t.scores[1] for t in state.trials}
     went_on = sorted(sorted(at1, key=lambda i: (-at1[i], i))[:2])
     assert sorted(t.id for t in state.trials if t.steps >= 3) == went_on
     table = rows(out)
     assert [r["id"] for r in table] == [f"t00{i}" for i in range(6)]
-    assert {r["lr"] for r in table} == {"0.001", "0.01", "0.03"} and {r["hidden-dim"] for r in table} == {"8", "16"}
-    assert summary["steps"] == 6 * 1 + 2 * (3 - 1) + (9 - 3) and summary["steps_if_run_to_the_end"] == 54
+    assert {r["lr"] for r in table} == {"0.001", "0.01", "0.03"} and {
+        r["hidden-dim"] for r in table
+    } == {"8", "16"}
+    assert (
+        summary["steps"] == 6 * 1 + 2 * (3 - 1) + (9 - 3)
+        and summary["steps_if_run_to_the_end"] == 54
+    )
     best = summary["best"]
-    assert best["trial"] == state.best().name and best["val_acc"] == max(t.best()[0] for t in state.trials)
+    assert best["trial"] == state.best().name and best["val_acc"] == max(
+        t.best()[0] for t in state.trials
+    )
     # each trial is an ordinary run directory: evaluate scores the same val accuracy
-    assert evaluate(best["run_dir"], split="val", client=client)["accuracy"] == best["final_val_acc"]
+    assert (
+        evaluate(best["run_dir"], split="val", client=client)["accuracy"] == best["final_val_acc"]
+    )
     assert_same_params(final_params(best["run_dir"]), dict(np.load(out / "best-params.npz")))
     assert (out / "sweep.png").stat().st_size > 10_000
     # load_model: the run's parameters and BN statistics, a sweep's directory gives its best trial
@@ -101,15 +123,27 @@ def test_successive_halving_keeps_the_best_third_and_writes_the_results(whole, c
     board = leaderboard_text(out)
     lines = board.splitlines()
     assert lines[0] == "sweep: 6/6 trials done, rungs [1, 3, 9]"
-    assert lines[1].split() == ["trial", "state", "steps", "best", "val_acc", "at", "step", "lr", "hidden-dim"]
+    assert lines[1].split() == [
+        "trial",
+        "state",
+        "steps",
+        "best",
+        "val_acc",
+        "at",
+        "step",
+        "lr",
+        "hidden-dim",
+    ]
     assert lines[2].split()[:2] == [best["trial"], "completed"]
 
 
-def test_a_sweep_resumed_after_its_coordinator_died_ends_as_an_uninterrupted_one(store, client, whole, tmp_path):
+def test_a_sweep_resumed_after_its_coordinator_died_ends_as_an_uninterrupted_one(
+    store, client, whole, tmp_path
+):
     plan = plan_of(store, GRID, HALVING)
     best = SweepState.load(whole[0]).best().id
 
-    def crash(event):                     # the best trial, between its checkpoints 4 and 6
+    def crash(event):  # the best trial, between its checkpoints 4 and 6
         if event.get("trial") == best and event.get("event") == "step" and event.get("step") == 5:
             raise Crash()
 
@@ -121,18 +155,22 @@ def test_a_sweep_resumed_after_its_coordinator_died_ends_as_an_uninterrupted_one
     events = []
     run_sweep(plan, tmp_path / "cut", client=client, progress=events.append)
     starts = [(e["trial"], e["start_step"]) for e in events if e.get("event") == "start"]
-    assert starts == [(best, 4)]          # scored trials not rerun; the cut one from its checkpoint
+    assert starts == [(best, 4)]  # scored trials not rerun; the cut one from its checkpoint
     assert [e["step"] for e in events if e.get("event") == "resumed"] == [4]
     assert outcome(tmp_path / "cut") == outcome(whole[0])
-    assert_same_params(dict(np.load(tmp_path / "cut" / "best-params.npz")),
-                       dict(np.load(whole[0] / "best-params.npz")))
+    assert_same_params(
+        dict(np.load(tmp_path / "cut" / "best-params.npz")),
+        dict(np.load(whole[0] / "best-params.npz")),
+    )
 
 
-def test_trials_training_at_once_give_the_same_sweep_and_a_crash_among_them_resumes(store, client, whole, tmp_path):
+def test_trials_training_at_once_give_the_same_sweep_and_a_crash_among_them_resumes(
+    store, client, whole, tmp_path
+):
     plan = plan_of(store, {**GRID, "parallel": 3}, HALVING)
     seen = []
 
-    def crash(event):                     # trial 4 dies at its first step while others train beside it
+    def crash(event):  # trial 4 dies at its first step while others train beside it
         seen.append(event.get("trial"))
         if event.get("trial") == 4 and event.get("event") == "step":
             raise Crash()
@@ -148,7 +186,9 @@ def test_trials_training_at_once_give_the_same_sweep_and_a_crash_among_them_resu
 
 def test_a_diverging_trial_is_failed_with_its_reason_and_the_sweep_goes_on(store, client, tmp_path):
     out = tmp_path / "sweep"
-    summary = run_sweep(plan_of(store, {"method": "grid", "lr": [1e-2, 1e30]}, steps=4), out, client=client)
+    summary = run_sweep(
+        plan_of(store, {"method": "grid", "lr": [1e-2, 1e30]}, steps=4), out, client=client
+    )
     table = rows(out)
     assert [r["state"] for r in table] == ["completed", "failed"]
     assert "diverged" in table[1]["error"] and table[1]["best_val_acc"] == ""
@@ -157,23 +197,31 @@ def test_a_diverging_trial_is_failed_with_its_reason_and_the_sweep_goes_on(store
 
 
 def test_a_sweep_directory_refuses_another_plan(store, client, tmp_path):
-    run_sweep(plan_of(store, {"method": "grid", "lr": [1e-2]}, steps=2), tmp_path / "s", client=client)
+    run_sweep(
+        plan_of(store, {"method": "grid", "lr": [1e-2]}, steps=2), tmp_path / "s", client=client
+    )
     with pytest.raises(SweepError, match="started with other settings"):
-        run_sweep(plan_of(store, {"method": "grid", "lr": [3e-2]}, steps=2), tmp_path / "s", client=client)
+        run_sweep(
+            plan_of(store, {"method": "grid", "lr": [3e-2]}, steps=2), tmp_path / "s", client=client
+        )
 
 
 def test_load_model_has_the_runs_parameters_and_bn_statistics(store, client, tmp_path):
     from pipeline.errors import TrainingError
     from pipeline.solver import Solver
     from pipeline.training import train
-    from tests.training_fixtures import tiny_config
+    from tests.helpers.training import tiny_config
 
-    summary = train(tiny_config(store, tmp_path / "bn", norm="spatial_batchnorm", steps=3), client=client)
+    summary = train(
+        tiny_config(store, tmp_path / "bn", norm="spatial_batchnorm", steps=3), client=client
+    )
     model = load_model(tmp_path / "bn")
     with np.load(tmp_path / "bn" / "params.npz") as f:
         saved = {k: f[k] for k in f.files}
-    assert_same_params({k: model.params[k] for k in model.params}, {k: v for k, v in saved.items()
-                                                                    if not k.startswith("bn_")})
+    assert_same_params(
+        {k: model.params[k] for k in model.params},
+        {k: v for k, v in saved.items() if not k.startswith("bn_")},
+    )
     assert np.array_equal(model.bn_param["running_mean"], saved["bn_running_mean"])
     assert np.array_equal(model.bn_param["running_var"], saved["bn_running_var"])
     assert model.params["W1"].dtype == np.float32

@@ -12,7 +12,7 @@ from pipeline.jobs.kinds import Sweep
 from pipeline.jobs.spec import SpecError, load_spec
 from pipeline.jobs.sweep import EarlyStopping, SweepError, promote, rungs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BASE = 'job = "sweep"\ndata = "d.zarr"\nsteps = 9\nbatch-size = 64\nshard-size = 16\n'
 
@@ -29,15 +29,21 @@ def test_shipped_sweep_specs_load():
     assert spec.kind == "sweep" and plan.search.method == "random" and plan.search.trials == 16
     assert plan.base["train_limit"] == 10000 and plan.early_stopping == EarlyStopping(10, 3)
     trials = plan.search.settings()
-    assert len(trials) == 16 and all(1e-4 <= t["lr"] <= 1e-2 and 1e-5 <= t["reg"] <= 1e-1 for t in trials)
+    assert len(trials) == 16 and all(
+        1e-4 <= t["lr"] <= 1e-2 and 1e-5 <= t["reg"] <= 1e-1 for t in trials
+    )
     grid = Sweep.plan(load_spec(REPO / "jobs" / "sweep-grid.toml").options)
-    assert grid.search.settings() == [{"norm": n, "hidden_dim": h} for n in ("none", "spatial_batchnorm")
-                                      for h in (100, 250, 500)]
+    assert grid.search.settings() == [
+        {"norm": n, "hidden_dim": h} for n in ("none", "spatial_batchnorm") for h in (100, 250, 500)
+    ]
 
 
 def test_same_spec_same_trials_and_the_seed_changes_them(tmp_path):
-    text = BASE + '[search]\ntrials = 5\nlr = { log-uniform = [1e-4, 1e-2] }\nhidden-dim = { int-uniform = [8, 12] }\n' \
-                  'norm = ["none", "groupnorm"]\nweight-scale = { uniform = [1e-3, 2e-3] }\n'
+    text = (
+        BASE + "[search]\ntrials = 5\nlr = { log-uniform = [1e-4, 1e-2] }\n"
+        "hidden-dim = { int-uniform = [8, 12] }\n"
+        'norm = ["none", "groupnorm"]\nweight-scale = { uniform = [1e-3, 2e-3] }\n'
+    )
     a = Sweep.plan(load_spec(write(tmp_path, text)).options).search.settings()
     b = Sweep.plan(load_spec(write(tmp_path, text)).options).search.settings()
     c = Sweep.plan(load_spec(write(tmp_path, text), ["search.seed=1"]).options).search.settings()
@@ -46,27 +52,39 @@ def test_same_spec_same_trials_and_the_seed_changes_them(tmp_path):
     assert all(type(t["lr"]) is float and type(t["weight_scale"]) is float for t in a)
 
 
-@pytest.mark.parametrize("search, words", [
-    ('lr = []', "[search] lr: empty list of values"),
-    ('lr = { uniform = [1e-2, 1e-3] }', "[search] lr: empty range"),
-    ('lr = { log-uniform = [0, 1e-3] }', "log-uniform needs low > 0"),
-    ('lr = { normal = [0, 1] }', "unknown range 'normal'"),
-    ('lr = { uniform = [1e-3] }', "takes [low, high]"),
-    ('hidden-dim = [16, 0]', "hidden-dim: value 0 would be refused by a train job: hidden_dim must be >= 1"),
-    ('hidden-dim = { uniform = [8, 16] }', "hidden-dim: value 8.0 would be refused by a train job"),
-    ('filter-size = { int-uniform = [3, 4] }', "filter_size must be odd"),
-    ('norm = ["none", "layernorm"]', "unknown norm 'layernorm'"),
-    ('lr = [-1.0]', "lr must be > 0"),
-    ('leraning-rate = [1e-3]', "leraning-rate: unknown training setting"),
-    ('data = ["a.zarr"]', "data: says where or how a trial runs"),
-    ('method = "bayes"\nlr = [1e-3]', "unknown method 'bayes'"),
-    ('metric = "loss"\nlr = [1e-3]', "unknown metric 'loss'"),
-    ('trials = 0\nlr = [1e-3]', "trials must be an integer >= 1"),
-    ('method = "grid"\nlr = { uniform = [1e-3, 1e-2] }', "a grid search takes a list of values"),
-    ('method = "grid"\ntrials = 3\nlr = [1e-3]', "remove trials"),
-    ('seed = 1', "no setting to search"),
-    ('parallel = 0\nlr = [1e-3]', "parallel must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "search, words",
+    [
+        ("lr = []", "[search] lr: empty list of values"),
+        ("lr = { uniform = [1e-2, 1e-3] }", "[search] lr: empty range"),
+        ("lr = { log-uniform = [0, 1e-3] }", "log-uniform needs low > 0"),
+        ("lr = { normal = [0, 1] }", "unknown range 'normal'"),
+        ("lr = { uniform = [1e-3] }", "takes [low, high]"),
+        (
+            "hidden-dim = [16, 0]",
+            "hidden-dim: value 0 would be refused by a train job: hidden_dim must be >= 1",
+        ),
+        (
+            "hidden-dim = { uniform = [8, 16] }",
+            "hidden-dim: value 8.0 would be refused by a train job",
+        ),
+        ("filter-size = { int-uniform = [3, 4] }", "filter_size must be odd"),
+        ('norm = ["none", "layernorm"]', "unknown norm 'layernorm'"),
+        ("lr = [-1.0]", "lr must be > 0"),
+        ("leraning-rate = [1e-3]", "leraning-rate: unknown training setting"),
+        ('data = ["a.zarr"]', "data: says where or how a trial runs"),
+        ('method = "bayes"\nlr = [1e-3]', "unknown method 'bayes'"),
+        ('metric = "loss"\nlr = [1e-3]', "unknown metric 'loss'"),
+        ("trials = 0\nlr = [1e-3]", "trials must be an integer >= 1"),
+        (
+            'method = "grid"\nlr = { uniform = [1e-3, 1e-2] }',
+            "a grid search takes a list of values",
+        ),
+        ('method = "grid"\ntrials = 3\nlr = [1e-3]', "remove trials"),
+        ("seed = 1", "no setting to search"),
+        ("parallel = 0\nlr = [1e-3]", "parallel must be an integer >= 1"),
+    ],
+)
 def test_a_bad_search_table_is_one_line_naming_the_setting(tmp_path, search, words):
     path = write(tmp_path, BASE + "[search]\n" + search + "\n")
     with pytest.raises((SweepError, SpecError)) as err:
@@ -74,14 +92,20 @@ def test_a_bad_search_table_is_one_line_naming_the_setting(tmp_path, search, wor
     assert words in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("table, words", [
-    ('[early-stopping]\nreduction-factor = 3', "missing min-steps"),
-    ('[early-stopping]\nmin-steps = 0', "min-steps must be an integer >= 1, got 0"),
-    ('[early-stopping]\nmin-steps = 2\nreduction-factor = 1', "reduction-factor must be an integer >= 2"),
-    ('[early-stopping]\nmin-steps = 2\npatience = 1', "unknown key 'patience'"),
-])
+@pytest.mark.parametrize(
+    "table, words",
+    [
+        ("[early-stopping]\nreduction-factor = 3", "missing min-steps"),
+        ("[early-stopping]\nmin-steps = 0", "min-steps must be an integer >= 1, got 0"),
+        (
+            "[early-stopping]\nmin-steps = 2\nreduction-factor = 1",
+            "reduction-factor must be an integer >= 2",
+        ),
+        ("[early-stopping]\nmin-steps = 2\npatience = 1", "unknown key 'patience'"),
+    ],
+)
 def test_a_bad_early_stopping_table_is_one_line(tmp_path, table, words):
-    path = write(tmp_path, BASE + '[search]\nlr = [1e-3, 1e-2]\n' + table + "\n")
+    path = write(tmp_path, BASE + "[search]\nlr = [1e-3, 1e-2]\n" + table + "\n")
     with pytest.raises(SweepError, match=".*") as err:
         load_spec(path)
     assert words in str(err.value) and str(path) in str(err.value)
@@ -89,18 +113,29 @@ def test_a_bad_early_stopping_table_is_one_line(tmp_path, table, words):
 
 def test_the_base_settings_are_a_train_jobs_and_tables_stay_sweep_only(tmp_path):
     with pytest.raises(SpecError, match="batch_size must be >= 1"):
-        load_spec(write(tmp_path, BASE.replace("batch-size = 64", "batch-size = 0") + '[search]\nlr = [1e-3]\n'))
+        load_spec(
+            write(
+                tmp_path,
+                BASE.replace("batch-size = 64", "batch-size = 0") + "[search]\nlr = [1e-3]\n",
+            )
+        )
     with pytest.raises(SpecError, match="missing .*search|needs a \\[search\\] table"):
         load_spec(write(tmp_path, BASE))
     with pytest.raises(SpecError, match=r"unexpected table \[search\]"):
-        load_spec(write(tmp_path, BASE.replace('"sweep"', '"train"') + '[search]\nlr = [1e-3]\n'))
+        load_spec(write(tmp_path, BASE.replace('"sweep"', '"train"') + "[search]\nlr = [1e-3]\n"))
 
 
 def test_cli_submit_refuses_a_bad_sweep_in_one_line_before_connecting(tmp_path, capsys):
-    path = write(tmp_path, BASE + 'scheduler = "tcp://127.0.0.1:9"\n[search]\nlr = { uniform = [0.0, 1e-2] }\n')
+    path = write(
+        tmp_path,
+        BASE + 'scheduler = "tcp://127.0.0.1:9"\n[search]\nlr = { uniform = [0.0, 1e-2] }\n',
+    )
     assert main(["submit", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "lr: value 0.0 would be refused by a train job: lr must be > 0" in err
+    assert (
+        err.count("\n") == 0
+        and "lr: value 0.0 would be refused by a train job: lr must be > 0" in err
+    )
 
 
 def test_rungs_multiply_by_the_factor_and_end_at_the_trials_end():
@@ -112,7 +147,7 @@ def test_rungs_multiply_by_the_factor_and_end_at_the_trials_end():
 
 def test_promotion_keeps_the_best_third_ties_to_the_lower_id_failed_never():
     scores = {0: 0.5, 1: 0.7, 2: 0.7, 3: None, 4: 0.1, 5: 0.9}
-    assert promote(scores, 3) == [1, 5]            # 6 // 3 = 2: 0.9 (5), then 0.7 tie -> id 1
+    assert promote(scores, 3) == [1, 5]  # 6 // 3 = 2: 0.9 (5), then 0.7 tie -> id 1
     assert promote(scores, 2) == [1, 2, 5]
     assert promote({0: None, 1: None}, 3) == []
-    assert promote({4: 0.2}, 3) == [4]             # at least one goes on
+    assert promote({4: 0.2}, 3) == [4]  # at least one goes on

@@ -7,7 +7,7 @@ from pipeline.cnn import ThreeLayerConvNet
 from pipeline.gradient_check import eval_numerical_gradient
 from pipeline.layers import conv_forward_naive
 from pipeline.solver import Solver
-from tests.cifar_sample import cifar_sample
+from tests.helpers.cifar_sample import cifar_sample
 
 
 def rel_error(x, y):
@@ -28,7 +28,7 @@ def test_initial_loss_is_about_ln10_and_grows_with_reg():
     assert loss_reg > loss + 0.01, (loss, loss_reg)
 
 
-@pytest.mark.parametrize("hidden_dim", [40, 7])          # W2 from the kernel (40 >= 32 columns), from NumPy
+@pytest.mark.parametrize("hidden_dim", [40, 7])  # W2 from the kernel (40 >= 32 columns), from NumPy
 @pytest.mark.parametrize("normalization", [None, "spatial_batchnorm"])
 def test_loss_into_writes_and_adds_the_scaled_gradients(hidden_dim, normalization):
     """loss(X, y, into=, scale=, accumulate=): a worker's shard gradient times its image count,
@@ -39,8 +39,17 @@ def test_loss_into_writes_and_adds_the_scaled_gradients(hidden_dim, normalizatio
     rng = np.random.default_rng(8)
     X = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)
     y = rng.integers(10, size=5)
-    model = ThreeLayerConvNet(num_filters=4, filter_size=3, input_dim=(3, 8, 8), hidden_dim=hidden_dim,
-                              dtype=np.float32, reg=0.01, normalization=normalization, seed=3, weight_scale=0.1)
+    model = ThreeLayerConvNet(
+        num_filters=4,
+        filter_size=3,
+        input_dim=(3, 8, 8),
+        hidden_dim=hidden_dim,
+        dtype=np.float32,
+        reg=0.01,
+        normalization=normalization,
+        seed=3,
+        weight_scale=0.1,
+    )
     loss, grads = model.loss(X, y)
     scale = np.float32(5)
     into = {k: np.full_like(v, np.nan) for k, v in model.params.items()}
@@ -63,20 +72,32 @@ def test_gradient_check_float64(normalization, reg):
     num_inputs, input_dim = 2, (3, 16, 16)
     X = rng.standard_normal((num_inputs, *input_dim))
     y = rng.integers(10, size=num_inputs)
-    model = ThreeLayerConvNet(num_filters=4, filter_size=3, input_dim=input_dim, hidden_dim=7,
-                              dtype=np.float64, reg=reg, normalization=normalization, num_groups=2, seed=1)
+    model = ThreeLayerConvNet(
+        num_filters=4,
+        filter_size=3,
+        input_dim=input_dim,
+        hidden_dim=7,
+        dtype=np.float64,
+        reg=reg,
+        normalization=normalization,
+        num_groups=2,
+        seed=1,
+    )
     if normalization:
         model.params["gamma1"] += rng.uniform(0, 1, 4)
         model.params["beta1"] += rng.uniform(-1, 1, 4)
     loss, grads = model.loss(X, y)
     for name in sorted(model.params):
-        f = lambda _: model.loss(X, y)[0]
+
+        def f(_):
+            return model.loss(X, y)[0]
+
         num = eval_numerical_gradient(f, model.params[name], verbose=False, h=1e-6)
         assert rel_error(num, grads[name]) < 1e-2, name  # the notebook: "up to ~1e-2"
         assert grads[name].shape == model.params[name].shape
 
 
-@pytest.mark.parametrize("N", [50, 64])                 # W2's squares from the dx kernel's pass, from np.vdot
+@pytest.mark.parametrize("N", [50, 64])  # W2's squares from the dx kernel's pass, from np.vdot
 def test_the_l2_term_of_the_loss_sums_every_weights_squares(N, monkeypatch):
     from pipeline._kernels import affine as ka
 
@@ -86,14 +107,25 @@ def test_the_l2_term_of_the_loss_sums_every_weights_squares(N, monkeypatch):
     rng = np.random.default_rng(9)
     X = rng.standard_normal((N, 3, 8, 8)).astype(np.float32)
     y = rng.integers(10, size=N)
-    model = ThreeLayerConvNet(num_filters=4, filter_size=3, input_dim=(3, 8, 8), hidden_dim=40, reg=0.0,
-                              seed=3, weight_scale=0.5)
+    model = ThreeLayerConvNet(
+        num_filters=4,
+        filter_size=3,
+        input_dim=(3, 8, 8),
+        hidden_dim=40,
+        reg=0.0,
+        seed=3,
+        weight_scale=0.5,
+    )
     data_loss, _ = model.loss(X, y)
     model.reg = 0.25
     loss, _ = model.loss(X, y)
-    squares = sum(float(np.sum(model.params[k].astype(np.float64) ** 2)) for k in ("W1", "W2", "W3"))
+    squares = sum(
+        float(np.sum(model.params[k].astype(np.float64) ** 2)) for k in ("W1", "W2", "W3")
+    )
     assert loss == pytest.approx(data_loss + 0.125 * squares, rel=1e-6)
-    assert calls == ([0, -(-64 // ka.ROWS)] if N < 64 else [])   # dx alone, then with the squares (per task of rows)
+    assert calls == (
+        [0, -(-64 // ka.ROWS)] if N < 64 else []
+    )  # dx alone, then with the squares (per task of rows)
 
 
 def test_w2_gradient_with_reg_from_the_fused_kernel_float64(monkeypatch):
@@ -107,8 +139,16 @@ def test_w2_gradient_with_reg_from_the_fused_kernel_float64(monkeypatch):
     rng = np.random.default_rng(5)
     X = rng.standard_normal((3, 3, 8, 8))
     y = rng.integers(10, size=3)
-    model = ThreeLayerConvNet(num_filters=4, filter_size=3, input_dim=(3, 8, 8), hidden_dim=20,
-                              dtype=np.float64, reg=0.3, seed=2, weight_scale=0.1)
+    model = ThreeLayerConvNet(
+        num_filters=4,
+        filter_size=3,
+        input_dim=(3, 8, 8),
+        hidden_dim=20,
+        dtype=np.float64,
+        reg=0.3,
+        seed=2,
+        weight_scale=0.1,
+    )
     _, grads = model.loss(X, y)
     assert calls
     W = model.params["W2"]
@@ -139,19 +179,39 @@ def test_float32_in_float32_out(normalization):
 
 
 def test_batchnorm_stats_are_the_conv_outputs_batch_statistics_and_state_round_trips():
-    model = ThreeLayerConvNet(num_filters=6, filter_size=5, hidden_dim=10, dtype=np.float64,
-                              normalization="spatial_batchnorm", seed=3, weight_scale=0.1)
+    model = ThreeLayerConvNet(
+        num_filters=6,
+        filter_size=5,
+        hidden_dim=10,
+        dtype=np.float64,
+        normalization="spatial_batchnorm",
+        seed=3,
+        weight_scale=0.1,
+    )
     X = np.random.default_rng(4).standard_normal((4, 3, 32, 32))
     model.loss(X, np.arange(4))
     conv, _ = conv_forward_naive(X, model.params["W1"], model.params["b1"], model.conv_param)
-    np.testing.assert_allclose(model.last_batch_stats["mean"], conv.mean(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(model.last_batch_stats["var"], conv.var(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        model.last_batch_stats["mean"], conv.mean(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12
+    )
+    np.testing.assert_allclose(
+        model.last_batch_stats["var"], conv.var(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12
+    )
     # one step of momentum 0.9 from zeros
-    np.testing.assert_allclose(model.get_state()["running_mean"], 0.1 * conv.mean(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        model.get_state()["running_mean"], 0.1 * conv.mean(axis=(0, 2, 3)), rtol=1e-10, atol=1e-12
+    )
 
     # test mode uses the running statistics that a caller sets
-    other = ThreeLayerConvNet(num_filters=6, filter_size=5, hidden_dim=10, dtype=np.float64,
-                              normalization="spatial_batchnorm", seed=3, weight_scale=0.1)
+    other = ThreeLayerConvNet(
+        num_filters=6,
+        filter_size=5,
+        hidden_dim=10,
+        dtype=np.float64,
+        normalization="spatial_batchnorm",
+        seed=3,
+        weight_scale=0.1,
+    )
     assert not np.allclose(other.loss(X), model.loss(X))
     other.set_state(model.get_state())
     np.testing.assert_array_equal(other.loss(X), model.loss(X))
@@ -173,8 +233,15 @@ def test_overfit_small_data():
     np.random.seed(231)
     data = cifar_sample(100, 100, real=True)
     model = ThreeLayerConvNet(weight_scale=1e-2)
-    solver = Solver(model, data, num_epochs=15, batch_size=50, update_rule="adam",
-                    optim_config={"learning_rate": 1e-3}, verbose=False)
+    solver = Solver(
+        model,
+        data,
+        num_epochs=15,
+        batch_size=50,
+        update_rule="adam",
+        optim_config={"learning_rate": 1e-3},
+        verbose=False,
+    )
     solver.train()
     assert solver.train_acc_history[-1] >= 0.9, solver.train_acc_history
     assert solver.loss_history[-1] < 0.5 * solver.loss_history[0]

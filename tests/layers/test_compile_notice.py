@@ -25,10 +25,13 @@ from pipeline.cnn import ThreeLayerConvNet
 from pipeline.training.config import TrainConfig
 
 config = TrainConfig(filter_size=3)
-print("remote", say_if_compiling(TrainConfig(filter_size=3, scheduler="tcp://127.0.0.1:1")), file=sys.stderr)
+remote = TrainConfig(filter_size=3, scheduler="tcp://127.0.0.1:1")
+print("remote", say_if_compiling(remote), file=sys.stderr)
 print("before", say_if_compiling(config), file=sys.stderr)
 if sys.argv[1] == "step":
-    model = ThreeLayerConvNet(input_dim=(3, 8, 8), num_filters=4, filter_size=3, hidden_dim=5, seed=0, reg=1e-3)
+    model = ThreeLayerConvNet(
+        input_dim=(3, 8, 8), num_filters=4, filter_size=3, hidden_dim=5, seed=0, reg=1e-3
+    )
     model.loss(np.zeros((2, 3, 8, 8), np.float32), np.array([0, 1]))
     print("after", say_if_compiling(config), file=sys.stderr)
 """
@@ -36,15 +39,17 @@ if sys.argv[1] == "step":
 
 def _run(cache_dir, *args):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
-    proc = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout, proc.stderr.splitlines()
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-    """A cache folder that started empty, and the notice lines of the process that compiled into it."""
+    """A cache folder that started empty, and the notice lines of the process that compiled into
+    it."""
     cache_dir = tmp_path_factory.mktemp("numba-cache")
     out, err = _run(cache_dir, "step")
     assert out == ""
@@ -62,14 +67,25 @@ def test_cold_cache_prints_the_notice_once_and_warm_cache_does_not(compiled):
 def test_notice_follows_dtype_and_model(compiled):
     """Kernels cached for float32 and 3x3 filters: float64, 7x7 or a norm still compile."""
     cache_dir, _ = compiled
-    code = ("import sys; from pipeline.warmup import cold_kernels, model_kernels as m\n"
-            "print(cold_kernels(m(3), 'float32'), cold_kernels(m(3), 'float16'), cold_kernels(m(3), 'float64'),"
-            " cold_kernels(m(7), 'float32'), cold_kernels(m(3, 'groupnorm'), 'float32'))")
+    code = (
+        "import sys; from pipeline.warmup import cold_kernels, model_kernels as m\n"
+        "print(cold_kernels(m(3), 'float32'), cold_kernels(m(3), 'float16'),"
+        " cold_kernels(m(3), 'float64'), cold_kernels(m(7), 'float32'),"
+        " cold_kernels(m(3, 'groupnorm'), 'float32'))"
+    )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
-    line = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
-                          timeout=300).stdout.strip()
-    assert line == ("[] [] ['im2col', 'bias_to_nchw', 'dout_to_2d', 'pool_forward_2x2', 'pool_backward'] "
-                    "['pad_planes', 'conv7_forward', 'conv7_dw'] ['gn_forward', 'gn_backward']")
+    line = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout.strip()
+    assert line == (
+        "[] [] ['im2col', 'bias_to_nchw', 'dout_to_2d', 'pool_forward_2x2', 'pool_backward'] "
+        "['pad_planes', 'conv7_forward', 'conv7_dw'] ['gn_forward', 'gn_backward']"
+    )
 
 
 @pytest.mark.parametrize("filter_size", [3, 7])

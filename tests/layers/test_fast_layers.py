@@ -43,8 +43,13 @@ def _conv_cases(count, seed):
         N, C, F = int(rng.choice([1, 2, 3])), int(rng.integers(1, 5)), int(rng.integers(1, 6))
         cases.append((N, C, H, W, F, HH, WW, stride, pad))
     # always include 1x1 filters, N=1 and non-square ones
-    cases += [(1, 3, 5, 7, 4, 1, 1, 1, 0), (2, 2, 7, 5, 3, 1, 1, 2, 1), (1, 1, 7, 4, 2, 3, 2, 1, 2),
-              (2, 3, 9, 5, 2, 5, 1, 2, 3), (3, 4, 4, 4, 5, 4, 4, 1, 3)]
+    cases += [
+        (1, 3, 5, 7, 4, 1, 1, 1, 0),
+        (2, 2, 7, 5, 3, 1, 1, 2, 1),
+        (1, 1, 7, 4, 2, 3, 2, 1, 2),
+        (2, 3, 9, 5, 2, 5, 1, 2, 3),
+        (3, 4, 4, 4, 5, 4, 4, 1, 3),
+    ]
     return cases
 
 
@@ -72,18 +77,28 @@ def test_conv_matches_naive(case, dtype):
         _close(g, gn, dtype, name)
 
 
-# 7-wide filters at stride 1 take the direct kernels (fl.uses_direct_kernels): F and C*HH multiples of 3
-# or not (the kernels work on 3 filters / 3 rows at a time), N=1, 1- to 7-high filters,
-# non-square images, planes of one to several SIMD blocks, no padding, pad 6 (the largest
-# for which dx is a direct "full" convolution) and pads beyond it or beyond HH - 1 (dx by GEMM)
-DIRECT_CASES = [(1, 1, 7, 7, 1, 7, 7, 1, 0), (2, 3, 12, 12, 8, 7, 7, 1, 3), (3, 2, 5, 9, 5, 3, 7, 1, 2),
-                (1, 4, 1, 10, 3, 1, 7, 1, 0), (2, 3, 6, 4, 2, 7, 7, 1, 4), (3, 1, 9, 7, 7, 5, 7, 1, 1),
-                (2, 1, 3, 9, 2, 1, 7, 1, 3), (1, 2, 20, 40, 4, 7, 7, 1, 6), (2, 2, 8, 8, 3, 3, 7, 1, 3),
-                (1, 3, 4, 3, 5, 2, 7, 1, 8)]
+# 7-wide filters at stride 1 take the direct kernels (fl.uses_direct_kernels): F and C*HH multiples
+# of 3 or not (the kernels work on 3 filters / 3 rows at a time), N=1, 1- to 7-high filters,
+# non-square images, planes of one to several SIMD blocks, no padding, pad 6 (the largest for which
+# dx is a direct "full" convolution) and pads beyond it or beyond HH - 1 (dx by GEMM)
+DIRECT_CASES = [
+    (1, 1, 7, 7, 1, 7, 7, 1, 0),
+    (2, 3, 12, 12, 8, 7, 7, 1, 3),
+    (3, 2, 5, 9, 5, 3, 7, 1, 2),
+    (1, 4, 1, 10, 3, 1, 7, 1, 0),
+    (2, 3, 6, 4, 2, 7, 7, 1, 4),
+    (3, 1, 9, 7, 7, 5, 7, 1, 1),
+    (2, 1, 3, 9, 2, 1, 7, 1, 3),
+    (1, 2, 20, 40, 4, 7, 7, 1, 6),
+    (2, 2, 8, 8, 3, 3, 7, 1, 3),
+    (1, 3, 4, 3, 5, 2, 7, 1, 8),
+]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "N{}C{}H{}W{}F{}k{}x{}s{}p{}".format(*c))
+@pytest.mark.parametrize(
+    "case", DIRECT_CASES, ids=lambda c: "N{}C{}H{}W{}F{}k{}x{}s{}p{}".format(*c)
+)
 def test_conv_direct_path_matches_naive(case, dtype):
     N, C, H, W, F, HH, WW, stride, pad = case
     assert fl.uses_direct_kernels(WW, stride)
@@ -183,7 +198,10 @@ def test_conv_non_contiguous_inputs():
     out_c, cache_c = fl.conv_forward_fast(*(np.ascontiguousarray(a) for a in (x, w, b)), cp)
     np.testing.assert_array_equal(out, out_c)
     dout = rng.standard_normal(out.shape[::-1]).T  # non-contiguous dout
-    for g, gc in zip(fl.conv_backward_fast(dout, cache), fl.conv_backward_fast(np.ascontiguousarray(dout), cache_c)):
+    for g, gc in zip(
+        fl.conv_backward_fast(dout, cache),
+        fl.conv_backward_fast(np.ascontiguousarray(dout), cache_c),
+    ):
         np.testing.assert_array_equal(g, gc)
     out_n, _ = L.conv_forward_naive(x, w, b, cp)
     _close(out, out_n, np.float64)
@@ -192,11 +210,23 @@ def test_conv_non_contiguous_inputs():
 # --------------------------------------------------------------------------------------------
 # affine-ReLU forward for few rows
 
-# (N, D, M): D = 0 (NumPy: relu(b)), N = 1, not a multiple of 3, the notebook's 50, the last kernel row count 63 and the
-# first NumPy one 64; D under / over / not a multiple of a k block (128); M under one group of 4
-# vectors (NumPy), at it, not a multiple of it, over one task's 4 groups, the notebook's shape
-FORWARD_CASES = [(3, 0, 40), (1, 1, 40), (2, 5, 32), (4, 127, 33), (7, 129, 17), (5, 300, 95), (13, 64, 16),
-                 (50, 257, 200), (63, 130, 129), (64, 140, 70), (50, 8192, 500)]
+# (N, D, M): D = 0 (NumPy: relu(b)), N = 1, not a multiple of 3, the notebook's 50, the last kernel
+# row count 63 and the first NumPy one 64; D under / over / not a multiple of a k block (128); M
+# under one group of 4 vectors (NumPy), at it, not a multiple of it, over one task's 4 groups, the
+# notebook's shape
+FORWARD_CASES = [
+    (3, 0, 40),
+    (1, 1, 40),
+    (2, 5, 32),
+    (4, 127, 33),
+    (7, 129, 17),
+    (5, 300, 95),
+    (13, 64, 16),
+    (50, 257, 200),
+    (63, 130, 129),
+    (64, 140, 70),
+    (50, 8192, 500),
+]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
@@ -227,14 +257,16 @@ def test_affine_relu_forward_keeps_nan_and_negative_zero_like_np_maximum(dtype):
     -0.0 and negatives become +0.0."""
     rng = _rng(4)
     x = rng.standard_normal((5, 1)).astype(dtype)
-    x[0, 0], x[1, 0] = np.nan, -np.finfo(dtype).tiny      # NaN; a product that underflows to -0.0
-    w = rng.standard_normal((1, 41)).astype(dtype)          # 41: NumPy's np.maximum has a scalar tail too
+    x[0, 0], x[1, 0] = np.nan, -np.finfo(dtype).tiny  # NaN; a product that underflows to -0.0
+    w = rng.standard_normal((1, 41)).astype(dtype)  # 41: NumPy's np.maximum has a scalar tail too
     w[0, :3] = np.finfo(dtype).tiny
     b = np.where(rng.random(41) < 0.5, -0.0, rng.standard_normal(41)).astype(dtype)
     b[:3] = -0.0
     out, _ = fl.affine_relu_forward_fast(x, w, b)
     expected = np.maximum(x * w + b, 0)
-    assert np.isnan(out[0]).all() and np.signbit((x * w + b)[1, :3]).all()   # the cases are really there
+    assert (
+        np.isnan(out[0]).all() and np.signbit((x * w + b)[1, :3]).all()
+    )  # the cases are really there
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(np.signbit(out), np.signbit(expected))
 
@@ -251,7 +283,9 @@ def test_affine_relu_forward_bits_depend_on_neither_threads_nor_row_count():
     threads = numba.get_num_threads()
     results = []
     counts = sorted({1, numba.config.NUMBA_NUM_THREADS})
-    assert len(counts) == 2 or numba.config.NUMBA_NUM_THREADS == 1   # one count only on a 1-thread pool
+    assert (
+        len(counts) == 2 or numba.config.NUMBA_NUM_THREADS == 1
+    )  # one count only on a 1-thread pool
     try:
         for t in counts * 2:
             numba.set_num_threads(t)
@@ -261,14 +295,18 @@ def test_affine_relu_forward_bits_depend_on_neither_threads_nor_row_count():
     for r in results[1:]:
         np.testing.assert_array_equal(r, results[0])
     for lo, hi in ((0, 1), (3, 10), (10, 50), (49, 50)):
-        np.testing.assert_array_equal(fl.affine_relu_forward_fast(x[lo:hi], w, b)[0], results[0][lo:hi])
+        np.testing.assert_array_equal(
+            fl.affine_relu_forward_fast(x[lo:hi], w, b)[0], results[0][lo:hi]
+        )
 
 
 def test_affine_relu_forward_views_unmodified_and_bad_shapes():
     rng = _rng(6)
-    x = rng.standard_normal((6, 4, 3, 9)).astype(np.float32).transpose(0, 3, 2, 1)  # (6, 9, 3, 4) view
-    w = rng.standard_normal((40, 108)).astype(np.float32).T                        # (108, 40) view
-    b = rng.standard_normal(80).astype(np.float32)[::2]                            # (40,) view
+    x = (
+        rng.standard_normal((6, 4, 3, 9)).astype(np.float32).transpose(0, 3, 2, 1)
+    )  # (6, 9, 3, 4) view
+    w = rng.standard_normal((40, 108)).astype(np.float32).T  # (108, 40) view
+    b = rng.standard_normal(80).astype(np.float32)[::2]  # (40,) view
     copies = [a.copy() for a in (x, w, b)]
     out, _ = fl.affine_relu_forward_fast(x, w, b)
     _close(out, np.maximum(x.reshape(6, -1).astype(np.float64) @ w + b, 0), np.float32)
@@ -283,11 +321,23 @@ def test_affine_relu_forward_views_unmodified_and_bad_shapes():
 # --------------------------------------------------------------------------------------------
 # affine input gradient for few rows, with the weights' sum of squares
 
-# (N, D, M): NumPy's row counts 1, 15 and 64, the kernel's first 16 and last 63; not a multiple of
-# a panel of 4 vectors (32 float32, 16 float64 rows), at one and two panels, the notebook's 50; D = 1,
+# (N, D, M): NumPy's row counts 1, 15 and 64, the kernel's first 16 and last 63; not a multiple of a
+# panel of 4 vectors (32 float32, 16 float64 rows), at one and two panels, the notebook's 50; D = 1,
 # not a multiple of 3 or of a task's 48 rows; M = 1, under / over one vector and pair of vectors
-DX_CASES = [(1, 7, 40), (15, 100, 17), (16, 1, 1), (17, 5, 3), (20, 31, 33), (31, 49, 16), (32, 97, 95),
-            (33, 144, 9), (50, 50, 500), (63, 130, 65), (64, 95, 65), (50, 8192, 500)]
+DX_CASES = [
+    (1, 7, 40),
+    (15, 100, 17),
+    (16, 1, 1),
+    (17, 5, 3),
+    (20, 31, 33),
+    (31, 49, 16),
+    (32, 97, 95),
+    (33, 144, 9),
+    (50, 50, 500),
+    (63, 130, 65),
+    (64, 95, 65),
+    (50, 8192, 500),
+]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
@@ -301,13 +351,15 @@ def test_affine_dx_and_sum_of_squares_match_naive(case, dtype):
     ref = da.astype(np.float64) @ w.astype(np.float64).T
     ref_sq = float(np.sum(w.astype(np.float64) ** 2))
     assert dx.dtype == dtype and dx.shape == (N, D) and isinstance(sq, float)
-    np.testing.assert_array_equal(fl.affine_dx_fast(da, w), dx)      # the same dx without the squares
+    np.testing.assert_array_equal(fl.affine_dx_fast(da, w), dx)  # the same dx without the squares
     if dtype == np.float16:
         np.testing.assert_allclose(dx, ref, rtol=5e-3, atol=5e-3 * np.abs(ref).max())
     else:
         _close(dx, ref, dtype, f"{case}")
-    assert sq == pytest.approx(ref_sq, rel={np.float64: 1e-12, np.float32: 1e-6, np.float16: 1e-2}[dtype])
-    if not 16 <= N <= 63 or dtype == np.float16:                       # NumPy's product and np.vdot, bit for bit
+    assert sq == pytest.approx(
+        ref_sq, rel={np.float64: 1e-12, np.float32: 1e-6, np.float16: 1e-2}[dtype]
+    )
+    if not 16 <= N <= 63 or dtype == np.float16:  # NumPy's product and np.vdot, bit for bit
         np.testing.assert_array_equal(dx, da @ w.T)
         wk = w.astype(np.float32) if dtype == np.float16 else w
         assert sq == float(np.vdot(wk, wk))
@@ -341,7 +393,10 @@ def test_affine_dx_bits_depend_on_neither_threads_nor_row_count():
 def test_affine_dx_mixed_and_integer_inputs_take_numpys_path_in_the_layers_dtype():
     rng = _rng(8)
     w = rng.standard_normal((70, 40)).astype(np.float32)
-    for da in (rng.standard_normal((5, 40)), rng.integers(-3, 4, (5, 40))):   # float64 / int64 with float32 w
+    for da in (
+        rng.standard_normal((5, 40)),
+        rng.integers(-3, 4, (5, 40)),
+    ):  # float64 / int64 with float32 w
         dx, sq = fl.affine_dx_fast(da, w, sumsq=True)
         assert dx.dtype == np.float64
         np.testing.assert_array_equal(dx, da @ w.T)
@@ -350,15 +405,18 @@ def test_affine_dx_mixed_and_integer_inputs_take_numpys_path_in_the_layers_dtype
 
 def test_affine_dx_views_unmodified_and_bad_shapes():
     rng = _rng(7)
-    da = rng.standard_normal((40, 20)).astype(np.float32).T                        # (20, 40) view
-    w = rng.standard_normal((40, 108)).astype(np.float32).T                        # (108, 40) view
+    da = rng.standard_normal((40, 20)).astype(np.float32).T  # (20, 40) view
+    w = rng.standard_normal((40, 108)).astype(np.float32).T  # (108, 40) view
     copies = [a.copy() for a in (da, w)]
     dx, sq = fl.affine_dx_fast(da, w, sumsq=True)
     _close(dx, da.astype(np.float64) @ w.astype(np.float64).T, np.float32)
     assert sq == pytest.approx(float(np.sum(w.astype(np.float64) ** 2)), rel=1e-6)
     for a, c in zip((da, w), copies):
         np.testing.assert_array_equal(a, c)
-    with pytest.raises(ValueError, match=r"affine_dx: expected da \(N, M\) and w \(D, M\), got da \(20, 40\), w \(108, 39\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"affine_dx: expected da \(N, M\) and w \(D, M\), got da \(20, 40\), w \(108, 39\)",
+    ):
         fl.affine_dx_fast(da, w[:, :39])
     with pytest.raises(ValueError, match=r"got da \(800,\)"):
         fl.affine_dx_fast(da.reshape(-1), w)
@@ -369,8 +427,17 @@ def test_affine_dx_views_unmodified_and_bad_shapes():
 
 # (N, D, M): M under / at / over one panel of 4 vectors (32 float32, 16 float64 columns) and
 # not a multiple of it, D not a multiple of 3 or of a task's 48 rows, N = 1, the notebook's shape
-AFFINE_CASES = [(1, 1, 40), (3, 5, 32), (7, 31, 33), (5, 100, 17), (4, 49, 16), (2, 97, 95),
-                (64, 95, 65), (9, 144, 500), (50, 8192, 500)]
+AFFINE_CASES = [
+    (1, 1, 40),
+    (3, 5, 32),
+    (7, 31, 33),
+    (5, 100, 17),
+    (4, 49, 16),
+    (2, 97, 95),
+    (64, 95, 65),
+    (9, 144, 500),
+    (50, 8192, 500),
+]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
@@ -428,7 +495,9 @@ def test_affine_dw_l2_bit_identical_across_calls_and_threads():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
-@pytest.mark.parametrize("D, M", [(7, 40), (50, 64), (97, 95), (10, 17)])   # overlapping last panel, none, NumPy's path
+@pytest.mark.parametrize(
+    "D, M", [(7, 40), (50, 64), (97, 95), (10, 17)]
+)  # overlapping last panel, none, NumPy's path
 @pytest.mark.parametrize("reg", [0.0, 0.3])
 def test_affine_dw_l2_scaled_into_out_rounds_each_step_like_numpy(dtype, D, M, reg):
     """dw = [out +] (s + reg * w) * scale with s the kernel's own product (reg 0, scale 1, the
@@ -454,9 +523,21 @@ def test_affine_dw_l2_scaled_into_out_rounds_each_step_like_numpy(dtype, D, M, r
 
 
 def test_affine_dw_l2_names_a_bad_out():
-    x, da, w = np.ones((2, 10), np.float32), np.ones((2, 40), np.float32), np.ones((10, 40), np.float32)
-    for bad in (np.zeros((10, 39), np.float32), np.zeros((10, 40), np.float64), np.zeros((40, 10), np.float32).T):
-        with pytest.raises(ValueError, match=r"affine_dw_l2: out must be a writeable C-contiguous float32 array of shape \(10, 40\)"):
+    x, da, w = (
+        np.ones((2, 10), np.float32),
+        np.ones((2, 40), np.float32),
+        np.ones((10, 40), np.float32),
+    )
+    for bad in (
+        np.zeros((10, 39), np.float32),
+        np.zeros((10, 40), np.float64),
+        np.zeros((40, 10), np.float32).T,
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"affine_dw_l2: out must be a writeable C-contiguous float32 array "
+            r"of shape \(10, 40\)",
+        ):
             fl.affine_dw_l2_fast(x, da, w, 0.0, out=bad)
     with pytest.raises(ValueError, match="add=True needs out"):
         fl.affine_dw_l2_fast(x, da, w, 0.0, add=True)
@@ -464,16 +545,21 @@ def test_affine_dw_l2_names_a_bad_out():
 
 def test_affine_dw_l2_non_contiguous_inputs_unmodified_and_bad_shapes():
     rng = _rng(5)
-    x = rng.standard_normal((6, 4, 3, 9)).astype(np.float32).transpose(0, 3, 2, 1)  # (6, 9, 3, 4) view
-    da = rng.standard_normal((40, 6)).astype(np.float32).T                         # (6, 40) view
-    w = rng.standard_normal((40, 108)).astype(np.float32).T                        # (108, 40) view
+    x = (
+        rng.standard_normal((6, 4, 3, 9)).astype(np.float32).transpose(0, 3, 2, 1)
+    )  # (6, 9, 3, 4) view
+    da = rng.standard_normal((40, 6)).astype(np.float32).T  # (6, 40) view
+    w = rng.standard_normal((40, 108)).astype(np.float32).T  # (108, 40) view
     copies = [a.copy() for a in (x, da, w)]
     dw = fl.affine_dw_l2_fast(x, da, w, 0.5)
     ref = x.reshape(6, -1).astype(np.float64).T @ da.astype(np.float64) + 0.5 * w.astype(np.float64)
     _close(dw, ref, np.float32)
     for a, c in zip((x, da, w), copies):
         np.testing.assert_array_equal(a, c)
-    with pytest.raises(ValueError, match=r"affine_dw_l2: expected x \(N, ...\) .* got x \(6, 9, 3, 4\), da \(5, 40\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"affine_dw_l2: expected x \(N, ...\) .* got x \(6, 9, 3, 4\), da \(5, 40\)",
+    ):
         fl.affine_dw_l2_fast(x, da[:5], w, 0.5)
     with pytest.raises(ValueError, match="w \\(107, 40\\)"):
         fl.affine_dw_l2_fast(x, da, w[:107], 0.5)
@@ -491,8 +577,14 @@ def _pool_cases(count, seed):
         Ho, Wo = int(rng.integers(1, 6)), int(rng.integers(1, 6))
         H, W = (Ho - 1) * stride + ph, (Wo - 1) * stride + pw
         cases.append((int(rng.choice([1, 2, 4])), int(rng.integers(1, 4)), H, W, ph, pw, stride))
-    cases += [(2, 3, 8, 8, 2, 2, 2), (1, 2, 7, 7, 3, 3, 2), (2, 2, 5, 6, 2, 2, 1), (3, 2, 5, 9, 2, 3, 3),
-              (1, 1, 4, 4, 4, 4, 1), (2, 3, 9, 7, 1, 1, 2)]
+    cases += [
+        (2, 3, 8, 8, 2, 2, 2),
+        (1, 2, 7, 7, 3, 3, 2),
+        (2, 2, 5, 6, 2, 2, 1),
+        (3, 2, 5, 9, 2, 3, 3),
+        (1, 1, 4, 4, 4, 4, 1),
+        (2, 3, 9, 7, 1, 1, 2),
+    ]
     return cases
 
 
@@ -524,15 +616,24 @@ def test_max_pool_notebook_shapes_and_ties():
     out_f, cache_f = fl.max_pool_forward_fast(x, pp)
     assert rel_error(out_n, out_f) == 0.0
     dout = rng.standard_normal(out_n.shape)
-    assert rel_error(L.max_pool_backward_naive(dout, cache_n), fl.max_pool_backward_fast(dout, cache_f)) == 0.0
+    assert (
+        rel_error(
+            L.max_pool_backward_naive(dout, cache_n), fl.max_pool_backward_fast(dout, cache_f)
+        )
+        == 0.0
+    )
     # ties go to the first maximum in row-major order, as in the naive layer
     xt = np.round(rng.standard_normal((2, 2, 6, 6)))
-    for pp in ({"pool_height": 2, "pool_width": 2, "stride": 2}, {"pool_height": 3, "pool_width": 2, "stride": 1}):
+    for pp in (
+        {"pool_height": 2, "pool_width": 2, "stride": 2},
+        {"pool_height": 3, "pool_width": 2, "stride": 1},
+    ):
         out_n, cache_n = L.max_pool_forward_naive(xt, pp)
         out_f, cache_f = fl.max_pool_forward_fast(xt, pp)
         dout = rng.standard_normal(out_n.shape)
-        np.testing.assert_array_equal(fl.max_pool_backward_fast(dout, cache_f),
-                                      L.max_pool_backward_naive(dout, cache_n))
+        np.testing.assert_array_equal(
+            fl.max_pool_backward_fast(dout, cache_f), L.max_pool_backward_naive(dout, cache_n)
+        )
 
 
 def test_max_pool_non_contiguous_and_unmodified():
@@ -544,7 +645,9 @@ def test_max_pool_non_contiguous_and_unmodified():
     out_n, cache_n = L.max_pool_forward_naive(x, pp)
     np.testing.assert_array_equal(out, out_n)
     dout = rng.standard_normal(out.shape[::-1]).astype(np.float32).T
-    np.testing.assert_array_equal(fl.max_pool_backward_fast(dout, cache), L.max_pool_backward_naive(dout, cache_n))
+    np.testing.assert_array_equal(
+        fl.max_pool_backward_fast(dout, cache), L.max_pool_backward_naive(dout, cache_n)
+    )
     np.testing.assert_array_equal(x, x_copy)
 
 
@@ -574,8 +677,11 @@ def test_spatial_batchnorm_matches_naive(shape, dtype):
         assert p_f[k].dtype == dtype
         _close(p_f[k], p_n[k], dtype, k)
     dout = rng.standard_normal(shape).astype(dtype)
-    for name, g, gn in zip(("dx", "dgamma", "dbeta"), fl.spatial_batchnorm_backward_fast(dout, cache),
-                           L.spatial_batchnorm_backward(dout, cache_n)):
+    for name, g, gn in zip(
+        ("dx", "dgamma", "dbeta"),
+        fl.spatial_batchnorm_backward_fast(dout, cache),
+        L.spatial_batchnorm_backward(dout, cache_n),
+    ):
         assert g.dtype == dtype and g.shape == gn.shape, name
         _close(g, gn, dtype, name)
     # test mode uses the running averages
@@ -587,8 +693,10 @@ def test_spatial_batchnorm_matches_naive(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("shape,G", [((2, 6, 4, 5), 3), ((1, 4, 3, 3), 1), ((3, 8, 2, 2), 8),
-                                     ((2, 6, 5, 1), 2), ((4, 4, 3, 2), 4)])
+@pytest.mark.parametrize(
+    "shape,G",
+    [((2, 6, 4, 5), 3), ((1, 4, 3, 3), 1), ((3, 8, 2, 2), 8), ((2, 6, 5, 1), 2), ((4, 4, 3, 2), 4)],
+)
 def test_spatial_groupnorm_matches_naive(shape, G, dtype):
     N, C, H, W = shape
     rng = _rng(sum(shape) + G)
@@ -600,8 +708,11 @@ def test_spatial_groupnorm_matches_naive(shape, G, dtype):
     assert out.dtype == dtype
     _close(out, out_n, dtype, "out")
     dout = rng.standard_normal(shape).astype(dtype)
-    for name, g, gn in zip(("dx", "dgamma", "dbeta"), fl.spatial_groupnorm_backward_fast(dout, cache),
-                           L.spatial_groupnorm_backward(dout, cache_n)):
+    for name, g, gn in zip(
+        ("dx", "dgamma", "dbeta"),
+        fl.spatial_groupnorm_backward_fast(dout, cache),
+        L.spatial_groupnorm_backward(dout, cache_n),
+    ):
         assert g.dtype == dtype and g.shape == gn.shape, name
         _close(g, gn, dtype, name)
 
@@ -615,12 +726,16 @@ def test_norms_non_contiguous_and_unmodified():
     out_n, cache_n = L.spatial_batchnorm_forward(x, g, bt, {"mode": "train"})
     _close(out, out_n, np.float64)
     dout = rng.standard_normal((5, 4, 3, 2)).transpose(3, 2, 1, 0)
-    for a, b_ in zip(fl.spatial_batchnorm_backward_fast(dout, cache), L.spatial_batchnorm_backward(dout, cache_n)):
+    for a, b_ in zip(
+        fl.spatial_batchnorm_backward_fast(dout, cache), L.spatial_batchnorm_backward(dout, cache_n)
+    ):
         _close(a, b_, np.float64)
     out, cache = fl.spatial_groupnorm_forward_fast(x, g, bt, 3, {})
     out_n, cache_n = L.spatial_groupnorm_forward(x, g, bt, 3, {})
     _close(out, out_n, np.float64)
-    for a, b_ in zip(fl.spatial_groupnorm_backward_fast(dout, cache), L.spatial_groupnorm_backward(dout, cache_n)):
+    for a, b_ in zip(
+        fl.spatial_groupnorm_backward_fast(dout, cache), L.spatial_groupnorm_backward(dout, cache_n)
+    ):
         _close(a, b_, np.float64)
     np.testing.assert_array_equal(x, x_copy)
     np.testing.assert_array_equal(g, g_copy)
@@ -631,22 +746,29 @@ def test_norms_non_contiguous_and_unmodified():
 
 
 def _conv_args(**kw):
-    a = {"x": np.zeros((2, 3, 8, 8)), "w": np.zeros((4, 3, 3, 3)), "b": np.zeros(4),
-         "conv_param": {"stride": 1, "pad": 1}}
+    a = {
+        "x": np.zeros((2, 3, 8, 8)),
+        "w": np.zeros((4, 3, 3, 3)),
+        "b": np.zeros(4),
+        "conv_param": {"stride": 1, "pad": 1},
+    }
     a.update(kw)
     return a
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"conv_param": {"stride": 2, "pad": 0}}, r"conv output height is not an integer"),
-    ({"conv_param": {"stride": 0, "pad": 1}}, r"conv_param\['stride'\]"),
-    ({"conv_param": {"stride": 1, "pad": -1}}, r"conv_param\['pad'\]"),
-    ({"w": np.zeros((4, 2, 3, 3))}, r"channel mismatch.*C=3.*C=2"),
-    ({"x": np.zeros((3, 8, 8))}, r"x must be a 4-D array"),
-    ({"w": np.zeros((4, 3, 3))}, r"w must be a 4-D array"),
-    ({"b": np.zeros(5)}, r"b must have shape \(4,\)"),
-    ({"w": np.zeros((4, 3, 11, 3))}, r"window 11 is larger than the input 10"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"conv_param": {"stride": 2, "pad": 0}}, r"conv output height is not an integer"),
+        ({"conv_param": {"stride": 0, "pad": 1}}, r"conv_param\['stride'\]"),
+        ({"conv_param": {"stride": 1, "pad": -1}}, r"conv_param\['pad'\]"),
+        ({"w": np.zeros((4, 2, 3, 3))}, r"channel mismatch.*C=3.*C=2"),
+        ({"x": np.zeros((3, 8, 8))}, r"x must be a 4-D array"),
+        ({"w": np.zeros((4, 3, 3))}, r"w must be a 4-D array"),
+        ({"b": np.zeros(5)}, r"b must have shape \(4,\)"),
+        ({"w": np.zeros((4, 3, 11, 3))}, r"window 11 is larger than the input 10"),
+    ],
+)
 def test_conv_bad_parameters_raise_value_error(kw, match):
     with pytest.raises(ValueError, match=match):
         fl.conv_forward_fast(**_conv_args(**kw))
@@ -656,18 +778,35 @@ def test_backward_bad_dout_shape():
     out, cache = fl.conv_forward_fast(**_conv_args())
     with pytest.raises(ValueError, match=r"dout for conv must have the forward output's shape"):
         fl.conv_backward_fast(np.zeros((2, 4, 8, 7)), cache)
-    out, cache = fl.max_pool_forward_fast(np.zeros((2, 3, 8, 8)), {"pool_height": 2, "pool_width": 2, "stride": 2})
+    out, cache = fl.max_pool_forward_fast(
+        np.zeros((2, 3, 8, 8)), {"pool_height": 2, "pool_width": 2, "stride": 2}
+    )
     with pytest.raises(ValueError, match=r"dout for max pool"):
         fl.max_pool_backward_fast(np.zeros((2, 3, 4, 5)), cache)
 
 
-@pytest.mark.parametrize("x_shape,pp,match", [
-    ((2, 3, 7, 8), {"pool_height": 2, "pool_width": 2, "stride": 2}, r"pool output height is not an integer"),
-    ((2, 3, 8, 8), {"pool_height": 2, "pool_width": 2, "stride": 0}, r"pool_param\['stride'\]"),
-    ((2, 3, 8, 8), {"pool_height": 0, "pool_width": 2, "stride": 2}, r"pool_param\['pool_height'\]"),
-    ((2, 3, 8, 8), {"pool_height": 2, "pool_width": 9, "stride": 1}, r"window 9 is larger than the input 8"),
-    ((3, 8, 8), {"pool_height": 2, "pool_width": 2, "stride": 2}, r"x must be a 4-D array"),
-])
+@pytest.mark.parametrize(
+    "x_shape,pp,match",
+    [
+        (
+            (2, 3, 7, 8),
+            {"pool_height": 2, "pool_width": 2, "stride": 2},
+            r"pool output height is not an integer",
+        ),
+        ((2, 3, 8, 8), {"pool_height": 2, "pool_width": 2, "stride": 0}, r"pool_param\['stride'\]"),
+        (
+            (2, 3, 8, 8),
+            {"pool_height": 0, "pool_width": 2, "stride": 2},
+            r"pool_param\['pool_height'\]",
+        ),
+        (
+            (2, 3, 8, 8),
+            {"pool_height": 2, "pool_width": 9, "stride": 1},
+            r"window 9 is larger than the input 8",
+        ),
+        ((3, 8, 8), {"pool_height": 2, "pool_width": 2, "stride": 2}, r"x must be a 4-D array"),
+    ],
+)
 def test_pool_bad_parameters_raise_value_error(x_shape, pp, match):
     with pytest.raises(ValueError, match=match):
         fl.max_pool_forward_fast(np.zeros(x_shape), pp)
@@ -676,13 +815,17 @@ def test_pool_bad_parameters_raise_value_error(x_shape, pp, match):
 def test_norm_bad_parameters_raise_value_error():
     x = np.zeros((2, 6, 3, 3))
     g, b = np.ones(6), np.zeros(6)
-    with pytest.raises(ValueError, match=r"bn_param\['mode'\] must be 'train' or 'test', got 'eval'"):
+    with pytest.raises(
+        ValueError, match=r"bn_param\['mode'\] must be 'train' or 'test', got 'eval'"
+    ):
         fl.spatial_batchnorm_forward_fast(x, g, b, {"mode": "eval"})
     with pytest.raises(ValueError, match=r"gamma must have shape \(6,\)"):
         fl.spatial_batchnorm_forward_fast(x, np.ones(5), b, {"mode": "train"})
     with pytest.raises(ValueError, match=r"x must be a 4-D array"):
         fl.spatial_batchnorm_forward_fast(np.zeros((2, 6)), g, b, {"mode": "train"})
-    with pytest.raises(ValueError, match=r"spatial_batchnorm_backward_fast needs the cache of a forward pass"):
+    with pytest.raises(
+        ValueError, match=r"spatial_batchnorm_backward_fast needs the cache of a forward pass"
+    ):
         fl.spatial_batchnorm_backward_fast(x, None)
     with pytest.raises(ValueError, match=r"G=4 must divide the channel count C=6"):
         fl.spatial_groupnorm_forward_fast(x, g, b, 4, {})

@@ -23,12 +23,15 @@ POOL = {"pool_height": 2, "pool_width": 2, "stride": 2}
 # group count and batch-norm momentum
 
 
-@pytest.mark.parametrize("num_groups,match", [
-    (0, r"num_groups must be an integer >= 1, got 0"),
-    (-2, r"num_groups must be an integer >= 1, got -2"),
-    (2.5, r"num_groups must be an integer >= 1, got 2.5"),
-    (5, r"num_groups=5 must divide num_filters=32"),
-])
+@pytest.mark.parametrize(
+    "num_groups,match",
+    [
+        (0, r"num_groups must be an integer >= 1, got 0"),
+        (-2, r"num_groups must be an integer >= 1, got -2"),
+        (2.5, r"num_groups must be an integer >= 1, got 2.5"),
+        (5, r"num_groups=5 must divide num_filters=32"),
+    ],
+)
 def test_model_num_groups_names_the_parameter(num_groups, match):
     with pytest.raises(ValueError, match=match):
         ThreeLayerConvNet(normalization="groupnorm", num_groups=num_groups)
@@ -59,17 +62,24 @@ def _bn_calls(momentum):
     return {
         "batchnorm_forward": lambda: L.batchnorm_forward(x4[:, :, 0, 0], g, b, param()),
         "spatial_batchnorm_forward": lambda: L.spatial_batchnorm_forward(x4, g, b, param()),
-        "spatial_batchnorm_forward_fast": lambda: fl.spatial_batchnorm_forward_fast(x4, g, b, param()),
+        "spatial_batchnorm_forward_fast": lambda: fl.spatial_batchnorm_forward_fast(
+            x4, g, b, param()
+        ),
         "conv_bn_relu_pool_forward": lambda: lu.conv_bn_relu_pool_forward(
-            x4[:, :, :2, :2], w, cb, g, b, {"stride": 1, "pad": 1}, param(), POOL),
-        "test mode": lambda: fl.spatial_batchnorm_forward_fast(x4, g, b, {**param(), "mode": "test"}),
+            x4[:, :, :2, :2], w, cb, g, b, {"stride": 1, "pad": 1}, param(), POOL
+        ),
+        "test mode": lambda: fl.spatial_batchnorm_forward_fast(
+            x4, g, b, {**param(), "mode": "test"}
+        ),
     }
 
 
 @pytest.mark.parametrize("momentum", BAD_MOMENTA, ids=repr)
 @pytest.mark.parametrize("call", list(_bn_calls(0.9)))
 def test_bn_momentum_outside_0_1_names_the_parameter_and_value(call, momentum):
-    expected = r"bn_param\['momentum'\] must be a number in \[0, 1\], got " + re.escape(repr(momentum))
+    expected = r"bn_param\['momentum'\] must be a number in \[0, 1\], got " + re.escape(
+        repr(momentum)
+    )
     with pytest.raises(ValueError, match=expected):
         _bn_calls(momentum)[call]()
 
@@ -82,12 +92,16 @@ def test_bn_momentum_in_range_is_accepted_unchanged(momentum):
     bn = {"mode": "train", "momentum": momentum, "running_mean": rm.copy()}
     x = np.random.default_rng(1).standard_normal((8, 4)) + 3
     L.batchnorm_forward(x, np.ones(4), np.zeros(4), bn)
-    np.testing.assert_array_equal(bn["running_mean"], momentum * rm + (1 - momentum) * x.mean(axis=0))
+    np.testing.assert_array_equal(
+        bn["running_mean"], momentum * rm + (1 - momentum) * x.mean(axis=0)
+    )
 
 
 @pytest.mark.parametrize("momentum", [-0.5, 2.0])
 def test_model_bn_momentum_names_the_parameter(momentum):
-    with pytest.raises(ValueError, match=rf"bn_momentum must be a number in \[0, 1\], got {momentum}"):
+    with pytest.raises(
+        ValueError, match=rf"bn_momentum must be a number in \[0, 1\], got {momentum}"
+    ):
         ThreeLayerConvNet(normalization="spatial_batchnorm", bn_momentum=momentum)
 
 
@@ -118,17 +132,46 @@ def _layer_pairs(rng):
     xn = _f16(rng, 2, 4, 6, 6, scale=2.0) + np.float16(1)
     g, bt = _f16(rng, 4) + np.float16(1), _f16(rng, 4)
     return [
-        ("conv im2col", lambda *a: fl.conv_forward_fast(*a, conv), fl.conv_backward_fast,
-         lambda *a: L.conv_forward_naive(*a, conv), L.conv_backward_naive, (x, w, b)),
-        ("conv direct 7x7", lambda *a: fl.conv_forward_fast(*a, conv7), fl.conv_backward_fast,
-         lambda *a: L.conv_forward_naive(*a, conv7), L.conv_backward_naive, (x, w7, b)),
-        ("max pool", lambda a: fl.max_pool_forward_fast(a, POOL), fl.max_pool_backward_fast,
-         lambda a: L.max_pool_forward_naive(a, POOL), L.max_pool_backward_naive, (x,)),
-        ("spatial batchnorm", lambda *a: fl.spatial_batchnorm_forward_fast(*a, {"mode": "train"}),
-         fl.spatial_batchnorm_backward_fast,
-         lambda *a: L.spatial_batchnorm_forward(*a, {"mode": "train"}), L.spatial_batchnorm_backward, (xn, g, bt)),
-        ("groupnorm", lambda *a: fl.spatial_groupnorm_forward_fast(*a, 2, {}), fl.spatial_groupnorm_backward_fast,
-         lambda *a: L.spatial_groupnorm_forward(*a, 2, {}), L.spatial_groupnorm_backward, (xn, g, bt)),
+        (
+            "conv im2col",
+            lambda *a: fl.conv_forward_fast(*a, conv),
+            fl.conv_backward_fast,
+            lambda *a: L.conv_forward_naive(*a, conv),
+            L.conv_backward_naive,
+            (x, w, b),
+        ),
+        (
+            "conv direct 7x7",
+            lambda *a: fl.conv_forward_fast(*a, conv7),
+            fl.conv_backward_fast,
+            lambda *a: L.conv_forward_naive(*a, conv7),
+            L.conv_backward_naive,
+            (x, w7, b),
+        ),
+        (
+            "max pool",
+            lambda a: fl.max_pool_forward_fast(a, POOL),
+            fl.max_pool_backward_fast,
+            lambda a: L.max_pool_forward_naive(a, POOL),
+            L.max_pool_backward_naive,
+            (x,),
+        ),
+        (
+            "spatial batchnorm",
+            lambda *a: fl.spatial_batchnorm_forward_fast(*a, {"mode": "train"}),
+            fl.spatial_batchnorm_backward_fast,
+            lambda *a: L.spatial_batchnorm_forward(*a, {"mode": "train"}),
+            L.spatial_batchnorm_backward,
+            (xn, g, bt),
+        ),
+        (
+            "groupnorm",
+            lambda *a: fl.spatial_groupnorm_forward_fast(*a, 2, {}),
+            fl.spatial_groupnorm_backward_fast,
+            lambda *a: L.spatial_groupnorm_forward(*a, 2, {}),
+            L.spatial_groupnorm_backward,
+            (xn, g, bt),
+        ),
     ]
 
 
@@ -149,7 +192,9 @@ def test_float16_in_float16_out_in_naive_and_fast_layers(case):
         grads = bwd(dout, cache)
         grads = grads if isinstance(grads, tuple) else (grads,)
         for i, (gr, ref, a) in enumerate(zip(grads, ref_grads, args)):
-            assert gr.dtype == np.float16 and gr.shape == a.shape, f"{family} {name} grad {i}: {gr.dtype}"
+            assert gr.dtype == np.float16 and gr.shape == a.shape, (
+                f"{family} {name} grad {i}: {gr.dtype}"
+            )
             _near(gr, ref, f"{family} {name} grad {i}", tol)
     for a, a0 in zip(args, before):
         np.testing.assert_array_equal(a, a0)
@@ -162,7 +207,9 @@ def test_float16_batchnorm_running_stats_stay_float16_in_both_families():
     for fwd in (fl.spatial_batchnorm_forward_fast, L.spatial_batchnorm_forward):
         bn = {"mode": "train"}
         fwd(x, g, b, bn)
-        assert bn["running_mean"].dtype == np.float16 and bn["running_var"].dtype == np.float16, fwd.__name__
+        assert bn["running_mean"].dtype == np.float16 and bn["running_var"].dtype == np.float16, (
+            fwd.__name__
+        )
         _near(bn["running_mean"], 0.1 * x.astype(np.float64).mean(axis=(0, 2, 3)), fwd.__name__)
         bn["mode"] = "test"
         out, _ = fwd(x, g, b, bn)
@@ -190,7 +237,9 @@ def test_float32_and_float64_are_computed_in_their_own_dtype():
     out64, _ = fl.max_pool_forward_fast(x.astype(np.float64), POOL)
     assert out32.dtype == np.float32 and out64.dtype == np.float64
     np.testing.assert_array_equal(out32, out64.astype(np.float32))
-    assert fl.max_pool_forward_fast(x.astype(np.int32), POOL)[0].dtype == np.float64  # as the naive layer
+    assert (
+        fl.max_pool_forward_fast(x.astype(np.int32), POOL)[0].dtype == np.float64
+    )  # as the naive layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,28 +255,45 @@ def test_relu_max_pool_forward_fast_is_max_pool_of_relu():
         ref, pc = L.max_pool_forward_naive(r, pool)
         np.testing.assert_array_equal(out, ref)
         dout = rng.standard_normal(out.shape)
-        np.testing.assert_allclose(fl.max_pool_backward_fast(dout, cache),
-                                   L.relu_backward(L.max_pool_backward_naive(dout, pc), rc), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(
+            fl.max_pool_backward_fast(dout, cache),
+            L.relu_backward(L.max_pool_backward_naive(dout, pc), rc),
+            rtol=0,
+            atol=1e-15,
+        )
     assert fl.relu_max_pool_forward_fast.__doc__ and "relu_max_pool_forward_fast" in fl.__all__
 
 
 def test_conv_relu_forward_fast_is_relu_of_conv():
     rng = np.random.default_rng(7)
-    x, w, b = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    x, w, b = (
+        rng.standard_normal((2, 3, 6, 6)),
+        rng.standard_normal((4, 3, 3, 3)),
+        rng.standard_normal(4),
+    )
     conv = {"stride": 1, "pad": 1}
     out, cache = fl.conv_relu_forward_fast(x, w, b, conv)
     a, ac = L.conv_forward_naive(x, w, b, conv)
     r, rc = L.relu_forward(a)
     np.testing.assert_allclose(out, r, rtol=1e-12, atol=1e-12)
     dout = rng.standard_normal(out.shape)
-    for g, ref in zip(fl.conv_backward_fast(dout, cache), L.conv_backward_naive(L.relu_backward(dout, rc), ac)):
+    for g, ref in zip(
+        fl.conv_backward_fast(dout, cache), L.conv_backward_naive(L.relu_backward(dout, rc), ac)
+    ):
         np.testing.assert_allclose(g, ref, rtol=1e-9, atol=1e-9)
     assert "conv_relu_forward_fast" in fl.__all__
 
 
 def test_layer_utils_uses_only_public_fast_layers():
     tree = ast.parse(inspect.getsource(lu))
-    private = sorted({node.attr for node in ast.walk(tree)
-                      if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                      and node.value.id == "fl" and node.attr.startswith("_")})
+    private = sorted(
+        {
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "fl"
+            and node.attr.startswith("_")
+        }
+    )
     assert private == []

@@ -78,7 +78,6 @@ def one_thread():
     numba.set_num_threads(before)
 
 
-
 def _conv_setup(seed=231, shape=(2, 3, 16, 16)):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape)
@@ -92,9 +91,15 @@ def test_conv_relu_numeric_gradients(one_thread):
     out, cache = lu.conv_relu_forward(x, w, b, CONV)
     dout = rng.standard_normal(out.shape)
     dx, dw, db = lu.conv_relu_backward(dout, cache)
-    dx_num = eval_numerical_gradient_array(lambda x: lu.conv_relu_forward(x, w, b, CONV)[0], x, dout)
-    dw_num = eval_numerical_gradient_array(lambda w: lu.conv_relu_forward(x, w, b, CONV)[0], w, dout)
-    db_num = eval_numerical_gradient_array(lambda b: lu.conv_relu_forward(x, w, b, CONV)[0], b, dout)
+    dx_num = eval_numerical_gradient_array(
+        lambda x: lu.conv_relu_forward(x, w, b, CONV)[0], x, dout
+    )
+    dw_num = eval_numerical_gradient_array(
+        lambda w: lu.conv_relu_forward(x, w, b, CONV)[0], w, dout
+    )
+    db_num = eval_numerical_gradient_array(
+        lambda b: lu.conv_relu_forward(x, w, b, CONV)[0], b, dout
+    )
     _numeric_ok(dx_num, dx)
     _numeric_ok(dw_num, dw)
     _numeric_ok(db_num, db)
@@ -106,7 +111,10 @@ def test_conv_relu_pool_numeric_gradients(one_thread):
     assert out.shape == (2, 3, 8, 8)
     dout = rng.standard_normal(out.shape)
     dx, dw, db = lu.conv_relu_pool_backward(dout, cache)
-    f = lambda x, w, b: lu.conv_relu_pool_forward(x, w, b, CONV, POOL)[0]
+
+    def f(x, w, b):
+        return lu.conv_relu_pool_forward(x, w, b, CONV, POOL)[0]
+
     dx_num = eval_numerical_gradient_array(lambda x_: f(x_, w, b), x, dout)
     dw_num = eval_numerical_gradient_array(lambda w_: f(x, w_, b), w, dout)
     db_num = eval_numerical_gradient_array(lambda b_: f(x, w, b_), b, dout)
@@ -173,7 +181,10 @@ def test_affine_relu_numeric_gradients():
     out, cache = lu.affine_relu_forward(x, w, b)
     dout = rng.standard_normal(out.shape)
     dx, dw, db = lu.affine_relu_backward(dout, cache)
-    f = lambda x, w, b: lu.affine_relu_forward(x, w, b)[0]
+
+    def f(x, w, b):
+        return lu.affine_relu_forward(x, w, b)[0]
+
     _numeric_ok(eval_numerical_gradient_array(lambda v: f(v, w, b), x, dout), dx)
     _numeric_ok(eval_numerical_gradient_array(lambda v: f(x, v, b), w, dout), dw)
     _numeric_ok(eval_numerical_gradient_array(lambda v: f(x, w, v), b, dout), db)
@@ -188,7 +199,10 @@ def test_affine_relu_backward_with_reg_numeric_gradient():
     dout = rng.standard_normal(out.shape)
     reg = 0.7
     _, dw, _ = lu.affine_relu_backward(dout, cache, reg=reg)
-    f = lambda v: np.sum(lu.affine_relu_forward(x, v, b)[0] * dout) + 0.5 * reg * np.sum(v * v)
+
+    def f(v):
+        return np.sum(lu.affine_relu_forward(x, v, b)[0] * dout) + 0.5 * reg * np.sum(v * v)
+
     _numeric_ok(eval_numerical_gradient_array(f, w, np.ones(())), dw)
 
 
@@ -198,13 +212,38 @@ def test_affine_relu_backward_with_reg_numeric_gradient():
 CRP_CASES = [
     # x shape, w shape, conv_param, pool_param
     ((2, 3, 16, 16), (3, 3, 3, 3), CONV, POOL),
-    ((1, 3, 9, 11), (4, 3, 3, 3), {"stride": 1, "pad": 1}, {"pool_height": 3, "pool_width": 3, "stride": 2}),
-    ((3, 2, 9, 7), (5, 2, 2, 4), {"stride": 1, "pad": 2}, {"pool_height": 2, "pool_width": 2, "stride": 1}),
-    ((2, 1, 11, 11), (2, 1, 5, 5), {"stride": 2, "pad": 3}, {"pool_height": 3, "pool_width": 1, "stride": 2}),
-    ((2, 4, 5, 6), (3, 4, 1, 1), {"stride": 1, "pad": 0}, {"pool_height": 2, "pool_width": 3, "stride": 3}),
+    (
+        (1, 3, 9, 11),
+        (4, 3, 3, 3),
+        {"stride": 1, "pad": 1},
+        {"pool_height": 3, "pool_width": 3, "stride": 2},
+    ),
+    (
+        (3, 2, 9, 7),
+        (5, 2, 2, 4),
+        {"stride": 1, "pad": 2},
+        {"pool_height": 2, "pool_width": 2, "stride": 1},
+    ),
+    (
+        (2, 1, 11, 11),
+        (2, 1, 5, 5),
+        {"stride": 2, "pad": 3},
+        {"pool_height": 3, "pool_width": 1, "stride": 2},
+    ),
+    (
+        (2, 4, 5, 6),
+        (3, 4, 1, 1),
+        {"stride": 1, "pad": 0},
+        {"pool_height": 2, "pool_width": 3, "stride": 3},
+    ),
     ((4, 3, 12, 12), (8, 3, 7, 7), {"stride": 1, "pad": 3}, POOL),
     ((1, 2, 10, 12), (5, 2, 3, 7), {"stride": 1, "pad": 2}, POOL),  # direct kernels: odd F, N=1
-    ((2, 2, 9, 10), (3, 2, 2, 7), {"stride": 1, "pad": 3}, POOL),  # direct, but dx by GEMM (pad > HH-1)
+    (
+        (2, 2, 9, 10),
+        (3, 2, 2, 7),
+        {"stride": 1, "pad": 3},
+        POOL,
+    ),  # direct, but dx by GEMM (pad > HH-1)
 ]
 
 
@@ -272,7 +311,9 @@ def test_conv_bn_relu_pool_equals_naive_composition(case, dtype):
     for name, g, gn in zip(("dx", "dw", "db", "dgamma", "dbeta"), grads, grads_n):
         assert g.dtype == dtype, name
         if name == "db":  # ~0 analytically: absolute comparison at the scale of dw
-            assert np.max(np.abs(g - gn)) < (1e-9 if dtype == np.float64 else 1e-4) * np.max(np.abs(grads_n[1]))
+            assert np.max(np.abs(g - gn)) < (1e-9 if dtype == np.float64 else 1e-4) * np.max(
+                np.abs(grads_n[1])
+            )
         else:
             _close(g, gn, dtype, name)
     g0 = lu.conv_bn_relu_pool_backward(dout, cache, compute_dx=False)
@@ -282,7 +323,9 @@ def test_conv_bn_relu_pool_equals_naive_composition(case, dtype):
     # test mode: running averages, no cache for a backward pass
     p_f["mode"] = p_n["mode"] = "test"
     out_t, _ = lu.conv_bn_relu_pool_forward(x, w, b, gamma, beta, cp, p_f, pp)
-    _close(out_t, naive_conv_norm_relu_pool("bn", x, w, b, gamma, beta, cp, (p_n,), pp, None), dtype)
+    _close(
+        out_t, naive_conv_norm_relu_pool("bn", x, w, b, gamma, beta, cp, (p_n,), pp, None), dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -296,14 +339,18 @@ def test_conv_gn_relu_pool_equals_naive_composition(case, G, dtype):
     beta = rng.standard_normal((1, F, 1, 1)).astype(dtype)
     out, cache = lu.conv_gn_relu_pool_forward(x, w, b, gamma, beta, cp, G, {"eps": 1e-5}, pp)
     dout = rng.standard_normal(out.shape).astype(dtype)
-    out_n, grads_n = naive_conv_norm_relu_pool("gn", x, w, b, gamma, beta, cp, (G, {"eps": 1e-5}), pp, dout)
+    out_n, grads_n = naive_conv_norm_relu_pool(
+        "gn", x, w, b, gamma, beta, cp, (G, {"eps": 1e-5}), pp, dout
+    )
     assert out.dtype == dtype
     _close(out, out_n, dtype, "out")
     grads = lu.conv_gn_relu_pool_backward(dout, cache)
     for name, g, gn in zip(("dx", "dw", "db", "dgamma", "dbeta"), grads, grads_n):
         assert g.dtype == dtype and g.shape == gn.shape, name
         if name == "db":
-            assert np.max(np.abs(g - gn)) < (1e-9 if dtype == np.float64 else 1e-4) * np.max(np.abs(grads_n[1]))
+            assert np.max(np.abs(g - gn)) < (1e-9 if dtype == np.float64 else 1e-4) * np.max(
+                np.abs(grads_n[1])
+            )
         else:
             _close(g, gn, dtype, name)
     assert lu.conv_gn_relu_pool_backward(dout, cache, compute_dx=False)[0] is None
@@ -343,8 +390,12 @@ def test_affine_relu_equals_naive_composition(dtype, x_shape, M):
     *same, sq = lu.affine_relu_backward(dout, cache, reg=1e-2, sumsq=True)
     for g, g2 in zip(same, (dx2, dw2, db2)):
         np.testing.assert_array_equal(g, g2)
-    assert sq == pytest.approx(float(np.sum(w.astype(np.float64) ** 2)), rel=1e-12 if dtype == np.float64 else 1e-6)
-    with pytest.raises(ValueError, match="sumsq=True comes from the dx pass; it needs compute_dx=True"):
+    assert sq == pytest.approx(
+        float(np.sum(w.astype(np.float64) ** 2)), rel=1e-12 if dtype == np.float64 else 1e-6
+    )
+    with pytest.raises(
+        ValueError, match="sumsq=True comes from the dx pass; it needs compute_dx=True"
+    ):
         lu.affine_relu_backward(dout, cache, compute_dx=False, sumsq=True)
 
 
@@ -356,7 +407,9 @@ def test_sandwiches_do_not_modify_inputs_and_accept_views():
     gamma, beta = np.ones(4, np.float32), np.zeros(4, np.float32)
     copies = [a.copy() for a in (x, w, b, gamma, beta)]
     out, cache = lu.conv_relu_pool_forward(x, w, b, CONV, POOL)
-    out_c, _ = lu.conv_relu_pool_forward(np.ascontiguousarray(x), np.ascontiguousarray(w), b, CONV, POOL)
+    out_c, _ = lu.conv_relu_pool_forward(
+        np.ascontiguousarray(x), np.ascontiguousarray(w), b, CONV, POOL
+    )
     np.testing.assert_array_equal(out, out_c)
     dout = rng.standard_normal(out.shape).astype(np.float32)
     dout_copy = dout.copy()

@@ -15,7 +15,6 @@ from pipeline.gradient_check import (
 )
 from pipeline.vis_utils import visualize_grid
 
-
 # ------------------------------------------------------------------------------------------
 # independent references (explicit loops, written from the definitions)
 
@@ -24,7 +23,7 @@ def conv_loops(x, w, b, stride, pad):
     N, C, H, W = x.shape
     F, _, HH, WW = w.shape
     xp = np.zeros((N, C, H + 2 * pad, W + 2 * pad))
-    xp[:, :, pad:pad + H, pad:pad + W] = x
+    xp[:, :, pad : pad + H, pad : pad + W] = x
     Ho = (H + 2 * pad - HH) // stride + 1
     Wo = (W + 2 * pad - WW) // stride + 1
     out = np.zeros((N, F, Ho, Wo))
@@ -50,7 +49,9 @@ def pool_loops(x, ph, pw, stride):
             for i in range(Ho):
                 for j in range(Wo):
                     out[n, c, i, j] = max(
-                        x[n, c, i * stride + k, j * stride + m] for k in range(ph) for m in range(pw)
+                        x[n, c, i * stride + k, j * stride + m]
+                        for k in range(ph)
+                        for m in range(pw)
                     )
     return out
 
@@ -62,12 +63,18 @@ def pool_loops(x, ph, pw, stride):
 CONV_CORRECT_OUT = np.array(
     # The CS231n notebook's correct_out for the linspace example; the last six entries were
     # misremembered in the task brief and are the values of the independent loop conv below.
-    [[[[-0.08759809, -0.10987781], [-0.18387192, -0.2109216]],
-      [[0.21027089, 0.21661097], [0.22847626, 0.23004637]],
-      [[0.50813986, 0.54309974], [0.64082444, 0.67101435]]],
-     [[[-0.98053589, -1.03143541], [-1.19128892, -1.24695841]],
-      [[0.69108355, 0.66880383], [0.59480972, 0.56776003]],
-      [[2.36270298, 2.36904306], [2.38090835, 2.38247847]]]]
+    [
+        [
+            [[-0.08759809, -0.10987781], [-0.18387192, -0.2109216]],
+            [[0.21027089, 0.21661097], [0.22847626, 0.23004637]],
+            [[0.50813986, 0.54309974], [0.64082444, 0.67101435]],
+        ],
+        [
+            [[-0.98053589, -1.03143541], [-1.19128892, -1.24695841]],
+            [[0.69108355, 0.66880383], [0.59480972, 0.56776003]],
+            [[2.36270298, 2.36904306], [2.38090835, 2.38247847]],
+        ],
+    ]
 )
 
 
@@ -90,8 +97,12 @@ def test_conv_forward_naive_notebook_example():
 
 @pytest.mark.parametrize(
     "x_shape, w_shape, stride, pad",
-    [((2, 3, 7, 5), (4, 3, 3, 3), 1, 0), ((1, 2, 8, 8), (3, 2, 4, 2), 2, 1), ((3, 1, 5, 6), (2, 1, 1, 2), 1, 2),
-     ((2, 2, 9, 9), (2, 2, 3, 3), 3, 0)],
+    [
+        ((2, 3, 7, 5), (4, 3, 3, 3), 1, 0),
+        ((1, 2, 8, 8), (3, 2, 4, 2), 2, 1),
+        ((3, 1, 5, 6), (2, 1, 1, 2), 1, 2),
+        ((2, 2, 9, 9), (2, 2, 3, 3), 3, 0),
+    ],
 )
 def test_conv_forward_naive_matches_loops(x_shape, w_shape, stride, pad):
     rng = np.random.default_rng(11)
@@ -108,9 +119,15 @@ def test_conv_backward_naive_numeric():
     b = rng.standard_normal(2)
     dout = rng.standard_normal((4, 2, 5, 5))
     conv_param = {"stride": 1, "pad": 1}
-    dx_num = eval_numerical_gradient_array(lambda x: L.conv_forward_naive(x, w, b, conv_param)[0], x, dout)
-    dw_num = eval_numerical_gradient_array(lambda w: L.conv_forward_naive(x, w, b, conv_param)[0], w, dout)
-    db_num = eval_numerical_gradient_array(lambda b: L.conv_forward_naive(x, w, b, conv_param)[0], b, dout)
+    dx_num = eval_numerical_gradient_array(
+        lambda x: L.conv_forward_naive(x, w, b, conv_param)[0], x, dout
+    )
+    dw_num = eval_numerical_gradient_array(
+        lambda w: L.conv_forward_naive(x, w, b, conv_param)[0], w, dout
+    )
+    db_num = eval_numerical_gradient_array(
+        lambda b: L.conv_forward_naive(x, w, b, conv_param)[0], b, dout
+    )
     _, cache = L.conv_forward_naive(x, w, b, conv_param)
     dx, dw, db = L.conv_backward_naive(dout, cache)
     assert dx.shape == x.shape and dw.shape == w.shape and db.shape == b.shape
@@ -128,8 +145,24 @@ def test_conv_backward_naive_numeric_strided():
     out, cache = L.conv_forward_naive(x, w, b, conv_param)
     dout = rng.standard_normal(out.shape)
     dx, dw, db = L.conv_backward_naive(dout, cache)
-    assert rel_error(dx, eval_numerical_gradient_array(lambda x: L.conv_forward_naive(x, w, b, conv_param)[0], x, dout)) < 1e-8
-    assert rel_error(dw, eval_numerical_gradient_array(lambda w: L.conv_forward_naive(x, w, b, conv_param)[0], w, dout)) < 1e-8
+    assert (
+        rel_error(
+            dx,
+            eval_numerical_gradient_array(
+                lambda x: L.conv_forward_naive(x, w, b, conv_param)[0], x, dout
+            ),
+        )
+        < 1e-8
+    )
+    assert (
+        rel_error(
+            dw,
+            eval_numerical_gradient_array(
+                lambda w: L.conv_forward_naive(x, w, b, conv_param)[0], w, dout
+            ),
+        )
+        < 1e-8
+    )
     assert rel_error(db, dout.sum(axis=(0, 2, 3))) < 1e-12
 
 
@@ -138,12 +171,18 @@ def test_conv_backward_naive_numeric_strided():
 
 
 POOL_CORRECT_OUT = np.array(
-    [[[[-0.26315789, -0.24842105], [-0.20421053, -0.18947368]],
-      [[-0.14526316, -0.13052632], [-0.08631579, -0.07157895]],
-      [[-0.02736842, -0.01263158], [0.03157895, 0.04631579]]],
-     [[[0.09052632, 0.10526316], [0.14947368, 0.16421053]],
-      [[0.20842105, 0.22315789], [0.26736842, 0.28210526]],
-      [[0.32631579, 0.34105263], [0.38526316, 0.4]]]]
+    [
+        [
+            [[-0.26315789, -0.24842105], [-0.20421053, -0.18947368]],
+            [[-0.14526316, -0.13052632], [-0.08631579, -0.07157895]],
+            [[-0.02736842, -0.01263158], [0.03157895, 0.04631579]],
+        ],
+        [
+            [[0.09052632, 0.10526316], [0.14947368, 0.16421053]],
+            [[0.20842105, 0.22315789], [0.26736842, 0.28210526]],
+            [[0.32631579, 0.34105263], [0.38526316, 0.4]],
+        ],
+    ]
 )
 
 
@@ -155,21 +194,31 @@ def test_max_pool_forward_naive_notebook_example():
     assert rel_error(pool_loops(x, 2, 2, 2), POOL_CORRECT_OUT) < 1e-7
 
 
-@pytest.mark.parametrize("ph, pw, stride, shape", [(2, 2, 2, (2, 3, 8, 6)), (3, 2, 1, (1, 2, 5, 6)), (3, 3, 2, (2, 1, 7, 9))])
+@pytest.mark.parametrize(
+    "ph, pw, stride, shape",
+    [(2, 2, 2, (2, 3, 8, 6)), (3, 2, 1, (1, 2, 5, 6)), (3, 3, 2, (2, 1, 7, 9))],
+)
 def test_max_pool_forward_naive_matches_loops(ph, pw, stride, shape):
     x = np.random.default_rng(3).standard_normal(shape)
     out, _ = L.max_pool_forward_naive(x, {"pool_height": ph, "pool_width": pw, "stride": stride})
     assert np.array_equal(out, pool_loops(x, ph, pw, stride))
 
 
-@pytest.mark.parametrize("pool_param, shape", [({"pool_height": 2, "pool_width": 2, "stride": 2}, (3, 2, 8, 8)),
-                                                ({"pool_height": 3, "pool_width": 2, "stride": 1}, (2, 2, 5, 4))])
+@pytest.mark.parametrize(
+    "pool_param, shape",
+    [
+        ({"pool_height": 2, "pool_width": 2, "stride": 2}, (3, 2, 8, 8)),
+        ({"pool_height": 3, "pool_width": 2, "stride": 1}, (2, 2, 5, 4)),
+    ],
+)
 def test_max_pool_backward_naive_numeric(pool_param, shape):
     rng = np.random.default_rng(231)
     x = rng.standard_normal(shape)
     out, cache = L.max_pool_forward_naive(x, pool_param)
     dout = rng.standard_normal(out.shape)
-    dx_num = eval_numerical_gradient_array(lambda x: L.max_pool_forward_naive(x, pool_param)[0], x, dout)
+    dx_num = eval_numerical_gradient_array(
+        lambda x: L.max_pool_forward_naive(x, pool_param)[0], x, dout
+    )
     dx = L.max_pool_backward_naive(dout, cache)
     assert rel_error(dx, dx_num) < 1e-11  # notebook: ~1e-12
 
@@ -193,7 +242,9 @@ def test_affine_forward_notebook_example():
     w = np.linspace(-0.2, 0.3, num=weight_size).reshape(np.prod(input_shape), output_dim)
     b = np.linspace(-0.3, 0.1, num=output_dim)
     out, _ = L.affine_forward(x, w, b)
-    correct_out = np.array([[1.49834967, 1.70660132, 1.91485297], [3.25553199, 3.5141327, 3.77273342]])
+    correct_out = np.array(
+        [[1.49834967, 1.70660132, 1.91485297], [3.25553199, 3.5141327, 3.77273342]]
+    )
     assert rel_error(out, correct_out) < 1e-7
     assert rel_error(out, x.reshape(2, -1) @ w + b) < 1e-12
 
@@ -206,23 +257,45 @@ def test_affine_backward_numeric():
     dout = rng.standard_normal((10, 5))
     _, cache = L.affine_forward(x, w, b)
     dx, dw, db = L.affine_backward(dout, cache)
-    assert rel_error(dx, eval_numerical_gradient_array(lambda x: L.affine_forward(x, w, b)[0], x, dout)) < 1e-8
-    assert rel_error(dw, eval_numerical_gradient_array(lambda w: L.affine_forward(x, w, b)[0], w, dout)) < 1e-8
-    assert rel_error(db, eval_numerical_gradient_array(lambda b: L.affine_forward(x, w, b)[0], b, dout)) < 1e-8
+    assert (
+        rel_error(
+            dx, eval_numerical_gradient_array(lambda x: L.affine_forward(x, w, b)[0], x, dout)
+        )
+        < 1e-8
+    )
+    assert (
+        rel_error(
+            dw, eval_numerical_gradient_array(lambda w: L.affine_forward(x, w, b)[0], w, dout)
+        )
+        < 1e-8
+    )
+    assert (
+        rel_error(
+            db, eval_numerical_gradient_array(lambda b: L.affine_forward(x, w, b)[0], b, dout)
+        )
+        < 1e-8
+    )
 
 
 def test_relu_forward_notebook_example_and_backward():
     x = np.linspace(-0.5, 0.5, num=12).reshape(3, 4)
     out, _ = L.relu_forward(x)
-    correct_out = np.array([[0., 0., 0., 0.],
-                            [0., 0., 0.04545455, 0.13636364],
-                            [0.22727273, 0.31818182, 0.40909091, 0.5]])
+    correct_out = np.array(
+        [
+            [0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.04545455, 0.13636364],
+            [0.22727273, 0.31818182, 0.40909091, 0.5],
+        ]
+    )
     assert rel_error(out, correct_out) < 1e-7
     rng = np.random.default_rng(231)
     x = rng.standard_normal((10, 10))
     dout = rng.standard_normal(x.shape)
     dx = L.relu_backward(dout, L.relu_forward(x)[1])
-    assert rel_error(dx, eval_numerical_gradient_array(lambda x: L.relu_forward(x)[0], x, dout)) < 1e-10
+    assert (
+        rel_error(dx, eval_numerical_gradient_array(lambda x: L.relu_forward(x)[0], x, dout))
+        < 1e-10
+    )
 
 
 @pytest.mark.parametrize("loss_fn, expected", [(L.svm_loss, 9.0), (L.softmax_loss, np.log(10))])
@@ -278,7 +351,9 @@ def test_dropout_backward_numeric_and_seed():
     out2, _ = L.dropout_forward(x, dropout_param)
     assert np.array_equal(out, out2)  # the seed fixes the mask
     dx = L.dropout_backward(dout, cache)
-    dx_num = eval_numerical_gradient_array(lambda xx: L.dropout_forward(xx, dropout_param)[0], x, dout)
+    dx_num = eval_numerical_gradient_array(
+        lambda xx: L.dropout_forward(xx, dropout_param)[0], x, dout
+    )
     assert rel_error(dx, dx_num) < 1e-10
     state = np.random.get_state()[1].copy()
     L.dropout_forward(x, dropout_param)
@@ -302,9 +377,19 @@ def _float32_calls(rng):
     return [
         ("affine", L.affine_forward, L.affine_backward, (x2, w2, b2)),
         ("relu", L.relu_forward, L.relu_backward, (x2,)),
-        ("dropout", L.dropout_forward, L.dropout_backward, (x2, {"mode": "train", "p": 0.5, "seed": 1})),
+        (
+            "dropout",
+            L.dropout_forward,
+            L.dropout_backward,
+            (x2, {"mode": "train", "p": 0.5, "seed": 1}),
+        ),
         ("dropout-test", L.dropout_forward, L.dropout_backward, (x2, {"mode": "test", "p": 0.5})),
-        ("conv", L.conv_forward_naive, L.conv_backward_naive, (x4, w4, b4, {"stride": 1, "pad": 1})),
+        (
+            "conv",
+            L.conv_forward_naive,
+            L.conv_backward_naive,
+            (x4, w4, b4, {"stride": 1, "pad": 1}),
+        ),
         ("pool", L.max_pool_forward_naive, L.max_pool_backward_naive, (x4, pp)),
     ], (x2, w2, y)
 
@@ -334,13 +419,21 @@ def test_float32_preserved_and_inputs_untouched():
 
 def test_float32_conv_matches_float64():
     rng = np.random.default_rng(1)
-    x, w, b = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4)
+    x, w, b = (
+        rng.standard_normal((2, 3, 6, 6)),
+        rng.standard_normal((4, 3, 3, 3)),
+        rng.standard_normal(4),
+    )
     cp = {"stride": 1, "pad": 1}
     out64, c64 = L.conv_forward_naive(x, w, b, cp)
-    out32, c32 = L.conv_forward_naive(x.astype(np.float32), w.astype(np.float32), b.astype(np.float32), cp)
+    out32, c32 = L.conv_forward_naive(
+        x.astype(np.float32), w.astype(np.float32), b.astype(np.float32), cp
+    )
     assert rel_error(out32, out64) < 1e-4
     dout = rng.standard_normal(out64.shape)
-    for g32, g64 in zip(L.conv_backward_naive(dout.astype(np.float32), c32), L.conv_backward_naive(dout, c64)):
+    for g32, g64 in zip(
+        L.conv_backward_naive(dout.astype(np.float32), c32), L.conv_backward_naive(dout, c64)
+    ):
         assert g32.dtype == np.float32 and np.max(np.abs(g32 - g64)) < 1e-4 * np.max(np.abs(g64))
 
 
@@ -355,13 +448,31 @@ def test_conv_pads_without_touching_x():
 @pytest.mark.parametrize(
     "x_shape, w_shape, b_shape, conv_param, match",
     [
-        ((2, 3, 6, 6), (4, 3, 3, 3), (4,), {"stride": 2, "pad": 0}, r"conv output height is not an integer.*stride 2 \+ 1 = 2\.5"),
+        (
+            (2, 3, 6, 6),
+            (4, 3, 3, 3),
+            (4,),
+            {"stride": 2, "pad": 0},
+            r"conv output height is not an integer.*stride 2 \+ 1 = 2\.5",
+        ),
         ((2, 3, 5, 5), (4, 2, 3, 3), (4,), {"stride": 1, "pad": 1}, r"channel mismatch.*C=3.*C=2"),
         ((2, 3, 5, 5), (4, 3, 3, 3), (4,), {"stride": 0, "pad": 1}, r"conv_param\['stride'\].*0"),
         ((2, 3, 5, 5), (4, 3, 3, 3), (4,), {"stride": 1, "pad": -1}, r"conv_param\['pad'\].*-1"),
-        ((3, 5, 5), (4, 3, 3, 3), (4,), {"stride": 1, "pad": 1}, r"x must be a 4-D array.*\(3, 5, 5\)"),
+        (
+            (3, 5, 5),
+            (4, 3, 3, 3),
+            (4,),
+            {"stride": 1, "pad": 1},
+            r"x must be a 4-D array.*\(3, 5, 5\)",
+        ),
         ((2, 3, 5, 5), (3, 3, 3), (4,), {"stride": 1, "pad": 1}, r"w must be a 4-D array"),
-        ((2, 3, 5, 5), (4, 3, 3, 3), (3,), {"stride": 1, "pad": 1}, r"b must have shape \(4,\), got \(3,\)"),
+        (
+            (2, 3, 5, 5),
+            (4, 3, 3, 3),
+            (3,),
+            {"stride": 1, "pad": 1},
+            r"b must have shape \(4,\), got \(3,\)",
+        ),
     ],
 )
 def test_conv_forward_bad_parameters(x_shape, w_shape, b_shape, conv_param, match):
@@ -372,11 +483,31 @@ def test_conv_forward_bad_parameters(x_shape, w_shape, b_shape, conv_param, matc
 @pytest.mark.parametrize(
     "x_shape, pool_param, match",
     [
-        ((1, 1, 5, 5), {"pool_height": 2, "pool_width": 2, "stride": 2}, r"pool output height is not an integer.*= 2\.5"),
-        ((1, 1, 4, 4), {"pool_height": 2, "pool_width": 2, "stride": 0}, r"pool_param\['stride'\].*0"),
-        ((1, 1, 4, 4), {"pool_height": 0, "pool_width": 2, "stride": 1}, r"pool_param\['pool_height'\].*0"),
-        ((1, 1, 4, 4), {"pool_height": 2, "pool_width": -1, "stride": 1}, r"pool_param\['pool_width'\].*-1"),
-        ((4, 4), {"pool_height": 2, "pool_width": 2, "stride": 2}, r"x must be a 4-D array.*\(4, 4\)"),
+        (
+            (1, 1, 5, 5),
+            {"pool_height": 2, "pool_width": 2, "stride": 2},
+            r"pool output height is not an integer.*= 2\.5",
+        ),
+        (
+            (1, 1, 4, 4),
+            {"pool_height": 2, "pool_width": 2, "stride": 0},
+            r"pool_param\['stride'\].*0",
+        ),
+        (
+            (1, 1, 4, 4),
+            {"pool_height": 0, "pool_width": 2, "stride": 1},
+            r"pool_param\['pool_height'\].*0",
+        ),
+        (
+            (1, 1, 4, 4),
+            {"pool_height": 2, "pool_width": -1, "stride": 1},
+            r"pool_param\['pool_width'\].*-1",
+        ),
+        (
+            (4, 4),
+            {"pool_height": 2, "pool_width": 2, "stride": 2},
+            r"x must be a 4-D array.*\(4, 4\)",
+        ),
     ],
 )
 def test_max_pool_bad_parameters(x_shape, pool_param, match):
@@ -440,7 +571,7 @@ def test_visualize_grid_layout_and_scaling():
     assert grid.shape == (3 * 3 + 2, 3 * 4 + 2, 2)  # 5 images -> 3x3 grid
     for idx in range(5):
         gy, gx = divmod(idx, 3)
-        tile = grid[gy * 4:gy * 4 + 3, gx * 5:gx * 5 + 4]
+        tile = grid[gy * 4 : gy * 4 + 3, gx * 5 : gx * 5 + 4]
         img = Xs[idx]
         assert np.allclose(tile, 255.0 * (img - img.min()) / (img.max() - img.min()))
     assert np.all(grid[3, :] == 0) and np.all(grid[:, 4] == 0)  # padding rows/cols

@@ -22,8 +22,10 @@ def numeric_grads(f, args, dout):
     """Numerical gradients of f(*args) w.r.t. each array in args, contracted with dout."""
     grads = []
     for i in range(len(args)):
+
         def fi(a, i=i):
-            return f(*args[:i], a, *args[i + 1:])
+            return f(*args[:i], a, *args[i + 1 :])
+
         grads.append(eval_numerical_gradient_array(fi, args[i].copy(), dout))
     return grads
 
@@ -76,7 +78,12 @@ def test_batchnorm_running_average_formula():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((8, 4)) * 3 + 2
     rm0, rv0 = rng.standard_normal(4), rng.random(4)
-    bn_param = {"mode": "train", "momentum": 0.8, "running_mean": rm0.copy(), "running_var": rv0.copy()}
+    bn_param = {
+        "mode": "train",
+        "momentum": 0.8,
+        "running_mean": rm0.copy(),
+        "running_var": rv0.copy(),
+    }
     L.batchnorm_forward(x, np.ones(4), np.zeros(4), bn_param)
     assert np.allclose(bn_param["running_mean"], 0.8 * rm0 + 0.2 * x.mean(axis=0))
     assert np.allclose(bn_param["running_var"], 0.8 * rv0 + 0.2 * x.var(axis=0))
@@ -90,7 +97,8 @@ def test_batchnorm_backward_numeric_and_alt():
     dout = rng.standard_normal((N, D))
     bn_param = {"mode": "train"}
     dx_num, dgamma_num, dbeta_num = numeric_grads(
-        lambda x, g, b: L.batchnorm_forward(x, g, b, bn_param)[0], (x, gamma, beta), dout)
+        lambda x, g, b: L.batchnorm_forward(x, g, b, bn_param)[0], (x, gamma, beta), dout
+    )
     _, cache = L.batchnorm_forward(x, gamma, beta, bn_param)
     dx, dgamma, dbeta = L.batchnorm_backward(dout, cache)
     assert rel_error(dx, dx_num) < 1e-6 and scaled_error(dx, dx_num) < 1e-8
@@ -121,7 +129,8 @@ def test_layernorm_backward_numeric():
     dout = rng.standard_normal((N, D))
     ln_param = {}
     dx_num, dgamma_num, dbeta_num = numeric_grads(
-        lambda x, g, b: L.layernorm_forward(x, g, b, ln_param)[0], (x, gamma, beta), dout)
+        lambda x, g, b: L.layernorm_forward(x, g, b, ln_param)[0], (x, gamma, beta), dout
+    )
     _, cache = L.layernorm_forward(x, gamma, beta, ln_param)
     dx, dgamma, dbeta = L.layernorm_backward(dout, cache)
     assert rel_error(dx, dx_num) < 1e-6 and scaled_error(dx, dx_num) < 1e-8
@@ -162,7 +171,7 @@ def test_spatial_batchnorm_test_time_after_training():
         L.spatial_batchnorm_forward(x, gamma, beta, bn_param)
     assert bn_param["running_mean"].shape == (C,)
     assert np.allclose(bn_param["running_mean"], 13, atol=0.1)
-    assert np.allclose(bn_param["running_var"], 2.3 ** 2, atol=0.3)
+    assert np.allclose(bn_param["running_var"], 2.3**2, atol=0.3)
     bn_param["mode"] = "test"
     x = 2.3 * rng.standard_normal((N, C, H, W)) + 13
     out, _ = L.spatial_batchnorm_forward(x, gamma, beta, bn_param)
@@ -178,7 +187,8 @@ def test_spatial_batchnorm_backward_numeric():
     dout = rng.standard_normal((N, C, H, W))
     bn_param = {"mode": "train"}
     dx_num, dgamma_num, dbeta_num = numeric_grads(
-        lambda x, g, b: L.spatial_batchnorm_forward(x, g, b, bn_param)[0], (x, gamma, beta), dout)
+        lambda x, g, b: L.spatial_batchnorm_forward(x, g, b, bn_param)[0], (x, gamma, beta), dout
+    )
     _, cache = L.spatial_batchnorm_forward(x, gamma, beta, bn_param)
     dx, dgamma, dbeta = L.spatial_batchnorm_backward(dout, cache)
     assert dx.shape == x.shape and dgamma.shape == (C,) and dbeta.shape == (C,)
@@ -197,11 +207,13 @@ def groupnorm_loops(x, gamma, beta, G, eps=1e-5):
     cg = C // G
     for n in range(N):
         for g in range(G):
-            block = x[n, g * cg:(g + 1) * cg]
+            block = x[n, g * cg : (g + 1) * cg]
             mu = block.mean()
             var = ((block - mu) ** 2).mean()
             for c in range(g * cg, (g + 1) * cg):
-                out[n, c] = gamma[0, c, 0, 0] * (x[n, c] - mu) / np.sqrt(var + eps) + beta[0, c, 0, 0]
+                out[n, c] = (
+                    gamma[0, c, 0, 0] * (x[n, c] - mu) / np.sqrt(var + eps) + beta[0, c, 0, 0]
+                )
     return out
 
 
@@ -239,7 +251,8 @@ def test_spatial_groupnorm_backward_numeric():
     dout = rng.standard_normal((N, C, H, W))
     gn_param = {}
     dx_num, dgamma_num, dbeta_num = numeric_grads(
-        lambda x, g, b: L.spatial_groupnorm_forward(x, g, b, G, gn_param)[0], (x, gamma, beta), dout)
+        lambda x, g, b: L.spatial_groupnorm_forward(x, g, b, G, gn_param)[0], (x, gamma, beta), dout
+    )
     _, cache = L.spatial_groupnorm_forward(x, gamma, beta, G, gn_param)
     dx, dgamma, dbeta = L.spatial_groupnorm_backward(dout, cache)
     assert dx.shape == x.shape and dgamma.shape == (1, C, 1, 1) and dbeta.shape == (1, C, 1, 1)
@@ -259,13 +272,36 @@ def _norm_cases(rng, dtype):
     g6, b6 = rng.standard_normal(6).astype(dtype), rng.standard_normal(6).astype(dtype)
     g6s, b6s = g6.reshape(1, 6, 1, 1), b6.reshape(1, 6, 1, 1)
     return [
-        ("batchnorm", lambda x, g, b: L.batchnorm_forward(x, g, b, {"mode": "train"}), L.batchnorm_backward, (x2, g5, b5)),
-        ("batchnorm_alt", lambda x, g, b: L.batchnorm_forward(x, g, b, {"mode": "train"}), L.batchnorm_backward_alt, (x2, g5, b5)),
-        ("layernorm", lambda x, g, b: L.layernorm_forward(x, g, b, {}), L.layernorm_backward, (x2, g5, b5)),
-        ("spatial_bn", lambda x, g, b: L.spatial_batchnorm_forward(x, g, b, {"mode": "train"}),
-         L.spatial_batchnorm_backward, (x4, g6, b6)),
-        ("groupnorm", lambda x, g, b: L.spatial_groupnorm_forward(x, g, b, 3, {}),
-         L.spatial_groupnorm_backward, (x4, g6s, b6s)),
+        (
+            "batchnorm",
+            lambda x, g, b: L.batchnorm_forward(x, g, b, {"mode": "train"}),
+            L.batchnorm_backward,
+            (x2, g5, b5),
+        ),
+        (
+            "batchnorm_alt",
+            lambda x, g, b: L.batchnorm_forward(x, g, b, {"mode": "train"}),
+            L.batchnorm_backward_alt,
+            (x2, g5, b5),
+        ),
+        (
+            "layernorm",
+            lambda x, g, b: L.layernorm_forward(x, g, b, {}),
+            L.layernorm_backward,
+            (x2, g5, b5),
+        ),
+        (
+            "spatial_bn",
+            lambda x, g, b: L.spatial_batchnorm_forward(x, g, b, {"mode": "train"}),
+            L.spatial_batchnorm_backward,
+            (x4, g6, b6),
+        ),
+        (
+            "groupnorm",
+            lambda x, g, b: L.spatial_groupnorm_forward(x, g, b, 3, {}),
+            L.spatial_groupnorm_backward,
+            (x4, g6s, b6s),
+        ),
     ]
 
 
@@ -296,16 +332,22 @@ def test_batchnorm_float32_running_stats_stay_float32():
     x = np.random.default_rng(0).standard_normal((10, 4, 3, 3)).astype(np.float32)
     bn_param = {"mode": "train"}
     L.spatial_batchnorm_forward(x, np.ones(4, np.float32), np.zeros(4, np.float32), bn_param)
-    assert bn_param["running_mean"].dtype == np.float32 and bn_param["running_var"].dtype == np.float32
+    assert (
+        bn_param["running_mean"].dtype == np.float32 and bn_param["running_var"].dtype == np.float32
+    )
     bn_param["mode"] = "test"
-    out, _ = L.spatial_batchnorm_forward(x, np.ones(4, np.float32), np.zeros(4, np.float32), bn_param)
+    out, _ = L.spatial_batchnorm_forward(
+        x, np.ones(4, np.float32), np.zeros(4, np.float32), bn_param
+    )
     assert out.dtype == np.float32
 
 
 def test_batchnorm_does_not_modify_running_arrays_in_place():
     rm, rv = np.zeros(3), np.ones(3)
     bn_param = {"mode": "train", "running_mean": rm, "running_var": rv}
-    L.batchnorm_forward(np.random.default_rng(1).standard_normal((5, 3)) + 4, np.ones(3), np.zeros(3), bn_param)
+    L.batchnorm_forward(
+        np.random.default_rng(1).standard_normal((5, 3)) + 4, np.ones(3), np.zeros(3), bn_param
+    )
     assert np.all(rm == 0) and np.all(rv == 1)
     assert np.all(bn_param["running_mean"] != 0)
 
@@ -319,8 +361,12 @@ def test_norm_bad_parameters():
     with pytest.raises(ValueError, match=r"gamma.*C=6.*\(1, 5, 1, 1\)"):
         L.spatial_groupnorm_forward(x4, np.ones((1, 5, 1, 1)), np.zeros((1, 6, 1, 1)), 2, {})
     with pytest.raises(ValueError, match=r"x must be a 4-D array.*\(6, 3, 3\)"):
-        L.spatial_groupnorm_forward(np.zeros((6, 3, 3)), np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1)), 2, {})
-    with pytest.raises(ValueError, match=r"bn_param\['mode'\] must be 'train' or 'test', got 'eval'"):
+        L.spatial_groupnorm_forward(
+            np.zeros((6, 3, 3)), np.ones((1, 6, 1, 1)), np.zeros((1, 6, 1, 1)), 2, {}
+        )
+    with pytest.raises(
+        ValueError, match=r"bn_param\['mode'\] must be 'train' or 'test', got 'eval'"
+    ):
         L.spatial_batchnorm_forward(x4, np.ones(6), np.zeros(6), {"mode": "eval"})
     with pytest.raises(ValueError, match=r"bn_param\['mode'\].*None"):
         L.batchnorm_forward(np.zeros((3, 6)), np.ones(6), np.zeros(6), {})
@@ -330,7 +376,11 @@ def test_norm_bad_parameters():
         L.spatial_batchnorm_forward(x4, np.ones(5), np.zeros(6), {"mode": "train"})
     with pytest.raises(ValueError, match=r"x must be a 2-D array.*\(2, 6, 3, 3\)"):
         L.layernorm_forward(x4, np.ones(6), np.zeros(6), {})
-    _, cache = L.spatial_batchnorm_forward(x4, np.ones(6), np.zeros(6),
-                                           {"mode": "test", "running_mean": np.zeros(6), "running_var": np.ones(6)})
+    _, cache = L.spatial_batchnorm_forward(
+        x4,
+        np.ones(6),
+        np.zeros(6),
+        {"mode": "test", "running_mean": np.zeros(6), "running_var": np.ones(6)},
+    )
     with pytest.raises(ValueError, match=r"mode'\]='train'"):
         L.spatial_batchnorm_backward(np.zeros_like(x4), cache)

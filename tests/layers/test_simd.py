@@ -4,7 +4,18 @@ import numpy as np
 import pytest
 from numba import njit
 
-from pipeline._kernels.simd import lanes, prefetch, vadd, vfma, vload, vmul, vsplat, vstore, vsum, vzero
+from pipeline._kernels.simd import (
+    lanes,
+    prefetch,
+    vadd,
+    vfma,
+    vload,
+    vmul,
+    vsplat,
+    vstore,
+    vsum,
+    vzero,
+)
 
 
 @njit(cache=False)
@@ -27,17 +38,18 @@ def test_vector_ops_match_numpy(dtype, V):
     out = np.full(5 * V + 2, 7, dtype=dtype)
     lanes_seen, total = _ops(a, b, c, out)
     assert lanes_seen == V
-    # fused: one rounding, so equal to the float64 product-sum rounded once (float32) / close (float64)
-    exact = a[1:V + 1].astype(np.float64) * b[1:V + 1] + c[1:V + 1]
+    # fused: one rounding, so equal to the float64 product-sum rounded once (float32) / close
+    # (float64)
+    exact = a[1 : V + 1].astype(np.float64) * b[1 : V + 1] + c[1 : V + 1]
     if dtype == np.float32:
         np.testing.assert_array_equal(out[:V], exact.astype(np.float32))
     else:
         np.testing.assert_allclose(out[:V], exact, rtol=1e-15)
-    np.testing.assert_array_equal(out[V:2 * V], a[:V] + b[:V])
-    np.testing.assert_array_equal(out[2 * V:3 * V], np.full(V, c[2]))
-    np.testing.assert_array_equal(out[3 * V:4 * V], 0)
-    np.testing.assert_array_equal(out[4 * V:5 * V], a[:V] * c[:V])
-    np.testing.assert_array_equal(out[5 * V:], 7)  # nothing written past the last vector
+    np.testing.assert_array_equal(out[V : 2 * V], a[:V] + b[:V])
+    np.testing.assert_array_equal(out[2 * V : 3 * V], np.full(V, c[2]))
+    np.testing.assert_array_equal(out[3 * V : 4 * V], 0)
+    np.testing.assert_array_equal(out[4 * V : 5 * V], a[:V] * c[:V])
+    np.testing.assert_array_equal(out[5 * V :], 7)  # nothing written past the last vector
     expect = a[0]
     for k in range(1, V):  # lane order
         expect = dtype(expect + a[k])

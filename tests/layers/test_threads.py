@@ -1,7 +1,7 @@
 """Importing pipeline sets up the thread runtimes under the kernels the same way whatever the
-process imported first (pipeline/_kernels/threads.py): Numba on its own TBB runtime, not on a libgomp
-that PyTorch loaded with its own wait policy; OpenBLAS's short spin even when NumPy (or torch,
-which imports it) loaded OpenBLAS before pipeline could set OPENBLAS_THREAD_TIMEOUT.
+process imported first (pipeline/_kernels/threads.py): Numba on its own TBB runtime, not on a
+libgomp that PyTorch loaded with its own wait policy; OpenBLAS's short spin even when NumPy (or
+torch, which imports it) loaded OpenBLAS before pipeline could set OPENBLAS_THREAD_TIMEOUT.
 
 Each check runs in a fresh process; no timing is measured (benchmarks/bench_epoch.py does).
 """
@@ -21,8 +21,12 @@ from pipeline._kernels import threads as _threads
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_TBB = _threads._tbb_path() is not None
-needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="PyTorch not installed (pip install -e '.[bench]')")
-needs_tbb = pytest.mark.skipif(not HAS_TBB, reason="the tbb package is not installed (a dependency on x86-64 Linux only)")
+needs_torch = pytest.mark.skipif(
+    not HAS_TORCH, reason="PyTorch not installed (pip install -e '.[bench]')"
+)
+needs_tbb = pytest.mark.skipif(
+    not HAS_TBB, reason="the tbb package is not installed (a dependency on x86-64 Linux only)"
+)
 
 # Report, after the given imports: Numba's threading layer once a parallel kernel ran, the
 # libgomp copies mapped, OMP_WAIT_POLICY, and OpenBLAS's timeout (its cached environment).
@@ -44,19 +48,34 @@ for path in _threads._loaded_openblas():
         timeouts.append(lib.openblas_thread_timeout())
 a = np.arange(160000, dtype=np.float64).reshape(400, 400) % 7
 assert np.array_equal(a @ a, np.einsum("ij,jk->ik", a, a))  # GEMMs still right after a restart
-print(json.dumps({"layer": numba.threading_layer(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                  "gomp": sorted({p for p in maps if "libgomp" in p}), "openblas_timeouts": timeouts,
+print(json.dumps({"layer": numba.threading_layer(),
+                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                  "gomp": sorted({p for p in maps if "libgomp" in p}),
+                  "openblas_timeouts": timeouts,
                   "setup": __import__("pipeline")._THREAD_SETUP}))
 """
 
 
 def _probe(*imports, **env_overrides):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT", "NUMBA_THREADING_LAYER",
-                        "NUMBA_THREADING_LAYER_PRIORITY")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "OMP_WAIT_POLICY",
+            "OPENBLAS_THREAD_TIMEOUT",
+            "NUMBA_THREADING_LAYER",
+            "NUMBA_THREADING_LAYER_PRIORITY",
+        )
+    }
     env.update(env_overrides)
-    out = subprocess.run([sys.executable, "-c", PROBE, *imports], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, *imports],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -89,10 +108,16 @@ def test_openmp_first_in_the_users_priority_gets_the_passive_wait_policy():
     assert r["layer"] == "omp" and r["omp_wait_policy"] == "PASSIVE"
 
 
-@pytest.mark.parametrize("env, chosen", [({}, True), ({"NUMBA_THREADING_LAYER": "safe"}, True),
-                                         ({"NUMBA_THREADING_LAYER": "omp"}, False),
-                                         ({"NUMBA_THREADING_LAYER_PRIORITY": "workqueue tbb omp"}, False),
-                                         ({"NUMBA_THREADING_LAYER_PRIORITY": "tbb omp workqueue"}, True)])
+@pytest.mark.parametrize(
+    "env, chosen",
+    [
+        ({}, True),
+        ({"NUMBA_THREADING_LAYER": "safe"}, True),
+        ({"NUMBA_THREADING_LAYER": "omp"}, False),
+        ({"NUMBA_THREADING_LAYER_PRIORITY": "workqueue tbb omp"}, False),
+        ({"NUMBA_THREADING_LAYER_PRIORITY": "tbb omp workqueue"}, True),
+    ],
+)
 def test_which_settings_leave_numba_on_tbb(env, chosen):
     assert _threads.tbb_chosen(env) is chosen
 
@@ -117,13 +142,23 @@ def test_openblas_short_spin_when_torch_was_imported_first():
 
 def test_openblas_no_restart_when_pipeline_comes_first():
     r = _probe("pipeline")
-    assert _openblas(r) == [4] * len(r["openblas_timeouts"]) and r["setup"]["openblas_refreshed"] == []
+    assert (
+        _openblas(r) == [4] * len(r["openblas_timeouts"]) and r["setup"]["openblas_refreshed"] == []
+    )
 
 
 def test_user_settings_win():
-    r = _probe("numpy", "pipeline", OPENBLAS_THREAD_TIMEOUT="20", OMP_WAIT_POLICY="ACTIVE",
-               NUMBA_THREADING_LAYER="omp")
-    assert _openblas(r) == [20] * len(r["openblas_timeouts"]) and r["setup"]["openblas_refreshed"] == []
+    r = _probe(
+        "numpy",
+        "pipeline",
+        OPENBLAS_THREAD_TIMEOUT="20",
+        OMP_WAIT_POLICY="ACTIVE",
+        NUMBA_THREADING_LAYER="omp",
+    )
+    assert (
+        _openblas(r) == [20] * len(r["openblas_timeouts"])
+        and r["setup"]["openblas_refreshed"] == []
+    )
     assert r["layer"] == "omp" and r["omp_wait_policy"] == "ACTIVE"
 
 
@@ -153,15 +188,17 @@ def _parallel_kernels():
     found = []
     for module in (affine, conv, norm, pool, cnn, optim, reduce):
         for name, obj in vars(module).items():
-            if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.targetoptions.get("parallel"):
+            if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.targetoptions.get(
+                "parallel"
+            ):
                 found.append((module, name))
     return found
 
 
 def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     """Every parallel kernel launched from Python, on the layers' every path (direct and im2col
-    convolutions with dx, both pools, both norms, the affine forward, dx and dw with L2, Adam, L2, the training
-    reduce), holds the lock."""
+    convolutions with dx, both pools, both norms, the affine forward, dx and dw with L2, Adam, L2,
+    the training reduce), holds the lock."""
     import numpy as np
 
     from pipeline import cnn, optim
@@ -174,20 +211,26 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
         def run(*args):
             held.setdefault(name, []).append(_threads.LAUNCH_LOCK.locked())
             return kernel(*args)
+
         return run
 
     kernels = [(module, name) for module, name in _parallel_kernels() if name not in INNER_KERNELS]
-    assert len(kernels) >= 20, kernels                  # the search finds the package's kernels
+    assert len(kernels) >= 20, kernels  # the search finds the package's kernels
     for module, name in kernels:
         monkeypatch.setattr(module, name, checked(name, getattr(module, name)))
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
-    for size in (7, 3):                                   # direct kernels, then im2col + GEMM
+    for size in (7, 3):  # direct kernels, then im2col + GEMM
         w = rng.standard_normal((4, 3, size, size)).astype(np.float32)
-        out, cache = fl.conv_relu_forward_fast(x, w, np.zeros(4, np.float32), {"stride": 1, "pad": size // 2})
+        out, cache = fl.conv_relu_forward_fast(
+            x, w, np.zeros(4, np.float32), {"stride": 1, "pad": size // 2}
+        )
         fl.conv_backward_fast(np.ones_like(out), cache, compute_dx=True)
-    for pool in ({"pool_height": 2, "pool_width": 2, "stride": 2}, {"pool_height": 3, "pool_width": 3, "stride": 1}):
+    for pool in (
+        {"pool_height": 2, "pool_width": 2, "stride": 2},
+        {"pool_height": 3, "pool_width": 3, "stride": 1},
+    ):
         out, cache = fl.max_pool_forward_fast(x, pool)
         fl.max_pool_backward_fast(np.ones_like(out), cache)
     gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
@@ -195,19 +238,26 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     fl.spatial_batchnorm_backward_fast(np.ones_like(out), cache)
     out, cache = fl.spatial_groupnorm_forward_fast(x, gamma, beta, 3, {})
     fl.spatial_groupnorm_backward_fast(np.ones_like(out), cache)
-    big = np.ones((64, 32, 32, 32), np.float32)           # large enough to run on the pool, not serially
+    big = np.ones((64, 32, 32, 32), np.float32)  # large enough to run on the pool, not serially
     fl.max_pool_forward_fast(big, {"pool_height": 2, "pool_width": 2, "stride": 2})
-    fl.affine_relu_forward_fast(np.ones((4, 10), np.float32), np.ones((10, 40), np.float32), np.zeros(40, np.float32))
-    fl.affine_dw_l2_fast(np.ones((4, 10), np.float32), np.ones((4, 40), np.float32), np.ones((10, 40), np.float32), 0.1)
+    fl.affine_relu_forward_fast(
+        np.ones((4, 10), np.float32), np.ones((10, 40), np.float32), np.zeros(40, np.float32)
+    )
+    fl.affine_dw_l2_fast(
+        np.ones((4, 10), np.float32),
+        np.ones((4, 40), np.float32),
+        np.ones((10, 40), np.float32),
+        0.1,
+    )
     fl.affine_dx_fast(np.ones((20, 40), np.float32), np.ones((10, 40), np.float32), sumsq=True)
     w = np.ones(1000, np.float32)
     optim.adam(w, w.copy(), {})
     cnn._add_l2(w.copy(), w, 1e-3)
-    reduce.warm_kernels(np.float32)                      # tree_adam (and add_scaled)
+    reduce.warm_kernels(np.float32)  # tree_adam (and add_scaled)
 
     launched = {name for _, name in kernels}
-    assert set(held) == launched, launched ^ set(held)   # every kernel was reached ...
-    assert all(all(v) for v in held.values()), held      # ... and always under the lock
+    assert set(held) == launched, launched ^ set(held)  # every kernel was reached ...
+    assert all(all(v) for v in held.values()), held  # ... and always under the lock
     assert not _threads.LAUNCH_LOCK.locked()
 
 
@@ -273,8 +323,13 @@ def test_threads_of_one_process_launching_kernels_at_once():
     the process (in numba.get_num_threads) before launches took turns."""
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER",)}
     env["NUMBA_NUM_THREADS"] = "2"
-    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", STRESS], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", STRESS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     layer, errors = out.stdout.strip().splitlines()[-1].split(" ", 1)
     assert errors == "[]"

@@ -9,7 +9,11 @@ from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 
 
 def test_round_trip_keeps_arrays_dtypes_and_meta(tmp_path):
-    arrays = {"params/W1": np.arange(12, dtype=np.float32).reshape(3, 4), "adam/W1/m": np.ones(3), "step": np.int64(7)}
+    arrays = {
+        "params/W1": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "adam/W1/m": np.ones(3),
+        "step": np.int64(7),
+    }
     path = save_checkpoint(tmp_path / "ck.npz", arrays, {"step": 7, "note": "x"})
     got, meta = load_checkpoint(path)
     assert set(got) == set(arrays)
@@ -33,7 +37,9 @@ def test_overwrite_is_atomic_and_leaves_no_temporary_files(tmp_path):
 
 @pytest.mark.parametrize("cut", [0.3, 0.6, 0.95])
 def test_torn_checkpoint_is_refused(tmp_path, cut):
-    path = save_checkpoint(tmp_path / "ck.npz", {"a": np.random.default_rng(0).standard_normal(10_000)}, {"step": 3})
+    path = save_checkpoint(
+        tmp_path / "ck.npz", {"a": np.random.default_rng(0).standard_normal(10_000)}, {"step": 3}
+    )
     data = path.read_bytes()
     torn = tmp_path / "torn.npz"
     torn.write_bytes(data[: int(len(data) * cut)])
@@ -60,7 +66,11 @@ def test_plain_npz_without_metadata_is_not_a_checkpoint(tmp_path):
 
 def test_pickled_object_arrays_are_refused(tmp_path):
     path = tmp_path / "evil.npz"
-    np.savez(path, __meta__=np.frombuffer(b'{"format": "convpipe-checkpoint/1"}', np.uint8), a=np.array([object()], dtype=object))
+    np.savez(
+        path,
+        __meta__=np.frombuffer(b'{"format": "convpipe-checkpoint/1"}', np.uint8),
+        a=np.array([object()], dtype=object),
+    )
     with pytest.raises(CheckpointError, match="evil.npz"):
         load_checkpoint(path)
 
@@ -89,5 +99,5 @@ def test_npy_headers_are_parsed_under_one_lock(tmp_path, monkeypatch):
     arrays, _ = load_checkpoint(tmp_path / "c.npz")
     params, _ = run.read_params()
     assert arrays["w"].tolist() == [1, 1, 1] and params["W1"].tolist() == [0, 0]
-    assert len(held) >= 3 and all(held), held     # every header (the metadata's too) under the lock
+    assert len(held) >= 3 and all(held), held  # every header (the metadata's too) under the lock
     assert not NPY_READ_LOCK.locked()

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli import build_parser, main
 from pipeline.cli.train import config_from_args
-from pipeline.cli import build_parser
-from tests.training_fixtures import make_store
+from tests.helpers.training import make_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=64, n_val=16, n_test=16)
+    return make_store(
+        tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=64, n_val=16, n_test=16
+    )
 
 
 def _error(capsys, argv):
@@ -22,12 +23,21 @@ def _error(capsys, argv):
     return code, err
 
 
-@pytest.mark.parametrize("extra, words", [
-    (["--shard-size", 100], "shard_size 100 does not divide batch_size 256"),
-    (["--norm", "layernorm"], "unknown norm 'layernorm': expected one of none, spatial_batchnorm, groupnorm"),
-    (["--workers", 2, "--scheduler", "tcp://127.0.0.1:8786"], "workers and scheduler exclude each other"),
-    (["--train-limit", 1000], "train_limit 1000 exceeds the 64 training images"),
-])
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--shard-size", 100], "shard_size 100 does not divide batch_size 256"),
+        (
+            ["--norm", "layernorm"],
+            "unknown norm 'layernorm': expected one of none, spatial_batchnorm, groupnorm",
+        ),
+        (
+            ["--workers", 2, "--scheduler", "tcp://127.0.0.1:8786"],
+            "workers and scheduler exclude each other",
+        ),
+        (["--train-limit", 1000], "train_limit 1000 exceeds the 64 training images"),
+    ],
+)
 def test_settings_that_do_not_fit_are_one_line_errors(store, tmp_path, capsys, extra, words):
     code, err = _error(capsys, ["train", "--data", store, "--out", tmp_path / "run", *extra])
     assert code == 2
@@ -36,17 +46,23 @@ def test_settings_that_do_not_fit_are_one_line_errors(store, tmp_path, capsys, e
 
 
 def test_missing_and_incompatible_stores(tmp_path, capsys):
-    code, err = _error(capsys, ["train", "--data", tmp_path / "absent.zarr", "--out", tmp_path / "run"])
+    code, err = _error(
+        capsys, ["train", "--data", tmp_path / "absent.zarr", "--out", tmp_path / "run"]
+    )
     assert code == 2 and err.count("\n") == 1 and "absent.zarr" in err and "no data store" in err
     (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "zarr.json").write_text('{"node_type": "group", "attributes": {"format": "x"}}')
+    (tmp_path / "other" / "zarr.json").write_text(
+        '{"node_type": "group", "attributes": {"format": "x"}}'
+    )
     code, err = _error(capsys, ["train", "--data", tmp_path / "other"])
     assert code == 2 and err.count("\n") == 1 and "not a convpipe CIFAR store" in err
 
 
 def test_unreachable_scheduler_is_one_line(store, tmp_path, capsys):
-    code, err = _error(capsys, ["train", "--data", store, "--scheduler", "tcp://127.0.0.1:9",
-                                "--out", tmp_path / "run"])
+    code, err = _error(
+        capsys,
+        ["train", "--data", store, "--scheduler", "tcp://127.0.0.1:9", "--out", tmp_path / "run"],
+    )
     assert code == 2 and err.count("\n") == 1
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
@@ -60,17 +76,39 @@ def test_resume_and_evaluate_need_a_run_directory(tmp_path, capsys):
 
 
 def test_options_map_onto_train_config(tmp_path):
-    args = build_parser().parse_args(["train", "--data", "s.zarr", "--batch-size", "64", "--shard-size", "32",
-                                      "--norm", "spatial_batchnorm", "--lr", "3e-4", "--steps", "5"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--data",
+            "s.zarr",
+            "--batch-size",
+            "64",
+            "--shard-size",
+            "32",
+            "--norm",
+            "spatial_batchnorm",
+            "--lr",
+            "3e-4",
+            "--steps",
+            "5",
+        ]
+    )
     c = config_from_args(args)
-    assert (c.data, c.batch_size, c.shard_size, c.norm, c.lr, c.steps, c.epochs) == \
-        ("s.zarr", 64, 32, "spatial_batchnorm", 3e-4, 5, 1)
-    assert c.hidden_dim == 500 and c.workers is None            # untouched options keep their defaults
+    assert (c.data, c.batch_size, c.shard_size, c.norm, c.lr, c.steps, c.epochs) == (
+        "s.zarr",
+        64,
+        32,
+        "spatial_batchnorm",
+        3e-4,
+        5,
+        1,
+    )
+    assert c.hidden_dim == 500 and c.workers is None  # untouched options keep their defaults
 
 
 def _fresh_machine(tmp_path, monkeypatch):
     """A working directory whose data/ holds only a CIFAR-10 archive, as a user's would."""
-    from tests.data_fixtures import md5, write_cifar_archive
+    from tests.helpers.data import md5, write_cifar_archive
 
     monkeypatch.chdir(tmp_path)
     archive, _ = write_cifar_archive(tmp_path / "data", per_batch=220, n_test=20)
@@ -83,18 +121,46 @@ def test_train_prepares_the_default_store_on_first_run(tmp_path, monkeypatch, ca
 
     archive, digest = _fresh_machine(tmp_path, monkeypatch)
     monkeypatch.setattr(sources, "OFFICIAL_MD5", digest)  # stands in for the official archive
-    code = main(["train", "--steps", "1", "--batch-size", "16", "--shard-size", "16", "--workers", "1",
-                 "--num-filters", "2", "--hidden-dim", "8", "--out", str(tmp_path / "run")])
+    code = main(
+        [
+            "train",
+            "--steps",
+            "1",
+            "--batch-size",
+            "16",
+            "--shard-size",
+            "16",
+            "--workers",
+            "1",
+            "--num-filters",
+            "2",
+            "--hidden-dim",
+            "8",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     assert "preparing it first" in err
-    assert open_store(tmp_path / "data" / "cifar10.zarr").splits == {"train": 100, "val": 1000, "test": 20}
+    assert open_store(tmp_path / "data" / "cifar10.zarr").splits == {
+        "train": 100,
+        "val": 1000,
+        "test": 20,
+    }
     assert (tmp_path / "run" / "params.npz").is_file()
 
 
-def test_train_first_run_with_an_unofficial_archive_stops_before_training(tmp_path, monkeypatch, capsys):
+def test_train_first_run_with_an_unofficial_archive_stops_before_training(
+    tmp_path, monkeypatch, capsys
+):
     archive, digest = _fresh_machine(tmp_path, monkeypatch)
     code = main(["train", "--steps", "1", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("convpipe: error: ") and digest in err[-1] and "--no-verify" in err[-1]
+    assert (
+        code == 2
+        and err[-1].startswith("convpipe: error: ")
+        and digest in err[-1]
+        and "--no-verify" in err[-1]
+    )
     assert not (tmp_path / "run").exists()

@@ -23,9 +23,13 @@ def umask_027():
 
 
 def test_atomic_writes_read_the_umask_without_setting_it(tmp_path, monkeypatch, umask_027):
-    """os.umask can only be read by setting it: a thread creating a file meanwhile would get none."""
+    """os.umask can only be read by setting it: a thread creating a file meanwhile would get
+    none."""
+
     def forbidden(*args):
-        raise AssertionError("os.umask called while writing: that changes the umask of every thread")
+        raise AssertionError(
+            "os.umask called while writing: that changes the umask of every thread"
+        )
 
     monkeypatch.setattr(os, "umask", forbidden)
     path = atomic_write_text(tmp_path / "f.txt", "x")
@@ -59,8 +63,10 @@ def test_two_runs_racing_for_one_directory_exactly_one_gets_it(tmp_path):
         won = [r for r in results if isinstance(r, RunDir)]
         lost = [r for r in results if isinstance(r, TrainingError)]
         assert len(won) == 1 and len(lost) == 1, results
-        assert str(lost[0]) == (f"{out} already holds a run (or another run is starting there): continue it with "
-                                f"--resume {out} or choose another --out")
+        assert str(lost[0]) == (
+            f"{out} already holds a run (or another run is starting there): continue it with "
+            f"--resume {out} or choose another --out"
+        )
         (out / "checkpoints").rmdir()
 
 
@@ -89,4 +95,6 @@ def test_config_json_is_replaced_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
     monkeypatch.undo()
     TrainConfig(steps=9).save(path)
-    assert TrainConfig.load(path).steps == 9 and path.stat().st_ino != inode  # a new file renamed over the old
+    assert (
+        TrainConfig.load(path).steps == 9 and path.stat().st_ino != inode
+    )  # a new file renamed over the old

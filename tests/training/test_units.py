@@ -13,14 +13,13 @@ from pipeline.cnn import ModelSpec
 from pipeline.errors import TrainingError
 from pipeline.optim import adam_inplace
 from pipeline.procs import pid_namespace
-from pipeline.training import transport
+from pipeline.training import shm
 from pipeline.training.config import TrainConfig, parse_value
-from pipeline.training.plan import CHUNK, StepPlan, covers, frontier, split
+from pipeline.training.plan import CHUNK, Layout, StepPlan, covers, frontier, split
 from pipeline.training.reduce import adam_scalars, combine_moments, pairwise, tree_adam
 from pipeline.training.rundir import RunDir, write_plots
 from pipeline.training.shards import Schedule, epoch_permutation, subset
-from pipeline.training.transport import (
-    Layout,
+from pipeline.training.shm import (
     SharedState,
     attach,
     record_is,
@@ -162,7 +161,7 @@ def test_config_round_trips_through_json(tmp_path):
         TrainConfig.load(tmp_path / "bad.json")
 
 
-# ---- data order -----------------------------------------------------------------------------------
+# ---- data order ----------------------------------------------------------------------------------
 
 
 def test_every_epoch_visits_every_image_once_in_a_seeded_order():
@@ -192,7 +191,7 @@ def test_steps_limit_and_subset():
     assert len(subset(0, 10, 30, tag=1)) == 10
 
 
-# ---- the fixed-order gradient tree, cut into parts and slices --------------------------------------
+# ---- the fixed-order gradient tree, cut into parts and slices ------------------------------------
 
 
 def _symbols(k):
@@ -292,7 +291,7 @@ def test_tree_order_is_fixed_not_left_to_right():
     assert order == "(((a+b)+(c+d))+e)"
 
 
-# ---- BN moments -------------------------------------------------------------------------------------
+# ---- BN moments ----------------------------------------------------------------------------------
 
 
 def test_combined_moments_are_those_of_the_whole_batch():
@@ -312,7 +311,7 @@ def test_combined_moments_are_those_of_the_whole_batch():
     assert m32.dtype == v32.dtype == np.float32
 
 
-# ---- shared buffers -------------------------------------------------------------------------------
+# ---- shared buffers ------------------------------------------------------------------------------
 
 
 def test_layout_views_and_flatten_round_trip():
@@ -351,7 +350,7 @@ def test_workers_see_the_state_the_coordinator_starts_from_and_records_validate_
 
 def test_a_failed_second_shared_file_removes_the_first_and_says_why(monkeypatch):
     calls = []
-    real = transport._create
+    real = shm._create
 
     def create(path, size):
         calls.append(path)
@@ -359,16 +358,16 @@ def test_a_failed_second_shared_file_removes_the_first_and_says_why(monkeypatch)
             raise OSError(28, "No space left on device")
         return real(path, size)
 
-    monkeypatch.setattr(transport, "_create", create)
+    monkeypatch.setattr(shm, "_create", create)
     with pytest.raises(TrainingError, match="No space left on device"):
         SharedState(Layout(("W",), ((4,),), "float32"), slots=1, max_slices=1, blocks=1)
     assert len(calls) == 2 and not any(shm_root().glob(f"{calls[0].rsplit('/', 1)[-1]}*"))
 
 
 def test_shared_memory_is_refused_where_stores_may_be_reordered(monkeypatch):
-    from pipeline.training.exchange import open_exchange
+    from pipeline.training.transport import open_exchange
 
-    monkeypatch.setattr(transport.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(shm.platform, "machine", lambda: "aarch64")
     with pytest.raises(TrainingError, match="x86"):
         open_exchange(None, "shm", None, Layout(("W",), ((4,),), "float32"), 1, 1)
 
@@ -386,7 +385,7 @@ def test_stale_shared_files_of_dead_coordinators_are_removed(tmp_path):
         elsewhere.unlink(missing_ok=True)
 
 
-# ---- run directory --------------------------------------------------------------------------------
+# ---- run directory -------------------------------------------------------------------------------
 
 
 def test_run_directory_refuses_to_overwrite_and_truncates_metrics(tmp_path):
@@ -426,9 +425,10 @@ def _png_size(path) -> tuple[int, int]:
 
 
 def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filters(tmp_path):
-    """A run of 6 steps, 4 per epoch (from config.json), scored every 2 steps and at the epoch's end:
-    curves.png's x axis is step / 4 from 0, the accuracy lines hold every point, axes are labelled,
-    there is a legend; filters.png is upscaled to >= 480 px and titled with the run and step."""
+    """A run of 6 steps, 4 per epoch (from config.json), scored every 2 steps and at the epoch's
+    end: curves.png's x axis is step / 4 from 0, the accuracy lines hold every point, axes are
+    labelled, there is a legend; filters.png is upscaled to >= 480 px and titled with the run and
+    step."""
     from pipeline.curves import Curves
     from pipeline.figures import curves_figure, filters_figure
 

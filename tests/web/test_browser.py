@@ -17,19 +17,34 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs_helpers import until
-from tests.training_fixtures import make_store
+from tests.helpers.training import make_store
+from tests.helpers.wait import wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="headless Chromium is not installed (apt-get install chromium; CI's .ci/run installs it)")
+    CHROMIUM is None,
+    reason="headless Chromium is not installed "
+    "(apt-get install chromium; CI's .ci/run installs it)",
+)
 
 
 def chromium(tmp_path: Path, *args: str, timeout: float = 120) -> str:
     profile = tmp_path / "chromium-profile"
-    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                        "--disable-dev-shm-usage", f"--user-data-dir={profile}", *args],
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout
 
@@ -46,7 +61,11 @@ def loss_points(dom: str) -> int:
 
 def steps_written(run_dir: Path) -> int:
     try:
-        return sum(1 for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in line)
+        return sum(
+            1
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "step"' in line
+        )
     except FileNotFoundError:
         return 0
 
@@ -65,24 +84,51 @@ def training_job(tmp_path, monkeypatch):
     monkeypatch.setenv("CONVPIPE_DATA", str(root))
     monkeypatch.chdir(tmp_path)
     store = make_store(tmp_path / "store")
-    spec = spec_from_table({"job": "train", "name": "browser-test", "root": str(root), "data": str(store),
-                            "steps": 20000, "batch-size": 64, "shard-size": 16, "num-filters": 4, "filter-size": 3,
-                            "hidden-dim": 16, "weight-scale": 1e-2, "lr": 1e-2, "checkpoint-every": 5000,
-                            "train-acc-samples": 64, "eval-every": 10, "eval-samples": 64}, default_name="x")
+    spec = spec_from_table(
+        {
+            "job": "train",
+            "name": "browser-test",
+            "root": str(root),
+            "data": str(store),
+            "steps": 20000,
+            "batch-size": 64,
+            "shard-size": 16,
+            "num-filters": 4,
+            "filter-size": 3,
+            "hidden-dim": 16,
+            "weight-scale": 1e-2,
+            "lr": 1e-2,
+            "checkpoint-every": 5000,
+            "train-acc-samples": 64,
+            "eval-every": 10,
+            "eval-samples": 64,
+        },
+        default_name="x",
+    )
     with worker_cluster(None, None, 2, 1) as client:
         record = job_client.submit(client, spec)
         try:
             yield client, page_link(client.dashboard_link), record["job"], Path(record["run_dir"])
         finally:
-            if job_client.job_status(client, record["job"])["state"] not in ("cancelled", "done", "failed"):
+            if job_client.job_status(client, record["job"])["state"] not in (
+                "cancelled",
+                "done",
+                "failed",
+            ):
                 job_client.cancel(client, record["job"])
-            until(lambda: job_client.job_status(client, record["job"])["state"] in ("cancelled", "done", "failed"),
-                  timeout=120, what="the job's end after cancel")
+            wait_until(
+                lambda: (
+                    job_client.job_status(client, record["job"])["state"]
+                    in ("cancelled", "done", "failed")
+                ),
+                timeout=120,
+                what="the job's end after cancel",
+            )
 
 
 def test_chromium_shows_the_running_job_and_its_growing_curve(training_job, tmp_path):
     client, url, job, run_dir = training_job
-    until(lambda: steps_written(run_dir) >= 5, timeout=180, what="5 training steps")
+    wait_until(lambda: steps_written(run_dir) >= 5, timeout=180, what="5 training steps")
 
     overview = dump_dom(tmp_path, url)
     row = re.search(rf'<tr class="job" data-job="{re.escape(job)}">(.*?)</tr>', overview, re.S)
@@ -92,7 +138,7 @@ def test_chromium_shows_the_running_job_and_its_growing_curve(training_job, tmp_
     page = f"{url}/job/{job}"
     first = loss_points(dump_dom(tmp_path, page))
     assert first >= 5
-    until(lambda: steps_written(run_dir) >= first + 5, timeout=180, what="5 more steps")
+    wait_until(lambda: steps_written(run_dir) >= first + 5, timeout=180, what="5 more steps")
     second_dom = dump_dom(tmp_path, page)
     second = loss_points(second_dom)
     assert second >= first + 5, (first, second)
@@ -113,5 +159,11 @@ def test_chromium_shows_the_running_job_and_its_growing_curve(training_job, tmp_
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, out / "convpipe-page.png")
         overview_shot = out / "convpipe-overview.png"
-        chromium(tmp_path, "--window-size=1280,500", "--hide-scrollbars", f"--screenshot={overview_shot}", url)
+        chromium(
+            tmp_path,
+            "--window-size=1280,500",
+            "--hide-scrollbars",
+            f"--screenshot={overview_shot}",
+            url,
+        )
     print(f"screenshot: {shot}")

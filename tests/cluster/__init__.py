@@ -1,0 +1,1 @@
+"""Tests of pipeline.cluster (settings, TLS) and the docker-compose cluster."""

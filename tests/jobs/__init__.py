@@ -1,0 +1,1 @@
+"""Tests of pipeline.jobs: specs, the runner, the job client, interrupts, and sweeps."""

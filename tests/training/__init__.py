@@ -1,0 +1,1 @@
+"""Tests of pipeline.training: the trainer on Dask, its run directory, checkpoints, faults."""

@@ -1,0 +1,1 @@
+"""Tests of the convpipe page on the scheduler's dashboard, its data, curves and SVG."""
