@@ -145,7 +145,10 @@ def _resolve(source, data_root: Path, verify: bool, progress: Progress | None) -
             dest,
             md5=S.OFFICIAL_MD5 if verify else None,
             progress=progress,
-            hint=f"no CIFAR-10 copy found in {data_root} or Keras's folder; {OFFLINE_HINT}",
+            hint=f"no CIFAR-10 copy found ({S.ARCHIVE_NAME} or {S.BATCHES_DIR}/ in {data_root} "
+            f"or {data_root / 'cifar10'}, torchvision's places with root={data_root}, nor in "
+            f"Keras's {S.keras_datasets_dir()}); put the official {S.ARCHIVE_NAME} in "
+            f"{data_root}, or {OFFLINE_HINT}",
         )
         return S.classify(dest)
     text = os.fspath(source)

@@ -436,7 +436,13 @@ def test_offline_download_says_how_to_prepare_from_a_local_copy(tmp_path, monkey
         prepare(None, tmp_path / "s.zarr", data_root=root)
     msg = str(e.value)
     assert "\n" not in msg and "download failed" in msg
-    assert f"no CIFAR-10 copy found in {root}" in msg
+    # where it looked, in the words of the places it searched (torchvision's and Keras's)
+    assert (
+        f"no CIFAR-10 copy found (cifar-10-python.tar.gz or cifar-10-batches-py/ in {root} " in msg
+    )
+    assert f"torchvision's places with root={root}" in msg
+    assert f"Keras's {tmp_path / 'nokeras' / 'datasets'}" in msg
+    assert f"put the official cifar-10-python.tar.gz in {root}" in msg
     assert "`convpipe data prepare --source PATH`" in msg and "cifar-10-python.tar.gz" in msg
     with pytest.raises(DataError, match=r"download failed .*`convpipe data prepare --source PATH`"):
         prepare(f"http://127.0.0.1:{_closed_port()}/x.tar.gz", tmp_path / "s.zarr", data_root=root)
