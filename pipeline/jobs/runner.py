@@ -68,7 +68,7 @@ from pipeline.procs import Owner
 #: at most one progress line per this many seconds in the job's log (epochs always)
 PROGRESS_EVERY_S = 5.0
 #: progress events that always make a log line (steps and chunks are thinned out)
-ALWAYS_LOGGED = ("start", "resumed", "warning", "epoch", "checkpoint")
+ALWAYS_LOGGED = ("start", "resumed", "warning", "epoch", "checkpoint", "scored", "rung")
 #: how often the coordinator looks for a cancel request
 CANCEL_CHECK_EVERY_S = 1.0
 #: how many times one attempt of a job restarts itself after the worker running its coordinator
@@ -215,8 +215,8 @@ class Report:
 def format_progress(p: dict) -> str:
     """One log line from a progress record (training: start/step/epoch/checkpoint; data: stages)."""
     event = p.get("event") or p.get("kind")
-    if p.get("message") and event in (None, "warning"):
-        return (f"{event}: " if event else "") + str(p["message"])
+    if p.get("message") and event in (None, "warning", "scored", "rung"):  # a sweep's: as they are
+        return ("warning: " if event == "warning" else "") + str(p["message"])
     if event == "start" and "total_steps" in p:
         return (
             f"start: step {p.get('start_step', 0)}/{p['total_steps']}, {p.get('epochs')} epoch(s), "

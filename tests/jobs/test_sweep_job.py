@@ -4,6 +4,7 @@ cancelled mid-sweep and resumed to the same outcome as an uninterrupted sweep.""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from distributed import Client
@@ -41,6 +42,12 @@ def test_a_sweep_job_runs_prints_its_leaderboard_and_resumes_after_a_cancel(
     out = capsys.readouterr().out
     whole = out.splitlines()[0]
     assert "trial t000" in out and "done: trials 4" in out
+    # every trial's score and every rung's promotions are log lines as they are, no "1/1"
+    scored = [line for line in out.splitlines() if " trial t0" in line and "val_acc" in line]
+    assert len(scored) >= 4 and not any(" 1/1" in line for line in out.splitlines())
+    assert any(
+        re.search(r"Z rung 2 steps: \d of 4 trials go on \(t00", line) for line in out.splitlines()
+    )
     assert main(["status", whole, "--scheduler", addr]) == 0
     status = capsys.readouterr().out
     assert "sweep: 4/4 trials done, rungs [2, 4, 6]" in status and "lr" in status.splitlines()[-5]

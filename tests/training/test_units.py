@@ -470,7 +470,11 @@ def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filt
         [0.1, 0.2, 0.3]
     )
     legend = [t.get_text() for t in acc_ax.get_legend().get_texts()]
-    assert legend[:2] == ["val accuracy", "train accuracy (sample)"]
+    assert legend == [
+        "val accuracy",
+        "train accuracy (sample)",
+        "val, whole split (end of each epoch and of the run)",
+    ]
     assert loss_ax.get_legend() is not None
     title = filters_figure("First-layer filters of run run-a, step 6", W1).axes[0].get_title()
     assert "run run-a, step 6" in title and "32 filters, 3x7x7" in title

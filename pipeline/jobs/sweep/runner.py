@@ -41,8 +41,8 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
     """Run (or continue) the sweep ``plan`` in run directory ``out``; return its summary.
 
     ``client``: the cluster every trial trains on (default: connect as the base settings say).
-    ``progress``: called with each trial's training events (``trial`` added) and one message
-    per scored rung; an exception from it stops the sweep where it is (resumable).
+    ``progress``: called with each trial's training events (``trial`` added), a ``scored``
+    message per trial and rung and a ``rung`` message per rung's promotions; an exception from it stops the sweep where it is (resumable).
     """
     emit = progress or (lambda event: None)
     out = Path(out)
@@ -83,10 +83,9 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
             if not last:
                 emit(
                     {
+                        "event": "rung",
                         "message": f"rung {rung} steps: {len(going_on)} of {len(at_rung)} trials "
                         f"go on ({', '.join(state.trials[i].name for i in going_on)})",
-                        "done": 1,
-                        "total": 1,
                     }
                 )
         return write_results(out, state, plan)
@@ -191,9 +190,8 @@ def _train_trial(
     save()
     emit(
         {
+            "event": "scored",
             "message": f"trial {trial.name} ({settings_text(trial.settings)}): step {rung} "
             f"val_acc {summary['val_acc']:.4f}",
-            "done": 1,
-            "total": 1,
         }
     )
