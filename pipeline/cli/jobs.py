@@ -18,7 +18,7 @@ import sys
 import time
 
 from pipeline.cli.quiet import quiet
-from pipeline.cluster import ClusterError, connect
+from pipeline.cluster import ClusterError, connect, worker_cluster
 from pipeline.errors import ConvpipeError
 
 SCHEDULER_ENV = "CONVPIPE_SCHEDULER"
@@ -89,7 +89,10 @@ def register(subparsers) -> None:
         "resume",
         help="continue a failed or cancelled job from its last checkpoint",
         description="Queue the next attempt of a failed or cancelled job; a training job "
-        "continues its run directory from the last checkpoint.",
+        "continues its run directory from the last checkpoint. Without a scheduler (--scheduler "
+        "or $CONVPIPE_SCHEDULER) the job's files are read under --root (default: data) and the "
+        "job runs on an embedded local cluster, followed until it ends, like an embedded "
+        "`convpipe submit`.",
     )
     p.add_argument("job", metavar="JOB")
     _scheduler_arg(p)
@@ -198,10 +201,6 @@ def _submit_embedded(spec, args) -> int:
     workers = spec.options.get("workers")
     threads = spec.options.get("threads_per_worker") or 1
     spec.options["workers"] = None
-    from pipeline.cluster import (
-        worker_cluster,  # the embedded cluster `convpipe train` starts
-    )
-
     with worker_cluster(None, None, workers, threads) as client:
         from pipeline.dashboard import page_link
 
@@ -340,7 +339,7 @@ def cmd_status(args) -> int:
             json.dumps(statuses[0] if args.job else statuses, indent=2, sort_keys=True, default=str)
         )
     elif args.job:
-        _print_status(statuses[0], "" if address else f" --root {root} --scheduler ADDR")
+        _print_status(statuses[0], "" if address else f" --root {root}")
     elif not statuses:
         print(f"no jobs on {where}")
     else:
@@ -418,7 +417,10 @@ def _print_status(s: dict, resume_args: str = "") -> None:
         ("last line", s.get("last_line")),
     ]
     if s.get("result"):
-        fields.append(("result", ", ".join(f"{k} {v}" for k, v in s["result"].items())))
+        from pipeline.curves import number_text
+
+        result = ", ".join(f"{k} {number_text(v)}" for k, v in s["result"].items())
+        fields.append(("result", result))
     for name, value in fields:
         if value not in (None, "", "None by None"):
             print(f"{name + ':':11}{value}")
@@ -505,22 +507,21 @@ def cmd_resume(args) -> int:
     from pipeline.jobs.records import JobFiles
 
     address = scheduler_address(args.scheduler)
-    if address is None:
-        raise ClusterError(
-            f"resume needs a scheduler to run the job on: --scheduler ADDR or ${SCHEDULER_ENV}"
-        )
     record = None
-    if args.root is not None:
-        status = status_from_files(args.root, args.job)
+    if address is None or args.root is not None:
+        root = args.root if args.root is not None else "data"
+        status = status_from_files(root, args.job)
         if status["state"] not in ("failed", "cancelled"):
             raise job_client.JobError(
                 f"job {args.job} is {status['state']} according to {status.get('job_dir')}: only a "
                 f"failed or cancelled job can be resumed"
             )
-        record = JobFiles.of(args.root, args.job).read_record()
+        record = JobFiles.of(root, args.job).read_record()
         if record is None:
-            raise job_client.JobError(f"job {args.job} has no spec.json under {args.root}/jobs")
+            raise job_client.JobError(f"job {args.job} has no spec.json under {root}/jobs")
         record["attempt"] = max(int(record["attempt"]), int(status.get("attempt", 1)))
+    if address is None:
+        return _resume_embedded(record, args)
     with connect(address, timeout=args.timeout) as client:
         with _lost_scheduler(address):
             new = job_client.resume(client, args.job, record, timeout=args.timeout)
@@ -533,6 +534,33 @@ def cmd_resume(args) -> int:
         if args.follow:
             return _follow(client, address, new["job"], new)
     return 0
+
+
+def _resume_embedded(record: dict, args) -> int:
+    """A job with no scheduler to go back to (submitted to the embedded cluster, which ended with
+    the command): start the embedded cluster again, as `convpipe submit` did, and follow the job
+    there until it ends."""
+    from pipeline.jobs import client as job_client
+
+    options = record["options"]
+    workers, threads = options.get("workers"), options.get("threads_per_worker") or 1
+    with worker_cluster(None, None, workers, threads) as client:
+        print(
+            f"convpipe: no scheduler given: resuming job {args.job} on an embedded local cluster",
+            file=sys.stderr,
+        )
+        new = job_client.resume(client, args.job, record, timeout=args.timeout)
+        print(new["job"], flush=True)
+        print(
+            f"convpipe: job {new['job']} queued again (attempt {new['attempt']}), continuing "
+            f"{new['run_dir']}",
+            file=sys.stderr,
+        )
+        try:
+            return _follow(client, "the embedded cluster", new["job"], new)
+        except KeyboardInterrupt:
+            job_client.cancel(client, new["job"])
+            raise
 
 
 def cmd_certs(args) -> int:

@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
+from pipeline.curves import number_text
 from pipeline.dashboard.data import Listing, RunView
 from pipeline.dashboard.svg import Series, line_chart
 from pipeline.errors import ConvpipeError
@@ -217,9 +218,7 @@ def job_detail(status: dict) -> str:
         parts.append(
             escape(
                 ", ".join(
-                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in status["result"].items()
-                    if k != "run_dir"
+                    f"{k} {number_text(v)}" for k, v in status["result"].items() if k != "run_dir"
                 )
             )
         )

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from html import escape
 
+from pipeline.curves import number_text
+
 #: the most vertices one path gets; longer series are averaged in equal buckets
 MAX_VERTICES = 800
 
@@ -44,14 +46,6 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
         ticks.append(round(t, 12))
         t += step
     return ticks
-
-
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1000:
-        return f"{v:,.0f}"
-    return f"{v:.4g}"
 
 
 def _thin(points: tuple[tuple[float, float], ...]) -> list[tuple[float, float]]:
@@ -119,13 +113,13 @@ def line_chart(
         out.append(
             f'<line x1="{left}" x2="{left + pw}" y1="{Y(t):.1f}" y2="{Y(t):.1f}" class="grid"/>'
             f'<text x="{left - 6}" y="{Y(t) + 4:.1f}" class="tick" '
-            f'text-anchor="end">{_fmt(t)}</text>'
+            f'text-anchor="end">{number_text(float(t))}</text>'
         )
     for t in nice_ticks(x0, x1, 6):
         out.append(
             f'<line y1="{top}" y2="{top + ph}" x1="{X(t):.1f}" x2="{X(t):.1f}" class="grid"/>'
             f'<text x="{X(t):.1f}" y="{top + ph + 16}" class="tick" '
-            f'text-anchor="middle">{_fmt(t)}</text>'
+            f'text-anchor="middle">{number_text(float(t))}</text>'
         )
     out.append(
         f'<text x="{left + pw / 2:.1f}" y="{height - 6}" class="axis-label" '

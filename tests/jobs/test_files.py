@@ -167,3 +167,13 @@ def test_a_malformed_record_is_one_line_for_resume(tmp_path, capsys, content, pr
     assert err.count("\n") == 1 and err.startswith(
         f"convpipe: error: {bad.record_path}: {problem}"
     ), err
+
+
+def test_status_shows_a_result_rounded_as_people_read_it(tmp_path, capsys):
+    files = finished_job(tmp_path, "a-train-job", "done")
+    status = files.read_status()
+    status["result"] = {"train_acc": 0.51234567, "images_per_s": 1496.4468, "steps": 20}
+    files.write_status(status)
+    code, out, err = run_cli(capsys, "status", "a-train-job", "--root", str(tmp_path))
+    assert code == 0, err
+    assert "result:    images_per_s 1,496, steps 20, train_acc 0.5123\n" in out

@@ -482,10 +482,7 @@ def test_cli_resume_from_the_files_when_the_scheduler_forgot_the_job(tmp_path, c
         assert code == 1
     job_id = out.splitlines()[0]
     code, out, _ = run_cli(capsys, "status", job_id, "--root", str(tmp_path))
-    assert (
-        "state:     failed" in out
-        and f"convpipe resume {job_id} --root {tmp_path} --scheduler ADDR" in out
-    )
+    assert "state:     failed" in out and f"convpipe resume {job_id} --root {tmp_path}\n" in out
     # the failing step is fixed by hand (fail-at is part of the recorded options); then resume
     files = JobFiles.of(tmp_path, job_id)
     record = files.read_record()
@@ -510,6 +507,40 @@ def test_cli_resume_from_the_files_when_the_scheduler_forgot_the_job(tmp_path, c
         "x 2 4",
         "x 3 9",
     ]
+
+
+def test_cli_resume_without_a_scheduler_runs_the_job_on_the_embedded_cluster(
+    tmp_path, capsys, monkeypatch
+):
+    """A job submitted with no scheduler has none to go back to: `convpipe resume JOB` reads its
+    files under the data root (data/ here) and runs it on the embedded cluster again, as an
+    embedded `convpipe submit` does, followed to its end."""
+    from pipeline.jobs.spec import load_spec
+    from tests.helpers.cluster import TINY_SETS
+    from tests.helpers.training import make_store
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONVPIPE_SCHEDULER", "")
+    monkeypatch.setenv("CONVPIPE_CONFIG", str(tmp_path / "none.toml"))
+    (tmp_path / "none.toml").write_text("")
+    make_store(tmp_path / "data" / "cifar10.zarr")
+    spec = load_spec(
+        Path(__file__).parents[2] / "jobs" / "train-three-layer.toml",
+        [*TINY_SETS, "steps=40", "checkpoint-every=2"],
+    )
+    with local_cluster(1) as first, Client(first) as client:
+        rec = job_client.submit(client, spec)
+        checkpoints = Path(rec["run_dir"]) / "checkpoints"
+        wait_until(lambda: any(checkpoints.glob("*.npz")), 120, "the job's first checkpoint")
+        job_client.cancel(client, rec["job"])
+        assert wait_for(client, rec["job"], timeout=120)["state"] == "cancelled"
+    code, out, err = run_cli(capsys, "resume", rec["job"])
+    assert code == 0, err
+    assert f"resuming job {rec['job']} on an embedded local cluster" in err
+    assert out.splitlines()[0] == rec["job"] and "done:" in out
+    status = JobFiles.of(tmp_path / "data", rec["job"]).read_status()
+    assert (status["state"], status["attempt"]) == ("done", 2)
+    assert (Path(rec["run_dir"]) / "params.npz").is_file()
 
 
 def test_cli_submit_with_a_missing_store_prints_one_line(tmp_path):

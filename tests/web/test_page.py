@@ -464,3 +464,14 @@ def test_behind_the_dashboards_tls(root, tmp_path):
             assert r.status == 200 and b"<title>convpipe: jobs and runs</title>" in r.read()
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/convpipe", timeout=20)
+
+
+def test_a_done_jobs_result_is_rounded_as_people_read_it():
+    from pipeline.dashboard.render import job_detail
+
+    status = {
+        "job": "train-1",
+        "state": "done",
+        "result": {"train_acc": 0.51234567, "images_per_s": 1496.4468, "steps": 20, "run_dir": "x"},
+    }
+    assert job_detail(status) == "train_acc 0.5123, images_per_s 1,496, steps 20"
