@@ -7,11 +7,9 @@ directories, settings files or sweeps.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipeline.cnn import ModelSpec, ThreeLayerConvNet
 from pipeline.errors import TrainingError
-from pipeline.jobs.sweep import best_run_dir
+from pipeline.jobs.sweep import trained_run_dir
 from pipeline.training.config import TrainConfig
 from pipeline.training.rundir import RunDir
 
@@ -25,12 +23,7 @@ def load_model(run_dir) -> ThreeLayerConvNet:
     best trial. Raises :class:`~pipeline.errors.TrainingError` naming the file when the run has
     no parameters yet or they do not fit the run's settings.
     """
-    path = Path(run_dir)
-    if (path / "sweep.json").exists() and not (
-        path / "config.json"
-    ).exists():  # a sweep: its best trial
-        path = Path(best_run_dir(path))
-    run = RunDir(path).require_existing()
+    run = RunDir(trained_run_dir(run_dir)).require_existing()
     config = TrainConfig.load(run.config_path)
     params, bn = run.read_params()
     if "W3" not in params:

@@ -25,8 +25,15 @@ from pipeline.errors import ConvpipeError, Terminated
 COMMAND_MODULES = ("pipeline.cli.data", "pipeline.cli.train", "pipeline.cli.jobs")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a bad option is one line naming it (not the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="convpipe",
         description="Train CS231n convolutional networks data-parallel on a Dask cluster.",
     )
@@ -44,7 +51,36 @@ def _format_warning(
     others as Python words them."""
     if category.__module__.startswith("pipeline."):
         return f"convpipe: warning: {message}\n"
+    if category.__name__ == "VersionMismatchWarning":
+        return _version_mismatch(str(message))
     return _default(message, category, filename, lineno, line)
+
+
+def _version_mismatch(table: str) -> str:
+    """Dask's table of versions that differ between this client, the scheduler and the workers,
+    as one line, or nothing when only Python's patch level differs (3.11.7 here, 3.11.2 in the
+    compose image: nothing a run depends on)."""
+    rows = []
+    for row in table.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if row.lstrip().startswith("|") and len(cells) == 4 and cells[0] != "Package":
+            rows.append(cells)
+    if not rows:
+        return f"convpipe: warning: {' '.join(table.split())}\n"
+    differ = [
+        r
+        for r in rows
+        if not (r[0] == "python" and len({".".join(v.split(".")[:2]) for v in r[1:]}) == 1)
+    ]
+    if not differ:
+        return ""
+    return (
+        "convpipe: warning: the cluster's versions differ from this host's: "
+        + "; ".join(
+            f"{p} {here} here, {s} on the scheduler, {w} on the workers" for p, here, s, w in differ
+        )
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,11 +7,15 @@ for underscores), so the command, job specs and ``config.json`` cannot drift apa
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import sys
+import time
 
 from pipeline.cli.quiet import quiet
-from pipeline.training.config import TrainConfig, parse_value
+from pipeline.errors import TrainingError
+from pipeline.training.config import TrainConfig, in_user_words, parse_value
 
 _SHORT_HELP = "train ThreeLayerConvNet data-parallel on a Dask cluster"
 
@@ -20,7 +24,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help=_SHORT_HELP,
-        description=_SHORT_HELP + " (the embedded local cluster by default)",
+        description=_SHORT_HELP + " (the embedded local cluster by default). The run is "
+        "written to runs/<date>-<time>/ under the current directory unless --out says "
+        "otherwise; a job (`convpipe submit`) writes its run under the data root instead, "
+        "ROOT/runs/<job id>/, where every worker of the cluster sees it.",
         argument_default=argparse.SUPPRESS,
     )
     for f in dataclasses.fields(TrainConfig):
@@ -34,6 +41,13 @@ def register(subparsers) -> None:
             type=_parser_for(f.name),
             help=meta.get("help", "") + extra,
         )
+    p.add_argument(
+        "--no-verify",
+        dest="no_verify",
+        action="store_true",
+        help="when the default store must be prepared first: accept a CIFAR-10 copy whose md5 "
+        "is not the official one (as `convpipe data prepare --no-verify`)",
+    )
     p.set_defaults(func=quiet(_train))
 
     e = subparsers.add_parser(
@@ -41,7 +55,11 @@ def register(subparsers) -> None:
         help="accuracy of a trained run on a split, as a Dask job",
         description="Accuracy of RUN_DIR's final parameters (params.npz) on a split of a store.",
     )
-    e.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `convpipe train`")
+    e.add_argument(
+        "run_dir",
+        metavar="RUN_DIR",
+        help="run directory written by `convpipe train` or a job; a sweep's: its best trial",
+    )
     e.add_argument(
         "--data", metavar="STORE", help="Zarr store (default: the one the run was trained on)"
     )
@@ -57,12 +75,10 @@ def register(subparsers) -> None:
 
 def _parser_for(name: str):
     def parse(text: str):
-        from pipeline.errors import TrainingError
-
         try:
             return parse_value(name, text)
-        except TrainingError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+        except TrainingError as exc:  # "setting lr: expected float, ...": argparse names --lr
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"setting {name}: ")) from None
 
     parse.__name__ = name  # argparse names the option's type in its message
     return parse
@@ -80,12 +96,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**given).validate()
 
 
+@contextlib.contextmanager
+def _in_flags():
+    """A setting that does not fit, named as the user typed it: --batch-size, not batch_size."""
+    try:
+        yield
+    except TrainingError as exc:
+        raise TrainingError(in_user_words(str(exc), lambda key: "--" + key)) from None
+
+
 def _train(args: argparse.Namespace) -> int:
+    with _in_flags():
+        return _train_run(args)
+
+
+def _train_run(args: argparse.Namespace) -> int:
     from pipeline.training import train
 
     config = config_from_args(args)
     if "data" not in vars(args) and not config.resume and not config.scheduler:
-        _prepare_default_store(config.data)
+        _prepare_default_store(config.data, verify=not getattr(args, "no_verify", False))
     say_if_compiling(config)
     bar = _Progress()
     try:
@@ -103,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_default_store(store: str) -> None:
+def _prepare_default_store(store: str, verify: bool = True) -> None:
     """First run on a fresh machine: make the default store as `convpipe data prepare` would
     (CIFAR-10 found in data/ or downloaded), so `convpipe train` alone gets going."""
     from pipeline.cli import build_parser
@@ -116,7 +146,9 @@ def _prepare_default_store(store: str) -> None:
         f"{store})",
         file=sys.stderr,
     )
-    prepare = build_parser().parse_args(["data", "prepare", "--out", store])
+    prepare = build_parser().parse_args(
+        ["data", "prepare", "--out", store] + ([] if verify else ["--no-verify"])
+    )
     prepare.func(prepare)
 
 
@@ -132,7 +164,12 @@ def say_if_compiling(config: TrainConfig) -> bool:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.jobs.sweep import trained_run_dir
     from pipeline.training import evaluate
+
+    run_dir = trained_run_dir(args.run_dir)  # a sweep's run directory: its best trial
+    if run_dir != args.run_dir:
+        print(f"the sweep's best trial: {run_dir}", file=sys.stderr)
 
     def progress(event):
         if event["event"] == "start":
@@ -143,7 +180,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             )
 
     r = evaluate(
-        args.run_dir,
+        run_dir,
         data=args.data,
         split=args.split,
         scheduler=args.scheduler,
@@ -173,8 +210,22 @@ def _run_page(run_dir: str) -> str | None:
 class _Progress:
     """tqdm bar fed by the coordinator's events: step, epoch, loss, images/s, ETA."""
 
-    def __init__(self):
-        self.bar = None
+    #: steps the images/s shown is measured over (wall clock, evaluations included)
+    RATE_STEPS = 20
+
+    def __init__(self, clock=time.monotonic):
+        self.bar, self.clock = None, clock
+        self.recent = collections.deque(maxlen=self.RATE_STEPS + 1)  # (time, images) per step
+
+    def _rate(self, images: int) -> float | None:
+        """Images per second of wall clock over the last steps. A step's own time would not
+        do: the step after an evaluation was computed while the coordinator scored, so it
+        looked 10 times faster than training runs."""
+        self.recent.append((self.clock(), images))
+        (t0, _), (t1, _) = self.recent[0], self.recent[-1]
+        if len(self.recent) < 2 or t1 <= t0:
+            return None
+        return sum(n for _, n in list(self.recent)[1:]) / (t1 - t0)
 
     def __call__(self, event: dict) -> None:
         from tqdm import tqdm
@@ -197,16 +248,21 @@ class _Progress:
                 file=sys.stderr,
             )
         elif kind == "step" and self.bar is not None:
+            rate = self._rate(event["n"])
             self.bar.set_postfix_str(
-                f"epoch {event['epoch']}, loss {event['loss']:.4f}, "
-                f"{event['images_per_s']:,.0f} img/s",
+                f"epoch {event['epoch']}, loss {event['loss']:.4f}"
+                + ("" if rate is None else f", {rate:,.0f} img/s"),
                 refresh=False,
             )
             self.bar.update(1)
         elif kind == "epoch":
+            where = (
+                f"epoch {event['epoch']} (step {event['step']})"
+                if event.get("end_of_epoch", True)
+                else f"end of the run at step {event['step']}, in epoch {event['epoch']}"
+            )
             self._write(
-                f"epoch {event['epoch']} (step {event['step']}): train acc "
-                f"{event['train_acc']:.4f}, val acc "
+                f"{where}: train acc {event['train_acc']:.4f}, val acc "
                 f"{'n/a' if event['val_acc'] is None else format(event['val_acc'], '.4f')}"
             )
         elif kind == "resumed":

@@ -27,15 +27,16 @@ from pipeline.data.store import store_state
 from pipeline.errors import ConvpipeError, DataError, TrainingError
 from pipeline.jobs.records import ACTIVE, JobError, JobFiles
 from pipeline.jobs.schema import Option, SpecError, options_from_dataclass
-from pipeline.jobs.sweep import STATE_FILE, SweepPlan, run_sweep, total_steps
-from pipeline.training.config import TrainConfig
+from pipeline.jobs.sweep import STATE_FILE, SweepPlan, run_sweep, total_steps, trained_run_dir
+from pipeline.training.config import TrainConfig, in_user_words
 from pipeline.training.coordinator import train
 from pipeline.training.evaluation import evaluate
 from pipeline.training.rundir import RunDir
 
 
 def _spec_error(spec, exc: Exception) -> ConvpipeError:
-    return SpecError(f"{spec.source}: {exc}")
+    """A setting that does not fit, named as the spec spells it (``batch-size``)."""
+    return SpecError(f"{spec.source}: {in_user_words(str(exc))}")
 
 
 def _abs(path: str | None) -> str | None:
@@ -245,7 +246,7 @@ class Evaluate:
                 if os.path.isdir(candidate):
                     run_dir = candidate
                     break
-        o["run"] = _abs(run_dir)
+        o["run"] = _abs(trained_run_dir(run_dir))  # a sweep's: its best trial
         run = RunDir(o["run"]).require_existing()
         if not run.params_path.exists():
             raise TrainingError(
@@ -287,12 +288,14 @@ class Sweep(_InRunDirectory):
                 (dict,),
                 None,
                 "[search] table: method, trials, seed, metric and the searched settings",
+                keys=("method", "parallel", "trials", "seed", "metric"),
             ),
             "early_stopping": Option(
                 "early_stopping",
                 (dict, type(None)),
                 None,
                 "[early-stopping] table: min-steps, reduction-factor",
+                keys=("min_steps", "reduction_factor"),
             ),
         }
 

@@ -24,6 +24,12 @@ class Option:
     types: tuple
     default: object
     help: str = ""
+    keys: tuple[str, ...] = ()  # a table option's own keys (``--set search.trials=4``)
+
+    @property
+    def spelt(self) -> str:
+        """The option's name as a spec or ``--set`` spells it (``batch-size``)."""
+        return self.name.replace("_", "-")
 
     @property
     def value_type(self) -> ValueType:
@@ -35,7 +41,7 @@ class Option:
             return self.value_type.convert(value)
         except WrongType:
             raise SpecError(
-                f"{where}: {self.name} must be {self.value_type.name()}, got {value!r}"
+                f"{where}: {self.spelt} must be {self.value_type.name()}, got {value!r}"
             ) from None
 
     def parse(self, text: str, where: str):
@@ -44,7 +50,7 @@ class Option:
             return self.value_type.parse(text)
         except WrongType as exc:
             raise SpecError(
-                f"{where}: {self.name} must be {self.value_type.name()}, got {exc.value!r}"
+                f"{where}: {self.spelt} must be {self.value_type.name()}, got {exc.value!r}"
             ) from None
 
 

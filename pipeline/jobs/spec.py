@@ -22,6 +22,7 @@ there, by :mod:`pipeline.jobs.kinds`, before the job is queued.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,12 @@ def spec_from_table(
             )
         if opt is None:
             raise SpecError(
-                f"{where}: unknown key {key.replace('_', '-')!r} for a {kind} job{_known(schema)}"
+                f"{where}: unknown key {key.replace('_', '-')!r} for a {kind} job"
+                + (
+                    f" (it belongs in the [{t}] table)"
+                    if (t := (_table_of(schema, key) or "").replace("_", "-"))
+                    else _known(schema)
+                )
             )
         values[key] = opt.check(value, where)
     for key, text in sets:
@@ -168,7 +174,12 @@ def spec_from_table(
         opt = top.get(key) or schema.get(key)
         if opt is None:
             raise SpecError(
-                f"--set {key.replace('_', '-')}: unknown key for a {kind} job{_known(schema)}"
+                f"--set {key.replace('_', '-')}: unknown key for a {kind} job"
+                + (
+                    f" (a key of the [{t}] table: --set {t}.{key.replace('_', '-')}={text})"
+                    if (t := (_table_of(schema, key) or "").replace("_", "-"))
+                    else _known(schema)
+                )
             )
         values[key] = opt.parse(text, f"--set {key.replace('_', '-')}")
 
@@ -182,7 +193,10 @@ def spec_from_table(
         tls=tls_from_table(tls_table, where, base=base) if tls_table else None,
         source=where,
     )
-    KINDS[kind].validate(spec)
+    try:
+        KINDS[kind].validate(spec)
+    except SpecError as exc:
+        raise _blame_override(exc, where, sets) from None
     return spec
 
 
@@ -194,6 +208,22 @@ def _split_override(text: str) -> tuple[str, str]:
     if not key:
         raise SpecError(f"--set {text!r}: expected key=value")
     return key, value.strip()
+
+
+def _table_of(schema: dict, key: str) -> str | None:
+    """The kind's table option that has ``key`` among its own keys (``search`` for trials)."""
+    return next((name for name, opt in schema.items() if key in opt.keys), None)
+
+
+def _blame_override(exc: SpecError, where: str, sets: list[tuple[str, str]]) -> SpecError:
+    """A setting that does not fit, blamed on the ``--set`` that gave it rather than on the
+    file, when the message names a key the command line set."""
+    message = str(exc)
+    for key, text in sets:
+        spelt = key.replace("_", "-")
+        if message.startswith(f"{where}: ") and re.search(rf"\b({spelt}|{key})\b", message):
+            return SpecError(f"--set {spelt}={text}: " + message.removeprefix(f"{where}: "))
+    return exc
 
 
 def _known(schema: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,3 +246,13 @@ def _coerce_number(vtype: ValueType, value):
         return vtype.convert(value)
     except WrongType:
         return value  # validate() names the setting and the type
+
+
+def in_user_words(message: str, spell=lambda key: key) -> str:
+    """``message`` with each multi-word setting's field name (``batch_size``) spelt as the user
+    types it: ``spell("batch-size")``, e.g. ``--batch-size`` on the command line, ``batch-size``
+    in a job spec. One-word names (lr, seed) read the same either way and are left alone."""
+    for f in dataclasses.fields(TrainConfig):
+        if "_" in f.name:
+            message = re.sub(rf"\b{f.name}\b", spell(f.name.replace("_", "-")), message)
+    return message

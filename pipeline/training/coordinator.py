@@ -287,6 +287,8 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                         "kind": "epoch",
                         "epoch": schedule.epoch_of(step) + 1,
                         "step": step + 1,
+                        # False: the run ended before the epoch did (scored there all the same)
+                        "end_of_epoch": (step + 1) % schedule.steps_per_epoch == 0,
                         "train_acc": done.train_acc,
                         "val_acc": done.val_acc,
                         "loss": loss,

@@ -70,7 +70,7 @@ def test_dashes_and_underscores_are_the_same_key(tmp_path):
         ('job = "train"\nlr = true\n', r"lr must be float, got True"),
         (
             'job = "train"\nbatch-size = 100\nshard-size = 64\n',
-            r"shard_size 64 does not divide batch_size 100",
+            r"shard-size 64 does not divide batch-size 100",
         ),
         ('job = "train"\nnorm = "layernorm"\n', r"unknown norm 'layernorm'"),
         ("batch-size = 64\n", r"missing key 'job'"),
@@ -139,7 +139,10 @@ def test_set_overrides_are_typed(tmp_path):
         ("epochs=2.5", r"--set epochs: epochs must be int, got 2.5"),
         ("epoch=2", r"--set epoch: unknown key for a train job"),
         ("epochs", r"expected key=value"),
-        ("shard-size=100", r"shard_size 100 does not divide batch_size 256"),
+        (
+            "shard-size=100",
+            r"^--set shard-size=100: shard-size 100 does not divide batch-size 256",
+        ),
         ("job=fly", r"unknown job 'fly'"),
     ],
 )
@@ -189,7 +192,7 @@ def test_job_options_and_train_settings_share_one_type_check():
         assert options[name].parse(text, "--set") == parse_value(name, text)
     assert isinstance(parse_value("lr", "1"), float) and options["lr"].check(1, "spec") == 1.0
     assert options["steps"].value_type.name() == "int or none"
-    with pytest.raises(SpecError, match=r"--set x: batch_size must be int, got 2.5"):
+    with pytest.raises(SpecError, match=r"--set x: batch-size must be int, got 2.5"):
         options["batch_size"].parse("2.5", "--set x")
     with pytest.raises(SpecError, match=r"spec: lr must be float, got True"):
         options["lr"].check(True, "spec")
@@ -202,3 +205,48 @@ def test_spec_toml_round_trips_newlines_quotes_and_backslashes(tmp_path):
     again = load_spec(write(tmp_path, spec.to_toml(), "again.toml"))
     assert again.name == tricky and again.options["out"] == f"runs/{tricky}"
     assert again.options == spec.options
+
+
+SWEEP = 'job = "sweep"\ndata = "x"\n[search]\nlr = { log-uniform = [1e-4, 1e-2] }\n'
+
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        (
+            "trials=4",
+            "--set trials: unknown key for a sweep job (a key of the [search] table: "
+            "--set search.trials=4)",
+        ),
+        ("min-steps=5", "(a key of the [early-stopping] table: --set early-stopping.min-steps=5)"),
+    ],
+)
+def test_a_table_key_set_at_the_top_says_how_to_set_it(tmp_path, override, hint):
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, SWEEP), [override])
+    assert hint in str(err.value)
+    fix = hint.rsplit("--set ", 1)[1].rstrip(")")  # the hint's own command works
+    spec = load_spec(write(tmp_path, SWEEP + "[early-stopping]\nmin-steps = 1\n"), [fix])
+    table, key = fix.split("=")[0].split(".")
+    assert spec.options[table.replace("-", "_")][key.replace("-", "_")] == int(fix.split("=")[1])
+
+
+def test_a_table_key_at_the_top_of_the_file_says_which_table(tmp_path):
+    path = write(tmp_path, SWEEP.replace('data = "x"\n', 'data = "x"\ntrials = 4\n'))
+    with pytest.raises(
+        SpecError,
+        match=r"unknown key 'trials' for a sweep job \(it belongs in "
+        r"the \[search\] table\)",
+    ):
+        load_spec(path)
+
+
+def test_a_bad_value_from_set_is_blamed_on_the_set_and_spelt_as_typed(tmp_path):
+    path = write(tmp_path, 'job = "train"\nlr = 0.01\n')
+    with pytest.raises(SpecError) as err:
+        load_spec(path, ["lr=-1"])
+    assert str(err.value) == "--set lr=-1: lr must be > 0, got -1.0"
+    # the same value in the file names the file; a multi-word key as the spec spells it
+    with pytest.raises(SpecError) as err:
+        load_spec(write(tmp_path, 'job = "train"\nbatch-size = 0\n'), ["lr=0.5"])
+    assert str(err.value) == f"{path}: batch-size must be >= 1, got 0"

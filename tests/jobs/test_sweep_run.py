@@ -137,6 +137,17 @@ def test_successive_halving_keeps_the_best_third_and_writes_the_results(whole, c
     assert lines[2].split()[:2] == [best["trial"], "completed"]
 
 
+def test_convpipe_evaluate_takes_a_sweeps_directory_as_its_best_trial(whole, client, capsys):
+    from pipeline.cli import main
+
+    out, summary = whole
+    code = main(["evaluate", str(out), "--split", "val", "--scheduler", client.scheduler.address])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"the sweep's best trial: {summary['best']['run_dir']}" in err
+    assert stdout.startswith(f"val accuracy {summary['best']['final_val_acc']:.4f} ")
+
+
 def test_a_sweep_resumed_after_its_coordinator_died_ends_as_an_uninterrupted_one(
     store, client, whole, tmp_path
 ):

@@ -112,7 +112,7 @@ def test_a_bad_early_stopping_table_is_one_line(tmp_path, table, words):
 
 
 def test_the_base_settings_are_a_train_jobs_and_tables_stay_sweep_only(tmp_path):
-    with pytest.raises(SpecError, match="batch_size must be >= 1"):
+    with pytest.raises(SpecError, match="batch-size must be >= 1"):
         load_spec(
             write(
                 tmp_path,

@@ -3,6 +3,7 @@ process, BN synchronization, the run directory, resume, divergence and evaluatio
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -219,6 +220,25 @@ def test_bn_moments_of_several_shards_combine_to_the_batch_moments(store, tmp_pa
 # ---- the run directory ---------------------------------------------------------------------------
 
 
+def test_a_run_that_ends_mid_epoch_says_so_in_its_last_scoring(store, tmp_path, client, capsys):
+    """200 images / 64: 4 steps an epoch; 6 steps end in the middle of the second."""
+    from pipeline.cli.train import _Progress
+
+    bar = _Progress()
+    try:
+        train(tiny_config(store, tmp_path / "run", steps=6), client=client, progress=bar)
+    finally:
+        bar.close()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [(m["step"], m["epoch"], m["end_of_epoch"]) for m in lines if m["kind"] == "epoch"]
+    assert epochs == [(4, 1, True), (6, 2, False)]
+    err = capsys.readouterr().err
+    assert "epoch 1 (step 4): train acc " in err
+    assert (
+        "end of the run at step 6, in epoch 2: train acc " in err and "epoch 2 (step 6)" not in err
+    )
+
+
 def test_run_directory_holds_metrics_params_summary_and_plots(store, tmp_path, client):
     s = train(
         tiny_config(store, tmp_path / "run", epochs=2, norm="spatial_batchnorm"), client=client
@@ -230,6 +250,7 @@ def test_run_directory_holds_metrics_params_summary_and_plots(store, tmp_path, c
     assert [m["step"] for m in steps] == list(range(1, 9))  # 200 images / 64 -> 4 steps per epoch
     assert [m["n"] for m in steps] == [64, 64, 64, 8] * 2
     assert [m["epoch"] for m in epochs] == [1, 2]
+    assert [m["end_of_epoch"] for m in epochs] == [True, True]
     assert all(math.isfinite(m["loss"]) and m["images_per_s"] > 0 for m in steps)
     assert {"read_s", "compute_s", "reduce_s", "sync_s", "coordinator_s"} <= steps[0].keys()
     for key in ("train_acc", "val_acc", "steps", "seconds", "images_per_s", "workers", "settings"):

@@ -43,7 +43,7 @@ from pipeline.jobs.sweep.halving import promote, rungs
 from pipeline.jobs.sweep.report import curve, leaderboard_text
 from pipeline.jobs.sweep.runner import run_sweep, total_steps
 from pipeline.jobs.sweep.space import EarlyStopping, SweepError, SweepPlan
-from pipeline.jobs.sweep.state import STATE_FILE, SweepState, Trial, best_run_dir
+from pipeline.jobs.sweep.state import STATE_FILE, SweepState, Trial, best_run_dir, trained_run_dir
 
 __all__ = [
     "EarlyStopping",
@@ -53,6 +53,7 @@ __all__ = [
     "SweepState",
     "Trial",
     "best_run_dir",
+    "trained_run_dir",
     "curve",
     "leaderboard_text",
     "promote",

@@ -129,6 +129,16 @@ class SweepState:
         return top[0] if top and top[0].best()[0] is not None else None
 
 
+def trained_run_dir(path) -> str:
+    """The run directory whose parameters ``path`` names: ``path`` itself for a training run
+    (a ``convpipe train`` run, a job's, a sweep trial's), a sweep's best trial for a sweep's
+    run directory (``sweep.json`` and no ``config.json``)."""
+    path = Path(path)
+    if (path / STATE_FILE).exists() and not (path / "config.json").exists():
+        return best_run_dir(path)
+    return str(path)
+
+
 def best_run_dir(run_dir) -> str:
     """The run directory of a sweep's best trial (what :func:`pipeline.runs.load_model` loads)."""
     state = SweepState.load(run_dir)
