@@ -42,7 +42,8 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
 
     ``client``: the cluster every trial trains on (default: connect as the base settings say).
     ``progress``: called with each trial's training events (``trial`` added), a ``scored``
-    message per trial and rung and a ``rung`` message per rung's promotions; an exception from it stops the sweep where it is (resumable).
+    message per trial and rung and a ``rung`` message per rung's promotions; an exception
+    from it stops the sweep where it is (resumable).
     """
     emit = progress or (lambda event: None)
     out = Path(out)
