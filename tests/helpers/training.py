@@ -53,22 +53,23 @@ def make_store(
     return path
 
 
+#: a model small enough that a step costs milliseconds: 4 filters of 3x3, 16 hidden units
+TINY_MODEL = dict(
+    batch_size=64,
+    shard_size=16,
+    num_filters=4,
+    filter_size=3,
+    hidden_dim=16,
+    weight_scale=1e-2,
+    lr=1e-2,
+    checkpoint_every=2,
+    train_acc_samples=64,
+)
+
+
 def tiny_config(store, out, **changes) -> TrainConfig:
-    """A model small enough that a step costs milliseconds: 4 filters of 3x3, 16 hidden units."""
-    settings = dict(
-        data=str(store),
-        out=str(out),
-        batch_size=64,
-        shard_size=16,
-        num_filters=4,
-        filter_size=3,
-        hidden_dim=16,
-        weight_scale=1e-2,
-        lr=1e-2,
-        epochs=1,
-        checkpoint_every=2,
-        train_acc_samples=64,
-    )
+    """The :data:`TINY_MODEL` on ``store`` for one epoch, written to ``out``."""
+    settings = dict(data=str(store), out=str(out), epochs=1, **TINY_MODEL)
     settings.update(changes)
     return TrainConfig(**settings).validate()
 

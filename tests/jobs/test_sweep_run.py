@@ -15,7 +15,7 @@ from pipeline.jobs.kinds import Sweep
 from pipeline.jobs.sweep import SweepError, SweepPlan, SweepState, leaderboard_text, run_sweep
 from pipeline.runs import load_model
 from pipeline.training import evaluate
-from tests.helpers.training import assert_same_params, final_params, make_store
+from tests.helpers.training import TINY_MODEL, assert_same_params, final_params, make_store
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +38,7 @@ class Crash(Exception):
 def plan_of(store, search: dict, early_stopping: dict | None = None, **base) -> SweepPlan:
     """Trials of the tiny model: 2 steps an epoch of 64 images, 9 steps in all."""
     opts = {k: o.default for k, o in Sweep.options().items()}
-    opts.update(
-        data=str(store),
-        batch_size=64,
-        shard_size=16,
-        num_filters=4,
-        filter_size=3,
-        hidden_dim=16,
-        weight_scale=1e-2,
-        lr=1e-2,
-        steps=9,
-        checkpoint_every=2,
-        train_acc_samples=64,
-        eval_every=1,
-        eval_samples=32,
-    )
+    opts.update(data=str(store), **TINY_MODEL, steps=9, eval_every=1, eval_samples=32)
     opts.update(base)
     opts["search"], opts["early_stopping"] = search, early_stopping
     return SweepPlan.from_options(opts)
