@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 from urllib.parse import urlsplit
@@ -102,7 +104,19 @@ def connect(
     n = workers if workers is not None else default_workers()
     if n < 1:
         raise ClusterError(f"workers must be >= 1, got {n}")
-    cluster = LocalCluster(
+    with _terminal_interrupt_ignored(processes):
+        cluster = _local_cluster(
+            n, threads_per_worker, processes, dashboard_address, memory_limit, security
+        )
+    try:
+        with Client(cluster, security=security) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+def _local_cluster(n, threads_per_worker, processes, dashboard_address, memory_limit, security):
+    return LocalCluster(
         n_workers=n,
         threads_per_worker=threads_per_worker,
         processes=processes,
@@ -116,11 +130,23 @@ def connect(
             "preload": _preloads()
         },  # convpipe's page on the dashboard (pipeline.dashboard)
     )
+
+
+@contextlib.contextmanager
+def _terminal_interrupt_ignored(processes: bool) -> Iterator[None]:
+    """SIGINT ignored while the embedded cluster's worker processes start, so that they inherit
+    that: a terminal's Ctrl-C goes to its whole process group, and each worker process printed
+    a KeyboardInterrupt traceback and died mid-step. Now the Ctrl-C reaches this process alone,
+    which stops the run after the step in flight (its checkpoint) and closes the cluster. A
+    Python started with SIGINT ignored installs no KeyboardInterrupt handler of its own."""
+    if not processes or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with Client(cluster, security=security) as client:
-            yield client
+        yield
     finally:
-        cluster.close()
+        signal.signal(signal.SIGINT, previous)
 
 
 # BLAS/OpenMP threads of the worker processes, set in this process's environment while the

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 
 import dask
 
@@ -72,3 +73,21 @@ def test_the_callers_thread_variables_do_not_reach_the_workers(monkeypatch):
         (env,) = client.run(_thread_env).values()
     assert env == {k: "1" for k in THREAD_ENV}
     assert _thread_env() == {k: "2" for k in THREAD_ENV}
+
+
+def _sigint_ignored() -> bool:
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_the_embedded_workers_ignore_the_terminals_ctrl_c():
+    """A terminal's Ctrl-C goes to its whole process group: each worker process printed a
+    KeyboardInterrupt traceback and died mid-step. They start with SIGINT ignored, so the
+    Ctrl-C reaches the CLI alone; this process's own handler is back once they have started."""
+    before = signal.getsignal(signal.SIGINT)
+    with worker_cluster(workers=1, threads_per_worker=1) as client:
+        assert signal.getsignal(signal.SIGINT) is before
+        ((address, pid),) = client.run(os.getpid).items()
+        assert client.run(_sigint_ignored) == {address: True}
+        os.kill(pid, signal.SIGINT)  # as the terminal's Ctrl-C would
+        assert client.run(os.getpid) == {address: pid}  # the same process, still answering
+        assert client.run(_sigint_ignored) == {address: True}
