@@ -169,3 +169,10 @@ def test_futures_cancelled_by_a_lost_scheduler_connection_are_the_lost_scheduler
         [CancelledFuturesGroup([FutureCancelledError("task-1", "unknown")], "unknown")]
     )
     assert _failure_reason(other, _LiveClient()) == "FuturesCancelledError: 1 Future cancelled:"
+
+
+def test_a_done_jobs_log_line_rounds_its_result_as_status_does():
+    from pipeline.jobs.runner import _result_text
+
+    result = {"train_acc": 0.503, "seconds": 22.9153, "images_per_s": 2433.0422, "steps": 192}
+    assert _result_text(result) == "train_acc 0.503, seconds 22.92, images_per_s 2,433, steps 192"
