@@ -370,12 +370,9 @@ def _detail(s: dict) -> str:
     if s.get("state") == "failed":
         return s.get("reason") or ""
     if s.get("state") == "done":
-        res = s.get("result") or {}
-        return ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in res.items()
-            if k != "run_dir"
-        ) or (s.get("run_dir") or "")
+        from pipeline.jobs.records import result_text
+
+        return result_text(s.get("result"), skip=("run_dir",)) or (s.get("run_dir") or "")
     if s.get("state") == "running":
         line = s.get("last_line", "")
         return line.split(" ", 1)[1] if " " in line else line
@@ -417,10 +414,9 @@ def _print_status(s: dict, resume_args: str = "") -> None:
         ("last line", s.get("last_line")),
     ]
     if s.get("result"):
-        from pipeline.curves import number_text
+        from pipeline.jobs.records import result_text
 
-        result = ", ".join(f"{k} {number_text(v)}" for k, v in s["result"].items())
-        fields.append(("result", result))
+        fields.append(("result", result_text(s["result"])))
     for name, value in fields:
         if value not in (None, "", "None by None"):
             print(f"{name + ':':11}{value}")

@@ -15,10 +15,10 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-from pipeline.curves import number_text
 from pipeline.dashboard.data import Listing, RunView
 from pipeline.dashboard.svg import Series, line_chart
 from pipeline.errors import ConvpipeError
+from pipeline.jobs.records import result_text
 from pipeline.jobs.sweep import STATE_FILE, SweepState, curve
 
 POLL_MS = 2000
@@ -215,13 +215,7 @@ def job_detail(status: dict) -> str:
     if resume:
         parts.append(f"resume: <code>{escape(resume)}</code>")
     if status.get("state") == "done" and isinstance(status.get("result"), dict):
-        parts.append(
-            escape(
-                ", ".join(
-                    f"{k} {number_text(v)}" for k, v in status["result"].items() if k != "run_dir"
-                )
-            )
-        )
+        parts.append(escape(result_text(status["result"], skip=("run_dir",))))
     shown = (
         isinstance(status.get("run"), RunView) and status["run"].exists
     )  # its numbers are in the row

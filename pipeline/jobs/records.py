@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
+from pipeline.curves import number_text
 from pipeline.errors import ConvpipeError
 
 REGISTRY_TOPIC = "convpipe-jobs"
@@ -179,3 +180,9 @@ def _read_json(path: Path) -> dict | None:
 def log_line(text: str) -> str:
     """A line of a job's log: UTC time to the second, then the text."""
     return f"{now_iso()} {text}"
+
+
+def result_text(result: dict | None, skip: tuple[str, ...] = ()) -> str:
+    """A job's result as its log, ``convpipe status`` and the page show it: ``key value`` pairs,
+    numbers rounded as people read them (:func:`pipeline.curves.number_text`)."""
+    return ", ".join(f"{k} {number_text(v)}" for k, v in (result or {}).items() if k not in skip)

@@ -47,7 +47,6 @@ from distributed.comm.core import CommClosedError
 
 from pipeline.atomic import atomic_write_text
 from pipeline.cluster import cancelled_by_lost_scheduler
-from pipeline.curves import number_text
 from pipeline.errors import ConvpipeError
 from pipeline.jobs import interrupt
 from pipeline.jobs.kinds import KINDS
@@ -60,6 +59,7 @@ from pipeline.jobs.records import (
     jsonable,
     log_line,
     now_iso,
+    result_text,
     task_key,
     topic_events,
 )
@@ -471,4 +471,4 @@ def _scheduler_answers(client, timeout: float = 5.0) -> bool:
 def _result_text(result: dict | None) -> str:
     if not result:
         return "ok"
-    return ", ".join(f"{k} {number_text(v)}" for k, v in result.items())
+    return result_text(result)

@@ -177,3 +177,5 @@ def test_status_shows_a_result_rounded_as_people_read_it(tmp_path, capsys):
     code, out, err = run_cli(capsys, "status", "a-train-job", "--root", str(tmp_path))
     assert code == 0, err
     assert "result:    images_per_s 1,496, steps 20, train_acc 0.5123\n" in out
+    code, out, err = run_cli(capsys, "status", "--root", str(tmp_path))  # the listing's detail
+    assert code == 0 and out.rstrip().endswith("images_per_s 1,496, steps 20, train_acc 0.5123")
