@@ -521,15 +521,19 @@ def cmd_resume(args) -> int:
     with connect(address, timeout=args.timeout) as client:
         with _lost_scheduler(address):
             new = job_client.resume(client, args.job, record, timeout=args.timeout)
-        print(new["job"], flush=True)
-        print(
-            f"convpipe: job {new['job']} queued again (attempt {new['attempt']}), continuing "
-            f"{new['run_dir']}",
-            file=sys.stderr,
-        )
+        _queued_again(new)
         if args.follow:
             return _follow(client, address, new["job"], new)
     return 0
+
+
+def _queued_again(new: dict) -> None:
+    print(new["job"], flush=True)
+    print(
+        f"convpipe: job {new['job']} queued again (attempt {new['attempt']}), continuing "
+        f"{new['run_dir']}",
+        file=sys.stderr,
+    )
 
 
 def _resume_embedded(record: dict, args) -> int:
@@ -546,12 +550,7 @@ def _resume_embedded(record: dict, args) -> int:
             file=sys.stderr,
         )
         new = job_client.resume(client, args.job, record, timeout=args.timeout)
-        print(new["job"], flush=True)
-        print(
-            f"convpipe: job {new['job']} queued again (attempt {new['attempt']}), continuing "
-            f"{new['run_dir']}",
-            file=sys.stderr,
-        )
+        _queued_again(new)
         try:
             return _follow(client, "the embedded cluster", new["job"], new)
         except KeyboardInterrupt:

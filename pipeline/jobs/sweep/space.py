@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline.errors import ConvpipeError
 from pipeline.jobs.schema import SpecError
-from pipeline.training.config import TrainConfig
+from pipeline.training.config import RUNTIME_FIELDS, TrainConfig
 
 METHODS = ("random", "grid")
 
@@ -24,16 +24,7 @@ RANGES = ("log-uniform", "uniform", "int-uniform")
 
 
 #: settings a sweep cannot search: where and how a trial runs, not what it computes
-NOT_SEARCHED = (
-    "workers",
-    "scheduler",
-    "out",
-    "resume",
-    "transport",
-    "threads_per_worker",
-    "data",
-    "stall_timeout",
-)
+NOT_SEARCHED = RUNTIME_FIELDS
 
 
 class SweepError(SpecError):
