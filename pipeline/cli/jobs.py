@@ -198,10 +198,9 @@ def cmd_submit(args) -> int:
 def _submit_embedded(spec, args) -> int:
     from pipeline.jobs import client as job_client
 
-    workers = spec.options.get("workers")
-    threads = spec.options.get("threads_per_worker") or 1
-    spec.options["workers"] = None
-    with worker_cluster(None, None, workers, threads) as client:
+    cluster = _embedded_cluster(spec.options)
+    spec.options["workers"] = None  # it sized the embedded cluster; the job runs on it
+    with cluster as client:
         from pipeline.dashboard import page_link
 
         print(
@@ -212,11 +211,26 @@ def _submit_embedded(spec, args) -> int:
         )
         record = job_client.submit(client, spec, timeout=args.timeout)
         print(record["job"], flush=True)
-        try:
-            return _follow(client, "the embedded cluster", record["job"], record)
-        except KeyboardInterrupt:
-            job_client.cancel(client, record["job"])
-            raise
+        return _follow_embedded(client, record)
+
+
+def _embedded_cluster(options: dict):
+    """The embedded cluster, sized by a job's ``workers`` and ``threads-per-worker``."""
+    return worker_cluster(
+        None, None, options.get("workers"), options.get("threads_per_worker") or 1
+    )
+
+
+def _follow_embedded(client, record: dict) -> int:
+    """Follow a job on the embedded cluster to its end; Ctrl-C cancels it (the cluster, and so
+    the job, ends with this command)."""
+    from pipeline.jobs import client as job_client
+
+    try:
+        return _follow(client, "the embedded cluster", record["job"], record)
+    except KeyboardInterrupt:
+        job_client.cancel(client, record["job"])
+        raise
 
 
 def _follow(client, address: str, job_id: str, record: dict | None = None) -> int:
@@ -542,20 +556,14 @@ def _resume_embedded(record: dict, args) -> int:
     there until it ends."""
     from pipeline.jobs import client as job_client
 
-    options = record["options"]
-    workers, threads = options.get("workers"), options.get("threads_per_worker") or 1
-    with worker_cluster(None, None, workers, threads) as client:
+    with _embedded_cluster(record["options"]) as client:
         print(
             f"convpipe: no scheduler given: resuming job {args.job} on an embedded local cluster",
             file=sys.stderr,
         )
         new = job_client.resume(client, args.job, record, timeout=args.timeout)
         _queued_again(new)
-        try:
-            return _follow(client, "the embedded cluster", new["job"], new)
-        except KeyboardInterrupt:
-            job_client.cancel(client, new["job"])
-            raise
+        return _follow_embedded(client, new)
 
 
 def cmd_certs(args) -> int:

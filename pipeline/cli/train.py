@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import sys
 import time
@@ -96,18 +95,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**given).validate()
 
 
-@contextlib.contextmanager
-def _in_flags():
-    """A setting that does not fit, named as the user typed it: --batch-size, not batch_size."""
-    try:
-        yield
-    except TrainingError as exc:
-        raise TrainingError(in_user_words(str(exc), lambda key: "--" + key)) from None
-
-
 def _train(args: argparse.Namespace) -> int:
-    with _in_flags():
+    try:
         return _train_run(args)
+    except TrainingError as exc:  # a setting named as the user typed it: --batch-size
+        raise TrainingError(in_user_words(str(exc), lambda key: "--" + key)) from None
 
 
 def _train_run(args: argparse.Namespace) -> int:

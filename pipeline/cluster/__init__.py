@@ -105,31 +105,25 @@ def connect(
     if n < 1:
         raise ClusterError(f"workers must be >= 1, got {n}")
     with _terminal_interrupt_ignored(processes):
-        cluster = _local_cluster(
-            n, threads_per_worker, processes, dashboard_address, memory_limit, security
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            # worker processes talk TCP on loopback only; in-process clusters use inproc://
+            **({"host": "127.0.0.1"} if processes else {}),
+            dashboard_address=dashboard_address,
+            memory_limit=memory_limit,
+            security=security,
+            silence_logs=40,
+            scheduler_kwargs={
+                "preload": _preloads()
+            },  # convpipe's page on the dashboard (pipeline.dashboard)
         )
     try:
         with Client(cluster, security=security) as client:
             yield client
     finally:
         cluster.close()
-
-
-def _local_cluster(n, threads_per_worker, processes, dashboard_address, memory_limit, security):
-    return LocalCluster(
-        n_workers=n,
-        threads_per_worker=threads_per_worker,
-        processes=processes,
-        # worker processes talk TCP on loopback only; in-process clusters use inproc://
-        **({"host": "127.0.0.1"} if processes else {}),
-        dashboard_address=dashboard_address,
-        memory_limit=memory_limit,
-        security=security,
-        silence_logs=40,
-        scheduler_kwargs={
-            "preload": _preloads()
-        },  # convpipe's page on the dashboard (pipeline.dashboard)
-    )
 
 
 @contextlib.contextmanager

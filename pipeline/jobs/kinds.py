@@ -85,13 +85,12 @@ class Train(_InRunDirectory):
 
     @staticmethod
     def options():
-
         # the scheduler is the job's own key; the job runs on the cluster it is submitted to
         return options_from_dataclass(TrainConfig, exclude=("scheduler",))
 
     @staticmethod
     def config(options: dict):
-        return TrainConfig.from_dict({**options, "scheduler": None})
+        return TrainConfig.from_job(options)
 
     @classmethod
     def validate(cls, spec) -> None:

@@ -156,11 +156,7 @@ def spec_from_table(
         if opt is None:
             raise SpecError(
                 f"{where}: unknown key {key.replace('_', '-')!r} for a {kind} job"
-                + (
-                    f" (it belongs in the [{t}] table)"
-                    if (t := (_table_of(schema, key) or "").replace("_", "-"))
-                    else _known(schema)
-                )
+                + _unknown_key_hint(schema, key)
             )
         values[key] = opt.check(value, where)
     for key, text in sets:
@@ -175,11 +171,7 @@ def spec_from_table(
         if opt is None:
             raise SpecError(
                 f"--set {key.replace('_', '-')}: unknown key for a {kind} job"
-                + (
-                    f" (a key of the [{t}] table: --set {t}.{key.replace('_', '-')}={text})"
-                    if (t := (_table_of(schema, key) or "").replace("_", "-"))
-                    else _known(schema)
-                )
+                + _unknown_key_hint(schema, key, set_to=text)
             )
         values[key] = opt.parse(text, f"--set {key.replace('_', '-')}")
 
@@ -210,9 +202,17 @@ def _split_override(text: str) -> tuple[str, str]:
     return key, value.strip()
 
 
-def _table_of(schema: dict, key: str) -> str | None:
-    """The kind's table option that has ``key`` among its own keys (``search`` for trials)."""
-    return next((name for name, opt in schema.items() if key in opt.keys), None)
+def _unknown_key_hint(schema: dict, key: str, set_to: str | None = None) -> str:
+    """What to say of an unknown key: the table it belongs in when it is a key of one of the
+    kind's tables (``trials`` of [search]: ``--set search.trials=4`` for a ``--set``), else the
+    known keys."""
+    table = next((name for name, opt in schema.items() if key in opt.keys), None)
+    if table is None:
+        return _known(schema)
+    table = table.replace("_", "-")
+    if set_to is None:
+        return f" (it belongs in the [{table}] table)"
+    return f" (a key of the [{table}] table: --set {table}.{key.replace('_', '-')}={set_to})"
 
 
 def _blame_override(exc: SpecError, where: str, sets: list[tuple[str, str]]) -> SpecError:

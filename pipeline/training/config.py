@@ -177,6 +177,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def from_job(cls, options: dict) -> TrainConfig:
+        """The settings of a train job's options (a sweep trial's too): the job trains on the
+        cluster it was sent to, so it has no scheduler of its own."""
+        return cls.from_dict({**options, "scheduler": None})
+
+    @classmethod
     def from_dict(cls, mapping: dict) -> TrainConfig:
         """Build and validate from a mapping (job spec, ``config.json``);
         unknown keys are errors."""

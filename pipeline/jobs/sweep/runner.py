@@ -14,9 +14,10 @@ from pipeline.data import open_store
 from pipeline.errors import TrainingError
 from pipeline.jobs.sweep.halving import promote, rungs
 from pipeline.jobs.sweep.report import settings_text, write_results
-from pipeline.jobs.sweep.space import SweepError, SweepPlan, config_of
+from pipeline.jobs.sweep.space import SweepError, SweepPlan
 from pipeline.jobs.sweep.state import STATE_FILE, SweepState, Trial
 from pipeline.training import resume_config, train
+from pipeline.training.config import TrainConfig
 from pipeline.training.shards import Schedule
 
 
@@ -47,7 +48,7 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
     """
     emit = progress or (lambda event: None)
     out = Path(out)
-    base = config_of(plan.base)
+    base = TrainConfig.from_job(plan.base)
     with worker_cluster(client, base.scheduler, base.workers, base.threads_per_worker) as client:
         state = _open_state(plan, out, total_steps(base))
         t0 = time.perf_counter()

@@ -246,7 +246,7 @@ class SweepPlan:
             options.get("early_stopping"), f"{where}: [early-stopping]"
         )
         known = set(TrainConfig.__dataclass_fields__)
-        base_config = config_of(base)
+        base_config = TrainConfig.from_job(base)
         for d in search.dims:
             label = f"{where}: [search] {spelt(d.name)}"
             if d.name not in known:
@@ -270,7 +270,9 @@ class SweepPlan:
 
     def trial_config(self, settings: dict, out: str, steps: int):
         """The TrainConfig of a trial: the base, its settings, its run directory and ``steps``."""
-        return config_of({**self.base, **settings, "out": out, "resume": None, "steps": steps})
+        return TrainConfig.from_job(
+            {**self.base, **settings, "out": out, "resume": None, "steps": steps}
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -278,9 +280,3 @@ class SweepPlan:
             "early_stopping": self.early_stopping.to_dict() if self.early_stopping else None,
             "base": {k: v for k, v in self.base.items() if k not in NOT_SEARCHED},
         }
-
-
-def config_of(options: dict):
-    """The TrainConfig of a train job's options
-    (a trial trains where the sweep runs: no scheduler)."""
-    return TrainConfig.from_dict({**options, "scheduler": None})
