@@ -41,6 +41,9 @@ def main() -> int:
         "--link-gbit", type=float, default=10.0, help="network of the multi-host prediction"
     )
     args = ap.parse_args()
+    from pipeline.fast_layers import machine_text  # the CPU and the kernels' vector width
+
+    print(machine_text())
 
     import numba
     import numpy as np

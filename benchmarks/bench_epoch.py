@@ -51,6 +51,9 @@ def main():
     if args.part:
         return run_part(args)
 
+    from pipeline.fast_layers import machine_text  # the CPU and the kernels' vector width
+
+    print(machine_text())
     ours = run_in_subprocess(args, "convpipe")
     n = ours["n"]
     print(f"{n} training images, batch {args.batch_size}, {args.threads} threads, float32")
@@ -114,12 +117,7 @@ def run_part(args):
             return
     from pipeline.data_utils import get_CIFAR10_data
 
-    data = get_CIFAR10_data(store=args.store, num_test=0)
-    if args.train_limit:
-        data["X_train"], data["y_train"] = (
-            data["X_train"][: args.train_limit],
-            data["y_train"][: args.train_limit],
-        )
+    data = get_CIFAR10_data(num_training=args.train_limit or 49000, store=args.store, num_test=0)
     if args.part == "torch":
         result = {**run_torch(data, args.batch_size, args.threads), "version": torch.__version__}
     else:

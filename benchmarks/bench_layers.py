@@ -128,6 +128,9 @@ def ms(ts):
 
 
 def main():
+    from pipeline.fast_layers import machine_text  # the CPU and the kernels' vector width
+
+    print(machine_text())
     import numba
 
     numba.set_num_threads(ARGS.threads)

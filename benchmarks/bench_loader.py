@@ -119,6 +119,9 @@ def checksum_cost(store, folder: str, repeat: int) -> tuple[float, float, int]:
 
 
 def main() -> int:
+    from pipeline.fast_layers import machine_text  # the CPU and the kernels' vector width
+
+    print(machine_text())
     from pipeline.data import open_store
 
     path = ARGS.store

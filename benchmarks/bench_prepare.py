@@ -122,6 +122,9 @@ def _timed(label: str, fn):
 
 def main() -> int:
     args = _parse()
+    from pipeline.fast_layers import machine_text  # the CPU and the kernels' vector width
+
+    print(machine_text())
     archive = _ensure_archive(Path(args.archive))
     from pipeline.cluster import default_workers
     from pipeline.data import open_store, prepare

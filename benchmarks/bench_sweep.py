@@ -66,6 +66,9 @@ def main() -> int:
         "--out", default=None, help="keep the sweeps here (default: a temporary directory)"
     )
     args = ap.parse_args()
+    from pipeline.fast_layers import machine_text  # the CPU and the kernels' vector width
+
+    print(machine_text())
 
     from distributed import Client, LocalCluster
 

@@ -44,6 +44,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ddp", action="store_true", help="skip the PyTorch DDP reference")
     args = ap.parse_args()
+    from pipeline.fast_layers import machine_text  # the CPU and the kernels' vector width
+
+    print(machine_text())
 
     from pipeline.cluster import worker_cluster
     from pipeline.training import TrainConfig, train

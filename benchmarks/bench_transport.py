@@ -160,6 +160,9 @@ def row(name: str, s: dict, ref: float | None) -> str:
 
 def main():
     args = parse_args()
+    from pipeline.fast_layers import machine_text  # the CPU and the kernels' vector width
+
+    print(machine_text())
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as tmp:
         tmp = Path(tmp)
         runs = [

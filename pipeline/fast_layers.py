@@ -55,7 +55,7 @@ from pipeline._kernels import affine as ka
 from pipeline._kernels import conv as kc
 from pipeline._kernels import norm as kn
 from pipeline._kernels import pool as kp
-from pipeline._kernels.simd import VECTOR_BYTES
+from pipeline._kernels import simd
 from pipeline._kernels.threads import launch
 from pipeline.layers import affine_forward, relu_forward
 from pipeline.shapes import (
@@ -118,6 +118,25 @@ def _as(a, dtype) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
+def vector_bytes() -> int:
+    """The SIMD vector width, in bytes (16, 32 or 64), the kernels run at here: the CPU's widest
+    (64 with AVX-512, 32 with AVX2, 16 elsewhere), or ``CONVPIPE_VECTOR_BYTES``, or what
+    ``pipeline._kernels.simd.using`` sets. Every width computes the same bits."""
+    return simd.current().nbytes
+
+
+def vector_bytes_setting() -> int:
+    """The width the environment asks for, read now: ``CONVPIPE_VECTOR_BYTES`` when set, else the
+    CPU's widest; a ValueError naming the variable for a value other than 16, 32 or 64."""
+    return simd.process_bytes()
+
+
+def machine_text() -> str:
+    """One line: the CPU model, its vector extensions and the kernels' width (benchmarks print
+    it beside their figures, ``python -m pipeline.warmup`` at its start)."""
+    return simd.describe()
+
+
 # --------------------------------------------------------------------------------------------
 # convolution
 #
@@ -169,7 +188,8 @@ def _conv_core_forward(x, w, b, conv_param, relu):
     out = np.empty((N, F, H_out, W_out), dtype=dtype)
     if uses_direct_kernels(WW, stride):
         xp, Wp = _pad_direct(xc, pad, pad, H_out, W_out, HH)
-        _launch(kc.conv7_forward, out.size * C * HH * WW, xp, Wp, wc, bc, relu, out)
+        vw = simd.current()
+        _launch(kc.conv7_forward, out.size * C * HH * WW, xp, Wp, wc, bc, relu, out, vw)
         src = (xp, Wp)
     else:
         K, P = C * HH * WW, H_out * W_out
@@ -212,14 +232,22 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
     if uses_direct_kernels(WW, stride):
         xp, Wp = src
         dw = np.empty((F, C, HH, WW), dtype=dtype)
-        _launch(kc.conv7_dw, d.size * C * HH * WW, xp, Wp, d, dw, db)
+        _launch(kc.conv7_dw, d.size * C * HH * WW, xp, Wp, d, dw, db, _width_for(F, dtype))
         if compute_dx and pad <= WW - 1 and pad <= HH - 1:
             # dx = dout convolved with the flipped filters, transposed to (C, F, HH, 7)
             wt = np.ascontiguousarray(wc[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
             dp, Wq = _pad_direct(d, HH - 1 - pad, WW - 1 - pad, H, W, HH)
             dx = np.empty((N, C, H, W), dtype=dtype)
             _launch(
-                kc.conv7_forward, dx.size * F * HH * WW, dp, Wq, wt, np.zeros(C, dtype), False, dx
+                kc.conv7_forward,
+                dx.size * F * HH * WW,
+                dp,
+                Wq,
+                wt,
+                np.zeros(C, dtype),
+                False,
+                dx,
+                simd.current(),
             )
             compute_dx = False
     else:
@@ -328,13 +356,12 @@ def affine_relu_forward_fast(x, w, b):
     x, w, b = np.asarray(x), np.asarray(w), np.asarray(b)
     N = x.shape[0] if x.ndim else 0
     dtype = layer_dtype(x)
-    G = 4 * VECTOR_BYTES // dtype.itemsize
     if (
         0 < N <= ka.FWD_MAX_ROWS
         and kernel_dtype(dtype) == dtype == x.dtype == w.dtype == b.dtype
         and w.ndim == 2
         and w.shape[0] > 0
-        and w.shape[1] >= G
+        and w.shape[1] >= _MIN_PANEL_BYTES // dtype.itemsize
         and b.shape == (w.shape[1],)
         and x.size == N * w.shape[0]
     ):
@@ -346,6 +373,7 @@ def affine_relu_forward_fast(x, w, b):
             _as(w, dtype),
             _as(b, dtype),
             out,
+            _width_for(w.shape[1], dtype, fit=True),
         )
         return out, ((x, w, b), out)
     a, _ = affine_forward(x, w, b)
@@ -388,12 +416,13 @@ def affine_dx_fast(da, w, sumsq=False):
         and D > 0
         and M > 0
     ):
-        G = 4 * VECTOR_BYTES // dtype.itemsize
+        vw = _width_for(N, dtype)
+        G = 4 * vw.lanes(dtype)
         dat = _aligned_empty(-(-N // G) * M * G, dtype)
         ka.pack_row_panels(_as(da, dtype), G, dat)
         dx = np.empty((N, D), dtype)
         sq = np.zeros(-(-D // ka.ROWS) if sumsq else 0)
-        _launch(ka.affine_dx_rows, dx.size * M, dat, _as(w, dtype), N, dx, sq)
+        _launch(ka.affine_dx_rows, dx.size * M, dat, _as(w, dtype), N, dx, sq, vw)
         return (dx, float(sq.sum())) if sumsq else dx
     dx = (da @ w.T).astype(dtype, copy=False)
     return (dx, sum_of_squares(w)) if sumsq else dx
@@ -454,8 +483,13 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
         )
     if add and out is None:
         raise ValueError("affine_dw_l2: add=True needs out (the array to add to)")
-    G = 4 * VECTOR_BYTES // dtype.itemsize
-    if kernel_dtype(dtype) == dtype == x.dtype == da.dtype and w.shape[1] >= G and N > 0:
+    if (
+        kernel_dtype(dtype) == dtype == x.dtype == da.dtype
+        and w.shape[1] >= _MIN_PANEL_BYTES // dtype.itemsize
+        and N > 0
+    ):
+        vw = _width_for(w.shape[1], dtype, fit=True)
+        G = 4 * vw.lanes(dtype)
         x2 = _as(x.reshape(N, D), dtype)
         dap = _aligned_empty(-(-w.shape[1] // G) * N * G, dtype)
         ka.pack_panels(_as(da, dtype), G, dap)
@@ -469,6 +503,7 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
             np.array([reg, scale], dtype),
             bool(add),
             dw,
+            vw,
         )
         return dw
     dw = (x.reshape(N, D).T @ da).astype(dtype, copy=False)
@@ -480,12 +515,37 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
     return np.multiply(dw, dtype.type(scale), out=out)
 
 
+#: the affine kernels take a layer with at least this many bytes of columns (4 AVX2 vectors: 32
+#: float32 or 16 float64 columns), at every vector width, so the path (and the bits) do not
+#: depend on the CPU; a narrower width runs a layer too narrow for 4 vectors of the process's
+_MIN_PANEL_BYTES = 128
+
+
+def _width_for(count, dtype, fit=False) -> simd.Width:
+    """The width to cut ``count`` values (filters, columns, rows) into groups of 4 vectors at:
+    of the widths up to the process's (``simd.current()``), the one computing the fewest padded
+    values, the widest on a tie; with ``fit``, only widths whose group is at most ``count``.
+    Every width gives the same bits (``pipeline._kernels.simd``): this choice is speed only."""
+    itemsize = np.dtype(dtype).itemsize
+    top = simd.current().nbytes
+    best = None
+    for nbytes in simd.WIDTHS:
+        G = 4 * nbytes // itemsize
+        if nbytes > top or (fit and G > count):
+            continue
+        padded = -(-count // G) * G
+        if best is None or padded <= best[0]:
+            best = (padded, nbytes)
+    return simd.Width(best[1])
+
+
 def _aligned_empty(n, dtype) -> np.ndarray:
-    """An empty 1-D array of n values whose first value is aligned to a SIMD vector."""
+    """An empty 1-D array of n values whose first value is aligned to the widest SIMD vector."""
     dtype = np.dtype(dtype)
-    extra = VECTOR_BYTES // dtype.itemsize
+    align = simd.WIDTHS[-1]
+    extra = align // dtype.itemsize
     buf = np.empty(n + extra, dtype)
-    skip = (-buf.ctypes.data % VECTOR_BYTES) // dtype.itemsize
+    skip = (-buf.ctypes.data % align) // dtype.itemsize
     return buf[skip : skip + n]
 
 

@@ -22,6 +22,7 @@ from pipeline import fast_layers as fl
 from pipeline._kernels import conv as kc
 from pipeline._kernels import norm as kn
 from pipeline._kernels import pool as kp
+from pipeline._kernels import simd
 from pipeline.cnn import ThreeLayerConvNet
 from pipeline.fast_layers import kernel_dtype, uses_direct_kernels
 from pipeline.layer_utils import conv_relu_backward, conv_relu_forward
@@ -64,18 +65,21 @@ def cold_kernels(kernels, dtype) -> list[str] | None:
 
 
 def _has_cached_code(dispatcher, dtype: np.dtype) -> bool:
-    """Whether the dispatcher's cache index lists code for this machine, this source, and a
-    first array argument of ``dtype`` (every kernel's data; float64 accumulators come later).
-    Numba keys each entry by (argument types, the CPU's target triple, name and features,
-    hashes of the bytecode); the index itself is empty when the source file changed since."""
+    """Whether the dispatcher's cache index lists code for this machine, this source, a first
+    array argument of ``dtype`` (every kernel's data; float64 accumulators come later) and, for
+    a kernel that takes a vector width, this process's width. Numba keys each entry by (argument
+    types, the CPU's target triple, name and features, hashes of the bytecode); the index itself
+    is empty when the source file changed since."""
     cache = dispatcher._cache
     index = cache._cache_file._load_index()
     _, machine, code = cache._index_key(None, dispatcher.targetctx.codegen())
     want = from_dtype(dtype)
+    width = simd.current().nbytes
     return any(
         key[1] == machine
         and key[2] == code
         and next((arg.dtype for arg in key[0] if isinstance(arg, types.Array)), None) == want
+        and all(arg.nbytes == width for arg in key[0] if isinstance(arg, simd.WidthType))
         for key in index
     )
 
@@ -100,9 +104,6 @@ def warm() -> None:
         out, cache = fl.conv_forward_fast(x, w, b, {"stride": 1, "pad": 1})
         fl.conv_backward_fast(out, cache)
         fl.conv_backward_fast(out, cache, compute_dx=False)
-        w7 = rng.standard_normal((4, 3, 7, 7)).astype(dtype)  # the direct 7-wide kernels
-        out, cache = conv_relu_forward(x, w7, b, {"stride": 1, "pad": 3})
-        conv_relu_backward(out, cache)
         for pool in (
             {"pool_height": 2, "pool_width": 2, "stride": 2},
             {"pool_height": 3, "pool_width": 3, "stride": 1},
@@ -123,29 +124,35 @@ def warm() -> None:
             )
             model.loss(x, np.array([0, 1]))
             model.loss(x)
-        # the hidden layer's forward and dx (with sum(w**2)) with few rows, and its dw with its L2
-        # term (a Solver step with reg > 0)
-        fl.affine_relu_forward_fast(
-            x, rng.standard_normal((x[0].size, 40)).astype(dtype), np.zeros(40, dtype)
-        )
-        fl.affine_dx_fast(
-            rng.standard_normal((20, 40)).astype(dtype),
-            rng.standard_normal((x[0].size, 40)).astype(dtype),
-            sumsq=True,
-        )
-        fl.affine_dw_l2_fast(
-            x,
-            rng.standard_normal((2, 40)).astype(dtype),
-            rng.standard_normal((x[0].size, 40)).astype(dtype),
-            1e-3,
-        )
+        # the SIMD kernels at each width they can run at here (fast_layers picks a narrower one
+        # where the shapes waste less); float64 (gradient checks) at the process's width only
+        top = simd.current().nbytes
+        for nbytes in simd.WIDTHS if dtype == np.float32 else (top,):
+            if nbytes <= top:
+                with simd.using(nbytes):
+                    warm_vector_kernels(dtype, rng)
         adam(w, w, {})
         adam_inplace(w.copy(), w, {})
         warm_kernels(dtype)  # the workers' reduce + Adam
 
 
+def warm_vector_kernels(dtype, rng) -> None:
+    """Run the direct 7-wide convolution and the hidden layer's forward, dx (with sum(w**2)) and
+    dw with its L2 term (a Solver step with reg > 0), at shapes (64 filters, columns and rows
+    rounded up) where every width up to ``simd.current()`` ties, so that width runs."""
+    x = rng.standard_normal((2, 3, 8, 8)).astype(dtype)
+    w7 = rng.standard_normal((64, 3, 7, 7)).astype(dtype)
+    out, cache = conv_relu_forward(x, w7, np.zeros(64, dtype), {"stride": 1, "pad": 3})
+    conv_relu_backward(out, cache)
+    w = rng.standard_normal((x[0].size, 64)).astype(dtype)
+    fl.affine_relu_forward_fast(x, w, np.zeros(64, dtype))
+    fl.affine_dx_fast(rng.standard_normal((63, 64)).astype(dtype), w, sumsq=True)
+    fl.affine_dw_l2_fast(x, rng.standard_normal((2, 64)).astype(dtype), w, 1e-3)
+
+
 def main() -> None:
     start = time.perf_counter()
+    print(simd.describe())
     say_if_compiling()
     warm()
     print(f"numba kernels compiled or loaded from cache in {time.perf_counter() - start:.1f} s")

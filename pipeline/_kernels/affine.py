@@ -25,8 +25,8 @@ over k = 0..M-1 in 12 vector registers (the same ``fma_3x4``: w's 3 values are t
 broadcasts), then stores the 3 x G sums transposed into dx[i, j]. The block's rows of w, just
 read, are then squared from L1 for the L2 term. dx[i, j] is the k-ordered FMA chain over
 k = 0..M-1 (from 0): neither the thread count nor the call's row count changes it. The sum of
-squares: per row of w, float32 vector sums over k (two accumulators of V lanes, then the lanes
-in order), then in float64 the tail, added in row order within a task; the caller adds the
+squares: per row of w, float32 sums over k in 16 lanes (``_row_sumsq``: the same at every
+vector width), then in float64 the tail, added in row order within a task; the caller adds the
 tasks' sums (``np.sum``: one fixed order).
 
 **The weight gradient** (``affine_dw_l2``).
@@ -64,7 +64,7 @@ from pipeline._kernels.simd import (
     vload,
     vmul,
     vsplat,
-    vsum,
+    vstore,
     vzero,
 )
 from pipeline._kernels.tile import fma_3x4, load_3x4, store_3x4, zeros_3x4
@@ -88,7 +88,7 @@ def pack_panels(da, G, dap):
 
 
 @njit(parallel=True, cache=True)
-def affine_dw_l2(x2, dap, w, coef, add, dw):
+def affine_dw_l2(x2, dap, w, coef, add, dw, vw):
     """dw (D, M) = [dw +] (x2.T @ da + coef[0] * w) * coef[1], da as pack_panels left it in dap;
     x2 (N, D), w (D, M) and dw C-contiguous, one dtype; M >= G = 4 vectors (32 float32 or 16
     float64 columns). Each operation rounded in turn as NumPy's ``np.add(dw, np.multiply(
@@ -103,7 +103,7 @@ def affine_dw_l2(x2, dap, w, coef, add, dw):
     """
     N, D = x2.shape
     M = w.shape[1]
-    V = lanes(x2)
+    V = lanes(x2, vw)
     G = 4 * V
     if M < G:  # a panel would start before column 0: vstore does no bounds checks
         raise ValueError("affine_dw_l2: w needs at least 4 vectors of columns")
@@ -126,8 +126,8 @@ def affine_dw_l2(x2, dap, w, coef, add, dw):
                 xb[q] = x2[k, i0]
                 xb[q + 1] = x2[k, i1]
                 xb[q + 2] = x2[k, i2]
-        rg = vsplat(coef, 0)
-        sc = vsplat(coef, 1)
+        rg = vsplat(coef, 0, vw)
+        sc = vsplat(coef, 1, vw)
         tail = np.empty(3 * G, dtype=dw.dtype)  # the last panel's old values (add, overlap)
         overlap = add and M % G != 0
         for b in range(nb):
@@ -145,64 +145,74 @@ def affine_dw_l2(x2, dap, w, coef, add, dw):
                     2 * V,
                     3 * V,
                     load_3x4(
-                        of, i0 * M + M - G, i1 * M + M - G, i2 * M + M - G, 0, V, 2 * V, 3 * V
+                        of,
+                        i0 * M + M - G,
+                        i1 * M + M - G,
+                        i2 * M + M - G,
+                        0,
+                        V,
+                        2 * V,
+                        3 * V,
+                        vw,
                     ),
                 )
             for jb in range(nj):
                 j0 = min(jb * G, M - G)
                 # s[r][c] = sum_k x2[k, i_r] * da[k, j0 + c*V : j0 + (c+1)*V]
-                s = zeros_3x4(x2)
+                s = zeros_3x4(x2, vw)
                 for k in range(N):
                     q = (b * N + k) * 3
                     o = (jb * N + k) * G
                     s = fma_3x4(
-                        vsplat(xb, q),
-                        vsplat(xb, q + 1),
-                        vsplat(xb, q + 2),
+                        vsplat(xb, q, vw),
+                        vsplat(xb, q + 1, vw),
+                        vsplat(xb, q + 2, vw),
                         dap,
                         o,
                         o + V,
                         o + 2 * V,
                         o + 3 * V,
                         s,
+                        vw,
                     )
                 p0, p1, p2 = i0 * M + j0, i1 * M + j0, i2 * M + j0
                 if overlap and jb == nj - 1:
-                    s = _finish_3x4(tail, 0, G, 2 * G, wf, p0, p1, p2, rg, sc, use_w, add, V, s)
+                    s = _finish_3x4(tail, 0, G, 2 * G, wf, p0, p1, p2, rg, sc, use_w, add, vw, s)
                 else:
-                    s = _finish_3x4(of, p0, p1, p2, wf, p0, p1, p2, rg, sc, use_w, add, V, s)
+                    s = _finish_3x4(of, p0, p1, p2, wf, p0, p1, p2, rg, sc, use_w, add, vw, s)
                 store_3x4(of, p0, p1, p2, 0, V, 2 * V, 3 * V, s)
 
 
 @njit(cache=True, inline="always")
-def _finish(src, q, wf, p, rg, sc, use_w, add, a):
+def _finish(src, q, wf, p, rg, sc, use_w, add, a, vw):
     """[src[q:q+V] +] (a [+ rg * wf[p:p+V]]) * sc, each operation rounded."""
     if use_w:
-        a = vadd(a, vmul(vload(wf, p), rg))
+        a = vadd(a, vmul(vload(wf, p, vw), rg))
     a = vmul(a, sc)
     if add:
-        a = vadd(vload(src, q), a)
+        a = vadd(vload(src, q, vw), a)
     return a
 
 
 @njit(cache=True, inline="always")
-def _finish_3x4(src, q0, q1, q2, wf, p0, p1, p2, rg, sc, use_w, add, V, s):
+def _finish_3x4(src, q0, q1, q2, wf, p0, p1, p2, rg, sc, use_w, add, vw, s):
     """_finish for a block's 12 vectors: rows r = 0..2 at q_r in src (the values added to) and
     p_r in wf (w), vectors c = 0..3 at + c*V."""
+    V = lanes(wf, vw)
     a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = s
     return (
-        _finish(src, q0, wf, p0, rg, sc, use_w, add, a0),
-        _finish(src, q0 + V, wf, p0 + V, rg, sc, use_w, add, a1),
-        _finish(src, q0 + 2 * V, wf, p0 + 2 * V, rg, sc, use_w, add, a2),
-        _finish(src, q0 + 3 * V, wf, p0 + 3 * V, rg, sc, use_w, add, a3),
-        _finish(src, q1, wf, p1, rg, sc, use_w, add, b0),
-        _finish(src, q1 + V, wf, p1 + V, rg, sc, use_w, add, b1),
-        _finish(src, q1 + 2 * V, wf, p1 + 2 * V, rg, sc, use_w, add, b2),
-        _finish(src, q1 + 3 * V, wf, p1 + 3 * V, rg, sc, use_w, add, b3),
-        _finish(src, q2, wf, p2, rg, sc, use_w, add, c0),
-        _finish(src, q2 + V, wf, p2 + V, rg, sc, use_w, add, c1),
-        _finish(src, q2 + 2 * V, wf, p2 + 2 * V, rg, sc, use_w, add, c2),
-        _finish(src, q2 + 3 * V, wf, p2 + 3 * V, rg, sc, use_w, add, c3),
+        _finish(src, q0, wf, p0, rg, sc, use_w, add, a0, vw),
+        _finish(src, q0 + V, wf, p0 + V, rg, sc, use_w, add, a1, vw),
+        _finish(src, q0 + 2 * V, wf, p0 + 2 * V, rg, sc, use_w, add, a2, vw),
+        _finish(src, q0 + 3 * V, wf, p0 + 3 * V, rg, sc, use_w, add, a3, vw),
+        _finish(src, q1, wf, p1, rg, sc, use_w, add, b0, vw),
+        _finish(src, q1 + V, wf, p1 + V, rg, sc, use_w, add, b1, vw),
+        _finish(src, q1 + 2 * V, wf, p1 + 2 * V, rg, sc, use_w, add, b2, vw),
+        _finish(src, q1 + 3 * V, wf, p1 + 3 * V, rg, sc, use_w, add, b3, vw),
+        _finish(src, q2, wf, p2, rg, sc, use_w, add, c0, vw),
+        _finish(src, q2 + V, wf, p2 + V, rg, sc, use_w, add, c1, vw),
+        _finish(src, q2 + 2 * V, wf, p2 + 2 * V, rg, sc, use_w, add, c2, vw),
+        _finish(src, q2 + 3 * V, wf, p2 + 3 * V, rg, sc, use_w, add, c3, vw),
     )
 
 
@@ -228,7 +238,7 @@ def pack_row_panels(da, G, dat):
 
 
 @njit(parallel=True, cache=True)
-def affine_dx_rows(dat, w, N, dx, sq):
+def affine_dx_rows(dat, w, N, dx, sq, vw):
     """dx (N, D) = da @ w.T, da (N, M) as pack_row_panels left it in dat; w (D, M) and dx
     C-contiguous, one dtype. Meant for DX_MIN_ROWS <= N <= FWD_MAX_ROWS; correct for any N >= 1.
     sq: empty, or one float64 per task of ROWS rows of w: sq[t] = the sum of w[j]**2 over the
@@ -238,7 +248,7 @@ def affine_dx_rows(dat, w, N, dx, sq):
     last row (its dx column written again with the same value, its square counted once).
     """
     D, M = w.shape
-    V = lanes(w)
+    V = lanes(w, vw)
     G = 4 * V
     npan = (N + G - 1) // G
     if dx.shape[0] != N or dx.shape[1] != D or dat.size < npan * M * G or N < 1:
@@ -252,6 +262,7 @@ def affine_dx_rows(dat, w, N, dx, sq):
         i_lo = t * ROWS
         i_hi = min(i_lo + ROWS, D)
         tb = np.empty(3 * G, dtype=w.dtype)  # one tile's sums: tb[r * G + c] = dx[p * G + c, j_r]
+        lb = np.empty(SUMSQ_BYTES // w.itemsize, dtype=w.dtype)  # _row_sumsq's lanes
         total = 0.0
         for j0 in range(i_lo, i_hi, 3):
             j1 = min(j0 + 1, i_hi - 1)
@@ -259,19 +270,20 @@ def affine_dx_rows(dat, w, N, dx, sq):
             q0, q1, q2 = j0 * M, j1 * M, j2 * M
             for p in range(npan):
                 # s[r][c] = sum_k w[j_r, k] * da[p*G + c*V : p*G + (c+1)*V, k]
-                s = zeros_3x4(w)
+                s = zeros_3x4(w, vw)
                 o = p * M * G
                 for k in range(M):
                     s = fma_3x4(
-                        vsplat(wf, q0 + k),
-                        vsplat(wf, q1 + k),
-                        vsplat(wf, q2 + k),
+                        vsplat(wf, q0 + k, vw),
+                        vsplat(wf, q1 + k, vw),
+                        vsplat(wf, q2 + k, vw),
                         dat,
                         o,
                         o + V,
                         o + 2 * V,
                         o + 3 * V,
                         s,
+                        vw,
                     )
                     o += G
                 store_3x4(tb, 0, G, 2 * G, 0, V, 2 * V, 3 * V, s)
@@ -281,32 +293,60 @@ def affine_dx_rows(dat, w, N, dx, sq):
                     row[j1] = tb[G + c]
                     row[j2] = tb[2 * G + c]
             if sq.size:  # the rows just read, from L1
-                total += _row_sumsq(wf, q0, M, V)
+                total += _row_sumsq(wf, q0, M, lb, vw)
                 if j1 > j0:
-                    total += _row_sumsq(wf, q1, M, V)
+                    total += _row_sumsq(wf, q1, M, lb, vw)
                 if j2 > j1:
-                    total += _row_sumsq(wf, q2, M, V)
+                    total += _row_sumsq(wf, q2, M, lb, vw)
         if sq.size:
             sq[t] = total
 
 
+#: _row_sumsq's sums run over logical blocks of this many bytes (16 float32 / 8 float64 lanes),
+#: whatever the vector width: the same bits at every width
+SUMSQ_BYTES = 64
+
+
 @njit(cache=True, inline="always")
-def _row_sumsq(wf, q, M, V):
-    """sum of wf[q:q + M]**2: two vector sums of V lanes over pairs of vectors, added, their
-    lanes summed in order (in w's dtype), then the tail's squares (each rounded in w's dtype) added
-    one by one in float64."""
-    a0 = vzero(wf)
-    a1 = vzero(wf)
+def _row_sumsq(wf, q, M, lb, vw):
+    """sum of wf[q:q + M]**2, the same bits at every width: lane l of a logical block of
+    B = SUMSQ_BYTES values sums the squares of wf[q + l], wf[q + l + B], ... (an FMA chain in w's
+    dtype; B / V vectors at width V), then the lanes are folded, (l, l + B/2) pairs added and the
+    pairs summed in order in w's dtype, then the tail's squares (each rounded in w's dtype) added
+    one by one in float64. lb: scratch of B values."""
+    V = lanes(wf, vw)
+    B = lb.size
+    nv = B // V  # 1, 2 or 4 vectors per logical block
+    a0 = vzero(wf, vw)
+    a1 = vzero(wf, vw)
+    a2 = vzero(wf, vw)
+    a3 = vzero(wf, vw)
     k = 0
-    while k + 2 * V <= M:
-        u = vload(wf, q + k)
+    while k + B <= M:
+        u = vload(wf, q + k, vw)
         a0 = vfma(u, u, a0)
-        u = vload(wf, q + k + V)
-        a1 = vfma(u, u, a1)
-        k += 2 * V
-    total = float(vsum(vadd(a0, a1)))
+        if nv > 1:
+            u = vload(wf, q + k + V, vw)
+            a1 = vfma(u, u, a1)
+        if nv > 2:
+            u = vload(wf, q + k + 2 * V, vw)
+            a2 = vfma(u, u, a2)
+            u = vload(wf, q + k + 3 * V, vw)
+            a3 = vfma(u, u, a3)
+        k += B
+    vstore(lb, 0, a0)
+    if nv > 1:
+        vstore(lb, V, a1)
+    if nv > 2:
+        vstore(lb, 2 * V, a2)
+        vstore(lb, 3 * V, a3)
+    h = B // 2
+    s = lb[0] + lb[h]
+    for i in range(1, h):
+        s += lb[i] + lb[i + h]
+    total = np.float64(s)  # (Numba's float() keeps a float32 a float32)
     while k < M:
-        total += float(wf[q + k] * wf[q + k])
+        total += np.float64(wf[q + k] * wf[q + k])
         k += 1
     return total
 
@@ -323,7 +363,7 @@ FWD_KB = 128
 
 
 @njit(parallel=True, cache=True)
-def affine_relu_rows(x2, w, b, out):
+def affine_relu_rows(x2, w, b, out, vw):
     """out (N, M) = relu(x2 (N, D) @ w (D, M) + b (M,)); all C-contiguous, one dtype;
     M >= G = 4 vectors. Meant for N < 64 (``FWD_MAX_ROWS``); correct for any N >= 1.
 
@@ -333,7 +373,7 @@ def affine_relu_rows(x2, w, b, out):
     """
     N, D = x2.shape
     M = w.shape[1]
-    V = lanes(w)
+    V = lanes(w, vw)
     G = 4 * V
     if M < G:  # a group would start before column 0: vload does no bounds checks
         raise ValueError("affine_relu_rows: w needs at least 4 vectors of columns")
@@ -388,6 +428,7 @@ def affine_relu_rows(x2, w, b, out):
                         s + G,
                         s + 2 * G,
                         k0 == 0,
+                        vw,
                     )
         # out = relu(sums + b) as np.maximum(v, 0) gives it: v when v > 0 or NaN, else +0.0
         # (-0.0 too)
@@ -402,23 +443,24 @@ def affine_relu_rows(x2, w, b, out):
 
 
 @njit(cache=True, inline="never")
-def _strip_3x4(xf, p0, p1, p2, wf, q, M, nk, acc, s0, s1, s2, first):
+def _strip_3x4(xf, p0, p1, p2, wf, q, M, nk, acc, s0, s1, s2, first, vw):
     """acc[s_r : s_r + G] (+)= sum over k < nk of xf[p_r + k] * wf[q + k*M : q + k*M + G] for
     rows r = 0..2 (G = 4 vectors), from zeros when ``first``: one strip of w for one row tile.
     Not inlined: LLVM keeps the 12 sums in registers in a loop of its own."""
-    V = lanes(wf)
-    sums = zeros_3x4(wf) if first else load_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V)
+    V = lanes(wf, vw)
+    sums = zeros_3x4(wf, vw) if first else load_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V, vw)
     for k in range(nk):
         sums = fma_3x4(
-            vsplat(xf, p0 + k),
-            vsplat(xf, p1 + k),
-            vsplat(xf, p2 + k),
+            vsplat(xf, p0 + k, vw),
+            vsplat(xf, p1 + k, vw),
+            vsplat(xf, p2 + k, vw),
             wf,
             q,
             q + V,
             q + 2 * V,
             q + 3 * V,
             sums,
+            vw,
         )
         q += M
     store_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V, sums)

@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from pipeline._kernels.simd import (
-    VECTOR_BYTES,
+    WIDTHS,
     lanes,
     vadd,
     vload,
@@ -206,7 +206,7 @@ def direct_geometry(H_out, W_out, HH, W, pw, itemsize):
     6 taps past the output plane of H_out rows of Wp positions, whose last row conv7_forward
     reads as whole vectors (a vector can be longer than a row).
     """
-    V = VECTOR_BYTES // itemsize
+    V = WIDTHS[-1] // itemsize  # the widest vector: one geometry for every width
     Wp = max(W + pw, W_out)
     L = max((H_out + HH - 1) * Wp + pw + 1, (H_out + HH - 2) * Wp + max(W_out, V) + 7)
     return Wp, L
@@ -223,7 +223,7 @@ def _vector_start(i, nv, V, Wp, W_out, RW):
 
 
 @njit(parallel=True, cache=True)
-def conv7_forward(xp, Wp, w, b, relu, out):
+def conv7_forward(xp, Wp, w, b, relu, out, vw):
     """out (N, F, H_out, W_out) = conv(xp, w) + b[f] (then max(., 0) when relu); w (F, C, HH, 7).
 
     One task per (image, 3 filters). Each output row is cut into vectors (no junk columns);
@@ -233,7 +233,7 @@ def conv7_forward(xp, Wp, w, b, relu, out):
     N, C, L = xp.shape
     F, _, HH, _ = w.shape
     _, _, H_out, W_out = out.shape
-    V = lanes(xp)
+    V = lanes(xp, vw)
     nv = (W_out + V - 1) // V  # vectors per output row
     RW = nv * V
     NV = H_out * nv
@@ -253,7 +253,7 @@ def conv7_forward(xp, Wp, w, b, relu, out):
             q1, s1 = _vector_start(min(i + 1, NV - 1), nv, V, Wp, W_out, RW)
             q2, s2 = _vector_start(min(i + 2, NV - 1), nv, V, Wp, W_out, RW)
             q3, s3 = _vector_start(min(i + 3, NV - 1), nv, V, Wp, W_out, RW)
-            acc = zeros_3x4(xp)
+            acc = zeros_3x4(xp, vw)
             for c in range(C):
                 for kh in range(HH):
                     i0 = (n * C + c) * L + kh * Wp
@@ -262,15 +262,16 @@ def conv7_forward(xp, Wp, w, b, relu, out):
                         k = k0 + kw
                         o = i0 + kw
                         acc = fma_3x4(
-                            vsplat(wf, f0 + k),
-                            vsplat(wf, f1 + k),
-                            vsplat(wf, f2 + k),
+                            vsplat(wf, f0 + k, vw),
+                            vsplat(wf, f1 + k, vw),
+                            vsplat(wf, f2 + k, vw),
                             xf,
                             o + q0,
                             o + q1,
                             o + q2,
                             o + q3,
                             acc,
+                            vw,
                         )
             store_3x4(tmp, 0, H_out * RW, 2 * H_out * RW, s0, s1, s2, s3, acc)
         for j in range(min(3, F - fb)):
@@ -312,7 +313,7 @@ def _dout_transposed(dout, n, Fp, eT):
 
 
 @njit(parallel=True, cache=True)
-def conv7_dw(xp, Wp, dout, dw, db):
+def conv7_dw(xp, Wp, dout, dw, db, vw):
     """dw (F, C, HH, 7) and db (F,) (float64) of conv7_forward for dout (N, F, H_out, W_out).
 
     SIMD lanes run over filters: each image's dout is transposed to eT (P, Fp), Fp = F rounded
@@ -325,7 +326,7 @@ def conv7_dw(xp, Wp, dout, dw, db):
     N, C, L = xp.shape
     F, _, HH, _ = dw.shape
     _, _, H_out, W_out = dout.shape
-    V = lanes(xp)
+    V = lanes(xp, vw)
     G = 4 * V
     Fp = (F + G - 1) // G * G
     P = H_out * W_out
@@ -343,16 +344,16 @@ def conv7_dw(xp, Wp, dout, dw, db):
         for n in range(ch * N // nch, (ch + 1) * N // nch):
             _dout_transposed(dout, n, Fp, eT)
             for fg in range(0, Fp, G):
-                s0 = vzero(xp)
-                s1 = vzero(xp)
-                s2 = vzero(xp)
-                s3 = vzero(xp)
+                s0 = vzero(xp, vw)
+                s1 = vzero(xp, vw)
+                s2 = vzero(xp, vw)
+                s3 = vzero(xp, vw)
                 for p in range(P):
                     o = p * Fp + fg
-                    s0 = vadd(s0, vload(eT, o))
-                    s1 = vadd(s1, vload(eT, o + V))
-                    s2 = vadd(s2, vload(eT, o + 2 * V))
-                    s3 = vadd(s3, vload(eT, o + 3 * V))
+                    s0 = vadd(s0, vload(eT, o, vw))
+                    s1 = vadd(s1, vload(eT, o + V, vw))
+                    s2 = vadd(s2, vload(eT, o + 2 * V, vw))
+                    s3 = vadd(s3, vload(eT, o + 3 * V, vw))
                 vstore(sums, 0, s0)
                 vstore(sums, V, s1)
                 vstore(sums, 2 * V, s2)
@@ -373,7 +374,7 @@ def conv7_dw(xp, Wp, dout, dw, db):
                     xb = (n * C + cb) * L + hb * Wp + (kb - cb * T - hb * 7)
                     xc = (n * C + cc) * L + hc * Wp + (kc - cc * T - hc * 7)
                     ga = k * Fp + fg
-                    acc = load_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V)
+                    acc = load_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V, vw)
                     for ho in range(H_out):
                         q0 = ho * Wp
                         p0 = ho * W_out * Fp + fg
@@ -381,15 +382,16 @@ def conv7_dw(xp, Wp, dout, dw, db):
                             q = q0 + wo
                             o = p0 + wo * Fp
                             acc = fma_3x4(
-                                vsplat(xf, xa + q),
-                                vsplat(xf, xb + q),
-                                vsplat(xf, xc + q),
+                                vsplat(xf, xa + q, vw),
+                                vsplat(xf, xb + q, vw),
+                                vsplat(xf, xc + q, vw),
                                 eT,
                                 o,
                                 o + V,
                                 o + 2 * V,
                                 o + 3 * V,
                                 acc,
+                                vw,
                             )
                     store_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V, acc)
     for f in range(F):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     )  # `kill`, `docker stop`
     try:
+        _check_vector_width()
         return int(args.func(args) or 0)
     except ConvpipeError as exc:
         print(f"convpipe: error: {exc}", file=sys.stderr)
@@ -108,6 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _check_vector_width() -> None:
+    """A bad CONVPIPE_VECTOR_BYTES is one line before anything runs (not a traceback from the
+    first kernel); Numba is imported for it only when the variable is set."""
+    if os.environ.get("CONVPIPE_VECTOR_BYTES", "").strip():
+        from pipeline.fast_layers import vector_bytes_setting  # noqa: PLC0415 - loads Numba
+
+        try:
+            vector_bytes_setting()
+        except ValueError as exc:
+            raise ConvpipeError(str(exc)) from None
 
 
 def _terminate(signum, frame):
