@@ -554,6 +554,7 @@ def _save(run: RunDir, layout: Layout, config: TrainConfig, state: State):
         "layout": layout.to_dict(),
         "settings": config.result_settings(),
     }
+    run.sync_metrics()  # the lines the checkpoint counts are on disk before it is
     path = save_checkpoint(run.checkpoint_path(state.step), arrays, meta)
     run.prune_checkpoints()
     return path

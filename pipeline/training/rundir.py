@@ -12,6 +12,7 @@ RUN_DIR/filters.png          the first-layer filters
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -100,6 +101,19 @@ class RunDir:
     def append_metrics(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def sync_metrics(self) -> None:
+        """Put the metrics lines written so far on disk (fsync): a checkpoint counts them, so they
+        must be there before it is (a power cut must not leave a checkpoint that counts lines the
+        file lost). Once per checkpoint, not per line."""
+        try:
+            fd = os.open(self.metrics_path, os.O_RDONLY)
+        except FileNotFoundError:  # no line yet
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():

@@ -98,3 +98,35 @@ def test_config_json_is_replaced_atomically(tmp_path, monkeypatch):
     assert (
         TrainConfig.load(path).steps == 9 and path.stat().st_ino != inode
     )  # a new file renamed over the old
+
+
+def test_every_checkpoint_follows_an_fsync_of_the_metrics_lines_it_counts(
+    tmp_path, monkeypatch, training_client
+):
+    """A checkpoint records how many metrics lines came before it (resume truncates to them):
+    those lines are fsync'ed before the checkpoint is written, so a power cut cannot leave a
+    checkpoint counting lines the file lost."""
+    from pipeline.training import train
+    from tests.helpers.training import make_store, tiny_config
+
+    store = make_store(tmp_path / "s.zarr", n_train=128, n_val=16, n_test=0)
+    synced = []  # (file name, lines in it) at each fsync
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        lines = None
+        if name.endswith("metrics.jsonl"):
+            with open(name) as f:
+                lines = sum(1 for _ in f)
+        synced.append((os.path.basename(name), lines))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    run = tmp_path / "run"
+    train(tiny_config(store, run, steps=4, checkpoint_every=2), client=training_client)
+    checkpoints = [i for i, (name, _) in enumerate(synced) if name.startswith(".step-")]
+    assert checkpoints, synced  # the checkpoint's temporary file, fsync'ed before its rename
+    for i in checkpoints:
+        before = [lines for name, lines in synced[:i] if name == "metrics.jsonl"]
+        assert before and before[-1] >= 1, synced[: i + 1]
