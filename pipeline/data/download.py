@@ -18,6 +18,10 @@ from pipeline.errors import DataError
 
 __all__ = ["download", "is_url", "url_basename"]
 
+#: the most bytes a download may bring (CIFAR-10's python archive is 163 MB): a server that
+#: announces or sends more is cut off, with or without an md5 to check
+MAX_DOWNLOAD_BYTES = 1 << 30
+
 #: progress(stage, done, total): total may be 0 when unknown
 Progress = Callable[[str, int, int], None]
 
@@ -42,6 +46,7 @@ def download(
     progress: Progress | None = None,
     timeout: float = 60.0,
     hint: str = "",
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> str:
     """Download ``url`` to ``dest``; return the file's md5 (hex).
 
@@ -49,6 +54,7 @@ def download(
     or ``check(temp_path, md5)`` raises, the temporary file is removed and nothing is left
     under ``dest``. ``progress("download", bytes_done, bytes_total)`` is called as it goes.
     ``hint`` (what to do without network) ends the message of a failed, cut or short download.
+    More than ``max_bytes`` (announced or received) stops it with nothing saved.
     """
     more = f"; {hint}" if hint else ""
     dest = Path(dest)
@@ -67,6 +73,8 @@ def download(
             raise DataError(f"{url}: download failed ({reason}){more}") from None
         with resp, open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0)
+            if total > max_bytes:
+                raise DataError(_too_big(url, f"announces {total:,} bytes", max_bytes))
             done = 0
             if progress:
                 progress("download", 0, total)
@@ -79,9 +87,11 @@ def download(
                     ) from None
                 if not block:
                     break
+                done += len(block)
+                if done > max_bytes:
+                    raise DataError(_too_big(url, f"sent more than {max_bytes:,} bytes", max_bytes))
                 out.write(block)
                 digest.update(block)
-                done += len(block)
                 if progress:
                     progress("download", done, total)
         if total and done != total:
@@ -102,3 +112,10 @@ def download(
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _too_big(url: str, what: str, max_bytes: int) -> str:
+    return (
+        f"{url}: download refused: the server {what}, the most allowed is {max_bytes:,}; "
+        "nothing was saved"
+    )

@@ -230,6 +230,11 @@ def extract_cifar_archive(
                         continue
                     if not m.isfile():
                         raise DataError(f"{path}: {m.name} is not a regular file")
+                    if m.size > MAX_BATCH_BYTES:
+                        raise DataError(
+                            f"{path}: {m.name} holds {m.size:,} bytes, more than a CIFAR batch "
+                            f"can ({MAX_BATCH_BYTES:,}): refused"
+                        )
                     src = tar.extractfile(m)
                     dest = staging / parts[1]
                     with open(dest, "wb") as out:
@@ -388,23 +393,70 @@ def _finish_listing(label: str, found: dict[str, dict[str, list[str]]]) -> tuple
     return classes, items
 
 
+#: an image-folder tar is unpacked in memory up to this many bytes, or UNPACK_RATIO times its
+#: compressed size when that is more: a compression bomb (a small file that unpacks to tens of
+#: GB) is refused instead of running the process out of memory. Image data hardly compresses:
+#: CIFAR-10's JPEG folders unpack to about 1.1x their .tar.gz.
+UNPACK_FLOOR = 1 << 30
+UNPACK_RATIO = 20
+#: one member of a CIFAR batches archive holds at most this many bytes (a batch of 10,000
+#: 32x32 images is 31 MB): checked from its header before it is written out
+MAX_BATCH_BYTES = 1 << 28
+
+
+def unpack_limit(compressed: int) -> int:
+    """How many bytes an archive of ``compressed`` bytes may unpack to (see UNPACK_FLOOR)."""
+    return max(UNPACK_FLOOR, UNPACK_RATIO * compressed)
+
+
+def _decompress_bounded(kind: str, raw: bytes, limit: int, path: Path) -> bytes:
+    """``raw`` decompressed (``kind``: gzip, bz2 or xz; bz2 and xz as many concatenated streams
+    as it holds, as ``bz2.decompress`` and ``lzma.decompress`` read them), refused with one line
+    past ``limit`` bytes; never holds more than ``limit`` + 1 bytes of output."""
+    out = bytearray()
+    data = raw
+    while True:
+        if kind == "gzip":
+            d = zlib.decompressobj(wbits=47)
+            out += d.decompress(data, limit + 1 - len(out))
+            while d.unconsumed_tail and len(out) <= limit:
+                out += d.decompress(d.unconsumed_tail, limit + 1 - len(out))
+            rest = b""  # one gzip member, as before
+        else:
+            d = bz2.BZ2Decompressor() if kind == "bz2" else lzma.LZMADecompressor()
+            out += d.decompress(data, max_length=limit + 1 - len(out))
+            while not d.eof and not d.needs_input and len(out) <= limit:
+                out += d.decompress(b"", max_length=limit + 1 - len(out))
+            rest = d.unused_data if d.eof else b""
+        if len(out) > limit:
+            raise DataError(
+                f"{path}: unpacks to more than {limit:,} bytes from {len(raw):,}: refused as a "
+                f"likely compression bomb (allowed: {UNPACK_RATIO}x the archive's size, at least "
+                f"{UNPACK_FLOOR:,} bytes)"
+            )
+        if not d.eof:
+            raise DataError(f"{path}: truncated or corrupt archive (the {kind} stream ends early)")
+        if not rest:
+            return bytes(out)
+        data = rest
+
+
 def _open_tar_in_memory(path: Path, progress: Progress | None):
     """(md5 of the file, the uncompressed tar bytes, a TarFile over them): one decompression
-    in C, then member headers parsed from memory (many small members read fast this way)."""
+    in C (bounded by :func:`unpack_limit`), then member headers parsed from memory (many small
+    members read fast this way)."""
     with open(path, "rb") as f:
         raw = f.read()
     md5 = hashlib.md5(raw).hexdigest()
     if progress:
         progress("read", len(raw), len(raw))
+    limit = unpack_limit(len(raw))
     if raw[:2] == b"\x1f\x8b":
-        d = zlib.decompressobj(wbits=47)
-        data = d.decompress(raw)
-        if not d.eof:
-            raise DataError(f"{path}: truncated or corrupt archive (the gzip stream ends early)")
+        data = _decompress_bounded("gzip", raw, limit, path)
     elif raw[:3] == b"BZh":
-        data = bz2.decompress(raw)
+        data = _decompress_bounded("bz2", raw, limit, path)
     elif raw[:6] == b"\xfd7zXZ\x00":
-        data = lzma.decompress(raw)
+        data = _decompress_bounded("xz", raw, limit, path)
     else:
         data = raw
     del raw

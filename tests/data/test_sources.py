@@ -201,3 +201,79 @@ def test_image_tar_truncated_and_layout(tmp_path):
     t2 = tar_dir(root, tmp_path / "img2.tar")
     with pytest.raises(DataError, match="train/stray.png is not in a class folder"):
         S.list_image_folder(S.classify(t2))
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tar.bz2", ".tar.xz"])
+def test_an_image_tar_that_unpacks_past_its_limit_is_refused_in_one_line(
+    tmp_path, monkeypatch, suffix
+):
+    """A compression bomb: a small archive whose tar is large (here a member of zeros, 2 MB
+    unpacked from a few kB) stops at the limit instead of filling memory; the same archive under
+    a larger limit lists as usual, so the limit is what refused it."""
+    import io
+    import tarfile
+
+    root = tmp_path / "img"
+    make_image_folder(root, per_class_train=2, per_class_test=1, fmt="PNG")
+    mode = {".tar.gz": "w:gz", ".tar.bz2": "w:bz2", ".tar.xz": "w:xz"}[suffix]
+    bomb = tmp_path / f"bomb{suffix}"
+    with tarfile.open(bomb, mode) as tar:
+        tar.add(root / "train", arcname="train")
+        tar.add(root / "test", arcname="test")
+        zeros = tarfile.TarInfo("padding.bin")
+        zeros.size = 2_000_000
+        tar.addfile(zeros, io.BytesIO(bytes(zeros.size)))
+    assert bomb.stat().st_size < 100_000
+    monkeypatch.setattr(S, "UNPACK_FLOOR", 1_000_000)
+    monkeypatch.setattr(S, "UNPACK_RATIO", 10)
+    with pytest.raises(DataError) as err:
+        S.list_image_folder(S.classify(bomb))
+    assert str(err.value).startswith(f"{bomb}: unpacks to more than 1,000,000 bytes from ")
+    assert "refused as a likely compression bomb" in str(err.value)
+    monkeypatch.setattr(S, "UNPACK_FLOOR", 4_000_000)
+    listed = S.list_image_folder(S.classify(bomb)).items["train"]
+    assert len(listed) == len(list((root / "train").rglob("*.png"))) > 0
+
+
+def test_a_cifar_archive_member_larger_than_a_batch_is_refused_before_it_is_written(
+    tmp_path, monkeypatch
+):
+    arc, _ = write_cifar_archive(tmp_path / "a", per_batch=4, n_test=4)
+    monkeypatch.setattr(S, "MAX_BATCH_BYTES", 100)  # every batch of 4 images is larger
+    staging = tmp_path / "staging"
+    with pytest.raises(DataError, match=r"data_batch_1 holds [\d,]+ bytes, more than a CIFAR"):
+        S.extract_cifar_archive(arc, staging)
+    assert list(staging.iterdir()) == []  # nothing written
+
+
+def test_a_download_larger_than_its_cap_is_cut_off_with_nothing_saved(http_server, tmp_path):
+    root, base = http_server
+    (root / "big.bin").write_bytes(b"x" * 50_000)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="the server announces 50,000 bytes, the most allowed is"):
+        download(f"{base}/big.bin", out / "a.bin", max_bytes=10_000)
+    assert list(out.iterdir()) == []
+    assert download(f"{base}/big.bin", out / "c.bin", max_bytes=50_000)  # exactly the cap: kept
+
+
+def test_a_download_without_a_length_is_cut_off_at_its_cap(tmp_path, monkeypatch):
+    """A server that announces no length (or a wrong one) is stopped by the bytes it sends."""
+    import urllib.request
+
+    class Endless:  # what urlopen returns: headers without Content-Length, bytes without end
+        headers = {}
+
+        def read(self, n):
+            return b"x" * n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Endless())
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=r"sent more than 3,145,728 bytes.*nothing was saved"):
+        download("https://example.invalid/big.bin", out / "b.bin", max_bytes=3 << 20)
+    assert list(out.iterdir()) == []
