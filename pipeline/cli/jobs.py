@@ -326,9 +326,18 @@ def _client_or_root(args):
     return address, address, None
 
 
+def _plain_job_id(args) -> None:
+    """A job id on the command line is a plain id (one name, no path): JobError otherwise."""
+    from pipeline.jobs.records import check_job_id
+
+    if args.job is not None:
+        check_job_id(args.job)
+
+
 def cmd_status(args) -> int:
     from pipeline.jobs import client as job_client
 
+    _plain_job_id(args)
     address, shown, root = _client_or_root(args)
     unreadable: list[str] = []
     if address is None:
@@ -454,6 +463,7 @@ def _print_leaderboard(run_dir: str | None) -> None:
 def cmd_logs(args) -> int:
     from pipeline.jobs import client as job_client
 
+    _plain_job_id(args)
     address, _, root = _client_or_root(args)
     if address is None:
         return _logs_from_files(root, args.job, args.follow)
@@ -484,8 +494,8 @@ def _logs_from_files(root: str, job_id: str, follow: bool) -> int:
     from pipeline.jobs.files_view import status_from_files
     from pipeline.jobs.records import JobFiles
 
-    files = JobFiles.of(root, job_id)
     status = status_from_files(root, job_id)  # JobError if unknown
+    files = JobFiles.existing(root, job_id)
     offset = 0
     while True:
         text, offset = files.read_log(offset)
@@ -500,6 +510,7 @@ def _logs_from_files(root: str, job_id: str, follow: bool) -> int:
 def cmd_cancel(args) -> int:
     from pipeline.jobs import client as job_client
 
+    _plain_job_id(args)
     address = scheduler_address(args.scheduler)
     if address is None:
         raise ClusterError(
@@ -516,6 +527,7 @@ def cmd_resume(args) -> int:
     from pipeline.jobs.files_view import status_from_files
     from pipeline.jobs.records import JobFiles
 
+    _plain_job_id(args)
     address = scheduler_address(args.scheduler)
     record = None
     if address is None or args.root is not None:
@@ -526,7 +538,7 @@ def cmd_resume(args) -> int:
                 f"job {args.job} is {status['state']} according to {status.get('job_dir')}: only a "
                 f"failed or cancelled job can be resumed"
             )
-        record = JobFiles.of(root, args.job).read_record()
+        record = JobFiles.existing(root, args.job).read_record()
         if record is None:
             raise job_client.JobError(f"job {args.job} has no spec.json under {root}/jobs")
         record["attempt"] = max(int(record["attempt"]), int(status.get("attempt", 1)))

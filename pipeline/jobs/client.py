@@ -31,6 +31,7 @@ from pipeline.jobs.records import (
     REGISTRY_TOPIC,
     TERMINAL,
     JobError,
+    check_job_id,
     host_name,
     job_topic,
     jsonable,
@@ -78,8 +79,12 @@ def wait_for_workers(client, timeout: float = 60.0) -> None:
 def submit(
     client, spec, *, job_id: str | None = None, attempt: int = 1, timeout: float = 120.0
 ) -> dict:
-    """Check ``spec`` on the cluster, queue its job; return the job's record (``record['job']``)."""
-    job_id = job_id or new_job_id(spec.kind)
+    """Check ``spec`` on the cluster, queue its job; return the job's record (``record['job']``).
+
+    ``job_id``: the job's id (a plain id); by default a new one is drawn (and drawn again on the
+    worker if it is taken: the record has the id the job got)."""
+    drawn = job_id is None
+    job_id = new_job_id(spec.kind) if drawn else check_job_id(job_id)
     if spec.options.get("workers") is not None and spec.kind == "train":
         raise SpecError(
             f"{spec.source}: workers sizes the embedded cluster only; a cluster at a scheduler "
@@ -93,6 +98,7 @@ def submit(
         job_id,
         attempt,
         by,
+        drawn,
         pure=False,
         key=f"convpipe-preflight-{job_id}-{attempt}",
         priority=PREFLIGHT_PRIORITY,
@@ -104,6 +110,7 @@ def submit(
     if "error" in outcome:
         raise outcome["error"]
     record = outcome["record"]
+    job_id = record["job"]
     client.log_event(REGISTRY_TOPIC, {"type": "submitted", **jsonable(record)})
     client.log_event(
         job_topic(job_id),

@@ -20,10 +20,11 @@ def status_from_files(root: str, job_id: str) -> dict:
     """The job's ``status.json``, a dead local coordinator turned ``failed``,
     with its last log line.
 
-    :class:`JobError` if there is no such job; :class:`JobFileError` (one line naming the file
+    :class:`JobError` if ``job_id`` is not a plain id, or there is no such job (no directory
+    ``root/jobs/<job_id>``, or no status in it); :class:`JobFileError` (one line naming the file
     and the problem) if its status file is malformed.
     """
-    files = JobFiles.of(root, job_id)
+    files = JobFiles.existing(root, job_id)
     status = files.read_status()
     if status is None:
         raise JobError(f"no job {job_id} under {os.path.abspath(root)}/jobs (no status.json)")

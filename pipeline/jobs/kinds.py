@@ -27,7 +27,14 @@ from pipeline.data.store import store_state
 from pipeline.errors import ConvpipeError, DataError, TrainingError
 from pipeline.jobs.records import ACTIVE, JobError, JobFiles
 from pipeline.jobs.schema import Option, SpecError, options_from_dataclass
-from pipeline.jobs.sweep import STATE_FILE, SweepPlan, run_sweep, total_steps, trained_run_dir
+from pipeline.jobs.sweep import (
+    STATE_FILE,
+    SweepPlan,
+    check_trials_can_run,
+    run_sweep,
+    total_steps,
+    trained_run_dir,
+)
 from pipeline.training.config import TrainConfig, in_user_words
 from pipeline.training.coordinator import train
 from pipeline.training.evaluation import evaluate
@@ -331,10 +338,11 @@ class Sweep(_InRunDirectory):
                     "another out"
                 )
         check_run_dir_free(o["out"], root, job_id)
-        cls.plan(o)
+        plan = cls.plan(o)
         total_steps(
             Train.config({k: v for k, v in o.items() if k not in ("search", "early_stopping")})
         )  # the store
+        check_trials_can_run(plan)  # before any trial: not every trial failing alone
         return o
 
     @classmethod

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -57,8 +59,38 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+#: random bytes in a job id (64 bits: two ids drawn by two clients at once never meet in practice)
+JOB_ID_RANDOM_BYTES = 8
+#: what a job id is on the command line: one plain path component (no separator, no ``..``);
+#: ids convpipe draws are ``<kind>-<UTC date>-<UTC time>-<16 hex digits>``
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 def new_job_id(kind: str) -> str:
-    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.urandom(2).hex()}"
+    """``<kind>-<YYYYmmdd>-<HHMMSS>-<16 hex digits>`` (UTC): readable, in time order, and with
+    :data:`JOB_ID_RANDOM_BYTES` random bytes. The job's directory is created exclusively
+    (:func:`pipeline.jobs.runner.preflight_job`): an id that is taken is drawn again."""
+    return f"{kind}-{_utc_stamp()}-{_random_hex()}"
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def _random_hex() -> str:
+    return secrets.token_hex(JOB_ID_RANDOM_BYTES)
+
+
+def check_job_id(job_id: str) -> str:
+    """``job_id`` if it is a plain id (one path component: letters, digits, ``_ . -``, not
+    starting with a dot or dash); else a one-line :class:`JobError`."""
+    if not JOB_ID_PATTERN.fullmatch(job_id):
+        raise JobError(
+            f"job id {job_id!r} is not a plain id: expected one name of letters, digits, '_', "
+            "'.' and '-' (no path, not starting with '.' or '-'), e.g. "
+            "train-20250101-120000-0123456789abcdef"
+        )
+    return job_id
 
 
 def host_name() -> str:
@@ -84,6 +116,21 @@ class JobFiles:
     @classmethod
     def of(cls, root: str | Path, job_id: str) -> JobFiles:
         return cls(Path(root) / "jobs" / job_id)
+
+    @classmethod
+    def existing(cls, root: str | Path, job_id: str) -> JobFiles:
+        """The directory of job ``job_id`` (a plain id, :func:`check_job_id`) in ``root/jobs``;
+        a one-line :class:`JobError` if the id is not plain or names no directory there."""
+        check_job_id(job_id)
+        jobs = Path(os.path.abspath(root)) / "jobs"
+        files = cls(jobs / job_id)
+        if not files.dir.is_dir():
+            raise JobError(f"no job {job_id} under {jobs} (no such directory)")
+        if files.dir.resolve().parent != jobs.resolve():
+            raise JobError(
+                f"job {job_id}: expected a directory in {jobs}, got a link to {files.dir.resolve()}"
+            )
+        return files
 
     @property
     def status_path(self) -> Path:

@@ -34,6 +34,7 @@ Failures:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -58,6 +59,7 @@ from pipeline.jobs.records import (
     job_topic,
     jsonable,
     log_line,
+    new_job_id,
     now_iso,
     result_text,
     task_key,
@@ -257,8 +259,13 @@ def _plain(v) -> bool:
     return isinstance(v, (str, int, float, bool)) or v is None
 
 
-def preflight_job(spec: dict, job_id: str, attempt: int, by: str) -> dict:
+def preflight_job(spec: dict, job_id: str, attempt: int, by: str, drawn: bool = False) -> dict:
     """On a worker: resolve and check the spec where it will run, create the job's directory.
+
+    The first attempt creates ``ROOT/jobs/<job_id>`` exclusively, never entering a directory
+    that exists (another job's): a ``drawn`` id (:func:`~pipeline.jobs.records.new_job_id`) that
+    is taken is drawn again, and the record has the id the job got; an id chosen by the caller
+    that is taken is an error. Later attempts (resume) continue the job's directory.
 
     Returns ``{"record": record}`` (id, attempt, kind, name, absolute root/job_dir/run_dir,
     options), or ``{"error": exc}`` for a user error (a missing store, a run directory in use):
@@ -266,17 +273,57 @@ def preflight_job(spec: dict, job_id: str, attempt: int, by: str) -> dict:
     (a "Compute Failed" traceback on the terminal of an embedded cluster). The client raises it.
     """
     try:
-        return {"record": _preflight(spec, job_id, attempt, by)}
+        return {"record": _preflight(spec, job_id, attempt, by, drawn)}
     except ConvpipeError as exc:
         return {"error": exc}
 
 
-def _preflight(spec: dict, job_id: str, attempt: int, by: str) -> dict:
+#: how many ids a first attempt draws before it gives up (each clash has odds of 2**-64)
+MAX_ID_DRAWS = 5
+
+
+def _claim_job_dir(root: str, job_id: str, kind: str, drawn: bool) -> JobFiles:
+    """A new job's directory, created exclusively (a drawn id that is taken is drawn again)."""
+    files = JobFiles.of(root, job_id)
+    try:
+        files.dir.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(MAX_ID_DRAWS):
+            try:
+                files.dir.mkdir()
+                return files
+            except FileExistsError:
+                if not drawn:
+                    raise JobError(
+                        f"job id {job_id}: expected a new job, but {files.dir} exists (another "
+                        "job's directory); choose another id"
+                    ) from None
+                files = JobFiles.of(root, new_job_id(kind))
+    except OSError as exc:
+        raise JobError(
+            f"cannot create the job's directory {files.dir} on the data root: {exc.strerror or exc}"
+        ) from None
+    raise JobError(
+        f"{files.dir.parent}: expected a free job id, got {MAX_ID_DRAWS} taken ones in a row "
+        "(is the random source broken?)"
+    )
+
+
+def _preflight(spec: dict, job_id: str, attempt: int, by: str, drawn: bool = False) -> dict:
     js = JobSpec.from_dict(spec)
     root = os.path.abspath(os.path.expanduser(js.root))
     kind = KINDS[js.kind]
-    options = kind.preflight(js.options, root, job_id)
-    files = JobFiles.of(root, job_id)
+    if attempt > 1:  # a resumed job continues its directory
+        files = JobFiles.of(root, job_id)
+        options = kind.preflight(js.options, root, job_id)
+    else:
+        files = _claim_job_dir(root, job_id, js.kind, drawn)
+        job_id = files.dir.name
+        try:
+            options = kind.preflight(js.options, root, job_id)
+        except BaseException:
+            with contextlib.suppress(OSError):  # still empty: a refused spec leaves no job
+                files.dir.rmdir()
+            raise
     record = {
         "job": job_id,
         "attempt": attempt,
@@ -292,7 +339,7 @@ def _preflight(spec: dict, job_id: str, attempt: int, by: str) -> dict:
         "key": task_key(job_id, attempt),
     }
     try:
-        files.dir.mkdir(parents=True, exist_ok=True)
+        files.dir.mkdir(parents=True, exist_ok=True)  # a resumed job's, if it was removed
         js.options = options
         js.root = root
         files.write_record(record, js.to_toml())
@@ -404,8 +451,13 @@ def run_job(record: dict) -> dict:
                 resumable=True,
                 interrupted=True,
             )
-        except ConvpipeError as exc:
-            return report.state("failed", f"failed: {exc}", reason=str(exc), resumable=True)
+        except ConvpipeError as exc:  # resumable unless resuming cannot change it (SweepFailed)
+            return report.state(
+                "failed",
+                f"failed: {exc}",
+                reason=str(exc),
+                resumable=getattr(exc, "resumable", True),
+            )
         except BaseException as exc:  # noqa: BLE001 - anything the job raised, with its reason
             reason = _failure_reason(exc, client)
             for line in traceback.format_exc().rstrip().splitlines():

@@ -217,6 +217,17 @@ class TrainConfig:
             raise TrainingError(f"{path}: run settings must be a JSON object")
         return cls.from_dict(mapping)
 
+    def train_limit_problem(self, n_train: int) -> str | None:
+        """Why these settings cannot train on a store of ``n_train`` training images (train_limit
+        larger than that), in one line; None if they can. :func:`pipeline.training.train` raises
+        it, and a sweep refuses a plan whose every trial has one before any trial starts."""
+        if self.train_limit is not None and self.train_limit > n_train:
+            return (
+                f"train_limit {self.train_limit} exceeds the {n_train} training images of "
+                f"{self.data}"
+            )
+        return None
+
     def result_settings(self) -> dict:
         """The settings that determine the trained numbers
         (everything but where and how it runs)."""

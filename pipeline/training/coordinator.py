@@ -493,11 +493,10 @@ def _open_data(config: TrainConfig):
     n = store.splits.get("train", 0)
     if n < 1:
         raise DataError(f"{config.data}: the store has no training images")
+    problem = config.train_limit_problem(n)
+    if problem:
+        raise TrainingError(problem)
     if config.train_limit is not None:
-        if config.train_limit > n:
-            raise TrainingError(
-                f"train_limit {config.train_limit} exceeds the {n} training images of {config.data}"
-            )
         n = config.train_limit
     return store, n
 

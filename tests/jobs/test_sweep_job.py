@@ -11,6 +11,7 @@ from distributed import Client
 
 from pipeline.cli import main
 from pipeline.jobs import client as job_client
+from pipeline.jobs.records import JobFiles
 from pipeline.jobs.spec import load_spec
 from pipeline.jobs.sweep import SweepState
 from tests.helpers.jobs import wait_for
@@ -18,16 +19,19 @@ from tests.helpers.training import make_store
 from tests.helpers.wait import wait_until
 from tests.jobs.test_sweep_run import outcome
 
+RANDOM_LR = (
+    '[search]\nmethod = "random"\ntrials = 4\nseed = 3\nlr = { log-uniform = [1e-3, 3e-2] }\n'
+    "[early-stopping]\nmin-steps = 2\nreduction-factor = 2\n"
+)
 
-def spec_text(root: Path, store: Path) -> str:
+
+def spec_text(root: Path, store: Path, search: str = RANDOM_LR) -> str:
     return (
         f'job = "sweep"\nname = "tiny-sweep"\nroot = "{root}"\ndata = "{store}"\n'
         f"steps = 6\nbatch-size = 64\n"
         f"shard-size = 16\nnum-filters = 4\nfilter-size = 3\nhidden-dim = 16\nweight-scale = 1e-2\n"
         f"checkpoint-every = 2\ntrain-acc-samples = 64\neval-every = 1\neval-samples = 32\n"
-        f'[search]\nmethod = "random"\ntrials = 4\nseed = 3\n'
-        f"lr = {{ log-uniform = [1e-3, 3e-2] }}\n"
-        f"[early-stopping]\nmin-steps = 2\nreduction-factor = 2\n"
+        + search
     )
 
 
@@ -75,3 +79,40 @@ def test_a_sweep_job_runs_prints_its_leaderboard_and_resumes_after_a_cancel(
         assert status["state"] == "done", status.get("reason")
     assert outcome(cut) == outcome(run_dir)
     assert json.loads((cut / "summary.json").read_text())["best"]["trial"] == best.name
+
+
+def test_a_sweep_job_with_no_completed_trial_ends_failed_and_its_command_exits_1(
+    cluster, tmp_path, capsys
+):
+    store = make_store(tmp_path / "tiny.zarr", n_train=128, n_val=48, n_test=32)
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(spec_text(tmp_path, store, '[search]\nmethod = "grid"\nlr = [1e30, 3e30]\n'))
+    code = main(["submit", str(spec), "--scheduler", cluster.scheduler_address, "--follow"])
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    job = out.splitlines()[0]
+    status = JobFiles.of(tmp_path, job).read_status()
+    state = SweepState.load(tmp_path / "runs" / job)
+    reason = (
+        "no trial of the sweep completed (expected at least one): 2 of 2 failed, 0 stopped; "
+        f"trial t000 failed: {state.trials[0].error}"
+    )
+    assert (status["state"], status["reason"], status["resumable"]) == ("failed", reason, False)
+    # one line that says why, and no resume hint: resuming would not change it
+    assert err.splitlines()[-1] == f"convpipe: job {job} failed: {reason}"
+    assert "convpipe resume" not in err
+    assert main(["status", job, "--root", str(tmp_path)]) == 0
+    assert f"reason:    {reason}\n" in capsys.readouterr().out
+
+
+def test_a_sweep_no_trial_can_run_is_refused_before_it_is_queued(cluster, tmp_path, capsys):
+    store = make_store(tmp_path / "tiny.zarr", n_train=128, n_val=48, n_test=32)
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(spec_text(tmp_path, store))
+    addr = cluster.scheduler_address
+    code = main(["submit", str(spec), "--scheduler", addr, "--set", "train-limit=500"])
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, "")
+    assert err == f"convpipe: error: train_limit 500 exceeds the 128 training images of {store}\n"
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())

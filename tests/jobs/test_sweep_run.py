@@ -11,8 +11,17 @@ import numpy as np
 import pytest
 
 from pipeline.cnn import ThreeLayerConvNet
+from pipeline.errors import TrainingError
 from pipeline.jobs.kinds import Sweep
-from pipeline.jobs.sweep import SweepError, SweepPlan, SweepState, leaderboard_text, run_sweep
+from pipeline.jobs.sweep import (
+    SweepError,
+    SweepFailed,
+    SweepPlan,
+    SweepState,
+    check_trials_can_run,
+    leaderboard_text,
+    run_sweep,
+)
 from pipeline.runs import load_model
 from pipeline.training import evaluate
 from tests.helpers.training import TINY_MODEL, assert_same_params, final_params, make_store
@@ -191,6 +200,61 @@ def test_a_diverging_trial_is_failed_with_its_reason_and_the_sweep_goes_on(store
     assert "diverged" in table[1]["error"] and table[1]["best_val_acc"] == ""
     assert summary["failed"] == 1 and summary["best"]["trial"] == "t000"
     assert "t001 failed: loss is" in leaderboard_text(out)
+
+
+@pytest.mark.parametrize(
+    "stopping, states, counts",
+    [
+        (None, ["failed", "failed"], "2 of 2 failed, 0 stopped"),
+        # both score chance at rung 1 (a tie: t000 goes on), then t000 diverges: none completes
+        (HALVING, ["failed", "stopped"], "1 of 2 failed, 1 stopped"),
+    ],
+    ids=["every trial failed", "the promoted trial failed"],
+)
+def test_a_sweep_with_no_completed_trial_fails_with_the_first_failed_trials_reason(
+    store, client, tmp_path, stopping, states, counts
+):
+    out = tmp_path / "sweep"
+    with pytest.raises(SweepFailed) as info:
+        run_sweep(
+            plan_of(store, {"method": "grid", "lr": [1e30, 3e30]}, stopping, steps=3),
+            out,
+            client=client,
+        )
+    state = SweepState.load(out)
+    assert [t.state for t in state.trials] == states
+    assert str(info.value) == (
+        f"no trial of the sweep completed (expected at least one): {counts}; "
+        f"trial t000 failed: {state.trials[0].error}"
+    )
+    assert "\n" not in str(info.value) and "diverged" in state.trials[0].error
+    assert not info.value.resumable  # its failed trials stay failed
+    # its results are written all the same: what each trial did, and no completed trial
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["completed"], summary["failed"]) == (0, 1 if stopping else 2)
+    assert [r["state"] for r in rows(out)] == states
+
+
+def test_a_plan_no_trial_can_run_is_refused_before_any_trial_starts(store, client, tmp_path):
+    from pipeline.training import train
+
+    plan = plan_of(store, {"method": "grid", "lr": [1e-2, 3e-2]}, train_limit=500)
+    events = []
+    with pytest.raises(TrainingError) as refused:
+        run_sweep(plan, tmp_path / "sweep", client=client, progress=events.append)
+    assert events == [] and not (tmp_path / "sweep").exists()
+    # the message each trial would have given, once
+    with pytest.raises(TrainingError) as trial:
+        train(plan.trial_config(plan.search.settings()[0], str(tmp_path / "t000"), 9))
+    assert (
+        str(refused.value)
+        == str(trial.value)
+        == (f"train_limit 500 exceeds the 128 training images of {store}")
+    )
+    # a searched train-limit that some trials can use: those run, the others fail alone
+    check_trials_can_run(plan_of(store, {"method": "grid", "train-limit": [64, 500]}))
+    with pytest.raises(TrainingError, match="^train_limit 200 exceeds the 128 training images"):
+        check_trials_can_run(plan_of(store, {"method": "grid", "train-limit": [200, 500]}))
 
 
 def test_a_sweep_directory_refuses_another_plan(store, client, tmp_path):

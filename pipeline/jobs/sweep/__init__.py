@@ -27,6 +27,9 @@ Successive halving: the rungs are ``min-steps * factor**k`` steps, then the tria
 live trial trains to the rung (continuing its checkpoint, bit-identical to a longer run), is
 scored on the whole val split, and the best ``1/factor`` (at least one; ties to the lower id)
 go on; the others are *stopped*. A diverging trial is *failed* with its reason; the rest go on.
+A sweep that ends with no *completed* trial has no result: it fails, with the first failed
+trial's reason (``SweepFailed``). A plan none of whose trials could start (``train-limit``
+above the store's training images) is refused before any trial starts.
 
 The sweep's state is ``RUN_DIR/sweep.json`` (rewritten atomically after every trial's rung);
 resumed, finished rungs are not rerun and a trial cut short continues from its checkpoint, so
@@ -41,7 +44,7 @@ and ``report`` (the results and the leaderboard); the figure is
 
 from pipeline.jobs.sweep.halving import promote, rungs
 from pipeline.jobs.sweep.report import curve, leaderboard_text
-from pipeline.jobs.sweep.runner import run_sweep, total_steps
+from pipeline.jobs.sweep.runner import SweepFailed, check_trials_can_run, run_sweep, total_steps
 from pipeline.jobs.sweep.space import EarlyStopping, SweepError, SweepPlan
 from pipeline.jobs.sweep.state import STATE_FILE, SweepState, Trial, best_run_dir, trained_run_dir
 
@@ -49,10 +52,12 @@ __all__ = [
     "EarlyStopping",
     "STATE_FILE",
     "SweepError",
+    "SweepFailed",
     "SweepPlan",
     "SweepState",
     "Trial",
     "best_run_dir",
+    "check_trials_can_run",
     "trained_run_dir",
     "curve",
     "leaderboard_text",

@@ -38,8 +38,50 @@ def total_steps(config) -> int:
     ).total_steps
 
 
+class SweepFailed(TrainingError):
+    """A sweep ran to its end and no trial completed: it has no result. Its results (trials.csv,
+    summary.json) are written; resuming it would not change them (failed trials stay failed)."""
+
+    resumable = False
+
+
+def check_trials_can_run(plan: SweepPlan) -> None:
+    """Refuse a sweep none of whose trials can start: every trial would fail alone, the same
+    way. A one-line :class:`TrainingError`, the message the first trial would have given; a
+    sweep where only some trials cannot start runs (those fail with their reason)."""
+    base = TrainConfig.from_job(plan.base)
+    n = open_store(base.data).splits.get("train", 0)
+    refusals = [
+        plan.trial_config(s, base.out or "", 1).train_limit_problem(n)
+        for s in plan.search.settings()
+    ]
+    if refusals and all(refusals):
+        raise TrainingError(refusals[0])
+
+
+def no_trial_completed(state: SweepState) -> str | None:
+    """The one-line reason a finished sweep failed: no trial completed; None if one did."""
+    if any(t.state == "completed" for t in state.trials):
+        return None
+    failed = [t for t in state.trials if t.state == "failed"]
+    stopped = sum(t.state == "stopped" for t in state.trials)
+    reason = (
+        f"no trial of the sweep completed (expected at least one): {len(failed)} of "
+        f"{len(state.trials)} failed, {stopped} stopped"
+    )
+    if failed:
+        error = (failed[0].error or "").strip().splitlines()
+        reason += f"; trial {failed[0].name} failed: {error[0] if error else 'no reason recorded'}"
+    return reason
+
+
 def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
     """Run (or continue) the sweep ``plan`` in run directory ``out``; return its summary.
+
+    Before any trial starts, a plan none of whose trials can run is refused
+    (:func:`check_trials_can_run`). A sweep that ends with no completed trial writes its results,
+    then raises :class:`SweepFailed` with the reason (every trial failed, or the ones promoted
+    to the end did).
 
     ``client``: the cluster every trial trains on (default: connect as the base settings say).
     ``progress``: called with each trial's training events (``trial`` added), a ``scored``
@@ -49,6 +91,7 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
     emit = progress or (lambda event: None)
     out = Path(out)
     base = TrainConfig.from_job(plan.base)
+    check_trials_can_run(plan)
     with worker_cluster(client, base.scheduler, base.workers, base.threads_per_worker) as client:
         state = _open_state(plan, out, total_steps(base))
         t0 = time.perf_counter()
@@ -90,7 +133,11 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
                         f"go on ({', '.join(state.trials[i].name for i in going_on)})",
                     }
                 )
-        return write_results(out, state, plan)
+        summary = write_results(out, state, plan)
+        failure = no_trial_completed(state)
+        if failure is not None:
+            raise SweepFailed(failure)
+        return summary
 
 
 def _open_state(plan: SweepPlan, out: Path, total: int) -> SweepState:
