@@ -277,7 +277,12 @@ def make_certificates(
             alt_names.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             alt_names.append(x509.DNSName(h))
-    for role in ("scheduler", "worker", "client"):
+    # what each role's certificate may be used for: the scheduler and the workers accept
+    # connections (server) and open them (client: the scheduler calls its workers, a worker its
+    # peers and the scheduler); a client only opens them
+    both = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    usages = {"scheduler": both, "worker": both, "client": [ExtendedKeyUsageOID.CLIENT_AUTH]}
+    for role, usage in usages.items():
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
             x509.CertificateBuilder()
@@ -289,11 +294,20 @@ def make_certificates(
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
             .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                x509.KeyUsage(  # ECDSA signatures in the TLS handshake, nothing else
+                    digital_signature=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
-                critical=False,
+                critical=True,
             )
             .sign(ca_key, hashes.SHA256())
         )

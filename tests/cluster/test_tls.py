@@ -353,3 +353,65 @@ def test_connecting_over_tcp_to_another_host_warns(tmp_path):
         "status", "--scheduler", "tcp://127.0.0.1:9", "--timeout", "1", cwd=tmp_path, env=env
     )
     assert r.returncode == 2 and "warning" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def _handshake(tmp_path, paths, server_role, client_role):
+    """A real TLS handshake on 127.0.0.1 with the cluster's settings (each side requires and
+    checks the other's certificate against ca.pem): None, or the errors of both sides."""
+    import socket
+    import ssl
+    import threading
+
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(paths[server_role], paths[f"{server_role}-key"])
+    server_ctx.load_verify_locations(paths["ca"])
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_cert_chain(paths[client_role], paths[f"{client_role}-key"])
+    client_ctx.load_verify_locations(paths["ca"])
+    client_ctx.check_hostname = False
+    errors = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve():
+            conn, _ = listener.accept()
+            try:
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except (ssl.SSLError, OSError) as exc:
+                errors.append(f"server: {exc}")
+
+        t = threading.Thread(target=serve)
+        t.start()
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                with client_ctx.wrap_socket(raw) as tls:
+                    tls.sendall(b"x")
+        except (ssl.SSLError, OSError) as exc:
+            errors.append(f"client: {exc}")
+        t.join()
+    return "; ".join(sorted(errors)) or None
+
+
+def test_each_certificate_has_the_key_usage_of_its_role(tmp_path):
+    """The scheduler's and workers' certificates serve and connect; the client's only connects:
+    a process holding client.pem cannot pose as the scheduler."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
+
+    paths = sec.make_certificates(tmp_path / "certs")
+    for role, usage in {
+        "scheduler": {EKU.SERVER_AUTH, EKU.CLIENT_AUTH},
+        "worker": {EKU.SERVER_AUTH, EKU.CLIENT_AUTH},
+        "client": {EKU.CLIENT_AUTH},
+    }.items():
+        cert = x509.load_pem_x509_certificate(paths[role].read_bytes())
+        assert set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == usage
+        ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+        assert ku.critical and ku.value.digital_signature and not ku.value.key_cert_sign
+    assert _handshake(tmp_path, paths, "scheduler", "client") is None
+    assert _handshake(tmp_path, paths, "worker", "scheduler") is None  # the scheduler calls workers
+    assert _handshake(tmp_path, paths, "worker", "worker") is None
+    refused = _handshake(tmp_path, paths, "client", "worker")
+    assert refused is not None and "unsuitable certificate purpose" in refused, refused
