@@ -23,6 +23,12 @@ It reads the data root ``$CONVPIPE_DATA``, else ``data`` in the scheduler's work
 there (where `convpipe train` writes by default), the scheduler's job events, and the run
 directories `convpipe train` announces to the scheduler (:func:`announce_run`). It changes
 nothing: GET only.
+
+What it serves from disk: regular files inside ``ROOT/jobs``, ``ROOT/runs`` and the run
+folders (and the run directories of `convpipe train` runs in the scheduler's own process),
+opened without following a link; a run directory only if it holds ``config.json``. A path in
+a status file or a scheduler event (any Dask client can post one) outside those folders is not
+read (:mod:`pipeline.dashboard.files`).
 """
 
 from __future__ import annotations
@@ -126,11 +132,18 @@ def _scheduler_has_page(dask_scheduler=None) -> bool:
 
 def announce_run(client, run_dir: str | Path) -> str | None:
     """Tell the scheduler of ``client`` that a run trains in ``run_dir`` (an event on the topic
-    :data:`pipeline.dashboard.data.RUNS_TOPIC`), so that its page lists it wherever it is;
-    returns the run's page URL, or None when that scheduler has no page or no dashboard."""
+    :data:`pipeline.dashboard.data.RUNS_TOPIC`), so that its page lists it; returns the run's
+    page URL, or None when that scheduler has no page or no dashboard.
+
+    A scheduler in this process (the embedded cluster) shows the run wherever it is; another
+    one only if ``run_dir`` lies in its page's folders (an event could come from any client)."""
     link = getattr(client, "dashboard_link", None)
     if not link or not has_page(client):
         return None
     path = str(Path(run_dir).absolute())
+    scheduler = getattr(getattr(client, "cluster", None), "scheduler", None)
+    page = getattr(scheduler, "extensions", {}).get(EXTENSION)
+    if page is not None:  # in this process: this process's own run
+        page.board.add_run(path)
     client.log_event(RUNS_TOPIC, {"run_dir": path})
     return page_link(link, run_dir=path)

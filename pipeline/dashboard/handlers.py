@@ -1,12 +1,18 @@
 """The page's HTTP handlers on the scheduler's web server (tornado, the dashboard's port).
 
-GET only: tornado answers any other method with 405. Each request takes the scheduler's view
-on its event loop (events and workers are in memory), then reads files in a small thread pool
-of its own, so the scheduler's loop never waits on a disk.
+GET only: tornado answers any other method with 405. Each request copies what it needs of the
+scheduler on its event loop (references to events, the workers, a few task states:
+:class:`SchedulerCopy`), then works out the jobs from that copy and reads files in a small
+thread pool of its own, so the scheduler's loop neither goes through the events nor waits on
+a disk.
 
     {prefix}convpipe                     jobs and runs          {prefix}convpipe.json
     {prefix}convpipe/job/<id>            one job                {prefix}convpipe/job/<id>.json
     {prefix}convpipe/run?dir=<path>      one run directory      {prefix}convpipe/run.json?dir=<path>
+    {prefix}convpipe/static/page.js      the pages' script (the only script they run)
+
+Every value from a file or an event is HTML-escaped where it is put in a page (render.py), and
+the Content-Security-Policy lets a page run no script but that one, from this server.
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ from pathlib import Path
 from tornado import web
 
 from pipeline.dashboard import render
-from pipeline.dashboard.data import Board, SchedulerView
+from pipeline.dashboard.data import Board, SchedulerCopy, SchedulerView
 
 JOB_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*?"
-#: Content-Security-Policy: the page's own inline style and script, fetches to itself, nothing else
+#: Content-Security-Policy: the page's own inline style, its script from this server (no inline
+#: script), fetches to itself, nothing else
 CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src "
+    "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; connect-src "
     "'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
 )
 
@@ -48,6 +55,7 @@ class Page:
             (rf"{p}convpipe/job/({JOB_ID})(\.json)?", Job, kw),
             (rf"{p}convpipe/run(\.json)?", Run, kw),
             (rf"{p}convpipe/run/(curves|filters)\.png", Picture, kw),
+            (rf"{p}convpipe/{render.SCRIPT_PATH}", Script, kw),
         ]
 
     async def off_loop(self, fn, *args):
@@ -74,8 +82,10 @@ class _Handler(web.RequestHandler):
         rest = self.request.path[len(self.page.prefix) :]
         return "../" * rest.count("/")
 
-    def view(self, job_id: str | None = None) -> SchedulerView:
-        return SchedulerView.take(self.page.scheduler, job_id)
+    def scheduler_copy(self) -> SchedulerCopy | None:
+        """What the page needs of the scheduler, copied now (on its event loop)."""
+        scheduler = self.page.scheduler
+        return None if scheduler is None else SchedulerCopy(scheduler)
 
     def answer(
         self, as_json: bool, title: str, fragments: dict[str, str], body: str, final: bool
@@ -107,8 +117,9 @@ class _Handler(web.RequestHandler):
 
 class Overview(_Handler):
     async def get(self, as_json: str | None = None) -> None:
-        view = self.view()
-        listing = await self.page.off_loop(self.page.board.listing, view)
+        copy = self.scheduler_copy()
+        board = self.page.board
+        listing = await self.page.off_loop(lambda: board.listing(SchedulerView.of(copy)))
         fragments = render.overview_fragments(listing, self.base)
         self.answer(
             bool(as_json),
@@ -121,16 +132,15 @@ class Overview(_Handler):
 
 class Job(_Handler):
     async def get(self, job_id: str, as_json: str | None = None) -> None:
-        view = self.view(job_id)
+        copy = self.scheduler_copy()
         board = self.page.board
 
         def read():
+            view = SchedulerView.of(copy, job_id)
             status = board.job(job_id, view)
             if not status:
                 return None
-            sweep = (
-                render.sweep_section(status.get("run_dir")) if status.get("kind") == "sweep" else ""
-            )
+            sweep = render.sweep_section(board.sweep(status))
             return status, board.run_of(status), board.job_log(status, view), sweep
 
         found = await self.page.off_loop(read)
@@ -155,18 +165,13 @@ class Run(_Handler):
             return self.not_found(
                 f"give the run directory as ?dir=ABSOLUTE_PATH, got {path!r}", 400
             )
-        view = self.view()
         board = self.page.board
-
-        def read():
-            return board.reader.read(path) if board.allowed_run(path, view) else None
-
-        run = await self.page.off_loop(read)
-        if run is None or not run.exists:
+        run = await self.page.off_loop(board.reader.read, path)
+        if not run.exists:
             return self.not_found(
-                f"{path} is not a run directory this page shows (the jobs' run directories, "
-                f"those under {', '.join(map(str, board.run_folders))}, and those "
-                f"`convpipe train` announced to this scheduler)"
+                f"{path} is not a run directory this page shows (one holding config.json under "
+                f"{', '.join(map(str, board.run_folders))}, or one `convpipe train` ran on "
+                "this cluster)"
             )
         fragments = render.run_fragments(run, self.base)
         title = f"run {run.name}"
@@ -184,19 +189,18 @@ class Picture(_Handler):
 
     async def get(self, name: str) -> None:
         path = self.get_query_argument("dir", "")
-        view = self.view()
-        board = self.page.board
-
-        def read():
-            if not path or not Path(path).is_absolute() or not board.allowed_run(path, view):
-                return None
-            try:
-                return (Path(path) / f"{name}.png").read_bytes()
-            except OSError:
-                return None
-
-        data = await self.page.off_loop(read)
+        data = None
+        if path and Path(path).is_absolute():
+            data = await self.page.off_loop(self.page.board.picture, path, f"{name}.png")
         if data is None:
             return self.not_found(f"no {name}.png of a run this page shows at {path!r}")
         self.set_header("Content-Type", "image/png")
         self.finish(data)
+
+
+class Script(_Handler):
+    """The pages' script (:data:`render.SCRIPT`): it polls a page's JSON twin."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/javascript; charset=utf-8")
+        self.finish(render.SCRIPT)

@@ -1,10 +1,14 @@
 """The convpipe page as HTML: whole pages, and the fragments the page's script swaps in.
 
 Every page is complete on its own (server-rendered tables and SVG charts: it reads fine with
-scripts off and in ``chromium --dump-dom``); a few lines of script fetch the page's ``.json``
-twin every :data:`POLL_MS` and replace the fragments whose ids it names, until the job or run
-has ended. ``base`` is the relative path from a page to the dashboard's root (``""``, ``"../"``,
+scripts off and in ``chromium --dump-dom``); a few lines of script (:data:`SCRIPT`, served at
+``convpipe/static/page.js``: the pages hold no inline script) fetch the page's ``.json`` twin
+every :data:`POLL_MS` and replace the fragments whose ids it names, until the job or run has
+ended. ``base`` is the relative path from a page to the dashboard's root (``""``, ``"../"``,
 ``"../../"``), so links work under any ``--dashboard-prefix`` and behind a proxy.
+
+Every value that comes from a file or a scheduler event goes through :func:`html.escape` where
+it is put in the HTML (numbers are formatted as numbers, anything else escaped as text).
 """
 
 from __future__ import annotations
@@ -12,14 +16,11 @@ from __future__ import annotations
 import datetime as _dt
 import time
 from html import escape
-from pathlib import Path
 from urllib.parse import quote
 
-from pipeline.dashboard.data import Listing, RunView
+from pipeline.dashboard.data import Listing, RunView, SweepView
 from pipeline.dashboard.svg import Series, line_chart
-from pipeline.errors import ConvpipeError
 from pipeline.jobs.records import result_text
-from pipeline.jobs.sweep import STATE_FILE, SweepState, curve
 
 POLL_MS = 2000
 TERMINAL = ("done", "failed", "cancelled")
@@ -73,6 +74,8 @@ max-height:360px}
 .problems li{color:#cf222e}.muted{color:#57606a;font-size:12px}
 """
 
+#: where the pages load :data:`SCRIPT` from, under ``{prefix}convpipe/``
+SCRIPT_PATH = "static/page.js"
 SCRIPT = """
 (function(){const src=document.body.dataset.poll;if(!src)return;
 async function poll(){let again=true;try{const r=await fetch(src,{cache:"no-store"});\
@@ -88,8 +91,12 @@ setTimeout(poll,%d);})();
 # ---- formatting ----------------------------------------------------------------------------------
 
 
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _num(v, fmt: str = "{:.4f}") -> str:
-    return fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else "–"
+    return fmt.format(v) if _is_num(v) else "–"
 
 
 def _pct(v) -> str:
@@ -107,18 +114,23 @@ def duration(seconds: float | None) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m"
 
 
-def _state(state: str | None) -> str:
-    state = state or "unknown"
-    return f'<span class="state {escape(state)}">{escape(state)}</span>'
+def _state(state) -> str:
+    state = escape(str(state or "unknown"))
+    return f'<span class="state {state}">{state}</span>'
 
 
-def _steps(step: int | None, total: int | None) -> str:
+def _steps(step, total) -> str:
+    """``step/total`` and a bar (``step`` alone without a total); values that are not numbers
+    (a job's progress record says anything) shown as escaped text, without a bar."""
     if not step and not total:
         return "–"
     if not total:
-        return f"{step}"
-    frac = min(1.0, (step or 0) / total)
-    return f'{step or 0}/{total}<span class="bar"><i style="width:{100 * frac:.0f}%"></i></span>'
+        return escape(str(step))
+    shown = f"{escape(str(step or 0))}/{escape(str(total))}"
+    if not _is_num(step or 0) or not _is_num(total) or total <= 0:
+        return shown
+    frac = min(1.0, max(0.0, (step or 0) / total))
+    return f'{shown}<span class="bar"><i style="width:{100 * frac:.0f}%"></i></span>'
 
 
 def job_link(base: str, job_id: str) -> str:
@@ -144,7 +156,7 @@ def page(title: str, base: str, body: str, root: str, poll: str | None) -> str:
         f"<style>{CSS}</style></head>"
         f'<body{poll_attr}><header><a class="brand" href="{base}convpipe">convpipe</a>{nav}'
         f'<span class="root">data root {escape(root)} · read-only</span></header>'
-        f"<main>{body}</main><script>{SCRIPT}</script></body></html>"
+        f'<main>{body}</main><script src="{base}convpipe/{SCRIPT_PATH}"></script></body></html>'
     )
 
 
@@ -179,7 +191,7 @@ _COLUMNS = ("Step", "Loss", "Images/s", "ETA", "Train acc", "Val acc")
 def _progress_cells(run: RunView | None, status: dict | None = None) -> str:
     """Step, loss, images/s, ETA, train and val accuracy of a run (or a job's progress record)."""
     if run is None or not run.exists:
-        p = (status or {}).get("progress") or {}
+        p = _progress(status)
         step = p.get("done", p.get("step"))
         total = p.get("total", p.get("total_steps"))
         return (
@@ -195,6 +207,12 @@ def _progress_cells(run: RunView | None, status: dict | None = None) -> str:
         f'<td class="num">{_num(run.images_per_s, "{:,.0f}")}</td><td class="num">{eta}</td>'
         f'<td class="num">{_pct(run.train_acc)}</td><td class="num">{_pct(run.val_acc)}</td>'
     )
+
+
+def _progress(status: dict | None) -> dict:
+    """A job's progress record (status.json, its events), {} when it has none or no object."""
+    p = (status or {}).get("progress")
+    return p if isinstance(p, dict) else {}
 
 
 def resume_command(status: dict) -> str | None:
@@ -394,10 +412,12 @@ _PHASES = (
 
 
 def breakdown(run: RunView) -> str:
-    b = run.breakdown or {}
-    parts = [(label, b[key]) for key, label in _PHASES if isinstance(b.get(key), (int, float))]
+    b = run.breakdown if isinstance(run.breakdown, dict) else {}
+    parts = [(label, b[key]) for key, label in _PHASES if _is_num(b.get(key))]
     if not parts:
         return '<p class="muted">No steps yet.</p>'
+    if not _is_num(b.get("step")):
+        b = {**b, "step": None}
     total = b.get("step") or sum(v for _, v in parts) or 1.0
     rows = "".join(
         f'<tr><td>{escape(label)}</td><td class="num">{1000 * v:.1f} ms</td>'
@@ -436,7 +456,7 @@ def picture_link(base: str, path: str, name: str) -> str:
 
 
 def settings_table(settings: dict | None) -> str:
-    if not settings:
+    if not settings or not isinstance(settings, dict):
         return '<p class="muted">No settings (config.json) readable.</p>'
     rows = "".join(
         f"<tr><td>{escape(str(k))}</td><td><code>{escape(str(v))}</code></td></tr>"
@@ -504,16 +524,15 @@ def job_fragments(
     return out
 
 
-def sweep_section(run_dir: str | None) -> str:
+def sweep_section(sweep: SweepView | None) -> str:
     """A sweep's leaderboard (top 10 by best-so-far val accuracy, the settings that differ) and
-    its trials' validation curves overlaid (the best one highlighted); "" when ``run_dir`` holds
-    no sweep. Reads the sweep's files: call it off the event loop."""
-    if not run_dir or not (Path(run_dir) / STATE_FILE).exists():
+    its trials' validation curves overlaid (the best one highlighted); "" without a sweep
+    (:func:`pipeline.dashboard.data.read_sweep` reads it)."""
+    if sweep is None:
         return ""
-    try:
-        state = SweepState.load(run_dir)
-    except ConvpipeError as exc:
-        return f'<p class="problems">{escape(str(exc))}</p>'
+    if sweep.state is None:
+        return f'<p class="problems">{escape(str(sweep.problem))}</p>'
+    state = sweep.state
     names = [d["name"] for d in state.plan["search"]["dims"]]
     differ = [n for n in names if len({repr(t.settings[n]) for t in state.trials}) > 1]
     head = "".join(
@@ -533,9 +552,9 @@ def sweep_section(run_dir: str | None) -> str:
         cells = [
             escape(t.name),
             _state(t.state),
-            str(t.steps),
+            escape(str(t.steps)),
             _num(best),
-            "–" if step is None else str(step),
+            "–" if step is None else escape(str(step)),
             *(
                 escape(
                     f"{t.settings[n]:.4g}"
@@ -555,7 +574,7 @@ def sweep_section(run_dir: str | None) -> str:
     for t in sorted(
         state.trials, key=lambda t: top is not None and t.id == top.id
     ):  # the best drawn last
-        steps, acc = curve(Path(run_dir) / "trials" / t.name)
+        steps, acc = sweep.curves.get(t.name, ([], []))
         is_best = top is not None and t.id == top.id
         series.append(
             Series(
@@ -589,7 +608,7 @@ def sweep_section(run_dir: str | None) -> str:
 
 
 def _job_progress(status: dict) -> str:
-    p = status.get("progress") or {}
+    p = _progress(status)
     if not p:
         return ""
     step = p.get("done", p.get("step"))

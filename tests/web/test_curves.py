@@ -21,6 +21,7 @@ from pipeline.curves import (
     total_steps_of_settings,
 )
 from pipeline.dashboard.data import RunReader, merge_status
+from pipeline.dashboard.files import Folders
 from pipeline.dashboard.svg import MAX_VERTICES, Series, line_chart, nice_ticks
 from tests.helpers.training import make_store
 
@@ -128,7 +129,7 @@ def test_a_run_is_read_incrementally_whole_lines_only_and_again_after_resume(tmp
         for s in range(1, 6):
             f.write(json.dumps(step(s, 4, n=64, seconds=0.25)) + "\n")
         f.write('{"kind": "step", "st')  # being written
-    reader = RunReader()
+    reader = RunReader(Folders([tmp_path]))
     v = reader.read(run)
     assert (v.step, v.total_steps, v.curves.steps_per_epoch) == (5, 20, 4.0)
     assert v.eta_s() == pytest.approx(15 * 0.25) and v.images_per_s == pytest.approx(256)
@@ -155,7 +156,7 @@ def test_run_state_done_running_stopped(tmp_path):
     run.mkdir()
     (run / "config.json").write_text("{}")
     (run / "metrics.jsonl").write_text(json.dumps(step(1, 4, seconds=1.0)) + "\n")
-    reader = RunReader()
+    reader = RunReader(Folders([tmp_path]))
     assert reader.read(run).state() == "running"
     old = time.time() - 3600
     os.utime(run / "metrics.jsonl", (old, old))

@@ -1,6 +1,7 @@
 """The convpipe page on the embedded cluster's dashboard (pipeline.dashboard), fetched over HTTP:
 jobs from their records and from the scheduler's events, runs, one job's page and its JSON twin,
-read-only, only the run directories it lists."""
+read-only, only the run directories it lists. The fixtures ``root`` and ``page`` are in
+tests/web/conftest.py."""
 
 from __future__ import annotations
 
@@ -95,28 +96,6 @@ def write_job(root: Path, job_id: str, **status) -> JobFiles:
     files.write_status({**base, **status})
     files.append_log(f"2026-01-01T00:00:00Z submitted {job_id}")
     return files
-
-
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-    """A data root ($CONVPIPE_DATA) and a working directory with a runs/ folder."""
-    data = tmp_path / "data"
-    (data / "jobs").mkdir(parents=True)
-    work = tmp_path / "work"
-    (work / "runs").mkdir(parents=True)
-    monkeypatch.setenv("CONVPIPE_DATA", str(data))
-    monkeypatch.chdir(work)
-    return data
-
-
-@pytest.fixture
-def page(root):
-    """(client, URL of /convpipe) of an embedded in-process cluster (pipeline.cluster.connect)."""
-    from pipeline.cluster import connect
-
-    with connect(workers=1, processes=False, dashboard_address="127.0.0.1:0") as client:
-        port = client.cluster.scheduler.http_server.port
-        yield client, f"http://127.0.0.1:{port}/convpipe"
 
 
 def get(url: str) -> tuple[int, str, str]:

@@ -6,6 +6,8 @@ import json
 import re
 
 from pipeline.dashboard import render
+from pipeline.dashboard.data import read_sweep
+from pipeline.dashboard.files import Folders
 from pipeline.jobs.sweep import SweepState, Trial
 
 
@@ -42,7 +44,7 @@ def fake_sweep(run_dir):
 
 
 def test_the_sweep_section_ranks_trials_and_overlays_their_curves(tmp_path):
-    html = render.sweep_section(str(fake_sweep(tmp_path / "sweep")))
+    html = render.sweep_section(read_sweep(Folders([tmp_path]), fake_sweep(tmp_path / "sweep")))
     assert "Sweep: 3/3 trials done, rungs [2, 6]" in html
     assert re.findall(r'data-trial="(t\d+)"', html) == ["t001", "t000", "t002"]
     head = re.search(r"<thead>(.*?)</thead>", html).group(1)
@@ -54,7 +56,8 @@ def test_the_sweep_section_ranks_trials_and_overlays_their_curves(tmp_path):
 
 
 def test_a_sweep_jobs_fragments_carry_it_and_other_directories_give_nothing(tmp_path):
-    sweep = render.sweep_section(str(fake_sweep(tmp_path / "sweep")))
+    files = Folders([tmp_path])
+    sweep = render.sweep_section(read_sweep(files, fake_sweep(tmp_path / "sweep")))
     out = render.job_fragments(
         {"state": "done", "kind": "sweep", "run_dir": str(tmp_path / "sweep")},
         None,
@@ -63,4 +66,5 @@ def test_a_sweep_jobs_fragments_carry_it_and_other_directories_give_nothing(tmp_
         sweep,
     )
     assert out["charts"].startswith("<h2>Sweep:") and 'id="leaderboard"' in out["charts"]
-    assert render.sweep_section(str(tmp_path)) == "" and render.sweep_section(None) == ""
+    assert read_sweep(files, tmp_path) is None and read_sweep(files, None) is None
+    assert render.sweep_section(None) == ""
