@@ -11,16 +11,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    # Numba's on-disk cache, filled below, in a place every user of the image can read
+    # Numba's on-disk cache, filled below, root's and read-only: docker-entrypoint.sh gives each
+    # container a private writable copy
     NUMBA_CACHE_DIR=/opt/numba-cache \
     # one thread per worker process: Dask runs one process per container, one task at a time
     NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 # the dependencies first, from pyproject.toml alone (an empty package stands in for the
-# sources): a layer that a change of convpipe's sources does not rebuild
-COPY pyproject.toml README.md /tmp/deps/
+# sources), at the versions CI tested (constraints.txt): a layer that a change of convpipe's
+# sources does not rebuild
+COPY pyproject.toml README.md constraints.txt /tmp/deps/
 RUN mkdir /tmp/deps/pipeline && touch /tmp/deps/pipeline/__init__.py \
- && pip install /tmp/deps \
+ && pip install -c /tmp/deps/constraints.txt /tmp/deps \
  && pip uninstall -y convpipe \
  && rm -rf /tmp/deps
 
@@ -33,10 +35,12 @@ RUN pip install --no-deps /tmp/src \
  && rm -rf /tmp/src \
  && python -c "import pipeline, distributed, zarr, numba; print('convpipe', pipeline.__version__)"
 
-# compile every kernel once (cache=True); a host with another CPU recompiles into the same
-# cache, so it stays writable
+# compile every kernel once (cache=True) into root's cache, readable by all, writable by none
+# other (Numba loads it with pickle); a container on another CPU compiles into its own copy
 RUN cd / && python -m pipeline.warmup \
- && chmod -R a+rwX "$NUMBA_CACHE_DIR"
+ && chmod -R go-w,a+rX "$NUMBA_CACHE_DIR"
+COPY docker-entrypoint.sh /usr/local/bin/convpipe-entrypoint
+ENTRYPOINT ["/usr/local/bin/convpipe-entrypoint"]
 
 WORKDIR /srv/convpipe
 

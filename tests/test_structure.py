@@ -1,12 +1,14 @@
 """The package's structure where import-linter and ruff cannot see it: no private name crosses a
-module, and every import left inside a function says why it is lazy."""
+module, every import left inside a function says why it is lazy, and constraints.txt pins
+versions pyproject.toml admits."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "pipeline"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "pipeline"
 
 
 def _modules():
@@ -77,3 +79,52 @@ def test_every_lazy_import_outside_the_cli_says_why():
 def test_the_check_finds_an_import_without_a_reason():
     source = "def f():\n    import os\n    import sys  # noqa: PLC0415 (lazy: a reason)\n"
     assert lazy_imports_without_reason(ast.parse(source), source) == [2]
+
+
+# ---- dependencies: constraints.txt pins versions that pyproject.toml admits ----------------------
+
+
+def _pins(text: str) -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def _unpinned_or_outside(requirements: list[str], pins: dict[str, str]) -> list[str]:
+    """The requirements (PEP 508 strings) whose package constraints.txt does not pin, or pins
+    at a version the requirement's range excludes (markers that do not apply here skipped)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    bad = []
+    for text in requirements:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        version = pins.get(canonicalize_name(req.name))
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            bad.append(f"{req} (constraints.txt: {version or 'not pinned'})")
+    return bad
+
+
+def test_constraints_pin_every_dependency_within_pyproject_ranges():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + project["optional-dependencies"]["tls"]
+    pins = _pins((ROOT / "constraints.txt").read_text())
+    assert _unpinned_or_outside(requirements, pins) == []
+
+
+def test_the_constraints_check_finds_a_pin_outside_its_range():
+    pins = _pins("numba==0.70.0\nzarr==3.1.6\n")
+    assert _unpinned_or_outside(["numba>=0.59,<0.69", "zarr>=3.1.6,<3.2", "dask>=1"], pins) == [
+        "numba<0.69,>=0.59 (constraints.txt: 0.70.0)",
+        "dask>=1 (constraints.txt: not pinned)",
+    ]

@@ -367,10 +367,12 @@ def test_killed_workers_coordinator_included_leave_the_run_unchanged(cluster, re
     coordinator = json.loads(job_file.read_text())["host"]  # the container's hostname: its short id
     workers = cluster.containers("worker")
     other = next(w for w in workers if not w.startswith(coordinator))
+    before = checkpoints(run)[-1].name  # the newest: old ones are pruned, so count names
     subprocess.run(["docker", "kill", other], check=True, capture_output=True)
-    first = len(checkpoints(run))
     wait_until(
-        lambda: len(checkpoints(run)) > first, timeout=120, what="a checkpoint after the first kill"
+        lambda: checkpoints(run)[-1].name > before,
+        timeout=120,
+        what="a checkpoint after the first kill",
     )
     victim = next(w for w in workers if w.startswith(coordinator))
     subprocess.run(["docker", "kill", victim], check=True, capture_output=True)
@@ -532,3 +534,25 @@ def test_the_host_client_has_the_image_s_versions(cluster):
     assert r.stdout.strip() == mine, (
         f"image: {r.stdout.strip()}; host: {mine} (docker-compose build again)"
     )
+
+
+def test_each_container_user_gets_a_private_copy_of_the_prebuilt_kernel_cache(cluster):
+    """Numba loads its cache with pickle: the image's (compiled at build time) is root's and
+    read-only; a container, whatever uid it runs as, gets a 0700 copy of its own, from which the
+    model's kernels load without compiling."""
+    code = (
+        "import os, stat; from pipeline.warmup import cold_kernels, model_kernels; "
+        "d = os.environ['NUMBA_CACHE_DIR']; s = os.stat(d); o = os.stat('/opt/numba-cache'); "
+        "print(d.startswith('/tmp/numba-cache.'), oct(stat.S_IMODE(s.st_mode)), "
+        "s.st_uid == os.getuid(), o.st_uid, oct(stat.S_IMODE(o.st_mode) & 0o022), "
+        "cold_kernels(model_kernels(), 'float32'))"
+    )
+    for user in ("1000:1000", "4242:4242"):
+        r = subprocess.run(
+            ["docker", "run", "--rm", "--user", user, "convpipe:latest", "python", "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["True", "0o700", "True", "0", "0o0", "[]"], (user, r.stdout)
