@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConvpipeError as exc:
         print(f"convpipe: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file of ours (a full disk, a permission), not the cluster's
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"convpipe: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except Terminated:
         print("convpipe: terminated (SIGTERM)", file=sys.stderr)
         return 128 + signal.SIGTERM

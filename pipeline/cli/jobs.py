@@ -303,13 +303,9 @@ class _lost_scheduler:
 
 
 def _is_connection_error(exc: BaseException) -> bool:
-    import asyncio
+    from pipeline.cluster import connection_lost
 
-    from distributed.comm.core import CommClosedError
-
-    if isinstance(
-        exc, (OSError, TimeoutError, CommClosedError, asyncio.CancelledError, asyncio.TimeoutError)
-    ):
+    if connection_lost(exc):
         return True
     text = str(exc)
     return "not running" in text or "closed" in text.lower() and "client" in text.lower()

@@ -6,7 +6,9 @@ listens on 127.0.0.1 only (a Dask scheduler runs whatever a connected client sen
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import ipaddress
 import os
 import signal
@@ -18,6 +20,8 @@ from urllib.parse import urlsplit
 import dask
 import distributed
 from distributed import Client, LocalCluster
+from distributed.comm.core import CommClosedError
+from distributed.security import Security
 
 from pipeline.cluster.security import security_for
 from pipeline.errors import ConvpipeError
@@ -75,7 +79,8 @@ def connect(
     """Yield a ``distributed.Client``: to ``scheduler`` if given, else to a new LocalCluster.
 
     The LocalCluster has ``workers`` processes (default: one per core) of
-    ``threads_per_worker`` threads, bound to 127.0.0.1, and is closed on exit.
+    ``threads_per_worker`` threads, bound to 127.0.0.1 and speaking TLS with a certificate of
+    its own (:func:`embedded_security`, unless ``security`` is given), and is closed on exit.
     An unreachable scheduler raises :class:`ClusterError` naming the address.
 
     A ``tls://`` scheduler address with ``security=None`` takes its client certificate from
@@ -104,6 +109,8 @@ def connect(
     n = workers if workers is not None else default_workers()
     if n < 1:
         raise ClusterError(f"workers must be >= 1, got {n}")
+    if processes and security is None:
+        security = embedded_security()
     with _terminal_interrupt_ignored(processes):
         cluster = LocalCluster(
             n_workers=n,
@@ -124,6 +131,48 @@ def connect(
             yield client
     finally:
         cluster.close()
+
+
+#: the errno values of a network that failed (an OSError with another, a full disk or a
+#: permission, is not the scheduler's loss)
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ETIMEDOUT",
+        "EPIPE",
+        "ENOTCONN",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENETRESET",
+        "EHOSTUNREACH",
+        "EHOSTDOWN",
+    )
+    if hasattr(errno, name)
+)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection to the cluster failed: Dask's CommClosedError, a
+    timeout, a cancelled wait, or an OSError of the network (refused, reset, unreachable...),
+    not one of files (a full disk, a permission), which is reported as what it is."""
+    if isinstance(
+        exc, (CommClosedError, TimeoutError, asyncio.TimeoutError, asyncio.CancelledError)
+    ):
+        return True
+    if isinstance(exc, ConnectionError):
+        return True
+    return isinstance(exc, OSError) and (exc.errno is None or exc.errno in _NETWORK_ERRNOS)
+
+
+def embedded_security():
+    """TLS for the embedded cluster's worker processes: a certificate made in memory for this
+    cluster alone (Dask's ``Security.temporary``), handed to its worker processes as they start,
+    never written to disk. Plain tcp on 127.0.0.1 let any other user of the machine connect and
+    run code as you; now a connection needs the certificate."""
+    return Security.temporary()
 
 
 @contextlib.contextmanager

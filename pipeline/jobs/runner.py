@@ -44,10 +44,9 @@ import uuid
 from pathlib import Path
 
 from distributed import get_worker, worker_client
-from distributed.comm.core import CommClosedError
 
 from pipeline.atomic import atomic_write_text
-from pipeline.cluster import cancelled_by_lost_scheduler
+from pipeline.cluster import cancelled_by_lost_scheduler, connection_lost
 from pipeline.errors import ConvpipeError
 from pipeline.jobs import interrupt
 from pipeline.jobs.kinds import KINDS
@@ -499,9 +498,7 @@ def _holds_a_run(kind: str, run_dir: str) -> bool:
 def _failure_reason(exc: BaseException, client=None) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
-    lost = isinstance(
-        exc, (CommClosedError, ConnectionError, TimeoutError, OSError)
-    ) or cancelled_by_lost_scheduler(exc)
+    lost = connection_lost(exc) or cancelled_by_lost_scheduler(exc)
     # when the scheduler goes away, the client cancels every future it waits on and closes
     # (Dask's helpers then fail in their own ways: "No clients found"): whatever the exception,
     # it is the scheduler's loss if the scheduler no longer answers
