@@ -17,7 +17,8 @@ from typing import BinaryIO
 
 
 def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(f)`` on a binary file that becomes ``path`` only once complete."""
+    """Call ``write(f)`` on a binary file that becomes ``path`` only once complete; nothing is
+    left of it on failure. An OSError of the writing (a full disk) names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -28,6 +29,12 @@ def atomic_write(path, write: Callable[[BinaryIO], object]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc.filename is None and exc.errno is not None:  # a write or fsync on the descriptor
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        raise
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
