@@ -125,6 +125,9 @@ def connect(
             scheduler_kwargs={
                 "preload": _preloads()
             },  # convpipe's page on the dashboard (pipeline.dashboard)
+            # a worker-side ConvpipeError once on the terminal, as convpipe's line, not again as
+            # Dask's "Compute Failed" traceback (pipeline.cluster.worker_logs)
+            **({"preload": ["pipeline.cluster.worker_logs"]} if processes else {}),
         )
     try:
         with Client(cluster, security=security) as client:
