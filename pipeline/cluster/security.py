@@ -240,6 +240,20 @@ def make_certificates(
             f.write(data)
         return path
 
+    def key_usage(signs_certificates: bool):
+        """ECDSA signatures (the TLS handshake's), and for the CA certificates and CRLs too."""
+        return x509.KeyUsage(
+            digital_signature=True,
+            key_cert_sign=signs_certificates,
+            crl_sign=signs_certificates,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     ca_cert = (
@@ -251,20 +265,7 @@ def make_certificates(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(key_usage(signs_certificates=True), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
     paths = {
@@ -295,20 +296,7 @@ def make_certificates(
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
             .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
-            .add_extension(
-                x509.KeyUsage(  # ECDSA signatures in the TLS handshake, nothing else
-                    digital_signature=True,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(key_usage(signs_certificates=False), critical=True)
             .sign(ca_key, hashes.SHA256())
         )
         paths[role] = write(out / f"{role}.pem", cert.public_bytes(serialization.Encoding.PEM))
