@@ -44,6 +44,7 @@ from pipeline.jobs.records import (
 from pipeline.jobs.runner import MAX_RESTARTS, preflight_job, run_job
 from pipeline.jobs.schema import SpecError
 from pipeline.jobs.spec import JobSpec
+from pipeline.procs import Owner
 
 __all__ = [
     "JobError",
@@ -77,12 +78,20 @@ def wait_for_workers(client, timeout: float = 60.0) -> None:
 
 
 def submit(
-    client, spec, *, job_id: str | None = None, attempt: int = 1, timeout: float = 120.0
+    client,
+    spec,
+    *,
+    job_id: str | None = None,
+    attempt: int = 1,
+    timeout: float = 120.0,
+    gone: dict | None = None,
 ) -> dict:
     """Check ``spec`` on the cluster, queue its job; return the job's record (``record['job']``).
 
     ``job_id``: the job's id (a plain id); by default a new one is drawn (and drawn again on the
-    worker if it is taken: the record has the id the job got)."""
+    worker if it is taken: the record has the id the job got). ``gone``: the previous attempt's
+    coordinator (``host``, ``pid_namespace``, ``pid``) when the scheduler saw its worker leave:
+    the new attempt takes over the locks it left (:func:`pipeline.jobs.runner.preflight_job`)."""
     drawn = job_id is None
     job_id = new_job_id(spec.kind) if drawn else check_job_id(job_id)
     if spec.options.get("workers") is not None and spec.kind == "train":
@@ -99,6 +108,7 @@ def submit(
         attempt,
         by,
         drawn,
+        gone,
         pure=False,
         key=f"convpipe-preflight-{job_id}-{attempt}",
         priority=PREFLIGHT_PRIORITY,
@@ -282,6 +292,7 @@ def _check_alive(client, status: dict) -> None:
                 resumable=True,
                 reason=f"the worker running its coordinator ({worker}, pid {status.get('pid')} on "
                 f"{status.get('host')}) died or left the cluster",
+                coordinator_left=True,
             )
         elif task is None or task[1] != worker:
             where = (
@@ -366,7 +377,12 @@ def cancel(client, job_id: str) -> dict:
 
 def resume(client, job_id: str, record: dict | None = None, timeout: float = 120.0) -> dict:
     """Queue the next attempt of a failed or cancelled job:
-    it continues from its last checkpoint."""
+    it continues from its last checkpoint.
+
+    A job whose coordinator's worker the scheduler saw leave (failed without saying so itself)
+    is resumed with that coordinator as ``gone``: the locks it left on the data root (the job's
+    and its run directory's ``owner.json``) are taken over even from another host."""
+    gone = None
     if record is None:
         subs = submissions(client, job_id)
         if not subs:
@@ -380,6 +396,9 @@ def resume(client, job_id: str, record: dict | None = None, timeout: float = 120
                 f"job {job_id} is {status['state']}: only a failed or cancelled job can be resumed"
             )
         record = subs[-1]
+        if status.get("coordinator_left"):
+            coordinator = Owner.from_record(status)
+            gone = coordinator.record() if coordinator is not None else None
     kind = KINDS[record["kind"]]
     if not hasattr(kind, "resume_options"):
         raise JobError(f"a {record['kind']} job cannot be resumed; submit its spec again")
@@ -391,4 +410,6 @@ def resume(client, job_id: str, record: dict | None = None, timeout: float = 120
         root=record["root"],
         source=f"job {job_id}",
     )
-    return submit(client, spec, job_id=job_id, attempt=int(record["attempt"]) + 1, timeout=timeout)
+    return submit(
+        client, spec, job_id=job_id, attempt=int(record["attempt"]) + 1, timeout=timeout, gone=gone
+    )

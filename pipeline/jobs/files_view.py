@@ -44,10 +44,7 @@ def status_from_files(root: str, job_id: str) -> dict:
 def _coordinator(status: dict) -> Owner | None:
     """The process a running job's status names
     (None for a record without host, namespace or pid)."""
-    try:
-        return Owner(str(status["host"]), int(status["pid_namespace"]), int(status["pid"]))
-    except (KeyError, TypeError, ValueError):
-        return None
+    return Owner.from_record(status)
 
 
 @dataclass(frozen=True)

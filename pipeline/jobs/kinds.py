@@ -35,6 +35,7 @@ from pipeline.jobs.sweep import (
     total_steps,
     trained_run_dir,
 )
+from pipeline.procs import Owner
 from pipeline.training.config import TrainConfig, in_user_words
 from pipeline.training.coordinator import train
 from pipeline.training.evaluation import evaluate
@@ -48,6 +49,20 @@ def _spec_error(spec, exc: Exception) -> ConvpipeError:
 
 def _abs(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(os.path.expanduser(path))
+
+
+def job_holder(record: dict) -> str:
+    """What a job's coordinator is in the locks it holds: ``job J attempt N``."""
+    return f"job {record['job']} attempt {record['attempt']}"
+
+
+def as_job(report) -> dict:
+    """``holder`` and ``gone`` for :func:`~pipeline.training.coordinator.train` and
+    :func:`~pipeline.jobs.sweep.run_sweep` in a job: its coordinator names itself ``job J attempt
+    N`` in the run directory's ``owner.json``, and takes over the hold of the coordinator known
+    to have ended before it (``gone`` in its record)."""
+    record = report.record
+    return {"holder": job_holder(record), "gone": Owner.from_record(record.get("gone"))}
 
 
 def check_run_dir_free(run_dir: str, root: str, job_id: str) -> None:
@@ -130,7 +145,7 @@ class Train(_InRunDirectory):
     @classmethod
     def run(cls, options: dict, client, report) -> dict:
         config = cls.config(options)
-        summary = train(config, client=client, progress=report.progress)
+        summary = train(config, client=client, progress=report.progress, **as_job(report))
         keep = ("train_acc", "val_acc", "steps", "seconds", "images_per_s", "workers", "run_dir")
         result = {k: summary[k] for k in keep if k in summary}
         result.setdefault("run_dir", options["out"])
@@ -348,7 +363,11 @@ class Sweep(_InRunDirectory):
     @classmethod
     def run(cls, options: dict, client, report) -> dict:
         summary = run_sweep(
-            cls.plan(options), options["out"], client=client, progress=report.progress
+            cls.plan(options),
+            options["out"],
+            client=client,
+            progress=report.progress,
+            **as_job(report),
         )
         best = summary.get("best") or {}
         return {

@@ -6,6 +6,7 @@ the job (and the worker that checked it before it was queued)::
     spec.toml      the spec as submitted, overrides applied and paths made absolute
     status.json    the latest state record (replaced atomically, never torn)
     job.log        the job's log, one line per event (appended, flushed line by line)
+    owner.json     while a coordinator runs the job: its pid, host and since when (one at a time)
 
 The same records also go to the scheduler as Dask events (``Client.log_event``) on the topic
 ``convpipe-job-<id>``, and every submission to the topic ``convpipe-jobs``: that is what
@@ -147,6 +148,11 @@ class JobFiles:
     @property
     def record_path(self) -> Path:
         return self.dir / "spec.json"
+
+    @property
+    def owner_path(self) -> Path:
+        """The lock file of the coordinator running the job (:class:`pipeline.procs.OwnerLock`)."""
+        return self.dir / "owner.json"
 
     def write_status(self, status: dict) -> None:
         atomic_write_text(self.status_path, json.dumps(status, indent=2, sort_keys=True) + "\n")

@@ -23,6 +23,14 @@ Failures:
   resume command.
 - the scheduler goes away: the coordinator's calls fail; it records ``failed`` (lost the
   scheduler) in its files, which, like the checkpoints, are already on disk.
+- two coordinators of one job (two ``convpipe resume`` of it at once, or Dask rerunning a
+  coordinator that still runs): the coordinator holds the job's ``owner.json``
+  (:class:`pipeline.procs.OwnerLock`) from before it records ``running`` until it has recorded
+  how the job ended; a second one finds it held by a live process, logs a line and returns
+  without touching the job's status. A preflight for a new attempt of a job that a live
+  coordinator runs refuses it in one line naming that coordinator (it never writes ``queued``
+  over a running job's status). A coordinator known to have ended (Dask reran its task; the
+  scheduler saw its worker leave: ``gone``) is taken over even from another host.
 - a cancel request (an event on the job's topic): :meth:`Report.check_cancel`, called from the
   progress callback between steps (at most once a second), raises :class:`JobCancelled`; the
   job records ``cancelled``; a job still queued stops as it starts.
@@ -49,7 +57,7 @@ from pipeline.atomic import atomic_write_text
 from pipeline.cluster import cancelled_by_lost_scheduler, connection_lost
 from pipeline.errors import ConvpipeError
 from pipeline.jobs import interrupt
-from pipeline.jobs.kinds import KINDS
+from pipeline.jobs.kinds import KINDS, job_holder
 from pipeline.jobs.records import (
     TERMINAL,
     JobError,
@@ -65,7 +73,8 @@ from pipeline.jobs.records import (
     topic_events,
 )
 from pipeline.jobs.spec import JobSpec
-from pipeline.procs import Owner
+from pipeline.procs import LockHeld, Owner, OwnerLock
+from pipeline.training.rundir import RunDir
 
 #: at most one progress line per this many seconds in the job's log (epochs always)
 PROGRESS_EVERY_S = 5.0
@@ -258,13 +267,19 @@ def _plain(v) -> bool:
     return isinstance(v, (str, int, float, bool)) or v is None
 
 
-def preflight_job(spec: dict, job_id: str, attempt: int, by: str, drawn: bool = False) -> dict:
+def preflight_job(
+    spec: dict, job_id: str, attempt: int, by: str, drawn: bool = False, gone: dict | None = None
+) -> dict:
     """On a worker: resolve and check the spec where it will run, create the job's directory.
 
     The first attempt creates ``ROOT/jobs/<job_id>`` exclusively, never entering a directory
     that exists (another job's): a ``drawn`` id (:func:`~pipeline.jobs.records.new_job_id`) that
     is taken is drawn again, and the record has the id the job got; an id chosen by the caller
-    that is taken is an error. Later attempts (resume) continue the job's directory.
+    that is taken is an error. Later attempts (resume) continue the job's directory, unless a
+    live coordinator runs the job (its ``owner.json``): refused, naming it. A run directory that
+    a live process trains in (its ``owner.json``) is refused for any attempt. ``gone``: the
+    previous coordinator (``host``, ``pid_namespace``, ``pid``) when the scheduler saw its worker
+    leave; its locks count as released, and the record passes it on to the job.
 
     Returns ``{"record": record}`` (id, attempt, kind, name, absolute root/job_dir/run_dir,
     options), or ``{"error": exc}`` for a user error (a missing store, a run directory in use):
@@ -272,7 +287,7 @@ def preflight_job(spec: dict, job_id: str, attempt: int, by: str, drawn: bool = 
     (a "Compute Failed" traceback on the terminal of an embedded cluster). The client raises it.
     """
     try:
-        return {"record": _preflight(spec, job_id, attempt, by, drawn)}
+        return {"record": _preflight(spec, job_id, attempt, by, drawn, gone)}
     except ConvpipeError as exc:
         return {"error": exc}
 
@@ -307,12 +322,15 @@ def _claim_job_dir(root: str, job_id: str, kind: str, drawn: bool) -> JobFiles:
     )
 
 
-def _preflight(spec: dict, job_id: str, attempt: int, by: str, drawn: bool = False) -> dict:
+def _preflight(
+    spec: dict, job_id: str, attempt: int, by: str, drawn: bool = False, gone: dict | None = None
+) -> dict:
     js = JobSpec.from_dict(spec)
     root = os.path.abspath(os.path.expanduser(js.root))
     kind = KINDS[js.kind]
     if attempt > 1:  # a resumed job continues its directory
         files = JobFiles.of(root, job_id)
+        _check_not_running(files, job_id, Owner.from_record(gone))
         options = kind.preflight(js.options, root, job_id)
     else:
         files = _claim_job_dir(root, job_id, js.kind, drawn)
@@ -323,6 +341,15 @@ def _preflight(spec: dict, job_id: str, attempt: int, by: str, drawn: bool = Fal
             with contextlib.suppress(OSError):  # still empty: a refused spec leaves no job
                 files.dir.rmdir()
             raise
+    run_dir = kind.run_dir(options)
+    if run_dir and hasattr(kind, "resume_options"):  # a kind that trains in its run directory
+        try:
+            RunDir(run_dir).check_free(Owner.from_record(gone))
+        except BaseException:
+            if attempt == 1:
+                with contextlib.suppress(OSError):  # still empty: a refused spec leaves no job
+                    files.dir.rmdir()
+            raise
     record = {
         "job": job_id,
         "attempt": attempt,
@@ -330,13 +357,15 @@ def _preflight(spec: dict, job_id: str, attempt: int, by: str, drawn: bool = Fal
         "name": js.name,
         "root": root,
         "job_dir": str(files.dir),
-        "run_dir": kind.run_dir(options),
+        "run_dir": run_dir,
         "options": options,
         "submitted": now_iso(),
         "by": by,
         "source": js.source,
         "key": task_key(job_id, attempt),
     }
+    if gone is not None:
+        record["gone"] = gone
     try:
         files.dir.mkdir(parents=True, exist_ok=True)  # a resumed job's, if it was removed
         js.options = options
@@ -378,6 +407,19 @@ def _preflight(spec: dict, job_id: str, attempt: int, by: str, drawn: bool = Fal
     return record
 
 
+def _check_not_running(files: JobFiles, job_id: str, gone: Owner | None) -> None:
+    """A one-line :class:`JobError` naming the coordinator if a live one runs the job."""
+    try:
+        holder = OwnerLock(files.owner_path, "").holder(gone)
+    except OSError as exc:
+        raise JobError(f"cannot read {files.owner_path}: {exc.strerror or exc}") from None
+    if holder is not None:
+        raise JobError(
+            f"job {job_id} is running: its coordinator is {holder.text()}; wait for it or "
+            f"cancel it: convpipe cancel {job_id}"
+        )
+
+
 def run_job(record: dict) -> dict:
     """The job's coordinator, on a worker (queued by :func:`pipeline.jobs.client.submit`);
     its final status."""
@@ -393,6 +435,38 @@ def run_job(record: dict) -> dict:
         )
     current = report.status
     restarting = current.get("attempt") == record["attempt"] and current.get("state") == "running"
+    if not restarting and (
+        current.get("attempt") != record["attempt"] or current.get("state") != "queued"
+    ):
+        # this attempt already ended, or a later attempt superseded it (a task Dask kept
+        # around for a worker that never came back): nothing to run
+        return current
+    # a coordinator known to have ended: the one whose task Dask reran (its worker died), or
+    # the one whose worker the scheduler saw leave before this attempt was resumed
+    gone = Owner.from_record(current if restarting else record.get("gone"))
+    owner = OwnerLock(report.files.owner_path, job_holder(record))
+    try:
+        owner.acquire(gone)
+    except LockHeld as exc:  # a live coordinator runs the job: its status stays as it is
+        report.files.append_log(
+            log_line(
+                f"a second coordinator of attempt {record['attempt']} on worker "
+                f"{worker.address} did not start: the job is run by {exc.holder.text()}"
+            )
+        )
+        return current
+    except OSError as exc:
+        reason = f"cannot take {owner.path}: {exc.strerror or exc}"
+        return report.state("failed", f"failed: {reason}", reason=reason, resumable=True)
+    with owner:
+        return _run_attempt(report, record, worker, restarting, gone)
+
+
+def _run_attempt(report: Report, record: dict, worker, restarting: bool, gone) -> dict:
+    """The job's attempt, which this coordinator owns (the job's ``owner.json``); its final
+    status. ``restarting``: the attempt's previous coordinator died (``gone``, if its status
+    names it): continue its run directory."""
+    current = report.status
     if restarting:
         # Dask reran the coordinator's task: the worker that ran it died (or left the cluster)
         prev = current.get("worker", "?")
@@ -411,6 +485,8 @@ def run_job(record: dict) -> dict:
                 resumable=True,
             )
         record = restart_record(record)
+        if gone is not None:  # its hold on the run directory is taken over
+            record = {**record, "gone": gone.record()}
         report.record = record
         report.status["restarts"] = restarts + 1
         report.status["restarted_from"] = prev
@@ -418,10 +494,6 @@ def run_job(record: dict) -> dict:
             f"{died}; restarting on worker {worker.address} from the last checkpoint "
             f"(restart {restarts + 1} of at most {MAX_RESTARTS})"
         )
-    elif current.get("attempt") != record["attempt"] or current.get("state") != "queued":
-        # this attempt already ended, or a later attempt superseded it (a task Dask kept
-        # around for a worker that never came back): nothing to run
-        return current
 
     with worker_client() as client, interrupt.guard(worker) as stop:
         report.client, report.stop = client, stop

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ from pipeline.cluster import worker_cluster, worker_count
 from pipeline.cnn import ModelSpec
 from pipeline.data import open_store
 from pipeline.errors import DataError, TrainingError
+from pipeline.procs import Owner
 from pipeline.training.config import TrainConfig
 from pipeline.training.exchange import (
     WorkerLost,
@@ -69,15 +71,31 @@ class State:
     metrics_lines: int = 0
 
 
-def train(config: TrainConfig, client=None, progress=None) -> dict:
+def train(
+    config: TrainConfig,
+    client=None,
+    progress=None,
+    *,
+    holder: str = "convpipe train",
+    gone: Owner | None = None,
+) -> dict:
     """Train ThreeLayerConvNet data-parallel on a Dask cluster; return the run's summary.
 
     ``client``: a ``distributed.Client`` to use (default: connect as ``config`` says: the
     embedded LocalCluster or ``config.scheduler``). ``progress``: called with one dict per
     event (``event`` = start, resumed, warning, step, epoch, checkpoint, done).
+
+    This process (the coordinator) owns the run directory while it trains there
+    (:meth:`RunDir.claim`; ``holder`` says what it is, e.g. ``job J attempt 2``) and releases
+    it when it returns or raises (a crash, Ctrl-C, SIGTERM): a run directory that another live
+    process trains in is refused with :class:`RunDirBusy`, one line naming that process.
+    ``gone``: a process known to have ended (a job's coordinator whose worker left the
+    cluster); its hold on the run directory is taken over even from another host.
     """
     emit = progress or (lambda event: None)
     config = config.validate()
+    if config.resume or config.out:  # another process trains there: refused before a cluster
+        RunDir(config.resume or config.out).check_free(gone)
     store, n_train = _open_data(config)
     schedule = Schedule(
         n_train, config.batch_size, config.shard_size, config.seed, config.epochs, config.steps
@@ -90,10 +108,12 @@ def train(config: TrainConfig, client=None, progress=None) -> dict:
         for name, sl in layout.slices().items()
     )
 
-    with worker_cluster(
-        client, config.scheduler, config.workers, config.threads_per_worker
-    ) as client:
-        run, config = _open_run(config)
+    with (
+        worker_cluster(
+            client, config.scheduler, config.workers, config.threads_per_worker
+        ) as client,
+        _open_run(config, holder, gone) as (run, config),
+    ):
         state = (
             _resume(run, layout, config, model, emit) if config.resume else _fresh(model, layout)
         )
@@ -501,25 +521,30 @@ def _open_data(config: TrainConfig):
     return store, n
 
 
-def _open_run(config: TrainConfig) -> tuple[RunDir, TrainConfig]:
-    """A fresh run directory (settings saved), or the one ``config.resume`` names."""
+@contextmanager
+def _open_run(config: TrainConfig, holder: str, gone: Owner | None):
+    """``(run, config)``: a fresh run directory (settings saved), or the one ``config.resume``
+    names; owned by this process (:meth:`RunDir.claim`) until the ``with`` block ends."""
     if config.resume:
         run = RunDir(config.resume).require_existing()
-        saved = TrainConfig.load(run.config_path)
-        mine, theirs = config.result_settings(), saved.result_settings()
-        for key in mine:
-            if key not in ("epochs", "steps") and mine[key] != theirs[key]:
-                raise TrainingError(
-                    f"--resume {run.path}: {key} is {mine[key]!r} but the run was trained "
-                    f"with {theirs[key]!r}"
-                )
+        with run.claim(holder, gone):
+            saved = TrainConfig.load(run.config_path)
+            mine, theirs = config.result_settings(), saved.result_settings()
+            for key in mine:
+                if key not in ("epochs", "steps") and mine[key] != theirs[key]:
+                    raise TrainingError(
+                        f"--resume {run.path}: {key} is {mine[key]!r} but the run was trained "
+                        f"with {theirs[key]!r}"
+                    )
+            config = config.replace(out=str(run.path))
+            config.save(run.config_path)
+            yield run, config
+        return
+    run = RunDir(config.out or RunDir.default_path()).create()
+    with run.claim(holder, gone):
         config = config.replace(out=str(run.path))
         config.save(run.config_path)
-        return run, config
-    run = RunDir(config.out or RunDir.default_path()).create()
-    config = config.replace(out=str(run.path))
-    config.save(run.config_path)
-    return run, config
+        yield run, config
 
 
 def resume_config(run_dir: str, **overrides) -> TrainConfig:

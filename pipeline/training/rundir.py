@@ -7,6 +7,8 @@ RUN_DIR/params.npz           final parameters + BN statistics (np.load(allow_pic
 RUN_DIR/summary.json         accuracies, steps, seconds, images/s, workers, every setting
 RUN_DIR/curves.png           loss and accuracy curves
 RUN_DIR/filters.png          the first-layer filters
+RUN_DIR/owner.json           while a process trains there: its pid, host, start time, since when
+                             and what it is (a ``convpipe train``, a job); see :meth:`RunDir.claim`
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ from pipeline.checkpoint import read_npz
 from pipeline.curves import Curves, run_steps_per_epoch
 from pipeline.errors import TrainingError
 from pipeline.figures import curves_figure, filters_figure
+from pipeline.procs import LockHeld, Owner, OwnerLock
 
 CHECKPOINTS_KEPT = 2
 BN_KEYS = ("bn_running_mean", "bn_running_var")
+OWNER_FILE = "owner.json"
+
+
+class RunDirBusy(TrainingError):
+    """The run directory has a live owner (another trainer holds its ``owner.json``)."""
 
 
 class RunDir:
@@ -52,6 +60,10 @@ class RunDir:
     @property
     def summary_path(self) -> Path:
         return self.path / "summary.json"
+
+    @property
+    def owner_path(self) -> Path:
+        return self.path / OWNER_FILE
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoint_dir / f"step-{step:08d}.npz"
@@ -96,6 +108,35 @@ class RunDir:
         if not self.config_path.exists():
             raise TrainingError(f"{self.path} is not a convpipe run directory (no config.json)")
         return self
+
+    # ---- owner ----------------------------------------------------------------------------------
+    def claim(self, what: str, gone: Owner | None = None) -> OwnerLock:
+        """Make this process the directory's one owner until the returned lock is released:
+        ``owner.json`` (:class:`pipeline.procs.OwnerLock`) names it as ``what``. A live owner
+        gets :class:`RunDirBusy`, one line naming it; an owner that has ended (on this host, or
+        ``gone``: known to have ended elsewhere) is taken over."""
+        lock = OwnerLock(self.owner_path, what)
+        try:
+            return lock.acquire(gone)
+        except LockHeld as exc:
+            raise RunDirBusy(self._busy(exc.holder)) from None
+        except OSError as exc:
+            raise TrainingError(f"cannot take {self.owner_path}: {exc.strerror or exc}") from None
+
+    def check_free(self, gone: Owner | None = None) -> None:
+        """:class:`RunDirBusy` if a live process owns the directory (see :meth:`claim`)."""
+        try:
+            holder = OwnerLock(self.owner_path, "").holder(gone)
+        except OSError as exc:
+            raise TrainingError(f"cannot read {self.owner_path}: {exc.strerror or exc}") from None
+        if holder is not None:
+            raise RunDirBusy(self._busy(holder))
+
+    def _busy(self, holder) -> str:
+        text = f"{self.path} is being trained by {holder.text()}; wait for it or stop it"
+        if not holder.owner.is_local():  # it cannot be checked from here
+            text += f" (if it has ended, delete {self.owner_path})"
+        return text
 
     # ---- metrics --------------------------------------------------------------------------------
     def append_metrics(self, record: dict) -> None:

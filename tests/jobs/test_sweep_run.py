@@ -1,6 +1,6 @@
 """Sweeps on an in-process cluster: successive halving, results, a failed trial, resume after the
 coordinator died (same outcome bit for bit, finished trials not rerun), load_model, the
-leaderboard."""
+leaderboard; a sweep's directory and its trials' have one owner at a time."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from pipeline.jobs.sweep import (
 )
 from pipeline.runs import load_model
 from pipeline.training import evaluate
+from pipeline.training.rundir import RunDirBusy
+from tests.helpers.owners import held_by_another_process
 from tests.helpers.training import TINY_MODEL, assert_same_params, final_params, make_store
 
 
@@ -296,3 +298,55 @@ def test_load_model_has_the_runs_parameters_and_bn_statistics(store, client, tmp
     with pytest.raises(TrainingError, match="params.npz: no such file"):
         load_model(tmp_path / "bn")
     assert summary["val_acc"] is not None
+
+
+# ---- one owner at a time -------------------------------------------------------------------------
+
+
+def test_a_sweep_directory_another_process_owns_is_refused_before_anything_runs(
+    store, client, tmp_path
+):
+    out = tmp_path / "sweep"
+    events = []
+    with held_by_another_process(out, "job sweep-1 attempt 1") as holder:
+        with pytest.raises(RunDirBusy) as refused:
+            run_sweep(
+                plan_of(store, {"method": "grid", "lr": [1e-2]}, steps=2),
+                out,
+                client=client,
+                progress=events.append,
+            )
+    assert str(refused.value).startswith(f"{out} is being trained by pid {holder.pid} on host ")
+    assert str(refused.value).endswith("(job sweep-1 attempt 1); wait for it or stop it")
+    assert events == [] and sorted(p.name for p in out.iterdir()) == []
+
+
+def test_a_trial_another_process_trains_stops_the_sweep_unfailed_and_the_sweep_resumes(
+    store, client, tmp_path
+):
+    plan = plan_of(store, {"method": "grid", "lr": [1e-2, 3e-2]}, steps=2)
+    run_sweep(plan, tmp_path / "whole", client=client)
+    out = tmp_path / "cut"
+    trial = out / "trials" / "t001"
+    with held_by_another_process(trial) as holder:
+        with pytest.raises(RunDirBusy, match=f"^{trial} is being trained by pid {holder.pid} "):
+            run_sweep(plan, out, client=client)
+        state = SweepState.load(out)
+        assert [(t.state, t.error) for t in state.trials] == [("running", None)] * 2
+        assert state.trials[0].scores and not state.trials[1].scores
+    run_sweep(plan, out, client=client)  # once it let go: the trial is trained, not failed
+    assert outcome(out) == outcome(tmp_path / "whole")
+
+
+def test_a_trial_claimed_by_a_session_that_died_before_its_settings_starts_fresh(
+    store, client, tmp_path
+):
+    """The earlier session made the trial's checkpoints/ (its claim) and died before its
+    config.json: that claim does not fail the trial."""
+    plan = plan_of(store, {"method": "grid", "lr": [1e-2, 3e-2]}, steps=2)
+    run_sweep(plan, tmp_path / "whole", client=client)
+    out = tmp_path / "cut"
+    (out / "trials" / "t001" / "checkpoints").mkdir(parents=True)
+    run_sweep(plan, out, client=client)
+    assert [r["state"] for r in rows(out)] == ["completed", "completed"]
+    assert outcome(out) == outcome(tmp_path / "whole")

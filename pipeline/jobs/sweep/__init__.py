@@ -31,6 +31,12 @@ A sweep that ends with no *completed* trial has no result: it fails, with the fi
 trial's reason (``SweepFailed``). A plan none of whose trials could start (``train-limit``
 above the store's training images) is refused before any trial starts.
 
+One process at a time owns the sweep's directory (``RUN_DIR/owner.json``, see
+:meth:`pipeline.training.rundir.RunDir.claim`): a second sweep there is refused before it starts,
+so no two sessions train the same trial. A trial whose directory another live process trains in
+stops the sweep with that one line (resumable; the trial is not failed); a trial directory that
+a killed earlier session claimed (``checkpoints/``) before writing its settings starts afresh.
+
 The sweep's state is ``RUN_DIR/sweep.json`` (rewritten atomically after every trial's rung);
 resumed, finished rungs are not rerun and a trial cut short continues from its checkpoint, so
 the outcome is the uninterrupted sweep's bit for bit. Results: ``trials.csv``, ``summary.json``,

@@ -16,8 +16,10 @@ from pipeline.jobs.sweep.halving import promote, rungs
 from pipeline.jobs.sweep.report import settings_text, write_results
 from pipeline.jobs.sweep.space import SweepError, SweepPlan
 from pipeline.jobs.sweep.state import STATE_FILE, SweepState, Trial
+from pipeline.procs import Owner
 from pipeline.training import resume_config, train
 from pipeline.training.config import TrainConfig
+from pipeline.training.rundir import RunDir, RunDirBusy
 from pipeline.training.shards import Schedule
 
 
@@ -75,8 +77,25 @@ def no_trial_completed(state: SweepState) -> str | None:
     return reason
 
 
-def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
+def run_sweep(
+    plan: SweepPlan,
+    out,
+    client=None,
+    progress=None,
+    *,
+    holder: str = "sweep",
+    gone: Owner | None = None,
+) -> dict:
     """Run (or continue) the sweep ``plan`` in run directory ``out``; return its summary.
+
+    This process owns ``out`` while the sweep runs (``out/owner.json``,
+    :meth:`~pipeline.training.rundir.RunDir.claim`; ``holder`` says what it is): a second sweep
+    there is refused before it touches anything, in one line naming the owner, and so no other
+    sweep trains its trials. Each trial's run directory is owned by the same process while the
+    trial trains (``holder``, then ``: trial tNNN``). A trial whose directory another live
+    process trains in (someone ran ``convpipe train --resume`` on it) stops the sweep with that
+    one line, resumable: the trial is not failed, and a resume continues it. ``gone``: a
+    coordinator known to have ended; its holds are taken over even from another host.
 
     Before any trial starts, a plan none of whose trials can run is refused
     (:func:`check_trials_can_run`). A sweep that ends with no completed trial writes its results,
@@ -92,7 +111,10 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
     out = Path(out)
     base = TrainConfig.from_job(plan.base)
     check_trials_can_run(plan)
-    with worker_cluster(client, base.scheduler, base.workers, base.threads_per_worker) as client:
+    with (
+        worker_cluster(client, base.scheduler, base.workers, base.threads_per_worker) as client,
+        _owned(out, holder, gone),
+    ):
         state = _open_state(plan, out, total_steps(base))
         t0 = time.perf_counter()
         seconds0 = state.seconds
@@ -111,6 +133,7 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
                 client,
                 emit,
                 lambda: seconds0 + time.perf_counter() - t0,
+                (holder, gone),
             )
             last = k == len(state.rungs) - 1
             going_on = (
@@ -138,6 +161,18 @@ def run_sweep(plan: SweepPlan, out, client=None, progress=None) -> dict:
         if failure is not None:
             raise SweepFailed(failure)
         return summary
+
+
+def _owned(out: Path, holder: str, gone: Owner | None):
+    """The lock that makes this process the owner of the sweep's directory ``out`` (made if need
+    be) until the ``with`` block it is used in ends; :class:`RunDirBusy` if another owns it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(
+            f"cannot create the sweep's directory {out}: {exc.strerror or exc}"
+        ) from None
+    return RunDir(out).claim(holder, gone)
 
 
 def _open_state(plan: SweepPlan, out: Path, total: int) -> SweepState:
@@ -169,11 +204,12 @@ class SweepStopped(Exception):
 
 
 def _train_rung(
-    plan, state: SweepState, todo: list[Trial], rung: int, out: Path, client, emit, elapsed
+    plan, state: SweepState, todo: list[Trial], rung: int, out: Path, client, emit, elapsed, owner
 ) -> None:
     """Train ``todo`` to ``rung``, ``plan.search.parallel`` of them at once (each trial's numbers
     do not depend on the others: only the order of the log lines does). The first exception
-    (a crash, a cancel) stops the others at their next step and is raised."""
+    (a crash, a cancel, a trial's directory owned by another process) stops the others at their
+    next step and is raised. ``owner``: ``(holder, gone)`` of :func:`run_sweep`."""
     lock = threading.Lock()
 
     def save():
@@ -184,7 +220,7 @@ def _train_rung(
     parallel = min(plan.search.parallel, len(todo))
     if parallel <= 1:
         for t in todo:
-            _train_trial(plan, t, rung, out, client, emit, lock, save)
+            _train_trial(plan, t, rung, out, client, emit, lock, save, owner)
         return
     stop = threading.Event()
 
@@ -197,7 +233,8 @@ def _train_rung(
     first = None
     with ThreadPoolExecutor(parallel, thread_name_prefix="convpipe-trial") as pool:
         futures = [
-            pool.submit(_train_trial, plan, t, rung, out, client, guarded, lock, save) for t in todo
+            pool.submit(_train_trial, plan, t, rung, out, client, guarded, lock, save, owner)
+            for t in todo
         ]
         for f in as_completed(futures):
             if f.exception() is not None and first is None:
@@ -208,13 +245,19 @@ def _train_rung(
 
 
 def _train_trial(
-    plan: SweepPlan, trial: Trial, rung: int, out: Path, client, emit, lock, save
+    plan: SweepPlan, trial: Trial, rung: int, out: Path, client, emit, lock, save, owner
 ) -> None:
-    """Train ``trial`` to ``rung`` steps (fresh, or continuing its run directory) and score it."""
+    """Train ``trial`` to ``rung`` steps (fresh, or continuing its run directory) and score it.
+
+    A training error fails the trial (recorded; the sweep goes on), except that another live
+    process owns the trial's directory (:class:`RunDirBusy`): raised, the trial left as it was.
+    """
+    holder, gone = owner
     run_dir = out / "trials" / trial.name
     if (run_dir / "config.json").exists():
         config = resume_config(str(run_dir), steps=rung)
     else:
+        _clear_unfinished_claim(RunDir(run_dir), gone)
         config = plan.trial_config(trial.settings, str(run_dir), rung)
     with lock:
         trial.state = "running"
@@ -224,7 +267,15 @@ def _train_trial(
         emit({**event, "trial": trial.id})
 
     try:
-        summary = train(config, client=client, progress=progress)
+        summary = train(
+            config,
+            client=client,
+            progress=progress,
+            holder=f"{holder}: trial {trial.name}",
+            gone=gone,
+        )
+    except RunDirBusy:  # not the trial's fault: it goes on once that process is done
+        raise
     except TrainingError as exc:  # diverged (or could not run): recorded, the sweep goes on
         with lock:
             trial.state, trial.error = "failed", str(exc)
@@ -244,3 +295,18 @@ def _train_trial(
             f"val_acc {summary['val_acc']:.4f}",
         }
     )
+
+
+def _clear_unfinished_claim(run: RunDir, gone: Owner | None) -> None:
+    """Free a trial's directory that an earlier session of this sweep claimed (an empty
+    ``checkpoints/``) and died in before writing the trial's settings: this sweep owns the
+    sweep's directory, so no other sweep is starting the trial there. A live owner of the trial's
+    directory is :class:`RunDirBusy`; a ``checkpoints/`` with files in it is left for ``train``
+    to refuse."""
+    if run.config_path.exists() or not run.checkpoint_dir.is_dir():
+        return
+    run.check_free(gone)
+    try:
+        run.checkpoint_dir.rmdir()
+    except OSError:  # not empty
+        pass
