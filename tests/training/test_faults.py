@@ -3,6 +3,7 @@ killed and resumed from the command line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -116,7 +117,7 @@ def test_the_coordinator_killed_resumes_from_its_checkpoint_bit_identically(stor
     # a cluster of worker processes outlives its coordinator: `convpipe train --scheduler`
     # is SIGKILLed after its first checkpoint, `convpipe train --resume` finishes the run
     options = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    with worker_cluster(workers=1) as client:
+    with _shared_cluster(tmp_path / "cluster") as client:
         address = client.scheduler.address
         train(tiny_config(store, tmp_path / "full", **TINY), client=client)  # the reference
 
@@ -214,6 +215,25 @@ def _external_cluster(tmp_path, workers: int, nanny: bool):
     return address, procs
 
 
+@contextlib.contextmanager
+def _shared_cluster(tmp_path, workers: int = 1):
+    """A client of a `dask scheduler` and worker processes (nannies) that other processes can
+    reach with `--scheduler ADDR`: the embedded cluster speaks TLS with a certificate only its
+    own process holds, so a second `convpipe` could not join it."""
+    from distributed import Client
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    address, procs = _external_cluster(tmp_path, workers, nanny=True)
+    try:
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(workers, timeout=60)
+            yield client
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(30)
+
+
 def test_every_worker_gone_stops_training_within_the_stall_timeout(store, tmp_path):
     # workers that nothing restarts (no nanny) all die mid-run: `convpipe train` fails with one
     # line naming the step and what happened, within its stall timeout, and keeps its checkpoint
@@ -276,7 +296,7 @@ def test_sigterm_stops_train_like_ctrl_c_and_the_run_resumes_bit_identically(sto
     options = [
         f"--{k.replace('_', '-')}={v}" for k, v in {**TINY, "checkpoint_every": 1000}.items()
     ]
-    with worker_cluster(workers=1) as client:
+    with _shared_cluster(tmp_path / "cluster") as client:
         address = client.scheduler.address
         train(
             tiny_config(store, tmp_path / "full", **{**TINY, "checkpoint_every": 1000}),
