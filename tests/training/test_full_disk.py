@@ -1,6 +1,7 @@
-"""A real full disk under a training run (a small tmpfs, filled mid-run): the run stops with the
+"""Real disk faults under a training run, on a small tmpfs: filled mid-run, the run stops with the
 error naming the file it could not write, keeps every checkpoint written before, and resumes
-(once there is space) to the bits of an undisturbed run."""
+(once there is space) to the bits of an undisturbed run; remounted read-only, a resume is
+refused in one line and nothing in the run directory changes."""
 
 from __future__ import annotations
 
@@ -66,3 +67,20 @@ def test_a_full_disk_mid_run_keeps_the_checkpoints_and_resume_continues(
     train(tiny_config(store, run, resume=str(run), **settings), client=training_client)
     train(tiny_config(store, tmp_path / "calm", **settings), client=training_client)
     assert_same_params(final_params(run), final_params(tmp_path / "calm"))
+
+
+def test_a_read_only_run_directory_is_refused_in_one_line_and_left_as_it_was(
+    small_disk, tmp_path, training_client
+):
+    from pipeline.errors import TrainingError
+
+    store = make_store(tmp_path / "s.zarr", n_train=128, n_val=16, n_test=0)
+    run = small_disk / "run"
+    train(tiny_config(store, run, steps=4, checkpoint_every=2), client=training_client)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(TrainingError) as err:
+        train(tiny_config(store, run, steps=8, resume=str(run)), client=training_client)
+    message = str(err.value)
+    assert "\n" not in message and str(run) in message and "Read-only file system" in message
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
