@@ -124,13 +124,14 @@ def warm() -> None:
             )
             model.loss(x, np.array([0, 1]))
             model.loss(x)
-        # the SIMD kernels at each width they can run at here (fast_layers picks a narrower one
-        # where the shapes waste less); float64 (gradient checks) at the process's width only
+        # the SIMD kernels at the widths the three-layer net runs them at here: the process's,
+        # and 32 bytes below it (fast_layers picks it where 64 would waste lanes: 32 filters,
+        # 25-row shards); 16 bytes only where it is the process's (smaller layers compile it
+        # when first used); float64 (gradient checks) at the process's width only
         top = simd.current().nbytes
-        for nbytes in simd.WIDTHS if dtype == np.float32 else (top,):
-            if nbytes <= top:
-                with simd.using(nbytes):
-                    warm_vector_kernels(dtype, rng)
+        for nbytes in {top, min(top, 32)} if dtype == np.float32 else {top}:
+            with simd.using(nbytes):
+                warm_vector_kernels(dtype, rng)
         adam(w, w, {})
         adam_inplace(w.copy(), w, {})
         warm_kernels(dtype)  # the workers' reduce + Adam
