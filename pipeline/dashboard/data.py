@@ -34,6 +34,7 @@ from pipeline.curves import (
 )
 from pipeline.dashboard.files import Folders, NotServed, real_path
 from pipeline.jobs.client import job_events, job_status, list_jobs
+from pipeline.jobs.files_view import settle_dead_coordinator
 from pipeline.jobs.records import (
     ACTIVE,
     REGISTRY_TOPIC,
@@ -43,7 +44,6 @@ from pipeline.jobs.records import (
     task_key,
 )
 from pipeline.jobs.sweep.state import STATE_FILE, STATE_FORMAT, SweepState, Trial
-from pipeline.procs import Owner
 
 #: scheduler event topic on which `convpipe train` announces its run directory
 RUNS_TOPIC = "convpipe-runs"
@@ -572,13 +572,7 @@ class Board:
                 f"{path}: 'state' must be one of {', '.join(ACTIVE + TERMINAL)}, "
                 f"got {status.get('state')!r}"
             )
-        owner = _coordinator(status)
-        if status.get("state") == "running" and owner is not None and not owner.alive():
-            status.update(
-                state="failed",
-                resumable=True,
-                reason=f"the worker running its coordinator (pid {owner.pid} on {owner.host}) died",
-            )
+        settle_dead_coordinator(status)
         lines = self._log_lines(job_dir)
         if lines:
             status["last_line"] = lines[-1]
@@ -693,15 +687,6 @@ class Board:
             jobs.append({**status, "run": self.run_of(status)})
         runs = [self.reader.read(p) for p in self.run_dirs(view, statuses)]
         return Listing(jobs, runs, problems)
-
-
-def _coordinator(status: dict) -> Owner | None:
-    """The process a running job's status names (None for a record without host, namespace
-    or pid)."""
-    try:
-        return Owner(str(status["host"]), int(status["pid_namespace"]), int(status["pid"]))
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def _entry_mtime(entry) -> float:

@@ -28,23 +28,25 @@ def status_from_files(root: str, job_id: str) -> dict:
     status = files.read_status()
     if status is None:
         raise JobError(f"no job {job_id} under {os.path.abspath(root)}/jobs (no status.json)")
-    owner = _coordinator(status)
-    if status.get("state") == "running" and owner is not None and not owner.alive():
-        status.update(
-            state="failed",
-            resumable=True,
-            reason=f"the worker running its coordinator (pid {owner.pid} on {owner.host}) died",
-        )
+    settle_dead_coordinator(status)
     lines = files.read_log()[0].splitlines()
     if lines:
         status["last_line"] = lines[-1]
     return status
 
 
-def _coordinator(status: dict) -> Owner | None:
-    """The process a running job's status names
-    (None for a record without host, namespace or pid)."""
-    return Owner.from_record(status)
+def settle_dead_coordinator(status: dict) -> dict:
+    """``status`` (changed in place) as ``failed``, resumable, when it says ``running`` but names
+    a coordinator process that is known dead (one on this host: a record naming another host,
+    or no process, stays as it is)."""
+    owner = Owner.from_record(status)
+    if status.get("state") == "running" and owner is not None and not owner.alive():
+        status.update(
+            state="failed",
+            resumable=True,
+            reason=f"the worker running its coordinator (pid {owner.pid} on {owner.host}) died",
+        )
+    return status
 
 
 @dataclass(frozen=True)
