@@ -128,9 +128,7 @@ class Holder:
         return (
             json.dumps(
                 {
-                    "pid": self.owner.pid,
-                    "host": self.owner.host,
-                    "pid_namespace": self.owner.namespace,
+                    **self.owner.record(),
                     "started": self.started,
                     "since": self.since,
                     "what": self.what,
@@ -146,12 +144,12 @@ class Holder:
         """The holder a lock file names; None for anything else (empty, torn, not a record)."""
         try:
             d = json.loads(raw)
+            owner = Owner.from_record(d)
             started = d.get("started")
+            if owner is None:
+                return None
             return cls(
-                Owner(str(d["host"]), int(d["pid_namespace"]), int(d["pid"])),
-                None if started is None else int(started),
-                str(d["since"]),
-                str(d["what"]),
+                owner, None if started is None else int(started), str(d["since"]), str(d["what"])
             )
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
@@ -202,7 +200,7 @@ class OwnerLock:
         """Take the lock for this process; :class:`LockHeld` if a live process holds it.
         ``gone``: a process the caller knows has ended (its lock is taken over from anywhere)."""
         me = Owner.me()
-        mine = Holder(me, process_started(me.pid), _utc_now(), self.what).to_json(
+        mine = Holder(me, process_started(me.pid), utc_now(), self.what).to_json(
             secrets.token_hex(8)
         )
         waiting: dict[Path, float] = {}  # markers of other successors, since when seen
@@ -310,5 +308,6 @@ class OwnerLock:
             aside.unlink(missing_ok=True)
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
+    """The time now, UTC, to the second: ``2026-12-04T18:00:00Z`` (the form job records use)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -238,17 +238,13 @@ def _vec_for(arr, vw):
     """The Vec type for a C-contiguous float array type at width ``vw`` (a WidthType), or None
     (no typing: Numba reports the mismatch at compile time, so a strided view can never be read
     as if it were contiguous)."""
-    if (
-        isinstance(arr, types.Array)
-        and arr.layout == "C"
-        and arr.dtype in (types.float32, types.float64)
-        and isinstance(vw, WidthType)
-    ):
+    if _is_float_array(arr) and isinstance(vw, WidthType):
         return Vec(arr.dtype, vw.nbytes // (arr.dtype.bitwidth // 8))
     return None
 
 
 def _is_float_array(arr):
+    """Whether ``arr`` is a C-contiguous float32 or float64 array type."""
     return (
         isinstance(arr, types.Array)
         and arr.layout == "C"

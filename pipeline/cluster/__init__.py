@@ -162,10 +162,15 @@ def connection_lost(exc: BaseException) -> bool:
     timeout, a cancelled wait, or an OSError of the network (refused, reset, unreachable...),
     not one of files (a full disk, a permission), which is reported as what it is."""
     if isinstance(
-        exc, (CommClosedError, TimeoutError, asyncio.TimeoutError, asyncio.CancelledError)
+        exc,
+        (
+            CommClosedError,
+            ConnectionError,
+            TimeoutError,
+            asyncio.TimeoutError,
+            asyncio.CancelledError,
+        ),
     ):
-        return True
-    if isinstance(exc, ConnectionError):
         return True
     return isinstance(exc, OSError) and (exc.errno is None or exc.errno in _NETWORK_ERRNOS)
 

@@ -36,11 +36,10 @@ from pipeline.dashboard.files import Folders, NotServed, real_path
 from pipeline.jobs.client import job_events, job_status, list_jobs
 from pipeline.jobs.files_view import settle_dead_coordinator
 from pipeline.jobs.records import (
-    ACTIVE,
     REGISTRY_TOPIC,
-    TERMINAL,
     JobFileError,
     job_topic,
+    status_from_bytes,
     task_key,
 )
 from pipeline.jobs.sweep.state import STATE_FILE, STATE_FORMAT, SweepState, Trial
@@ -556,22 +555,14 @@ class Board:
         job_dir = self.root / "jobs" / job_id
         path = job_dir / "status.json"
         try:
-            status = json.loads(self.jobs.read(path)[0].decode("utf-8"))
+            raw = self.jobs.read(path)[0]
         except FileNotFoundError:
             return None
         except NotServed as exc:
             raise JobFileError(str(exc)) from None
         except OSError as exc:
             raise JobFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-        except ValueError as exc:  # UnicodeDecodeError too
-            raise JobFileError(f"{path}: not JSON text ({exc})") from None
-        if not isinstance(status, dict):
-            raise JobFileError(f"{path}: not a JSON object")
-        if status.get("state") not in ACTIVE + TERMINAL:
-            raise JobFileError(
-                f"{path}: 'state' must be one of {', '.join(ACTIVE + TERMINAL)}, "
-                f"got {status.get('state')!r}"
-            )
+        status = status_from_bytes(path, raw)
         settle_dead_coordinator(status)
         lines = self._log_lines(job_dir)
         if lines:

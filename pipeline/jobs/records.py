@@ -29,6 +29,7 @@ from pathlib import Path
 from pipeline.atomic import atomic_write_text
 from pipeline.curves import number_text
 from pipeline.errors import ConvpipeError
+from pipeline.procs import utc_now as now_iso  # a record's times, as lock files give them
 
 REGISTRY_TOPIC = "convpipe-jobs"
 #: states of a job that has not ended, and of one that has
@@ -54,10 +55,6 @@ def job_topic(job_id: str) -> str:
 
 def task_key(job_id: str, attempt: int) -> str:
     return f"convpipe-job-{job_id}-{attempt}"
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 #: random bytes in a job id (64 bits: two ids drawn by two clients at once never meet in practice)
@@ -160,13 +157,8 @@ class JobFiles:
     def read_status(self) -> dict | None:
         """The latest state record; None if there is none;
         :class:`JobFileError` if it is malformed."""
-        status = _read_json(self.status_path)
-        if status is not None and status.get("state") not in ACTIVE + TERMINAL:
-            raise JobFileError(
-                f"{self.status_path}: 'state' must be one of {', '.join(ACTIVE + TERMINAL)}, "
-                f"got {status.get('state')!r}"
-            )
-        return status
+        raw = _read_bytes(self.status_path)
+        return None if raw is None else status_from_bytes(self.status_path, raw)
 
     def append_log(self, line: str) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -211,16 +203,29 @@ class JobFiles:
         return record
 
 
-def _read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``; None if the file does not exist; else one-line JobFileError."""
+def _read_bytes(path: Path) -> bytes | None:
+    """The bytes of ``path``; None if the file does not exist; else one-line JobFileError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except FileNotFoundError:
         return None
-    except UnicodeDecodeError as exc:
-        raise JobFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise JobFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``; None if the file does not exist; else one-line JobFileError."""
+    raw = _read_bytes(path)
+    return None if raw is None else json_object(path, raw)
+
+
+def json_object(path: str | Path, raw: bytes) -> dict:
+    """The JSON object ``raw`` (the bytes read from ``path``) holds; else one-line JobFileError
+    naming ``path``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobFileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         value = json.loads(text)
     except ValueError as exc:
@@ -228,6 +233,19 @@ def _read_json(path: Path) -> dict | None:
     if not isinstance(value, dict):
         raise JobFileError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def status_from_bytes(path: str | Path, raw: bytes) -> dict:
+    """A job's state record from the bytes of its ``status.json`` at ``path``; a one-line
+    :class:`JobFileError` if it is no JSON object or names no known state. ``convpipe status
+    --root`` and the page (which reads the file its own way) both check it here."""
+    status = json_object(path, raw)
+    if status.get("state") not in ACTIVE + TERMINAL:
+        raise JobFileError(
+            f"{path}: 'state' must be one of {', '.join(ACTIVE + TERMINAL)}, "
+            f"got {status.get('state')!r}"
+        )
+    return status
 
 
 def log_line(text: str) -> str:

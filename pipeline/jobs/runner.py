@@ -331,25 +331,19 @@ def _preflight(
     if attempt > 1:  # a resumed job continues its directory
         files = JobFiles.of(root, job_id)
         _check_not_running(files, job_id, Owner.from_record(gone))
-        options = kind.preflight(js.options, root, job_id)
     else:
         files = _claim_job_dir(root, job_id, js.kind, drawn)
         job_id = files.dir.name
-        try:
-            options = kind.preflight(js.options, root, job_id)
-        except BaseException:
+    try:
+        options = kind.preflight(js.options, root, job_id)
+        run_dir = kind.run_dir(options)
+        if run_dir and hasattr(kind, "resume_options"):  # a kind that trains in its run directory
+            RunDir(run_dir).check_free(Owner.from_record(gone))
+    except BaseException:
+        if attempt == 1:
             with contextlib.suppress(OSError):  # still empty: a refused spec leaves no job
                 files.dir.rmdir()
-            raise
-    run_dir = kind.run_dir(options)
-    if run_dir and hasattr(kind, "resume_options"):  # a kind that trains in its run directory
-        try:
-            RunDir(run_dir).check_free(Owner.from_record(gone))
-        except BaseException:
-            if attempt == 1:
-                with contextlib.suppress(OSError):  # still empty: a refused spec leaves no job
-                    files.dir.rmdir()
-            raise
+        raise
     record = {
         "job": job_id,
         "attempt": attempt,

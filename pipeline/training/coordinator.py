@@ -527,7 +527,10 @@ def _open_run(config: TrainConfig, holder: str, gone: Owner | None):
     names; owned by this process (:meth:`RunDir.claim`) until the ``with`` block ends."""
     if config.resume:
         run = RunDir(config.resume).require_existing()
-        with run.claim(holder, gone):
+    else:
+        run = RunDir(config.out or RunDir.default_path()).create()
+    with run.claim(holder, gone):
+        if config.resume:
             saved = TrainConfig.load(run.config_path)
             mine, theirs = config.result_settings(), saved.result_settings()
             for key in mine:
@@ -536,12 +539,6 @@ def _open_run(config: TrainConfig, holder: str, gone: Owner | None):
                         f"--resume {run.path}: {key} is {mine[key]!r} but the run was trained "
                         f"with {theirs[key]!r}"
                     )
-            config = config.replace(out=str(run.path))
-            config.save(run.config_path)
-            yield run, config
-        return
-    run = RunDir(config.out or RunDir.default_path()).create()
-    with run.claim(holder, gone):
         config = config.replace(out=str(run.path))
         config.save(run.config_path)
         yield run, config
