@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.convnet import ConvNet, add_l2
 from pipeline.fast_layers import sum_of_squares
 from pipeline.layer_utils import (
     affine_relu_backward,
@@ -18,6 +19,7 @@ from pipeline.layer_utils import (
     conv_relu_pool_forward,
 )
 from pipeline.layers import affine_backward, affine_forward, softmax_loss
+from pipeline.netspec import NetSpec
 from pipeline.optim import add_scaled
 from pipeline.shapes import check_groups, check_momentum, running_average
 
@@ -207,7 +209,7 @@ class ThreeLayerConvNet:
         grads.update(self._conv_block_backward(dout1, cache1))
         if self.reg:
             for name in ("W1", "W3"):
-                _add_l2(grads[name], p[name], self.reg)
+                add_l2(grads[name], p[name], self.reg)
         if into is None:
             return data_loss + reg_loss, grads
         for name, g in grads.items():
@@ -270,15 +272,6 @@ class ThreeLayerConvNet:
         return {"W1": dW1, "b1": db1, "gamma1": dgamma, "beta1": dbeta}
 
 
-def _add_l2(grad, w, reg):
-    """grad += reg * w, in place, without NumPy's 16 MB temporary for W2 (the same rounding as
-    NumPy's in the dtype)."""
-    if grad.flags.c_contiguous and w.flags.c_contiguous and grad.dtype == w.dtype:
-        add_scaled(grad, w, reg)
-    else:
-        grad += reg * w
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """What a worker needs to build the network (the weights come separately)."""
@@ -291,11 +284,13 @@ class ModelSpec:
     num_groups: int
     dtype: str
     input_dim: tuple[int, int, int] = (3, 32, 32)
+    layers: str | None = None  # a NetSpec's text: a ConvNet; None: the three-layer net above
 
     @classmethod
     def of(cls, config, num_classes: int) -> ModelSpec:
         """The network a run's settings describe (any object with the attributes of
-        :class:`~pipeline.training.config.TrainConfig` that name the network)."""
+        :class:`~pipeline.training.config.TrainConfig` that name the network): ``config.model``'s
+        spec when it has one, else ThreeLayerConvNet from its size settings."""
         return cls(
             config.num_filters,
             config.filter_size,
@@ -304,17 +299,39 @@ class ModelSpec:
             config.norm,
             config.num_groups,
             config.dtype,
+            layers=getattr(config, "model", None),
         )
 
     @property
     def normalization(self) -> str | None:
         return None if self.norm == "none" else self.norm
 
+    @property
+    def net(self) -> NetSpec | None:
+        return None if self.layers is None else NetSpec.from_text(self.layers)
+
+    @property
+    def bn_channels(self) -> int:
+        """Channels of spatial batch norm, all layers together (the BN moments a shard reports)."""
+        if self.layers is not None:
+            return sum(self.net.bn_channels(self.input_dim, self.num_classes))
+        return self.num_filters if self.norm == "spatial_batchnorm" else 0
+
     def build(self, weight_scale: float = 1e-3, reg: float = 0.0, seed: int | None = 0):
         """The network with weights drawn cs231n's way, as ``np.random.seed(seed)`` then
         ``np.random.randn`` would draw them, from a private ``RandomState``: the global random
         state is neither read nor written, so threads building networks at once (trials of a
-        sweep training side by side, an in-process cluster's workers) each get their own draws."""
+        sweep training side by side, an in-process cluster's workers) each get their own draws.
+        A spec's ConvNet draws He-scaled weights (``weight_scale`` is the three-layer net's)."""
+        if self.layers is not None:
+            return ConvNet(
+                self.net,
+                input_dim=self.input_dim,
+                num_classes=self.num_classes,
+                reg=reg,
+                dtype=np.dtype(self.dtype),
+                seed=np.random.RandomState(seed),
+            )
         return ThreeLayerConvNet(
             input_dim=self.input_dim,
             num_filters=self.num_filters,

@@ -54,6 +54,7 @@ import numpy as np
 from pipeline._kernels import affine as ka
 from pipeline._kernels import conv as kc
 from pipeline._kernels import norm as kn
+from pipeline._kernels import pointwise as kw
 from pipeline._kernels import pool as kp
 from pipeline._kernels import simd
 from pipeline._kernels.threads import launch
@@ -89,6 +90,12 @@ __all__ = [
     "spatial_batchnorm_backward_fast",
     "spatial_groupnorm_forward_fast",
     "spatial_groupnorm_backward_fast",
+    "gelu_forward_fast",
+    "gelu_backward_fast",
+    "global_avg_pool_forward_fast",
+    "global_avg_pool_backward_fast",
+    "global_max_pool_forward_fast",
+    "global_max_pool_backward_fast",
 ]
 
 
@@ -850,3 +857,79 @@ def spatial_groupnorm_backward_fast(dout, cache):
     dgamma = dg.sum(axis=0).astype(g_dtype).reshape(g_shape)
     dbeta = dbt.sum(axis=0).astype(b_dtype).reshape(b_shape)
     return dx.astype(x_dtype, copy=False), dgamma, dbeta
+
+
+# --------------------------------------------------------------------------------------------
+# GELU and global pooling (kw: pipeline._kernels.pointwise)
+
+
+def gelu_forward_fast(x):
+    """Fast GELU forward pass; same contract as layers.gelu_forward (computed in the kernels'
+    dtype: float32's erf for float32 data)."""
+    x = np.asarray(x)
+    x_dtype = layer_dtype(x)
+    xc = _as(x, kernel_dtype(x_dtype))
+    out = np.empty_like(xc)
+    _launch(kw.gelu_forward, xc.size, xc.reshape(-1), out.reshape(-1))
+    return out.astype(x_dtype, copy=False), (xc, x_dtype)
+
+
+def gelu_backward_fast(dout, cache):
+    """Fast GELU backward pass; same contract as layers.gelu_backward."""
+    xc, x_dtype = cache
+    d = _as(check_dout(dout, xc.shape, "gelu"), xc.dtype)
+    dx = np.empty_like(xc)
+    _launch(kw.gelu_backward, xc.size, xc.reshape(-1), d.reshape(-1), dx.reshape(-1))
+    return dx.astype(x_dtype, copy=False)
+
+
+def global_avg_pool_forward_fast(x):
+    """Fast global average pooling forward pass; same contract as
+    layers.global_avg_pool_forward: x (N, C, H, W) -> out (N, C)."""
+    x = np.asarray(x)
+    require_ndim("x", x, 4, "(N, C, H, W)")
+    N, C, H, W = x.shape
+    x_dtype = layer_dtype(x)
+    src = _as(x, kernel_dtype(x_dtype)).reshape(N * C, H * W)
+    out = np.empty(N * C, dtype=src.dtype)
+    _launch(kw.global_avg_forward, src.size, src, out)
+    return out.reshape(N, C).astype(x_dtype, copy=False), (x.shape, x_dtype)
+
+
+def global_avg_pool_backward_fast(dout, cache):
+    """Fast global average pooling backward pass: dout (N, C) -> dx (N, C, H, W)."""
+    shape, x_dtype = cache
+    N, C, H, W = shape
+    dtype = kernel_dtype(x_dtype)
+    d = _as(check_dout(dout, (N, C), "global average pool"), dtype).reshape(-1)
+    dx = np.empty((N * C, H * W), dtype=dtype)
+    _launch(kw.global_avg_backward, dx.size, d, dx)
+    return dx.reshape(shape).astype(x_dtype, copy=False)
+
+
+def global_max_pool_forward_fast(x):
+    """Fast global max pooling forward pass; same contract as layers.global_max_pool_forward:
+    x (N, C, H, W) -> out (N, C)."""
+    x = np.asarray(x)
+    require_ndim("x", x, 4, "(N, C, H, W)")
+    N, C, H, W = x.shape
+    if H * W < 1:
+        raise ValueError(f"global max pool needs at least one pixel, got x of shape {x.shape}")
+    x_dtype = layer_dtype(x)
+    src = _as(x, kernel_dtype(x_dtype)).reshape(N * C, H * W)
+    out = np.empty(N * C, dtype=src.dtype)
+    idx = np.empty(N * C, dtype=np.int64)
+    _launch(kw.global_max_forward, src.size, src, out, idx)
+    return out.reshape(N, C).astype(x_dtype, copy=False), (x.shape, x_dtype, idx)
+
+
+def global_max_pool_backward_fast(dout, cache):
+    """Fast global max pooling backward pass: dout (N, C) -> dx (N, C, H, W), dout at each
+    channel's first maximum."""
+    shape, x_dtype, idx = cache
+    N, C, H, W = shape
+    dtype = kernel_dtype(x_dtype)
+    d = _as(check_dout(dout, (N, C), "global max pool"), dtype).reshape(-1)
+    dx = np.empty((N * C, H * W), dtype=dtype)
+    _launch(kw.global_max_backward, dx.size, d, idx, dx)
+    return dx.reshape(shape).astype(x_dtype, copy=False)

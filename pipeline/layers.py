@@ -19,6 +19,8 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from pipeline.shapes import (
@@ -41,6 +43,12 @@ __all__ = [
     "affine_backward",
     "relu_forward",
     "relu_backward",
+    "gelu_forward",
+    "gelu_backward",
+    "global_avg_pool_forward",
+    "global_avg_pool_backward",
+    "global_max_pool_forward",
+    "global_max_pool_backward",
     "softmax_loss",
     "svm_loss",
     "batchnorm_forward",
@@ -160,6 +168,115 @@ def relu_backward(dout, cache):
     return np.where(x > 0, dout, 0).astype(layer_dtype(x), copy=False)
 
 
+def gelu_forward(x):
+    """Gaussian error linear unit forward pass (the exact form, with erf, as PyTorch's default).
+
+    Input:
+    - x: array of any shape
+
+    Returns a tuple of:
+    - out: x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt(2))), same shape and dtype as x
+    - cache: x
+    """
+    x = np.asarray(x)
+    dtype = layer_dtype(x)
+    x64 = x.astype(np.float64)
+    out = 0.5 * x64 * (1.0 + _erf(x64 / np.sqrt(2.0)))
+    return out.astype(dtype), x
+
+
+def gelu_backward(dout, cache):
+    """Gaussian error linear unit backward pass.
+
+    Input:
+    - dout: upstream derivatives, same shape as x
+    - cache: x from gelu_forward
+
+    Returns:
+    - dx: dout * (Phi(x) + x * phi(x)), same shape and dtype as x
+    """
+    x = cache
+    dout = check_dout(dout, x.shape, "gelu")
+    x64 = x.astype(np.float64)
+    cdf = 0.5 * (1.0 + _erf(x64 / np.sqrt(2.0)))
+    pdf = np.exp(-0.5 * x64 * x64) / np.sqrt(2.0 * np.pi)
+    return (dout.astype(np.float64) * (cdf + x64 * pdf)).astype(layer_dtype(x))
+
+
+def _erf(x):
+    """erf elementwise in float64 (math.erf: NumPy has none)."""
+    return np.vectorize(math.erf, otypes=[np.float64])(x)
+
+
+def global_avg_pool_forward(x):
+    """Global average pooling forward pass: each channel's mean over its H x W values.
+
+    Input:
+    - x: input data, shape (N, C, H, W)
+
+    Returns a tuple of:
+    - out: shape (N, C), dtype of x
+    - cache: (shape of x, dtype of x)
+    """
+    x = np.asarray(x)
+    require_ndim("x", x, 4, "(N, C, H, W)")
+    dtype = layer_dtype(x)
+    return x.astype(np.float64).mean(axis=(2, 3)).astype(dtype), (x.shape, dtype)
+
+
+def global_avg_pool_backward(dout, cache):
+    """Global average pooling backward pass.
+
+    Inputs:
+    - dout: upstream derivatives, shape (N, C)
+    - cache: from global_avg_pool_forward
+
+    Returns:
+    - dx: dout / (H * W) at every position, shape (N, C, H, W), dtype of x
+    """
+    shape, dtype = cache
+    dout = check_dout(dout, shape[:2], "global average pool")
+    dx = np.broadcast_to((dout / (shape[2] * shape[3]))[:, :, None, None], shape)
+    return dx.astype(dtype)
+
+
+def global_max_pool_forward(x):
+    """Global max pooling forward pass: each channel's maximum over its H x W values.
+
+    Input:
+    - x: input data, shape (N, C, H, W)
+
+    Returns a tuple of:
+    - out: shape (N, C), dtype of x
+    - cache: (shape of x, dtype of x, the flat position of each first maximum (N, C))
+    """
+    x = np.asarray(x)
+    require_ndim("x", x, 4, "(N, C, H, W)")
+    N, C = x.shape[:2]
+    flat = x.reshape(N, C, -1)
+    where = flat.argmax(axis=2)
+    out = np.take_along_axis(flat, where[:, :, None], axis=2)[:, :, 0]
+    return out.astype(layer_dtype(x)), (x.shape, layer_dtype(x), where)
+
+
+def global_max_pool_backward(dout, cache):
+    """Global max pooling backward pass.
+
+    Inputs:
+    - dout: upstream derivatives, shape (N, C)
+    - cache: from global_max_pool_forward
+
+    Returns:
+    - dx: dout at each channel's first maximum, zero elsewhere, shape (N, C, H, W), dtype of x
+    """
+    shape, dtype, where = cache
+    dout = check_dout(dout, shape[:2], "global max pool")
+    N, C = shape[:2]
+    dx = np.zeros((N, C, shape[2] * shape[3]), dtype=dtype)
+    np.put_along_axis(dx, where[:, :, None], dout[:, :, None].astype(dtype), axis=2)
+    return dx.reshape(shape)
+
+
 # --------------------------------------------------------------------------------------------
 # losses
 
@@ -207,23 +324,34 @@ def svm_loss(x, y):
     return dtype.type(loss), dx
 
 
-def softmax_loss(x, y):
-    """Softmax (cross-entropy) loss and gradient.
+def softmax_loss(x, y, smoothing=0.0):
+    """Softmax (cross-entropy) loss and gradient, optionally with label smoothing.
 
     Inputs:
     - x: scores, shape (N, C); x[i, j] is the score of class j for the i-th input
     - y: labels, shape (N,); y[i] is the label of x[i], 0 <= y[i] < C
+    - smoothing: label smoothing s in [0, 1): the target puts 1 - s on the label and s / C on
+      every class (PyTorch's ``label_smoothing``); 0 is the plain cross-entropy
 
     Returns a tuple of:
     - loss: scalar (mean over the N examples)
     - dx: gradient of the loss w.r.t. x, shape (N, C), dtype of x
     """
     x, y = _check_labels(x, y)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
     dtype = layer_dtype(x)
     N = x.shape[0]
     shifted = x - x.max(axis=1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     rows = np.arange(N)
+    if smoothing:
+        C = x.shape[1]
+        target = np.full(x.shape, smoothing / C)
+        target[rows, y] += 1.0 - smoothing
+        loss = -(target * log_probs).sum() / N
+        dx = ((np.exp(log_probs) - target) / N).astype(dtype, copy=False)
+        return dtype.type(loss), dx
     loss = -log_probs[rows, y].sum() / N
     dx = np.exp(log_probs)
     dx[rows, y] -= 1

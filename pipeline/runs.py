@@ -8,16 +8,19 @@ directories, settings files or sweeps.
 from __future__ import annotations
 
 from pipeline.cnn import ModelSpec, ThreeLayerConvNet
+from pipeline.convnet import ConvNet
 from pipeline.errors import TrainingError
 from pipeline.jobs.sweep import trained_run_dir
+from pipeline.netspec import NetSpec
 from pipeline.training.config import TrainConfig
 from pipeline.training.rundir import RunDir
 
 
-def load_model(run_dir) -> ThreeLayerConvNet:
+def load_model(run_dir) -> ThreeLayerConvNet | ConvNet:
     """The trained network of a run directory (``convpipe train``'s, a sweep trial's, a sweep's
-    best): a :class:`ThreeLayerConvNet` with the run's final parameters (``params.npz``) and BN
-    running statistics, in the run's dtype, ready for ``loss(X)`` (scores (N, num_classes)) or
+    best): a :class:`ThreeLayerConvNet`, or the :class:`ConvNet` of the run's ``model`` spec,
+    with the run's final parameters (``params.npz``) and BN running statistics, in the run's
+    dtype, ready for ``loss(X)`` (scores (N, num_classes)) or
     :meth:`pipeline.solver.Solver.check_accuracy`. ``X`` is preprocessed as training saw it
     (the store's loader: float images minus the train mean). A sweep's run directory gives its
     best trial. Raises :class:`~pipeline.errors.TrainingError` naming the file when the run has
@@ -26,9 +29,13 @@ def load_model(run_dir) -> ThreeLayerConvNet:
     run = RunDir(trained_run_dir(run_dir)).require_existing()
     config = TrainConfig.load(run.config_path)
     params, bn = run.read_params()
-    if "W3" not in params:
-        raise TrainingError(f"{run.params_path}: no W3 (not the parameters of a ThreeLayerConvNet)")
-    spec = ModelSpec.of(config, int(params["W3"].shape[1]))
+    # the number of classes: the size of the last layer's bias (b3 of the three-layer net)
+    last = _last_bias(config)
+    if last not in params:
+        raise TrainingError(
+            f"{run.params_path}: no {last} (not the parameters of the run's network)"
+        )
+    spec = ModelSpec.of(config, int(params[last].shape[0]))
     model = spec.build(weight_scale=config.weight_scale, reg=config.reg, seed=0)
     for name, value in model.params.items():
         if name not in params or params[name].shape != value.shape:
@@ -38,7 +45,7 @@ def load_model(run_dir) -> ThreeLayerConvNet:
                 f"settings, got {got}"
             )
         model.params[name] = params[name].astype(value.dtype, copy=False)
-    if model.normalization == "spatial_batchnorm":
+    if spec.bn_channels:
         if not bn:
             raise TrainingError(
                 f"{run.params_path}: no BN running statistics for a spatial-batchnorm model"
@@ -47,3 +54,9 @@ def load_model(run_dir) -> ThreeLayerConvNet:
             {"running_mean": bn["bn_running_mean"], "running_var": bn["bn_running_var"]}
         )
     return model
+
+
+def _last_bias(config: TrainConfig) -> str:
+    if config.model is None:
+        return "b3"
+    return [own["b"] for own in NetSpec.from_text(config.model).names() if "b" in own][-1]

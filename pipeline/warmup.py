@@ -21,23 +21,32 @@ from numba import from_dtype, types
 from pipeline import fast_layers as fl
 from pipeline._kernels import conv as kc
 from pipeline._kernels import norm as kn
+from pipeline._kernels import pointwise as kw
 from pipeline._kernels import pool as kp
 from pipeline._kernels import simd
 from pipeline.cnn import ThreeLayerConvNet
+from pipeline.convnet import ConvNet
 from pipeline.fast_layers import kernel_dtype, uses_direct_kernels
 from pipeline.layer_utils import conv_relu_backward, conv_relu_forward
+from pipeline.netspec import NetSpec
 from pipeline.optim import adam, adam_inplace
 from pipeline.training.reduce import warm_kernels
 
+WARM_SPEC = "conv 4 3, bn, gelu, pool 3 stride=1, conv 4 3, gn 2, relu, pool 2, gap, affine"
 COMPILING_MESSAGE = (
     "compiling kernels, first run only (Numba compiles them once, a minute or so, "
     "then loads them from its cache) ..."
 )
 
 
-def model_kernels(filter_size: int = 7, normalization: str | None = None) -> list:
+def model_kernels(
+    filter_size: int = 7, normalization: str | None = None, layers: str | None = None
+) -> list:
     """The cached Numba kernels a ThreeLayerConvNet training step runs: its convolution's
-    (direct kernels for 7-wide filters, else im2col), ReLU + 2x2 max pool, and its norm's."""
+    (direct kernels for 7-wide filters, else im2col), ReLU + 2x2 max pool, and its norm's; or,
+    with ``layers`` (a model spec's text), those of that ConvNet's layers."""
+    if layers is not None:
+        return _spec_kernels(NetSpec.from_text(layers))
     if uses_direct_kernels(filter_size, 1):
         conv = [kc.pad_planes, kc.conv7_forward, kc.conv7_dw]
     else:
@@ -47,6 +56,20 @@ def model_kernels(filter_size: int = 7, normalization: str | None = None) -> lis
         "groupnorm": [kn.gn_forward, kn.gn_backward],
     }.get(normalization, [])
     return conv + [kp.pool_forward_2x2, kp.pool_backward] + norm
+
+
+def _spec_kernels(spec: NetSpec) -> list:
+    kinds = {layer.kind for layer in spec.body}
+    by_kind = {
+        "conv": [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d, kc.col2im],
+        "bn": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
+        "gn": [kn.gn_forward, kn.gn_backward],
+        "pool": [kp.pool_forward, kp.pool_forward_2x2, kp.pool_backward],
+        "gelu": [kw.gelu_forward, kw.gelu_backward],
+        "gap": [kw.global_avg_forward, kw.global_avg_backward],
+        "gmp": [kw.global_max_forward, kw.global_max_backward],
+    }
+    return [k for kind, kernels in by_kind.items() if kind in kinds for k in kernels]
 
 
 def cold_kernels(kernels, dtype) -> list[str] | None:
@@ -85,11 +108,15 @@ def _has_cached_code(dispatcher, dtype: np.dtype) -> bool:
 
 
 def say_if_compiling(
-    dtype="float32", filter_size: int = 7, normalization: str | None = None, file=None
+    dtype="float32",
+    filter_size: int = 7,
+    normalization: str | None = None,
+    file=None,
+    layers: str | None = None,
 ) -> bool:
     """Print :data:`COMPILING_MESSAGE` (on stderr by default) when the model's kernels are not
     in Numba's cache yet; True if it did."""
-    cold = cold_kernels(model_kernels(filter_size, normalization), dtype)
+    cold = cold_kernels(model_kernels(filter_size, normalization, layers), dtype)
     if cold:
         print(COMPILING_MESSAGE, file=file if file is not None else sys.stderr, flush=True)
     return bool(cold)
@@ -122,6 +149,11 @@ def warm() -> None:
                 seed=0,
                 reg=1e-3,
             )
+            model.loss(x, np.array([0, 1]))
+            model.loss(x)
+        # a ConvNet with every other layer kind (GELU, global pools, a 3x3 pool)
+        for spec in (WARM_SPEC, WARM_SPEC.replace("gap", "gmp")):
+            model = ConvNet(spec, input_dim=(3, 8, 8), num_classes=2, dtype=dtype, seed=0)
             model.loss(x, np.array([0, 1]))
             model.loss(x)
         # the SIMD kernels at the widths the three-layer net runs them at here: the process's,

@@ -152,7 +152,8 @@ def say_if_compiling(config: TrainConfig) -> bool:
         return False
     from pipeline.warmup import say_if_compiling as say
 
-    return say(config.dtype, config.filter_size, None if config.norm == "none" else config.norm)
+    norm = None if config.norm == "none" else config.norm
+    return say(config.dtype, config.filter_size, norm, layers=config.model)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -9,6 +9,9 @@ other key is an option of that command, spelt as on its command line (``batch-si
     scheduler = "tcp://127.0.0.1:8786" # where to submit (--scheduler and $CONVPIPE_SCHEDULER win)
     root = "data"                     # the shared data root: jobs/<id>/ and runs/<id>/ go there
 
+    [model]                           # a train job's network (pipeline.netspec), or
+    layers = ["conv 64 3", "bn", "relu", "pool 2", "gap", "affine"]   # model = "conv 64 3, ..."
+
     [tls]                             # optional client certificate for a tls:// scheduler
     ca-file = "certs/ca.pem"
     cert = "certs/client.pem"
@@ -32,6 +35,7 @@ import tomli_w
 from pipeline.cluster.security import TLSFiles, tls_from_table
 from pipeline.jobs.kinds import KINDS
 from pipeline.jobs.schema import Option, SpecError
+from pipeline.netspec import NetSpec, NetSpecError
 from pipeline.options import literal
 
 #: keys of the job itself (not options of its command)
@@ -148,6 +152,8 @@ def spec_from_table(
     values: dict[str, object] = {}
     for key, value in flat.items():
         opt = top.get(key) or schema.get(key)
+        if key == "model" and opt is not None and isinstance(value, (dict, list)):
+            value = _model_text(value, where)  # a [model] table, or a list of layers
         if isinstance(value, dict) and (opt is None or dict not in opt.types):
             raise SpecError(
                 f"{where}: unexpected table [{key}] (options are flat keys; the only table is "
@@ -190,6 +196,16 @@ def spec_from_table(
     except SpecError as exc:
         raise _blame_override(exc, where, sets) from None
     return spec
+
+
+def _model_text(value: dict | list, where: str) -> str:
+    """A spec's ``[model]`` table (``layers = [...]``, each a layer's text or an inline table
+    ``{kind = "conv", filters = 64}``) or a bare list of layers, as the model's one-line text."""
+    try:
+        table = value if isinstance(value, dict) else {"layers": value}
+        return NetSpec.from_dict(table, where="[model]").to_text()
+    except NetSpecError as exc:
+        raise SpecError(f"{where}: {exc}") from None
 
 
 def _split_override(text: str) -> tuple[str, str]:

@@ -16,11 +16,15 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
 from pipeline.errors import TrainingError
+from pipeline.netspec import NetSpec, NetSpecError
 from pipeline.options import ValueType, WrongType, field_types
 
 NORMS = ("none", "spatial_batchnorm", "groupnorm")
 DTYPES = ("float32", "float64")
 TRANSPORTS = ("auto", "shm", "tcp")
+#: what a spec's network is checked against before a run (CIFAR-10's images and classes; the
+#: run checks again with its store's)
+INPUT_DIM, NUM_CLASSES = (3, 32, 32), 10
 
 #: settings that do not change the numbers a run produces: they may differ on ``--resume``
 RUNTIME_FIELDS = (
@@ -78,6 +82,13 @@ class TrainConfig:
         1e-3, "L2 regularization strength (0.5 * reg * sum W**2, added once per step)", "REG"
     )
     # model
+    model: str | None = _opt(
+        None,
+        "the network as a list of layers, e.g. 'conv 64 3, bn, relu, pool 2, gap, affine' "
+        "(pipeline.netspec; default: ThreeLayerConvNet from --norm, --num-filters, "
+        "--filter-size, --hidden-dim and --weight-scale, which a spec does not use)",
+        "SPEC",
+    )
     norm: str = _opt("none", "normalization after the conv layer", choices=NORMS)
     num_groups: int = _opt(4, "groups of group normalization", "G")
     num_filters: int = _opt(32, "conv filters", "F")
@@ -165,6 +176,13 @@ class TrainConfig:
             raise TrainingError(f"reg must be >= 0, got {self.reg}")
         if not self.weight_scale > 0:
             raise TrainingError(f"weight_scale must be > 0, got {self.weight_scale}")
+        if self.model is not None:
+            try:
+                net = NetSpec.from_text(self.model)
+                net.shapes(INPUT_DIM, NUM_CLASSES)
+            except NetSpecError as exc:
+                raise TrainingError(str(exc)) from None
+            self.model = net.to_text()  # one spelling: config.json and --resume compare it
         if self.workers is not None and self.scheduler:
             raise TrainingError(
                 "workers and scheduler exclude each other: the scheduler's cluster has its own "

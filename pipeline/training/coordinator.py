@@ -50,7 +50,6 @@ from pipeline.training.shards import Schedule, cut, subset
 from pipeline.training.transport import open_exchange
 from pipeline.training.worker import EVAL_SHARD, TaskSpec, shard_predictions
 
-REGULARIZED = ("W1", "W2", "W3")
 CHECKPOINT_FORMAT = "convpipe-train/1"
 #: times a run replays from its last checkpoint after a worker left with data it needed (tcp)
 MAX_REPLAYS = 3
@@ -79,7 +78,8 @@ def train(
     holder: str = "convpipe train",
     gone: Owner | None = None,
 ) -> dict:
-    """Train ThreeLayerConvNet data-parallel on a Dask cluster; return the run's summary.
+    """Train the run's network (ThreeLayerConvNet, or config.model's ConvNet) data-parallel on
+    a Dask cluster; return the run's summary.
 
     ``client``: a ``distributed.Client`` to use (default: connect as ``config`` says: the
     embedded LocalCluster or ``config.scheduler``). ``progress``: called with one dict per
@@ -104,7 +104,7 @@ def train(
     model = mspec.build(weight_scale=config.weight_scale, reg=config.reg, seed=config.seed)
     layout = Layout.of(model.params)
     segments = tuple(
-        (sl.start, sl.stop, config.reg if name in REGULARIZED else 0.0)
+        (sl.start, sl.stop, config.reg if name.startswith("W") else 0.0)
         for name, sl in layout.slices().items()
     )
 

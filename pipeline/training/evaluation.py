@@ -65,7 +65,7 @@ def evaluate(
     bn_state = (
         {"running_mean": bn["bn_running_mean"], "running_var": bn["bn_running_var"]} if bn else None
     )
-    if config.norm == "spatial_batchnorm" and bn_state is None:
+    if mspec.bn_channels and bn_state is None:
         raise TrainingError(
             f"{run.params_path}: no BN running statistics for a spatial-batchnorm model"
         )

@@ -222,7 +222,8 @@ def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def write_plots(run: RunDir, metrics: list[dict], W1: np.ndarray) -> list[Path]:
     """curves.png and filters.png of ``run`` from its ``metrics`` lines and first-layer weights
-    ``W1`` (F, C, HH, WW).
+    ``W1`` (F, C, HH, WW); no filters.png when the first layer with weights is not a
+    convolution of RGB images (W1 not (F, 3, HH, WW)).
 
     curves.png: the training loss per step and the accuracy scored every ``--eval-every`` steps
     (val and train samples) and after each epoch (the whole val split), against fractional
@@ -232,7 +233,10 @@ def write_plots(run: RunDir, metrics: list[dict], W1: np.ndarray) -> list[Path]:
     """
     settings = _settings(run)
     curves = Curves.from_metrics(metrics, run_steps_per_epoch(metrics, settings))
-    return [_plot_curves(run, curves), _plot_filters(run, W1, curves.last_step)]
+    paths = [_plot_curves(run, curves)]
+    if np.ndim(W1) == 4 and np.shape(W1)[1] == 3:
+        paths.append(_plot_filters(run, W1, curves.last_step))
+    return paths
 
 
 def _settings(run: RunDir) -> dict | None:

@@ -78,10 +78,7 @@ class ShmRef:
     max_slices: int  # slice records per parity
     blocks: int  # CHUNK blocks of the parameter vector
     owner: Owner
-
-    @property
-    def channels(self) -> int:
-        return self.layout.shapes[0][0] if self.layout.shapes else 0
+    channels: int = 0  # spatial-BN channels of the model: the moments a shard record holds
 
     @property
     def shard_len(self) -> int:
@@ -151,7 +148,7 @@ class Mapped:
 class SharedState(Mapped):
     """The coordinator's side: creates, owns and finally removes the two shared files."""
 
-    def __init__(self, layout: Layout, slots: int, max_slices: int, blocks: int):
+    def __init__(self, layout: Layout, slots: int, max_slices: int, blocks: int, channels: int = 0):
         if not ordered_stores():
             raise TrainingError(
                 f"transport shm: this {platform.machine()} processor does not keep stores in "
@@ -163,7 +160,15 @@ class SharedState(Mapped):
         root = shm_root()
         base = root / f"{_PREFIX}{owner.pid}-{owner.namespace}-{token[:12]}"
         ref = ShmRef(
-            f"{base}-state", f"{base}-grads", token, layout, slots, max_slices, blocks, owner
+            f"{base}-state",
+            f"{base}-grads",
+            token,
+            layout,
+            slots,
+            max_slices,
+            blocks,
+            owner,
+            channels,
         )
         self.paths = (ref.state_path, ref.grads_path)
         made = []
@@ -467,7 +472,7 @@ class SharedMemoryExchange(Exchange):
     ):
         super().__init__(client, spec, layout, width, timeout)
         blocks = -(-layout.size // CHUNK)
-        self.shared = SharedState(layout, slots, max(width, 1), blocks)
+        self.shared = SharedState(layout, slots, max(width, 1), blocks, spec.model.bn_channels)
         self.ref: ShmRef = self.shared.ref
         self.prev_width = 1
 

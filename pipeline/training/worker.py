@@ -132,7 +132,7 @@ def compute_nodes(
         t0, begin = time.perf_counter(), time.time()
         n = len(y)
         loss, _ = model.loss(X, y, into=spec.layout.views(out), scale=dt(n), accumulate=add)
-        bn = model.last_batch_stats if spec.model.norm == "spatial_batchnorm" else None
+        bn = model.last_batch_stats if spec.model.bn_channels else None
         stats[i - first] = {
             "n": n,
             "loss_sum": float(loss) * n,

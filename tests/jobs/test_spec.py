@@ -75,7 +75,14 @@ def test_dashes_and_underscores_are_the_same_key(tmp_path):
         ('job = "train"\nnorm = "layernorm"\n', r"unknown norm 'layernorm'"),
         ("batch-size = 64\n", r"missing key 'job'"),
         ('job = "fly"\n', r"unknown job 'fly'"),
-        ('job = "train"\n[model]\nnorm = "none"\n', r"unexpected table \[model\]"),
+        ('job = "train"\n[optimizer]\nlr = 0.1\n', r"unexpected table \[optimizer\]"),
+        ('job = "train"\n[model]\nnorm = "none"\n', r"job.toml: \[model\]: unknown key 'norm'"),
+        (
+            'job = "train"\n[model]\nlayers = ["conv 8 3", "pool 64", "affine"]\n',
+            r"job.toml: model layer 2 'pool 64': a 64x64 pool leaves no pixels",
+        ),
+        ('job = "train"\nmodel = "conv 8 3"\n', r"the network ends with \(8, 32, 32\)"),
+        ('job = "evaluate"\nrun = "x"\n[model]\nlayers = []\n', r"unexpected table \[model\]"),
         ('job = "train"\nepochs = \n', r"not valid TOML"),
         ('job = "prepare"\nval = -1\n', r"val must be >= 0"),
         ('job = "evaluate"\n', r"needs run ="),
@@ -92,6 +99,23 @@ def test_bad_specs_are_one_line_errors(tmp_path, text, match):
     with pytest.raises((SpecError, TLSConfigError), match=match) as info:
         load_spec(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_model_table_or_list_is_the_models_one_line_text(tmp_path):
+    table = load_spec(
+        write(
+            tmp_path,
+            'job = "train"\n[model]\nlayers = ["Conv 8 3", {kind = "bn", momentum = 0.5}, '
+            '"relu", "gap", "linear"]\n',
+        )
+    )
+    assert table.options["model"] == "conv 8 3, bn momentum=0.5, relu, gap, affine"
+    listed = load_spec(write(tmp_path, 'job = "train"\nmodel = ["conv 8 3", "gap", "affine"]\n'))
+    assert listed.options["model"] == "conv 8 3, gap, affine"
+    text = load_spec(write(tmp_path, 'job = "train"\nmodel = "conv 8 3, gap, affine"\n'))
+    assert text.options["model"] == "conv 8 3, gap, affine"
+    over = load_spec(write(tmp_path, 'job = "train"\n'), ["model=conv 4 5, gap, affine"])
+    assert TrainConfig.from_job(over.options).model == "conv 4 5, gap, affine"
 
 
 def test_missing_spec_file(tmp_path):

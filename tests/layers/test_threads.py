@@ -181,12 +181,12 @@ def _parallel_kernels():
     """(module, name) of every parallel Numba kernel in the package."""
     import numba.core.registry
 
-    from pipeline import cnn, optim
-    from pipeline._kernels import affine, conv, norm, pool
+    from pipeline import convnet, optim
+    from pipeline._kernels import affine, conv, norm, pointwise, pool
     from pipeline.training import reduce
 
     found = []
-    for module in (affine, conv, norm, pool, cnn, optim, reduce):
+    for module in (affine, conv, norm, pointwise, pool, convnet, optim, reduce):
         for name, obj in vars(module).items():
             if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.targetoptions.get(
                 "parallel"
@@ -201,7 +201,7 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     the training reduce), holds the lock."""
     import numpy as np
 
-    from pipeline import cnn, optim
+    from pipeline import convnet, optim
     from pipeline import fast_layers as fl
     from pipeline.training import reduce
 
@@ -238,6 +238,13 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     fl.spatial_batchnorm_backward_fast(np.ones_like(out), cache)
     out, cache = fl.spatial_groupnorm_forward_fast(x, gamma, beta, 3, {})
     fl.spatial_groupnorm_backward_fast(np.ones_like(out), cache)
+    for forward, backward in (
+        (fl.gelu_forward_fast, fl.gelu_backward_fast),
+        (fl.global_avg_pool_forward_fast, fl.global_avg_pool_backward_fast),
+        (fl.global_max_pool_forward_fast, fl.global_max_pool_backward_fast),
+    ):
+        out, cache = forward(x)
+        backward(np.ones_like(out), cache)
     big = np.ones((64, 32, 32, 32), np.float32)  # large enough to run on the pool, not serially
     fl.max_pool_forward_fast(big, {"pool_height": 2, "pool_width": 2, "stride": 2})
     fl.affine_relu_forward_fast(
@@ -252,7 +259,7 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     fl.affine_dx_fast(np.ones((20, 40), np.float32), np.ones((10, 40), np.float32), sumsq=True)
     w = np.ones(1000, np.float32)
     optim.adam(w, w.copy(), {})
-    cnn._add_l2(w.copy(), w, 1e-3)
+    convnet.add_l2(w.copy(), w, 1e-3)
     reduce.warm_kernels(np.float32)  # tree_adam (and add_scaled)
 
     launched = {name for _, name in kernels}

@@ -1,0 +1,127 @@
+"""A network from a spec (``model``) trained data-parallel: the same bits on 1 and 3 workers and
+both transports, every bn layer's statistics synchronized like one process, evaluation and
+load_model, and settings refused in one line before anything runs."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from distributed import Client
+
+from pipeline.cnn import ModelSpec
+from pipeline.convnet import ConvNet
+from pipeline.data import open_store
+from pipeline.errors import TrainingError
+from pipeline.optim import adam
+from pipeline.runs import load_model
+from pipeline.training import TrainConfig, evaluate, resume_config, train
+from pipeline.training.shards import Schedule
+from tests.helpers.cluster import local_cluster
+from tests.helpers.training import assert_same_params, final_params, make_store, tiny_config
+
+#: two bn layers (8 + 8 channels of moments per shard), GELU, a global pool, label smoothing
+SPEC = (
+    "conv 8 3, bn, relu, pool 2, conv 8 2 stride=2, bn momentum=0.6, gelu, gap, affine, "
+    "softmax smoothing=0.1"
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(
+        tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=160, n_val=32, n_test=40
+    )
+
+
+def test_a_spec_model_trains_to_the_same_bits_on_1_and_3_workers_and_both_transports(
+    store, tmp_path
+):
+    results = {}
+    for n in (1, 3):
+        cluster = local_cluster(n, dashboard_address=None, silence_logs=logging.WARNING)
+        client = Client(cluster)
+        try:
+            for transport in ("shm", "tcp"):
+                out = tmp_path / f"w{n}{transport}"
+                config = tiny_config(
+                    store,
+                    out,
+                    model=SPEC,
+                    steps=4,
+                    batch_size=48,
+                    shard_size=8,
+                    transport=transport,
+                )
+                s = train(config, client=client)
+                assert (s["workers"], s["transport"]) == (n, transport)
+                results[n, transport] = final_params(out)
+        finally:
+            client.close()
+            cluster.close()
+    first = results[1, "shm"]
+    assert {"W1", "gamma1", "beta2", "W3", "bn_running_mean"} <= first.keys()
+    assert first["bn_running_mean"].shape == (16,) and first["bn_running_var"].all()
+    for params in results.values():
+        assert_same_params(first, params)
+
+
+def test_bn_layers_are_synchronized_like_one_process_float64(store, tmp_path, training_client):
+    # one shard a step: the workers normalize over the whole batch as one process does
+    config = tiny_config(
+        store, tmp_path / "run", model=SPEC, dtype="float64", steps=3, batch_size=32, shard_size=32
+    )
+    train(config, client=training_client)
+    got = final_params(tmp_path / "run")
+    st = open_store(store)
+    model = ModelSpec.of(config, len(st.class_names)).build(seed=config.seed)
+    sched = Schedule(st.splits["train"], 32, 32, config.seed, 1, 3)
+    configs = {k: {"learning_rate": config.lr} for k in model.params}
+    for step in range(3):
+        X, y = st.read("train", sched.batch(step), dtype="float64")
+        _, grads = model.loss(X, y)
+        for k in model.params:
+            g = grads[k] + config.reg * model.params[k] if k.startswith("W") else grads[k]
+            model.params[k], configs[k] = adam(model.params[k], g, configs[k])
+    for k, v in model.params.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-8, atol=1e-12, err_msg=k)
+    np.testing.assert_allclose(got["bn_running_mean"], model.bn_param["running_mean"], rtol=1e-9)
+    np.testing.assert_allclose(got["bn_running_var"], model.bn_param["running_var"], rtol=1e-9)
+
+
+def test_evaluate_and_load_model_give_the_spec_network(store, tmp_path, training_client):
+    run = tmp_path / "run"
+    summary = train(tiny_config(store, run, model=SPEC, epochs=8), client=training_client)
+    assert (run / "curves.png").exists() and (run / "filters.png").exists()
+    model = load_model(run)
+    assert isinstance(model, ConvNet) and model.spec.to_text() == SPEC
+    X, y = open_store(store).read("test", None)
+    correct = int((model.loss(X).argmax(1) == y).sum())
+    got = evaluate(str(run), split="test", client=training_client, shard_size=16)
+    assert (got["correct"], got["n"]) == (correct, 40)
+    assert summary["val_acc"] > 0.5  # 4 classes: chance is 0.25
+
+
+def test_the_model_setting_is_checked_and_spelt_one_way(store, tmp_path):
+    config = TrainConfig(model=" Conv 8 3 ,BatchNorm, relu,  linear").validate()
+    assert config.model == "conv 8 3, bn, relu, affine"
+    with pytest.raises(
+        TrainingError,
+        match=r"^model layer 2 'pool 64': a 64x64 pool leaves no pixels of a 32x32 input$",
+    ):
+        TrainConfig(model="conv 8 3, pool 64, affine").validate()
+    with pytest.raises(TrainingError, match=r"^model: the network ends with \(8, 32, 32\)"):
+        TrainConfig(model="conv 8 3").validate()
+
+
+def test_resume_refuses_another_model(store, tmp_path, training_client):
+    run = tmp_path / "run"
+    train(tiny_config(store, run, model=SPEC, steps=2), client=training_client)
+    with pytest.raises(
+        TrainingError,
+        match=r"model is 'conv 4 3, gap, affine' but the run was trained with 'conv 8 3",
+    ):
+        train(
+            resume_config(str(run), model="conv 4 3, gap, affine", steps=3), client=training_client
+        )
