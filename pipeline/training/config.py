@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
+from pipeline.augment import FLIPS
 from pipeline.errors import TrainingError
 from pipeline.netspec import NetSpec, NetSpecError
 from pipeline.options import ValueType, WrongType, field_types
@@ -76,6 +77,16 @@ class TrainConfig:
     shard_size: int = _opt(128, "images per shard task; must divide the batch size", "S")
     train_limit: int | None = _opt(None, "train on the first N images of the train split only", "N")
     seed: int = _opt(0, "seed of the initial weights and of every epoch's data order", "SEED")
+    # augmentation of the training images (pipeline.augment), drawn from (seed, epoch, image)
+    flip: str = _opt(
+        "none",
+        "horizontal flips: none, random (each image, each epoch), or alternate (random in the "
+        "first epoch, then the other way each epoch)",
+        choices=FLIPS,
+    )
+    translate: int = _opt(
+        0, "shift each image by up to N pixels each way (a crop of the image reflect-padded)", "N"
+    )
     # optimizer
     lr: float = _opt(1e-3, "Adam learning rate", "LR")
     reg: float = _opt(
@@ -155,7 +166,14 @@ class TrainConfig:
                 f"shard_size {self.shard_size} does not divide batch_size {self.batch_size}"
                 f" (the global batch is cut into equal shards)"
             )
-        for name, allowed in (("norm", NORMS), ("dtype", DTYPES), ("transport", TRANSPORTS)):
+        if not 0 <= self.translate <= 8:
+            raise TrainingError(f"translate must be in [0, 8] pixels, got {self.translate}")
+        for name, allowed in (
+            ("norm", NORMS),
+            ("dtype", DTYPES),
+            ("transport", TRANSPORTS),
+            ("flip", FLIPS),
+        ):
             if getattr(self, name) not in allowed:
                 raise TrainingError(
                     f"unknown {name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}"

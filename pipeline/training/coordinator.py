@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.augment import Augment
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pipeline.cluster import worker_cluster, worker_count
 from pipeline.cnn import ModelSpec
@@ -125,6 +126,8 @@ def train(
             segments,
             config.lr,
             config.stall_timeout,
+            Augment(config.flip, config.translate, config.seed),
+            schedule.steps_per_epoch,
         )
         exchange = open_exchange(
             client,

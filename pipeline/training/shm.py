@@ -388,7 +388,7 @@ def shm_part(
     records = shm.shards[par]
     timing = {"read_s": 0.0, "wait_s": 0.0, "compute_s": 0.0, "reduce_s": 0.0, "sync_s": 0.0}
     if not all(record_is(records[i], step) for i in range(a, b)):
-        data = read_shards(spec, shards)
+        data = read_shards(spec, shards, step)
         timing["read_s"] = sum(d[2] for d in data)
         timing["wait_s"] = shm.wait(
             lambda: all(record_is(shm.slices[1 - par][j], step - 1) for j in range(prev_width)),

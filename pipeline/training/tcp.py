@@ -35,7 +35,7 @@ def tcp_part(
     shard statistics. ``weights``: the step's parameter slices (fetched from their workers)."""
     task_setup(spec.threads)
     t0 = time.perf_counter()
-    data = read_shards(spec, shards)
+    data = read_shards(spec, shards, step)
     tc = time.perf_counter()
     spare: list[np.ndarray] = []
     nodes, stats = compute_nodes(

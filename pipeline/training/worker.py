@@ -29,6 +29,7 @@ import numpy as np
 from distributed import get_worker
 
 from pipeline._kernels.threads import set_threads
+from pipeline.augment import Augment
 from pipeline.cnn import ModelSpec
 from pipeline.data import open_store
 from pipeline.training.memory import keep_freed_memory
@@ -47,6 +48,8 @@ class TaskSpec:
     segments: tuple[tuple[int, int, float], ...] = ()  # (start, stop, reg) of each parameter
     lr: float = 1e-3
     timeout: float = 600.0  # longest wait for other tasks, seconds
+    augment: Augment = Augment()  # of the training images, keyed by (seed, epoch, index)
+    steps_per_epoch: int = 1
 
 
 #: images per accuracy task (evaluation during training and ``convpipe evaluate``)
@@ -106,12 +109,16 @@ def task_params(spec: TaskSpec, params) -> dict[str, np.ndarray]:
 
 
 def read_shards(
-    spec: TaskSpec, shards: list[np.ndarray]
+    spec: TaskSpec, shards: list[np.ndarray], step: int
 ) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Each shard's images (augmented as the run says, for the epoch of ``step``), labels and
+    seconds spent."""
     store, out = open_store(spec.store), []
+    epoch = step // spec.steps_per_epoch
     for idx in shards:
         t0 = time.perf_counter()
         X, y = store.read("train", idx, dtype=spec.model.dtype, cache=True)
+        X = spec.augment.apply(X, idx, epoch)
         out.append((X, y, time.perf_counter() - t0))
     return out
 

@@ -38,6 +38,7 @@ def store(tmp_path_factory):
 def test_a_spec_model_trains_to_the_same_bits_on_1_and_3_workers_and_both_transports(
     store, tmp_path
 ):
+    # with flips and shifts drawn on the workers, in an epoch and the next (4 steps an epoch)
     results = {}
     for n in (1, 3):
         cluster = local_cluster(n, dashboard_address=None, silence_logs=logging.WARNING)
@@ -49,10 +50,12 @@ def test_a_spec_model_trains_to_the_same_bits_on_1_and_3_workers_and_both_transp
                     store,
                     out,
                     model=SPEC,
-                    steps=4,
+                    steps=6,
                     batch_size=48,
                     shard_size=8,
                     transport=transport,
+                    flip="alternate",
+                    translate=2,
                 )
                 s = train(config, client=client)
                 assert (s["workers"], s["transport"]) == (n, transport)
@@ -125,3 +128,20 @@ def test_resume_refuses_another_model(store, tmp_path, training_client):
         train(
             resume_config(str(run), model="conv 4 3, gap, affine", steps=3), client=training_client
         )
+
+
+def test_augmentation_changes_the_training_and_resume_keeps_its_draws(
+    store, tmp_path, training_client
+):
+    settings = dict(model=SPEC, steps=6, batch_size=48, shard_size=16, checkpoint_every=2)
+    plain = tmp_path / "plain"
+    train(tiny_config(store, plain, **settings), client=training_client)
+    aug = dict(settings, flip="random", translate=3)
+    whole = tmp_path / "whole"
+    train(tiny_config(store, whole, **aug), client=training_client)
+    assert not np.array_equal(final_params(plain)["W1"], final_params(whole)["W1"])
+    # stopped after step 3 (checkpoint at step 2), resumed: the draws of steps 3-6 again
+    cut = tmp_path / "cut"
+    train(tiny_config(store, cut, **dict(aug, steps=3)), client=training_client)
+    train(resume_config(str(cut), steps=6), client=training_client)
+    assert_same_params(final_params(whole), final_params(cut))
