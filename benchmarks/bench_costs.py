@@ -5,7 +5,7 @@
 Measures, one process, one thread each (a worker's view): the model's forward+backward per
 image at shard sizes 128, 64, 32 and 16, its gradient sum going into a tree node as a worker's
 does it (``loss(X, y, into=..., scale=n)``); adding two tree nodes (per parameter); reduce +
-L2 + Adam of a slice (tree_adam, per parameter and frontier node); Dask's cost per task on the
+L2 + Adam of a slice (tree_update, per parameter and frontier node); Dask's cost per task on the
 embedded cluster. Then prints the model's step time and images/s for W workers on one host
 (shared memory) and for hosts x workers over a network.
 """
@@ -51,7 +51,7 @@ def main() -> int:
     from pipeline.cnn import ThreeLayerConvNet
     from pipeline.data import open_store
     from pipeline.training.plan import CHUNK, StepPlan, covers
-    from pipeline.training.reduce import adam_scalars, tree_adam
+    from pipeline.training.reduce import adam_scalars, tree_update
 
     numba.set_num_threads(1)
     store = open_store(args.data)
@@ -90,7 +90,7 @@ def main() -> int:
         state = tuple(np.zeros(P, np.float32) for _ in range(3))
         out = tuple(np.zeros(P, np.float32) for _ in range(3))
         scal = adam_scalars({}, np.float32)
-        run = lambda: tree_adam(  # noqa: E731
+        run = lambda: tree_update(  # noqa: E731
             slots, rows, ops, root, 0, state, out, 0, 0, P, [(0, P, 1e-3)], CHUNK, 256, scal
         )
         run()

@@ -19,6 +19,7 @@ from pipeline.augment import FLIPS
 from pipeline.errors import TrainingError
 from pipeline.netspec import NetSpec, NetSpecError
 from pipeline.options import ValueType, WrongType, field_types
+from pipeline.training.update import OPTIMIZERS, SCHEDULES, UpdateRule
 
 NORMS = ("none", "spatial_batchnorm", "groupnorm")
 DTYPES = ("float32", "float64")
@@ -87,8 +88,26 @@ class TrainConfig:
     translate: int = _opt(
         0, "shift each image by up to N pixels each way (a crop of the image reflect-padded)", "N"
     )
-    # optimizer
-    lr: float = _opt(1e-3, "Adam learning rate", "LR")
+    # optimizer (pipeline.training.update)
+    optimizer: str = _opt("adam", "adam, or sgd (with momentum)", choices=OPTIMIZERS)
+    lr: float = _opt(1e-3, "learning rate (the peak of a schedule)", "LR")
+    momentum: float = _opt(0.9, "SGD's momentum", "M")
+    nesterov: bool = _opt(True, "SGD's momentum is Nesterov's", "true|false")
+    weight_decay: float = _opt(
+        0.0, "decoupled weight decay: w -= lr_t * weight_decay * w each step (AdamW, SGDW)", "WD"
+    )
+    schedule: str = _opt(
+        "constant",
+        "learning-rate schedule: constant, triangular (up to lr at --warmup, down to "
+        "--end-factor), cosine (the same with a cosine down), step (x0.1 at 1/2 and 3/4)",
+        choices=SCHEDULES,
+    )
+    warmup: float = _opt(0.0, "fraction of the run rising from --start-factor * lr to lr", "P")
+    start_factor: float = _opt(1.0, "lr multiplier at the first step of a warmup", "F")
+    end_factor: float = _opt(0.0, "lr multiplier at the last step (triangular, cosine)", "F")
+    norm_lr_factor: float = _opt(
+        1.0, "learning-rate multiplier of the norms' gammas and betas (airbench: 64)", "F"
+    )
     reg: float = _opt(
         1e-3, "L2 regularization strength (0.5 * reg * sum W**2, added once per step)", "REG"
     )
@@ -188,6 +207,11 @@ class TrainConfig:
             )
         if not self.lr > 0 or self.lr != self.lr:
             raise TrainingError(f"lr must be > 0, got {self.lr}")
+        problem = UpdateRule.of(self, 1).problem()
+        if problem:
+            raise TrainingError(problem)
+        if not self.norm_lr_factor > 0:
+            raise TrainingError(f"norm_lr_factor must be > 0, got {self.norm_lr_factor}")
         if not self.stall_timeout > 0:
             raise TrainingError(f"stall_timeout must be > 0 seconds, got {self.stall_timeout}")
         if not self.reg >= 0:

@@ -49,6 +49,7 @@ from pipeline.training.reduce import combine_moments
 from pipeline.training.rundir import BN_KEYS, RunDir, write_plots
 from pipeline.training.shards import Schedule, cut, subset
 from pipeline.training.transport import open_exchange
+from pipeline.training.update import UpdateRule
 from pipeline.training.worker import EVAL_SHARD, TaskSpec, shard_predictions
 
 CHECKPOINT_FORMAT = "convpipe-train/1"
@@ -105,7 +106,12 @@ def train(
     model = mspec.build(weight_scale=config.weight_scale, reg=config.reg, seed=config.seed)
     layout = Layout.of(model.params)
     segments = tuple(
-        (sl.start, sl.stop, config.reg if name.startswith("W") else 0.0)
+        (
+            sl.start,
+            sl.stop,
+            config.reg if name.startswith("W") else 0.0,
+            config.norm_lr_factor if name.startswith(("gamma", "beta")) else 1.0,
+        )
         for name, sl in layout.slices().items()
     )
 
@@ -124,7 +130,7 @@ def train(
             layout,
             config.threads_per_worker,
             segments,
-            config.lr,
+            UpdateRule.of(config, schedule.total_steps),
             config.stall_timeout,
             Augment(config.flip, config.translate, config.seed),
             schedule.steps_per_epoch,

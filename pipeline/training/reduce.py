@@ -6,10 +6,10 @@ always added in one fixed pairwise tree over the shard index, whoever holds them
     level by level, neighbours are added (0+1, 2+3, ...); an odd last one moves up unchanged.
 
 A worker sums its own shards into the largest tree nodes inside its range (``pairwise`` over
-whole arrays); :func:`tree_adam` finishes the tree element by element for one slice of the
+whole arrays); :func:`tree_update` finishes the tree element by element for one slice of the
 parameters from every worker's nodes (:mod:`pipeline.training.plan` says which), fused with the
-division by the batch size, the L2 term and Adam. The bits are the same whoever adds: IEEE
-addition of two numbers is the same in every process.
+division by the batch size, the L2 term and the update (Adam or SGD). The bits are the same
+whoever adds: IEEE addition of two numbers is the same in every process.
 """
 
 from __future__ import annotations
@@ -64,10 +64,11 @@ def _add(x, y, out):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _adam_piece(
-    s, w, m, v, w2, m2, v2, reg, batch, b1, omb1, b2, omb2, bc1, bc2, lr, eps
+    s, w, m, v, w2, m2, v2, reg, batch, b1, omb1, b2, omb2, bc1, bc2, lr, eps, lrwd
 ):  # pragma: no cover
     # s (n,) tree sums -> g = the batch's mean gradient + reg * W (the only place L2 is added);
-    # then exactly pipeline.optim.adam's arithmetic: (w, m, v) (n,) -> (w2, m2, v2) (n,)
+    # then exactly pipeline.optim.adam's arithmetic: (w, m, v) (n,) -> (w2, m2, v2) (n,);
+    # with lrwd (lr x weight decay, decoupled: AdamW) also w2 -= lrwd * w
     for i in numba.prange(s.shape[0]):
         wi = w[i]
         g = s[i] / batch + reg * wi
@@ -76,10 +77,29 @@ def _adam_piece(
         m2[i] = mi
         v2[i] = vi
         w2[i] = wi - lr * (mi / bc1) / (np.sqrt(vi / bc2) + eps)
+        if lrwd != 0:
+            w2[i] = w2[i] - lrwd * wi
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _sgd_piece(s, w, m, v, w2, m2, v2, reg, batch, mu, nesterov, lr, lrwd):  # pragma: no cover
+    # s (n,) tree sums -> g as _adam_piece's; then PyTorch's SGD with momentum mu (buffer m):
+    #   buf = mu * m + g;  step = g + mu * buf (Nesterov) or buf;  w2 = w - lr * step,
+    # and decoupled weight decay w2 -= lrwd * w; v is carried over unchanged
+    for i in numba.prange(s.shape[0]):
+        wi = w[i]
+        g = s[i] / batch + reg * wi
+        buf = mu * m[i] + g
+        d = g + mu * buf if nesterov else buf
+        m2[i] = buf
+        v2[i] = v[i]
+        w2[i] = wi - lr * d
+        if lrwd != 0:
+            w2[i] = w2[i] - lrwd * wi
 
 
 @numba.njit(cache=True, nogil=True)
-def _tree_adam(
+def _tree_update(
     nodes,
     rows,
     ops,
@@ -95,9 +115,11 @@ def _tree_adam(
     piece_lo,
     piece_hi,
     piece_reg,
+    piece_lrf,
     block_piece,
     partial,
     batch,
+    kind,
     b1,
     omb1,
     b2,
@@ -106,11 +128,15 @@ def _tree_adam(
     bc2,
     lr,
     eps,
+    mu,
+    nesterov,
+    lrwd,
 ):  # pragma: no cover - compiled
     # nodes (r, *): the frontier nodes' gradient sums, element i in column i - nbase;
-    # w, m, v (*): parameters and Adam moments in; w2, m2, v2 out; element i at i - wbase;
-    # pieces [piece_lo, piece_hi) with their reg, grouped by block (block_piece: CSR offsets);
-    # partial (blocks,) float64: each block's sum of w**2 over its regularized pieces.
+    # w, m, v (*): parameters and optimizer state in; w2, m2, v2 out; element i at i - wbase;
+    # pieces [piece_lo, piece_hi) with their reg and lr factor, grouped by block (block_piece:
+    # CSR offsets); partial (blocks,) float64: each block's sum of w**2 over its regularized
+    # pieces. kind 0: Adam (b1 .. eps); kind 1: SGD (mu, nesterov); lrwd: decoupled decay.
     r = rows.shape[0]
     buf = np.empty(
         (max(ops.shape[0], 1), piece_hi.max() - piece_lo.min() if piece_lo.shape[0] else 1),
@@ -119,7 +145,7 @@ def _tree_adam(
     for blk in range(block_piece.shape[0] - 1):
         total = 0.0
         for p in range(block_piece[blk], block_piece[blk + 1]):
-            lo, hi, reg = piece_lo[p], piece_hi[p], piece_reg[p]
+            lo, hi, reg, lrp = piece_lo[p], piece_hi[p], piece_reg[p], lr * piece_lrf[p]
             n = hi - lo
             c0, k0 = lo - nbase, lo - wbase
             # the rest of the tree: registers 0..r-1 are node rows, op j writes register r + j
@@ -131,51 +157,72 @@ def _tree_adam(
             s = nodes[rows[root], c0 : c0 + n] if root < r else buf[root - r, :n]
             if reg != 0:
                 total += _sumsq8(w[k0 : k0 + n])
-            _adam_piece(
-                s,
-                w[k0 : k0 + n],
-                m[k0 : k0 + n],
-                v[k0 : k0 + n],
-                w2[k0 : k0 + n],
-                m2[k0 : k0 + n],
-                v2[k0 : k0 + n],
-                reg,
-                batch,
-                b1,
-                omb1,
-                b2,
-                omb2,
-                bc1,
-                bc2,
-                lr,
-                eps,
-            )
+            if kind == 0:
+                _adam_piece(
+                    s,
+                    w[k0 : k0 + n],
+                    m[k0 : k0 + n],
+                    v[k0 : k0 + n],
+                    w2[k0 : k0 + n],
+                    m2[k0 : k0 + n],
+                    v2[k0 : k0 + n],
+                    reg,
+                    batch,
+                    b1,
+                    omb1,
+                    b2,
+                    omb2,
+                    bc1,
+                    bc2,
+                    lrp,
+                    eps,
+                    lrwd,
+                )
+            else:
+                _sgd_piece(
+                    s,
+                    w[k0 : k0 + n],
+                    m[k0 : k0 + n],
+                    v[k0 : k0 + n],
+                    w2[k0 : k0 + n],
+                    m2[k0 : k0 + n],
+                    v2[k0 : k0 + n],
+                    reg,
+                    batch,
+                    mu,
+                    nesterov,
+                    lrp,
+                    lrwd,
+                )
         partial[blk] = total
 
 
-def pieces(lo: int, hi: int, segments: Sequence[tuple[int, int, float]], chunk: int):
-    """``[lo, hi)`` cut at ``chunk`` block and segment boundaries: arrays
-    (piece_lo, piece_hi, piece_reg, block_piece), pieces grouped by block (CSR offsets)."""
-    los, his, regs, firsts = [], [], [], []
+def pieces(lo: int, hi: int, segments: Sequence[tuple], chunk: int):
+    """``[lo, hi)`` cut at ``chunk`` block and segment boundaries (a segment: (start, stop,
+    reg[, lr factor = 1])): arrays (piece_lo, piece_hi, piece_reg, piece_lr_factor,
+    block_piece), pieces grouped by block (CSR offsets)."""
+    los, his, regs, factors, firsts = [], [], [], [], []
     for blk_lo in range(lo, hi, chunk):
         firsts.append(len(los))
         blk_hi = min(hi, blk_lo + chunk)
-        for a, b, reg in segments:
+        for a, b, reg, *factor in segments:
             a, b = max(a, blk_lo), min(b, blk_hi)
             if a < b:
                 los.append(a)
                 his.append(b)
                 regs.append(reg)
+                factors.append(factor[0] if factor else 1.0)
     firsts.append(len(los))
     return (
         np.asarray(los, np.int64),
         np.asarray(his, np.int64),
         np.asarray(regs, np.float64),
+        np.asarray(factors, np.float64),
         np.asarray(firsts, np.int64),
     )
 
 
-def tree_adam(
+def tree_update(
     nodes: np.ndarray,
     rows: Sequence[int],
     ops: Sequence[tuple[int, int, int]],
@@ -191,20 +238,22 @@ def tree_adam(
     batch: int,
     scalars: tuple,
 ) -> np.ndarray:
-    """Reduce, L2 and Adam for the parameter elements ``[lo, hi)`` in one pass over memory.
+    """Reduce, L2 and the optimizer's update (Adam or SGD) for the parameter elements
+    ``[lo, hi)`` in one pass over memory.
 
     ``nodes`` (r, *): frontier nodes of the shard tree, register j in row ``rows[j]``, element i
     in column ``i - nbase``; ``ops``, ``root`` (:func:`pipeline.training.plan.program`) finish
     the tree. ``state_in = (w, m, v)`` are read, ``state_out`` written, element i at
-    ``i - wbase``. ``segments``: (start, stop, reg) of every parameter. ``scalars``:
-    :func:`adam_scalars`. Returns, per ``chunk`` block of ``[lo, hi)``, the float64 sum of
-    ``w**2`` over its regularized elements (the L2 term of the loss, before the update).
+    ``i - wbase``. ``segments``: (start, stop, reg[, lr factor]) of every parameter.
+    ``scalars``: :func:`adam_scalars` or :meth:`pipeline.training.update.UpdateRule.scalars`
+    (:func:`step_scalars`'s layout). Returns, per ``chunk`` block of ``[lo, hi)``, the float64
+    sum of ``w**2`` over its regularized elements (the L2 term of the loss, before the update).
     """
-    plo, phi, preg, first = pieces(lo, hi, segments, chunk)
+    plo, phi, preg, plrf, first = pieces(lo, hi, segments, chunk)
     dt = state_in[0].dtype.type
     partial = np.zeros(len(first) - 1, dtype=np.float64)
     launch(
-        _tree_adam,
+        _tree_update,
         nodes,
         np.asarray(rows, dtype=np.int64),
         np.asarray(ops, dtype=np.int64).reshape(-1, 3),
@@ -216,6 +265,7 @@ def tree_adam(
         plo,
         phi,
         preg.astype(dt),
+        plrf.astype(dt),
         first,
         partial,
         dt(batch),
@@ -224,9 +274,26 @@ def tree_adam(
     return partial
 
 
+def step_scalars(
+    dtype,
+    kind: int = 0,
+    adam: tuple = (0.9, 0.1, 0.999, 0.001, 1.0, 1.0),
+    lr: float = 1e-3,
+    eps: float = 1e-8,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    lrwd: float = 0.0,
+) -> tuple:
+    """The scalars of :func:`tree_update` in the kernel's order, cast to ``dtype``: kind (0
+    Adam, 1 SGD), Adam's (b1, 1 - b1, b2, 1 - b2, 1 - b1**t, 1 - b2**t), lr, eps, SGD's
+    momentum and Nesterov flag, lr x decoupled weight decay."""
+    f = np.dtype(dtype).type
+    return (kind, *(f(x) for x in adam), f(lr), f(eps), f(momentum), bool(nesterov), f(lrwd))
+
+
 def adam_scalars(config: dict, dtype) -> tuple:
-    """Advance Adam's step count and return its scalars cast as ``pipeline.optim.adam`` casts
-    them."""
+    """Advance Adam's step count and return :func:`step_scalars` for it, cast as
+    ``pipeline.optim.adam`` casts them."""
     config.setdefault("learning_rate", 1e-3)
     config.setdefault("beta1", 0.9)
     config.setdefault("beta2", 0.999)
@@ -234,17 +301,8 @@ def adam_scalars(config: dict, dtype) -> tuple:
     config.setdefault("t", 0)
     config["t"] += 1
     t, b1, b2 = config["t"], config["beta1"], config["beta2"]
-    f = np.dtype(dtype).type
-    return (
-        f(b1),
-        f(1 - b1),
-        f(b2),
-        f(1 - b2),
-        f(1 - b1**t),
-        f(1 - b2**t),
-        f(config["learning_rate"]),
-        f(config["epsilon"]),
-    )
+    moments = (b1, 1 - b1, b2, 1 - b2, 1 - b1**t, 1 - b2**t)
+    return step_scalars(dtype, 0, moments, config["learning_rate"], config["epsilon"])
 
 
 def combine_moments(
@@ -272,20 +330,21 @@ def warm_kernels(dtype) -> None:
     state = (w, w.copy(), w.copy())
     nodes = np.zeros((2, 16), dtype=dtype)
     for ops, root in (([], 0), ([(2, 0, 1)], 2)):
-        tree_adam(
-            nodes,
-            [0, 1],
-            ops,
-            root,
-            0,
-            state,
-            tuple(x.copy() for x in state),
-            0,
-            0,
-            16,
-            [(0, 16, 1e-3)],
-            8,
-            1,
-            adam_scalars({}, dtype),
-        )
+        for scalars in (adam_scalars({}, dtype), step_scalars(dtype, 1, momentum=0.9)):
+            tree_update(
+                nodes,
+                [0, 1],
+                ops,
+                root,
+                0,
+                state,
+                tuple(x.copy() for x in state),
+                0,
+                0,
+                16,
+                [(0, 16, 1e-3)],
+                8,
+                1,
+                scalars,
+            )
     add_scaled(w.copy(), w, w.dtype.type(2))

@@ -31,12 +31,12 @@ from pipeline.errors import TrainingError
 from pipeline.procs import Owner
 from pipeline.training.exchange import Exchange, gather
 from pipeline.training.plan import CHUNK, Layout, StepPlan, covers
-from pipeline.training.reduce import tree_adam
+from pipeline.training.reduce import tree_update
 from pipeline.training.worker import (
     TaskSpec,
-    adam_step_scalars,
     compute_nodes,
     read_shards,
+    step_scalars,
     task_setup,
     worker_name,
 )
@@ -421,7 +421,7 @@ def shm_part(
         shm.slices[par][part][0] = step  # begun: the state copy 1 - par is being written
         nodes = plan.nodes()
         ops, root = plan.program()
-        partial = tree_adam(
+        partial = tree_update(
             shm.slots,
             [covers(n, plan.k)[0] for n in nodes],
             ops,
@@ -435,7 +435,7 @@ def shm_part(
             spec.segments,
             CHUNK,
             batch,
-            adam_step_scalars(spec, adam_t),
+            step_scalars(spec, adam_t),
         )
         if not all(record_is(records[i], step) for i in range(plan.k)):
             raise TrainingError(

@@ -17,12 +17,12 @@ import numpy as np
 from pipeline.errors import TrainingError
 from pipeline.training.exchange import Exchange, gather
 from pipeline.training.plan import CHUNK, StepPlan
-from pipeline.training.reduce import tree_adam
+from pipeline.training.reduce import tree_update
 from pipeline.training.worker import (
     TaskSpec,
-    adam_step_scalars,
     compute_nodes,
     read_shards,
+    step_scalars,
     task_setup,
     worker_name,
 )
@@ -91,7 +91,7 @@ def tcp_update(
     new = tuple(np.empty_like(x) for x in state)
     ops, root = plan.program()
     partial = (
-        tree_adam(
+        tree_update(
             nodes,
             list(range(len(rows))),
             ops,
@@ -105,7 +105,7 @@ def tcp_update(
             spec.segments,
             CHUNK,
             batch,
-            adam_step_scalars(spec, adam_t),
+            step_scalars(spec, adam_t),
         )
         if lo < hi
         else np.zeros(0)

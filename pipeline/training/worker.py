@@ -34,7 +34,8 @@ from pipeline.cnn import ModelSpec
 from pipeline.data import open_store
 from pipeline.training.memory import keep_freed_memory
 from pipeline.training.plan import Layout, StepPlan, children
-from pipeline.training.reduce import adam_scalars, warm_kernels
+from pipeline.training.reduce import warm_kernels
+from pipeline.training.update import UpdateRule
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,9 @@ class TaskSpec:
     store: str
     layout: Layout
     threads: int = 1
-    segments: tuple[tuple[int, int, float], ...] = ()  # (start, stop, reg) of each parameter
-    lr: float = 1e-3
+    # (start, stop, reg, lr factor) of each parameter
+    segments: tuple[tuple[int, int, float, float], ...] = ()
+    update: UpdateRule = UpdateRule()
     timeout: float = 600.0  # longest wait for other tasks, seconds
     augment: Augment = Augment()  # of the training images, keyed by (seed, epoch, index)
     steps_per_epoch: int = 1
@@ -180,8 +182,9 @@ def compute_nodes(
     return nodes, stats
 
 
-def adam_step_scalars(spec: TaskSpec, adam_t: int) -> tuple:
-    return adam_scalars({"learning_rate": spec.lr, "t": adam_t - 1}, spec.model.dtype)
+def step_scalars(spec: TaskSpec, adam_t: int) -> tuple:
+    """The update's scalars of the run's ``adam_t``-th step (from 1)."""
+    return spec.update.scalars(adam_t - 1, spec.model.dtype)
 
 
 def worker_name() -> str:

@@ -18,6 +18,7 @@ from pipeline.optim import adam
 from pipeline.runs import load_model
 from pipeline.training import TrainConfig, evaluate, resume_config, train
 from pipeline.training.shards import Schedule
+from pipeline.training.update import UpdateRule
 from tests.helpers.cluster import local_cluster
 from tests.helpers.training import assert_same_params, final_params, make_store, tiny_config
 
@@ -38,7 +39,8 @@ def store(tmp_path_factory):
 def test_a_spec_model_trains_to_the_same_bits_on_1_and_3_workers_and_both_transports(
     store, tmp_path
 ):
-    # with flips and shifts drawn on the workers, in an epoch and the next (4 steps an epoch)
+    # with flips and shifts drawn on the workers, in an epoch and the next (4 steps an epoch),
+    # Nesterov SGD on a triangular schedule with decoupled decay and the norms at 8x the rate
     results = {}
     for n in (1, 3):
         cluster = local_cluster(n, dashboard_address=None, silence_logs=logging.WARNING)
@@ -56,6 +58,11 @@ def test_a_spec_model_trains_to_the_same_bits_on_1_and_3_workers_and_both_transp
                     transport=transport,
                     flip="alternate",
                     translate=2,
+                    optimizer="sgd",
+                    schedule="triangular",
+                    warmup=0.3,
+                    weight_decay=5e-3,
+                    norm_lr_factor=8.0,
                 )
                 s = train(config, client=client)
                 assert (s["workers"], s["transport"]) == (n, transport)
@@ -145,3 +152,48 @@ def test_augmentation_changes_the_training_and_resume_keeps_its_draws(
     train(tiny_config(store, cut, **dict(aug, steps=3)), client=training_client)
     train(resume_config(str(cut), steps=6), client=training_client)
     assert_same_params(final_params(whole), final_params(cut))
+
+
+def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float64(
+    store, tmp_path, training_client
+):
+    settings = dict(
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.8,
+        schedule="cosine",
+        warmup=0.25,
+        start_factor=0.1,
+        end_factor=0.05,
+        weight_decay=1e-2,
+        norm_lr_factor=4.0,
+        reg=1e-3,
+    )
+    config = tiny_config(
+        store,
+        tmp_path / "run",
+        model=SPEC,
+        dtype="float64",
+        steps=4,
+        batch_size=32,
+        shard_size=32,
+        **settings,
+    )
+    train(config, client=training_client)
+    got = final_params(tmp_path / "run")
+    st = open_store(store)
+    model = ModelSpec.of(config, len(st.class_names)).build(seed=config.seed)
+    sched = Schedule(st.splits["train"], 32, 32, config.seed, 1, 4)
+    rule = UpdateRule.of(config, 4)
+    buf = {k: np.zeros_like(v) for k, v in model.params.items()}
+    for step in range(4):
+        X, y = st.read("train", sched.batch(step), dtype="float64")
+        _, grads = model.loss(X, y)
+        lr = rule.lr_at(step)
+        for k, w in model.params.items():
+            g = grads[k] + (config.reg * w if k.startswith("W") else 0.0)
+            buf[k] = 0.8 * buf[k] + g
+            factor = 4.0 if k.startswith(("gamma", "beta")) else 1.0
+            model.params[k] = w - lr * factor * (g + 0.8 * buf[k]) - lr * 1e-2 * w
+    for k, v in model.params.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-8, atol=1e-12, err_msg=k)

@@ -16,7 +16,7 @@ from pipeline.procs import pid_namespace
 from pipeline.training import shm
 from pipeline.training.config import TrainConfig, parse_value
 from pipeline.training.plan import CHUNK, Layout, StepPlan, covers, frontier, split
-from pipeline.training.reduce import adam_scalars, combine_moments, pairwise, tree_adam
+from pipeline.training.reduce import adam_scalars, combine_moments, pairwise, tree_update
 from pipeline.training.rundir import RunDir, write_plots
 from pipeline.training.shards import Schedule, epoch_permutation, subset
 from pipeline.training.shm import (
@@ -262,7 +262,7 @@ def test_sliced_tree_and_adam_are_bit_for_bit_the_whole_tree_then_pipeline_optim
     ops, root = plan.program()
     out = tuple(np.full(n, np.nan, dtype) for _ in range(3))
     partials = [
-        tree_adam(
+        tree_update(
             nodes,
             [covers(nd, k)[0] for nd in plan.nodes()],
             ops,

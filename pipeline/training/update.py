@@ -1,0 +1,110 @@
+"""How a run updates its parameters: the optimizer, the learning-rate schedule, parameter groups.
+
+    optimizer = "adam"    Adam (cs231n's: beta1 0.9, beta2 0.999, eps 1e-8)
+    optimizer = "sgd"     SGD with momentum, Nesterov's by default (PyTorch's arithmetic)
+
+Either takes decoupled weight decay (``w -= lr_t * weight_decay * w`` each step, outside the
+gradient and the optimizer's state: AdamW, SGDW) besides the L2 term ``reg`` (which is part of
+the loss and its gradient). The learning rate of step t (counting from 0 over the run's
+``total`` steps, progress p = t / total) is ``lr * factor(t)``:
+
+    constant      1
+    triangular    linear from start_factor up to 1 at p = warmup, then down to end_factor
+                  at the end (airbench's triangle)
+    cosine        linear from start_factor up to 1 at p = warmup, then half a cosine down to
+                  end_factor at the end
+    step          1, then 0.1 from half the run, 0.01 from three quarters
+
+and each parameter's is that times its group's factor: ``norm_lr_factor`` for the norms'
+gammas and betas (airbench trains BN biases at 64x), 1 for the rest. Decoupled decay uses the
+scheduled rate without the group's factor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.training.reduce import adam_scalars, step_scalars
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "triangular", "cosine", "step")
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """The update of one run (small: travels with every task)."""
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup: float = 0.0
+    start_factor: float = 1.0
+    end_factor: float = 0.0
+    total: int = 1  # steps of the run
+
+    @classmethod
+    def of(cls, config, total_steps: int) -> UpdateRule:
+        """The rule of a run's settings (a TrainConfig) over ``total_steps``."""
+        return cls(
+            config.optimizer,
+            config.lr,
+            config.momentum,
+            config.nesterov,
+            config.weight_decay,
+            config.schedule,
+            config.warmup,
+            config.start_factor,
+            config.end_factor,
+            max(1, int(total_steps)),
+        )
+
+    def factor(self, t: int) -> float:
+        """The schedule's multiplier of the learning rate at step ``t`` (from 0)."""
+        p = t / self.total
+        if self.schedule == "constant":
+            return 1.0
+        if self.schedule == "step":
+            return 1.0 if p < 0.5 else 0.1 if p < 0.75 else 0.01
+        if p < self.warmup:
+            return self.start_factor + (1.0 - self.start_factor) * p / self.warmup
+        rest = (p - self.warmup) / (1.0 - self.warmup) if self.warmup < 1 else 1.0
+        if self.schedule == "triangular":
+            return 1.0 + (self.end_factor - 1.0) * rest
+        return self.end_factor + (1.0 - self.end_factor) * 0.5 * (1.0 + math.cos(math.pi * rest))
+
+    def lr_at(self, t: int) -> float:
+        return self.lr * self.factor(t)
+
+    def scalars(self, t: int, dtype) -> tuple:
+        """:func:`pipeline.training.reduce.tree_update`'s scalars for step ``t`` (from 0); Adam
+        at a constant rate gives pipeline.optim.adam's bits."""
+        lr = self.lr_at(t)
+        lrwd = lr * self.weight_decay
+        if self.optimizer == "adam":
+            kind, *rest = adam_scalars({"learning_rate": lr, "t": t}, dtype)
+            return (kind, *rest[:-1], np.dtype(dtype).type(lrwd))
+        return step_scalars(
+            dtype, 1, lr=lr, momentum=self.momentum, nesterov=self.nesterov, lrwd=lrwd
+        )
+
+    def problem(self) -> str | None:
+        """Why this rule cannot run, in one line (None if it can)."""
+        if self.optimizer not in OPTIMIZERS:
+            return f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}"
+        if self.schedule not in SCHEDULES:
+            return f"unknown schedule {self.schedule!r}: expected one of {', '.join(SCHEDULES)}"
+        for name in ("momentum", "warmup", "start_factor", "end_factor"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                return f"{name} must be in [0, 1], got {value}"
+        if self.warmup >= 1.0 and self.schedule in ("triangular", "cosine"):
+            return f"warmup must be < 1 (a fraction of the run), got {self.warmup}"
+        if not self.weight_decay >= 0:
+            return f"weight_decay must be >= 0, got {self.weight_decay}"
+        return None

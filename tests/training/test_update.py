@@ -1,0 +1,98 @@
+"""The update rule: schedules, SGD with (Nesterov) momentum, decoupled weight decay and
+parameter groups in the fused reduce, against plain NumPy references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.errors import TrainingError
+from pipeline.training import TrainConfig
+from pipeline.training.reduce import tree_update
+from pipeline.training.update import UpdateRule
+
+
+def test_schedules_pass_through_their_corners():
+    tri = UpdateRule(
+        schedule="triangular", warmup=0.25, start_factor=0.2, end_factor=0.1, total=100
+    )
+    assert tri.factor(0) == pytest.approx(0.2)
+    assert tri.factor(25) == pytest.approx(1.0)
+    assert tri.factor(12) == pytest.approx(0.2 + 0.8 * 0.12 / 0.25)
+    assert tri.factor(100) == pytest.approx(0.1) and tri.factor(99) > 0.1
+    cos = UpdateRule(schedule="cosine", end_factor=0.0, total=10)
+    assert cos.factor(0) == 1.0 and cos.factor(5) == pytest.approx(0.5)
+    assert cos.factor(10) == pytest.approx(0.0, abs=1e-12)
+    step = UpdateRule(schedule="step", total=8)
+    assert [step.factor(t) for t in range(8)] == [1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01]
+    assert UpdateRule(lr=0.3, total=5).lr_at(4) == 0.3
+
+
+def _one_node_update(w, m, v, g_sum, batch, segments, scalars):
+    out = tuple(np.full_like(w, np.nan) for _ in range(3))
+    nodes = g_sum[None, :]
+    tree_update(nodes, [0], [], 0, 0, (w, m, v), out, 0, 0, len(w), segments, 64, batch, scalars)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_sgd_is_pytorchs_arithmetic_with_groups_and_decoupled_decay(dtype, nesterov):
+    rng = np.random.default_rng(0)
+    n = 300
+    w, m, v, s = (rng.standard_normal(n).astype(dtype) for _ in range(4))
+    segments = [(0, 100, 0.01, 1.0), (100, 300, 0.0, 4.0)]  # weights with L2; a group at 4x lr
+    rule = UpdateRule("sgd", lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=5e-3,
+                      schedule="triangular", warmup=0.5, start_factor=0.2, total=10)  # fmt: skip
+    t = 3
+    w2, m2, v2 = _one_node_update(w, m, v, s, 8, segments, rule.scalars(t, dtype))
+    f = dtype
+    lr, lrwd = f(rule.lr_at(t)), f(rule.lr_at(t) * 5e-3)
+    for a, b, reg, factor in segments:
+        g = s[a:b] / f(8) + f(reg) * w[a:b]
+        buf = f(0.9) * m[a:b] + g
+        d = g + f(0.9) * buf if nesterov else buf
+        want = w[a:b] - (lr * f(factor)) * d - lrwd * w[a:b]
+        assert np.array_equal(w2[a:b], want) and np.array_equal(m2[a:b], buf)
+    assert np.array_equal(v2, v)
+
+
+def test_adam_takes_decoupled_decay_and_group_factors():
+    rng = np.random.default_rng(1)
+    w, m, v = (np.abs(rng.standard_normal(50)) for _ in range(3))
+    s = rng.standard_normal(50)
+    plain = _one_node_update(
+        w, m, v, s, 1, [(0, 50, 0.0)], UpdateRule(lr=0.1).scalars(0, np.float64)
+    )
+    decay = UpdateRule(lr=0.1, weight_decay=0.5).scalars(0, np.float64)
+    decayed = _one_node_update(w, m, v, s, 1, [(0, 50, 0.0)], decay)
+    np.testing.assert_allclose(decayed[0], plain[0] - 0.05 * w, rtol=1e-14)
+    doubled = _one_node_update(
+        w, m, v, s, 1, [(0, 50, 0.0, 2.0)], UpdateRule(lr=0.1).scalars(0, np.float64)
+    )
+    np.testing.assert_allclose(w - doubled[0], 2 * (w - plain[0]), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(optimizer="lion"), r"unknown optimizer 'lion': expected one of adam, sgd"),
+        (dict(schedule="linear"), r"unknown schedule 'linear': expected one of constant,"),
+        (dict(momentum=1.5), r"momentum must be in \[0, 1\], got 1.5"),
+        (dict(schedule="cosine", warmup=1.0), r"warmup must be < 1"),
+        (dict(weight_decay=-1.0), r"weight_decay must be >= 0"),
+        (dict(norm_lr_factor=0.0), r"norm_lr_factor must be > 0"),
+    ],
+)
+def test_bad_update_settings_are_one_line(change, message):
+    with pytest.raises(TrainingError, match=message):
+        TrainConfig(**change).validate()
+
+
+def test_the_default_rule_is_cs231n_adam_at_a_constant_rate():
+    rule = UpdateRule.of(TrainConfig().validate(), 100)
+    assert (rule.optimizer, rule.schedule, rule.weight_decay) == ("adam", "constant", 0.0)
+    assert all(rule.lr_at(t) == 1e-3 for t in (0, 50, 99))
+    assert math.isclose(UpdateRule(schedule="cosine", total=100).factor(50), 0.5)
