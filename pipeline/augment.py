@@ -100,3 +100,38 @@ class Augment:
             crop = src[i, :, y0 : y0 + H, x0 : x0 + W]
             out[i] = crop[:, :, ::-1] if flip[i] else crop
         return out
+
+
+#: test-time augmentation: the views whose scores are averaged (airbench's levels 0, 1 and 2)
+TTAS = ("none", "flip", "flip-translate")
+
+
+def tta_views(X: np.ndarray, mode: str) -> list[tuple[float, np.ndarray]]:
+    """(weight, images) of each view of X (n, C, H, W) that ``mode`` scores; weights sum to 1.
+
+    none: X. flip: X and X mirrored, 1/2 each. flip-translate: those two at 1/4 each, and the
+    image moved by one pixel up-left and down-right (reflect-padded), each with its mirror, at
+    1/8 each (airbench's ``infer_mirror_translate``).
+    """
+    if mode not in TTAS:
+        raise ValueError(f"tta must be one of {', '.join(TTAS)}, got {mode!r}")
+    if mode == "none":
+        return [(1.0, X)]
+    mirror = X[..., ::-1]
+    if mode == "flip":
+        return [(0.5, X), (0.5, mirror)]
+    H, W = X.shape[2:]
+    padded = np.pad(X, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    views = [(0.25, X), (0.25, mirror)]
+    for crop in (padded[:, :, 0:H, 0:W], padded[:, :, 2 : H + 2, 2 : W + 2]):
+        views += [(0.125, crop), (0.125, crop[..., ::-1])]
+    return views
+
+
+def tta_scores(score, X: np.ndarray, mode: str) -> np.ndarray:
+    """The weighted mean of ``score(view)`` (n, classes) over :func:`tta_views`, in float64."""
+    total = None
+    for weight, view in tta_views(X, mode):
+        s = weight * np.asarray(score(np.ascontiguousarray(view)), dtype=np.float64)
+        total = s if total is None else total + s
+    return total

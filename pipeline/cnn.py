@@ -322,7 +322,8 @@ class ModelSpec:
         ``np.random.randn`` would draw them, from a private ``RandomState``: the global random
         state is neither read nor written, so threads building networks at once (trials of a
         sweep training side by side, an in-process cluster's workers) each get their own draws.
-        A spec's ConvNet draws He-scaled weights (``weight_scale`` is the three-layer net's)."""
+        A spec's ConvNet draws PyTorch's default init (``weight_scale`` is the three-layer
+        net's)."""
         if self.layers is not None:
             return ConvNet(
                 self.net,

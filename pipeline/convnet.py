@@ -36,15 +36,16 @@ def add_l2(grad, w, reg):
         grad += reg * w
 
 
-def he_init(spec: NetSpec, input_dim, num_classes: int, dtype, rng) -> dict[str, np.ndarray]:
-    """Parameters of ``spec``: conv and affine weights Gaussian with std sqrt(2 / fan_in) (He),
-    drawn in layer order from ``rng`` (a ``np.random.RandomState``); biases and betas zero,
-    gammas one."""
+def default_init(spec: NetSpec, input_dim, num_classes: int, dtype, rng) -> dict[str, np.ndarray]:
+    """Parameters of ``spec``: conv and affine weights uniform in +-1 / sqrt(fan_in) (PyTorch's
+    default for Conv2d and Linear), drawn in layer order from ``rng`` (a
+    ``np.random.RandomState``); biases and betas zero, gammas one."""
     params = {}
     for name, shape in spec.param_shapes(input_dim, num_classes).items():
         if name.startswith("W"):
             fan_in = int(np.prod(shape[1:])) if len(shape) == 4 else shape[0]
-            params[name] = (np.sqrt(2.0 / fan_in) * rng.randn(*shape)).astype(dtype)
+            bound = 1.0 / np.sqrt(fan_in)
+            params[name] = rng.uniform(-bound, bound, shape).astype(dtype)
         elif name.startswith("gamma"):
             params[name] = np.ones(shape, dtype=dtype)
         else:
@@ -93,7 +94,7 @@ class ConvNet:
         self._names = self.spec.names()
         self.bn_channels = self.spec.bn_channels(self.input_dim, self.num_classes)
         rng = seed if isinstance(seed, np.random.RandomState) else np.random.RandomState(seed)
-        self.params = he_init(self.spec, self.input_dim, self.num_classes, self.dtype, rng)
+        self.params = default_init(self.spec, self.input_dim, self.num_classes, self.dtype, rng)
         self.bn_param = {}
         if self.bn_channels:
             total = sum(self.bn_channels)
@@ -200,7 +201,7 @@ class ConvNet:
                     x, cache = affine_forward(x, p[own["w"]], p[own["b"]])
             elif kind == "relu":
                 if nxt == "pool":
-                    x, cache = fl.relu_max_pool_forward_fast(x, _pool(body[i + 1]))
+                    x, cache = _cropped(fl.relu_max_pool_forward_fast, x, body[i + 1])
                     op, i = "relu_pool", i + 1
                 else:
                     x, cache = relu_forward(x)
@@ -237,7 +238,7 @@ class ConvNet:
             elif kind == "gelu":
                 x, cache = fl.gelu_forward_fast(x)
             elif kind == "pool":
-                x, cache = fl.max_pool_forward_fast(x, _pool(layer))
+                x, cache = _cropped(fl.max_pool_forward_fast, x, layer)
             elif kind == "gap":
                 x, cache = fl.global_avg_pool_forward_fast(x)
             elif kind == "gmp":
@@ -260,9 +261,11 @@ class ConvNet:
         fused pass gave)."""
         grads, written, sumsq = {}, set(), {}
         d = dout
-        for j in range(len(caches) - 1, -1, -1):
+        # below the first layer with parameters no gradient is needed (a scale of the input)
+        first = next(j for j, c in enumerate(caches) if c[2])
+        for j in range(len(caches) - 1, first - 1, -1):
             op, cache, own, layer = caches[j]
-            need_dx = j > 0
+            need_dx = j > first
             if op == "conv_relu" or op == "conv":  # inverts conv_(relu_)forward_fast
                 d, grads[own["w"]], grads[own["b"]] = fl.conv_backward_fast(d, cache, need_dx)
             elif op == "affine_relu":  # inverts affine_relu_forward
@@ -288,8 +291,14 @@ class ConvNet:
                 d, grads[own["w"]], grads[own["b"]] = affine_backward(d, cache)
             elif op == "relu":
                 d = relu_backward(d, cache)
-            elif op in ("relu_pool", "pool"):
-                d = fl.max_pool_backward_fast(d, cache)
+            elif op in ("relu_pool", "pool"):  # inverts _cropped: the cut rows get zero
+                shape, inner = cache
+                dc = fl.max_pool_backward_fast(d, inner)
+                if dc.shape != shape:
+                    d = np.zeros(shape, dtype=dc.dtype)
+                    d[:, :, : dc.shape[2], : dc.shape[3]] = dc
+                else:
+                    d = dc
             elif op == "bn":
                 d, dgamma, grads[own["beta"]] = fl.spatial_batchnorm_backward_fast(d, cache)
                 if "gamma" in own:
@@ -312,3 +321,14 @@ class ConvNet:
 
 def _pool(layer) -> dict:
     return {"pool_height": layer.size, "pool_width": layer.size, "stride": layer.stride}
+
+
+def _cropped(pool_forward, x, layer):
+    """A pool layer's forward on x (N, C, H, W) without the last rows and columns no whole
+    window covers (PyTorch's floor); cache: (x's shape, the pool's cache)."""
+    k, s = layer.size, layer.stride
+    H, W = x.shape[2:]
+    Hc, Wc = (H - k) // s * s + k, (W - k) // s * s + k
+    inner = x if (Hc, Wc) == (H, W) else x[:, :, :Hc, :Wc]
+    out, cache = pool_forward(inner, _pool(layer))
+    return out, (x.shape, cache)

@@ -13,7 +13,9 @@ bn         -                      momentum=0.9 (cs231n's: running = m * running 
                                   batch), eps=1e-5, scale=true (false: gamma frozen at one)
 gn         groups                 eps=1e-5
 relu, gelu -                      -
-pool       size [=2]              stride (default: size): max pooling
+pool       size [=2]              stride (default: size): max pooling; the last rows and
+                                  columns that no whole window covers are left out (PyTorch's
+                                  floor), so a 2x2 pool takes 31x31 to 15x15
 gap, gmp   -                      -  (global average / max pooling: (C, H, W) -> (C,))
 affine     [units]                -  (units default: the number of classes)
 scale      factor                 -  (multiplies its input by a constant)
@@ -391,15 +393,7 @@ def _out_shape(layer: Layer, x: tuple[int, ...], num_classes: int, where: str) -
             raise NetSpecError(
                 f"{where}: a {layer.size}x{layer.size} pool leaves no pixels of a {H}x{W} input"
             )
-        _tiles(
-            where,
-            f"{layer.size}x{layer.size} pool at stride {layer.stride}",
-            H,
-            W,
-            layer.size,
-            layer.stride,
-            "",
-        )
+        # windows that would overhang the last rows and columns are left out (as PyTorch)
         return (C, (H - layer.size) // layer.stride + 1, (W - layer.size) // layer.stride + 1)
     if kind in ("gap", "gmp"):
         return (x[0],)

@@ -69,6 +69,13 @@ def register(subparsers) -> None:
         "--workers", type=int, metavar="N", help="worker processes of the embedded cluster"
     )
     e.add_argument("--scheduler", metavar="ADDR", help="address of a running Dask scheduler")
+    e.add_argument(
+        "--tta",
+        default="none",
+        choices=("none", "flip", "flip-translate"),
+        help="test-time augmentation: scores averaged over the image and its mirror (flip), "
+        "and over one-pixel shifts of both (flip-translate) (default: none)",
+    )
     e.set_defaults(func=quiet(_evaluate))
 
 
@@ -116,8 +123,10 @@ def _train_run(args: argparse.Namespace) -> int:
         bar.close()
     acc = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     rate = summary["images_per_s"]
+    tta = f" ({summary['tta']})" if summary.get("tta", "none") != "none" else ""
     print(
-        f"train acc {acc(summary['train_acc'])}, val acc {acc(summary['val_acc'])}; "
+        f"train acc {acc(summary['train_acc'])}, val acc {acc(summary['val_acc'])}, "
+        f"test acc {acc(summary.get('test_acc'))}{tta}; "
         f"{summary['steps_this_session']} steps, {summary['seconds']:.1f} s, "
         f"{'n/a' if rate is None else f'{rate:,.0f}'} images/s on {summary['workers']} workers"
     )
@@ -179,10 +188,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         workers=args.workers,
         progress=progress,
+        tta=args.tta,
     )
     print(
-        f"{r['split']} accuracy {r['accuracy']:.4f} ({r['correct']}/{r['n']}) in "
-        f"{r['seconds']:.1f} s"
+        f"{r['split']} accuracy {r['accuracy']:.4f} ({r['correct']}/{r['n']})"
+        + (f" with tta {r['tta']}" if r["tta"] != "none" else "")
+        + f" in {r['seconds']:.1f} s"
     )
     return 0
 

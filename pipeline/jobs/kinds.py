@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.augment import TTAS
 from pipeline.data import open_store, prepare
 from pipeline.data.convert import DEFAULT_STORE, DEFAULT_VAL
 from pipeline.data.download import is_url
@@ -146,7 +147,16 @@ class Train(_InRunDirectory):
     def run(cls, options: dict, client, report) -> dict:
         config = cls.config(options)
         summary = train(config, client=client, progress=report.progress, **as_job(report))
-        keep = ("train_acc", "val_acc", "steps", "seconds", "images_per_s", "workers", "run_dir")
+        keep = (
+            "train_acc",
+            "val_acc",
+            "test_acc",
+            "steps",
+            "seconds",
+            "images_per_s",
+            "workers",
+            "run_dir",
+        )
         result = {k: summary[k] for k in keep if k in summary}
         result.setdefault("run_dir", options["out"])
         return result
@@ -243,6 +253,9 @@ class Evaluate:
             ),
             "data": Option("data", (str, type(None)), None, "Zarr store (default: the run's own)"),
             "split": Option("split", (str,), "test", "test, val or train"),
+            "tta": Option(
+                "tta", (str,), "none", "test-time augmentation: none, flip or flip-translate"
+            ),
         }
 
     @classmethod
@@ -255,6 +268,11 @@ class Evaluate:
             raise SpecError(
                 f"{spec.source}: unknown split {spec.options['split']!r} (expected one of "
                 f"{', '.join(cls.SPLITS)})"
+            )
+        if spec.options["tta"] not in TTAS:
+            raise SpecError(
+                f"{spec.source}: unknown tta {spec.options['tta']!r} (expected one of "
+                f"{', '.join(TTAS)})"
             )
 
     @staticmethod
@@ -285,8 +303,9 @@ class Evaluate:
             options["split"],
             client=client,
             progress=report.progress,
+            tta=options.get("tta", "none"),
         )
-        keep = ("split", "accuracy", "correct", "n", "seconds", "run_dir")
+        keep = ("split", "accuracy", "correct", "n", "tta", "seconds", "run_dir")
         return {k: result[k] for k in keep if k in result}
 
     @staticmethod

@@ -255,6 +255,7 @@ def format_progress(p: dict) -> str:
         ("loss", "loss {:.4f}"),
         ("train_acc", "train_acc {:.4f}"),
         ("val_acc", "val_acc {:.4f}"),
+        ("test_acc", "test_acc {:.4f}"),
         ("accuracy", "accuracy {:.4f}"),
         ("images_per_s", "{:.0f} images/s"),
     ):

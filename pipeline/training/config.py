@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
-from pipeline.augment import FLIPS
+from pipeline.augment import FLIPS, TTAS
 from pipeline.errors import TrainingError
 from pipeline.netspec import NetSpec, NetSpecError
 from pipeline.options import ValueType, WrongType, field_types
@@ -144,6 +144,12 @@ class TrainConfig:
         "K",
     )
     eval_samples: int = _opt(250, "val and train images scored at each --eval-every point", "N")
+    tta: str = _opt(
+        "none",
+        "test-time augmentation of the test split's score at the end: none, flip (the image and "
+        "its mirror), flip-translate (and one-pixel shifts of both)",
+        choices=TTAS,
+    )
     stall_timeout: float = _opt(
         300.0,
         "stop with an error when a step makes no progress for this many seconds "
@@ -192,6 +198,7 @@ class TrainConfig:
             ("dtype", DTYPES),
             ("transport", TRANSPORTS),
             ("flip", FLIPS),
+            ("tta", TTAS),
         ):
             if getattr(self, name) not in allowed:
                 raise TrainingError(

@@ -191,6 +191,7 @@ class Progress:
     steps: int = 0
     train_acc: float | None = None
     val_acc: float | None = None
+    test_acc: float | None = None
     metrics_lines: int = 0
 
 
@@ -338,8 +339,13 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                 )
         raise
 
-    seconds = time.perf_counter() - t_begin
     clock.lap("coordinator")
+    # the test split, scored once at the end (with the run's test-time augmentation)
+    done.test_acc = _accuracy(
+        client, exchange, schedule.total_steps, bn, store, "test", None, config, config.tta
+    )
+    clock.lap("eval")
+    seconds = time.perf_counter() - t_begin
     final = exchange.layout.views(exchange.state(schedule.total_steps)[0])
     run.write_params(final, {f"bn_{k}": v for k, v in bn.items()} if bn else None)
     run.prune_checkpoints(keep=1)  # a finished run keeps what --resume needs to go on
@@ -446,6 +452,8 @@ def _summary(
         "run_dir": str(run.path),
         "train_acc": train_acc,
         "val_acc": val_acc,
+        "test_acc": done.test_acc,
+        "tta": config.tta,
         "steps": schedule.total_steps,
         "steps_this_session": done.steps,
         "epochs": schedule.num_epochs,
@@ -471,9 +479,11 @@ def _summary(
     }
 
 
-def _accuracy(client, exchange, step, bn, store, split, indices, config) -> float | None:
+def _accuracy(
+    client, exchange, step, bn, store, split, indices, config, tta="none"
+) -> float | None:
     """Test-mode accuracy on ``split`` (``indices`` or all of it) with the parameters of
-    ``step``, as tasks over its shards."""
+    ``step``, as tasks over its shards (scoring the views of test-time augmentation ``tta``)."""
     if indices is None:
         size = store.splits.get(split, 0)
         if not size:
@@ -487,6 +497,7 @@ def _accuracy(client, exchange, step, bn, store, split, indices, config) -> floa
             bn or None,
             split,
             idx,
+            tta,
             pure=False,
             priority=10,
         )

@@ -12,6 +12,7 @@ import time
 import numpy as np
 from distributed import as_completed
 
+from pipeline.augment import TTAS
 from pipeline.cluster import worker_cluster, worker_count
 from pipeline.cnn import ModelSpec
 from pipeline.data import open_store
@@ -33,11 +34,16 @@ def evaluate(
     workers: int | None = None,
     shard_size: int = EVAL_SHARD,
     progress=None,
+    tta: str = "none",
 ) -> dict:
-    """Accuracy of the run in ``run_dir`` on ``split`` of ``data`` (default: the run's store).
+    """Accuracy of the run in ``run_dir`` on ``split`` of ``data`` (default: the run's store),
+    scoring the views of test-time augmentation ``tta`` (none, flip, flip-translate).
 
-    Returns ``{"split", "accuracy", "correct", "n", "seconds", "workers", "run_dir", "data"}``.
+    Returns ``{"split", "accuracy", "correct", "n", "tta", "seconds", "workers", "run_dir",
+    "data"}``.
     """
+    if tta not in TTAS:
+        raise TrainingError(f"unknown tta {tta!r}: expected one of {', '.join(TTAS)}")
     emit = progress or (lambda event: None)
     run = RunDir(run_dir).require_existing()
     config = TrainConfig.load(run.config_path)
@@ -85,7 +91,9 @@ def evaluate(
         params_future = client.scatter(flat, broadcast=True, hash=False)
         shards = cut(np.arange(size, dtype=np.int64), shard_size)
         futures = [
-            client.submit(shard_predictions, spec, params_future, bn_state, split, idx, pure=False)
+            client.submit(
+                shard_predictions, spec, params_future, bn_state, split, idx, tta, pure=False
+            )
             for idx in shards
         ]
         correct = n = 0
@@ -101,6 +109,7 @@ def evaluate(
         "accuracy": correct / n,
         "correct": correct,
         "n": n,
+        "tta": tta,
         "seconds": time.perf_counter() - t0,
         "workers": nworkers,
         "run_dir": str(run.path),

@@ -29,7 +29,7 @@ import numpy as np
 from distributed import get_worker
 
 from pipeline._kernels.threads import set_threads
-from pipeline.augment import Augment
+from pipeline.augment import Augment, tta_scores
 from pipeline.cnn import ModelSpec
 from pipeline.data import open_store
 from pipeline.training.memory import keep_freed_memory
@@ -216,10 +216,10 @@ def warm_up(spec: TaskSpec, params, n_train: int) -> float:
 
 
 def shard_predictions(
-    spec: TaskSpec, params, bn: dict | None, split: str, indices: np.ndarray
+    spec: TaskSpec, params, bn: dict | None, split: str, indices: np.ndarray, tta: str = "none"
 ) -> dict:
-    """Test-mode accuracy counts of one shard of ``split``
-    (BN uses the running statistics ``bn``)."""
+    """Test-mode accuracy counts of one shard of ``split`` (BN uses the running statistics
+    ``bn``), scoring the views of test-time augmentation ``tta`` (pipeline.augment)."""
     task_setup(spec.threads)
 
     X, y = open_store(spec.store).read(split, indices, dtype=spec.model.dtype, cache=True)
@@ -227,6 +227,6 @@ def shard_predictions(
         model.params = dict(task_params(spec, params))
         if model.bn_param:
             model.set_state({"running_mean": bn["running_mean"], "running_var": bn["running_var"]})
-        scores = model.loss(X)
+        scores = tta_scores(model.loss, X, tta)
     pred = np.argmax(scores, axis=1)
     return {"correct": int((pred == y).sum()), "n": int(len(y))}

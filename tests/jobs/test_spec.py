@@ -87,6 +87,10 @@ def test_dashes_and_underscores_are_the_same_key(tmp_path):
         ('job = "prepare"\nval = -1\n', r"val must be >= 0"),
         ('job = "evaluate"\n', r"needs run ="),
         ('job = "evaluate"\nrun = "x"\nsplit = "dev"\n', r"unknown split 'dev'"),
+        ('job = "evaluate"\nrun = "x"\ntta = "rotate"\n', r"unknown tta 'rotate' \(expected one"),
+        ('job = "train"\ntta = "rotate"\n', r"unknown tta 'rotate': expected one of none, flip"),
+        ('job = "train"\nflip = "sometimes"\n', r"unknown flip 'sometimes'"),
+        ('job = "train"\nschedule = "linear"\n', r"unknown schedule 'linear'"),
         (
             'job = "train"\n[tls]\nca-file = "ca.pem"\n',
             r"\[tls\] needs ca-file, cert, key; missing cert, key",

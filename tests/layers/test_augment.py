@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from pipeline.augment import Augment, draws
+from pipeline.augment import Augment, draws, tta_scores, tta_views
 
 
 def images(n=6, size=8):
@@ -74,3 +74,24 @@ def test_no_augmentation_returns_the_images_untouched_and_bad_settings_are_refus
         Augment("yes")
     with pytest.raises(ValueError, match=r"translate must be a whole number of pixels in \[0, 8\]"):
         Augment("none", 9)
+
+
+def test_test_time_views_are_the_image_its_mirror_and_one_pixel_shifts():
+    X = images(2, 6)
+    assert [w for w, _ in tta_views(X, "none")] == [1.0]
+    (wa, a), (wb, b) = tta_views(X, "flip")
+    assert (wa, wb) == (0.5, 0.5) and a is X and np.array_equal(b, X[..., ::-1])
+    views = tta_views(X, "flip-translate")
+    assert [w for w, _ in views] == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
+    padded = np.pad(X, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    assert np.array_equal(views[2][1], padded[:, :, 0:6, 0:6])
+    assert np.array_equal(views[5][1], padded[:, :, 2:8, 2:8][..., ::-1])
+
+    # scores: the weighted mean of each view's, whatever the score function
+    def score(v):
+        return v.reshape(len(v), -1)[:, :3]
+
+    want = sum(w * score(v).astype(np.float64) for w, v in views)
+    np.testing.assert_allclose(tta_scores(score, X, "flip-translate"), want, rtol=1e-12)
+    with pytest.raises(ValueError, match="tta must be one of none, flip, flip-translate"):
+        tta_views(X, "rotate")

@@ -15,6 +15,11 @@ RICH = (
     "scale 0.5, affine, softmax smoothing=0.2"
 )
 OTHER = "conv 4 3, relu, conv 4 3, bn momentum=0.6, relu, pool 2, gmp, affine 7, relu, affine"
+#: airbench's shape: a 2x2 conv (8 -> 7), pools that leave the last row out (7 -> 3 -> 1)
+FLOORED = (
+    "scale 0.5, conv 4 2 pad=0, gelu, conv 4 3, pool 2, bn scale=false momentum=0.4 eps=1e-12, "
+    "gelu, pool 3, affine, scale 0.111"
+)
 
 
 # ---- specs ---------------------------------------------------------------------------------------
@@ -69,7 +74,7 @@ def test_shapes_and_parameter_names_follow_cs231n():
         ("conv 4,, affine", "layer 2 '': empty layer"),
         ("", "model: no layers"),
         ("conv 4 3, pool 16, affine", r"layer 2 'pool 16': a 16x16 pool leaves no pixels of a 8x8"),
-        ("conv 4 3, pool 3 stride=2, affine", r"does not tile the input \(8 - 3 is not a multiple"),
+        ("conv 4 3 stride=2, affine", r"does not tile the input padded by 1 \(10 - 3 is not a"),
         ("conv 4 9 pad=0, affine", "a 9x9 filter does not fit a 8x8 input padded by 0"),
         ("conv 5 3, gn 2, affine", "layer 2 'gn 2': 2 groups do not divide 5 channels"),
         ("conv 4 3, gap, bn, affine", r"layer 3 'bn': needs images \(C, H, W\), got \(4,\)"),
@@ -86,7 +91,23 @@ def test_a_spec_that_cannot_be_built_is_one_line_naming_the_layer(text, message)
 # ---- the network ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", [RICH, OTHER])
+def test_pools_leave_out_the_rows_no_window_covers_as_pytorch_does():
+    spec = NetSpec.from_text(FLOORED)
+    assert spec.shapes((3, 8, 8), 5)[1:7] == [
+        (4, 7, 7), (4, 7, 7), (4, 7, 7), (4, 3, 3), (4, 3, 3), (4, 3, 3)
+    ]  # fmt: skip
+    assert spec.shapes((3, 8, 8), 5)[7] == (4, 1, 1)
+    net = ConvNet("pool 2, affine", input_dim=(1, 3, 3), num_classes=1, dtype=np.float64, seed=0)
+    x = np.arange(9.0).reshape(1, 1, 3, 3)
+    assert net._forward(x, False)[1][0][0] == "pool"
+    # the 3x3 image pooled by one 2x2 window: max of 0, 1, 3, 4; the last row and column unused
+    net.params["W1"][:] = 1.0
+    assert net.loss(x)[0, 0] == 4.0
+    _, grads = net.loss(x, np.array([0]))  # softmax of one class: no gradient, right shape
+    assert grads["W1"].shape == (1, 1)
+
+
+@pytest.mark.parametrize("text", [RICH, OTHER, FLOORED])
 def test_convnet_gradients_match_numerical_gradients_float64(text):
     rng = np.random.default_rng(2)
     model = ConvNet(text, input_dim=(3, 8, 8), num_classes=5, dtype=np.float64, reg=0.1, seed=3)
@@ -166,8 +187,9 @@ def test_the_same_seed_draws_the_same_weights_without_touching_numpys_global_sta
     b = ModelSpec(0, 0, 0, 5, "none", 1, "float32", (3, 8, 8), layers=OTHER).build(seed=7)
     assert all(np.array_equal(a.params[k], b.params[k]) for k in a.params)
     assert np.array_equal(np.random.get_state()[1], before)
-    fan_in = 4 * 3 * 3
-    assert abs(a.params["W2"].std() - np.sqrt(2 / fan_in)) < 0.1  # He initialisation
+    bound = 1 / np.sqrt(4 * 3 * 3)  # PyTorch's default: uniform in +-1 / sqrt(fan_in)
+    assert np.abs(a.params["W2"]).max() <= bound
+    assert abs(a.params["W2"].std() - bound / np.sqrt(3)) < 0.02
     assert b.params["W1"].dtype == np.float32
 
 

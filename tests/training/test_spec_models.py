@@ -102,15 +102,24 @@ def test_bn_layers_are_synchronized_like_one_process_float64(store, tmp_path, tr
 
 def test_evaluate_and_load_model_give_the_spec_network(store, tmp_path, training_client):
     run = tmp_path / "run"
-    summary = train(tiny_config(store, run, model=SPEC, epochs=8), client=training_client)
+    summary = train(
+        tiny_config(store, run, model=SPEC, epochs=8, tta="flip"), client=training_client
+    )
     assert (run / "curves.png").exists() and (run / "filters.png").exists()
     model = load_model(run)
     assert isinstance(model, ConvNet) and model.spec.to_text() == SPEC
     X, y = open_store(store).read("test", None)
     correct = int((model.loss(X).argmax(1) == y).sum())
     got = evaluate(str(run), split="test", client=training_client, shard_size=16)
-    assert (got["correct"], got["n"]) == (correct, 40)
+    assert (got["correct"], got["n"], got["tta"]) == (correct, 40, "none")
     assert summary["val_acc"] > 0.5  # 4 classes: chance is 0.25
+    # test-time augmentation: the mean of the scores of the image and its mirror
+    flipped = evaluate(str(run), split="test", client=training_client, tta="flip")
+    both = 0.5 * model.loss(X).astype(np.float64) + 0.5 * model.loss(X[..., ::-1].copy())
+    assert flipped["correct"] == int((both.argmax(1) == y).sum())
+    assert summary["test_acc"] == flipped["accuracy"] and summary["tta"] == "flip"
+    with pytest.raises(TrainingError, match="unknown tta 'mirror': expected one of none, flip"):
+        evaluate(str(run), tta="mirror", client=training_client)
 
 
 def test_the_model_setting_is_checked_and_spelt_one_way(store, tmp_path):
