@@ -40,13 +40,16 @@ COMPILING_MESSAGE = (
 
 
 def model_kernels(
-    filter_size: int = 7, normalization: str | None = None, layers: str | None = None
+    filter_size: int = 7,
+    normalization: str | None = None,
+    layers: str | None = None,
+    dtype="float32",
 ) -> list:
     """The cached Numba kernels a ThreeLayerConvNet training step runs: its convolution's
     (direct kernels for 7-wide filters, else im2col), ReLU + 2x2 max pool, and its norm's; or,
     with ``layers`` (a model spec's text), those of that ConvNet's layers."""
     if layers is not None:
-        return _spec_kernels(NetSpec.from_text(layers))
+        return _spec_kernels(NetSpec.from_text(layers), kernel_dtype(dtype) == np.float32)
     if uses_direct_kernels(filter_size, 1):
         conv = [kc.pad_planes, kc.conv7_forward, kc.conv7_dw]
     else:
@@ -58,14 +61,17 @@ def model_kernels(
     return conv + [kp.pool_forward_2x2, kp.pool_backward] + norm
 
 
-def _spec_kernels(spec: NetSpec) -> list:
+def _spec_kernels(spec: NetSpec, f32: bool) -> list:
     kinds = {layer.kind for layer in spec.body}
+    gelu = (
+        [kw.gelu_forward_f32, kw.gelu_backward_f32] if f32 else [kw.gelu_forward, kw.gelu_backward]
+    )
     by_kind = {
         "conv": [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d, kc.col2im],
         "bn": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
         "gn": [kn.gn_forward, kn.gn_backward],
         "pool": [kp.pool_forward, kp.pool_forward_2x2, kp.pool_backward],
-        "gelu": [kw.gelu_forward, kw.gelu_backward],
+        "gelu": gelu,
         "gap": [kw.global_avg_forward, kw.global_avg_backward],
         "gmp": [kw.global_max_forward, kw.global_max_backward],
     }
@@ -116,7 +122,7 @@ def say_if_compiling(
 ) -> bool:
     """Print :data:`COMPILING_MESSAGE` (on stderr by default) when the model's kernels are not
     in Numba's cache yet; True if it did."""
-    cold = cold_kernels(model_kernels(filter_size, normalization, layers), dtype)
+    cold = cold_kernels(model_kernels(filter_size, normalization, layers, dtype), dtype)
     if cold:
         print(COMPILING_MESSAGE, file=file if file is not None else sys.stderr, flush=True)
     return bool(cold)
