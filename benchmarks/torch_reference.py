@@ -7,6 +7,8 @@ the benchmarks only; convpipe never imports it.
 
 from __future__ import annotations
 
+import math
+
 
 def three_layer_net(
     torch,
@@ -37,3 +39,65 @@ def three_layer_net(
                 m.weight.normal_(0, weight_scale)
                 m.bias.zero_()
     return net, weights
+
+
+def spec_net(torch, spec, input_dim=(3, 32, 32), num_classes=10, seed=0):
+    """A :class:`pipeline.netspec.NetSpec` as PyTorch modules, layer for layer (PyTorch's
+    default initialization, biases at zero and dirac parts as convpipe's; a bn with scale=false
+    has its weight frozen at one; momentum converted from cs231n's convention). Returns (net,
+    loss_fn, weights, norm_params): the conv and affine weights (convpipe's L2 covers those) and
+    the norms' parameters (the group at ``norm_lr_factor``)."""
+    nn = torch.nn
+    torch.manual_seed(seed)
+
+    class Scale(nn.Module):
+        def __init__(self, factor):
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x):
+            return x * self.factor
+
+    shapes = [tuple(input_dim), *spec.shapes(input_dim, num_classes)]
+    modules, weights, norm_params = [], [], []
+    for layer, x in zip(spec.body, shapes):
+        kind = layer.kind
+        if kind == "conv":
+            m = nn.Conv2d(x[0], layer.filters, layer.size, stride=layer.stride, padding=layer.pad)
+            with torch.no_grad():
+                m.bias.zero_()  # as convpipe's
+                if layer.init == "dirac":
+                    nn.init.dirac_(m.weight[: min(x[0], layer.filters)])
+            if layer.init == "whiten":  # set by the caller (pipeline.convnet.whitening_filters)
+                m.weight.requires_grad_(False)
+            else:
+                weights.append(m.weight)
+        elif kind == "affine":
+            modules.append(nn.Flatten())
+            m = nn.Linear(int(math.prod(x)), layer.units or num_classes)
+            with torch.no_grad():
+                m.bias.zero_()
+            weights.append(m.weight)
+        elif kind == "bn":
+            m = nn.BatchNorm2d(x[0], eps=layer.eps, momentum=1.0 - layer.momentum)
+            m.weight.requires_grad_(layer.scale)
+            norm_params += [m.bias] + ([m.weight] if layer.scale else [])
+        elif kind == "gn":
+            m = nn.GroupNorm(layer.groups, x[0], eps=layer.eps)
+            norm_params += [m.weight, m.bias]
+        elif kind == "relu":
+            m = nn.ReLU()
+        elif kind == "gelu":
+            m = nn.GELU()
+        elif kind == "pool":
+            m = nn.MaxPool2d(layer.size, layer.stride)
+        elif kind in ("gap", "gmp"):
+            pool = nn.AdaptiveAvgPool2d(1) if kind == "gap" else nn.AdaptiveMaxPool2d(1)
+            m = nn.Sequential(pool, nn.Flatten())
+        elif kind == "scale":
+            m = Scale(layer.factor)
+        else:
+            raise ValueError(f"no PyTorch module for layer {kind!r}")
+        modules.append(m)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.smoothing)
+    return nn.Sequential(*modules), loss_fn, weights, norm_params

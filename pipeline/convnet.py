@@ -39,18 +39,43 @@ def add_l2(grad, w, reg):
 def default_init(spec: NetSpec, input_dim, num_classes: int, dtype, rng) -> dict[str, np.ndarray]:
     """Parameters of ``spec``: conv and affine weights uniform in +-1 / sqrt(fan_in) (PyTorch's
     default for Conv2d and Linear), drawn in layer order from ``rng`` (a
-    ``np.random.RandomState``); biases and betas zero, gammas one."""
+    ``np.random.RandomState``), a dirac conv's first min(F, C) filters then set to pass their
+    channel through (a one at the centre tap); biases and betas zero, gammas one."""
     params = {}
+    dirac = {own["w"] for layer, own in zip(spec.body, spec.names()) if layer.init == "dirac"}
     for name, shape in spec.param_shapes(input_dim, num_classes).items():
         if name.startswith("W"):
             fan_in = int(np.prod(shape[1:])) if len(shape) == 4 else shape[0]
             bound = 1.0 / np.sqrt(fan_in)
-            params[name] = rng.uniform(-bound, bound, shape).astype(dtype)
+            w = rng.uniform(-bound, bound, shape)
+            if name in dirac:  # torch.nn.init.dirac_(w[:C]): filter i passes channel i through
+                F, C, HH, WW = shape
+                n = min(F, C)
+                w[:n] = 0.0
+                w[np.arange(n), np.arange(n), HH // 2, WW // 2] = 1.0
+            params[name] = w.astype(dtype)
         elif name.startswith("gamma"):
             params[name] = np.ones(shape, dtype=dtype)
         else:
             params[name] = np.zeros(shape, dtype=dtype)
     return params
+
+
+def whitening_filters(x: np.ndarray, size: int, eps: float = 5e-4) -> np.ndarray:
+    """Patch-whitening filters (2 C size**2, C, size, size) for images x (N, C, H, W): the
+    eigenvectors of the (uncentred) covariance of every size x size patch, each divided by
+    the square root of its eigenvalue + eps, largest first, then the same negated (airbench's
+    ``init_whitening_conv``). Computed in float64; the same images give the same filters."""
+    x = np.asarray(x, dtype=np.float64)
+    N, C, H, W = x.shape
+    k = size
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))
+    patches = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, C * k * k)  # (N*H'*W', C*k*k)
+    cov = patches.T @ patches / len(patches)
+    values, vectors = np.linalg.eigh(cov)
+    order = np.argsort(values)[::-1]
+    scaled = (vectors[:, order] / np.sqrt(values[order] + eps)).T.reshape(-1, C, k, k)
+    return np.concatenate([scaled, -scaled])
 
 
 class ConvNet:
@@ -95,6 +120,10 @@ class ConvNet:
         self.bn_channels = self.spec.bn_channels(self.input_dim, self.num_classes)
         rng = seed if isinstance(seed, np.random.RandomState) else np.random.RandomState(seed)
         self.params = default_init(self.spec, self.input_dim, self.num_classes, self.dtype, rng)
+        #: weights that do not train (a whitening conv's): zero gradient, no L2
+        self.frozen = {
+            own["w"] for layer, own in zip(self.spec.body, self._names) if layer.init == "whiten"
+        }
         self.bn_param = {}
         if self.bn_channels:
             total = sum(self.bn_channels)
@@ -104,6 +133,20 @@ class ConvNet:
                 "running_var": np.zeros(total, dtype=self.dtype),
             }
         self.last_batch_stats = None
+
+    def whiten(self, X) -> None:
+        """Set each init=whiten conv's weights from images X (N, C, H, W) as the network sees
+        them (through the scale layers before it): :func:`whitening_filters`."""
+        x = np.asarray(X, dtype=np.float64)
+        for layer, own in zip(self.spec.body, self._names):
+            if layer.kind == "scale":
+                x = x * layer.factor
+            elif layer.init == "whiten":
+                w = whitening_filters(x, layer.size)
+                self.params[own["w"]] = w.astype(self.dtype)
+                return
+            else:
+                return
 
     # -- BN running statistics --------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
@@ -156,14 +199,16 @@ class ConvNet:
         data_loss, dout = softmax_loss(out, y, self.spec.smoothing)
         grads, written, sumsq = self._backward(dout, caches, into, scale, accumulate)
         reg_loss = 0.0
+        for name in self.frozen:
+            grads[name][...] = 0
         if self.reg:
             total = 0.0
             for name in self.params:
-                if name.startswith("W"):
+                if name.startswith("W") and name not in self.frozen:
                     total += sumsq[name] if name in sumsq else sum_of_squares(self.params[name])
             reg_loss = 0.5 * self.reg * total
             for name, g in grads.items():
-                if name.startswith("W") and name not in written:
+                if name.startswith("W") and name not in written and name not in self.frozen:
                     add_l2(g, self.params[name], self.reg)
         if into is None:
             return data_loss + reg_loss, grads

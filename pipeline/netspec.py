@@ -8,7 +8,11 @@ positional values, then ``key=value`` settings::
 =========  =====================  =============================================================
 kind       positional             settings
 =========  =====================  =============================================================
-conv       filters [size=3]       stride=1, pad (default (size - 1) // 2: 'same' at stride 1)
+conv       filters [size=3]       stride=1, pad (default (size - 1) // 2: 'same' at stride 1),
+                                  init=default (PyTorch's), dirac (its first min(filters,
+                                  channels) filters pass their channel through: airbench's), or
+                                  whiten (the first conv only: patch whitening from the
+                                  training images, then frozen)
 bn         -                      momentum=0.9 (cs231n's: running = m * running + (1 - m) *
                                   batch), eps=1e-5, scale=true (false: gamma frozen at one)
 gn         groups                 eps=1e-5
@@ -61,6 +65,7 @@ class Layer:
     eps: float = 1e-5  # bn, gn
     scale: bool = True  # bn: gamma learned
     smoothing: float = 0.0  # softmax
+    init: str = "default"  # conv: "whiten" (patch whitening, frozen) or "dirac" (identity part)
 
     @property
     def has_weights(self) -> bool:
@@ -98,7 +103,7 @@ class Layer:
 
 # kind: (positional names, setting names); the first positional of conv/gn/scale is required
 _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "conv": (("filters", "size"), ("stride", "pad")),
+    "conv": (("filters", "size"), ("stride", "pad", "init")),
     "bn": ((), ("momentum", "eps", "scale")),
     "gn": (("groups",), ("eps",)),
     "relu": ((), ()),
@@ -111,6 +116,9 @@ _KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "softmax": ((), ("smoothing",)),
 }
 _REQUIRED = {"conv": "filters", "gn": "groups", "scale": "factor"}
+#: a conv's initial weights: PyTorch's default, patch whitening (airbench's first layer), or
+#: the default with an identity part (dirac, airbench's other convs)
+INITS = ("default", "whiten", "dirac")
 _ALIASES = {
     "batchnorm": "bn",
     "spatial_batchnorm": "bn",
@@ -123,6 +131,12 @@ _TYPES = {f.name: f.type for f in dataclasses.fields(Layer)}
 
 def _text(value) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _literal(raw: str):
+    """A setting's value from its text: a TOML number or boolean, else the word itself."""
+    value = literal(raw)
+    return raw if isinstance(value, str) else value
 
 
 def _default(kind: str, given: Layer | None = None) -> Layer:
@@ -139,6 +153,10 @@ def _default(kind: str, given: Layer | None = None) -> Layer:
 def _check_value(where: str, key: str, value):
     """``value`` for setting ``key``, of its type and range."""
     want = _TYPES[key]
+    if want == "str":
+        if value not in INITS:
+            raise NetSpecError(f"{where}: {key} must be one of {', '.join(INITS)}, got {value!r}")
+        return value
     if want == "bool":
         if not isinstance(value, bool):
             raise NetSpecError(f"{where}: {key} must be true or false, got {value!r}")
@@ -212,7 +230,7 @@ def parse_layer(text: str, where: str) -> Layer:
             key, raw = positional[i], word
         if key in values:
             raise NetSpecError(f"{where}: {key} is given twice")
-        values[key] = literal(raw)
+        values[key] = _literal(raw)
     return make_layer(kind, values, where)
 
 
@@ -291,6 +309,10 @@ class NetSpec:
         shape = tuple(int(d) for d in input_dim)
         out = []
         for i, layer in enumerate(self.body):
+            if layer.init == "whiten":
+                _check_whiten(
+                    i, layer, self.body, shape, f"model layer {i + 1} '{layer.to_text()}'"
+                )
             shape = _out_shape(
                 layer, shape, num_classes, f"model layer {i + 1} '{layer.to_text()}'"
             )
@@ -365,6 +387,20 @@ def _tiles(where: str, what: str, H: int, W: int, k: int, s: int, padded: str) -
                 f"{where}: a {what} does not tile the input{padded} ({side} - {k} is not a "
                 f"multiple of {s})"
             )
+
+
+def _check_whiten(i: int, layer: Layer, body, x: tuple[int, ...], where: str) -> None:
+    """A whitening conv sees the images (scaled at most) and has two filters per patch value."""
+    if any(before.kind != "scale" for before in body[:i]):
+        raise NetSpecError(
+            f"{where}: init=whiten is for a first conv on the images (a scale before it at most)"
+        )
+    want = 2 * x[0] * layer.size * layer.size
+    if layer.filters != want:
+        raise NetSpecError(
+            f"{where}: init=whiten needs 2 x {x[0]} x {layer.size} x {layer.size} = {want} "
+            f"filters (each patch direction and its negative), got {layer.filters}"
+        )
 
 
 def _out_shape(layer: Layer, x: tuple[int, ...], num_classes: int, where: str) -> tuple[int, ...]:

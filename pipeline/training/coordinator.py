@@ -53,6 +53,8 @@ from pipeline.training.update import UpdateRule
 from pipeline.training.worker import EVAL_SHARD, TaskSpec, shard_predictions
 
 CHECKPOINT_FORMAT = "convpipe-train/1"
+#: training images a whitening conv's filters are computed from (the first of the train split)
+WHITEN_IMAGES = 5000
 #: times a run replays from its last checkpoint after a worker left with data it needed (tcp)
 MAX_REPLAYS = 3
 
@@ -104,13 +106,20 @@ def train(
     )
     mspec = ModelSpec.of(config, len(store.class_names))
     model = mspec.build(weight_scale=config.weight_scale, reg=config.reg, seed=config.seed)
+    frozen = getattr(model, "frozen", set())
+    if frozen:  # a whitening conv: from the first training images, before any augmentation
+        model.whiten(store.read("train", np.arange(min(WHITEN_IMAGES, n_train)))[0])
     layout = Layout.of(model.params)
     segments = tuple(
         (
             sl.start,
             sl.stop,
-            config.reg if name.startswith("W") else 0.0,
-            config.norm_lr_factor if name.startswith(("gamma", "beta")) else 1.0,
+            config.reg if name.startswith("W") and name not in frozen else 0.0,
+            0.0
+            if name in frozen
+            else config.norm_lr_factor
+            if name.startswith(("gamma", "beta"))
+            else 1.0,
         )
         for name, sl in layout.slices().items()
     )
@@ -339,13 +348,14 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                 )
         raise
 
+    seconds = time.perf_counter() - t_begin
     clock.lap("coordinator")
-    # the test split, scored once at the end (with the run's test-time augmentation)
+    # the test split, scored once at the end (with the run's test-time augmentation); after
+    # the training's clock stopped, as a `convpipe evaluate` would
     done.test_acc = _accuracy(
         client, exchange, schedule.total_steps, bn, store, "test", None, config, config.tta
     )
-    clock.lap("eval")
-    seconds = time.perf_counter() - t_begin
+    clock.lap("test")
     final = exchange.layout.views(exchange.state(schedule.total_steps)[0])
     run.write_params(final, {f"bn_{k}": v for k, v in bn.items()} if bn else None)
     run.prune_checkpoints(keep=1)  # a finished run keeps what --resume needs to go on

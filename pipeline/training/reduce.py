@@ -146,6 +146,8 @@ def _tree_update(
         total = 0.0
         for p in range(block_piece[blk], block_piece[blk + 1]):
             lo, hi, reg, lrp = piece_lo[p], piece_hi[p], piece_reg[p], lr * piece_lrf[p]
+            # a frozen piece (lr factor 0) is not decayed either
+            lrwdp = lrwd if piece_lrf[p] != 0 else lrwd - lrwd
             n = hi - lo
             c0, k0 = lo - nbase, lo - wbase
             # the rest of the tree: registers 0..r-1 are node rows, op j writes register r + j
@@ -176,7 +178,7 @@ def _tree_update(
                     bc2,
                     lrp,
                     eps,
-                    lrwd,
+                    lrwdp,
                 )
             else:
                 _sgd_piece(
@@ -192,7 +194,7 @@ def _tree_update(
                     mu,
                     nesterov,
                     lrp,
-                    lrwd,
+                    lrwdp,
                 )
         partial[blk] = total
 

@@ -79,6 +79,9 @@ def test_shapes_and_parameter_names_follow_cs231n():
         ("conv 5 3, gn 2, affine", "layer 2 'gn 2': 2 groups do not divide 5 channels"),
         ("conv 4 3, gap, bn, affine", r"layer 3 'bn': needs images \(C, H, W\), got \(4,\)"),
         ("conv 4 3", r"ends with \(4, 8, 8\), expected one score per class \(5,\)"),
+        ("conv 24 2 init=wide, affine", "init must be one of default, whiten, dirac, got 'wide'"),
+        ("conv 20 2 init=whiten, affine", r"needs 2 x 3 x 2 x 2 = 24 filters .*got 20"),
+        ("relu, conv 24 2 init=whiten, affine", "init=whiten is for a first conv on the images"),
         ("conv 4 3, gap, affine 3", r"ends with \(3,\), expected one score per class"),
     ],
 )
@@ -205,3 +208,52 @@ def test_the_solver_trains_a_convnet_past_chance():
                     optim_config={"learning_rate": 1e-2}, verbose=False)  # fmt: skip
     solver.train()
     assert solver.val_acc_history[-1] > 0.9, solver.val_acc_history
+
+
+# ---- patch whitening -----------------------------------------------------------------------------
+
+
+def test_whitening_filters_decorrelate_the_patches_of_their_images():
+    from pipeline.convnet import whitening_filters
+
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((3, 3)) + 2 * np.eye(3)  # correlated channels
+    x = np.einsum("ij,njhw->nihw", mix, rng.standard_normal((40, 3, 9, 9)))
+    w = whitening_filters(x, 2, eps=0.0)
+    assert w.shape == (24, 3, 2, 2)
+    np.testing.assert_array_equal(w[12:], -w[:12])
+    patches = np.lib.stride_tricks.sliding_window_view(x, (2, 2), axis=(2, 3))
+    patches = patches.transpose(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+    out = patches @ w[:12].reshape(12, -1).T
+    np.testing.assert_allclose(out.T @ out / len(out), np.eye(12), atol=1e-8)
+    assert np.array_equal(whitening_filters(x, 2), whitening_filters(x.copy(), 2))
+
+
+def test_a_whitening_conv_is_set_from_the_images_and_never_trains():
+    spec = "scale 0.5, conv 24 2 pad=0 init=whiten, relu, pool 2, affine"
+    net = ConvNet(spec, input_dim=(3, 8, 8), num_classes=3, reg=0.1, seed=0, dtype=np.float64)
+    assert net.frozen == {"W1"}
+    X = np.random.default_rng(1).standard_normal((10, 3, 8, 8))
+    net.whiten(X)
+    from pipeline.convnet import whitening_filters
+
+    np.testing.assert_array_equal(net.params["W1"], whitening_filters(0.5 * X, 2))
+    loss, grads = net.loss(X, np.arange(10) % 3)
+    assert not grads["W1"].any() and grads["b1"].any() and grads["W2"].any()
+    # its weights are not in the L2 term
+    net.reg = 0.0
+    plain, _ = net.loss(X, np.arange(10) % 3)
+    assert loss - plain == pytest.approx(0.5 * 0.1 * np.sum(net.params["W2"] ** 2))
+
+
+def test_a_dirac_conv_passes_its_first_channels_through():
+    net = ConvNet("conv 5 3 init=dirac, gap, affine", input_dim=(3, 6, 6), num_classes=2, seed=0)
+    w = net.params["W1"]
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    from pipeline.fast_layers import conv_forward_fast
+
+    out, _ = conv_forward_fast(x, w, net.params["b1"], {"stride": 1, "pad": 1})
+    np.testing.assert_array_equal(out[:, :3], x)  # filters 0-2: channels 0-2 unchanged
+    assert np.abs(w[3:]).max() > 0  # the other filters keep their default draws
+    narrow = ConvNet("conv 2 3 init=dirac, gap, affine", input_dim=(3, 6, 6), seed=0)
+    assert narrow.params["W1"][:, :, 1, 1].tolist() == [[1, 0, 0], [0, 1, 0]]

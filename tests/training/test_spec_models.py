@@ -206,3 +206,22 @@ def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float
             model.params[k] = w - lr * factor * (g + 0.8 * buf[k]) - lr * 1e-2 * w
     for k, v in model.params.items():
         np.testing.assert_allclose(got[k], v, rtol=1e-8, atol=1e-12, err_msg=k)
+
+
+def test_a_whitening_conv_starts_from_the_first_training_images_and_stays(
+    store, tmp_path, training_client
+):
+    from pipeline.convnet import whitening_filters
+
+    spec = "scale 0.02, conv 24 2 pad=0 init=whiten, gelu, pool 2, conv 8 3, bn, gelu, gap, affine"
+    run = tmp_path / "run"
+    train(
+        tiny_config(store, run, model=spec, steps=3, optimizer="sgd", lr=0.05, weight_decay=0.1),
+        client=training_client,
+    )
+    got = final_params(run)
+    X, _ = open_store(store).read("train", np.arange(160))  # fewer than 5,000: all of them
+    np.testing.assert_array_equal(
+        got["W1"], whitening_filters(0.02 * X.astype(np.float64), 2).astype(np.float32)
+    )
+    assert got["b1"].any()  # its bias trains

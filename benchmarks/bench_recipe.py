@@ -1,0 +1,287 @@
+"""Accuracy in time: a train job's network and recipe trained by convpipe and by PyTorch, side by
+side in one run.
+
+convpipe: the whole pipeline, ``convpipe train`` with the job's settings on the embedded cluster
+(``--workers`` x 1 thread), from its own process. PyTorch: the same network layer for layer
+(benchmarks/torch_reference.py ``spec_net``), the same recipe (optimizer, schedule, parameter
+groups, L2, label smoothing), the same images and batch order (the store's train split,
+pipeline.training.shards.Schedule) and the same augmentation draws (pipeline.augment), in one
+process of ``--threads`` threads. Both score the val split (and 1,000 train images) after each
+epoch, inside the timed loop, and the test split once at the end with the job's test-time
+augmentation. Prints, per seed, each epoch's val accuracy against wall clock for both, then the
+test accuracies and the training times, and their means over the seeds.
+
+    python benchmarks/bench_recipe.py [--job jobs/train-airbench-small.toml] [--epochs 8]
+        [--seeds 0 1 2] [--store data/cifar10.zarr] [--workers 2] [--threads 2]
+        [--set key=value ...] [--json OUT]
+
+Times: convpipe's is the training loop of ``convpipe train`` (its summary's ``seconds``: every
+step, checkpoint and per-epoch scoring; not the cluster's start nor the final test scoring);
+PyTorch's the same loop. PyTorch is only used here (``pip install torch==2.13.0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--job", default=str(HERE.parent / "jobs" / "train-airbench-small.toml"))
+    p.add_argument("--store", default="data/cifar10.zarr")
+    p.add_argument("--epochs", type=int, default=None, help="default: the job's")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--workers", type=int, default=2, help="convpipe's workers (1 thread each)")
+    p.add_argument("--threads", type=int, default=2, help="PyTorch's threads")
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], help="override a key of the job")
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--json", help="write the results there")
+    p.add_argument("--part", choices=("torch",), help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def job_config(args, seed):
+    from pipeline.jobs.spec import load_spec
+    from pipeline.training import TrainConfig
+
+    options = dict(load_spec(args.job, args.set).options)
+    options.update(data=args.store, seed=seed, out=None)
+    if args.epochs:
+        options["epochs"] = args.epochs
+    if args.train_limit:
+        options["train_limit"] = args.train_limit
+    return TrainConfig.from_job(options)
+
+
+# ---- convpipe: `convpipe train` in a process of its own -----------------------------------------
+
+
+def run_convpipe(config, workers: int) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="bench-recipe-")) / "run"
+    flags = []
+    for key, value in config.to_dict().items():
+        if value is None or key in ("out", "workers", "scheduler", "resume"):
+            continue
+        flags += [
+            f"--{key.replace('_', '-')}",
+            json.dumps(value) if isinstance(value, bool) else str(value),
+        ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+        *flags,
+        "--workers",
+        str(workers),
+        "--out",
+        str(out),
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - t0
+    summary = json.loads((out / "summary.json").read_text())
+    epochs = [
+        json.loads(line)
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"kind": "epoch"' in line
+    ]
+    return {
+        "epochs": [
+            {"epoch": e["epoch"], "seconds": e["seconds"], "val_acc": e["val_acc"]} for e in epochs
+        ],
+        "seconds": summary["seconds"],  # the training loop, per-epoch scoring included
+        "test_acc": summary["test_acc"],
+        "images_per_s": summary["images_per_s"],
+        "process_wall_s": wall,
+        "run_dir": str(out),
+    }
+
+
+# ---- PyTorch: the same recipe ------------------------------------------------------------------
+
+
+def run_torch_part(config_json: str, threads: int) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(HERE))
+    from torch_reference import spec_net
+
+    from pipeline.augment import Augment, tta_views
+    from pipeline.convnet import ConvNet
+    from pipeline.data import open_store
+    from pipeline.netspec import NetSpec
+    from pipeline.training import TrainConfig
+    from pipeline.training.shards import Schedule, subset
+    from pipeline.training.update import UpdateRule
+
+    config = TrainConfig.from_dict(json.loads(config_json))
+    store = open_store(config.data)
+    n_train = config.train_limit or store.splits["train"]
+    X, y = store.read("train", np.arange(n_train))
+    Xv, yv = store.read("val", None)
+    Xt, yt = store.read("test", None)
+    spec = NetSpec.from_text(config.model)
+    net, loss_fn, weights, norm_params = spec_net(torch, spec, seed=config.seed)
+    if any(layer.init == "whiten" for layer in spec.body):  # the filters convpipe starts from
+        ours = ConvNet(spec, seed=config.seed)
+        ours.whiten(X[:5000])
+        first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+        with torch.no_grad():
+            first.weight.copy_(torch.from_numpy(ours.params["W1"]))
+    special = {id(p) for p in weights + norm_params}
+    others = [p for p in net.parameters() if p.requires_grad and id(p) not in special]
+    groups = [
+        {"params": weights, "weight_decay": config.reg, "factor": 1.0},
+        {"params": norm_params, "weight_decay": 0.0, "factor": config.norm_lr_factor},
+        {"params": others, "weight_decay": 0.0, "factor": 1.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
+        )
+    else:
+        opt = torch.optim.Adam(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    schedule = Schedule(
+        n_train, config.batch_size, config.shard_size, config.seed, config.epochs, config.steps
+    )
+    rule = UpdateRule.of(config, schedule.total_steps)
+    augment = Augment(config.flip, config.translate, config.seed)
+    train_idx = subset(config.seed, n_train, config.train_acc_samples, tag=1)
+
+    def accuracy(images, labels, views="none"):
+        net.eval()
+        correct = 0
+        with torch.no_grad():
+            for i in range(0, len(labels), 500):
+                scores = 0
+                for weight, view in tta_views(images[i : i + 500], views):
+                    scores = (
+                        scores + weight * net(torch.from_numpy(np.ascontiguousarray(view))).double()
+                    )
+                correct += int((scores.argmax(1).numpy() == labels[i : i + 500]).sum())
+        net.train()
+        return correct / len(labels)
+
+    epochs, t0 = [], time.perf_counter()
+    net.train()
+    for t in range(schedule.total_steps):
+        lr = rule.lr_at(t)
+        for g in opt.param_groups:
+            g["lr"] = lr * g["factor"]
+        idx = schedule.batch(t)
+        xb = augment.apply(X[idx], idx, schedule.epoch_of(t))
+        loss = loss_fn(net(torch.from_numpy(xb)), torch.from_numpy(y[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        decay = (
+            [(p, lr * config.weight_decay * p.detach().clone()) for p in net.parameters()]
+            if config.weight_decay
+            else []
+        )
+        opt.step()
+        with torch.no_grad():
+            for p, d in decay:
+                p.sub_(d)
+        if not np.isfinite(loss.item()):
+            raise SystemExit(f"torch: loss {loss.item()} at step {t + 1}")
+        if schedule.ends_epoch(t):
+            accuracy(X[train_idx], y[train_idx])
+            epochs.append(
+                {
+                    "epoch": schedule.epoch_of(t) + 1,
+                    "seconds": time.perf_counter() - t0,
+                    "val_acc": accuracy(Xv, yv),
+                }
+            )
+    seconds = time.perf_counter() - t0
+    return {
+        "epochs": epochs,
+        "seconds": seconds,
+        "test_acc": accuracy(Xt, yt, config.tta),
+        "images_per_s": schedule.total_steps * config.batch_size / seconds,
+        "torch": torch.__version__,
+    }
+
+
+def run_torch(config, threads: int) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--part",
+        "torch",
+        "--config",
+        json.dumps(config.to_dict()),
+        "--threads",
+        str(threads),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def main():
+    args = parse_args()
+    if args.part == "torch":
+        print(json.dumps(run_torch_part(args.config, args.threads)))
+        return
+    from pipeline.fast_layers import machine_text
+
+    print(machine_text())
+    results = []
+    for seed in args.seeds:
+        config = job_config(args, seed)
+        print(f"seed {seed}: {config.epochs} epochs of {args.job} on {args.store}", flush=True)
+        ours = run_convpipe(config, args.workers)
+        theirs = None if args.no_torch else run_torch(config, args.threads)
+        results.append({"seed": seed, "convpipe": ours, "torch": theirs})
+        print(f"  {'epoch':>5} {'convpipe s':>11} {'val':>7} {'torch s':>9} {'val':>7}")
+        for i, e in enumerate(ours["epochs"]):
+            t = theirs["epochs"][i] if theirs else None
+            print(
+                f"  {e['epoch']:>5} {e['seconds']:>11.1f} {e['val_acc']:>7.4f}"
+                + (f" {t['seconds']:>9.1f} {t['val_acc']:>7.4f}" if t else "")
+            )
+        line = f"  test ({config.tta}): convpipe {ours['test_acc']:.4f} in {ours['seconds']:.0f} s"
+        if theirs:
+            line += (
+                f", torch {theirs['test_acc']:.4f} in {theirs['seconds']:.0f} s; time ratio "
+                f"convpipe / torch {ours['seconds'] / theirs['seconds']:.2f}"
+            )
+        print(line, flush=True)
+    if len(results) > 1:
+        mean = lambda side, key: sum(r[side][key] for r in results) / len(results)  # noqa: E731
+        line = (
+            f"mean of {len(results)} seeds: convpipe {mean('convpipe', 'test_acc'):.4f} "
+            f"in {mean('convpipe', 'seconds'):.0f} s"
+        )
+        if not args.no_torch:
+            line += f", torch {mean('torch', 'test_acc'):.4f} in {mean('torch', 'seconds'):.0f} s"
+        print(line)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"machine": machine_text(), "job": args.job, "results": results}, indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
