@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.convnet import ConvNet, add_l2
+from pipeline.convnet import ConvNet, add_l2, copy_bn_state, load_bn_state, write_into
 from pipeline.fast_layers import sum_of_squares
 from pipeline.layer_utils import (
     affine_relu_backward,
@@ -20,7 +20,6 @@ from pipeline.layer_utils import (
 )
 from pipeline.layers import affine_backward, affine_forward, softmax_loss
 from pipeline.netspec import NetSpec
-from pipeline.optim import add_scaled
 from pipeline.shapes import check_groups, check_momentum, running_average
 
 NORMALIZATIONS = (None, "spatial_batchnorm", "groupnorm")
@@ -134,22 +133,12 @@ class ThreeLayerConvNet:
         """The model's non-parameter state: BN running statistics (empty without BN)."""
         if self.normalization != "spatial_batchnorm":
             return {}
-        return {
-            "running_mean": self.bn_param["running_mean"].copy(),
-            "running_var": self.bn_param["running_var"].copy(),
-        }
+        return copy_bn_state(self.bn_param)
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         """Set BN running statistics from :meth:`get_state`'s dict."""
-        if self.normalization != "spatial_batchnorm":
-            return
-        for key in ("running_mean", "running_var"):
-            value = np.asarray(state[key], dtype=self.dtype)
-            if value.shape != self.bn_param[key].shape:
-                raise ValueError(
-                    f"{key} must have shape {self.bn_param[key].shape}, got {value.shape}"
-                )
-            self.bn_param[key] = value.copy()
+        if self.normalization == "spatial_batchnorm":
+            load_bn_state(self.bn_param, state, self.dtype)
 
     def update_running_stats(self, mean: np.ndarray, var: np.ndarray) -> None:
         """Fold one step's batch statistics into the running ones (cs231n's momentum rule)."""
@@ -212,14 +201,8 @@ class ThreeLayerConvNet:
                 add_l2(grads[name], p[name], self.reg)
         if into is None:
             return data_loss + reg_loss, grads
-        for name, g in grads.items():
-            if name == "W2":
-                continue  # already there
-            if accumulate:
-                add_scaled(into[name], g, scale)
-            else:
-                np.multiply(g, into[name].dtype.type(scale), out=into[name])
-        return data_loss + reg_loss, into
+        # W2's is there already
+        return data_loss + reg_loss, write_into(into, grads, scale, accumulate, ("W2",))
 
     def _conv_block_forward(self, X, train):
         p, conv, pool = self.params, self.conv_param, self.pool_param

@@ -78,6 +78,36 @@ def whitening_filters(x: np.ndarray, size: int, eps: float = 5e-4) -> np.ndarray
     return np.concatenate([scaled, -scaled])
 
 
+BN_STATE = ("running_mean", "running_var")
+
+
+def copy_bn_state(bn_param: dict) -> dict[str, np.ndarray]:
+    """A model's BN running statistics (``get_state``'s dict), copied."""
+    return {k: bn_param[k].copy() for k in BN_STATE}
+
+
+def load_bn_state(bn_param: dict, state: dict, dtype) -> None:
+    """Set ``bn_param``'s running statistics from ``state`` (``set_state``), shapes checked."""
+    for key in BN_STATE:
+        value = np.asarray(state[key], dtype=dtype)
+        if value.shape != bn_param[key].shape:
+            raise ValueError(f"{key} must have shape {bn_param[key].shape}, got {value.shape}")
+        bn_param[key] = value.copy()
+
+
+def write_into(into: dict, grads: dict, scale, accumulate: bool, written=()) -> dict:
+    """Each gradient times ``scale`` written into ``into`` (added with ``accumulate``, the
+    product rounded first), except those already ``written`` there; returns ``into``."""
+    for name, g in grads.items():
+        if name in written:
+            continue
+        if accumulate:
+            add_scaled(into[name], g, scale)
+        else:
+            np.multiply(g, into[name].dtype.type(scale), out=into[name])
+    return into
+
+
 class ConvNet:
     """A network from a spec (:mod:`pipeline.netspec`), trained with softmax loss.
 
@@ -151,21 +181,12 @@ class ConvNet:
     # -- BN running statistics --------------------------------------------------------------------
     def get_state(self) -> dict[str, np.ndarray]:
         """Every bn layer's running statistics, concatenated (empty without bn)."""
-        if not self.bn_param:
-            return {}
-        return {k: self.bn_param[k].copy() for k in ("running_mean", "running_var")}
+        return copy_bn_state(self.bn_param) if self.bn_param else {}
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         """Set the running statistics from :meth:`get_state`'s dict."""
-        if not self.bn_param:
-            return
-        for key in ("running_mean", "running_var"):
-            value = np.asarray(state[key], dtype=self.dtype)
-            if value.shape != self.bn_param[key].shape:
-                raise ValueError(
-                    f"{key} must have shape {self.bn_param[key].shape}, got {value.shape}"
-                )
-            self.bn_param[key] = value.copy()
+        if self.bn_param:
+            load_bn_state(self.bn_param, state, self.dtype)
 
     def update_running_stats(self, mean: np.ndarray, var: np.ndarray) -> None:
         """Fold one step's batch statistics (concatenated) into the running ones, each bn
@@ -212,14 +233,7 @@ class ConvNet:
                     add_l2(g, self.params[name], self.reg)
         if into is None:
             return data_loss + reg_loss, grads
-        for name, g in grads.items():
-            if name in written:
-                continue
-            if accumulate:
-                add_scaled(into[name], g, scale)
-            else:
-                np.multiply(g, into[name].dtype.type(scale), out=into[name])
-        return data_loss + reg_loss, into
+        return data_loss + reg_loss, write_into(into, grads, scale, accumulate, written)
 
     def _forward(self, x, train):
         """Run the body; returns (scores, [(op, cache, layer index)] in forward order)."""

@@ -159,43 +159,18 @@ def _tree_update(
             s = nodes[rows[root], c0 : c0 + n] if root < r else buf[root - r, :n]
             if reg != 0:
                 total += _sumsq8(w[k0 : k0 + n])
+            views = (
+                w[k0 : k0 + n],
+                m[k0 : k0 + n],
+                v[k0 : k0 + n],
+                w2[k0 : k0 + n],
+                m2[k0 : k0 + n],
+                v2[k0 : k0 + n],
+            )
             if kind == 0:
-                _adam_piece(
-                    s,
-                    w[k0 : k0 + n],
-                    m[k0 : k0 + n],
-                    v[k0 : k0 + n],
-                    w2[k0 : k0 + n],
-                    m2[k0 : k0 + n],
-                    v2[k0 : k0 + n],
-                    reg,
-                    batch,
-                    b1,
-                    omb1,
-                    b2,
-                    omb2,
-                    bc1,
-                    bc2,
-                    lrp,
-                    eps,
-                    lrwdp,
-                )
+                _adam_piece(s, *views, reg, batch, b1, omb1, b2, omb2, bc1, bc2, lrp, eps, lrwdp)
             else:
-                _sgd_piece(
-                    s,
-                    w[k0 : k0 + n],
-                    m[k0 : k0 + n],
-                    v[k0 : k0 + n],
-                    w2[k0 : k0 + n],
-                    m2[k0 : k0 + n],
-                    v2[k0 : k0 + n],
-                    reg,
-                    batch,
-                    mu,
-                    nesterov,
-                    lrp,
-                    lrwdp,
-                )
+                _sgd_piece(s, *views, reg, batch, mu, nesterov, lrp, lrwdp)
         partial[blk] = total
 
 
