@@ -191,7 +191,11 @@ def run_torch_part(config_json: str, threads: int) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         decay = (
-            [(p, lr * config.weight_decay * p.detach().clone()) for p in net.parameters()]
+            [
+                (p, lr * config.weight_decay * p.detach().clone())
+                for p in net.parameters()
+                if p.requires_grad  # not the frozen whitening weights and BN scales
+            ]
             if config.weight_decay
             else []
         )

@@ -66,12 +66,16 @@ def whitening_filters(x: np.ndarray, size: int, eps: float = 5e-4) -> np.ndarray
     eigenvectors of the (uncentred) covariance of every size x size patch, each divided by
     the square root of its eigenvalue + eps, largest first, then the same negated (airbench's
     ``init_whitening_conv``). Computed in float64; the same images give the same filters."""
-    x = np.asarray(x, dtype=np.float64)
-    N, C, H, W = x.shape
+    N, C, H, W = np.shape(x)
     k = size
-    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))
-    patches = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, C * k * k)  # (N*H'*W', C*k*k)
-    cov = patches.T @ patches / len(patches)
+    cov, count = np.zeros((C * k * k, C * k * k)), 0
+    for i in range(0, N, 500):  # 500 images at a time: the patches of 5,000 would be ~0.5 GB
+        chunk = np.asarray(x[i : i + 500], dtype=np.float64)
+        windows = np.lib.stride_tricks.sliding_window_view(chunk, (k, k), axis=(2, 3))
+        patches = windows.transpose(0, 2, 3, 1, 4, 5).reshape(-1, C * k * k)  # (n*H'*W', Ckk)
+        cov += patches.T @ patches
+        count += len(patches)
+    cov /= count
     values, vectors = np.linalg.eigh(cov)
     order = np.argsort(values)[::-1]
     scaled = (vectors[:, order] / np.sqrt(values[order] + eps)).T.reshape(-1, C, k, k)
@@ -321,7 +325,7 @@ class ConvNet:
         grads, written, sumsq = {}, set(), {}
         d = dout
         # below the first layer with parameters no gradient is needed (a scale of the input)
-        first = next(j for j, c in enumerate(caches) if c[2])
+        first = next((j for j, c in enumerate(caches) if c[2]), len(caches))
         for j in range(len(caches) - 1, first - 1, -1):
             op, cache, own, layer = caches[j]
             need_dx = j > first

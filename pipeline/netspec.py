@@ -164,7 +164,7 @@ def _check_value(where: str, key: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise NetSpecError(f"{where}: {key} must be a number, got {value!r}")
     if want == "int":
-        if value != int(value):
+        if value != value or value in (float("inf"), float("-inf")) or value != int(value):
             raise NetSpecError(f"{where}: {key} must be a whole number, got {value!r}")
         value = int(value)
         least = 0 if key == "pad" else 1

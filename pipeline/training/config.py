@@ -38,6 +38,7 @@ RUNTIME_FIELDS = (
     "threads_per_worker",
     "data",
     "stall_timeout",
+    "tta",  # how the test split is scored at the end, not what is trained
 )
 
 

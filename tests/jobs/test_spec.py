@@ -46,6 +46,24 @@ def test_shipped_specs_load(name):
         assert config.data == "data/cifar10.zarr"
 
 
+@pytest.mark.parametrize("name", ["train-airbench", "train-airbench-small"])
+def test_the_airbench_recipes_load_as_networks_of_their_widths(name):
+    from pipeline.netspec import NetSpec
+
+    config = TrainConfig.from_job(load_spec(REPO / "jobs" / f"{name}.toml").options)
+    spec = NetSpec.from_text(config.model)
+    convs = [layer.filters for layer in spec.body if layer.kind == "conv"]
+    widths = {"train-airbench": [24, 64, 64, 256, 256, 256, 256]}.get(
+        name, [24, 32, 32, 64, 64, 64, 64]
+    )
+    assert convs == widths and spec.body[1].init == "whiten"
+    assert {layer.momentum for layer in spec.body if layer.kind == "bn"} == {0.6}
+    assert spec.shapes((3, 32, 32), 10)[-1] == (10,) and spec.smoothing == 0.2
+    assert (config.optimizer, config.schedule, config.flip, config.tta) == (
+        "sgd", "triangular", "alternate", "flip-translate"
+    )  # fmt: skip
+
+
 def test_train_specs_set_every_cli_option_or_comment_it():
     """'complete': each TrainConfig field appears in the train specs, set or commented out."""
     names = {f.replace("_", "-") for f in TrainConfig.__dataclass_fields__} - {"scheduler"}

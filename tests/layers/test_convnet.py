@@ -67,6 +67,8 @@ def test_shapes_and_parameter_names_follow_cs231n():
         ("pool 2 size=3, affine", "size is given twice"),
         ("conv 0 3, affine", "filters must be >= 1, got 0"),
         ("conv 4.5 3, affine", "filters must be a whole number, got 4.5"),
+        ("conv inf 3, affine", "filters must be a whole number, got inf"),
+        ("conv 4 nan, affine", "size must be a whole number, got nan"),
         ("bn momentum=2, affine", r"momentum must be in \[0, 1\], got 2.0"),
         ("bn scale=1, affine", "scale must be true or false, got 1"),
         ("affine, softmax smoothing=1", r"smoothing must be in \[0, 1\), got 1.0"),
@@ -257,3 +259,10 @@ def test_a_dirac_conv_passes_its_first_channels_through():
     assert np.abs(w[3:]).max() > 0  # the other filters keep their default draws
     narrow = ConvNet("conv 2 3 init=dirac, gap, affine", input_dim=(3, 6, 6), seed=0)
     assert narrow.params["W1"][:, :, 1, 1].tolist() == [[1, 0, 0], [0, 1, 0]]
+
+
+def test_a_network_without_parameters_still_has_a_loss():
+    net = ConvNet("gap", input_dim=(5, 4, 4), num_classes=5, seed=0)
+    X = np.random.default_rng(0).standard_normal((3, 5, 4, 4)).astype(np.float32)
+    loss, grads = net.loss(X, np.array([0, 1, 2]))
+    assert grads == {} and np.isfinite(loss)
