@@ -16,7 +16,7 @@ from pipeline.cli.quiet import quiet
 from pipeline.errors import TrainingError
 from pipeline.training.config import TrainConfig, in_user_words, parse_value
 
-_SHORT_HELP = "train ThreeLayerConvNet data-parallel on a Dask cluster"
+_SHORT_HELP = "train a network (ThreeLayerConvNet, or a --model spec) data-parallel on Dask"
 
 
 def register(subparsers) -> None:
