@@ -51,7 +51,8 @@ def main() -> int:
     from pipeline.cnn import ThreeLayerConvNet
     from pipeline.data import open_store
     from pipeline.training.plan import CHUNK, StepPlan, covers
-    from pipeline.training.reduce import adam_scalars, tree_update
+    from pipeline.training.reduce import tree_update
+    from pipeline.training.update import adam_scalars
 
     numba.set_num_threads(1)
     store = open_store(args.data)

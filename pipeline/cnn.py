@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.convnet import ConvNet, add_l2, copy_bn_state, load_bn_state, write_into
+from pipeline.convnet import (
+    ConvNet,
+    add_l2,
+    batch_bn_param,
+    copy_bn_state,
+    load_bn_state,
+    write_into,
+)
 from pipeline.fast_layers import sum_of_squares
 from pipeline.layer_utils import (
     affine_relu_backward,
@@ -40,6 +47,9 @@ class ThreeLayerConvNet:
     - last_batch_stats: after a training-mode :meth:`loss` with spatial batchnorm, the batch's
       per-channel ``{'mean': (F,), 'var': (F,)}`` (what a data-parallel coordinator combines).
     """
+
+    #: weights that do not train (ConvNet's contract: a whitening conv's); none here
+    frozen = frozenset()
 
     def __init__(
         self,
@@ -225,16 +235,7 @@ class ThreeLayerConvNet:
             return conv_bn_relu_pool_forward(
                 X, p["W1"], p["b1"], p["gamma1"], p["beta1"], conv, bn_param, pool
             )
-        # momentum 0 makes the layer report this batch's exact mean and variance as its
-        # "running" statistics; the model folds them into its own with its momentum.
-        F = p["W1"].shape[0]
-        batch = {
-            "mode": "train",
-            "momentum": 0.0,
-            "eps": self.bn_param["eps"],
-            "running_mean": np.zeros(F, self.dtype),
-            "running_var": np.zeros(F, self.dtype),
-        }
+        batch = batch_bn_param(p["W1"].shape[0], self.bn_param["eps"], self.dtype)
         out = conv_bn_relu_pool_forward(
             X, p["W1"], p["b1"], p["gamma1"], p["beta1"], conv, batch, pool
         )

@@ -99,6 +99,19 @@ def load_bn_state(bn_param: dict, state: dict, dtype) -> None:
         bn_param[key] = value.copy()
 
 
+def batch_bn_param(channels: int, eps: float, dtype) -> dict:
+    """A train-mode bn_param of momentum 0: the layer reports the batch's exact mean and
+    variance as its "running" statistics, which the model then folds into its own with its
+    momentum (a data-parallel worker reports them instead)."""
+    return {
+        "mode": "train",
+        "momentum": 0.0,
+        "eps": eps,
+        "running_mean": np.zeros(channels, dtype),
+        "running_var": np.zeros(channels, dtype),
+    }
+
+
 def write_into(into: dict, grads: dict, scale, accumulate: bool, written=()) -> dict:
     """Each gradient times ``scale`` written into ``into`` (added with ``accumulate``, the
     product rounded first), except those already ``written`` there; returns ``into``."""
@@ -240,7 +253,8 @@ class ConvNet:
         return data_loss + reg_loss, write_into(into, grads, scale, accumulate, written)
 
     def _forward(self, x, train):
-        """Run the body; returns (scores, [(op, cache, layer index)] in forward order)."""
+        """Run the body; returns (scores, [(op, cache, parameter names, layer)] in forward
+        order, one entry per pass: a fused pair of layers is one)."""
         p, body, caches = self.params, self.spec.body, []
         bn_at, batch_means, batch_vars = 0, [], []
         i = 0
@@ -273,16 +287,8 @@ class ConvNet:
                 gamma = p[own["gamma"]] if "gamma" in own else np.ones(C, dtype=self.dtype)
                 sl = slice(bn_at, bn_at + C)
                 bn_at += C
-                if train:
-                    # momentum 0: the layer reports the batch's exact mean and variance as its
-                    # "running" statistics; the model folds them in with each layer's momentum
-                    batch = {
-                        "mode": "train",
-                        "momentum": 0.0,
-                        "eps": layer.eps,
-                        "running_mean": np.zeros(C, self.dtype),
-                        "running_var": np.zeros(C, self.dtype),
-                    }
+                if train:  # the batch's moments, folded in with each layer's momentum below
+                    batch = batch_bn_param(C, layer.eps, self.dtype)
                     x, cache = fl.spatial_batchnorm_forward_fast(x, gamma, p[own["beta"]], batch)
                     batch_means.append(batch["running_mean"])
                     batch_vars.append(batch["running_var"])

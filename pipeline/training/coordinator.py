@@ -106,7 +106,7 @@ def train(
     )
     mspec = ModelSpec.of(config, len(store.class_names))
     model = mspec.build(weight_scale=config.weight_scale, reg=config.reg, seed=config.seed)
-    frozen = getattr(model, "frozen", set())
+    frozen = model.frozen
     if frozen:  # a whitening conv: from the first training images, before any augmentation
         model.whiten(store.read("train", np.arange(min(WHITEN_IMAGES, n_train)))[0])
     layout = Layout.of(model.params)

@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline._kernels.threads import launch
 from pipeline.optim import add_scaled
+from pipeline.training.update import adam_scalars, step_scalars
 
 T = TypeVar("T")
 
@@ -222,9 +223,10 @@ def tree_update(
     in column ``i - nbase``; ``ops``, ``root`` (:func:`pipeline.training.plan.program`) finish
     the tree. ``state_in = (w, m, v)`` are read, ``state_out`` written, element i at
     ``i - wbase``. ``segments``: (start, stop, reg[, lr factor]) of every parameter.
-    ``scalars``: :func:`adam_scalars` or :meth:`pipeline.training.update.UpdateRule.scalars`
-    (:func:`step_scalars`'s layout). Returns, per ``chunk`` block of ``[lo, hi)``, the float64
-    sum of ``w**2`` over its regularized elements (the L2 term of the loss, before the update).
+    ``scalars``: :meth:`pipeline.training.update.UpdateRule.scalars` (the layout of
+    :func:`pipeline.training.update.step_scalars`). Returns, per ``chunk`` block of
+    ``[lo, hi)``, the float64 sum of ``w**2`` over its regularized elements (the L2 term of the
+    loss, before the update).
     """
     plo, phi, preg, plrf, first = pieces(lo, hi, segments, chunk)
     dt = state_in[0].dtype.type
@@ -249,37 +251,6 @@ def tree_update(
         *scalars,
     )
     return partial
-
-
-def step_scalars(
-    dtype,
-    kind: int = 0,
-    adam: tuple = (0.9, 0.1, 0.999, 0.001, 1.0, 1.0),
-    lr: float = 1e-3,
-    eps: float = 1e-8,
-    momentum: float = 0.0,
-    nesterov: bool = False,
-    lrwd: float = 0.0,
-) -> tuple:
-    """The scalars of :func:`tree_update` in the kernel's order, cast to ``dtype``: kind (0
-    Adam, 1 SGD), Adam's (b1, 1 - b1, b2, 1 - b2, 1 - b1**t, 1 - b2**t), lr, eps, SGD's
-    momentum and Nesterov flag, lr x decoupled weight decay."""
-    f = np.dtype(dtype).type
-    return (kind, *(f(x) for x in adam), f(lr), f(eps), f(momentum), bool(nesterov), f(lrwd))
-
-
-def adam_scalars(config: dict, dtype) -> tuple:
-    """Advance Adam's step count and return :func:`step_scalars` for it, cast as
-    ``pipeline.optim.adam`` casts them."""
-    config.setdefault("learning_rate", 1e-3)
-    config.setdefault("beta1", 0.9)
-    config.setdefault("beta2", 0.999)
-    config.setdefault("epsilon", 1e-8)
-    config.setdefault("t", 0)
-    config["t"] += 1
-    t, b1, b2 = config["t"], config["beta1"], config["beta2"]
-    moments = (b1, 1 - b1, b2, 1 - b2, 1 - b1**t, 1 - b2**t)
-    return step_scalars(dtype, 0, moments, config["learning_rate"], config["epsilon"])
 
 
 def combine_moments(

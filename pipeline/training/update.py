@@ -27,8 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.training.reduce import adam_scalars, step_scalars
-
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "triangular", "cosine", "step")
 
@@ -87,8 +85,7 @@ class UpdateRule:
         lr = self.lr_at(t)
         lrwd = lr * self.weight_decay
         if self.optimizer == "adam":
-            kind, *rest = adam_scalars({"learning_rate": lr, "t": t}, dtype)
-            return (kind, *rest[:-1], np.dtype(dtype).type(lrwd))
+            return adam_scalars({"learning_rate": lr, "t": t}, dtype, lrwd)
         return step_scalars(
             dtype, 1, lr=lr, momentum=self.momentum, nesterov=self.nesterov, lrwd=lrwd
         )
@@ -108,3 +105,34 @@ class UpdateRule:
         if not self.weight_decay >= 0:
             return f"weight_decay must be >= 0, got {self.weight_decay}"
         return None
+
+
+def step_scalars(
+    dtype,
+    kind: int = 0,
+    adam: tuple = (0.9, 0.1, 0.999, 0.001, 1.0, 1.0),
+    lr: float = 1e-3,
+    eps: float = 1e-8,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    lrwd: float = 0.0,
+) -> tuple:
+    """The scalars of :func:`pipeline.training.reduce.tree_update` in the kernel's order, cast
+    to ``dtype``: kind (0 Adam, 1 SGD), Adam's (b1, 1 - b1, b2, 1 - b2, 1 - b1**t,
+    1 - b2**t), lr, eps, SGD's momentum and Nesterov flag, lr x decoupled weight decay."""
+    f = np.dtype(dtype).type
+    return (kind, *(f(x) for x in adam), f(lr), f(eps), f(momentum), bool(nesterov), f(lrwd))
+
+
+def adam_scalars(config: dict, dtype, lrwd: float = 0.0) -> tuple:
+    """Advance Adam's step count and return :func:`step_scalars` for it, cast as
+    ``pipeline.optim.adam`` casts them (with decoupled decay ``lrwd``: lr x weight decay)."""
+    config.setdefault("learning_rate", 1e-3)
+    config.setdefault("beta1", 0.9)
+    config.setdefault("beta2", 0.999)
+    config.setdefault("epsilon", 1e-8)
+    config.setdefault("t", 0)
+    config["t"] += 1
+    t, b1, b2 = config["t"], config["beta1"], config["beta2"]
+    moments = (b1, 1 - b1, b2, 1 - b2, 1 - b1**t, 1 - b2**t)
+    return step_scalars(dtype, 0, moments, config["learning_rate"], config["epsilon"], lrwd=lrwd)

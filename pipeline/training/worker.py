@@ -141,7 +141,7 @@ def compute_nodes(
         t0, begin = time.perf_counter(), time.time()
         n = len(y)
         loss, _ = model.loss(X, y, into=spec.layout.views(out), scale=dt(n), accumulate=add)
-        bn = model.last_batch_stats if spec.model.bn_channels else None
+        bn = model.last_batch_stats if model.bn_param else None  # spatial BN's moments
         stats[i - first] = {
             "n": n,
             "loss_sum": float(loss) * n,

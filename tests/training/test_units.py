@@ -16,7 +16,7 @@ from pipeline.procs import pid_namespace
 from pipeline.training import shm
 from pipeline.training.config import TrainConfig, parse_value
 from pipeline.training.plan import CHUNK, Layout, StepPlan, covers, frontier, split
-from pipeline.training.reduce import adam_scalars, combine_moments, pairwise, tree_update
+from pipeline.training.reduce import combine_moments, pairwise, tree_update
 from pipeline.training.rundir import RunDir, write_plots
 from pipeline.training.shards import Schedule, epoch_permutation, subset
 from pipeline.training.shm import (
@@ -27,6 +27,7 @@ from pipeline.training.shm import (
     shm_root,
     write_record,
 )
+from pipeline.training.update import adam_scalars
 
 # ---- ModelSpec ----------------------------------------------------------------------------------
 
