@@ -110,3 +110,20 @@ def field_types(cls) -> dict[str, ValueType]:
     """{field name: ValueType} of a settings dataclass, from its type hints."""
     hints = typing.get_type_hints(cls)
     return {f.name: ValueType.of(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def worker_range(value) -> tuple[int, int | None] | None:
+    """The embedded cluster's size as a ``workers`` setting gives it: ``N`` (an int, or its
+    text) is ``(N, None)``, a fixed size; ``"MIN:MAX"`` is ``(MIN, MAX)``, adaptive between
+    them; None is None (one worker per core). ValueError says what was expected."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    lo, sep, hi = text.partition(":")
+    try:
+        low, high = int(lo), int(hi) if sep else None
+    except ValueError:
+        raise ValueError(f"expected a number N or a range MIN:MAX, got {value!r}") from None
+    if isinstance(value, bool) or low < 1 or (high is not None and high < low):
+        raise ValueError(f"expected N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got {value!r}")
+    return low, high

@@ -128,7 +128,7 @@ def _train_run(args: argparse.Namespace) -> int:
         f"train acc {acc(summary['train_acc'])}, val acc {acc(summary['val_acc'])}, "
         f"test acc {acc(summary.get('test_acc'))}{tta}; "
         f"{summary['steps_this_session']} steps, {summary['seconds']:.1f} s, "
-        f"{'n/a' if rate is None else f'{rate:,.0f}'} images/s on {summary['workers']} workers"
+        f"{'n/a' if rate is None else f'{rate:,.0f}'} images/s on {_workers(summary['workers'])}"
     )
     print(f"run directory: {summary['run_dir']}")
     return 0
@@ -176,7 +176,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     def progress(event):
         if event["event"] == "start":
             print(
-                f"scoring {event['n']} {args.split} images on {event['workers']} workers"
+                f"scoring {event['n']} {args.split} images on {_workers(event['workers'])}"
                 + (f"; dashboard {event['dashboard']}" if event.get("dashboard") else ""),
                 file=sys.stderr,
             )
@@ -239,9 +239,9 @@ class _Progress:
             where = f"dashboard {event['dashboard']}" if event.get("dashboard") else "no dashboard"
             page = _run_page(event["run_dir"]) if event.get("dashboard") else None
             where += f"; this run on the convpipe page {page}" if page else ""
+            workers = _workers(event["workers"])
             print(
-                f"training on {event['workers']} workers ({event['transport']} transport), {where}",
-                file=sys.stderr,
+                f"training on {workers} ({event['transport']} transport), {where}", file=sys.stderr
             )
             print(f"run directory {event['run_dir']}", file=sys.stderr)
             self.bar = tqdm(
@@ -280,6 +280,8 @@ class _Progress:
             )
         elif kind == "warning":
             self._write(f"warning: {event['message']}")
+        elif kind == "workers":  # a worker joined or left mid-run
+            self._write(event["message"])
 
     def _write(self, text: str) -> None:
         if self.bar is not None:
@@ -291,3 +293,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _workers(n) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"

@@ -25,6 +25,7 @@ from distributed.security import Security
 
 from pipeline.cluster.security import security_for
 from pipeline.errors import ConvpipeError
+from pipeline.options import worker_range
 
 #: schemes whose connections are encrypted and authenticated, or never leave the process
 SAFE_SCHEMES = ("tls", "wss", "inproc")
@@ -64,11 +65,17 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+#: Dask's adaptive scaling asks for a worker per this much queued work: a training step's
+#: parts last tens to hundreds of ms, and at Dask's default (5 s) a run never grew past MIN
+#: (measured: `convpipe train --workers 1:2` stayed on 1 worker; at 100 ms it grew to 2)
+ADAPT_TARGET = "100ms"
+
+
 @contextlib.contextmanager
 def connect(
     scheduler: str | None = None,
     *,
-    workers: int | None = None,
+    workers: int | str | None = None,
     threads_per_worker: int = 1,
     processes: bool = True,
     security=None,
@@ -78,7 +85,8 @@ def connect(
 ) -> Iterator[distributed.Client]:  # noqa: F821
     """Yield a ``distributed.Client``: to ``scheduler`` if given, else to a new LocalCluster.
 
-    The LocalCluster has ``workers`` processes (default: one per core) of
+    The LocalCluster has ``workers`` processes (default: one per core; ``"MIN:MAX"``: MIN,
+    and Dask's adaptive scaling between MIN and MAX, see :data:`ADAPT_TARGET`) of
     ``threads_per_worker`` threads, bound to 127.0.0.1 and speaking TLS with a certificate of
     its own (:func:`embedded_security`, unless ``security`` is given), and is closed on exit.
     An unreachable scheduler raises :class:`ClusterError` naming the address.
@@ -106,9 +114,10 @@ def connect(
             client.close()
         return
 
-    n = workers if workers is not None else default_workers()
-    if n < 1:
-        raise ClusterError(f"workers must be >= 1, got {n}")
+    try:
+        n, most = worker_range(workers) or (default_workers(), None)
+    except ValueError as exc:
+        raise ClusterError(f"workers: {exc}") from None
     if processes and security is None:
         security = embedded_security()
     with _terminal_interrupt_ignored(processes):
@@ -129,6 +138,8 @@ def connect(
             # Dask's "Compute Failed" traceback (pipeline.cluster.worker_logs)
             **({"preload": ["pipeline.cluster.worker_logs"]} if processes else {}),
         )
+    if most is not None:
+        cluster.adapt(minimum=n, maximum=most, target_duration=ADAPT_TARGET)
     try:
         with Client(cluster, security=security) as client:
             yield client
@@ -224,7 +235,7 @@ QUIET_DIAGNOSTICS = {
 def worker_cluster(
     client=None,
     scheduler: str | None = None,
-    workers: int | None = None,
+    workers: int | str | None = None,
     threads_per_worker: int = 1,
 ) -> Iterator:
     """``client`` if given; else a client of the scheduler at ``scheduler``; else an embedded
@@ -283,6 +294,22 @@ def worker_addresses(client) -> list[str]:
     running its coordinator died or left the cluster".
     """
     return list(client.sync(client.scheduler.identity, n_workers=-1)["workers"])
+
+
+def worker_statuses(client) -> dict[str, str]:
+    """Each connected worker's address and status (``running``, ``closing_gracefully`` while it
+    is retired, ``paused``...), asked of the scheduler itself (as :func:`worker_addresses`)."""
+    workers = client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+    return {address: str(w.get("status", "running")) for address, w in workers.items()}
+
+
+def removed_as_expected(client, address: str) -> bool:
+    """Whether the scheduler removed the worker at ``address`` as planned (a retirement, a
+    scale-down), from its event log; False for a worker that died or dropped its connection."""
+    removals = [
+        msg for _, msg in client.get_events(address) if msg.get("action") == "remove-worker"
+    ]
+    return bool(removals) and bool(removals[-1].get("expected"))
 
 
 def worker_count(client) -> int:

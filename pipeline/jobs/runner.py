@@ -79,7 +79,16 @@ from pipeline.training.rundir import RunDir
 #: at most one progress line per this many seconds in the job's log (epochs always)
 PROGRESS_EVERY_S = 5.0
 #: progress events that always make a log line (steps and chunks are thinned out)
-ALWAYS_LOGGED = ("start", "resumed", "warning", "epoch", "checkpoint", "scored", "rung")
+ALWAYS_LOGGED = (
+    "start",
+    "resumed",
+    "warning",
+    "workers",
+    "epoch",
+    "checkpoint",
+    "scored",
+    "rung",
+)
 #: how often the coordinator looks for a cancel request
 CANCEL_CHECK_EVERY_S = 1.0
 #: how many times one attempt of a job restarts itself after the worker running its coordinator
@@ -226,7 +235,7 @@ class Report:
 def format_progress(p: dict) -> str:
     """One log line from a progress record (training: start/step/epoch/checkpoint; data: stages)."""
     event = p.get("event") or p.get("kind")
-    if p.get("message") and event in (None, "warning", "scored", "rung"):  # a sweep's: as they are
+    if p.get("message") and event in (None, "warning", "workers", "scored", "rung"):  # as they are
         return ("warning: " if event == "warning" else "") + str(p["message"])
     if event == "start" and "total_steps" in p:
         return (
@@ -258,6 +267,7 @@ def format_progress(p: dict) -> str:
         ("test_acc", "test_acc {:.4f}"),
         ("accuracy", "accuracy {:.4f}"),
         ("images_per_s", "{:.0f} images/s"),
+        ("workers", "{} workers"),
     ):
         if isinstance(p.get(key), (int, float)):
             parts.append(fmt.format(p[key]))

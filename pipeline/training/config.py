@@ -18,7 +18,7 @@ from pipeline.atomic import atomic_write_text
 from pipeline.augment import FLIPS, TTAS
 from pipeline.errors import TrainingError
 from pipeline.netspec import NetSpec, NetSpecError
-from pipeline.options import ValueType, WrongType, field_types
+from pipeline.options import ValueType, WrongType, field_types, worker_range
 from pipeline.training.update import OPTIMIZERS, SCHEDULES, UpdateRule
 
 NORMS = ("none", "spatial_batchnorm", "groupnorm")
@@ -57,8 +57,11 @@ class TrainConfig:
 
     # data and cluster
     data: str = _opt("data/cifar10.zarr", "Zarr store made by `convpipe data prepare`", "STORE")
-    workers: int | None = _opt(
-        None, "worker processes of the embedded cluster (default: one per core)", "N"
+    workers: int | str | None = _opt(
+        None,
+        "worker processes of the embedded cluster (default: one per core); MIN:MAX starts MIN "
+        "and lets Dask's adaptive scaling add and retire workers up to MAX while the run trains",
+        "N|MIN:MAX",
     )
     scheduler: str | None = _opt(
         None, "address of a running Dask scheduler instead of the embedded cluster", "ADDR"
@@ -183,7 +186,13 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "workers", "train_limit", "eval_every"):
+        try:
+            size = worker_range(self.workers)
+        except ValueError as exc:
+            raise TrainingError(f"workers: {exc}") from None
+        if size is not None and size[1] is None:
+            self.workers = size[0]  # "4" is 4
+        for name in ("steps", "train_limit", "eval_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainingError(f"{name} must be >= 1, got {value}")

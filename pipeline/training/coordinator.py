@@ -150,7 +150,7 @@ def train(
             spec,
             layout,
             config.batch_size // config.shard_size,
-            worker_count(client),
+            None,  # each step over the workers ready when it is planned
             config.stall_timeout,
         )
         try:
@@ -278,6 +278,8 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
             t0 = clock.lap("coordinator")
             parts = exchange.collect(in_flight.pop(step))
             wait = clock.lap("wait")
+            for change in exchange.pool.take_events():  # workers that joined or left
+                emit(_worker_event(step + 1, change, exchange))
             shards = [s for p in parts for s in p["shards"]]
             loss, n = _loss(
                 step, shards, parts, schedule, config, run
@@ -423,11 +425,33 @@ def _step_record(step, schedule, loss, n, parts, coordinator: float, waited: flo
         "kind": "step",
         "step": step + 1,
         "epoch": schedule.epoch_of(step) + 1,
+        "steps_per_epoch": schedule.steps_per_epoch,  # the page's epoch axis: no store to open
         "loss": loss,
         "n": n,
         "seconds": seconds,
         "images_per_s": n / seconds if seconds > 0 else None,
+        "workers": len(parts),  # the parts of the step: the workers it was planned over
         **{f"{k}_s": v for k, v in timing.items()},
+    }
+
+
+def _worker_event(step: int, change: dict, exchange) -> dict:
+    """A progress event: a worker joined (its warm-up done: it takes parts from the next step
+    planned), left (retired: no replay), died, or was refused (its warm-up failed)."""
+    worker, how = change["worker"], change["change"]
+    text = {
+        "joined": "joined: it takes parts from the next step",
+        "left": "was retired: it takes no more parts",
+        "died": "died or lost its connection",
+        "refused": f"is not used: its warm-up failed ({change.get('error')})",
+    }[how]
+    return {
+        "event": "workers",
+        "step": step,
+        "worker": worker,
+        "change": how,
+        "ready": len(exchange.addresses),
+        "message": f"worker {worker} {text} ({len(exchange.addresses)} in use)",
     }
 
 
@@ -482,6 +506,8 @@ def _summary(
         else None,
         "warmup_s": warmup,
         "workers": worker_count(client),
+        # workers that joined, were retired and died while this session trained
+        "worker_changes": exchange.pool.members.counts(),
         "transport": exchange.kind,
         "final_loss": next((m["loss"] for m in reversed(metrics) if m.get("kind") == "step"), None),
         "plots": plots,

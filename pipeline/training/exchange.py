@@ -26,8 +26,15 @@ import uuid
 from dask.sizeof import sizeof
 from distributed import wait
 
-from pipeline.cluster import cancelled_by_lost_scheduler, worker_addresses, worker_count
+from pipeline.cluster import (
+    cancelled_by_lost_scheduler,
+    removed_as_expected,
+    worker_addresses,
+    worker_count,
+    worker_statuses,
+)
 from pipeline.errors import TrainingError
+from pipeline.training.members import Membership
 from pipeline.training.plan import Layout, StepPlan
 from pipeline.training.worker import (
     TaskSpec,
@@ -105,8 +112,83 @@ def _gather(client, futures: list, what: str, timeout: float, wait) -> list:
         pending = still
 
 
+class WorkerPool:
+    """The workers a run plans its steps over, as the scheduler sees them: asked once per step
+    (:meth:`poll`), a worker that joined is warmed up by a task of its own, off the critical
+    path, and is ready from the next poll after its warm-up finished; one that is retired or
+    dies is dropped. The decisions are :class:`~pipeline.training.members.Membership`'s."""
+
+    def __init__(self, client, spec: TaskSpec, n_train: int = 0):
+        self.client, self.spec, self.n_train = client, spec, n_train
+        self.params = None  # what a joiner's warm-up takes as parameters (shm: a handle to map)
+        self.members = Membership()
+        self.warming: dict[str, object] = {}  # address -> its warm-up future
+        self.events: list[dict] = []  # what changed, for the run's progress events
+        if client is not None:
+            self.members.start(worker_statuses(client))
+
+    @property
+    def ready(self) -> list[str]:
+        return self.members.ready
+
+    def poll(self) -> list[str]:
+        """Ask the scheduler which workers there are; returns the ready ones."""
+        if self.client is None:
+            return self.ready
+        new, gone = self.members.observe(worker_statuses(self.client))
+        for address in gone:
+            how = self.members.lost(address, removed_as_expected(self.client, address))
+            self.events.append({"worker": address, "change": how})
+            future = self.warming.pop(address, None)
+            if future is not None:
+                future.cancel()
+        for address in new:
+            self.warming[address] = self.client.submit(
+                warm_up,
+                self.spec,
+                self.params,
+                self.n_train,
+                workers=[address],
+                allow_other_workers=False,
+                pure=False,
+                key=f"warm-up-join-{time.time_ns()}",
+            )
+        for address, future in list(self.warming.items()):
+            if future.done():
+                del self.warming[address]
+                ok = future.status == "finished"
+                if self.members.warmed(address, ok):
+                    self.events.append({"worker": address, "change": "joined"})
+                else:
+                    self.events.append(
+                        {"worker": address, "change": "refused", "error": _error_of(future)}
+                    )
+        return self.ready
+
+    def take_events(self) -> list[dict]:
+        """The changes seen since the last call (each once)."""
+        events, self.events = self.events, []
+        return events
+
+    def close(self) -> None:
+        for future in self.warming.values():
+            future.cancel()
+        self.warming = {}
+
+
+def _error_of(future) -> str:
+    try:
+        exc = future.exception(timeout=0)
+    except Exception as err:  # noqa: BLE001 - cancelled, or gone with its worker
+        return type(err).__name__
+    return str(exc).splitlines()[0] if exc is not None and str(exc) else type(exc).__name__
+
+
 class Exchange:
-    def __init__(self, client, spec: TaskSpec, layout: Layout, width: int, timeout: float):
+    #: the most parts a step is cut into (more workers than this take no parts)
+    max_width = 1024
+
+    def __init__(self, client, spec: TaskSpec, layout: Layout, width: int | None, timeout: float):
         self.client, self.spec, self.layout, self.width, self.timeout = (
             client,
             spec,
@@ -114,17 +196,22 @@ class Exchange:
             width,
             timeout,
         )
-        self.addresses = worker_addresses(client) if client is not None else []
+        self.pool = WorkerPool(client, spec)
         self.sent = self.received = 0  # bytes of task arguments and results, this coordinator
+
+    @property
+    def addresses(self) -> list[str]:
+        """The workers parts are pinned to: part j to the j-th (in the order they joined)."""
+        return self.pool.ready
 
     def _count(self, sent=None, received=None) -> None:
         self.sent += sizeof(sent) if sent is not None else 0
         self.received += sizeof(received) if received is not None else 0
 
     def _refresh(self) -> None:
-        """The workers parts are pinned to: those connected now (a replay after one left), and a
-        new tag for task keys (a replayed step's tasks must not meet its first run's)."""
-        self.addresses = worker_addresses(self.client)
+        """The workers connected now (a replay after one left), and a new tag for task keys (a
+        replayed step's tasks must not meet its first run's)."""
+        self.pool.poll()
         self.tag = uuid.uuid4().hex[:8]
 
     def _where(self, part: int) -> dict:
@@ -137,13 +224,22 @@ class Exchange:
         }
 
     def plan(self, k: int) -> StepPlan:
-        return StepPlan.make(k, self.width, self.layout.size)
+        """The plan of a step of ``k`` shards: in ``width`` parts if the exchange was given one,
+        else over the workers ready now (asked of the scheduler: those that joined and finished
+        their warm-up take parts, those that left take none)."""
+        ready = self.pool.poll()
+        width = self.width or min(len(ready), self.max_width)
+        return StepPlan.make(k, width, self.layout.size)
+
+    def close_pool(self) -> None:
+        self.pool.close()
 
 
 def warm_up_workers(client, exchange, n_train: int, step: int) -> float:
     """Run :func:`pipeline.training.worker.warm_up` once on every worker (in its task thread)."""
     t0 = time.perf_counter()
-    addrs = worker_addresses(client)
+    exchange.pool.n_train = n_train
+    addrs = exchange.addresses or worker_addresses(client)
     futures = [
         client.submit(
             warm_up,

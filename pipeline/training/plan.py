@@ -90,6 +90,15 @@ def split(n: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def overlaps(slices, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """Where ``[lo, hi)`` lies in the ranges ``slices`` (a tiling of the vector): a list of
+    ``(i, a, b)``, elements ``[a, b)`` of range i, left to right (re-slicing a state held in
+    other slices, when the workers of a run changed)."""
+    return [
+        (i, max(lo, s) - s, min(hi, e) - s) for i, (s, e) in enumerate(slices) if s < hi and lo < e
+    ]
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """The plan of one step: ``k`` shards in ``width`` parts, the vector in ``width`` slices

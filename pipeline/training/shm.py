@@ -41,6 +41,8 @@ from pipeline.training.worker import (
     worker_name,
 )
 
+#: slice records per parity: the most parts a step is cut into (workers may join mid-run)
+MAX_PARTS = 64
 HEADER = 64  # bytes before the state: magic token (32), then the abort flag (int64)
 NEVER = -9  # the step of a record not yet written
 _PREFIX = "convpipe-"
@@ -468,12 +470,14 @@ class SharedMemoryExchange(Exchange):
     kind = "shm"
 
     def __init__(
-        self, client, spec: TaskSpec, layout: Layout, slots: int, width: int, timeout: float
+        self, client, spec: TaskSpec, layout: Layout, slots: int, width: int | None, timeout: float
     ):
         super().__init__(client, spec, layout, width, timeout)
         blocks = -(-layout.size // CHUNK)
-        self.shared = SharedState(layout, slots, max(width, 1), blocks, spec.model.bn_channels)
+        self.max_width = max(width or 0, MAX_PARTS)
+        self.shared = SharedState(layout, slots, self.max_width, blocks, spec.model.bn_channels)
         self.ref: ShmRef = self.shared.ref
+        self.pool.params = ShmParams(self.ref, 0)  # a joiner's warm-up maps the files
         self.prev_width = 1
 
     def usable(self) -> bool:
@@ -537,6 +541,7 @@ class SharedMemoryExchange(Exchange):
         return ShmParams(self.ref, step % 2)
 
     def close(self) -> None:
+        self.close_pool()
         self.shared.close()
         try:
             self.client.run(release, self.ref.token)

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.errors import TrainingError
 from pipeline.training.exchange import Exchange, gather
-from pipeline.training.plan import CHUNK, StepPlan
+from pipeline.training.plan import CHUNK, StepPlan, overlaps
 from pipeline.training.reduce import tree_update
 from pipeline.training.worker import (
     TaskSpec,
@@ -126,6 +126,19 @@ def tcp_start(state: tuple) -> dict:
     return {"state": state, "partials": np.zeros(0), "reduce_s": 0.0}
 
 
+def tcp_reslice(updates: list[dict], cuts: list[tuple[int, int]], dtype: str) -> dict:
+    """A slice's state put together from pieces ``[a, b)`` of other slices' (the run's workers
+    changed, and the vector is cut in another number of slices)."""
+    return tcp_start(
+        tuple(
+            np.concatenate([u["state"][i][a:b] for u, (a, b) in zip(updates, cuts)])
+            if updates
+            else np.zeros(0, dtype=dtype)
+            for i in range(3)
+        )
+    )
+
+
 class TcpExchange(Exchange):
     kind = "tcp"
 
@@ -145,9 +158,9 @@ class TcpExchange(Exchange):
                     **self._where(j),
                 )
             )
-        self._keep(step, updates)
+        self._keep(step, updates, plan.slices)
 
-    def _keep(self, step: int, updates: list) -> None:
+    def _keep(self, step: int, updates: list, slices) -> None:
         """The slices' states after ``step - 1`` (the state of ``step``) and their weights; the
         last two steps' are kept (checkpoints and evaluation read the one before the newest)."""
         weights = [
@@ -155,13 +168,35 @@ class TcpExchange(Exchange):
             for j, u in enumerate(updates)
         ]
         self.history = {s: h for s, h in getattr(self, "history", {}).items() if s >= step - 1}
-        self.history[step] = (updates, weights)
+        self.history[step] = (updates, weights, slices)
+
+    def _resliced(self, step: int, prev: list, old, plan: StepPlan) -> list:
+        """The state of ``step`` cut as ``plan`` cuts the vector (``old``: as it is cut now):
+        unchanged while the workers are, else one small task per new slice, on its worker."""
+        if tuple(old) == plan.slices:
+            return prev
+        out = []
+        for j, (lo, hi) in enumerate(plan.slices):
+            pieces = overlaps(old, lo, hi)
+            out.append(
+                self.client.submit(
+                    tcp_reslice,
+                    [prev[i] for i, _, _ in pieces],
+                    [(a, b) for _, a, b in pieces],
+                    self.layout.dtype,
+                    key=f"reslice-{step}-{self.tag}-{j}",
+                    pure=False,
+                    **self._where(j),
+                )
+            )
+        return out
 
     def submit(self, step: int, plan: StepPlan, shards: list[np.ndarray], batch: int, adam_t: int):
         if step not in self.history:
             raise TrainingError(f"tcp: parts of step {step + 1} submitted before step {step} was")
         c, tag = self.client, f"{step}-{self.tag}"
-        prev, weights = self.history[step]
+        prev, weights, old = self.history[step]
+        prev = self._resliced(step, prev, old, plan)
         parts = [
             c.submit(
                 tcp_part,
@@ -202,7 +237,7 @@ class TcpExchange(Exchange):
             )
         stats = [c.submit(tcp_stats, p, pure=False) for p in parts]
         partials = [c.submit(tcp_partials, u, pure=False) for u in updates]
-        self._keep(step + 1, updates)  # all-gather: the next step's parts fetch these slices
+        self._keep(step + 1, updates, plan.slices)  # all-gather: the next parts fetch these
         self._count(sent=(shards, plan))
         return step, stats, partials
 
@@ -223,4 +258,5 @@ class TcpExchange(Exchange):
         return self.history[step][1]
 
     def close(self) -> None:
+        self.close_pool()
         self.history = {}

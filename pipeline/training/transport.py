@@ -29,10 +29,11 @@ def open_exchange(
     spec: TaskSpec,
     layout: Layout,
     slots: int,
-    width: int,
+    width: int | None,
     timeout: float = 600.0,
 ):
     """The transport asked for; ``auto``: shared memory when every worker shares this host.
+    ``width``: the parts of every step; None: as many as workers are ready when it is planned.
 
     The shared-memory records rely on stores becoming visible in program order (x86); ``auto``
     picks tcp on other processors, and ``shm`` is refused there.

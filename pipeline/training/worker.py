@@ -196,7 +196,8 @@ def worker_name() -> str:
 
 def warm_up(spec: TaskSpec, params, n_train: int) -> float:
     """Prepare a worker before the timed steps: decompress the training images it will read
-    into the store's cache, build the network and run it once (loads Numba's compiled kernels)."""
+    into the store's cache, build the network and run it once (loads Numba's compiled kernels).
+    ``params``: the run's, or None (a worker that joins mid-run: its own initial weights do)."""
     t0 = time.perf_counter()
     task_setup(spec.threads)
 
@@ -207,7 +208,8 @@ def warm_up(spec: TaskSpec, params, n_train: int) -> float:
     )
     X, y = store.read("train", np.arange(min(2, n_train)), dtype=spec.model.dtype)
     with _network(spec.model) as model:
-        model.params = dict(task_params(spec, params))
+        if params is not None:
+            model.params = dict(task_params(spec, params))
         if model.bn_param:
             model.bn_param["mode"] = "train"
         model.loss(X, y)

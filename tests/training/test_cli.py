@@ -36,6 +36,9 @@ def _error(capsys, argv):
             "workers and scheduler exclude each other",
         ),
         (["--train-limit", 1000], "--train-limit 1000 exceeds the 64 training images"),
+        (["--workers", "3:1"], "expected N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got '3:1'"),
+        (["--workers", "two"], "expected a number N or a range MIN:MAX, got 'two'"),
+        (["--workers", 0], "expected N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got 0"),
     ],
 )
 def test_settings_that_do_not_fit_are_one_line_errors(store, tmp_path, capsys, extra, words):

@@ -1,0 +1,200 @@
+"""Workers that join and leave a running job: each step is planned over the workers ready when
+it is planned, and the run ends with the bits of an undisturbed one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from distributed import Client, get_task_stream
+
+from pipeline.cluster import connect, worker_addresses
+from pipeline.options import worker_range
+from pipeline.training import TrainConfig, train
+from pipeline.training.members import Membership
+from tests.helpers.cluster import local_cluster
+from tests.helpers.training import assert_same_params, final_params, make_store, tiny_config
+from tests.helpers.wait import wait_until
+
+SETTINGS = dict(steps=12, batch_size=128, shard_size=32, num_filters=8, hidden_dim=32)
+K = 4  # the step (1-based, as progress events count) at whose end the cluster changes
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(
+        tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=512, n_val=32, n_test=32
+    )
+
+
+@pytest.fixture(scope="module")
+def calm(store, tmp_path_factory):
+    """The undisturbed run, on one worker (the bits are the same for any number)."""
+    out = tmp_path_factory.mktemp("calm") / "run"
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        train(tiny_config(store, out, **SETTINGS), client=client)
+    return final_params(out)
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _part_steps(stream: list[dict], worker: str) -> list[int]:
+    """The (0-based) steps whose part tasks ran on ``worker``, from the scheduler's task log
+    (keys ``part-<step>-...`` on both transports)."""
+    return sorted(
+        {
+            int(t["key"].split("-")[1])
+            for t in stream
+            if t["key"].startswith("part-") and t["worker"] == worker
+        }
+    )
+
+
+def _warmed_on(client, worker: str) -> bool:
+    def done(dask_worker):
+        return any(
+            str(key).startswith("warm-up-join") and ts.state == "memory"
+            for key, ts in dask_worker.state.tasks.items()
+        )
+
+    return client.run(done, workers=[worker])[worker]
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_worker_that_joins_takes_parts_after_its_warm_up_and_the_bits_stay(
+    store, calm, tmp_path, transport
+):
+    out = tmp_path / "joined"
+    events, added = [], []
+    with local_cluster(1) as cluster, Client(cluster) as client:
+
+        def progress(event):
+            events.append(event)
+            if event["event"] != "step":
+                return
+            if event["step"] == K:  # a second worker arrives
+                before = set(worker_addresses(client))
+                cluster.scale(2)
+                wait_until(lambda: len(worker_addresses(client)) == 2, timeout=30)
+                added.extend(set(worker_addresses(client)) - before)
+            if event["step"] == K + 1:  # the next plan saw it and warms it up: wait for that
+                wait_until(lambda: _warmed_on(client, added[0]), timeout=60)
+
+        with get_task_stream(client) as stream:
+            summary = train(
+                tiny_config(store, out, transport=transport, **SETTINGS),
+                client=client,
+                progress=progress,
+            )
+        parts = _part_steps(stream.data, added[0])
+
+    # step K + 1 (0-based) was planned when the warm-up had not finished; step K + 2 after it
+    assert parts and K <= parts[0] <= K + 2, parts
+    widths = {m["step"]: m["workers"] for m in _metrics(out) if m["kind"] == "step"}
+    assert widths == {s: 1 if s <= K + 2 else 2 for s in range(1, SETTINGS["steps"] + 1)}
+    assert set(range(K + 2, SETTINGS["steps"])) <= set(parts)
+    joined = [e for e in events if e["event"] == "workers"]
+    assert [(e["worker"], e["change"]) for e in joined] == [(added[0], "joined")]
+    assert "joined" in joined[0]["message"]
+    assert summary["worker_changes"] == {"joined": 1, "left": 0, "died": 0}
+    assert not any(e["event"] in ("resumed", "warning") for e in events), events
+    assert_same_params(calm, final_params(out))
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_worker_retired_mid_run_hands_over_without_a_replay_and_the_bits_stay(
+    store, calm, tmp_path, transport
+):
+    out = tmp_path / "retired"
+    events, retired = [], []
+    with local_cluster(2) as cluster, Client(cluster) as client:
+
+        def progress(event):
+            events.append(event)
+            if event["event"] == "step" and event["step"] == K:
+                retired.append(worker_addresses(client)[-1])
+                # Dask's graceful retirement: no new tasks, its data moved to the other worker
+                assert list(client.retire_workers([retired[0]])) == retired
+
+        with get_task_stream(client) as stream:
+            summary = train(
+                tiny_config(store, out, transport=transport, **SETTINGS),
+                client=client,
+                progress=progress,
+            )
+        parts = _part_steps(stream.data, retired[0])
+
+    assert parts and max(parts) <= K + 1, parts  # in flight when it was retired, no later
+    widths = [m["workers"] for m in _metrics(out) if m["kind"] == "step"]
+    assert widths[:K] == [2] * K and widths[-1] == 1, widths
+    left = [e for e in events if e["event"] == "workers"]
+    assert [(e["worker"], e["change"]) for e in left] == [(retired[0], "left")]
+    assert summary["worker_changes"] == {"joined": 0, "left": 1, "died": 0}
+    # no checkpoint reloaded, no replay
+    assert not any(e["event"] in ("resumed", "warning") for e in events), events
+    assert_same_params(calm, final_params(out))
+
+
+# ---- the state machine ---------------------------------------------------------------------------
+
+
+def test_membership_warms_a_newcomer_before_it_takes_parts():
+    m = Membership()
+    m.start({"a": "running"})
+    assert m.observe({"a": "running", "b": "running"}) == (["b"], [])
+    assert m.ready == ["a"] and m.warming == ["b"]
+    assert m.observe({"a": "running", "b": "running"}) == ([], [])  # warmed up once only
+    assert m.warmed("b")
+    assert m.ready == ["a", "b"] and m.counts() == {"joined": 1, "left": 0, "died": 0}
+
+
+def test_membership_counts_a_retirement_as_left_and_a_vanishing_as_died():
+    m = Membership()
+    m.start({"a": "running", "b": "running", "c": "running"})
+    m.observe({"a": "running", "b": "closing_gracefully", "c": "running"})
+    assert m.ready == ["a", "c"]  # a worker being retired takes no new parts
+    new, gone = m.observe({"a": "running"})
+    assert new == [] and gone == ["b", "c"]
+    assert m.lost("b", expected=False) == "left"  # it was seen closing gracefully
+    assert m.lost("c", expected=False) == "died"
+    assert m.counts() == {"joined": 0, "left": 1, "died": 1}
+    assert m.observe({"a": "running"}) == ([], [])  # each one counted once
+
+
+def test_membership_never_plans_a_worker_whose_warm_up_failed_and_takes_back_a_paused_one():
+    m = Membership()
+    m.start({"a": "running"})
+    m.observe({"a": "running", "b": "running"})
+    assert not m.warmed("b", ok=False)
+    assert m.observe({"a": "running", "b": "running"}) == ([], [])
+    assert m.ready == ["a"]
+    m.observe({"a": "paused"})
+    assert m.ready == []
+    m.observe({"a": "running"})
+    assert m.ready == ["a"] and m.counts()["joined"] == 0
+    assert not m.warmed("zzz")  # a warm-up of a worker not warming changes nothing
+
+
+# ---- --workers MIN:MAX ---------------------------------------------------------------------------
+
+
+def test_workers_min_max_starts_min_workers_under_dask_adaptive_scaling():
+    with connect(workers="1:3", processes=False) as client:
+        adaptive = client.cluster._adaptive
+        assert (adaptive.minimum, adaptive.maximum) == (1, 3)
+        assert len(worker_addresses(client)) == 1
+    with connect(workers=2, processes=False) as client:
+        assert client.cluster._adaptive is None and len(worker_addresses(client)) == 2
+
+
+@pytest.mark.parametrize(
+    "given, size",
+    [(None, None), (3, (3, None)), ("3", (3, None)), ("1:4", (1, 4)), ("2:2", (2, 2))],
+)
+def test_a_workers_setting_is_a_size_or_a_range(given, size):
+    assert worker_range(given) == size
+    assert TrainConfig(workers=given).validate().workers == (
+        size[0] if size and size[1] is None else given
+    )
