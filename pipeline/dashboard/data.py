@@ -11,7 +11,8 @@ Metrics files are read incrementally: a poll reads only the lines added since th
 Every file is read through :class:`pipeline.dashboard.files.Folders`: a regular file inside
 ``ROOT/jobs`` (jobs) or inside ``ROOT/runs`` and the run folders (runs), no link followed. A
 run directory is one holding ``config.json``; a path named by a status file or an event that
-lies elsewhere is not read, whatever the event says.
+lies elsewhere is not read, whatever the event says. No data store is opened: steps per epoch
+come from the run's own lines (or its ``train_limit``), never from the store its config names.
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ from pathlib import Path
 
 from pipeline.curves import (
     Curves,
+    infer_steps_per_epoch,
     recent_rate,
-    run_steps_per_epoch,
     step_breakdown,
-    steps_per_epoch_of_settings,
     total_steps_of_settings,
 )
 from pipeline.dashboard.files import Folders, NotServed, real_path
@@ -72,6 +72,7 @@ class _Lines:
         self.recent: collections.deque = collections.deque(maxlen=RECENT_STEPS)
         self.scored: list[dict] = []
         self.mtime = 0.0
+        self.steps_per_epoch: int | None = None  # as the step lines say (a run's coordinator)
 
     def refresh(self, files: Folders, path: Path) -> None:
         """Read the lines added since the last call (all of them again if the file was replaced
@@ -105,6 +106,7 @@ class _Lines:
         if m.get("kind") == "step" and _count(m.get("step")) is not None:
             self.steps.append((m["step"], m.get("epoch"), m.get("loss")))
             self.recent.append(m)
+            self.steps_per_epoch = _count(m.get("steps_per_epoch")) or self.steps_per_epoch
         elif m.get("kind") in ("eval", "epoch") and _number(m.get("step")) is not None:
             self.scored.append(m)
 
@@ -112,14 +114,6 @@ class _Lines:
         """Metrics records enough for :class:`Curves` (step lines reduced to step, epoch, loss)."""
         lines = [{"kind": "step", "step": s, "epoch": e, "loss": loss} for s, e, loss in self.steps]
         return sorted(lines + self.scored, key=lambda m: (m["step"], m["kind"] != "step"))
-
-
-class _Cached:
-    """What the page keeps of one run directory between polls."""
-
-    def __init__(self):
-        self.lines = _Lines()
-        self.spe: tuple[float | None, float | None] | None = None  # (config mtime, steps/epoch)
 
 
 @dataclass(frozen=True)
@@ -173,7 +167,7 @@ class RunReader:
     def __init__(self, files: Folders):
         self.files = files
         self._lock = threading.Lock()
-        self._cache: collections.OrderedDict[str, _Cached] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str, _Lines] = collections.OrderedDict()
 
     def run_dir(self, path: str | Path) -> Path | None:
         """The resolved ``path`` if it is a run directory the page shows: inside the folders,
@@ -200,20 +194,17 @@ class RunReader:
         config = _json_object(data)
         config_mtime = st.st_mtime
         with self._lock:
-            cached = self._cache.pop(str(real), None) or _Cached()
-            self._cache[str(real)] = cached
+            lines = self._cache.pop(str(real), None) or _Lines()
+            self._cache[str(real)] = lines
             while len(self._cache) > CACHED_RUNS:
                 self._cache.popitem(last=False)
-            lines = cached.lines
             lines.refresh(self.files, real / "metrics.jsonl")
             metrics = lines.metrics()
             recent = list(lines.recent)
             mtime = lines.mtime
-            if cached.spe is None or cached.spe[0] != config_mtime:  # once per config.json
-                cached.spe = (config_mtime, steps_per_epoch_of_settings(config) if config else None)
-            spe_of_settings = cached.spe[1]
+            spe = lines.steps_per_epoch
         summary = _read_json(self.files, real / "summary.json")
-        spe = spe_of_settings or run_steps_per_epoch(metrics, None)
+        spe = spe or _steps_per_epoch_of_limit(config) or infer_steps_per_epoch(metrics)
         curves = Curves.from_metrics(metrics, spe)
         rate, per_step = recent_rate(recent)
         last = recent[-1] if recent else {}
@@ -245,6 +236,14 @@ class RunReader:
             updated,
             pictures,
         )
+
+
+def _steps_per_epoch_of_limit(config: dict | None) -> int | None:
+    """``ceil(train_limit / batch_size)`` of a run's config.json; None without a train_limit
+    (the page does not open the store its config names to count the train split)."""
+    config = config or {}
+    limit, batch = _count(config.get("train_limit")), _count(config.get("batch_size"))
+    return -(-limit // batch) if limit and batch else None
 
 
 def _last(records: list[dict], key: str):

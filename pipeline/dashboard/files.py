@@ -3,9 +3,8 @@
 Paths come from ``status.json``, from job records and from scheduler events (which any Dask
 client can post), so none is trusted: a path is resolved, must lie inside one of the page's
 folders (the data root's ``runs/`` and ``jobs/``, the run folders it was installed with), and
-its file is opened by walking down from that folder one component at a time with
-``O_NOFOLLOW`` (a link swapped in meanwhile is refused too), then read only if ``fstat`` says
-it is a regular file (not a link, a FIFO that would block the reader, a device, a directory).
+its file is opened by walking down from that folder without following a link, and read only
+if it is a regular file (:func:`pipeline.safe_files.open_regular`).
 """
 
 from __future__ import annotations
@@ -14,25 +13,18 @@ import collections
 import contextlib
 import errno
 import os
-import stat
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-# O_PATH where there is one: walking down needs search permission only, as a path lookup does
-_DIR_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
-# O_NONBLOCK: opening a FIFO must not wait for a writer; regular files read as usual
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+from pipeline.safe_files import Refused, open_regular
+
+#: a path the page does not read (one line): outside its folders, a link, or no regular file
+NotServed = Refused
+
 #: folders added one by one (run directories announced in this process) that are remembered
 MAX_ADDED = 256
-
-
-class NotServed(OSError):
-    """A path the page does not read: outside its folders, a link, or not a regular file."""
-
-    def __str__(self) -> str:
-        return f"{self.filename}: {self.strerror}"
 
 
 class Folders:
@@ -85,17 +77,9 @@ class Folders:
         if found is None:
             raise NotServed(errno.EACCES, "outside the folders the page reads", str(path))
         base, real_dir = found
-        fd = _open_below(base, real_dir.relative_to(base).parts, path.name, str(path))
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise NotServed(errno.EACCES, "not a regular file", str(path))
-            f = os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
-        with f:
-            yield f, st
+        parts = (*real_dir.relative_to(base).parts, path.name)
+        with open_regular(base, parts, str(path)) as opened:
+            yield opened
 
     def read(self, path: str | Path, offset: int = 0) -> tuple[bytes, os.stat_result]:
         """The bytes of the regular file ``path`` from ``offset``, and its fstat."""
@@ -121,39 +105,6 @@ class Folders:
                 return st
         except OSError:
             return None
-
-
-def _open_below(base: Path, parts: tuple[str, ...], name: str, shown: str) -> int:
-    """A descriptor of ``base/parts.../name``, opened one component at a time, no link
-    followed below ``base``."""
-    try:
-        fd = os.open(base, _DIR_FLAGS)
-    except OSError as exc:
-        raise _why(exc, shown) from None
-    try:
-        for part in parts:
-            try:
-                below = os.open(part, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError as exc:
-                raise _why(exc, shown) from None
-            os.close(fd)
-            fd = below
-        try:
-            return os.open(name, _FILE_FLAGS, dir_fd=fd)
-        except OSError as exc:
-            raise _why(exc, shown) from None
-    finally:
-        os.close(fd)
-
-
-def _why(exc: OSError, shown: str) -> OSError:
-    """FileNotFoundError for what is not there (or is no directory where one is walked
-    through: with O_PATH a link there reads so), NotServed for a link, else ``exc``."""
-    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-        return FileNotFoundError(errno.ENOENT, "no such file", shown)
-    if exc.errno == errno.ELOOP:
-        return NotServed(errno.ELOOP, "a symbolic link (the page follows none)", shown)
-    return exc
 
 
 def real_path(p: Path) -> Path:

@@ -10,9 +10,11 @@ a disk.
     {prefix}convpipe/job/<id>            one job                {prefix}convpipe/job/<id>.json
     {prefix}convpipe/run?dir=<path>      one run directory      {prefix}convpipe/run.json?dir=<path>
     {prefix}convpipe/static/page.js      the pages' script (the only script they run)
+    {prefix}convpipe/static/page.css     the pages' stylesheet (the only style they use)
 
 Every value from a file or an event is HTML-escaped where it is put in a page (render.py), and
-the Content-Security-Policy lets a page run no script but that one, from this server.
+the Content-Security-Policy lets a page run no script and apply no style but those two, from
+this server (no inline script, no inline style: an injected one would not apply).
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ from pipeline.dashboard import render
 from pipeline.dashboard.data import Board, SchedulerCopy, SchedulerView
 
 JOB_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]*?"
-#: Content-Security-Policy: the page's own inline style, its script from this server (no inline
-#: script), fetches to itself, nothing else
+#: Content-Security-Policy: its stylesheet and script from this server (nothing inline),
+#: fetches to itself, nothing else
 CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; script-src 'self'; connect-src "
-    "'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
+    "default-src 'none'; style-src 'self'; script-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'self'"
 )
 
 
@@ -56,6 +58,7 @@ class Page:
             (rf"{p}convpipe/run(\.json)?", Run, kw),
             (rf"{p}convpipe/run/(curves|filters)\.png", Picture, kw),
             (rf"{p}convpipe/{render.SCRIPT_PATH}", Script, kw),
+            (rf"{p}convpipe/{render.STYLE_PATH}", Stylesheet, kw),
         ]
 
     async def off_loop(self, fn, *args):
@@ -204,3 +207,11 @@ class Script(_Handler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/javascript; charset=utf-8")
         self.finish(render.SCRIPT)
+
+
+class Stylesheet(_Handler):
+    """The pages' stylesheet (:data:`render.CSS`)."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/css; charset=utf-8")
+        self.finish(render.CSS)

@@ -2,10 +2,12 @@
 
 Every page is complete on its own (server-rendered tables and SVG charts: it reads fine with
 scripts off and in ``chromium --dump-dom``); a few lines of script (:data:`SCRIPT`, served at
-``convpipe/static/page.js``: the pages hold no inline script) fetch the page's ``.json`` twin
-every :data:`POLL_MS` and replace the fragments whose ids it names, until the job or run has
-ended. ``base`` is the relative path from a page to the dashboard's root (``""``, ``"../"``,
-``"../../"``), so links work under any ``--dashboard-prefix`` and behind a proxy.
+``convpipe/static/page.js``) fetch the page's ``.json`` twin every :data:`POLL_MS` and replace
+the fragments whose ids it names, until the job or run has ended. The stylesheet (:data:`CSS`)
+is served at ``convpipe/static/page.css``: the pages hold no inline script and no inline style,
+not even a ``style`` attribute (a bar is an SVG rectangle of a width). ``base`` is the relative
+path from a page to the dashboard's root (``""``, ``"../"``, ``"../../"``), so links work under
+any ``--dashboard-prefix`` and behind a proxy.
 
 Every value that comes from a file or a scheduler event goes through :func:`html.escape` where
 it is put in the HTML (numbers are formatted as numbers, anything else escaped as text).
@@ -52,9 +54,8 @@ a{color:#0969da}code{background:#eff1f3;padding:1px 5px;border-radius:4px;font-s
 color:#fff;background:#6e7781}
 .state.running{background:#0969da}.state.done{background:#1a7f37}.state.failed{background:#cf222e}
 .state.cancelled{background:#bc4c00}.state.queued,.state.stopped{background:#6e7781}
-.bar{display:inline-block;width:64px;height:8px;background:#eaeef2;border-radius:4px;\
-margin-left:6px;vertical-align:middle}
-.bar i{display:block;height:8px;border-radius:4px;background:#0969da}
+svg.bar{margin-left:6px;vertical-align:middle}svg.bar .track{fill:#eaeef2}\
+svg.bar .done{fill:#0969da}
 .cards{display:flex;gap:12px;flex-wrap:wrap;margin:8px 0}
 .card{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:8px 14px;min-width:110px}
 .card b{display:block;font-size:18px}.card span{font-size:12px;color:#57606a}
@@ -74,7 +75,8 @@ max-height:360px}
 .problems li{color:#cf222e}.muted{color:#57606a;font-size:12px}
 """
 
-#: where the pages load :data:`SCRIPT` from, under ``{prefix}convpipe/``
+#: where the pages load :data:`CSS` and :data:`SCRIPT` from, under ``{prefix}convpipe/``
+STYLE_PATH = "static/page.css"
 SCRIPT_PATH = "static/page.js"
 SCRIPT = """
 (function(){const src=document.body.dataset.poll;if(!src)return;
@@ -129,8 +131,23 @@ def _steps(step, total) -> str:
     shown = f"{escape(str(step or 0))}/{escape(str(total))}"
     if not _is_num(step or 0) or not _is_num(total) or total <= 0:
         return shown
-    frac = min(1.0, max(0.0, (step or 0) / total))
-    return f'{shown}<span class="bar"><i style="width:{100 * frac:.0f}%"></i></span>'
+    return shown + bar((step or 0) / total)
+
+
+#: a bar's size in pixels
+BAR_WIDTH, BAR_HEIGHT = 64, 8
+
+
+def bar(fraction: float) -> str:
+    """A small bar filled to ``fraction`` (clipped to 0..1): an SVG rectangle of that width, so
+    the page needs no ``style`` attribute."""
+    fraction = min(1.0, max(0.0, fraction))
+    return (
+        f'<svg class="bar" width="{BAR_WIDTH}" height="{BAR_HEIGHT}" role="img" '
+        f'aria-label="{100 * fraction:.0f}%"><rect class="track" width="{BAR_WIDTH}" '
+        f'height="{BAR_HEIGHT}" rx="4"/><rect class="done" width="{BAR_WIDTH * fraction:.1f}" '
+        f'height="{BAR_HEIGHT}" rx="4"/></svg>'
+    )
 
 
 def job_link(base: str, job_id: str) -> str:
@@ -153,7 +170,7 @@ def page(title: str, base: str, body: str, root: str, poll: str | None) -> str:
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<style>{CSS}</style></head>"
+        f'<link rel="stylesheet" href="{base}convpipe/{STYLE_PATH}"></head>'
         f'<body{poll_attr}><header><a class="brand" href="{base}convpipe">convpipe</a>{nav}'
         f'<span class="root">data root {escape(root)} · read-only</span></header>'
         f'<main>{body}</main><script src="{base}convpipe/{SCRIPT_PATH}"></script></body></html>'
@@ -421,7 +438,7 @@ def breakdown(run: RunView) -> str:
     total = b.get("step") or sum(v for _, v in parts) or 1.0
     rows = "".join(
         f'<tr><td>{escape(label)}</td><td class="num">{1000 * v:.1f} ms</td>'
-        f'<td><span class="bar"><i style="width:{min(100, 100 * v / total):.0f}%"></i></span></td>'
+        f"<td>{bar(v / total)}</td>"
         "</tr>"
         for label, v in parts
     )

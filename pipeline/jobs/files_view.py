@@ -22,7 +22,8 @@ def status_from_files(root: str, job_id: str) -> dict:
 
     :class:`JobError` if ``job_id`` is not a plain id, or there is no such job (no directory
     ``root/jobs/<job_id>``, or no status in it); :class:`JobFileError` (one line naming the file
-    and the problem) if its status file is malformed.
+    and the problem) if its status file is malformed, or its status or log is a link or no
+    regular file (never followed: :class:`~pipeline.jobs.records.JobFiles` reads them).
     """
     files = JobFiles.existing(root, job_id)
     status = files.read_status()

@@ -13,7 +13,9 @@ The same records also go to the scheduler as Dask events (``Client.log_event``) 
 ``convpipe status`` and ``logs`` read from any machine that reaches the scheduler, without
 access to the data root. The scheduler keeps them in memory only (the last
 ``distributed.admin.low-level-log-length`` events per topic, 1000 by default) and forgets
-them when it restarts; the files stay, and ``--root DIR`` reads them directly.
+them when it restarts; the files stay, and ``--root DIR`` reads them directly. They are read
+as regular files without following a link (:mod:`pipeline.safe_files`): a link in the job's
+directory is refused with one line, not followed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pipeline.atomic import atomic_write_text
 from pipeline.curves import number_text
 from pipeline.errors import ConvpipeError
 from pipeline.procs import utc_now as now_iso  # a record's times, as lock files give them
+from pipeline.safe_files import read_regular
 
 REGISTRY_TOPIC = "convpipe-jobs"
 #: states of a job that has not ended, and of one that has
@@ -106,10 +109,12 @@ def jsonable(d: dict) -> dict:
 
 
 class JobFiles:
-    """The job's directory on the data root."""
+    """The job's directory on the data root. Its files are read without following a link
+    below ``folder`` (default: the directory itself; ``ROOT/jobs`` for :meth:`existing`)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, folder: str | Path | None = None):
         self.dir = Path(directory)
+        self.folder = self.dir if folder is None else Path(folder)
 
     @classmethod
     def of(cls, root: str | Path, job_id: str) -> JobFiles:
@@ -121,7 +126,7 @@ class JobFiles:
         a one-line :class:`JobError` if the id is not plain or names no directory there."""
         check_job_id(job_id)
         jobs = Path(os.path.abspath(root)) / "jobs"
-        files = cls(jobs / job_id)
+        files = cls(jobs / job_id, jobs)
         if not files.dir.is_dir():
             raise JobError(f"no job {job_id} under {jobs} (no such directory)")
         if files.dir.resolve().parent != jobs.resolve():
@@ -157,7 +162,7 @@ class JobFiles:
     def read_status(self) -> dict | None:
         """The latest state record; None if there is none;
         :class:`JobFileError` if it is malformed."""
-        raw = _read_bytes(self.status_path)
+        raw = self._read_bytes(self.status_path)
         return None if raw is None else status_from_bytes(self.status_path, raw)
 
     def append_log(self, line: str) -> None:
@@ -167,12 +172,10 @@ class JobFiles:
             f.flush()
 
     def read_log(self, offset: int = 0) -> tuple[str, int]:
-        """Text of the log from byte ``offset`` (whole lines only) and the next offset."""
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(offset)
-                data = f.read()
-        except FileNotFoundError:
+        """Text of the log from byte ``offset`` (whole lines only) and the next offset;
+        :class:`JobFileError` if it cannot be read."""
+        data = self._read_bytes(self.log_path, offset)
+        if data is None:
             return "", offset
         end = data.rfind(b"\n") + 1
         return data[:end].decode(errors="replace"), offset + end
@@ -184,7 +187,8 @@ class JobFiles:
     def read_record(self) -> dict | None:
         """The job's record as submitted; None if there is none;
         :class:`JobFileError` if malformed."""
-        record = _read_json(self.record_path)
+        raw = self._read_bytes(self.record_path)
+        record = None if raw is None else json_object(self.record_path, raw)
         missing = [k for k in RECORD_KEYS if record is not None and k not in record]
         if missing:
             raise JobFileError(
@@ -202,21 +206,15 @@ class JobFiles:
             )
         return record
 
-
-def _read_bytes(path: Path) -> bytes | None:
-    """The bytes of ``path``; None if the file does not exist; else one-line JobFileError."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise JobFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-
-
-def _read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``; None if the file does not exist; else one-line JobFileError."""
-    raw = _read_bytes(path)
-    return None if raw is None else json_object(path, raw)
+    def _read_bytes(self, path: Path, offset: int = 0) -> bytes | None:
+        """The bytes of the regular file ``path`` (in the directory) from ``offset``, no link
+        followed; None if it does not exist; else a one-line JobFileError."""
+        try:
+            return read_regular(self.folder, path.relative_to(self.folder).parts, offset)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise JobFileError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def json_object(path: str | Path, raw: bytes) -> dict:

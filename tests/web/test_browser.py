@@ -1,8 +1,9 @@
 """The convpipe page in a real browser: headless Chromium loads it from the embedded cluster's
 dashboard while a training job runs there, and the rendered DOM shows the job and a loss
 curve that grew between two loads. The page's script polls its JSON twin and swaps fragments
-in (Chromium's virtual time runs its timers). A screenshot of the job page is saved (to
-$CONVPIPE_SCREENSHOTS too when set, e.g. for docs/convpipe-page.png).
+in (Chromium's virtual time runs its timers), and the console shows no Content-Security-Policy
+violation (no inline style or script, before or after the swaps). A screenshot of the job page
+is saved (to $CONVPIPE_SCREENSHOTS too when set, e.g. for docs/convpipe-page.png).
 
 Needs Debian's ``chromium`` (.ci/run installs it); skipped without it.
 """
@@ -29,6 +30,10 @@ pytestmark = pytest.mark.skipif(
 
 
 def chromium(tmp_path: Path, *args: str, timeout: float = 120) -> str:
+    return _run(tmp_path, *args, timeout=timeout).stdout
+
+
+def _run(tmp_path: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     profile = tmp_path / "chromium-profile"
     r = subprocess.run(
         [
@@ -46,7 +51,31 @@ def chromium(tmp_path: Path, *args: str, timeout: float = 120) -> str:
         timeout=timeout,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    return r.stdout
+    return r
+
+
+def csp_violations(tmp_path: Path, url: str) -> list[str]:
+    """The console messages about the Content-Security-Policy of ``url``, loaded with its script
+    run for 7 virtual seconds (its polls swap fragments in)."""
+    logging = ("--enable-logging=stderr", "--v=0")
+    r = _run(tmp_path, *logging, "--virtual-time-budget=7000", "--dump-dom", url)
+    return [
+        line
+        for line in r.stderr.splitlines()
+        if ":CONSOLE" in line and "Content Security Policy" in line
+    ]
+
+
+def test_the_console_check_sees_an_inline_style_refused(tmp_path):
+    """What the check below looks for is there when a page breaks its policy."""
+    page = tmp_path / "inline.html"
+    page.write_text(
+        '<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" '
+        "content=\"default-src 'none'; style-src 'self'\"></head>"
+        '<body><p style="color:red">x</p></body></html>'
+    )
+    (found,) = csp_violations(tmp_path, page.as_uri())
+    assert "inline style" in found
 
 
 def dump_dom(tmp_path: Path, url: str, *extra: str) -> str:
@@ -149,6 +178,8 @@ def test_chromium_shows_the_running_job_and_its_growing_curve(training_job, tmp_
     polls = re.search(r'<body[^>]*data-polls="(\d+)"', live)
     assert polls and int(polls.group(1)) >= 2, re.search(r"<body[^>]*>", live).group(0)
     assert loss_points(live) >= second
+    for address in (url, page):  # no inline style or script refused, before or after the polls
+        assert csp_violations(tmp_path, address) == [], address
 
     shot = tmp_path / "convpipe-page.png"
     chromium(tmp_path, "--window-size=1280,1100", "--hide-scrollbars", f"--screenshot={shot}", page)

@@ -1,8 +1,8 @@
 """What the convpipe page will not do, whoever wrote the files and events it reads: follow a link
 or leave its folders (the data root's jobs/ and runs/, the run folders), put a value in its HTML
-unescaped, run an inline script, grow its caches without bound, or go through the scheduler's
-events on the scheduler's event loop. Real files, links and FIFOs in tmp_path; HTTP where it is
-the page's answer that matters."""
+unescaped, run an inline script or apply an inline style, grow its caches without bound, or go
+through the scheduler's events on the scheduler's event loop. Real files, links and FIFOs in
+tmp_path; HTTP where it is the page's answer that matters."""
 
 from __future__ import annotations
 
@@ -252,6 +252,34 @@ def test_the_page_runs_no_inline_script(root, page):
     status, ctype, js = get(f"{url}/static/page.js")
     assert status == 200 and ctype.startswith("text/javascript") and js == render.SCRIPT
     assert "fetch(src" in js
+
+
+def test_the_page_has_no_inline_style(root, page):
+    """Its one stylesheet comes from its own handler and the Content-Security-Policy allows no
+    other: no <style> element, no style attribute (bars are SVG rectangles), no 'unsafe-inline'."""
+    client, url = page
+    write_job(root, "train-q", state="queued", progress={"step": 3, "total_steps": 10})
+    run = write_run(root / "runs" / "plain", 3)  # a step/total bar and the step-time bars
+    write_job(root, "train-r", state="running", run_dir=str(run))
+    pages = {}
+    for path in ("", ".json", "/job/train-q", "/job/train-r", "/job/train-r.json", "/job/nope"):
+        pages[path] = get(url + path)[2]
+    pages["run"] = get(run_url(url, run))[2]
+    for path, html in pages.items():
+        assert not re.search(r"<style", html, re.I), path
+        assert not re.search(r"\sstyle\s*=", html, re.I), path
+    assert row(pages[""], "data-job", "train-q").count('<svg class="bar"') == 1
+    assert pages["/job/train-r"].count('<svg class="bar"') == 1 + 5  # step, and the 5 phases
+    assert '<rect class="done" width="19.2"' in row(pages[""], "data-job", "train-q")  # 3/10
+    with urllib.request.urlopen(url, timeout=20) as r:
+        header = r.headers["Content-Security-Policy"]
+    csp = dict(d.strip().split(" ", 1) for d in header.split(";"))
+    assert "unsafe-inline" not in header and csp["style-src"] == "'self'", header
+    links = re.findall(r"<link [^>]*>", pages["/job/train-q"])
+    assert links == ['<link rel="stylesheet" href="../../convpipe/static/page.css">']
+    status, ctype, css = get(f"{url}/static/page.css")
+    assert status == 200 and ctype.startswith("text/css") and css == render.CSS
+    assert "svg.bar .done{" in css
 
 
 # ---- caches and the event loop -------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """A sweep's state, ``RUN_DIR/sweep.json``: its trials (settings, scores per rung, status),
-rewritten atomically after every trial's rung, read back on resume and by the page."""
+rewritten atomically after every trial's rung, read back on resume and by the page (as a
+regular file: a link there is refused, not followed)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
 from pipeline.jobs.sweep.space import SweepError
+from pipeline.safe_files import read_regular
 
 STATE_FILE = "sweep.json"
 
@@ -104,21 +106,30 @@ class SweepState:
 
     @classmethod
     def load(cls, run_dir) -> SweepState:
+        """``run_dir``'s sweep.json, read as a regular file (a link there is refused, not
+        followed); a one-line :class:`SweepError` if it cannot be read or is not a sweep's."""
         path = Path(run_dir) / STATE_FILE
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(read_regular(run_dir, (STATE_FILE,)))
         except FileNotFoundError:
             raise SweepError(f"{path}: no such file (not a sweep's run directory?)") from None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise SweepError(f"{path}: unreadable sweep state ({exc.strerror or exc})") from None
+        except ValueError as exc:
             raise SweepError(f"{path}: unreadable sweep state: {exc}") from None
         if not isinstance(d, dict) or d.get("format") != STATE_FORMAT:
             raise SweepError(f"{path}: not a convpipe sweep state (expected format {STATE_FORMAT})")
-        return cls(
-            d["plan"],
-            list(d["rungs"]),
-            [Trial.from_dict(t) for t in d["trials"]],
-            d.get("seconds", 0.0),
-        )
+        try:
+            return cls(
+                d["plan"],
+                list(d["rungs"]),
+                [Trial.from_dict(t) for t in d["trials"]],
+                d.get("seconds", 0.0),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SweepError(
+                f"{path}: not a convpipe sweep state ({type(exc).__name__}: {exc})"
+            ) from None
 
     def leaderboard(self) -> list[Trial]:
         """Trials by best-so-far score (higher first, ties to the lower id); unscored ones last."""
