@@ -135,6 +135,8 @@ class RunView:
     breakdown: dict = field(default_factory=dict)
     updated: float | None = None  # time of the last line (or of config.json), epoch seconds
     pictures: tuple[str, ...] = ()  # the PNGs write_plots left there (curves.png, filters.png)
+    workers: int | None = None  # the workers the last step was planned over
+    worker_changes: dict = field(default_factory=dict)  # joined/left/died, as the summary counts
 
     @property
     def name(self) -> str:
@@ -235,7 +237,16 @@ class RunReader:
             breakdown,
             updated,
             pictures,
+            workers=_count(last.get("workers")),
+            worker_changes=_changes((summary or {}).get("worker_changes")),
         )
+
+
+def _changes(counts) -> dict[str, int]:
+    """A summary's worker_changes ({joined, left, died}: counts), the non-zero ones."""
+    if not isinstance(counts, dict):
+        return {}
+    return {k: n for k in ("joined", "left", "died") if (n := _count(counts.get(k)))}
 
 
 def _steps_per_epoch_of_limit(config: dict | None) -> int | None:

@@ -402,11 +402,20 @@ def _moving_average(
     return tuple(out)
 
 
+def _workers(run: RunView) -> str:
+    """The last step's workers, and who joined, left or died (a finished run's summary)."""
+    if run.workers is None:
+        return "–"
+    changes = ", ".join(f"{n} {how}" for how, n in run.worker_changes.items())
+    return escape(str(run.workers)) + (f" <small>({escape(changes)})</small>" if changes else "")
+
+
 def cards(run: RunView, active: bool) -> str:
     items = [
         (_steps(run.step, run.total_steps), "step"),
         (_num(run.loss), "loss"),
         (_num(run.images_per_s, "{:,.0f}"), "images/s"),
+        (_workers(run), "workers"),
         (duration(run.eta_s()) if active else "–", "ETA"),
         (_pct(run.train_acc), "train accuracy"),
         (_pct(run.val_acc), "val accuracy"),

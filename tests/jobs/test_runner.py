@@ -176,3 +176,14 @@ def test_a_done_jobs_log_line_rounds_its_result_as_status_does():
 
     result = {"train_acc": 0.503, "seconds": 22.9153, "images_per_s": 2433.0422, "steps": 192}
     assert _result_text(result) == "train_acc 0.503, seconds 22.92, images_per_s 2,433, steps 192"
+
+
+def test_a_jobs_log_and_status_say_the_workers_of_a_step_and_who_joined_or_left():
+    from pipeline.jobs.runner import ALWAYS_LOGGED, format_progress
+
+    line = format_progress(
+        {"event": "step", "step": 3, "total_steps": 10, "loss": 1.5, "workers": 2}
+    )
+    assert line == "step 3/10 loss 1.5000 2 workers"
+    change = {"event": "workers", "step": 4, "message": "worker tcp://w:1 joined: it takes ..."}
+    assert format_progress(change) == change["message"] and "workers" in ALWAYS_LOGGED

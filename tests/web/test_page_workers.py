@@ -1,0 +1,54 @@
+"""The page shows the workers a run's last step was planned over, and a finished run's joins,
+retirements and deaths (workers come and go while a job runs)."""
+
+from __future__ import annotations
+
+import json
+
+from pipeline.dashboard.data import RunReader
+from pipeline.dashboard.files import Folders
+from pipeline.dashboard.render import cards
+
+
+def _run(tmp_path, widths: list, summary: dict | None = None):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"batch_size": 64, "epochs": 1}))
+    lines = [
+        {
+            "kind": "step",
+            "step": s + 1,
+            "epoch": 1,
+            "loss": 2.0,
+            "n": 64,
+            "seconds": 0.1,
+            "workers": w,
+        }
+        for s, w in enumerate(widths)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    if summary is not None:
+        (run / "summary.json").write_text(json.dumps({"steps": len(widths), **summary}))
+    return RunReader(Folders([tmp_path])).read(run)
+
+
+def _card(html: str, label: str) -> str:
+    value = html.split(f"<span>{label}</span>")[0].rsplit("<b>", 1)[1]
+    return value.split("</b>")[0]
+
+
+def test_a_running_run_shows_its_last_steps_workers(tmp_path):
+    view = _run(tmp_path, [1, 1, 2, 3])
+    assert view.workers == 3
+    assert _card(cards(view, active=True), "workers") == "3"
+
+
+def test_a_finished_run_shows_who_joined_left_and_died(tmp_path):
+    view = _run(tmp_path, [2, 3, 2], {"worker_changes": {"joined": 1, "left": 1, "died": 0}})
+    assert _card(cards(view, active=False), "workers") == "2 <small>(1 joined, 1 left)</small>"
+
+
+def test_a_run_without_worker_counts_shows_a_dash_and_bad_values_are_not_shown(tmp_path):
+    view = _run(tmp_path, [None, "<b>x</b>"], {"worker_changes": {"joined": "<script>"}})
+    assert view.workers is None and view.worker_changes == {}
+    assert _card(cards(view, active=False), "workers") == "–"
