@@ -387,6 +387,65 @@ def test_killed_workers_coordinator_included_leave_the_run_unchanged(cluster, re
     assert same_params(params(run), params(cluster.work / "embedded"))
 
 
+#: the scaled job's length: long enough for a third container to start and warm up mid-job
+SCALED_STEPS = 800
+
+
+def _step_widths(run: Path) -> list[int]:
+    """The workers of each step of ``run`` so far (whole lines only: the run is writing)."""
+    path = run / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    lines = text[: text.rfind("\n") + 1].splitlines()
+    return [m.get("workers") for m in map(json.loads, lines) if m.get("kind") == "step"]
+
+
+def test_workers_scaled_up_and_down_mid_job_are_used_and_the_bits_stay(cluster, reference):
+    # docker-compose up --scale worker=3 mid-job: the job takes the third worker from a step
+    # after its warm-up; --scale worker=2 stops one (docker stop: its nanny retires it first)
+    cluster.up(2)
+    data = reference
+    given = [*TINY_SETS, f"steps={SCALED_STEPS}", f"checkpoint-every={CHECKPOINT_EVERY}"]
+    sets = [a for s in [*given, "name=scaled"] for a in ("--set", s)]
+    job = host(
+        "submit", REPO / "jobs" / "train-three-layer.toml", "--scheduler", cluster.address, *sets
+    ).stdout.split()[0]
+    run = data / "runs" / job
+    wait_until(lambda: checkpoints(run), timeout=120, what="a first checkpoint")
+    cluster.up(3)
+    wait_until(lambda: 3 in _step_widths(run), timeout=120, what="a step planned over 3 workers")
+    coordinator = json.loads((data / "jobs" / job / "status.json").read_text())["host"]
+    cluster("up", "-d", "--scale", "worker=2", "--no-recreate", "worker", timeout=300)
+    done = wait_state(job, cluster.address, timeout=300)
+    assert done["state"] == "done", done
+    widths = _step_widths(run)
+    assert widths[0] == 2 and 3 in widths and widths[-1] == 2, widths
+    log = host("logs", job, "--scheduler", cluster.address).stdout
+    assert "joined: it takes parts from the next step" in log, log[-3000:]
+    if done["attempt"] == 1 and not done.get("restarts"):  # the stopped one was not the job's
+        assert "was retired: it takes no more parts" in log and "resumed at step" not in log, (
+            coordinator,
+            log[-3000:],
+        )
+    host(
+        "train",
+        "--data",
+        data / "cifar10.zarr",
+        "--out",
+        cluster.work / "embedded-scaled",
+        "--workers",
+        "2",
+        "--transport",
+        "shm",
+        *TINY_TRAIN,
+        "--steps",
+        str(SCALED_STEPS),
+        "--checkpoint-every",
+        str(CHECKPOINT_EVERY),
+        timeout=600,
+    )
+    assert same_params(params(run), params(cluster.work / "embedded-scaled"))
+
+
 def test_dashboard_pages(cluster, reference):
     base = f"http://127.0.0.1:{cluster.dashboard}"
     with urllib.request.urlopen(f"{base}/status", timeout=30) as r:

@@ -233,3 +233,11 @@ def test_both_schedulers_serve_the_convpipe_page():
         scheduler = compose_config(*files)["services"]["scheduler"]
         text = " ".join(command(scheduler))
         assert "--preload pipeline.dashboard" in text, (files, text)
+
+
+def test_both_compose_files_workers_hand_their_data_over_when_stopped():
+    """The TLS override replaces the worker's command: it keeps the nanny's retire preload."""
+    for files in (("docker-compose.yml",), ("docker-compose.yml", "docker-compose.tls.yml")):
+        worker = compose_config(*files)["services"]["worker"]
+        text = " ".join(command(worker))
+        assert "--preload-nanny pipeline.jobs.retire" in text, (files, text)

@@ -4,6 +4,8 @@ it is planned, and the run ends with the bits of an undisturbed one."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 from distributed import Client, get_task_stream
@@ -12,7 +14,7 @@ from pipeline.cluster import connect, worker_addresses
 from pipeline.options import worker_range
 from pipeline.training import TrainConfig, train
 from pipeline.training.members import Membership
-from tests.helpers.cluster import local_cluster
+from tests.helpers.cluster import ProcessCluster, local_cluster
 from tests.helpers.training import assert_same_params, final_params, make_store, tiny_config
 from tests.helpers.wait import wait_until
 
@@ -198,3 +200,49 @@ def test_a_workers_setting_is_a_size_or_a_range(given, size):
     assert TrainConfig(workers=given).validate().workers == (
         size[0] if size and size[1] is None else given
     )
+
+
+# ---- a worker process told to end (docker stop, a scale-down) ------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["tcp"])
+def test_a_worker_process_sent_sigterm_is_retired_first_and_the_run_does_not_replay(
+    store, calm, tmp_path, transport
+):
+    # real `dask worker` processes, started with docker-compose.yml's command (its nanny
+    # preloads pipeline.jobs.retire); SIGTERM to one, as `docker stop` sends it: its nanny has
+    # the scheduler retire it (its slices copied to the other worker) before it ends
+    out, events, stopped = tmp_path / "stopped", [], []
+    with ProcessCluster(tmp_path / "cluster", n_workers=2) as cluster, cluster.client() as client:
+        victim = cluster.workers[1]
+        names = client.run(lambda dask_worker: dask_worker.name)
+
+        def progress(event):
+            events.append(event)
+            if event["event"] == "step" and event["step"] == K:
+                stopped.extend(a for a, name in names.items() if name == "worker-1")
+                os.kill(victim.pid, signal.SIGTERM)  # as docker stop: the main process only
+                wait_until(lambda: stopped[0] not in worker_addresses(client), timeout=30)
+
+        summary = train(
+            tiny_config(store, out, transport=transport, **SETTINGS),
+            client=client,
+            progress=progress,
+        )
+        log = cluster.log("scheduler")
+    assert victim.wait(30) is not None
+    left = [(e["worker"], e["change"]) for e in events if e["event"] == "workers"]
+    assert left == [(stopped[0], "left")], (left, log)
+    assert summary["worker_changes"] == {"joined": 0, "left": 1, "died": 0}
+    assert not any(e["event"] in ("resumed", "warning") for e in events), events
+    assert "Retire worker addresses (stimulus_id='convpipe-nanny-close-" in log, log
+    assert f"Retired worker '{stopped[0]}'" in log, log
+    assert_same_params(calm, final_params(out))
+
+
+def test_the_nanny_leaves_a_job_coordinators_worker_to_the_jobs_own_restart():
+    from pipeline.jobs.records import task_key
+    from pipeline.jobs.retire import runs_a_coordinator
+
+    assert runs_a_coordinator(["part-3-0-ab", task_key("train-abc", 1)])
+    assert not runs_a_coordinator(["part-3-0-ab", "update-3-ab-1", "convpipe-preflight-x-1"])
