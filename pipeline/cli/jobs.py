@@ -223,14 +223,49 @@ def _embedded_cluster(options: dict):
 
 def _follow_embedded(client, record: dict) -> int:
     """Follow a job on the embedded cluster to its end; Ctrl-C cancels it (the cluster, and so
-    the job, ends with this command)."""
-    from pipeline.jobs import client as job_client
-
+    the job, ends with this command): :func:`_stop_embedded_job`."""
     try:
         return _follow(client, "the embedded cluster", record["job"], record)
     except KeyboardInterrupt:
-        job_client.cancel(client, record["job"])
+        _stop_embedded_job(client, record["job"])
         raise
+
+
+#: how long Ctrl-C waits for a job on the embedded cluster to stop (between two steps) before
+#: the cluster closes under it
+STOP_WAIT_S = 60.0
+#: how often that wait asks the scheduler for the job's state
+STOP_POLL_S = 0.2
+
+
+def _stop_embedded_job(client, job_id: str, timeout: float = STOP_WAIT_S) -> None:
+    """Cancel the job and wait until it has stopped, before the embedded cluster closes.
+
+    The job stops between two steps, keeps its checkpoints and records ``cancelled`` (what
+    `convpipe resume` continues). The cluster used to close as soon as the cancel was sent,
+    under the running job: the job recorded "interrupted: its worker is closing" rather than
+    "cancelled", and when its step in flight did not end within the 4 s its worker's nanny
+    gives a closing worker (with the spec's own network, about every other time) the worker
+    process was killed: the job recorded "died", and the named semaphore the killed process held
+    (numcodecs' blosc lock, registered with the resource tracker the worker processes share with
+    this one) made Python print "resource_tracker: There appear to be 1 leaked semaphore objects
+    to clean up at shutdown" after "convpipe: interrupted".
+
+    A second Ctrl-C stops the wait (the cluster then closes at once)."""
+    from pipeline.jobs import client as job_client
+    from pipeline.jobs.records import TERMINAL
+
+    try:
+        job_client.cancel(client, job_id)
+        deadline = time.monotonic() + timeout
+        while job_client.job_status(client, job_id)["state"] not in TERMINAL:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(STOP_POLL_S)
+    except (KeyboardInterrupt, ConvpipeError, OSError):
+        # Ctrl-C again, the job ended meanwhile (JobError: already done), the scheduler unreachable:
+        # nothing more to wait for, and the first Ctrl-C is what the command reports
+        return
 
 
 def _follow(client, address: str, job_id: str, record: dict | None = None) -> int:
