@@ -535,7 +535,15 @@ def _run_attempt(report: Report, record: dict, worker, restarting: bool, gone) -
                 resumable=getattr(exc, "resumable", True),
             )
         except BaseException as exc:  # noqa: BLE001 - anything the job raised, with its reason
-            reason = _failure_reason(exc, client)
+            reason, lost = _failure(exc, client)
+            if lost:  # a fault of the cluster, not of the job: one line, and how to go on
+                return report.state(
+                    "failed",
+                    f"failed: {reason}; once a scheduler and workers run again: convpipe resume "
+                    f"{record['job']} --root ROOT --scheduler ADDR",
+                    reason=reason,
+                    resumable=True,
+                )
             for line in traceback.format_exc().rstrip().splitlines():
                 report.files.append_log(log_line("  " + line))
             return report.state("failed", f"failed: {reason}", reason=reason, resumable=True)
@@ -573,6 +581,11 @@ def _holds_a_run(kind: str, run_dir: str) -> bool:
 
 
 def _failure_reason(exc: BaseException, client=None) -> str:
+    return _failure(exc, client)[0]
+
+
+def _failure(exc: BaseException, client=None) -> tuple[str, bool]:
+    """The one-line reason a job failed with ``exc``, and whether it was the scheduler's loss."""
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     lost = connection_lost(exc) or cancelled_by_lost_scheduler(exc)
@@ -582,8 +595,8 @@ def _failure_reason(exc: BaseException, client=None) -> str:
     if not lost and client is not None:
         lost = not _scheduler_answers(client)
     if lost:
-        return f"lost the connection to the Dask scheduler ({type(exc).__name__}: {first})"
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        return f"lost the connection to the Dask scheduler ({type(exc).__name__}: {first})", True
+    return (f"{type(exc).__name__}: {first}" if first else type(exc).__name__), False
 
 
 def _scheduler_answers(client, timeout: float = 5.0) -> bool:
