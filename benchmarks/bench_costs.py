@@ -113,7 +113,7 @@ def main() -> int:
         "shards, m/2 - 1 of them)"
         "\n       + reduce/L2/Adam of P/W parameters from W nodes + (tcp) 2 P (W-1)/W x 4 bytes "
         "over the link;"
-        "\n       the coordinator's step = (W tasks shm, W^2 + 5W tasks tcp) x Dask's cost per "
+        "\n       the coordinator's step = (W tasks shm, 5W tasks tcp) x Dask's cost per "
         "task, in parallel"
         "\n       with the workers (parts are submitted a step ahead): step time = the larger of "
         "the two"
@@ -129,6 +129,7 @@ def main() -> int:
         ("one host, shm", 8, 1),
         ("one host, shm", 16, 1),
         (f"4 hosts x 4, {args.link_gbit:g} Gb/s", 16, 4),
+        (f"16 hosts x 4, {args.link_gbit:g} Gb/s", 64, 16),
     ]:
         k = max(W, B // 128)  # shards per step: at least one per worker
         shard = B // k
@@ -138,7 +139,7 @@ def main() -> int:
         reduce = (update[1] + (W - 1) * per_node) * P / W
         net = 2 * P * (W - 1) / W * 4 / link if hosts > 1 else 0.0
         worker = compute + reduce + net
-        coordinator = (W if hosts == 1 else W * W + 5 * W) * task
+        coordinator = (W if hosts == 1 else 5 * W) * task  # tcp: part, update, 3 small ones
         step = max(worker, coordinator)
         print(
             f"{label:>24} {W:>3} {shard:>5} {1e3 * worker:>9.1f} {1e3 * coordinator:>8.1f} "

@@ -1,7 +1,13 @@
-"""The tcp transport, both sides: tree nodes and parameter slices move between workers as
-Dask data (worker to worker), and each worker keeps its slice's parameters and Adam moments.
-Works wherever the workers run. The worker's tasks (``tcp_*``) and the coordinator's
+"""The tcp transport, both sides: tree nodes and parameter slices move between workers
+(worker to worker), and each worker keeps its slice's parameters and Adam moments. Works
+wherever the workers run. The worker's tasks (``tcp_*``) and the coordinator's
 :class:`TcpExchange` that submits them.
+
+A step is 5W tasks: W parts, W updates, and W each of the small stats, partial sums and
+weights. Part j's tree nodes stay on its worker as Dask data; the update of slice j fetches
+slice j of every part's nodes from the workers that hold them, through a handler every worker
+serves (:class:`PieceServer`), not as W² tasks of the graph (a piece task per part and slice:
+W² + 5W tasks a step, ~1 s of scheduler time at 16 workers).
 
 A worker lost with a slice's state makes ``train`` replay from its last checkpoint
 (bit-identical): the exchange raises :class:`~pipeline.training.exchange.WorkerLost`.
@@ -13,9 +19,13 @@ import time
 import zlib
 
 import numpy as np
+from distributed import get_worker, rejoin, secede
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol.serialize import to_serialize
+from distributed.utils import sync
 
 from pipeline.errors import TrainingError
-from pipeline.training.exchange import Exchange, gather
+from pipeline.training.exchange import Exchange, WorkerLost, gather
 from pipeline.training.plan import CHUNK, StepPlan, overlaps
 from pipeline.training.reduce import tree_update
 from pipeline.training.worker import (
@@ -61,13 +71,85 @@ def tcp_part(
     }
 
 
-def tcp_piece(part_result: dict, lo: int, hi: int) -> list[np.ndarray]:
-    """This part's nodes cut to the slice ``[lo, hi)`` (runs where the nodes are)."""
-    return [node[lo:hi].copy() for node in part_result["nodes"]]
-
-
 def tcp_stats(part_result: dict) -> dict:
     return {k: v for k, v in part_result.items() if k != "nodes"}
+
+
+# ---- the reduce-scatter's pieces, worker to worker -----------------------------------------------
+
+PIECE_OP = "convpipe_piece"
+#: how often an update asks again for a part's nodes that no worker holds (being recomputed)
+PIECE_RETRY_S = 0.05
+
+
+class PieceServer(WorkerPlugin):
+    """Every worker serves slices of the part results it holds: the op :data:`PIECE_OP`
+    answers ``rows`` (each node of part ``key`` cut to ``[lo, hi)``), or ``missing``."""
+
+    name = "convpipe-pieces"
+
+    def setup(self, worker) -> None:
+        async def piece(comm=None, key=None, lo=0, hi=0):
+            try:
+                result = worker.data[key]
+            except KeyError:
+                return {"status": "missing"}
+            return {
+                "status": "OK",
+                "rows": [to_serialize(n[lo:hi].copy()) for n in result["nodes"]],
+            }
+
+        worker.handlers[PIECE_OP] = piece
+
+
+def _pieces(keys: list[str], lo: int, hi: int, timeout: float) -> list[np.ndarray]:
+    """Slice ``[lo, hi)`` of every node of the parts ``keys``, in order: read here if this
+    worker holds the part, else fetched from a worker that does. A part no worker holds (its
+    worker died and Dask computes it again) is asked for again until ``timeout``; an update
+    cancelled meanwhile (the run replays) gives up."""
+    worker = get_worker()
+    me = worker.get_current_task()
+    rows: list[np.ndarray] = []
+    seceded = False
+    try:
+        for key in keys:
+            deadline = time.monotonic() + timeout
+            while True:
+                got = _piece(worker, key, lo, hi)
+                if got is not None:
+                    rows += got
+                    break
+                ts = worker.state.tasks.get(me)
+                if ts is None or ts.state in ("cancelled", "released", "forgotten"):
+                    raise WorkerLost(f"{me}: cancelled while it waited for part {key}")
+                if time.monotonic() > deadline:
+                    raise WorkerLost(f"{me}: no worker holds part {key} ({timeout:.0f} s)")
+                if not seceded:  # waiting: give the thread to other tasks
+                    secede()
+                    seceded = True
+                time.sleep(PIECE_RETRY_S)
+    finally:
+        if seceded:
+            rejoin()
+    return rows
+
+
+def _piece(worker, key: str, lo: int, hi: int) -> list[np.ndarray] | None:
+    if key in worker.data:
+        return [n[lo:hi].copy() for n in worker.data[key]["nodes"]]
+    holders = sync(worker.loop, worker.scheduler.who_has, keys=[key]).get(key) or []
+    for address in holders:
+        try:
+            got = sync(worker.loop, _ask, worker, address, key, lo, hi)
+        except OSError:  # that worker left meanwhile: another holder, or ask again
+            continue
+        if got.get("status") == "OK":
+            return list(got["rows"])
+    return None
+
+
+async def _ask(worker, address: str, key: str, lo: int, hi: int) -> dict:
+    return await getattr(worker.rpc(address), PIECE_OP)(key=key, lo=lo, hi=hi)
 
 
 def tcp_update(
@@ -76,17 +158,19 @@ def tcp_update(
     plan: StepPlan,
     part: int,
     prev: dict,
-    pieces: list,
+    done: list[dict],
+    part_keys: list[str],
     batch: int,
     adam_t: int,
 ) -> dict:
-    """Reduce, L2 and Adam of slice ``part`` from every part's pieces: the slice's state after
-    ``step`` from ``prev`` (the update before it, kept on this worker)."""
+    """Reduce, L2 and Adam of slice ``part`` from every part's nodes (``part_keys``, each done:
+    ``done`` are their stats): the slice's state after ``step`` from ``prev`` (the update
+    before it, kept on this worker)."""
     task_setup(spec.threads)
     state = prev["state"]
     lo, hi = plan.slices[part]
     t0 = time.perf_counter()
-    rows = [piece for got in pieces for piece in got]
+    rows = _pieces(part_keys, lo, hi, spec.timeout) if lo < hi else []
     nodes = np.stack(rows) if rows else np.zeros((0, hi - lo), dtype=spec.model.dtype)
     new = tuple(np.empty_like(x) for x in state)
     ops, root = plan.program()
@@ -143,6 +227,7 @@ class TcpExchange(Exchange):
     kind = "tcp"
 
     def start(self, step: int, params, m, v) -> None:
+        self.client.register_plugin(PieceServer())  # every worker, those that join later too
         self._refresh()
         plan = self.plan(1)
         updates = []
@@ -212,37 +297,37 @@ class TcpExchange(Exchange):
             )
             for j in range(plan.width)
         ]
-        # reduce-scatter: slice j of every part's nodes goes to worker j, which updates its slice
-        updates = []
-        for j, (lo, hi) in enumerate(plan.slices):
-            pieces = [
-                c.submit(tcp_piece, p, lo, hi, key=f"piece-{tag}-{i}-{j}", pure=False)
-                for i, p in enumerate(parts)
-            ]
-            updates.append(
-                c.submit(
-                    tcp_update,
-                    self.spec,
-                    step,
-                    plan,
-                    j,
-                    prev[j],
-                    pieces,
-                    batch,
-                    adam_t,
-                    key=f"update-{tag}-{j}",
-                    pure=False,
-                    **self._where(j),
-                )
-            )
         stats = [c.submit(tcp_stats, p, pure=False) for p in parts]
+        # reduce-scatter: worker j fetches slice j of every part's nodes and updates its slice
+        # (after every part is done: each update waits on the parts' small stats)
+        keys = [p.key for p in parts]
+        updates = [
+            c.submit(
+                tcp_update,
+                self.spec,
+                step,
+                plan,
+                j,
+                prev[j],
+                stats,
+                keys,
+                batch,
+                adam_t,
+                key=f"update-{tag}-{j}",
+                pure=False,
+                **self._where(j),
+            )
+            for j in range(plan.width)
+        ]
         partials = [c.submit(tcp_partials, u, pure=False) for u in updates]
         self._keep(step + 1, updates, plan.slices)  # all-gather: the next parts fetch these
         self._count(sent=(shards, plan))
-        return step, stats, partials
+        # the parts' futures are held until the step is collected: their nodes stay (and move
+        # with a retired worker) until every update has fetched its pieces
+        return step, stats, partials, parts
 
     def collect(self, pending) -> list[dict]:
-        step, stats, partials = pending
+        step, stats, partials, _parts = pending
         got = gather(self.client, stats + partials, f"step {step + 1}", self.timeout)
         self._count(received=got)
         n = len(stats)

@@ -246,3 +246,37 @@ def test_the_nanny_leaves_a_job_coordinators_worker_to_the_jobs_own_restart():
 
     assert runs_a_coordinator(["part-3-0-ab", task_key("train-abc", 1)])
     assert not runs_a_coordinator(["part-3-0-ab", "update-3-ab-1", "convpipe-preflight-x-1"])
+
+
+# ---- tasks per step ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport, per_worker", [("shm", 1), ("tcp", 5)])
+def test_a_step_is_a_few_tasks_per_worker_on_either_transport(
+    store, tmp_path, transport, per_worker
+):
+    # O(W) tasks a step: shared memory one part task per worker; tcp a part, an update and
+    # three small tasks (stats, partial sums, weights) per worker: the pieces of the
+    # reduce-scatter go worker to worker, not as W^2 tasks of the graph
+    steps = 6
+    for width in (1, 2, 4):
+        with local_cluster(width) as cluster, Client(cluster) as client:
+            with get_task_stream(client) as stream:
+                train(
+                    tiny_config(
+                        store,
+                        tmp_path / f"{transport}-{width}",
+                        transport=transport,
+                        **{**SETTINGS, "steps": steps},
+                    ),
+                    client=client,
+                )
+        keys = [str(t["key"]) for t in stream.data]
+        per_step = [k for k in keys if not k.startswith(("warm-up", "shard_predictions"))]
+        one_offs = 2 * width  # tcp: the state's first slices and their weights
+        assert (
+            steps * per_worker * width <= len(per_step) <= steps * per_worker * width + one_offs
+        ), (
+            width,
+            sorted(per_step),
+        )
