@@ -96,9 +96,10 @@ def cold_kernels(kernels, dtype) -> list[str] | None:
 def _has_cached_code(dispatcher, dtype: np.dtype) -> bool:
     """Whether the dispatcher's cache index lists code for this machine, this source, a first
     array argument of ``dtype`` (every kernel's data; float64 accumulators come later) and, for
-    a kernel that takes a vector width, this process's width. Numba keys each entry by (argument
-    types, the CPU's target triple, name and features, hashes of the bytecode); the index itself
-    is empty when the source file changed since."""
+    a kernel that takes a vector width, a width this process may run it at (its own or a
+    narrower one). Numba keys each entry by (argument types, the CPU's target triple, name and
+    features, hashes of the bytecode); the index itself is empty when the source file changed
+    since."""
     cache = dispatcher._cache
     index = cache._cache_file._load_index()
     _, machine, code = cache._index_key(None, dispatcher.targetctx.codegen())
@@ -108,7 +109,8 @@ def _has_cached_code(dispatcher, dtype: np.dtype) -> bool:
         key[1] == machine
         and key[2] == code
         and next((arg.dtype for arg in key[0] if isinstance(arg, types.Array)), None) == want
-        and all(arg.nbytes == width for arg in key[0] if isinstance(arg, simd.WidthType))
+        # a kernel runs at the process's width or narrower (conv dw of 32 filters at 32 bytes)
+        and all(arg.nbytes <= width for arg in key[0] if isinstance(arg, simd.WidthType))
         for key in index
     )
 

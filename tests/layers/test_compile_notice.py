@@ -103,3 +103,23 @@ def test_cannot_tell_means_no_notice(monkeypatch, capsys):
     assert warmup.cold_kernels(warmup.model_kernels(), "float32") is None
     assert warmup.say_if_compiling() is False
     assert capsys.readouterr().err == ""
+
+
+def test_a_kernel_cached_at_a_narrower_width_than_the_process_s_is_warm(monkeypatch):
+    # conv dw of 32 filters runs at 32 bytes whatever the CPU's width (the fewest padded
+    # values): a cache holding it only there is warm for a 64-byte process. Before, `convpipe
+    # train` said "compiling kernels, first run only" before every run on an AVX-512 machine.
+    from pipeline._kernels import conv as kc
+    from pipeline._kernels import simd
+
+    def widths(key):
+        return {a.nbytes for a in key[0] if isinstance(a, simd.WidthType)}
+
+    files = kc.conv7_dw._cache._cache_file
+    at32 = {k: v for k, v in files._load_index().items() if widths(k) == {32}}
+    assert at32, "pipeline.warmup caches conv7_dw at 32 bytes"
+    monkeypatch.setattr(files, "_load_index", lambda: at32)  # the cache holds only those
+    monkeypatch.setattr(simd, "current", lambda: simd.Width(64))
+    assert warmup.cold_kernels([kc.conv7_dw], "float32") == []
+    monkeypatch.setattr(simd, "current", lambda: simd.Width(16))  # none as narrow as 16
+    assert warmup.cold_kernels([kc.conv7_dw], "float32") == ["conv7_dw"]
