@@ -11,7 +11,9 @@ with its CommClosedError traceback (:class:`ClosingHeartbeatOffTheTerminal`)."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import weakref
 
 from distributed.core import Status
@@ -86,3 +88,14 @@ def install(worker=None) -> None:
 
 def dask_setup(worker) -> None:  # Dask's preload hook, run as the worker process starts
     install(worker)
+    terminal_interrupt_ignored()
+
+
+def terminal_interrupt_ignored() -> None:
+    """SIGINT ignored in this worker process: a terminal's Ctrl-C goes to its whole process
+    group and belongs to the convpipe command, which stops the run and closes the cluster. The
+    cluster's first workers start with SIGINT already ignored (pipeline.cluster); a worker that
+    Dask's adaptive scaling starts later (``--workers MIN:MAX``) did not, and printed a
+    KeyboardInterrupt traceback on Ctrl-C."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

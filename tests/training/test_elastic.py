@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import threading
 
 import pytest
 from distributed import Client, get_task_stream
@@ -14,7 +16,7 @@ from pipeline.cluster import connect, worker_addresses
 from pipeline.options import worker_range
 from pipeline.training import TrainConfig, train
 from pipeline.training.members import Membership
-from tests.helpers.cluster import ProcessCluster, local_cluster
+from tests.helpers.cluster import ProcessCluster, convpipe_exe, local_cluster
 from tests.helpers.training import assert_same_params, final_params, make_store, tiny_config
 from tests.helpers.wait import wait_until
 
@@ -280,3 +282,55 @@ def test_a_step_is_a_few_tasks_per_worker_on_either_transport(
             width,
             sorted(per_step),
         )
+
+
+def test_ctrl_c_with_a_worker_that_adaptive_scaling_added_is_one_line(tmp_path):
+    # `convpipe train --workers 1:2`: Dask's adaptive scaling starts the second worker process
+    # mid-run; a terminal's Ctrl-C (SIGINT to the whole process group) once the run has taken
+    # it: the command stops with its one line, no worker prints a KeyboardInterrupt traceback
+    data = make_store(tmp_path / "big.zarr", n_train=4096, n_val=64, n_test=64, chunk=512)
+    proc = subprocess.Popen(
+        [
+            *convpipe_exe(),
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run"),
+            "--workers",
+            "1:2",
+            "--steps",
+            "400",
+            "--batch-size",
+            "256",
+            "--shard-size",
+            "64",
+            "--train-acc-samples",
+            "64",
+            "--eval-every",
+            "1000",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_until(
+            lambda: any("joined" in ln for ln in lines) or proc.poll() is not None,
+            timeout=120,
+            what=lambda: "a worker joining:\n" + "".join(lines[-20:]),
+        )
+        assert proc.poll() is None, "".join(lines)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(120) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(10)
+    err = "".join(lines)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.rstrip().splitlines()[-1].startswith("convpipe: interrupted"), err
