@@ -269,6 +269,25 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
         emit({"event": "checkpoint", "step": steps_done, "path": str(path)})
         clock.lap("checkpoint")
 
+    def finish(step, parts, t0, wait, sent, received) -> float:  # sync and log a collected step
+        nonlocal bn
+        for change in exchange.pool.take_events():  # workers that joined or left
+            emit(_worker_event(step + 1, change, exchange))
+        shards = [s for p in parts for s in p["shards"]]
+        loss, n = _loss(step, shards, parts, schedule, config, run)  # a non-finite loss stops
+        # sync: BN running statistics from every shard's moments (count-weighted)
+        bn = _sync_bn(model, bn, shards)
+        done.images += n
+        done.steps += 1
+        log(
+            {
+                **_step_record(step, schedule, loss, n, parts, coordinator=t0, waited=wait),
+                "coordinator_bytes_out": exchange.sent - sent,
+                "coordinator_bytes_in": exchange.received - received,
+            }
+        )
+        return loss
+
     submit(state.step)
     try:
         for step in range(state.step, schedule.total_steps):
@@ -276,25 +295,9 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
             submit(step + 1)  # the next step waits on its workers for this one
             # compute, reduce, update: on the workers; collect their small results
             t0 = clock.lap("coordinator")
-            parts = exchange.collect(in_flight.pop(step))
-            wait = clock.lap("wait")
-            for change in exchange.pool.take_events():  # workers that joined or left
-                emit(_worker_event(step + 1, change, exchange))
-            shards = [s for p in parts for s in p["shards"]]
-            loss, n = _loss(
-                step, shards, parts, schedule, config, run
-            )  # a non-finite loss stops here
-            # sync: BN running statistics from every shard's moments (count-weighted)
-            bn = _sync_bn(model, bn, shards)
-            done.images += n
-            done.steps += 1
-            log(
-                {
-                    **_step_record(step, schedule, loss, n, parts, coordinator=t0, waited=wait),
-                    "coordinator_bytes_out": exchange.sent - sent,
-                    "coordinator_bytes_in": exchange.received - received,
-                }
-            )
+            parts = exchange.collect(in_flight[step])
+            del in_flight[step]  # (collected: a Ctrl-C from here on finds the next step)
+            loss = finish(step, parts, t0, clock.lap("wait"), sent, received)
 
             if (step + 1) % eval_every == 0 and not schedule.ends_epoch(step):
                 log(
@@ -341,6 +344,9 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
             if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
                 checkpoint(step + 1)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the last step done
+        # the step in flight first: the one after it (in flight too) overwrites the state
+        # before it, so that state may no longer be there to keep
+        _finish_in_flight(state.step + done.steps, in_flight, exchange, finish, emit)
         if state.step + done.steps > saved[-1]:
             try:
                 checkpoint(state.step + done.steps)
@@ -370,6 +376,27 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
 
 
 # ---- pieces of the loop --------------------------------------------------------------------------
+
+#: how long Ctrl-C or SIGTERM waits for the step in flight, to keep its state
+INTERRUPT_WAIT_S = 30.0
+
+
+def _finish_in_flight(step, in_flight, exchange, finish, emit) -> None:
+    """Collect and log ``step`` if it is in flight (within :data:`INTERRUPT_WAIT_S`), so that
+    the checkpoint of an interrupted run is the state after it. The state before it is the copy
+    that the step after it (in flight too, on shared memory) overwrites: checkpointing that one
+    failed with "overwritten ... while it was read" and the run kept an older checkpoint. A
+    second Ctrl-C, or a step that does not end in time, leaves it as it is."""
+    pending = in_flight.pop(step, None)
+    if pending is None:
+        return
+    sent, received = exchange.sent, exchange.received
+    t0 = time.perf_counter()
+    try:
+        parts = exchange.collect(pending, timeout=INTERRUPT_WAIT_S)
+        finish(step, parts, 0.0, time.perf_counter() - t0, sent, received)
+    except (KeyboardInterrupt, TrainingError, OSError) as exc:
+        emit({"event": "warning", "message": f"step {step + 1} in flight not kept: {exc}"})
 
 
 def _loss(step, shards, parts, schedule, config, run) -> tuple[float, int]:

@@ -7,7 +7,7 @@ collect their small results, read the state for a checkpoint.
 
     exchange.start(step, params, m, v)   the state the run continues from
     exchange.submit(step, plan, shards, batch, adam_t) -> pending   the parts of ``step``
-    exchange.collect(pending)            wait for them; -> part results (shard stats, L2 sums)
+    exchange.collect(pending[, timeout]) wait for them; -> part results (shard stats, L2 sums)
     exchange.state(step)                 (params, m, v) of ``step``, copies (checkpoints, the end)
     exchange.params_ref(step)            what evaluation tasks take as the parameters of ``step``
     exchange.close()

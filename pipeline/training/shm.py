@@ -516,9 +516,9 @@ class SharedMemoryExchange(Exchange):
         self._count(sent=(shards, plan))
         return step, futures
 
-    def collect(self, pending) -> list[dict]:
+    def collect(self, pending, timeout: float | None = None) -> list[dict]:
         step, futures = pending
-        results = gather(self.client, futures, f"step {step + 1}", self.timeout)
+        results = gather(self.client, futures, f"step {step + 1}", timeout or self.timeout)
         for f in futures:
             f.release()
         self._count(received=results)

@@ -326,9 +326,9 @@ class TcpExchange(Exchange):
         # with a retired worker) until every update has fetched its pieces
         return step, stats, partials, parts
 
-    def collect(self, pending) -> list[dict]:
+    def collect(self, pending, timeout: float | None = None) -> list[dict]:
         step, stats, partials, _parts = pending
-        got = gather(self.client, stats + partials, f"step {step + 1}", self.timeout)
+        got = gather(self.client, stats + partials, f"step {step + 1}", timeout or self.timeout)
         self._count(received=got)
         n = len(stats)
         return [{**s, "part": j, **p} for j, (s, p) in enumerate(zip(got[:n], got[n:]))]

@@ -14,7 +14,7 @@ from distributed import Client, get_task_stream
 
 from pipeline.cluster import connect, worker_addresses
 from pipeline.options import worker_range
-from pipeline.training import TrainConfig, train
+from pipeline.training import TrainConfig, resume_config, train
 from pipeline.training.members import Membership
 from tests.helpers.cluster import ProcessCluster, convpipe_exe, local_cluster
 from tests.helpers.training import assert_same_params, final_params, make_store, tiny_config
@@ -334,3 +334,50 @@ def test_ctrl_c_with_a_worker_that_adaptive_scaling_added_is_one_line(tmp_path):
     err = "".join(lines)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert err.rstrip().splitlines()[-1].startswith("convpipe: interrupted"), err
+
+
+# ---- Ctrl-C while two steps are in flight --------------------------------------------------------
+
+
+def test_an_interrupt_while_the_next_step_overwrites_the_state_keeps_the_step_in_flight(
+    store, calm, tmp_path, monkeypatch
+):
+    # Ctrl-C lands while the coordinator waits for step K and step K + 1 (submitted ahead) has
+    # begun its update, which overwrites the shared-memory copy holding the state before step
+    # K: that state can no longer be kept. The run collects step K and keeps the state after
+    # it. (Before: "no checkpoint of the interrupted run: the state of step K was overwritten
+    # by step K + 1 while it was read", and --resume went back to an older checkpoint.)
+    from pipeline.training.shm import SharedMemoryExchange
+
+    AT = 5  # 0-based; an epoch is 4 steps, checkpointed at its end: the interrupt is not
+    collect = SharedMemoryExchange.collect
+
+    def interrupted(self, pending, timeout=None):
+        step = pending[0]
+        if step == AT and not getattr(self, "interrupted", False):
+            self.interrupted = True
+            records = self.shared.slices[(step + 1) % 2]
+            wait_until(lambda: (records[:, 0] == step + 1).any(), timeout=30)  # K+1 updates
+            raise KeyboardInterrupt
+        return collect(self, pending, timeout)
+
+    monkeypatch.setattr(SharedMemoryExchange, "collect", interrupted)
+    out, events = tmp_path / "run", []
+    settings = {**SETTINGS, "checkpoint_every": 100}
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        with pytest.raises(KeyboardInterrupt):
+            train(
+                tiny_config(store, out, transport="shm", **settings),
+                client=client,
+                progress=events.append,
+            )
+        assert not [e for e in events if e["event"] == "warning"], events
+        kept = [e["step"] for e in events if e["event"] == "checkpoint"]
+        assert kept == [4, AT + 1], kept  # the epoch's end, then steps 0..AT done
+        monkeypatch.setattr(SharedMemoryExchange, "collect", collect)
+        train(resume_config(str(out)), client=client)
+    lines = _metrics(out)
+    assert [m["step"] for m in lines if m["kind"] == "step"] == list(
+        range(1, SETTINGS["steps"] + 1)
+    )
+    assert_same_params(calm, final_params(out))
