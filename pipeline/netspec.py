@@ -321,7 +321,8 @@ class NetSpec:
             got = "the input" if not out else f"{_shape_text(out[-1])}"
             raise NetSpecError(
                 f"model: the network ends with {got}, expected one score per class "
-                f"({num_classes},): end it with an affine layer"
+                f"({num_classes},): end it with 'affine' (no units: one per class) or "
+                f"'affine {num_classes}'"
             )
         return out
 

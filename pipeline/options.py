@@ -79,11 +79,14 @@ class ValueType:
     def parse(self, text: str):
         """The value of command-line text (``--batch-size 64``, ``--set steps=none``).
 
-        ``none``/``null``/empty is None for an optional setting; a number as Python reads it
-        (``1e-3``, ``.5``, ``1_000``); true/false/yes/no for a bool; the text itself for a
-        string. Otherwise :class:`WrongType` with the value as TOML reads the text.
+        ``none``/``null``/empty is None for an optional setting (empty text is not, for one that
+        takes only text: an empty ``--model`` is a mistake, not "leave it out"); a number as
+        Python reads it (``1e-3``, ``.5``, ``1_000``); true/false/yes/no for a bool; for a
+        string, a quoted TOML string's value (``"groupnorm"``) or else the text itself.
+        Otherwise :class:`WrongType` with the value as TOML reads the text.
         """
-        if self.optional and text.strip().lower() in NONE_WORDS:
+        word = text.strip().lower()
+        if self.optional and word in NONE_WORDS and (word or self.kinds != (str,)):
             return None
         for kind in self.kinds:
             try:
@@ -92,10 +95,20 @@ class ValueType:
                 if kind in (int, float):
                     return kind(text)
                 if kind is str:
-                    return text
+                    return _unquoted(text)
             except (KeyError, ValueError):
                 continue
         raise WrongType(literal(text))
+
+
+def _unquoted(text: str) -> str:
+    """``"groupnorm"`` or ``'1:2'`` (a TOML string, as in a spec) as the string it writes; any
+    other text as it is."""
+    if text.strip()[:1] in ('"', "'"):
+        value = literal(text)
+        if isinstance(value, str):
+            return value
+    return text
 
 
 def literal(text: str):

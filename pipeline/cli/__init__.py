@@ -97,23 +97,44 @@ def main(argv: list[str] | None = None) -> int:
     )  # `kill`, `docker stop`
     try:
         _check_vector_width()
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader gone shows here, not as Python's complaint at exit
+        return code
     except ConvpipeError as exc:
         print(f"convpipe: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _output_closed()
     except OSError as exc:  # a file of ours (a full disk, a permission), not the cluster's
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"convpipe: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
-    except Terminated:
-        print("convpipe: terminated (SIGTERM)", file=sys.stderr)
+    except Terminated as exc:
+        print(f"convpipe: terminated (SIGTERM){_going_on(exc)}", file=sys.stderr)
         return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("convpipe: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"convpipe: interrupted{_going_on(exc)}", file=sys.stderr)
         return 130
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _going_on(exc: KeyboardInterrupt) -> str:
+    """How to go on after Ctrl-C: what the command added to the exception as its notes
+    (``" at step 12; continue with: convpipe train --resume runs/x"``), or nothing."""
+    return "".join(getattr(exc, "__notes__", ()))
+
+
+def _output_closed() -> int:
+    """The reader of the output went away (``convpipe status | head -1``): end quietly, as a
+    process that SIGPIPE ends does (``git log | head``: no message, status 128 + SIGPIPE).
+    Python's documented way: stdout pointed at devnull, so that its flush at exit does not fail
+    again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _check_vector_width() -> None:

@@ -12,6 +12,7 @@ as the command), and ``status``/``logs`` read the job files under ``--root`` (de
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -226,9 +227,20 @@ def _follow_embedded(client, record: dict) -> int:
     the job, ends with this command): :func:`_stop_embedded_job`."""
     try:
         return _follow(client, "the embedded cluster", record["job"], record)
-    except KeyboardInterrupt:
-        _stop_embedded_job(client, record["job"])
+    except KeyboardInterrupt as exc:
+        state = _stop_embedded_job(client, record["job"])
+        if state != "done":  # how to go on, after "convpipe: interrupted" (pipeline.cli.main)
+            exc.add_note(_how_to_go_on(record, state))
         raise
+
+
+def _how_to_go_on(record: dict, state: str | None) -> str:
+    """``; the job is cancelled; continue with: convpipe resume JOB`` (``--root`` where the
+    job's data root is not the default one)."""
+    root = record.get("root")
+    where = "" if not root or os.path.abspath("data") == root else f" --root {root}"
+    how = {"cancelled": "is cancelled", "failed": "failed"}.get(state, "stops with the cluster")
+    return f"; the job {how}; continue with: convpipe resume {record['job']}{where}"
 
 
 #: how long Ctrl-C waits for a job on the embedded cluster to stop (between two steps) before
@@ -238,8 +250,9 @@ STOP_WAIT_S = 60.0
 STOP_POLL_S = 0.2
 
 
-def _stop_embedded_job(client, job_id: str, timeout: float = STOP_WAIT_S) -> None:
-    """Cancel the job and wait until it has stopped, before the embedded cluster closes.
+def _stop_embedded_job(client, job_id: str, timeout: float = STOP_WAIT_S) -> str | None:
+    """Cancel the job and wait until it has stopped, before the embedded cluster closes; the
+    state it ended in (None if the wait was cut short: it stops with the cluster).
 
     The job stops between two steps, keeps its checkpoints and records ``cancelled`` (what
     `convpipe resume` continues). The cluster used to close as soon as the cancel was sent,
@@ -256,16 +269,18 @@ def _stop_embedded_job(client, job_id: str, timeout: float = STOP_WAIT_S) -> Non
     from pipeline.jobs.records import TERMINAL
 
     try:
-        job_client.cancel(client, job_id)
+        with contextlib.suppress(ConvpipeError):  # it ended meanwhile (JobError: already done)
+            job_client.cancel(client, job_id)
         deadline = time.monotonic() + timeout
-        while job_client.job_status(client, job_id)["state"] not in TERMINAL:
+        while (state := job_client.job_status(client, job_id)["state"]) not in TERMINAL:
             if time.monotonic() > deadline:
-                return
+                return None
             time.sleep(STOP_POLL_S)
+        return state
     except (KeyboardInterrupt, ConvpipeError, OSError):
-        # Ctrl-C again, the job ended meanwhile (JobError: already done), the scheduler unreachable:
-        # nothing more to wait for, and the first Ctrl-C is what the command reports
-        return
+        # Ctrl-C again, the scheduler unreachable: nothing more to wait for, and the first
+        # Ctrl-C is what the command reports
+        return None
 
 
 def _follow(client, address: str, job_id: str, record: dict | None = None) -> int:
@@ -423,6 +438,8 @@ def _print_table(statuses: list[dict]) -> None:
 def _detail(s: dict) -> str:
     if s.get("state") == "failed":
         return s.get("reason") or ""
+    if s.get("state") == "cancelled":
+        return (s.get("reason") or "cancelled") + _at_step(s.get("progress"))
     if s.get("state") == "done":
         from pipeline.jobs.records import result_text
 
@@ -433,6 +450,15 @@ def _detail(s: dict) -> str:
     if s.get("cancel_requested"):
         return "cancel requested"
     return s.get("task_state", "")
+
+
+def _at_step(progress) -> str:
+    """`` (step 40/100)``: the last step a job's progress record names, if it names one (a
+    sweep's trials each have their own)."""
+    p = progress if isinstance(progress, dict) else {}
+    if p.get("step") is None or "trial" in p:
+        return ""
+    return f" (step {p['step']}" + (f"/{p['total_steps']})" if p.get("total_steps") else ")")
 
 
 def _restarts(s: dict) -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import shlex
 import sys
 import time
 
@@ -119,19 +120,34 @@ def _train_run(args: argparse.Namespace) -> int:
     bar = _Progress()
     try:
         summary = train(config, progress=bar)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: how to go on (pipeline.cli.main)
+        if bar.run_dir is not None:
+            exc.add_note(
+                f" at step {bar.saved}; continue with: convpipe train --resume "
+                f"{shlex.quote(bar.run_dir)}"
+            )
+        raise
     finally:
         bar.close()
+    print(_end_line(summary))
+    print(f"run directory: {summary['run_dir']}")
+    return 0
+
+
+def _end_line(summary: dict) -> str:
+    """The accuracies, then this session's steps, training seconds and images/s (a resumed
+    run's earlier sessions are in neither: ``this session``)."""
     acc = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     rate = summary["images_per_s"]
     tta = f" ({summary['tta']})" if summary.get("tta", "none") != "none" else ""
-    print(
+    steps = summary["steps_this_session"]
+    session = " this session" if steps < summary["steps"] else ""
+    return (
         f"train acc {acc(summary['train_acc'])}, val acc {acc(summary['val_acc'])}, "
         f"test acc {acc(summary.get('test_acc'))}{tta}; "
-        f"{summary['steps_this_session']} steps, {summary['seconds']:.1f} s, "
+        f"{_count(steps, 'step')}{session} in {summary['train_seconds']:.1f} s of training, "
         f"{'n/a' if rate is None else f'{rate:,.0f}'} images/s on {_workers(summary['workers'])}"
     )
-    print(f"run directory: {summary['run_dir']}")
-    return 0
 
 
 def _prepare_default_store(store: str, verify: bool = True) -> None:
@@ -220,6 +236,8 @@ class _Progress:
     def __init__(self, clock=time.monotonic):
         self.bar, self.clock = None, clock
         self.recent = collections.deque(maxlen=self.RATE_STEPS + 1)  # (time, images) per step
+        self.run_dir: str | None = None  # once the run has started
+        self.saved = 0  # the step a --resume continues from: the last checkpoint's
 
     def _rate(self, images: int) -> float | None:
         """Images per second of wall clock over the last steps. A step's own time would not
@@ -236,6 +254,7 @@ class _Progress:
 
         kind = event["event"]
         if kind == "start":
+            self.run_dir, self.saved = event["run_dir"], event["start_step"]
             where = f"dashboard {event['dashboard']}" if event.get("dashboard") else "no dashboard"
             page = _run_page(event["run_dir"]) if event.get("dashboard") else None
             where += f"; this run on the convpipe page {page}" if page else ""
@@ -278,6 +297,8 @@ class _Progress:
                     else " (no checkpoint yet)"
                 )
             )
+        elif kind == "checkpoint":
+            self.saved = event["step"]
         elif kind == "warning":
             self._write(f"warning: {event['message']}")
         elif kind == "workers":  # a worker joined or left mid-run
@@ -296,4 +317,9 @@ class _Progress:
 
 
 def _workers(n) -> str:
-    return f"{n} worker" if n == 1 else f"{n} workers"
+    return _count(n, "worker")
+
+
+def _count(n, noun: str) -> str:
+    """``1 step``, ``84 steps``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

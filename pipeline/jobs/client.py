@@ -37,6 +37,7 @@ from pipeline.jobs.records import (
     jsonable,
     log_line,
     new_job_id,
+    newest_first,
     now_iso,
     task_key,
     topic_events,
@@ -337,12 +338,12 @@ def list_jobs(client) -> list[dict]:
     for m in submissions(client):
         seen[m["job"]] = None
     out = []
-    for job_id in reversed(list(seen)):
+    for job_id in seen:
         try:
             out.append(job_status(client, job_id))
         except JobError:
             continue
-    return out
+    return newest_first(out)
 
 
 def cancel(client, job_id: str) -> dict:

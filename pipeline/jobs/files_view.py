@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from pipeline.jobs.records import JobError, JobFileError, JobFiles
+from pipeline.jobs.records import JobError, JobFileError, JobFiles, newest_first
 from pipeline.procs import Owner
 
 
@@ -65,11 +65,11 @@ def list_from_files(root: str) -> Listing:
     if not os.path.isdir(jobs):
         return Listing([], [])
     statuses, unreadable = [], []
-    for name in sorted(os.listdir(jobs), reverse=True):
+    for name in sorted(os.listdir(jobs)):
         try:
             statuses.append(status_from_files(root, name))
         except JobFileError as exc:
             unreadable.append(str(exc))
         except JobError:
             continue  # a folder without a status (not a job, or one whose preflight failed)
-    return Listing(statuses, unreadable)
+    return Listing(newest_first(statuses), unreadable)

@@ -29,7 +29,9 @@ from pipeline.errors import ConvpipeError, DataError, TrainingError
 from pipeline.jobs.records import ACTIVE, JobError, JobFiles
 from pipeline.jobs.schema import Option, SpecError, options_from_dataclass
 from pipeline.jobs.sweep import (
+    SEARCH_KEYS,
     STATE_FILE,
+    STOPPING_KEYS,
     SweepPlan,
     check_trials_can_run,
     run_sweep,
@@ -138,9 +140,11 @@ class Train(_InRunDirectory):
                     f"run directory {o['out']} already holds a run: resume that job, or choose "
                     "another out"
                 )
-        open_store(o["data"])  # DataError naming the path if it is missing or not a store
+        store = open_store(o["data"])  # DataError naming the path if it is missing or not a store
         check_run_dir_free(o["out"], root, job_id)
-        cls.config(o)
+        problem = cls.config(o).train_limit_problem(store.splits.get("train", 0))
+        if problem:  # refused here, not failed on the worker with a resume that cannot help
+            raise SpecError(in_user_words(problem))
         return o
 
     @classmethod
@@ -151,6 +155,7 @@ class Train(_InRunDirectory):
             "train_acc",
             "val_acc",
             "test_acc",
+            "tta",  # how test_acc was scored
             "steps",
             "seconds",
             "images_per_s",
@@ -187,6 +192,10 @@ class Prepare:
     @staticmethod
     def validate(spec) -> None:
         o = spec.options
+        if o["source"] is not None and not o["source"].strip():  # not "the current directory"
+            raise SpecError(
+                f"{spec.source}: source is empty (leave it out to find or download CIFAR-10)"
+            )
         if o["val"] < 0:
             raise SpecError(f"{spec.source}: val must be >= 0, got {o['val']}")
         if o["chunk"] is not None and o["chunk"] < 1:
@@ -328,14 +337,14 @@ class Sweep(_InRunDirectory):
                 (dict,),
                 None,
                 "[search] table: method, trials, seed, metric and the searched settings",
-                keys=("method", "parallel", "trials", "seed", "metric"),
+                keys=SEARCH_KEYS,
             ),
             "early_stopping": Option(
                 "early_stopping",
                 (dict, type(None)),
                 None,
                 "[early-stopping] table: min-steps, reduction-factor",
-                keys=("min_steps", "reduction_factor"),
+                keys=STOPPING_KEYS,
             ),
         }
 
@@ -376,7 +385,10 @@ class Sweep(_InRunDirectory):
         total_steps(
             Train.config({k: v for k, v in o.items() if k not in ("search", "early_stopping")})
         )  # the store
-        check_trials_can_run(plan)  # before any trial: not every trial failing alone
+        try:
+            check_trials_can_run(plan)  # before any trial: not every trial failing alone
+        except TrainingError as exc:
+            raise SpecError(in_user_words(str(exc))) from None  # train-limit, as a spec spells it
         return o
 
     @classmethod

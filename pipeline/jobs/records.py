@@ -246,6 +246,13 @@ def status_from_bytes(path: str | Path, raw: bytes) -> dict:
     return status
 
 
+def newest_first(statuses: list[dict]) -> list[dict]:
+    """Jobs' statuses, the latest submitted (or resumed) first, whatever their ids' kinds."""
+    return sorted(
+        statuses, key=lambda s: (str(s.get("submitted") or ""), str(s.get("job"))), reverse=True
+    )
+
+
 def log_line(text: str) -> str:
     """A line of a job's log: UTC time to the second, then the text."""
     return f"{now_iso()} {text}"
@@ -253,5 +260,27 @@ def log_line(text: str) -> str:
 
 def result_text(result: dict | None, skip: tuple[str, ...] = ()) -> str:
     """A job's result as its log, ``convpipe status`` and the page show it: ``key value`` pairs,
-    numbers rounded as people read them (:func:`pipeline.curves.number_text`)."""
-    return ", ".join(f"{k} {number_text(v)}" for k, v in (result or {}).items() if k not in skip)
+    rounded as the progress lines are (accuracies to 4 decimals, seconds to 1, other numbers as
+    people read them: :func:`pipeline.curves.number_text`); a test accuracy scored with
+    test-time augmentation says so (``test_acc 0.9012 (tta flip-translate)``)."""
+    result = dict(result or {})
+    tta = result.get("tta") if "test_acc" in result else None
+    if tta is not None:
+        result.pop("tta")
+    parts = []
+    for key, value in result.items():
+        if key in skip:
+            continue
+        text = _value_text(key, value)
+        if key == "test_acc" and tta not in (None, "none"):
+            text += f" (tta {tta})"
+        parts.append(f"{key} {text}")
+    return ", ".join(parts)
+
+
+def _value_text(key: str, value) -> str:
+    if isinstance(value, float) and (key.endswith("_acc") or key == "accuracy"):
+        return f"{value:.4f}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "seconds":
+        return f"{value:.1f}"
+    return number_text(value)

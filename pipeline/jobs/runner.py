@@ -239,9 +239,10 @@ def format_progress(p: dict) -> str:
         return ("warning: " if event == "warning" else "") + str(p["message"])
     if event == "start" and "total_steps" in p:
         return (
-            f"start: step {p.get('start_step', 0)}/{p['total_steps']}, {p.get('epochs')} epoch(s), "
-            f"{p.get('workers')} workers, batch {p.get('batch_size')}, transport "
-            f"{p.get('transport')}, run directory {p.get('run_dir')}"
+            f"start: step {p.get('start_step', 0)}/{p['total_steps']}, "
+            f"{_count(p.get('epochs'), 'epoch')}, {_count(p.get('workers'), 'worker')}, batch "
+            f"{p.get('batch_size')}, transport {p.get('transport')}, run directory "
+            f"{p.get('run_dir')}"
         )
     if event == "resumed":
         return (
@@ -267,11 +268,17 @@ def format_progress(p: dict) -> str:
         ("test_acc", "test_acc {:.4f}"),
         ("accuracy", "accuracy {:.4f}"),
         ("images_per_s", "{:.0f} images/s"),
-        ("workers", "{} workers"),
     ):
         if isinstance(p.get(key), (int, float)):
             parts.append(fmt.format(p[key]))
+    if isinstance(p.get("workers"), int):
+        parts.append(_count(p["workers"], "worker"))
     return " ".join(parts) if parts else str(event or "progress")
+
+
+def _count(n, noun: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _plain(v) -> bool:

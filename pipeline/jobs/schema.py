@@ -5,6 +5,7 @@ declares each kind's options with these; :mod:`pipeline.jobs.spec` reads specs a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 
 from pipeline.errors import ConvpipeError
@@ -13,6 +14,14 @@ from pipeline.options import ValueType, WrongType, field_types
 
 class SpecError(ConvpipeError):
     """A job spec or an override is malformed, unknown or does not fit."""
+
+
+def did_you_mean(key: str, known) -> str:
+    """`` (did you mean trials?)`` when ``key`` is a near miss of one of ``known``, else ``""``
+    (names compared and shown as a spec spells them: ``min-steps``)."""
+    spelt = [k.replace("_", "-") for k in known]
+    close = difflib.get_close_matches(key.replace("_", "-"), spelt, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 @dataclass(frozen=True)

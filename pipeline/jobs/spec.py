@@ -233,12 +233,23 @@ def _unknown_key_hint(schema: dict, key: str, set_to: str | None = None) -> str:
 
 def _blame_override(exc: SpecError, where: str, sets: list[tuple[str, str]]) -> SpecError:
     """A setting that does not fit, blamed on the ``--set`` that gave it rather than on the
-    file, when the message names a key the command line set."""
+    file, when the message names a key the command line set (the last such ``--set``: it is the
+    one that counts). A table's key (``--set search.trials=4``) is named as ``[search] ...
+    trials``. What a message lists in parentheses (the known keys, a did-you-mean) names
+    nothing."""
     message = str(exc)
-    for key, text in sets:
-        spelt = key.replace("_", "-")
-        if message.startswith(f"{where}: ") and re.search(rf"\b({spelt}|{key})\b", message):
-            return SpecError(f"--set {spelt}={text}: " + message.removeprefix(f"{where}: "))
+    if not message.startswith(f"{where}: "):
+        return exc
+    said = message.removeprefix(f"{where}: ")
+    named = re.sub(r"\([^()]*\)", "", said)
+    for key, text in reversed(sets):
+        table, _, sub = key.partition(".")
+        if sub and f"[{table.replace('_', '-')}]" not in named:
+            continue
+        name = sub or key
+        spellings = f"{re.escape(name.replace('_', '-'))}|{re.escape(name)}"
+        if re.search(rf"(?<![\w-])({spellings})(?![\w-])", named):
+            return SpecError(f"--set {key.replace('_', '-')}={text}: {said}")
     return exc
 
 

@@ -236,6 +236,11 @@ class TrainConfig:
         if not self.weight_scale > 0:
             raise TrainingError(f"weight_scale must be > 0, got {self.weight_scale}")
         if self.model is not None:
+            if not self.model.strip():  # not the three-layer net: that is no model at all
+                raise TrainingError(
+                    "model: empty network spec (leave it out for the three-layer net, or list "
+                    "the layers: 'conv 64 3, bn, relu, pool 2, gap, affine')"
+                )
             try:
                 net = NetSpec.from_text(self.model)
                 net.shapes(INPUT_DIM, NUM_CLASSES)
@@ -345,8 +350,11 @@ def _coerce_number(vtype: ValueType, value):
 def in_user_words(message: str, spell=lambda key: key) -> str:
     """``message`` with each multi-word setting's field name (``batch_size``) spelt as the user
     types it: ``spell("batch-size")``, e.g. ``--batch-size`` on the command line, ``batch-size``
-    in a job spec. One-word names (lr, seed) read the same either way and are left alone."""
+    in a job spec. One-word names (lr, seed) read the same either way and are left alone, but
+    for the one a message starts with as its subject (``model: empty network spec``)."""
     for f in dataclasses.fields(TrainConfig):
         if "_" in f.name:
             message = re.sub(rf"\b{f.name}\b", spell(f.name.replace("_", "-")), message)
+        elif message.startswith(f"{f.name}: "):
+            message = spell(f.name) + message[len(f.name) :]
     return message

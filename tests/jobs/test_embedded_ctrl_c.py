@@ -1,6 +1,7 @@
 """Ctrl-C in a terminal during `convpipe submit` on the embedded cluster (pipeline.cli.jobs:
 _stop_embedded_job): the job stops between two steps and records ``cancelled`` with its
-checkpoints before the cluster closes, and the command's last word is "convpipe: interrupted".
+checkpoints before the cluster closes, and the command's last word is "convpipe: interrupted"
+and how to go on.
 
 The cluster used to close as soon as the cancel was sent: the job's worker was closed under the
 running job (the job recorded "interrupted: its worker is closing", or, when its step outlasted
@@ -22,7 +23,7 @@ from tests.helpers.wait import wait_until
 SPEC = Path(__file__).parents[2] / "jobs" / "train-three-layer.toml"
 
 
-def test_ctrl_c_cancels_an_embedded_job_and_says_only_interrupted(tmp_path):
+def test_ctrl_c_cancels_an_embedded_job_and_says_how_to_go_on(tmp_path):
     """The spec's own network (not the tests' tiny one): steps of a good part of a second, with
     which the old close killed the job's worker about every other time (the leaked semaphore);
     the job's state told the difference every time."""
@@ -63,11 +64,13 @@ def test_ctrl_c_cancels_an_embedded_job_and_says_only_interrupted(tmp_path):
             proc.wait(30)
 
     assert proc.returncode == 130, err
+    job = out.splitlines()[0]
     lines = err.splitlines()
     assert lines[0].startswith("convpipe: no scheduler given: running on an embedded"), err
-    assert lines[1:] == ["convpipe: interrupted"], err  # no leaked semaphore, no traceback
+    assert lines[1:] == [  # no leaked semaphore, no traceback: how to go on
+        f"convpipe: interrupted; the job is cancelled; continue with: convpipe resume {job}"
+    ], err
 
-    job = out.splitlines()[0]
     r = convpipe("status", job, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert "state:     cancelled\n" in r.stdout, r.stdout

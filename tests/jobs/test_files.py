@@ -179,3 +179,62 @@ def test_status_shows_a_result_rounded_as_people_read_it(tmp_path, capsys):
     assert "result:    images_per_s 1,496, steps 20, train_acc 0.5123\n" in out
     code, out, err = run_cli(capsys, "status", "--root", str(tmp_path))  # the listing's detail
     assert code == 0 and out.rstrip().endswith("images_per_s 1,496, steps 20, train_acc 0.5123")
+
+
+def test_the_listing_is_newest_first_and_says_where_a_cancelled_job_stopped(tmp_path, capsys):
+    jobs = {  # id: when submitted; ids of another kind sort the other way
+        "train-20250101-100000-aa": "2025-01-01T10:00:00Z",
+        "sweep-20250101-120000-bb": "2025-01-01T12:00:00Z",
+        "train-20250101-110000-cc": "2025-01-01T11:00:00Z",
+    }
+    for job_id, submitted in jobs.items():
+        files = finished_job(tmp_path, job_id, "done")
+        files.write_status({**files.read_status(), "submitted": submitted})
+    files = JobFiles.of(tmp_path, "train-20250101-110000-cc")
+    files.write_status(
+        {
+            **files.read_status(),
+            "state": "cancelled",
+            "reason": "cancelled by me@here at 2025-01-01T11:05:00Z",
+            "progress": {"event": "checkpoint", "step": 40, "total_steps": 100},
+        }
+    )
+    code, out, err = run_cli(capsys, "status", "--root", str(tmp_path))
+    assert code == 0, err
+    rows = out.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == [
+        "sweep-20250101-120000-bb",
+        "train-20250101-110000-cc",
+        "train-20250101-100000-aa",
+    ], out
+    assert rows[1].endswith("cancelled  cancelled by me@here at 2025-01-01T11:05:00Z (step 40/100)")
+
+
+def into_a_closed_pipe(*argv) -> subprocess.CompletedProcess:
+    """``convpipe ARGV | head -1`` where head is gone before anything is written."""
+    import os
+
+    from tests.helpers.cluster import convpipe_exe
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [*convpipe_exe(), *argv], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120
+        )
+    finally:
+        os.close(write)
+
+
+def test_a_reader_that_goes_away_ends_status_quietly(tmp_path):
+    """`convpipe status | head -1` with the reader gone: no "Broken pipe" error, no Python
+    complaint at exit; silent, as `git log | head` is (status 128 + SIGPIPE)."""
+    import signal
+
+    for i in range(200):  # rows beyond a pipe's buffer: the prints themselves fail
+        finished_job(tmp_path, f"count-{i:04d}", "done")
+    listing = into_a_closed_pipe("status", "--root", str(tmp_path))
+    assert (listing.returncode, listing.stderr) == (128 + signal.SIGPIPE, "")
+    # a few lines, still in Python's buffer when the command returns
+    one = into_a_closed_pipe("status", "count-0001", "--root", str(tmp_path))
+    assert (one.returncode, one.stderr) == (128 + signal.SIGPIPE, "")

@@ -175,7 +175,13 @@ def test_a_done_jobs_log_line_rounds_its_result_as_status_does():
     from pipeline.jobs.runner import _result_text
 
     result = {"train_acc": 0.503, "seconds": 22.9153, "images_per_s": 2433.0422, "steps": 192}
-    assert _result_text(result) == "train_acc 0.503, seconds 22.92, images_per_s 2,433, steps 192"
+    assert _result_text(result) == "train_acc 0.5030, seconds 22.9, images_per_s 2,433, steps 192"
+    # accuracies to 4 decimals and seconds to 1, as the progress lines; a TTA test score says so
+    result = {"val_acc": 0.3, "test_acc": 0.11, "tta": "flip-translate", "seconds": 7.504}
+    assert _result_text(result) == (
+        "val_acc 0.3000, test_acc 0.1100 (tta flip-translate), seconds 7.5"
+    )
+    assert _result_text({"test_acc": 0.11, "tta": "none"}) == "test_acc 0.1100"
 
 
 def test_a_jobs_log_and_status_say_the_workers_of_a_step_and_who_joined_or_left():
@@ -185,5 +191,12 @@ def test_a_jobs_log_and_status_say_the_workers_of_a_step_and_who_joined_or_left(
         {"event": "step", "step": 3, "total_steps": 10, "loss": 1.5, "workers": 2}
     )
     assert line == "step 3/10 loss 1.5000 2 workers"
+    one = {"event": "step", "step": 3, "total_steps": 10, "loss": 1.5, "workers": 1}
+    assert format_progress(one) == "step 3/10 loss 1.5000 1 worker"
+    start = {"event": "start", "start_step": 0, "total_steps": 4, "epochs": 1, "workers": 1}
+    start.update(batch_size=64, transport="shm", run_dir="/r")
+    assert format_progress(start) == (
+        "start: step 0/4, 1 epoch, 1 worker, batch 64, transport shm, run directory /r"
+    )
     change = {"event": "workers", "step": 4, "message": "worker tcp://w:1 joined: it takes ..."}
     assert format_progress(change) == change["message"] and "workers" in ALWAYS_LOGGED

@@ -179,6 +179,26 @@ def test_set_overrides_are_typed(tmp_path):
     assert (p.options["no_verify"], p.options["force"], p.options["chunk"]) == (True, True, 500)
 
 
+def test_a_quoted_toml_string_in_set_is_that_string(tmp_path):
+    """`--set 'norm="groupnorm"'` and `--set workers="1:2"` (quoted as in a spec) are the
+    strings they quote; unquoted text stays as it is."""
+    path = write(tmp_path, 'job = "train"\n')
+    spec = load_spec(path, ['norm="groupnorm"', "workers='1:2'", 'out="runs/a b"'])
+    assert (spec.options["norm"], spec.options["workers"]) == ("groupnorm", "1:2")
+    assert spec.options["out"] == "runs/a b"
+    spec = load_spec(path, ['workers="3"', 'name=it\'s "mine"'])
+    assert TrainConfig.from_job(spec.options).workers == 3 and spec.name == 'it\'s "mine"'
+
+
+def test_empty_text_is_none_but_for_a_setting_of_text_only(tmp_path):
+    """`--set steps=` leaves steps unset; `--set model=` is an empty model (refused, as an empty
+    source is, rather than read as "the three-layer net" or "the current directory")."""
+    spec = load_spec(write(tmp_path, 'job = "train"\nsteps = 5\n'), ["steps=", "workers="])
+    assert (spec.options["steps"], spec.options["workers"]) == (None, None)
+    with pytest.raises(SpecError, match=r"^--set source=: source is empty \(leave it out"):
+        load_spec(write(tmp_path, 'job = "prepare"\n', "p.toml"), ["source="])
+
+
 @pytest.mark.parametrize(
     "override, match",
     [
@@ -190,6 +210,7 @@ def test_set_overrides_are_typed(tmp_path):
             r"^--set shard-size=100: shard-size 100 does not divide batch-size 256",
         ),
         ("job=fly", r"unknown job 'fly'"),
+        ("model=", r"^--set model=: model: empty network spec \(leave it out for the three"),
     ],
 )
 def test_bad_overrides(tmp_path, override, match):
@@ -296,3 +317,40 @@ def test_a_bad_value_from_set_is_blamed_on_the_set_and_spelt_as_typed(tmp_path):
     with pytest.raises(SpecError) as err:
         load_spec(write(tmp_path, 'job = "train"\nbatch-size = 0\n'), ["lr=0.5"])
     assert str(err.value) == f"{path}: batch-size must be >= 1, got 0"
+
+
+@pytest.mark.parametrize(
+    "sets, line",
+    [
+        (
+            # blamed on the --set that gave the key, not on the last --set nor the file
+            ["search.trails=[1,2]", "epochs=1"],
+            "--set search.trails=[1,2]: [search]: unknown key 'trails' (did you mean trials?)",
+        ),
+        (
+            ["search.trails=4"],
+            "--set search.trails=4: [search]: unknown key 'trails' (did you mean trials?)",
+        ),
+        (
+            ["epochs=1", "early-stopping.min-step=3"],
+            "--set early-stopping.min-step=3: [early-stopping]: unknown key 'min-step' (did you "
+            "mean min-steps?)",
+        ),
+        (
+            ["search.trials=0", "steps=2"],
+            "--set search.trials=0: [search]: trials must be an integer >= 1, got 0",
+        ),
+    ],
+)
+def test_a_bad_search_key_from_set_is_unknown_and_blamed_on_its_set(capsys, sets, line):
+    argv = ["submit", str(REPO / "jobs" / "sweep-lr-reg.toml")]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 2
+    assert capsys.readouterr().err == f"convpipe: error: {line}\n"
+
+
+def test_a_typo_in_the_search_table_of_the_file_is_an_unknown_key(tmp_path, capsys):
+    path = write(tmp_path, SWEEP + "trails = 4\n")
+    assert main(["submit", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"convpipe: error: {path}: [search]: unknown key 'trails' (did you mean trials?)\n"
+    )

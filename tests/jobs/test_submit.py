@@ -418,6 +418,31 @@ def test_cli_submit_status_logs_cancel(cluster, tmp_path, capsys, monkeypatch):
     assert code == 2 and err.strip() == f"convpipe: error: job {job_id} is already done"
 
 
+def test_cli_submit_refuses_a_train_limit_beyond_the_store_before_queueing(
+    cluster, tmp_path, capsys
+):
+    """The store is read on a worker, in the job's preflight: refused there in one line, no job
+    left behind and no resume hint (a job that failed on it could not be resumed)."""
+    from tests.helpers.training import make_store
+
+    store = make_store(tmp_path / "tiny.zarr", n_train=64, n_val=16, n_test=16)
+    spec = tmp_path / "train.toml"
+    spec.write_text(f'job = "train"\nroot = "{tmp_path}"\ndata = "{store}"\n')
+    code, out, err = run_cli(
+        capsys,
+        "submit",
+        str(spec),
+        "--scheduler",
+        cluster.scheduler_address,
+        "--set",
+        "train-limit=99999",
+    )
+    assert (code, out) == (2, "")
+    assert err == f"convpipe: error: train-limit 99999 exceeds the 64 training images of {store}\n"
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
+
+
 def test_cli_failed_job_says_why_and_how_to_resume(cluster, tmp_path, capsys):
     addr = cluster.scheduler_address
     spec = tmp_path / "count.toml"

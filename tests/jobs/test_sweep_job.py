@@ -113,6 +113,6 @@ def test_a_sweep_no_trial_can_run_is_refused_before_it_is_queued(cluster, tmp_pa
     code = main(["submit", str(spec), "--scheduler", addr, "--set", "train-limit=500"])
     out, err = capsys.readouterr()
     assert (code, out) == (2, "")
-    assert err == f"convpipe: error: train_limit 500 exceeds the 128 training images of {store}\n"
+    assert err == f"convpipe: error: train-limit 500 exceeds the 128 training images of {store}\n"
     assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())

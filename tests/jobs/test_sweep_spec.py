@@ -71,7 +71,7 @@ def test_same_spec_same_trials_and_the_seed_changes_them(tmp_path):
         ("filter-size = { int-uniform = [3, 4] }", "filter_size must be odd"),
         ('norm = ["none", "layernorm"]', "unknown norm 'layernorm'"),
         ("lr = [-1.0]", "lr must be > 0"),
-        ("leraning-rate = [1e-3]", "leraning-rate: unknown training setting"),
+        ("leraning-rate = [1e-3]", "[search]: unknown key 'leraning-rate' (neither"),
         ('data = ["a.zarr"]', "data: says where or how a trial runs"),
         ('method = "bayes"\nlr = [1e-3]', "unknown method 'bayes'"),
         ('metric = "loss"\nlr = [1e-3]', "unknown metric 'loss'"),

@@ -204,3 +204,88 @@ def test_the_progress_bars_images_per_second_is_wall_clock_over_recent_steps():
     rates = [bar._rate(100) for _ in range(5)]
     assert rates[0] is None
     assert rates[1:] == pytest.approx([100.0, 100.0, 300 / 2.01, 400 / 3.01])
+
+
+@pytest.mark.parametrize(
+    "model, words",
+    [
+        ("", "--model: empty network spec (leave it out for the three-layer net"),
+        ("  ", "--model: empty network spec (leave it out for the three-layer net"),
+        (
+            "conv 16 3, relu, affine 7",
+            "--model: the network ends with (7,), expected one score per class (10,): end it "
+            "with 'affine' (no units: one per class) or 'affine 10'",
+        ),
+    ],
+)
+def test_a_model_that_is_no_network_is_one_line(store, tmp_path, capsys, model, words):
+    code, err = _error(
+        capsys, ["train", "--data", store, "--out", tmp_path / "run", "--model", model]
+    )
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"convpipe: error: {words}"), err
+    assert not (tmp_path / "run").exists()
+
+
+def _fake_train(monkeypatch, events: list[dict], summary: dict | None = None):
+    """`convpipe train` with the coordinator's progress events and summary given (the training
+    itself is not what these tests look at); KeyboardInterrupt after the events without one."""
+    import pipeline.training
+
+    def train(config, progress=None, **_):
+        for event in events:
+            progress(event)
+        if summary is None:
+            raise KeyboardInterrupt
+        return summary
+
+    monkeypatch.setattr(pipeline.training, "train", train)
+
+
+START = {"event": "start", "run_dir": "runs/my run", "start_step": 40, "total_steps": 200}
+START.update(workers=1, transport="shm", dashboard=None)
+
+
+def test_ctrl_c_says_at_which_step_and_how_to_continue(store, monkeypatch, capsys):
+    checkpoint = {"event": "checkpoint", "step": 52, "path": "runs/my run/checkpoints/x.npz"}
+    _fake_train(monkeypatch, [START, checkpoint])
+    code, err = _error(capsys, ["train", "--data", store, "--scheduler", "tcp://127.0.0.1:9"])
+    assert code == 130
+    assert err.splitlines()[-1] == (
+        "convpipe: interrupted at step 52; continue with: convpipe train --resume 'runs/my run'"
+    ), err
+    _fake_train(monkeypatch, [START])  # no checkpoint this session: where it started
+    code, err = _error(capsys, ["train", "--data", store, "--scheduler", "tcp://127.0.0.1:9"])
+    assert err.splitlines()[-1].startswith("convpipe: interrupted at step 40; continue with:")
+    _fake_train(monkeypatch, [])  # before the run started: nothing to continue
+    code, err = _error(capsys, ["train", "--data", store, "--scheduler", "tcp://127.0.0.1:9"])
+    assert (code, err) == (130, "convpipe: interrupted\n")
+
+
+SUMMARY = {"train_acc": 0.5, "val_acc": 0.25, "test_acc": 0.125, "tta": "none", "steps": 124}
+SUMMARY.update(seconds=21.0, run_dir="runs/r", workers=2)
+
+
+@pytest.mark.parametrize(
+    "session, line",
+    [
+        (  # resumed: 'seconds' counts the earlier sessions too; steps, time and rate are this one's
+            {"steps_this_session": 84, "train_seconds": 12.5, "images_per_s": 1719.04},
+            "84 steps this session in 12.5 s of training, 1,719 images/s on 2 workers",
+        ),
+        (
+            {"steps": 1, "steps_this_session": 1, "train_seconds": 0.25, "workers": 1},
+            "1 step in 0.2 s of training, 512 images/s on 1 worker",
+        ),
+    ],
+)
+def test_the_end_line_gives_this_sessions_steps_seconds_and_rate(
+    store, monkeypatch, capsys, session, line
+):
+    summary = {**SUMMARY, "images_per_s": 512.0, **session}
+    _fake_train(monkeypatch, [], summary)
+    code = main(["train", "--data", str(store), "--scheduler", "tcp://127.0.0.1:9"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert (
+        out == f"train acc 0.5000, val acc 0.2500, test acc 0.1250; {line}\nrun directory: runs/r\n"
+    )

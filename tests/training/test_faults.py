@@ -320,9 +320,13 @@ def test_sigterm_stops_train_like_ctrl_c_and_the_run_resumes_bit_identically(sto
             proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 143, err
-        assert "terminated" in err.strip().splitlines()[-1]
         saved = sorted((run / "checkpoints").glob("step-*.npz"))
         assert saved, "no checkpoint of the interrupted run"  # none was due before step 1000
+        step = int(saved[-1].stem.removeprefix("step-"))
+        assert err.strip().splitlines()[-1] == (
+            f"convpipe: terminated (SIGTERM) at step {step}; continue with: convpipe train "
+            f"--resume {run}"
+        ), err
         resumed = subprocess.run(
             _cli("train", "--resume", run, "--scheduler", address),
             capture_output=True,

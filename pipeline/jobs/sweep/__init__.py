@@ -51,10 +51,18 @@ and ``report`` (the results and the leaderboard); the figure is
 from pipeline.jobs.sweep.halving import promote, rungs
 from pipeline.jobs.sweep.report import curve, leaderboard_text
 from pipeline.jobs.sweep.runner import SweepFailed, check_trials_can_run, run_sweep, total_steps
-from pipeline.jobs.sweep.space import EarlyStopping, SweepError, SweepPlan
+from pipeline.jobs.sweep.space import (
+    SEARCH_KEYS,
+    STOPPING_KEYS,
+    EarlyStopping,
+    SweepError,
+    SweepPlan,
+)
 from pipeline.jobs.sweep.state import STATE_FILE, SweepState, Trial, best_run_dir, trained_run_dir
 
 __all__ = [
+    "SEARCH_KEYS",
+    "STOPPING_KEYS",
     "EarlyStopping",
     "STATE_FILE",
     "SweepError",

@@ -11,7 +11,7 @@ from itertools import product
 import numpy as np
 
 from pipeline.errors import ConvpipeError
-from pipeline.jobs.schema import SpecError
+from pipeline.jobs.schema import SpecError, did_you_mean
 from pipeline.training.config import RUNTIME_FIELDS, TrainConfig
 
 METHODS = ("random", "grid")
@@ -25,6 +25,10 @@ RANGES = ("log-uniform", "uniform", "int-uniform")
 
 #: settings a sweep cannot search: where and how a trial runs, not what it computes
 NOT_SEARCHED = RUNTIME_FIELDS
+
+#: the keys of the [search] table besides the searched settings, and of [early-stopping]
+SEARCH_KEYS = ("method", "parallel", "trials", "seed", "metric")
+STOPPING_KEYS = ("min_steps", "reduction_factor")
 
 
 class SweepError(SpecError):
@@ -156,6 +160,18 @@ class Search:
             trials = 10 if trials is None else trials
             if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
                 raise SweepError(f"{where}: trials must be an integer >= 1, got {trials!r}")
+        settings = TrainConfig.__dataclass_fields__
+        for key in table:
+            if key not in settings:  # a typo of a [search] key is not a setting to search
+                searchable = sorted(set(settings) - set(NOT_SEARCHED) - set(SEARCH_KEYS))
+                raise SweepError(
+                    f"{where}: unknown key {spelt(key)!r}"
+                    + (
+                        did_you_mean(key, SEARCH_KEYS + tuple(searchable))
+                        or f" (neither a [search] key: {', '.join(SEARCH_KEYS)}; nor a training "
+                        f"setting to search: {', '.join(spelt(k) for k in searchable)})"
+                    )
+                )
         dims = tuple(Dim.parse(k, v, f"{where} {spelt(k)}") for k, v in table.items())
         if not dims:
             raise SweepError(
@@ -204,10 +220,14 @@ class EarlyStopping:
         if table is None:
             return None
         table = {_canon(k): v for k, v in table.items()}
-        unknown = sorted(set(table) - {"min_steps", "reduction_factor"})
+        unknown = sorted(set(table) - set(STOPPING_KEYS))
         if unknown:
             raise SweepError(
-                f"{where}: unknown key {spelt(unknown[0])!r} (known: min-steps, reduction-factor)"
+                f"{where}: unknown key {spelt(unknown[0])!r}"
+                + (
+                    did_you_mean(unknown[0], STOPPING_KEYS)
+                    or f" (known: {', '.join(map(spelt, STOPPING_KEYS))})"
+                )
             )
         if "min_steps" not in table:
             raise SweepError(
@@ -245,15 +265,9 @@ class SweepPlan:
         stopping = EarlyStopping.from_dict(
             options.get("early_stopping"), f"{where}: [early-stopping]"
         )
-        known = set(TrainConfig.__dataclass_fields__)
         base_config = TrainConfig.from_job(base)
-        for d in search.dims:
+        for d in search.dims:  # each a training setting (Search.from_dict)
             label = f"{where}: [search] {spelt(d.name)}"
-            if d.name not in known:
-                raise SweepError(
-                    f"{label}: unknown training setting (known: "
-                    f"{', '.join(sorted(spelt(k) for k in known - set(NOT_SEARCHED)))})"
-                )
             if d.name in NOT_SEARCHED:
                 raise SweepError(
                     f"{label}: says where or how a trial runs, not what it learns; it cannot be "
