@@ -194,6 +194,11 @@ class Report:
         event = kw.get("event") or kw.get("kind")
         if event == "done":
             return  # the job's own "done" line gives the result
+        if event == "waiting":  # the run waits for a step: a stop or cancel request goes first
+            if self.stop is not None:
+                self.stop.check()
+            self.check_cancel()
+            return
         now = time.monotonic()
         finished = kw.get("total") is not None and kw.get("done") == kw.get("total")
         if event in ALWAYS_LOGGED or finished or now - self._last_progress >= PROGRESS_EVERY_S:

@@ -221,6 +221,9 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
             "dashboard": getattr(client, "dashboard_link", None),
         }
     )
+    # while a step is collected: a job's progress callback raises its stop request there too
+    # (a closing worker gives its jobs 5 s; a step waiting on it would outlast them)
+    exchange.on_wait = lambda: emit({"event": "waiting"})
     exchange.start(state.step, state.params, state.m, state.v)
     warmup = warm_up_workers(client, exchange, schedule.n_train, state.step)
     clock = Clock()
@@ -344,13 +347,17 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
             if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
                 checkpoint(step + 1)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the last step done
-        # the step in flight first: the one after it (in flight too) overwrites the state
-        # before it, so that state may no longer be there to keep
-        _finish_in_flight(state.step + done.steps, in_flight, exchange, finish, emit)
         if state.step + done.steps > saved[-1]:
             try:
-                checkpoint(state.step + done.steps)
-            except TrainingError as exc:  # the next step got there first: the last checkpoint stays
+                try:
+                    checkpoint(state.step + done.steps)
+                except TrainingError:
+                    # the step in flight ended and the next one (in flight too, on shared
+                    # memory) overwrote the state before it: keep the state after it
+                    if not _finish_in_flight(state.step + done.steps, in_flight, exchange, finish):
+                        raise
+                    checkpoint(state.step + done.steps)
+            except TrainingError as exc:  # the last checkpoint stays
                 emit(
                     {"event": "warning", "message": f"no checkpoint of the interrupted run: {exc}"}
                 )
@@ -377,26 +384,25 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
 
 # ---- pieces of the loop --------------------------------------------------------------------------
 
-#: how long Ctrl-C or SIGTERM waits for the step in flight, to keep its state
-INTERRUPT_WAIT_S = 30.0
+#: how long an interrupted run waits for the results of a step that has ended
+INTERRUPT_WAIT_S = 2.0
 
 
-def _finish_in_flight(step, in_flight, exchange, finish, emit) -> None:
-    """Collect and log ``step`` if it is in flight (within :data:`INTERRUPT_WAIT_S`), so that
-    the checkpoint of an interrupted run is the state after it. The state before it is the copy
-    that the step after it (in flight too, on shared memory) overwrites: checkpointing that one
-    failed with "overwritten ... while it was read" and the run kept an older checkpoint. A
-    second Ctrl-C, or a step that does not end in time, leaves it as it is."""
+def _finish_in_flight(step, in_flight, exchange, finish) -> bool:
+    """Collect and log ``step``, in flight and ended (the step after it has overwritten the
+    state before it), so that the interrupted run keeps the state after it; whether it could
+    (within :data:`INTERRUPT_WAIT_S`; a second Ctrl-C stops the wait)."""
     pending = in_flight.pop(step, None)
     if pending is None:
-        return
+        return False
     sent, received = exchange.sent, exchange.received
     t0 = time.perf_counter()
     try:
         parts = exchange.collect(pending, timeout=INTERRUPT_WAIT_S)
         finish(step, parts, 0.0, time.perf_counter() - t0, sent, received)
-    except (KeyboardInterrupt, TrainingError, OSError) as exc:
-        emit({"event": "warning", "message": f"step {step + 1} in flight not kept: {exc}"})
+    except (KeyboardInterrupt, TrainingError, OSError):
+        return False
+    return True
 
 
 def _loss(step, shards, parts, schedule, config, run) -> tuple[float, int]:

@@ -47,12 +47,13 @@ class WorkerLost(TrainingError):
     replay from a checkpoint."""
 
 
-def gather(client, futures: list, what: str, timeout: float) -> list:
+def gather(client, futures: list, what: str, timeout: float, on_wait=None) -> list:
     """``client.gather(futures)``, but never forever: fails with one line naming ``what`` when
     none of them finished for ``timeout`` seconds, or a task failed; :class:`WorkerLost` when
-    Dask gave up on a task because data it needed left with a worker."""
+    Dask gave up on a task because data it needed left with a worker. ``on_wait()`` is called
+    about once a second while it waits (where a job's stop request is raised)."""
     try:
-        return _gather(client, futures, what, timeout, wait)
+        return _gather(client, futures, what, timeout, wait, on_wait)
     except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
         if client.status != "running" or cancelled_by_lost_scheduler(
             exc
@@ -63,7 +64,7 @@ def gather(client, futures: list, what: str, timeout: float) -> list:
         ) from None
 
 
-def _gather(client, futures: list, what: str, timeout: float, wait) -> list:
+def _gather(client, futures: list, what: str, timeout: float, wait, on_wait=None) -> list:
     pending, last = list(futures), time.monotonic()
 
     def stalled() -> TrainingError:
@@ -76,8 +77,10 @@ def _gather(client, futures: list, what: str, timeout: float, wait) -> list:
 
     while True:
         if pending:
+            if on_wait is not None:
+                on_wait()
             try:
-                wait(pending, timeout=min(2.0, max(0.1, timeout)), return_when="FIRST_COMPLETED")
+                wait(pending, timeout=min(1.0, max(0.1, timeout)), return_when="FIRST_COMPLETED")
             except TimeoutError:
                 pass
             except (
@@ -198,6 +201,7 @@ class Exchange:
         )
         self.pool = WorkerPool(client, spec)
         self.sent = self.received = 0  # bytes of task arguments and results, this coordinator
+        self.on_wait = None  # called while a step is collected: gather's on_wait
 
     @property
     def addresses(self) -> list[str]:

@@ -518,7 +518,9 @@ class SharedMemoryExchange(Exchange):
 
     def collect(self, pending, timeout: float | None = None) -> list[dict]:
         step, futures = pending
-        results = gather(self.client, futures, f"step {step + 1}", timeout or self.timeout)
+        results = gather(
+            self.client, futures, f"step {step + 1}", timeout or self.timeout, self.on_wait
+        )
         for f in futures:
             f.release()
         self._count(received=results)

@@ -328,7 +328,9 @@ class TcpExchange(Exchange):
 
     def collect(self, pending, timeout: float | None = None) -> list[dict]:
         step, stats, partials, _parts = pending
-        got = gather(self.client, stats + partials, f"step {step + 1}", timeout or self.timeout)
+        got = gather(
+            self.client, stats + partials, f"step {step + 1}", timeout or self.timeout, self.on_wait
+        )
         self._count(received=got)
         n = len(stats)
         return [{**s, "part": j, **p} for j, (s, p) in enumerate(zip(got[:n], got[n:]))]

@@ -285,6 +285,52 @@ def test_sigterm_to_the_coordinator_s_worker_stops_the_job_cleanly(topo):
     pc.wait_for_workers(2)  # the nanny has started a new worker process
 
 
+def _parent(pid: int) -> int:
+    """The parent process of ``pid`` (/proc/PID/stat's fourth field)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_docker_stop_of_the_coordinator_s_worker_keeps_its_last_step_and_resumes(topo):
+    """``docker stop`` sends SIGTERM to the container's ``dask worker`` process (the nanny),
+    not to the worker process: the nanny closes its worker (not retired: it runs a job's
+    coordinator, pipeline.jobs.retire), the job stops between two steps, keeps a checkpoint of
+    the last step it logged, records failed (interrupted), and resumes to the undisturbed
+    run's parameters."""
+    pc, work = topo
+    job = submit(pc, work, "--set", "name=docker-stop", "--set", "steps=60")
+    job_dir, run = work / "data" / "jobs" / job, work / "data" / "runs" / job
+    wait_until(
+        lambda: any((run / "checkpoints").glob("step-*.npz")) if run.is_dir() else False,
+        timeout=60,
+        what="a checkpoint",
+    )
+    running = json.loads((job_dir / "status.json").read_text())
+    nanny = _parent(running["pid"])
+    assert nanny in [w.pid for w in pc.workers if w.poll() is None]
+    os.kill(nanny, signal.SIGTERM)
+
+    failed = wait_status(job, pc.address, work, states=("failed", "done"), timeout=60)
+    assert failed["state"] == "failed" and failed["resumable"], failed
+    assert failed["reason"].startswith("interrupted"), failed
+    steps = [
+        json.loads(ln)["step"]
+        for ln in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(ln)["kind"] == "step"
+    ]
+    kept = sorted((run / "checkpoints").glob("step-*.npz"))[-1]
+    assert load_checkpoint(kept)[1]["step"] == steps[-1], (kept, steps[-1])  # its last step
+    next(w for w in pc.workers if w.pid == nanny).wait(30)
+    pc.add_worker("worker-after-stop")
+    pc.wait_for_workers(2)
+    r = convpipe("resume", job, "--scheduler", pc.address, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    done = wait_status(job, pc.address, work, timeout=120)
+    assert done["state"] == "done", done
+    if (work / "data" / "runs" / "direct60").is_dir():  # the killed-coordinator test's reference
+        assert same_params(params(run), params(work / "data" / "runs" / "direct60"))
+
+
 def test_scheduler_gone_mid_job_is_one_line_and_keeps_everything(topo):
     pc, work = topo
     job = submit(pc, work, "--set", "steps=100000", "--set", "name=orphan")
