@@ -12,6 +12,7 @@ import threading
 import pytest
 from distributed import Client, get_task_stream
 
+import pipeline.training.exchange
 from pipeline.cluster import connect, worker_addresses
 from pipeline.options import worker_range
 from pipeline.training import TrainConfig, resume_config, train
@@ -29,6 +30,13 @@ def store(tmp_path_factory):
     return make_store(
         tmp_path_factory.mktemp("data") / "tiny.zarr", n_train=512, n_val=32, n_test=32
     )
+
+
+@pytest.fixture
+def every_step(monkeypatch):
+    """The run asks the scheduler for its workers each time it plans a step (not at most every
+    0.25 s): the steps at which a change is seen do not depend on the machine's speed."""
+    monkeypatch.setattr(pipeline.training.exchange, "POLL_S", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +76,7 @@ def _warmed_on(client, worker: str) -> bool:
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_a_worker_that_joins_takes_parts_after_its_warm_up_and_the_bits_stay(
-    store, calm, tmp_path, transport
+    store, calm, tmp_path, transport, every_step
 ):
     out = tmp_path / "joined"
     events, added = [], []
@@ -109,7 +117,7 @@ def test_a_worker_that_joins_takes_parts_after_its_warm_up_and_the_bits_stay(
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_a_worker_retired_mid_run_hands_over_without_a_replay_and_the_bits_stay(
-    store, calm, tmp_path, transport
+    store, calm, tmp_path, transport, every_step
 ):
     out = tmp_path / "retired"
     events, retired = [], []
