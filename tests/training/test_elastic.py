@@ -64,6 +64,17 @@ def _part_steps(stream: list[dict], worker: str) -> list[int]:
     )
 
 
+def _train_logged(client, store, out, transport, progress) -> tuple[dict, list[dict]]:
+    """The run's summary and the scheduler's task log of it."""
+    with get_task_stream(client) as stream:
+        summary = train(
+            tiny_config(store, out, transport=transport, **SETTINGS),
+            client=client,
+            progress=progress,
+        )
+    return summary, stream.data
+
+
 def _warmed_on(client, worker: str) -> bool:
     def done(dask_worker):
         return any(
@@ -94,13 +105,8 @@ def test_a_worker_that_joins_takes_parts_after_its_warm_up_and_the_bits_stay(
             if event["step"] == K + 1:  # the next plan saw it and warms it up: wait for that
                 wait_until(lambda: _warmed_on(client, added[0]), timeout=60)
 
-        with get_task_stream(client) as stream:
-            summary = train(
-                tiny_config(store, out, transport=transport, **SETTINGS),
-                client=client,
-                progress=progress,
-            )
-        parts = _part_steps(stream.data, added[0])
+        summary, stream = _train_logged(client, store, out, transport, progress)
+        parts = _part_steps(stream, added[0])
 
     # step K + 1 (0-based) was planned when the warm-up had not finished; step K + 2 after it
     assert parts and K <= parts[0] <= K + 2, parts
@@ -130,13 +136,8 @@ def test_a_worker_retired_mid_run_hands_over_without_a_replay_and_the_bits_stay(
                 # Dask's graceful retirement: no new tasks, its data moved to the other worker
                 assert list(client.retire_workers([retired[0]])) == retired
 
-        with get_task_stream(client) as stream:
-            summary = train(
-                tiny_config(store, out, transport=transport, **SETTINGS),
-                client=client,
-                progress=progress,
-            )
-        parts = _part_steps(stream.data, retired[0])
+        summary, stream = _train_logged(client, store, out, transport, progress)
+        parts = _part_steps(stream, retired[0])
 
     assert parts and max(parts) <= K + 1, parts  # in flight when it was retired, no later
     widths = [m["workers"] for m in _metrics(out) if m["kind"] == "step"]
