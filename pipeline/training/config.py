@@ -112,6 +112,12 @@ class TrainConfig:
     norm_lr_factor: float = _opt(
         1.0, "learning-rate multiplier of the norms' gammas and betas (airbench: 64)", "F"
     )
+    ema: float = _opt(
+        0.0,
+        "keep a moving average of the weights, avg = ema * avg + (1 - ema) * w after each step "
+        "(--optimizer sgd; 0: none): the run is scored and saved with the average",
+        "D",
+    )
     reg: float = _opt(
         1e-3, "L2 regularization strength (0.5 * reg * sum W**2, added once per step)", "REG"
     )

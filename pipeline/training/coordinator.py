@@ -131,7 +131,9 @@ def train(
         _open_run(config, holder, gone) as (run, config),
     ):
         state = (
-            _resume(run, layout, config, model, emit) if config.resume else _fresh(model, layout)
+            _resume(run, layout, config, model, emit)
+            if config.resume
+            else _fresh(model, layout, config)
         )
         spec = TaskSpec(
             mspec,
@@ -371,7 +373,8 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
         client, exchange, schedule.total_steps, bn, store, "test", None, config, config.tta
     )
     clock.lap("test")
-    final = exchange.layout.views(exchange.state(schedule.total_steps)[0])
+    # the trained weights, or their moving average (the state's third part with --ema)
+    final = exchange.layout.views(exchange.state(schedule.total_steps)[2 if config.ema else 0])
     run.write_params(final, {f"bn_{k}": v for k, v in bn.items()} if bn else None)
     run.prune_checkpoints(keep=1)  # a finished run keeps what --resume needs to go on
     summary = _summary(
@@ -521,6 +524,7 @@ def _summary(
         "val_acc": val_acc,
         "test_acc": done.test_acc,
         "tta": config.tta,
+        "ema": config.ema,  # scored and saved with the weights' moving average
         "steps": schedule.total_steps,
         "steps_this_session": done.steps,
         "epochs": schedule.num_epochs,
@@ -562,7 +566,7 @@ def _accuracy(
         client.submit(
             shard_predictions,
             exchange.spec,
-            exchange.params_ref(step),
+            exchange.params_ref(step, average=config.ema > 0),
             bn or None,
             split,
             idx,
@@ -644,9 +648,11 @@ def resume_config(run_dir: str, **overrides) -> TrainConfig:
     return saved.replace(**overrides, resume=str(run_dir))
 
 
-def _fresh(model, layout: Layout) -> State:
+def _fresh(model, layout: Layout, config: TrainConfig) -> State:
     params = layout.flatten(model.params)
-    return State(0, params, np.zeros_like(params), np.zeros_like(params), 0, model.get_state())
+    # v: Adam's second moment, or SGD's moving average of the weights (from the first ones)
+    v = params.copy() if config.ema else np.zeros_like(params)
+    return State(0, params, np.zeros_like(params), v, 0, model.get_state())
 
 
 def _save(run: RunDir, layout: Layout, config: TrainConfig, state: State):
@@ -685,7 +691,7 @@ def _resume(run: RunDir, layout: Layout, config: TrainConfig, model, emit) -> St
     # killed before its first checkpoint: start over (same seed, same result)
     run.truncate_metrics(0)
     emit({"event": "resumed", "step": 0, "checkpoint": None})
-    return _fresh(model, layout)
+    return _fresh(model, layout, config)
 
 
 def _state_from(arrays: dict, meta: dict, layout: Layout, config: TrainConfig) -> State:

@@ -9,7 +9,8 @@ collect their small results, read the state for a checkpoint.
     exchange.submit(step, plan, shards, batch, adam_t) -> pending   the parts of ``step``
     exchange.collect(pending[, timeout]) wait for them; -> part results (shard stats, L2 sums)
     exchange.state(step)                 (params, m, v) of ``step``, copies (checkpoints, the end)
-    exchange.params_ref(step)            what evaluation tasks take as the parameters of ``step``
+    exchange.params_ref(step[, average]) what evaluation tasks take as the parameters of
+                                         ``step`` (or their moving average: SGD with ema)
     exchange.close()
 
 Neither moves or computes anything of size P in the coordinator per step: the workers reduce

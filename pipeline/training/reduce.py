@@ -83,20 +83,23 @@ def _adam_piece(
 
 
 @numba.njit(cache=True, nogil=True, parallel=True)
-def _sgd_piece(s, w, m, v, w2, m2, v2, reg, batch, mu, nesterov, lr, lrwd):  # pragma: no cover
+def _sgd_piece(
+    s, w, m, v, w2, m2, v2, reg, batch, mu, nesterov, lr, lrwd, ema, omema
+):  # pragma: no cover
     # s (n,) tree sums -> g as _adam_piece's; then PyTorch's SGD with momentum mu (buffer m):
     #   buf = mu * m + g;  step = g + mu * buf (Nesterov) or buf;  w2 = w - lr * step,
-    # and decoupled weight decay w2 -= lrwd * w; v is carried over unchanged
+    # and decoupled weight decay w2 -= lrwd * w; v (Adam's, unused by SGD) holds the moving
+    # average of the weights, v2 = ema * v + (1 - ema) * w2, or is carried over (ema 0)
     for i in numba.prange(s.shape[0]):
         wi = w[i]
         g = s[i] / batch + reg * wi
         buf = mu * m[i] + g
         d = g + mu * buf if nesterov else buf
         m2[i] = buf
-        v2[i] = v[i]
         w2[i] = wi - lr * d
         if lrwd != 0:
             w2[i] = w2[i] - lrwd * wi
+        v2[i] = ema * v[i] + omema * w2[i] if ema != 0 else v[i]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -137,7 +140,8 @@ def _tree_update(
     # w, m, v (*): parameters and optimizer state in; w2, m2, v2 out; element i at i - wbase;
     # pieces [piece_lo, piece_hi) with their reg and lr factor, grouped by block (block_piece:
     # CSR offsets); partial (blocks,) float64: each block's sum of w**2 over its regularized
-    # pieces. kind 0: Adam (b1 .. eps); kind 1: SGD (mu, nesterov); lrwd: decoupled decay.
+    # pieces. kind 0: Adam (b1 .. eps); kind 1: SGD (mu, nesterov; b1, omb1: the weights'
+    # moving average ema, 1 - ema); lrwd: decoupled decay.
     r = rows.shape[0]
     buf = np.empty(
         (max(ops.shape[0], 1), piece_hi.max() - piece_lo.min() if piece_lo.shape[0] else 1),
@@ -147,8 +151,9 @@ def _tree_update(
         total = 0.0
         for p in range(block_piece[blk], block_piece[blk + 1]):
             lo, hi, reg, lrp = piece_lo[p], piece_hi[p], piece_reg[p], lr * piece_lrf[p]
-            # a frozen piece (lr factor 0) is not decayed either
+            # a frozen piece (lr factor 0) is not decayed either, nor averaged (it stays)
             lrwdp = lrwd if piece_lrf[p] != 0 else lrwd - lrwd
+            emap = b1 if piece_lrf[p] != 0 else b1 - b1
             n = hi - lo
             c0, k0 = lo - nbase, lo - wbase
             # the rest of the tree: registers 0..r-1 are node rows, op j writes register r + j
@@ -171,7 +176,7 @@ def _tree_update(
             if kind == 0:
                 _adam_piece(s, *views, reg, batch, b1, omb1, b2, omb2, bc1, bc2, lrp, eps, lrwdp)
             else:
-                _sgd_piece(s, *views, reg, batch, mu, nesterov, lrp, lrwdp)
+                _sgd_piece(s, *views, reg, batch, mu, nesterov, lrp, lrwdp, emap, omb1)
         partial[blk] = total
 
 

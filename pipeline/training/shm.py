@@ -333,14 +333,16 @@ def can_attach(ref: ShmRef) -> bool:
 
 @dataclass(frozen=True)
 class ShmParams:
-    """The parameters of a step in shared memory: state copy ``parity`` of the run ``ref``."""
+    """The parameters of a step in shared memory: state copy ``parity`` of the run ``ref``
+    (``part`` 2: the weights' moving average, SGD with ema)."""
 
     ref: ShmRef
     parity: int
+    part: int = 0
 
     def vector(self) -> np.ndarray:
         """The flat parameter vector, mapped from shared memory (what a task computes with)."""
-        return attach(self.ref).state[self.parity][0]
+        return attach(self.ref).state[self.parity][self.part]
 
 
 def _pack(st: dict, channels: int) -> np.ndarray:
@@ -539,8 +541,8 @@ class SharedMemoryExchange(Exchange):
             f"the state of step {step} was overwritten by step {step + 1} while it was read"
         )
 
-    def params_ref(self, step: int):
-        return ShmParams(self.ref, step % 2)
+    def params_ref(self, step: int, average: bool = False):
+        return ShmParams(self.ref, step % 2, 2 if average else 0)
 
     def close(self) -> None:
         self.close_pool()

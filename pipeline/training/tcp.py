@@ -201,6 +201,10 @@ def tcp_weights(update: dict) -> np.ndarray:
     return update["state"][0]
 
 
+def tcp_average(update: dict) -> np.ndarray:
+    return update["state"][2]  # v: SGD's moving average of the weights
+
+
 def tcp_partials(update: dict) -> dict:
     return {"partials": update["partials"], "reduce_s": update["reduce_s"]}
 
@@ -341,8 +345,13 @@ class TcpExchange(Exchange):
         )
         return tuple(np.concatenate([s["state"][i] for s in slices]) for i in range(3))
 
-    def params_ref(self, step: int):
-        return self.history[step][1]
+    def params_ref(self, step: int, average: bool = False):
+        if not average:
+            return self.history[step][1]
+        return [  # the weights' moving average: each slice's, where it is kept
+            self.client.submit(tcp_average, u, pure=False, **self._where(j))
+            for j, u in enumerate(self.history[step][0])
+        ]
 
     def close(self) -> None:
         self.close_pool()

@@ -18,6 +18,10 @@ the loss and its gradient). The learning rate of step t (counting from 0 over th
 and each parameter's is that times its group's factor: ``norm_lr_factor`` for the norms'
 gammas and betas (airbench trains BN biases at 64x), 1 for the rest. Decoupled decay uses the
 scheduled rate without the group's factor.
+
+With SGD, ``ema`` (0 < ema < 1) keeps an exponential moving average of the weights, updated
+after every step (``avg = ema * avg + (1 - ema) * w``, from the initial weights) in the state
+slot Adam keeps its second moment in; the run is scored and saved with the average.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class UpdateRule:
     start_factor: float = 1.0
     end_factor: float = 0.0
     total: int = 1  # steps of the run
+    ema: float = 0.0  # the weights' moving average per step (SGD; 0: none)
 
     @classmethod
     def of(cls, config, total_steps: int) -> UpdateRule:
@@ -60,6 +65,7 @@ class UpdateRule:
             config.start_factor,
             config.end_factor,
             max(1, int(total_steps)),
+            getattr(config, "ema", 0.0),
         )
 
     def factor(self, t: int) -> float:
@@ -86,8 +92,9 @@ class UpdateRule:
         lrwd = lr * self.weight_decay
         if self.optimizer == "adam":
             return adam_scalars({"learning_rate": lr, "t": t}, dtype, lrwd)
+        average = (self.ema, 1.0 - self.ema, 0.999, 0.001, 1.0, 1.0)  # SGD reads the first two
         return step_scalars(
-            dtype, 1, lr=lr, momentum=self.momentum, nesterov=self.nesterov, lrwd=lrwd
+            dtype, 1, average, lr=lr, momentum=self.momentum, nesterov=self.nesterov, lrwd=lrwd
         )
 
     def problem(self) -> str | None:
@@ -104,6 +111,10 @@ class UpdateRule:
             return f"warmup must be < 1 (a fraction of the run), got {self.warmup}"
         if not self.weight_decay >= 0:
             return f"weight_decay must be >= 0, got {self.weight_decay}"
+        if not 0.0 <= self.ema < 1.0:
+            return f"ema must be in [0, 1), got {self.ema}"
+        if self.ema and self.optimizer != "sgd":
+            return "ema works with optimizer sgd (Adam's state has no room for the average)"
         return None
 
 

@@ -163,10 +163,13 @@ def test_augmentation_changes_the_training_and_resume_keeps_its_draws(
     assert_same_params(final_params(whole), final_params(cut))
 
 
+@pytest.mark.parametrize("ema", [0.0, 0.75])
 def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float64(
-    store, tmp_path, training_client
+    store, tmp_path, training_client, ema
 ):
+    # with ema, params.npz holds the weights' moving average, from the initial weights
     settings = dict(
+        ema=ema,
         optimizer="sgd",
         lr=0.05,
         momentum=0.8,
@@ -195,6 +198,7 @@ def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float
     sched = Schedule(st.splits["train"], 32, 32, config.seed, 1, 4)
     rule = UpdateRule.of(config, 4)
     buf = {k: np.zeros_like(v) for k, v in model.params.items()}
+    avg = {k: v.copy() for k, v in model.params.items()}
     for step in range(4):
         X, y = st.read("train", sched.batch(step), dtype="float64")
         _, grads = model.loss(X, y)
@@ -204,8 +208,11 @@ def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float
             buf[k] = 0.8 * buf[k] + g
             factor = 4.0 if k.startswith(("gamma", "beta")) else 1.0
             model.params[k] = w - lr * factor * (g + 0.8 * buf[k]) - lr * 1e-2 * w
-    for k, v in model.params.items():
+            avg[k] = ema * avg[k] + (1 - ema) * model.params[k]
+    for k, v in (avg if ema else model.params).items():
         np.testing.assert_allclose(got[k], v, rtol=1e-8, atol=1e-12, err_msg=k)
+    if ema:  # the weights themselves are not the average
+        assert not np.allclose(got["W1"], model.params["W1"], rtol=1e-8, atol=1e-12)
 
 
 def test_a_whitening_conv_starts_from_the_first_training_images_and_stays(
@@ -225,3 +232,25 @@ def test_a_whitening_conv_starts_from_the_first_training_images_and_stays(
         got["W1"], whitening_filters(0.02 * X.astype(np.float64), 2).astype(np.float32)
     )
     assert got["b1"].any()  # its bias trains
+
+
+def test_the_moving_average_is_the_same_on_both_transports_and_after_a_resume(
+    store, tmp_path, training_client
+):
+    # SGD with ema: the average lives beside the weights (where Adam keeps v), is checkpointed
+    # with them, and is what the run is scored and saved with
+    settings = dict(model=SPEC, optimizer="sgd", lr=0.05, ema=0.8, batch_size=64, shard_size=16)
+    whole = train(
+        tiny_config(store, tmp_path / "shm", transport="shm", steps=6, **settings),
+        client=training_client,
+    )
+    train(
+        tiny_config(store, tmp_path / "tcp", transport="tcp", steps=4, **settings),
+        client=training_client,
+    )
+    resumed = train(resume_config(str(tmp_path / "tcp"), steps=6), client=training_client)
+    assert_same_params(final_params(tmp_path / "shm"), final_params(tmp_path / "tcp"))
+    assert whole["ema"] == resumed["ema"] == 0.8
+    assert (whole["val_acc"], whole["test_acc"]) == (resumed["val_acc"], resumed["test_acc"])
+    model = load_model(tmp_path / "tcp")  # the averaged network
+    assert np.array_equal(model.params["W1"], final_params(tmp_path / "shm")["W1"])

@@ -59,6 +59,20 @@ def test_sgd_is_pytorchs_arithmetic_with_groups_and_decoupled_decay(dtype, neste
     assert np.array_equal(v2, v)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_keeps_the_weights_moving_average_where_adam_keeps_v(dtype):
+    rng = np.random.default_rng(2)
+    w, m, v, s = (rng.standard_normal(120).astype(dtype) for _ in range(4))
+    segments = [(0, 80, 0.0, 1.0), (80, 120, 0.0, 0.0)]  # the last 40 frozen (whitening)
+    rule = UpdateRule("sgd", lr=0.1, momentum=0.9, ema=0.95)
+    w2, m2, v2 = _one_node_update(w, m, v, s, 4, segments, rule.scalars(0, dtype))
+    f = dtype
+    assert np.array_equal(v2[:80], f(0.95) * v[:80] + f(1.0 - 0.95) * w2[:80])
+    assert np.array_equal(v2[80:], v[80:]) and np.array_equal(w2[80:], w[80:])
+    plain = _one_node_update(w, m, v, s, 4, segments, UpdateRule("sgd", lr=0.1).scalars(0, dtype))
+    assert np.array_equal(plain[0], w2) and np.array_equal(plain[2], v)  # ema 0: v carried
+
+
 def test_adam_takes_decoupled_decay_and_group_factors():
     rng = np.random.default_rng(1)
     w, m, v = (np.abs(rng.standard_normal(50)) for _ in range(3))
@@ -84,6 +98,8 @@ def test_adam_takes_decoupled_decay_and_group_factors():
         (dict(schedule="cosine", warmup=1.0), r"warmup must be < 1"),
         (dict(weight_decay=-1.0), r"weight_decay must be >= 0"),
         (dict(norm_lr_factor=0.0), r"norm_lr_factor must be > 0"),
+        (dict(optimizer="sgd", ema=1.0), r"ema must be in \[0, 1\), got 1.0"),
+        (dict(ema=0.9), r"ema works with optimizer sgd"),
     ],
 )
 def test_bad_update_settings_are_one_line(change, message):
