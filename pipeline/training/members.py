@@ -50,7 +50,7 @@ class Membership:
         gone = [a for a in self.known if a not in workers]
         self.known = [a for a in self.known if a in workers]
         self.ready = [a for a in self.ready if a in usable]
-        self.warming = [a for a in self.warming if a in usable]
+        self.warming = [a for a in self.warming if a in workers]  # its warm-up goes on
         new = [a for a in workers if a in usable and a not in self.ready + self.warming]
         new = [a for a in new if a not in self.known]  # paused and back: it was warmed once
         self.ready += [

@@ -176,6 +176,16 @@ def test_membership_counts_a_retirement_as_left_and_a_vanishing_as_died():
     assert m.observe({"a": "running"}) == ([], [])  # each one counted once
 
 
+def test_membership_a_worker_paused_while_it_warms_up_is_ready_once_its_warm_up_ends():
+    m = Membership()
+    m.start({"a": "running"})
+    m.observe({"a": "running", "b": "running"})
+    assert m.observe({"a": "running", "b": "paused"}) == ([], [])
+    assert m.observe({"a": "running", "b": "running"}) == ([], [])
+    assert m.ready == ["a"] and m.warming == ["b"]  # not planned before its warm-up ends
+    assert m.warmed("b") and m.ready == ["a", "b"]
+
+
 def test_membership_never_plans_a_worker_whose_warm_up_failed_and_takes_back_a_paused_one():
     m = Membership()
     m.start({"a": "running"})
