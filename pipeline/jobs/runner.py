@@ -262,7 +262,12 @@ def format_progress(p: dict) -> str:
     if "done" in p and "total" in p:
         parts.append(f"{p['done']}/{p['total']}")
     if "epoch" in p:
-        parts.append(f"epoch {p['epoch']}" + (f"/{p['epochs']}" if p.get("epochs") else ""))
+        epoch = p["epoch"]  # an eval line's is fractional (0.7916...): two decimals
+        if isinstance(epoch, float) and not epoch.is_integer():
+            epoch = f"{epoch:.2f}"
+        elif isinstance(epoch, float):
+            epoch = int(epoch)
+        parts.append(f"epoch {epoch}" + (f"/{p['epochs']}" if p.get("epochs") else ""))
     if "step" in p and event != "epoch":
         total = p.get("total_steps")
         parts.append(f"step {p['step']}" + (f"/{total}" if total else ""))

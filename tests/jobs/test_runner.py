@@ -200,3 +200,13 @@ def test_a_jobs_log_and_status_say_the_workers_of_a_step_and_who_joined_or_left(
     )
     change = {"event": "workers", "step": 4, "message": "worker tcp://w:1 joined: it takes ..."}
     assert format_progress(change) == change["message"] and "workers" in ALWAYS_LOGGED
+
+
+def test_an_eval_line_gives_its_fractional_epoch_in_two_decimals():
+    from pipeline.jobs.runner import format_progress
+
+    line = format_progress(
+        {"event": "eval", "epoch": 0.7916666666666666, "step": 38, "total_steps": 192}
+    )
+    assert line.startswith("eval epoch 0.79 step 38/192"), line
+    assert format_progress({"event": "eval", "epoch": 2.0, "step": 96}).startswith("eval epoch 2 ")
