@@ -217,6 +217,22 @@ def _terminal_interrupt_ignored(processes: bool) -> Iterator[None]:
 # Numba thread count to threads_per_worker instead.
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
+#: glibc's malloc in the worker processes convpipe starts (the embedded cluster's, set like
+#: THREAD_ENV; the compose files' workers say the same): freed memory is kept for the next step.
+#: A step allocates its activations, im2col columns and gradients afresh and the next step asks
+#: for the same sizes; a freshly mapped array's pages fault in one by one, zeroed by the kernel
+#: (the airbench-small network's 128-image step: 329 ms with Dask's default
+#: ``MALLOC_TRIM_THRESHOLD_=65536``, 273 ms with these). One arena, so that the task thread's
+#: large arrays come from the main heap, never mapped (``MALLOC_MMAP_MAX_=0``), and up to 1 GiB
+#: of freed memory kept: a worker's resident memory stays at its largest step's.
+#: pipeline.training.memory.keep_freed_memory does what it can of this for workers started
+#: otherwise.
+MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+}
+
 #: Dask's diagnostics, thinned for an embedded cluster whose every core computes. By default
 #: each worker's event loop wakes every 10 ms to sample its task thread's stack (the statistical
 #: profiler behind the dashboard's Profile tab) and every 20 ms to measure its own latency, and
@@ -247,7 +263,8 @@ def worker_cluster(
     (``distributed.nanny.pre-spawn-environ``: a caller's ``OPENBLAS_NUM_THREADS=2`` gave every
     worker a 2-thread OpenBLAS, whose products round differently: another run's bits), and
     writes the values it used into this process's environment. So the variables themselves are
-    set here while the cluster lives (the nanny then spawns with them), and restored after.
+    set here while the cluster lives (the nanny then spawns with them), and restored after; so
+    are the workers' malloc settings (:data:`MALLOC_ENV`, read by glibc when a process starts).
     """
     if client is not None:
         yield client
@@ -255,8 +272,8 @@ def worker_cluster(
 
     embedded = not scheduler  # as connect() decides
     config = QUIET_DIAGNOSTICS if embedded else {}
-    threads = {k: str(threads_per_worker) for k in THREAD_ENV} if embedded else {}
-    with dask.config.set(config), _environ(threads):
+    env = {**{k: str(threads_per_worker) for k in THREAD_ENV}, **MALLOC_ENV} if embedded else {}
+    with dask.config.set(config), _environ(env):
         with connect(scheduler, workers=workers, threads_per_worker=threads_per_worker) as c:
             yield c
 

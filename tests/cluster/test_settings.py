@@ -10,12 +10,13 @@ import signal
 import dask
 
 import pipeline.cluster as cluster
-from pipeline.cluster import QUIET_DIAGNOSTICS, THREAD_ENV, worker_cluster
+from pipeline.cluster import MALLOC_ENV, QUIET_DIAGNOSTICS, THREAD_ENV, worker_cluster
 
 
 def _worker_settings(dask_worker):
     return {
         "threads": {k: os.environ.get(k) for k in THREAD_ENV},
+        "malloc": {k: os.environ.get(k) for k in MALLOC_ENV},
         "profiling": "profile" in dask_worker.periodic_callbacks,
         "monitor_ms": dask_worker.periodic_callbacks["monitor"].callback_time,
         "tick_ms": dask_worker.periodic_callbacks["tick"].callback_time,
@@ -23,17 +24,18 @@ def _worker_settings(dask_worker):
 
 
 def test_the_embedded_clusters_workers_run_with_thinned_diagnostics():
-    before = {k: os.environ.get(k) for k in THREAD_ENV}
+    before = {k: os.environ.get(k) for k in (*THREAD_ENV, *MALLOC_ENV)}
     with worker_cluster(workers=1, threads_per_worker=2) as client:
         (settings,) = client.run(_worker_settings).values()
     assert settings == {
         "threads": {k: "2" for k in THREAD_ENV},
+        "malloc": MALLOC_ENV,  # Dask's nanny would set MALLOC_TRIM_THRESHOLD_=65536
         "profiling": False,
         "monitor_ms": 2000,
         "tick_ms": 500,
     }
     assert {
-        k: os.environ.get(k) for k in THREAD_ENV
+        k: os.environ.get(k) for k in (*THREAD_ENV, *MALLOC_ENV)
     } == before  # the nanny's values did not stay here
     # outside the context Dask's defaults are back (a later cluster in this process is plain)
     assert dask.config.get("distributed.worker.profile.enabled") is True
