@@ -6,10 +6,11 @@ Numba kernels (``cache=True``: compiled once, then loaded from the on-disk cache
 process; no compiler toolchain needed) do the work, with NumPy's BLAS for the matrix products
 of the general convolution:
 
-- convolution, 7-wide filters at stride 1 (the model's 7x7 conv): direct kernels that keep
-  their sums in SIMD registers (``pipeline._kernels.simd``) over a zero-padded copy of x
-  (``kc.conv7_forward``, ``kc.conv7_dw``); dx is the same forward kernel applied to the
-  padded dout with the filters flipped. No column matrix.
+- convolution at stride 1 with 7-wide filters (the model's 7x7 conv), or 3x3 filters on outputs
+  at least 15 wide (``uses_direct_kernels``): direct kernels that keep their sums in SIMD
+  registers (``pipeline._kernels.simd``) over a zero-padded copy of x (``kc.direct_forward``,
+  ``kc.direct_dw``); dx is the same forward kernel applied to the padded dout with the filters
+  flipped. No column matrix.
 - convolution, any other shape: im2col into a (C*HH*WW, N*H'*W') matrix, one GEMM with the
   (F, C*HH*WW) filters, bias added while moving the result to NCHW. Backward: dout to the same
   layout (with db in the same pass), ``dw = dout2 @ cols.T``; ``dx`` (GEMM + col2im) only
@@ -147,28 +148,35 @@ def machine_text() -> str:
 # --------------------------------------------------------------------------------------------
 # convolution
 #
-# Two ways to compute it, chosen by shape (uses_direct_kernels):
-# - direct kernels (kc.conv7_forward / kc.conv7_dw) for 7-wide filters at stride 1, the model's
-#   conv: SIMD sums over a zero-padded copy of x, no column matrix. dx is the same forward
-#   kernel run on the padded dout with the filters flipped and transposed (a "full"
-#   convolution), when the padding allows it (pad <= 6 and pad < HH).
+# Two ways to compute it, chosen by shape only (uses_direct_kernels), so that the bits never
+# depend on the CPU:
+# - direct kernels (kc.direct_forward / kc.direct_dw) at stride 1 for 7-wide filters (the
+#   three-layer net's conv) and for 3x3 filters on outputs at least DIRECT_MIN_W_OUT wide: SIMD
+#   sums over a zero-padded copy of x, no column matrix. dx is the same forward kernel run on
+#   the padded dout with the filters flipped and transposed (a "full" convolution), when the
+#   padding allows it (pad < WW and pad < HH).
 # - im2col + BLAS GEMMs for every other shape; dx by GEMM + col2im.
 # Both keep the output in NCHW with the bias (and a fused ReLU) applied, and return db in
 # float64 from the backward kernels.
 
-_DIRECT_WW = 7
+#: 3x3 convolutions whose output is at least this wide take the direct kernels. They keep
+#: 3 filters x 4 vectors of an output row's pixels in registers: a row under a vector (64 bytes:
+#: 16 float32) leaves lanes idle, where im2col's GEMM over all images loses nothing; from 15
+#: wide the direct kernels took 0.5-1.0x im2col's time at the airbench networks' shapes
+#: (docs/layers.md).
+DIRECT_MIN_W_OUT = 15
 
 
-def uses_direct_kernels(WW, stride) -> bool:
-    """Whether a convolution with filters WW wide at this stride runs on the direct kernels
-    (kc.conv7_forward / kc.conv7_dw) rather than im2col + GEMM."""
-    return WW == _DIRECT_WW and stride == 1
+def uses_direct_kernels(HH, WW, stride, W_out) -> bool:
+    """Whether a convolution of HH x WW filters at this stride, W_out output columns wide, runs
+    on the direct kernels (kc.direct_forward / kc.direct_dw) rather than im2col + GEMM."""
+    return stride == 1 and (WW == 7 or (HH == WW == 3 and W_out >= DIRECT_MIN_W_OUT))
 
 
-def _pad_direct(a, ph, pw, H_out, W_out, HH):
+def _pad_direct(a, ph, pw, H_out, W_out, HH, WW):
     """a (N, C, H, W) zero-padded into the direct kernels' wide layout: (ap (N, C, L), Wp)."""
     N, C, H, W = a.shape
-    Wp, L = kc.direct_geometry(H_out, W_out, HH, W, pw, a.dtype.itemsize)
+    Wp, L = kc.direct_geometry(H_out, W_out, HH, WW, W, pw, a.dtype.itemsize)
     ap = np.empty((N, C, L), dtype=a.dtype)
     _launch(kc.pad_planes, ap.size, a, ph, pw, Wp, ap)
     return ap, Wp
@@ -193,10 +201,10 @@ def _conv_core_forward(x, w, b, conv_param, relu):
     bc = _as(b, dtype)
     geom = (N, C, H, W, F, HH, WW, stride, pad, H_out, W_out)
     out = np.empty((N, F, H_out, W_out), dtype=dtype)
-    if uses_direct_kernels(WW, stride):
-        xp, Wp = _pad_direct(xc, pad, pad, H_out, W_out, HH)
+    if uses_direct_kernels(HH, WW, stride, W_out):
+        xp, Wp = _pad_direct(xc, pad, pad, H_out, W_out, HH, WW)
         vw = simd.current()
-        _launch(kc.conv7_forward, out.size * C * HH * WW, xp, Wp, wc, bc, relu, out, vw)
+        _launch(kc.direct_forward, out.size * C * HH * WW, xp, Wp, wc, bc, relu, out, vw)
         src = (xp, Wp)
     else:
         K, P = C * HH * WW, H_out * W_out
@@ -236,17 +244,17 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
         d = dm
     db = np.empty(F, dtype=np.float64)
     dx = dout2 = None
-    if uses_direct_kernels(WW, stride):
+    if uses_direct_kernels(HH, WW, stride, W_out):
         xp, Wp = src
         dw = np.empty((F, C, HH, WW), dtype=dtype)
-        _launch(kc.conv7_dw, d.size * C * HH * WW, xp, Wp, d, dw, db, _width_for(F, dtype))
+        _launch(kc.direct_dw, d.size * C * HH * WW, xp, Wp, d, dw, db, _width_for(F, dtype))
         if compute_dx and pad <= WW - 1 and pad <= HH - 1:
-            # dx = dout convolved with the flipped filters, transposed to (C, F, HH, 7)
+            # dx = dout convolved with the flipped filters, transposed to (C, F, HH, WW)
             wt = np.ascontiguousarray(wc[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            dp, Wq = _pad_direct(d, HH - 1 - pad, WW - 1 - pad, H, W, HH)
+            dp, Wq = _pad_direct(d, HH - 1 - pad, WW - 1 - pad, H, W, HH, WW)
             dx = np.empty((N, C, H, W), dtype=dtype)
             _launch(
-                kc.conv7_forward,
+                kc.direct_forward,
                 dx.size * F * HH * WW,
                 dp,
                 Wq,

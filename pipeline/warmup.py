@@ -46,12 +46,13 @@ def model_kernels(
     dtype="float32",
 ) -> list:
     """The cached Numba kernels a ThreeLayerConvNet training step runs: its convolution's
-    (direct kernels for 7-wide filters, else im2col), ReLU + 2x2 max pool, and its norm's; or,
-    with ``layers`` (a model spec's text), those of that ConvNet's layers."""
+    (direct kernels for 7-wide filters, else im2col; at the model's 32 x 32 'same' output),
+    ReLU + 2x2 max pool, and its norm's; or, with ``layers`` (a model spec's text), those of
+    that ConvNet's layers."""
     if layers is not None:
         return _spec_kernels(NetSpec.from_text(layers), kernel_dtype(dtype) == np.float32)
-    if uses_direct_kernels(filter_size, 1):
-        conv = [kc.pad_planes, kc.conv7_forward, kc.conv7_dw]
+    if uses_direct_kernels(filter_size, filter_size, 1, 32):
+        conv = [kc.pad_planes, kc.direct_forward, kc.direct_dw]
     else:
         conv = [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d]
     norm = {
@@ -67,7 +68,8 @@ def _spec_kernels(spec: NetSpec, f32: bool) -> list:
         [kw.gelu_forward_f32, kw.gelu_backward_f32] if f32 else [kw.gelu_forward, kw.gelu_backward]
     )
     by_kind = {
-        "conv": [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d, kc.col2im],
+        "conv": [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d, kc.col2im]
+        + [kc.pad_planes, kc.direct_forward, kc.direct_dw],
         "bn": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
         "gn": [kn.gn_forward, kn.gn_backward],
         "pool": [kp.pool_forward, kp.pool_forward_2x2, kp.pool_backward],

@@ -1,6 +1,6 @@
-"""Numba kernels for the convolution: the direct SIMD kernels for 7-wide filters at stride 1
-(second half of this file), and for every other shape im2col / col2im and the layout changes
-around the GEMMs.
+"""Numba kernels for the convolution: the direct SIMD kernels at stride 1 (second half of this
+file; ``pipeline.fast_layers.uses_direct_kernels`` says which shapes take them), and for every
+other shape im2col / col2im and the layout changes around the GEMMs.
 
 GEMM layout: the columns of a convolution are one matrix ``cols`` of shape (K, N*P) with
 K = C*HH*WW filter taps and P = H_out*W_out output pixels per image; column n*P + p holds the
@@ -164,18 +164,19 @@ def relu_masked(dout, relu_out, out):
 
 
 # --------------------------------------------------------------------------------------------
-# direct convolution for 7-wide filters at stride 1 (the model's 7x7 conv)
+# direct convolution at stride 1 (the three-layer net's 7x7 conv; 3x3 convs on planes at least
+# 15 wide)
 #
 # Each plane of the input is zero-padded once into a "wide" row layout xp (N, C, L): rows of
 # Wp = max(W + pw, W_out) values, each row [pw zeros][W values][zeros], ph zero rows above and
 # zeros after. For output pixel (ho, wo) at q = ho*Wp + wo, filter tap (c, kh, kw) reads
 # xp[n, c, kh*Wp + kw + q]: a contiguous run per tap along an output row. A row's right padding
-# is the next row's left padding (Wp = 35 at the model's shapes); the kernels compute only the
-# W_out real columns of each row.
+# is the next row's left padding (Wp = 35 at the three-layer net's shapes); the kernels compute
+# only the W_out real columns of each row. Filters are HH x WW, any size.
 #
 # The kernels hold their sums in SIMD registers (pipeline._kernels.simd), 12 accumulators fed by 4
 # vector loads and 3 broadcasts per 12 FMAs (fma_3x4): the forward pass keeps 3 filters x 4
-# vectors of output pixels over all C*HH*7 taps; dw keeps 3 taps x 4 vectors of filters over
+# vectors of output pixels over all C*HH*WW taps; dw keeps 3 taps x 4 vectors of filters over
 # the output pixels. No column matrix is built. Every output element / weight gradient is
 # summed in a fixed order that depends only on the shapes: results do not depend on the
 # thread count.
@@ -199,16 +200,17 @@ def pad_planes(x, ph, pw, Wp, xp):
                 d[u64(o + j)] = src[u64(j)]
 
 
-def direct_geometry(H_out, W_out, HH, W, pw, itemsize):
-    """(Wp, L): the wide row length and the padded plane length the direct kernels need.
+def direct_geometry(H_out, W_out, HH, WW, W, pw, itemsize):
+    """(Wp, L): the wide row length and the padded plane length the direct kernels need for
+    HH x WW filters.
 
     L covers the ph + H + ph rows (at most H_out + HH - 1) and every read: (HH - 1) rows and
-    6 taps past the output plane of H_out rows of Wp positions, whose last row conv7_forward
-    reads as whole vectors (a vector can be longer than a row).
+    WW - 1 taps past the output plane of H_out rows of Wp positions, whose last row
+    direct_forward reads as whole vectors (a vector can be longer than a row).
     """
     V = WIDTHS[-1] // itemsize  # the widest vector: one geometry for every width
     Wp = max(W + pw, W_out)
-    L = max((H_out + HH - 1) * Wp + pw + 1, (H_out + HH - 2) * Wp + max(W_out, V) + 7)
+    L = max((H_out + HH - 1) * Wp + pw + 1, (H_out + HH - 2) * Wp + max(W_out, V) + WW)
     return Wp, L
 
 
@@ -223,22 +225,22 @@ def _vector_start(i, nv, V, Wp, W_out, RW):
 
 
 @njit(parallel=True, cache=True)
-def conv7_forward(xp, Wp, w, b, relu, out, vw):
-    """out (N, F, H_out, W_out) = conv(xp, w) + b[f] (then max(., 0) when relu); w (F, C, HH, 7).
+def direct_forward(xp, Wp, w, b, relu, out, vw):
+    """out (N, F, H_out, W_out) = conv(xp, w) + b[f] (then max(., 0) when relu); w (F, C, HH, WW).
 
     One task per (image, 3 filters). Each output row is cut into vectors (no junk columns);
     per block of 4 vectors, 12 sums in registers over all taps, stored to a scratch plane,
     then copied to out with the bias (and ReLU).
     """
     N, C, L = xp.shape
-    F, _, HH, _ = w.shape
+    F, _, HH, WW = w.shape
     _, _, H_out, W_out = out.shape
     V = lanes(xp, vw)
     nv = (W_out + V - 1) // V  # vectors per output row
     RW = nv * V
     NV = H_out * nv
     nfb = (F + 2) // 3
-    K = C * HH * 7
+    K = C * HH * WW
     xf = xp.reshape(-1)
     wf = w.reshape(-1)
     for t in prange(N * nfb):
@@ -257,8 +259,8 @@ def conv7_forward(xp, Wp, w, b, relu, out, vw):
             for c in range(C):
                 for kh in range(HH):
                     i0 = (n * C + c) * L + kh * Wp
-                    k0 = (c * HH + kh) * 7
-                    for kw in range(7):
+                    k0 = (c * HH + kh) * WW
+                    for kw in range(WW):
                         k = k0 + kw
                         o = i0 + kw
                         acc = fma_3x4(
@@ -313,8 +315,8 @@ def _dout_transposed(dout, n, Fp, eT):
 
 
 @njit(parallel=True, cache=True)
-def conv7_dw(xp, Wp, dout, dw, db, vw):
-    """dw (F, C, HH, 7) and db (F,) (float64) of conv7_forward for dout (N, F, H_out, W_out).
+def direct_dw(xp, Wp, dout, dw, db, vw):
+    """dw (F, C, HH, WW) and db (F,) (float64) of direct_forward for dout (N, F, H_out, W_out).
 
     SIMD lanes run over filters: each image's dout is transposed to eT (P, Fp), Fp = F rounded
     up to 4 vectors, and tap k = (c, kh, kw) of 4 filter vectors is the sum over output pixels
@@ -324,13 +326,13 @@ def conv7_dw(xp, Wp, dout, dw, db, vw):
     at the end.
     """
     N, C, L = xp.shape
-    F, _, HH, _ = dw.shape
+    F, _, HH, WW = dw.shape
     _, _, H_out, W_out = dout.shape
     V = lanes(xp, vw)
     G = 4 * V
     Fp = (F + G - 1) // G * G
     P = H_out * W_out
-    T = HH * 7
+    T = HH * WW
     K = C * T
     K3 = (K + 2) // 3 * 3  # K not a multiple of 3: the last block repeats tap K-1 (discarded)
     nch = min(N, 16)
@@ -365,14 +367,14 @@ def conv7_dw(xp, Wp, dout, dw, db, vw):
                     kb = min(k + 1, K - 1)
                     kc = min(k + 2, K - 1)
                     ca = ka // T
-                    ha = (ka - ca * T) // 7
+                    ha = (ka - ca * T) // WW
                     cb = kb // T
-                    hb = (kb - cb * T) // 7
+                    hb = (kb - cb * T) // WW
                     cc = kc // T
-                    hc = (kc - cc * T) // 7
-                    xa = (n * C + ca) * L + ha * Wp + (ka - ca * T - ha * 7)
-                    xb = (n * C + cb) * L + hb * Wp + (kb - cb * T - hb * 7)
-                    xc = (n * C + cc) * L + hc * Wp + (kc - cc * T - hc * 7)
+                    hc = (kc - cc * T) // WW
+                    xa = (n * C + ca) * L + ha * Wp + (ka - ca * T - ha * WW)
+                    xb = (n * C + cb) * L + hb * Wp + (kb - cb * T - hb * WW)
+                    xc = (n * C + cc) * L + hc * Wp + (kc - cc * T - hc * WW)
                     ga = k * Fp + fg
                     acc = load_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V, vw)
                     for ho in range(H_out):
@@ -401,8 +403,8 @@ def conv7_dw(xp, Wp, dout, dw, db, vw):
         db[f] = s
         for k in range(K):
             c = k // T
-            kh = (k - c * T) // 7
+            kh = (k - c * T) // WW
             a = part[0, k, f]
             for ch in range(1, nch):
                 a += part[ch, k, f]
-            dw[f, c, kh, k - c * T - kh * 7] = a
+            dw[f, c, kh, k - c * T - kh * WW] = a

@@ -15,8 +15,9 @@ import pytest
 from pipeline import warmup
 from pipeline.warmup import COMPILING_MESSAGE
 
-# In a fresh process: the notice for a 3x3 model (the small im2col kernels: quick to compile),
-# then one training step of that model, then the notice again.
+# In a fresh process: the notice for a 3x3 model (on CIFAR-10's 32 x 32 images, the direct
+# kernels), then one training step of that model (16 x 16 images: the same kernels), then the
+# notice again.
 PROBE = r"""
 import sys
 import numpy as np
@@ -30,9 +31,9 @@ print("remote", say_if_compiling(remote), file=sys.stderr)
 print("before", say_if_compiling(config), file=sys.stderr)
 if sys.argv[1] == "step":
     model = ThreeLayerConvNet(
-        input_dim=(3, 8, 8), num_filters=4, filter_size=3, hidden_dim=5, seed=0, reg=1e-3
+        input_dim=(3, 16, 16), num_filters=4, filter_size=3, hidden_dim=5, seed=0, reg=1e-3
     )
-    model.loss(np.zeros((2, 3, 8, 8), np.float32), np.array([0, 1]))
+    model.loss(np.zeros((2, 3, 16, 16), np.float32), np.array([0, 1]))
     print("after", say_if_compiling(config), file=sys.stderr)
 """
 
@@ -65,13 +66,14 @@ def test_cold_cache_prints_the_notice_once_and_warm_cache_does_not(compiled):
 
 
 def test_notice_follows_dtype_and_model(compiled):
-    """Kernels cached for float32 and 3x3 filters: float64, 7x7 or a norm still compile."""
+    """Kernels cached for float32 and 3x3 filters: float64, 5x5 (im2col) or a norm still
+    compile; 7x7 runs the same direct kernels as 3x3 on CIFAR-10's images."""
     cache_dir, _ = compiled
     code = (
         "import sys; from pipeline.warmup import cold_kernels, model_kernels as m\n"
         "print(cold_kernels(m(3), 'float32'), cold_kernels(m(3), 'float16'),"
         " cold_kernels(m(3), 'float64'), cold_kernels(m(7), 'float32'),"
-        " cold_kernels(m(3, 'groupnorm'), 'float32'))"
+        " cold_kernels(m(5), 'float32'), cold_kernels(m(3, 'groupnorm'), 'float32'))"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
     line = subprocess.run(
@@ -83,12 +85,12 @@ def test_notice_follows_dtype_and_model(compiled):
         timeout=300,
     ).stdout.strip()
     assert line == (
-        "[] [] ['im2col', 'bias_to_nchw', 'dout_to_2d', 'pool_forward_2x2', 'pool_backward'] "
-        "['pad_planes', 'conv7_forward', 'conv7_dw'] ['gn_forward', 'gn_backward']"
+        "[] [] ['pad_planes', 'direct_forward', 'direct_dw', 'pool_forward_2x2', 'pool_backward'] "
+        "[] ['im2col', 'bias_to_nchw', 'dout_to_2d'] ['gn_forward', 'gn_backward']"
     )
 
 
-@pytest.mark.parametrize("filter_size", [3, 7])
+@pytest.mark.parametrize("filter_size", [3, 5, 7])
 @pytest.mark.parametrize("normalization", [None, "spatial_batchnorm", "groupnorm"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_every_listed_kernel_is_one_a_model_compiles(filter_size, normalization, dtype):
@@ -115,11 +117,11 @@ def test_a_kernel_cached_at_a_narrower_width_than_the_process_s_is_warm(monkeypa
     def widths(key):
         return {a.nbytes for a in key[0] if isinstance(a, simd.WidthType)}
 
-    files = kc.conv7_dw._cache._cache_file
+    files = kc.direct_dw._cache._cache_file
     at32 = {k: v for k, v in files._load_index().items() if widths(k) == {32}}
-    assert at32, "pipeline.warmup caches conv7_dw at 32 bytes"
+    assert at32, "pipeline.warmup caches direct_dw at 32 bytes"
     monkeypatch.setattr(files, "_load_index", lambda: at32)  # the cache holds only those
     monkeypatch.setattr(simd, "current", lambda: simd.Width(64))
-    assert warmup.cold_kernels([kc.conv7_dw], "float32") == []
+    assert warmup.cold_kernels([kc.direct_dw], "float32") == []
     monkeypatch.setattr(simd, "current", lambda: simd.Width(16))  # none as narrow as 16
-    assert warmup.cold_kernels([kc.conv7_dw], "float32") == ["conv7_dw"]
+    assert warmup.cold_kernels([kc.direct_dw], "float32") == ["direct_dw"]

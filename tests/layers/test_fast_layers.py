@@ -80,8 +80,15 @@ def test_conv_matches_naive(case, dtype):
 # 7-wide filters at stride 1 take the direct kernels (fl.uses_direct_kernels): F and C*HH multiples
 # of 3 or not (the kernels work on 3 filters / 3 rows at a time), N=1, 1- to 7-high filters,
 # non-square images, planes of one to several SIMD blocks, no padding, pad 6 (the largest for which
-# dx is a direct "full" convolution) and pads beyond it or beyond HH - 1 (dx by GEMM)
+# dx is a direct "full" convolution) and pads beyond it or beyond HH - 1 (dx by GEMM); and 3x3
+# filters on outputs from 15 wide (fl.DIRECT_MIN_W_OUT): 'same' and 'valid', rows of one vector
+# and a bit, of two, and 33 wide, pads past 2 (dx by GEMM)
 DIRECT_CASES = [
+    (2, 3, 15, 15, 5, 3, 3, 1, 1),
+    (1, 4, 6, 31, 4, 3, 3, 1, 1),
+    (3, 2, 9, 17, 7, 3, 3, 1, 0),
+    (2, 5, 4, 33, 3, 3, 3, 1, 1),
+    (1, 2, 5, 16, 2, 3, 3, 1, 3),
     (1, 1, 7, 7, 1, 7, 7, 1, 0),
     (2, 3, 12, 12, 8, 7, 7, 1, 3),
     (3, 2, 5, 9, 5, 3, 7, 1, 2),
@@ -101,7 +108,7 @@ DIRECT_CASES = [
 )
 def test_conv_direct_path_matches_naive(case, dtype):
     N, C, H, W, F, HH, WW, stride, pad = case
-    assert fl.uses_direct_kernels(WW, stride)
+    assert fl.uses_direct_kernels(HH, WW, stride, W + 2 * pad - WW + 1)
     test_conv_matches_naive(case, dtype)
     rng = _rng(hash(case) % 2**32 + 1)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
@@ -116,28 +123,48 @@ def test_conv_direct_path_matches_naive(case, dtype):
     np.testing.assert_array_equal(db, db0)
 
 
+def test_the_direct_kernels_are_chosen_by_shape_alone(monkeypatch):
+    """7-wide filters at stride 1 always; 3x3 from 15 output columns on; the rest im2col. The
+    CPU's vector width never enters: workers on different CPUs take the same path."""
+    assert fl.uses_direct_kernels(7, 7, 1, 3) and fl.uses_direct_kernels(1, 7, 1, 40)
+    assert fl.uses_direct_kernels(3, 3, 1, fl.DIRECT_MIN_W_OUT)
+    assert not fl.uses_direct_kernels(3, 3, 1, fl.DIRECT_MIN_W_OUT - 1)
+    assert not fl.uses_direct_kernels(3, 3, 2, 31) and not fl.uses_direct_kernels(7, 7, 2, 31)
+    assert not fl.uses_direct_kernels(5, 5, 1, 31) and not fl.uses_direct_kernels(3, 1, 1, 31)
+    ran = []
+    for name in ("direct_forward", "im2col"):
+        kernel = getattr(fl.kc, name)
+        monkeypatch.setattr(fl.kc, name, lambda *a, _k=kernel, _n=name: ran.append(_n) or _k(*a))
+    x = np.ones((1, 2, 8, 16), np.float32)
+    w = np.ones((3, 2, 3, 3), np.float32)
+    fl.conv_forward_fast(x, w, np.zeros(3, np.float32), {"stride": 1, "pad": 1})  # 16 wide
+    fl.conv_forward_fast(x[..., :14], w, np.zeros(3, np.float32), {"stride": 1, "pad": 1})
+    assert ran == ["direct_forward", "im2col"]
+
+
 def test_conv_direct_path_bit_identical_across_calls_and_threads():
     """The distributed trainer relies on bit-identical results for the same inputs."""
     import numba
 
     rng = _rng(7)
-    x = rng.standard_normal((5, 3, 32, 32)).astype(np.float32)
-    w = rng.standard_normal((32, 3, 7, 7)).astype(np.float32)
-    b = rng.standard_normal(32).astype(np.float32)
-    cp = {"stride": 1, "pad": 3}
     threads = numba.get_num_threads()
-    results = []
-    try:
-        for t in sorted({1, threads}) * 2:
-            numba.set_num_threads(t)
-            out, cache = fl.conv_forward_fast(x, w, b, cp)
-            dout = np.sin(out)
-            results.append((out,) + fl.conv_backward_fast(dout, cache))
-    finally:
-        numba.set_num_threads(threads)
-    for r in results[1:]:
-        for a, ref in zip(r, results[0]):
-            np.testing.assert_array_equal(a, ref)
+    for size, C, pad in ((7, 3, 3), (3, 24, 1)):  # the three-layer net's; airbench's first 3x3
+        x = rng.standard_normal((5, C, 31, 31)).astype(np.float32)
+        w = rng.standard_normal((32, C, size, size)).astype(np.float32)
+        b = rng.standard_normal(32).astype(np.float32)
+        cp = {"stride": 1, "pad": pad}
+        results = []
+        try:
+            for t in sorted({1, threads}) * 2:
+                numba.set_num_threads(t)
+                out, cache = fl.conv_forward_fast(x, w, b, cp)
+                dout = np.sin(out)
+                results.append((out,) + fl.conv_backward_fast(dout, cache))
+        finally:
+            numba.set_num_threads(threads)
+        for r in results[1:]:
+            for a, ref in zip(r, results[0]):
+                np.testing.assert_array_equal(a, ref)
 
 
 def test_conv_notebook_shapes_float64():

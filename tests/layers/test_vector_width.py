@@ -35,8 +35,11 @@ def _every_simd_path(dtype, seed=0):
         (1, 2, 20, 40, 4, 7, 6),
         (4, 3, 32, 32, 32, 7, 3),  # the three-layer net's conv
         (2, 4, 9, 17, 64, 7, 3),
+        (2, 3, 6, 15, 5, 3, 1),  # 3x3 on rows of 15 and 31 (fl.DIRECT_MIN_W_OUT)
+        (1, 4, 5, 31, 7, 3, 1),
     ]:
-        x, w, b = r(N, C, H, W), r(F, C, HH, 7), r(F)
+        WW = 3 if HH == 3 else 7
+        x, w, b = r(N, C, H, W), r(F, C, HH, WW), r(F)
         y, cache = fl.conv_relu_forward_fast(x, w, b, {"stride": 1, "pad": pad})
         dx, dw, db = fl.conv_backward_fast(r(*y.shape), cache)
         out[f"conv{N}{C}{H}{W}{F}"] = (y, dx, dw, db)
