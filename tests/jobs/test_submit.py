@@ -551,7 +551,9 @@ def test_cli_resume_without_a_scheduler_runs_the_job_on_the_embedded_cluster(
     make_store(tmp_path / "data" / "cifar10.zarr")
     spec = load_spec(
         Path(__file__).parents[2] / "jobs" / "train-three-layer.toml",
-        [*TINY_SETS, "steps=40", "checkpoint-every=2"],
+        # 400 tiny steps: the cancel lands long before the end (with 40, the job sometimes ran
+        # them all, about 1 run in 4, before its cancel arrived, and ended done)
+        [*TINY_SETS, "steps=400", "checkpoint-every=2"],
     )
     with local_cluster(1) as first, Client(first) as client:
         rec = job_client.submit(client, spec)
