@@ -179,7 +179,7 @@ PHASES = (
     ("scores, softmax, backward", ("affine_forward", "softmax_loss", "affine_backward"), None),
     ("affine-relu backward (dx+squares, dw+L2)", "affine_relu_backward", ("affine", 2)),
     ("conv-relu-pool backward (dw)", "conv_relu_pool_backward", ("conv", 1)),
-    ("L2 term of W1 and W3", "_add_l2", None),
+    ("L2 term of W1 and W3", "add_l2", None),
 )
 
 
