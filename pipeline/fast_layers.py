@@ -6,11 +6,11 @@ Numba kernels (``cache=True``: compiled once, then loaded from the on-disk cache
 process; no compiler toolchain needed) do the work, with NumPy's BLAS for the matrix products
 of the general convolution:
 
-- convolution at stride 1 with 7-wide filters (the model's 7x7 conv), or 3x3 filters on outputs
-  at least 15 wide (``uses_direct_kernels``): direct kernels that keep their sums in SIMD
-  registers (``pipeline._kernels.simd``) over a zero-padded copy of x (``kc.direct_forward``,
-  ``kc.direct_dw``); dx is the same forward kernel applied to the padded dout with the filters
-  flipped. No column matrix.
+- convolution at stride 1 with 7-wide filters (the model's 7x7 conv) or 3x3 filters
+  (``direct_images_per_row``; narrow planes of at most 64 filters several images side by
+  side): direct kernels that keep their sums in SIMD registers (``pipeline._kernels.simd``)
+  over a zero-padded copy of x (``kc.direct_forward``, ``kc.direct_dw``); dx is the same
+  forward kernel applied to the padded dout with the filters flipped. No column matrix.
 - convolution, any other shape: im2col into a (C*HH*WW, N*H'*W') matrix, one GEMM with the
   (F, C*HH*WW) filters, bias added while moving the result to NCHW. Backward: dout to the same
   layout (with db in the same pass), ``dw = dout2 @ cols.T``; ``dx`` (GEMM + col2im) only
@@ -148,37 +148,61 @@ def machine_text() -> str:
 # --------------------------------------------------------------------------------------------
 # convolution
 #
-# Two ways to compute it, chosen by shape only (uses_direct_kernels), so that the bits never
+# Two ways to compute it, chosen by shape only (direct_images_per_row), so that the bits never
 # depend on the CPU:
 # - direct kernels (kc.direct_forward / kc.direct_dw) at stride 1 for 7-wide filters (the
-#   three-layer net's conv) and for 3x3 filters on outputs at least DIRECT_MIN_W_OUT wide: SIMD
-#   sums over a zero-padded copy of x, no column matrix. dx is the same forward kernel run on
-#   the padded dout with the filters flipped and transposed (a "full" convolution), when the
-#   padding allows it (pad < WW and pad < HH).
+#   three-layer net's conv) and for 3x3 filters: SIMD sums over a zero-padded copy of x, no
+#   column matrix; outputs narrower than DIRECT_MIN_W_OUT go several images side by side in a
+#   row (with at most DIRECT_PACKED_MAX_FILTERS filters; else im2col). dx is the same forward
+#   kernel run on the padded dout with the filters flipped and transposed (a "full"
+#   convolution), when the padding allows it (pad < WW and pad < HH).
 # - im2col + BLAS GEMMs for every other shape; dx by GEMM + col2im.
 # Both keep the output in NCHW with the bias (and a fused ReLU) applied, and return db in
 # float64 from the backward kernels.
 
-#: 3x3 convolutions whose output is at least this wide take the direct kernels. They keep
-#: 3 filters x 4 vectors of an output row's pixels in registers: a row under a vector (64 bytes:
-#: 16 float32) leaves lanes idle, where im2col's GEMM over all images loses nothing; from 15
-#: wide the direct kernels took 0.5-1.0x im2col's time at the airbench networks' shapes
-#: (docs/layers.md).
+#: 3x3 convolutions whose output is at least this wide take the direct kernels one image at a
+#: time. They keep 3 filters x 4 vectors of an output row's pixels in registers: a row under a
+#: vector (64 bytes: 16 float32) leaves lanes idle; from 15 wide the direct kernels took
+#: 0.5-1.0x im2col's time at the airbench networks' shapes (docs/layers.md).
 DIRECT_MIN_W_OUT = 15
 
 
-def uses_direct_kernels(HH, WW, stride, W_out) -> bool:
-    """Whether a convolution of HH x WW filters at this stride, W_out output columns wide, runs
-    on the direct kernels (kc.direct_forward / kc.direct_dw) rather than im2col + GEMM."""
-    return stride == 1 and (WW == 7 or (HH == WW == 3 and W_out >= DIRECT_MIN_W_OUT))
+#: narrower 3x3 outputs go several images side by side in a row of at least this many columns
+#: (kc.pad_planes): 4 images of 7 x 7, 8 of 3 x 3 (pad 1), rows of 31 output columns
+DIRECT_PACKED_ROW = 32
+#: ... when they have at most this many filters (at 128 even with im2col, at 256 slower)
+DIRECT_PACKED_MAX_FILTERS = 64
 
 
-def _pad_direct(a, ph, pw, H_out, W_out, HH, WW):
-    """a (N, C, H, W) zero-padded into the direct kernels' wide layout: (ap (N, C, L), Wp)."""
+def direct_images_per_row(HH, WW, stride, W, W_out, pad, F) -> int:
+    """How a convolution of F filters HH x WW at this stride and pad, on images W columns wide
+    (W_out output columns), runs: 0 on im2col + GEMM, else on the direct kernels
+    (kc.direct_forward / kc.direct_dw) with that many images side by side in each row. By
+    shape alone: every CPU computes the same bits."""
+    if stride != 1 or not (WW == 7 or HH == WW == 3):
+        return 0
+    if WW == 7 or W_out >= DIRECT_MIN_W_OUT:
+        return 1
+    if F > DIRECT_PACKED_MAX_FILTERS:
+        return 0
+    return -(-DIRECT_PACKED_ROW // _image_columns(W, W_out, pad))
+
+
+def _image_columns(W, W_out, pad) -> int:
+    """S: the columns between two images' starts in a row of images side by side (kc.pad_planes):
+    at least pad zeros between two images, and their outputs apart."""
+    return max(W + pad, W_out)
+
+
+def _pad_direct(a, ph, pw, H_out, W_out, HH, WW, k=1, S=0):
+    """a (N, C, H, W) zero-padded into the direct kernels' wide layout, k images side by side in
+    each row S columns apart: (ap (ceil(N / k), C, L), Wp). H_out x W_out: the output of the
+    side-by-side images."""
     N, C, H, W = a.shape
-    Wp, L = kc.direct_geometry(H_out, W_out, HH, WW, W, pw, a.dtype.itemsize)
-    ap = np.empty((N, C, L), dtype=a.dtype)
-    _launch(kc.pad_planes, ap.size, a, ph, pw, Wp, ap)
+    wide = (k - 1) * S + W
+    Wp, L = kc.direct_geometry(H_out, W_out, HH, WW, wide, pw, a.dtype.itemsize)
+    ap = np.empty((-(-N // k), C, L), dtype=a.dtype)
+    _launch(kc.pad_planes, ap.size, a, k, S, ph, pw, Wp, ap)
     return ap, Wp
 
 
@@ -201,11 +225,16 @@ def _conv_core_forward(x, w, b, conv_param, relu):
     bc = _as(b, dtype)
     geom = (N, C, H, W, F, HH, WW, stride, pad, H_out, W_out)
     out = np.empty((N, F, H_out, W_out), dtype=dtype)
-    if uses_direct_kernels(HH, WW, stride, W_out):
-        xp, Wp = _pad_direct(xc, pad, pad, H_out, W_out, HH, WW)
+    k = direct_images_per_row(HH, WW, stride, W, W_out, pad, F)
+    if k:
+        S = _image_columns(W, W_out, pad)
+        xp, Wp = _pad_direct(xc, pad, pad, H_out, (k - 1) * S + W_out, HH, WW, k, S)
+        wide = out if k == 1 else np.empty((len(xp), F, H_out, (k - 1) * S + W_out), dtype)
         vw = simd.current()
-        _launch(kc.direct_forward, out.size * C * HH * WW, xp, Wp, wc, bc, relu, out, vw)
-        src = (xp, Wp)
+        _launch(kc.direct_forward, wide.size * C * HH * WW, xp, Wp, wc, bc, relu, wide, vw)
+        if k > 1:
+            _launch(kc.one_by_one, out.size, wide, k, S, out)
+        src = (xp, Wp, k)
     else:
         K, P = C * HH * WW, H_out * W_out
         cols = np.empty((K, N * P), dtype=dtype)
@@ -244,26 +273,35 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
         d = dm
     db = np.empty(F, dtype=np.float64)
     dx = dout2 = None
-    if uses_direct_kernels(HH, WW, stride, W_out):
-        xp, Wp = src
+    if isinstance(src, tuple):  # the direct kernels
+        xp, Wp, k = src
+        S = _image_columns(W, W_out, pad)
+        dk = d  # dout, k images side by side in each row (zeros between them)
+        if k > 1:
+            dk = np.empty((len(xp), F, H_out, (k - 1) * S + W_out), dtype=dtype)
+            _launch(kc.side_by_side, dk.size, d, k, S, dk)
         dw = np.empty((F, C, HH, WW), dtype=dtype)
-        _launch(kc.direct_dw, d.size * C * HH * WW, xp, Wp, d, dw, db, _width_for(F, dtype))
+        _launch(kc.direct_dw, dk.size * C * HH * WW, xp, Wp, dk, dw, db, _width_for(F, dtype))
         if compute_dx and pad <= WW - 1 and pad <= HH - 1:
             # dx = dout convolved with the flipped filters, transposed to (C, F, HH, WW)
             wt = np.ascontiguousarray(wc[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            dp, Wq = _pad_direct(d, HH - 1 - pad, WW - 1 - pad, H, W, HH, WW)
+            wide = (k - 1) * S + W
+            dp, Wq = _pad_direct(dk, HH - 1 - pad, WW - 1 - pad, H, wide, HH, WW)
             dx = np.empty((N, C, H, W), dtype=dtype)
+            dxk = dx if k == 1 else np.empty((len(xp), C, H, wide), dtype=dtype)
             _launch(
                 kc.direct_forward,
-                dx.size * F * HH * WW,
+                dxk.size * F * HH * WW,
                 dp,
                 Wq,
                 wt,
                 np.zeros(C, dtype),
                 False,
-                dx,
+                dxk,
                 simd.current(),
             )
+            if k > 1:
+                _launch(kc.one_by_one, dx.size, dxk, k, S, dx)
             compute_dx = False
     else:
         dout2 = _dout_gemm_layout(d, db)

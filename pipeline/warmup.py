@@ -26,7 +26,7 @@ from pipeline._kernels import pool as kp
 from pipeline._kernels import simd
 from pipeline.cnn import ThreeLayerConvNet
 from pipeline.convnet import ConvNet
-from pipeline.fast_layers import kernel_dtype, uses_direct_kernels
+from pipeline.fast_layers import direct_images_per_row, kernel_dtype
 from pipeline.layer_utils import conv_relu_backward, conv_relu_forward
 from pipeline.netspec import NetSpec
 from pipeline.optim import adam, adam_inplace
@@ -46,12 +46,15 @@ def model_kernels(
     dtype="float32",
 ) -> list:
     """The cached Numba kernels a ThreeLayerConvNet training step runs: its convolution's
-    (direct kernels for 7-wide filters, else im2col; at the model's 32 x 32 'same' output),
+    (direct kernels or im2col: for its 32 filters on 32 x 32 images, 'same' output),
     ReLU + 2x2 max pool, and its norm's; or, with ``layers`` (a model spec's text), those of
     that ConvNet's layers."""
     if layers is not None:
         return _spec_kernels(NetSpec.from_text(layers), kernel_dtype(dtype) == np.float32)
-    if uses_direct_kernels(filter_size, filter_size, 1, 32):
+    pad = (filter_size - 1) // 2
+    if direct_images_per_row(
+        filter_size, filter_size, 1, 32, 32 + 2 * pad - filter_size + 1, pad, 32
+    ):
         conv = [kc.pad_planes, kc.direct_forward, kc.direct_dw]
     else:
         conv = [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d]
@@ -69,7 +72,7 @@ def _spec_kernels(spec: NetSpec, f32: bool) -> list:
     )
     by_kind = {
         "conv": [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d, kc.col2im]
-        + [kc.pad_planes, kc.direct_forward, kc.direct_dw],
+        + [kc.pad_planes, kc.direct_forward, kc.direct_dw, kc.side_by_side, kc.one_by_one],
         "bn": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
         "gn": [kn.gn_forward, kn.gn_backward],
         "pool": [kp.pool_forward, kp.pool_forward_2x2, kp.pool_backward],
@@ -138,9 +141,12 @@ def warm() -> None:
         x = rng.standard_normal((2, 3, 8, 8)).astype(dtype)
         w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
         b = np.zeros(4, dtype)
-        out, cache = fl.conv_forward_fast(x, w, b, {"stride": 1, "pad": 1})
-        fl.conv_backward_fast(out, cache)
-        fl.conv_backward_fast(out, cache, compute_dx=False)
+        w5 = rng.standard_normal((4, 3, 5, 5)).astype(dtype)
+        for filters in (w, w5):  # 3x3 on 8 x 8: the direct kernels, side by side; 5x5: im2col
+            pad = filters.shape[-1] // 2
+            out, cache = fl.conv_forward_fast(x, filters, b, {"stride": 1, "pad": pad})
+            fl.conv_backward_fast(out, cache)
+            fl.conv_backward_fast(out, cache, compute_dx=False)
         for pool in (
             {"pool_height": 2, "pool_width": 2, "stride": 2},
             {"pool_height": 3, "pool_width": 3, "stride": 1},

@@ -1,5 +1,5 @@
 """Numba kernels for the convolution: the direct SIMD kernels at stride 1 (second half of this
-file; ``pipeline.fast_layers.uses_direct_kernels`` says which shapes take them), and for every
+file; ``pipeline.fast_layers.direct_images_per_row`` says which shapes take them), and for every
 other shape im2col / col2im and the layout changes around the GEMMs.
 
 GEMM layout: the columns of a convolution are one matrix ``cols`` of shape (K, N*P) with
@@ -164,8 +164,7 @@ def relu_masked(dout, relu_out, out):
 
 
 # --------------------------------------------------------------------------------------------
-# direct convolution at stride 1 (the three-layer net's 7x7 conv; 3x3 convs on planes at least
-# 15 wide)
+# direct convolution at stride 1 (the three-layer net's 7x7 conv; 3x3 convs)
 #
 # Each plane of the input is zero-padded once into a "wide" row layout xp (N, C, L): rows of
 # Wp = max(W + pw, W_out) values, each row [pw zeros][W values][zeros], ph zero rows above and
@@ -182,22 +181,74 @@ def relu_masked(dout, relu_out, out):
 # thread count.
 
 
+#
+# Planes narrower than a vector or two leave lanes idle. Such planes go k images side by side:
+# image n is slot s = n % k of super-image g = n // k, its columns from s * S of a row
+# (k - 1) * S + W values wide, S = max(W + pw, W_out): at least pw zeros between two images
+# (each image's left padding the right padding of the one before it), and outputs that do not
+# overlap. Output column s * S + wo of the super-image is image n's column wo (the columns
+# between two images' outputs are junk, computed and dropped), and the same holds for dx; dout
+# goes in with zeros there. A real output reads exactly the values and zeros it would alone:
+# the same sums.
+
+
 @njit(parallel=True, cache=True)
-def pad_planes(x, ph, pw, Wp, xp):
-    """xp (N, C, L) = x (N, C, H, W) in the wide layout."""
+def pad_planes(x, k, S, ph, pw, Wp, xp):
+    """xp (G, C, L) = x (N, C, H, W) in the wide layout, k images side by side in each row, S
+    columns apart (G = ceil(N / k); slots past image N - 1 stay zero)."""
     N, C, H, W = x.shape
-    L = xp.shape[2]
-    for t in prange(N * C):
-        n = t // C
-        c = t - n * C
-        d = xp[n, c]
+    G, _, L = xp.shape
+    for t in prange(G * C):
+        g = t // C
+        c = t - g * C
+        d = xp[g, c]
         for i in range(L):
             d[u64(i)] = 0
+        for n in range(g * k, min(N, g * k + k)):
+            src_plane = x[n, c]
+            base = pw + (n - g * k) * S
+            for h in range(H):
+                src = src_plane[h]
+                o = (h + ph) * Wp + base
+                for j in range(W):
+                    d[u64(o + j)] = src[u64(j)]
+
+
+@njit(parallel=True, cache=True)
+def side_by_side(a, k, S, packed):
+    """packed (G, F, H, Ws) = a (N, F, H, W) with k images side by side in each row, image n's
+    columns from (n % k) * S; zeros between and after them."""
+    N, F, H, W = a.shape
+    G, _, _, Ws = packed.shape
+    for t in prange(G * F):
+        g = t // F
+        f = t - g * F
         for h in range(H):
-            src = x[n, c, h]
-            o = (h + ph) * Wp + pw
+            d = packed[g, f, h]
+            for j in range(Ws):
+                d[u64(j)] = 0
+            for n in range(g * k, min(N, g * k + k)):
+                src = a[n, f, h]
+                o = (n - g * k) * S
+                for j in range(W):
+                    d[u64(o + j)] = src[u64(j)]
+
+
+@njit(parallel=True, cache=True)
+def one_by_one(packed, k, S, a):
+    """The inverse of side_by_side: a (N, F, H, W) = image n's columns of packed (G, F, H, Ws)
+    from (n % k) * S."""
+    N, F, H, W = a.shape
+    for t in prange(N * F):
+        n = t // F
+        f = t - n * F
+        g = n // k
+        o = (n - g * k) * S
+        for h in range(H):
+            src = packed[g, f, h]
+            d = a[n, f, h]
             for j in range(W):
-                d[u64(o + j)] = src[u64(j)]
+                d[u64(j)] = src[u64(o + j)]
 
 
 def direct_geometry(H_out, W_out, HH, WW, W, pw, itemsize):

@@ -77,18 +77,27 @@ def test_conv_matches_naive(case, dtype):
         _close(g, gn, dtype, name)
 
 
-# 7-wide filters at stride 1 take the direct kernels (fl.uses_direct_kernels): F and C*HH multiples
-# of 3 or not (the kernels work on 3 filters / 3 rows at a time), N=1, 1- to 7-high filters,
-# non-square images, planes of one to several SIMD blocks, no padding, pad 6 (the largest for which
-# dx is a direct "full" convolution) and pads beyond it or beyond HH - 1 (dx by GEMM); and 3x3
-# filters on outputs from 15 wide (fl.DIRECT_MIN_W_OUT): 'same' and 'valid', rows of one vector
-# and a bit, of two, and 33 wide, pads past 2 (dx by GEMM)
+# The direct kernels (fl.direct_images_per_row). 7-wide filters at stride 1: F and C*HH
+# multiples of 3 or not (the kernels work on 3 filters / 3 rows at a time), N=1, 1- to 7-high
+# filters, non-square images, planes of one to several SIMD blocks, no padding, pad 6 (the
+# largest for which dx is a direct "full" convolution) and pads beyond it or beyond HH - 1 (dx
+# by GEMM). 3x3 filters on outputs from 15 wide (fl.DIRECT_MIN_W_OUT): 'same' and 'valid', rows
+# of one vector and a bit, of two, and 33 wide, pads past 2 (dx by GEMM); narrower, several
+# images side by side in a row: image counts that fill the last row or not (one image alone),
+# 7 x 7 and 3 x 3 planes, pads 0, 1, 2 and 3 (dx by GEMM), non-square.
 DIRECT_CASES = [
     (2, 3, 15, 15, 5, 3, 3, 1, 1),
     (1, 4, 6, 31, 4, 3, 3, 1, 1),
     (3, 2, 9, 17, 7, 3, 3, 1, 0),
     (2, 5, 4, 33, 3, 3, 3, 1, 1),
     (1, 2, 5, 16, 2, 3, 3, 1, 3),
+    (9, 3, 7, 7, 5, 3, 3, 1, 1),
+    (8, 2, 7, 7, 4, 3, 3, 1, 1),
+    (1, 2, 7, 7, 3, 3, 3, 1, 1),
+    (17, 4, 3, 3, 7, 3, 3, 1, 1),
+    (5, 2, 6, 9, 3, 3, 3, 1, 0),
+    (6, 3, 5, 4, 4, 3, 3, 1, 2),
+    (3, 2, 4, 6, 2, 3, 3, 1, 3),
     (1, 1, 7, 7, 1, 7, 7, 1, 0),
     (2, 3, 12, 12, 8, 7, 7, 1, 3),
     (3, 2, 5, 9, 5, 3, 7, 1, 2),
@@ -108,7 +117,7 @@ DIRECT_CASES = [
 )
 def test_conv_direct_path_matches_naive(case, dtype):
     N, C, H, W, F, HH, WW, stride, pad = case
-    assert fl.uses_direct_kernels(HH, WW, stride, W + 2 * pad - WW + 1)
+    assert fl.direct_images_per_row(HH, WW, stride, W, W + 2 * pad - WW + 1, pad, F)
     test_conv_matches_naive(case, dtype)
     rng = _rng(hash(case) % 2**32 + 1)
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
@@ -124,22 +133,27 @@ def test_conv_direct_path_matches_naive(case, dtype):
 
 
 def test_the_direct_kernels_are_chosen_by_shape_alone(monkeypatch):
-    """7-wide filters at stride 1 always; 3x3 from 15 output columns on; the rest im2col. The
-    CPU's vector width never enters: workers on different CPUs take the same path."""
-    assert fl.uses_direct_kernels(7, 7, 1, 3) and fl.uses_direct_kernels(1, 7, 1, 40)
-    assert fl.uses_direct_kernels(3, 3, 1, fl.DIRECT_MIN_W_OUT)
-    assert not fl.uses_direct_kernels(3, 3, 1, fl.DIRECT_MIN_W_OUT - 1)
-    assert not fl.uses_direct_kernels(3, 3, 2, 31) and not fl.uses_direct_kernels(7, 7, 2, 31)
-    assert not fl.uses_direct_kernels(5, 5, 1, 31) and not fl.uses_direct_kernels(3, 1, 1, 31)
+    """7-wide filters at stride 1 always, one image at a time; 3x3 from 15 output columns on one
+    image at a time, narrower side by side in rows of at least 32 columns (up to 128 filters;
+    more, im2col); the rest im2col. The CPU's vector width never enters: workers on different
+    CPUs take the same path."""
+    per_row = fl.direct_images_per_row  # (HH, WW, stride, W, W_out, pad, F)
+    assert per_row(7, 7, 1, 3, 3, 3, 512) == per_row(1, 7, 1, 46, 40, 0, 8) == 1
+    assert per_row(3, 3, 1, 15, fl.DIRECT_MIN_W_OUT, 1, 256) == 1
+    assert per_row(3, 3, 1, 14, 14, 1, 64) == 3  # 3 x 15 columns >= 32
+    assert per_row(3, 3, 1, 7, 7, 1, 64) == 4 and per_row(3, 3, 1, 3, 3, 1, 64) == 8
+    assert per_row(3, 3, 1, 7, 7, 1, fl.DIRECT_PACKED_MAX_FILTERS + 1) == 0
+    assert per_row(3, 3, 2, 31, 16, 1, 8) == per_row(7, 7, 2, 31, 16, 3, 8) == 0
+    assert per_row(5, 5, 1, 31, 31, 2, 8) == per_row(3, 1, 1, 31, 31, 1, 8) == 0
     ran = []
-    for name in ("direct_forward", "im2col"):
+    for name in ("direct_forward", "one_by_one", "im2col"):
         kernel = getattr(fl.kc, name)
         monkeypatch.setattr(fl.kc, name, lambda *a, _k=kernel, _n=name: ran.append(_n) or _k(*a))
-    x = np.ones((1, 2, 8, 16), np.float32)
     w = np.ones((3, 2, 3, 3), np.float32)
-    fl.conv_forward_fast(x, w, np.zeros(3, np.float32), {"stride": 1, "pad": 1})  # 16 wide
-    fl.conv_forward_fast(x[..., :14], w, np.zeros(3, np.float32), {"stride": 1, "pad": 1})
-    assert ran == ["direct_forward", "im2col"]
+    for width, stride in ((16, 1), (14, 1), (9, 2)):
+        x = np.ones((2, 2, 9, width), np.float32)
+        fl.conv_forward_fast(x, w, np.zeros(3, np.float32), {"stride": stride, "pad": 1})
+    assert ran == ["direct_forward", "direct_forward", "one_by_one", "im2col"]
 
 
 def test_conv_direct_path_bit_identical_across_calls_and_threads():
@@ -148,8 +162,9 @@ def test_conv_direct_path_bit_identical_across_calls_and_threads():
 
     rng = _rng(7)
     threads = numba.get_num_threads()
-    for size, C, pad in ((7, 3, 3), (3, 24, 1)):  # the three-layer net's; airbench's first 3x3
-        x = rng.standard_normal((5, C, 31, 31)).astype(np.float32)
+    # the three-layer net's conv; airbench's first 3x3; a 3x3 on 7 x 7 planes, side by side
+    for size, C, pad, H in ((7, 3, 3, 31), (3, 24, 1, 31), (3, 16, 1, 7)):
+        x = rng.standard_normal((5, C, H, H)).astype(np.float32)
         w = rng.standard_normal((32, C, size, size)).astype(np.float32)
         b = rng.standard_normal(32).astype(np.float32)
         cp = {"stride": 1, "pad": pad}

@@ -221,10 +221,11 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
-    for size in (7, 5):  # direct kernels, then im2col + GEMM
+    # direct kernels, then im2col + GEMM, then direct with 8 x 8 planes side by side
+    for size, plane in ((7, x), (5, x), (3, x[..., :8, :8])):
         w = rng.standard_normal((4, 3, size, size)).astype(np.float32)
         out, cache = fl.conv_relu_forward_fast(
-            x, w, np.zeros(4, np.float32), {"stride": 1, "pad": size // 2}
+            plane, w, np.zeros(4, np.float32), {"stride": 1, "pad": size // 2}
         )
         fl.conv_backward_fast(np.ones_like(out), cache, compute_dx=True)
     for pool in (

@@ -37,6 +37,7 @@ def _every_simd_path(dtype, seed=0):
         (2, 4, 9, 17, 64, 7, 3),
         (2, 3, 6, 15, 5, 3, 1),  # 3x3 on rows of 15 and 31 (fl.DIRECT_MIN_W_OUT)
         (1, 4, 5, 31, 7, 3, 1),
+        (5, 3, 7, 7, 8, 3, 1),  # 7 x 7 planes, 4 side by side in a row
     ]:
         WW = 3 if HH == 3 else 7
         x, w, b = r(N, C, H, W), r(F, C, HH, WW), r(F)
