@@ -278,8 +278,9 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
         S = _image_columns(W, W_out, pad)
         dk = d  # dout, k images side by side in each row (zeros between them)
         if k > 1:
-            dk = np.empty((len(xp), F, H_out, (k - 1) * S + W_out), dtype=dtype)
-            _launch(kc.side_by_side, dk.size, d, k, S, dk)
+            Wo = (k - 1) * S + W_out
+            dk = np.empty((len(xp), F, H_out, Wo), dtype=dtype)
+            _launch(kc.pad_planes, dk.size, d, k, S, 0, 0, Wo, dk.reshape(len(xp), F, -1))
         dw = np.empty((F, C, HH, WW), dtype=dtype)
         _launch(kc.direct_dw, dk.size * C * HH * WW, xp, Wp, dk, dw, db, _width_for(F, dtype))
         if compute_dx and pad <= WW - 1 and pad <= HH - 1:

@@ -72,7 +72,7 @@ def _spec_kernels(spec: NetSpec, f32: bool) -> list:
     )
     by_kind = {
         "conv": [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d, kc.col2im]
-        + [kc.pad_planes, kc.direct_forward, kc.direct_dw, kc.side_by_side, kc.one_by_one],
+        + [kc.pad_planes, kc.direct_forward, kc.direct_dw, kc.one_by_one],
         "bn": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
         "gn": [kn.gn_forward, kn.gn_backward],
         "pool": [kp.pool_forward, kp.pool_forward_2x2, kp.pool_backward],

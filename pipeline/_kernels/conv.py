@@ -195,7 +195,8 @@ def relu_masked(dout, relu_out, out):
 @njit(parallel=True, cache=True)
 def pad_planes(x, k, S, ph, pw, Wp, xp):
     """xp (G, C, L) = x (N, C, H, W) in the wide layout, k images side by side in each row, S
-    columns apart (G = ceil(N / k); slots past image N - 1 stay zero)."""
+    columns apart (G = ceil(N / k); slots past image N - 1 stay zero). With ph = pw = 0 and
+    L = H * Wp: the images side by side, nothing else (a dout for the kernels)."""
     N, C, H, W = x.shape
     G, _, L = xp.shape
     for t in prange(G * C):
@@ -215,29 +216,9 @@ def pad_planes(x, k, S, ph, pw, Wp, xp):
 
 
 @njit(parallel=True, cache=True)
-def side_by_side(a, k, S, packed):
-    """packed (G, F, H, Ws) = a (N, F, H, W) with k images side by side in each row, image n's
-    columns from (n % k) * S; zeros between and after them."""
-    N, F, H, W = a.shape
-    G, _, _, Ws = packed.shape
-    for t in prange(G * F):
-        g = t // F
-        f = t - g * F
-        for h in range(H):
-            d = packed[g, f, h]
-            for j in range(Ws):
-                d[u64(j)] = 0
-            for n in range(g * k, min(N, g * k + k)):
-                src = a[n, f, h]
-                o = (n - g * k) * S
-                for j in range(W):
-                    d[u64(o + j)] = src[u64(j)]
-
-
-@njit(parallel=True, cache=True)
 def one_by_one(packed, k, S, a):
-    """The inverse of side_by_side: a (N, F, H, W) = image n's columns of packed (G, F, H, Ws)
-    from (n % k) * S."""
+    """a (N, F, H, W) = image n's columns of packed (G, F, H, Ws) from (n % k) * S: the inverse
+    of pad_planes(a, k, S, 0, 0, Ws, packed.reshape(G, F, H * Ws))."""
     N, F, H, W = a.shape
     for t in prange(N * F):
         n = t // F
