@@ -181,6 +181,11 @@ def recent_rate(metrics: list[dict], last: int = 20) -> tuple[float | None, floa
     return (images / seconds if images else None), seconds / len(steps)
 
 
+def count_text(n, noun: str) -> str:
+    """``1 worker``, ``84 steps``: a count and its noun, plural but for one."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def number_text(v) -> str:
     """A number as the page and `convpipe status` show it: 4 significant digits, thousands
     grouped from 1,000 on (1,496 images/s, accuracy 0.5123, 12.35 s); other values as ``str``."""

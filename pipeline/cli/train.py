@@ -14,6 +14,7 @@ import sys
 import time
 
 from pipeline.cli.quiet import quiet
+from pipeline.curves import count_text
 from pipeline.errors import TrainingError
 from pipeline.training.config import TrainConfig, in_user_words, parse_value
 
@@ -141,12 +142,13 @@ def _end_line(summary: dict) -> str:
     rate = summary["images_per_s"]
     tta = f" ({summary['tta']})" if summary.get("tta", "none") != "none" else ""
     steps = summary["steps_this_session"]
+    workers = count_text(summary["workers"], "worker")
     session = " this session" if steps < summary["steps"] else ""
     return (
         f"train acc {acc(summary['train_acc'])}, val acc {acc(summary['val_acc'])}, "
         f"test acc {acc(summary.get('test_acc'))}{tta}; "
-        f"{_count(steps, 'step')}{session} in {summary['train_seconds']:.1f} s of training, "
-        f"{'n/a' if rate is None else f'{rate:,.0f}'} images/s on {_workers(summary['workers'])}"
+        f"{count_text(steps, 'step')}{session} in {summary['train_seconds']:.1f} s of training, "
+        f"{'n/a' if rate is None else f'{rate:,.0f}'} images/s on {workers}"
     )
 
 
@@ -192,7 +194,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     def progress(event):
         if event["event"] == "start":
             print(
-                f"scoring {event['n']} {args.split} images on {_workers(event['workers'])}"
+                f"scoring {event['n']} {args.split} images on "
+                f"{count_text(event['workers'], 'worker')}"
                 + (f"; dashboard {event['dashboard']}" if event.get("dashboard") else ""),
                 file=sys.stderr,
             )
@@ -258,7 +261,7 @@ class _Progress:
             where = f"dashboard {event['dashboard']}" if event.get("dashboard") else "no dashboard"
             page = _run_page(event["run_dir"]) if event.get("dashboard") else None
             where += f"; this run on the convpipe page {page}" if page else ""
-            workers = _workers(event["workers"])
+            workers = count_text(event["workers"], "worker")
             print(
                 f"training on {workers} ({event['transport']} transport), {where}", file=sys.stderr
             )
@@ -314,12 +317,3 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _workers(n) -> str:
-    return _count(n, "worker")
-
-
-def _count(n, noun: str) -> str:
-    """``1 step``, ``84 steps``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

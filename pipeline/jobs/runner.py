@@ -55,6 +55,7 @@ from distributed import get_worker, worker_client
 
 from pipeline.atomic import atomic_write_text
 from pipeline.cluster import cancelled_by_lost_scheduler, connection_lost
+from pipeline.curves import count_text
 from pipeline.errors import ConvpipeError
 from pipeline.jobs import interrupt
 from pipeline.jobs.kinds import KINDS, job_holder
@@ -245,8 +246,8 @@ def format_progress(p: dict) -> str:
     if event == "start" and "total_steps" in p:
         return (
             f"start: step {p.get('start_step', 0)}/{p['total_steps']}, "
-            f"{_count(p.get('epochs'), 'epoch')}, {_count(p.get('workers'), 'worker')}, batch "
-            f"{p.get('batch_size')}, transport {p.get('transport')}, run directory "
+            f"{count_text(p.get('epochs'), 'epoch')}, {count_text(p.get('workers'), 'worker')}, "
+            f"batch {p.get('batch_size')}, transport {p.get('transport')}, run directory "
             f"{p.get('run_dir')}"
         )
     if event == "resumed":
@@ -282,13 +283,8 @@ def format_progress(p: dict) -> str:
         if isinstance(p.get(key), (int, float)):
             parts.append(fmt.format(p[key]))
     if isinstance(p.get("workers"), int):
-        parts.append(_count(p["workers"], "worker"))
+        parts.append(count_text(p["workers"], "worker"))
     return " ".join(parts) if parts else str(event or "progress")
-
-
-def _count(n, noun: str) -> str:
-    """``1 worker``, ``2 workers``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _plain(v) -> bool:

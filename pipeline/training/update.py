@@ -65,7 +65,7 @@ class UpdateRule:
             config.start_factor,
             config.end_factor,
             max(1, int(total_steps)),
-            getattr(config, "ema", 0.0),
+            config.ema,
         )
 
     def factor(self, t: int) -> float:
