@@ -228,13 +228,14 @@ def _conv_core_forward(x, w, b, conv_param, relu):
     k = direct_images_per_row(HH, WW, stride, W, W_out, pad, F)
     if k:
         S = _image_columns(W, W_out, pad)
-        xp, Wp = _pad_direct(xc, pad, pad, H_out, (k - 1) * S + W_out, HH, WW, k, S)
-        wide = out if k == 1 else np.empty((len(xp), F, H_out, (k - 1) * S + W_out), dtype)
+        Wo = (k - 1) * S + W_out  # the output row of k images side by side
+        xp, Wp = _pad_direct(xc, pad, pad, H_out, Wo, HH, WW, k, S)
+        outk = out if k == 1 else np.empty((len(xp), F, H_out, Wo), dtype)
         vw = simd.current()
-        _launch(kc.direct_forward, wide.size * C * HH * WW, xp, Wp, wc, bc, relu, wide, vw)
+        _launch(kc.direct_forward, outk.size * C * HH * WW, xp, Wp, wc, bc, relu, outk, vw)
         if k > 1:
-            _launch(kc.one_by_one, out.size, wide, k, S, out)
-        src = (xp, Wp, k)
+            _launch(kc.one_by_one, out.size, outk, k, S, out)
+        src = (xp, Wp)
     else:
         K, P = C * HH * WW, H_out * W_out
         cols = np.empty((K, N * P), dtype=dtype)
@@ -273,8 +274,9 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
         d = dm
     db = np.empty(F, dtype=np.float64)
     dx = dout2 = None
-    if isinstance(src, tuple):  # the direct kernels
-        xp, Wp, k = src
+    k = direct_images_per_row(HH, WW, stride, W, W_out, pad, F)
+    if k:
+        xp, Wp = src
         S = _image_columns(W, W_out, pad)
         dk = d  # dout, k images side by side in each row (zeros between them)
         if k > 1:
@@ -286,10 +288,10 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
         if compute_dx and pad <= WW - 1 and pad <= HH - 1:
             # dx = dout convolved with the flipped filters, transposed to (C, F, HH, WW)
             wt = np.ascontiguousarray(wc[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-            wide = (k - 1) * S + W
-            dp, Wq = _pad_direct(dk, HH - 1 - pad, WW - 1 - pad, H, wide, HH, WW)
+            Wi = (k - 1) * S + W  # the input row of k images side by side
+            dp, Wq = _pad_direct(dk, HH - 1 - pad, WW - 1 - pad, H, Wi, HH, WW)
             dx = np.empty((N, C, H, W), dtype=dtype)
-            dxk = dx if k == 1 else np.empty((len(xp), C, H, wide), dtype=dtype)
+            dxk = dx if k == 1 else np.empty((len(xp), C, H, Wi), dtype=dtype)
             _launch(
                 kc.direct_forward,
                 dxk.size * F * HH * WW,

@@ -179,8 +179,6 @@ def relu_masked(dout, relu_out, out):
 # the output pixels. No column matrix is built. Every output element / weight gradient is
 # summed in a fixed order that depends only on the shapes: results do not depend on the
 # thread count.
-
-
 #
 # Planes narrower than a vector or two leave lanes idle. Such planes go k images side by side:
 # image n is slot s = n % k of super-image g = n // k, its columns from s * S of a row
