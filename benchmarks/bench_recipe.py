@@ -162,6 +162,10 @@ def run_torch_part(config_json: str, threads: int) -> dict:
         n_train, config.batch_size, config.shard_size, config.seed, config.epochs, config.steps
     )
     rule = UpdateRule.of(config, schedule.total_steps)
+    if config.ema:
+        raise SystemExit("torch: --ema is not in this reference (lookahead is)")
+    trained = [p for p in net.parameters() if p.requires_grad]  # not the frozen ones
+    slow = [p.detach().clone() for p in trained] if config.lookahead else []
     augment = Augment(config.flip, config.translate, config.seed)
     train_idx = subset(config.seed, n_train, config.train_acc_samples, tag=1)
 
@@ -190,19 +194,18 @@ def run_torch_part(config_json: str, threads: int) -> dict:
         loss = loss_fn(net(torch.from_numpy(xb)), torch.from_numpy(y[idx]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        decay = (
-            [
-                (p, lr * config.weight_decay * p.detach().clone())
-                for p in net.parameters()
-                if p.requires_grad  # not the frozen whitening weights and BN scales
-            ]
-            if config.weight_decay
-            else []
-        )
+        wd = config.weight_decay
+        decay = [(p, lr * wd * p.detach().clone()) for p in trained] if wd else []
         opt.step()
         with torch.no_grad():
             for p, d in decay:
                 p.sub_(d)
+            a, pull = rule.average(t)  # lookahead: slow = a * slow + (1 - a) * w; w = slow
+            for p, s in zip(trained, slow):
+                if a:
+                    s.mul_(a).add_(p, alpha=1.0 - a)
+                if pull:
+                    p.copy_(s)
         if not np.isfinite(loss.item()):
             raise SystemExit(f"torch: loss {loss.item()} at step {t + 1}")
         if schedule.ends_epoch(t):

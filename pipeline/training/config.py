@@ -118,6 +118,13 @@ class TrainConfig:
         "(--optimizer sgd; 0: none): the run is scored and saved with the average",
         "D",
     )
+    lookahead: int = _opt(
+        0,
+        "every K steps pull the weights to a slow copy, airbench94's lookahead: avg = a * avg + "
+        "(1 - a) * w, then w = avg, with a = 0.95**K * (t / steps)**3 after step t; the run ends "
+        "on the slow copy (--optimizer sgd; 0: none)",
+        "K",
+    )
     reg: float = _opt(
         1e-3, "L2 regularization strength (0.5 * reg * sum W**2, added once per step)", "REG"
     )

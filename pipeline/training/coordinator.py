@@ -525,6 +525,7 @@ def _summary(
         "test_acc": done.test_acc,
         "tta": config.tta,
         "ema": config.ema,  # scored and saved with the weights' moving average
+        "lookahead": config.lookahead,  # ended on the weights' slow copy
         "steps": schedule.total_steps,
         "steps_this_session": done.steps,
         "epochs": schedule.num_epochs,
@@ -650,8 +651,9 @@ def resume_config(run_dir: str, **overrides) -> TrainConfig:
 
 def _fresh(model, layout: Layout, config: TrainConfig) -> State:
     params = layout.flatten(model.params)
-    # v: Adam's second moment, or SGD's moving average of the weights (from the first ones)
-    v = params.copy() if config.ema else np.zeros_like(params)
+    # v: Adam's second moment, or SGD's average of the weights (--ema, --lookahead: from the
+    # first ones)
+    v = params.copy() if config.ema or config.lookahead else np.zeros_like(params)
     return State(0, params, np.zeros_like(params), v, 0, model.get_state())
 
 

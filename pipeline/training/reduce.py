@@ -84,12 +84,13 @@ def _adam_piece(
 
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _sgd_piece(
-    s, w, m, v, w2, m2, v2, reg, batch, mu, nesterov, lr, lrwd, ema, omema
+    s, w, m, v, w2, m2, v2, reg, batch, mu, nesterov, lr, lrwd, ema, omema, pull
 ):  # pragma: no cover
     # s (n,) tree sums -> g as _adam_piece's; then PyTorch's SGD with momentum mu (buffer m):
     #   buf = mu * m + g;  step = g + mu * buf (Nesterov) or buf;  w2 = w - lr * step,
     # and decoupled weight decay w2 -= lrwd * w; v (Adam's, unused by SGD) holds the moving
-    # average of the weights, v2 = ema * v + (1 - ema) * w2, or is carried over (ema 0)
+    # average of the weights, v2 = ema * v + (1 - ema) * w2, or is carried over (ema 0); with
+    # pull (lookahead) the weights then become that average, w2 = v2
     for i in numba.prange(s.shape[0]):
         wi = w[i]
         g = s[i] / batch + reg * wi
@@ -100,6 +101,8 @@ def _sgd_piece(
         if lrwd != 0:
             w2[i] = w2[i] - lrwd * wi
         v2[i] = ema * v[i] + omema * w2[i] if ema != 0 else v[i]
+        if pull != 0:
+            w2[i] = v2[i]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -141,7 +144,8 @@ def _tree_update(
     # pieces [piece_lo, piece_hi) with their reg and lr factor, grouped by block (block_piece:
     # CSR offsets); partial (blocks,) float64: each block's sum of w**2 over its regularized
     # pieces. kind 0: Adam (b1 .. eps); kind 1: SGD (mu, nesterov; b1, omb1: the weights'
-    # moving average ema, 1 - ema); lrwd: decoupled decay.
+    # average's decay a, 1 - a; b2: 1 to set the weights to the average, lookahead's pull;
+    # UpdateRule.average); lrwd: decoupled decay.
     r = rows.shape[0]
     buf = np.empty(
         (max(ops.shape[0], 1), piece_hi.max() - piece_lo.min() if piece_lo.shape[0] else 1),
@@ -154,6 +158,7 @@ def _tree_update(
             # a frozen piece (lr factor 0) is not decayed either, nor averaged (it stays)
             lrwdp = lrwd if piece_lrf[p] != 0 else lrwd - lrwd
             emap = b1 if piece_lrf[p] != 0 else b1 - b1
+            pullp = b2 if piece_lrf[p] != 0 else b2 - b2
             n = hi - lo
             c0, k0 = lo - nbase, lo - wbase
             # the rest of the tree: registers 0..r-1 are node rows, op j writes register r + j
@@ -176,7 +181,7 @@ def _tree_update(
             if kind == 0:
                 _adam_piece(s, *views, reg, batch, b1, omb1, b2, omb2, bc1, bc2, lrp, eps, lrwdp)
             else:
-                _sgd_piece(s, *views, reg, batch, mu, nesterov, lrp, lrwdp, emap, omb1)
+                _sgd_piece(s, *views, reg, batch, mu, nesterov, lrp, lrwdp, emap, omb1, pullp)
         partial[blk] = total
 
 

@@ -22,6 +22,11 @@ scheduled rate without the group's factor.
 With SGD, ``ema`` (0 < ema < 1) keeps an exponential moving average of the weights, updated
 after every step (``avg = ema * avg + (1 - ema) * w``, from the initial weights) in the state
 slot Adam keeps its second moment in; the run is scored and saved with the average.
+
+With SGD, ``lookahead`` (K > 0) is airbench94's: the same slot holds a slow copy of the weights
+(from the initial ones); after every K-th step t (counting from 1) it becomes
+``a * slow + (1 - a) * w`` with ``a = 0.95**K * (t / total)**3`` and the weights are set to it,
+and after the last step the weights are the slow copy (``a = 1`` unless that step is a K-th).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class UpdateRule:
     end_factor: float = 0.0
     total: int = 1  # steps of the run
     ema: float = 0.0  # the weights' moving average per step (SGD; 0: none)
+    lookahead: int = 0  # steps between pulls of the weights to their slow copy (SGD; 0: none)
 
     @classmethod
     def of(cls, config, total_steps: int) -> UpdateRule:
@@ -66,6 +72,7 @@ class UpdateRule:
             config.end_factor,
             max(1, int(total_steps)),
             config.ema,
+            config.lookahead,
         )
 
     def factor(self, t: int) -> float:
@@ -92,10 +99,21 @@ class UpdateRule:
         lrwd = lr * self.weight_decay
         if self.optimizer == "adam":
             return adam_scalars({"learning_rate": lr, "t": t}, dtype, lrwd)
-        average = (self.ema, 1.0 - self.ema, 0.999, 0.001, 1.0, 1.0)  # SGD reads the first two
+        a, pull = self.average(t)
+        average = (a, 1.0 - a, float(pull), 0.001, 1.0, 1.0)  # SGD reads the first three
         return step_scalars(
             dtype, 1, average, lr=lr, momentum=self.momentum, nesterov=self.nesterov, lrwd=lrwd
         )
+
+    def average(self, t: int) -> tuple[float, bool]:
+        """After step ``t`` (from 0), SGD's average of the weights becomes ``a * avg + (1 - a) *
+        w`` (a = 0: unchanged) and, when ``pull``, the weights become the average: (a, pull)."""
+        if not self.lookahead:
+            return self.ema, False
+        done, k = t + 1, self.lookahead
+        if done % k == 0:
+            return 0.95**k * (min(done, self.total) / self.total) ** 3, True
+        return (1.0, True) if done >= self.total else (0.0, False)
 
     def problem(self) -> str | None:
         """Why this rule cannot run, in one line (None if it can)."""
@@ -115,6 +133,13 @@ class UpdateRule:
             return f"ema must be in [0, 1), got {self.ema}"
         if self.ema and self.optimizer != "sgd":
             return "ema works with optimizer sgd (Adam's state has no room for the average)"
+        ok = isinstance(self.lookahead, int) and not isinstance(self.lookahead, bool)
+        if not (ok and self.lookahead >= 0):
+            return f"lookahead must be a whole number of steps >= 0, got {self.lookahead!r}"
+        if self.lookahead and self.optimizer != "sgd":
+            return "lookahead works with optimizer sgd (Adam's state has no room for the slow copy)"
+        if self.lookahead and self.ema:
+            return "lookahead and ema both keep their average in one slot: choose one"
         return None
 
 

@@ -59,8 +59,8 @@ def test_the_airbench_recipes_load_as_networks_of_their_widths(name):
     assert convs == widths and spec.body[1].init == "whiten"
     assert {layer.momentum for layer in spec.body if layer.kind == "bn"} == {0.6}
     assert spec.shapes((3, 32, 32), 10)[-1] == (10,) and spec.smoothing == 0.2
-    assert (config.optimizer, config.schedule, config.flip, config.tta) == (
-        "sgd", "triangular", "alternate", "flip-translate"
+    assert (config.optimizer, config.schedule, config.flip, config.tta, config.lookahead) == (
+        "sgd", "triangular", "alternate", "flip-translate", 5
     )  # fmt: skip
 
 

@@ -163,13 +163,15 @@ def test_augmentation_changes_the_training_and_resume_keeps_its_draws(
     assert_same_params(final_params(whole), final_params(cut))
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.75])
+@pytest.mark.parametrize("average", [{}, {"ema": 0.75}, {"lookahead": 3}])
 def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float64(
-    store, tmp_path, training_client, ema
+    store, tmp_path, training_client, average
 ):
-    # with ema, params.npz holds the weights' moving average, from the initial weights
+    # with ema, params.npz holds the weights' moving average, from the initial weights; with
+    # lookahead, the weights pulled to their slow copy after step 3 and set to it after step 4
+    ema = average.get("ema", 0.0)
     settings = dict(
-        ema=ema,
+        **average,
         optimizer="sgd",
         lr=0.05,
         momentum=0.8,
@@ -208,11 +210,37 @@ def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float
             buf[k] = 0.8 * buf[k] + g
             factor = 4.0 if k.startswith(("gamma", "beta")) else 1.0
             model.params[k] = w - lr * factor * (g + 0.8 * buf[k]) - lr * 1e-2 * w
-            avg[k] = ema * avg[k] + (1 - ema) * model.params[k]
+        a, pull = rule.average(step)
+        for k in model.params:
+            avg[k] = a * avg[k] + (1 - a) * model.params[k] if a else avg[k]
+            model.params[k] = avg[k] if pull else model.params[k]
     for k, v in (avg if ema else model.params).items():
         np.testing.assert_allclose(got[k], v, rtol=1e-8, atol=1e-12, err_msg=k)
     if ema:  # the weights themselves are not the average
         assert not np.allclose(got["W1"], model.params["W1"], rtol=1e-8, atol=1e-12)
+
+
+def test_lookahead_is_the_same_on_both_transports_and_changes_the_weights(
+    store, tmp_path, training_client
+):
+    settings = dict(model=SPEC, optimizer="sgd", lr=0.05, lookahead=2, batch_size=64, steps=5)
+    runs = {
+        transport: train(
+            tiny_config(
+                store, tmp_path / transport, transport=transport, shard_size=16, **settings
+            ),
+            client=training_client,
+        )
+        for transport in ("shm", "tcp")
+    }
+    assert runs["shm"]["lookahead"] == runs["tcp"]["lookahead"] == 2
+    assert_same_params(final_params(tmp_path / "shm"), final_params(tmp_path / "tcp"))
+    plain = tmp_path / "plain"  # without it the weights differ
+    train(
+        tiny_config(store, plain, shard_size=16, **dict(settings, lookahead=0)),
+        client=training_client,
+    )
+    assert not np.array_equal(final_params(plain)["W1"], final_params(tmp_path / "shm")["W1"])
 
 
 def test_a_whitening_conv_starts_from_the_first_training_images_and_stays(

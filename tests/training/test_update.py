@@ -73,6 +73,33 @@ def test_sgd_keeps_the_weights_moving_average_where_adam_keeps_v(dtype):
     assert np.array_equal(plain[0], w2) and np.array_equal(plain[2], v)  # ema 0: v carried
 
 
+def test_lookahead_pulls_the_weights_to_their_slow_copy_every_k_steps_and_ends_on_it():
+    # airbench94's: after every 5th step (counting from 1) slow = a * slow + (1 - a) * w with
+    # a = 0.95**5 * (t / total)**3, then w = slow; after the last step w = slow
+    rule = UpdateRule("sgd", lr=0.1, momentum=0.9, lookahead=5, total=12)
+    decay = {t: rule.average(t - 1) for t in range(1, 13)}
+    assert decay[5] == (0.95**5 * (5 / 12) ** 3, True) and decay[10][1]
+    assert decay[12] == (1.0, True)  # the last step (not a 5th): the weights become the copy
+    assert all(decay[t] == (0.0, False) for t in (1, 2, 3, 4, 6, 9, 11))
+    assert UpdateRule("sgd", lookahead=4, total=12).average(11) == (0.95**4, True)
+    assert UpdateRule("sgd", ema=0.9).average(3) == (0.9, False)
+
+    rng = np.random.default_rng(3)
+    f = np.float32
+    w, m, s = (rng.standard_normal(90).astype(f) for _ in range(3))
+    slow = rng.standard_normal(90).astype(f)
+    segments = [(0, 60, 0.0, 1.0), (60, 90, 0.0, 0.0)]  # the last 30 frozen
+    alone = _one_node_update(w, m, slow, s, 4, segments, UpdateRule("sgd", lr=0.1).scalars(4, f))
+    for t, want_pull in ((3, False), (4, True), (11, True)):
+        a, pull = rule.average(t)
+        w2, m2, v2 = _one_node_update(w, m, slow, s, 4, segments, rule.scalars(t, f))
+        assert np.array_equal(m2, alone[1])  # the momentum step is SGD's as ever
+        avg = f(a) * slow[:60] + f(1.0 - a) * alone[0][:60] if a else slow[:60]
+        assert pull == want_pull and np.array_equal(v2[:60], avg)
+        assert np.array_equal(w2[:60], avg if pull else alone[0][:60])
+        assert np.array_equal(w2[60:], w[60:]) and np.array_equal(v2[60:], slow[60:])
+
+
 def test_adam_takes_decoupled_decay_and_group_factors():
     rng = np.random.default_rng(1)
     w, m, v = (np.abs(rng.standard_normal(50)) for _ in range(3))
@@ -100,6 +127,10 @@ def test_adam_takes_decoupled_decay_and_group_factors():
         (dict(norm_lr_factor=0.0), r"norm_lr_factor must be > 0"),
         (dict(optimizer="sgd", ema=1.0), r"ema must be in \[0, 1\), got 1.0"),
         (dict(ema=0.9), r"ema works with optimizer sgd"),
+        (dict(lookahead=5), r"lookahead works with optimizer sgd"),
+        (dict(optimizer="sgd", lookahead=-1), r"lookahead must be a whole number of steps >= 0"),
+        (dict(optimizer="sgd", lookahead=2.5), r"setting lookahead: expected int, got 2.5"),
+        (dict(optimizer="sgd", lookahead=5, ema=0.9), r"lookahead and ema .* choose one"),
     ],
 )
 def test_bad_update_settings_are_one_line(change, message):
