@@ -134,13 +134,19 @@ def test_width_choice_wastes_the_fewest_lanes_and_never_exceeds_the_process_widt
         assert fl._width_for(500, f32, fit=True).nbytes == 64  # 512 computed at every width: widest
         assert fl._width_for(32, f32).nbytes == 32  # the net's 32 filters: one 32-byte group
         assert fl._width_for(25, f32).nbytes == 32  # a 25-image shard's rows: 32, not 64
-        assert fl._width_for(40, f32, fit=True).nbytes == 16  # groups of 16 columns fit 40
+        # 16-byte vectors cost a 32-byte one's slot: 48 rows at 16 bytes cost 96, 64 at 64 bytes
+        assert fl._width_for(48, f32).nbytes == 64
+        assert fl._width_for(40, f32, fit=True).nbytes == 32  # 64 columns, not 48 at 16 bytes
+        assert fl._width_for(16, f32).nbytes == 32  # 4 vectors at 16 or 32 bytes: the wider
+        assert fl._width_for(20, f32, fit=True).nbytes == 16  # the only groups that fit 20
         assert fl._width_for(64, f64).nbytes == 64
     with simd.using(32):
         assert fl._width_for(500, f32, fit=True).nbytes == 32
         assert fl._width_for(64, f32).nbytes == 32
-    with simd.using(16):
+        assert fl._width_for(40, f32, fit=True).nbytes == 32
+    with simd.using(16):  # the only width: a 16-byte vector is the machine's own
         assert fl._width_for(500, f32, fit=True).nbytes == 16
+        assert fl._width_for(40, f32, fit=True).nbytes == 16
 
 
 # ---- which width a process uses ----------------------------------------------------------------
