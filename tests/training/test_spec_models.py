@@ -21,6 +21,7 @@ from pipeline.training.shards import Schedule
 from pipeline.training.update import UpdateRule
 from tests.helpers.cluster import local_cluster
 from tests.helpers.training import assert_same_params, final_params, make_store, tiny_config
+from tests.training.test_train import Crash, crash_after
 
 #: two bn layers (8 + 8 channels of moments per shard), GELU, a global pool, label smoothing
 SPEC = (
@@ -220,7 +221,7 @@ def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float
         assert not np.allclose(got["W1"], model.params["W1"], rtol=1e-8, atol=1e-12)
 
 
-def test_lookahead_is_the_same_on_both_transports_and_changes_the_weights(
+def test_lookahead_is_the_same_on_both_transports_after_a_resume_and_changes_the_weights(
     store, tmp_path, training_client
 ):
     settings = dict(model=SPEC, optimizer="sgd", lr=0.05, lookahead=2, batch_size=64, steps=5)
@@ -235,6 +236,17 @@ def test_lookahead_is_the_same_on_both_transports_and_changes_the_weights(
     }
     assert runs["shm"]["lookahead"] == runs["tcp"]["lookahead"] == 2
     assert_same_params(final_params(tmp_path / "shm"), final_params(tmp_path / "tcp"))
+    cut = tmp_path / "cut"  # the coordinator dies; resumed from a checkpoint, the same bits
+    with pytest.raises(Crash):
+        train(
+            tiny_config(store, cut, transport="shm", shard_size=16, **settings),
+            client=training_client,
+            progress=crash_after(4),
+        )
+    events = []
+    train(resume_config(cut), client=training_client, progress=events.append)
+    assert [e["step"] for e in events if e["event"] == "resumed"] == [3]  # between pulls
+    assert_same_params(final_params(tmp_path / "shm"), final_params(cut))
     plain = tmp_path / "plain"  # without it the weights differ
     train(
         tiny_config(store, plain, shard_size=16, **dict(settings, lookahead=0)),
