@@ -84,3 +84,22 @@ def assert_same_params(a: dict, b: dict) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert np.array_equal(a[k], b[k]), f"{k} differs: max |diff| {np.abs(a[k] - b[k]).max()}"
+
+
+class Crash(Exception):
+    """Stands for the coordinator dying after a step."""
+
+
+def stop_at(step, exc):
+    """A progress callback that raises ``exc`` once step ``step`` is reported."""
+
+    def progress(event):
+        if event["event"] == "step" and event["step"] == step:
+            raise exc
+
+    return progress
+
+
+def crash_after(step):
+    """The coordinator dies once step ``step`` is reported."""
+    return stop_at(step, Crash(step))

@@ -21,7 +21,7 @@ from pipeline.procs import Holder, LockHeld, Owner, OwnerLock, pid_namespace, pr
 from pipeline.training import resume_config, train
 from pipeline.training.rundir import RunDir, RunDirBusy
 from tests.helpers.owners import held_by_another_process, left_by_a_dead_process
-from tests.helpers.training import make_store, tiny_config
+from tests.helpers.training import Crash, make_store, stop_at, tiny_config
 from tests.helpers.wait import wait_until
 
 HOST = socket.gethostname()
@@ -39,18 +39,6 @@ def store(tmp_path_factory):
 def client(training_client):
     """The runs here train on the module's two in-process workers (tests/conftest.py)."""
     return training_client
-
-
-class Crash(Exception):
-    """Stands for the coordinator dying after a step."""
-
-
-def stop_at(step, exc):
-    def progress(event):
-        if event["event"] == "step" and event["step"] == step:
-            raise exc
-
-    return progress
 
 
 def cut_run(store, tmp_path, client):

@@ -20,8 +20,14 @@ from pipeline.training import TrainConfig, evaluate, resume_config, train
 from pipeline.training.shards import Schedule
 from pipeline.training.update import UpdateRule
 from tests.helpers.cluster import local_cluster
-from tests.helpers.training import assert_same_params, final_params, make_store, tiny_config
-from tests.training.test_train import Crash, crash_after
+from tests.helpers.training import (
+    Crash,
+    assert_same_params,
+    crash_after,
+    final_params,
+    make_store,
+    tiny_config,
+)
 
 #: two bn layers (8 + 8 channels of moments per shard), GELU, a global pool, label smoothing
 SPEC = (

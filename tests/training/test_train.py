@@ -19,7 +19,14 @@ from pipeline.optim import adam
 from pipeline.training import evaluate, resume_config, train
 from pipeline.training.shards import Schedule
 from tests.helpers.cluster import local_cluster
-from tests.helpers.training import assert_same_params, final_params, make_store, tiny_config
+from tests.helpers.training import (
+    Crash,
+    assert_same_params,
+    crash_after,
+    final_params,
+    make_store,
+    tiny_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -39,18 +46,6 @@ def _client(n):
 def client(training_client):
     """The runs here train on the module's two in-process workers (tests/conftest.py)."""
     return training_client
-
-
-class Crash(Exception):
-    """Stands for the coordinator dying after a step."""
-
-
-def crash_after(step):
-    def progress(event):
-        if event["event"] == "step" and event["step"] == step:
-            raise Crash(step)
-
-    return progress
 
 
 # ---- determinism ---------------------------------------------------------------------------------
