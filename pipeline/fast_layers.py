@@ -577,18 +577,19 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
 _MIN_PANEL_BYTES = 128
 
 
-#: the narrowest FMA an x86 core issues at full cost: a 16-byte vector takes a 32-byte one's slot
-#: (and a 64-byte one, one or two), so below this width a value costs more
+#: the FMA slot of an x86 core: a 16-byte vector takes a whole one, a 64-byte vector two (or
+#: one where the core has 64-byte units: the choice then ties and goes to the widest)
 _FMA_SLOT_BYTES = 32
 
 
 def _width_for(count, dtype, fit=False) -> simd.Width:
     """The width to cut ``count`` values (filters, columns, rows) into groups of 4 vectors at:
-    of the widths up to the process's (``simd.current()``), the one computing the fewest padded
-    values, a 16-byte vector's values counted twice where the process has 32 bytes or more, the
-    widest on a tie; with ``fit``, only widths whose group is at most ``count``. (A 48-row dx on
-    Zen 4: 64 rows at 64 bytes in 3.1 ms, 48 at 16 bytes in 4.2.) Every width gives the same
-    bits (``pipeline._kernels.simd``): this choice is speed only."""
+    of the widths up to the process's (``simd.current()``), the one taking the fewest FMA slots
+    for its padded values (a vector takes one slot per 32 bytes, at least one: 16 bytes cost a
+    32-byte vector's slot), the widest on a tie; with ``fit``, only widths whose group is at
+    most ``count``. (A 48-row dx on Zen 4: 64 rows at 64 bytes in 3.1 ms, 48 at 16 bytes in
+    4.2.) Every width gives the same bits (``pipeline._kernels.simd``): this choice is speed
+    only."""
     itemsize = np.dtype(dtype).itemsize
     top = simd.current().nbytes
     best = None
@@ -596,9 +597,9 @@ def _width_for(count, dtype, fit=False) -> simd.Width:
         G = 4 * nbytes // itemsize
         if nbytes > top or (fit and G > count):
             continue
-        cost = -(-count // G) * G * min(top, _FMA_SLOT_BYTES) / min(nbytes, _FMA_SLOT_BYTES)
-        if best is None or cost <= best[0]:
-            best = (cost, nbytes)
+        slots = -(-count // G) * G / min(nbytes, _FMA_SLOT_BYTES)  # in units of itemsize
+        if best is None or slots <= best[0]:
+            best = (slots, nbytes)
     return simd.Width(best[1])
 
 
