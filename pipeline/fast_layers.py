@@ -11,6 +11,11 @@ of the general convolution:
   side): direct kernels that keep their sums in SIMD registers (``pipeline._kernels.simd``)
   over a zero-padded copy of x (``kc.direct_forward``, ``kc.direct_dw``); dx is the same
   forward kernel applied to the padded dout with the filters flipped. No column matrix.
+- convolution 3x3 at stride 1 with 64 input channels or more, or on planes under 15 columns
+  with more than 64 filters (``winograd``): Winograd's F(m x m, 3x3), each m x m output tile
+  (4, or 3 on 3 x 3 and 5 x 5 planes) from an (m + 2) x (m + 2) input patch transformed
+  (``pipeline._kernels.winograd``), one GEMM per transformed position (36 or 25), the output
+  transform adding the bias and the ReLU; backward the transpose of each step.
 - convolution, any other shape: im2col into a (C*HH*WW, N*H'*W') matrix, one GEMM with the
   (F, C*HH*WW) filters, bias added while moving the result to NCHW. Backward: dout to the same
   layout (with db in the same pass), ``dw = dout2 @ cols.T``; ``dx`` (GEMM + col2im) only
@@ -58,6 +63,7 @@ from pipeline._kernels import norm as kn
 from pipeline._kernels import pointwise as kw
 from pipeline._kernels import pool as kp
 from pipeline._kernels import simd
+from pipeline._kernels import winograd as kwg
 from pipeline._kernels.threads import launch
 from pipeline.layers import affine_forward, relu_forward
 from pipeline.shapes import (
@@ -148,8 +154,11 @@ def machine_text() -> str:
 # --------------------------------------------------------------------------------------------
 # convolution
 #
-# Two ways to compute it, chosen by shape only (direct_images_per_row), so that the bits never
-# depend on the CPU:
+# Three ways to compute it, chosen by shape only (winograd, then direct_images_per_row), so
+# that the bits never depend on the CPU:
+# - Winograd's F(m x m, 3x3) (pipeline._kernels.winograd) for 3x3 filters at stride 1 with 64
+#   input channels or more (and narrow planes with many filters): tile transforms around 36
+#   (m = 4) or 25 (m = 3) GEMMs, backward their transposes.
 # - direct kernels (kc.direct_forward / kc.direct_dw) at stride 1 for 7-wide filters (the
 #   three-layer net's conv) and for 3x3 filters: SIMD sums over a zero-padded copy of x, no
 #   column matrix; outputs narrower than DIRECT_MIN_W_OUT go several images side by side in a
@@ -176,9 +185,9 @@ DIRECT_PACKED_MAX_FILTERS = 64
 
 def direct_images_per_row(HH, WW, stride, W, W_out, pad, F) -> int:
     """How a convolution of F filters HH x WW at this stride and pad, on images W columns wide
-    (W_out output columns), runs: 0 on im2col + GEMM, else on the direct kernels
-    (kc.direct_forward / kc.direct_dw) with that many images side by side in each row. By
-    shape alone: every CPU computes the same bits."""
+    (W_out output columns), runs when ``winograd`` does not take it: 0 on im2col + GEMM, else
+    on the direct kernels (kc.direct_forward / kc.direct_dw) with that many images side by side
+    in each row. By shape alone: every CPU computes the same bits."""
     if stride != 1 or not (WW == 7 or HH == WW == 3):
         return 0
     if WW == 7 or W_out >= DIRECT_MIN_W_OUT:
@@ -186,6 +195,28 @@ def direct_images_per_row(HH, WW, stride, W, W_out, pad, F) -> int:
     if F > DIRECT_PACKED_MAX_FILTERS:
         return 0
     return -(-DIRECT_PACKED_ROW // _image_columns(W, W_out, pad))
+
+
+#: 3x3 convolutions at stride 1 with at least this many input channels take Winograd's
+#: F(m x m, 3x3): from 64 channels it took 0.3-0.8x the time of the direct kernels or im2col
+#: at the airbench networks' shapes; at 32 channels about the direct kernels' time, at 24
+#: (31 x 31) 1.1x (docs/layers.md)
+WINOGRAD_MIN_CHANNELS = 64
+
+
+def winograd(HH, WW, stride, C, W_out, F) -> bool:
+    """Whether a convolution of F filters C x HH x WW at this stride with W_out output columns
+    runs on Winograd's F(m x m, 3x3) (``pipeline._kernels.winograd``: m = 4, 36 GEMMs over
+    6 x 6 transformed tiles, or m = 3 on 3 x 3 and 5 x 5 planes, 25 over 5 x 5; 2.25-3.8x fewer
+    products than a direct 3x3): 3x3 at stride 1 with at
+    least WINOGRAD_MIN_CHANNELS input channels, or on planes under DIRECT_MIN_W_OUT columns
+    with more filters than DIRECT_PACKED_MAX_FILTERS (where the alternative is im2col). Checked
+    before direct_images_per_row; by shape alone, like it."""
+    if stride != 1 or not HH == WW == 3:
+        return False
+    return C >= WINOGRAD_MIN_CHANNELS or (
+        W_out < DIRECT_MIN_W_OUT and F > DIRECT_PACKED_MAX_FILTERS
+    )
 
 
 def _image_columns(W, W_out, pad) -> int:
@@ -225,7 +256,8 @@ def _conv_core_forward(x, w, b, conv_param, relu):
     bc = _as(b, dtype)
     geom = (N, C, H, W, F, HH, WW, stride, pad, H_out, W_out)
     out = np.empty((N, F, H_out, W_out), dtype=dtype)
-    k = direct_images_per_row(HH, WW, stride, W, W_out, pad, F)
+    wino = winograd(HH, WW, stride, C, W_out, F)
+    k = 0 if wino else direct_images_per_row(HH, WW, stride, W, W_out, pad, F)
     if k:
         S = _image_columns(W, W_out, pad)
         Wo = (k - 1) * S + W_out  # the output row of k images side by side
@@ -236,6 +268,21 @@ def _conv_core_forward(x, w, b, conv_param, relu):
         if k > 1:
             _launch(kc.one_by_one, out.size, outk, k, S, out)
         src = (xp, Wp)
+    elif wino:
+        m = kwg.tile_side(H_out, W_out)
+        th, tw = kwg.tiles(H_out, W_out, m)
+        AT, BT, _, _ = kwg.in_dtype(m, dtype)
+        vw = simd.current()
+        Np = kwg.padded_images(N)
+        P = th * tw * Np
+        Vb, V = kwg.tile_buffer(m, C, P, dtype)  # transformed input tiles, (a*a, C, P)
+        _launch(kwg.input_tiles, V.size, xc, pad, m, th, tw, Np, BT, Vb, vw)
+        Ub, U = kwg.tile_buffer(m, F, C, dtype)  # transformed filters, (a*a, F, C)
+        _launch(kwg.filter_tiles, U.size, wc, kwg.filter_matrices(m)[0], Ub, vw)
+        Mb, M = kwg.tile_buffer(m, F, P, dtype)
+        np.matmul(U, V, out=M)  # (a*a, F, P): one GEMM per tile position
+        _launch(kwg.output_tiles, M.size, Mb, bc, relu, m, th, tw, Np, AT, out, vw)
+        src = (V, U)
     else:
         K, P = C * HH * WW, H_out * W_out
         cols = np.empty((K, N * P), dtype=dtype)
@@ -274,7 +321,8 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
         d = dm
     db = np.empty(F, dtype=np.float64)
     dx = dout2 = None
-    k = direct_images_per_row(HH, WW, stride, W, W_out, pad, F)
+    wino = winograd(HH, WW, stride, C, W_out, F)
+    k = 0 if wino else direct_images_per_row(HH, WW, stride, W, W_out, pad, F)
     if k:
         xp, Wp = src
         S = _image_columns(W, W_out, pad)
@@ -305,6 +353,25 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
             )
             if k > 1:
                 _launch(kc.one_by_one, dx.size, dxk, k, S, dx)
+            compute_dx = False
+    elif wino:
+        V, U = src
+        m = kwg.tile_side(H_out, W_out)
+        th, tw = kwg.tiles(H_out, W_out, m)
+        _, _, A, B = kwg.in_dtype(m, dtype)
+        vw = simd.current()
+        Np = kwg.padded_images(N)
+        dMb, dM = kwg.tile_buffer(m, F, V.shape[2], dtype)
+        _launch(kwg.dout_tiles, dM.size, d, m, th, tw, Np, A, dMb, db, vw)
+        dUb, dU = kwg.tile_buffer(m, F, C, dtype)
+        np.matmul(dM, V.transpose(0, 2, 1), out=dU)  # (a*a, F, C)
+        dw = np.empty((F, C, HH, WW), dtype=dtype)
+        _launch(kwg.filter_grad, dU.size, dUb, kwg.filter_matrices(m)[1], dw, vw)
+        if compute_dx:
+            dVb, dV = kwg.tile_buffer(m, C, V.shape[2], dtype)
+            np.matmul(U.transpose(0, 2, 1), dM, out=dV)  # (a*a, C, P)
+            dx = np.empty((N, C, H, W), dtype=dtype)
+            _launch(kwg.input_grad, dV.size, dVb, pad, m, th, tw, Np, B, dx, vw)
             compute_dx = False
     else:
         dout2 = _dout_gemm_layout(d, db)

@@ -24,6 +24,7 @@ from pipeline._kernels import norm as kn
 from pipeline._kernels import pointwise as kw
 from pipeline._kernels import pool as kp
 from pipeline._kernels import simd
+from pipeline._kernels import winograd as kwg
 from pipeline.cnn import ThreeLayerConvNet
 from pipeline.convnet import ConvNet
 from pipeline.fast_layers import direct_images_per_row, kernel_dtype
@@ -72,7 +73,9 @@ def _spec_kernels(spec: NetSpec, f32: bool) -> list:
     )
     by_kind = {
         "conv": [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d, kc.col2im]
-        + [kc.pad_planes, kc.direct_forward, kc.direct_dw, kc.one_by_one],
+        + [kc.pad_planes, kc.direct_forward, kc.direct_dw, kc.one_by_one]
+        + [kwg.input_tiles, kwg.filter_tiles, kwg.output_tiles]
+        + [kwg.dout_tiles, kwg.filter_grad, kwg.input_grad],
         "bn": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
         "gn": [kn.gn_forward, kn.gn_backward],
         "pool": [kp.pool_forward, kp.pool_forward_2x2, kp.pool_backward],
@@ -140,11 +143,13 @@ def warm() -> None:
     for dtype in (np.float32, np.float64):
         x = rng.standard_normal((2, 3, 8, 8)).astype(dtype)
         w = rng.standard_normal((4, 3, 3, 3)).astype(dtype)
-        b = np.zeros(4, dtype)
         w5 = rng.standard_normal((4, 3, 5, 5)).astype(dtype)
-        for filters in (w, w5):  # 3x3 on 8 x 8: the direct kernels, side by side; 5x5: im2col
+        w65 = rng.standard_normal((65, 3, 3, 3)).astype(dtype)
+        # 3x3 on 8 x 8: the direct kernels, side by side; 5x5: im2col; 65 3x3 filters: Winograd
+        for filters in (w, w5, w65):
             pad = filters.shape[-1] // 2
-            out, cache = fl.conv_forward_fast(x, filters, b, {"stride": 1, "pad": pad})
+            bias = np.zeros(len(filters), dtype)
+            out, cache = fl.conv_forward_fast(x, filters, bias, {"stride": 1, "pad": pad})
             fl.conv_backward_fast(out, cache)
             fl.conv_backward_fast(out, cache, compute_dx=False)
         for pool in (

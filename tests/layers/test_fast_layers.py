@@ -182,6 +182,164 @@ def test_conv_direct_path_bit_identical_across_calls_and_threads():
                 np.testing.assert_array_equal(a, ref)
 
 
+# Winograd's F(m x m, 3x3) (fl.winograd): 3x3 at stride 1 from 64 input channels, or on planes
+# under 15 columns with more than 64 filters. Outputs a multiple of the 4 x 4 tile or not (one
+# tile and a bit, a 1 x 2 plane), pads 0 to 3, non-square planes, one image, one filter, more
+# images than a block of 16, the airbench shapes' 31 x 31 and 15 x 15, 7 x 7 and 3 x 3 (3 x 3
+# tiles: fl.kwg.tile_side), 5 x 5.
+WINOGRAD_CASES = [
+    (3, 5, 7, 7, 66, 3, 3, 1, 1),
+    (2, 3, 3, 3, 70, 3, 3, 1, 1),
+    (1, 2, 5, 9, 65, 3, 3, 1, 2),
+    (2, 4, 8, 6, 67, 3, 3, 1, 0),
+    (3, 2, 1, 2, 65, 3, 3, 1, 1),
+    (1, 1, 4, 8, 68, 3, 3, 1, 3),
+    (2, 64, 15, 15, 5, 3, 3, 1, 1),
+    (1, 65, 31, 20, 1, 3, 3, 1, 1),
+    (17, 70, 3, 3, 3, 3, 3, 1, 1),
+    (2, 66, 9, 30, 4, 3, 3, 1, 0),
+    (3, 64, 5, 5, 6, 3, 3, 1, 1),
+    (2, 67, 3, 31, 2, 3, 3, 1, 1),
+]
+
+
+def _winograd_cases(count, seed):
+    """Random shapes with 1 to 6 channels and 1 to 9 filters, run on the Winograd kernels by
+    lowering the channel count they start at (the tile arithmetic does not depend on it)."""
+    rng = _rng(seed)
+    cases = []
+    while len(cases) < count:
+        pad = int(rng.integers(0, 4))
+        H, W = int(rng.integers(1, 20)), int(rng.integers(1, 20))
+        if H + 2 * pad < 3 or W + 2 * pad < 3:
+            continue
+        N, C, F = int(rng.integers(1, 20)), int(rng.integers(1, 7)), int(rng.integers(1, 10))
+        cases.append((N, C, H, W, F, 3, 3, 1, pad))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    "case", WINOGRAD_CASES, ids=lambda c: "N{}C{}H{}W{}F{}k{}x{}s{}p{}".format(*c)
+)
+def test_conv_winograd_path_matches_naive(case, dtype):
+    N, C, H, W, F, HH, WW, stride, pad = case
+    assert fl.winograd(HH, WW, stride, C, W + 2 * pad - 2, F)
+    test_conv_matches_naive(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+@pytest.mark.parametrize(
+    "case", _winograd_cases(24, 5), ids=lambda c: "N{}C{}H{}W{}F{}k{}x{}s{}p{}".format(*c)
+)
+def test_conv_winograd_kernels_match_naive_on_random_shapes(case, dtype, monkeypatch):
+    """Forward with the ReLU, dx, dw, db through it, and compute_dx=False, in the caller's dtype
+    (float16 computed in float32), against the naive layers in float64 on the same values."""
+    monkeypatch.setattr(fl, "WINOGRAD_MIN_CHANNELS", 1)
+    N, C, H, W, F, HH, WW, stride, pad = case
+    assert fl.winograd(HH, WW, stride, C, W + 2 * pad - 2, F)
+    rng = _rng(hash(case) % 2**32)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((N, C, H, W), (F, C, 3, 3), (F,)))
+    cp = {"stride": 1, "pad": pad}
+    out, cache = fl.conv_relu_forward_fast(x, w, b, cp)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    grads = fl.conv_backward_fast(dout, cache)
+    ref, cache_n = L.conv_forward_naive(*(a.astype(np.float64) for a in (x, w, b)), cp)
+    mask = out > 0  # the ReLU as the fast layer applied it
+    refs = (np.maximum(ref, 0),) + L.conv_backward_naive(dout.astype(np.float64) * mask, cache_n)
+    tol = {np.float64: 1e-9, np.float32: 1e-4, np.float16: 3e-3}[dtype]
+    for name, g, gn in zip(("out", "dx", "dw", "db"), (out,) + grads, refs):
+        assert g.dtype == dtype, name
+        scale = max(float(np.abs(gn).max()), 1e-30)
+        np.testing.assert_allclose(g, gn, rtol=tol, atol=tol * scale, err_msg=name)
+    dx0, dw0, db0 = fl.conv_backward_fast(dout, cache, compute_dx=False)
+    assert dx0 is None
+    np.testing.assert_array_equal(dw0, grads[1])
+    np.testing.assert_array_equal(db0, grads[2])
+
+
+def test_the_winograd_tiles_are_chosen_by_shape_alone(monkeypatch):
+    """3x3 at stride 1 from 64 input channels, any plane, any pad; with fewer channels on planes
+    under 15 columns with more than 64 filters (else the direct kernels side by side); nothing
+    else."""
+    wino = fl.winograd  # (HH, WW, stride, C, W_out, F)
+    many = fl.DIRECT_PACKED_MAX_FILTERS + 1
+    assert wino(3, 3, 1, fl.WINOGRAD_MIN_CHANNELS, 31, 1) and wino(3, 3, 1, 256, 3, 256)
+    assert not wino(3, 3, 1, fl.WINOGRAD_MIN_CHANNELS - 1, 31, 64)
+    assert wino(3, 3, 1, 3, 7, many) and wino(3, 3, 1, 3, fl.DIRECT_MIN_W_OUT - 1, many)
+    assert not wino(3, 3, 1, 3, 7, many - 1) and not wino(3, 3, 1, 3, fl.DIRECT_MIN_W_OUT, many)
+    assert not wino(3, 3, 2, 64, 7, 256) and not wino(5, 5, 1, 64, 7, 256)
+    assert not wino(3, 1, 1, 64, 7, 256) and not wino(7, 7, 1, 64, 7, 256)
+    ran = []
+    for name in ("input_tiles", "output_tiles"):
+        kernel = getattr(fl.kwg, name)
+        monkeypatch.setattr(fl.kwg, name, lambda *a, _k=kernel, _n=name: ran.append(_n) or _k(*a))
+    for name in ("im2col", "direct_forward"):
+        kernel = getattr(fl.kc, name)
+        monkeypatch.setattr(fl.kc, name, lambda *a, _k=kernel, _n=name: ran.append(_n) or _k(*a))
+    for C, F, width in ((2, 65, 7), (2, 64, 7), (64, 3, 16), (63, 3, 16), (63, 3, 9)):
+        x = np.ones((2, C, 9, width), np.float32)
+        w = np.ones((F, C, 3, 3), np.float32)
+        fl.conv_forward_fast(x, w, np.zeros(F, np.float32), {"stride": 1, "pad": 1})
+    assert ran == [
+        "input_tiles",
+        "output_tiles",
+        "direct_forward",
+        "input_tiles",
+        "output_tiles",
+        "direct_forward",
+        "direct_forward",
+    ]
+
+
+@pytest.mark.parametrize("m", sorted(fl.kwg.TRANSFORMS))
+def test_winograd_transforms_are_exact(m):
+    """F(m x m, 3x3): sum_j AT[i, j] G[j, k] BT[j, l] = [l == i + k] in exact fractions, so each
+    output of a tile is exactly its 3-tap correlation."""
+    from fractions import Fraction
+
+    AT, G, BT = fl.kwg.TRANSFORMS[m]
+    a = m + 2
+    assert AT.shape == (m, a) and G.shape == (a, 3) and BT.shape == (a, a)
+    Gf = [[Fraction(v).limit_denominator(24) for v in row] for row in G]
+    assert np.array_equal(np.array(Gf, dtype=float), G)
+    for i in range(m):
+        for k in range(3):
+            for col in range(a):
+                total = sum(Fraction(AT[i, j]) * Gf[j][k] * Fraction(BT[j, col]) for j in range(a))
+                assert total == (1 if col == i + k else 0), (i, k, col)
+
+
+def test_winograd_tile_side_takes_the_fewest_products():
+    """4 x 4 tiles (36 products each) on 7 x 7 and wider planes, 3 x 3 (25) on 3 x 3, 5 x 5 and
+    6 x 6 ones; both on a non-square plane by the product count."""
+    side = fl.kwg.tile_side
+    assert [side(n, n) for n in (1, 2, 3, 4, 5, 6, 7, 8, 15, 31)] == [3, 3, 3, 4, 3, 3, 4, 4, 4, 4]
+    assert side(3, 31) == 3  # 1 x 11 tiles x 25 = 275 products against 1 x 8 x 36 = 288
+    assert side(4, 31) == 4  # 1 x 8 x 36 = 288 against 2 x 11 x 25 = 550
+
+
+def test_conv_winograd_bit_identical_across_calls_and_threads():
+    import numba
+
+    rng = _rng(8)
+    x = rng.standard_normal((5, 6, 7, 7)).astype(np.float32)
+    w = rng.standard_normal((72, 6, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(72).astype(np.float32)
+    threads = numba.get_num_threads()
+    results = []
+    try:
+        for t in sorted({1, threads}) * 2:
+            numba.set_num_threads(t)
+            out, cache = fl.conv_relu_forward_fast(x, w, b, {"stride": 1, "pad": 1})
+            results.append((out,) + fl.conv_backward_fast(np.sin(out), cache))
+    finally:
+        numba.set_num_threads(threads)
+    for r in results[1:]:
+        for a, ref in zip(r, results[0]):
+            np.testing.assert_array_equal(a, ref)
+
+
 def test_conv_notebook_shapes_float64():
     """The notebook's check: fast vs naive relative errors ~1e-9 or better."""
     rng = _rng(1)
