@@ -77,6 +77,17 @@ def convpipe_exe() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "pipeline.cli"]
 
 
+def terminal_job() -> dict:
+    """Popen keywords that start a command as a shell starts a foreground job: in a process
+    group of its own (Ctrl-C is SIGINT to the group, os.killpg) and with SIGINT at its default
+    action even when the tests themselves were started with it ignored (``nohup cmd &`` starts
+    a background job so, and its children inherit that)."""
+    return {
+        "start_new_session": True,
+        "preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    }
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -16,7 +16,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from tests.helpers.cluster import convpipe, convpipe_exe
+from tests.helpers.cluster import convpipe, convpipe_exe, terminal_job
 from tests.helpers.training import make_store
 from tests.helpers.wait import wait_until
 
@@ -43,7 +43,7 @@ def test_ctrl_c_cancels_an_embedded_job_and_says_how_to_go_on(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # its own process group, as a terminal's foreground job
+        **terminal_job(),
     )
     try:
         wait_until(

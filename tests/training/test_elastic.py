@@ -17,7 +17,7 @@ from pipeline.cluster import connect, worker_addresses
 from pipeline.options import worker_range
 from pipeline.training import TrainConfig, resume_config, train
 from pipeline.training.members import Membership
-from tests.helpers.cluster import ProcessCluster, convpipe_exe, local_cluster
+from tests.helpers.cluster import ProcessCluster, convpipe_exe, local_cluster, terminal_job
 from tests.helpers.training import assert_same_params, final_params, make_store, tiny_config
 from tests.helpers.wait import wait_until
 
@@ -332,7 +332,7 @@ def test_ctrl_c_with_a_worker_that_adaptive_scaling_added_is_one_line(tmp_path):
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
-        start_new_session=True,
+        **terminal_job(),
     )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
