@@ -13,7 +13,7 @@ of the general convolution:
   forward kernel applied to the padded dout with the filters flipped. No column matrix.
 - convolution 3x3 at stride 1 with 64 input channels or more, or on planes under 15 columns
   with more than 64 filters (``winograd``): Winograd's F(m x m, 3x3), each m x m output tile
-  (4, or 3 on 3 x 3 and 5 x 5 planes) from an (m + 2) x (m + 2) input patch transformed
+  (4, or 3 where that needs fewer products) from an (m + 2) x (m + 2) input patch transformed
   (``pipeline._kernels.winograd``), one GEMM per transformed position (36 or 25), the output
   transform adding the bias and the ReLU; backward the transpose of each step.
 - convolution, any other shape: im2col into a (C*HH*WW, N*H'*W') matrix, one GEMM with the
@@ -155,7 +155,8 @@ def machine_text() -> str:
 # convolution
 #
 # Three ways to compute it, chosen by shape only (winograd, then direct_images_per_row), so
-# that the bits never depend on the CPU:
+# that every CPU takes the same path (the Numba kernels then give the same bits at every
+# vector width; the GEMMs of Winograd and im2col are OpenBLAS's, whose kernels differ by CPU):
 # - Winograd's F(m x m, 3x3) (pipeline._kernels.winograd) for 3x3 filters at stride 1 with 64
 #   input channels or more (and narrow planes with many filters): tile transforms around 36
 #   (m = 4) or 25 (m = 3) GEMMs, backward their transposes.
@@ -198,20 +199,20 @@ def direct_images_per_row(HH, WW, stride, W, W_out, pad, F) -> int:
 
 
 #: 3x3 convolutions at stride 1 with at least this many input channels take Winograd's
-#: F(m x m, 3x3): from 64 channels it took 0.3-0.8x the time of the direct kernels or im2col
-#: at the airbench networks' shapes; at 32 channels about the direct kernels' time, at 24
-#: (31 x 31) 1.1x (docs/layers.md)
+#: F(m x m, 3x3): at the airbench network's shapes with 64 and 256 channels it took 0.4-0.85x
+#: the time of the direct kernels or im2col, with 32 or 24 channels 1.2-1.9x the direct
+#: kernels' (``benchmarks/bench_network.py --paths``, docs/benchmarks.md)
 WINOGRAD_MIN_CHANNELS = 64
 
 
 def winograd(HH, WW, stride, C, W_out, F) -> bool:
     """Whether a convolution of F filters C x HH x WW at this stride with W_out output columns
     runs on Winograd's F(m x m, 3x3) (``pipeline._kernels.winograd``: m = 4, 36 GEMMs over
-    6 x 6 transformed tiles, or m = 3 on 3 x 3 and 5 x 5 planes, 25 over 5 x 5; 2.25-3.8x fewer
-    products than a direct 3x3): 3x3 at stride 1 with at
+    6 x 6 transformed tiles, or m = 3, 25 over 5 x 5, whichever needs fewer products:
+    ``kwg.tile_side``; up to 3.8x fewer products than a direct 3x3): 3x3 at stride 1 with at
     least WINOGRAD_MIN_CHANNELS input channels, or on planes under DIRECT_MIN_W_OUT columns
     with more filters than DIRECT_PACKED_MAX_FILTERS (where the alternative is im2col). Checked
-    before direct_images_per_row; by shape alone, like it."""
+    before direct_images_per_row; by shape alone, like it: every CPU takes the same path."""
     if stride != 1 or not HH == WW == 3:
         return False
     return C >= WINOGRAD_MIN_CHANNELS or (

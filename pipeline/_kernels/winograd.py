@@ -1,9 +1,9 @@
 """Numba kernels for 3x3 convolutions at stride 1 by Winograd's minimal filtering, F(m x m, 3x3)
 with m = 4 or 3 (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2016).
 
-The output is cut into m x m tiles (``tile_side`` picks m by shape); tile (i, j) of image n
-reads the a x a patch d, a = m + 2, of the padded input at rows mi .. mi+a-1, columns
-mj .. mj+a-1, and
+The output is cut into m x m tiles (``tile_side`` picks the m with the fewer products); tile
+(i, j) of image n reads the a x a patch d, a = m + 2, of the padded input at rows mi .. mi+a-1,
+columns mj .. mj+a-1, and
 
     Y_tile = AT [ (G g GT) * (BT d B) ] A        (m, m): a*a products per filter and channel
                                                    where a direct 3x3 takes m*m*9 (36 / 144
@@ -30,7 +30,10 @@ order:
     dx            = B dV BT, tiles added where they overlap (inverts input_tiles)    input_grad
 
 Each value is one FMA chain in a fixed order, image by image in the lanes: the same bits at
-every vector width and thread count. G's fractions are applied in float64 to the filters.
+every vector width and thread count (the GEMMs are OpenBLAS's, whose kernels differ between
+CPUs). G's fractions are applied in float64 to the filters. A NaN or infinity in a tile's
+patch makes its whole tile NaN (the transforms mix the patch), where a direct convolution
+spreads it only to the outputs whose window covers it.
 """
 
 from __future__ import annotations
@@ -110,8 +113,8 @@ TRANSFORMS = {
 
 def tile_side(H_out: int, W_out: int) -> int:
     """m: the output tile side with the fewest products per filter and channel, tiles x
-    (m + 2)**2 (4 x 4 tiles for 7 x 7 and wider planes, 3 x 3 for 3 x 3 and 5 x 5 ones); 4 on a
-    tie."""
+    (m + 2)**2; 4 on a tie. 4 on 4 x 4, 7 x 7, 8 x 8, 15 x 15 and 31 x 31 planes; 3 on 3 x 3,
+    5 x 5, 6 x 6 and 9 x 9 ones (and 1 x 1, 2 x 2)."""
     return min((4, 3), key=lambda m: tiles(H_out, W_out, m)[0] * tiles(H_out, W_out, m)[1]
                * (m + 2) ** 2)  # fmt: skip
 
@@ -133,6 +136,8 @@ def tile_buffer(m: int, rows: int, cols: int, dtype) -> tuple[np.ndarray, np.nda
     set of the L1 cache)."""
     a2 = (m + 2) ** 2
     S = rows * cols + IMAGE_BLOCK
+    if S * np.dtype(dtype).itemsize % 4096 == 0:
+        S += IMAGE_BLOCK
     buf = np.empty((a2, S), dtype=dtype)
     return buf, buf[:, : rows * cols].reshape(a2, rows, cols)
 

@@ -319,25 +319,60 @@ def test_winograd_tile_side_takes_the_fewest_products():
     assert side(4, 31) == 4  # 1 x 8 x 36 = 288 against 2 x 11 x 25 = 550
 
 
-def test_conv_winograd_bit_identical_across_calls_and_threads():
+def test_conv_winograd_bit_identical_across_calls_and_threads(monkeypatch):
+    """4 x 4 and 3 x 3 tiles, at shapes where every Winograd kernel runs in parallel."""
     import numba
 
+    launched = []
+    launch = fl._launch
+
+    def recording(kernel, work, *args):
+        launched.append((kernel.py_func.__name__, work >= fl._SERIAL_BELOW))
+        return launch(kernel, work, *args)
+
+    monkeypatch.setattr(fl, "_launch", recording)
     rng = _rng(8)
-    x = rng.standard_normal((5, 6, 7, 7)).astype(np.float32)
-    w = rng.standard_normal((72, 6, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(72).astype(np.float32)
     threads = numba.get_num_threads()
-    results = []
-    try:
-        for t in sorted({1, threads}) * 2:
-            numba.set_num_threads(t)
-            out, cache = fl.conv_relu_forward_fast(x, w, b, {"stride": 1, "pad": 1})
-            results.append((out,) + fl.conv_backward_fast(np.sin(out), cache))
-    finally:
-        numba.set_num_threads(threads)
-    for r in results[1:]:
-        for a, ref in zip(r, results[0]):
-            np.testing.assert_array_equal(a, ref)
+    for H in (7, 3):
+        x = rng.standard_normal((20, 64, H, H)).astype(np.float32)
+        w = rng.standard_normal((72, 64, 3, 3)).astype(np.float32)
+        b = rng.standard_normal(72).astype(np.float32)
+        results = []
+        try:
+            for t in sorted({1, threads}) * 2:
+                numba.set_num_threads(t)
+                out, cache = fl.conv_relu_forward_fast(x, w, b, {"stride": 1, "pad": 1})
+                results.append((out,) + fl.conv_backward_fast(np.sin(out), cache))
+        finally:
+            numba.set_num_threads(threads)
+        for r in results[1:]:
+            for a, ref in zip(r, results[0]):
+                np.testing.assert_array_equal(a, ref)
+    wino = {name: parallel for name, parallel in launched if name in vars(fl.kwg)}
+    assert len(wino) == 6 and all(wino.values()), wino
+
+
+def test_conv_winograd_mixed_dtypes_like_the_other_paths():
+    """float32 x with float64 w and b: computed in float32, out and dx float32, dw and db in
+    their parameters' float64; the same values as the im2col path's to float32 precision."""
+    rng = _rng(9)
+    x = rng.standard_normal((3, 64, 7, 7)).astype(np.float32)
+    w, b = rng.standard_normal((5, 64, 3, 3)), rng.standard_normal(5)
+    out, cache = fl.conv_forward_fast(x, w, b, {"stride": 1, "pad": 1})
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    dx, dw, db = fl.conv_backward_fast(dout, cache)
+    assert (out.dtype, dx.dtype, dw.dtype, db.dtype) == (
+        np.float32,
+        np.float32,
+        np.float64,
+        np.float64,
+    )
+    ref, cache_n = L.conv_forward_naive(x.astype(np.float64), w, b, {"stride": 1, "pad": 1})
+    _close(out, ref, np.float32, "out")
+    for name, g, gn in zip(
+        ("dx", "dw", "db"), (dx, dw, db), L.conv_backward_naive(dout.astype(np.float64), cache_n)
+    ):
+        _close(g, gn, np.float32, name)
 
 
 def test_conv_notebook_shapes_float64():

@@ -38,6 +38,9 @@ def _every_simd_path(dtype, seed=0):
         (2, 3, 6, 15, 5, 3, 1),  # 3x3 on rows of 15 and 31 (fl.DIRECT_MIN_W_OUT)
         (1, 4, 5, 31, 7, 3, 1),
         (5, 3, 7, 7, 8, 3, 1),  # 7 x 7 planes, 4 side by side in a row
+        (3, 64, 7, 7, 8, 3, 1),  # Winograd (fl.winograd): 4 x 4 tiles
+        (2, 64, 3, 3, 5, 3, 1),  # 3 x 3 tiles
+        (17, 65, 5, 9, 3, 3, 0),  # more images than a block of 16
     ]:
         WW = 3 if HH == 3 else 7
         x, w, b = r(N, C, H, W), r(F, C, HH, WW), r(F)
@@ -94,6 +97,14 @@ def test_each_width_matches_the_naive_layers(nbytes, forced_width):
         fwd = fl.affine_relu_forward_fast(xa, wa, ba)[0]
         dxa, sq = fl.affine_dx_fast(da, wa, sumsq=True)
         dwa = fl.affine_dw_l2_fast(xa, da, wa, 0.1)
+        xw, ww = rng.standard_normal((3, 64, 5, 7)), rng.standard_normal((4, 64, 3, 3))
+        yw, cache_w = fl.conv_forward_fast(xw, ww, np.ones(4), {"stride": 1, "pad": 1})
+        dw_out = rng.standard_normal(yw.shape)
+        grads_w = fl.conv_backward_fast(dw_out, cache_w)
+    yw_n, cache_wn = L.conv_forward_naive(xw, ww, np.ones(4), {"stride": 1, "pad": 1})
+    np.testing.assert_allclose(yw, yw_n, rtol=1e-10, atol=1e-12)
+    for g, g_n in zip(grads_w, L.conv_backward_naive(dw_out, cache_wn)):
+        np.testing.assert_allclose(g, g_n, rtol=1e-9, atol=1e-12)
     y_n, cache_n = L.conv_forward_naive(x, w, b, cp)
     np.testing.assert_allclose(y, y_n, rtol=1e-10)
     for g, g_n in zip(grads, L.conv_backward_naive(dout, cache_n)):
