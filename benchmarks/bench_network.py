@@ -4,15 +4,18 @@ The whole network (ConvNet.loss with labels: forward, softmax loss, backward) at
 each of its convolutions alone (forward, then backward with dx except for the first) at its
 input's shape: minimum and median of ``--repeat`` rounds, images/s and the ratio convpipe /
 PyTorch (below 1.0: faster than PyTorch). Both at ``--threads`` threads (Numba and OpenBLAS;
-torch.set_num_threads). PyTorch is used only here.
+torch.set_num_threads). PyTorch is used only here. ``--paths`` also times each convolution on
+every path convpipe has for its shape (direct kernels, im2col + GEMM, Winograd), whichever
+``pipeline.fast_layers`` would pick: the figures behind its choice.
 
     python benchmarks/bench_network.py [--job jobs/train-airbench.toml] [--batch 512]
-        [--threads 2] [--repeat 5]
+        [--threads 2] [--repeat 5] [--paths]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -32,6 +35,7 @@ def parse_args():
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--paths", action="store_true", help="time every convolution path too")
     p.add_argument("--part", choices=("convpipe", "torch"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -52,7 +56,35 @@ def conv_layers(spec):
     return [(x, layer) for layer, x in zip(spec.body, shapes) if layer.kind == "conv"]
 
 
-def part_convpipe(model_text, batch, repeat):
+PATHS = ("direct", "im2col", "winograd")
+
+
+@contextlib.contextmanager
+def conv_path(fl, path):
+    """Make pipeline.fast_layers take ``path`` for every convolution (None: its own choice)."""
+    saved = fl.winograd, fl.direct_images_per_row
+    if path == "winograd":
+        fl.winograd = lambda HH, WW, stride, *a: stride == 1 and HH == WW == 3
+    elif path is not None:
+        fl.winograd = lambda *a: False
+        if path == "im2col":
+            fl.direct_images_per_row = lambda *a: 0
+    try:
+        yield
+    finally:
+        fl.winograd, fl.direct_images_per_row = saved
+
+
+def available_paths(fl, x, layer):
+    """The paths a convolution of ``layer`` on input x (C, H, W) can take."""
+    C, H, W = x
+    W_out = (W + 2 * layer.pad - layer.size) // layer.stride + 1
+    size, stride = layer.size, layer.stride
+    direct = fl.direct_images_per_row(size, size, stride, W, W_out, layer.pad, layer.filters)
+    return [p for p, ok in zip(PATHS, (direct, True, stride == 1 and size == 3), strict=True) if ok]
+
+
+def part_convpipe(model_text, batch, repeat, paths=False):
     import numpy as np
 
     from pipeline import fast_layers as fl
@@ -78,6 +110,12 @@ def part_convpipe(model_text, batch, repeat):
             fl.conv_backward_fast(out, cache, compute_dx=not first)
 
         result["convs"].append(times(step, repeat))
+        if paths:
+            row = {}
+            for path in available_paths(fl, x, layer):
+                with conv_path(fl, path):
+                    row[path] = times(step, repeat)[0]
+            result.setdefault("paths", []).append(row)
     return result
 
 
@@ -118,7 +156,7 @@ def main():
     if args.part:
         sys.path.insert(0, str(HERE.parent))
         if args.part == "convpipe":
-            print(json.dumps(part_convpipe(args.model, args.batch, args.repeat)))
+            print(json.dumps(part_convpipe(args.model, args.batch, args.repeat, args.paths)))
         else:
             print(json.dumps(part_torch(args.model, args.batch, args.threads, args.repeat)))
         return
@@ -135,7 +173,7 @@ def main():
     for part in ("convpipe", "torch"):
         cmd = [sys.executable, __file__, "--part", part, "--model", model]
         cmd += ["--batch", str(args.batch), "--threads", str(args.threads)]
-        cmd += ["--repeat", str(args.repeat)]
+        cmd += ["--repeat", str(args.repeat)] + (["--paths"] if args.paths else [])
         done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         results[part] = json.loads(done.stdout.strip().splitlines()[-1])
     ours, theirs = results["convpipe"], results["torch"]
@@ -159,6 +197,11 @@ def main():
         print(f"  {name:44s} {a[0] * 1e3:12.1f} {b[0] * 1e3:9.1f} {a[0] / b[0]:6.2f}")
     print(f"  {'all convolutions':44s} {total_o * 1e3:12.1f} {total_t * 1e3:9.1f} "
           f"{total_o / total_t:6.2f}")  # fmt: skip
+    if args.paths:
+        print(f"  each path, ms (min):{'':25s}" + "".join(f"{p:>10s}" for p in PATHS))
+        for (x, layer), row in zip(conv_layers(spec), ours["paths"], strict=True):
+            cells = "".join(f"{row[p] * 1e3:10.1f}" if p in row else f"{'-':>10s}" for p in PATHS)
+            print(f"  {f'{x} {layer.to_text()}':44s}{cells}")
 
 
 if __name__ == "__main__":
