@@ -182,6 +182,31 @@ def _sandwich(left, right, R, K, src, s0, srow, scol, tmp, dst, d0, drow, dcol, 
         _matvecs(right, R, K, tmp, r * K * L, L, dst, d0 + r * drow, dcol, add, vw)
 
 
+@njit(cache=True, inline="always")
+def _every_tile(left, right, R, K, m, th, tw, Np, plane, Wq, mats, m0, S, to_mats, add, vw):
+    """_sandwich for every tile and vector of images, between a plane (rows Wq * Np values
+    apart, tile (i, j) at row m*i, column m*j, images innermost) and the a*a matrices of a
+    tile_buffer (S apart; tile (i, j) at column m0 + (i*tw + j)*Np): plane -> matrices when
+    to_mats, else matrices -> plane (added to it with add)."""
+    L = lanes(plane, vw)
+    tmp = np.empty(R * K * L, dtype=plane.dtype)
+    for i in range(th):
+        for j in range(tw):
+            for nb in range(0, Np, L):
+                p0 = (m * i * Wq + m * j) * Np + nb
+                q0 = m0 + (i * tw + j) * Np + nb
+                if to_mats:
+                    _sandwich(
+                        left, right, R, K, plane, p0, Wq * Np, Np, tmp, mats, q0, R * S, S,
+                        False, vw,
+                    )  # fmt: skip
+                else:
+                    _sandwich(
+                        left, right, R, K, mats, q0, K * S, S, tmp, plane, p0, Wq * Np, Np,
+                        add, vw,
+                    )  # fmt: skip
+
+
 @njit(parallel=True, cache=True)
 def input_tiles(x, pad, m, th, tw, Np, BT, V, vw):
     """V (a*a, >= C*T*Np: tile_buffer), matrix xi (C, T*Np) = BT d B for each a x a patch d of
@@ -190,7 +215,6 @@ def input_tiles(x, pad, m, th, tw, Np, BT, V, vw):
     N, C, H, W = x.shape
     a = m + 2
     P, S = th * tw * Np, V.shape[1]
-    L = lanes(V, vw)
     Hp, Wp = m * th + 2, m * tw + 2
     Vf = V.reshape(-1)
     for c in prange(C):
@@ -200,16 +224,7 @@ def input_tiles(x, pad, m, th, tw, Np, BT, V, vw):
                 o = ((h + pad) * Wp + pad) * Np + n
                 for w_ in range(W):
                     xt[o + w_ * Np] = x[n, c, h, w_]
-        tmp = np.empty(a * a * L, dtype=x.dtype)
-        for i in range(th):
-            for j in range(tw):
-                col = (i * tw + j) * Np
-                for nb in range(0, Np, L):
-                    _sandwich(
-                        BT, BT, a, a,
-                        xt, (m * i * Wp + m * j) * Np + nb, Wp * Np, Np,
-                        tmp, Vf, c * P + col + nb, a * S, S, False, vw,
-                    )  # fmt: skip
+        _every_tile(BT, BT, a, a, m, th, tw, Np, xt, Wp, Vf, c * P, S, True, False, vw)
 
 
 @njit(parallel=True, cache=True)
@@ -220,21 +235,11 @@ def input_grad(dV, pad, m, th, tw, Np, B, dx, vw):
     N, C, H, W = dx.shape
     a = m + 2
     P, S = th * tw * Np, dV.shape[1]
-    L = lanes(dV, vw)
     Hp, Wp = m * th + 2, m * tw + 2
     dVf = dV.reshape(-1)
     for c in prange(C):
         dxt = np.zeros(Hp * Wp * Np, dtype=dx.dtype)  # as input_tiles' xt
-        tmp = np.empty(a * a * L, dtype=dx.dtype)
-        for i in range(th):
-            for j in range(tw):
-                col = (i * tw + j) * Np
-                for nb in range(0, Np, L):
-                    _sandwich(
-                        B, B, a, a,
-                        dVf, c * P + col + nb, a * S, S,
-                        tmp, dxt, (m * i * Wp + m * j) * Np + nb, Wp * Np, Np, True, vw,
-                    )  # fmt: skip
+        _every_tile(B, B, a, a, m, th, tw, Np, dxt, Wp, dVf, c * P, S, False, True, vw)
         for n in range(N):
             for h in range(H):
                 o = ((h + pad) * Wp + pad) * Np + n
@@ -250,21 +255,11 @@ def output_tiles(M, b, relu, m, th, tw, Np, AT, out, vw):
     N, F, H_out, W_out = out.shape
     a = m + 2
     P, S = th * tw * Np, M.shape[1]
-    L = lanes(M, vw)
     Wt = m * tw
     Mf = M.reshape(-1)
     for f in prange(F):
         yt = np.empty(m * th * Wt * Np, dtype=out.dtype)  # yt[(h*Wt + w)*Np + n]
-        tmp = np.empty(m * a * L, dtype=out.dtype)
-        for i in range(th):
-            for j in range(tw):
-                col = (i * tw + j) * Np
-                for nb in range(0, Np, L):
-                    _sandwich(
-                        AT, AT, m, a,
-                        Mf, f * P + col + nb, a * S, S,
-                        tmp, yt, (m * i * Wt + m * j) * Np + nb, Wt * Np, Np, False, vw,
-                    )  # fmt: skip
+        _every_tile(AT, AT, m, a, m, th, tw, Np, yt, Wt, Mf, f * P, S, False, False, vw)
         bf = b[f]
         for n in range(N):
             for h in range(H_out):
@@ -282,7 +277,6 @@ def dout_tiles(dout, m, th, tw, Np, A, dM, db, vw):
     N, F, H_out, W_out = dout.shape
     a = m + 2
     P, S = th * tw * Np, dM.shape[1]
-    L = lanes(dM, vw)
     Wt = m * tw
     dMf = dM.reshape(-1)
     for f in prange(F):
@@ -296,16 +290,7 @@ def dout_tiles(dout, m, th, tw, Np, A, dM, db, vw):
                     dyt[o + w_ * Np] = v
                     total += v
         db[f] = total
-        tmp = np.empty(a * m * L, dtype=dout.dtype)
-        for i in range(th):
-            for j in range(tw):
-                col = (i * tw + j) * Np
-                for nb in range(0, Np, L):
-                    _sandwich(
-                        A, A, a, m,
-                        dyt, (m * i * Wt + m * j) * Np + nb, Wt * Np, Np,
-                        tmp, dMf, f * P + col + nb, a * S, S, False, vw,
-                    )  # fmt: skip
+        _every_tile(A, A, a, m, m, th, tw, Np, dyt, Wt, dMf, f * P, S, True, False, vw)
 
 
 @njit(parallel=True, cache=True)
