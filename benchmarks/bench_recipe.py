@@ -13,7 +13,7 @@ test accuracies and the training times, and their means over the seeds.
 
     python benchmarks/bench_recipe.py [--job jobs/train-airbench-small.toml] [--epochs 8]
         [--seeds 0 1 2] [--store data/cifar10.zarr] [--workers 2] [--threads 2]
-        [--set key=value ...] [--json OUT]
+        [--set key=value ...] [--no-torch | --no-convpipe] [--json OUT]
 
 Times: convpipe's is the training loop of ``convpipe train`` (its summary's ``seconds``: every
 step, checkpoint and per-epoch scoring; not the cluster's start nor the final test scoring);
@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="PyTorch's threads")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--set", action="append", default=[], help="override a key of the job")
-    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-torch", action="store_true", help="convpipe alone")
+    p.add_argument("--no-convpipe", action="store_true", help="PyTorch alone")
     p.add_argument("--json", help="write the results there")
     p.add_argument("--part", choices=("torch",), help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -248,6 +249,8 @@ def run_torch(config, threads: int) -> dict:
 
 def main():
     args = parse_args()
+    if args.no_torch and args.no_convpipe:
+        raise SystemExit("bench_recipe: --no-torch and --no-convpipe leave nothing to run")
     if args.part == "torch":
         print(json.dumps(run_torch_part(args.config, args.threads)))
         return
@@ -258,32 +261,34 @@ def main():
     for seed in args.seeds:
         config = job_config(args, seed)
         print(f"seed {seed}: {config.epochs} epochs of {args.job} on {args.store}", flush=True)
-        ours = run_convpipe(config, args.workers)
+        ours = None if args.no_convpipe else run_convpipe(config, args.workers)
         theirs = None if args.no_torch else run_torch(config, args.threads)
         results.append({"seed": seed, "convpipe": ours, "torch": theirs})
-        print(f"  {'epoch':>5} {'convpipe s':>11} {'val':>7} {'torch s':>9} {'val':>7}")
-        for i, e in enumerate(ours["epochs"]):
-            t = theirs["epochs"][i] if theirs else None
+        sides = [(name, r) for name, r in (("convpipe", ours), ("torch", theirs)) if r]
+        print("  epoch" + "".join(f" {name + ' s':>11} {'val':>7}" for name, _ in sides))
+        for i in range(len(sides[0][1]["epochs"])):
             print(
-                f"  {e['epoch']:>5} {e['seconds']:>11.1f} {e['val_acc']:>7.4f}"
-                + (f" {t['seconds']:>9.1f} {t['val_acc']:>7.4f}" if t else "")
+                f"  {i + 1:>5}"
+                + "".join(
+                    f" {r['epochs'][i]['seconds']:>11.1f} {r['epochs'][i]['val_acc']:>7.4f}"
+                    for _, r in sides
+                )
             )
-        line = f"  test ({config.tta}): convpipe {ours['test_acc']:.4f} in {ours['seconds']:.0f} s"
-        if theirs:
-            line += (
-                f", torch {theirs['test_acc']:.4f} in {theirs['seconds']:.0f} s; time ratio "
-                f"convpipe / torch {ours['seconds'] / theirs['seconds']:.2f}"
-            )
+        line = f"  test ({config.tta}): " + ", ".join(
+            f"{name} {r['test_acc']:.4f} in {r['seconds']:.0f} s" for name, r in sides
+        )
+        if ours and theirs:
+            line += f"; time ratio convpipe / torch {ours['seconds'] / theirs['seconds']:.2f}"
         print(line, flush=True)
     if len(results) > 1:
         mean = lambda side, key: sum(r[side][key] for r in results) / len(results)  # noqa: E731
-        line = (
-            f"mean of {len(results)} seeds: convpipe {mean('convpipe', 'test_acc'):.4f} "
-            f"in {mean('convpipe', 'seconds'):.0f} s"
+        print(
+            f"mean of {len(results)} seeds: "
+            + ", ".join(
+                f"{name} {mean(name, 'test_acc'):.4f} in {mean(name, 'seconds'):.0f} s"
+                for name, _ in sides
+            )
         )
-        if not args.no_torch:
-            line += f", torch {mean('torch', 'test_acc'):.4f} in {mean('torch', 'seconds'):.0f} s"
-        print(line)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"machine": machine_text(), "job": args.job, "results": results}, indent=1)
