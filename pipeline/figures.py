@@ -25,9 +25,11 @@ def _figure(width: float, height: float, layout: str | None = "constrained"):
     return fig
 
 
-def curves_figure(title: str, curves):
+def curves_figure(title: str, curves, test: tuple[float, str] | None = None):
     """Two panels sharing the x axis: the loss of each step with its moving average, and the
-    val/train accuracy lines (the whole-split val points of epoch ends marked)."""
+    val/train accuracy lines (the whole-split val points of epoch ends marked); ``test``: the
+    test split's accuracy at the end of the run and the test-time augmentation it was scored
+    with (a run's ``test_acc`` and ``tta``), a star at the last x."""
     fig = _figure(9, 7.5)
     ax1, ax2 = fig.subplots(2, 1, sharex=True)
     fig.suptitle(title, fontsize=13)
@@ -69,6 +71,18 @@ def curves_figure(title: str, curves):
             mec="black",
             label="val, whole split (end of each epoch and of the run)",
         )
+    last = max([p.x for p in curves.loss + curves.val_acc + curves.train_acc], default=0.0)
+    if test is not None:
+        accuracy, tta = test
+        views = "no test-time augmentation" if tta == "none" else f"test-time augmentation {tta}"
+        ax2.plot(
+            [last],
+            [accuracy],
+            "*",
+            ms=14,
+            color="tab:red",
+            label=f"test split, end of the run ({views}): {100 * accuracy:.2f}%",
+        )
     ax2.set_xlabel(
         curves.x_label + (" (fractional: step / steps per epoch)" if curves.steps_per_epoch else "")
     )
@@ -76,9 +90,8 @@ def curves_figure(title: str, curves):
     ax2.set_title("Classification accuracy")
     ax2.set_ylim(0, 1)
     ax2.grid(alpha=0.3)
-    if curves.val_acc or curves.train_acc:
+    if curves.val_acc or curves.train_acc or test is not None:
         ax2.legend(loc="lower right")
-    last = max([p.x for p in curves.loss + curves.val_acc + curves.train_acc], default=0.0)
     ax2.set_xlim(
         0, last * 1.02 if last > 0 else 1
     )  # from the start: a lone point is not a whole axis

@@ -132,6 +132,8 @@ class RunView:
     seconds_per_step: float | None = None
     train_acc: float | None = None
     val_acc: float | None = None
+    test_acc: float | None = None  # a finished run's test split (its summary), scored once
+    tta: str | None = None  # the test-time augmentation test_acc was scored with
     breakdown: dict = field(default_factory=dict)
     updated: float | None = None  # time of the last line (or of config.json), epoch seconds
     pictures: tuple[str, ...] = ()  # the PNGs write_plots left there (curves.png, filters.png)
@@ -234,6 +236,8 @@ class RunReader:
             per_step,
             _last(scored, "train_acc"),
             _last(scored, "val_acc"),
+            _number((summary or {}).get("test_acc")),
+            _text((summary or {}).get("tta")),
             breakdown,
             updated,
             pictures,
@@ -267,6 +271,11 @@ def _last(records: list[dict], key: str):
 def _number(v) -> float | int | None:
     """``v`` if it is a number (not a bool), else None."""
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _text(v) -> str | None:
+    """``v`` if it is a string, else None."""
+    return v if isinstance(v, str) else None
 
 
 def _count(v) -> int | None:

@@ -410,6 +410,14 @@ def _workers(run: RunView) -> str:
     return escape(str(run.workers)) + (f" <small>({escape(changes)})</small>" if changes else "")
 
 
+def _test(run: RunView) -> str:
+    """The test split's accuracy, scored once at the end, with its test-time augmentation."""
+    if run.test_acc is None:
+        return "–"
+    views = f" <small>({escape(run.tta)})</small>" if run.tta and run.tta != "none" else ""
+    return _pct(run.test_acc) + views
+
+
 def cards(run: RunView, active: bool) -> str:
     items = [
         (_steps(run.step, run.total_steps), "step"),
@@ -419,6 +427,7 @@ def cards(run: RunView, active: bool) -> str:
         (duration(run.eta_s()) if active else "–", "ETA"),
         (_pct(run.train_acc), "train accuracy"),
         (_pct(run.val_acc), "val accuracy"),
+        (_test(run), "test accuracy"),
     ]
     return (
         '<div class="cards">'

@@ -501,7 +501,8 @@ def _summary(
     if epochs_done and train_acc is None:  # resumed after the last epoch's evaluation
         train_acc, val_acc = epochs_done[-1]["train_acc"], epochs_done[-1]["val_acc"]
     try:
-        plots = [str(p) for p in write_plots(run, metrics, final["W1"])]
+        test = None if done.test_acc is None else (done.test_acc, config.tta)
+        plots = [str(p) for p in write_plots(run, metrics, final["W1"], test)]
     except Exception as exc:  # noqa: BLE001 - a plot must not lose a finished run
         plots = []
         emit({"event": "warning", "message": f"plots not written: {exc}"})

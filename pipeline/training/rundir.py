@@ -220,10 +220,13 @@ def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
 # ---- plots ---------------------------------------------------------------------------------------
 
 
-def write_plots(run: RunDir, metrics: list[dict], W1: np.ndarray) -> list[Path]:
+def write_plots(
+    run: RunDir, metrics: list[dict], W1: np.ndarray, test: tuple[float, str] | None = None
+) -> list[Path]:
     """curves.png and filters.png of ``run`` from its ``metrics`` lines and first-layer weights
     ``W1`` (F, C, HH, WW); no filters.png when the first layer with weights is not a
-    convolution of RGB images (W1 not (F, 3, HH, WW)).
+    convolution of RGB images (W1 not (F, 3, HH, WW)). ``test``: the test split's accuracy and
+    the test-time augmentation it was scored with, marked at the end of the curves.
 
     curves.png: the training loss per step and the accuracy scored every ``--eval-every`` steps
     (val and train samples) and after each epoch (the whole val split), against fractional
@@ -233,7 +236,7 @@ def write_plots(run: RunDir, metrics: list[dict], W1: np.ndarray) -> list[Path]:
     """
     settings = _settings(run)
     curves = Curves.from_metrics(metrics, run_steps_per_epoch(metrics, settings))
-    paths = [_plot_curves(run, curves)]
+    paths = [_plot_curves(run, curves, test)]
     if np.ndim(W1) == 4 and np.shape(W1)[1] == 3:
         paths.append(_plot_filters(run, W1, curves.last_step))
     return paths
@@ -246,9 +249,10 @@ def _settings(run: RunDir) -> dict | None:
         return None
 
 
-def _plot_curves(run: RunDir, curves) -> Path:
+def _plot_curves(run: RunDir, curves, test) -> Path:
     path = run.path / "curves.png"
-    curves_figure(f"Run {run.path.name}: {curves.last_step} steps", curves).savefig(path, dpi=100)
+    title = f"Run {run.path.name}: {curves.last_step} steps"
+    curves_figure(title, curves, test).savefig(path, dpi=100)
     return path
 
 

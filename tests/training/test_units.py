@@ -13,7 +13,7 @@ from pipeline.cnn import ModelSpec
 from pipeline.errors import TrainingError
 from pipeline.optim import adam_inplace
 from pipeline.procs import pid_namespace
-from pipeline.training import shm
+from pipeline.training import rundir, shm
 from pipeline.training.config import TrainConfig, parse_value
 from pipeline.training.plan import CHUNK, Layout, StepPlan, covers, frontier, split
 from pipeline.training.reduce import combine_moments, pairwise, tree_update
@@ -425,7 +425,9 @@ def _png_size(path) -> tuple[int, int]:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filters(tmp_path):
+def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filters(
+    tmp_path, monkeypatch
+):
     """A run of 6 steps, 4 per epoch (from config.json), scored every 2 steps and at the epoch's
     end: curves.png's x axis is step / 4 from 0, the accuracy lines hold every point, axes are
     labelled, there is a legend; filters.png is upscaled to >= 480 px and titled with the run and
@@ -477,6 +479,21 @@ def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filt
         "val, whole split (end of each epoch and of the run)",
     ]
     assert loss_ax.get_legend() is not None
+    # the test split's accuracy at the end of the run, named with its test-time augmentation
+    acc_ax = curves_figure("Run run-a", curves, test=(0.9067, "flip-translate")).axes[1]
+    star = acc_ax.get_lines()[-1]
+    assert (list(star.get_xdata()), list(star.get_ydata())) == ([1.5], [0.9067])
+    assert acc_ax.get_legend().get_texts()[-1].get_text() == (
+        "test split, end of the run (test-time augmentation flip-translate): 90.67%"
+    )
+    plain = curves_figure("Run run-a", curves, test=(0.5, "none")).axes[1]
+    assert plain.get_legend().get_texts()[-1].get_text() == (
+        "test split, end of the run (no test-time augmentation): 50.00%"
+    )
+    drawn = []  # write_plots hands the test split's score to the figure
+    monkeypatch.setattr(rundir, "curves_figure", lambda *a: drawn.append(a[2]) or curves_figure(*a))
+    assert write_plots(run, metrics, W1, test=(0.5, "none"))[0] == curves_png
+    assert drawn == [(0.5, "none")]
     title = filters_figure("First-layer filters of run run-a, step 6", W1).axes[0].get_title()
     assert "run run-a, step 6" in title and "32 filters, 3x7x7" in title
 

@@ -32,9 +32,10 @@ def write_run(
     evals=(),
     done: bool = False,
     name_settings: dict | None = None,
+    summary: dict | None = None,
 ) -> Path:
     """A run directory as the coordinator writes it: config.json, ``steps`` step lines, eval lines
-    at ``evals``, summary.json when ``done``."""
+    at ``evals``, summary.json when ``done`` (with ``summary``'s keys as well)."""
     path.mkdir(parents=True, exist_ok=True)
     settings = {
         "data": str(path / "no-store"),
@@ -76,7 +77,8 @@ def write_run(
             )
     (path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
     if done:
-        (path / "summary.json").write_text(json.dumps({"steps": steps, "images_per_s": 120.0}))
+        summary = {"steps": steps, "images_per_s": 120.0, **(summary or {})}
+        (path / "summary.json").write_text(json.dumps(summary))
     return path
 
 
@@ -350,10 +352,18 @@ def test_job_page_curves_settings_breakdown_links_and_json_twin(root, page):
 
 def test_run_pages_only_for_runs_it_lists_and_their_pictures(root, page, tmp_path):
     client, url = page
-    run = write_run(root / "runs" / "plain", 4, total=4, done=True)
+    run = write_run(
+        root / "runs" / "plain",
+        4,
+        total=4,
+        done=True,
+        summary={"test_acc": 0.9067, "tta": "flip-translate"},
+    )
     (run / "filters.png").write_bytes(b"\x89PNG\r\n\x1a\nfake")
     status, _, html = get(f"{url}/run?dir={quote(str(run), safe='')}")
     assert status == 200 and 'data-points="4"' in html and "run/filters.png?dir=" in html
+    # the test split's accuracy, scored once at the end, with its test-time augmentation
+    assert "90.7% (flip-translate) test accuracy" in text(html)
     status, ctype, _ = get(f"{url}/run/filters.png?dir={quote(str(run), safe='')}")
     assert status == 200 and ctype == "image/png"
     secret = write_run(tmp_path / "elsewhere" / "run", 2)

@@ -1,5 +1,5 @@
-"""The page shows the workers a run's last step was planned over, and a finished run's joins,
-retirements and deaths (workers come and go while a job runs)."""
+"""The page's cards: the workers a run's last step was planned over, a finished run's joins,
+retirements and deaths (workers come and go while a job runs), and its test accuracy."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pipeline.dashboard.render import cards
 
 def _run(tmp_path, widths: list, summary: dict | None = None):
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"batch_size": 64, "epochs": 1}))
     lines = [
         {
@@ -52,3 +52,21 @@ def test_a_run_without_worker_counts_shows_a_dash_and_bad_values_are_not_shown(t
     view = _run(tmp_path, [None, "<b>x</b>"], {"worker_changes": {"joined": "<script>"}})
     assert view.workers is None and view.worker_changes == {}
     assert _card(cards(view, active=False), "workers") == "–"
+
+
+def test_a_finished_run_shows_its_test_accuracy_with_its_test_time_augmentation(tmp_path):
+    views = {
+        "tta": _run(tmp_path / "a", [2], {"test_acc": 0.9067, "tta": "flip-translate"}),
+        "plain": _run(tmp_path / "b", [2], {"test_acc": 0.5, "tta": "none"}),
+        "running": _run(tmp_path / "c", [2, 2]),
+        "not a number": _run(tmp_path / "d", [2], {"test_acc": "90%", "tta": "flip"}),
+        "markup": _run(tmp_path / "e", [2], {"test_acc": 0.25, "tta": "<b>x</b>"}),
+    }
+    shown = {k: _card(cards(v, active=False), "test accuracy") for k, v in views.items()}
+    assert shown == {
+        "tta": "90.7% <small>(flip-translate)</small>",
+        "plain": "50.0%",
+        "running": "–",
+        "not a number": "–",
+        "markup": "25.0% <small>(&lt;b&gt;x&lt;/b&gt;)</small>",
+    }
