@@ -52,6 +52,28 @@ def test_same_spec_same_trials_and_the_seed_changes_them(tmp_path):
     assert all(type(t["lr"]) is float and type(t["weight_scale"]) is float for t in a)
 
 
+def test_a_sweep_searches_networks_optimizers_schedules_and_augmentation(tmp_path):
+    """Any key a train job computes with is searchable: the model's text, the optimizer, the
+    schedule, the flips; each trial's TrainConfig is the base with its values."""
+    small = "conv 8 3, relu, pool 2, affine"
+    bn_gap = "conv 8 3, bn, gelu, gap, affine"
+    text = (
+        BASE + '[search]\nmethod = "grid"\n'
+        f'model = ["{small}", "{bn_gap}"]\noptimizer = ["adam", "sgd"]\n'
+        'schedule = ["constant", "cosine"]\nflip = ["none", "alternate"]\n'
+    )
+    plan = Sweep.plan(load_spec(write(tmp_path, text)).options)
+    trials = plan.search.settings()
+    assert len(trials) == 16 and trials[0] == {
+        "model": small, "optimizer": "adam", "schedule": "constant", "flip": "none"
+    }  # fmt: skip
+    config = plan.trial_config(trials[-1], str(tmp_path / "t15"), 9)
+    assert (config.model, config.optimizer, config.schedule, config.flip) == (
+        bn_gap, "sgd", "cosine", "alternate"
+    )  # fmt: skip
+    assert (config.batch_size, config.steps) == (64, 9)  # the base's and the rung's
+
+
 @pytest.mark.parametrize(
     "search, words",
     [
@@ -70,6 +92,13 @@ def test_same_spec_same_trials_and_the_seed_changes_them(tmp_path):
         ),
         ("filter-size = { int-uniform = [3, 4] }", "filter_size must be odd"),
         ('norm = ["none", "layernorm"]', "unknown norm 'layernorm'"),
+        (
+            'model = ["conv 8 3, relu, affine", "conv 8 3, frobnicate, affine"]',
+            "model: value 'conv 8 3, frobnicate, affine' would be refused by a train job: "
+            "model layer 2 'frobnicate': unknown layer 'frobnicate'",
+        ),
+        ('model = ["conv 8 3, pool 64, affine"]', "a 64x64 pool leaves no pixels"),
+        ('flip = ["none", "sideways"]', "unknown flip 'sideways': expected one of none, random"),
         ("lr = [-1.0]", "lr must be > 0"),
         ("leraning-rate = [1e-3]", "[search]: unknown key 'leraning-rate' (neither"),
         ('data = ["a.zarr"]', "data: says where or how a trial runs"),

@@ -261,6 +261,30 @@ def test_a_dirac_conv_passes_its_first_channels_through():
     assert narrow.params["W1"][:, :, 1, 1].tolist() == [[1, 0, 0], [0, 1, 0]]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_bn_with_frozen_scale_is_batch_norm_with_gamma_pinned_at_one(dtype):
+    """airbench's BN (scale=false): no gamma parameter, the same scores, gradients and running
+    statistics as a BN whose gamma is one (its gradient aside), in train and test mode."""
+    frozen = ConvNet(
+        "conv 4 3, bn scale=false momentum=0.6, gelu, gap, affine", (3, 6, 6), 3, dtype=dtype
+    )
+    free = ConvNet("conv 4 3, bn momentum=0.6, gelu, gap, affine", (3, 6, 6), 3, dtype=dtype)
+    assert set(free.params) - set(frozen.params) == {"gamma1"}
+    for k in frozen.params:
+        free.params[k] = frozen.params[k].copy()
+    free.params["gamma1"] = np.ones(4, dtype=dtype)
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((5, 3, 6, 6)).astype(dtype)
+    y = rng.integers(0, 3, 5)
+    (loss_a, grads_a), (loss_b, grads_b) = frozen.loss(X, y), free.loss(X, y)
+    assert loss_a == loss_b and set(grads_b) - set(grads_a) == {"gamma1"}
+    for k in grads_a:
+        assert grads_a[k].dtype == dtype and np.array_equal(grads_a[k], grads_b[k]), k
+    for k in ("running_mean", "running_var"):
+        assert np.array_equal(frozen.bn_param[k], free.bn_param[k]), k
+    assert np.array_equal(frozen.loss(X), free.loss(X))  # test mode: the running statistics
+
+
 def test_a_network_without_parameters_still_has_a_loss():
     net = ConvNet("gap", input_dim=(5, 4, 4), num_classes=5, seed=0)
     X = np.random.default_rng(0).standard_normal((3, 5, 4, 4)).astype(np.float32)

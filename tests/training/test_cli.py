@@ -207,21 +207,27 @@ def test_the_progress_bars_images_per_second_is_wall_clock_over_recent_steps():
 
 
 @pytest.mark.parametrize(
-    "model, words",
+    "args, words",
     [
-        ("", "--model: empty network spec (leave it out for the three-layer net"),
-        ("  ", "--model: empty network spec (leave it out for the three-layer net"),
+        (["--model", ""], "--model: empty network spec (leave it out for the three-layer net"),
+        (["--model", "  "], "--model: empty network spec (leave it out for the three-layer net"),
         (
-            "conv 16 3, relu, affine 7",
+            ["--model", "conv 16 3, relu, affine 7"],
             "--model: the network ends with (7,), expected one score per class (10,): end it "
             "with 'affine' (no units: one per class) or 'affine 10'",
         ),
+        # a run with no steps, and schedules that leave none to come down on
+        (["--schedule", "cosine", "--steps", "0"], "steps must be >= 1, got 0"),
+        (["--epochs", "0"], "epochs must be >= 1, got 0"),
+        (["--schedule", "triangular", "--warmup", "1.5"], "warmup must be in [0, 1], got 1.5"),
+        (
+            ["--schedule", "triangular", "--warmup", "1"],
+            "warmup must be < 1 (a fraction of the run), got 1.0",
+        ),
     ],
 )
-def test_a_model_that_is_no_network_is_one_line(store, tmp_path, capsys, model, words):
-    code, err = _error(
-        capsys, ["train", "--data", store, "--out", tmp_path / "run", "--model", model]
-    )
+def test_a_model_or_schedule_that_cannot_run_is_one_line(store, tmp_path, capsys, args, words):
+    code, err = _error(capsys, ["train", "--data", store, "--out", tmp_path / "run", *args])
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"convpipe: error: {words}"), err
     assert not (tmp_path / "run").exists()
 

@@ -27,15 +27,36 @@ def store(tmp_path_factory):
     )
 
 
-@pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_a_worker_process_killed_mid_epoch_loses_no_shard(store, tmp_path, transport):
+#: a spec network with what its recipe adds to the three-layer net's: flips and shifts drawn on
+#: the workers, batch norm, Nesterov SGD on a schedule, lookahead
+RECIPE = dict(
+    model="conv 4 3, bn momentum=0.6 scale=false, gelu, pool 2, conv 6 3, relu, gap, affine",
+    flip="alternate",
+    translate=2,
+    optimizer="sgd",
+    lr=0.05,
+    schedule="triangular",
+    warmup=0.25,
+    lookahead=3,
+    norm_lr_factor=4.0,
+)
+
+
+@pytest.mark.parametrize(
+    "transport, recipe",
+    [("shm", False), ("tcp", False), ("shm", True), ("tcp", True)],
+    ids=["shm", "tcp", "shm-recipe", "tcp-recipe"],
+)
+def test_a_worker_process_killed_mid_epoch_loses_no_shard(store, tmp_path, transport, recipe):
     # a process-based LocalCluster (worker processes under nannies), one worker SIGKILLed
     # while the step's part tasks run: with shared memory the scheduler reruns its part (which
     # finds its inputs intact), over tcp the slices' state it held is gone and the run replays
     # from its last checkpoint; either way the run ends with the same bits as an undisturbed one
+    # (with a recipe's network: its augmentation draws, BN statistics and lookahead too)
     settings = dict(
         steps=14, batch_size=128, shard_size=32, num_filters=8, hidden_dim=32, transport=transport
     )
+    settings.update(RECIPE if recipe else {})
     with worker_cluster(workers=2) as client:
         train(tiny_config(store, tmp_path / "calm", **settings), client=client)
         before = client.run(os.getpid)
@@ -113,13 +134,18 @@ TINY = dict(
 )
 
 
-def test_the_coordinator_killed_resumes_from_its_checkpoint_bit_identically(store, tmp_path):
+@pytest.mark.parametrize("recipe", [False, True], ids=["three-layer", "recipe"])
+def test_the_coordinator_killed_resumes_from_its_checkpoint_bit_identically(
+    store, tmp_path, recipe
+):
     # a cluster of worker processes outlives its coordinator: `convpipe train --scheduler`
     # is SIGKILLed after its first checkpoint, `convpipe train --resume` finishes the run
-    options = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    # (the three-layer net, or a spec network with its recipe's augmentation and lookahead)
+    settings = {**TINY, **(RECIPE if recipe else {})}
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     with _shared_cluster(tmp_path / "cluster") as client:
         address = client.scheduler.address
-        train(tiny_config(store, tmp_path / "full", **TINY), client=client)  # the reference
+        train(tiny_config(store, tmp_path / "full", **settings), client=client)  # the reference
 
         run = tmp_path / "cut"
         proc = subprocess.Popen(

@@ -1,6 +1,7 @@
-"""A network from a spec (``model``) trained data-parallel: the same bits on 1 and 3 workers and
-both transports, every bn layer's statistics synchronized like one process, evaluation and
-load_model, and settings refused in one line before anything runs."""
+"""A network from a spec (``model``) trained data-parallel: the same bits on 1, 3 and 4 workers
+and both transports, every bn layer's statistics synchronized like one process, evaluation (with
+test-time augmentation, from the API and the command line) and load_model, and settings refused
+in one line before anything runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 from distributed import Client
 
+from pipeline.augment import tta_scores
+from pipeline.cli import main
 from pipeline.cnn import ModelSpec
 from pipeline.convnet import ConvNet
 from pipeline.data import open_store
@@ -43,13 +46,14 @@ def store(tmp_path_factory):
     )
 
 
-def test_a_spec_model_trains_to_the_same_bits_on_1_and_3_workers_and_both_transports(
+def test_a_spec_model_trains_to_the_same_bits_on_1_3_and_4_workers_and_both_transports(
     store, tmp_path
 ):
     # with flips and shifts drawn on the workers, in an epoch and the next (4 steps an epoch),
-    # Nesterov SGD on a triangular schedule with decoupled decay and the norms at 8x the rate
+    # Nesterov SGD on a triangular schedule with decoupled decay and the norms at 8x the rate;
+    # 6 shards a step: all on one worker, 2 on each of 3, or 2, 2, 1, 1 on 4
     results = {}
-    for n in (1, 3):
+    for n in (1, 3, 4):
         cluster = local_cluster(n, dashboard_address=None, silence_logs=logging.WARNING)
         client = Client(cluster)
         try:
@@ -107,7 +111,7 @@ def test_bn_layers_are_synchronized_like_one_process_float64(store, tmp_path, tr
     np.testing.assert_allclose(got["bn_running_var"], model.bn_param["running_var"], rtol=1e-9)
 
 
-def test_evaluate_and_load_model_give_the_spec_network(store, tmp_path, training_client):
+def test_evaluate_and_load_model_give_the_spec_network(store, tmp_path, training_client, capsys):
     run = tmp_path / "run"
     summary = train(
         tiny_config(store, run, model=SPEC, epochs=8, tta="flip"), client=training_client
@@ -125,6 +129,16 @@ def test_evaluate_and_load_model_give_the_spec_network(store, tmp_path, training
     both = 0.5 * model.loss(X).astype(np.float64) + 0.5 * model.loss(X[..., ::-1].copy())
     assert flipped["correct"] == int((both.argmax(1) == y).sum())
     assert summary["test_acc"] == flipped["accuracy"] and summary["tta"] == "flip"
+    # flip and translate (airbench's views), and the same from the command line
+    views = evaluate(str(run), split="test", client=training_client, tta="flip-translate")
+    want = int((tta_scores(model.loss, X, "flip-translate").argmax(1) == y).sum())
+    assert (views["correct"], views["tta"]) == (want, "flip-translate")
+    address = training_client.scheduler.address
+    args = ["evaluate", str(run), "--split", "test", "--tta", "flip-translate"]
+    assert main([*args, "--scheduler", address]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"test accuracy {views['accuracy']:.4f} ({want}/40) with tta flip-translate in "
+    )
     with pytest.raises(TrainingError, match="unknown tta 'mirror': expected one of none, flip"):
         evaluate(str(run), tta="mirror", client=training_client)
 
