@@ -53,7 +53,21 @@ def _conv_cases(count, seed):
     return cases
 
 
-CONV_CASES = _conv_cases(40, 0)
+# The networks' shapes at the widths issue 22 names (3x3 'same' convs on 16 to 512 channels,
+# each on whichever path the dispatch picks: direct, im2col or Winograd), and airbench's 2x2
+# valid whitening conv on RGB images.
+RECIPE_CASES = [
+    (2, 16, 15, 15, 32, 3, 3, 1, 1),
+    (2, 32, 16, 16, 24, 3, 3, 1, 1),
+    (1, 48, 7, 7, 64, 3, 3, 1, 1),
+    (2, 128, 8, 8, 17, 3, 3, 1, 1),
+    (1, 256, 4, 4, 256, 3, 3, 1, 1),
+    (1, 512, 3, 3, 512, 3, 3, 1, 1),
+    (2, 3, 32, 32, 24, 2, 2, 1, 0),
+    (3, 3, 9, 7, 6, 2, 2, 1, 0),
+]
+
+CONV_CASES = _conv_cases(40, 0) + RECIPE_CASES
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -75,29 +89,6 @@ def test_conv_matches_naive(case, dtype):
     for name, g, gn in zip(("dx", "dw", "db"), grads, grads_n):
         assert g.dtype == dtype, name
         _close(g, gn, dtype, name)
-
-
-# The networks' shapes at the widths issue 22 names (3x3 'same' convs on 16 to 512 channels,
-# each on whichever path the dispatch picks: direct, im2col or Winograd), and airbench's 2x2
-# valid whitening conv on RGB images.
-RECIPE_CASES = [
-    (2, 16, 15, 15, 32, 3, 3, 1, 1),
-    (2, 32, 16, 16, 24, 3, 3, 1, 1),
-    (1, 48, 7, 7, 64, 3, 3, 1, 1),
-    (2, 128, 8, 8, 17, 3, 3, 1, 1),
-    (1, 256, 4, 4, 256, 3, 3, 1, 1),
-    (1, 512, 3, 3, 512, 3, 3, 1, 1),
-    (2, 3, 32, 32, 24, 2, 2, 1, 0),
-    (3, 3, 9, 7, 6, 2, 2, 1, 0),
-]
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize(
-    "case", RECIPE_CASES, ids=lambda c: "N{}C{}H{}W{}F{}k{}x{}s{}p{}".format(*c)
-)
-def test_conv_matches_naive_at_the_recipes_widths(case, dtype):
-    test_conv_matches_naive(case, dtype)
 
 
 # The direct kernels (fl.direct_images_per_row). 7-wide filters at stride 1: F and C*HH
