@@ -7,16 +7,18 @@ convpipe: the whole pipeline, ``convpipe train`` with the job's settings on the 
 groups, L2, label smoothing), the same images and batch order (the store's train split,
 pipeline.training.shards.Schedule) and the same augmentation draws (pipeline.augment), in one
 process of ``--threads`` threads. Both score the val split (and 1,000 train images) after each
-epoch, inside the timed loop, and the test split once at the end with the job's test-time
-augmentation. Prints, per seed, each epoch's val accuracy against wall clock for both, then the
-test accuracies and the training times, and their means over the seeds.
+epoch, inside the timed loop; the whole test split after each epoch with their clocks stopped
+(``test_each_epoch``), and once more at the end with the job's test-time augmentation. Prints,
+per seed, each epoch's val and test accuracy against wall clock for both, then the test
+accuracies with test-time augmentation and the training times, and their means over the seeds;
+``--plot`` draws each epoch's test accuracy against wall clock (both sides, every seed).
 
     python benchmarks/bench_recipe.py [--job jobs/train-airbench-small.toml] [--epochs 8]
         [--seeds 0 1 2] [--store data/cifar10.zarr] [--workers 2] [--threads 2]
-        [--set key=value ...] [--no-torch | --no-convpipe] [--json OUT]
+        [--set key=value ...] [--no-torch | --no-convpipe] [--json OUT] [--plot PNG]
 
 Times: convpipe's is the training loop of ``convpipe train`` (its summary's ``seconds``: every
-step, checkpoint and per-epoch scoring; not the cluster's start nor the final test scoring);
+step, checkpoint and per-epoch val scoring; not the cluster's start nor the test scoring);
 PyTorch's the same loop. PyTorch is only used here (``pip install torch==2.13.0``).
 """
 
@@ -49,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--no-torch", action="store_true", help="convpipe alone")
     p.add_argument("--no-convpipe", action="store_true", help="PyTorch alone")
     p.add_argument("--json", help="write the results there")
+    p.add_argument("--plot", help="draw each epoch's test accuracy against wall clock there (PNG)")
     p.add_argument("--part", choices=("torch",), help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -59,7 +62,7 @@ def job_config(args, seed):
     from pipeline.training import TrainConfig
 
     options = dict(load_spec(args.job, args.set).options)
-    options.update(data=args.store, seed=seed, out=None)
+    options.update(data=args.store, seed=seed, out=None, test_each_epoch=True)
     if args.epochs:
         options["epochs"] = args.epochs
     if args.train_limit:
@@ -102,7 +105,7 @@ def run_convpipe(config, workers: int) -> dict:
     ]
     return {
         "epochs": [
-            {"epoch": e["epoch"], "seconds": e["seconds"], "val_acc": e["val_acc"]} for e in epochs
+            {k: e[k] for k in ("epoch", "seconds", "val_acc", "test_acc") if k in e} for e in epochs
         ],
         "seconds": summary["seconds"],  # the training loop, per-epoch scoring included
         "test_acc": summary["test_acc"],
@@ -218,6 +221,10 @@ def run_torch_part(config_json: str, threads: int) -> dict:
                     "val_acc": accuracy(Xv, yv),
                 }
             )
+            if config.test_each_epoch:  # off the clock, as convpipe's
+                paused = time.perf_counter()
+                epochs[-1]["test_acc"] = accuracy(Xt, yt)
+                t0 += time.perf_counter() - paused
     seconds = time.perf_counter() - t0
     return {
         "epochs": epochs,
@@ -265,13 +272,16 @@ def main():
         theirs = None if args.no_torch else run_torch(config, args.threads)
         results.append({"seed": seed, "convpipe": ours, "torch": theirs})
         sides = [(name, r) for name, r in (("convpipe", ours), ("torch", theirs)) if r]
-        print("  epoch" + "".join(f" {name + ' s':>11} {'val':>7}" for name, _ in sides))
+        nan = float("nan")
+        print(
+            "  epoch" + "".join(f" {name + ' s':>11} {'val':>7} {'test':>7}" for name, _ in sides)
+        )
         for i in range(len(sides[0][1]["epochs"])):
             print(
                 f"  {i + 1:>5}"
                 + "".join(
-                    f" {r['epochs'][i]['seconds']:>11.1f} {r['epochs'][i]['val_acc']:>7.4f}"
-                    for _, r in sides
+                    f" {e['seconds']:>11.1f} {e['val_acc']:>7.4f} {e.get('test_acc', nan):>7.4f}"
+                    for e in (r["epochs"][i] for _, r in sides)
                 )
             )
         line = f"  test ({config.tta}): " + ", ".join(
@@ -293,6 +303,56 @@ def main():
         Path(args.json).write_text(
             json.dumps({"machine": machine_text(), "job": args.job, "results": results}, indent=1)
         )
+    if args.plot:
+        plot(
+            results,
+            args.plot,
+            f"{Path(args.job).name}: test accuracy against wall clock\n"
+            + machine_text().split(";")[0],
+            tta=config.tta,
+        )
+        print(f"plot: {args.plot}")
+
+
+def plot(results: list[dict], path: str, title: str, tta: str) -> None:
+    """Each epoch's test accuracy (whole split, no test-time augmentation) against training
+    wall clock in minutes, a line per side and seed; a star at the end for the test accuracy
+    with ``tta``."""
+    from pipeline.figures import _figure
+
+    fig = _figure(9, 5.5)
+    ax = fig.subplots()
+    colors = {"convpipe": "tab:blue", "torch": "tab:orange"}
+    names = {
+        "convpipe": "convpipe (2 workers x 1 thread)",
+        "torch": "PyTorch (1 process x 2 threads)",
+    }
+    for r in results:
+        for side, color in colors.items():
+            run = r.get(side)
+            if not run or not all("test_acc" in e for e in run["epochs"]):
+                continue
+            x = [0.0] + [e["seconds"] / 60 for e in run["epochs"]]
+            y = [0.1] + [e["test_acc"] for e in run["epochs"]]  # chance before the first step
+            ax.plot(x, y, "-o", ms=4, color=color, label=f"{names[side]}, seed {r['seed']}")
+            ax.plot(
+                [run["seconds"] / 60],
+                [run["test_acc"]],
+                "*",
+                ms=13,
+                color=color,
+                label=f"  with test-time augmentation {tta}: {100 * run['test_acc']:.2f}%",
+            )
+    ax.axhline(0.9, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("training wall clock (minutes; scoring of the test split not counted)")
+    ax.set_ylabel("test accuracy (10,000 images)")
+    ax.set_title(title, fontsize=11)
+    scored = [line.get_ydata()[1:] for line in ax.lines if len(line.get_ydata()) > 1]
+    ax.set_ylim(min([0.4, *(min(y) - 0.05 for y in scored)]), 1.0)
+    ax.set_xlim(0, None)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=9)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

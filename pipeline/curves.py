@@ -8,7 +8,7 @@ The lines (see :mod:`pipeline.training.coordinator`)::
 
     {"kind": "step",  "step": s, "epoch": e, "loss": ..., "images_per_s": ..., "read_s": ...}
     {"kind": "eval",  "step": s, "epoch": s / steps_per_epoch, "train_acc": ..., "val_acc": ...}
-    {"kind": "epoch", "step": s, "epoch": e, "train_acc": ..., "val_acc": ...}
+    {"kind": "epoch", "step": s, "epoch": e, "train_acc": ..., "val_acc": ...[, "test_acc": ...]}
 
 ``step`` counts steps done (1 after the first); a step line's ``epoch`` is the 1-based epoch it
 belongs to. On the curves, step ``s`` sits at the fractional epoch ``s / steps_per_epoch``.
@@ -45,6 +45,8 @@ class Curves:
     loss: tuple[Point, ...]
     val_acc: tuple[Point, ...]
     train_acc: tuple[Point, ...]
+    #: the whole test split at epoch ends (a run with ``test_each_epoch``), else empty
+    test_acc: tuple[Point, ...] = ()
 
     @property
     def x_label(self) -> str:
@@ -79,13 +81,13 @@ class Curves:
                     int(m["step"]),
                     x(int(m["step"])),
                     float(m[key]),
-                    whole=m["kind"] == "epoch" and key == "val_acc",
+                    whole=m["kind"] == "epoch" and key in ("val_acc", "test_acc"),
                 )
                 for m in scored
                 if _finite(m.get(key)) and "step" in m
             )
 
-        return cls(spe, loss, accuracy("val_acc"), accuracy("train_acc"))
+        return cls(spe, loss, accuracy("val_acc"), accuracy("train_acc"), accuracy("test_acc"))
 
 
 def _finite(v) -> bool:

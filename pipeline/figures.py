@@ -55,6 +55,7 @@ def curves_figure(title: str, curves, test: tuple[float, str] | None = None):
     for points, label, color in (
         (curves.val_acc, "val accuracy", "tab:orange"),
         (curves.train_acc, "train accuracy (sample)", "tab:green"),
+        (curves.test_acc, "test accuracy, whole split (end of each epoch)", "tab:red"),
     ):
         if points:
             ax2.plot(
@@ -71,7 +72,10 @@ def curves_figure(title: str, curves, test: tuple[float, str] | None = None):
             mec="black",
             label="val, whole split (end of each epoch and of the run)",
         )
-    last = max([p.x for p in curves.loss + curves.val_acc + curves.train_acc], default=0.0)
+    last = max(
+        [p.x for p in curves.loss + curves.val_acc + curves.train_acc + curves.test_acc],
+        default=0.0,
+    )
     if test is not None:
         accuracy, tta = test
         views = "no test-time augmentation" if tta == "none" else f"test-time augmentation {tta}"
@@ -90,7 +94,7 @@ def curves_figure(title: str, curves, test: tuple[float, str] | None = None):
     ax2.set_title("Classification accuracy")
     ax2.set_ylim(0, 1)
     ax2.grid(alpha=0.3)
-    if curves.val_acc or curves.train_acc or test is not None:
+    if curves.val_acc or curves.train_acc or curves.test_acc or test is not None:
         ax2.legend(loc="lower right")
     ax2.set_xlim(
         0, last * 1.02 if last > 0 else 1

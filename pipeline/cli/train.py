@@ -13,6 +13,7 @@ import shlex
 import sys
 import time
 
+from pipeline.augment import TTAS
 from pipeline.cli.quiet import quiet
 from pipeline.curves import count_text
 from pipeline.errors import TrainingError
@@ -74,7 +75,7 @@ def register(subparsers) -> None:
     e.add_argument(
         "--tta",
         default="none",
-        choices=("none", "flip", "flip-translate"),
+        choices=TTAS,
         help="test-time augmentation: scores averaged over the image and its mirror (flip), "
         "and over one-pixel shifts of both (flip-translate) (default: none)",
     )

@@ -345,7 +345,9 @@ def charts(run: RunView) -> str:
                 slug="loss-mean",
             )
         )
-    x_max = max([p[0] for p in loss] + [p.x for p in c.val_acc + c.train_acc], default=0.0)
+    x_max = max(
+        [p[0] for p in loss] + [p.x for p in c.val_acc + c.train_acc + c.test_acc], default=0.0
+    )
     x_range = (0.0, x_max * 1.02 or 1.0)  # the steps so far: the curve fills the frame as it grows
     x_label = c.x_label + (" (step / steps per epoch)" if c.steps_per_epoch else "")
     acc = [
@@ -364,6 +366,16 @@ def charts(run: RunView) -> str:
             slug="train-acc",
         ),
     ]
+    if c.test_acc:  # a run with test_each_epoch
+        acc.append(
+            Series(
+                "test accuracy (whole split, each epoch)",
+                tuple((p.x, p.y) for p in c.test_acc),
+                "#cf222e",
+                markers=True,
+                slug="test-acc",
+            )
+        )
     return (
         '<div class="charts">'
         + line_chart(

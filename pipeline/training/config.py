@@ -39,6 +39,7 @@ RUNTIME_FIELDS = (
     "data",
     "stall_timeout",
     "tta",  # how the test split is scored at the end, not what is trained
+    "test_each_epoch",  # scored off the run's clock; what is trained stays the same
 )
 
 
@@ -161,6 +162,12 @@ class TrainConfig:
         "K",
     )
     eval_samples: int = _opt(250, "val and train images scored at each --eval-every point", "N")
+    test_each_epoch: bool = _opt(
+        False,
+        "also score the whole test split after each epoch (no test-time augmentation), off the "
+        "training clock: each epoch's test accuracy in metrics.jsonl and the curves",
+        "true|false",
+    )
     tta: str = _opt(
         "none",
         "test-time augmentation of the test split's score at the end: none, flip (the image and "

@@ -331,20 +331,24 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                     client, exchange, step + 1, bn, store, "train", train_idx, config
                 )
                 done.val_acc = _accuracy(client, exchange, step + 1, bn, store, "val", None, config)
-                log(
-                    {
-                        "kind": "epoch",
-                        "epoch": schedule.epoch_of(step) + 1,
-                        "step": step + 1,
-                        # False: the run ended before the epoch did (scored there all the same)
-                        "end_of_epoch": (step + 1) % schedule.steps_per_epoch == 0,
-                        "train_acc": done.train_acc,
-                        "val_acc": done.val_acc,
-                        "loss": loss,
-                        "seconds": state.seconds + time.perf_counter() - t_begin,
-                    }
-                )
+                record = {
+                    "kind": "epoch",
+                    "epoch": schedule.epoch_of(step) + 1,
+                    "step": step + 1,
+                    # False: the run ended before the epoch did (scored there all the same)
+                    "end_of_epoch": (step + 1) % schedule.steps_per_epoch == 0,
+                    "train_acc": done.train_acc,
+                    "val_acc": done.val_acc,
+                    "loss": loss,
+                    "seconds": state.seconds + time.perf_counter() - t_begin,
+                }
                 clock.lap("eval")
+                if config.test_each_epoch:  # measuring, not training: off the run's clock
+                    record["test_acc"] = _accuracy(
+                        client, exchange, step + 1, bn, store, "test", None, config
+                    )
+                    t_begin += clock.lap("test")
+                log(record)
 
             if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
                 checkpoint(step + 1)

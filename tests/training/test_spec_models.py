@@ -5,6 +5,7 @@ in one line before anything runs."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -15,11 +16,13 @@ from pipeline.augment import tta_scores
 from pipeline.cli import main
 from pipeline.cnn import ModelSpec
 from pipeline.convnet import ConvNet
+from pipeline.curves import Curves
 from pipeline.data import open_store
 from pipeline.errors import TrainingError
 from pipeline.optim import adam
 from pipeline.runs import load_model
 from pipeline.training import TrainConfig, evaluate, resume_config, train
+from pipeline.training.config import RUNTIME_FIELDS
 from pipeline.training.shards import Schedule
 from pipeline.training.update import UpdateRule
 from tests.helpers.cluster import local_cluster
@@ -314,3 +317,35 @@ def test_the_moving_average_is_the_same_on_both_transports_and_after_a_resume(
     assert (whole["val_acc"], whole["test_acc"]) == (resumed["val_acc"], resumed["test_acc"])
     model = load_model(tmp_path / "tcp")  # the averaged network
     assert np.array_equal(model.params["W1"], final_params(tmp_path / "shm")["W1"])
+
+
+def test_each_epochs_test_accuracy_is_scored_without_changing_the_training(
+    store, tmp_path, training_client
+):
+    """``test_each_epoch``: the whole test split after every epoch (no test-time augmentation),
+    in the epoch lines and the curves; the parameters are those of a run without it."""
+    settings = dict(model=SPEC, epochs=3)
+    plain, scored = tmp_path / "plain", tmp_path / "scored"
+    train(tiny_config(store, plain, **settings), client=training_client)
+    summary = train(
+        tiny_config(store, scored, test_each_epoch=True, **settings), client=training_client
+    )
+    assert_same_params(final_params(plain), final_params(scored))
+    lines = [json.loads(s) for s in (scored / "metrics.jsonl").read_text().splitlines()]
+    epochs = [m for m in lines if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in epochs] == [1, 2, 3]
+    # the last epoch's is the run's test accuracy (tta none: the same parameters, the same views)
+    assert epochs[-1]["test_acc"] == summary["test_acc"]
+    # the first epoch's is that of a run of one epoch (Adam's constant rate: the same steps)
+    one = train(tiny_config(store, tmp_path / "one", model=SPEC), client=training_client)
+    assert epochs[0]["test_acc"] == one["test_acc"]
+    assert all(0 <= m["test_acc"] <= 1 for m in epochs)
+    curves = Curves.from_metrics(lines)
+    assert [(p.x, p.y) for p in curves.test_acc] == [
+        (m["step"] / curves.steps_per_epoch, m["test_acc"]) for m in epochs
+    ]
+    plain_lines = [json.loads(s) for s in (plain / "metrics.jsonl").read_text().splitlines()]
+    assert not any("test_acc" in m for m in plain_lines)
+    assert Curves.from_metrics(plain_lines).test_acc == ()
+    # it changes no number of the run: a resume may turn it on
+    assert "test_each_epoch" in RUNTIME_FIELDS

@@ -494,6 +494,12 @@ def test_plots_against_fractional_epochs_with_eval_points_legend_and_titled_filt
     monkeypatch.setattr(rundir, "curves_figure", lambda *a: drawn.append(a[2]) or curves_figure(*a))
     assert write_plots(run, metrics, W1, test=(0.5, "none"))[0] == curves_png
     assert drawn == [(0.5, "none")]
+    # a run with test_each_epoch: the test split at each epoch's end, a line of its own
+    scored = [dict(m, test_acc=0.35) if m["kind"] == "epoch" else m for m in metrics]
+    acc_ax = curves_figure("Run run-a", Curves.from_metrics(scored, 4)).axes[1]
+    test = next(line for line in acc_ax.get_lines() if line.get_label().startswith("test acc"))
+    assert (list(test.get_xdata()), list(test.get_ydata())) == ([1.0], [0.35])
+    assert test.get_label() == "test accuracy, whole split (end of each epoch)"
     title = filters_figure("First-layer filters of run run-a, step 6", W1).axes[0].get_title()
     assert "run run-a, step 6" in title and "32 filters, 3x7x7" in title
 

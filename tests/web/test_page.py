@@ -317,6 +317,13 @@ def test_job_page_curves_settings_breakdown_links_and_json_twin(root, page):
             + "\n"
         )
     assert 'data-points="13"' in json.loads(get(f"{url}/job/train-a.json")[2])["html"]["charts"]
+    charts = json.loads(get(f"{url}/job/train-a.json")[2])["html"]["charts"]
+    assert "test accuracy" not in charts  # a run without test_each_epoch
+    with open(run / "metrics.jsonl", "a") as f:  # with it: the test split at an epoch's end
+        record = {"kind": "epoch", "epoch": 1, "step": 8, "train_acc": 0.5, "val_acc": 0.4}
+        f.write(json.dumps({**record, "test_acc": 0.45}) + "\n")
+    charts = json.loads(get(f"{url}/job/train-a.json")[2])["html"]["charts"]
+    assert 'data-series="test accuracy (whole split, each epoch)" data-points="1"' in charts
     files.write_status({**files.read_status(), "state": "done", "result": {"val_acc": 0.5}})
     assert (
         json.loads(get(f"{url}/job/train-a.json")[2])["final"] is True
