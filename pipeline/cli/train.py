@@ -291,6 +291,7 @@ class _Progress:
             self._write(
                 f"{where}: train acc {event['train_acc']:.4f}, val acc "
                 f"{'n/a' if event['val_acc'] is None else format(event['val_acc'], '.4f')}"
+                + ("" if event.get("test_acc") is None else f", test acc {event['test_acc']:.4f}")
             )
         elif kind == "resumed":
             self._write(

@@ -342,13 +342,19 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                     "loss": loss,
                     "seconds": state.seconds + time.perf_counter() - t_begin,
                 }
-                clock.lap("eval")
                 if config.test_each_epoch:  # measuring, not training: off the run's clock
-                    record["test_acc"] = _accuracy(
-                        client, exchange, step + 1, bn, store, "test", None, config
-                    )
-                    t_begin += clock.lap("test")
+                    clock.lap("eval")
+                    try:
+                        record["test_acc"] = _accuracy(
+                            client, exchange, step + 1, bn, store, "test", None, config
+                        )
+                    except KeyboardInterrupt:  # the epoch's line goes before its checkpoint
+                        log(record)
+                        raise
+                    finally:
+                        t_begin += clock.lap("test")
                 log(record)
+                clock.lap("eval")
 
             if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
                 checkpoint(step + 1)

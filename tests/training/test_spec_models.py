@@ -349,3 +349,41 @@ def test_each_epochs_test_accuracy_is_scored_without_changing_the_training(
     assert Curves.from_metrics(plain_lines).test_acc == ()
     # it changes no number of the run: a resume may turn it on
     assert "test_each_epoch" in RUNTIME_FIELDS
+
+
+def test_an_interrupt_while_an_epochs_test_split_is_scored_keeps_the_epoch_and_resumes(
+    store, tmp_path, training_client, monkeypatch
+):
+    """Ctrl-C during an epoch's test scoring: the epoch's line (without its test accuracy) is
+    written before the checkpoint that counts it, and --resume ends on the same bits, with every
+    epoch's line once."""
+    from pipeline.training import coordinator
+
+    settings = dict(model=SPEC, epochs=3, test_each_epoch=True)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    train(tiny_config(store, whole, **settings), client=training_client)
+    scoring, interrupted_at = coordinator._accuracy, []
+
+    def interrupted(client, exchange, step, bn, store, split, *args, **kwargs):
+        if split == "test" and not interrupted_at:
+            interrupted_at.append(step)
+            raise KeyboardInterrupt
+        return scoring(client, exchange, step, bn, store, split, *args, **kwargs)
+
+    monkeypatch.setattr(coordinator, "_accuracy", interrupted)
+    events = []
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(store, cut, **settings), client=training_client, progress=events.append)
+    monkeypatch.setattr(coordinator, "_accuracy", scoring)
+    assert [e["step"] for e in events if e["event"] == "checkpoint"][-1:] == interrupted_at
+
+    def epochs(run):
+        lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+        return [m for m in lines if m["kind"] == "epoch"]
+
+    assert [(m["epoch"], "test_acc" in m) for m in epochs(cut)] == [(1, False)]
+    train(resume_config(str(cut)), client=training_client)
+    assert_same_params(final_params(whole), final_params(cut))
+    want, got = epochs(whole), epochs(cut)
+    assert [m["epoch"] for m in got] == [1, 2, 3] and got[0]["val_acc"] == want[0]["val_acc"]
+    assert [m.get("test_acc") for m in got] == [None] + [m["test_acc"] for m in want[1:]]
