@@ -351,31 +351,14 @@ def charts(run: RunView) -> str:
     x_range = (0.0, x_max * 1.02 or 1.0)  # the steps so far: the curve fills the frame as it grows
     x_label = c.x_label + (" (step / steps per epoch)" if c.steps_per_epoch else "")
     acc = [
-        Series(
-            "val accuracy",
-            tuple((p.x, p.y) for p in c.val_acc),
-            "#bc4c00",
-            markers=True,
-            slug="val-acc",
-        ),
-        Series(
-            "train accuracy (sample)",
-            tuple((p.x, p.y) for p in c.train_acc),
-            "#1a7f37",
-            markers=True,
-            slug="train-acc",
-        ),
-    ]
-    if c.test_acc:  # a run with test_each_epoch
-        acc.append(
-            Series(
-                "test accuracy (whole split, each epoch)",
-                tuple((p.x, p.y) for p in c.test_acc),
-                "#cf222e",
-                markers=True,
-                slug="test-acc",
-            )
+        Series(name, tuple((p.x, p.y) for p in points), color, markers=True, slug=slug)
+        for name, points, color, slug in (
+            ("val accuracy", c.val_acc, "#bc4c00", "val-acc"),
+            ("train accuracy (sample)", c.train_acc, "#1a7f37", "train-acc"),
+            ("test accuracy (whole split)", c.test_acc, "#8250df", "test-acc"),
         )
+        if points or slug != "test-acc"  # the test line only for a run with test_each_epoch
+    ]
     return (
         '<div class="charts">'
         + line_chart(

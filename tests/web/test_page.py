@@ -323,7 +323,7 @@ def test_job_page_curves_settings_breakdown_links_and_json_twin(root, page):
         record = {"kind": "epoch", "epoch": 1, "step": 8, "train_acc": 0.5, "val_acc": 0.4}
         f.write(json.dumps({**record, "test_acc": 0.45}) + "\n")
     charts = json.loads(get(f"{url}/job/train-a.json")[2])["html"]["charts"]
-    assert 'data-series="test accuracy (whole split, each epoch)" data-points="1"' in charts
+    assert 'data-series="test accuracy (whole split)" data-points="1"' in charts
     files.write_status({**files.read_status(), "state": "done", "result": {"val_acc": 0.5}})
     assert (
         json.loads(get(f"{url}/job/train-a.json")[2])["final"] is True
