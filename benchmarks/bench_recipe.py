@@ -329,6 +329,7 @@ def plot(
     fig = _figure(9, 5.5)
     ax = fig.subplots()
     colors = {"convpipe": "tab:blue", "torch": "tab:orange"}
+    lowest = 0.4  # the y axis starts here, or below the lowest epoch scored
     names = {
         "convpipe": f"convpipe ({workers} workers x 1 thread)",
         "torch": f"PyTorch (1 process x {threads} threads)",
@@ -341,6 +342,7 @@ def plot(
             x = [0.0] + [e["seconds"] / 60 for e in run["epochs"]]
             y = [0.1] + [e["test_acc"] for e in run["epochs"]]  # chance before the first step
             ax.plot(x, y, "-o", ms=4, color=color, label=f"{names[side]}, seed {r['seed']}")
+            lowest = min(lowest, min(y[1:]) - 0.05)
             ax.plot(
                 [run["seconds"] / 60],
                 [run["test_acc"]],
@@ -353,8 +355,7 @@ def plot(
     ax.set_xlabel("training wall clock (minutes; scoring of the test split not counted)")
     ax.set_ylabel("test accuracy (10,000 images)")
     ax.set_title(title, fontsize=11)
-    scored = [line.get_ydata()[1:] for line in ax.lines if len(line.get_ydata()) > 1]
-    ax.set_ylim(min([0.4, *(min(y) - 0.05 for y in scored)]), 1.0)
+    ax.set_ylim(lowest, 1.0)
     ax.set_xlim(0, None)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
