@@ -9,6 +9,8 @@ waits would bury that line.
 from __future__ import annotations
 
 import logging
+import traceback
+from pathlib import Path
 
 QUIET = (
     "distributed",
@@ -17,6 +19,27 @@ QUIET = (
     "distributed.core",
     "distributed.batched",
 )
+
+
+class SyncCancelRace(logging.Filter):
+    """Drops tornado's record of one race in distributed's ``sync()`` (distributed 2026.8,
+    ``distributed/utils.py``). A Ctrl-C while the main thread waits in ``sync()`` queues a
+    ``cancel`` callback on the client's event loop; when the loop was busy (a worker joining,
+    say) and the call's coroutine had not yet started its awaitable, ``cancel`` reads the
+    not-yet-bound ``future`` and raises ``NameError``, which tornado logs with its traceback
+    under the command's one "interrupted" line. Nothing had started, so nothing was left to
+    cancel: the record says nothing to the user. Every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, NameError) or exc.__traceback__ is None:
+            return True
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        inside = Path(last.filename).parts[-2:] == ("distributed", "utils.py")
+        return not (inside and last.name == "cancel" and "'future'" in str(exc))
+
+
+SYNC_CANCEL_RACE = SyncCancelRace()
 
 
 def quiet(func):
@@ -28,6 +51,8 @@ def quiet(func):
         # asyncio reports the client's abandoned waits when they are collected, after the
         # command has returned: silenced for the rest of the (command's) process
         logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+        # a Ctrl-C's cancel callback may run after the command has returned: the same
+        logging.getLogger("tornado.application").addFilter(SYNC_CANCEL_RACE)
         names = {n for n in logging.root.manager.loggerDict if n.startswith("distributed.")} | set(
             QUIET
         )
