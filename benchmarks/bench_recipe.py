@@ -143,10 +143,10 @@ def run_torch_part(config_json: str, threads: int) -> dict:
     Xt, yt = store.read("test", None)
     spec = NetSpec.from_text(config.model)
     net, loss_fn, weights, norm_params = spec_net(torch, spec, seed=config.seed)
+    first = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
     if any(layer.init == "whiten" for layer in spec.body):  # the filters convpipe starts from
         ours = ConvNet(spec, seed=config.seed)
         ours.whiten(X[:5000])
-        first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
         with torch.no_grad():
             first.weight.copy_(torch.from_numpy(ours.params["W1"]))
     special = {id(p) for p in weights + norm_params}
@@ -188,9 +188,16 @@ def run_torch_part(config_json: str, threads: int) -> dict:
         net.train()
         return correct / len(labels)
 
+    bias_epochs = config.whiten_bias_epochs  # then the whitening bias stays, as convpipe's
+    freeze_at = None if bias_epochs is None else bias_epochs * schedule.steps_per_epoch
+
     epochs, t0 = [], time.perf_counter()
     net.train()
     for t in range(schedule.total_steps):
+        if t == freeze_at:  # no gradient (nor the backward below the next conv), step, decay
+            first.bias.requires_grad_(False)  # or averaging from here on
+            keep = [i for i, p in enumerate(trained) if p is not first.bias]
+            trained, slow = [trained[i] for i in keep], [slow[i] for i in keep] if slow else []
         lr = rule.lr_at(t)
         for g in opt.param_groups:
             g["lr"] = lr * g["factor"]

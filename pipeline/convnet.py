@@ -171,6 +171,10 @@ class ConvNet:
         self.frozen = {
             own["w"] for layer, own in zip(self.spec.body, self._names) if layer.init == "whiten"
         }
+        #: the whitening convs' biases, which train (airbench: for the first epochs only)
+        self.whiten_biases = tuple(
+            own["b"] for layer, own in zip(self.spec.body, self._names) if layer.init == "whiten"
+        )
         self.bn_param = {}
         if self.bn_channels:
             total = sum(self.bn_channels)
@@ -222,12 +226,15 @@ class ConvNet:
             start += channels
 
     # -- forward and backward ---------------------------------------------------------------------
-    def loss(self, X, y=None, *, into=None, scale=1.0, accumulate=False):
+    def loss(self, X, y=None, *, into=None, scale=1.0, accumulate=False, frozen=()):
         """Scores for X (N, C, H, W) when y is None; else (loss, grads) for labels y (N,).
 
         ``into``, ``scale`` and ``accumulate``: as :meth:`ThreeLayerConvNet.loss` (each gradient
         times ``scale`` written, or added, into into[k]; an affine layer followed by a relu writes
-        its weight gradient there from the pass that computes it).
+        its weight gradient there from the pass that computes it). ``frozen``: names of
+        parameters that do not train in this call, besides the network's own ``frozen``
+        weights: their gradients are zero, and the backward pass stops at the first layer
+        (from the input) with a parameter that trains.
         """
         X = np.asarray(X, dtype=self.dtype)
         train = y is not None
@@ -235,18 +242,19 @@ class ConvNet:
         if not train:
             return out
         data_loss, dout = softmax_loss(out, y, self.spec.smoothing)
-        grads, written, sumsq = self._backward(dout, caches, into, scale, accumulate)
+        frozen = self.frozen.union(frozen)
+        grads, written, sumsq = self._backward(dout, caches, into, scale, accumulate, frozen)
         reg_loss = 0.0
-        for name in self.frozen:
+        for name in frozen:
             grads[name][...] = 0
         if self.reg:
             total = 0.0
             for name in self.params:
-                if name.startswith("W") and name not in self.frozen:
+                if name.startswith("W") and name not in frozen:
                     total += sumsq[name] if name in sumsq else sum_of_squares(self.params[name])
             reg_loss = 0.5 * self.reg * total
             for name, g in grads.items():
-                if name.startswith("W") and name not in written and name not in self.frozen:
+                if name.startswith("W") and name not in written and name not in frozen:
                     add_l2(g, self.params[name], self.reg)
         if into is None:
             return data_loss + reg_loss, grads
@@ -324,14 +332,19 @@ class ConvNet:
             self.update_running_stats(mean, var)
         return x, caches
 
-    def _backward(self, dout, caches, into, scale, accumulate):
+    def _backward(self, dout, caches, into, scale, accumulate, frozen=frozenset()):
         """Gradients of every parameter from dout (N, classes), the caches inverted last to
-        first. Returns (grads, names written into ``into`` already, {name: sum(W**2)} that a
+        first, down to the first pass with a parameter not in ``frozen`` (those below it get
+        zeros). Returns (grads, names written into ``into`` already, {name: sum(W**2)} that a
         fused pass gave)."""
         grads, written, sumsq = {}, set(), {}
         d = dout
-        # below the first layer with parameters no gradient is needed (a scale of the input)
-        first = next((j for j, c in enumerate(caches) if c[2]), len(caches))
+        # below the first layer with parameters that train no gradient is needed (a scale of
+        # the input; a whitening conv once its bias is frozen too)
+        first = next(
+            (j for j, c in enumerate(caches) if any(n not in frozen for n in c[2].values())),
+            len(caches),
+        )
         for j in range(len(caches) - 1, first - 1, -1):
             op, cache, own, layer = caches[j]
             need_dx = j > first
@@ -384,8 +397,12 @@ class ConvNet:
                 d = fl.global_max_pool_backward_fast(d, cache)
             elif op == "scale":
                 d = (d * d.dtype.type(layer.factor)).astype(d.dtype, copy=False)
-        # in the params' order, as the caller's dicts are
-        return {k: grads[k] for k in self.params}, written, sumsq
+        # in the params' order, as the caller's dicts are; zeros below ``first``
+        return (
+            {k: grads[k] if k in grads else np.zeros_like(v) for k, v in self.params.items()},
+            written,
+            sumsq,
+        )
 
 
 def _pool(layer) -> dict:

@@ -126,6 +126,12 @@ class TrainConfig:
         "on the slow copy (--optimizer sgd; 0: none)",
         "K",
     )
+    whiten_bias_epochs: int | None = _opt(
+        None,
+        "the whitening conv's bias trains for the first N epochs, then stays as it is, its "
+        "backward pass no longer computed (airbench: 3; default: the whole run)",
+        "N",
+    )
     reg: float = _opt(
         1e-3, "L2 regularization strength (0.5 * reg * sum W**2, added once per step)", "REG"
     )
@@ -267,6 +273,17 @@ class TrainConfig:
             except NetSpecError as exc:
                 raise TrainingError(str(exc)) from None
             self.model = net.to_text()  # one spelling: config.json and --resume compare it
+        if self.whiten_bias_epochs is not None:
+            if self.whiten_bias_epochs < 0:
+                raise TrainingError(
+                    f"whiten_bias_epochs must be >= 0, got {self.whiten_bias_epochs}"
+                )
+            body = NetSpec.from_text(self.model).body if self.model is not None else ()
+            if not any(layer.init == "whiten" for layer in body):
+                raise TrainingError(
+                    "whiten_bias_epochs: the model has no whitening conv (a first conv with "
+                    "init=whiten)"
+                )
         if self.workers is not None and self.scheduler:
             raise TrainingError(
                 "workers and scheduler exclude each other: the scheduler's cluster has its own "

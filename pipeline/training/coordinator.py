@@ -145,6 +145,7 @@ def train(
             config.stall_timeout,
             Augment(config.flip, config.translate, config.seed),
             schedule.steps_per_epoch,
+            _freeze(config, model, schedule.steps_per_epoch),
         )
         exchange = open_exchange(
             client,
@@ -658,6 +659,14 @@ def resume_config(run_dir: str, **overrides) -> TrainConfig:
     if overrides.get("workers"):
         overrides.setdefault("scheduler", None)
     return saved.replace(**overrides, resume=str(run_dir))
+
+
+def _freeze(config: TrainConfig, model, steps_per_epoch: int) -> tuple[tuple[str, int], ...]:
+    """TaskSpec.freeze: the whitening convs' biases from the step that ends their epochs."""
+    if config.whiten_bias_epochs is None:
+        return ()
+    first = config.whiten_bias_epochs * steps_per_epoch
+    return tuple((name, first) for name in model.whiten_biases)
 
 
 def _fresh(model, layout: Layout, config: TrainConfig) -> State:

@@ -405,6 +405,7 @@ def shm_part(
         _, stats = compute_nodes(
             spec,
             spec.layout.views(shm.state[par][0]),
+            step,
             plan,
             part,
             data,
@@ -436,7 +437,7 @@ def shm_part(
             0,
             lo,
             hi,
-            spec.segments,
+            spec.segments_at(step),
             CHUNK,
             batch,
             step_scalars(spec, adam_t),

@@ -51,6 +51,7 @@ def tcp_part(
     nodes, stats = compute_nodes(
         spec,
         spec.layout.views(np.concatenate(weights)),
+        step,
         plan,
         part,
         data,
@@ -186,7 +187,7 @@ def tcp_update(
             lo,
             lo,
             hi,
-            spec.segments,
+            spec.segments_at(step),
             CHUNK,
             batch,
             step_scalars(spec, adam_t),

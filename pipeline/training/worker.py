@@ -52,6 +52,23 @@ class TaskSpec:
     timeout: float = 600.0  # longest wait for other tasks, seconds
     augment: Augment = Augment()  # of the training images, keyed by (seed, epoch, index)
     steps_per_epoch: int = 1
+    # (parameter name, step from which it no longer trains): a whitening conv's bias
+    freeze: tuple[tuple[str, int], ...] = ()
+
+    def frozen_at(self, step: int) -> frozenset[str]:
+        """The parameters ``freeze`` holds still at ``step`` (from 0): no gradient is computed
+        for them (:meth:`pipeline.convnet.ConvNet.loss`'s ``frozen``)."""
+        return frozenset(name for name, first in self.freeze if step >= first)
+
+    def segments_at(self, step: int) -> tuple[tuple[int, int, float, float], ...]:
+        """``segments`` at ``step``: a parameter ``freeze`` holds still gets lr factor 0, which
+        the update treats as frozen (no step, no decay, no averaging: it stays)."""
+        frozen = self.frozen_at(step)
+        if not frozen:
+            return self.segments
+        slices = self.layout.slices()
+        starts = {slices[name].start for name in frozen}
+        return tuple((a, b, reg, 0.0 if a in starts else f) for a, b, reg, f in self.segments)
 
 
 #: images per accuracy task (evaluation during training and ``convpipe evaluate``)
@@ -126,21 +143,24 @@ def read_shards(
 
 
 def compute_nodes(
-    spec: TaskSpec, views: dict, plan: StepPlan, part: int, data: list, alloc, free
+    spec: TaskSpec, views: dict, step: int, plan: StepPlan, part: int, data: list, alloc, free
 ) -> tuple[list, list]:
-    """The part's tree nodes: each shard's gradient sum computed alone, then summed along the
-    tree (:func:`pipeline.training.plan.frontier`). ``alloc(node)`` gives the array (P,) a node
-    is written to, ``free(array)`` takes back a temporary. Returns (nodes' arrays, shard stats)."""
+    """The part's tree nodes of ``step``: each shard's gradient sum computed alone, then summed
+    along the tree (:func:`pipeline.training.plan.frontier`). ``alloc(node)`` gives the array
+    (P,) a node is written to, ``free(array)`` takes back a temporary. Returns (nodes' arrays,
+    shard stats)."""
     first = plan.parts[part][0]
     dt = np.dtype(spec.model.dtype).type
     stats: list[dict] = [None] * len(data)
+    frozen = spec.frozen_at(step)
 
     def leaf(i, out, add):
         """Shard i's (mean-loss gradient) x n written to out, or added to it when ``add``."""
         X, y, read_s = data[i - first]
         t0, begin = time.perf_counter(), time.time()
         n = len(y)
-        loss, _ = model.loss(X, y, into=spec.layout.views(out), scale=dt(n), accumulate=add)
+        more = {"frozen": frozen} if frozen else {}  # only spec networks freeze (a ConvNet)
+        loss, _ = model.loss(X, y, into=spec.layout.views(out), scale=dt(n), accumulate=add, **more)
         bn = model.last_batch_stats if model.bn_param else None  # spatial BN's moments
         stats[i - first] = {
             "n": n,

@@ -248,6 +248,47 @@ def test_a_whitening_conv_is_set_from_the_images_and_never_trains():
     assert loss - plain == pytest.approx(0.5 * 0.1 * np.sum(net.params["W2"] ** 2))
 
 
+@pytest.mark.parametrize("into", [False, True])
+def test_a_frozen_whitening_bias_stops_the_backward_pass_above_it(monkeypatch, into):
+    # airbench trains the whitening conv's bias for its first epochs only; after them
+    # (loss(frozen={"b1"})) nothing below the first 3x3 conv needs a gradient: its dx is not
+    # computed, the whitening conv's gradients are zeros, every other gradient is unchanged
+    import pipeline.convnet as convnet
+
+    spec = "scale 0.5, conv 24 2 pad=0 init=whiten, gelu, conv 6 3, bn, relu, pool 2, affine"
+    net = ConvNet(spec, input_dim=(3, 9, 9), num_classes=3, reg=0.1, seed=0, dtype=np.float64)
+    assert net.whiten_biases == ("b1",)
+    X = np.random.default_rng(1).standard_normal((10, 3, 9, 9))
+    y = np.arange(10) % 3
+    net.whiten(X)
+    calls = []
+    real = convnet.fl.conv_backward_fast
+
+    def spy(dout, cache, need_dx=True):
+        calls.append((dout.shape[1], need_dx))
+        return real(dout, cache, need_dx)
+
+    monkeypatch.setattr(convnet.fl, "conv_backward_fast", spy)
+
+    def grads(**frozen):
+        if not into:
+            return net.loss(X, y, **frozen)
+        out = {k: np.full_like(v, np.nan) for k, v in net.params.items()}
+        loss, _ = net.loss(X, y, into=out, scale=2.0, **frozen)
+        return loss, out
+
+    loss, full = grads()
+    assert calls == [(6, True), (24, False)] and full["b1"].any()
+    calls.clear()
+    loss_frozen, part = grads(frozen={"b1"})
+    assert calls == [(6, False)]  # the whitening conv's own backward is skipped too
+    assert loss_frozen == loss
+    assert not part["W1"].any() and not part["b1"].any()
+    for k in net.params:
+        if k not in ("W1", "b1"):
+            np.testing.assert_array_equal(part[k], full[k], err_msg=k)
+
+
 def test_a_dirac_conv_passes_its_first_channels_through():
     net = ConvNet("conv 5 3 init=dirac, gap, affine", input_dim=(3, 6, 6), num_classes=2, seed=0)
     w = net.params["W1"]

@@ -297,6 +297,71 @@ def test_a_whitening_conv_starts_from_the_first_training_images_and_stays(
     assert got["b1"].any()  # its bias trains
 
 
+def test_the_whitening_bias_stays_after_its_epochs_on_both_transports_and_after_a_resume(
+    store, tmp_path, training_client, monkeypatch
+):
+    # 160 images, batch 32: 5 steps an epoch; whiten_bias_epochs=1: b1 trains in steps 1-5,
+    # then stays (no step, no momentum, no decay) while the rest trains on; the run's bits are
+    # the same over tcp and after a coordinator's crash in the frozen epochs
+    spec = "scale 0.02, conv 24 2 pad=0 init=whiten, gelu, pool 2, conv 8 3, bn, gelu, gap, affine"
+    settings = dict(
+        model=spec, optimizer="sgd", lr=0.05, weight_decay=0.1, batch_size=32, shard_size=16
+    )
+    frozen = dict(settings, epochs=3, whiten_bias_epochs=1)
+    runs = {
+        name: tiny_config(store, tmp_path / name, **options)
+        for name, options in (
+            ("shm", dict(frozen, transport="shm")),
+            ("tcp", dict(frozen, transport="tcp")),
+            ("five", dict(settings, steps=5)),  # the first 5 steps alone (a constant rate)
+            ("plain", dict(settings, epochs=3)),  # the bias trains throughout
+        )
+    }
+    seen = []  # what the workers' networks were told to hold still (in-process workers)
+    real = ConvNet.loss
+
+    def loss(self, X, y=None, **kwargs):
+        if y is not None:
+            seen.append(set(kwargs.get("frozen", ())))
+        return real(self, X, y, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(ConvNet, "loss", loss)
+        train(runs["shm"], client=training_client)
+    # 2 shards a step (after each worker's warm-up call): no b1 backward after step 5
+    assert seen[-30:] == [set()] * 10 + [{"b1"}] * 20 and {"b1"} not in seen[:-30]
+    for name in ("tcp", "five", "plain"):
+        train(runs[name], client=training_client)
+    got = {name: final_params(tmp_path / name) for name in runs}
+    assert_same_params(got["shm"], got["tcp"])
+    np.testing.assert_array_equal(got["shm"]["b1"], got["five"]["b1"])
+    assert got["five"]["b1"].any()  # it did train, in epoch 1
+    assert not np.array_equal(got["shm"]["W2"], got["five"]["W2"])  # the rest trained on
+    assert not np.array_equal(got["plain"]["b1"], got["five"]["b1"])
+    cut = tmp_path / "cut"
+    with pytest.raises(Crash):
+        train(
+            tiny_config(store, cut, **dict(frozen, checkpoint_every=3)),
+            client=training_client,
+            progress=crash_after(8),
+        )
+    train(resume_config(cut), client=training_client)
+    assert_same_params(got["shm"], final_params(cut))
+
+
+def test_whiten_bias_epochs_needs_a_whitening_conv_and_a_count(store, tmp_path):
+    for options, message in (
+        (dict(model=SPEC, whiten_bias_epochs=3), "the model has no whitening conv"),
+        (dict(whiten_bias_epochs=3), "the model has no whitening conv"),  # the three-layer net
+        (
+            dict(model="conv 24 2 pad=0 init=whiten, gap, affine", whiten_bias_epochs=-1),
+            "whiten_bias_epochs must be >= 0, got -1",
+        ),
+    ):
+        with pytest.raises(TrainingError, match=message):
+            tiny_config(store, tmp_path / "run", **options)
+
+
 def test_the_moving_average_is_the_same_on_both_transports_and_after_a_resume(
     store, tmp_path, training_client
 ):
