@@ -243,6 +243,8 @@ class ConvNet:
             return out
         data_loss, dout = softmax_loss(out, y, self.spec.smoothing)
         frozen = self.frozen.union(frozen)
+        if not frozen <= self.params.keys():
+            raise ValueError(f"frozen: no such parameters {sorted(frozen - self.params.keys())}")
         grads, written, sumsq = self._backward(dout, caches, into, scale, accumulate, frozen)
         reg_loss = 0.0
         for name in frozen:

@@ -284,6 +284,11 @@ class TrainConfig:
                     "whiten_bias_epochs: the model has no whitening conv (a first conv with "
                     "init=whiten)"
                 )
+            if self.ema:  # a frozen parameter's average stays where it was (update.py)
+                raise TrainingError(
+                    "whiten_bias_epochs and ema: the average would keep the bias's average from "
+                    "before it froze; use lookahead"
+                )
         if self.workers is not None and self.scheduler:
             raise TrainingError(
                 "workers and scheduler exclude each other: the scheduler's cluster has its own "

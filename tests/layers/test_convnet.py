@@ -287,6 +287,8 @@ def test_a_frozen_whitening_bias_stops_the_backward_pass_above_it(monkeypatch, i
     for k in net.params:
         if k not in ("W1", "b1"):
             np.testing.assert_array_equal(part[k], full[k], err_msg=k)
+    with pytest.raises(ValueError, match=r"no such parameters \['1', 'b'\]"):
+        net.loss(X, y, frozen="b1")  # a name, not a set of names
 
 
 def test_a_dirac_conv_passes_its_first_channels_through():

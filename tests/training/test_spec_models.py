@@ -357,6 +357,15 @@ def test_whiten_bias_epochs_needs_a_whitening_conv_and_a_count(store, tmp_path):
             dict(model="conv 24 2 pad=0 init=whiten, gap, affine", whiten_bias_epochs=-1),
             "whiten_bias_epochs must be >= 0, got -1",
         ),
+        (
+            dict(
+                model="conv 24 2 pad=0 init=whiten, gap, affine",
+                whiten_bias_epochs=1,
+                optimizer="sgd",
+                ema=0.9,
+            ),
+            "whiten_bias_epochs and ema: the average would keep",
+        ),
     ):
         with pytest.raises(TrainingError, match=message):
             tiny_config(store, tmp_path / "run", **options)
