@@ -6,10 +6,12 @@ input's shape: minimum and median of ``--repeat`` rounds, images/s and the ratio
 PyTorch (below 1.0: faster than PyTorch). Both at ``--threads`` threads (Numba and OpenBLAS;
 torch.set_num_threads). PyTorch is used only here. ``--paths`` also times each convolution on
 every path convpipe has for its shape (direct kernels, im2col + GEMM, Winograd), whichever
-``pipeline.fast_layers`` would pick: the figures behind its choice.
+``pipeline.fast_layers`` would pick: the figures behind its choice. ``--frozen-whiten-bias``
+times the network's step once its whitening conv's bias no longer trains (``--whiten-bias-epochs``
+spent: convpipe's backward stops above it, PyTorch's autograd likewise).
 
     python benchmarks/bench_network.py [--job jobs/train-airbench.toml] [--batch 512]
-        [--threads 2] [--repeat 5] [--paths]
+        [--threads 2] [--repeat 5] [--paths] [--frozen-whiten-bias]
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--paths", action="store_true", help="time every convolution path too")
+    p.add_argument(
+        "--frozen-whiten-bias", action="store_true", help="the whitening conv's bias frozen"
+    )
     p.add_argument("--part", choices=("convpipe", "torch"), help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -84,7 +89,7 @@ def available_paths(fl, x, layer):
     return [p for p, ok in zip(PATHS, (direct, True, stride == 1 and size == 3), strict=True) if ok]
 
 
-def part_convpipe(model_text, batch, repeat, paths=False):
+def part_convpipe(model_text, batch, repeat, paths=False, frozen_bias=False):
     import numpy as np
 
     from pipeline import fast_layers as fl
@@ -96,7 +101,8 @@ def part_convpipe(model_text, batch, repeat, paths=False):
     rng = np.random.default_rng(0)
     X = (60 * rng.standard_normal((batch, 3, 32, 32))).astype(np.float32)
     y = rng.integers(0, 10, batch)
-    result = {"network": times(lambda: net.loss(X, y), repeat), "convs": []}
+    frozen = set(net.whiten_biases) if frozen_bias else set()
+    result = {"network": times(lambda: net.loss(X, y, frozen=frozen), repeat), "convs": []}
     for i, (x, layer) in enumerate(conv_layers(net.spec)):
         xi = rng.standard_normal((batch, *x)).astype(np.float32)
         w = (0.1 * rng.standard_normal((layer.filters, x[0], layer.size, layer.size))).astype(
@@ -119,7 +125,7 @@ def part_convpipe(model_text, batch, repeat, paths=False):
     return result
 
 
-def part_torch(model_text, batch, threads, repeat):
+def part_torch(model_text, batch, threads, repeat, frozen_bias=False):
     import torch
 
     torch.set_num_threads(threads)
@@ -130,6 +136,8 @@ def part_torch(model_text, batch, threads, repeat):
 
     spec = NetSpec.from_text(model_text)
     net, loss_fn, _, _ = spec_net(torch, spec)
+    if frozen_bias and any(layer.init == "whiten" for layer in spec.body):
+        next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).bias.requires_grad_(False)
     X = 60 * torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
 
@@ -156,9 +164,15 @@ def main():
     if args.part:
         sys.path.insert(0, str(HERE.parent))
         if args.part == "convpipe":
-            print(json.dumps(part_convpipe(args.model, args.batch, args.repeat, args.paths)))
+            frozen = args.frozen_whiten_bias
+            print(
+                json.dumps(part_convpipe(args.model, args.batch, args.repeat, args.paths, frozen))
+            )
         else:
-            print(json.dumps(part_torch(args.model, args.batch, args.threads, args.repeat)))
+            part = part_torch(
+                args.model, args.batch, args.threads, args.repeat, args.frozen_whiten_bias
+            )
+            print(json.dumps(part))
         return
     from pipeline.fast_layers import machine_text
     from pipeline.jobs.spec import load_spec
@@ -174,6 +188,7 @@ def main():
         cmd = [sys.executable, __file__, "--part", part, "--model", model]
         cmd += ["--batch", str(args.batch), "--threads", str(args.threads)]
         cmd += ["--repeat", str(args.repeat)] + (["--paths"] if args.paths else [])
+        cmd += ["--frozen-whiten-bias"] if args.frozen_whiten_bias else []
         done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         results[part] = json.loads(done.stdout.strip().splitlines()[-1])
     ours, theirs = results["convpipe"], results["torch"]
@@ -181,6 +196,7 @@ def main():
     print(
         f"{args.job if not args.model else 'model'}: batch {args.batch}, {args.threads} threads, "
         f"torch {theirs['torch']}; min and median of {args.repeat} rounds"
+        + ("; the whitening bias frozen" if args.frozen_whiten_bias else "")
     )
     o, t = ours["network"], theirs["network"]
     print(
