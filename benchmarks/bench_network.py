@@ -130,14 +130,15 @@ def part_torch(model_text, batch, threads, repeat, frozen_bias=False):
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(HERE))
-    from torch_reference import spec_net
+    from torch_reference import spec_net, whiten_conv
 
     from pipeline.netspec import NetSpec
 
     spec = NetSpec.from_text(model_text)
     net, loss_fn, _, _ = spec_net(torch, spec)
-    if frozen_bias and any(layer.init == "whiten" for layer in spec.body):
-        next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d)).bias.requires_grad_(False)
+    conv = whiten_conv(torch, net) if frozen_bias else None
+    if conv is not None:
+        conv.bias.requires_grad_(False)
     X = 60 * torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 10, (batch,))
 

@@ -101,3 +101,10 @@ def spec_net(torch, spec, input_dim=(3, 32, 32), num_classes=10, seed=0):
         modules.append(m)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=spec.smoothing)
     return nn.Sequential(*modules), loss_fn, weights, norm_params
+
+
+def whiten_conv(torch, net):
+    """The Conv2d of ``spec_net``'s network that is a whitening conv (its weight frozen there),
+    or None."""
+    convs = (m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    return next((m for m in convs if not m.weight.requires_grad), None)

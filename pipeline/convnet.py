@@ -167,14 +167,11 @@ class ConvNet:
         self.bn_channels = self.spec.bn_channels(self.input_dim, self.num_classes)
         rng = seed if isinstance(seed, np.random.RandomState) else np.random.RandomState(seed)
         self.params = default_init(self.spec, self.input_dim, self.num_classes, self.dtype, rng)
+        whiten = [own for layer, own in zip(self.spec.body, self._names) if layer.init == "whiten"]
         #: weights that do not train (a whitening conv's): zero gradient, no L2
-        self.frozen = {
-            own["w"] for layer, own in zip(self.spec.body, self._names) if layer.init == "whiten"
-        }
+        self.frozen = {own["w"] for own in whiten}
         #: the whitening convs' biases, which train (airbench: for the first epochs only)
-        self.whiten_biases = tuple(
-            own["b"] for layer, own in zip(self.spec.body, self._names) if layer.init == "whiten"
-        )
+        self.whiten_biases = tuple(own["b"] for own in whiten)
         self.bn_param = {}
         if self.bn_channels:
             total = sum(self.bn_channels)

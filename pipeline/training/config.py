@@ -261,6 +261,7 @@ class TrainConfig:
             raise TrainingError(f"reg must be >= 0, got {self.reg}")
         if not self.weight_scale > 0:
             raise TrainingError(f"weight_scale must be > 0, got {self.weight_scale}")
+        body = ()  # the spec network's layers (none: the three-layer net)
         if self.model is not None:
             if not self.model.strip():  # not the three-layer net: that is no model at all
                 raise TrainingError(
@@ -273,12 +274,12 @@ class TrainConfig:
             except NetSpecError as exc:
                 raise TrainingError(str(exc)) from None
             self.model = net.to_text()  # one spelling: config.json and --resume compare it
+            body = net.body
         if self.whiten_bias_epochs is not None:
             if self.whiten_bias_epochs < 0:
                 raise TrainingError(
                     f"whiten_bias_epochs must be >= 0, got {self.whiten_bias_epochs}"
                 )
-            body = NetSpec.from_text(self.model).body if self.model is not None else ()
             if not any(layer.init == "whiten" for layer in body):
                 raise TrainingError(
                     "whiten_bias_epochs: the model has no whitening conv (a first conv with "
