@@ -61,9 +61,10 @@ def job_config(args, seed):
     from pipeline.jobs.spec import load_spec
     from pipeline.training import TrainConfig
 
-    options = dict(load_spec(args.job, args.set).options)
+    # the curve: on, unless `--set test-each-epoch=false` (the spec's options hold every
+    # setting, defaults included, so it goes in as the first override)
+    options = dict(load_spec(args.job, ["test-each-epoch=true", *args.set]).options)
     options.update(data=args.store, seed=seed, out=None)
-    options.setdefault("test_each_epoch", True)  # the curve; `--set test-each-epoch=false`
     if args.epochs:
         options["epochs"] = args.epochs
     if args.train_limit:
@@ -125,7 +126,7 @@ def run_torch_part(config_json: str, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(HERE))
-    from torch_reference import spec_net
+    from torch_reference import spec_net, whiten_conv
 
     from pipeline.augment import Augment, tta_views
     from pipeline.convnet import ConvNet
@@ -143,8 +144,8 @@ def run_torch_part(config_json: str, threads: int) -> dict:
     Xt, yt = store.read("test", None)
     spec = NetSpec.from_text(config.model)
     net, loss_fn, weights, norm_params = spec_net(torch, spec, seed=config.seed)
-    first = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
-    if any(layer.init == "whiten" for layer in spec.body):  # the filters convpipe starts from
+    first = whiten_conv(torch, net)
+    if first is not None:  # the filters convpipe starts from
         ours = ConvNet(spec, seed=config.seed)
         ours.whiten(X[:5000])
         with torch.no_grad():
