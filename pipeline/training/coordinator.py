@@ -298,7 +298,10 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
     try:
         for step in range(state.step, schedule.total_steps):
             sent, received = exchange.sent, exchange.received
-            submit(step + 1)  # the next step waits on its workers for this one
+            # the next step waits on its workers for this one; not when an epoch's test split
+            # is scored off the clock after it (that step's compute would leave the clock too)
+            if not (config.test_each_epoch and schedule.ends_epoch(step)):
+                submit(step + 1)
             # compute, reduce, update: on the workers; collect their small results
             t0 = clock.lap("coordinator")
             parts = exchange.collect(in_flight[step])
@@ -359,6 +362,7 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
 
             if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
                 checkpoint(step + 1)
+            submit(step + 1)  # (if it was held back above)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the last step done
         if state.step + done.steps > saved[-1]:
             try:

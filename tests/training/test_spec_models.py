@@ -425,6 +425,48 @@ def test_each_epochs_test_accuracy_is_scored_without_changing_the_training(
     assert "test_each_epoch" in RUNTIME_FIELDS
 
 
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_no_step_computes_while_an_epochs_test_split_is_scored_off_the_clock(
+    store, tmp_path, training_client, monkeypatch, transport
+):
+    """The next step is submitted only after the epoch's test scoring: a step computed meanwhile
+    would leave the run's clock with the scoring (its wait would then be short). Elsewhere the
+    next step is in flight while one is collected, as always."""
+    from pipeline.training import coordinator
+    from pipeline.training.shm import SharedMemoryExchange
+    from pipeline.training.tcp import TcpExchange
+
+    events = []
+    scoring = coordinator._accuracy
+
+    def scored(client, exchange, step, bn, store, split, *args, **kwargs):
+        events.append(("score", split, step))
+        return scoring(client, exchange, step, bn, store, split, *args, **kwargs)
+
+    monkeypatch.setattr(coordinator, "_accuracy", scored)
+    for cls in (SharedMemoryExchange, TcpExchange):
+        submitting = cls.submit
+
+        def submit(self, step, *args, _submit=submitting, **kwargs):
+            events.append(("submit", step))
+            return _submit(self, step, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "submit", submit)
+    settings = dict(model=SPEC, epochs=2, test_each_epoch=True, transport=transport)
+    train(tiny_config(store, tmp_path / "run", eval_every=1, **settings), client=training_client)
+    submits = [e[1] for e in events if e[0] == "submit"]
+    tests = [e[2] for e in events if e[:2] == ("score", "test")]
+    per_epoch = tests[0]
+    assert per_epoch > 1 and tests == [per_epoch, 2 * per_epoch, 2 * per_epoch]  # and the run's
+    assert submits == list(range(2 * per_epoch))  # each step once
+    # the step after the first epoch goes in after its test scoring; every other one is in
+    # flight while the step before it is scored (val, each step: eval_every=1)
+    assert events.index(("submit", per_epoch)) > events.index(("score", "test", per_epoch))
+    for done in range(1, 2 * per_epoch):
+        if done != per_epoch:
+            assert events.index(("submit", done)) < events.index(("score", "val", done)), done
+
+
 def test_an_interrupt_while_an_epochs_test_split_is_scored_keeps_the_epoch_and_resumes(
     store, tmp_path, training_client, monkeypatch
 ):
