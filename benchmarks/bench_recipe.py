@@ -132,6 +132,7 @@ def run_torch_part(config_json: str, threads: int) -> dict:
     from pipeline.convnet import ConvNet
     from pipeline.data import open_store
     from pipeline.netspec import NetSpec
+    from pipeline.optim import NS_COEFFS, NS_STEPS
     from pipeline.training import TrainConfig
     from pipeline.training.shards import Schedule, subset
     from pipeline.training.update import UpdateRule
@@ -150,7 +151,10 @@ def run_torch_part(config_json: str, threads: int) -> dict:
         ours.whiten(X[:5000])
         with torch.no_grad():
             first.weight.copy_(torch.from_numpy(ours.params["W1"]))
-    special = {id(p) for p in weights + norm_params}
+    # --muon-lr: the conv filters that train step by Muon (as convpipe's: no L2, no decay)
+    filters = [p for p in weights if p.requires_grad and p.dim() == 4] if config.muon_lr else []
+    weights = [p for p in weights if all(p is not f for f in filters)]
+    special = {id(p) for p in weights + norm_params + filters}
     others = [p for p in net.parameters() if p.requires_grad and id(p) not in special]
     groups = [
         {"params": weights, "weight_decay": config.reg, "factor": 1.0},
@@ -172,6 +176,26 @@ def run_torch_part(config_json: str, threads: int) -> dict:
         raise SystemExit("torch: --ema is not in this reference (lookahead is)")
     trained = [p for p in net.parameters() if p.requires_grad]  # not the frozen ones
     slow = [p.detach().clone() for p in trained] if config.lookahead else []
+    # BN's running statistics, averaged in the lookahead as convpipe's (and airbench's) are
+    stats = [
+        b
+        for m in net.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+        for b in (m.running_mean, m.running_var)
+    ]
+    slow_stats = [b.clone() for b in stats] if config.lookahead else []
+    momenta = [torch.zeros_like(p) for p in filters]
+    muon_ids = {id(f) for f in filters}
+
+    def orthogonalize(g):  # pipeline.optim.orthogonalize's iteration, in torch
+        a, b, c = NS_COEFFS
+        x = g.T if g.shape[0] > g.shape[1] else g
+        x = x / (x.double().norm().float() + 1e-7)
+        for _ in range(NS_STEPS):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * (gram @ gram)) @ x
+        return x.T if g.shape[0] > g.shape[1] else x
+
     augment = Augment(config.flip, config.translate, config.seed)
     train_idx = subset(config.seed, n_train, config.train_acc_samples, tag=1)
 
@@ -205,16 +229,23 @@ def run_torch_part(config_json: str, threads: int) -> dict:
         idx = schedule.batch(t)
         xb = augment.apply(X[idx], idx, schedule.epoch_of(t))
         loss = loss_fn(net(torch.from_numpy(xb)), torch.from_numpy(y[idx]))
-        opt.zero_grad(set_to_none=True)
+        net.zero_grad(set_to_none=True)  # the Muon filters' too
         loss.backward()
         wd = config.weight_decay
-        decay = [(p, lr * wd * p.detach().clone()) for p in trained] if wd else []
+        decayed = [p for p in trained if id(p) not in muon_ids] if wd else []
+        decay = [(p, lr * wd * p.detach().clone()) for p in decayed]
         opt.step()
         with torch.no_grad():
             for p, d in decay:
                 p.sub_(d)
+            muon_lr, mu = rule.muon_at(t)
+            for p, buf in zip(filters, momenta):  # Muon: pipeline.optim.muon_update
+                buf.mul_(mu).add_(p.grad)
+                d = p.grad + mu * buf if config.nesterov else buf
+                p.mul_(p.shape[0] ** 0.5 / p.double().norm().float())
+                p.sub_(muon_lr * orthogonalize(d.reshape(p.shape[0], -1)).reshape(p.shape))
             a, pull = rule.average(t)  # lookahead: slow = a * slow + (1 - a) * w; w = slow
-            for p, s in zip(trained, slow):
+            for p, s in [*zip(trained, slow), *zip(stats, slow_stats)]:
                 if a:
                     s.mul_(a).add_(p, alpha=1.0 - a)
                 if pull:

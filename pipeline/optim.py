@@ -15,6 +15,8 @@ the distributed coordinator do).
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 
@@ -123,6 +125,44 @@ def adam_inplace(w, dw, config=None):
         f(config["epsilon"]),
     )
     return w_arr, config
+
+
+#: the quintic Newton-Schulz iteration of Muon (Keller Jordan; airbench94_muon): coefficients
+#: that maximize the slope at zero, so 3 steps bring the singular values that are not far below
+#: the largest into about [0.5, 1.5] (not to 1: that does not hurt training, and it takes fewer
+#: steps); much smaller ones grow by about 3.4 a step
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 3
+
+
+def _frobenius(x: np.ndarray) -> float:
+    return math.sqrt(float(np.sum(np.square(x, dtype=np.float64))))
+
+
+def orthogonalize(g: np.ndarray, steps: int = NS_STEPS) -> np.ndarray:
+    """``g`` (R, C) -> about ``U V^T`` where ``g = U S V^T``: ``g`` scaled to Frobenius norm 1,
+    then ``steps`` Newton-Schulz iterations ``X = a X + (b A + c A A) X`` with ``A = X X^T``
+    (on ``g^T`` when R > C, so A is the smaller Gram matrix). In ``g``'s dtype, the products by
+    BLAS: the same bits for the same matrix, threads and CPU."""
+    dt = g.dtype.type
+    a, b, c = (dt(k) for k in NS_COEFFS)
+    tall = g.shape[0] > g.shape[1]
+    x = (g.T if tall else g) * dt(1.0 / (_frobenius(g) + 1e-7))
+    for _ in range(steps):
+        gram = x @ x.T  # (r, r), r = min(R, C)
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return np.ascontiguousarray(x.T if tall else x)
+
+
+def muon_update(w: np.ndarray, d: np.ndarray, lr: float) -> np.ndarray:
+    """Muon's step of the filters ``w`` (F, ...) along their momentum direction ``d`` (the
+    shape of w): w scaled to Frobenius norm sqrt(F), then moved by ``lr`` along
+    :func:`orthogonalize` of ``d`` as an (F, rest) matrix (airbench94_muon's Muon). Returns
+    the new filters, w's dtype."""
+    dt, rows = w.dtype.type, w.shape[0]
+    norm = _frobenius(w)
+    scaled = w * dt(math.sqrt(rows) / norm) if norm > 0 else w
+    return scaled - dt(lr) * orthogonalize(d.reshape(rows, -1)).reshape(w.shape)
 
 
 def _adam_scalar_type(*arrays):

@@ -126,6 +126,15 @@ class TrainConfig:
         "on the slow copy (--optimizer sgd; 0: none)",
         "K",
     )
+    muon_lr: float = _opt(
+        0.0,
+        "train the conv filters with Muon at this learning rate (the schedule's peak): each "
+        "step the filter's Nesterov momentum, orthogonalized by a Newton-Schulz iteration, "
+        "after the filter is scaled to norm sqrt(its filters) (airbench94_muon: 0.24); the "
+        "other parameters take --optimizer sgd (0: off)",
+        "LR",
+    )
+    muon_momentum: float = _opt(0.6, "Muon's (Nesterov) momentum (airbench94_muon: 0.6)", "M")
     whiten_bias_epochs: int | None = _opt(
         None,
         "the whitening conv's bias trains for the first N epochs, then stays as it is, its "
@@ -275,6 +284,11 @@ class TrainConfig:
                 raise TrainingError(str(exc)) from None
             self.model = net.to_text()  # one spelling: config.json and --resume compare it
             body = net.body
+        if self.muon_lr and self.model is not None:
+            if not any(layer.kind == "conv" and layer.init != "whiten" for layer in body):
+                raise TrainingError(
+                    "muon_lr: the model has no conv filters that train (Muon updates those)"
+                )
         if self.whiten_bias_epochs is not None:
             if self.whiten_bias_epochs < 0:
                 raise TrainingError(

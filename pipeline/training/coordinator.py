@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -72,6 +72,8 @@ class State:
     seconds: float = 0.0  # training time spent by earlier sessions
     images: int = 0
     metrics_lines: int = 0
+    # with --ema or --lookahead: bn's average, kept as the weights' is (_average_bn)
+    bn_avg: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def train(
@@ -110,11 +112,17 @@ def train(
     if frozen:  # a whitening conv: from the first training images, before any augmentation
         model.whiten(store.read("train", np.arange(min(WHITEN_IMAGES, n_train)))[0])
     layout = Layout.of(model.params)
+    # the conv filters that train, with --muon-lr: Muon's (not L2-regularized: their norm is set)
+    filters = {
+        name: (sl.start, sl.stop, shape[0])
+        for (name, sl), shape in zip(layout.slices().items(), layout.shapes)
+        if config.muon_lr and len(shape) == 4 and name not in frozen
+    }
     segments = tuple(
         (
             sl.start,
             sl.stop,
-            config.reg if name.startswith("W") and name not in frozen else 0.0,
+            config.reg if name.startswith("W") and name not in frozen | filters.keys() else 0.0,
             0.0
             if name in frozen
             else config.norm_lr_factor
@@ -146,6 +154,7 @@ def train(
             Augment(config.flip, config.translate, config.seed),
             schedule.steps_per_epoch,
             _freeze(config, model, schedule.steps_per_epoch),
+            tuple(filters.values()),
         )
         exchange = open_exchange(
             client,
@@ -208,7 +217,11 @@ class Progress:
 
 
 def _train_loop(config, run, schedule, model, state, exchange, client, store, emit) -> dict:
-    bn = dict(state.bn)
+    bn, bn_avg = dict(state.bn), dict(state.bn_avg)
+
+    def scored_bn():  # the statistics of the weights a run is scored and saved with
+        return bn_avg if config.ema else bn
+
     done = Progress(metrics_lines=state.metrics_lines)
     emit(
         {
@@ -269,6 +282,7 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                 state.seconds + time.perf_counter() - t_begin,
                 state.images + done.images,
                 done.metrics_lines,
+                bn_avg,
             ),
         )
         saved.append(steps_done)
@@ -276,13 +290,14 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
         clock.lap("checkpoint")
 
     def finish(step, parts, t0, wait, sent, received) -> float:  # sync and log a collected step
-        nonlocal bn
+        nonlocal bn, bn_avg
         for change in exchange.pool.take_events():  # workers that joined or left
             emit(_worker_event(step + 1, change, exchange))
         shards = [s for p in parts for s in p["shards"]]
         loss, n = _loss(step, shards, parts, schedule, config, run)  # a non-finite loss stops
         # sync: BN running statistics from every shard's moments (count-weighted)
         bn = _sync_bn(model, bn, shards)
+        bn, bn_avg = _average_bn(exchange.spec.update, step, bn, bn_avg)
         done.images += n
         done.steps += 1
         log(
@@ -318,7 +333,7 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                             client,
                             exchange,
                             step + 1,
-                            bn,
+                            scored_bn(),
                             store,
                             config,
                             schedule.n_train,
@@ -332,9 +347,11 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
             if schedule.ends_epoch(step):
                 train_idx = subset(config.seed, schedule.n_train, config.train_acc_samples, tag=1)
                 done.train_acc = _accuracy(
-                    client, exchange, step + 1, bn, store, "train", train_idx, config
+                    client, exchange, step + 1, scored_bn(), store, "train", train_idx, config
                 )
-                done.val_acc = _accuracy(client, exchange, step + 1, bn, store, "val", None, config)
+                done.val_acc = _accuracy(
+                    client, exchange, step + 1, scored_bn(), store, "val", None, config
+                )
                 record = {
                     "kind": "epoch",
                     "epoch": schedule.epoch_of(step) + 1,
@@ -350,7 +367,7 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                     clock.lap("eval")
                     try:
                         record["test_acc"] = _accuracy(
-                            client, exchange, step + 1, bn, store, "test", None, config
+                            client, exchange, step + 1, scored_bn(), store, "test", None, config
                         )
                     except KeyboardInterrupt:  # the epoch's line goes before its checkpoint
                         log(record)
@@ -385,12 +402,13 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
     # the test split, scored once at the end (with the run's test-time augmentation); after
     # the training's clock stopped, as a `convpipe evaluate` would
     done.test_acc = _accuracy(
-        client, exchange, schedule.total_steps, bn, store, "test", None, config, config.tta
+        client, exchange, schedule.total_steps, scored_bn(), store, "test", None, config, config.tta
     )
     clock.lap("test")
     # the trained weights, or their moving average (the state's third part with --ema)
     final = exchange.layout.views(exchange.state(schedule.total_steps)[2 if config.ema else 0])
-    run.write_params(final, {f"bn_{k}": v for k, v in bn.items()} if bn else None)
+    final_bn = scored_bn()
+    run.write_params(final, {f"bn_{k}": v for k, v in final_bn.items()} if final_bn else None)
     run.prune_checkpoints(keep=1)  # a finished run keeps what --resume needs to go on
     summary = _summary(
         config, run, schedule, state, done, clock, seconds, warmup, exchange, client, final, emit
@@ -457,6 +475,22 @@ def _sync_bn(model, bn: dict, shards: list[dict]) -> dict:
     model.set_state(bn)
     model.update_running_stats(mean, var)
     return model.get_state()
+
+
+def _average_bn(rule: UpdateRule, step: int, bn: dict, avg: dict) -> tuple[dict, dict]:
+    """BN's running statistics averaged as the weights are after ``step`` (from 0), so that
+    weights and statistics scored together belong together (airbench's lookahead averages
+    them too): ``avg`` becomes ``a * avg + (1 - a) * bn`` and, where the lookahead pulls the
+    weights to their slow copy, ``bn`` becomes ``avg`` (``(a, pull)``:
+    :meth:`UpdateRule.average`). ``avg`` is empty without --ema and --lookahead."""
+    if not avg:
+        return bn, avg
+    a, pull = rule.average(step)
+    if a != 0:
+        avg = {k: a * avg[k] + (1.0 - a) * bn[k] for k in avg}
+    if pull:
+        bn = {k: v.copy() for k, v in avg.items()}
+    return bn, avg
 
 
 def _step_record(step, schedule, loss, n, parts, coordinator: float, waited: float) -> dict:
@@ -677,8 +711,11 @@ def _fresh(model, layout: Layout, config: TrainConfig) -> State:
     params = layout.flatten(model.params)
     # v: Adam's second moment, or SGD's average of the weights (--ema, --lookahead: from the
     # first ones)
-    v = params.copy() if config.ema or config.lookahead else np.zeros_like(params)
-    return State(0, params, np.zeros_like(params), v, 0, model.get_state())
+    averaged = bool(config.ema or config.lookahead)
+    v = params.copy() if averaged else np.zeros_like(params)
+    bn = model.get_state()
+    bn_avg = {k: b.copy() for k, b in bn.items()} if averaged else {}
+    return State(0, params, np.zeros_like(params), v, 0, bn, bn_avg=bn_avg)
 
 
 def _save(run: RunDir, layout: Layout, config: TrainConfig, state: State):
@@ -686,6 +723,7 @@ def _save(run: RunDir, layout: Layout, config: TrainConfig, state: State):
     for prefix, flat in (("params", state.params), ("adam/m", state.m), ("adam/v", state.v)):
         arrays.update({f"{prefix}/{k}": v for k, v in layout.views(flat).items()})
     arrays.update({f"bn/{k}": v for k, v in state.bn.items()})
+    arrays.update({f"bn_avg/{k}": v for k, v in state.bn_avg.items()})
     meta = {
         "kind": CHECKPOINT_FORMAT,
         "step": state.step,
@@ -729,7 +767,17 @@ def _state_from(arrays: dict, meta: dict, layout: Layout, config: TrainConfig) -
         p: layout.flatten({k: arrays[f"{p}/{k}"] for k in layout.names})
         for p in ("params", "adam/m", "adam/v")
     }
-    bn = {k.split("/", 1)[1]: arrays[k].astype(layout.dtype) for k in arrays if k.startswith("bn/")}
+
+    def group(prefix):
+        return {
+            k.split("/", 1)[1]: arrays[k].astype(layout.dtype)
+            for k in arrays
+            if k.startswith(prefix)
+        }
+
+    bn, bn_avg = group("bn/"), group("bn_avg/")
+    if bn and not bn_avg and (config.ema or config.lookahead):
+        bn_avg = {k: b.copy() for k, b in bn.items()}  # written before BN was averaged
     return State(
         int(meta["step"]),
         flat["params"],
@@ -740,6 +788,7 @@ def _state_from(arrays: dict, meta: dict, layout: Layout, config: TrainConfig) -
         float(meta["seconds"]),
         int(meta["images"]),
         int(meta["metrics_lines"]),
+        bn_avg,
     )
 
 

@@ -82,11 +82,21 @@ def program(nodes: list[Node], k: int) -> tuple[list[tuple[int, int, int]], int]
     return ops, value((levels(k), 0))
 
 
-def split(n: int, parts: int, unit: int = 1) -> list[tuple[int, int]]:
+def split(
+    n: int, parts: int, unit: int = 1, whole: tuple[tuple[int, int], ...] = ()
+) -> list[tuple[int, int]]:
     """``[0, n)`` cut into ``parts`` contiguous ranges of whole ``unit``s, as equal as can be
-    (empty ranges where there are more parts than units)."""
+    (empty ranges where there are more parts than units); no cut falls inside a range of
+    ``whole`` (one moves on to the first multiple of ``unit`` that lies in none)."""
     units = -(-n // unit)
     bounds = [min(n, (units * j // parts) * unit) for j in range(parts + 1)]
+    for j in range(1, parts):
+        cut = max(bounds[j], bounds[j - 1])
+        inside = [e for s, e in whole if s < cut < e]
+        while inside:
+            cut = min(n, -(-max(inside) // unit) * unit)
+            inside = [e for s, e in whole if s < cut < e]
+        bounds[j] = cut
     return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -102,16 +112,17 @@ def overlaps(slices, lo: int, hi: int) -> list[tuple[int, int, int]]:
 @dataclass(frozen=True)
 class StepPlan:
     """The plan of one step: ``k`` shards in ``width`` parts, the vector in ``width`` slices
-    (a part may have no shards, when there are fewer shards than workers)."""
+    (a part may have no shards, when there are fewer shards than workers, or no slice, when
+    ``whole`` ranges, the filters Muon updates, leave no cut near its share)."""
 
     k: int
     parts: tuple[tuple[int, int], ...]  # shard range of each part
     slices: tuple[tuple[int, int], ...]  # parameter range each part updates
 
     @classmethod
-    def make(cls, k: int, workers: int, size: int) -> StepPlan:
+    def make(cls, k: int, workers: int, size: int, whole=()) -> StepPlan:
         w = max(1, workers)
-        return cls(k, tuple(split(k, w)), tuple(split(size, w, CHUNK)))
+        return cls(k, tuple(split(k, w)), tuple(split(size, w, CHUNK, tuple(whole))))
 
     @property
     def width(self) -> int:

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 
 from pipeline._kernels.threads import launch
-from pipeline.optim import add_scaled
+from pipeline.optim import add_scaled, muon_update
 from pipeline.training.update import adam_scalars, step_scalars
 
 T = TypeVar("T")
@@ -105,6 +105,19 @@ def _sgd_piece(
             w2[i] = v2[i]
 
 
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _muon_piece(s, w, m, v, w2, m2, v2, reg, batch, mu, nesterov):  # pragma: no cover
+    # s (n,) tree sums -> g as _sgd_piece's; the momentum of a filter Muon updates, w2 = its
+    # direction (buf = mu * m + g; g + mu * buf with Nesterov): tree_update then steps the
+    # whole filter along its orthogonalization (pipeline.optim.muon_update); v carried over
+    for i in numba.prange(s.shape[0]):
+        g = s[i] / batch + reg * w[i]
+        buf = mu * m[i] + g
+        m2[i] = buf
+        w2[i] = g + mu * buf if nesterov else buf
+        v2[i] = v[i]
+
+
 @numba.njit(cache=True, nogil=True)
 def _tree_update(
     nodes,
@@ -123,6 +136,7 @@ def _tree_update(
     piece_hi,
     piece_reg,
     piece_lrf,
+    piece_muon,
     block_piece,
     partial,
     batch,
@@ -138,13 +152,15 @@ def _tree_update(
     mu,
     nesterov,
     lrwd,
+    muon_mu,
 ):  # pragma: no cover - compiled
     # nodes (r, *): the frontier nodes' gradient sums, element i in column i - nbase;
     # w, m, v (*): parameters and optimizer state in; w2, m2, v2 out; element i at i - wbase;
     # pieces [piece_lo, piece_hi) with their reg and lr factor, grouped by block (block_piece:
-    # CSR offsets); partial (blocks,) float64: each block's sum of w**2 over its regularized
-    # pieces. kind 0: Adam (b1 .. eps); kind 1: SGD (mu, nesterov; b1, omb1: the weights'
-    # average's decay a, 1 - a; b2: 1 to set the weights to the average, lookahead's pull;
+    # CSR offsets), piece_muon 1 where a filter Muon updates (momentum muon_mu: _muon_piece);
+    # partial (blocks,) float64: each block's sum of w**2 over its regularized pieces.
+    # kind 0: Adam (b1 .. eps); kind 1: SGD (mu, nesterov; b1, omb1: the weights' average's
+    # decay a, 1 - a; b2: 1 to set the weights to the average, lookahead's pull;
     # UpdateRule.average); lrwd: decoupled decay.
     r = rows.shape[0]
     buf = np.empty(
@@ -180,6 +196,8 @@ def _tree_update(
             )
             if kind == 0:
                 _adam_piece(s, *views, reg, batch, b1, omb1, b2, omb2, bc1, bc2, lrp, eps, lrwdp)
+            elif piece_muon[p] != 0:
+                _muon_piece(s, *views, reg, batch, muon_mu, nesterov)
             else:
                 _sgd_piece(s, *views, reg, batch, mu, nesterov, lrp, lrwdp, emap, omb1, pullp)
         partial[blk] = total
@@ -225,6 +243,7 @@ def tree_update(
     chunk: int,
     batch: int,
     scalars: tuple,
+    muon: tuple | None = None,
 ) -> np.ndarray:
     """Reduce, L2 and the optimizer's update (Adam or SGD) for the parameter elements
     ``[lo, hi)`` in one pass over memory.
@@ -234,11 +253,22 @@ def tree_update(
     the tree. ``state_in = (w, m, v)`` are read, ``state_out`` written, element i at
     ``i - wbase``. ``segments``: (start, stop, reg[, lr factor]) of every parameter.
     ``scalars``: :meth:`pipeline.training.update.UpdateRule.scalars` (the layout of
-    :func:`pipeline.training.update.step_scalars`). Returns, per ``chunk`` block of
-    ``[lo, hi)``, the float64 sum of ``w**2`` over its regularized elements (the L2 term of the
-    loss, before the update).
+    :func:`pipeline.training.update.step_scalars`). ``muon`` (SGD only): ``(filters, lr,
+    momentum)``, the (start, stop, rows) of each filter Muon updates and its rate and momentum
+    at this step (:meth:`pipeline.training.update.UpdateRule.muon_at`); a filter lies wholly
+    inside ``[lo, hi)`` or outside it (:class:`pipeline.training.plan.StepPlan` never cuts one).
+    Returns, per ``chunk`` block of ``[lo, hi)``, the float64 sum of ``w**2`` over its
+    regularized elements (the L2 term of the loss, before the update).
     """
     plo, phi, preg, plrf, first = pieces(lo, hi, segments, chunk)
+    filters, muon_lr, muon_mu = muon if muon else ((), 0.0, 0.0)
+    mine = [(a, b, rows) for a, b, rows in filters if a < hi and lo < b]
+    for a, b, _ in mine:
+        if a < lo or b > hi:
+            raise ValueError(f"tree_update: the filter [{a}, {b}) is cut by the slice [{lo}, {hi})")
+    if mine and scalars[0] != 1:
+        raise ValueError("tree_update: Muon's filters need the SGD update (kind 1)")
+    pmuon = np.array([any(a <= x < b for a, b, _ in mine) for x in plo], dtype=np.int64)
     dt = state_in[0].dtype.type
     partial = np.zeros(len(first) - 1, dtype=np.float64)
     launch(
@@ -255,11 +285,24 @@ def tree_update(
         phi,
         preg.astype(dt),
         plrf.astype(dt),
+        pmuon,
         first,
         partial,
         dt(batch),
         *scalars,
+        dt(muon_mu),
     )
+    # Muon: each filter (its momentum direction in w2) steps along its orthogonalization, then
+    # is averaged as _sgd_piece averages (a, 1 - a, pull: the scalars' b1, 1 - b1, b2)
+    (w, _, v), (w2, _, v2) = state_in, state_out
+    a_avg, one_minus_a, pull = scalars[1], scalars[2], scalars[3]
+    for a, b, rows in mine:
+        k0, k1 = a - wbase, b - wbase
+        new = muon_update(w[k0:k1].reshape(rows, -1), w2[k0:k1].reshape(rows, -1), muon_lr)
+        new = new.reshape(-1)
+        if a_avg != 0:
+            v2[k0:k1] = a_avg * v[k0:k1] + one_minus_a * new
+        w2[k0:k1] = v2[k0:k1] if pull != 0 else new
     return partial
 
 

@@ -35,6 +35,7 @@ from pipeline.training.reduce import tree_update
 from pipeline.training.worker import (
     TaskSpec,
     compute_nodes,
+    muon_args,
     read_shards,
     step_scalars,
     task_setup,
@@ -441,6 +442,7 @@ def shm_part(
             CHUNK,
             batch,
             step_scalars(spec, adam_t),
+            muon_args(spec, adam_t),
         )
         if not all(record_is(records[i], step) for i in range(plan.k)):
             raise TrainingError(

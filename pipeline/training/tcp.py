@@ -31,6 +31,7 @@ from pipeline.training.reduce import tree_update
 from pipeline.training.worker import (
     TaskSpec,
     compute_nodes,
+    muon_args,
     read_shards,
     step_scalars,
     task_setup,
@@ -191,6 +192,7 @@ def tcp_update(
             CHUNK,
             batch,
             step_scalars(spec, adam_t),
+            muon_args(spec, adam_t),
         )
         if lo < hi
         else np.zeros(0)

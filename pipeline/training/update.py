@@ -27,6 +27,16 @@ With SGD, ``lookahead`` (K > 0) is airbench94's: the same slot holds a slow copy
 (from the initial ones); after every K-th step t (counting from 1) it becomes
 ``a * slow + (1 - a) * w`` with ``a = 0.95**K * (t / total)**3`` and the weights are set to it,
 and after the last step the weights are the slow copy (``a = 1`` unless that step is a K-th).
+BN's running statistics are averaged alike, by the coordinator (``_average_bn``): the weights a
+run is scored with are scored with their own statistics.
+
+With SGD, ``muon_lr`` > 0 trains the conv filters (every 4-D parameter that trains) with Muon
+(Keller Jordan's; airbench94_muon's settings: rate 0.24, momentum 0.6): each step the filter's
+Nesterov momentum direction ``d`` (momentum ``muon_momentum``, no L2, no decay), the filter
+scaled to Frobenius norm sqrt(F) for F filters, then ``w -= muon_lr * factor(t) *
+orthogonalize(d)`` (:func:`pipeline.optim.muon_update`); the other parameters take SGD as
+above. A filter is updated whole by one worker: the step's slices never cut one
+(:class:`pipeline.training.plan.StepPlan`).
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ class UpdateRule:
     total: int = 1  # steps of the run
     ema: float = 0.0  # the weights' moving average per step (SGD; 0: none)
     lookahead: int = 0  # steps between pulls of the weights to their slow copy (SGD; 0: none)
+    muon_lr: float = 0.0  # Muon's rate for the conv filters (SGD for the rest; 0: off)
+    muon_momentum: float = 0.6
 
     @classmethod
     def of(cls, config, total_steps: int) -> UpdateRule:
@@ -73,6 +85,8 @@ class UpdateRule:
             max(1, int(total_steps)),
             config.ema,
             config.lookahead,
+            config.muon_lr,
+            config.muon_momentum,
         )
 
     def factor(self, t: int) -> float:
@@ -104,6 +118,11 @@ class UpdateRule:
         return step_scalars(
             dtype, 1, average, lr=lr, momentum=self.momentum, nesterov=self.nesterov, lrwd=lrwd
         )
+
+    def muon_at(self, t: int) -> tuple[float, float]:
+        """Muon's (learning rate, momentum) at step ``t`` (from 0): its rate on the run's
+        schedule (:func:`pipeline.optim.muon_update`)."""
+        return self.muon_lr * self.factor(t), self.muon_momentum
 
     def average(self, t: int) -> tuple[float, bool]:
         """After step ``t`` (from 0), SGD's average of the weights becomes ``a * avg + (1 - a) *
@@ -140,6 +159,12 @@ class UpdateRule:
             return "lookahead works with optimizer sgd (Adam's state has no room for the slow copy)"
         if self.lookahead and self.ema:
             return "lookahead and ema both keep their average in one slot: choose one"
+        if not self.muon_lr >= 0:
+            return f"muon_lr must be >= 0, got {self.muon_lr}"
+        if self.muon_lr and self.optimizer != "sgd":
+            return "muon_lr works with optimizer sgd (the parameters that are not filters take it)"
+        if not 0.0 <= self.muon_momentum <= 1.0:
+            return f"muon_momentum must be in [0, 1], got {self.muon_momentum}"
         return None
 
 

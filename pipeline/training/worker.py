@@ -54,6 +54,8 @@ class TaskSpec:
     steps_per_epoch: int = 1
     # (parameter name, step from which it no longer trains): a whitening conv's bias
     freeze: tuple[tuple[str, int], ...] = ()
+    # (start, stop, filters) of each conv's filters that Muon updates (update.muon_lr)
+    muon: tuple[tuple[int, int, int], ...] = ()
 
     def frozen_at(self, step: int) -> frozenset[str]:
         """The parameters ``freeze`` holds still at ``step`` (from 0): no gradient is computed
@@ -205,6 +207,12 @@ def compute_nodes(
 def step_scalars(spec: TaskSpec, adam_t: int) -> tuple:
     """The update's scalars of the run's ``adam_t``-th step (from 1)."""
     return spec.update.scalars(adam_t - 1, spec.model.dtype)
+
+
+def muon_args(spec: TaskSpec, adam_t: int) -> tuple | None:
+    """:func:`pipeline.training.reduce.tree_update`'s ``muon`` at the run's ``adam_t``-th step
+    (from 1): the filters, Muon's rate and momentum; None without Muon."""
+    return (spec.muon, *spec.update.muon_at(adam_t - 1)) if spec.muon else None
 
 
 def worker_name() -> str:

@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from pipeline.optim import adam, adam_inplace, rmsprop, sgd, sgd_momentum
+from pipeline.optim import (
+    adam,
+    adam_inplace,
+    muon_update,
+    orthogonalize,
+    rmsprop,
+    sgd,
+    sgd_momentum,
+)
 
 
 def rel_error(x, y):
@@ -145,3 +153,34 @@ def test_adam_non_contiguous_and_mixed_dtypes_fall_back_to_same_formula():
 def test_adam_shape_mismatch_names_shapes():
     with pytest.raises(ValueError, match=r"w \(3, 4\), dw \(4, 3\)"):
         adam(np.zeros((3, 4)), np.zeros((4, 3)), {})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(64, 216), (256, 576), (40, 8), (8, 40), (1, 9)])
+def test_orthogonalize_brings_the_singular_values_near_one_in_the_callers_dtype(dtype, shape):
+    # random Gaussian matrices of these shapes have their singular values within a few times
+    # of each other: all of them come into the quintic's band (much smaller ones would not)
+    rng = np.random.default_rng(sum(shape))
+    g = (rng.standard_normal(shape) * rng.uniform(1e-3, 1e3)).astype(dtype)
+    o = orthogonalize(g)
+    assert o.dtype == dtype and o.shape == shape and o.flags.c_contiguous
+    s = np.linalg.svd(o.astype(np.float64), compute_uv=False)
+    assert 0.5 < s.min() and s.max() < 1.5, s  # whatever g's scale
+    # the same directions as g's: U V^T's, not some other orthogonal matrix
+    u, _, vt = np.linalg.svd(g.astype(np.float64), full_matrices=False)
+    assert np.sum(o * (u @ vt)) > 0.6 * min(shape)
+    assert np.array_equal(orthogonalize(g), o)  # the same bits again
+    assert np.allclose(orthogonalize(g * dtype(8)), o, rtol=1e-4, atol=1e-5)  # scale-free
+
+
+def test_muon_update_scales_the_filters_then_steps_along_the_orthogonalized_direction():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32) * 5
+    d = rng.standard_normal(w.shape).astype(np.float32)
+    new = muon_update(w, d, 0.0)
+    assert new.dtype == np.float32 and new.shape == w.shape
+    assert np.isclose(np.linalg.norm(new), 4.0, rtol=1e-6)  # sqrt(16 filters)
+    assert np.allclose(new, w * (4.0 / np.linalg.norm(w)), rtol=1e-6)
+    step = muon_update(w, d, 0.1) - new
+    assert np.allclose(step, -0.1 * orthogonalize(d.reshape(16, -1)).reshape(w.shape), atol=1e-6)
+    assert np.array_equal(muon_update(np.zeros_like(w), d, 0.0), np.zeros_like(w))  # no 0 / 0

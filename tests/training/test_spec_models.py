@@ -19,10 +19,11 @@ from pipeline.convnet import ConvNet
 from pipeline.curves import Curves
 from pipeline.data import open_store
 from pipeline.errors import TrainingError
-from pipeline.optim import adam
+from pipeline.optim import adam, muon_update
 from pipeline.runs import load_model
 from pipeline.training import TrainConfig, evaluate, resume_config, train
 from pipeline.training.config import RUNTIME_FIELDS
+from pipeline.training.plan import Layout, StepPlan
 from pipeline.training.shards import Schedule
 from pipeline.training.update import UpdateRule
 from tests.helpers.cluster import local_cluster
@@ -187,13 +188,18 @@ def test_augmentation_changes_the_training_and_resume_keeps_its_draws(
     assert_same_params(final_params(whole), final_params(cut))
 
 
-@pytest.mark.parametrize("average", [{}, {"ema": 0.75}, {"lookahead": 3}])
+@pytest.mark.parametrize(
+    "average",
+    [{}, {"ema": 0.75}, {"lookahead": 3}, {"muon_lr": 0.05, "muon_momentum": 0.7, "lookahead": 2}],
+)
 def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float64(
     store, tmp_path, training_client, average
 ):
     # with ema, params.npz holds the weights' moving average, from the initial weights; with
-    # lookahead, the weights pulled to their slow copy after step 3 and set to it after step 4
-    ema = average.get("ema", 0.0)
+    # lookahead, the weights pulled to their slow copy after step 3 and set to it after step 4;
+    # BN's running statistics averaged alike (saved with the averaged weights: ema), pulled
+    # with the weights (lookahead)
+    ema, muon = average.get("ema", 0.0), average.get("muon_lr", 0.0)  # muon: the 4-D filters
     settings = dict(
         **average,
         optimizer="sgd",
@@ -225,11 +231,16 @@ def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float
     rule = UpdateRule.of(config, 4)
     buf = {k: np.zeros_like(v) for k, v in model.params.items()}
     avg = {k: v.copy() for k, v in model.params.items()}
+    bn_avg = model.get_state()
     for step in range(4):
         X, y = st.read("train", sched.batch(step), dtype="float64")
         _, grads = model.loss(X, y)
         lr = rule.lr_at(step)
         for k, w in model.params.items():
+            if muon and w.ndim == 4:  # Muon's Nesterov momentum, no L2 or decay
+                buf[k] = 0.7 * buf[k] + grads[k]
+                model.params[k] = muon_update(w, grads[k] + 0.7 * buf[k], muon * rule.factor(step))
+                continue
             g = grads[k] + (config.reg * w if k.startswith("W") else 0.0)
             buf[k] = 0.8 * buf[k] + g
             factor = 4.0 if k.startswith(("gamma", "beta")) else 1.0
@@ -238,8 +249,16 @@ def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float
         for k in model.params:
             avg[k] = a * avg[k] + (1 - a) * model.params[k] if a else avg[k]
             model.params[k] = avg[k] if pull else model.params[k]
+        bn = model.get_state()  # the loss folded the batch's moments in (train mode)
+        if ema or rule.lookahead:
+            bn_avg = {k: a * bn_avg[k] + (1 - a) * bn[k] if a else bn_avg[k] for k in bn}
+            model.set_state(bn_avg if pull else bn)
     for k, v in (avg if ema else model.params).items():
         np.testing.assert_allclose(got[k], v, rtol=1e-8, atol=1e-12, err_msg=k)
+    for k, v in (bn_avg if ema else model.get_state()).items():
+        np.testing.assert_allclose(got[f"bn_{k}"], v, rtol=1e-8, atol=1e-12, err_msg=k)
+    if ema or rule.lookahead:  # averaged statistics are not the last steps' alone
+        assert not np.allclose(got["bn_running_var"], bn["running_var"], rtol=1e-6)
     if ema:  # the weights themselves are not the average
         assert not np.allclose(got["W1"], model.params["W1"], rtol=1e-8, atol=1e-12)
 
@@ -273,6 +292,44 @@ def test_lookahead_is_the_same_on_both_transports_after_a_resume_and_changes_the
     plain = tmp_path / "plain"  # without it the weights differ
     train(
         tiny_config(store, plain, shard_size=16, **dict(settings, lookahead=0)),
+        client=training_client,
+    )
+    assert not np.array_equal(final_params(plain)["W1"], final_params(tmp_path / "shm")["W1"])
+
+
+def test_muon_gives_the_same_bits_on_both_transports_and_after_a_resume(
+    store, tmp_path, training_client
+):
+    """Muon's filters lie in the first of the two slices (a worker updates each whole), the
+    affine layer's weights in both: the same bits over shm and tcp, and after a crash."""
+    spec = "conv 16 3, relu, pool 2, conv 32 3, bn, relu, pool 2, affine 64, relu, affine"
+    settings = dict(model=spec, optimizer="sgd", lr=0.05, muon_lr=0.05, batch_size=64, steps=5)
+    config = tiny_config(store, tmp_path / "x", **settings)
+    params = ModelSpec.of(config, len(open_store(store).class_names)).build().params
+    layout = Layout.of(params)
+    filters = [(sl.start, sl.stop) for n, sl in layout.slices().items() if params[n].ndim == 4]
+    plan = StepPlan.make(4, 2, layout.size, filters)
+    assert all(hi > lo for lo, hi in plan.slices) and filters[-1][1] <= plan.slices[0][1]
+    for transport in ("shm", "tcp"):
+        train(
+            tiny_config(
+                store, tmp_path / transport, transport=transport, shard_size=16, **settings
+            ),
+            client=training_client,
+        )
+    assert_same_params(final_params(tmp_path / "shm"), final_params(tmp_path / "tcp"))
+    cut = tmp_path / "cut"
+    with pytest.raises(Crash):
+        train(
+            tiny_config(store, cut, transport="shm", shard_size=16, **settings),
+            client=training_client,
+            progress=crash_after(3),
+        )
+    train(resume_config(cut), client=training_client)
+    assert_same_params(final_params(tmp_path / "shm"), final_params(cut))
+    plain = tmp_path / "plain"  # SGD for the filters too: other filters, the same affine shape
+    train(
+        tiny_config(store, plain, shard_size=16, **dict(settings, muon_lr=0.0)),
         client=training_client,
     )
     assert not np.array_equal(final_params(plain)["W1"], final_params(tmp_path / "shm")["W1"])

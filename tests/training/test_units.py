@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.cnn import ModelSpec
 from pipeline.errors import TrainingError
-from pipeline.optim import adam_inplace
+from pipeline.optim import adam_inplace, muon_update
 from pipeline.procs import pid_namespace
 from pipeline.training import rundir, shm
 from pipeline.training.config import TrainConfig, parse_value
@@ -27,7 +27,7 @@ from pipeline.training.shm import (
     shm_root,
     write_record,
 )
-from pipeline.training.update import adam_scalars
+from pipeline.training.update import adam_scalars, step_scalars
 
 # ---- ModelSpec ----------------------------------------------------------------------------------
 
@@ -234,6 +234,26 @@ def test_slices_are_whole_blocks_and_cover_the_vector():
     assert all(lo % CHUNK == 0 for lo, _ in plan.slices)
 
 
+def test_no_slice_cuts_a_whole_range_muons_filters():
+    # [0, 10) in 4 parts of units of 2, ranges [1, 7) and [7, 8) kept whole: the cut at 2 moves
+    # to 8 (7 is no multiple of 2; 8 is in no range), later ones stay
+    assert split(10, 4, 2, ((1, 7), (7, 9))) == [(0, 10), (10, 10), (10, 10), (10, 10)]
+    assert split(10, 4, 2, ((1, 7),)) == [(0, 8), (8, 8), (8, 8), (8, 10)]
+    assert split(10, 2, 1, ((3, 5),)) == [(0, 5), (5, 10)]
+    assert split(10, 3) == split(10, 3, 1, ((3, 3), (0, 3)))  # empty and edge ranges cut nothing
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 50 * CHUNK))
+        cuts = np.sort(rng.choice(n, size=min(n - 1, 6), replace=False))
+        whole = tuple((int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if rng.random() < 0.6)
+        plan = StepPlan.make(8, int(rng.integers(1, 6)), n, whole)
+        assert plan.slices[0][0] == 0 and plan.slices[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(plan.slices, plan.slices[1:]))
+        for lo, _ in plan.slices:
+            assert lo % CHUNK == 0 or lo == n
+            assert not any(s < lo < e for s, e in whole)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k, width", [(1, 1), (2, 2), (3, 2), (5, 2), (8, 3), (16, 4), (4, 6)])
 @pytest.mark.parametrize("t", [0, 57])
@@ -285,6 +305,100 @@ def test_sliced_tree_and_adam_are_bit_for_bit_the_whole_tree_then_pipeline_optim
         assert a.dtype == dtype and np.array_equal(a, b)
     expect = sum(float(np.sum(w0[a:b].astype(np.float64) ** 2)) for a, b, reg in segments if reg)
     assert math.fsum(np.concatenate(partials)) == pytest.approx(expect, rel=1e-12)
+
+
+@pytest.mark.parametrize("k, width", [(1, 1), (3, 2), (8, 3), (4, 6)])
+@pytest.mark.parametrize("average", [(0.0, False), (0.7, True)])
+def test_muons_filters_update_whole_and_to_the_same_bits_however_the_vector_is_sliced(
+    k, width, average
+):
+    # three filters Muon updates (two of them longer than a block) between plain SGD pieces;
+    # every slicing gives the bits of one slice, which is SGD, then muon_update, then averaging
+    rng = np.random.default_rng(k + width)
+    dtype, a_avg, pull = np.float32, *average
+    sizes = [100, 16 * 600, 37, 4 * CHUNK + 64, 500, 8 * 27, 300]
+    bounds = np.cumsum([0, *sizes])
+    n = int(bounds[-1])
+    filters = ((100, 100 + 16 * 600, 16), (int(bounds[3]), int(bounds[4]), 64))
+    filters += ((int(bounds[5]), int(bounds[6]), 8),)
+    segments = [
+        (int(a), int(b), 0.0 if i % 2 else 1e-3) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ]
+    slots = rng.standard_normal((k, n)).astype(dtype)
+    state = tuple(rng.standard_normal(n).astype(dtype) for _ in range(3))
+    scalars = step_scalars(
+        dtype,
+        1,
+        (a_avg, 1 - a_avg, float(pull), 0.001, 1, 1),
+        lr=0.05,
+        momentum=0.85,
+        nesterov=True,
+    )
+    muon = (filters, 0.02, 0.6)
+
+    def run(plan):
+        nodes = np.zeros_like(slots)
+        for node in plan.nodes():
+            a, b = covers(node, k)
+            nodes[a] = pairwise(list(slots[a:b]), np.add)
+        ops, root = plan.program()
+        out = tuple(np.full(n, np.nan, dtype) for _ in range(3))
+        for lo, hi in plan.slices:
+            tree_update(
+                nodes,
+                [covers(nd, k)[0] for nd in plan.nodes()],
+                ops,
+                root,
+                0,
+                state,
+                out,
+                0,
+                lo,
+                hi,
+                segments,
+                CHUNK,
+                64,
+                scalars,
+                muon,
+            )
+        return out
+
+    whole = run(StepPlan.make(k, 1, n))
+    sliced = run(StepPlan.make(k, width, n, [(a, b) for a, b, _ in filters]))
+    for x, y in zip(whole, sliced):
+        assert np.array_equal(x, y)
+    # the reference: SGD's momentum for every piece; Muon's step for the filters
+    g = pairwise(list(slots), np.add) / dtype(64)
+    w, m, v = state
+    buf = dtype(0.6) * m + g
+    for a, b, rows in filters:
+        d = g[a:b] + dtype(0.6) * buf[a:b]
+        new = muon_update(w[a:b].reshape(rows, -1), d.reshape(rows, -1), 0.02).reshape(-1)
+        avg = dtype(a_avg) * v[a:b] + dtype(1 - a_avg) * new if a_avg else v[a:b]
+        np.testing.assert_array_equal(whole[1][a:b], buf[a:b])
+        np.testing.assert_allclose(whole[0][a:b], avg if pull else new, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(whole[2][a:b], avg, rtol=1e-5, atol=1e-6)
+    # a slice that cuts a filter is refused (StepPlan never makes one)
+    ops, root = StepPlan.make(k, 1, n).program()
+    rows = [covers(nd, k)[0] for nd in StepPlan.make(k, 1, n).nodes()]
+    with pytest.raises(ValueError, match=r"the filter \[100, 9700\) is cut by the slice"):
+        tree_update(
+            slots,
+            rows,
+            ops,
+            root,
+            0,
+            state,
+            whole,
+            0,
+            0,
+            CHUNK,
+            segments,
+            CHUNK,
+            64,
+            scalars,
+            muon,
+        )
 
 
 def test_tree_order_is_fixed_not_left_to_right():

@@ -131,6 +131,17 @@ def test_adam_takes_decoupled_decay_and_group_factors():
         (dict(optimizer="sgd", lookahead=-1), r"lookahead must be a whole number of steps >= 0"),
         (dict(optimizer="sgd", lookahead=2.5), r"setting lookahead: expected int, got 2.5"),
         (dict(optimizer="sgd", lookahead=5, ema=0.9), r"lookahead and ema .* choose one"),
+        (dict(muon_lr=0.2), r"muon_lr works with optimizer sgd"),
+        (dict(optimizer="sgd", muon_lr=-0.1), r"muon_lr must be >= 0, got -0.1"),
+        (dict(optimizer="sgd", muon_lr=0.2, muon_momentum=1.2), r"muon_momentum must be in"),
+        (
+            dict(optimizer="sgd", muon_lr=0.2, model="gap, affine"),
+            r"muon_lr: the model has no conv filters that train",
+        ),
+        (
+            dict(optimizer="sgd", muon_lr=0.2, model="conv 24 2 pad=0 init=whiten, gap, affine"),
+            r"muon_lr: the model has no conv filters that train",
+        ),
     ],
 )
 def test_bad_update_settings_are_one_line(change, message):
