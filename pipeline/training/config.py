@@ -129,12 +129,13 @@ class TrainConfig:
     muon_lr: float = _opt(
         0.0,
         "train the conv filters with Muon at this learning rate (the schedule's peak): each "
-        "step the filter's Nesterov momentum, orthogonalized by a Newton-Schulz iteration, "
+        "step the filter's momentum (Nesterov's with --nesterov), orthogonalized by a "
+        "Newton-Schulz iteration, "
         "after the filter is scaled to norm sqrt(its filters) (airbench94_muon: 0.24); the "
         "other parameters take --optimizer sgd (0: off)",
         "LR",
     )
-    muon_momentum: float = _opt(0.6, "Muon's (Nesterov) momentum (airbench94_muon: 0.6)", "M")
+    muon_momentum: float = _opt(0.6, "Muon's momentum (airbench94_muon: 0.6)", "M")
     whiten_bias_epochs: int | None = _opt(
         None,
         "the whitening conv's bias trains for the first N epochs, then stays as it is, its "

@@ -314,7 +314,8 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
         for step in range(state.step, schedule.total_steps):
             sent, received = exchange.sent, exchange.received
             # the next step waits on its workers for this one; not when an epoch's test split
-            # is scored off the clock after it (that step's compute would leave the clock too)
+            # is scored off the clock after it (that step's compute would leave the clock too;
+            # the workers then score the epoch's train and val samples with no step beside it)
             if not (config.test_each_epoch and schedule.ends_epoch(step)):
                 submit(step + 1)
             # compute, reduce, update: on the workers; collect their small results
@@ -376,10 +377,10 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                         t_begin += clock.lap("test")
                 log(record)
                 clock.lap("eval")
+                submit(step + 1)  # (held back above: it computes while the checkpoint is written)
 
             if (step + 1) % config.checkpoint_every == 0 or schedule.ends_epoch(step):
                 checkpoint(step + 1)
-            submit(step + 1)  # (if it was held back above)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the last step done
         if state.step + done.steps > saved[-1]:
             try:
@@ -482,11 +483,15 @@ def _average_bn(rule: UpdateRule, step: int, bn: dict, avg: dict) -> tuple[dict,
     weights and statistics scored together belong together (airbench's lookahead averages
     them too): ``avg`` becomes ``a * avg + (1 - a) * bn`` and, where the lookahead pulls the
     weights to their slow copy, ``bn`` becomes ``avg`` (``(a, pull)``:
-    :meth:`UpdateRule.average`). ``avg`` is empty without --ema and --lookahead."""
+    :meth:`UpdateRule.average`). ``avg`` is empty without --ema and --lookahead. It starts
+    from the first step's statistics (the initial running variance, zero, is no statistic;
+    the weights' average starts from the initial weights)."""
     if not avg:
         return bn, avg
     a, pull = rule.average(step)
-    if a != 0:
+    if step == 0:
+        avg = {k: v.copy() for k, v in bn.items()}
+    elif a != 0:
         avg = {k: a * avg[k] + (1.0 - a) * bn[k] for k in avg}
     if pull:
         bn = {k: v.copy() for k, v in avg.items()}

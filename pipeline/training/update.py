@@ -32,7 +32,7 @@ run is scored with are scored with their own statistics.
 
 With SGD, ``muon_lr`` > 0 trains the conv filters (every 4-D parameter that trains) with Muon
 (Keller Jordan's; airbench94_muon's settings: rate 0.24, momentum 0.6): each step the filter's
-Nesterov momentum direction ``d`` (momentum ``muon_momentum``, no L2, no decay), the filter
+momentum direction ``d`` (``muon_momentum``; Nesterov's as SGD's is; no L2, no decay), the filter
 scaled to Frobenius norm sqrt(F) for F filters, then ``w -= muon_lr * factor(t) *
 orthogonalize(d)`` (:func:`pipeline.optim.muon_update`); the other parameters take SGD as
 above. A filter is updated whole by one worker: the step's slices never cut one

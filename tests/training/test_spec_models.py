@@ -231,7 +231,7 @@ def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float
     rule = UpdateRule.of(config, 4)
     buf = {k: np.zeros_like(v) for k, v in model.params.items()}
     avg = {k: v.copy() for k, v in model.params.items()}
-    bn_avg = model.get_state()
+    bn_avg = {}
     for step in range(4):
         X, y = st.read("train", sched.batch(step), dtype="float64")
         _, grads = model.loss(X, y)
@@ -251,7 +251,10 @@ def test_sgd_with_a_schedule_groups_and_decay_is_the_single_process_update_float
             model.params[k] = avg[k] if pull else model.params[k]
         bn = model.get_state()  # the loss folded the batch's moments in (train mode)
         if ema or rule.lookahead:
-            bn_avg = {k: a * bn_avg[k] + (1 - a) * bn[k] if a else bn_avg[k] for k in bn}
+            if step == 0:  # the average starts from the first step's statistics
+                bn_avg = bn
+            else:
+                bn_avg = {k: a * bn_avg[k] + (1 - a) * bn[k] if a else bn_avg[k] for k in bn}
             model.set_state(bn_avg if pull else bn)
     for k, v in (avg if ema else model.params).items():
         np.testing.assert_allclose(got[k], v, rtol=1e-8, atol=1e-12, err_msg=k)
