@@ -254,6 +254,16 @@ def test_no_slice_cuts_a_whole_range_muons_filters():
             assert not any(s < lo < e for s, e in whole)
 
 
+def frontier_nodes(plan: StepPlan, slots: np.ndarray) -> np.ndarray:
+    """The parts' tree nodes of shard gradients ``slots`` (k, n), as workers write them: each
+    in the slot of its first shard."""
+    nodes = np.zeros_like(slots)
+    for node in plan.nodes():
+        a, b = covers(node, plan.k)
+        nodes[a] = pairwise(list(slots[a:b]), np.add)
+    return nodes
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("k, width", [(1, 1), (2, 2), (3, 2), (5, 2), (8, 3), (16, 4), (4, 6)])
 @pytest.mark.parametrize("t", [0, 57])
@@ -274,12 +284,8 @@ def test_sliced_tree_and_adam_are_bit_for_bit_the_whole_tree_then_pipeline_optim
     ref = {"learning_rate": 3e-3, "m": m0.copy(), "v": v0.copy(), "t": t}
     w_ref = w0.copy()
     adam_inplace(w_ref, g, ref)
-    # the parts' nodes (as workers write them: in the slot of each node's first shard)
     plan = StepPlan.make(k, width, n)
-    nodes = np.zeros_like(slots)
-    for node in plan.nodes():
-        a, b = covers(node, k)
-        nodes[a] = pairwise(list(slots[a:b]), np.add)
+    nodes = frontier_nodes(plan, slots)
     ops, root = plan.program()
     out = tuple(np.full(n, np.nan, dtype) for _ in range(3))
     partials = [
@@ -337,10 +343,7 @@ def test_muons_filters_update_whole_and_to_the_same_bits_however_the_vector_is_s
     muon = (filters, 0.02, 0.6)
 
     def run(plan):
-        nodes = np.zeros_like(slots)
-        for node in plan.nodes():
-            a, b = covers(node, k)
-            nodes[a] = pairwise(list(slots[a:b]), np.add)
+        nodes = frontier_nodes(plan, slots)
         ops, root = plan.program()
         out = tuple(np.full(n, np.nan, dtype) for _ in range(3))
         for lo, hi in plan.slices:
