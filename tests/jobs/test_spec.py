@@ -64,14 +64,14 @@ def test_the_airbench_recipes_load_as_networks_of_their_widths(name):
     )  # fmt: skip
 
 
-def test_the_muon_recipe_is_the_airbench_network_with_muon_for_six_and_a_half_epochs():
+def test_the_muon_recipe_is_the_airbench_network_with_muon_for_six_and_a_third_epochs():
     from pipeline.netspec import NetSpec
 
     plain = TrainConfig.from_job(load_spec(REPO / "jobs" / "train-airbench.toml").options)
     config = TrainConfig.from_job(load_spec(REPO / "jobs" / "train-airbench-muon.toml").options)
     assert NetSpec.from_text(config.model) == NetSpec.from_text(plain.model)
     assert (config.optimizer, config.muon_lr, config.muon_momentum) == ("sgd", 0.16, 0.6)
-    assert (config.epochs, config.steps, config.batch_size) == (7, 312, 1024)  # 48 steps an epoch
+    assert (config.epochs, config.steps, config.batch_size) == (7, 304, 1024)  # 48 steps an epoch
     assert config.whiten_bias_epochs == 3 and config.lookahead == 5
 
 
