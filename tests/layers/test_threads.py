@@ -174,7 +174,7 @@ def test_openblas_restart_only_from_the_main_thread():
 # ---- one launch at a time per process (Numba's TBB layer is not safe otherwise) ----------------
 
 # kernels called only from inside other compiled kernels (never launched from Python)
-INNER_KERNELS = {"_add", "_adam_piece", "_sgd_piece"}
+INNER_KERNELS = {"_add", "_adam_piece", "_sgd_piece", "_muon_piece"}
 
 
 def _parallel_kernels():
