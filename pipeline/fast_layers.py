@@ -62,7 +62,7 @@ from pipeline._kernels import conv as kc
 from pipeline._kernels import norm as kn
 from pipeline._kernels import pointwise as kw
 from pipeline._kernels import pool as kp
-from pipeline._kernels import simd
+from pipeline._kernels import simd, tile
 from pipeline._kernels import winograd as kwg
 from pipeline._kernels.threads import launch
 from pipeline.layers import affine_forward, relu_forward
@@ -145,9 +145,16 @@ def vector_bytes_setting() -> int:
     return simd.process_bytes()
 
 
+def vector_registers_setting() -> int:
+    """The register count the environment asks for, read now: ``CONVPIPE_VECTOR_REGISTERS``
+    when set, else the CPU's (32 with AVX-512, 16 with AVX2); a ValueError naming the variable
+    for a value other than 16 or 32. It picks the kernels' register tiles (speed only)."""
+    return simd.process_registers()
+
+
 def machine_text() -> str:
-    """One line: the CPU model, its vector extensions and the kernels' width (benchmarks print
-    it beside their figures, ``python -m pipeline.warmup`` at its start)."""
+    """One line: the CPU model, its vector extensions, the kernels' width and register count
+    (benchmarks print it beside their figures, ``python -m pipeline.warmup`` at its start)."""
     return simd.describe()
 
 
@@ -264,8 +271,8 @@ def _conv_core_forward(x, w, b, conv_param, relu):
         Wo = (k - 1) * S + W_out  # the output row of k images side by side
         xp, Wp = _pad_direct(xc, pad, pad, H_out, Wo, HH, WW, k, S)
         outk = out if k == 1 else np.empty((len(xp), F, H_out, Wo), dtype)
-        vw = simd.current()
-        _launch(kc.direct_forward, outk.size * C * HH * WW, xp, Wp, wc, bc, relu, outk, vw)
+        vw, tl = simd.current(), _tile()
+        _launch(kc.direct_forward, outk.size * C * HH * WW, xp, Wp, wc, bc, relu, outk, tl, vw)
         if k > 1:
             _launch(kc.one_by_one, out.size, outk, k, S, out)
         src = (xp, Wp)
@@ -333,7 +340,9 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
             dk = np.empty((len(xp), F, H_out, Wo), dtype=dtype)
             _launch(kc.pad_planes, dk.size, d, k, S, 0, 0, Wo, dk.reshape(len(xp), F, -1))
         dw = np.empty((F, C, HH, WW), dtype=dtype)
-        _launch(kc.direct_dw, dk.size * C * HH * WW, xp, Wp, dk, dw, db, _width_for(F, dtype))
+        tl = _tile()
+        vw = _width_for(F, dtype, cols=tl.cols)
+        _launch(kc.direct_dw, dk.size * C * HH * WW, xp, Wp, dk, dw, db, tl, vw)
         if compute_dx and pad <= WW - 1 and pad <= HH - 1:
             # dx = dout convolved with the flipped filters, transposed to (C, F, HH, WW)
             wt = np.ascontiguousarray(wc[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
@@ -350,6 +359,7 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
                 np.zeros(C, dtype),
                 False,
                 dxk,
+                _tile(),
                 simd.current(),
             )
             if k > 1:
@@ -490,6 +500,7 @@ def affine_relu_forward_fast(x, w, b):
         and x.size == N * w.shape[0]
     ):
         out = np.empty((N, w.shape[1]), dtype)
+        tl = _tile()
         _launch(
             ka.affine_relu_rows,
             out.size * w.shape[0],
@@ -497,7 +508,8 @@ def affine_relu_forward_fast(x, w, b):
             _as(w, dtype),
             _as(b, dtype),
             out,
-            _width_for(w.shape[1], dtype, fit=True),
+            tl,
+            _width_for(w.shape[1], dtype, fit=True, cols=tl.cols),
         )
         return out, ((x, w, b), out)
     a, _ = affine_forward(x, w, b)
@@ -540,13 +552,14 @@ def affine_dx_fast(da, w, sumsq=False):
         and D > 0
         and M > 0
     ):
-        vw = _width_for(N, dtype)
-        G = 4 * vw.lanes(dtype)
+        tl = _tile(tall=True)
+        vw = _width_for(N, dtype, cols=tl.cols)
+        G = tl.cols * vw.lanes(dtype)
         dat = _aligned_empty(-(-N // G) * M * G, dtype)
         ka.pack_row_panels(_as(da, dtype), G, dat)
         dx = np.empty((N, D), dtype)
         sq = np.zeros(-(-D // ka.ROWS) if sumsq else 0)
-        _launch(ka.affine_dx_rows, dx.size * M, dat, _as(w, dtype), N, dx, sq, vw)
+        _launch(ka.affine_dx_rows, dx.size * M, dat, _as(w, dtype), N, dx, sq, tl, vw)
         return (dx, float(sq.sum())) if sumsq else dx
     dx = (da @ w.T).astype(dtype, copy=False)
     return (dx, sum_of_squares(w)) if sumsq else dx
@@ -612,8 +625,9 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
         and w.shape[1] >= _MIN_PANEL_BYTES // dtype.itemsize
         and N > 0
     ):
-        vw = _width_for(w.shape[1], dtype, fit=True)
-        G = 4 * vw.lanes(dtype)
+        tl = _tile()
+        vw = _width_for(w.shape[1], dtype, fit=True, cols=tl.cols)
+        G = tl.cols * vw.lanes(dtype)
         x2 = _as(x.reshape(N, D), dtype)
         dap = _aligned_empty(-(-w.shape[1] // G) * N * G, dtype)
         ka.pack_panels(_as(da, dtype), G, dap)
@@ -627,6 +641,7 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
             np.array([reg, scale], dtype),
             bool(add),
             dw,
+            tl,
             vw,
         )
         return dw
@@ -650,8 +665,16 @@ _MIN_PANEL_BYTES = 128
 _FMA_SLOT_BYTES = 32
 
 
-def _width_for(count, dtype, fit=False) -> simd.Width:
-    """The width to cut ``count`` values (filters, columns, rows) into groups of 4 vectors at:
+def _tile(tall: bool = False) -> tile.Tile:
+    """A kernel's register tile for this process's registers (``tile.tile_for``): 6 x 4 on 32
+    registers for the kernels that measured faster with it (``tall``: the few-row dx), 3 x 4
+    otherwise."""
+    return tile.tile_for(tall)
+
+
+def _width_for(count, dtype, fit=False, cols=4) -> simd.Width:
+    """The width to cut ``count`` values (filters, columns, rows) into groups of ``cols``
+    vectors (a tile's) at:
     of the widths up to the process's (``simd.current()``), the one taking the fewest FMA slots
     for its padded values (a vector takes one slot per 32 bytes, at least one: 16 bytes cost a
     32-byte vector's slot), the widest on a tie; with ``fit``, only widths whose group is at
@@ -662,7 +685,7 @@ def _width_for(count, dtype, fit=False) -> simd.Width:
     top = simd.current().nbytes
     best = None
     for nbytes in simd.WIDTHS:
-        G = 4 * nbytes // itemsize
+        G = cols * nbytes // itemsize
         if nbytes > top or (fit and G > count):
             continue
         slots = -(-count // G) * G / min(nbytes, _FMA_SLOT_BYTES)  # in units of itemsize

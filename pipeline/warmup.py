@@ -23,7 +23,7 @@ from pipeline._kernels import conv as kc
 from pipeline._kernels import norm as kn
 from pipeline._kernels import pointwise as kw
 from pipeline._kernels import pool as kp
-from pipeline._kernels import simd
+from pipeline._kernels import simd, tile
 from pipeline._kernels import winograd as kwg
 from pipeline.cnn import ThreeLayerConvNet
 from pipeline.convnet import ConvNet
@@ -105,20 +105,23 @@ def _has_cached_code(dispatcher, dtype: np.dtype) -> bool:
     """Whether the dispatcher's cache index lists code for this machine, this source, a first
     array argument of ``dtype`` (every kernel's data; float64 accumulators come later) and, for
     a kernel that takes a vector width, a width this process may run it at (its own or a
-    narrower one). Numba keys each entry by (argument types, the CPU's target triple, name and
-    features, hashes of the bytecode); the index itself is empty when the source file changed
-    since."""
+    narrower one), and a register tile it may pick (``tile.tile_for``). Numba keys each entry
+    by (argument types, the CPU's target triple, name and features, hashes of the bytecode);
+    the index itself is empty when the source file changed since."""
     cache = dispatcher._cache
     index = cache._cache_file._load_index()
     _, machine, code = cache._index_key(None, dispatcher.targetctx.codegen())
     want = from_dtype(dtype)
     width = simd.current().nbytes
+    tiles = {(t.rows, t.cols) for t in (tile.tile_for(False), tile.tile_for(True))}
     return any(
         key[1] == machine
         and key[2] == code
         and next((arg.dtype for arg in key[0] if isinstance(arg, types.Array)), None) == want
         # a kernel runs at the process's width or narrower (conv dw of 32 filters at 32 bytes)
         and all(arg.nbytes <= width for arg in key[0] if isinstance(arg, simd.WidthType))
+        # and with a tile of the process's registers
+        and all((a.rows, a.cols) in tiles for a in key[0] if isinstance(a, tile.TileType))
         for key in index
     )
 

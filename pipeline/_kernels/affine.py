@@ -6,24 +6,31 @@ and its weight gradient with the L2 term fused in:
     dx = da @ w.T, sum(w**2)          dx (N, D)     da (N, M)    w (D, M)    (15 < N < 64)
     dw = x2.T @ da + reg * w          dw, w (D, M)    x2 (N, D)    da (N, M)
 
+**The register tile** (``pipeline._kernels.tile``): R rows x C = 4 vectors of sums, R * C
+accumulators fed per step by R broadcasts and 4 vector loads. R = 3 (12 accumulators) unless
+the caller passes 6 x 4 (the dx pass on a CPU with 32 vector registers, where it measured
+faster; the forward and dw measured slower with it). G = 4 vectors of columns (or rows) is
+the unit of every panel below. The tile never changes bits: each output is one FMA chain.
+
 **The forward product** (``affine_relu_rows``). With 50 rows (the notebook's batch) OpenBLAS
 packs w's panels before multiplying them and gains little from a second thread. Here a
-task owns FWD_GROUPS column groups of G = 4 vectors for all N rows; k runs in blocks of FWD_KB,
-and each block's strip of w (FWD_KB x G, 16 kB in float32) is read straight from w, kept in L1
-while every tile of 3 rows sums over it in 12 vector registers (``fma_3x4``), with the next
-strip prefetched meanwhile. The sums go to a per-task scratch between k blocks, and at the end
-``relu(sum + b)`` to out. Bits: out[i, j] is the k-ordered FMA chain over k = 0..D-1, then one
-rounded addition of b[j], then ``np.maximum(., 0)``'s choice (NaN kept, -0.0 to +0.0): which thread,
-task or tile computes it, and how many rows the call has, do not change it.
+task owns FWD_TASK_COLS columns (groups of G) for all N rows; k runs in blocks whose strip of w
+(k x G, FWD_STRIP_BYTES) is read straight from w, kept in L1 while every tile of R rows sums
+over it, with the next strip prefetched meanwhile. The sums go to a per-task scratch between k
+blocks, and at the end ``relu(sum + b)`` to out. Bits: out[i, j] is the k-ordered FMA chain over
+k = 0..D-1, then one rounded addition of b[j], then ``np.maximum(., 0)``'s choice (NaN kept,
+-0.0 to +0.0): which thread, task or tile computes it, and how many rows the call has, do not
+change it.
 
 **The input gradient** (``affine_dx_rows``, for 16 to 63 rows). With 50 rows OpenBLAS's
 ``da @ w.T`` ran well below NumPy's rate on large products, and the loss's L2 term read w's
-16 MB once more (``np.vdot(w, w)``). Here da is first copied transposed into panels of G = 4
-vectors of rows (``pack_row_panels``, zeros past row N - 1), each contiguous in k; a task owns
-ROWS rows of w, and for every block of 3 of them x one panel sums w[j, k] * da[i:i + G, k]
-over k = 0..M-1 in 12 vector registers (the same ``fma_3x4``: w's 3 values are the
-broadcasts), then stores the 3 x G sums transposed into dx[i, j]. The block's rows of w, just
-read, are then squared from L1 for the L2 term. dx[i, j] is the k-ordered FMA chain over
+16 MB once more (``np.vdot(w, w)``). Here da is first copied transposed into panels of G
+rows (``pack_row_panels``, zeros past row N - 1), each contiguous in k; a task owns ROWS rows of
+w, and for every block of R of them x one panel sums w[j, k] * da[i:i + G, k] over k = 0..M-1
+(w's R values are the broadcasts), then stores the R x G sums transposed into dx[i, j]. While a
+block reads its rows of w, it prefetches the next block's, line by line at the rate it reads its
+own (w comes from memory: a Solver step's Adam has just written it). The block's rows of w,
+just read, are then squared from L1 for the L2 term. dx[i, j] is the k-ordered FMA chain over
 k = 0..M-1 (from 0): neither the thread count nor the call's row count changes it. The sum of
 squares: per row of w, float32 sums over k in 16 lanes (``_row_sumsq``: the same at every
 vector width), then in float64 the tail, added in row order within a task; the caller adds the
@@ -36,15 +43,16 @@ four passes over 16 MB arrays: OpenBLAS zeroes dw, accumulates x2.T @ da into it
 ``dw += reg * w`` reads both and writes dw again. Here w is read once and dw written once, from
 sums held in registers.
 
-Layout: da is first copied into column panels of G = 4 vectors (32 float32 columns), each
-contiguous in k (``pack_panels``). A task owns ROWS rows of dw; it copies its rows of x2 into
-blocks of 3 rows interleaved by k, then for every block of 3 rows x one panel sums
-x2[k, i] * da[k, j:j + G] over k = 0..N-1 in 12 vector registers (``fma_3x4``: 3 broadcasts
-and 4 loads per 12 FMAs) and writes ``sum + round(reg * w)`` to dw.
+Layout: da is first copied into column panels of G columns, each contiguous in k
+(``pack_panels``). A task owns ROWS rows of dw; it copies its rows of x2 into blocks of R rows
+interleaved by k, then for every block of R rows x one panel sums x2[k, i] * da[k, j:j + G] over
+k = 0..N-1 and writes ``sum + round(reg * w)`` to dw. Each panel first prefetches the lines of w
+and dw the next one finishes with: a panel's 600 FMAs were otherwise followed by a stall on
+lines from memory.
 
-The micro-kernel (``fma_3x4``, ``zeros_3x4``, ``load_3x4``, ``store_3x4``) is the direct
-convolution's, from tile.py: Numba's on-disk cache checks only this file, so after editing those
-helpers clear the cache (``__pycache__/affine.*.nbi``/``.nbc``) or touch this file.
+The micro-kernel is the direct convolution's, from tile.py: Numba's on-disk cache checks only
+this file, so after editing those helpers clear the cache (``__pycache__/affine.*.nbi``/``.nbc``)
+or touch this file.
 
 Bits: dw[i, j] is the k-ordered FMA chain over k = 0..N-1 (from 0), then one addition of the
 rounded product reg * w[i, j] (``np.add(s, np.multiply(w, reg))``). Which thread or task
@@ -59,15 +67,23 @@ from numba import njit, prange
 from pipeline._kernels.simd import (
     lanes,
     prefetch,
-    vadd,
     vfma,
     vload,
-    vmul,
     vsplat,
     vstore,
     vzero,
 )
-from pipeline._kernels.tile import fma_3x4, load_3x4, store_3x4, zeros_3x4
+from pipeline._kernels.tile import (
+    tile_add,
+    tile_fma,
+    tile_load,
+    tile_mul,
+    tile_rows,
+    tile_shape,
+    tile_store,
+    tile_vectors,
+    tile_zeros,
+)
 
 #: rows of dw per task: 16 blocks of 3 (the task's x2 rows, 3 * N values per block, stay in L1)
 ROWS = 48
@@ -88,132 +104,83 @@ def pack_panels(da, G, dap):
 
 
 @njit(parallel=True, cache=True)
-def affine_dw_l2(x2, dap, w, coef, add, dw, vw):
+def affine_dw_l2(x2, dap, w, coef, add, dw, tl, vw):
     """dw (D, M) = [dw +] (x2.T @ da + coef[0] * w) * coef[1], da as pack_panels left it in dap;
-    x2 (N, D), w (D, M) and dw C-contiguous, one dtype; M >= G = 4 vectors (32 float32 or 16
-    float64 columns). Each operation rounded in turn as NumPy's ``np.add(dw, np.multiply(
-    np.add(s, np.multiply(w, reg)), scale))`` would; w is not read when coef[0] == 0 (s taken as
-    is), dw not read unless ``add``. coef[1] = 1 leaves the sum unchanged (an exact product).
+    x2 (N, D), w (D, M) and dw C-contiguous, one dtype; M >= G = C vectors (the tile's). Each
+    operation rounded in turn as NumPy's ``np.add(dw, np.multiply(np.add(s, np.multiply(w,
+    reg)), scale))`` would; w is not read when coef[0] == 0 (s taken as is), dw not read unless
+    ``add``. coef[1] = 1 leaves the sum unchanged (an exact product).
 
-    One task per ROWS rows of dw. D not a multiple of 3: the last block of a task repeats its
-    last row; both the repeated row and a panel's overlapping columns are written twice with
-    the same value. With ``add``, a block's 12 vectors are all read before any is stored (so a
-    repeated row adds once), and the last panel, when it overlaps the one before, adds to the
-    values its columns had before that panel stored them (copied first into ``tail``).
+    One task per ROWS rows of dw, in blocks of R (the tile's rows). D not a multiple of R: the
+    last block of a task repeats its last row; both the repeated row and a panel's overlapping
+    columns are written twice with the same value. With ``add``, a block's vectors are all read
+    before any is stored (so a repeated row adds once), and the last panel, when it overlaps
+    the one before, adds to the values its columns had before that panel stored them (copied
+    first into ``tail``).
     """
     N, D = x2.shape
     M = w.shape[1]
+    R, C = tile_shape(tl)
     V = lanes(x2, vw)
-    G = 4 * V
+    G = C * V
     if M < G:  # a panel would start before column 0: vstore does no bounds checks
-        raise ValueError("affine_dw_l2: w needs at least 4 vectors of columns")
+        raise ValueError("affine_dw_l2: w needs at least one tile's vectors of columns")
     nj = (M + G - 1) // G
     wf = w.reshape(-1)
     of = dw.reshape(-1)
     use_w = coef[0] != 0
     for t in prange((D + ROWS - 1) // ROWS):
+        ts = tile_vectors(tl, w, vw)  # a row's vectors: 0, V, ..., (C - 1) * V
         i_lo = t * ROWS
         i_hi = min(i_lo + ROWS, D)
-        nb = (i_hi - i_lo + 2) // 3
-        # xb[(b * N + k) * 3 + r] = x2[k, row r of block b]: the broadcasts of a block, in k order
-        xb = np.empty(nb * N * 3, dtype=x2.dtype)
+        nb = (i_hi - i_lo + R - 1) // R
+        # xb[(b * N + k) * R + r] = x2[k, row r of block b]: the broadcasts of a block, in k order
+        xb = np.empty(nb * N * R, dtype=x2.dtype)
         for b in range(nb):
-            i0 = i_lo + 3 * b
-            i1 = min(i0 + 1, i_hi - 1)
-            i2 = min(i0 + 2, i_hi - 1)
-            for k in range(N):
-                q = (b * N + k) * 3
-                xb[q] = x2[k, i0]
-                xb[q + 1] = x2[k, i1]
-                xb[q + 2] = x2[k, i2]
+            for r in range(R):
+                i = min(i_lo + R * b + r, i_hi - 1)
+                for k in range(N):
+                    xb[(b * N + k) * R + r] = x2[k, i]
         rg = vsplat(coef, 0, vw)
         sc = vsplat(coef, 1, vw)
-        tail = np.empty(3 * G, dtype=dw.dtype)  # the last panel's old values (add, overlap)
+        tail = np.empty(R * G, dtype=dw.dtype)  # the last panel's old values (add, overlap)
+        trows = tile_rows(tl, 0, R - 1, G, 0)
         overlap = add and M % G != 0
         for b in range(nb):
-            i0 = i_lo + 3 * b
-            i1 = min(i0 + 1, i_hi - 1)
-            i2 = min(i0 + 2, i_hi - 1)
+            i0 = i_lo + R * b
+            xq = tile_rows(tl, 0, R - 1, 1, b * N * R)
             if overlap:
-                store_3x4(
-                    tail,
-                    0,
-                    G,
-                    2 * G,
-                    0,
-                    V,
-                    2 * V,
-                    3 * V,
-                    load_3x4(
-                        of,
-                        i0 * M + M - G,
-                        i1 * M + M - G,
-                        i2 * M + M - G,
-                        0,
-                        V,
-                        2 * V,
-                        3 * V,
-                        vw,
-                    ),
-                )
+                last = tile_rows(tl, i0, i_hi - 1, M, M - G)  # the block's last G columns
+                tile_store(tail, trows, ts, tile_load(of, last, ts, vw))
             for jb in range(nj):
                 j0 = min(jb * G, M - G)
-                # s[r][c] = sum_k x2[k, i_r] * da[k, j0 + c*V : j0 + (c+1)*V]
-                s = zeros_3x4(x2, vw)
+                # the lines the next panel finishes with (the next block's first, after the last)
+                nxt = tile_rows(tl, i0, i_hi - 1, M, min(jb * G + G, M - G))
+                if jb == nj - 1:
+                    nxt = tile_rows(tl, min(i0 + R, D - 1), D - 1, M, 0)
+                for r in range(R):
+                    for e in range(0, G + LINE // dw.itemsize, LINE // dw.itemsize):
+                        if use_w:
+                            prefetch(wf, nxt[r] + e)
+                        prefetch(of, nxt[r] + e)
+                # s[r*C + c] = sum_k x2[k, i_r] * da[k, j0 + c*V : j0 + (c+1)*V]
+                s = tile_zeros(x2, tl, vw)
                 for k in range(N):
-                    q = (b * N + k) * 3
-                    o = (jb * N + k) * G
-                    s = fma_3x4(
-                        vsplat(xb, q, vw),
-                        vsplat(xb, q + 1, vw),
-                        vsplat(xb, q + 2, vw),
-                        dap,
-                        o,
-                        o + V,
-                        o + 2 * V,
-                        o + 3 * V,
-                        s,
-                        vw,
-                    )
-                p0, p1, p2 = i0 * M + j0, i1 * M + j0, i2 * M + j0
-                if overlap and jb == nj - 1:
-                    s = _finish_3x4(tail, 0, G, 2 * G, wf, p0, p1, p2, rg, sc, use_w, add, vw, s)
-                else:
-                    s = _finish_3x4(of, p0, p1, p2, wf, p0, p1, p2, rg, sc, use_w, add, vw, s)
-                store_3x4(of, p0, p1, p2, 0, V, 2 * V, 3 * V, s)
+                    s = tile_fma(xb, xq, k * R, dap, (jb * N + k) * G, ts, s, vw)
+                p = tile_rows(tl, i0, i_hi - 1, M, j0)
+                if use_w:  # s + round(reg * w)
+                    s = tile_add(s, tile_mul(tile_load(wf, p, ts, vw), rg))
+                s = tile_mul(s, sc)
+                if add:  # the values before this call: the saved tail for an overlapping panel
+                    if overlap and jb == nj - 1:
+                        s = tile_add(tile_load(tail, trows, ts, vw), s)
+                    else:
+                        s = tile_add(tile_load(of, p, ts, vw), s)
+                tile_store(of, p, ts, s)
 
 
-@njit(cache=True, inline="always")
-def _finish(src, q, wf, p, rg, sc, use_w, add, a, vw):
-    """[src[q:q+V] +] (a [+ rg * wf[p:p+V]]) * sc, each operation rounded."""
-    if use_w:
-        a = vadd(a, vmul(vload(wf, p, vw), rg))
-    a = vmul(a, sc)
-    if add:
-        a = vadd(vload(src, q, vw), a)
-    return a
-
-
-@njit(cache=True, inline="always")
-def _finish_3x4(src, q0, q1, q2, wf, p0, p1, p2, rg, sc, use_w, add, vw, s):
-    """_finish for a block's 12 vectors: rows r = 0..2 at q_r in src (the values added to) and
-    p_r in wf (w), vectors c = 0..3 at + c*V."""
-    V = lanes(wf, vw)
-    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = s
-    return (
-        _finish(src, q0, wf, p0, rg, sc, use_w, add, a0, vw),
-        _finish(src, q0 + V, wf, p0 + V, rg, sc, use_w, add, a1, vw),
-        _finish(src, q0 + 2 * V, wf, p0 + 2 * V, rg, sc, use_w, add, a2, vw),
-        _finish(src, q0 + 3 * V, wf, p0 + 3 * V, rg, sc, use_w, add, a3, vw),
-        _finish(src, q1, wf, p1, rg, sc, use_w, add, b0, vw),
-        _finish(src, q1 + V, wf, p1 + V, rg, sc, use_w, add, b1, vw),
-        _finish(src, q1 + 2 * V, wf, p1 + 2 * V, rg, sc, use_w, add, b2, vw),
-        _finish(src, q1 + 3 * V, wf, p1 + 3 * V, rg, sc, use_w, add, b3, vw),
-        _finish(src, q2, wf, p2, rg, sc, use_w, add, c0, vw),
-        _finish(src, q2 + V, wf, p2 + V, rg, sc, use_w, add, c1, vw),
-        _finish(src, q2 + 2 * V, wf, p2 + 2 * V, rg, sc, use_w, add, c2, vw),
-        _finish(src, q2 + 3 * V, wf, p2 + 3 * V, rg, sc, use_w, add, c3, vw),
-    )
+#: bytes in a cache line (the unit of a prefetch)
+LINE = 64
 
 
 # ---- the input gradient for few rows ---------------------------------------------------------
@@ -238,18 +205,21 @@ def pack_row_panels(da, G, dat):
 
 
 @njit(parallel=True, cache=True)
-def affine_dx_rows(dat, w, N, dx, sq, vw):
-    """dx (N, D) = da @ w.T, da (N, M) as pack_row_panels left it in dat; w (D, M) and dx
-    C-contiguous, one dtype. Meant for DX_MIN_ROWS <= N <= FWD_MAX_ROWS; correct for any N >= 1.
-    sq: empty, or one float64 per task of ROWS rows of w: sq[t] = the sum of w[j]**2 over the
-    task's rows (each row's sum as ``_row_sumsq`` takes it, added in row order).
+def affine_dx_rows(dat, w, N, dx, sq, tl, vw):
+    """dx (N, D) = da @ w.T, da (N, M) as pack_row_panels left it in dat (panels of G = C
+    vectors of rows, the tile's C); w (D, M) and dx C-contiguous, one dtype. Meant for
+    DX_MIN_ROWS <= N <= FWD_MAX_ROWS; correct for any N >= 1. sq: empty, or one float64 per
+    task of ROWS rows of w: sq[t] = the sum of w[j]**2 over the task's rows (each row's sum as
+    ``_row_sumsq`` takes it, added in row order).
 
-    One task per ROWS rows of w. D not a multiple of 3: the last block of a task repeats its
-    last row (its dx column written again with the same value, its square counted once).
+    One task per ROWS rows of w, in blocks of R (the tile's rows). D not a multiple of R: the
+    last block of a task repeats its last row (its dx column written again with the same value,
+    its square counted once).
     """
     D, M = w.shape
+    R, C = tile_shape(tl)
     V = lanes(w, vw)
-    G = 4 * V
+    G = C * V
     npan = (N + G - 1) // G
     if dx.shape[0] != N or dx.shape[1] != D or dat.size < npan * M * G or N < 1:
         raise ValueError(
@@ -258,46 +228,37 @@ def affine_dx_rows(dat, w, N, dx, sq, vw):
     if sq.size != 0 and sq.size != (D + ROWS - 1) // ROWS:
         raise ValueError("affine_dx_rows: sq must be empty or hold one value per task of ROWS rows")
     wf = w.reshape(-1)
+    KL = LINE // w.itemsize  # values in a cache line
     for t in prange((D + ROWS - 1) // ROWS):
+        ts = tile_vectors(tl, w, vw)
+        trows = tile_rows(tl, 0, R - 1, G, 0)
         i_lo = t * ROWS
         i_hi = min(i_lo + ROWS, D)
-        tb = np.empty(3 * G, dtype=w.dtype)  # one tile's sums: tb[r * G + c] = dx[p * G + c, j_r]
+        tb = np.empty(R * G, dtype=w.dtype)  # one tile's sums: tb[r * G + c] = dx[p * G + c, j_r]
         lb = np.empty(SUMSQ_BYTES // w.itemsize, dtype=w.dtype)  # _row_sumsq's lanes
         total = 0.0
-        for j0 in range(i_lo, i_hi, 3):
-            j1 = min(j0 + 1, i_hi - 1)
-            j2 = min(j0 + 2, i_hi - 1)
-            q0, q1, q2 = j0 * M, j1 * M, j2 * M
+        for j0 in range(i_lo, i_hi, R):
+            qs = tile_rows(tl, j0, i_hi - 1, M, 0)  # rows j_r = min(j0 + r, i_hi - 1) of w
+            # the rows the next block reads (the next task's first after the last), fetched
+            # line by line as these are read: w streams from memory at the rate it is used
+            nq = tile_rows(tl, j0 + R, D - 1, M, 0)
             for p in range(npan):
-                # s[r][c] = sum_k w[j_r, k] * da[p*G + c*V : p*G + (c+1)*V, k]
-                s = zeros_3x4(w, vw)
-                o = p * M * G
-                for k in range(M):
-                    s = fma_3x4(
-                        vsplat(wf, q0 + k, vw),
-                        vsplat(wf, q1 + k, vw),
-                        vsplat(wf, q2 + k, vw),
-                        dat,
-                        o,
-                        o + V,
-                        o + 2 * V,
-                        o + 3 * V,
-                        s,
-                        vw,
-                    )
-                    o += G
-                store_3x4(tb, 0, G, 2 * G, 0, V, 2 * V, 3 * V, s)
+                # s[r*C + c] = sum_k w[j_r, k] * da[p*G + c*V : p*G + (c+1)*V, k]
+                s = tile_zeros(w, tl, vw)
+                for k0 in range(0, M, KL):
+                    if p == 0:
+                        for r in range(R):
+                            prefetch(wf, nq[r] + k0)
+                    for k in range(k0, min(M, k0 + KL)):
+                        s = tile_fma(wf, qs, k, dat, (p * M + k) * G, ts, s, vw)
+                tile_store(tb, trows, ts, s)
                 for c in range(min(G, N - p * G)):
                     row = dx[p * G + c]
-                    row[j0] = tb[c]
-                    row[j1] = tb[G + c]
-                    row[j2] = tb[2 * G + c]
-            if sq.size:  # the rows just read, from L1
-                total += _row_sumsq(wf, q0, M, lb, vw)
-                if j1 > j0:
-                    total += _row_sumsq(wf, q1, M, lb, vw)
-                if j2 > j1:
-                    total += _row_sumsq(wf, q2, M, lb, vw)
+                    for r in range(R):
+                        row[min(j0 + r, i_hi - 1)] = tb[r * G + c]
+            if sq.size:  # the rows just read, from L1, in row order
+                for r in range(min(R, i_hi - j0)):
+                    total += _row_sumsq(wf, (j0 + r) * M, M, lb, vw)
         if sq.size:
             sq[t] = total
 
@@ -356,43 +317,49 @@ def _row_sumsq(wf, q, M, lb, vw):
 #: at most this many rows take ``affine_relu_rows``; from 64 rows on one thread OpenBLAS's product
 #: was as fast or faster (timings in docs/scaling.md, "The few-row forward kernel")
 FWD_MAX_ROWS = 63
-#: column groups of G = 4 vectors per task (128 float32 columns: 4 tasks for M = 500)
-FWD_GROUPS = 4
-#: k per block: a strip of w is FWD_KB x G (16 kB in float32), read by every row tile from L1
-FWD_KB = 128
+#: columns per task (at least one group of G = C vectors): 4 tasks for M = 500 in float32
+FWD_TASK_COLS = 256
+#: bytes of w per k block: a strip of w (k x G) read by every row tile from L1 (32 kB: 128 k
+#: at G = 64 float32 columns)
+FWD_STRIP_BYTES = 32768
 
 
 @njit(parallel=True, cache=True)
-def affine_relu_rows(x2, w, b, out, vw):
+def affine_relu_rows(x2, w, b, out, tl, vw):
     """out (N, M) = relu(x2 (N, D) @ w (D, M) + b (M,)); all C-contiguous, one dtype;
-    M >= G = 4 vectors. Meant for N < 64 (``FWD_MAX_ROWS``); correct for any N >= 1.
+    M >= G = C vectors (the tile's C). Meant for N < 64 (``FWD_MAX_ROWS``); correct for any
+    N >= 1.
 
     One task per FWD_GROUPS column groups (the last group ends at column M - 1, overlapping the
     one before it when G does not divide M; both compute the same values). N not a multiple of
-    3: the last row tile repeats row N - 1 into scratch rows that are never read.
+    R (the tile's rows): the last row tile repeats row N - 1 into scratch rows that are never
+    read.
     """
     N, D = x2.shape
     M = w.shape[1]
+    R, C = tile_shape(tl)
     V = lanes(w, vw)
-    G = 4 * V
+    G = C * V
     if M < G:  # a group would start before column 0: vload does no bounds checks
-        raise ValueError("affine_relu_rows: w needs at least 4 vectors of columns")
+        raise ValueError("affine_relu_rows: w needs at least one tile's vectors of columns")
     if w.shape[0] != D or b.shape[0] != M or out.shape[0] != N or out.shape[1] != M or D == 0:
         raise ValueError(
             "affine_relu_rows: expected x2 (N, D), w (D, M), b (M,), out (N, M) with D >= 1"
         )
     ng = (M + G - 1) // G
-    nt = (N + 2) // 3  # row tiles of 3
-    TS = nt * 3 * G  # one group's sums in scratch: row i at i * G
-    ppt = (min(FWD_KB, D) + nt - 1) // nt  # rows of the next strip each tile prefetches
+    gpt = max(1, FWD_TASK_COLS // G)  # groups per task
+    nt = (N + R - 1) // R  # row tiles of R
+    TS = nt * R * G  # one group's sums in scratch: row i at i * G
+    KB = max(1, FWD_STRIP_BYTES // (G * w.itemsize))  # k per block
+    ppt = (min(KB, D) + nt - 1) // nt  # rows of the next strip each tile prefetches
     xf = x2.reshape(-1)
     wf = w.reshape(-1)
-    for task in prange((ng + FWD_GROUPS - 1) // FWD_GROUPS):
-        g_lo = task * FWD_GROUPS
-        g_hi = min(ng, g_lo + FWD_GROUPS)
+    for task in prange((ng + gpt - 1) // gpt):
+        g_lo = task * gpt
+        g_hi = min(ng, g_lo + gpt)
         acc = np.empty((g_hi - g_lo) * TS, dtype=w.dtype)
-        for k0 in range(0, D, FWD_KB):
-            k1 = min(D, k0 + FWD_KB)
+        for k0 in range(0, D, KB):
+            k1 = min(D, k0 + KB)
             for g in range(g_lo, g_hi):
                 j0 = min(g * G, M - G)
                 # the strip read next: the next group's in this k block, else the first group's
@@ -400,34 +367,28 @@ def affine_relu_rows(x2, w, b, out, vw):
                 nk0, nj0 = (
                     (k0, min((g + 1) * G, M - G))
                     if g + 1 < g_hi
-                    else (k0 + FWD_KB, min(g_lo * G, M - G))
+                    else (k0 + KB, min(g_lo * G, M - G))
                 )
-                nk1 = min(D, nk0 + FWD_KB)
+                nk1 = min(D, nk0 + KB)
                 base = (g - g_lo) * TS
                 for t in range(nt):
-                    i0 = 3 * t
-                    i1 = min(i0 + 1, N - 1)
-                    i2 = min(i0 + 2, N - 1)
+                    i0 = R * t
                     for kk in range(nk0 + t * ppt, min(nk1, nk0 + (t + 1) * ppt)):
                         o = kk * M + nj0
                         prefetch(wf, o)
                         prefetch(wf, o + G // 2)
                         prefetch(wf, o + G - 1)
-                    s = base + i0 * G
-                    _strip_3x4(
+                    _strip(
                         xf,
-                        i0 * D + k0,
-                        i1 * D + k0,
-                        i2 * D + k0,
+                        tile_rows(tl, i0, N - 1, D, k0),
                         wf,
                         k0 * M + j0,
                         M,
                         k1 - k0,
                         acc,
-                        s,
-                        s + G,
-                        s + 2 * G,
+                        tile_rows(tl, i0, i0 + R - 1, G, base),
                         k0 == 0,
+                        tl,
                         vw,
                     )
         # out = relu(sums + b) as np.maximum(v, 0) gives it: v when v > 0 or NaN, else +0.0
@@ -443,24 +404,12 @@ def affine_relu_rows(x2, w, b, out, vw):
 
 
 @njit(cache=True, inline="never")
-def _strip_3x4(xf, p0, p1, p2, wf, q, M, nk, acc, s0, s1, s2, first, vw):
+def _strip(xf, ps, wf, q, M, nk, acc, ss, first, tl, vw):
     """acc[s_r : s_r + G] (+)= sum over k < nk of xf[p_r + k] * wf[q + k*M : q + k*M + G] for
-    rows r = 0..2 (G = 4 vectors), from zeros when ``first``: one strip of w for one row tile.
-    Not inlined: LLVM keeps the 12 sums in registers in a loop of its own."""
-    V = lanes(wf, vw)
-    sums = zeros_3x4(wf, vw) if first else load_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V, vw)
+    the tile's rows r (G = C vectors), from zeros when ``first``: one strip of w for one row
+    tile. Not inlined: LLVM keeps the sums in registers in a loop of its own."""
+    ts = tile_vectors(tl, wf, vw)
+    sums = tile_zeros(wf, tl, vw) if first else tile_load(acc, ss, ts, vw)
     for k in range(nk):
-        sums = fma_3x4(
-            vsplat(xf, p0 + k, vw),
-            vsplat(xf, p1 + k, vw),
-            vsplat(xf, p2 + k, vw),
-            wf,
-            q,
-            q + V,
-            q + 2 * V,
-            q + 3 * V,
-            sums,
-            vw,
-        )
-        q += M
-    store_3x4(acc, s0, s1, s2, 0, V, 2 * V, 3 * V, sums)
+        sums = tile_fma(xf, ps, k, wf, q + k * M, ts, sums, vw)
+    tile_store(acc, ss, ts, sums)

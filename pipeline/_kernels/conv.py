@@ -28,11 +28,19 @@ from pipeline._kernels.simd import (
     lanes,
     vadd,
     vload,
-    vsplat,
     vstore,
-    vzero,
 )
-from pipeline._kernels.tile import fma_3x4, load_3x4, store_3x4, zeros_3x4
+from pipeline._kernels.tile import (
+    tile_fma,
+    tile_load,
+    tile_rows,
+    tile_shape,
+    tile_store,
+    tile_take_cols,
+    tile_take_rows,
+    tile_vectors,
+    tile_zeros,
+)
 
 u64 = np.uint64
 
@@ -255,58 +263,49 @@ def _vector_start(i, nv, V, Wp, W_out, RW):
 
 
 @njit(parallel=True, cache=True)
-def direct_forward(xp, Wp, w, b, relu, out, vw):
+def direct_forward(xp, Wp, w, b, relu, out, tl, vw):
     """out (N, F, H_out, W_out) = conv(xp, w) + b[f] (then max(., 0) when relu); w (F, C, HH, WW).
 
-    One task per (image, 3 filters). Each output row is cut into vectors (no junk columns);
-    per block of 4 vectors, 12 sums in registers over all taps, stored to a scratch plane,
-    then copied to out with the bias (and ReLU).
+    One task per (image, R filters: the tile's rows). Each output row is cut into vectors (no
+    junk columns); per block of C vectors (the tile's), R * C sums in registers over all taps,
+    stored to a scratch plane, then copied to out with the bias (and ReLU).
     """
     N, C, L = xp.shape
     F, _, HH, WW = w.shape
     _, _, H_out, W_out = out.shape
+    R, TC = tile_shape(tl)
     V = lanes(xp, vw)
     nv = (W_out + V - 1) // V  # vectors per output row
     RW = nv * V
     NV = H_out * nv
-    nfb = (F + 2) // 3
+    nfb = (F + R - 1) // R
     K = C * HH * WW
     xf = xp.reshape(-1)
     wf = w.reshape(-1)
+    # vector i of the output plane starts at qv[i] in the wide layout and sv[i] in the scratch
+    qv = np.empty(NV, dtype=np.intp)
+    sv = np.empty(NV, dtype=np.intp)
+    for i in range(NV):
+        qv[i], sv[i] = _vector_start(i, nv, V, Wp, W_out, RW)
+    plane = H_out * RW
     for t in prange(N * nfb):
         n = t // nfb
-        fb = (t - n * nfb) * 3
-        f0 = fb * K
-        f1 = min(fb + 1, F - 1) * K  # F not a multiple of 3: the last block repeats filter F-1
-        f2 = min(fb + 2, F - 1) * K
-        tmp = np.empty(3 * H_out * RW, dtype=xp.dtype)
-        for i in range(0, NV, 4):  # NV not a multiple of 4: the last block repeats vector NV-1
-            q0, s0 = _vector_start(i, nv, V, Wp, W_out, RW)
-            q1, s1 = _vector_start(min(i + 1, NV - 1), nv, V, Wp, W_out, RW)
-            q2, s2 = _vector_start(min(i + 2, NV - 1), nv, V, Wp, W_out, RW)
-            q3, s3 = _vector_start(min(i + 3, NV - 1), nv, V, Wp, W_out, RW)
-            acc = zeros_3x4(xp, vw)
+        fb = (t - n * nfb) * R
+        # F not a multiple of R: the last block repeats filter F-1
+        fq = tile_rows(tl, fb, F - 1, K, 0)
+        tq = tile_rows(tl, 0, R - 1, plane, 0)
+        tmp = np.empty(R * plane, dtype=xp.dtype)
+        for i in range(0, NV, TC):  # NV not a multiple of C: the last block repeats vector NV-1
+            qs = tile_take_cols(tl, qv, i, NV - 1, 0)
+            acc = tile_zeros(xp, tl, vw)
             for c in range(C):
                 for kh in range(HH):
                     i0 = (n * C + c) * L + kh * Wp
                     k0 = (c * HH + kh) * WW
                     for kw in range(WW):
-                        k = k0 + kw
-                        o = i0 + kw
-                        acc = fma_3x4(
-                            vsplat(wf, f0 + k, vw),
-                            vsplat(wf, f1 + k, vw),
-                            vsplat(wf, f2 + k, vw),
-                            xf,
-                            o + q0,
-                            o + q1,
-                            o + q2,
-                            o + q3,
-                            acc,
-                            vw,
-                        )
-            store_3x4(tmp, 0, H_out * RW, 2 * H_out * RW, s0, s1, s2, s3, acc)
-        for j in range(min(3, F - fb)):
+                        acc = tile_fma(wf, fq, k0 + kw, xf, i0 + kw, qs, acc, vw)
+            tile_store(tmp, tq, tile_take_cols(tl, sv, i, NV - 1, 0), acc)
+        for j in range(min(R, F - fb)):
             f = fb + j
             for ho in range(H_out):
                 _add_bias_row(tmp, (j * H_out + ho) * RW, b[f], relu, out[n, f, ho])
@@ -345,87 +344,63 @@ def _dout_transposed(dout, n, Fp, eT):
 
 
 @njit(parallel=True, cache=True)
-def direct_dw(xp, Wp, dout, dw, db, vw):
+def direct_dw(xp, Wp, dout, dw, db, tl, vw):
     """dw (F, C, HH, WW) and db (F,) (float64) of direct_forward for dout (N, F, H_out, W_out).
 
     SIMD lanes run over filters: each image's dout is transposed to eT (P, Fp), Fp = F rounded
-    up to 4 vectors, and tap k = (c, kh, kw) of 4 filter vectors is the sum over output pixels
-    (ho, wo) of eT[ho*W_out + wo] * xp[n, c, (ho + kh)*Wp + wo + kw]. Per block of 3 taps x 4
-    filter vectors, 12 sums in registers over the plane: 4 vector loads and 3 broadcasts per
-    12 FMAs. Images are split into a fixed number of chunks (by N only), summed in chunk order
-    at the end.
+    up to G = C vectors (the tile's C), and tap k = (c, kh, kw) of G filters is the sum over
+    output pixels (ho, wo) of eT[ho*W_out + wo] * xp[n, c, (ho + kh)*Wp + wo + kw]. Per block
+    of R taps (the tile's rows) x G filters, R * C sums in registers over the plane: C vector
+    loads and R broadcasts per R * C FMAs. Images are split into a fixed number of chunks (by N
+    only), summed in chunk order at the end.
     """
     N, C, L = xp.shape
     F, _, HH, WW = dw.shape
     _, _, H_out, W_out = dout.shape
+    R, TC = tile_shape(tl)
     V = lanes(xp, vw)
-    G = 4 * V
+    G = TC * V
     Fp = (F + G - 1) // G * G
     P = H_out * W_out
     T = HH * WW
     K = C * T
-    K3 = (K + 2) // 3 * 3  # K not a multiple of 3: the last block repeats tap K-1 (discarded)
+    KR = (K + R - 1) // R * R  # K not a multiple of R: the last block repeats tap K-1 (discarded)
     nch = min(N, 16)
     xf = xp.reshape(-1)
-    part = np.zeros((nch, K3, Fp), dtype=xp.dtype)
+    # tap k = (c, kh, kw) reads image n's xp from n*C*L + tap[k]
+    tap = np.empty(K, dtype=np.intp)
+    for k in range(K):
+        c = k // T
+        kh = (k - c * T) // WW
+        tap[k] = c * L + kh * Wp + (k - c * T - kh * WW)
+    part = np.zeros((nch, KR, Fp), dtype=xp.dtype)
     part_db = np.zeros((nch, Fp))
     for ch in prange(nch):
+        ts = tile_vectors(tl, xp, vw)
         eT = np.zeros(P * Fp, dtype=xp.dtype)
         part_ch = part[ch].reshape(-1)
         sums = np.empty(G, dtype=xp.dtype)
         for n in range(ch * N // nch, (ch + 1) * N // nch):
             _dout_transposed(dout, n, Fp, eT)
             for fg in range(0, Fp, G):
-                s0 = vzero(xp, vw)
-                s1 = vzero(xp, vw)
-                s2 = vzero(xp, vw)
-                s3 = vzero(xp, vw)
+                for j in range(G):
+                    sums[j] = 0
                 for p in range(P):
                     o = p * Fp + fg
-                    s0 = vadd(s0, vload(eT, o, vw))
-                    s1 = vadd(s1, vload(eT, o + V, vw))
-                    s2 = vadd(s2, vload(eT, o + 2 * V, vw))
-                    s3 = vadd(s3, vload(eT, o + 3 * V, vw))
-                vstore(sums, 0, s0)
-                vstore(sums, V, s1)
-                vstore(sums, 2 * V, s2)
-                vstore(sums, 3 * V, s3)
+                    for c in range(TC):
+                        vstore(sums, c * V, vadd(vload(sums, c * V, vw), vload(eT, o + c * V, vw)))
                 for j in range(G):
                     part_db[ch, fg + j] += sums[j]
-                for k in range(0, K3, 3):
-                    ka = k
-                    kb = min(k + 1, K - 1)
-                    kc = min(k + 2, K - 1)
-                    ca = ka // T
-                    ha = (ka - ca * T) // WW
-                    cb = kb // T
-                    hb = (kb - cb * T) // WW
-                    cc = kc // T
-                    hc = (kc - cc * T) // WW
-                    xa = (n * C + ca) * L + ha * Wp + (ka - ca * T - ha * WW)
-                    xb = (n * C + cb) * L + hb * Wp + (kb - cb * T - hb * WW)
-                    xc = (n * C + cc) * L + hc * Wp + (kc - cc * T - hc * WW)
-                    ga = k * Fp + fg
-                    acc = load_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V, vw)
+                for k in range(0, KR, R):
+                    xq = tile_take_rows(tl, tap, k, K - 1, n * C * L)
+                    gq = tile_rows(tl, k, k + R - 1, Fp, fg)
+                    acc = tile_load(part_ch, gq, ts, vw)
                     for ho in range(H_out):
                         q0 = ho * Wp
                         p0 = ho * W_out * Fp + fg
                         for wo in range(W_out):
-                            q = q0 + wo
-                            o = p0 + wo * Fp
-                            acc = fma_3x4(
-                                vsplat(xf, xa + q, vw),
-                                vsplat(xf, xb + q, vw),
-                                vsplat(xf, xc + q, vw),
-                                eT,
-                                o,
-                                o + V,
-                                o + 2 * V,
-                                o + 3 * V,
-                                acc,
-                                vw,
-                            )
-                    store_3x4(part_ch, ga, ga + Fp, ga + 2 * Fp, 0, V, 2 * V, 3 * V, acc)
+                            acc = tile_fma(xf, xq, q0 + wo, eT, p0 + wo * Fp, ts, acc, vw)
+                    tile_store(part_ch, gq, ts, acc)
     for f in range(F):
         s = 0.0
         for ch in range(nch):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import platform
 from dataclasses import dataclass
@@ -58,15 +59,22 @@ from numba.extending import (
 WIDTHS = (16, 32, 64)
 #: the environment variable that overrides the CPU's width for a process (and its workers)
 WIDTH_ENV = "CONVPIPE_VECTOR_BYTES"
+#: the environment variable that overrides the CPU's SIMD register count for a process (16, 32)
+REGISTERS_ENV = "CONVPIPE_VECTOR_REGISTERS"
 
 __all__ = [
     "WIDTHS",
     "WIDTH_ENV",
     "Width",
     "native_bytes",
+    "cpu_features",
     "cpu_model",
     "describe",
     "process_bytes",
+    "REGISTERS_ENV",
+    "native_registers",
+    "process_registers",
+    "registers",
     "current",
     "using",
     "Vec",
@@ -102,7 +110,7 @@ class Width:
         return self.nbytes // itemsize
 
 
-def _cpu_features() -> set[str]:
+def cpu_features() -> set[str]:
     """The features Numba compiles for: NUMBA_CPU_FEATURES when set, else the host's."""
     given = os.environ.get("NUMBA_CPU_FEATURES", "").strip()
     if given:
@@ -116,7 +124,7 @@ def native_bytes(features: set[str] | None = None, machine: str | None = None) -
     machine = (machine or platform.machine()).lower()
     if machine not in ("x86_64", "amd64", "i686", "i386"):
         return 16
-    features = _cpu_features() if features is None else features
+    features = cpu_features() if features is None else features
     if "avx512f" in features:
         return 64
     if {"avx2", "fma"} <= features:
@@ -141,6 +149,32 @@ def process_bytes(environ=None) -> int:
     return nbytes
 
 
+def native_registers(features: set[str] | None = None, machine: str | None = None) -> int:
+    """The CPU's SIMD registers: 32 with AVX-512 (avx512f) and off x86 (NEON, SVE), else 16."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i686", "i386"):
+        return 32
+    features = cpu_features() if features is None else features
+    return 32 if "avx512f" in features else 16
+
+
+def process_registers(environ=None) -> int:
+    """This process's register count: ``CONVPIPE_VECTOR_REGISTERS`` when set (16 or 32), else
+    :func:`native_registers`. A bad value is a ValueError naming the variable."""
+    raw = (os.environ if environ is None else environ).get(REGISTERS_ENV, "").strip()
+    if not raw:
+        return native_registers()
+    if raw not in ("16", "32"):
+        raise ValueError(f"{REGISTERS_ENV}: expected 16 or 32 (vector registers), got {raw!r}")
+    return int(raw)
+
+
+@functools.cache
+def registers() -> int:
+    """The register count the kernels' tiles are chosen for in this process (read once)."""
+    return process_registers()
+
+
 #: the extensions a machine line names, in this order (LLVM's feature names)
 _NAMED_EXTENSIONS = ("sse4.2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl")
 _NAMED_EXTENSIONS += ("avx512vnni", "avx512bf16", "amx-tile", "neon", "sve")
@@ -160,14 +194,17 @@ def cpu_model() -> str:
 
 def describe() -> str:
     """One line for benchmarks and warm-up: the CPU, its vector extensions, LLVM's name for it,
-    and the width the kernels use (and why)."""
-    features = _cpu_features()
+    and the width and register count the kernels use (and why)."""
+    features = cpu_features()
     named = [f for f in _NAMED_EXTENSIONS if f in features] or ["no vector extensions named"]
     env = os.environ.get(WIDTH_ENV, "").strip()
     why = f"{WIDTH_ENV}={env}" if env else "the CPU's widest"
+    regs = os.environ.get(REGISTERS_ENV, "").strip()
+    regs_why = f"{REGISTERS_ENV}={regs}" if regs else "the CPU's"
     return (
         f"{cpu_model()} ({binding.get_host_cpu_name()}, {platform.machine()}: {' '.join(named)}); "
-        f"kernels at {current().nbytes}-byte vectors ({why})"
+        f"kernels at {current().nbytes}-byte vectors ({why}), register tiles for "
+        f"{registers()} vector registers ({regs_why})"
     )
 
 

@@ -1,88 +1,320 @@
-"""The register tile both direct convolution kernels and the affine kernels share: 3 rows x 4
-vectors of sums, 12 accumulators held in SIMD registers (``pipeline._kernels.simd``).
+"""The register tile the direct convolution kernels and the affine kernels share: R rows x C
+vectors of sums, R * C accumulators held in SIMD registers (``pipeline._kernels.simd``), fed per
+step by R broadcasts and C vector loads.
 
-    acc = zeros_3x4(a, vw)                                # 12 zero vectors of a's dtype
-    acc = load_3x4(a, r0, r1, r2, t0, t1, t2, t3, vw)     # a[r + t : r + t + lanes], r x t
-    store_3x4(a, r0, r1, r2, t0, t1, t2, t3, acc)         # the inverse of load_3x4
-    acc = fma_3x4(u, v, s, a, t0, t1, t2, t3, acc, vw)    # acc[r][j] += (u, v, s)[r] * a[t_j:]
+    tl = Tile(rows, cols)                                   # a kernel argument, like a Width
+    acc = tile_zeros(a, tl, vw)                             # R*C zero vectors of a's dtype
+    qs = tile_rows(tl, i0, last, step, base)                # (base + min(i0 + r, last) * step)_r
+    ts = tile_vectors(tl, a, vw)                            # (0, V, ..., (C - 1) * V)
+    qs = tile_take_rows(tl, arr, i0, last, base)            # (base + arr[min(i0 + r, last)])_r
+    ts = tile_take_cols(tl, arr, i0, last, base)
+    R, C = tile_shape(tl)                                   # compile-time constants
+    acc = tile_fma(src, qs, k, a, o, ts, acc, vw)           # acc[r*C + c] += src[qs[r] + k]
+                                                            #     * a[o + ts[c] : + lanes]
+    acc = tile_load(a, qs, ts, vw)                          # a[qs[r] + ts[c] : + lanes], r x c
+    tile_store(a, qs, ts, acc)                              # the inverse of tile_load
+    acc = tile_add(acc, acc2); acc = tile_mul(acc, v)       # lane by lane, each rounded
 
-``vw`` is the kernel's vector width (``pipeline._kernels.simd.Width``); 12 accumulators and 4
-loads fit AVX2's 16 registers, and leave AVX-512's 32 room for its broadcasts.
+**The shape follows the register file.** 3 x 4 (12 accumulators, 4 loads) fits the 16 vector
+registers of AVX2 and SSE; with 32 (AVX-512, at every width thanks to AVX-512VL; NEON) a
+kernel may take 6 x 4, each vector loaded feeding twice the FMAs: the hidden layer's dx pass,
+whose loads come from L2, gained 10% with it on Zen 4; the other kernels lost 3-10% and keep
+3 x 4 (:func:`tile_for`). :func:`simd.registers` says which file a process has
+(``CONVPIPE_VECTOR_REGISTERS`` overrides it). A tile is a type to Numba, as a width is: one
+compiled specialization per (tile, width), all of them runnable on any x86 CPU (LLVM spills what
+does not fit), so tests run every kernel at every tile and width.
 
-Numba's on-disk cache checks only the file of the kernel it compiled: after editing these
-helpers, clear the kernels' caches (``__pycache__/*.nbi``/``.nbc`` beside them) or touch their
-files.
+**The shape never changes bits.** Every accumulator is one output's FMA chain, in the order its
+kernel sums; a tile only decides how many chains run side by side.
+
+The operations for each shape are generated once (``_ops``) and chosen by Numba at compile time
+from the tile's and the tuples' lengths. Numba's on-disk cache checks only the file of the kernel
+it compiled: after editing this file, clear the kernels' caches (``__pycache__/*.nbi``/``.nbc``
+beside them) or touch their files.
 """
 
 from __future__ import annotations
 
-from numba import njit
+import functools
+from dataclasses import dataclass
 
-from pipeline._kernels.simd import vfma, vload, vstore, vzero
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import (
+    NativeValue,
+    models,
+    overload,
+    register_model,
+    typeof_impl,
+    unbox,
+)
+
+from pipeline._kernels import simd
+from pipeline._kernels.simd import lanes, vadd, vfma, vload, vmul, vsplat, vstore, vzero
+
+#: the tile shapes the kernels are compiled for: (rows, cols)
+SHAPES = ((3, 4), (6, 4))
 
 
-@njit(cache=True, inline="always")
-def zeros_3x4(like, vw):
-    z = vzero(like, vw)
-    return (z, z, z, z, z, z, z, z, z, z, z, z)
+@dataclass(frozen=True)
+class Tile:
+    """A register tile: ``rows`` broadcasts x ``cols`` vectors of sums (``SHAPES``)."""
+
+    rows: int
+    cols: int
+
+    def __post_init__(self):
+        if (self.rows, self.cols) not in SHAPES:
+            shapes = ", ".join(f"{r}x{c}" for r, c in SHAPES)
+            raise ValueError(
+                f"register tile: expected one of {shapes}, got {self.rows}x{self.cols}"
+            )
 
 
-@njit(cache=True, inline="always")
-def load_3x4(a, r0, r1, r2, t0, t1, t2, t3, vw):
-    """12 vectors: a[r + t : r + t + lanes] for rows r = r0, r1, r2 and columns t = t0..t3."""
-    return (
-        vload(a, r0 + t0, vw),
-        vload(a, r0 + t1, vw),
-        vload(a, r0 + t2, vw),
-        vload(a, r0 + t3, vw),
-        vload(a, r1 + t0, vw),
-        vload(a, r1 + t1, vw),
-        vload(a, r1 + t2, vw),
-        vload(a, r1 + t3, vw),
-        vload(a, r2 + t0, vw),
-        vload(a, r2 + t1, vw),
-        vload(a, r2 + t2, vw),
-        vload(a, r2 + t3, vw),
+def tile_for(tall: bool, regs: int | None = None) -> Tile:
+    """The tile for a kernel on ``regs`` registers (this process's by default): 6 x 4 for a
+    ``tall`` kernel on 32 registers, else 3 x 4."""
+    return Tile(6, 4) if tall and (simd.registers() if regs is None else regs) >= 32 else Tile(3, 4)
+
+
+class TileType(types.Type):
+    """Numba's type of a :class:`Tile`: the shape is in the type, the value carries nothing."""
+
+    def __init__(self, rows, cols):
+        self.rows = rows
+        self.cols = cols
+        super().__init__(name=f"Tile({rows}x{cols})")
+
+
+register_model(TileType)(models.OpaqueModel)
+
+
+@typeof_impl.register(Tile)
+def _typeof_tile(val, c):
+    return TileType(val.rows, val.cols)
+
+
+@unbox(TileType)
+def _unbox_tile(typ, obj, c):
+    return NativeValue(cgutils.get_null_value(c.context.get_value_type(typ)))
+
+
+# ---- the generated operations ------------------------------------------------------------------
+
+
+def _ops_source(R: int, C: int) -> str:
+    """Python source of one shape's operations (R rows x C vectors)."""
+    acc = [f"a{r}_{c}" for r in range(R) for c in range(C)]
+    tup = "(" + ", ".join(acc) + ",)"
+    fma = []
+    for c in range(C):
+        fma.append(f"    x = vload(a, o + ts[{c}], vw)")
+        fma += [f"    a{r}_{c} = vfma(b{r}, x, a{r}_{c})" for r in range(R)]
+    loads = ", ".join(f"vload(a, qs[{r}] + ts[{c}], vw)" for r in range(R) for c in range(C))
+    stores = "\n".join(
+        f"    vstore(a, qs[{r}] + ts[{c}], a{r}_{c})" for r in range(R) for c in range(C)
     )
+    return f"""
+def zeros(like, vw):
+    z = vzero(like, vw)
+    return ({", ".join(["z"] * (R * C))},)
+
+def fma(src, qs, k, a, o, ts, acc, vw):
+    {tup} = acc
+{chr(10).join(f"    b{r} = vsplat(src, qs[{r}] + k, vw)" for r in range(R))}
+{chr(10).join(fma)}
+    return {tup}
+
+def load(a, qs, ts, vw):
+    return ({loads},)
+
+def store(a, qs, ts, acc):
+    {tup} = acc
+{stores}
+
+def add(x, y):
+    return ({", ".join(f"vadd(x[{i}], y[{i}])" for i in range(R * C))},)
+
+def mul(x, v):
+    return ({", ".join(f"vmul(x[{i}], v)" for i in range(R * C))},)
+
+def rows(i0, last, step, base):
+    return ({", ".join(f"base + min(i0 + {r}, last) * step" for r in range(R))},)
+
+def take_rows(arr, i0, last, base):
+    return ({", ".join(f"base + arr[min(i0 + {r}, last)]" for r in range(R))},)
+
+def vectors(a, vw):
+    V = lanes(a, vw)
+    return ({", ".join(f"{c} * V" for c in range(C))},)
+
+def take_cols(arr, i0, last, base):
+    return ({", ".join(f"base + arr[min(i0 + {c}, last)]" for c in range(C))},)
+"""
 
 
-@njit(cache=True, inline="always")
-def store_3x4(a, r0, r1, r2, t0, t1, t2, t3, acc):
-    """The inverse of load_3x4."""
-    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = acc
-    vstore(a, r0 + t0, a0)
-    vstore(a, r0 + t1, a1)
-    vstore(a, r0 + t2, a2)
-    vstore(a, r0 + t3, a3)
-    vstore(a, r1 + t0, b0)
-    vstore(a, r1 + t1, b1)
-    vstore(a, r1 + t2, b2)
-    vstore(a, r1 + t3, b3)
-    vstore(a, r2 + t0, c0)
-    vstore(a, r2 + t1, c1)
-    vstore(a, r2 + t2, c2)
-    vstore(a, r2 + t3, c3)
+@functools.cache
+def _ops(R: int, C: int) -> dict:
+    """One shape's operations, compiled to be inlined into the kernels."""
+    ns = {"vadd": vadd, "vfma": vfma, "vload": vload, "vmul": vmul, "vsplat": vsplat}
+    ns.update(vstore=vstore, vzero=vzero, lanes=lanes)
+    exec(compile(_ops_source(R, C), f"<tile {R}x{C}>", "exec"), ns)  # noqa: S102
+    names = ("zeros", "fma", "load", "store", "add", "mul", "rows", "take_rows", "take_cols")
+    names += ("vectors",)
+    return {name: njit(inline="always")(ns[name]) for name in names}
 
 
-@njit(cache=True, inline="always")
-def fma_3x4(u, v, s, a, t0, t1, t2, t3, acc, vw):
-    """The micro-kernel of both direct kernels: acc[r][j] += (u, v, s)[r] * a[t_j : t_j + lanes]
-    for r = 0..2, j = 0..3: 12 FMAs fed by 4 vector loads (u, v, s are 3 broadcasts)."""
-    a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3 = acc
-    x = vload(a, t0, vw)
-    a0 = vfma(u, x, a0)
-    b0 = vfma(v, x, b0)
-    c0 = vfma(s, x, c0)
-    x = vload(a, t1, vw)
-    a1 = vfma(u, x, a1)
-    b1 = vfma(v, x, b1)
-    c1 = vfma(s, x, c1)
-    x = vload(a, t2, vw)
-    a2 = vfma(u, x, a2)
-    b2 = vfma(v, x, b2)
-    c2 = vfma(s, x, c2)
-    x = vload(a, t3, vw)
-    a3 = vfma(u, x, a3)
-    b3 = vfma(v, x, b3)
-    c3 = vfma(s, x, c3)
-    return (a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3)
+def _stub(*args):  # pragma: no cover - only Numba calls these, through the overloads
+    raise NotImplementedError("the tile operations run inside Numba kernels only")
+
+
+def tile_zeros(like, tl, vw):
+    """R*C zero vectors of like's dtype."""
+    _stub()
+
+
+def tile_rows(tl, i0, last, step, base):
+    """(base + min(i0 + r, last) * step for r < R): a tile's R row offsets."""
+    _stub()
+
+
+def tile_vectors(tl, a, vw):
+    """(0, V, ..., (C - 1) * V), V = lanes of a's dtype: a row's C vectors, as constants (call
+    it inside a kernel's loop, where LLVM folds them into addresses)."""
+    _stub()
+
+
+def tile_take_rows(tl, arr, i0, last, base):
+    """(base + arr[min(i0 + r, last)] for r < R)."""
+    _stub()
+
+
+def tile_take_cols(tl, arr, i0, last, base):
+    """(base + arr[min(i0 + c, last)] for c < C)."""
+    _stub()
+
+
+def tile_shape(tl):
+    """(R, C), constants to Numba."""
+    _stub()
+
+
+def tile_fma(src, qs, k, a, o, ts, acc, vw):
+    """The micro-kernel: acc[r*C + c] += src[qs[r] + k] * a[o + ts[c] :][:lanes] for r < R,
+    c < C: R*C FMAs fed by C vector loads and R broadcasts."""
+    _stub()
+
+
+def tile_load(a, qs, ts, vw):
+    """R*C vectors: a[qs[r] + ts[c] : + lanes], row by row."""
+    _stub()
+
+
+def tile_store(a, qs, ts, acc):
+    """The inverse of tile_load."""
+    _stub()
+
+
+def tile_add(x, y):
+    """x + y, vector by vector."""
+    _stub()
+
+
+def tile_mul(x, v):
+    """x * v (one vector), vector by vector."""
+    _stub()
+
+
+def _shape(tl):
+    return (tl.rows, tl.cols) if isinstance(tl, TileType) else None
+
+
+def _lengths(qs, ts):
+    if isinstance(qs, types.BaseTuple) and isinstance(ts, types.BaseTuple):
+        return len(qs), len(ts)
+    return None
+
+
+@overload(tile_zeros, inline="always")
+def _ov_zeros(like, tl, vw):
+    if _shape(tl):
+        f = _ops(*_shape(tl))["zeros"]
+        return lambda like, tl, vw: f(like, vw)
+
+
+@overload(tile_rows, inline="always")
+def _ov_rows(tl, i0, last, step, base):
+    if _shape(tl):
+        f = _ops(*_shape(tl))["rows"]
+        return lambda tl, i0, last, step, base: f(i0, last, step, base)
+
+
+@overload(tile_vectors, inline="always")
+def _ov_vectors(tl, a, vw):
+    if _shape(tl):
+        f = _ops(*_shape(tl))["vectors"]
+        return lambda tl, a, vw: f(a, vw)
+
+
+@overload(tile_take_rows, inline="always")
+def _ov_take_rows(tl, arr, i0, last, base):
+    if _shape(tl):
+        f = _ops(*_shape(tl))["take_rows"]
+        return lambda tl, arr, i0, last, base: f(arr, i0, last, base)
+
+
+@overload(tile_take_cols, inline="always")
+def _ov_take_cols(tl, arr, i0, last, base):
+    if _shape(tl):
+        f = _ops(*_shape(tl))["take_cols"]
+        return lambda tl, arr, i0, last, base: f(arr, i0, last, base)
+
+
+@overload(tile_shape, inline="always")
+def _ov_shape(tl):
+    if _shape(tl):
+        R, C = _shape(tl)
+        return lambda tl: (R, C)
+
+
+@overload(tile_fma, inline="always")
+def _ov_fma(src, qs, k, a, o, ts, acc, vw):
+    shape = _lengths(qs, ts)
+    if shape in SHAPES:
+        f = _ops(*shape)["fma"]
+        return lambda src, qs, k, a, o, ts, acc, vw: f(src, qs, k, a, o, ts, acc, vw)
+
+
+@overload(tile_load, inline="always")
+def _ov_load(a, qs, ts, vw):
+    shape = _lengths(qs, ts)
+    if shape in SHAPES:
+        f = _ops(*shape)["load"]
+        return lambda a, qs, ts, vw: f(a, qs, ts, vw)
+
+
+@overload(tile_store, inline="always")
+def _ov_store(a, qs, ts, acc):
+    shape = _lengths(qs, ts)
+    if shape in SHAPES:
+        f = _ops(*shape)["store"]
+        return lambda a, qs, ts, acc: f(a, qs, ts, acc)
+
+
+def _by_length(n):
+    """The operations of the shape with n accumulators (elementwise ones need only n)."""
+    return next((_ops(R, C) for R, C in SHAPES if R * C == n), None)
+
+
+@overload(tile_add, inline="always")
+def _ov_add(x, y):
+    if isinstance(x, types.BaseTuple) and _by_length(len(x)):
+        f = _by_length(len(x))["add"]
+        return lambda x, y: f(x, y)
+
+
+@overload(tile_mul, inline="always")
+def _ov_mul(x, v):
+    if isinstance(x, types.BaseTuple) and _by_length(len(x)):
+        f = _by_length(len(x))["mul"]
+        return lambda x, v: f(x, v)

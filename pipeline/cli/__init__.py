@@ -138,13 +138,16 @@ def _output_closed() -> int:
 
 
 def _check_vector_width() -> None:
-    """A bad CONVPIPE_VECTOR_BYTES is one line before anything runs (not a traceback from the
-    first kernel); Numba is imported for it only when the variable is set."""
-    if os.environ.get("CONVPIPE_VECTOR_BYTES", "").strip():
-        from pipeline.fast_layers import vector_bytes_setting  # noqa: PLC0415 - loads Numba
+    """A bad CONVPIPE_VECTOR_BYTES or CONVPIPE_VECTOR_REGISTERS is one line before anything
+    runs (not a traceback from the first kernel); Numba is imported for it only when one of
+    them is set."""
+    names = ("CONVPIPE_VECTOR_BYTES", "CONVPIPE_VECTOR_REGISTERS")
+    if any(os.environ.get(name, "").strip() for name in names):
+        from pipeline import fast_layers  # noqa: PLC0415 - loads Numba
 
         try:
-            vector_bytes_setting()
+            fast_layers.vector_bytes_setting()
+            fast_layers.vector_registers_setting()
         except ValueError as exc:
             raise ConvpipeError(str(exc)) from None
 

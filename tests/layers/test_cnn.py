@@ -103,7 +103,7 @@ def test_the_l2_term_of_the_loss_sums_every_weights_squares(N, monkeypatch):
 
     calls = []
     kernel = ka.affine_dx_rows
-    monkeypatch.setattr(ka, "affine_dx_rows", lambda *a: calls.append(a[-2].size) or kernel(*a))
+    monkeypatch.setattr(ka, "affine_dx_rows", lambda *a: calls.append(a[-3].size) or kernel(*a))
     rng = np.random.default_rng(9)
     X = rng.standard_normal((N, 3, 8, 8)).astype(np.float32)
     y = rng.integers(10, size=N)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pipeline import warmup
@@ -125,3 +126,26 @@ def test_a_kernel_cached_at_a_narrower_width_than_the_process_s_is_warm(monkeypa
     assert warmup.cold_kernels([kc.direct_dw], "float32") == []
     monkeypatch.setattr(simd, "current", lambda: simd.Width(16))  # none as narrow as 16
     assert warmup.cold_kernels([kc.direct_dw], "float32") == ["direct_dw"]
+
+
+def test_a_kernel_cached_only_with_another_register_file_s_tile_is_cold(monkeypatch):
+    # the few-row dx takes 6 x 4 tiles on 32 registers, 3 x 4 on 16: a cache holding only the
+    # 6 x 4 code is warm for a 32-register process and cold for a 16-register one
+    from pipeline._kernels import affine as ka
+    from pipeline._kernels import simd, tile
+
+    def tiles(key):
+        return {(a.rows, a.cols) for a in key[0] if isinstance(a, tile.TileType)}
+
+    from pipeline import fast_layers as fl
+
+    monkeypatch.setattr(fl, "_tile", lambda tall=False: tile.Tile(6, 4))  # cached here if not yet
+    fl.affine_dx_fast(np.ones((50, 40), np.float32), np.ones((30, 40), np.float32))
+    files = ka.affine_dx_rows._cache._cache_file
+    tall = {k: v for k, v in files._load_index().items() if tiles(k) == {(6, 4)}}
+    assert tall, "pipeline.warmup caches affine_dx_rows with 6 x 4 tiles"
+    monkeypatch.setattr(files, "_load_index", lambda: tall)
+    monkeypatch.setattr(simd, "registers", lambda: 32)
+    assert warmup.cold_kernels([ka.affine_dx_rows], "float32") == []
+    monkeypatch.setattr(simd, "registers", lambda: 16)
+    assert warmup.cold_kernels([ka.affine_dx_rows], "float32") == ["affine_dx_rows"]

@@ -9,14 +9,25 @@ import pytest
 
 from pipeline import fast_layers as fl
 from pipeline import layers as L
-from pipeline._kernels import simd
+from pipeline._kernels import simd, tile
 
 
 @pytest.fixture
 def forced_width(monkeypatch):
     """Every kernel at ``simd.current()``'s width, not the narrower one fast_layers picks for
     shapes that would waste lanes (``fl._width_for``), so each width runs every kernel."""
-    monkeypatch.setattr(fl, "_width_for", lambda count, dtype, fit=False: simd.current())
+    monkeypatch.setattr(fl, "_width_for", lambda count, dtype, fit=False, cols=4: simd.current())
+
+
+@pytest.fixture
+def forced_tile(monkeypatch):
+    """``force(tile)``: every SIMD kernel with that register tile, whatever it measured fastest
+    with (``fl._tile``)."""
+
+    def force(t):
+        monkeypatch.setattr(fl, "_tile", lambda tall=False: t)
+
+    return force
 
 
 def _every_simd_path(dtype, seed=0):
@@ -70,22 +81,28 @@ def _every_simd_path(dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_every_width_computes_the_same_bits(dtype, forced_width):
+def test_every_width_and_tile_computes_the_same_bits(dtype, forced_width, forced_tile):
     results = {}
-    for nbytes in simd.WIDTHS:
-        with simd.using(nbytes):
-            assert fl.vector_bytes() == nbytes
-            results[nbytes] = _every_simd_path(dtype)
-    ref = results[simd.WIDTHS[0]]
-    for nbytes, got in results.items():
+    for shape in tile.SHAPES:
+        forced_tile(tile.Tile(*shape))
+        for nbytes in simd.WIDTHS:
+            with simd.using(nbytes):
+                assert fl.vector_bytes() == nbytes
+                results[nbytes, shape] = _every_simd_path(dtype)
+    ref = results[simd.WIDTHS[0], tile.SHAPES[0]]
+    for (nbytes, shape), got in results.items():
         for name, arrays in got.items():
             for i, (a, b) in enumerate(zip(arrays, ref[name])):
-                np.testing.assert_array_equal(a, b, err_msg=f"{name}[{i}] at {nbytes} bytes")
+                np.testing.assert_array_equal(
+                    a, b, err_msg=f"{name}[{i}] at {nbytes} bytes, tile {shape}"
+                )
 
 
+@pytest.mark.parametrize("shape", tile.SHAPES)
 @pytest.mark.parametrize("nbytes", simd.WIDTHS)
-def test_each_width_matches_the_naive_layers(nbytes, forced_width):
+def test_each_width_and_tile_matches_the_naive_layers(nbytes, shape, forced_width, forced_tile):
     """The widest and narrowest paths are right, not only equal to each other (float64)."""
+    forced_tile(tile.Tile(*shape))
     rng = np.random.default_rng(1)
     x, w, b = rng.standard_normal((2, 3, 9, 13)), rng.standard_normal((5, 3, 7, 7)), np.ones(5)
     cp = {"stride": 1, "pad": 3}
@@ -216,4 +233,51 @@ def test_the_command_line_refuses_a_bad_width_in_one_line(monkeypatch, capsys, t
     assert (
         err
         == "convpipe: error: CONVPIPE_VECTOR_BYTES: expected one of 16, 32, 64 (bytes), got '40'\n"
+    )
+
+
+# ---- which register tiles a process uses ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "machine, features, regs",
+    [
+        ("x86_64", {"avx2", "fma", "avx512f", "avx512vl"}, 32),
+        ("x86_64", {"avx2", "fma"}, 16),
+        ("aarch64", {"neon"}, 32),
+    ],
+)
+def test_the_register_count_follows_the_cpu(machine, features, regs):
+    assert simd.native_registers(features, machine) == regs
+
+
+def test_the_tile_follows_the_register_count_and_the_environment_overrides_it():
+    assert tile.tile_for(tall=True, regs=32) == tile.Tile(6, 4)
+    assert tile.tile_for(tall=True, regs=16) == tile.Tile(3, 4)  # 24 sums would spill on AVX2
+    assert tile.tile_for(tall=False, regs=32) == tile.Tile(3, 4)
+    assert simd.process_registers({"CONVPIPE_VECTOR_REGISTERS": "16"}) == 16
+    assert simd.process_registers({}) == simd.native_registers()
+    for bad in ("8", "64", "avx512"):
+        with pytest.raises(ValueError, match=r"CONVPIPE_VECTOR_REGISTERS: expected 16 or 32"):
+            simd.process_registers({"CONVPIPE_VECTOR_REGISTERS": bad})
+    with pytest.raises(ValueError, match="register tile: expected one of 3x4, 6x4, got 3x8"):
+        tile.Tile(3, 8)
+
+
+def test_the_machine_line_names_the_register_count_and_why(monkeypatch):
+    monkeypatch.delenv("CONVPIPE_VECTOR_REGISTERS", raising=False)
+    line = fl.machine_text()
+    assert f"register tiles for {simd.registers()} vector registers (the CPU's)" in line
+    monkeypatch.setenv("CONVPIPE_VECTOR_REGISTERS", "16")
+    assert "(CONVPIPE_VECTOR_REGISTERS=16)" in fl.machine_text()
+
+
+def test_the_command_line_refuses_a_bad_register_count_in_one_line(monkeypatch, capsys, tmp_path):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("CONVPIPE_VECTOR_REGISTERS", "24")
+    assert main(["status", "--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "convpipe: error: CONVPIPE_VECTOR_REGISTERS: expected 16 or 32 (vector registers), "
+        "got '24'\n"
     )
