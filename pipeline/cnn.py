@@ -189,17 +189,10 @@ class ThreeLayerConvNet:
 
         grads = {}
         dout2, grads["W3"], grads["b3"] = affine_backward(dscores, cache3)
-        # dW2 + reg * W2 [, * scale into into["W2"]]; with reg, also sum(W2**2) from the dx pass
-        back = affine_relu_backward(
-            dout2,
-            cache2,
-            reg=self.reg,
-            dw_out=None if into is None else into["W2"],
-            scale=scale,
-            add=accumulate,
-            sumsq=bool(self.reg),
-        )
-        dout1, grads["W2"], grads["b2"] = back[:3]
+        # dx (with reg, also sum(W2**2) from its pass), then the conv block, then W2's gradient:
+        # its 16 MB are written last, in the caches still when the update reads them
+        back = affine_relu_backward(dout2, cache2, sumsq=bool(self.reg), compute_dw=False)
+        dout1, _, grads["b2"] = back[:3]
         reg_loss = 0.0
         if self.reg:
             reg_loss = (
@@ -209,6 +202,16 @@ class ThreeLayerConvNet:
         if self.reg:
             for name in ("W1", "W3"):
                 add_l2(grads[name], p[name], self.reg)
+        # dW2 + reg * W2 [, * scale into into["W2"]]
+        _, grads["W2"], _ = affine_relu_backward(
+            dout2,
+            cache2,
+            compute_dx=False,
+            reg=self.reg,
+            dw_out=None if into is None else into["W2"],
+            scale=scale,
+            add=accumulate,
+        )
         if into is None:
             return data_loss + reg_loss, grads
         # W2's is there already

@@ -81,7 +81,15 @@ def affine_relu_forward(x, w, b):
 
 
 def affine_relu_backward(
-    dout, cache, compute_dx=True, reg=0.0, dw_out=None, scale=1.0, add=False, sumsq=False
+    dout,
+    cache,
+    compute_dx=True,
+    reg=0.0,
+    dw_out=None,
+    scale=1.0,
+    add=False,
+    sumsq=False,
+    compute_dw=True,
 ):
     """Backward pass of affine_relu_forward.
 
@@ -96,10 +104,12 @@ def affine_relu_backward(
       dw_out is returned as dw
     - sumsq: if True (with compute_dx), also return sum(w**2) (for the L2 term's value), from
       the pass that computes dx (``fast_layers.affine_dx_fast``)
+    - compute_dw: if False, dw is None and not computed (a model computes it in a later call,
+      with compute_dx=False, e.g. right before the update that reads it)
 
     Returns a tuple of:
     - dx: shape of x, dtype of x (or None)
-    - dw: shape (D, M), dtype of w
+    - dw: shape (D, M), dtype of w (or None)
     - db: shape (M,), dtype of b
     - sumsq: a float, only when ``sumsq``
     """
@@ -115,7 +125,9 @@ def affine_relu_backward(
     if compute_dx:
         dx, sq = fl.affine_dx_fast(da, w, sumsq=True) if sumsq else (fl.affine_dx_fast(da, w), None)
         dx = dx.reshape(x.shape).astype(layer_dtype(x), copy=False)
-    if reg or dw_out is not None:
+    if not compute_dw:
+        dw = None
+    elif reg or dw_out is not None:
         dw = fl.affine_dw_l2_fast(x, da, w, reg, scale=scale, out=dw_out, add=add)
     else:
         dw = (np.asarray(x).reshape(N, -1).T @ da).astype(layer_dtype(w), copy=False)

@@ -393,6 +393,12 @@ def test_affine_relu_equals_naive_composition(dtype, x_shape, M):
     assert sq == pytest.approx(
         float(np.sum(w.astype(np.float64) ** 2)), rel=1e-12 if dtype == np.float64 else 1e-6
     )
+    # compute_dw=False: dx, db and sum(w**2) as above, no dw (a model computes it later)
+    dx3, dw3, db3, sq3 = lu.affine_relu_backward(dout, cache, sumsq=True, compute_dw=False)
+    assert dw3 is None
+    for g, g2 in ((dx3, dx2), (db3, db2)):
+        np.testing.assert_array_equal(g, g2)
+    assert sq3 == sq
     with pytest.raises(
         ValueError, match="sumsq=True comes from the dx pass; it needs compute_dx=True"
     ):
