@@ -24,11 +24,11 @@ of the general convolution:
   the model's hidden layer at the notebook's batch of 50 and on a worker's shards under 64 images):
   w's strips read straight from w into L1, sums in registers, bias and ReLU in the store
   (``ka.affine_relu_rows``). From 64 rows on, NumPy's product, then bias, then ReLU.
-- an affine layer's input gradient with 16 to 63 rows, ``dx = da @ w.T``, optionally with
+- an affine layer's input gradient with 16 to 256 rows, ``dx = da @ w.T``, optionally with
   ``sum(w**2)`` for the L2 loss term (``affine_dx_fast``, the model's hidden layer in the
-  Solver and on a worker's shards of 16 to 63 images): w's rows broadcast against da packed
+  Solver and on a worker's shards of 16 to 256 images): w's rows broadcast against da packed
   transposed, sums in registers, each row of w squared from L1 right after
-  (``ka.affine_dx_rows``). Under 16 and from 64 rows on, NumPy's product and ``np.vdot``.
+  (``ka.affine_dx_rows``). Under 16 and over 256 rows, NumPy's product and ``np.vdot``.
 - an affine layer's weight gradient with its L2 term, ``dw = x.T @ da + reg * w``
   (``affine_dw_l2_fast``, the model's hidden layer when reg > 0, or when the gradient goes
   straight into a caller's array: a worker's shard, scaled by its image count, written to or
@@ -532,9 +532,9 @@ def affine_dx_fast(da, w, sumsq=False):
 
     Returns dx = da @ w.T, shape (N, D), dtype ``layer_dtype(da)`` [, sumsq].
 
-    With 16 to 63 rows (``ka.DX_MIN_ROWS``, ``ka.FWD_MAX_ROWS``) and da and w sharing float32 or
+    With 16 to 256 rows (``ka.DX_MIN_ROWS``, ``ka.DX_MAX_ROWS``) and da and w sharing float32 or
     float64: one kernel pass over w (``ka.affine_dx_rows``) whose dx[i, j] depends on row i of
-    da and row j of w only, not on N (within 16..63) or the thread count; the sum of squares
+    da and row j of w only, not on N (within 16..256) or the thread count; the sum of squares
     then comes from the same pass: float32 (float64) vector sums over each row of w, their
     lanes summed, then added in float64 in a fixed order. Else NumPy's ``da @ w.T`` and
     :func:`sum_of_squares`.
@@ -547,7 +547,7 @@ def affine_dx_fast(da, w, sumsq=False):
     N, (D, M) = da.shape[0], w.shape
     dtype = layer_dtype(da)
     if (
-        ka.DX_MIN_ROWS <= N <= ka.FWD_MAX_ROWS
+        ka.DX_MIN_ROWS <= N <= ka.DX_MAX_ROWS
         and kernel_dtype(dtype) == dtype == da.dtype == w.dtype
         and D > 0
         and M > 0

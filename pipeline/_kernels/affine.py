@@ -22,7 +22,7 @@ k = 0..D-1, then one rounded addition of b[j], then ``np.maximum(., 0)``'s choic
 -0.0 to +0.0): which thread, task or tile computes it, and how many rows the call has, do not
 change it.
 
-**The input gradient** (``affine_dx_rows``, for 16 to 63 rows). With 50 rows OpenBLAS's
+**The input gradient** (``affine_dx_rows``, for 16 to 256 rows). With 50 rows OpenBLAS's
 ``da @ w.T`` ran well below NumPy's rate on large products, and the loss's L2 term read w's
 16 MB once more (``np.vdot(w, w)``). Here da is first copied transposed into panels of G
 rows (``pack_row_panels``, zeros past row N - 1), each contiguous in k; a task owns ROWS rows of
@@ -185,10 +185,14 @@ LINE = 64
 
 # ---- the input gradient for few rows ---------------------------------------------------------
 
-#: the fewest rows that take ``affine_dx_rows`` (at most FWD_MAX_ROWS): a panel is 32 float32
+#: the fewest rows that take ``affine_dx_rows``: a panel is 32 float32
 #: rows whatever N; below 16 OpenBLAS is faster, from 16 a worker's shard trains faster with the
 #: kernel (timings in docs/scaling.md, "The few-row dx kernel")
 DX_MIN_ROWS = 16
+#: the most rows that take ``affine_dx_rows``: with w cold in memory (as in training) it beat
+#: OpenBLAS's product and ``np.vdot``'s squares up to 512 rows on Zen 4 (6 x 4 tiles; 3 x 4
+#: ties at 512), so a worker's shard of up to 256 images takes it (docs/scaling.md)
+DX_MAX_ROWS = 256
 
 
 @njit(cache=True)
@@ -208,7 +212,7 @@ def pack_row_panels(da, G, dat):
 def affine_dx_rows(dat, w, N, dx, sq, tl, vw):
     """dx (N, D) = da @ w.T, da (N, M) as pack_row_panels left it in dat (panels of G = C
     vectors of rows, the tile's C); w (D, M) and dx C-contiguous, one dtype. Meant for
-    DX_MIN_ROWS <= N <= FWD_MAX_ROWS; correct for any N >= 1. sq: empty, or one float64 per
+    DX_MIN_ROWS <= N <= DX_MAX_ROWS; correct for any N >= 1. sq: empty, or one float64 per
     task of ROWS rows of w: sq[t] = the sum of w[j]**2 over the task's rows (each row's sum as
     ``_row_sumsq`` takes it, added in row order).
 

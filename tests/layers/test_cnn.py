@@ -97,7 +97,7 @@ def test_gradient_check_float64(normalization, reg):
         assert grads[name].shape == model.params[name].shape
 
 
-@pytest.mark.parametrize("N", [50, 64])  # W2's squares from the dx kernel's pass, from np.vdot
+@pytest.mark.parametrize("N", [50, 256, 257])  # W2's squares from the dx kernel's pass, np.vdot
 def test_the_l2_term_of_the_loss_sums_every_weights_squares(N, monkeypatch):
     from pipeline._kernels import affine as ka
 
@@ -124,7 +124,7 @@ def test_the_l2_term_of_the_loss_sums_every_weights_squares(N, monkeypatch):
     )
     assert loss == pytest.approx(data_loss + 0.125 * squares, rel=1e-6)
     assert calls == (
-        [0, -(-64 // ka.ROWS)] if N < 64 else []
+        [0, -(-64 // ka.ROWS)] if N <= ka.DX_MAX_ROWS else []
     )  # dx alone, then with the squares (per task of rows)
 
 

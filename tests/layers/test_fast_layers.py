@@ -586,6 +586,9 @@ DX_CASES = [
     (63, 130, 65),
     (64, 95, 65),
     (50, 8192, 500),
+    (128, 300, 500),  # a worker's shard of 128
+    (256, 97, 40),
+    (257, 40, 33),  # past DX_MAX_ROWS: NumPy's
 ]
 
 
@@ -608,7 +611,7 @@ def test_affine_dx_and_sum_of_squares_match_naive(case, dtype):
     assert sq == pytest.approx(
         ref_sq, rel={np.float64: 1e-12, np.float32: 1e-6, np.float16: 1e-2}[dtype]
     )
-    if not 16 <= N <= 63 or dtype == np.float16:  # NumPy's product and np.vdot, bit for bit
+    if not 16 <= N <= 256 or dtype == np.float16:  # NumPy's product and np.vdot, bit for bit
         np.testing.assert_array_equal(dx, da @ w.T)
         wk = w.astype(np.float32) if dtype == np.float16 else w
         assert sq == float(np.vdot(wk, wk))
@@ -616,11 +619,12 @@ def test_affine_dx_and_sum_of_squares_match_naive(case, dtype):
 
 def test_affine_dx_bits_depend_on_neither_threads_nor_row_count():
     """A row's dx is one k-ordered sum whatever the thread count or the call's row count from 16
-    to 63 (a shard's rows give the same bits in a call of any such size); the sum of squares too."""
+    to 256 (a shard's rows give the same bits in a call of any such size); the sum of squares
+    too."""
     import numba
 
     rng = _rng(13)
-    da = rng.standard_normal((50, 301)).astype(np.float32)
+    da = rng.standard_normal((256, 301)).astype(np.float32)
     w = rng.standard_normal((2 * 48 * 3 + 7, 301)).astype(np.float32)
     threads = numba.get_num_threads()
     results = []
@@ -635,7 +639,7 @@ def test_affine_dx_bits_depend_on_neither_threads_nor_row_count():
     for dx, sq in results[1:]:
         np.testing.assert_array_equal(dx, results[0][0])
         assert sq == results[0][1]
-    for lo, hi in ((0, 16), (3, 20), (10, 50), (0, 32), (34, 50), (1, 50)):
+    for lo, hi in ((0, 16), (3, 20), (10, 50), (0, 32), (34, 50), (1, 50), (0, 128), (7, 200)):
         np.testing.assert_array_equal(fl.affine_dx_fast(da[lo:hi], w), results[0][0][lo:hi])
 
 
