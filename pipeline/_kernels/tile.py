@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
 from numba.extending import (
     NativeValue,
@@ -115,7 +115,7 @@ def _ops_source(R: int, C: int) -> str:
         f"    vstore(a, qs[{r}] + ts[{c}], a{r}_{c})" for r in range(R) for c in range(C)
     )
     return f"""
-def zeros(like, vw):
+def zeros(like, tl, vw):
     z = vzero(like, vw)
     return ({", ".join(["z"] * (R * C))},)
 
@@ -138,30 +138,32 @@ def add(x, y):
 def mul(x, v):
     return ({", ".join(f"vmul(x[{i}], v)" for i in range(R * C))},)
 
-def rows(i0, last, step, base):
+def shape(tl):
+    return ({R}, {C})
+
+def rows(tl, i0, last, step, base):
     return ({", ".join(f"base + min(i0 + {r}, last) * step" for r in range(R))},)
 
-def take_rows(arr, i0, last, base):
+def take_rows(tl, arr, i0, last, base):
     return ({", ".join(f"base + arr[min(i0 + {r}, last)]" for r in range(R))},)
 
-def vectors(a, vw):
+def vectors(tl, a, vw):
     V = lanes(a, vw)
     return ({", ".join(f"{c} * V" for c in range(C))},)
 
-def take_cols(arr, i0, last, base):
+def take_cols(tl, arr, i0, last, base):
     return ({", ".join(f"base + arr[min(i0 + {c}, last)]" for c in range(C))},)
 """
 
 
 @functools.cache
 def _ops(R: int, C: int) -> dict:
-    """One shape's operations, compiled to be inlined into the kernels."""
+    """One shape's operations (Python functions, which the overloads below hand to Numba to
+    compile inline), each with the parameters of the ``tile_*`` function it implements."""
     ns = {"vadd": vadd, "vfma": vfma, "vload": vload, "vmul": vmul, "vsplat": vsplat}
     ns.update(vstore=vstore, vzero=vzero, lanes=lanes)
     exec(compile(_ops_source(R, C), f"<tile {R}x{C}>", "exec"), ns)  # noqa: S102
-    names = ("zeros", "fma", "load", "store", "add", "mul", "rows", "take_rows", "take_cols")
-    names += ("vectors",)
-    return {name: njit(inline="always")(ns[name]) for name in names}
+    return ns
 
 
 def _stub(*args):  # pragma: no cover - only Numba calls these, through the overloads
@@ -225,96 +227,49 @@ def tile_mul(x, v):
     _stub()
 
 
-def _shape(tl):
+def _by_tile(tl, *rest):
+    """The shape of a call whose first argument is a tile."""
     return (tl.rows, tl.cols) if isinstance(tl, TileType) else None
 
 
-def _lengths(qs, ts):
+def _by_tuples(qs, ts):
+    """The shape of a call on a tile's row and vector offsets (two tuples of integers)."""
     if isinstance(qs, types.BaseTuple) and isinstance(ts, types.BaseTuple):
         return len(qs), len(ts)
     return None
 
 
-@overload(tile_zeros, inline="always")
-def _ov_zeros(like, tl, vw):
-    if _shape(tl):
-        f = _ops(*_shape(tl))["zeros"]
-        return lambda like, tl, vw: f(like, vw)
+def _by_length(x, *rest):
+    """The shape of an elementwise call on a tile's accumulators (only R * C matters)."""
+    if isinstance(x, types.BaseTuple):
+        return next(((r, c) for r, c in SHAPES if r * c == len(x)), None)
+    return None
 
 
-@overload(tile_rows, inline="always")
-def _ov_rows(tl, i0, last, step, base):
-    if _shape(tl):
-        f = _ops(*_shape(tl))["rows"]
-        return lambda tl, i0, last, step, base: f(i0, last, step, base)
+def _register(stub, name, shape_of):
+    """Numba's implementation of ``stub``: ``_ops(shape)[name]`` for the shape its argument
+    types give (``shape_of``), compiled inline."""
+
+    @functools.wraps(stub)  # Numba reads the stub's parameters through __wrapped__
+    def typing(*args):
+        shape = shape_of(*args)
+        if shape in SHAPES:
+            return _ops(*shape)[name]
+
+    overload(stub, inline="always")(typing)
 
 
-@overload(tile_vectors, inline="always")
-def _ov_vectors(tl, a, vw):
-    if _shape(tl):
-        f = _ops(*_shape(tl))["vectors"]
-        return lambda tl, a, vw: f(a, vw)
-
-
-@overload(tile_take_rows, inline="always")
-def _ov_take_rows(tl, arr, i0, last, base):
-    if _shape(tl):
-        f = _ops(*_shape(tl))["take_rows"]
-        return lambda tl, arr, i0, last, base: f(arr, i0, last, base)
-
-
-@overload(tile_take_cols, inline="always")
-def _ov_take_cols(tl, arr, i0, last, base):
-    if _shape(tl):
-        f = _ops(*_shape(tl))["take_cols"]
-        return lambda tl, arr, i0, last, base: f(arr, i0, last, base)
-
-
-@overload(tile_shape, inline="always")
-def _ov_shape(tl):
-    if _shape(tl):
-        R, C = _shape(tl)
-        return lambda tl: (R, C)
-
-
-@overload(tile_fma, inline="always")
-def _ov_fma(src, qs, k, a, o, ts, acc, vw):
-    shape = _lengths(qs, ts)
-    if shape in SHAPES:
-        f = _ops(*shape)["fma"]
-        return lambda src, qs, k, a, o, ts, acc, vw: f(src, qs, k, a, o, ts, acc, vw)
-
-
-@overload(tile_load, inline="always")
-def _ov_load(a, qs, ts, vw):
-    shape = _lengths(qs, ts)
-    if shape in SHAPES:
-        f = _ops(*shape)["load"]
-        return lambda a, qs, ts, vw: f(a, qs, ts, vw)
-
-
-@overload(tile_store, inline="always")
-def _ov_store(a, qs, ts, acc):
-    shape = _lengths(qs, ts)
-    if shape in SHAPES:
-        f = _ops(*shape)["store"]
-        return lambda a, qs, ts, acc: f(a, qs, ts, acc)
-
-
-def _by_length(n):
-    """The operations of the shape with n accumulators (elementwise ones need only n)."""
-    return next((_ops(R, C) for R, C in SHAPES if R * C == n), None)
-
-
-@overload(tile_add, inline="always")
-def _ov_add(x, y):
-    if isinstance(x, types.BaseTuple) and _by_length(len(x)):
-        f = _by_length(len(x))["add"]
-        return lambda x, y: f(x, y)
-
-
-@overload(tile_mul, inline="always")
-def _ov_mul(x, v):
-    if isinstance(x, types.BaseTuple) and _by_length(len(x)):
-        f = _by_length(len(x))["mul"]
-        return lambda x, v: f(x, v)
+for _stub_fn, _name, _shape_of in (
+    (tile_zeros, "zeros", lambda like, tl, vw: _by_tile(tl)),
+    (tile_rows, "rows", _by_tile),
+    (tile_vectors, "vectors", _by_tile),
+    (tile_take_rows, "take_rows", _by_tile),
+    (tile_take_cols, "take_cols", _by_tile),
+    (tile_shape, "shape", _by_tile),
+    (tile_fma, "fma", lambda src, qs, k, a, o, ts, acc, vw: _by_tuples(qs, ts)),
+    (tile_load, "load", lambda a, qs, ts, vw: _by_tuples(qs, ts)),
+    (tile_store, "store", lambda a, qs, ts, acc: _by_tuples(qs, ts)),
+    (tile_add, "add", _by_length),
+    (tile_mul, "mul", _by_length),
+):
+    _register(_stub_fn, _name, _shape_of)
