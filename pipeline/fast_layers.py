@@ -340,8 +340,7 @@ def _conv_core_backward(dout, core, compute_dx, mask=None):
             dk = np.empty((len(xp), F, H_out, Wo), dtype=dtype)
             _launch(kc.pad_planes, dk.size, d, k, S, 0, 0, Wo, dk.reshape(len(xp), F, -1))
         dw = np.empty((F, C, HH, WW), dtype=dtype)
-        tl = _tile()
-        vw = _width_for(F, dtype, cols=tl.cols)
+        tl, vw = _tile_and_width(F, dtype)
         _launch(kc.direct_dw, dk.size * C * HH * WW, xp, Wp, dk, dw, db, tl, vw)
         if compute_dx and pad <= WW - 1 and pad <= HH - 1:
             # dx = dout convolved with the flipped filters, transposed to (C, F, HH, WW)
@@ -500,7 +499,7 @@ def affine_relu_forward_fast(x, w, b):
         and x.size == N * w.shape[0]
     ):
         out = np.empty((N, w.shape[1]), dtype)
-        tl = _tile()
+        tl, vw = _tile_and_width(w.shape[1], dtype, fit=True)
         _launch(
             ka.affine_relu_rows,
             out.size * w.shape[0],
@@ -509,7 +508,7 @@ def affine_relu_forward_fast(x, w, b):
             _as(b, dtype),
             out,
             tl,
-            _width_for(w.shape[1], dtype, fit=True, cols=tl.cols),
+            vw,
         )
         return out, ((x, w, b), out)
     a, _ = affine_forward(x, w, b)
@@ -552,8 +551,7 @@ def affine_dx_fast(da, w, sumsq=False):
         and D > 0
         and M > 0
     ):
-        tl = _tile(tall=True)
-        vw = _width_for(N, dtype, cols=tl.cols)
+        tl, vw = _tile_and_width(N, dtype, tall=True)
         G = tl.cols * vw.lanes(dtype)
         dat = _aligned_empty(-(-N // G) * M * G, dtype)
         ka.pack_row_panels(_as(da, dtype), G, dat)
@@ -625,8 +623,7 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
         and w.shape[1] >= _MIN_PANEL_BYTES // dtype.itemsize
         and N > 0
     ):
-        tl = _tile()
-        vw = _width_for(w.shape[1], dtype, fit=True, cols=tl.cols)
+        tl, vw = _tile_and_width(w.shape[1], dtype, fit=True)
         G = tl.cols * vw.lanes(dtype)
         x2 = _as(x.reshape(N, D), dtype)
         dap = _aligned_empty(-(-w.shape[1] // G) * N * G, dtype)
@@ -670,6 +667,13 @@ def _tile(tall: bool = False) -> tile.Tile:
     registers for the kernels that measured faster with it (``tall``: the few-row dx), 3 x 4
     otherwise."""
     return tile.tile_for(tall)
+
+
+def _tile_and_width(count, dtype, fit=False, tall=False) -> tuple[tile.Tile, simd.Width]:
+    """A kernel's tile (:func:`_tile`) and the width to cut ``count`` values into groups of
+    that tile's vectors at (:func:`_width_for`)."""
+    tl = _tile(tall)
+    return tl, _width_for(count, dtype, fit=fit, cols=tl.cols)
 
 
 def _width_for(count, dtype, fit=False, cols=4) -> simd.Width:

@@ -321,7 +321,7 @@ def _row_sumsq(wf, q, M, lb, vw):
 #: at most this many rows take ``affine_relu_rows``; from 64 rows on one thread OpenBLAS's product
 #: was as fast or faster (timings in docs/scaling.md, "The few-row forward kernel")
 FWD_MAX_ROWS = 63
-#: columns per task (at least one group of G = C vectors): 4 tasks for M = 500 in float32
+#: columns per task (at least one group of G = C vectors): 2 tasks for M = 500 in float32
 FWD_TASK_COLS = 256
 #: bytes of w per k block: a strip of w (k x G) read by every row tile from L1 (32 kB: 128 k
 #: at G = 64 float32 columns)
@@ -334,10 +334,10 @@ def affine_relu_rows(x2, w, b, out, tl, vw):
     M >= G = C vectors (the tile's C). Meant for N < 64 (``FWD_MAX_ROWS``); correct for any
     N >= 1.
 
-    One task per FWD_GROUPS column groups (the last group ends at column M - 1, overlapping the
-    one before it when G does not divide M; both compute the same values). N not a multiple of
-    R (the tile's rows): the last row tile repeats row N - 1 into scratch rows that are never
-    read.
+    One task per FWD_TASK_COLS columns, in groups of G (the last group ends at column M - 1,
+    overlapping the one before it when G does not divide M; both compute the same values). N
+    not a multiple of R (the tile's rows): the last row tile repeats row N - 1 into scratch rows
+    that are never read.
     """
     N, D = x2.shape
     M = w.shape[1]

@@ -26,11 +26,11 @@ from numba import njit, prange
 from pipeline._kernels.simd import (
     WIDTHS,
     lanes,
-    vadd,
-    vload,
-    vstore,
 )
 from pipeline._kernels.tile import (
+    row_add,
+    row_store,
+    row_zeros,
     tile_fma,
     tile_load,
     tile_rows,
@@ -383,12 +383,10 @@ def direct_dw(xp, Wp, dout, dw, db, tl, vw):
         for n in range(ch * N // nch, (ch + 1) * N // nch):
             _dout_transposed(dout, n, Fp, eT)
             for fg in range(0, Fp, G):
-                for j in range(G):
-                    sums[j] = 0
+                row = row_zeros(xp, tl, vw)
                 for p in range(P):
-                    o = p * Fp + fg
-                    for c in range(TC):
-                        vstore(sums, c * V, vadd(vload(sums, c * V, vw), vload(eT, o + c * V, vw)))
+                    row = row_add(row, eT, p * Fp + fg, ts, vw)
+                row_store(sums, 0, ts, row)
                 for j in range(G):
                     part_db[ch, fg + j] += sums[j]
                 for k in range(0, KR, R):

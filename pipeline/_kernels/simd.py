@@ -118,11 +118,15 @@ def cpu_features() -> set[str]:
     return {name for name, on in binding.get_host_cpu_features().items() if on}
 
 
+def _is_x86(machine: str | None) -> bool:
+    """Whether ``machine`` (``platform.machine()``'s name; this one's when None) is x86."""
+    return (machine or platform.machine()).lower() in ("x86_64", "amd64", "i686", "i386")
+
+
 def native_bytes(features: set[str] | None = None, machine: str | None = None) -> int:
     """The widest vector the CPU computes with: 64 bytes with AVX-512 (avx512f), 32 with AVX2
     and FMA, else 16 (SSE on x86; NEON and the rest off x86)."""
-    machine = (machine or platform.machine()).lower()
-    if machine not in ("x86_64", "amd64", "i686", "i386"):
+    if not _is_x86(machine):
         return 16
     features = cpu_features() if features is None else features
     if "avx512f" in features:
@@ -151,8 +155,7 @@ def process_bytes(environ=None) -> int:
 
 def native_registers(features: set[str] | None = None, machine: str | None = None) -> int:
     """The CPU's SIMD registers: 32 with AVX-512 (avx512f) and off x86 (NEON, SVE), else 16."""
-    machine = (machine or platform.machine()).lower()
-    if machine not in ("x86_64", "amd64", "i686", "i386"):
+    if not _is_x86(machine):
         return 32
     features = cpu_features() if features is None else features
     return 32 if "avx512f" in features else 16

@@ -14,6 +14,8 @@ step by R broadcasts and C vector loads.
     acc = tile_load(a, qs, ts, vw)                          # a[qs[r] + ts[c] : + lanes], r x c
     tile_store(a, qs, ts, acc)                              # the inverse of tile_load
     acc = tile_add(acc, acc2); acc = tile_mul(acc, v)       # lane by lane, each rounded
+    row = row_zeros(a, tl, vw); row = row_add(row, a, o, ts, vw); row_store(a, o, ts, row)
+                                                            # C sums in registers, no broadcasts
 
 **The shape follows the register file.** 3 x 4 (12 accumulators, 4 loads) fits the 16 vector
 registers of AVX2 and SSE; with 32 (AVX-512, at every width thanks to AVX-512VL; NEON) a
@@ -141,6 +143,16 @@ def mul(x, v):
 def shape(tl):
     return ({R}, {C})
 
+def row_zeros(like, tl, vw):
+    z = vzero(like, vw)
+    return ({", ".join(["z"] * C)},)
+
+def row_add(row, a, o, ts, vw):
+    return ({", ".join(f"vadd(row[{c}], vload(a, o + ts[{c}], vw))" for c in range(C))},)
+
+def row_store(a, o, ts, row):
+{chr(10).join(f"    vstore(a, o + ts[{c}], row[{c}])" for c in range(C))}
+
 def rows(tl, i0, last, step, base):
     return ({", ".join(f"base + min(i0 + {r}, last) * step" for r in range(R))},)
 
@@ -222,6 +234,21 @@ def tile_add(x, y):
     _stub()
 
 
+def row_zeros(like, tl, vw):
+    """C zero vectors: one row of a tile's sums, for a sum of rows (no broadcast side)."""
+    _stub()
+
+
+def row_add(row, a, o, ts, vw):
+    """row[c] + a[o + ts[c] :][:lanes] for c < C."""
+    _stub()
+
+
+def row_store(a, o, ts, row):
+    """a[o + ts[c] :][:lanes] = row[c] for c < C."""
+    _stub()
+
+
 def tile_mul(x, v):
     """x * v (one vector), vector by vector."""
     _stub()
@@ -236,6 +263,13 @@ def _by_tuples(qs, ts):
     """The shape of a call on a tile's row and vector offsets (two tuples of integers)."""
     if isinstance(qs, types.BaseTuple) and isinstance(ts, types.BaseTuple):
         return len(qs), len(ts)
+    return None
+
+
+def _by_cols(ts):
+    """The shape (any with that many vectors) of a call on a row's C vector offsets."""
+    if isinstance(ts, types.BaseTuple):
+        return next(((r, c) for r, c in SHAPES if c == len(ts)), None)
     return None
 
 
@@ -270,6 +304,9 @@ for _stub_fn, _name, _shape_of in (
     (tile_load, "load", lambda a, qs, ts, vw: _by_tuples(qs, ts)),
     (tile_store, "store", lambda a, qs, ts, acc: _by_tuples(qs, ts)),
     (tile_add, "add", _by_length),
+    (row_zeros, "row_zeros", lambda like, tl, vw: _by_tile(tl)),
+    (row_add, "row_add", lambda row, a, o, ts, vw: _by_cols(ts)),
+    (row_store, "row_store", lambda a, o, ts, row: _by_cols(ts)),
     (tile_mul, "mul", _by_length),
 ):
     _register(_stub_fn, _name, _shape_of)
