@@ -9,9 +9,10 @@
 For each setting it trains with ``pipeline.training.train`` (the same code path as ``convpipe
 train``) and prints images/s of the training loop, the per-step breakdown (reading images,
 compute and reduce+Adam on the busiest worker, a worker's wait for the others, the
-coordinator's own time per step, checkpoints), the bytes per step in and out of the coordinator
-and of each worker, and train/val accuracy. Side by side in the same run, PyTorch DDP (gloo)
-with as many processes as workers, one thread each, the same network and global batch
+coordinator's own time per step, checkpoints, which it counts and the reference does not write),
+the bytes per step in and out of the coordinator and of each worker, and train/val accuracy,
+scored at the end only unless ``--eval-every`` says more. Side by side in the same run, PyTorch
+DDP (gloo) with as many processes as workers, one thread each, the same network and global batch
 (``ddp_reference.py``, in its own processes: torch never shares a process with convpipe).
 """
 
@@ -26,6 +27,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+NO_MID_RUN_SCORING = 10**9  # --eval-every past the run's end: it scores once, at the end
 
 
 def main() -> int:
@@ -41,6 +43,13 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="score val and train samples every K steps (default: only at the end, as the DDP "
+        "reference does; scoring is off the clock, but each one drains the step pipeline)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ddp", action="store_true", help="skip the PyTorch DDP reference")
     args = ap.parse_args()
@@ -79,6 +88,7 @@ def main() -> int:
                             norm=norm,
                             transport=transport,
                             checkpoint_every=args.checkpoint_every,
+                            eval_every=args.eval_every or NO_MID_RUN_SCORING,
                             seed=args.seed,
                             out=os.path.join(out, "run"),
                         )

@@ -313,10 +313,11 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
     try:
         for step in range(state.step, schedule.total_steps):
             sent, received = exchange.sent, exchange.received
-            # the next step waits on its workers for this one; not when an epoch's test split
-            # is scored off the clock after it (that step's compute would leave the clock too;
-            # the workers then score the epoch's train and val samples with no step beside it)
-            if not (config.test_each_epoch and schedule.ends_epoch(step)):
+            scored = (step + 1) % eval_every == 0 or schedule.ends_epoch(step)
+            # the next step waits on its workers for this one; not when accuracies are scored
+            # off the clock after it: the next step's compute would leave the clock with them
+            # (it hid 10 of 60 steps of a short run), so they are scored with no step beside it
+            if not scored:
                 submit(step + 1)
             # compute, reduce, update: on the workers; collect their small results
             t0 = clock.lap("coordinator")
@@ -344,6 +345,7 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
                     }
                 )
                 clock.lap("eval")
+                submit(step + 1)
 
             if schedule.ends_epoch(step):
                 train_idx = subset(config.seed, schedule.n_train, config.train_acc_samples, tag=1)

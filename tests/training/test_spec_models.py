@@ -486,45 +486,59 @@ def test_each_epochs_test_accuracy_is_scored_without_changing_the_training(
 
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
-def test_no_step_computes_while_an_epochs_test_split_is_scored_off_the_clock(
+def test_no_step_computes_while_accuracies_are_scored_off_the_clock(
     store, tmp_path, training_client, monkeypatch, transport
 ):
-    """The next step is submitted only after the epoch's test scoring: a step computed meanwhile
-    would leave the run's clock with the scoring (its wait would then be short). Elsewhere the
-    next step is in flight while one is collected, as always."""
+    """After a step whose accuracies are scored (every --eval-every steps; train, val and test at
+    an epoch's end), the next step is submitted only once the scoring is done: a step computed
+    meanwhile would leave the run's clock with the scoring (its wait would then be short; it hid
+    10 of a 60-step run's steps). Elsewhere the next step is in flight while one is collected."""
     from pipeline.training import coordinator
     from pipeline.training.shm import SharedMemoryExchange
     from pipeline.training.tcp import TcpExchange
 
     events = []
     scoring = coordinator._accuracy
+    accuracies = coordinator._accuracies
 
     def scored(client, exchange, step, bn, store, split, *args, **kwargs):
         events.append(("score", split, step))
         return scoring(client, exchange, step, bn, store, split, *args, **kwargs)
 
+    def scored_both(client, exchange, step, *args, **kwargs):
+        events.append(("score", "sample", step))
+        return accuracies(client, exchange, step, *args, **kwargs)
+
     monkeypatch.setattr(coordinator, "_accuracy", scored)
+    monkeypatch.setattr(coordinator, "_accuracies", scored_both)
     for cls in (SharedMemoryExchange, TcpExchange):
-        submitting = cls.submit
+        submitting, collecting = cls.submit, cls.collect
 
         def submit(self, step, *args, _submit=submitting, **kwargs):
             events.append(("submit", step))
             return _submit(self, step, *args, **kwargs)
 
+        def collect(self, pending, *args, _collect=collecting, **kwargs):
+            events.append(("collect", pending[0]))
+            return _collect(self, pending, *args, **kwargs)
+
         monkeypatch.setattr(cls, "submit", submit)
+        monkeypatch.setattr(cls, "collect", collect)
     settings = dict(model=SPEC, epochs=2, test_each_epoch=True, transport=transport)
-    train(tiny_config(store, tmp_path / "run", eval_every=1, **settings), client=training_client)
+    train(tiny_config(store, tmp_path / "run", eval_every=2, **settings), client=training_client)
     submits = [e[1] for e in events if e[0] == "submit"]
     tests = [e[2] for e in events if e[:2] == ("score", "test")]
     per_epoch = tests[0]
-    assert per_epoch > 1 and tests == [per_epoch, 2 * per_epoch, 2 * per_epoch]  # and the run's
+    assert per_epoch > 2 and tests == [per_epoch, 2 * per_epoch, 2 * per_epoch]  # and the run's
     assert submits == list(range(2 * per_epoch))  # each step once
-    # the step after the first epoch goes in after its test scoring; every other one is in
-    # flight while the step before it is scored (val, each step: eval_every=1)
-    assert events.index(("submit", per_epoch)) > events.index(("score", "test", per_epoch))
+    scored_after = {e[2] for e in events if e[0] == "score"}  # steps done when scored
+    assert scored_after >= {2, per_epoch, 2 * per_epoch}
     for done in range(1, 2 * per_epoch):
-        if done != per_epoch:
-            assert events.index(("submit", done)) < events.index(("score", "val", done)), done
+        if done in scored_after:  # step ``done`` goes in after every scoring of the one before
+            last = max(i for i, e in enumerate(events) if e[0] == "score" and e[2] == done)
+            assert events.index(("submit", done)) > last, done
+        else:  # in flight while the one before is collected
+            assert events.index(("submit", done)) < events.index(("collect", done - 1)), done
 
 
 def test_an_interrupt_while_an_epochs_test_split_is_scored_keeps_the_epoch_and_resumes(
