@@ -9,7 +9,8 @@
 2. Retire: at step 5 of a run on 2 worker processes, ``retire_workers`` of one; seconds until
    the call returns (its data handed over, the worker free) and the steps lost (none replayed).
 3. Tasks per step, both transports, ``--widths`` in-process workers (no evaluation in the
-   count): shared memory runs W tasks a step; tcp W^2 + 5W.
+   count): shared memory runs one step loop per worker for the whole run (W tasks in all, on
+   a cluster that does not scale itself); tcp 5W a step.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def join(data: str, work: Path) -> None:
         records = stream.data
     mine = [r for r in records if r["worker"] == marks.get("worker")]
     warm = [r for r in mine if str(r["key"]).startswith("warm-up-join")]
-    parts = sorted(r["startstops"][0]["start"] for r in mine if str(r["key"]).startswith("part-"))
+    parts = sorted(  # its part tasks, or its step loop (shared memory, a fixed-size cluster)
+        r["startstops"][0]["start"] for r in mine if str(r["key"]).startswith(("part-", "steps-"))
+    )
     print(
         f"join: arrival {marks['arrived'] - marks['asked']:.2f} s after the scale request; "
         f"warm-up done {warm[0]['startstops'][-1]['stop'] - marks['arrived']:.2f} s after "
@@ -147,7 +150,7 @@ def tasks_per_step(data: str, work: Path, widths: list[int]) -> None:
                 )
             keys = [str(r["key"]) for r in stream.data]  # filled as the stream closes
             counted = [k for k in keys if not k.startswith(("warm-up", "shard_predictions"))]
-            row.append(f"{w}: {len(counted) / steps:.0f}")
+            row.append(f"{w}: {len(counted) / steps:.2f}")
         print(f"tasks per step ({transport}): " + ", ".join(row))
 
 

@@ -71,6 +71,14 @@ def default_workers() -> int:
 ADAPT_TARGET = "100ms"
 
 
+def grows_by_itself(client) -> bool:
+    """Whether ``client``'s cluster may add workers on its own: Dask's adaptive scaling (it asks
+    for workers by the work it sees waiting in tasks), or a scheduler this process does not
+    manage (whose scaling it cannot see)."""
+    cluster = getattr(client, "cluster", None)
+    return cluster is None or getattr(cluster, "_adaptive", None) is not None
+
+
 @contextlib.contextmanager
 def connect(
     scheduler: str | None = None,

@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline.augment import Augment
 from pipeline.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pipeline.cluster import worker_cluster, worker_count
+from pipeline.cluster import grows_by_itself, worker_cluster, worker_count
 from pipeline.cnn import ModelSpec
 from pipeline.data import open_store
 from pipeline.errors import DataError, TrainingError
@@ -241,6 +241,8 @@ def _train_loop(config, run, schedule, model, state, exchange, client, store, em
     # (a closing worker gives its jobs 5 s; a step waiting on it would outlast them)
     exchange.on_wait = lambda: emit({"event": "waiting"})
     exchange.start(state.step, state.params, state.m, state.v)
+    if not grows_by_itself(client):  # (a step loop shows adaptive scaling no work waiting)
+        exchange.follow(schedule, state.t - state.step + 1)  # adam_t of step s: s + this
     warmup = warm_up_workers(client, exchange, schedule.n_train, state.step)
     clock = Clock()
     t_begin = clock.t
@@ -523,6 +525,7 @@ def _step_record(step, schedule, loss, n, parts, coordinator: float, waited: flo
         "seconds": seconds,
         "images_per_s": n / seconds if seconds > 0 else None,
         "workers": len(parts),  # the parts of the step: the workers it was planned over
+        "part_workers": [p.get("worker") for p in parts],  # where each part was computed
         **{f"{k}_s": v for k, v in timing.items()},
     }
 

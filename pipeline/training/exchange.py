@@ -65,16 +65,30 @@ def gather(client, futures: list, what: str, timeout: float, on_wait=None) -> li
         ) from None
 
 
+def raise_failed(client, futures: list, what: str) -> None:
+    """Raise if one of ``futures`` failed: its task's own exception, or :class:`WorkerLost`
+    when Dask gave up on it because data it needed left with a worker."""
+    bad = [f for f in futures if f.status in ("error", "cancelled", "lost")]
+    if bad:
+        if bad[0].status == "error" or client.status != "running":
+            client.gather(bad)  # raises the task's own exception (or the lost scheduler's)
+        raise WorkerLost(
+            f"{what}: task {bad[0].key} was {bad[0].status} (a worker holding its data left)"
+        )
+
+
+def stalled(client, futures: list, what: str, timeout: float) -> TrainingError:
+    """The error of a wait for ``futures`` that saw no progress for ``timeout`` seconds."""
+    workers = worker_count(client)
+    unfinished = sum(f.status != "finished" for f in futures)
+    return TrainingError(
+        f"{what}: no progress for {timeout:.0f} s ({unfinished} of {len(futures)} tasks "
+        f"unfinished, {workers} workers connected)"
+    )
+
+
 def _gather(client, futures: list, what: str, timeout: float, wait, on_wait=None) -> list:
     pending, last = list(futures), time.monotonic()
-
-    def stalled() -> TrainingError:
-        workers = worker_count(client)
-        unfinished = sum(f.status != "finished" for f in futures)
-        return TrainingError(
-            f"{what}: no progress for {timeout:.0f} s ({unfinished} of {len(futures)} tasks "
-            f"unfinished, {workers} workers connected)"
-        )
 
     while True:
         if pending:
@@ -92,13 +106,7 @@ def _gather(client, futures: list, what: str, timeout: float, wait, on_wait=None
                 raise ConnectionError(
                     f"{what}: the connection to the Dask scheduler is {client.status}"
                 ) from None
-        bad = [f for f in pending if f.status in ("error", "cancelled", "lost")]
-        if bad:
-            if bad[0].status == "error" or client.status != "running":
-                client.gather(bad)  # raises the task's own exception (or the lost scheduler's)
-            raise WorkerLost(
-                f"{what}: task {bad[0].key} was {bad[0].status} (a worker holding its data left)"
-            )
+        raise_failed(client, pending, what)
         still = [f for f in pending if f.status != "finished"]
         if len(still) < len(pending):
             last = time.monotonic()
@@ -113,7 +121,7 @@ def _gather(client, futures: list, what: str, timeout: float, wait, on_wait=None
             except TimeoutError:
                 still = [f for f in futures if f.status != "finished"] or list(futures)
         if time.monotonic() - last > timeout:
-            raise stalled()
+            raise stalled(client, futures, what, timeout)
         pending = still
 
 
@@ -243,6 +251,10 @@ class Exchange:
             "workers": [self.addresses[part % len(self.addresses)]],
             "allow_other_workers": True,
         }
+
+    def follow(self, schedule, adam_offset: int) -> None:
+        """The steps to come are ``schedule``'s, step ``s``'s Adam step ``s + adam_offset``: a
+        transport may then run the parts of many steps in one task (shm does)."""
 
     def plan(self, k: int) -> StepPlan:
         """The plan of a step of ``k`` shards: in ``width`` parts if the exchange was given one,

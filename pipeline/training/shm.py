@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from distributed import rejoin, secede
+from distributed import rejoin, secede, wait
 
 from pipeline.errors import TrainingError
 from pipeline.procs import Owner
-from pipeline.training.exchange import Exchange, gather
+from pipeline.training.exchange import Exchange, gather, raise_failed, stalled
 from pipeline.training.plan import CHUNK, Layout, StepPlan, covers
 from pipeline.training.reduce import tree_update
+from pipeline.training.shards import Schedule
 from pipeline.training.worker import (
     TaskSpec,
     compute_nodes,
@@ -44,7 +45,7 @@ from pipeline.training.worker import (
 
 #: slice records per parity: the most parts a step is cut into (workers may join mid-run)
 MAX_PARTS = 64
-HEADER = 64  # bytes before the state: magic token (32), then the abort flag (int64)
+HEADER = 64  # bytes before the state: magic token (32), the abort flag, the gate (int64 each)
 NEVER = -9  # the step of a record not yet written
 _PREFIX = "convpipe-"
 
@@ -67,6 +68,13 @@ def ordered_stores() -> bool:
 # after it has used the data the record vouches for (the gradient slots).
 SHARD_FIELDS = ("n", "loss_sum", "read_s", "compute_s", "begin", "end", "worker", "has_bn")
 SHARD_HEAD = 1 + 15  # step + fields (room to grow), then the BN moments
+# A part record: [step, its timings (PART_FIELDS), step], written when the part is done.
+PART_FIELDS = ("read_s", "wait_s", "compute_s", "reduce_s", "sync_s", "seconds", "worker")
+PART_LEN = 1 + len(PART_FIELDS) + 1
+#: the gate: generation * GATE_STEPS + the last step the coordinator lets a step loop start
+GATE_STEPS = 1 << 40
+#: how long closing waits for step loops to end (after their step) before it cancels them
+LOOP_END_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,7 @@ class ShmRef:
 
     @property
     def records_len(self) -> int:
-        return 2 * (self.slots * self.shard_len + self.max_slices * self.slice_len)
+        return 2 * (self.slots * self.shard_len + self.max_slices * (self.slice_len + PART_LEN))
 
     @property
     def file_bytes(self) -> int:
@@ -115,13 +123,15 @@ def shm_root() -> Path:
 
 class Mapped:
     """Views of the two shared files: ``state[parity]`` = (w, m, v) flat vectors, ``slots``
-    (k, P) gradient slots, ``shards[parity]`` (k, shard_len) and ``slices[parity]``
-    (max_slices, slice_len) records, ``abort`` (the coordinator stopped)."""
+    (k, P) gradient slots, ``shards[parity]`` (k, shard_len), ``slices[parity]``
+    (max_slices, slice_len) and ``parts[parity]`` (max_slices, PART_LEN) records, ``abort``
+    (the coordinator stopped), ``gate`` (how far step loops may go, :func:`gate_value`)."""
 
     def __init__(self, ref: ShmRef, smap, gmap):
         n, dt = ref.layout.size, ref.layout.dtype
         self.ref, self._maps = ref, (smap, gmap)
         self.abort = np.frombuffer(smap, dtype=np.int64, count=1, offset=32)
+        self.gate = np.frombuffer(smap, dtype=np.int64, count=1, offset=40)
         vectors = np.frombuffer(smap, dtype=dt, count=6 * n, offset=HEADER).reshape(2, 3, n)
         self.state = [tuple(vectors[p]) for p in range(2)]
         self.slots = np.frombuffer(gmap, dtype=dt, count=ref.slots * n).reshape(ref.slots, n)
@@ -130,16 +140,22 @@ class Mapped:
         )
         half = ref.records_len // 2
         cut = ref.slots * ref.shard_len
+        cut2 = cut + ref.max_slices * ref.slice_len
         self.shards = [
             records[p * half : p * half + cut].reshape(ref.slots, ref.shard_len) for p in range(2)
         ]
         self.slices = [
-            records[p * half + cut : (p + 1) * half].reshape(ref.max_slices, ref.slice_len)
+            records[p * half + cut : p * half + cut2].reshape(ref.max_slices, ref.slice_len)
+            for p in range(2)
+        ]
+        self.parts = [
+            records[p * half + cut2 : (p + 1) * half].reshape(ref.max_slices, PART_LEN)
             for p in range(2)
         ]
 
     def release(self) -> None:
-        self.state = self.slots = self.shards = self.slices = self.abort = None
+        self.state = self.slots = self.shards = self.slices = self.parts = None
+        self.abort = self.gate = None
         for m in self._maps:
             try:
                 m.close()
@@ -189,6 +205,7 @@ class SharedState(Mapped):
         for p in range(2):
             self.shards[p][:] = NEVER
             self.slices[p][:] = NEVER
+            self.parts[p][:] = NEVER
 
     def start(self, step: int, params: np.ndarray, m: np.ndarray, v: np.ndarray) -> None:
         """The state the run continues from: that of ``step`` (one slice, done at ``step - 1``)."""
@@ -246,10 +263,13 @@ class Attached(Mapped):
             gmap = mmap.mmap(f.fileno(), ref.file_bytes)
         super().__init__(ref, smap, gmap)
 
-    def wait(self, ready: Callable[[], bool], what: str, timeout: float) -> float:
+    def wait(
+        self, ready: Callable[[], bool], what: str, timeout: float, patient: bool = False
+    ) -> float:
         """Wait until ``ready()``; returns the seconds waited. Short pauses first; past a few
         milliseconds the task leaves its worker's thread pool, so that a waiting task never
-        holds a thread another task needs. Raises when the run stopped or ``timeout`` passed."""
+        holds a thread another task needs. Raises when the run stopped or ``timeout`` passed
+        (``patient``: returns -1 then)."""
         if ready():
             return 0.0
         t0 = time.monotonic()
@@ -261,6 +281,8 @@ class Attached(Mapped):
                 waited = time.monotonic() - t0
                 if waited > 5e-3 and not seceded:
                     seceded = _secede()
+                if patient and waited > timeout:
+                    return -1.0
                 if waited > timeout or (pause >= 1e-3 and not self.ref.owner.alive()):
                     raise TrainingError(
                         f"waited {waited:.0f} s for {what}: the coordinator or a worker stopped"
@@ -383,12 +405,82 @@ def shm_part(
     adam_t: int,
     prev_width: int,
 ) -> dict:
-    """Part ``part`` of ``step`` over shared memory: compute its shards into its tree nodes (in
-    their gradient slots), wait for every part's nodes, then reduce, L2 and Adam on its slice
-    (state copy ``step % 2`` in, the other out). A second run of the same task (its worker died)
-    skips what the first run's records show done, and returns the same numbers."""
+    """Part ``part`` of ``step`` over shared memory, as a task of its own: :func:`run_part`."""
     task_setup(spec.threads)
-    shm, par, t0 = attach(ref), step % 2, time.perf_counter()
+    return run_part(spec, attach(ref), step, plan, part, shards, batch, adam_t, prev_width)
+
+
+def shm_steps(
+    spec: TaskSpec,
+    ref: ShmRef,
+    gen: int,
+    first: int,
+    width: int,
+    part: int,
+    schedule: Schedule,
+    adam_offset: int,
+    prev_width: int,
+) -> int:
+    """Part ``part`` of steps ``first``, ``first + 1``, ... in one task (a step loop): each step
+    starts once the coordinator's gate lets it (:func:`gate_value`), until the gate names another
+    generation (the coordinator planned another width, or the run ended). Each step is computed
+    as :func:`shm_part` computes it, its shards from ``schedule`` and its Adam step
+    ``step + adam_offset``; the coordinator reads the results from the records. A second run of
+    the task (its worker died) starts where the run is: the step before the gate's, which shows
+    in its records what the first run had done. Returns the steps it ran."""
+    task_setup(spec.threads)
+    shm = attach(ref)
+    gate = int(shm.gate[0])
+    if gate // GATE_STEPS != gen:
+        return 0
+    step, ran = max(first, gate % GATE_STEPS - 1), 0
+    muon = [(a, b) for a, b, _ in spec.muon]
+    while True:
+        let_in = shm.wait(  # (a scoring or a checkpoint of the coordinator may take a while)
+            lambda s=step: _gate_moved(shm, gen, s),
+            f"the coordinator to start step {step + 1}",
+            spec.timeout,
+            patient=True,
+        )
+        if let_in < 0 or int(shm.gate[0]) // GATE_STEPS != gen:
+            return ran  # the gate stayed shut past the stall timeout: started again if needed
+        shards = schedule.shards(step)
+        plan = StepPlan.make(len(shards), width, spec.layout.size, muon)
+        batch = sum(len(x) for x in shards)
+        mine = shards[plan.parts[part][0] : plan.parts[part][1]]
+        run_part(spec, shm, step, plan, part, mine, batch, step + adam_offset, prev_width)
+        step, ran, prev_width = step + 1, ran + 1, width
+
+
+def _gate_moved(shm: Mapped, gen: int, step: int) -> bool:
+    """Whether the gate lets generation ``gen`` start ``step``, or names another generation."""
+    gate = int(shm.gate[0])
+    return gate // GATE_STEPS != gen or gate % GATE_STEPS >= step
+
+
+def gate_value(gen: int, step: int) -> int:
+    """The gate letting step loops of generation ``gen`` start steps up to ``step``."""
+    return gen * GATE_STEPS + step
+
+
+def run_part(
+    spec: TaskSpec,
+    shm: Mapped,
+    step: int,
+    plan: StepPlan,
+    part: int,
+    shards: list[np.ndarray],
+    batch: int,
+    adam_t: int,
+    prev_width: int,
+) -> dict:
+    """Part ``part`` of ``step``: compute its shards into its tree nodes (in their gradient
+    slots), wait for every part's nodes, then reduce, L2 and Adam on its slice (state copy
+    ``step % 2`` in, the other out), and write its part record. A second run of the same part
+    (its worker died) skips what the first run's records show done, and returns the same
+    numbers."""
+    par, t0 = step % 2, time.perf_counter()
+    ref = shm.ref
     (a, b), (lo, hi) = plan.parts[part], plan.slices[part]
     records = shm.shards[par]
     timing = {"read_s": 0.0, "wait_s": 0.0, "compute_s": 0.0, "reduce_s": 0.0, "sync_s": 0.0}
@@ -452,23 +544,52 @@ def shm_part(
     elif lo >= hi:
         write_record(shm.slices[par][part], step, np.zeros(0))
     timing["reduce_s"] = time.perf_counter() - tr
-    blocks = -(-(hi - lo) // CHUNK)
-    result = {
-        "part": part,
-        "shards": [_unpack(records[i], i, ref.channels, spec.model.dtype) for i in range(a, b)],
-        "partials": shm.slices[par][part][1 : 1 + blocks].copy(),
-        "worker": worker_name(),
-        "seconds": time.perf_counter() - t0,
-        **timing,
-    }
-    if not (
-        record_is(shm.slices[par][part], step)
-        and all(record_is(records[i], step) for i in range(a, b))
-    ):
+    timing["seconds"] = time.perf_counter() - t0
+    if not record_is(shm.parts[par][part], step):  # (a second run keeps the first's)
+        timing["worker"] = zlib.crc32(worker_name().encode())
+        write_record(shm.parts[par][part], step, np.array([timing[k] for k in PART_FIELDS]))
+    result = part_result(shm, step, plan, part)
+    if result is None:
         raise TrainingError(
             f"the records of part {part} of step {step + 1} changed while they were read"
         )
     return result
+
+
+def part_result(shm: Mapped, step: int, plan: StepPlan, part: int) -> dict | None:
+    """Part ``part`` of ``step`` as its records hold it (shard stats, its slice's L2 sums, its
+    timings), or None if they do not all hold ``step`` (not done, or overwritten)."""
+    par, (a, b), (lo, hi) = step % 2, plan.parts[part], plan.slices[part]
+    records, ref = shm.shards[par], shm.ref
+    blocks = -(-(hi - lo) // CHUNK)
+    result = {
+        "part": part,
+        "shards": [_unpack(records[i], i, ref.channels, ref.layout.dtype) for i in range(a, b)],
+        "partials": shm.slices[par][part][1 : 1 + blocks].copy(),
+        **{k: float(v) for k, v in zip(PART_FIELDS, shm.parts[par][part][1:-1])},
+    }
+    result["worker"] = int(result["worker"])
+    if not (
+        record_is(shm.slices[par][part], step)
+        and record_is(shm.parts[par][part], step)
+        and all(record_is(records[i], step) for i in range(a, b))
+    ):
+        return None
+    return result
+
+
+@dataclass
+class StepLoop:
+    """The step loops of one generation: their tasks, their width, the step the gate lets in
+    next."""
+
+    gen: int
+    width: int
+    futures: list
+    next: int
+
+    def ended(self) -> bool:
+        return any(f.done() for f in self.futures)
 
 
 class SharedMemoryExchange(Exchange):
@@ -484,6 +605,12 @@ class SharedMemoryExchange(Exchange):
         self.ref: ShmRef = self.shared.ref
         self.pool.params = ShmParams(self.ref, 0)  # a joiner's warm-up maps the files
         self.prev_width = 1
+        self.schedule: Schedule | None = None  # set by follow(): parts then run as step loops
+        self.adam_offset = 0
+        self.loop: StepLoop | None = None  # the step loops of the current generation
+        self.gen = 0  # the gate's generation
+        self.ending: list = []  # futures of loops of past generations (finishing a step)
+        self.names: dict[int, str] = {}  # a worker's CRC in the records -> its address
 
     def usable(self) -> bool:
         """Whether every worker now connected can map the shared files (same host)."""
@@ -494,11 +621,25 @@ class SharedMemoryExchange(Exchange):
         return bool(seen) and all(seen.values())
 
     def start(self, step: int, params, m, v) -> None:
+        self._end_loop()
         self._refresh()
         self.shared.start(step, params, m, v)
         self.prev_width = 1
 
+    def follow(self, schedule: Schedule, adam_offset: int) -> None:
+        """Run the parts of the steps to come as step loops (:func:`shm_steps`): one task per
+        part for as long as the plan's width stays, each step let in by the gate, its results
+        read from the records. Step ``s``'s shards are ``schedule.shards(s)``, its Adam step
+        ``s + adam_offset``. Per step the coordinator then sends no task and receives no
+        result: that cost it 15-20 ms of CPU a step (the scheduler's share included), taken
+        from the workers' cores."""
+        self.schedule, self.adam_offset = schedule, adam_offset
+
     def submit(self, step: int, plan: StepPlan, shards: list[np.ndarray], batch: int, adam_t: int):
+        if self.schedule is not None:
+            if adam_t != step + self.adam_offset or batch != len(self.schedule.batch(step)):
+                raise TrainingError(f"step {step + 1} is not the step its step loop would run")
+            return self._let_in(step, plan)
         futures = [
             self.client.submit(
                 shm_part,
@@ -521,7 +662,57 @@ class SharedMemoryExchange(Exchange):
         self._count(sent=(shards, plan))
         return step, futures
 
+    def _let_in(self, step: int, plan: StepPlan):
+        """Open the gate to ``step``, in the running step loops if they run its width and step
+        ``step`` is their next, else in new ones (the old ones end after their step)."""
+        loop = self.loop
+        if loop is not None:
+            raise_failed(self.client, loop.futures, f"step {step + 1}")
+        if loop is None or loop.width != plan.width or loop.next != step or loop.ended():
+            self._end_loop()
+            self._start_loop(step, plan.width)
+        else:
+            self.shared.gate[0] = gate_value(loop.gen, step)
+        self.loop.next = step + 1
+        self.prev_width = plan.width
+        return step, plan, self.loop
+
+    def _start_loop(self, step: int, width: int) -> None:
+        self.gen += 1
+        self.shared.gate[0] = gate_value(self.gen, step)
+        args = (self.schedule, self.adam_offset, self.prev_width)
+        futures = [
+            self.client.submit(
+                shm_steps,
+                self.spec,
+                self.ref,
+                self.gen,
+                step,
+                width,
+                j,
+                *args,
+                key=f"steps-{step}-{j}-{self.tag}-{self.gen}",
+                pure=False,
+                **self._where(j),
+            )
+            for j in range(width)
+        ]
+        self._count(sent=args)
+        self.loop = StepLoop(self.gen, width, futures, step)
+
+    def _end_loop(self) -> None:
+        """Close the gate on the current step loops: each ends after the step it computes."""
+        self.ending = [f for f in self.ending if not f.done()]
+        if self.loop is not None:
+            self.ending += self.loop.futures
+            self.loop = None
+        self.gen += 1
+        if self.shared.gate is not None:
+            self.shared.gate[0] = gate_value(self.gen, 0)
+
     def collect(self, pending, timeout: float | None = None) -> list[dict]:
+        if len(pending) == 3:
+            return self._read_step(*pending, timeout or self.timeout)
         step, futures = pending
         results = gather(
             self.client, futures, f"step {step + 1}", timeout or self.timeout, self.on_wait
@@ -529,7 +720,60 @@ class SharedMemoryExchange(Exchange):
         for f in futures:
             f.release()
         self._count(received=results)
+        return self._named(results)
+
+    def _named(self, results: list[dict]) -> list[dict]:
+        """The results with each part's worker named by its address (records hold a CRC)."""
+        for address in self.addresses:
+            self.names.setdefault(zlib.crc32(address.encode()), address)
+        for r in results:
+            r["worker"] = self.names.get(r["worker"], r["worker"])
         return results
+
+    def _read_step(self, step: int, plan: StepPlan, loop: StepLoop, timeout: float) -> list:
+        """The results of ``step``, run by step loops, from its records once all are written:
+        polled (the step takes tens of milliseconds; the next one is let in already), the
+        loops' tasks checked as ``gather`` checks its futures. A loop that ended before its step
+        (it waited longer than the stall timeout at the gate) is started again, once."""
+        what = f"step {step + 1}"
+        par, last, progress, pause, restarted = step % 2, time.monotonic(), -1, 1e-4, 0
+        asked = told = last
+        shared = self.shared
+        shards, slices, parts = shared.shards[par], shared.slices[par], shared.parts[par]
+        while True:
+            done = sum(bool(record_is(shards[i], step)) for i in range(plan.k)) + sum(
+                bool(record_is(slices[j], step)) + bool(record_is(parts[j], step))
+                for j in range(plan.width)
+            )
+            if done == plan.k + 2 * plan.width:
+                results = [part_result(self.shared, step, plan, j) for j in range(plan.width)]
+                if all(r is not None for r in results):
+                    return self._named(results)
+            now = time.monotonic()
+            if done != progress:
+                last, progress = now, done
+            if self.on_wait is not None and now - told >= 1.0:  # a job's stop request, say
+                told = now
+                self.on_wait()
+            if now - asked >= 0.05:  # the loops' tasks: the step's, and any started since
+                asked = now
+                watched = loop.futures + (
+                    self.loop.futures if self.loop not in (None, loop) else []
+                )
+                raise_failed(self.client, watched, what)
+                if loop.ended() and loop is self.loop:  # it gave up at the gate: again, once
+                    if restarted:
+                        raise TrainingError(f"{what}: its step loops ended before it")
+                    restarted, let_in = 1, loop.next
+                    self._end_loop()
+                    self._start_loop(step, plan.width)  # from this step, as far as the old
+                    loop = self.loop
+                    loop.next = let_in
+                    self.shared.gate[0] = gate_value(loop.gen, let_in - 1)
+            if now - last > timeout:
+                raise stalled(self.client, loop.futures, what, timeout)
+            time.sleep(pause)
+            pause = min(pause * 1.5, 2e-3)
 
     def state(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Copies of the state of ``step`` (all its slices done). Step ``step + 1``'s update
@@ -548,6 +792,14 @@ class SharedMemoryExchange(Exchange):
         return ShmParams(self.ref, step % 2, 2 if average else 0)
 
     def close(self) -> None:
+        self._end_loop()
+        try:  # each ends after the step it computes, if any (a step is well under a second)
+            wait(self.ending, timeout=LOOP_END_S)
+        except Exception:  # noqa: BLE001 - a closed client, a lost scheduler: closing goes on
+            pass
+        for f in self.ending:
+            f.cancel()
+        self.ending = []
         self.close_pool()
         self.shared.close()
         try:

@@ -93,3 +93,19 @@ def test_the_embedded_workers_ignore_the_terminals_ctrl_c():
         os.kill(pid, signal.SIGINT)  # as the terminal's Ctrl-C would
         assert client.run(os.getpid) == {address: pid}  # the same process, still answering
         assert client.run(_sigint_ignored) == {address: True}
+
+
+def test_a_cluster_grows_by_itself_under_adaptive_scaling_or_when_it_is_not_ours():
+    # training runs each worker's part of every step in one task only where the cluster cannot
+    # add workers on its own: Dask's adaptive scaling sizes a cluster by the tasks it sees
+    from distributed import Client
+
+    from tests.helpers.cluster import local_cluster
+
+    with local_cluster(1, dashboard_address=None) as local:
+        with Client(local) as client:
+            assert not cluster.grows_by_itself(client)
+            local.adapt(minimum=1, maximum=2)
+            assert cluster.grows_by_itself(client)
+        with Client(local.scheduler_address) as client:  # someone else's scheduler, say
+            assert cluster.grows_by_itself(client)

@@ -95,7 +95,7 @@ def test_a_worker_process_killed_mid_epoch_loses_no_shard(store, tmp_path, trans
         if e["event"] == "warning" and "replaying from the last checkpoint" in e["message"]
     ]
     if transport == "shm":
-        assert any(n >= 2 for key, n in starts.items() if key.startswith("part-")), starts
+        assert any(n >= 2 for key, n in starts.items() if key.startswith("steps-")), starts
         assert not replayed
     else:
         assert len(replayed) == 1, replayed

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 
 import numpy as np
 import pytest
-from distributed import Client
+from distributed import Client, get_task_stream
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cnn import ModelSpec
@@ -91,6 +92,38 @@ def test_shared_memory_and_tcp_transports_give_the_same_bits(store, tmp_path, cl
     b = train(tiny_config(store, tmp_path / "tcp", transport="tcp", **settings), client=client)
     assert (a["transport"], b["transport"]) == ("shm", "tcp")
     assert_same_params(final_params(tmp_path / "shm"), final_params(tmp_path / "tcp"))
+
+
+def test_step_loops_give_the_bits_of_a_task_per_step_and_start_again_after_a_long_pause(
+    store, tmp_path, client, monkeypatch
+):
+    """On shared memory each worker runs its part of every step in one task (a step loop), let
+    in step by step by the coordinator; where the cluster may grow by itself (Dask's adaptive
+    scaling), a task per part and step. Same bits. A loop whose gate stays shut past the stall
+    timeout (the coordinator paused 4 s after a step) ends; the run starts it again."""
+    import pipeline.training.coordinator as coordinator
+
+    settings = dict(norm="groupnorm", steps=6, shard_size=16, transport="shm", stall_timeout=2.5)
+    with get_task_stream(client) as looped:
+        train(tiny_config(store, tmp_path / "loops", **settings), client=client)
+    with get_task_stream(client) as paused:
+        train(
+            tiny_config(store, tmp_path / "paused", **settings),
+            client=client,
+            progress=lambda e: e["event"] == "step" and e["step"] == 3 and time.sleep(4.0),
+        )
+    monkeypatch.setattr(coordinator, "grows_by_itself", lambda client: True)
+    with get_task_stream(client) as tasks:
+        train(tiny_config(store, tmp_path / "tasks", **settings), client=client)
+
+    def keys(stream, prefix):
+        return [t["key"] for t in stream.data if str(t["key"]).startswith(prefix)]
+
+    assert len(keys(looped, "steps-")) == 2 and not keys(looped, "part-")  # 2 workers
+    assert len(keys(paused, "steps-")) == 4 and not keys(paused, "part-")  # started again
+    assert not keys(tasks, "steps-") and len(keys(tasks, "part-")) == 6 * 2
+    for run in ("paused", "tasks"):
+        assert_same_params(final_params(tmp_path / "loops"), final_params(tmp_path / run))
 
 
 # ---- equivalence with a single process -----------------------------------------------------------
