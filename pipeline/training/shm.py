@@ -394,20 +394,11 @@ def _unpack(record: np.ndarray, slot: int, channels: int, dtype) -> dict:
     return r
 
 
-def shm_part(
-    spec: TaskSpec,
-    ref: ShmRef,
-    step: int,
-    plan: StepPlan,
-    part: int,
-    shards: list[np.ndarray],
-    batch: int,
-    adam_t: int,
-    prev_width: int,
-) -> dict:
-    """Part ``part`` of ``step`` over shared memory, as a task of its own: :func:`run_part`."""
+def shm_part(spec: TaskSpec, ref: ShmRef, *args) -> dict:
+    """A part of a step over shared memory, as a task of its own: ``run_part(spec, attach(ref),
+    step, plan, part, shards, batch, adam_t, prev_width)`` (:func:`run_part`)."""
     task_setup(spec.threads)
-    return run_part(spec, attach(ref), step, plan, part, shards, batch, adam_t, prev_width)
+    return run_part(spec, attach(ref), *args)
 
 
 def shm_steps(
@@ -448,8 +439,10 @@ def shm_steps(
         plan = StepPlan.make(len(shards), width, spec.layout.size, muon)
         batch = sum(len(x) for x in shards)
         mine = shards[plan.parts[part][0] : plan.parts[part][1]]
+        if step > first:  # the step before ran in this loop (a second run starts later)
+            prev_width = width
         run_part(spec, shm, step, plan, part, mine, batch, step + adam_offset, prev_width)
-        step, ran, prev_width = step + 1, ran + 1, width
+        step, ran = step + 1, ran + 1
 
 
 def _gate_moved(shm: Mapped, gen: int, step: int) -> bool:
@@ -578,7 +571,7 @@ def part_result(shm: Mapped, step: int, plan: StepPlan, part: int) -> dict | Non
     return result
 
 
-@dataclass
+@dataclass(eq=False)
 class StepLoop:
     """The step loops of one generation: their tasks, their width, the step the gate lets in
     next."""
@@ -587,6 +580,7 @@ class StepLoop:
     width: int
     futures: list
     next: int
+    plan: StepPlan | None = None  # the plan of the last step let in (next - 1)
 
     def ended(self) -> bool:
         return any(f.done() for f in self.futures)
@@ -669,11 +663,14 @@ class SharedMemoryExchange(Exchange):
         if loop is not None:
             raise_failed(self.client, loop.futures, f"step {step + 1}")
         if loop is None or loop.width != plan.width or loop.next != step or loop.ended():
+            if loop is not None and loop.plan is not None:  # its last step done first: a loop
+                # ends at the gate, and one still to start the step let in would skip it
+                self._read_step(loop.next - 1, loop.plan, loop, self.timeout)
             self._end_loop()
             self._start_loop(step, plan.width)
         else:
             self.shared.gate[0] = gate_value(loop.gen, step)
-        self.loop.next = step + 1
+        self.loop.next, self.loop.plan = step + 1, plan
         self.prev_width = plan.width
         return step, plan, self.loop
 
@@ -757,19 +754,19 @@ class SharedMemoryExchange(Exchange):
                 self.on_wait()
             if now - asked >= 0.05:  # the loops' tasks: the step's, and any started since
                 asked = now
-                watched = loop.futures + (
-                    self.loop.futures if self.loop not in (None, loop) else []
-                )
+                newer = self.loop is not None and self.loop is not loop
+                watched = loop.futures + (self.loop.futures if newer else [])
                 raise_failed(self.client, watched, what)
-                if loop.ended() and loop is self.loop:  # it gave up at the gate: again, once
+                if loop is self.loop and all(f.done() for f in loop.futures):  # (gave up at the
+                    # gate, past the stall timeout): started again, once
                     if restarted:
                         raise TrainingError(f"{what}: its step loops ended before it")
-                    restarted, let_in = 1, loop.next
+                    restarted, old = 1, loop
                     self._end_loop()
                     self._start_loop(step, plan.width)  # from this step, as far as the old
                     loop = self.loop
-                    loop.next = let_in
-                    self.shared.gate[0] = gate_value(loop.gen, let_in - 1)
+                    loop.next, loop.plan = old.next, old.plan
+                    self.shared.gate[0] = gate_value(loop.gen, old.next - 1)
             if now - last > timeout:
                 raise stalled(self.client, loop.futures, what, timeout)
             time.sleep(pause)

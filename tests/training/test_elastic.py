@@ -148,6 +148,34 @@ def test_a_worker_retired_mid_run_hands_over_without_a_replay_and_the_bits_stay(
     assert_same_params(calm, final_params(out))
 
 
+def test_a_worker_process_retired_while_its_step_loop_has_a_step_to_start_and_the_bits_stay(
+    store, calm, tmp_path, every_step
+):
+    # worker processes, shared memory: the retired worker's step loop dies with it mid-step,
+    # Dask starts it again on the other worker, and the next plan (one part) comes while the
+    # step let in to the old loops is not done: the new loop starts once it is (before, the old
+    # loops ended at the gate without it and the run stalled: "step 7: no progress for 300 s")
+    from pipeline.cluster import worker_cluster
+
+    out, events = tmp_path / "retired", []
+    with worker_cluster(workers=2) as client:
+
+        def progress(event):
+            events.append(event)
+            if event["event"] == "step" and event["step"] == K:
+                assert len(client.retire_workers([worker_addresses(client)[-1]])) == 1
+
+        summary = train(
+            tiny_config(store, out, transport="shm", stall_timeout=60.0, **SETTINGS),
+            client=client,
+            progress=progress,
+        )
+    assert summary["worker_changes"] == {"joined": 0, "left": 1, "died": 0}
+    widths = [m["workers"] for m in _metrics(out) if m["kind"] == "step"]
+    assert widths[:K] == [2] * K and widths[-1] == 1, widths
+    assert_same_params(calm, final_params(out))
+
+
 # ---- the state machine ---------------------------------------------------------------------------
 
 

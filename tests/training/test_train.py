@@ -208,6 +208,54 @@ def test_reduced_gradient_is_the_whole_batch_gradient_float64(store, client, tra
     )
 
 
+def test_a_new_step_loop_starts_after_the_step_let_in_to_the_old_ones(store, client, monkeypatch):
+    # A step is let in to two step loops, one of which cannot start yet (its worker's thread is
+    # busy); the next step is planned in one part. The new loop must not start before the step
+    # let in to the old ones is done: they end at the gate, and a loop yet to start would skip
+    # it (the step never done, the run stalled). The busy thread is freed as the coordinator
+    # waits for that step.
+    from distributed import Event
+
+    from pipeline.training.plan import Layout, StepPlan
+    from pipeline.training.transport import open_exchange
+    from pipeline.training.worker import TaskSpec
+
+    st = open_store(store)
+    spec = ModelSpec(4, 3, 16, len(st.class_names), "none", 4, "float64")
+    model = spec.build(weight_scale=5e-2, reg=0.0, seed=7)
+    layout = Layout.of(model.params)
+    sched = Schedule(st.splits["train"], 64, 16, 0, 1)
+    task = TaskSpec(spec, st.path, layout, 1, ((0, layout.size, 0.0, 1.0),), timeout=10.0)
+    exchange = open_exchange(client, "shm", task, layout, slots=4, width=None, timeout=10.0)
+    started, release = Event("busy-started"), Event("busy-release")
+
+    def busy():
+        started.set()
+        release.wait(60)
+
+    try:
+        exchange.start(0, layout.flatten(model.params), *[np.zeros(layout.size)] * 2)
+        exchange.follow(sched, 1)
+        blocker = client.submit(busy, workers=[exchange.addresses[1]], pure=False)
+        started.wait(30)
+        first = exchange.submit(0, StepPlan.make(4, 2, layout.size), sched.shards(0), 64, 1)
+        waiting = exchange._read_step
+
+        def freed(*args):
+            release.set()
+            return waiting(*args)
+
+        monkeypatch.setattr(exchange, "_read_step", freed)
+        second = exchange.submit(1, StepPlan.make(4, 1, layout.size), sched.shards(1), 64, 2)
+        parts = [exchange.collect(first), exchange.collect(second)]
+        blocker.result(30)
+    finally:
+        release.set()
+        exchange.close()
+    assert [len(p) for p in parts] == [2, 1]
+    assert [sum(s["n"] for p in step for s in p["shards"]) for step in parts] == [64, 64]
+
+
 def test_bn_statistics_are_synchronized_like_one_process(store, tmp_path, client):
     # one shard per step: the workers normalize over the whole batch, as one process does,
     # so the coordinator's combined moments and momentum update must match the model's own
