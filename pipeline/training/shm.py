@@ -13,6 +13,7 @@ worker), the worker's task (``shm_part``) and the coordinator's :class:`SharedMe
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import platform
@@ -263,13 +264,10 @@ class Attached(Mapped):
             gmap = mmap.mmap(f.fileno(), ref.file_bytes)
         super().__init__(ref, smap, gmap)
 
-    def wait(
-        self, ready: Callable[[], bool], what: str, timeout: float, patient: bool = False
-    ) -> float:
+    def wait(self, ready: Callable[[], bool], what: str, timeout: float) -> float:
         """Wait until ``ready()``; returns the seconds waited. Short pauses first; past a few
         milliseconds the task leaves its worker's thread pool, so that a waiting task never
-        holds a thread another task needs. Raises when the run stopped or ``timeout`` passed
-        (``patient``: returns -1 then)."""
+        holds a thread another task needs. Raises when the run stopped or ``timeout`` passed."""
         if ready():
             return 0.0
         t0 = time.monotonic()
@@ -281,8 +279,6 @@ class Attached(Mapped):
                 waited = time.monotonic() - t0
                 if waited > 5e-3 and not seceded:
                     seceded = _secede()
-                if patient and waited > timeout:
-                    return -1.0
                 if waited > timeout or (pause >= 1e-3 and not self.ref.owner.alive()):
                     raise TrainingError(
                         f"waited {waited:.0f} s for {what}: the coordinator or a worker stopped"
@@ -427,14 +423,13 @@ def shm_steps(
     step, ran = max(first, gate % GATE_STEPS - 1), 0
     muon = [(a, b) for a, b, _ in spec.muon]
     while True:
-        let_in = shm.wait(  # (a scoring or a checkpoint of the coordinator may take a while)
+        shm.wait(  # for as long as the coordinator lives: its scoring or checkpoint may take long
             lambda s=step: _gate_moved(shm, gen, s),
             f"the coordinator to start step {step + 1}",
-            spec.timeout,
-            patient=True,
+            math.inf,
         )
-        if let_in < 0 or int(shm.gate[0]) // GATE_STEPS != gen:
-            return ran  # the gate stayed shut past the stall timeout: started again if needed
+        if int(shm.gate[0]) // GATE_STEPS != gen:
+            return ran
         shards = schedule.shards(step)
         plan = StepPlan.make(len(shards), width, spec.layout.size, muon)
         batch = sum(len(x) for x in shards)
@@ -730,10 +725,9 @@ class SharedMemoryExchange(Exchange):
     def _read_step(self, step: int, plan: StepPlan, loop: StepLoop, timeout: float) -> list:
         """The results of ``step``, run by step loops, from its records once all are written:
         polled (the step takes tens of milliseconds; the next one is let in already), the
-        loops' tasks checked as ``gather`` checks its futures. A loop that ended before its step
-        (it waited longer than the stall timeout at the gate) is started again, once."""
+        loops' tasks checked as ``gather`` checks its futures."""
         what = f"step {step + 1}"
-        par, last, progress, pause, restarted = step % 2, time.monotonic(), -1, 1e-4, 0
+        par, last, progress, pause = step % 2, time.monotonic(), -1, 1e-4
         asked = told = last
         shared = self.shared
         shards, slices, parts = shared.shards[par], shared.slices[par], shared.parts[par]
@@ -757,16 +751,8 @@ class SharedMemoryExchange(Exchange):
                 newer = self.loop is not None and self.loop is not loop
                 watched = loop.futures + (self.loop.futures if newer else [])
                 raise_failed(self.client, watched, what)
-                if loop is self.loop and all(f.done() for f in loop.futures):  # (gave up at the
-                    # gate, past the stall timeout): started again, once
-                    if restarted:
-                        raise TrainingError(f"{what}: its step loops ended before it")
-                    restarted, old = 1, loop
-                    self._end_loop()
-                    self._start_loop(step, plan.width)  # from this step, as far as the old
-                    loop = self.loop
-                    loop.next, loop.plan = old.next, old.plan
-                    self.shared.gate[0] = gate_value(loop.gen, old.next - 1)
+                if loop is self.loop and loop.ended():  # (only a new generation ends a loop)
+                    raise TrainingError(f"{what}: its step loops ended before it")
             if now - last > timeout:
                 raise stalled(self.client, loop.futures, what, timeout)
             time.sleep(pause)
@@ -789,14 +775,21 @@ class SharedMemoryExchange(Exchange):
         return ShmParams(self.ref, step % 2, 2 if average else 0)
 
     def close(self) -> None:
-        self._end_loop()
-        try:  # each ends after the step it computes, if any (a step is well under a second)
-            wait(self.ending, timeout=LOOP_END_S)
-        except Exception:  # noqa: BLE001 - a closed client, a lost scheduler: closing goes on
-            pass
-        for f in self.ending:
-            f.cancel()
-        self.ending = []
+        try:
+            self._end_loop()
+            if not any(f.status == "error" for f in self.ending):  # (else the others wait
+                # for its gradients: the abort flag below ends them)
+                try:  # each ends after the step it computes, if any (well under a second)
+                    wait(self.ending, timeout=LOOP_END_S)
+                except Exception:  # noqa: BLE001 - a closed client, a lost scheduler
+                    pass
+            for f in self.ending:
+                f.cancel()
+            self.ending = []
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         self.close_pool()
         self.shared.close()
         try:
