@@ -262,7 +262,7 @@ class Exchange:
         their warm-up take parts, those that left take none)."""
         ready = self.pool.poll()
         width = self.width or min(len(ready), self.max_width)
-        return StepPlan.make(k, width, self.layout.size, [(a, b) for a, b, _ in self.spec.muon])
+        return self.spec.plan(k, width)
 
     def close_pool(self) -> None:
         self.pool.close()

@@ -390,11 +390,19 @@ def _unpack(record: np.ndarray, slot: int, channels: int, dtype) -> dict:
     return r
 
 
-def shm_part(spec: TaskSpec, ref: ShmRef, *args) -> dict:
+def shm_part(spec: TaskSpec, ref: ShmRef, step: int, plan: StepPlan, part: int, *args) -> dict:
     """A part of a step over shared memory, as a task of its own: ``run_part(spec, attach(ref),
-    step, plan, part, shards, batch, adam_t, prev_width)`` (:func:`run_part`)."""
+    step, plan, part, shards, batch, adam_t, prev_width)`` (:func:`run_part`), then its result
+    as its records hold it."""
     task_setup(spec.threads)
-    return run_part(spec, attach(ref), *args)
+    shm = attach(ref)
+    run_part(spec, shm, step, plan, part, *args)
+    result = part_result(shm, step, plan, part)
+    if result is None:
+        raise TrainingError(
+            f"the records of part {part} of step {step + 1} changed while they were read"
+        )
+    return result
 
 
 def shm_steps(
@@ -421,7 +429,6 @@ def shm_steps(
     if gate // GATE_STEPS != gen:
         return 0
     step, ran = max(first, gate % GATE_STEPS - 1), 0
-    muon = [(a, b) for a, b, _ in spec.muon]
     while True:
         shm.wait(  # for as long as the coordinator lives: its scoring or checkpoint may take long
             lambda s=step: _gate_moved(shm, gen, s),
@@ -431,7 +438,7 @@ def shm_steps(
         if int(shm.gate[0]) // GATE_STEPS != gen:
             return ran
         shards = schedule.shards(step)
-        plan = StepPlan.make(len(shards), width, spec.layout.size, muon)
+        plan = spec.plan(len(shards), width)
         batch = sum(len(x) for x in shards)
         mine = shards[plan.parts[part][0] : plan.parts[part][1]]
         if step > first:  # the step before ran in this loop (a second run starts later)
@@ -461,11 +468,11 @@ def run_part(
     batch: int,
     adam_t: int,
     prev_width: int,
-) -> dict:
+) -> None:
     """Part ``part`` of ``step``: compute its shards into its tree nodes (in their gradient
     slots), wait for every part's nodes, then reduce, L2 and Adam on its slice (state copy
     ``step % 2`` in, the other out), and write its part record. A second run of the same part
-    (its worker died) skips what the first run's records show done, and returns the same
+    (its worker died) skips what the first run's records show done, and leaves the same
     numbers."""
     par, t0 = step % 2, time.perf_counter()
     ref = shm.ref
@@ -536,12 +543,6 @@ def run_part(
     if not record_is(shm.parts[par][part], step):  # (a second run keeps the first's)
         timing["worker"] = zlib.crc32(worker_name().encode())
         write_record(shm.parts[par][part], step, np.array([timing[k] for k in PART_FIELDS]))
-    result = part_result(shm, step, plan, part)
-    if result is None:
-        raise TrainingError(
-            f"the records of part {part} of step {step + 1} changed while they were read"
-        )
-    return result
 
 
 def part_result(shm: Mapped, step: int, plan: StepPlan, part: int) -> dict | None:
@@ -787,12 +788,9 @@ class SharedMemoryExchange(Exchange):
                 f.cancel()
             self.ending = []
         finally:
-            self._release()
-
-    def _release(self) -> None:
-        self.close_pool()
-        self.shared.close()
-        try:
-            self.client.run(release, self.ref.token)
-        except Exception:  # noqa: BLE001 - workers that left hold nothing of ours any more
-            pass
+            self.close_pool()
+            self.shared.close()
+            try:
+                self.client.run(release, self.ref.token)
+            except Exception:  # noqa: BLE001 - workers that left hold nothing of ours any more
+                pass

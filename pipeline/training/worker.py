@@ -57,6 +57,11 @@ class TaskSpec:
     # (start, stop, filters) of each conv's filters that Muon updates (update.muon_lr)
     muon: tuple[tuple[int, int, int], ...] = ()
 
+    def plan(self, k: int, width: int) -> StepPlan:
+        """The plan of a step of ``k`` shards in ``width`` parts (no slice cuts a Muon filter
+        block): the coordinator's and a step loop's, the same."""
+        return StepPlan.make(k, width, self.layout.size, [(a, b) for a, b, _ in self.muon])
+
     def frozen_at(self, step: int) -> frozenset[str]:
         """The parameters ``freeze`` holds still at ``step`` (from 0): no gradient is computed
         for them (:meth:`pipeline.convnet.ConvNet.loss`'s ``frozen``)."""
