@@ -178,7 +178,8 @@ PHASES = (
     ("affine-relu forward (Numba < 64 rows)", "affine_relu_forward", ("affine", 1)),
     ("scores, softmax, backward", ("affine_forward", "softmax_loss", "affine_backward"), None),
     ("affine-relu backward (dx+squares, dw+L2)", "affine_relu_backward", ("affine", 2)),
-    ("conv-relu-pool backward (dw)", "conv_relu_pool_backward", ("conv", 1)),
+    # dw sums over the pixels the 2x2 pool routes a gradient to: a quarter of the conv's FLOPs
+    ("conv-relu-pool backward (dw, pooled pixels)", "conv_relu_pool_backward", ("conv", 0.25)),
     ("L2 term of W1 and W3", "add_l2", None),
 )
 

@@ -191,7 +191,9 @@ def conv_relu_pool_forward(x, w, b, conv_param, pool_param):
 
 
 def conv_relu_pool_backward(dout, cache, compute_dx=True):
-    """Backward pass of conv_relu_pool_forward.
+    """Backward pass of conv_relu_pool_forward. Without dx, on the direct convolution kernels
+    and windows that do not overlap, dw and db come straight from the pooled gradient
+    (``fast_layers.conv_pool_dw_fast``: the same bits, a quarter of the FMAs for 2x2 windows).
 
     Returns a tuple of:
     - dx: shape (N, C, H, W), dtype of x (None when compute_dx=False)
@@ -200,6 +202,10 @@ def conv_relu_pool_backward(dout, cache, compute_dx=True):
     """
     conv_cache, pool_cache = cache
     dout = check_dout(dout, pool_cache[2].shape, "conv_relu_pool")
+    if not compute_dx:
+        grads = fl.conv_pool_dw_fast(dout, conv_cache, pool_cache)
+        if grads is not None:
+            return None, *grads
     da = fl.max_pool_backward_fast(dout, pool_cache)
     return fl.conv_backward_fast(da, conv_cache, compute_dx=compute_dx)
 

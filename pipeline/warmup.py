@@ -28,7 +28,12 @@ from pipeline._kernels import winograd as kwg
 from pipeline.cnn import ThreeLayerConvNet
 from pipeline.convnet import ConvNet
 from pipeline.fast_layers import direct_images_per_row, kernel_dtype
-from pipeline.layer_utils import conv_relu_backward, conv_relu_forward
+from pipeline.layer_utils import (
+    conv_relu_backward,
+    conv_relu_forward,
+    conv_relu_pool_backward,
+    conv_relu_pool_forward,
+)
 from pipeline.netspec import NetSpec
 from pipeline.optim import adam, adam_inplace
 from pipeline.training.reduce import warm_kernels
@@ -53,17 +58,23 @@ def model_kernels(
     if layers is not None:
         return _spec_kernels(NetSpec.from_text(layers), kernel_dtype(dtype) == np.float32)
     pad = (filter_size - 1) // 2
-    if direct_images_per_row(
+    direct = direct_images_per_row(
         filter_size, filter_size, 1, 32, 32 + 2 * pad - filter_size + 1, pad, 32
-    ):
+    )
+    pool = [kp.pool_forward_2x2]
+    if direct and normalization is None:  # dw straight from the pooled gradient
+        conv = [kc.pad_planes, kc.direct_forward, kc.pooled_dw]
+    elif direct:
         conv = [kc.pad_planes, kc.direct_forward, kc.direct_dw]
+        pool.append(kp.pool_backward)
     else:
         conv = [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d]
+        pool.append(kp.pool_backward)
     norm = {
         "spatial_batchnorm": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
         "groupnorm": [kn.gn_forward, kn.gn_backward],
     }.get(normalization, [])
-    return conv + [kp.pool_forward_2x2, kp.pool_backward] + norm
+    return conv + pool + norm
 
 
 def _spec_kernels(spec: NetSpec, f32: bool) -> list:
@@ -194,13 +205,18 @@ def warm() -> None:
 
 
 def warm_vector_kernels(dtype, rng) -> None:
-    """Run the direct 7-wide convolution and the hidden layer's forward, dx (with sum(w**2)) and
-    dw with its L2 term (a Solver step with reg > 0), at shapes (64 filters, columns and rows
-    rounded up) where every width up to ``simd.current()`` ties, so that width runs."""
+    """Run the direct 7-wide convolution (and its dw from a 2x2 pool's gradient, at the width
+    that kernel picks) and the hidden
+    layer's forward, dx (with sum(w**2)) and dw with its L2 term (a Solver step with reg > 0),
+    at shapes (64 filters, columns and rows rounded up) where every width up to
+    ``simd.current()`` ties, so that width runs."""
     x = rng.standard_normal((2, 3, 8, 8)).astype(dtype)
     w7 = rng.standard_normal((64, 3, 7, 7)).astype(dtype)
     out, cache = conv_relu_forward(x, w7, np.zeros(64, dtype), {"stride": 1, "pad": 3})
     conv_relu_backward(out, cache)
+    pool = {"pool_height": 2, "pool_width": 2, "stride": 2}
+    out, cache = conv_relu_pool_forward(x, w7, np.zeros(64, dtype), {"stride": 1, "pad": 3}, pool)
+    conv_relu_pool_backward(out, cache, compute_dx=False)
     w = rng.standard_normal((x[0].size, 64)).astype(dtype)
     fl.affine_relu_forward_fast(x, w, np.zeros(64, dtype))
     fl.affine_dx_fast(rng.standard_normal((63, 64)).astype(dtype), w, sumsq=True)

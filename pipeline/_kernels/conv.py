@@ -26,6 +26,10 @@ from numba import njit, prange
 from pipeline._kernels.simd import (
     WIDTHS,
     lanes,
+    vfma,
+    vload,
+    vsplat,
+    vstore,
 )
 from pipeline._kernels.tile import (
     row_add,
@@ -244,11 +248,16 @@ def direct_geometry(H_out, W_out, HH, WW, W, pw, itemsize):
 
     L covers the ph + H + ph rows (at most H_out + HH - 1) and every read: (HH - 1) rows and
     WW - 1 taps past the output plane of H_out rows of Wp positions, whose last row
-    direct_forward reads as whole vectors (a vector can be longer than a row).
+    direct_forward reads as whole vectors (a vector can be longer than a row), and pooled_dw
+    reads a filter row's WW taps as whole vectors.
     """
     V = WIDTHS[-1] // itemsize  # the widest vector: one geometry for every width
     Wp = max(W + pw, W_out)
-    L = max((H_out + HH - 1) * Wp + pw + 1, (H_out + HH - 2) * Wp + max(W_out, V) + WW)
+    L = max(
+        (H_out + HH - 1) * Wp + pw + 1,
+        (H_out + HH - 2) * Wp + max(W_out, V) + WW,
+        (H_out + HH - 2) * Wp + W_out + -(-WW // V) * V,  # pooled_dw's vectors of a row's taps
+    )
     return Wp, L
 
 
@@ -411,3 +420,137 @@ def direct_dw(xp, Wp, dout, dw, db, tl, vw):
             for ch in range(1, nch):
                 a += part[ch, k, f]
             dw[f, c, kh, k - c * T - kh * WW] = a
+
+
+#: the vectors of taps pooled_dw keeps in registers at a time (one FMA chain each)
+POOLED_BLOCK = 7
+
+
+@njit(cache=True, inline="always")
+def _routed(pool, relu, n, f, k, S, Wp, W_out, stride, ph, eq, eg, zero):
+    """The pixels of filter f's conv output planes in the row of images n (images n*k ...,
+    side by side S columns apart) that max pooling routes a gradient to, in direct_dw's order
+    (row by row, left to right across the images), into (eq, eg): their offsets in the wide
+    layout (rows of Wp) and their gradients (0 where the pool's ReLU blocked it: pool_backward
+    adds nothing there); returns how many. pool = (dout, idx, pooled) of shape (N, F, Hq, Wq).
+    Branch-free: every window is written, and counted when its maximum is in the row at hand."""
+    dout, idx, pooled = pool
+    N, F, Hq, Wq = dout.shape
+    df = dout.reshape(-1)
+    idxf = idx.reshape(-1)
+    of = pooled.reshape(-1)
+    cnt = 0
+    for i in range(Hq):
+        for a in range(ph):
+            ho = i * stride + a  # windows never overlap: pooled row i alone covers this row
+            row0 = ho * W_out
+            for m in range(min(k, N - n * k)):
+                base = ho * (Wp - W_out) + m * S  # + row0 + col: the pixel's offset
+                w0 = (((n * k + m) * F + f) * Hq + i) * Wq
+                for j in range(Wq):
+                    w = u64(w0 + j)
+                    pos = idxf[w]
+                    v = df[w]
+                    if relu and not of[w] > 0:
+                        v = zero
+                    eq[u64(cnt)] = base + pos
+                    eg[u64(cnt)] = v
+                    cnt += u64(pos - row0) < u64(W_out)
+    return cnt
+
+
+@njit(parallel=True, cache=True)
+def pooled_dw(xp, Wp, k, S, W_out, dout, idx, pooled, relu, stride, ph, dw, db, vw):
+    """dw (F, C, HH, WW) and db (F,) (float64) of direct_forward on xp (Ng, C, L: N images, k
+    side by side in a row, S columns apart) for the gradient that max pooling (windows ph high,
+    never overlapping: stride >= the window) routes from dout (N, F, Hq, Wq) to its windows'
+    maxima idx (flat positions in the conv output's planes, W_out wide), with relu only where
+    pooled > 0. The same bits as pool_backward then direct_dw, with a quarter of the FMAs for
+    2x2 windows:
+
+    direct_dw sums, for tap (c, kh, kw) and filter f, dout_conv[f, p] * xp[c, tap + p] over the
+    output pixels p in order; all but the routed pixels add zero. Here each filter's routed
+    pixels (eq: offsets, eg: gradients) are listed in that order (_routed), and SIMD lanes run
+    over a filter row's WW taps (vectors of V lanes, nvs = ceil(WW / V) per row):
+    POOLED_BLOCK vectors of taps in registers, one FMA chain per tap in direct_dw's order.
+    Images are split into direct_dw's chunks.
+    """
+    Ng, C, L = xp.shape
+    N, F, Hq, Wq = dout.shape
+    _, _, HH, WW = dw.shape
+    V = lanes(xp, vw)
+    nvs = (WW + V - 1) // V
+    NS = C * HH * nvs  # vectors of taps per filter
+    B = POOLED_BLOCK
+    nch = min(Ng, 16)
+    xf = xp.reshape(-1)
+    pool = (dout, idx, pooled)
+    # vector s = (c, kh, v) of taps starts at xp[n, c, kh * Wp + v * V] (relative to a pixel)
+    so = np.empty(NS, dtype=np.intp)
+    for s in range(NS):
+        ck = s // nvs
+        c = ck // HH
+        so[s] = c * L + (ck - c * HH) * Wp + (s - ck * nvs) * V
+    part = np.zeros((nch, F, NS * V), dtype=xp.dtype)
+    part_db = np.zeros((nch, F))
+    cap = k * Hq * Wq  # routed pixels of a row of images, at most; + 1 for a write past them
+    zero = np.zeros(1, dtype=xp.dtype)[0]
+    for ch in prange(nch):
+        eq = np.empty(cap + 1, dtype=np.intp)
+        eg = np.empty(cap + 1, dtype=xp.dtype)
+        for n in range(ch * Ng // nch, (ch + 1) * Ng // nch):
+            x0 = n * C * L
+            for f in range(F):
+                cnt = _routed(pool, relu, n, f, k, S, Wp, W_out, stride, ph, eq, eg, zero)
+                pf = part[ch, f]
+                s_db = zero  # db's sum over the routed pixels, in order (beside the first block)
+                for sb in range(0, NS, B):
+                    o0 = x0 + so[min(sb, NS - 1)]
+                    o1 = x0 + so[min(sb + 1, NS - 1)]
+                    o2 = x0 + so[min(sb + 2, NS - 1)]
+                    o3 = x0 + so[min(sb + 3, NS - 1)]
+                    o4 = x0 + so[min(sb + 4, NS - 1)]
+                    o5 = x0 + so[min(sb + 5, NS - 1)]
+                    o6 = x0 + so[min(sb + 6, NS - 1)]
+                    a0 = vload(pf, min(sb, NS - 1) * V, vw)
+                    a1 = vload(pf, min(sb + 1, NS - 1) * V, vw)
+                    a2 = vload(pf, min(sb + 2, NS - 1) * V, vw)
+                    a3 = vload(pf, min(sb + 3, NS - 1) * V, vw)
+                    a4 = vload(pf, min(sb + 4, NS - 1) * V, vw)
+                    a5 = vload(pf, min(sb + 5, NS - 1) * V, vw)
+                    a6 = vload(pf, min(sb + 6, NS - 1) * V, vw)
+                    for e in range(cnt):
+                        ge = eg[e]
+                        if sb == 0:
+                            s_db += ge
+                        gv = vsplat(eg, e, vw)
+                        q = eq[e]
+                        a0 = vfma(gv, vload(xf, q + o0, vw), a0)
+                        a1 = vfma(gv, vload(xf, q + o1, vw), a1)
+                        a2 = vfma(gv, vload(xf, q + o2, vw), a2)
+                        a3 = vfma(gv, vload(xf, q + o3, vw), a3)
+                        a4 = vfma(gv, vload(xf, q + o4, vw), a4)
+                        a5 = vfma(gv, vload(xf, q + o5, vw), a5)
+                        a6 = vfma(gv, vload(xf, q + o6, vw), a6)
+                    # a block past NS repeats vector NS-1: the same chain, stored twice
+                    vstore(pf, min(sb + 6, NS - 1) * V, a6)
+                    vstore(pf, min(sb + 5, NS - 1) * V, a5)
+                    vstore(pf, min(sb + 4, NS - 1) * V, a4)
+                    vstore(pf, min(sb + 3, NS - 1) * V, a3)
+                    vstore(pf, min(sb + 2, NS - 1) * V, a2)
+                    vstore(pf, min(sb + 1, NS - 1) * V, a1)
+                    vstore(pf, min(sb, NS - 1) * V, a0)
+                part_db[ch, f] += s_db
+    for f in range(F):
+        s = 0.0
+        for ch in range(nch):
+            s += part_db[ch, f]
+        db[f] = s
+        for c in range(C):
+            for kh in range(HH):
+                for kw in range(WW):
+                    i = ((c * HH + kh) * nvs) * V + kw
+                    a = part[0, f, i]
+                    for ch in range(1, nch):
+                        a += part[ch, f, i]
+                    dw[f, c, kh, kw] = a

@@ -905,6 +905,115 @@ def test_max_pool_non_contiguous_and_unmodified():
 
 
 # --------------------------------------------------------------------------------------------
+# convolution then max pooling: dw straight from the pooled gradient (fl.conv_pool_dw_fast)
+
+
+def _conv_pool_cases(count, seed):
+    """Random shapes on the direct kernels (7-wide filters of any height, 3x3 on planes wide
+    enough for one image a row or narrow enough for several), pooling windows from 1 x 1 to
+    3 x 3 at strides up to one past the window (gaps between windows), 1 to 20 images (more
+    than the kernel's 16 chunks; rows of images that do not fill the last one), with and
+    without the pool's ReLU."""
+    rng = _rng(seed)
+    cases = []
+    while len(cases) < count:
+        HH, WW = (3, 3) if rng.random() < 0.4 else (int(rng.integers(1, 8)), 7)
+        pad = int(rng.integers(0, min(HH, WW)))
+        ph, pw = int(rng.integers(1, 4)), int(rng.integers(1, 4))
+        stride = max(ph, pw) + int(rng.integers(0, 2))
+        Hq, Wq = int(rng.integers(1, 7)), int(rng.integers(1, 9))
+        H_out, W_out = (Hq - 1) * stride + ph, (Wq - 1) * stride + pw
+        H, W = H_out + HH - 1 - 2 * pad, W_out + WW - 1 - 2 * pad
+        N, C, F = int(rng.integers(1, 21)), int(rng.integers(1, 5)), int(rng.integers(1, 41))
+        if H < 1 or W < 1 or not fl.direct_images_per_row(HH, WW, 1, W, W_out, pad, F):
+            continue
+        relu = bool(rng.random() < 0.7)
+        cases.append((N, C, H, W, F, HH, WW, pad, ph, pw, stride, relu))
+    return cases
+
+
+CONV_POOL_CASES = _conv_pool_cases(24, 11)
+
+
+def _conv_pool(case, dtype, seed):
+    N, C, H, W, F, HH, WW, pad, ph, pw, stride, relu = case
+    rng = _rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, HH, WW)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    cp, pp = {"stride": 1, "pad": pad}, {"pool_height": ph, "pool_width": pw, "stride": stride}
+    a, conv_cache = fl.conv_forward_fast(x, w, b, cp)
+    pool = fl.relu_max_pool_forward_fast if relu else fl.max_pool_forward_fast
+    out, pool_cache = pool(a, pp)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dout[rng.random(out.shape) < 0.1] = 0  # some windows pass no gradient
+    return (x, w, b, cp, pp), dout, conv_cache, pool_cache
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    "case", CONV_POOL_CASES, ids=lambda c: "N{}C{}H{}W{}F{}k{}x{}p{}w{}x{}s{}r{}".format(*c)
+)
+def test_conv_dw_from_the_pooled_gradient_has_the_bits_of_the_two_backward_passes(case, dtype):
+    args, dout, conv_cache, pool_cache = _conv_pool(case, dtype, hash(case) % 2**32)
+    dw, db = fl.conv_pool_dw_fast(dout, conv_cache, pool_cache)
+    assert dw.dtype == db.dtype == dtype
+    da = fl.max_pool_backward_fast(dout, pool_cache)
+    _, dw2, db2 = fl.conv_backward_fast(da, conv_cache, compute_dx=False)
+    np.testing.assert_array_equal(dw, dw2)
+    np.testing.assert_array_equal(db, db2)
+    # and the naive layers' gradients
+    x, w, b, cp, pp = args
+    a, c1 = L.conv_forward_naive(x, w, b, cp)
+    relu = case[-1]
+    r, c2 = L.relu_forward(a) if relu else (a, None)
+    _, c3 = L.max_pool_forward_naive(r, pp)
+    dr = L.max_pool_backward_naive(dout, c3)
+    _, dw_n, db_n = L.conv_backward_naive(L.relu_backward(dr, c2) if relu else dr, c1)
+    _close(dw, dw_n, dtype, "dw")
+    _close(db, db_n, dtype, "db")
+
+
+def test_conv_relu_pool_without_dx_takes_the_pooled_kernel_where_it_applies(monkeypatch):
+    """The three-layer net's first layer (no dx) runs kc.pooled_dw, not pool_backward and
+    direct_dw; overlapping windows, a ReLU inside the convolution, im2col and Winograd shapes
+    get None from conv_pool_dw_fast (their layers then take the two backward passes)."""
+    from pipeline import layer_utils as lu
+
+    ran = []
+    for name in ("pooled_dw", "direct_dw"):
+        kernel = getattr(fl.kc, name)
+        monkeypatch.setattr(fl.kc, name, lambda *a, _k=kernel, _n=name: ran.append(_n) or _k(*a))
+    rng = _rng(3)
+    x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 3, 7, 7)).astype(np.float32)
+    b = np.zeros(32, np.float32)
+    cp, pp = {"stride": 1, "pad": 3}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+    out, cache = lu.conv_relu_pool_forward(x, w, b, cp, pp)
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    _, dw, db = lu.conv_relu_pool_backward(dout, cache, compute_dx=False)
+    assert ran == ["pooled_dw"]
+    _, dw2, db2 = lu.conv_relu_pool_backward(dout, cache)  # dx wanted: the two passes
+    assert ran == ["pooled_dw", "direct_dw"]
+    np.testing.assert_array_equal(dw, dw2)
+    np.testing.assert_array_equal(db, db2)
+
+    def pooled(x, w, pad, pp, conv=fl.conv_forward_fast):
+        a, conv_cache = conv(x, w, np.zeros(len(w), x.dtype), {"stride": 1, "pad": pad})
+        p, pool_cache = fl.relu_max_pool_forward_fast(a, pp)
+        return fl.conv_pool_dw_fast(np.ones_like(p), conv_cache, pool_cache)
+
+    x8 = rng.standard_normal((2, 3, 8, 8))
+    assert pooled(x8, rng.standard_normal((4, 3, 7, 7)), 3, pp) is not None
+    overlapping = {"pool_height": 2, "pool_width": 2, "stride": 1}
+    assert pooled(x8, rng.standard_normal((4, 3, 7, 7)), 3, overlapping) is None
+    assert pooled(x8, rng.standard_normal((4, 3, 7, 7)), 3, pp, fl.conv_relu_forward_fast) is None
+    assert pooled(x8, rng.standard_normal((4, 3, 5, 5)), 2, pp) is None  # im2col
+    x64 = rng.standard_normal((2, 64, 8, 8))
+    assert pooled(x64, rng.standard_normal((4, 64, 3, 3)), 1, pp) is None  # Winograd
+
+
+# --------------------------------------------------------------------------------------------
 # spatial batch norm, group norm
 
 
