@@ -4,16 +4,19 @@
 
 float32 at the model's shapes (N=50, 32 filters of 7x7 on 3x32x32 images, 2x2 max pool,
 norms on 50x32x32x32); both libraries at the same thread count (Numba's pool, NumPy's BLAS
-and torch.set_num_threads). Each case is timed in interleaved rounds (ours, torch, ours,
-torch, ...) so both see the same machine load; the table gives the median and minimum per
-call and the ratios ours / torch of the medians and of the minima (below 1.0: faster than
-PyTorch; on a shared machine the minima are the less disturbed figures).
+and torch.set_num_threads). PyTorch runs in a process of its own (loaded into convpipe's, its
+OpenMP runtime slowed convpipe's epoch 2x), fed the same arrays. Case by case, ours then
+PyTorch's (not call by call: GNU OpenMP's threads spin a while after each parallel region, on
+the cores the next call of ours would use); the table gives the median and minimum per call and the
+ratios ours / torch of the medians and of the minima (below 1.0: faster than PyTorch; on a
+shared machine the minima are the less disturbed figures).
 PyTorch is only used here, and the comparison is skipped with a message if it is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +33,7 @@ def _parse():
     p.add_argument(
         "--no-naive", action="store_true", help="skip the comparison with the naive layers"
     )
+    p.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -44,14 +48,6 @@ if ARGS is not None:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import numpy as np  # noqa: E402
-
-# PyTorch loads before pipeline, as in a notebook: its OpenMP runtime keeps its own defaults
-# (pipeline sets OMP_WAIT_POLICY=PASSIVE only when Numba runs on OpenMP:
-# pipeline/_kernels/threads.py).
-try:  # noqa: SIM105
-    import torch  # noqa: E402, F401
-except ImportError:
-    pass
 
 FRESH_PROCESS = r"""
 import time
@@ -99,28 +95,16 @@ def fresh_process_report():
     return lines
 
 
-def timeit(fn, repeat):
-    fn()
+def timeit(fn, repeat, warm=1):
+    """Seconds of ``repeat`` calls of fn, after ``warm`` untimed ones."""
+    for _ in range(warm):
+        fn()
     ts = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
     return ts
-
-
-def side_by_side(fns, repeat):
-    """Interleaved rounds: returns per-function lists of times."""
-    for f in fns:
-        f()
-        f()
-    times = [[] for _ in fns]
-    for _ in range(repeat):
-        for f, ts in zip(fns, times):
-            t = time.perf_counter()
-            f()
-            ts.append(time.perf_counter() - t)
-    return times
 
 
 def ms(ts):
@@ -154,7 +138,7 @@ def main():
     # ---------------------------------------------------------------- fast vs naive (notebook)
     if not ARGS.no_naive:
         naive_report(fl, L, rng, R)
-    torch_report(fl, lu, rng, R)
+    torch_report(fl, lu, R)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
 
 
@@ -202,126 +186,181 @@ def naive_report(fl, L, rng, R):
         print(f"  {name:22s} {ms(tn)} {ms(tf)} {np.median(tn) / np.median(tf):8.1f}x")
 
 
-def torch_report(fl, lu, rng, R):
-    try:
-        if ARGS.no_torch:
-            raise ImportError("--no-torch")
-        import torch
-    except ImportError as e:
-        print(f"\nPyTorch comparison skipped: {e}")
-        return
-    torch.set_num_threads(ARGS.threads)
-    F_ = torch.nn.functional
-    print(
-        f"\nvs PyTorch {torch.__version__} CPU (float32, {torch.get_num_threads()} threads; ms: "
-        "median min; ratio = ours / torch of the medians and of the minima):"
-    )
-    print(f"  {'':44s} {'ours':>17s} {'torch':>17s} {'ratio':>6s} {'(min)':>6s}")
+# ---------------------------------------------------------------- vs PyTorch, in its own process
 
+POOL = {"pool_height": 2, "pool_width": 2, "stride": 2}
+GROUPS = 4
+
+
+def comparison_inputs():
+    """The arrays both processes time on (the same seed in each)."""
+    rng = np.random.default_rng(1)
     f32 = np.float32
-    x = rng.standard_normal((50, 3, 32, 32)).astype(f32)
-    w = (rng.standard_normal((32, 3, 7, 7)) * 0.1).astype(f32)
-    b = rng.standard_normal(32).astype(f32)
-    cp = {"stride": 1, "pad": 3}
-    pp = {"pool_height": 2, "pool_width": 2, "stride": 2}
-    dout = rng.standard_normal((50, 32, 32, 32)).astype(f32)
-    pdout = rng.standard_normal((50, 32, 16, 16)).astype(f32)
-    tx = torch.from_numpy(x)
-    tw = torch.from_numpy(w).requires_grad_(True)
-    tb = torch.from_numpy(b).requires_grad_(True)
-    tdout, tpdout = torch.from_numpy(dout), torch.from_numpy(pdout)
+    return {
+        "x": rng.standard_normal((50, 3, 32, 32)).astype(f32),
+        "w": (rng.standard_normal((32, 3, 7, 7)) * 0.1).astype(f32),
+        "b": rng.standard_normal(32).astype(f32),
+        "dout": rng.standard_normal((50, 32, 32, 32)).astype(f32),
+        "pdout": rng.standard_normal((50, 32, 16, 16)).astype(f32),
+        "xpool": rng.standard_normal((50, 32, 32, 32)).astype(f32),
+        "gamma": (1 + 0.1 * rng.standard_normal(32)).astype(f32),
+        "beta": (0.1 * rng.standard_normal(32)).astype(f32),
+    }
 
-    def ours_conv(dx):
+
+CASES = (
+    "conv forward only (50x3x32x32, 32x3x7x7)",
+    "conv fwd+bwd, no dx",
+    "conv fwd+bwd, with dx",
+    "max pool 2x2 fwd+bwd (50x32x32x32)",
+    "conv_relu_pool fwd+bwd, no dx",
+    "conv_relu_pool fwd+bwd, with dx",
+    "spatial batch norm fwd+bwd (50x32x32x32)",
+    f"group norm G={GROUPS} fwd+bwd (50x32x32x32)",
+)
+
+
+def ours_cases(fl, lu, d):
+    """CASES in convpipe: name -> a call."""
+    x, w, b, dout, pdout, xpool = (d[k] for k in ("x", "w", "b", "dout", "pdout", "xpool"))
+    gamma, beta = d["gamma"], d["beta"]
+    cp = {"stride": 1, "pad": 3}
+
+    def conv(dx):
         def f():
             o, c = fl.conv_forward_fast(x, w, b, cp)
             fl.conv_backward_fast(dout, c, compute_dx=dx)
 
         return f
 
-    def torch_conv(dx):
-        xin = tx.clone().requires_grad_(dx)
-
-        def f():
-            tw.grad = tb.grad = xin.grad = None
-            F_.conv2d(xin, tw, tb, stride=1, padding=3).backward(tdout)
-
-        return f
-
-    def ours_conv_fwd():
-        fl.conv_forward_fast(x, w, b, cp)
-
-    def torch_conv_fwd():
-        with torch.no_grad():
-            F_.conv2d(tx, tw, tb, stride=1, padding=3)
-
-    xpool = rng.standard_normal((50, 32, 32, 32)).astype(f32)
-    txpool = torch.from_numpy(xpool).requires_grad_(True)
-
-    def ours_pool():
-        o, c = fl.max_pool_forward_fast(xpool, pp)
+    def pool():
+        o, c = fl.max_pool_forward_fast(xpool, POOL)
         fl.max_pool_backward_fast(pdout, c)
 
-    def torch_pool():
-        txpool.grad = None
-        F_.max_pool2d(txpool, 2, 2).backward(tpdout)
-
-    def ours_crp(dx):
+    def crp(dx):
         def f():
-            o, c = lu.conv_relu_pool_forward(x, w, b, cp, pp)
+            o, c = lu.conv_relu_pool_forward(x, w, b, cp, POOL)
             lu.conv_relu_pool_backward(pdout, c, compute_dx=dx)
 
         return f
 
-    def torch_crp(dx):
-        xin = tx.clone().requires_grad_(dx)
-
-        def f():
-            tw.grad = tb.grad = xin.grad = None
-            F_.max_pool2d(F_.relu(F_.conv2d(xin, tw, tb, stride=1, padding=3)), 2, 2).backward(
-                tpdout
-            )
-
-        return f
-
-    gamma = (1 + 0.1 * rng.standard_normal(32)).astype(f32)
-    beta = (0.1 * rng.standard_normal(32)).astype(f32)
-    tg = torch.from_numpy(gamma).requires_grad_(True)
-    tbt = torch.from_numpy(beta).requires_grad_(True)
-    G = 4
-
-    def ours_bn():
+    def bn():
         o, c = fl.spatial_batchnorm_forward_fast(xpool, gamma, beta, {"mode": "train"})
         fl.spatial_batchnorm_backward_fast(dout, c)
 
-    def torch_bn():
-        txpool.grad = tg.grad = tbt.grad = None
-        F_.batch_norm(txpool, None, None, tg, tbt, training=True).backward(tdout)
-
-    def ours_gn():
-        o, c = fl.spatial_groupnorm_forward_fast(xpool, gamma, beta, G, {})
+    def gn():
+        o, c = fl.spatial_groupnorm_forward_fast(xpool, gamma, beta, GROUPS, {})
         fl.spatial_groupnorm_backward_fast(dout, c)
 
-    def torch_gn():
-        txpool.grad = tg.grad = tbt.grad = None
-        F_.group_norm(txpool, G, tg, tbt).backward(tdout)
+    calls = (lambda: fl.conv_forward_fast(x, w, b, cp), conv(False), conv(True), pool)
+    return dict(zip(CASES, calls + (crp(False), crp(True), bn, gn)))
 
-    cases = [
-        ("conv forward only (50x3x32x32, 32x3x7x7)", ours_conv_fwd, torch_conv_fwd),
-        ("conv fwd+bwd, no dx", ours_conv(False), torch_conv(False)),
-        ("conv fwd+bwd, with dx", ours_conv(True), torch_conv(True)),
-        ("max pool 2x2 fwd+bwd (50x32x32x32)", ours_pool, torch_pool),
-        ("conv_relu_pool fwd+bwd, no dx", ours_crp(False), torch_crp(False)),
-        ("conv_relu_pool fwd+bwd, with dx", ours_crp(True), torch_crp(True)),
-        ("spatial batch norm fwd+bwd (50x32x32x32)", ours_bn, torch_bn),
-        (f"group norm G={G} fwd+bwd (50x32x32x32)", ours_gn, torch_gn),
-    ]
-    for name, ours, theirs in cases:
-        to, tt = side_by_side([ours, theirs], R)
+
+def torch_cases(torch, d):
+    """CASES in PyTorch: name -> a call."""
+    F_ = torch.nn.functional
+    t = {k: torch.from_numpy(v) for k, v in d.items()}
+    tw, tb = t["w"].requires_grad_(True), t["b"].requires_grad_(True)
+    tg, tbt = t["gamma"].requires_grad_(True), t["beta"].requires_grad_(True)
+    txpool = t["xpool"].requires_grad_(True)
+
+    def conv(dx):
+        xin = t["x"].clone().requires_grad_(dx)
+
+        def f():
+            tw.grad = tb.grad = xin.grad = None
+            F_.conv2d(xin, tw, tb, stride=1, padding=3).backward(t["dout"])
+
+        return f
+
+    def conv_fwd():
+        with torch.no_grad():
+            F_.conv2d(t["x"], tw, tb, stride=1, padding=3)
+
+    def pool():
+        txpool.grad = None
+        F_.max_pool2d(txpool, 2, 2).backward(t["pdout"])
+
+    def crp(dx):
+        xin = t["x"].clone().requires_grad_(dx)
+
+        def f():
+            tw.grad = tb.grad = xin.grad = None
+            out = F_.max_pool2d(F_.relu(F_.conv2d(xin, tw, tb, stride=1, padding=3)), 2, 2)
+            out.backward(t["pdout"])
+
+        return f
+
+    def bn():
+        txpool.grad = tg.grad = tbt.grad = None
+        F_.batch_norm(txpool, None, None, tg, tbt, training=True).backward(t["dout"])
+
+    def gn():
+        txpool.grad = tg.grad = tbt.grad = None
+        F_.group_norm(txpool, GROUPS, tg, tbt).backward(t["dout"])
+
+    calls = (conv_fwd, conv(False), conv(True), pool, crp(False), crp(True), bn, gn)
+    return dict(zip(CASES, calls))
+
+
+def torch_child():
+    """The PyTorch process: a line with its version and threads (or why it cannot run), then
+    for each request read on stdin ([case name, rounds]) the seconds of that many calls, after
+    two untimed ones."""
+    try:
+        import torch
+    except ImportError as e:
+        print(json.dumps({"error": str(e)}), flush=True)
+        return
+    torch.set_num_threads(ARGS.threads)
+    cases = torch_cases(torch, comparison_inputs())
+    print(
+        json.dumps({"version": torch.__version__, "threads": torch.get_num_threads()}), flush=True
+    )
+    for line in sys.stdin:
+        name, rounds = json.loads(line)
+        print(json.dumps(timeit(cases[name], rounds, warm=2)), flush=True)
+
+
+def torch_report(fl, lu, R):
+    if ARGS.no_torch:
+        print("\nPyTorch comparison skipped: --no-torch")
+        return
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--torch-child", "--threads", str(ARGS.threads)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        hello = json.loads(child.stdout.readline() or '{"error": "the PyTorch process failed"}')
+        if "error" in hello:
+            print(f"\nPyTorch comparison skipped: {hello['error']}")
+            return
+
+        def theirs(name, rounds):
+            child.stdin.write(json.dumps([name, rounds]) + "\n")
+            child.stdin.flush()
+            return json.loads(child.stdout.readline())
+
         print(
-            f"  {name:44s} {ms(to)} {ms(tt)} {np.median(to) / np.median(tt):6.2f} "
-            f"{np.min(to) / np.min(tt):6.2f}"
+            f"\nvs PyTorch {hello['version']} CPU, in its own process (float32, "
+            f"{hello['threads']} threads; ms: median min; ratio = ours / torch of the medians "
+            "and of the minima):"
         )
+        print(f"  {'':44s} {'ours':>17s} {'torch':>17s} {'ratio':>6s} {'(min)':>6s}")
+        ours = ours_cases(fl, lu, comparison_inputs())
+        for name in CASES:
+            to = timeit(ours[name], R, warm=2)
+            tt = theirs(name, R)
+            print(
+                f"  {name:44s} {ms(to)} {ms(tt)} {np.median(to) / np.median(tt):6.2f} "
+                f"{np.min(to) / np.min(tt):6.2f}"
+            )
+    finally:
+        child.stdin.close()
+        child.wait()
 
 
 if __name__ == "__main__":
-    main()
+    torch_child() if ARGS.torch_child else main()
