@@ -245,9 +245,11 @@ def _pad_direct(a, ph, pw, H_out, W_out, HH, WW, k=1, S=0):
     return ap, Wp
 
 
-def _conv_core_forward(x, w, b, conv_param, relu):
+def _conv_core_forward(x, w, b, conv_param, relu, pool_param=None):
     """Check arguments, then out (N, F, H', W') = conv(x, w) + b (then ReLU), and the state
-    _conv_core_backward needs."""
+    _conv_core_backward needs. With pool_param (and relu False), on the direct kernels one
+    image a row: max pooling of relu(out) computed in the same pass, out never written; out is
+    then (pooled (N, F, H'', W''), idx), as relu_max_pool_forward_fast would give them."""
     x = np.asarray(x)
     w = np.asarray(w)
     require_ndim("x", x, 4, "(N, C, H, W)")
@@ -270,9 +272,18 @@ def _conv_core_forward(x, w, b, conv_param, relu):
         S = _image_columns(W, W_out, pad)
         Wo = (k - 1) * S + W_out  # the output row of k images side by side
         xp, Wp = _pad_direct(xc, pad, pad, H_out, Wo, HH, WW, k, S)
-        outk = out if k == 1 else np.empty((len(xp), F, H_out, Wo), dtype)
         vw, tl = simd.current(), _tile()
-        _launch(kc.direct_forward, outk.size * C * HH * WW, xp, Wp, wc, bc, relu, outk, tl, vw)
+        work = out.size * C * HH * WW
+        if pool_param is not None and k == 1 and not relu:
+            ph, pw, ps = _pool_params(pool_param)
+            pooled = np.empty(pool_output_shape(out.shape, pool_param), dtype=dtype)
+            idx = np.empty(pooled.shape, dtype=np.int32)
+            geom_pool = (H_out, W_out, ph, pw, ps)
+            _launch(kc.direct_forward_pool, work, xp, Wp, wc, bc, *geom_pool, pooled, idx, tl, vw)
+            core = ((xp, Wp), wc, geom, x_dtype, layer_dtype(w), layer_dtype(b))
+            return (pooled, idx), core
+        outk = out if k == 1 else np.empty((len(xp), F, H_out, Wo), dtype)
+        _launch(kc.direct_forward, work, xp, Wp, wc, bc, relu, outk, tl, vw)
         if k > 1:
             _launch(kc.one_by_one, out.size, outk, k, S, out)
         src = (xp, Wp)
@@ -432,6 +443,28 @@ def conv_relu_forward_fast(x, w, b, conv_param):
     - cache: for conv_backward_fast, which masks dout by out > 0 first
     """
     return _conv_forward(x, w, b, conv_param, relu=True)
+
+
+def conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param):
+    """conv_forward_fast then relu_max_pool_forward_fast, with the same results and caches; on
+    the direct kernels with one image a row (7-wide filters; 3x3 from DIRECT_MIN_W_OUT output
+    columns) in one pass that pools each filter's output plane while it is in cache, never
+    writing the convolution's output (kc.direct_forward_pool).
+
+    Returns a tuple of:
+    - out: max_pool(relu(conv(x, w) + b)), shape (N, F, H'', W''), dtype of x
+    - cache: (conv_cache, pool_cache), for conv_backward_fast / max_pool_backward_fast /
+      conv_pool_dw_fast
+    """
+    res, core = _conv_core_forward(x, w, b, conv_param, False, pool_param)
+    if not isinstance(res, tuple):  # the convolution's output: pool it
+        out, pool_cache = relu_max_pool_forward_fast(res, pool_param)
+        return out, ((core, None), pool_cache)
+    pooled, idx = res
+    N, _, _, _, F, _, _, _, _, H_out, W_out = core[2]
+    x_dtype = core[3]
+    pool_cache = ((N, F, H_out, W_out), x_dtype, idx, pooled, _pool_params(pool_param))
+    return pooled.astype(x_dtype, copy=False), ((core, None), pool_cache)
 
 
 def _conv_forward(x, w, b, conv_param, relu):

@@ -171,7 +171,8 @@ def conv_relu_backward(dout, cache, compute_dx=True):
 
 
 def conv_relu_pool_forward(x, w, b, conv_param, pool_param):
-    """Convolution, ReLU and max pooling (ReLU and pooling in one pass).
+    """Convolution, ReLU and max pooling (``fast_layers.conv_relu_pool_forward_fast``: ReLU and
+    pooling in one pass, and on the direct kernels in the convolution's own).
 
     Inputs:
     - x: input, shape (N, C, H, W)
@@ -185,9 +186,7 @@ def conv_relu_pool_forward(x, w, b, conv_param, pool_param):
     - cache: for conv_relu_pool_backward
     """
     _check_conv_pool(x, w, conv_param, pool_param)
-    a, conv_cache = fl.conv_forward_fast(x, w, b, conv_param)
-    out, pool_cache = fl.relu_max_pool_forward_fast(a, pool_param)
-    return out, (conv_cache, pool_cache)
+    return fl.conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param)
 
 
 def conv_relu_pool_backward(dout, cache, compute_dx=True):

@@ -61,15 +61,13 @@ def model_kernels(
     direct = direct_images_per_row(
         filter_size, filter_size, 1, 32, 32 + 2 * pad - filter_size + 1, pad, 32
     )
-    pool = [kp.pool_forward_2x2]
-    if direct and normalization is None:  # dw straight from the pooled gradient
-        conv = [kc.pad_planes, kc.direct_forward, kc.pooled_dw]
+    pool = [kp.pool_forward_2x2, kp.pool_backward]
+    if direct and normalization is None:  # pooled in the conv's pass, dw from the pooled gradient
+        conv, pool = [kc.pad_planes, kc.direct_forward_pool, kc.pooled_dw], []
     elif direct:
         conv = [kc.pad_planes, kc.direct_forward, kc.direct_dw]
-        pool.append(kp.pool_backward)
     else:
         conv = [kc.im2col, kc.bias_to_nchw, kc.dout_to_2d]
-        pool.append(kp.pool_backward)
     norm = {
         "spatial_batchnorm": [kn.bn_stats, kn.bn_apply, kn.bn_backward],
         "groupnorm": [kn.gn_forward, kn.gn_backward],

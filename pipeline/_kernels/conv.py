@@ -271,53 +271,137 @@ def _vector_start(i, nv, V, Wp, W_out, RW):
     return ho * Wp + col, ho * RW + col
 
 
+@njit(cache=True, inline="always")
+def _direct_planes(xf, wf, n, fb, C, L, Wp, HH, WW, F, qv, sv, tmp, tl, vw):
+    """tmp (R, plane) = the conv sums (no bias) of image n for filters fb .. fb + R - 1 (the
+    tile's R; past F, filter F-1 again), each output plane's vectors at sv (starts at qv in the
+    wide layout): per block of C vectors (the tile's), R * C sums in registers over all taps."""
+    R, TC = tile_shape(tl)
+    NV = len(qv)
+    K = C * HH * WW
+    fq = tile_rows(tl, fb, F - 1, K, 0)
+    tq = tile_rows(tl, 0, R - 1, len(tmp) // R, 0)
+    for i in range(0, NV, TC):  # NV not a multiple of C: the last block repeats vector NV-1
+        qs = tile_take_cols(tl, qv, i, NV - 1, 0)
+        acc = tile_zeros(xf, tl, vw)
+        for c in range(C):
+            for kh in range(HH):
+                i0 = (n * C + c) * L + kh * Wp
+                k0 = (c * HH + kh) * WW
+                for kw in range(WW):
+                    acc = tile_fma(wf, fq, k0 + kw, xf, i0 + kw, qs, acc, vw)
+        tile_store(tmp, tq, tile_take_cols(tl, sv, i, NV - 1, 0), acc)
+
+
+@njit(cache=True)
+def _vector_starts(H_out, W_out, V, Wp):
+    """(qv, sv, RW): the starts of an output plane's vectors in the wide layout and in a scratch
+    plane of rows of RW = whole vectors (_vector_start)."""
+    nv = (W_out + V - 1) // V  # vectors per output row
+    RW = nv * V
+    NV = H_out * nv
+    qv = np.empty(NV, dtype=np.intp)
+    sv = np.empty(NV, dtype=np.intp)
+    for i in range(NV):
+        qv[i], sv[i] = _vector_start(i, nv, V, Wp, W_out, RW)
+    return qv, sv, RW
+
+
 @njit(parallel=True, cache=True)
 def direct_forward(xp, Wp, w, b, relu, out, tl, vw):
     """out (N, F, H_out, W_out) = conv(xp, w) + b[f] (then max(., 0) when relu); w (F, C, HH, WW).
 
     One task per (image, R filters: the tile's rows). Each output row is cut into vectors (no
     junk columns); per block of C vectors (the tile's), R * C sums in registers over all taps,
-    stored to a scratch plane, then copied to out with the bias (and ReLU).
+    stored to a scratch plane (_direct_planes), then copied to out with the bias (and ReLU).
     """
     N, C, L = xp.shape
     F, _, HH, WW = w.shape
     _, _, H_out, W_out = out.shape
-    R, TC = tile_shape(tl)
-    V = lanes(xp, vw)
-    nv = (W_out + V - 1) // V  # vectors per output row
-    RW = nv * V
-    NV = H_out * nv
+    R, _ = tile_shape(tl)
+    qv, sv, RW = _vector_starts(H_out, W_out, lanes(xp, vw), Wp)
     nfb = (F + R - 1) // R
-    K = C * HH * WW
     xf = xp.reshape(-1)
     wf = w.reshape(-1)
-    # vector i of the output plane starts at qv[i] in the wide layout and sv[i] in the scratch
-    qv = np.empty(NV, dtype=np.intp)
-    sv = np.empty(NV, dtype=np.intp)
-    for i in range(NV):
-        qv[i], sv[i] = _vector_start(i, nv, V, Wp, W_out, RW)
     plane = H_out * RW
     for t in prange(N * nfb):
         n = t // nfb
         fb = (t - n * nfb) * R
-        # F not a multiple of R: the last block repeats filter F-1
-        fq = tile_rows(tl, fb, F - 1, K, 0)
-        tq = tile_rows(tl, 0, R - 1, plane, 0)
         tmp = np.empty(R * plane, dtype=xp.dtype)
-        for i in range(0, NV, TC):  # NV not a multiple of C: the last block repeats vector NV-1
-            qs = tile_take_cols(tl, qv, i, NV - 1, 0)
-            acc = tile_zeros(xp, tl, vw)
-            for c in range(C):
-                for kh in range(HH):
-                    i0 = (n * C + c) * L + kh * Wp
-                    k0 = (c * HH + kh) * WW
-                    for kw in range(WW):
-                        acc = tile_fma(wf, fq, k0 + kw, xf, i0 + kw, qs, acc, vw)
-            tile_store(tmp, tq, tile_take_cols(tl, sv, i, NV - 1, 0), acc)
+        _direct_planes(xf, wf, n, fb, C, L, Wp, HH, WW, F, qv, sv, tmp, tl, vw)
         for j in range(min(R, F - fb)):
             f = fb + j
             for ho in range(H_out):
                 _add_bias_row(tmp, (j * H_out + ho) * RW, b[f], relu, out[n, f, ho])
+
+
+@njit(parallel=True, cache=True)
+def direct_forward_pool(xp, Wp, w, b, H_out, W_out, ph, pw, stride, out, idx, tl, vw):
+    """direct_forward (no ReLU of its own), then max pooling of relu(conv + b) without writing
+    the convolution's output: out (N, F, Hq, Wq) = max over each ph x pw window (stride apart)
+    of the conv + b[f] values, then max(., 0); idx the window's first maximum (row-major) as a
+    flat position in the H_out x W_out conv plane. The same values, rounded the same, as
+    direct_forward then pool_forward / pool_forward_2x2 with relu."""
+    N, C, L = xp.shape
+    F, _, HH, WW = w.shape
+    _, _, Hq, Wq = out.shape
+    R, _ = tile_shape(tl)
+    qv, sv, RW = _vector_starts(H_out, W_out, lanes(xp, vw), Wp)
+    nfb = (F + R - 1) // R
+    xf = xp.reshape(-1)
+    wf = w.reshape(-1)
+    plane = H_out * RW
+    for t in prange(N * nfb):
+        n = t // nfb
+        fb = (t - n * nfb) * R
+        tmp = np.empty(R * plane, dtype=xp.dtype)
+        _direct_planes(xf, wf, n, fb, C, L, Wp, HH, WW, F, qv, sv, tmp, tl, vw)
+        for j in range(min(R, F - fb)):
+            f = fb + j
+            bf = b[f]
+            o_t = out[n, f].reshape(-1)
+            i_t = idx[n, f].reshape(-1)
+            if ph == 2 and pw == 2 and stride == 2:  # pool_forward_2x2's loop: vectorizable
+                for i in range(Hq):
+                    r0 = (j * H_out + 2 * i) * RW
+                    p0 = 2 * i * W_out
+                    for jj in range(Wq):
+                        v0 = tmp[u64(r0 + 2 * jj)] + bf
+                        v1 = tmp[u64(r0 + 2 * jj + 1)] + bf
+                        v2 = tmp[u64(r0 + RW + 2 * jj)] + bf
+                        v3 = tmp[u64(r0 + RW + 2 * jj + 1)] + bf
+                        best = v0
+                        bi = p0 + 2 * jj
+                        if v1 > best:
+                            best = v1
+                            bi = p0 + 2 * jj + 1
+                        if v2 > best:
+                            best = v2
+                            bi = p0 + W_out + 2 * jj
+                        if v3 > best:
+                            best = v3
+                            bi = p0 + W_out + 2 * jj + 1
+                        if not best > 0:
+                            best = best - best  # +0.0, as np.maximum(x, 0)
+                        o_t[u64(i * Wq + jj)] = best
+                        i_t[u64(i * Wq + jj)] = bi
+                continue
+            for i in range(Hq):
+                for jj in range(Wq):
+                    r0 = (j * H_out + i * stride) * RW + jj * stride  # the window's first
+                    p0 = i * stride * W_out + jj * stride
+                    best = tmp[u64(r0)] + bf
+                    bi = p0
+                    for a in range(ph):
+                        for c in range(pw):
+                            v = tmp[u64(r0 + a * RW + c)] + bf
+                            if v > best:
+                                best = v
+                                bi = p0 + a * W_out + c
+                    if not best > 0:
+                        best = best - best  # +0.0, as np.maximum(x, 0)
+                    o_t[u64(i * Wq + jj)] = best
+                    i_t[u64(i * Wq + jj)] = bi
 
 
 @njit(cache=True)

@@ -68,9 +68,8 @@ def test_cold_cache_prints_the_notice_once_and_warm_cache_does_not(compiled):
 
 def test_notice_follows_dtype_and_model(compiled):
     """Kernels cached for float32 and 3x3 filters: float64, 5x5 (im2col) or a norm still
-    compile (with a norm, or on im2col, the pool's backward pass and the convolution's dw
-    that the plain 3x3 net's dw from the pooled gradient skips); 7x7 runs the same direct
-    kernels as 3x3 on CIFAR-10's images."""
+    compile (with a norm, or on im2col, the separate convolution and pooling passes that the
+    plain 3x3 net fuses); 7x7 runs the same direct kernels as 3x3 on CIFAR-10's images."""
     cache_dir, _ = compiled
     code = (
         "import sys; from pipeline.warmup import cold_kernels, model_kernels as m\n"
@@ -88,9 +87,10 @@ def test_notice_follows_dtype_and_model(compiled):
         timeout=300,
     ).stdout.strip()
     assert line == (
-        "[] [] ['pad_planes', 'direct_forward', 'pooled_dw', 'pool_forward_2x2'] "
-        "[] ['im2col', 'bias_to_nchw', 'dout_to_2d', 'pool_backward'] "
-        "['direct_dw', 'pool_backward', 'gn_forward', 'gn_backward']"
+        "[] [] ['pad_planes', 'direct_forward_pool', 'pooled_dw'] "
+        "[] ['im2col', 'bias_to_nchw', 'dout_to_2d', 'pool_forward_2x2', 'pool_backward'] "
+        "['direct_forward', 'direct_dw', 'pool_forward_2x2', 'pool_backward', 'gn_forward', "
+        "'gn_backward']"
     )
 
 

@@ -974,14 +974,48 @@ def test_conv_dw_from_the_pooled_gradient_has_the_bits_of_the_two_backward_passe
     _close(db, db_n, dtype, "db")
 
 
+# windows that overlap (stride 1): pooled in the convolution's pass all the same
+ONE_PASS_CASES = CONV_POOL_CASES + [
+    (3, 2, 12, 10, 5, 7, 7, 3, 3, 3, 1, True),
+    (2, 3, 16, 16, 4, 3, 3, 1, 3, 2, 1, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(
+    "case", ONE_PASS_CASES, ids=lambda c: "N{}C{}H{}W{}F{}k{}x{}p{}w{}x{}s{}r{}".format(*c)
+)
+def test_conv_relu_pool_in_one_pass_has_the_bits_and_caches_of_the_two_passes(case, dtype):
+    N, C, H, W, F, HH, WW, pad, ph, pw, stride, _ = case
+    rng = _rng(hash(case) % 2**32 + 2)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, HH, WW)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    cp, pp = {"stride": 1, "pad": pad}, {"pool_height": ph, "pool_width": pw, "stride": stride}
+    out, (conv_cache, pool_cache) = fl.conv_relu_pool_forward_fast(x, w, b, cp, pp)
+    a, conv_cache2 = fl.conv_forward_fast(x, w, b, cp)
+    out2, pool_cache2 = fl.relu_max_pool_forward_fast(a, pp)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, out2)
+    for i, (got, want) in enumerate(zip(pool_cache, pool_cache2)):  # shape, dtype, idx, out, pp
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"cache {i}")
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    da = fl.max_pool_backward_fast(dout, pool_cache)
+    for got, want in zip(
+        fl.conv_backward_fast(da, conv_cache), fl.conv_backward_fast(da, conv_cache2)
+    ):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_conv_relu_pool_without_dx_takes_the_pooled_kernel_where_it_applies(monkeypatch):
-    """The three-layer net's first layer (no dx) runs kc.pooled_dw, not pool_backward and
+    """The three-layer net's first layer pools in the convolution's pass
+    (kc.direct_forward_pool) and, without dx, runs kc.pooled_dw, not pool_backward and
     direct_dw; overlapping windows, a ReLU inside the convolution, im2col and Winograd shapes
     get None from conv_pool_dw_fast (their layers then take the two backward passes)."""
     from pipeline import layer_utils as lu
 
     ran = []
-    for name in ("pooled_dw", "direct_dw"):
+    for name in ("direct_forward_pool", "pooled_dw", "direct_dw"):
         kernel = getattr(fl.kc, name)
         monkeypatch.setattr(fl.kc, name, lambda *a, _k=kernel, _n=name: ran.append(_n) or _k(*a))
     rng = _rng(3)
@@ -992,9 +1026,9 @@ def test_conv_relu_pool_without_dx_takes_the_pooled_kernel_where_it_applies(monk
     out, cache = lu.conv_relu_pool_forward(x, w, b, cp, pp)
     dout = rng.standard_normal(out.shape).astype(np.float32)
     _, dw, db = lu.conv_relu_pool_backward(dout, cache, compute_dx=False)
-    assert ran == ["pooled_dw"]
+    assert ran == ["direct_forward_pool", "pooled_dw"]
     _, dw2, db2 = lu.conv_relu_pool_backward(dout, cache)  # dx wanted: the two passes
-    assert ran == ["pooled_dw", "direct_dw"]
+    assert ran == ["direct_forward_pool", "pooled_dw", "direct_dw"]
     np.testing.assert_array_equal(dw, dw2)
     np.testing.assert_array_equal(db, db2)
 

@@ -207,8 +207,9 @@ def _parallel_kernels():
 
 def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     """Every parallel kernel launched from Python, on the layers' every path (direct, im2col
-    and Winograd convolutions with dx, dw from a pooled gradient, both pools, both norms, the
-    affine forward, dx and dw with L2, Adam, L2, the training reduce), holds the lock."""
+    and Winograd convolutions with dx, pooled in the conv's pass and dw from the pooled
+    gradient, both pools, both norms, the affine forward, dx and dw with L2, Adam, L2, the
+    training reduce), holds the lock."""
     import numpy as np
 
     from pipeline import convnet, optim
@@ -248,10 +249,12 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
     ):
         out, cache = fl.max_pool_forward_fast(x, pool)
         fl.max_pool_backward_fast(np.ones_like(out), cache)
-    # a convolution's dw from the pooled gradient
+    # a convolution pooled in its own pass, and its dw from the pooled gradient
     w = rng.standard_normal((4, 3, 7, 7)).astype(np.float32)
-    a, conv_cache = fl.conv_forward_fast(x, w, np.zeros(4, np.float32), {"stride": 1, "pad": 3})
-    out, cache = fl.relu_max_pool_forward_fast(a, {"pool_height": 2, "pool_width": 2, "stride": 2})
+    cp, pool = {"stride": 1, "pad": 3}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+    out, (conv_cache, cache) = fl.conv_relu_pool_forward_fast(
+        x, w, np.zeros(4, np.float32), cp, pool
+    )
     fl.conv_pool_dw_fast(np.ones_like(out), conv_cache, cache)
     gamma, beta = np.ones(3, np.float32), np.zeros(3, np.float32)
     out, cache = fl.spatial_batchnorm_forward_fast(x, gamma, beta, {"mode": "train"})

@@ -60,10 +60,12 @@ def _every_simd_path(dtype, seed=0):
         out[f"conv{N}{C}{H}{W}{F}"] = (y, dx, dw, db)
     pool = {"pool_height": 2, "pool_width": 2, "stride": 2}
     for N, C, H, W, F, HH, pad in [(4, 3, 32, 32, 32, 7, 3), (5, 3, 8, 8, 8, 3, 1)]:
-        WW = 3 if HH == 3 else 7  # the three-layer net's; 3x3 planes 4 side by side
-        y, conv_cache = fl.conv_forward_fast(r(N, C, H, W), r(F, C, HH, WW), r(F), {"pad": pad})
-        p, pool_cache = fl.relu_max_pool_forward_fast(y, pool)
-        out[f"pooled{N}{C}{H}{W}{F}"] = fl.conv_pool_dw_fast(r(*p.shape), conv_cache, pool_cache)
+        WW = 3 if HH == 3 else 7  # the three-layer net's (one pass); 3x3 planes 4 side by side
+        p, (conv_cache, pool_cache) = fl.conv_relu_pool_forward_fast(
+            r(N, C, H, W), r(F, C, HH, WW), r(F), {"pad": pad}, pool
+        )
+        dw, db = fl.conv_pool_dw_fast(r(*p.shape), conv_cache, pool_cache)
+        out[f"pooled{N}{C}{H}{W}{F}"] = (p, pool_cache[2], dw, db)
     G = 4 * 64 // np.dtype(dtype).itemsize  # the widest group of columns
     for N, D, M in [(3, 5, G), (7, 31, G + 1), (9, 144, 3 * G - 5), (50, 300, 500)]:
         x, w, b, da = r(N, D), r(D, M), r(M), r(N, M)
