@@ -275,11 +275,10 @@ def _conv_core_forward(x, w, b, conv_param, relu, pool_param=None):
         vw, tl = simd.current(), _tile()
         work = out.size * C * HH * WW
         if pool_param is not None and k == 1 and not relu:
-            ph, pw, ps = _pool_params(pool_param)
             pooled = np.empty(pool_output_shape(out.shape, pool_param), dtype=dtype)
             idx = np.empty(pooled.shape, dtype=np.int32)
-            geom_pool = (H_out, W_out, ph, pw, ps)
-            _launch(kc.direct_forward_pool, work, xp, Wp, wc, bc, *geom_pool, pooled, idx, tl, vw)
+            pool = (*_pool_params(pool_param), idx)
+            _launch(kc.direct_forward, work, xp, Wp, wc, bc, False, pooled, tl, vw, pool)
             core = ((xp, Wp), wc, geom, x_dtype, layer_dtype(w), layer_dtype(b))
             return (pooled, idx), core
         outk = out if k == 1 else np.empty((len(xp), F, H_out, Wo), dtype)
@@ -449,7 +448,7 @@ def conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param):
     """conv_forward_fast then relu_max_pool_forward_fast, with the same results and caches; on
     the direct kernels with one image a row (7-wide filters; 3x3 from DIRECT_MIN_W_OUT output
     columns) in one pass that pools each filter's output plane while it is in cache, never
-    writing the convolution's output (kc.direct_forward_pool).
+    writing the convolution's output (kc.direct_forward with a pool).
 
     Returns a tuple of:
     - out: max_pool(relu(conv(x, w) + b)), shape (N, F, H'', W''), dtype of x

@@ -63,7 +63,7 @@ def model_kernels(
     )
     pool = [kp.pool_forward_2x2, kp.pool_backward]
     if direct and normalization is None:  # pooled in the conv's pass, dw from the pooled gradient
-        conv, pool = [kc.pad_planes, kc.direct_forward_pool, kc.pooled_dw], []
+        conv, pool = [kc.pad_planes, kc.direct_forward, kc.pooled_dw], []
     elif direct:
         conv = [kc.pad_planes, kc.direct_forward, kc.direct_dw]
     else:

@@ -307,17 +307,70 @@ def _vector_starts(H_out, W_out, V, Wp):
     return qv, sv, RW
 
 
+@njit(cache=True, inline="always")
+def _pool_plane(tmp, s0, RW, W_out, bf, ph, pw, stride, o_t, i_t):
+    """o_t (Hq, Wq) = max pooling of relu(the plane at tmp[s0:] (rows of RW) + bf): over each
+    ph x pw window (stride apart) of the values tmp + bf, then max(., 0); i_t (Hq, Wq) its first
+    maximum (row-major) as a flat position in the plane of W_out columns. pool_forward's (and
+    pool_forward_2x2's) values, rounded the same."""
+    Hq, Wq = o_t.shape
+    for i in range(Hq):
+        r0 = s0 + i * stride * RW
+        p0 = i * stride * W_out
+        o_i = o_t[i]
+        i_i = i_t[i]
+        if ph == 2 and pw == 2 and stride == 2:  # pool_forward_2x2's loop: vectorizable
+            for jj in range(Wq):
+                v0 = tmp[u64(r0 + 2 * jj)] + bf
+                v1 = tmp[u64(r0 + 2 * jj + 1)] + bf
+                v2 = tmp[u64(r0 + RW + 2 * jj)] + bf
+                v3 = tmp[u64(r0 + RW + 2 * jj + 1)] + bf
+                best = v0
+                bi = p0 + 2 * jj
+                if v1 > best:
+                    best = v1
+                    bi = p0 + 2 * jj + 1
+                if v2 > best:
+                    best = v2
+                    bi = p0 + W_out + 2 * jj
+                if v3 > best:
+                    best = v3
+                    bi = p0 + W_out + 2 * jj + 1
+                o_i[u64(jj)] = best if best > 0 else best - best  # +0.0, as np.maximum(x, 0)
+                i_i[u64(jj)] = bi
+            continue
+        for jj in range(Wq):
+            q = r0 + jj * stride  # the window's first value
+            best = tmp[u64(q)] + bf
+            bi = p0 + jj * stride
+            for a in range(ph):
+                for c in range(pw):
+                    v = tmp[u64(q + a * RW + c)] + bf
+                    if v > best:
+                        best = v
+                        bi = p0 + jj * stride + a * W_out + c
+            o_i[u64(jj)] = best if best > 0 else best - best
+            i_i[u64(jj)] = bi
+
+
 @njit(parallel=True, cache=True)
-def direct_forward(xp, Wp, w, b, relu, out, tl, vw):
+def direct_forward(xp, Wp, w, b, relu, out, tl, vw, pool=None):
     """out (N, F, H_out, W_out) = conv(xp, w) + b[f] (then max(., 0) when relu); w (F, C, HH, WW).
+    With pool = (ph, pw, stride, idx): out (N, F, Hq, Wq) = max pooling of relu(conv + b[f])
+    instead (relu is not read), idx its windows' maxima (_pool_plane), the convolution's
+    output never written: the values of direct_forward then pool_forward with relu.
 
     One task per (image, R filters: the tile's rows). Each output row is cut into vectors (no
     junk columns); per block of C vectors (the tile's), R * C sums in registers over all taps,
-    stored to a scratch plane (_direct_planes), then copied to out with the bias (and ReLU).
+    stored to a scratch plane (_direct_planes), then copied to out with the bias (and ReLU), or
+    pooled from there.
     """
     N, C, L = xp.shape
     F, _, HH, WW = w.shape
     _, _, H_out, W_out = out.shape
+    if pool is not None:  # the conv's plane, whole windows covering it (pool_output_shape)
+        H_out = (out.shape[2] - 1) * pool[2] + pool[0]
+        W_out = (out.shape[3] - 1) * pool[2] + pool[1]
     R, _ = tile_shape(tl)
     qv, sv, RW = _vector_starts(H_out, W_out, lanes(xp, vw), Wp)
     nfb = (F + R - 1) // R
@@ -331,77 +384,12 @@ def direct_forward(xp, Wp, w, b, relu, out, tl, vw):
         _direct_planes(xf, wf, n, fb, C, L, Wp, HH, WW, F, qv, sv, tmp, tl, vw)
         for j in range(min(R, F - fb)):
             f = fb + j
-            for ho in range(H_out):
-                _add_bias_row(tmp, (j * H_out + ho) * RW, b[f], relu, out[n, f, ho])
-
-
-@njit(parallel=True, cache=True)
-def direct_forward_pool(xp, Wp, w, b, H_out, W_out, ph, pw, stride, out, idx, tl, vw):
-    """direct_forward (no ReLU of its own), then max pooling of relu(conv + b) without writing
-    the convolution's output: out (N, F, Hq, Wq) = max over each ph x pw window (stride apart)
-    of the conv + b[f] values, then max(., 0); idx the window's first maximum (row-major) as a
-    flat position in the H_out x W_out conv plane. The same values, rounded the same, as
-    direct_forward then pool_forward / pool_forward_2x2 with relu."""
-    N, C, L = xp.shape
-    F, _, HH, WW = w.shape
-    _, _, Hq, Wq = out.shape
-    R, _ = tile_shape(tl)
-    qv, sv, RW = _vector_starts(H_out, W_out, lanes(xp, vw), Wp)
-    nfb = (F + R - 1) // R
-    xf = xp.reshape(-1)
-    wf = w.reshape(-1)
-    plane = H_out * RW
-    for t in prange(N * nfb):
-        n = t // nfb
-        fb = (t - n * nfb) * R
-        tmp = np.empty(R * plane, dtype=xp.dtype)
-        _direct_planes(xf, wf, n, fb, C, L, Wp, HH, WW, F, qv, sv, tmp, tl, vw)
-        for j in range(min(R, F - fb)):
-            f = fb + j
-            bf = b[f]
-            o_t = out[n, f].reshape(-1)
-            i_t = idx[n, f].reshape(-1)
-            if ph == 2 and pw == 2 and stride == 2:  # pool_forward_2x2's loop: vectorizable
-                for i in range(Hq):
-                    r0 = (j * H_out + 2 * i) * RW
-                    p0 = 2 * i * W_out
-                    for jj in range(Wq):
-                        v0 = tmp[u64(r0 + 2 * jj)] + bf
-                        v1 = tmp[u64(r0 + 2 * jj + 1)] + bf
-                        v2 = tmp[u64(r0 + RW + 2 * jj)] + bf
-                        v3 = tmp[u64(r0 + RW + 2 * jj + 1)] + bf
-                        best = v0
-                        bi = p0 + 2 * jj
-                        if v1 > best:
-                            best = v1
-                            bi = p0 + 2 * jj + 1
-                        if v2 > best:
-                            best = v2
-                            bi = p0 + W_out + 2 * jj
-                        if v3 > best:
-                            best = v3
-                            bi = p0 + W_out + 2 * jj + 1
-                        if not best > 0:
-                            best = best - best  # +0.0, as np.maximum(x, 0)
-                        o_t[u64(i * Wq + jj)] = best
-                        i_t[u64(i * Wq + jj)] = bi
-                continue
-            for i in range(Hq):
-                for jj in range(Wq):
-                    r0 = (j * H_out + i * stride) * RW + jj * stride  # the window's first
-                    p0 = i * stride * W_out + jj * stride
-                    best = tmp[u64(r0)] + bf
-                    bi = p0
-                    for a in range(ph):
-                        for c in range(pw):
-                            v = tmp[u64(r0 + a * RW + c)] + bf
-                            if v > best:
-                                best = v
-                                bi = p0 + a * W_out + c
-                    if not best > 0:
-                        best = best - best  # +0.0, as np.maximum(x, 0)
-                    o_t[u64(i * Wq + jj)] = best
-                    i_t[u64(i * Wq + jj)] = bi
+            if pool is None:
+                for ho in range(H_out):
+                    _add_bias_row(tmp, (j * H_out + ho) * RW, b[f], relu, out[n, f, ho])
+            else:
+                ph, pw, stride, idx = pool
+                _pool_plane(tmp, j * plane, RW, W_out, b[f], ph, pw, stride, out[n, f], idx[n, f])
 
 
 @njit(cache=True)
@@ -434,6 +422,27 @@ def _dout_transposed(dout, n, Fp, eT):
             eT[s + u64(5)] = r5[w]
             eT[s + u64(6)] = r6[w]
             eT[s + u64(7)] = r7[w]
+
+
+@njit(cache=True)
+def _sum_chunks(part, part_db, fs, rs, ks, dw, db):
+    """dw[f, c, kh, kw] = the chunks' partial sums part[ch, f * fs + (c * HH + kh) * rs + kw * ks]
+    added in chunk order; db[f] = part_db[:, f] added in chunk order (float64)."""
+    F, C, HH, WW = dw.shape
+    nch = part.shape[0]
+    for f in range(F):
+        s = 0.0
+        for ch in range(nch):
+            s += part_db[ch, f]
+        db[f] = s
+        for c in range(C):
+            for kh in range(HH):
+                for kw in range(WW):
+                    i = f * fs + (c * HH + kh) * rs + kw * ks
+                    a = part[0, i]
+                    for ch in range(1, nch):
+                        a += part[ch, i]
+                    dw[f, c, kh, kw] = a
 
 
 @njit(parallel=True, cache=True)
@@ -492,18 +501,8 @@ def direct_dw(xp, Wp, dout, dw, db, tl, vw):
                         for wo in range(W_out):
                             acc = tile_fma(xf, xq, q0 + wo, eT, p0 + wo * Fp, ts, acc, vw)
                     tile_store(part_ch, gq, ts, acc)
-    for f in range(F):
-        s = 0.0
-        for ch in range(nch):
-            s += part_db[ch, f]
-        db[f] = s
-        for k in range(K):
-            c = k // T
-            kh = (k - c * T) // WW
-            a = part[0, k, f]
-            for ch in range(1, nch):
-                a += part[ch, k, f]
-            dw[f, c, kh, k - c * T - kh * WW] = a
+    # tap k = (c, kh, kw) of filter f at k * Fp + f
+    _sum_chunks(part.reshape(nch, -1), part_db, 1, WW * Fp, Fp, dw, db)
 
 
 #: the vectors of taps pooled_dw keeps in registers at a time (one FMA chain each)
@@ -625,16 +624,5 @@ def pooled_dw(xp, Wp, k, S, W_out, dout, idx, pooled, relu, stride, ph, dw, db, 
                     vstore(pf, min(sb + 1, NS - 1) * V, a1)
                     vstore(pf, min(sb, NS - 1) * V, a0)
                 part_db[ch, f] += s_db
-    for f in range(F):
-        s = 0.0
-        for ch in range(nch):
-            s += part_db[ch, f]
-        db[f] = s
-        for c in range(C):
-            for kh in range(HH):
-                for kw in range(WW):
-                    i = ((c * HH + kh) * nvs) * V + kw
-                    a = part[0, f, i]
-                    for ch in range(1, nch):
-                        a += part[ch, f, i]
-                    dw[f, c, kh, kw] = a
+    # tap (c, kh, kw) of filter f at f * NS * V + (c * HH + kh) * nvs * V + kw
+    _sum_chunks(part.reshape(nch, -1), part_db, NS * V, nvs * V, 1, dw, db)

@@ -87,10 +87,9 @@ def test_notice_follows_dtype_and_model(compiled):
         timeout=300,
     ).stdout.strip()
     assert line == (
-        "[] [] ['pad_planes', 'direct_forward_pool', 'pooled_dw'] "
+        "[] [] ['pad_planes', 'direct_forward', 'pooled_dw'] "
         "[] ['im2col', 'bias_to_nchw', 'dout_to_2d', 'pool_forward_2x2', 'pool_backward'] "
-        "['direct_forward', 'direct_dw', 'pool_forward_2x2', 'pool_backward', 'gn_forward', "
-        "'gn_backward']"
+        "['direct_dw', 'pool_forward_2x2', 'pool_backward', 'gn_forward', 'gn_backward']"
     )
 
 

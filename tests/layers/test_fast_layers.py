@@ -1008,16 +1008,22 @@ def test_conv_relu_pool_in_one_pass_has_the_bits_and_caches_of_the_two_passes(ca
 
 
 def test_conv_relu_pool_without_dx_takes_the_pooled_kernel_where_it_applies(monkeypatch):
-    """The three-layer net's first layer pools in the convolution's pass
-    (kc.direct_forward_pool) and, without dx, runs kc.pooled_dw, not pool_backward and
-    direct_dw; overlapping windows, a ReLU inside the convolution, im2col and Winograd shapes
+    """The three-layer net's first layer pools in the convolution's pass (kc.direct_forward
+    with a pool) and, without dx, runs kc.pooled_dw, not pool_backward and direct_dw;
+    overlapping windows, a ReLU inside the convolution, im2col and Winograd shapes
     get None from conv_pool_dw_fast (their layers then take the two backward passes)."""
     from pipeline import layer_utils as lu
 
     ran = []
-    for name in ("direct_forward_pool", "pooled_dw", "direct_dw"):
+    for name in ("direct_forward", "pooled_dw", "direct_dw"):
         kernel = getattr(fl.kc, name)
-        monkeypatch.setattr(fl.kc, name, lambda *a, _k=kernel, _n=name: ran.append(_n) or _k(*a))
+
+        def run(*args, _k=kernel, _n=name):
+            pooled = _n == "direct_forward" and len(args) == 9  # with its pool argument
+            ran.append(_n + " pooled" * pooled)
+            return _k(*args)
+
+        monkeypatch.setattr(fl.kc, name, run)
     rng = _rng(3)
     x = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
     w = rng.standard_normal((32, 3, 7, 7)).astype(np.float32)
@@ -1026,9 +1032,9 @@ def test_conv_relu_pool_without_dx_takes_the_pooled_kernel_where_it_applies(monk
     out, cache = lu.conv_relu_pool_forward(x, w, b, cp, pp)
     dout = rng.standard_normal(out.shape).astype(np.float32)
     _, dw, db = lu.conv_relu_pool_backward(dout, cache, compute_dx=False)
-    assert ran == ["direct_forward_pool", "pooled_dw"]
+    assert ran == ["direct_forward pooled", "pooled_dw"]
     _, dw2, db2 = lu.conv_relu_pool_backward(dout, cache)  # dx wanted: the two passes
-    assert ran == ["direct_forward_pool", "pooled_dw", "direct_dw"]
+    assert ran[2:] == ["direct_dw", "direct_forward"]  # dx: the flipped filters' convolution
     np.testing.assert_array_equal(dw, dw2)
     np.testing.assert_array_equal(db, db2)
 
