@@ -257,7 +257,7 @@ def print_breakdown(b, batch_size):
     )
     for label, t, flops in rows:
         rate = f"{flops * batch_size / t / 1e6:6.0f} GFLOP/s" if flops and t > 0 else ""
-        print(f"  {label:>40}: {t:6.2f} ms  {100 * t / b['step_ms']:5.1f}%  {rate}")
+        print(f"  {label:>44}: {t:6.2f} ms  {100 * t / b['step_ms']:5.1f}%  {rate}")
 
 
 def run_torch(data, batch_size, threads):
