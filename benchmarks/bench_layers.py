@@ -341,7 +341,10 @@ def torch_report(fl, lu, R):
         def theirs(name, rounds):
             child.stdin.write(json.dumps([name, rounds]) + "\n")
             child.stdin.flush()
-            return json.loads(child.stdout.readline())
+            line = child.stdout.readline()
+            if not line:
+                raise SystemExit(f"the PyTorch process ended during {name!r} (its error above)")
+            return json.loads(line)
 
         print(
             f"\nvs PyTorch {hello['version']} CPU, in its own process (float32, "

@@ -93,6 +93,8 @@ __all__ = [
     "max_pool_backward_fast",
     "conv_relu_forward_fast",
     "relu_max_pool_forward_fast",
+    "conv_relu_pool_forward_fast",
+    "conv_pool_dw_fast",
     "spatial_batchnorm_forward_fast",
     "spatial_batchnorm_backward_fast",
     "spatial_groupnorm_forward_fast",
@@ -248,8 +250,9 @@ def _pad_direct(a, ph, pw, H_out, W_out, HH, WW, k=1, S=0):
 def _conv_core_forward(x, w, b, conv_param, relu, pool_param=None):
     """Check arguments, then out (N, F, H', W') = conv(x, w) + b (then ReLU), and the state
     _conv_core_backward needs. With pool_param (and relu False), on the direct kernels one
-    image a row: max pooling of relu(out) computed in the same pass, out never written; out is
-    then (pooled (N, F, H'', W''), idx), as relu_max_pool_forward_fast would give them."""
+    image a row and x in the kernels' dtype: max pooling of relu(out) computed in the same
+    pass, out never written; out is then (pooled (N, F, H'', W''), idx), as
+    relu_max_pool_forward_fast would give them."""
     x = np.asarray(x)
     w = np.asarray(w)
     require_ndim("x", x, 4, "(N, C, H, W)")
@@ -274,7 +277,9 @@ def _conv_core_forward(x, w, b, conv_param, relu, pool_param=None):
         xp, Wp = _pad_direct(xc, pad, pad, H_out, Wo, HH, WW, k, S)
         vw, tl = simd.current(), _tile()
         work = out.size * C * HH * WW
-        if pool_param is not None and k == 1 and not relu:
+        # pooled in this pass only where the layer computes in the kernels' dtype: float16's
+        # two passes pool the conv output rounded to float16 (ties, zeros the ReLU drops)
+        if pool_param is not None and k == 1 and not relu and x_dtype == dtype:
             pooled = np.empty(pool_output_shape(out.shape, pool_param), dtype=dtype)
             idx = np.empty(pooled.shape, dtype=np.int32)
             pool = (*_pool_params(pool_param), idx)
@@ -446,9 +451,10 @@ def conv_relu_forward_fast(x, w, b, conv_param):
 
 def conv_relu_pool_forward_fast(x, w, b, conv_param, pool_param):
     """conv_forward_fast then relu_max_pool_forward_fast, with the same results and caches; on
-    the direct kernels with one image a row (7-wide filters; 3x3 from DIRECT_MIN_W_OUT output
-    columns) in one pass that pools each filter's output plane while it is in cache, never
-    writing the convolution's output (kc.direct_forward with a pool).
+    the direct kernels with one image a row (``direct_images_per_row`` 1: 7-wide filters, 3x3
+    from DIRECT_MIN_W_OUT output columns outside Winograd's shapes), float32 or float64, in one
+    pass that pools each filter's output plane while it is in cache, never writing the
+    convolution's output (kc.direct_forward with a pool).
 
     Returns a tuple of:
     - out: max_pool(relu(conv(x, w) + b)), shape (N, F, H'', W''), dtype of x
@@ -829,24 +835,26 @@ def conv_pool_dw_fast(dout, conv_cache, pool_cache):
     """dw and db of a convolution followed by max pooling (conv_forward_fast, then
     max_pool_forward_fast or relu_max_pool_forward_fast) straight from the pooled gradient,
     without dx: the bits of ``conv_backward_fast(max_pool_backward_fast(dout, pool_cache),
-    conv_cache, compute_dx=False)[1:]`` with a quarter of the FMAs for 2x2 windows, since only
-    the pixels pooling routes a gradient to are summed (``kc.pooled_dw``).
+    conv_cache, compute_dx=False)[1:]``, summing only the pixels pooling routes a gradient to
+    (a quarter of them for 2x2 windows: ``kc.pooled_dw``).
 
     Inputs:
     - dout: upstream derivatives of the pooled output, shape (N, F, H'', W''), checked
     - conv_cache, pool_cache: the two layers' caches
 
     Returns (dw, db) in the dtypes of w and b; None where the shapes do not take that kernel
-    (not the direct convolution kernels, or pooling windows that overlap) or the convolution
-    had a ReLU of its own (conv_relu_forward_fast): then take the two backward passes.
+    (not the direct convolution kernels, or pooling windows that overlap), the convolution had
+    a ReLU of its own (conv_relu_forward_fast) or the layers' dtype is not the kernels' (float16:
+    the two passes round the conv's gradient to it): then take the two backward passes.
     """
     core, conv_relu = conv_cache
-    src, wc, geom, _, w_dtype, b_dtype = core
+    src, wc, geom, x_dtype, w_dtype, b_dtype = core
     N, C, H, W, F, HH, WW, stride, pad, H_out, W_out = geom
     pooled_shape, _, idx, pooled, (ph, pw, pool_stride) = pool_cache
+    dout = check_dout(dout, idx.shape, "conv_pool_dw_fast")
     wino = winograd(HH, WW, stride, C, W_out, F)
     k = 0 if wino else direct_images_per_row(HH, WW, stride, W, W_out, pad, F)
-    if not k or conv_relu is not None or pool_stride < max(ph, pw):
+    if not k or conv_relu is not None or pool_stride < max(ph, pw) or x_dtype != wc.dtype:
         return None
     if tuple(pooled_shape) != (N, F, H_out, W_out):
         raise ValueError(

@@ -192,7 +192,7 @@ def conv_relu_pool_forward(x, w, b, conv_param, pool_param):
 def conv_relu_pool_backward(dout, cache, compute_dx=True):
     """Backward pass of conv_relu_pool_forward. Without dx, on the direct convolution kernels
     and windows that do not overlap, dw and db come straight from the pooled gradient
-    (``fast_layers.conv_pool_dw_fast``: the same bits, a quarter of the FMAs for 2x2 windows).
+    (``fast_layers.conv_pool_dw_fast``: the same bits, a quarter of the pixels for 2x2 windows).
 
     Returns a tuple of:
     - dx: shape (N, C, H, W), dtype of x (None when compute_dx=False)

@@ -52,8 +52,9 @@ def model_kernels(
     dtype="float32",
 ) -> list:
     """The cached Numba kernels a ThreeLayerConvNet training step runs: its convolution's
-    (direct kernels or im2col: for its 32 filters on 32 x 32 images, 'same' output),
-    ReLU + 2x2 max pool, and its norm's; or, with ``layers`` (a model spec's text), those of
+    (direct kernels or im2col: for its 32 filters on 32 x 32 images, 'same' output), ReLU +
+    2x2 max pool (on the direct kernels without a norm: pooled in the convolution's pass, dw
+    from the pooled gradient), and its norm's; or, with ``layers`` (a model spec's text), those of
     that ConvNet's layers."""
     if layers is not None:
         return _spec_kernels(NetSpec.from_text(layers), kernel_dtype(dtype) == np.float32)

@@ -368,7 +368,7 @@ def direct_forward(xp, Wp, w, b, relu, out, tl, vw, pool=None):
     N, C, L = xp.shape
     F, _, HH, WW = w.shape
     _, _, H_out, W_out = out.shape
-    if pool is not None:  # the conv's plane, whole windows covering it (pool_output_shape)
+    if pool is not None:  # the conv's plane: windows cover it whole (pool_output_shape checks)
         H_out = (out.shape[2] - 1) * pool[2] + pool[0]
         W_out = (out.shape[3] - 1) * pool[2] + pool[1]
     R, _ = tile_shape(tl)
@@ -548,8 +548,8 @@ def pooled_dw(xp, Wp, k, S, W_out, dout, idx, pooled, relu, stride, ph, dw, db, 
     side by side in a row, S columns apart) for the gradient that max pooling (windows ph high,
     never overlapping: stride >= the window) routes from dout (N, F, Hq, Wq) to its windows'
     maxima idx (flat positions in the conv output's planes, W_out wide), with relu only where
-    pooled > 0. The same bits as pool_backward then direct_dw, with a quarter of the FMAs for
-    2x2 windows:
+    pooled > 0. The same bits as pool_backward then direct_dw, summing a quarter of the pixels
+    for 2x2 windows:
 
     direct_dw sums, for tap (c, kh, kw) and filter f, dout_conv[f, p] * xp[c, tap + p] over the
     output pixels p in order; all but the routed pixels add zero. Here each filter's routed

@@ -1051,6 +1051,44 @@ def test_conv_relu_pool_without_dx_takes_the_pooled_kernel_where_it_applies(monk
     assert pooled(x8, rng.standard_normal((4, 3, 5, 5)), 2, pp) is None  # im2col
     x64 = rng.standard_normal((2, 64, 8, 8))
     assert pooled(x64, rng.standard_normal((4, 64, 3, 3)), 1, pp) is None  # Winograd
+    x16, w16 = x8.astype(np.float16), rng.standard_normal((4, 3, 7, 7)).astype(np.float16)
+    assert pooled(x16, w16, 3, pp) is None  # float16: the conv's gradient rounded to it between
+
+
+def test_float16_conv_relu_pool_takes_the_two_passes():
+    """float16 layers compute in float32 but round the conv's output to float16 before pooling:
+    values 1 + k * 2**-12 differ in float32 and tie in float16 (its spacing at 1 is 2**-10), so
+    the window's first maximum moves. float16 keeps the two passes' results."""
+    rng = _rng(5)
+    x = np.ones((2, 2, 8, 8), np.float16)
+    x[:, 1] = rng.integers(0, 4, (2, 8, 8))
+    w = np.zeros((1, 2, 7, 7), np.float16)
+    w[0, 0, 3, 3], w[0, 1, 3, 3] = 1, 2.0**-12  # conv = x0 + x1 * 2**-12 = 1 + k * 2**-12
+    b = np.zeros(1, np.float16)
+    cp, pp = {"stride": 1, "pad": 3}, {"pool_height": 2, "pool_width": 2, "stride": 2}
+    out, (_, pool_cache) = fl.conv_relu_pool_forward_fast(x, w, b, cp, pp)
+    a, _ = fl.conv_forward_fast(x, w, b, cp)
+    out2, pool_cache2 = fl.relu_max_pool_forward_fast(a, pp)
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, out2)
+    np.testing.assert_array_equal(pool_cache[2], pool_cache2[2])
+    np.testing.assert_array_equal(pool_cache[3], pool_cache2[3])
+    # in float32 (one pass) the maxima are elsewhere: the case this test is about happens
+    _, (_, pool_cache32) = fl.conv_relu_pool_forward_fast(
+        x.astype(np.float32), w.astype(np.float32), b.astype(np.float32), cp, pp
+    )
+    assert not np.array_equal(pool_cache32[2], pool_cache[2])
+
+
+def test_conv_pool_dw_names_a_dout_of_the_wrong_shape():
+    rng = _rng(6)
+    x = rng.standard_normal((2, 3, 8, 8))
+    pp = {"pool_height": 2, "pool_width": 2, "stride": 2}
+    out, (conv_cache, pool_cache) = fl.conv_relu_pool_forward_fast(
+        x, rng.standard_normal((4, 3, 7, 7)), np.zeros(4), {"stride": 1, "pad": 3}, pp
+    )
+    with pytest.raises(ValueError, match=r"conv_pool_dw_fast must have .*\(2, 4, 4, 4\), got"):
+        fl.conv_pool_dw_fast(np.ones((2, 4, 8, 8)), conv_cache, pool_cache)
 
 
 # --------------------------------------------------------------------------------------------
