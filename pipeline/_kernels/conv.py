@@ -505,10 +505,6 @@ def direct_dw(xp, Wp, dout, dw, db, tl, vw):
     _sum_chunks(part.reshape(nch, -1), part_db, 1, WW * Fp, Fp, dw, db)
 
 
-#: the vectors of taps pooled_dw keeps in registers at a time (one FMA chain each)
-POOLED_BLOCK = 7
-
-
 @njit(cache=True, inline="always")
 def _routed(pool, relu, n, f, k, S, Wp, W_out, stride, ph, eq, eg, zero):
     """The pixels of filter f's conv output planes in the row of images n (images n*k ...,
@@ -554,8 +550,8 @@ def pooled_dw(xp, Wp, k, S, W_out, dout, idx, pooled, relu, stride, ph, dw, db, 
     direct_dw sums, for tap (c, kh, kw) and filter f, dout_conv[f, p] * xp[c, tap + p] over the
     output pixels p in order; all but the routed pixels add zero. Here each filter's routed
     pixels (eq: offsets, eg: gradients) are listed in that order (_routed), and SIMD lanes run
-    over a filter row's WW taps (vectors of V lanes, nvs = ceil(WW / V) per row):
-    POOLED_BLOCK vectors of taps in registers, one FMA chain per tap in direct_dw's order.
+    over a filter row's WW taps (vectors of V lanes, nvs = ceil(WW / V) per row): blocks of 7
+    vectors of taps in registers (a0 .. a6), one FMA chain per tap in direct_dw's order.
     Images are split into direct_dw's chunks.
     """
     Ng, C, L = xp.shape
@@ -564,7 +560,6 @@ def pooled_dw(xp, Wp, k, S, W_out, dout, idx, pooled, relu, stride, ph, dw, db, 
     V = lanes(xp, vw)
     nvs = (WW + V - 1) // V
     NS = C * HH * nvs  # vectors of taps per filter
-    B = POOLED_BLOCK
     nch = min(Ng, 16)
     xf = xp.reshape(-1)
     pool = (dout, idx, pooled)
@@ -587,7 +582,7 @@ def pooled_dw(xp, Wp, k, S, W_out, dout, idx, pooled, relu, stride, ph, dw, db, 
                 cnt = _routed(pool, relu, n, f, k, S, Wp, W_out, stride, ph, eq, eg, zero)
                 pf = part[ch, f]
                 s_db = zero  # db's sum over the routed pixels, in order (beside the first block)
-                for sb in range(0, NS, B):
+                for sb in range(0, NS, 7):  # the 7 accumulators a0 .. a6
                     o0 = x0 + so[min(sb, NS - 1)]
                     o1 = x0 + so[min(sb + 1, NS - 1)]
                     o2 = x0 + so[min(sb + 2, NS - 1)]
