@@ -3,6 +3,8 @@
     # 2 workers x 1 thread, batch 256, one epoch, vs DDP 2x1
     python benchmarks/bench_train.py
     python benchmarks/bench_train.py --norms none --shard-sizes 128,64,32,16 --steps 40 --no-ddp
+    # 8 shards of 32 against 2 of 128, alternating twice (each ratio from runs back to back)
+    python benchmarks/bench_train.py --shard-sizes 128,32 --rounds 2
     # bytes per step
     python benchmarks/bench_train.py --workers 1,2,3 --transports tcp --steps 20 --no-ddp
 
@@ -52,6 +54,13 @@ def main() -> int:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ddp", action="store_true", help="skip the PyTorch DDP reference")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="train every shard size this many times, alternating (A B A B): each round's ratio "
+        "to the first shard size is from two runs back to back, not minutes apart",
+    )
     args = ap.parse_args()
     from pipeline.fast_layers import machine_text  # the CPU and the kernels' vector width
 
@@ -77,7 +86,7 @@ def main() -> int:
             )
             for norm in args.norms.split(","):
                 for transport in args.transports.split(","):
-                    for shard in [int(x) for x in args.shard_sizes.split(",")]:
+                    for rnd, shard in _alternating(args.shard_sizes, args.rounds):
                         out = tempfile.mkdtemp(prefix="bench-train-")
                         config = TrainConfig(
                             data=args.data,
@@ -97,20 +106,24 @@ def main() -> int:
                         s = train(config, client=client)
                         wall = time.perf_counter() - t
                         moved = _per_step(before, _worker_bytes(client), s["steps_this_session"])
-                        rows.append((workers, norm, shard, s, wall))
+                        rows.append((workers, norm, shard, s, wall, rnd))
                         _report(workers, norm, shard, s, wall, moved)
     print("\nsummary")
     print(
-        f"{'workers':>7} {'norm':>18} {'shard':>5} {'transport':>9} {'images/s':>9} "
-        f"{'coord ms':>8} {'train acc':>9} {'val acc':>8} {'vs DDP':>7}"
+        f"{'workers':>7} {'norm':>18} {'shard':>5} {'transport':>9} {'round':>5} {'images/s':>9} "
+        f"{'coord ms':>8} {'train acc':>9} {'val acc':>8} {'vs DDP':>7} {'vs 1st shard':>12}"
     )
-    for workers, norm, shard, s, wall in rows:
+    first = {}  # (workers, norm, transport, round) -> images/s of the round's first shard size
+    for workers, norm, shard, s, wall, rnd in rows:
         ref = ddp.get(workers)
         ratio = f"{s['images_per_s'] / ref['images_per_s']:.2f}x" if ref else "n/a"
+        key = (workers, norm, s["transport"], rnd)
+        base = first.setdefault(key, s["images_per_s"])
         print(
-            f"{workers:>7} {norm:>18} {shard:>5} {s['transport']:>9} {s['images_per_s']:>9,.0f} "
+            f"{workers:>7} {norm:>18} {shard:>5} {s['transport']:>9} {rnd + 1:>5} "
+            f"{s['images_per_s']:>9,.0f} "
             f"{1e3 * s['step_breakdown_s'].get('coordinator', 0):>8.2f} {_pct(s['train_acc']):>9} "
-            f"{_pct(s['val_acc']):>8} {ratio:>7}"
+            f"{_pct(s['val_acc']):>8} {ratio:>7} {s['images_per_s'] / base:>11.2f}x"
         )
     for workers, ref in ddp.items():
         if ref:
@@ -120,6 +133,12 @@ def main() -> int:
             )
     print(f"load average at the end {_load()} (other processes on the machine slow every figure)")
     return 0
+
+
+def _alternating(shard_sizes: str, rounds: int) -> list[tuple[int, int]]:
+    """(round, shard size) in the order they train: every size once per round."""
+    sizes = [int(x) for x in shard_sizes.split(",")]
+    return [(r, shard) for r in range(max(1, rounds)) for shard in sizes]
 
 
 def _ddp(args, ranks: int) -> dict | None:

@@ -14,10 +14,13 @@ from pipeline.convnet import (
     load_bn_state,
     write_into,
 )
-from pipeline.fast_layers import sum_of_squares
+from pipeline.fast_layers import sum_in_order, sum_of_squares
 from pipeline.layer_utils import (
     affine_relu_backward,
+    affine_relu_dw_sum,
+    affine_relu_dx_shards,
     affine_relu_forward,
+    affine_relu_forward_shards,
     conv_bn_relu_pool_backward,
     conv_bn_relu_pool_forward,
     conv_gn_relu_pool_backward,
@@ -216,6 +219,65 @@ class ThreeLayerConvNet:
             return data_loss + reg_loss, grads
         # W2's is there already
         return data_loss + reg_loss, write_into(into, grads, scale, accumulate, ("W2",))
+
+    def loss_sum(self, batches, into, scales, order):
+        """Several shards' gradients, each times its scale, summed in ``order`` into ``into``:
+        a data-parallel worker's shards summed into one node of the reduction tree.
+
+        Inputs:
+        - batches: a list of (X (N_s, C, H, W), y (N_s,)), one per shard s
+        - into: a dict of C-contiguous arrays shaped and typed like params (written)
+        - scales: one per shard (its image count: its mean-loss gradient as a sum)
+        - order: the sum's order, ``fast_layers.sum_in_order``'s: a shard index, or a pair
+          (left, right) of orders
+
+        Returns a list, per shard: (loss, the batch's spatial-BN statistics or None).
+
+        The bits are those of :meth:`loss` shard by shard, ``loss(X_s, y_s, into=...,
+        scale=scales[s], accumulate=...)``, along ``order`` (a right part of more than one shard
+        summed in a temporary, then added). The hidden layer, whose W2 is the network's 16 MB,
+        passes over W2 once for all the shards in its forward, its dx and its gradient, not
+        once per shard (layer_utils' ``*_shards``, ``affine_relu_dw_sum``); the rest runs
+        shard by shard.
+        """
+        p = self.params
+        Xs = [np.asarray(X, dtype=self.dtype) for X, _ in batches]
+        conv, stats = [], []
+        for X in Xs:
+            conv.append(self._conv_block_forward(X, True))
+            stats.append(self.last_batch_stats if self.bn_param else None)
+        hidden = affine_relu_forward_shards([out1 for out1, _ in conv], p["W2"], p["b2"])
+
+        losses, grads, douts = [], [], []
+        for (out2, _), (_, y) in zip(hidden, batches):
+            scores, cache3 = affine_forward(out2, p["W3"], p["b3"])
+            data_loss, dscores = softmax_loss(scores, y)
+            g = {}
+            dout2, g["W3"], g["b3"] = affine_backward(dscores, cache3)
+            losses.append(data_loss)
+            grads.append(g)
+            douts.append(dout2)
+        caches2 = [cache2 for _, cache2 in hidden]
+        back = affine_relu_dx_shards(douts, caches2, sumsq=bool(self.reg))
+        for s, (g, (_, cache1)) in enumerate(zip(grads, conv)):
+            g["b2"] = back[1][s]
+            g.update(self._conv_block_backward(back[0][s], cache1))
+            if self.reg:
+                losses[s] += (
+                    0.5 * self.reg * (sum_of_squares(p["W1"]) + back[2] + sum_of_squares(p["W3"]))
+                )
+                for name in ("W1", "W3"):
+                    add_l2(g[name], p[name], self.reg)
+        affine_relu_dw_sum(douts, caches2, scales, order, into["W2"], reg=self.reg)
+        for name in grads[0]:
+            sum_in_order(
+                order,
+                into[name],
+                lambda s, dst, add, name=name: write_into(
+                    {name: dst}, {name: grads[s][name]}, scales[s], add
+                ),
+            )
+        return list(zip(losses, stats))
 
     def _conv_block_forward(self, X, train):
         p, conv, pool = self.params, self.conv_param, self.pool_param

@@ -35,6 +35,11 @@ of the general convolution:
   added into its tree node): one kernel pass that reads w once (not at all when reg = 0) and
   writes dw once (``ka.affine_dw_l2``), where NumPy's product, the L2 term and the scaled copy
   pass over these 16 MB four to six times.
+- the hidden layer of a worker's several shards (``affine_relu_forward_shards``,
+  ``affine_dx_shards``, ``affine_dw_sum``): the forward and dx kernels take the shards' rows
+  stacked, and their scaled dw summed along the reduction tree come from one pass
+  (``ka.affine_dw_tree``): w read and dw written once per step instead of once per shard, each
+  shard's bits unchanged.
 - max pooling: one pass that records each window's argmax; backward scatters to it.
 - spatial batch norm / group norm: per channel / per group reductions in float64.
 
@@ -89,6 +94,10 @@ __all__ = [
     "affine_relu_forward_fast",
     "affine_dx_fast",
     "affine_dw_l2_fast",
+    "affine_relu_forward_shards",
+    "affine_dx_shards",
+    "affine_dw_sum",
+    "sum_in_order",
     "max_pool_forward_fast",
     "max_pool_backward_fast",
     "conv_relu_forward_fast",
@@ -525,9 +534,19 @@ def affine_relu_forward_fast(x, w, b):
     ``layers.affine_forward`` then ``layers.relu_forward`` (which also name bad arguments).
     """
     x, w, b = np.asarray(x), np.asarray(w), np.asarray(b)
+    if _rows_forward_takes(x, w, b):
+        out = _affine_relu_rows(x.reshape(x.shape[0], -1), w, b)
+        return out, ((x, w, b), out)
+    a, _ = affine_forward(x, w, b)
+    out, _ = relu_forward(a)
+    return out, ((x, w, b), out)
+
+
+def _rows_forward_takes(x, w, b) -> bool:
+    """Whether ``affine_relu_forward_fast(x, w, b)`` takes the kernel (arrays given)."""
     N = x.shape[0] if x.ndim else 0
     dtype = layer_dtype(x)
-    if (
+    return (
         0 < N <= ka.FWD_MAX_ROWS
         and kernel_dtype(dtype) == dtype == x.dtype == w.dtype == b.dtype
         and w.ndim == 2
@@ -535,23 +554,26 @@ def affine_relu_forward_fast(x, w, b):
         and w.shape[1] >= _MIN_PANEL_BYTES // dtype.itemsize
         and b.shape == (w.shape[1],)
         and x.size == N * w.shape[0]
-    ):
-        out = np.empty((N, w.shape[1]), dtype)
-        tl, vw = _tile_and_width(w.shape[1], dtype, fit=True)
-        _launch(
-            ka.affine_relu_rows,
-            out.size * w.shape[0],
-            _as(x.reshape(N, -1), dtype),
-            _as(w, dtype),
-            _as(b, dtype),
-            out,
-            tl,
-            vw,
-        )
-        return out, ((x, w, b), out)
-    a, _ = affine_forward(x, w, b)
-    out, _ = relu_forward(a)
-    return out, ((x, w, b), out)
+    )
+
+
+def _affine_relu_rows(x2, w, b) -> np.ndarray:
+    """relu(x2 @ w + b) by ``ka.affine_relu_rows``, x2 (N, D) of any N: row i's bits are the
+    same whatever the other rows are."""
+    dtype = x2.dtype
+    out = np.empty((x2.shape[0], w.shape[1]), dtype)
+    tl, vw = _tile_and_width(w.shape[1], dtype, fit=True)
+    _launch(
+        ka.affine_relu_rows,
+        out.size * w.shape[0],
+        _as(x2, dtype),
+        _as(w, dtype),
+        _as(b, dtype),
+        out,
+        tl,
+        vw,
+    )
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,24 +603,36 @@ def affine_dx_fast(da, w, sumsq=False):
         raise ValueError(
             f"affine_dx: expected da (N, M) and w (D, M), got da {da.shape}, w {w.shape}"
         )
-    N, (D, M) = da.shape[0], w.shape
     dtype = layer_dtype(da)
-    if (
-        ka.DX_MIN_ROWS <= N <= ka.DX_MAX_ROWS
-        and kernel_dtype(dtype) == dtype == da.dtype == w.dtype
-        and D > 0
-        and M > 0
-    ):
-        tl, vw = _tile_and_width(N, dtype, tall=True)
-        G = tl.cols * vw.lanes(dtype)
-        dat = _aligned_empty(-(-N // G) * M * G, dtype)
-        ka.pack_row_panels(_as(da, dtype), G, dat)
-        dx = np.empty((N, D), dtype)
-        sq = np.zeros(-(-D // ka.ROWS) if sumsq else 0)
-        _launch(ka.affine_dx_rows, dx.size * M, dat, _as(w, dtype), N, dx, sq, tl, vw)
-        return (dx, float(sq.sum())) if sumsq else dx
+    if _rows_dx_takes(da, w):
+        return _affine_dx_rows(da, w, sumsq)
     dx = (da @ w.T).astype(dtype, copy=False)
     return (dx, sum_of_squares(w)) if sumsq else dx
+
+
+def _rows_dx_takes(da, w) -> bool:
+    """Whether ``affine_dx_fast(da, w)`` takes the kernel (2-D arrays of matching M given)."""
+    dtype = layer_dtype(da)
+    return (
+        ka.DX_MIN_ROWS <= da.shape[0] <= ka.DX_MAX_ROWS
+        and kernel_dtype(dtype) == dtype == da.dtype == w.dtype
+        and w.shape[0] > 0
+        and w.shape[1] > 0
+    )
+
+
+def _affine_dx_rows(da, w, sumsq):
+    """da @ w.T [, sum(w**2)] by ``ka.affine_dx_rows``, da (N, M) of any N: row i's bits (and
+    the sum's) are the same whatever the other rows are."""
+    N, (D, M), dtype = da.shape[0], w.shape, da.dtype
+    tl, vw = _tile_and_width(N, dtype, tall=True)
+    G = tl.cols * vw.lanes(dtype)
+    dat = _aligned_empty(-(-N // G) * M * G, dtype)
+    ka.pack_row_panels(_as(da, dtype), G, dat)
+    dx = np.empty((N, D), dtype)
+    sq = np.zeros(-(-D // ka.ROWS) if sumsq else 0)
+    _launch(ka.affine_dx_rows, dx.size * M, dat, _as(w, dtype), N, dx, sq, tl, vw)
+    return (dx, float(sq.sum())) if sumsq else dx
 
 
 def sum_of_squares(w) -> float:
@@ -656,11 +690,7 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
         )
     if add and out is None:
         raise ValueError("affine_dw_l2: add=True needs out (the array to add to)")
-    if (
-        kernel_dtype(dtype) == dtype == x.dtype == da.dtype
-        and w.shape[1] >= _MIN_PANEL_BYTES // dtype.itemsize
-        and N > 0
-    ):
+    if _dw_takes(x, da, w):
         tl, vw = _tile_and_width(w.shape[1], dtype, fit=True)
         G = tl.cols * vw.lanes(dtype)
         x2 = _as(x.reshape(N, D), dtype)
@@ -687,6 +717,146 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
         dw = np.multiply(dw, dtype.type(scale), out=dw)
         return dw if out is None else np.add(out, dw, out=out)
     return np.multiply(dw, dtype.type(scale), out=out)
+
+
+# --------------------------------------------------------------------------------------------
+# the affine layer of several shards, one pass over w for all of them (ka.affine_relu_rows,
+# ka.affine_dx_rows, ka.affine_dw_tree)
+
+
+def affine_relu_forward_shards(xs, w, b):
+    """``affine_relu_forward_fast(x, w, b)`` for each x of ``xs`` (a data-parallel worker's
+    shards, each (N_s, d_1, ..., d_k)): a list of (out, cache), each with the bits it has alone.
+    When each shard would take the kernel (1 to 63 rows), their rows take it together: w is
+    read once, not once per shard (each row's sums do not depend on the other rows)."""
+    xs = [np.asarray(x) for x in xs]
+    w, b = np.asarray(w), np.asarray(b)
+    if len(xs) < 2 or not all(_rows_forward_takes(x, w, b) for x in xs):
+        return [affine_relu_forward_fast(x, w, b) for x in xs]
+    out = _affine_relu_rows(np.concatenate([x.reshape(x.shape[0], -1) for x in xs]), w, b)
+    outs = np.split(out, np.cumsum([x.shape[0] for x in xs])[:-1])
+    return [(o, ((x, w, b), o)) for x, o in zip(xs, outs)]
+
+
+def affine_dx_shards(das, w, sumsq=False):
+    """``affine_dx_fast(da, w, sumsq)`` for each da of ``das`` (shards, each (N_s, M)): a list of
+    dx [, sum(w**2)], each with the bits it has alone. When each shard would take the kernel
+    (16 to 256 rows), their rows take it together: w is read once."""
+    das, w = [np.asarray(da) for da in das], np.asarray(w)
+    if not das:
+        raise ValueError("affine_dx_shards: expected at least one shard's da, got none")
+    if len(das) < 2 or not all(
+        da.ndim == w.ndim == 2 and da.shape[1] == w.shape[1] and _rows_dx_takes(da, w) for da in das
+    ):
+        got = [affine_dx_fast(da, w, sumsq) for da in das]
+        return ([g[0] for g in got], got[0][1]) if sumsq else got
+    got = _affine_dx_rows(np.concatenate(das), w, sumsq)
+    dx, sq = got if sumsq else (got, None)
+    dxs = np.split(dx, np.cumsum([da.shape[0] for da in das])[:-1])
+    return (dxs, sq) if sumsq else dxs
+
+
+def affine_dw_sum(xs, das, w, scales, order, out, reg=0.0):
+    """The weight gradients of several shards, each scaled, summed in a fixed order into ``out``:
+    the sum over shards s, in ``order`` (:func:`sum_in_order`), of
+    ``affine_dw_l2_fast(xs[s], das[s], w, reg, scales[s])``, each term and each addition rounded
+    as they are (``np.add``), written to out ((D, M), C-contiguous, w's dtype); returns out.
+
+    A data-parallel worker's shards: their (mean-loss gradient x image count) summed along the
+    reduction tree into one node. With reg 0 and every shard taking the kernel, one pass
+    (``ka.affine_dw_tree``) reads x and writes out once; else one call per shard, added as
+    :func:`sum_in_order` adds them (out read and written once per shard)."""
+    n = len(xs)
+    prog = _postfix(order, n)
+    if len(das) != n or len(scales) != n:
+        raise ValueError(
+            f"affine_dw_sum: expected as many da and scales as x (shards), got {n} x, "
+            f"{len(das)} da, {len(scales)} scales"
+        )
+    xs, das, w = [np.asarray(x) for x in xs], [np.asarray(da) for da in das], np.asarray(w)
+    dtype = layer_dtype(w)
+    if n < 2 or reg or not all(_dw_takes(x, da, w) for x, da in zip(xs, das)):
+        return sum_in_order(
+            order,
+            out,
+            lambda s, dst, add: affine_dw_l2_fast(
+                xs[s], das[s], w, reg, scale=scales[s], out=dst, add=add
+            ),
+        )
+    for x, da in zip(xs, das):  # affine_dw_l2_fast's checks, on every shard
+        if w.ndim != 2 or x.size != x.shape[0] * w.shape[0] or da.shape != (x.shape[0], w.shape[1]):
+            raise ValueError(
+                f"affine_dw_sum: expected x (N, ...) with D features, da (N, M), w (D, M); "
+                f"got x {x.shape}, da {da.shape}, w {w.shape}"
+            )
+    if not (
+        isinstance(out, np.ndarray)
+        and out.shape == w.shape
+        and out.dtype == dtype
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    ):
+        raise ValueError(
+            f"affine_dw_sum: out must be a writeable C-contiguous {dtype} array of shape {w.shape}"
+        )
+    x2 = np.concatenate([x.reshape(x.shape[0], -1) for x in xs]).astype(dtype, copy=False)
+    da = np.concatenate(das).astype(dtype, copy=False)
+    tl, vw = _tile_and_width(w.shape[1], dtype, fit=True)
+    G = tl.cols * vw.lanes(dtype)
+    dap = _aligned_empty(-(-w.shape[1] // G) * len(x2) * G, dtype)
+    ka.pack_panels(da, G, dap)
+    starts = np.cumsum([0] + [x.shape[0] for x in xs]).astype(np.int64)
+    coef = np.array(scales, dtype)
+    _launch(ka.affine_dw_tree, out.size * len(x2), x2, dap, starts, coef, prog, out, tl, vw)
+    return out
+
+
+def sum_in_order(order, out, term):
+    """out = the terms summed in ``order``: a shard index (its term alone) or a pair
+    ``(left, right)`` of orders (left's sum + right's, one rounded addition). ``term(s, dst,
+    add)`` writes term s to dst, or adds it to dst when ``add``. A right part that is one term
+    is added straight into out; a larger one is summed in a temporary first. Returns out."""
+    if not isinstance(order, tuple):
+        term(int(order), out, False)
+        return out
+    left, right = order
+    sum_in_order(left, out, term)
+    if not isinstance(right, tuple):
+        term(int(right), out, True)
+    else:
+        np.add(out, sum_in_order(right, np.empty_like(out), term), out=out)
+    return out
+
+
+def _postfix(order, n) -> np.ndarray:
+    """``order`` (:func:`sum_in_order`'s) as ``ka.affine_dw_tree``'s program: s pushes shard s,
+    -1 adds the top two; every shard 0..n-1 exactly once."""
+    prog: list[int] = []
+
+    def walk(o):
+        if isinstance(o, tuple):
+            if len(o) != 2:
+                raise ValueError(f"sum order: expected a shard index or a pair, got {o!r}")
+            walk(o[0])
+            walk(o[1])
+            prog.append(-1)
+        else:
+            prog.append(int(o))
+
+    walk(order)
+    if sorted(s for s in prog if s >= 0) != list(range(n)):
+        raise ValueError(f"sum order: expected each of the {n} shards once, got {order!r}")
+    return np.array(prog, np.int64)
+
+
+def _dw_takes(x, da, w) -> bool:
+    """Whether ``affine_dw_l2_fast(x, da, w, ...)`` takes the kernel (valid arguments given)."""
+    dtype = layer_dtype(w)
+    return (
+        kernel_dtype(dtype) == dtype == x.dtype == da.dtype
+        and w.shape[1] >= _MIN_PANEL_BYTES // dtype.itemsize
+        and x.shape[0] > 0
+    )
 
 
 #: the affine kernels take a layer with at least this many bytes of columns (4 AVX2 vectors: 32

@@ -41,6 +41,9 @@ from pipeline.shapes import (
 __all__ = [
     "affine_relu_forward",
     "affine_relu_backward",
+    "affine_relu_forward_shards",
+    "affine_relu_dx_shards",
+    "affine_relu_dw_sum",
     "conv_relu_forward",
     "conv_relu_backward",
     "conv_relu_pool_forward",
@@ -114,8 +117,7 @@ def affine_relu_backward(
     - sumsq: a float, only when ``sumsq``
     """
     (x, w, b), out = cache
-    dout = check_dout(dout, out.shape, "affine_relu")
-    da = np.where(out > 0, dout, 0).astype(out.dtype, copy=False)
+    da = _relu_grad(dout, cache)
     N = x.shape[0]
     if sumsq and not compute_dx:
         raise ValueError(
@@ -133,6 +135,56 @@ def affine_relu_backward(
         dw = (np.asarray(x).reshape(N, -1).T @ da).astype(layer_dtype(w), copy=False)
     db = da.sum(axis=0).astype(layer_dtype(b), copy=False)
     return (dx, dw, db, sq) if sumsq else (dx, dw, db)
+
+
+def _relu_grad(dout, cache):
+    """The gradient at the affine output (before the ReLU) of affine_relu_forward's ``cache``."""
+    out = cache[1]
+    dout = check_dout(dout, out.shape, "affine_relu")
+    return np.where(out > 0, dout, 0).astype(out.dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# affine - relu, several shards at once (a data-parallel worker's): one pass over w per step
+
+
+def affine_relu_forward_shards(xs, w, b):
+    """affine_relu_forward on each x of ``xs``: a list of (out, cache), each shard's bits those
+    it has alone, w read once for all of them where the kernel takes every shard
+    (``fast_layers.affine_relu_forward_shards``)."""
+    return fl.affine_relu_forward_shards(xs, w, b)
+
+
+def affine_relu_dx_shards(douts, caches, sumsq=False):
+    """affine_relu_backward(dout, cache, compute_dw=False[, sumsq]) of every shard, w read once
+    for all of them where the kernel takes every shard (``fast_layers.affine_dx_shards``).
+
+    Returns a tuple of:
+    - dxs: each shard's dx, shape and dtype of its x
+    - dbs: each shard's db, dtype of b
+    - sumsq: sum(w**2), only when ``sumsq``
+    """
+    das = [_relu_grad(dout, cache) for dout, cache in zip(douts, caches)]
+    w = caches[0][0][1]
+    got = fl.affine_dx_shards(das, w, sumsq=sumsq)
+    dxs, sq = got if sumsq else (got, None)
+    dxs = [
+        dx.reshape(c[0][0].shape).astype(layer_dtype(c[0][0]), copy=False)
+        for dx, c in zip(dxs, caches)
+    ]
+    dbs = [da.sum(axis=0).astype(layer_dtype(c[0][2]), copy=False) for da, c in zip(das, caches)]
+    return (dxs, dbs, sq) if sumsq else (dxs, dbs)
+
+
+def affine_relu_dw_sum(douts, caches, scales, order, out, reg=0.0):
+    """The shards' dw (with reg, + reg * w) times their ``scales``, summed in ``order``
+    (``fast_layers.sum_in_order``) into ``out``: the bits of affine_relu_backward(dout, cache,
+    compute_dx=False, reg=reg, dw_out=..., scale=..., add=...) shard by shard along ``order``,
+    in one pass over out where the kernel takes every shard (``fast_layers.affine_dw_sum``).
+    Returns out."""
+    das = [_relu_grad(dout, cache) for dout, cache in zip(douts, caches)]
+    xs = [c[0][0] for c in caches]
+    return fl.affine_dw_sum(xs, das, caches[0][0][1], scales, order, out, reg=reg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -206,7 +206,8 @@ def warm() -> None:
 def warm_vector_kernels(dtype, rng) -> None:
     """Run the direct 7-wide convolution (also pooled in its pass, and its dw from a 2x2 pool's
     gradient, at the width that kernel picks) and the hidden layer's forward, dx (with
-    sum(w**2)) and dw with its L2 term (a Solver step with reg > 0), at shapes (64 filters,
+    sum(w**2)) and dw with its L2 term (a Solver step with reg > 0) or a worker's shards' dw
+    summed in one pass, at shapes (64 filters,
     columns and rows rounded up) where every width up to ``simd.current()`` ties, so that
     width runs."""
     x = rng.standard_normal((2, 3, 8, 8)).astype(dtype)
@@ -219,7 +220,9 @@ def warm_vector_kernels(dtype, rng) -> None:
     w = rng.standard_normal((x[0].size, 64)).astype(dtype)
     fl.affine_relu_forward_fast(x, w, np.zeros(64, dtype))
     fl.affine_dx_fast(rng.standard_normal((63, 64)).astype(dtype), w, sumsq=True)
-    fl.affine_dw_l2_fast(x, rng.standard_normal((2, 64)).astype(dtype), w, 1e-3)
+    da = rng.standard_normal((2, 64)).astype(dtype)
+    fl.affine_dw_l2_fast(x, da, w, 1e-3)
+    fl.affine_dw_sum([x[:1], x[1:]], [da[:1], da[1:]], w, [1.0, 1.0], (0, 1), np.empty_like(w))
 
 
 def main() -> None:

@@ -3,8 +3,9 @@ ReLU fused in, its input gradient for few rows with the L2 loss term's sum of sq
 and its weight gradient with the L2 term fused in:
 
     out = relu(x2 @ w + b)            out (N, M)    x2 (N, D)    w (D, M)    (N < 64)
-    dx = da @ w.T, sum(w**2)          dx (N, D)     da (N, M)    w (D, M)    (15 < N < 64)
+    dx = da @ w.T, sum(w**2)          dx (N, D)     da (N, M)    w (D, M)    (15 < N < 257)
     dw = x2.T @ da + reg * w          dw, w (D, M)    x2 (N, D)    da (N, M)
+    dw = sum over shards s, in a tree, of (x2_s.T @ da_s) * n_s      (a worker's shards)
 
 **The register tile** (``pipeline._kernels.tile``): R rows x C = 4 vectors of sums, R * C
 accumulators fed per step by R broadcasts and 4 vector loads. R = 3 (12 accumulators) unless
@@ -57,6 +58,15 @@ or touch this file.
 Bits: dw[i, j] is the k-ordered FMA chain over k = 0..N-1 (from 0), then one addition of the
 rounded product reg * w[i, j] (``np.add(s, np.multiply(w, reg))``). Which thread or task
 computes it does not change it, so the result does not depend on the thread count.
+
+**Several shards' weight gradients** (``affine_dw_tree``). A data-parallel worker sums its
+shards' gradients (each scaled by its image count) along a fixed tree; one ``affine_dw_l2``
+call per shard reads and writes the 16 MB dw once per shard, and a pair of pairs adds two such
+arrays once more. Here the shards' rows are stacked and packed as one, each tile of dw sums
+every shard's rows apart (each shard's chain from 0 over its own rows: the bits it has alone),
+scales it, and the tree's additions run on tiles held in registers and L1 (a postfix program);
+dw is written once. The forward and dx kernels above take several shards' rows stacked
+without change (a row's sums never depend on the other rows), so w is read once per step too.
 """
 
 from __future__ import annotations
@@ -177,6 +187,87 @@ def affine_dw_l2(x2, dap, w, coef, add, dw, tl, vw):
                     else:
                         s = tile_add(tile_load(of, p, ts, vw), s)
                 tile_store(of, p, ts, s)
+
+
+@njit(parallel=True, cache=True)
+def affine_dw_tree(x2, dap, starts, coef, prog, dw, tl, vw):
+    """dw (D, M) = the sum, in the order ``prog`` gives, of every shard's term (x2_s.T @ da_s)
+    * coef[s], where shard s is rows starts[s]:starts[s + 1] of x2 (N, D) and of da (N, M), which
+    pack_panels left in dap; dw C-contiguous, x2's dtype, written, never read. Each term has the
+    bits ``affine_dw_l2`` gives the shard alone with reg 0 and scale coef[s] (the k-ordered FMA
+    chain from 0 over its own rows, times coef[s], rounded). ``prog``, postfix: s >= 0 pushes
+    shard s's term, -1 pops b, then a, and pushes a + b (one rounded addition, as ``np.add``);
+    it must leave one value.
+
+    The tasks, blocks and panels are ``affine_dw_l2``'s: x2 and dw are each passed once, where
+    one call per shard (with ``add``) reads and writes dw once per shard. A block's terms and
+    partial sums wait in a stack of R x G tiles, its top in registers, the rest in L1.
+    """
+    N, D = x2.shape
+    M = dw.shape[1]
+    R, C = tile_shape(tl)
+    V = lanes(x2, vw)
+    G = C * V
+    if M < G:  # a panel would start before column 0: vstore does no bounds checks
+        raise ValueError("affine_dw_tree: dw needs at least one tile's vectors of columns")
+    ns = starts.size - 1
+    depth = 0
+    sp = 0
+    for op in prog:  # the program's stack depth; it must pop only what it pushed, and end at 1
+        if op >= ns or op < -1 or (op == -1 and sp < 2):
+            raise ValueError(
+                "affine_dw_tree: prog pushes a shard that is not there or pops too much"
+            )
+        sp += 1 if op >= 0 else -1
+        depth = max(depth, sp)
+    if sp != 1 or dw.shape[0] != D or starts[0] != 0 or starts[ns] != N or coef.size != ns:
+        raise ValueError(
+            "affine_dw_tree: expected prog leaving one value, dw (D, M), starts 0..N, a coef each"
+        )
+    nj = (M + G - 1) // G
+    of = dw.reshape(-1)
+    for t in prange((D + ROWS - 1) // ROWS):
+        ts = tile_vectors(tl, dw, vw)  # a row's vectors: 0, V, ..., (C - 1) * V
+        i_lo = t * ROWS
+        i_hi = min(i_lo + ROWS, D)
+        nb = (i_hi - i_lo + R - 1) // R
+        # xb[(b * N + k) * R + r] = x2[k, row r of block b]: the broadcasts of a block, in k order
+        xb = np.empty(nb * N * R, dtype=x2.dtype)
+        for b in range(nb):
+            for r in range(R):
+                i = min(i_lo + R * b + r, i_hi - 1)
+                for k in range(N):
+                    xb[(b * N + k) * R + r] = x2[k, i]
+        stack = np.empty(max(1, depth - 1) * R * G, dtype=dw.dtype)  # under the top
+        for b in range(nb):
+            i0 = i_lo + R * b
+            xq = tile_rows(tl, 0, R - 1, 1, b * N * R)
+            for jb in range(nj):
+                j0 = min(jb * G, M - G)
+                # the lines the next panel writes (the next block's first, after the last)
+                nxt = tile_rows(tl, i0, i_hi - 1, M, min(jb * G + G, M - G))
+                if jb == nj - 1:
+                    nxt = tile_rows(tl, min(i0 + R, D - 1), D - 1, M, 0)
+                for r in range(R):
+                    for e in range(0, G + LINE // dw.itemsize, LINE // dw.itemsize):
+                        prefetch(of, nxt[r] + e)
+                # the stack's top stays in registers (top), the values under it in ``stack``
+                top = tile_zeros(x2, tl, vw)
+                sp = 0
+                for op in prog:
+                    if op >= 0:  # push (sum over shard op's rows k of x2[k, i_r] * da[k, j]) * coef
+                        if sp > 0:
+                            tile_store(stack, tile_rows(tl, 0, R - 1, G, (sp - 1) * R * G), ts, top)
+                        top = tile_zeros(x2, tl, vw)
+                        for k in range(starts[op], starts[op + 1]):
+                            top = tile_fma(xb, xq, k * R, dap, (jb * N + k) * G, ts, top, vw)
+                        top = tile_mul(top, vsplat(coef, op, vw))
+                        sp += 1
+                    else:  # a + b, b the top
+                        a = tile_load(stack, tile_rows(tl, 0, R - 1, G, (sp - 2) * R * G), ts, vw)
+                        top = tile_add(a, top)
+                        sp -= 1
+                tile_store(of, tile_rows(tl, i0, i_hi - 1, M, j0), ts, top)
 
 
 #: bytes in a cache line (the unit of a prefetch)

@@ -9,10 +9,13 @@ and backward on each shard with the step's parameters and sums the shards' gradi
 parameters from every part's nodes, adds L2 and applies Adam. It returns each shard's loss
 sum, count and spatial-BN batch moments, and its slice's L2 sums: small numbers only.
 
-Shards stay the unit of determinism: each is computed alone, whatever part it falls in. A part
-task is a pure function of (state of the step, shard indices): Dask may run it again after a
-worker dies and it gives the same bits; with shared memory it also finds what its first run
-already wrote. Per process, the model object and the store's decompressed chunks are cached.
+Shards stay the unit of determinism: each has the bits it has alone, whatever part it falls in.
+A model with ``loss_sum`` (the three-layer net) computes a node's shards together, its hidden
+layer passing its 16 MB of weights once for all of them, with the bits of its ``loss`` shard
+by shard summed along the tree (tests/layers/test_cnn.py). A part task is a pure function of
+(state of the step, shard indices): Dask may run it again after a worker dies and it gives the
+same bits; with shared memory it also finds what its first run already wrote. Per process, the
+model object and the store's decompressed chunks are cached.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pipeline.augment import Augment, tta_scores
 from pipeline.cnn import ModelSpec
 from pipeline.data import open_store
 from pipeline.training.memory import keep_freed_memory
-from pipeline.training.plan import Layout, StepPlan, children
+from pipeline.training.plan import Layout, StepPlan, children, covers
 from pipeline.training.reduce import warm_kernels
 from pipeline.training.update import UpdateRule
 
@@ -152,8 +155,9 @@ def read_shards(
 def compute_nodes(
     spec: TaskSpec, views: dict, step: int, plan: StepPlan, part: int, data: list, alloc, free
 ) -> tuple[list, list]:
-    """The part's tree nodes of ``step``: each shard's gradient sum computed alone, then summed
-    along the tree (:func:`pipeline.training.plan.frontier`). ``alloc(node)`` gives the array
+    """The part's tree nodes of ``step``: each shard's gradient sum with the bits it has alone,
+    summed along the tree (:func:`pipeline.training.plan.frontier`); a node's shards computed
+    together where the model has ``loss_sum``. ``alloc(node)`` gives the array
     (P,) a node is written to, ``free(array)`` takes back a temporary. Returns (nodes' arrays,
     shard stats)."""
     first = plan.parts[part][0]
@@ -180,10 +184,37 @@ def compute_nodes(
             "bn_var": None if bn is None else np.asarray(bn["var"]),
         }
 
+    def together(node, out):
+        """The node's shards computed together (``loss_sum``: the bits of ``value``'s shard by
+        shard, the hidden layer passing its weights once for all of them), their compute time
+        shared out by image count."""
+        a, b = covers(node, plan.k)
+        batches = [data[i - first][:2] for i in range(a, b)]
+        t0, begin = time.perf_counter(), time.time()
+        counts = [len(y) for _, y in batches]
+        got = model.loss_sum(
+            batches, spec.layout.views(out), [dt(n) for n in counts], sum_order(node, plan.k, a)
+        )
+        seconds, end = time.perf_counter() - t0, time.time()
+        for i, n, (loss, bn) in zip(range(a, b), counts, got):
+            stats[i - first] = {
+                "n": n,
+                "loss_sum": float(loss) * n,
+                "read_s": data[i - first][2],
+                "compute_s": seconds * n / sum(counts),
+                "begin": begin,
+                "end": end,
+                "bn_mean": None if bn is None else np.asarray(bn["mean"]),
+                "bn_var": None if bn is None else np.asarray(bn["var"]),
+            }
+
     def value(node, out):
         level, i = node
         if level == 0:
             leaf(i, out, add=False)
+            return
+        if hasattr(model, "loss_sum") and not frozen:
+            together(node, out)
             return
         left, *right = children(node, plan.k)
         value(left, out)
@@ -207,6 +238,18 @@ def compute_nodes(
             value(node, out)
             nodes.append(out)
     return nodes, stats
+
+
+def sum_order(node, k: int, first: int):
+    """The sum ``node`` stands for in :func:`pipeline.fast_layers.sum_in_order`'s terms: its
+    shards numbered from ``first``, nested as the tree adds them (an odd last node moves up)."""
+    level, i = node
+    if level == 0:
+        return i - first
+    kids = children(node, k)
+    if len(kids) == 1:
+        return sum_order(kids[0], k, first)
+    return (sum_order(kids[0], k, first), sum_order(kids[1], k, first))
 
 
 def step_scalars(spec: TaskSpec, adam_t: int) -> tuple:

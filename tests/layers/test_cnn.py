@@ -65,6 +65,80 @@ def test_loss_into_writes_and_adds_the_scaled_gradients(hidden_dim, normalizatio
         np.testing.assert_array_equal(added[k], expected, err_msg=k)
 
 
+def _loss_shard_by_shard(model, batches, scales, order, into):
+    """What a worker did before loss_sum: loss(into=, scale=, accumulate=) shard by shard
+    along ``order``, a right part of more than one shard summed in a temporary, then added."""
+    losses = {}
+
+    def value(o, dst):
+        if not isinstance(o, tuple):
+            losses[o] = model.loss(*batches[o], into=dst, scale=scales[o])[0]
+            return
+        value(o[0], dst)
+        if not isinstance(o[1], tuple):
+            losses[o[1]] = model.loss(
+                *batches[o[1]], into=dst, scale=scales[o[1]], accumulate=True
+            )[0]
+            return
+        tmp = {k: np.empty_like(v) for k, v in dst.items()}
+        value(o[1], tmp)
+        for k in dst:
+            np.add(dst[k], tmp[k], out=dst[k])
+
+    value(order, into)
+    return [losses[s] for s in range(len(batches))]
+
+
+@pytest.mark.parametrize("normalization", [None, "spatial_batchnorm", "groupnorm"])
+@pytest.mark.parametrize("reg", [0.0, 0.01])
+@pytest.mark.parametrize(
+    "sizes, order",
+    [
+        ((32, 32, 32, 32), ((0, 1), (2, 3))),  # W2's forward, dx and gradient in one pass each
+        ((20, 17, 40), ((0, 1), 2)),
+        ((16, 16, 16, 16, 16), (((0, 1), (2, 3)), 4)),
+        ((5, 70, 16), (0, (1, 2))),  # no pass for all: shard by shard
+    ],
+)
+def test_loss_sum_has_the_bits_of_loss_shard_by_shard(normalization, reg, sizes, order):
+    """loss_sum (a worker's shards into one tree node, the hidden layer passing W2 once): every
+    gradient, loss and batch statistic with the bits loss(into=...) gives shard by shard."""
+    dtype = np.float64 if reg else np.float32
+    rng = np.random.default_rng(len(sizes))
+    model = ThreeLayerConvNet(
+        input_dim=(3, 16, 16),
+        num_filters=8,
+        filter_size=7,
+        hidden_dim=64,
+        normalization=normalization,
+        reg=reg,
+        dtype=dtype,
+        seed=1,
+        weight_scale=0.05,
+    )
+    batches = [
+        (rng.standard_normal((n, 3, 16, 16)).astype(dtype), rng.integers(10, size=n)) for n in sizes
+    ]
+    scales = [dtype(n) for n in sizes]
+    expected = {k: np.empty_like(v) for k, v in model.params.items()}
+    losses = _loss_shard_by_shard(model, batches, scales, order, expected)
+    stats = []
+    for X, y in batches:  # each shard's batch statistics, as the worker read them
+        model.loss(X, y)
+        stats.append(model.last_batch_stats if model.bn_param else None)
+    got = {k: np.full_like(v, np.nan) for k, v in model.params.items()}
+    result = model.loss_sum(batches, got, scales, order)
+    for k in expected:
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+    assert [loss for loss, _ in result] == losses
+    for (_, bn), ref in zip(result, stats):
+        if ref is None:
+            assert bn is None
+        else:
+            np.testing.assert_array_equal(bn["mean"], ref["mean"])
+            np.testing.assert_array_equal(bn["var"], ref["var"])
+
+
 @pytest.mark.parametrize("normalization", [None, "spatial_batchnorm", "groupnorm"])
 @pytest.mark.parametrize("reg", [0.0, 0.3])
 def test_gradient_check_float64(normalization, reg):

@@ -819,6 +819,143 @@ def test_affine_dw_l2_non_contiguous_inputs_unmodified_and_bad_shapes():
 
 
 # --------------------------------------------------------------------------------------------
+# the affine layer of several shards at once (a worker's): one pass over w, each shard's bits
+
+
+def _random_order(rng, lo, hi):
+    """A random binary tree over shards lo..hi-1 (in order), as sum_in_order takes it."""
+    if hi - lo == 1:
+        return lo
+    cut = int(rng.integers(lo + 1, hi))
+    return (_random_order(rng, lo, cut), _random_order(rng, cut, hi))
+
+
+def _sum_by_hand(order, term):
+    """The sum ``order`` says, each pair one np.add of the two parts' sums."""
+    if isinstance(order, tuple):
+        return np.add(_sum_by_hand(order[0], term), _sum_by_hand(order[1], term))
+    return term(order)
+
+
+def _recording(monkeypatch, name):
+    """Replace ka.<name> by a wrapper that counts its calls."""
+    from pipeline._kernels import affine as ka
+
+    calls, kernel = [], getattr(ka, name)
+
+    def wrapper(*args):
+        calls.append(name)
+        return kernel(*args)
+
+    monkeypatch.setattr(ka, name, wrapper)
+    return calls
+
+
+AFFINE_SHARD_CASES = [  # (dtype, D, M, shard sizes): overlapping panels, rows of 1, deep trees
+    (np.float32, 7, 40, (1, 2)),
+    (np.float32, 97, 95, (3, 1, 5, 2)),
+    (np.float64, 50, 64, (4, 4, 4, 4, 4)),
+    (np.float32, 300, 500, (32, 32, 32, 32)),
+    (np.float64, 31, 17, (6, 9, 2)),  # M under 4 vectors: NumPy's path, shard by shard
+    (np.float32, 144, 200, (16, 40, 63, 17, 20, 33)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(AFFINE_SHARD_CASES)))
+@pytest.mark.parametrize("reg", [0.0, 0.2])
+def test_affine_dw_sum_has_the_bits_of_one_call_per_shard_added_in_order(case, reg, monkeypatch):
+    """affine_dw_sum: the shards' scaled dw added along a random tree (and a permuted one),
+    each term and sum rounded as affine_dw_l2_fast's, then np.add, give them; with reg 0 and
+    the kernel's columns, in one kernel pass (ka.affine_dw_tree)."""
+    dtype, D, M, sizes = AFFINE_SHARD_CASES[case]
+    rng = _rng(case)
+    xs = [rng.standard_normal((n, D)).astype(dtype) for n in sizes]
+    das = [rng.standard_normal((n, M)).astype(dtype) for n in sizes]
+    w = rng.standard_normal((D, M)).astype(dtype)
+    scales = [dtype(n) for n in sizes]
+    calls = _recording(monkeypatch, "affine_dw_tree")
+    orders = [
+        _random_order(rng, 0, len(sizes)),
+        (len(sizes) - 1, _random_order(rng, 0, len(sizes) - 1)),
+    ]
+    for order in orders:
+        out = np.full((D, M), np.nan, dtype)
+        assert fl.affine_dw_sum(xs, das, w, scales, order, out, reg=reg) is out
+        expected = _sum_by_hand(
+            order, lambda s: fl.affine_dw_l2_fast(xs[s], das[s], w, reg, scale=scales[s])
+        )
+        np.testing.assert_array_equal(out, expected, err_msg=str(order))
+    fused = reg == 0 and M * np.dtype(dtype).itemsize >= 128
+    assert calls == (["affine_dw_tree"] * len(orders) if fused else [])
+    ref = sum(n * (x.astype(np.float64).T @ d + reg * w) for n, x, d in zip(sizes, xs, das))
+    _close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("case", range(len(AFFINE_SHARD_CASES)))
+def test_affine_forward_and_dx_of_shards_have_each_shards_bits(case, monkeypatch):
+    """affine_relu_forward_shards and affine_dx_shards: each shard's out, dx (and sum of
+    squares) as alone; one kernel pass where every shard takes the kernel alone."""
+    dtype, D, M, sizes = AFFINE_SHARD_CASES[case]
+    rng = _rng(100 + case)
+    xs = [rng.standard_normal((n, D)).astype(dtype) for n in sizes]
+    das = [rng.standard_normal((n, M)).astype(dtype) for n in sizes]
+    w, b = rng.standard_normal((D, M)).astype(dtype), rng.standard_normal(M).astype(dtype)
+    fwd_calls = _recording(monkeypatch, "affine_relu_rows")
+    dx_calls = _recording(monkeypatch, "affine_dx_rows")
+    got = fl.affine_relu_forward_shards(xs, w, b)
+    dxs, sq = fl.affine_dx_shards(das, w, sumsq=True)
+    fwd_fused, dx_fused = len(fwd_calls) == 1, len(dx_calls) == 1
+    for x, da, (out, cache), dx in zip(xs, das, got, dxs):
+        alone, alone_cache = fl.affine_relu_forward_fast(x, w, b)
+        np.testing.assert_array_equal(out, alone)
+        assert cache[0][0] is x and cache[1] is out
+        dx_alone, sq_alone = fl.affine_dx_fast(da, w, sumsq=True)
+        np.testing.assert_array_equal(dx, dx_alone)
+        assert sq == sq_alone
+    wide = M * np.dtype(dtype).itemsize >= 128
+    assert fwd_fused == (wide and max(sizes) <= 63)
+    assert dx_fused == (min(sizes) >= 16)
+    assert fl.affine_dx_shards(das, w)[0].shape == das[0].shape[:1] + (D,)
+
+
+def test_sum_in_order_adds_a_one_term_right_part_into_the_sum_and_a_larger_one_after():
+    """sum_in_order's calls: a right part of one term is added into the running sum (a
+    worker's shard added to its node), a larger one summed apart, then added."""
+    log = []
+
+    def term(s, dst, add):
+        log.append((s, add))
+        if add:
+            dst += s + 1
+        else:
+            dst[...] = s + 1
+
+    out = fl.sum_in_order(((0, 1), (2, (3, 4))), np.zeros(1), term)
+    assert out[0] == 15
+    assert log == [(0, False), (1, True), (2, False), (3, False), (4, True)]
+
+
+@pytest.mark.parametrize(
+    "n, order, message",
+    [
+        (3, (0, 1), r"each of the 3 shards once, got \(0, 1\)"),
+        (2, (0, (1, 1)), "each of the 2 shards once"),
+        (2, (0, 1, 2), r"a shard index or a pair, got \(0, 1, 2\)"),
+    ],
+)
+def test_affine_dw_sum_names_a_bad_order_count_or_out(n, order, message):
+    xs, das = [np.ones((2, 10), np.float32)] * n, [np.ones((2, 40), np.float32)] * n
+    w, out = np.ones((10, 40), np.float32), np.zeros((10, 40), np.float32)
+    with pytest.raises(ValueError, match=message):
+        fl.affine_dw_sum(xs, das, w, [2.0] * n, order, out)
+    good = _random_order(_rng(n), 0, n)
+    with pytest.raises(ValueError, match="as many da and scales as x"):
+        fl.affine_dw_sum(xs, das[:1], w, [2.0] * n, good, out)
+    with pytest.raises(ValueError, match="affine_dw_sum: out must be"):
+        fl.affine_dw_sum(xs, das, w, [2.0] * n, good, out.T)
+
+
+# --------------------------------------------------------------------------------------------
 # max pooling
 
 

@@ -281,6 +281,14 @@ def test_every_parallel_kernel_runs_under_the_launch_lock(monkeypatch):
         0.1,
     )
     fl.affine_dx_fast(np.ones((20, 40), np.float32), np.ones((10, 40), np.float32), sumsq=True)
+    fl.affine_dw_sum(  # two shards' dw in one pass
+        [np.ones((2, 10), np.float32)] * 2,
+        [np.ones((2, 40), np.float32)] * 2,
+        np.ones((10, 40), np.float32),
+        [2.0, 2.0],
+        (0, 1),
+        np.empty((10, 40), np.float32),
+    )
     w = np.ones(1000, np.float32)
     optim.adam(w, w.copy(), {})
     convnet.add_l2(w.copy(), w, 1e-3)

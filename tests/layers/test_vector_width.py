@@ -74,6 +74,15 @@ def _every_simd_path(dtype, seed=0):
             fl.affine_relu_forward_fast(x, w, b)[0],
             fl.affine_dw_l2_fast(x, da, w, 0.3),
             fl.affine_dw_l2_fast(x, da, w, 0.3, scale=2.0, out=dw_out, add=True),
+            # rows as shards 0 | 1 | the rest, summed as 0 + (1 + rest) (ka.affine_dw_tree)
+            fl.affine_dw_sum(
+                np.split(x, [1, 2]),
+                np.split(da, [1, 2]),
+                w,
+                [1.0, 2.0, 3.0],
+                (0, (1, 2)),
+                np.empty((D, M), dtype),
+            ),
         )
     for N, D, M in [
         (16, 1, 1),

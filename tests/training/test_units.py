@@ -28,6 +28,7 @@ from pipeline.training.shm import (
     write_record,
 )
 from pipeline.training.update import adam_scalars, step_scalars
+from pipeline.training.worker import sum_order
 
 # ---- ModelSpec ----------------------------------------------------------------------------------
 
@@ -217,6 +218,23 @@ def test_parts_nodes_and_program_rebuild_the_one_tree_for_any_width(k):
             assert dst == len(regs)
             regs.append(f"({regs[a]}+{regs[b]})")
         assert regs[root] == _symbols(k)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 7, 8, 9, 16, 17])
+def test_a_nodes_sum_order_is_the_trees(k):
+    """sum_order: the order a part's node hands to loss_sum (its shards numbered from its first)
+    adds them as the tree does, an odd last node moving up unchanged."""
+
+    def render(order, first):
+        if isinstance(order, tuple):
+            return f"({render(order[0], first)}+{render(order[1], first)})"
+        return str(order + first)
+
+    for width in range(1, k + 1):
+        for node in StepPlan.make(k, width, 100_000).nodes():
+            a, b = covers(node, k)
+            expected = pairwise([str(i) for i in range(a, b)], lambda x, y: f"({x}+{y})")
+            assert render(sum_order(node, k, a), a) == expected
 
 
 def test_frontier_takes_the_largest_whole_subtrees():
