@@ -264,7 +264,9 @@ class ThreeLayerConvNet:
             g.update(self._conv_block_backward(back[0][s], cache1))
             if self.reg:
                 losses[s] += (
-                    0.5 * self.reg * (sum_of_squares(p["W1"]) + back[2] + sum_of_squares(p["W3"]))
+                    0.5
+                    * self.reg
+                    * (sum_of_squares(p["W1"]) + back[2][s] + sum_of_squares(p["W3"]))
                 )
                 for name in ("W1", "W3"):
                     add_l2(g[name], p[name], self.reg)

@@ -668,26 +668,10 @@ def affine_dw_l2_fast(x, da, w, reg, scale=1.0, out=None, add=False):
     the same steps.
     """
     x, da, w = np.asarray(x), np.asarray(da), np.asarray(w)
-    N = x.shape[0] if x.ndim else 0
-    D = x.size // N if N else 0
-    if w.ndim != 2 or da.shape != (N, w.shape[1]) or w.shape[0] != D:
-        raise ValueError(
-            f"affine_dw_l2: expected x (N, ...) with D features, da (N, M), w (D, M); "
-            f"got x {x.shape}, da {da.shape}, w {w.shape}"
-        )
+    N, D = _check_dw_args(x, da, w, "affine_dw_l2")
     dtype = layer_dtype(w)
-    if out is not None and not (
-        isinstance(out, np.ndarray)
-        and out.shape == w.shape
-        and out.dtype == dtype
-        and out.flags.c_contiguous
-        and out.flags.writeable
-    ):
-        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise ValueError(
-            f"affine_dw_l2: out must be a writeable C-contiguous {dtype} array of shape {w.shape}, "
-            f"got {got}"
-        )
+    if out is not None:
+        _check_dw_out(out, w, "affine_dw_l2")
     if add and out is None:
         raise ValueError("affine_dw_l2: add=True needs out (the array to add to)")
     if _dw_takes(x, da, w):
@@ -739,9 +723,10 @@ def affine_relu_forward_shards(xs, w, b):
 
 
 def affine_dx_shards(das, w, sumsq=False):
-    """``affine_dx_fast(da, w, sumsq)`` for each da of ``das`` (shards, each (N_s, M)): a list of
-    dx [, sum(w**2)], each with the bits it has alone. When each shard would take the kernel
-    (16 to 256 rows), their rows take it together: w is read once."""
+    """``affine_dx_fast(da, w, sumsq)`` for each da of ``das`` (shards, each (N_s, M)): the list
+    of their dx [, and the list of their sum(w**2)], each with the bits it has alone (the sum's
+    bits follow the path a shard takes: the kernel's, or ``np.vdot``'s). When each shard would
+    take the kernel (16 to 256 rows), their rows take it together: w is read once."""
     das, w = [np.asarray(da) for da in das], np.asarray(w)
     if not das:
         raise ValueError("affine_dx_shards: expected at least one shard's da, got none")
@@ -749,11 +734,11 @@ def affine_dx_shards(das, w, sumsq=False):
         da.ndim == w.ndim == 2 and da.shape[1] == w.shape[1] and _rows_dx_takes(da, w) for da in das
     ):
         got = [affine_dx_fast(da, w, sumsq) for da in das]
-        return ([g[0] for g in got], got[0][1]) if sumsq else got
+        return ([g[0] for g in got], [g[1] for g in got]) if sumsq else got
     got = _affine_dx_rows(np.concatenate(das), w, sumsq)
     dx, sq = got if sumsq else (got, None)
     dxs = np.split(dx, np.cumsum([da.shape[0] for da in das])[:-1])
-    return (dxs, sq) if sumsq else dxs
+    return (dxs, [sq] * len(das)) if sumsq else dxs
 
 
 def affine_dw_sum(xs, das, w, scales, order, out, reg=0.0):
@@ -774,6 +759,9 @@ def affine_dw_sum(xs, das, w, scales, order, out, reg=0.0):
             f"{len(das)} da, {len(scales)} scales"
         )
     xs, das, w = [np.asarray(x) for x in xs], [np.asarray(da) for da in das], np.asarray(w)
+    for x, da in zip(xs, das):
+        _check_dw_args(x, da, w, "affine_dw_sum")
+    _check_dw_out(out, w, "affine_dw_sum")
     dtype = layer_dtype(w)
     if n < 2 or reg or not all(_dw_takes(x, da, w) for x, da in zip(xs, das)):
         return sum_in_order(
@@ -782,22 +770,6 @@ def affine_dw_sum(xs, das, w, scales, order, out, reg=0.0):
             lambda s, dst, add: affine_dw_l2_fast(
                 xs[s], das[s], w, reg, scale=scales[s], out=dst, add=add
             ),
-        )
-    for x, da in zip(xs, das):  # affine_dw_l2_fast's checks, on every shard
-        if w.ndim != 2 or x.size != x.shape[0] * w.shape[0] or da.shape != (x.shape[0], w.shape[1]):
-            raise ValueError(
-                f"affine_dw_sum: expected x (N, ...) with D features, da (N, M), w (D, M); "
-                f"got x {x.shape}, da {da.shape}, w {w.shape}"
-            )
-    if not (
-        isinstance(out, np.ndarray)
-        and out.shape == w.shape
-        and out.dtype == dtype
-        and out.flags.c_contiguous
-        and out.flags.writeable
-    ):
-        raise ValueError(
-            f"affine_dw_sum: out must be a writeable C-contiguous {dtype} array of shape {w.shape}"
         )
     x2 = np.concatenate([x.reshape(x.shape[0], -1) for x in xs]).astype(dtype, copy=False)
     da = np.concatenate(das).astype(dtype, copy=False)
@@ -840,8 +812,10 @@ def _postfix(order, n) -> np.ndarray:
             walk(o[0])
             walk(o[1])
             prog.append(-1)
-        else:
+        elif isinstance(o, (int, np.integer)) and not isinstance(o, bool):
             prog.append(int(o))
+        else:
+            raise ValueError(f"sum order: expected a shard index or a pair, got {o!r}")
 
     walk(order)
     if sorted(s for s in prog if s >= 0) != list(range(n)):
@@ -849,13 +823,43 @@ def _postfix(order, n) -> np.ndarray:
     return np.array(prog, np.int64)
 
 
+def _check_dw_args(x, da, w, name) -> tuple[int, int]:
+    """(N, D) of a dw's x (N, ...), da (N, M) and w (D, M), or a ValueError naming them."""
+    N = x.shape[0] if x.ndim else 0
+    D = x.size // N if N else 0
+    if w.ndim != 2 or da.shape != (N, w.shape[1]) or w.shape[0] != D:
+        raise ValueError(
+            f"{name}: expected x (N, ...) with D features, da (N, M), w (D, M); "
+            f"got x {x.shape}, da {da.shape}, w {w.shape}"
+        )
+    return N, D
+
+
+def _check_dw_out(out, w, name) -> None:
+    """A ValueError unless ``out`` can take w's gradient: C-contiguous, writeable, w's shape
+    and dtype."""
+    dtype = layer_dtype(w)
+    if not (
+        isinstance(out, np.ndarray)
+        and out.shape == w.shape
+        and out.dtype == dtype
+        and out.flags.c_contiguous
+        and out.flags.writeable
+    ):
+        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(
+            f"{name}: out must be a writeable C-contiguous {dtype} array of shape {w.shape}, "
+            f"got {got}"
+        )
+
+
 def _dw_takes(x, da, w) -> bool:
-    """Whether ``affine_dw_l2_fast(x, da, w, ...)`` takes the kernel (valid arguments given)."""
+    """Whether ``affine_dw_l2_fast(x, da, w, ...)`` takes the kernel (arguments checked)."""
     dtype = layer_dtype(w)
     return (
         kernel_dtype(dtype) == dtype == x.dtype == da.dtype
         and w.shape[1] >= _MIN_PANEL_BYTES // dtype.itemsize
-        and x.shape[0] > 0
+        and (x.shape[0] if x.ndim else 0) > 0
     )
 
 

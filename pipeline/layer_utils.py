@@ -144,6 +144,14 @@ def _relu_grad(dout, cache):
     return np.where(out > 0, dout, 0).astype(out.dtype, copy=False)
 
 
+def _check_shards(douts, caches, name) -> None:
+    if not caches or len(douts) != len(caches):
+        raise ValueError(
+            f"{name}: expected one dout per cache, at least one; got {len(douts)} dout, "
+            f"{len(caches)} caches"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # affine - relu, several shards at once (a data-parallel worker's): one pass over w per step
 
@@ -162,8 +170,9 @@ def affine_relu_dx_shards(douts, caches, sumsq=False):
     Returns a tuple of:
     - dxs: each shard's dx, shape and dtype of its x
     - dbs: each shard's db, dtype of b
-    - sumsq: sum(w**2), only when ``sumsq``
+    - sumsqs: each shard's sum(w**2) (its bits follow the shard's path), only when ``sumsq``
     """
+    _check_shards(douts, caches, "affine_relu_dx_shards")
     das = [_relu_grad(dout, cache) for dout, cache in zip(douts, caches)]
     w = caches[0][0][1]
     got = fl.affine_dx_shards(das, w, sumsq=sumsq)
@@ -182,6 +191,7 @@ def affine_relu_dw_sum(douts, caches, scales, order, out, reg=0.0):
     compute_dx=False, reg=reg, dw_out=..., scale=..., add=...) shard by shard along ``order``,
     in one pass over out where the kernel takes every shard (``fast_layers.affine_dw_sum``).
     Returns out."""
+    _check_shards(douts, caches, "affine_relu_dw_sum")
     das = [_relu_grad(dout, cache) for dout, cache in zip(douts, caches)]
     xs = [c[0][0] for c in caches]
     return fl.affine_dw_sum(xs, das, caches[0][0][1], scales, order, out, reg=reg)

@@ -4,6 +4,7 @@ and its weight gradient with the L2 term fused in:
 
     out = relu(x2 @ w + b)            out (N, M)    x2 (N, D)    w (D, M)    (N < 64)
     dx = da @ w.T, sum(w**2)          dx (N, D)     da (N, M)    w (D, M)    (15 < N < 257)
+      (both for any N: a worker's shards, each of those sizes, take them with their rows stacked)
     dw = x2.T @ da + reg * w          dw, w (D, M)    x2 (N, D)    da (N, M)
     dw = sum over shards s, in a tree, of (x2_s.T @ da_s) * n_s      (a worker's shards)
 
@@ -212,15 +213,15 @@ def affine_dw_tree(x2, dap, starts, coef, prog, dw, tl, vw):
         raise ValueError("affine_dw_tree: dw needs at least one tile's vectors of columns")
     ns = starts.size - 1
     depth = 0
-    sp = 0
-    for op in prog:  # the program's stack depth; it must pop only what it pushed, and end at 1
-        if op >= ns or op < -1 or (op == -1 and sp < 2):
+    height = 0
+    for code in prog:  # the program's stack depth; it must pop only what it pushed, and end at 1
+        if code >= ns or code < -1 or (code == -1 and height < 2):
             raise ValueError(
                 "affine_dw_tree: prog pushes a shard that is not there or pops too much"
             )
-        sp += 1 if op >= 0 else -1
-        depth = max(depth, sp)
-    if sp != 1 or dw.shape[0] != D or starts[0] != 0 or starts[ns] != N or coef.size != ns:
+        height += 1 if code >= 0 else -1
+        depth = max(depth, height)
+    if height != 1 or dw.shape[0] != D or starts[0] != 0 or starts[ns] != N or coef.size != ns:
         raise ValueError(
             "affine_dw_tree: expected prog leaving one value, dw (D, M), starts 0..N, a coef each"
         )
@@ -231,7 +232,8 @@ def affine_dw_tree(x2, dap, starts, coef, prog, dw, tl, vw):
         i_lo = t * ROWS
         i_hi = min(i_lo + ROWS, D)
         nb = (i_hi - i_lo + R - 1) // R
-        # xb[(b * N + k) * R + r] = x2[k, row r of block b]: the broadcasts of a block, in k order
+        # xb[(b * N + k) * R + r] = x2[k, row r of block b] (a worker's node: at most 256 rows,
+        # 3 * N values per block in L1)
         xb = np.empty(nb * N * R, dtype=x2.dtype)
         for b in range(nb):
             for r in range(R):

@@ -81,6 +81,11 @@ class TaskSpec:
         return tuple((a, b, reg, 0.0 if a in starts else f) for a, b, reg, f in self.segments)
 
 
+#: the most images a node's shards are computed together with (``loss_sum``): a larger node
+#: sums its children (each together, up to this) as before; its stacked rows, caches and
+#: kernels' scratch stay near one 256-image shard's (the few-row dx kernel's most rows)
+TOGETHER_MAX_IMAGES = 256
+
 #: images per accuracy task (evaluation during training and ``convpipe evaluate``)
 EVAL_SHARD = 500
 
@@ -157,9 +162,10 @@ def compute_nodes(
 ) -> tuple[list, list]:
     """The part's tree nodes of ``step``: each shard's gradient sum with the bits it has alone,
     summed along the tree (:func:`pipeline.training.plan.frontier`); a node's shards computed
-    together where the model has ``loss_sum``. ``alloc(node)`` gives the array
-    (P,) a node is written to, ``free(array)`` takes back a temporary. Returns (nodes' arrays,
-    shard stats)."""
+    together where the model has ``loss_sum`` (up to TOGETHER_MAX_IMAGES). ``alloc(node)``
+    gives the array (P,) a node is written to, ``free(array)`` takes back a temporary (a right
+    child of several shards summed apart, shard by shard). Returns (nodes' arrays, shard
+    stats)."""
     first = plan.parts[part][0]
     dt = np.dtype(spec.model.dtype).type
     stats: list[dict] = [None] * len(data)
@@ -213,7 +219,9 @@ def compute_nodes(
         if level == 0:
             leaf(i, out, add=False)
             return
-        if hasattr(model, "loss_sum") and not frozen:
+        a, b = covers(node, plan.k)
+        images = sum(len(data[j - first][1]) for j in range(a, b))
+        if hasattr(model, "loss_sum") and not frozen and images <= TOGETHER_MAX_IMAGES:
             together(node, out)
             return
         left, *right = children(node, plan.k)

@@ -90,7 +90,7 @@ def _loss_shard_by_shard(model, batches, scales, order, into):
 
 
 @pytest.mark.parametrize("normalization", [None, "spatial_batchnorm", "groupnorm"])
-@pytest.mark.parametrize("reg", [0.0, 0.01])
+@pytest.mark.parametrize("dtype, reg", [(np.float32, 0.0), (np.float32, 0.01), (np.float64, 0.3)])
 @pytest.mark.parametrize(
     "sizes, order",
     [
@@ -98,12 +98,13 @@ def _loss_shard_by_shard(model, batches, scales, order, into):
         ((20, 17, 40), ((0, 1), 2)),
         ((16, 16, 16, 16, 16), (((0, 1), (2, 3)), 4)),
         ((5, 70, 16), (0, (1, 2))),  # no pass for all: shard by shard
+        ((5, 20), (0, 1)),  # forward together, dx shard by shard (5 rows: NumPy's, its vdot)
     ],
 )
-def test_loss_sum_has_the_bits_of_loss_shard_by_shard(normalization, reg, sizes, order):
+def test_loss_sum_has_the_bits_of_loss_shard_by_shard(normalization, dtype, reg, sizes, order):
     """loss_sum (a worker's shards into one tree node, the hidden layer passing W2 once): every
-    gradient, loss and batch statistic with the bits loss(into=...) gives shard by shard."""
-    dtype = np.float64 if reg else np.float32
+    gradient, loss, batch statistic and running statistic with the bits loss(into=...) gives
+    shard by shard."""
     rng = np.random.default_rng(len(sizes))
     model = ThreeLayerConvNet(
         input_dim=(3, 16, 16),
@@ -120,17 +121,22 @@ def test_loss_sum_has_the_bits_of_loss_shard_by_shard(normalization, reg, sizes,
         (rng.standard_normal((n, 3, 16, 16)).astype(dtype), rng.integers(10, size=n)) for n in sizes
     ]
     scales = [dtype(n) for n in sizes]
+    start = model.get_state()
     expected = {k: np.empty_like(v) for k, v in model.params.items()}
     losses = _loss_shard_by_shard(model, batches, scales, order, expected)
+    running = model.get_state()
     stats = []
     for X, y in batches:  # each shard's batch statistics, as the worker read them
         model.loss(X, y)
         stats.append(model.last_batch_stats if model.bn_param else None)
+    model.set_state(start)
     got = {k: np.full_like(v, np.nan) for k, v in model.params.items()}
     result = model.loss_sum(batches, got, scales, order)
     for k in expected:
         np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
     assert [loss for loss, _ in result] == losses
+    for k, v in running.items():  # BN's running statistics moved shard by shard, in order
+        np.testing.assert_array_equal(model.get_state()[k], v, err_msg=k)
     for (_, bn), ref in zip(result, stats):
         if ref is None:
             assert bn is None

@@ -856,7 +856,9 @@ AFFINE_SHARD_CASES = [  # (dtype, D, M, shard sizes): overlapping panels, rows o
     (np.float32, 97, 95, (3, 1, 5, 2)),
     (np.float64, 50, 64, (4, 4, 4, 4, 4)),
     (np.float32, 300, 500, (32, 32, 32, 32)),
-    (np.float64, 31, 17, (6, 9, 2)),  # M under 4 vectors: NumPy's path, shard by shard
+    (np.float64, 31, 17, (6, 9, 2)),  # 17 float64 columns: 4 vectors of 32 bytes
+    (np.float32, 31, 31, (6, 9, 2)),  # under 4 vectors: NumPy's path, shard by shard
+    (np.float32, 40, 64, (5, 20, 16)),  # shard 0 under the dx kernel's 16 rows: shard by shard
     (np.float32, 144, 200, (16, 40, 63, 17, 20, 33)),
 ]
 
@@ -903,15 +905,15 @@ def test_affine_forward_and_dx_of_shards_have_each_shards_bits(case, monkeypatch
     fwd_calls = _recording(monkeypatch, "affine_relu_rows")
     dx_calls = _recording(monkeypatch, "affine_dx_rows")
     got = fl.affine_relu_forward_shards(xs, w, b)
-    dxs, sq = fl.affine_dx_shards(das, w, sumsq=True)
+    dxs, sqs = fl.affine_dx_shards(das, w, sumsq=True)
     fwd_fused, dx_fused = len(fwd_calls) == 1, len(dx_calls) == 1
-    for x, da, (out, cache), dx in zip(xs, das, got, dxs):
+    for x, da, (out, cache), dx, sq in zip(xs, das, got, dxs, sqs):
         alone, alone_cache = fl.affine_relu_forward_fast(x, w, b)
         np.testing.assert_array_equal(out, alone)
         assert cache[0][0] is x and cache[1] is out
         dx_alone, sq_alone = fl.affine_dx_fast(da, w, sumsq=True)
         np.testing.assert_array_equal(dx, dx_alone)
-        assert sq == sq_alone
+        assert sq == sq_alone  # the kernel's or np.vdot's, as the shard alone takes
     wide = M * np.dtype(dtype).itemsize >= 128
     assert fwd_fused == (wide and max(sizes) <= 63)
     assert dx_fused == (min(sizes) >= 16)
@@ -941,6 +943,7 @@ def test_sum_in_order_adds_a_one_term_right_part_into_the_sum_and_a_larger_one_a
         (3, (0, 1), r"each of the 3 shards once, got \(0, 1\)"),
         (2, (0, (1, 1)), "each of the 2 shards once"),
         (2, (0, 1, 2), r"a shard index or a pair, got \(0, 1, 2\)"),
+        (2, (0, 1.0), "a shard index or a pair, got 1.0"),
     ],
 )
 def test_affine_dw_sum_names_a_bad_order_count_or_out(n, order, message):

@@ -237,6 +237,61 @@ def test_a_nodes_sum_order_is_the_trees(k):
             assert render(sum_order(node, k, a), a) == expected
 
 
+@pytest.mark.parametrize("cap, together", [(10**6, [8]), (40, [2, 2, 2, 2]), (8, [])])
+def test_a_part_computes_its_node_together_up_to_the_cap_with_the_same_bits(
+    monkeypatch, cap, together
+):
+    """compute_nodes: a node's shards through loss_sum when they hold at most
+    TOGETHER_MAX_IMAGES images, else its children each so (or shard by shard); the node's
+    bits and each shard's loss are the same every way."""
+    from pipeline.cnn import ThreeLayerConvNet
+    from pipeline.training import worker
+
+    model = ModelSpec(4, 3, 40, 10, "none", 1, "float32", input_dim=(3, 8, 8))
+    layout = Layout.of(model.build().params)
+    spec = worker.TaskSpec(model=model, store="unused", layout=layout)
+    plan = spec.plan(8, 1)  # one part: the whole tree, one node of 8 shards
+    rng = np.random.default_rng(4)
+    data = [
+        (rng.standard_normal((16, 3, 8, 8)).astype(np.float32), rng.integers(10, size=16), 0.0)
+        for _ in range(8)
+    ]
+    params = layout.flatten(model.build(weight_scale=0.1, seed=5).params)
+    calls, loss_sum = [], ThreeLayerConvNet.loss_sum
+
+    def recording(self, batches, *args):
+        calls.append(len(batches))
+        return loss_sum(self, batches, *args)
+
+    monkeypatch.setattr(ThreeLayerConvNet, "loss_sum", recording)
+    monkeypatch.setattr(worker, "TOGETHER_MAX_IMAGES", cap)
+    nodes, stats = worker.compute_nodes(
+        spec,
+        layout.views(params),
+        0,
+        plan,
+        0,
+        data,
+        lambda node: np.empty(layout.size, np.float32),
+        lambda tmp: None,
+    )
+    assert calls == together
+    monkeypatch.setattr(worker, "TOGETHER_MAX_IMAGES", 0)  # the reference: shard by shard
+    expected, ref_stats = worker.compute_nodes(
+        spec,
+        layout.views(params),
+        0,
+        plan,
+        0,
+        data,
+        lambda node: np.empty(layout.size, np.float32),
+        lambda tmp: None,
+    )
+    assert calls == together
+    np.testing.assert_array_equal(nodes[0], expected[0])
+    assert [st["loss_sum"] for st in stats] == [st["loss_sum"] for st in ref_stats]
+
+
 def test_frontier_takes_the_largest_whole_subtrees():
     assert frontier(0, 16, 16) == [(4, 0)]
     assert frontier(0, 5, 16) == [(2, 0), (0, 4)]
