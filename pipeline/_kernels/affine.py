@@ -145,13 +145,7 @@ def affine_dw_l2(x2, dap, w, coef, add, dw, tl, vw):
         i_lo = t * ROWS
         i_hi = min(i_lo + ROWS, D)
         nb = (i_hi - i_lo + R - 1) // R
-        # xb[(b * N + k) * R + r] = x2[k, row r of block b]: the broadcasts of a block, in k order
-        xb = np.empty(nb * N * R, dtype=x2.dtype)
-        for b in range(nb):
-            for r in range(R):
-                i = min(i_lo + R * b + r, i_hi - 1)
-                for k in range(N):
-                    xb[(b * N + k) * R + r] = x2[k, i]
+        xb = _broadcasts(x2, i_lo, i_hi, R)
         rg = vsplat(coef, 0, vw)
         sc = vsplat(coef, 1, vw)
         tail = np.empty(R * G, dtype=dw.dtype)  # the last panel's old values (add, overlap)
@@ -165,15 +159,7 @@ def affine_dw_l2(x2, dap, w, coef, add, dw, tl, vw):
                 tile_store(tail, trows, ts, tile_load(of, last, ts, vw))
             for jb in range(nj):
                 j0 = min(jb * G, M - G)
-                # the lines the next panel finishes with (the next block's first, after the last)
-                nxt = tile_rows(tl, i0, i_hi - 1, M, min(jb * G + G, M - G))
-                if jb == nj - 1:
-                    nxt = tile_rows(tl, min(i0 + R, D - 1), D - 1, M, 0)
-                for r in range(R):
-                    for e in range(0, G + LINE // dw.itemsize, LINE // dw.itemsize):
-                        if use_w:
-                            prefetch(wf, nxt[r] + e)
-                        prefetch(of, nxt[r] + e)
+                _prefetch_next_panel(of, wf, use_w, tl, i0, i_hi, D, M, jb, G)
                 # s[r*C + c] = sum_k x2[k, i_r] * da[k, j0 + c*V : j0 + (c+1)*V]
                 s = tile_zeros(x2, tl, vw)
                 for k in range(N):
@@ -232,27 +218,14 @@ def affine_dw_tree(x2, dap, starts, coef, prog, dw, tl, vw):
         i_lo = t * ROWS
         i_hi = min(i_lo + ROWS, D)
         nb = (i_hi - i_lo + R - 1) // R
-        # xb[(b * N + k) * R + r] = x2[k, row r of block b] (a worker's node: at most 256 rows,
-        # 3 * N values per block in L1)
-        xb = np.empty(nb * N * R, dtype=x2.dtype)
-        for b in range(nb):
-            for r in range(R):
-                i = min(i_lo + R * b + r, i_hi - 1)
-                for k in range(N):
-                    xb[(b * N + k) * R + r] = x2[k, i]
+        xb = _broadcasts(x2, i_lo, i_hi, R)  # a worker's node: at most 256 rows
         stack = np.empty(max(1, depth - 1) * R * G, dtype=dw.dtype)  # under the top
         for b in range(nb):
             i0 = i_lo + R * b
             xq = tile_rows(tl, 0, R - 1, 1, b * N * R)
             for jb in range(nj):
                 j0 = min(jb * G, M - G)
-                # the lines the next panel writes (the next block's first, after the last)
-                nxt = tile_rows(tl, i0, i_hi - 1, M, min(jb * G + G, M - G))
-                if jb == nj - 1:
-                    nxt = tile_rows(tl, min(i0 + R, D - 1), D - 1, M, 0)
-                for r in range(R):
-                    for e in range(0, G + LINE // dw.itemsize, LINE // dw.itemsize):
-                        prefetch(of, nxt[r] + e)
+                _prefetch_next_panel(of, of, False, tl, i0, i_hi, D, M, jb, G)
                 # the stack's top stays in registers (top), the values under it in ``stack``
                 top = tile_zeros(x2, tl, vw)
                 sp = 0
@@ -274,6 +247,38 @@ def affine_dw_tree(x2, dap, starts, coef, prog, dw, tl, vw):
 
 #: bytes in a cache line (the unit of a prefetch)
 LINE = 64
+
+
+@njit(cache=True, inline="always")
+def _broadcasts(x2, i_lo, i_hi, R):
+    """xb[(b * N + k) * R + r] = x2[k, min(i_lo + R * b + r, i_hi - 1)]: the broadcasts of a
+    dw task's blocks of R rows (rows i_lo..i_hi-1 of dw), in k order (3 * N values a block: in
+    L1)."""
+    N = x2.shape[0]
+    nb = (i_hi - i_lo + R - 1) // R
+    xb = np.empty(nb * N * R, dtype=x2.dtype)
+    for b in range(nb):
+        for r in range(R):
+            i = min(i_lo + R * b + r, i_hi - 1)
+            for k in range(N):
+                xb[(b * N + k) * R + r] = x2[k, i]
+    return xb
+
+
+@njit(cache=True, inline="always")
+def _prefetch_next_panel(of, wf, use_w, tl, i0, i_hi, D, M, jb, G):
+    """Prefetch the lines of dw (``of``), and of w (``wf``) when ``use_w``, that the panel after
+    panel jb of the block at row i0 finishes with (after a block's last panel: the next block's
+    first)."""
+    R, C = tile_shape(tl)
+    nxt = tile_rows(tl, i0, i_hi - 1, M, min(jb * G + G, M - G))
+    if jb == (M + G - 1) // G - 1:
+        nxt = tile_rows(tl, min(i0 + R, D - 1), D - 1, M, 0)
+    for r in range(R):
+        for e in range(0, G + LINE // of.itemsize, LINE // of.itemsize):
+            if use_w:
+                prefetch(wf, nxt[r] + e)
+            prefetch(of, nxt[r] + e)
 
 
 # ---- the input gradient for few rows ---------------------------------------------------------

@@ -264,29 +264,17 @@ def test_a_part_computes_its_node_together_up_to_the_cap_with_the_same_bits(
         return loss_sum(self, batches, *args)
 
     monkeypatch.setattr(ThreeLayerConvNet, "loss_sum", recording)
-    monkeypatch.setattr(worker, "TOGETHER_MAX_IMAGES", cap)
-    nodes, stats = worker.compute_nodes(
-        spec,
-        layout.views(params),
-        0,
-        plan,
-        0,
-        data,
-        lambda node: np.empty(layout.size, np.float32),
-        lambda tmp: None,
-    )
+
+    def part(cap):
+        monkeypatch.setattr(worker, "TOGETHER_MAX_IMAGES", cap)
+        empty = lambda node: np.empty(layout.size, np.float32)  # noqa: E731
+        return worker.compute_nodes(
+            spec, layout.views(params), 0, plan, 0, data, empty, lambda tmp: None
+        )
+
+    nodes, stats = part(cap)
     assert calls == together
-    monkeypatch.setattr(worker, "TOGETHER_MAX_IMAGES", 0)  # the reference: shard by shard
-    expected, ref_stats = worker.compute_nodes(
-        spec,
-        layout.views(params),
-        0,
-        plan,
-        0,
-        data,
-        lambda node: np.empty(layout.size, np.float32),
-        lambda tmp: None,
-    )
+    expected, ref_stats = part(0)  # the reference: shard by shard
     assert calls == together
     np.testing.assert_array_equal(nodes[0], expected[0])
     assert [st["loss_sum"] for st in stats] == [st["loss_sum"] for st in ref_stats]
