@@ -717,8 +717,7 @@ def affine_relu_forward_shards(xs, w, b):
     w, b = np.asarray(w), np.asarray(b)
     if len(xs) < 2 or not all(_rows_forward_takes(x, w, b) for x in xs):
         return [affine_relu_forward_fast(x, w, b) for x in xs]
-    out = _affine_relu_rows(np.concatenate([x.reshape(x.shape[0], -1) for x in xs]), w, b)
-    outs = np.split(out, np.cumsum([x.shape[0] for x in xs])[:-1])
+    outs = _unstack_rows(_affine_relu_rows(_stack_rows(xs), w, b), xs)
     return [(o, ((x, w, b), o)) for x, o in zip(xs, outs)]
 
 
@@ -735,9 +734,9 @@ def affine_dx_shards(das, w, sumsq=False):
     ):
         got = [affine_dx_fast(da, w, sumsq) for da in das]
         return ([g[0] for g in got], [g[1] for g in got]) if sumsq else got
-    got = _affine_dx_rows(np.concatenate(das), w, sumsq)
+    got = _affine_dx_rows(_stack_rows(das), w, sumsq)
     dx, sq = got if sumsq else (got, None)
-    dxs = np.split(dx, np.cumsum([da.shape[0] for da in das])[:-1])
+    dxs = _unstack_rows(dx, das)
     return (dxs, [sq] * len(das)) if sumsq else dxs
 
 
@@ -771,8 +770,7 @@ def affine_dw_sum(xs, das, w, scales, order, out, reg=0.0):
                 xs[s], das[s], w, reg, scale=scales[s], out=dst, add=add
             ),
         )
-    x2 = np.concatenate([x.reshape(x.shape[0], -1) for x in xs]).astype(dtype, copy=False)
-    da = np.concatenate(das).astype(dtype, copy=False)
+    x2, da = _stack_rows(xs), _stack_rows(das)  # w's dtype: _dw_takes checked it
     tl, vw = _tile_and_width(w.shape[1], dtype, fit=True)
     G = tl.cols * vw.lanes(dtype)
     dap = _aligned_empty(-(-w.shape[1] // G) * len(x2) * G, dtype)
@@ -781,6 +779,16 @@ def affine_dw_sum(xs, das, w, scales, order, out, reg=0.0):
     coef = np.array(scales, dtype)
     _launch(ka.affine_dw_tree, out.size * len(x2), x2, dap, starts, coef, prog, out, tl, vw)
     return out
+
+
+def _stack_rows(arrays) -> np.ndarray:
+    """The shards' rows, each array (N_s, ...) flattened to (N_s, D), stacked: (sum N_s, D)."""
+    return np.concatenate([a.reshape(a.shape[0], -1) for a in arrays])
+
+
+def _unstack_rows(stacked, arrays) -> list[np.ndarray]:
+    """``stacked``'s rows cut back into the shards' (views): N_s rows for each of ``arrays``."""
+    return np.split(stacked, np.cumsum([a.shape[0] for a in arrays])[:-1])
 
 
 def sum_in_order(order, out, term):

@@ -207,9 +207,8 @@ def warm_vector_kernels(dtype, rng) -> None:
     """Run the direct 7-wide convolution (also pooled in its pass, and its dw from a 2x2 pool's
     gradient, at the width that kernel picks) and the hidden layer's forward, dx (with
     sum(w**2)) and dw with its L2 term (a Solver step with reg > 0) or a worker's shards' dw
-    summed in one pass, at shapes (64 filters,
-    columns and rows rounded up) where every width up to ``simd.current()`` ties, so that
-    width runs."""
+    summed in one pass, at shapes (64 filters, columns and rows rounded up) where every width
+    up to ``simd.current()`` ties, so that width runs."""
     x = rng.standard_normal((2, 3, 8, 8)).astype(dtype)
     w7 = rng.standard_normal((64, 3, 7, 7)).astype(dtype)
     out, cache = conv_relu_forward(x, w7, np.zeros(64, dtype), {"stride": 1, "pad": 3})

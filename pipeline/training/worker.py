@@ -179,22 +179,13 @@ def compute_nodes(
         more = {"frozen": frozen} if frozen else {}  # only spec networks freeze (a ConvNet)
         loss, _ = model.loss(X, y, into=spec.layout.views(out), scale=dt(n), accumulate=add, **more)
         bn = model.last_batch_stats if model.bn_param else None  # spatial BN's moments
-        stats[i - first] = {
-            "n": n,
-            "loss_sum": float(loss) * n,
-            "read_s": read_s,
-            "compute_s": time.perf_counter() - t0,
-            "begin": begin,
-            "end": time.time(),
-            "bn_mean": None if bn is None else np.asarray(bn["mean"]),
-            "bn_var": None if bn is None else np.asarray(bn["var"]),
-        }
+        seconds = time.perf_counter() - t0
+        stats[i - first] = _shard_stats(n, loss, read_s, seconds, begin, time.time(), bn)
 
-    def together(node, out):
-        """The node's shards computed together (``loss_sum``: the bits of ``value``'s shard by
-        shard, the hidden layer passing its weights once for all of them), their compute time
-        shared out by image count."""
-        a, b = covers(node, plan.k)
+    def together(node, a, b, out):
+        """The node's shards a..b-1 computed together (``loss_sum``: the bits of ``value``'s
+        shard by shard, the hidden layer passing its weights once for all of them), their
+        compute time shared out by image count."""
         batches = [data[i - first][:2] for i in range(a, b)]
         t0, begin = time.perf_counter(), time.time()
         counts = [len(y) for _, y in batches]
@@ -203,16 +194,8 @@ def compute_nodes(
         )
         seconds, end = time.perf_counter() - t0, time.time()
         for i, n, (loss, bn) in zip(range(a, b), counts, got):
-            stats[i - first] = {
-                "n": n,
-                "loss_sum": float(loss) * n,
-                "read_s": data[i - first][2],
-                "compute_s": seconds * n / sum(counts),
-                "begin": begin,
-                "end": end,
-                "bn_mean": None if bn is None else np.asarray(bn["mean"]),
-                "bn_var": None if bn is None else np.asarray(bn["var"]),
-            }
+            share = seconds * n / sum(counts)
+            stats[i - first] = _shard_stats(n, loss, data[i - first][2], share, begin, end, bn)
 
     def value(node, out):
         level, i = node
@@ -222,7 +205,7 @@ def compute_nodes(
         a, b = covers(node, plan.k)
         images = sum(len(data[j - first][1]) for j in range(a, b))
         if hasattr(model, "loss_sum") and not frozen and images <= TOGETHER_MAX_IMAGES:
-            together(node, out)
+            together(node, a, b, out)
             return
         left, *right = children(node, plan.k)
         value(left, out)
@@ -246,6 +229,21 @@ def compute_nodes(
             value(node, out)
             nodes.append(out)
     return nodes, stats
+
+
+def _shard_stats(n, loss, read_s, compute_s, begin, end, bn) -> dict:
+    """What a part reports of one shard: its image count, loss sum, seconds, spatial BN's
+    batch moments (bn: the model's ``last_batch_stats``, or None)."""
+    return {
+        "n": n,
+        "loss_sum": float(loss) * n,
+        "read_s": read_s,
+        "compute_s": compute_s,
+        "begin": begin,
+        "end": end,
+        "bn_mean": None if bn is None else np.asarray(bn["mean"]),
+        "bn_var": None if bn is None else np.asarray(bn["var"]),
+    }
 
 
 def sum_order(node, k: int, first: int):
